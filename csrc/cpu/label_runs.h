@@ -1,0 +1,76 @@
+#pragma once
+// Labels of one image at feature resolution, stored as runs of equal class along the
+// flattened pixel index. Segmentation labels are piecewise constant, so a feature row is
+// reduced (or written) one contiguous span at a time: vectorised, and without the
+// store-to-load dependency that a per-pixel `acc[label[p]] += x[p]` loop suffers.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "../common/label_index.h"
+
+namespace idd_ops {
+
+struct LabelRuns {
+  std::vector<int64_t> start;  // start[r] .. start[r + 1] is run r; start.back() == H * W
+  std::vector<int64_t> cls;    // class of run r, or -1 for ignored pixels
+  int64_t size() const { return static_cast<int64_t>(cls.size()); }
+};
+
+// Runs of image b of `labels` [B, Hy, Wy] resized (nearest) to H x W. Labels outside
+// [0, num_classes) that are not ignore_index raise a ValueError naming the value.
+inline LabelRuns label_runs(const at::Tensor& labels, int64_t b, int64_t H, int64_t W,
+                            int64_t num_classes, int64_t ignore_index) {
+  LabelRuns runs;
+  const int64_t Hy = labels.size(1), Wy = labels.size(2);
+  const auto st = labels.strides();
+  AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "label_runs", [&] {
+    const scalar_t* img = labels.const_data_ptr<scalar_t>() + b * st[0];
+    int64_t prev = -2;
+    for (int64_t r = 0; r < H; ++r) {
+      const scalar_t* line = img + nearest_source_index(r, Hy, H) * st[1];
+      for (int64_t c = 0; c < W; ++c) {
+        const int64_t raw = static_cast<int64_t>(line[nearest_source_index(c, Wy, W) * st[2]]);
+        const int64_t k = class_slot(raw, num_classes, ignore_index);
+        TORCH_CHECK_VALUE(k >= 0 || raw == ignore_index, "labels: value ", raw,
+                          " is outside [0, num_classes=", num_classes,
+                          ") and is not ignore_index=", ignore_index);
+        if (k != prev) {
+          runs.start.push_back(r * W + c);
+          runs.cls.push_back(k);
+          prev = k;
+        }
+      }
+    }
+  });
+  runs.start.push_back(H * W);
+  return runs;
+}
+
+// Runs of every image, built in parallel (one image per task).
+inline std::vector<LabelRuns> label_runs_per_image(const at::Tensor& labels, int64_t H, int64_t W,
+                                                   int64_t num_classes, int64_t ignore_index) {
+  const int64_t B = labels.size(0);
+  std::vector<LabelRuns> runs(B);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) runs[b] = label_runs(labels, b, H, W, num_classes, ignore_index);
+  });
+  return runs;
+}
+
+// Sum of n values in the accumulation type; eight independent partial sums let the
+// compiler vectorise the loop and hide the add latency.
+template <typename scalar_t, typename acc_t>
+inline acc_t sum_span(const scalar_t* x, int64_t n) {
+  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int u = 0; u < 8; ++u) part[u] += static_cast<acc_t>(x[i + u]);
+  acc_t total = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  for (; i < n; ++i) total += static_cast<acc_t>(x[i]);
+  return total;
+}
+
+}  // namespace idd_ops

@@ -1,0 +1,29 @@
+// Every op schema of idd_ops. Device kernels live in cpu/ and cuda/ under the same stem;
+// autograd and fake (meta) kernels are registered from Python in idd_ops/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// An importable module, so `import idd_ops._C` loads the library and runs the
+// registrations below (the ops themselves are reached through torch.ops.idd_ops).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(idd_ops, m) {
+  // Per-image class means of feats [B,C,H,W] under labels [B,Hy,Wy] resized (nearest) to
+  // H x W: centroids [B,K,C] in the accumulation dtype, counts [B,K] int64.
+  m.def("class_centroids(Tensor feats, Tensor labels, int num_classes, int ignore_index) -> (Tensor, Tensor)");
+  // Gradient of class_centroids w.r.t. feats; the labels are re-read, never stored resized.
+  m.def("_class_centroids_backward(Tensor grad_centroids, Tensor labels, Tensor counts, SymInt height, "
+        "SymInt width, ScalarType dtype, int ignore_index) -> Tensor");
+  // [B,K,K] distances between present classes' centroids (0 for absent ones and on the diagonal).
+  m.def("class_distance_matrix(Tensor centroids, Tensor counts, str metric, bool normalize, float eps) -> Tensor");
+  m.def("_class_distance_matrix_backward(Tensor grad, Tensor centroids, Tensor counts, str metric, "
+        "bool normalize, float eps) -> Tensor");
+  // Squared difference of student and teacher distances over pairs valid in both, reduced.
+  m.def("idd_loss(Tensor student_dist, Tensor teacher_dist, Tensor student_counts, Tensor teacher_counts, "
+        "str reduction) -> Tensor");
+  m.def("_idd_loss_backward(Tensor grad, Tensor student_dist, Tensor teacher_dist, Tensor student_counts, "
+        "Tensor teacher_counts, str reduction) -> Tensor");
+}

@@ -1,0 +1,19 @@
+"""idd_ops: fused kernels for distilling inter-class distance in semantic segmentation."""
+import torch
+
+from . import _C  # noqa: F401  (loads the compiled library: registers torch.ops.idd_ops)
+from . import _ops  # noqa: F401  (fake kernels and autograd for those ops)
+from . import nn, reference
+from .functional import class_centroids, class_distance_matrix, inter_class_distance_loss
+
+__version__ = "0.1.0"
+
+
+def cuda_available():
+    """True when the CUDA kernels were compiled in and a GPU is visible."""
+    return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "idd_ops::class_centroids", "CUDA")
+
+
+__all__ = ["class_centroids", "class_distance_matrix", "inter_class_distance_loss", "nn", "reference",
+           "cuda_available"]

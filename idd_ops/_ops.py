@@ -1,0 +1,109 @@
+"""Fake (meta) kernels and autograd formulas for the ops declared in csrc/idd_ops.cpp.
+
+Fake kernels let torch.compile trace through the ops without running them; autograd is
+wired to the explicit backward ops, so no gradient goes through a chain of PyTorch calls.
+"""
+import torch
+from torch.library import register_autograd, register_fake
+
+ops = torch.ops.idd_ops
+
+
+def acc_dtype(dtype):
+    """Accumulation dtype of a feature dtype: float64 stays, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- class_centroids -------------------------------------------------------------------
+
+
+@register_fake("idd_ops::class_centroids")
+def _(feats, labels, num_classes, ignore_index):
+    B, C = feats.shape[0], feats.shape[1]
+    centroids = feats.new_empty((B, num_classes, C), dtype=acc_dtype(feats.dtype))
+    return centroids, feats.new_empty((B, num_classes), dtype=torch.int64)
+
+
+@register_fake("idd_ops::_class_centroids_backward")
+def _(grad_centroids, labels, counts, height, width, dtype, ignore_index):
+    B, _, C = grad_centroids.shape
+    return grad_centroids.new_empty((B, C, height, width), dtype=dtype)
+
+
+def _centroids_setup(ctx, inputs, output):
+    feats, labels, _, ignore_index = inputs
+    ctx.save_for_backward(labels, output[1])
+    ctx.size = (feats.shape[2], feats.shape[3])
+    ctx.dtype = feats.dtype
+    ctx.ignore_index = ignore_index
+
+
+def _centroids_backward(ctx, grad_centroids, _grad_counts):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    labels, counts = ctx.saved_tensors
+    grad = ops._class_centroids_backward(grad_centroids, labels, counts, *ctx.size, ctx.dtype, ctx.ignore_index)
+    return grad, None, None, None
+
+
+register_autograd("idd_ops::class_centroids", _centroids_backward, setup_context=_centroids_setup)
+
+
+# ---- class_distance_matrix -------------------------------------------------------------
+
+
+@register_fake("idd_ops::class_distance_matrix")
+def _(centroids, counts, metric, normalize, eps):
+    B, K, _ = centroids.shape
+    return centroids.new_empty((B, K, K))
+
+
+@register_fake("idd_ops::_class_distance_matrix_backward")
+def _(grad, centroids, counts, metric, normalize, eps):
+    return torch.empty_like(centroids, memory_format=torch.contiguous_format)
+
+
+def _distance_setup(ctx, inputs, output):
+    centroids, counts, metric, normalize, eps = inputs
+    ctx.save_for_backward(centroids, counts)
+    ctx.options = (metric, normalize, eps)
+
+
+def _distance_backward(ctx, grad):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None
+    centroids, counts = ctx.saved_tensors
+    return ops._class_distance_matrix_backward(grad, centroids, counts, *ctx.options), None, None, None, None
+
+
+register_autograd("idd_ops::class_distance_matrix", _distance_backward, setup_context=_distance_setup)
+
+
+# ---- idd_loss --------------------------------------------------------------------------
+
+
+@register_fake("idd_ops::idd_loss")
+def _(student_dist, teacher_dist, student_counts, teacher_counts, reduction):
+    shape = (student_dist.shape[0],) if reduction == "none" else ()
+    return student_dist.new_empty(shape)
+
+
+@register_fake("idd_ops::_idd_loss_backward")
+def _(grad, student_dist, teacher_dist, student_counts, teacher_counts, reduction):
+    return torch.empty_like(student_dist, memory_format=torch.contiguous_format)
+
+
+def _idd_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.reduction = inputs[4]
+
+
+def _idd_backward(ctx, grad):
+    ds, dt, cs, ct = ctx.saved_tensors
+    grad_s = ops._idd_loss_backward(grad, ds, dt, cs, ct, ctx.reduction)
+    # The loss depends on Ds - Dt only, so the teacher's gradient is the negation.
+    grad_t = -grad_s.to(dt.dtype) if ctx.needs_input_grad[1] else None
+    return grad_s if ctx.needs_input_grad[0] else None, grad_t, None, None, None
+
+
+register_autograd("idd_ops::idd_loss", _idd_backward, setup_context=_idd_setup)

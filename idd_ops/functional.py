@@ -1,0 +1,106 @@
+"""Public functions of idd_ops, in the style of torch.nn.functional.
+
+Shapes: B images, C channels, H x W feature map, Hy x Wy label map, K classes.
+Every function validates its arguments (shape, dtype, device, option strings) without
+reading tensor values; labels outside [0, K) that are not ignore_index raise a ValueError
+from the CPU kernel (CUDA kernels skip them like ignored pixels, since reporting them would
+need a host sync).
+"""
+import torch
+
+from . import _ops
+from . import _validation as v
+
+ops = torch.ops.idd_ops
+
+
+def class_centroids(features, labels, num_classes, ignore_index=255):
+    """Per-image mean feature of every class.
+
+    Args:
+        features: ``[B, C, H, W]`` float16/bfloat16/float32/float64.
+        labels: ``[B, Hy, Wy]`` integer class map. When ``(Hy, Wy) != (H, W)`` it is resized
+            on the fly by nearest neighbour, exactly as
+            ``F.interpolate(labels[:, None].float(), size=(H, W), mode="nearest")``.
+        num_classes: K, the number of classes (int >= 1).
+        ignore_index: label of pixels that belong to no class. Default: 255.
+
+    Returns:
+        ``(centroids, counts)``: ``centroids [B, K, C]`` in ``features.dtype`` (accumulated in
+        float32, or float64 for float64 input), 0 for a class absent from an image;
+        ``counts [B, K]`` int64, the number of feature pixels of each class.
+        Differentiable w.r.t. ``features``.
+    """
+    v.check_features("features", features)
+    v.check_labels(labels, "features", features)
+    v.check_num_classes(num_classes, ignore_index)
+    centroids, counts = ops.class_centroids(features, labels, num_classes, ignore_index)
+    return centroids.to(features.dtype), counts
+
+
+def class_distance_matrix(centroids, counts, metric="euclidean", normalize=None, eps=1e-8):
+    """Pairwise distances between the class centroids of each image.
+
+    Args:
+        centroids: ``[B, K, C]`` floating, e.g. from :func:`class_centroids`.
+        counts: ``[B, K]`` integer; a class with count 0 is absent.
+        metric: ``"euclidean"`` (default, gradient 0 at zero distance), ``"sqeuclidean"`` or
+            ``"cosine"`` (``1 - <ci, cj> / max(|ci| |cj|, eps)``).
+        normalize: ``None`` (default) or ``"mean"``: divide each image's matrix by
+            ``max(mean of its valid off-diagonal entries, eps)``.
+        eps: floor of the cosine denominator and of the ``"mean"`` normaliser. Default: 1e-8.
+
+    Returns:
+        ``[B, K, K]`` in ``centroids.dtype``: symmetric, zero diagonal, zero (and no gradient)
+        in every row and column of an absent class.
+    """
+    v.check_centroids(centroids, counts)
+    v.check_choice("metric", metric, v.METRICS)
+    v.check_choice("normalize", normalize, v.NORMALIZE)
+    v.check_eps(eps)
+    return ops.class_distance_matrix(centroids, counts.long(), metric, normalize == "mean", float(eps))
+
+
+def inter_class_distance_loss(student_feats, teacher_feats, labels, num_classes, ignore_index=255,
+                              metric="euclidean", normalize=None, reduction="mean", eps=1e-8):
+    """Inter-class distance distillation (IDD) loss.
+
+    The student is trained so that the distances between its per-image class centroids
+    match the teacher's: ``E = (D_S - D_T)^2`` over pairs ``i < j`` of classes present in the
+    image for both networks.
+
+    Args:
+        student_feats: ``[B, Cs, Hs, Ws]`` floating.
+        teacher_feats: ``[B, Ct, Ht, Wt]`` floating; channels and size may differ from the
+            student's. Treated as a constant: no gradient reaches it.
+        labels: ``[B, Hy, Wy]`` integer; resized (nearest) to each network's feature size.
+        num_classes: K (int >= 1).
+        ignore_index: label of unlabelled pixels. Default: 255.
+        metric, normalize, eps: as in :func:`class_distance_matrix`.
+        reduction: ``"mean"`` (default): sum of E over all valid pairs of the batch divided by
+            their number; ``"sum"``; ``"none"``: ``[B]``, each image's mean over its own pairs.
+            Without any valid pair the result is 0 with zero gradient.
+
+    Returns:
+        The loss in ``student_feats.dtype`` (a scalar, or ``[B]`` for ``"none"``).
+    """
+    v.check_features("student_feats", student_feats)
+    v.check_features("teacher_feats", teacher_feats)
+    v.check_pair(student_feats, teacher_feats)
+    v.check_labels(labels, "student_feats", student_feats)
+    v.check_num_classes(num_classes, ignore_index)
+    v.check_choice("metric", metric, v.METRICS)
+    v.check_choice("normalize", normalize, v.NORMALIZE)
+    v.check_choice("reduction", reduction, v.REDUCTIONS)
+    v.check_eps(eps)
+    mean = normalize == "mean"
+    cs, ns = ops.class_centroids(student_feats, labels, num_classes, ignore_index)
+    ct, nt = ops.class_centroids(teacher_feats.detach(), labels, num_classes, ignore_index)
+    ds = ops.class_distance_matrix(cs, ns, metric, mean, float(eps))
+    dt = ops.class_distance_matrix(ct, nt, metric, mean, float(eps))
+    loss = ops.idd_loss(ds, dt.to(ds.dtype), ns, nt, reduction)
+    return loss.to(student_feats.dtype)
+
+
+__all__ = ["class_centroids", "class_distance_matrix", "inter_class_distance_loss"]
+_ = _ops  # the registrations must run before the first op call

@@ -1,0 +1,51 @@
+"""Build idd_ops: the C++ extension always, the CUDA kernels when a CUDA toolchain is present.
+
+Torch must already be installed; install with `pip install --no-build-isolation .` so that
+pip does not fetch a second (multi-GB) torch into an isolated build environment.
+  FORCE_CUDA=1      build the CUDA kernels even where torch/CUDA detection says no
+  FORCE_ONLY_CPU=1  never build them
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda():
+    if os.environ.get("FORCE_ONLY_CPU", "0") == "1":
+        return False
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def extension():
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx = ["-O3", "-std=c++17"]
+    if want_cuda():
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        print(f"idd_ops: building CPU and CUDA kernels ({len(sources)} sources)")
+        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        return CUDAExtension("idd_ops._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    print(f"idd_ops: building CPU kernels only ({len(sources)} sources)")
+    return CppExtension("idd_ops._C", sources, extra_compile_args={"cxx": cxx})
+
+
+setup(
+    name="idd_ops",
+    version="0.1.0",
+    description="Fused C++/CUDA kernels for inter-class distance distillation in semantic segmentation",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["idd_ops", "idd_ops.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+    extras_require={"test": ["pytest", "numpy"], "bench": ["pytest-benchmark", "numpy"]},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
