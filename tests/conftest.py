@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+import idd_ops
+
+DEVICES = ["cpu"] + (["cuda"] if idd_ops.cuda_available() else [])
+# (dtype, forward rtol/atol, gradient rtol/atol) against the float64 reference
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def make_labels(B, H, W, K, device="cpu", ignore_frac=0.1, blocky=True, seed=0, dtype=torch.int64):
+    """Piecewise-constant labels (blocks of random classes) with a share of ignored pixels."""
+    g = torch.Generator().manual_seed(seed)
+    if blocky:
+        coarse = torch.randint(0, K, (B, max(1, H // 4), max(1, W // 4)), generator=g)
+        y = torch.nn.functional.interpolate(coarse[:, None].double(), size=(H, W), mode="nearest")[:, 0].long()
+    else:
+        y = torch.randint(0, K, (B, H, W), generator=g)
+    y[torch.rand(B, H, W, generator=g) < ignore_frac] = 255
+    return y.to(dtype=dtype, device=device)
+
+
+def make_feats(B, C, H, W, dtype=torch.float64, device="cpu", seed=0, channels_last=False, strided=False):
+    g = torch.Generator().manual_seed(seed)
+    if strided:  # a non-contiguous view: every other channel of a wider tensor
+        x = torch.randn(B, 2 * C, H, W, generator=g, dtype=torch.float64)[:, ::2]
+    else:
+        x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    x = x.to(device=device, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,0 +1,78 @@
+"""Every bad argument raises a clear exception that names it."""
+import pytest
+import torch
+
+import idd_ops
+
+S = torch.randn(2, 3, 4, 4)
+T = torch.randn(2, 5, 4, 4)
+Y = torch.randint(0, 3, (2, 8, 8))
+K = 3
+
+
+def loss(**kw):
+    args = dict(student_feats=S, teacher_feats=T, labels=Y, num_classes=K)
+    args.update(kw)
+    return idd_ops.inter_class_distance_loss(**args)
+
+
+CASES = [  # (id, call, exception type, text the message must contain)
+    ("student_3d", lambda: loss(student_feats=S[0]), ValueError, "student_feats"),
+    ("teacher_5d", lambda: loss(teacher_feats=T[None]), ValueError, "teacher_feats"),
+    ("student_int", lambda: loss(student_feats=S.long()), TypeError, "student_feats"),
+    ("labels_2d", lambda: loss(labels=Y[0]), ValueError, "labels"),
+    ("labels_float", lambda: loss(labels=Y.float()), TypeError, "labels"),
+    ("labels_bool", lambda: loss(labels=Y > 0), TypeError, "labels"),
+    ("labels_batch", lambda: loss(labels=Y[:1]), ValueError, "labels: batch size"),
+    ("teacher_batch", lambda: loss(teacher_feats=T[:1]), ValueError, "teacher_feats: batch size"),
+    ("labels_too_big", lambda: loss(labels=torch.full((2, 8, 8), 3)), ValueError, "labels: value 3"),
+    ("labels_negative", lambda: loss(labels=torch.full((2, 8, 8), -1)), ValueError, "labels: value -1"),
+    ("num_classes_0", lambda: loss(num_classes=0), ValueError, "num_classes"),
+    ("num_classes_float", lambda: loss(num_classes=3.0), ValueError, "num_classes"),
+    ("ignore_index_str", lambda: loss(ignore_index="255"), TypeError, "ignore_index"),
+    ("metric", lambda: loss(metric="manhattan"), ValueError, "metric"),
+    ("normalize", lambda: loss(normalize="max"), ValueError, "normalize"),
+    ("reduction", lambda: loss(reduction="avg"), ValueError, "reduction"),
+    ("eps", lambda: loss(eps=0.0), ValueError, "eps"),
+    ("labels_empty", lambda: loss(labels=torch.zeros(2, 0, 8, dtype=torch.long)), ValueError, "labels"),
+    ("labels_list", lambda: loss(labels=[[0]]), TypeError, "labels"),
+    ("centroids_2d", lambda: idd_ops.class_distance_matrix(torch.randn(3, 4), torch.ones(3, 4, dtype=torch.long)),
+     ValueError, "centroids"),
+    ("counts_shape", lambda: idd_ops.class_distance_matrix(torch.randn(2, 3, 4), torch.ones(2, 4, dtype=torch.long)),
+     ValueError, "counts"),
+    ("counts_float", lambda: idd_ops.class_distance_matrix(torch.randn(2, 3, 4), torch.ones(2, 3)), TypeError, "counts"),
+    ("centroid_labels_range", lambda: idd_ops.class_centroids(S, torch.full((2, 4, 4), 7), 3), ValueError,
+     "labels: value 7"),
+    # direct op calls bypass Python validation: the C++ checks still name the argument
+    ("op_feats_3d", lambda: torch.ops.idd_ops.class_centroids(S[0], Y, 3, 255), ValueError, "feats"),
+    ("op_metric", lambda: torch.ops.idd_ops.class_distance_matrix(torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.long),
+                                                                  "l1", False, 1e-8), ValueError, "metric"),
+]
+
+
+@pytest.mark.parametrize("call,exc,text", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(call, exc, text):
+    with pytest.raises(exc, match=text):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_mismatched_devices():
+    with pytest.raises(ValueError, match="labels: on"):
+        loss(student_feats=S.cuda(), teacher_feats=T.cuda())
+    with pytest.raises(ValueError, match="teacher_feats: on"):
+        loss(student_feats=S.cuda(), labels=Y.cuda())
+
+
+def test_mismatched_devices_meta():
+    """Device checks run without a GPU too: meta tensors stand in for a second device."""
+    with pytest.raises(ValueError, match="labels: on"):
+        loss(student_feats=S.to("meta"), teacher_feats=T.to("meta"))
+    with pytest.raises(ValueError, match="teacher_feats: on"):
+        loss(teacher_feats=T.to("meta"))
+
+
+def test_nan_features_propagate_not_crash():
+    s = S.clone()
+    s[0, 0, 0, 0] = float("nan")
+    assert torch.isnan(loss(student_feats=s))

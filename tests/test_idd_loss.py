@@ -1,0 +1,147 @@
+import pytest
+import torch
+
+import idd_ops
+from idd_ops import reference
+from conftest import TOLERANCES, make_feats, make_labels
+
+OPTIONS = [(m, nz, r) for m in ("euclidean", "sqeuclidean", "cosine") for nz in (None, "mean")
+           for r in ("mean", "sum", "none")]
+# (B, student C,H,W, teacher C,H,W, label Hy,Wy, K)
+SHAPES = [
+    (2, 5, 7, 9, 3, 5, 6, 21, 27, 4),
+    (3, 4, 8, 8, 6, 8, 8, 8, 8, 5),
+    (2, 6, 16, 32, 9, 16, 32, 128, 256, 19),
+]
+
+
+def _loss_and_grad(fn, s, t, y, K, opts):
+    s = s.detach().clone().requires_grad_()
+    loss = fn(s, t, y, K, metric=opts[0], normalize=opts[1], reduction=opts[2])
+    loss.double().sum().backward()
+    return loss, s.grad
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(device, opts, shape):
+    B, Cs, Hs, Ws, Ct, Ht, Wt, Hy, Wy, K = shape
+    s = make_feats(B, Cs, Hs, Ws, device=device, seed=1)
+    t = make_feats(B, Ct, Ht, Wt, device=device, seed=2)
+    y = make_labels(B, Hy, Wy, K, device=device)
+    la, ga = _loss_and_grad(idd_ops.inter_class_distance_loss, s, t, y, K, opts)
+    lb, gb = _loss_and_grad(reference.inter_class_distance_loss, s, t, y, K, opts)
+    assert la.shape == ((B,) if opts[2] == "none" else ())
+    torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_low_precision_and_layouts(device, dtype, layout):
+    kw = dict(channels_last=layout == "channels_last", strided=layout == "strided", device=device)
+    s = make_feats(2, 8, 12, 10, dtype=dtype, seed=1, **kw)
+    t = make_feats(2, 16, 12, 10, dtype=dtype, seed=2, **kw)
+    y = make_labels(2, 48, 40, 6, device=device)
+    opts = ("euclidean", "mean", "mean")
+    la, ga = _loss_and_grad(idd_ops.inter_class_distance_loss, s, t, y, 6, opts)
+    lb, gb = _loss_and_grad(reference.inter_class_distance_loss, s.double(), t.double(), y, 6, opts)
+    tol = TOLERANCES[dtype][0]
+    assert la.dtype == dtype and ga.dtype == dtype
+    torch.testing.assert_close(la.double(), lb, rtol=tol, atol=tol)
+    torch.testing.assert_close(ga.double(), gb, rtol=tol, atol=tol * gb.abs().max().item())
+
+
+@pytest.mark.parametrize("opts", [("euclidean", None, "mean"), ("cosine", "mean", "none"), ("sqeuclidean", "mean", "sum")])
+def test_gradcheck(device, opts):
+    s = make_feats(2, 3, 5, 6, device=device, seed=1).requires_grad_()
+    t = make_feats(2, 4, 3, 4, device=device, seed=2)
+    y = make_labels(2, 10, 12, 4, device=device)
+    fn = lambda x: idd_ops.inter_class_distance_loss(x, t, y, 4, metric=opts[0], normalize=opts[1], reduction=opts[2])
+    assert torch.autograd.gradcheck(fn, (s,))
+
+
+def test_teacher_gets_no_gradient(device):
+    s = make_feats(2, 3, 6, 6, device=device).requires_grad_()
+    t = make_feats(2, 5, 6, 6, device=device, seed=3).requires_grad_()
+    y = make_labels(2, 6, 6, 4, device=device)
+    idd_ops.inter_class_distance_loss(s, t, y, 4).backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_loss_is_zero_when_student_equals_teacher(device):
+    s = make_feats(2, 4, 8, 8, device=device).requires_grad_()
+    y = make_labels(2, 16, 16, 5, device=device)
+    loss = idd_ops.inter_class_distance_loss(s, s.detach() * 1.0, y, 5)
+    loss.backward()
+    assert loss.item() == 0 and torch.count_nonzero(s.grad) == 0
+
+
+def test_pairs_must_be_valid_for_both_networks(device):
+    """A class present for the teacher but absent at the student's resolution forms no pair."""
+    y = torch.zeros(1, 4, 4, dtype=torch.long, device=device)
+    y[0, 0, 0] = 1  # class 1 survives only at full (teacher) resolution
+    y[0, 3, 3] = 2
+    s = make_feats(1, 3, 2, 2, device=device, seed=1)  # 2x2 samples rows/cols 0 and 2: class 1 kept, 2 lost
+    t = make_feats(1, 3, 4, 4, device=device, seed=2)
+    _, ns = idd_ops.class_centroids(s, y, 3)
+    assert ns[0, 2] == 0 and ns[0, 1] == 1
+    la = idd_ops.inter_class_distance_loss(s, t, y, 3, reduction="none")
+    lb = reference.inter_class_distance_loss(s, t, y, 3, reduction="none")
+    torch.testing.assert_close(la, lb)
+
+
+@pytest.mark.parametrize("case", ["one_class", "all_ignored", "identical_centroids", "empty_batch"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_degenerate_inputs_are_finite(device, case, reduction):
+    B = 0 if case == "empty_batch" else 2
+    s = make_feats(B, 3, 4, 4, device=device).requires_grad_()
+    t = make_feats(B, 3, 4, 4, device=device, seed=5)
+    y = make_labels(B, 4, 4, 3, device=device, ignore_frac=0)
+    if case == "one_class":
+        y.fill_(1)
+    elif case == "all_ignored":
+        y.fill_(255)
+    elif case == "identical_centroids":
+        s = torch.ones_like(s).requires_grad_()
+    for normalize in (None, "mean"):
+        for metric in ("euclidean", "cosine"):
+            loss = idd_ops.inter_class_distance_loss(s, t, y, 3, metric=metric, normalize=normalize, reduction=reduction)
+            loss.sum().backward()
+            assert torch.isfinite(loss).all() and torch.isfinite(s.grad).all()
+            if case != "identical_centroids":
+                assert torch.count_nonzero(loss) == 0 and torch.count_nonzero(s.grad) == 0
+            ref = reference.inter_class_distance_loss(s, t, y, 3, metric=metric, normalize=normalize, reduction=reduction)
+            torch.testing.assert_close(loss, ref)
+
+
+def test_module_matches_function(device):
+    s = make_feats(2, 4, 8, 8, device=device).requires_grad_()
+    t = make_feats(2, 6, 8, 8, device=device, seed=3)
+    y = make_labels(2, 32, 32, 5, device=device)
+    mod = idd_ops.nn.InterClassDistanceLoss(5, metric="cosine", normalize="mean")
+    assert "cosine" in repr(mod)
+    torch.testing.assert_close(mod(s, t, y), idd_ops.inter_class_distance_loss(s, t, y, 5, metric="cosine",
+                                                                              normalize="mean"))
+
+
+def test_opcheck_loss_op(device):
+    ds = torch.rand(2, 4, 4, device=device, requires_grad=True)
+    dt = torch.rand(2, 4, 4, device=device)
+    n = torch.tensor([[3, 0, 2, 1], [1, 1, 1, 1]], device=device)
+    for reduction in ("mean", "sum", "none"):
+        torch.library.opcheck(torch.ops.idd_ops.idd_loss.default, (ds, dt, n, n, reduction))
+
+
+def test_deterministic_on_cpu():
+    s = make_feats(4, 32, 16, 16, dtype=torch.float32).requires_grad_()
+    t = make_feats(4, 64, 16, 16, dtype=torch.float32, seed=3)
+    y = make_labels(4, 64, 64, 10)
+    runs = []
+    for _ in range(3):
+        s.grad = None
+        loss = idd_ops.inter_class_distance_loss(s, t, y, 10)
+        loss.backward()
+        runs.append((loss.detach().clone(), s.grad.clone()))
+    for loss, grad in runs[1:]:
+        assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
