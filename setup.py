@@ -25,14 +25,18 @@ def want_cuda():
 
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17"]
+    # at::parallel_for is an inline template over OpenMP: without -fopenmp in this
+    # extension's own flags it compiles to a serial loop.
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     if want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         print(f"idd_ops: building CPU and CUDA kernels ({len(sources)} sources)")
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
-        return CUDAExtension("idd_ops._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+        nvcc = ["-O3", "--expt-relaxed-constexpr"]
+        return CUDAExtension("idd_ops._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                             extra_link_args=link)
     print(f"idd_ops: building CPU kernels only ({len(sources)} sources)")
-    return CppExtension("idd_ops._C", sources, extra_compile_args={"cxx": cxx})
+    return CppExtension("idd_ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(
