@@ -1,0 +1,124 @@
+"""Shared pieces of the benchmarks: realistic inputs, timing, peak memory, copy bandwidth.
+
+Import this module before torch allocates anything: it turns on torch's transparent-huge-page
+CPU allocator (THP_MEM_ALLOC_ENABLE=1, read once at start-up) unless the caller set it, so
+that fresh large allocations do not dominate every timing. Fused and reference run under the
+same setting; reports state it.
+"""
+import os
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+# name -> (B, student C, teacher C, feature H, W, label Hy, Wy, K)
+SHAPES = {
+    "cityscapes": (8, 512, 2048, 64, 128, 512, 1024, 19),
+    "cityscapes-small": (2, 512, 2048, 64, 128, 512, 1024, 19),
+}
+
+
+def street_labels(B, H, W, K, seed=0, ignore_index=255, device="cpu"):
+    """Label maps with a street scene's layout: sky above a random horizon, a building band,
+    road below, sidewalks at the sides, and boxes (cars, people, poles, signs) of random size,
+    with a thin ignored border around each box as real annotations have. Classes are spread
+    over [0, K)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.arange(H)[:, None].expand(H, W)
+    cols = torch.arange(W)[None, :].expand(H, W)
+    out = torch.empty(B, H, W, dtype=torch.long)
+    for b in range(B):
+        u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
+        horizon, roof = int(u(0.35, 0.55) * H), int(u(0.1, 0.3) * H)
+        y = torch.full((H, W), 2 % K)  # road
+        y[rows < horizon] = 1 % K  # building
+        y[rows < roof] = 0  # sky
+        side = int(u(0.1, 0.25) * W)
+        y[(rows >= horizon) & ((cols < side) | (cols >= W - side))] = 3 % K  # sidewalk
+        for _ in range(int(u(5, 25))):
+            k = int(u(4, K))
+            h, w = int(u(0.02, 0.3) * H) + 1, int(u(0.005, 0.15) * W) + 1
+            r0, c0 = int(u(0.2, 0.9) * H), int(u(0, 1) * W)
+            box = (rows >= r0 - h) & (rows < r0) & (cols >= c0) & (cols < c0 + w)
+            edge = (rows >= r0 - h - 2) & (rows < r0 + 2) & (cols >= c0 - 2) & (cols < c0 + w + 2) & ~box
+            y[edge] = ignore_index
+            y[box] = k
+        out[b] = y
+    return out.to(device)
+
+
+def make_inputs(shape, device="cpu", dtype=torch.float32, seed=0):
+    B, Cs, Ct, H, W, Hy, Wy, K = shape
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, Cs, H, W, generator=g).to(device=device, dtype=dtype)
+    t = torch.randn(B, Ct, H, W, generator=g).to(device=device, dtype=dtype)
+    return s, t, street_labels(B, Hy, Wy, K, seed=seed, device=device), K
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device="cpu", repeat=5, warmup=1):
+    """Median wall time of fn() in milliseconds (synchronised on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _rss(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_memory_bytes(fn, device="cpu"):
+    """Peak extra memory while fn() runs. CUDA: max_memory_allocated above the start.
+    CPU: the process's peak resident set above the start, with the peak reset first through
+    /proc/self/clear_refs (Linux); what torch allocates dominates it at these sizes."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = _rss("VmRSS")
+    fn()
+    return max(0, _rss("VmHWM") - start)
+
+
+def copy_bandwidth_gbs(nbytes, device="cpu", repeat=5):
+    """Bytes read plus bytes written per second by a plain copy between two existing tensors
+    of nbytes each (at least 256 MiB, so that caches do not hold them), in GB/s."""
+    src = torch.ones(max(nbytes, 2**28) // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = min(time_ms(lambda: dst.copy_(src), device, repeat=1) for _ in range(repeat))
+    return 2 * src.numel() * 4 / (ms * 1e6)
+
+
+def loss_fn(impl, s, t, y, K, backward):
+    """A closure running one IDD loss (forward, or forward + backward into s.grad)."""
+    def run():
+        s.grad = None
+        loss = impl(s, t, y, K)
+        if backward:
+            loss.backward()
+        return loss
+    return run

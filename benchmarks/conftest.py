@@ -1,0 +1,1 @@
+from benchmarks import common  # noqa: F401  (sets the allocator before torch allocates)
