@@ -26,4 +26,9 @@ TORCH_LIBRARY(idd_ops, m) {
         "str reduction) -> Tensor");
   m.def("_idd_loss_backward(Tensor grad, Tensor student_dist, Tensor teacher_dist, Tensor student_counts, "
         "Tensor teacher_counts, str reduction) -> Tensor");
+  // MSE between pred [B,M,H,W] and M analytic position maps (kinds[m], params[m], codes of
+  // common/position.h) generated inside the kernel; "none" gives the elementwise errors.
+  m.def("position_encoding_loss(Tensor pred, int[] kinds, float[] params, str reduction) -> Tensor");
+  m.def("_position_encoding_loss_backward(Tensor grad, Tensor pred, int[] kinds, float[] params, str reduction) "
+        "-> Tensor");
 }

@@ -5,6 +5,8 @@ from . import _C  # noqa: F401  (loads the compiled library: registers torch.ops
 from . import _ops  # noqa: F401  (fake kernels and autograd for those ops)
 from . import nn, reference
 from .functional import class_centroids, class_distance_matrix, inter_class_distance_loss
+from .position import position_encoding_loss, position_maps
+from .probe import probe_position_information
 
 __version__ = "0.1.0"
 
@@ -15,5 +17,5 @@ def cuda_available():
         "idd_ops::class_centroids", "CUDA")
 
 
-__all__ = ["class_centroids", "class_distance_matrix", "inter_class_distance_loss", "nn", "reference",
-           "cuda_available"]
+__all__ = ["class_centroids", "class_distance_matrix", "inter_class_distance_loss", "position_maps",
+           "position_encoding_loss", "probe_position_information", "nn", "reference", "cuda_available"]

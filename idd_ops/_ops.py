@@ -107,3 +107,32 @@ def _idd_backward(ctx, grad):
 
 
 register_autograd("idd_ops::idd_loss", _idd_backward, setup_context=_idd_setup)
+
+
+# ---- position_encoding_loss ------------------------------------------------------------
+
+
+@register_fake("idd_ops::position_encoding_loss")
+def _(pred, kinds, params, reduction):
+    if reduction == "none":
+        return torch.empty_like(pred, memory_format=torch.contiguous_format)
+    return pred.new_empty(())
+
+
+@register_fake("idd_ops::_position_encoding_loss_backward")
+def _(grad, pred, kinds, params, reduction):
+    return torch.empty_like(pred, memory_format=torch.contiguous_format)
+
+
+def _position_setup(ctx, inputs, output):
+    pred, kinds, params, reduction = inputs
+    ctx.save_for_backward(pred)
+    ctx.options = (kinds, params, reduction)
+
+
+def _position_backward(ctx, grad):
+    (pred,) = ctx.saved_tensors
+    return ops._position_encoding_loss_backward(grad, pred, *ctx.options), None, None, None
+
+
+register_autograd("idd_ops::position_encoding_loss", _position_backward, setup_context=_position_setup)

@@ -84,3 +84,13 @@ def inter_class_distance_loss(student_feats, teacher_feats, labels, num_classes,
     else:
         loss = per_image.sum() / n.sum().clamp_min(1)
     return loss.to(student_feats.dtype)
+
+
+def position_encoding_loss(pred, kinds, reduction="mean", num_frequencies=2, num_stripes=4, sigma=0.25):
+    """Reference of :func:`idd_ops.position_encoding_loss`: materialise the maps, then MSE."""
+    from .position import position_maps
+
+    maps = position_maps(kinds, pred.shape[2], pred.shape[3], dtype=acc_dtype(pred.dtype), device=pred.device,
+                         num_frequencies=num_frequencies, num_stripes=num_stripes, sigma=sigma)
+    loss = F.mse_loss(pred.to(maps.dtype), maps.expand(pred.shape[0], -1, -1, -1), reduction=reduction)
+    return loss.to(pred.dtype)

@@ -1,0 +1,119 @@
+// MSE between predicted position maps and analytic ones generated on the fly, on the CPU.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../common/enums.h"
+#include "../common/position.h"
+
+namespace idd_ops {
+namespace {
+
+// Row and column factor tables of one map (H + W values instead of H * W).
+template <typename acc_t>
+void factor_tables(int64_t kind, double param, int64_t H, int64_t W, std::vector<acc_t>& rowf, std::vector<acc_t>& colf) {
+  rowf.resize(H);
+  colf.resize(W);
+  for (int64_t y = 0; y < H; ++y) rowf[y] = position_factor<acc_t>(kind, static_cast<acc_t>(param), 0, y, H);
+  for (int64_t x = 0; x < W; ++x) colf[x] = position_factor<acc_t>(kind, static_cast<acc_t>(param), 1, x, W);
+}
+
+void check_maps(const at::Tensor& pred, at::IntArrayRef kinds, at::ArrayRef<double> params) {
+  TORCH_CHECK_VALUE(pred.dim() == 4, "pred: expected a 4-D [B, M, H, W] tensor, got ", pred.dim(), "-D");
+  TORCH_CHECK_VALUE(pred.size(1) == static_cast<int64_t>(kinds.size()) && kinds.size() == params.size(),
+                    "pred: ", pred.size(1), " maps but ", kinds.size(), " map kinds");
+}
+
+// Calls body(b, m, plane_offset, rowf, colf) for every (image, map) plane in parallel.
+template <typename acc_t, typename F>
+void for_each_plane(const at::Tensor& pred, at::IntArrayRef kinds, at::ArrayRef<double> params, F body) {
+  const int64_t B = pred.size(0), M = pred.size(1), H = pred.size(2), W = pred.size(3);
+  at::parallel_for(0, B * M, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<acc_t> rowf, colf;
+    for (int64_t bm = p0; bm < p1; ++bm) {
+      // (b, m) is one plane of pred
+      const int64_t m = bm % M;
+      factor_tables(kinds[m], params[m], H, W, rowf, colf);
+      body(bm, bm * H * W, rowf, colf);
+    }
+  });
+}
+
+at::Tensor position_encoding_loss_kernel(const at::Tensor& pred_in, at::IntArrayRef kinds, at::ArrayRef<double> params,
+                                         c10::string_view reduction) {
+  check_maps(pred_in, kinds, params);
+  const Reduction red = parse_reduction(std::string(reduction));
+  const at::Tensor pred = pred_in.contiguous();
+  const int64_t B = pred.size(0), M = pred.size(1), H = pred.size(2), W = pred.size(3);
+  const auto acc = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = red == Reduction::None ? at::empty_like(pred) : at::zeros({B * M}, pred.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "position_encoding_loss_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = pred.const_data_ptr<scalar_t>();
+    scalar_t* errors = red == Reduction::None ? out.data_ptr<scalar_t>() : nullptr;
+    acc_t* sums = red == Reduction::None ? nullptr : out.data_ptr<acc_t>();
+    for_each_plane<acc_t>(pred, kinds, params, [&](int64_t bm, int64_t off, const std::vector<acc_t>& rowf,
+                                                     const std::vector<acc_t>& colf) {
+      acc_t total = 0;
+      for (int64_t y = 0; y < H; ++y) {
+        const scalar_t* row = x + off + y * W;
+        acc_t part = 0;
+        for (int64_t c = 0; c < W; ++c) {
+          const acc_t d = static_cast<acc_t>(row[c]) - rowf[y] * colf[c];
+          if (errors) errors[off + y * W + c] = static_cast<scalar_t>(d * d);
+          part += d * d;
+        }
+        total += part;
+      }
+      if (sums) sums[bm] = total;
+    });
+  });
+  if (red == Reduction::None) return out;
+  const at::Tensor total = out.sum();
+  return (red == Reduction::Mean ? total / static_cast<double>(std::max<int64_t>(pred.numel(), 1)) : total)
+      .to(pred.scalar_type());
+}
+
+// d/d pred of the loss: grad * 2 (pred - G), divided by the element count for "mean";
+// `grad` is a scalar for "mean"/"sum" and [B, M, H, W] for "none".
+at::Tensor position_encoding_loss_backward_kernel(const at::Tensor& grad_in, const at::Tensor& pred_in,
+                                                  at::IntArrayRef kinds, at::ArrayRef<double> params,
+                                                  c10::string_view reduction) {
+  check_maps(pred_in, kinds, params);
+  const Reduction red = parse_reduction(std::string(reduction));
+  const at::Tensor pred = pred_in.contiguous();
+  const int64_t H = pred.size(2), W = pred.size(3);
+  const at::Tensor grad = (red == Reduction::None ? grad_in.expand_as(pred) : grad_in).to(pred.scalar_type()).contiguous();
+  at::Tensor out = at::empty_like(pred);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "position_encoding_loss_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = pred.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const acc_t scale = acc_t(2) / (red == Reduction::Mean ? static_cast<acc_t>(std::max<int64_t>(pred.numel(), 1)) : acc_t(1));
+    for_each_plane<acc_t>(pred, kinds, params, [&](int64_t, int64_t off, const std::vector<acc_t>& rowf,
+                                                     const std::vector<acc_t>& colf) {
+      for (int64_t y = 0; y < H; ++y)
+        for (int64_t c = 0; c < W; ++c) {
+          const int64_t e = off + y * W + c;
+          const acc_t ge = static_cast<acc_t>(red == Reduction::None ? g[e] : g[0]);
+          o[e] = static_cast<scalar_t>(ge * scale * (static_cast<acc_t>(x[e]) - rowf[y] * colf[c]));
+        }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+// CPU implementations of the schemas declared in idd_ops.cpp.
+TORCH_LIBRARY_IMPL(idd_ops, CPU, m) {
+  m.impl("position_encoding_loss", &position_encoding_loss_kernel);
+  m.impl("_position_encoding_loss_backward", &position_encoding_loss_backward_kernel);
+}
+
+}  // namespace idd_ops

@@ -1,0 +1,53 @@
+"""Measure how much position information features carry: train a position read-out on frozen
+features and report its error (lower error = more position information)."""
+import sys
+
+import torch
+
+from .nn import PositionEncodingModule
+from .position import position_encoding_loss
+
+
+def probe_position_information(feature_fn, batches, kinds, steps=200, lr=1e-2, hidden=64, num_frequencies=2,
+                               progress=True):
+    """Train a :class:`~idd_ops.nn.PositionEncodingModule` to regress the analytic position
+    maps from frozen features, as in Islam et al. (ICLR 2020).
+
+    Args:
+        feature_fn: callable mapping one batch to features ``[B, C, H, W]``; run under
+            ``torch.no_grad()`` (the network is frozen).
+        batches: a sequence of inputs for ``feature_fn``, cycled through for training.
+        kinds: position map kinds (see :mod:`idd_ops.position`).
+        steps: optimisation steps (Adam). Default: 200.
+        lr: learning rate. Default: 1e-2.
+        hidden: read-out width. Default: 64.
+        num_frequencies: for "sinusoidal" maps. Default: 2.
+        progress: print a progress line to stderr. Default: True.
+
+    Returns:
+        ``(readout, error)``: the trained read-out (eval mode) and its final mean squared error
+        over all ``batches`` (a float).
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches: expected at least one batch")
+    with torch.no_grad():
+        feats = [feature_fn(b) for b in batches]
+    readout = PositionEncodingModule(feats[0].shape[1], kinds, hidden=hidden, num_frequencies=num_frequencies)
+    readout = readout.to(device=feats[0].device, dtype=feats[0].dtype)
+    opt = torch.optim.Adam(readout.parameters(), lr=lr)
+    readout.train()
+    for step in range(steps):
+        pred = readout(feats[step % len(feats)])
+        loss = position_encoding_loss(pred, kinds, num_frequencies=num_frequencies)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress and (step + 1) % max(1, steps // 20) == 0:
+            print(f"\rprobe: step {step + 1}/{steps}, loss {loss.item():.4f}", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    readout.eval()
+    with torch.no_grad():
+        errors = [position_encoding_loss(readout(f), kinds, num_frequencies=num_frequencies).item() for f in feats]
+    return readout, sum(errors) / len(errors)

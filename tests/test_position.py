@@ -1,0 +1,129 @@
+import pytest
+import torch
+
+import idd_ops
+from idd_ops import reference
+from idd_ops.position import KINDS, num_maps
+from conftest import TOLERANCES
+
+ALL = list(KINDS)
+
+
+def test_maps_values_and_range():
+    maps = idd_ops.position_maps(ALL, 5, 9, dtype=torch.float64)
+    assert maps.shape == (5 + 4 * 2, 5, 9)
+    assert maps.min() >= 0 and maps.max() <= 1
+    torch.testing.assert_close(maps[0, 2], torch.linspace(0, 1, 9, dtype=torch.float64))  # horizontal
+    torch.testing.assert_close(maps[1, :, 4], torch.linspace(0, 1, 5, dtype=torch.float64))  # vertical
+    assert maps[2, 2, 4] == 1 and maps[2, 0, 0] < maps[2, 1, 2]  # gaussian peaks at the centre
+    assert maps[3, :, 0].tolist() == [0, 0, 1, 0, 1]  # 4 horizontal bands over 5 rows: floor(4y/5) mod 2
+    assert maps[4, 0].tolist() == [0, 0, 0, 1, 1, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("kinds", [ALL, ["gaussian"], ["sinusoidal"], ["horizontal_stripes", "vertical"]])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("size", [(2, 2), (7, 9), (16, 33)])
+def test_matches_reference(device, kinds, reduction, size):
+    p = torch.randn(2, num_maps(kinds), *size, dtype=torch.float64, device=device)
+    w = torch.randn_like(p)
+    pa, pb = p.clone().requires_grad_(), p.clone().requires_grad_()
+    la = idd_ops.position_encoding_loss(pa, kinds, reduction=reduction)
+    lb = reference.position_encoding_loss(pb, kinds, reduction=reduction)
+    ((la * w).sum() if reduction == "none" else la).backward()
+    ((lb * w).sum() if reduction == "none" else lb).backward()
+    torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision(device, dtype):
+    p = torch.rand(3, num_maps(ALL), 12, 20, device=device).to(dtype)
+    la = idd_ops.position_encoding_loss(p, ALL)
+    lb = reference.position_encoding_loss(p.double(), ALL)
+    tol = TOLERANCES[dtype][0]
+    assert la.dtype == dtype
+    torch.testing.assert_close(la.double(), lb, rtol=tol, atol=tol)
+
+
+def test_options_and_non_contiguous(device):
+    p = torch.rand(2, 20, 9, 11, dtype=torch.float64, device=device).transpose(2, 3).contiguous().transpose(2, 3)
+    kw = dict(num_frequencies=3, num_stripes=3, sigma=0.4)
+    kinds = ["sinusoidal", "vertical_stripes", "horizontal_stripes", "gaussian", "horizontal", "vertical",
+             "gaussian", "vertical"][: 4]
+    k = num_maps(kinds, 3)
+    torch.testing.assert_close(idd_ops.position_encoding_loss(p[:, :k], kinds, **kw),
+                               reference.position_encoding_loss(p[:, :k], kinds, **kw))
+
+
+def test_gradcheck(device):
+    p = torch.randn(2, num_maps(ALL), 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: idd_ops.position_encoding_loss(x, ALL), (p,))
+    assert torch.autograd.gradcheck(lambda x: idd_ops.position_encoding_loss(x, ALL, reduction="none"), (p,))
+
+
+def test_opcheck_and_compile(device):
+    p = torch.randn(2, 3, 6, 7, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.idd_ops.position_encoding_loss.default, (p, [0, 2, 5], [0.0, 0.25, 1.0], "mean"))
+    torch._dynamo.reset()
+    fn = torch.compile(idd_ops.position_encoding_loss, fullgraph=True, dynamic=True)
+    for size in ((6, 7), (8, 10)):
+        x = torch.randn(2, 3, *size, device=device)
+        torch.testing.assert_close(fn(x, ["horizontal", "gaussian", "vertical"]),
+                                   idd_ops.position_encoding_loss(x, ["horizontal", "gaussian", "vertical"]))
+
+
+@pytest.mark.parametrize("call,exc,text", [
+    (lambda: idd_ops.position_encoding_loss(torch.zeros(1, 1, 4, 4), ["diagonal"]), ValueError, "kinds"),
+    (lambda: idd_ops.position_encoding_loss(torch.zeros(1, 2, 4, 4), ["gaussian"]), ValueError, "pred: has 2 maps"),
+    (lambda: idd_ops.position_encoding_loss(torch.zeros(1, 1, 1, 4), ["vertical"]), ValueError, "size"),
+    (lambda: idd_ops.position_encoding_loss(torch.zeros(1, 1, 4, 1), ["gaussian"]), ValueError, "size"),
+    (lambda: idd_ops.position_encoding_loss(torch.zeros(1, 1, 4), ["gaussian"]), ValueError, "pred"),
+    (lambda: idd_ops.position_encoding_loss(torch.zeros(1, 1, 4, 4), ["gaussian"], reduction="avg"), ValueError,
+     "reduction"),
+    (lambda: idd_ops.position_maps([], 4, 4), ValueError, "kinds"),
+    (lambda: idd_ops.position_maps(["sinusoidal"], 4, 4, num_frequencies=0), ValueError, "num_frequencies"),
+    (lambda: idd_ops.position_maps(["horizontal"], 4, 1), ValueError, "size"),
+])
+def test_bad_input(call, exc, text):
+    with pytest.raises(exc, match=text):
+        call()
+
+
+def test_stripes_allow_size_one():
+    assert idd_ops.position_maps(["horizontal_stripes"], 1, 1).shape == (1, 1, 1)
+
+
+def test_probe_is_real():
+    """Features that contain position (coordinates + noise) probe far better than pure noise."""
+    torch.manual_seed(0)
+    kinds = ["horizontal", "vertical", "gaussian"]
+    H, W = 16, 16
+    coords = idd_ops.position_maps(["horizontal", "vertical"], H, W)
+    batches = [torch.randn(4, 8, H, W) for _ in range(3)]
+    with_pos = lambda x: torch.cat([x[:, :6], coords.expand(x.shape[0], -1, -1, -1)], 1) + 0.1 * x  # noqa: E731
+    no_pos = lambda x: x  # noqa: E731
+    _, err_pos = idd_ops.probe_position_information(with_pos, batches, kinds, steps=150, hidden=16, progress=False)
+    _, err_noise = idd_ops.probe_position_information(no_pos, batches, kinds, steps=150, hidden=16, progress=False)
+    assert err_pos < 0.25 * err_noise, (err_pos, err_noise)
+
+
+def test_position_distillation_loss():
+    torch.manual_seed(0)
+    readout = idd_ops.nn.PositionEncodingModule(6, ["horizontal", "gaussian"], hidden=8)
+    pid = idd_ops.nn.PositionDistillationLoss(readout, student_channels=4, teacher_channels=6)
+    assert isinstance(pid.adapter, torch.nn.Conv2d)
+    fs = torch.randn(2, 4, 8, 8, requires_grad=True)
+    ft = torch.randn(2, 6, 16, 16)
+    pid.train()
+    assert not pid.readout.training  # stays frozen in eval mode
+    loss = pid(fs, ft)
+    loss.backward()
+    assert fs.grad is not None and pid.adapter.weight.grad is not None
+    assert all(p.grad is None for p in pid.readout.parameters())
+    same = idd_ops.nn.PositionDistillationLoss(readout, student_channels=6)
+    f = torch.randn(2, 6, 8, 8)
+    assert same(f, f).item() == 0
+    target = idd_ops.nn.PositionDistillationLoss(readout, student_channels=4, variant="target")
+    out = target(fs)
+    out.backward()
+    assert out.item() > 0 and target.readout.layers[0].weight.grad is not None
