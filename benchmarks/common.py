@@ -66,16 +66,29 @@ def sync(device):
 
 def time_ms(fn, device="cpu", repeat=5, warmup=1):
     """Median wall time of fn() in milliseconds (synchronised on CUDA)."""
-    for _ in range(warmup):
-        fn()
+    return time_interleaved([fn], device, repeat, warmup)[0]
+
+
+def time_interleaved(fns, device="cpu", repeat=5, warmup=1, settle_s=0.5):
+    """Median wall time (ms) of each fn, timed in alternation (one call of each per round), so
+    that every candidate meets the same machine state. After the warm-up calls, the first
+    fn keeps running for settle_s: right after large allocations this machine's kernel is
+    busy (huge-page work) for a fraction of a second, which would skew the first timings."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    t_end = time.perf_counter() + settle_s
+    while time.perf_counter() < t_end:
+        fns[0]()
     sync(device)
-    times = []
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def _rss(field):

@@ -1,8 +1,8 @@
-"""Peak extra CPU memory of one IDD-loss call, measured in a fresh process.
+"""Peak extra CPU memory of one benchmark call, measured in a fresh process.
 
 In a long-lived process, memory freed by an earlier call is reused and hides a later call's
 allocations, so each measurement starts its own interpreter:
-    python -m benchmarks.peak {fused,reference} SHAPE {forward,forward+backward}
+    python -m benchmarks.peak "<case name>" {fused,reference} {forward,forward+backward}
 prints the bytes by which the peak resident set grew while the call ran.
 """
 import subprocess
@@ -11,22 +11,18 @@ import sys
 from . import common
 
 
-def measure(impl, shape_name, backward):
+def measure(case_name, impl, backward):
     mode = "forward+backward" if backward else "forward"
-    out = subprocess.run([sys.executable, "-m", "benchmarks.peak", impl, shape_name, mode],
+    out = subprocess.run([sys.executable, "-m", "benchmarks.peak", case_name, impl, mode],
                          capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 
 def main():
-    impl, shape_name, mode = sys.argv[1:4]
-    import idd_ops
-    from idd_ops import reference
+    from . import cases
 
-    fn_impl = {"fused": idd_ops.inter_class_distance_loss, "reference": reference.inter_class_distance_loss}[impl]
-    s, t, y, K = common.make_inputs(common.SHAPES[shape_name])
-    s.requires_grad_()
-    fn = common.loss_fn(fn_impl, s, t, y, K, mode == "forward+backward")
+    case_name, impl, mode = sys.argv[1:4]
+    fn = cases.make(case_name).build(impl, mode == "forward+backward")
     print(common.peak_memory_bytes(fn))
 
 

@@ -95,14 +95,22 @@ at::Tensor position_encoding_loss_backward_kernel(const at::Tensor& grad_in, con
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const acc_t scale = acc_t(2) / (red == Reduction::Mean ? static_cast<acc_t>(std::max<int64_t>(pred.numel(), 1)) : acc_t(1));
+    // The scalar gradient is read once: reloading it beside the stores would stop vectorisation.
+    const acc_t g0 = red == Reduction::None ? acc_t(0) : static_cast<acc_t>(g[0]) * scale;
     for_each_plane<acc_t>(pred, kinds, params, [&](int64_t, int64_t off, const std::vector<acc_t>& rowf,
                                                      const std::vector<acc_t>& colf) {
-      for (int64_t y = 0; y < H; ++y)
-        for (int64_t c = 0; c < W; ++c) {
-          const int64_t e = off + y * W + c;
-          const acc_t ge = static_cast<acc_t>(red == Reduction::None ? g[e] : g[0]);
-          o[e] = static_cast<scalar_t>(ge * scale * (static_cast<acc_t>(x[e]) - rowf[y] * colf[c]));
+      for (int64_t y = 0; y < H; ++y) {
+        const scalar_t* __restrict__ xr = x + off + y * W;
+        scalar_t* __restrict__ orow = o + off + y * W;
+        const acc_t ry = rowf[y];
+        if (red == Reduction::None) {
+          const scalar_t* __restrict__ gr = g + off + y * W;
+          for (int64_t c = 0; c < W; ++c)
+            orow[c] = static_cast<scalar_t>(static_cast<acc_t>(gr[c]) * scale * (static_cast<acc_t>(xr[c]) - ry * colf[c]));
+        } else {
+          for (int64_t c = 0; c < W; ++c) orow[c] = static_cast<scalar_t>(g0 * (static_cast<acc_t>(xr[c]) - ry * colf[c]));
         }
+      }
     });
   });
   return out;
