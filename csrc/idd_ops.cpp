@@ -31,4 +31,10 @@ TORCH_LIBRARY(idd_ops, m) {
   m.def("position_encoding_loss(Tensor pred, int[] kinds, float[] params, str reduction) -> Tensor");
   m.def("_position_encoding_loss_backward(Tensor grad, Tensor pred, int[] kinds, float[] params, str reduction) "
         "-> Tensor");
+  // KL(softmax(teacher / T) || softmax(student / T)) along dim 1 of [outer, length, inner]
+  // tensors: KL [outer, inner] in the accumulation dtype, and the student's and teacher's
+  // log-sum-exp of x / T per vector, kept for the one-pass backward. Pixel KD and CWD are views.
+  m.def("softmax_kl(Tensor student, Tensor teacher, float temperature) -> (Tensor, Tensor, Tensor)");
+  m.def("_softmax_kl_backward(Tensor grad, Tensor student, Tensor teacher, Tensor lse_student, Tensor lse_teacher, "
+        "float temperature) -> Tensor");
 }

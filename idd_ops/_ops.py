@@ -136,3 +136,31 @@ def _position_backward(ctx, grad):
 
 
 register_autograd("idd_ops::position_encoding_loss", _position_backward, setup_context=_position_setup)
+
+
+# ---- softmax_kl ------------------------------------------------------------------------
+
+
+@register_fake("idd_ops::softmax_kl")
+def _(student, teacher, temperature):
+    shape, dtype = (student.shape[0], student.shape[2]), acc_dtype(student.dtype)
+    return tuple(student.new_empty(shape, dtype=dtype) for _ in range(3))
+
+
+@register_fake("idd_ops::_softmax_kl_backward")
+def _(grad, student, teacher, lse_student, lse_teacher, temperature):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _kl_setup(ctx, inputs, output):
+    student, teacher, temperature = inputs
+    ctx.save_for_backward(student, teacher, output[1], output[2])
+    ctx.temperature = temperature
+
+
+def _kl_backward(ctx, grad, _grad_lse_s, _grad_lse_t):
+    student, teacher, lse_s, lse_t = ctx.saved_tensors
+    return ops._softmax_kl_backward(grad, student, teacher, lse_s, lse_t, ctx.temperature), None, None
+
+
+register_autograd("idd_ops::softmax_kl", _kl_backward, setup_context=_kl_setup)
