@@ -24,7 +24,8 @@ def want_cuda():
 
 
 def extension():
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "composite", "*.cpp")))
     # at::parallel_for is an inline template over OpenMP: without -fopenmp in this
     # extension's own flags it compiles to a serial loop.
     # -fno-trapping-math: lets the compiler if-convert the branch-free exp's clamps and

@@ -4,6 +4,8 @@ import torch
 from . import _C  # noqa: F401  (loads the compiled library: registers torch.ops.idd_ops)
 from . import _ops  # noqa: F401  (fake kernels and autograd for those ops)
 from . import nn, reference
+from .baselines import (channel_wise_distillation_loss, intra_class_variation_loss, pixel_kd_loss,
+                        structural_kd_loss)
 from .functional import class_centroids, class_distance_matrix, inter_class_distance_loss
 from .position import position_encoding_loss, position_maps
 from .probe import probe_position_information
@@ -18,4 +20,5 @@ def cuda_available():
 
 
 __all__ = ["class_centroids", "class_distance_matrix", "inter_class_distance_loss", "position_maps",
-           "position_encoding_loss", "probe_position_information", "nn", "reference", "cuda_available"]
+           "position_encoding_loss", "probe_position_information", "pixel_kd_loss", "channel_wise_distillation_loss",
+           "structural_kd_loss", "intra_class_variation_loss", "nn", "reference", "cuda_available"]

@@ -164,3 +164,63 @@ def _kl_backward(ctx, grad, _grad_lse_s, _grad_lse_t):
 
 
 register_autograd("idd_ops::softmax_kl", _kl_backward, setup_context=_kl_setup)
+
+
+# ---- affinity_loss ---------------------------------------------------------------------
+
+
+@register_fake("idd_ops::affinity_loss")
+def _(student, teacher):
+    B, Cs, _ = student.shape
+    acc = acc_dtype(student.dtype)
+    return (student.new_empty(()), student.new_empty((B, Cs, Cs), dtype=acc),
+            student.new_empty((B, Cs, teacher.shape[1]), dtype=acc))
+
+
+@register_fake("idd_ops::_affinity_loss_backward")
+def _(grad, student, teacher, gram_ss, gram_st):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _affinity_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1], output[1], output[2])
+
+
+def _affinity_backward(ctx, grad, _g_ss, _g_st):
+    fs, ft, gss, gst = ctx.saved_tensors
+    return ops._affinity_loss_backward(grad, fs, ft, gss, gst), None
+
+
+register_autograd("idd_ops::affinity_loss", _affinity_backward, setup_context=_affinity_setup)
+
+
+# ---- pixel_centroid_cosine -------------------------------------------------------------
+
+
+@register_fake("idd_ops::pixel_centroid_cosine")
+def _(feats, centroids, labels, ignore_index, eps):
+    B, _, H, W = feats.shape
+    acc = acc_dtype(feats.dtype)
+    return feats.new_empty((B, H, W), dtype=acc), feats.new_empty((B, H, W), dtype=acc)
+
+
+@register_fake("idd_ops::_pixel_centroid_cosine_backward")
+def _(grad, feats, centroids, labels, cos, feat_norms, ignore_index, eps):
+    return (torch.empty_like(feats, memory_format=torch.contiguous_format),
+            torch.empty_like(centroids, memory_format=torch.contiguous_format))
+
+
+def _cosine_setup(ctx, inputs, output):
+    feats, centroids, labels, ignore_index, eps = inputs
+    ctx.save_for_backward(feats, centroids, labels, output[0], output[1])
+    ctx.options = (ignore_index, eps)
+
+
+def _cosine_backward(ctx, grad, _grad_norms):
+    feats, centroids, labels, cos, norms = ctx.saved_tensors
+    grad_f, grad_c = ops._pixel_centroid_cosine_backward(grad, feats, centroids, labels, cos, norms, *ctx.options)
+    return (grad_f if ctx.needs_input_grad[0] else None, grad_c if ctx.needs_input_grad[1] else None,
+            None, None, None)
+
+
+register_autograd("idd_ops::pixel_centroid_cosine", _cosine_backward, setup_context=_cosine_setup)

@@ -123,3 +123,68 @@ class PositionDistillationLoss(nn.Module):
         if pred_s.shape[-2:] != pred_t.shape[-2:]:
             pred_s = TF.interpolate(pred_s, size=pred_t.shape[-2:], mode="bilinear", align_corners=False)
         return TF.mse_loss(pred_s, pred_t.to(pred_s.dtype))
+
+
+class PixelKDLoss(nn.Module):
+    """Pixel-wise KD on logits; see :func:`idd_ops.pixel_kd_loss`.
+    Call: ``loss(student_logits, teacher_logits, labels=None)``."""
+
+    def __init__(self, temperature=1.0, ignore_index=None):
+        super().__init__()
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+
+    def forward(self, student_logits, teacher_logits, labels=None):
+        from .baselines import pixel_kd_loss
+
+        return pixel_kd_loss(student_logits, teacher_logits, self.temperature, self.ignore_index, labels)
+
+
+class ChannelWiseDistillationLoss(nn.Module):
+    """CWD with a 1x1 conv adapter when the student's channel count differs from the teacher's;
+    see :func:`idd_ops.channel_wise_distillation_loss`. The adapter is trained with the student.
+
+    Args:
+        student_channels, teacher_channels: channel counts. temperature: Default 4.0.
+    """
+
+    def __init__(self, student_channels, teacher_channels, temperature=4.0):
+        super().__init__()
+        self.temperature = temperature
+        self.adapter = (nn.Identity() if student_channels == teacher_channels
+                        else nn.Conv2d(student_channels, teacher_channels, 1, bias=False))
+
+    def forward(self, student_feats, teacher_feats):
+        from .baselines import channel_wise_distillation_loss
+
+        return channel_wise_distillation_loss(self.adapter(student_feats), teacher_feats, self.temperature)
+
+
+class StructuralKDLoss(nn.Module):
+    """Pairwise-affinity KD; see :func:`idd_ops.structural_kd_loss`. Default pool 2."""
+
+    def __init__(self, pool=2):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, student_feats, teacher_feats):
+        from .baselines import structural_kd_loss
+
+        return structural_kd_loss(student_feats, teacher_feats, self.pool)
+
+
+class IntraClassVariationLoss(nn.Module):
+    """IFVD; see :func:`idd_ops.intra_class_variation_loss`.
+    Call: ``loss(student_feats, teacher_feats, labels)``."""
+
+    def __init__(self, num_classes, ignore_index=255, eps=1e-8):
+        super().__init__()
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.eps = eps
+
+    def forward(self, student_feats, teacher_feats, labels):
+        from .baselines import intra_class_variation_loss
+
+        return intra_class_variation_loss(student_feats, teacher_feats, labels, self.num_classes, self.ignore_index,
+                                          self.eps)

@@ -94,3 +94,55 @@ def position_encoding_loss(pred, kinds, reduction="mean", num_frequencies=2, num
                          num_frequencies=num_frequencies, num_stripes=num_stripes, sigma=sigma)
     loss = F.mse_loss(pred.to(maps.dtype), maps.expand(pred.shape[0], -1, -1, -1), reduction=reduction)
     return loss.to(pred.dtype)
+
+
+def pixel_kd_loss(student_logits, teacher_logits, temperature=1.0, ignore_index=None, labels=None):
+    """Reference of :func:`idd_ops.pixel_kd_loss`."""
+    acc = acc_dtype(student_logits.dtype)
+    s, t = student_logits.to(acc) / temperature, teacher_logits.detach().to(acc) / temperature
+    kl = (F.softmax(t, 1) * (F.log_softmax(t, 1) - F.log_softmax(s, 1))).sum(1)  # [B, H, W]
+    if labels is not None and ignore_index is not None:
+        keep = resize_labels(labels, kl.shape[1:]) != ignore_index
+        loss = (kl * keep).sum() / keep.sum().clamp_min(1)
+    else:
+        loss = kl.mean()
+    return (loss * temperature ** 2).to(student_logits.dtype)
+
+
+def channel_wise_distillation_loss(student_feats, teacher_feats, temperature=4.0):
+    """Reference of :func:`idd_ops.channel_wise_distillation_loss`."""
+    B, C = student_feats.shape[:2]
+    acc = acc_dtype(student_feats.dtype)
+    s = student_feats.to(acc).reshape(B * C, -1) / temperature
+    t = teacher_feats.detach().to(acc).reshape(B * C, -1) / temperature
+    kl = (F.softmax(t, 1) * (F.log_softmax(t, 1) - F.log_softmax(s, 1))).sum()
+    return (kl / (B * C) * temperature ** 2).to(student_feats.dtype)
+
+
+def structural_kd_loss(student_feats, teacher_feats, pool=2):
+    """Reference of :func:`idd_ops.structural_kd_loss`: forms the [B, P, P] affinities."""
+    def affinity(x):
+        if pool > 1:
+            x = F.max_pool2d(x, kernel_size=pool, stride=pool, ceil_mode=True)
+        x = F.normalize(x.to(acc_dtype(x.dtype)).flatten(2), dim=1)
+        return x.transpose(1, 2) @ x
+    a_s, a_t = affinity(student_feats), affinity(teacher_feats.detach())
+    return (a_s - a_t).pow(2).mean().to(student_feats.dtype)
+
+
+def intra_class_variation_loss(student_feats, teacher_feats, labels, num_classes, ignore_index=255, eps=1e-8):
+    """Reference of :func:`idd_ops.intra_class_variation_loss`."""
+    def cosine_map(feats):
+        B, C, H, W = feats.shape
+        centroids, _ = _centroids(feats, labels, num_classes, ignore_index)
+        y = resize_labels(labels, (H, W))
+        valid = y != ignore_index
+        slot = torch.where(valid, y, torch.zeros_like(y))
+        f = feats.to(centroids.dtype)
+        c = torch.gather(centroids, 1, slot.reshape(B, -1, 1).expand(-1, -1, C))  # [B, HW, C]
+        c = c.transpose(1, 2).reshape(B, C, H, W)
+        denom = (torch.linalg.vector_norm(f, dim=1) * torch.linalg.vector_norm(c, dim=1)).clamp_min(eps)
+        cos = (f * c).sum(1) / denom
+        return torch.where(valid, cos, torch.ones_like(cos))
+    ms, mt = cosine_map(student_feats), cosine_map(teacher_feats.detach())
+    return F.mse_loss(ms, mt).to(student_feats.dtype)

@@ -16,19 +16,38 @@ inline int64_t blocks_for(int64_t n) {
   return blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks);
 }
 
-// Sum of one value per thread over a block of kThreads threads; every thread gets the total.
-// `scratch` is shared memory of kThreads elements.
-template <typename T>
-__device__ T block_sum(T value, T* scratch) {
+// Reduction of one value per thread over a block of kThreads threads with a binary op;
+// every thread gets the result. `scratch` is shared memory of kThreads elements.
+template <typename T, typename Op>
+__device__ T block_reduce(T value, T* scratch, Op op) {
   scratch[threadIdx.x] = value;
   __syncthreads();
   for (int half = kThreads / 2; half > 0; half /= 2) {
-    if (threadIdx.x < half) scratch[threadIdx.x] += scratch[threadIdx.x + half];
+    if (threadIdx.x < half) scratch[threadIdx.x] = op(scratch[threadIdx.x], scratch[threadIdx.x + half]);
     __syncthreads();
   }
   const T total = scratch[0];
   __syncthreads();  // scratch may be reused right after
   return total;
+}
+
+struct SumOp {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return a > b ? a : b; }
+};
+
+template <typename T>
+__device__ T block_sum(T value, T* scratch) {
+  return block_reduce(value, scratch, SumOp{});
+}
+
+template <typename T>
+__device__ T block_max(T value, T* scratch) {
+  return block_reduce(value, scratch, MaxOp{});
 }
 
 // Labels are read as uint8, int32 or int64; rarer integer dtypes are widened once.

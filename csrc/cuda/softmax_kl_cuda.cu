@@ -1,0 +1,151 @@
+// KL between temperature softmaxes along the middle dim of [outer, length, inner] tensors, on CUDA.
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "../common/softmax_kl.h"
+#include "cuda_utils.cuh"
+
+namespace idd_ops {
+namespace {
+
+template <typename acc_t>
+__device__ __forceinline__ void write_stats(acc_t ms, acc_t mt, const SoftmaxKLSums<acc_t>& sums, acc_t inv_T,
+                                            int64_t k, acc_t* kl, acc_t* lse_s, acc_t* lse_t) {
+  kl[k] = sums.kl();
+  lse_s[k] = ms * inv_T + log(sums.zs);
+  lse_t[k] = mt * inv_T + log(sums.zt);
+}
+
+// Strided vectors (inner > 1): one thread per (o, i); neighbouring threads read neighbouring
+// addresses at every step along the vector.
+template <typename scalar_t>
+__global__ void softmax_kl_strided_kernel(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t,
+                                          int64_t outer, int64_t length, int64_t inner, at::opmath_type<scalar_t> inv_T,
+                                          at::opmath_type<scalar_t>* kl, at::opmath_type<scalar_t>* lse_s,
+                                          at::opmath_type<scalar_t>* lse_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < outer * inner;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    // (o, i) is one vector
+    const int64_t o = k / inner, i = k % inner, base = o * length * inner + i;
+    acc_t ms = -std::numeric_limits<acc_t>::infinity(), mt = ms;
+    for (int64_t c = 0; c < length; ++c) {
+      ms = max(ms, static_cast<acc_t>(s[base + c * inner]));
+      mt = max(mt, static_cast<acc_t>(t[base + c * inner]));
+    }
+    SoftmaxKLSums<acc_t> sums;
+    for (int64_t c = 0; c < length; ++c)
+      sums.add((static_cast<acc_t>(t[base + c * inner]) - mt) * inv_T, (static_cast<acc_t>(s[base + c * inner]) - ms) * inv_T);
+    write_stats(ms, mt, sums, inv_T, k, kl, lse_s, lse_t);
+  }
+}
+
+// Contiguous vectors (inner == 1): one block per vector, block reductions.
+template <typename scalar_t>
+__global__ void softmax_kl_rows_kernel(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t, int64_t length,
+                                       at::opmath_type<scalar_t> inv_T, at::opmath_type<scalar_t>* kl,
+                                       at::opmath_type<scalar_t>* lse_s, at::opmath_type<scalar_t>* lse_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t scratch[kThreads];
+  const int64_t o = blockIdx.x, base = o * length;
+  acc_t ms = -std::numeric_limits<acc_t>::infinity(), mt = ms;
+  for (int64_t c = threadIdx.x; c < length; c += blockDim.x) {
+    ms = max(ms, static_cast<acc_t>(s[base + c]));
+    mt = max(mt, static_cast<acc_t>(t[base + c]));
+  }
+  ms = block_max(ms, scratch);
+  mt = block_max(mt, scratch);
+  SoftmaxKLSums<acc_t> sums;
+  for (int64_t c = threadIdx.x; c < length; c += blockDim.x)
+    sums.add((static_cast<acc_t>(t[base + c]) - mt) * inv_T, (static_cast<acc_t>(s[base + c]) - ms) * inv_T);
+  sums.zt = block_sum(sums.zt, scratch);
+  sums.zs = block_sum(sums.zs, scratch);
+  sums.w = block_sum(sums.w, scratch);
+  if (threadIdx.x == 0) write_stats(ms, mt, sums, inv_T, o, kl, lse_s, lse_t);
+}
+
+template <typename scalar_t>
+__global__ void softmax_kl_backward_kernel_impl(const at::opmath_type<scalar_t>* __restrict__ grad,
+                                                const scalar_t* __restrict__ s, const scalar_t* __restrict__ t,
+                                                const at::opmath_type<scalar_t>* __restrict__ lse_s,
+                                                const at::opmath_type<scalar_t>* __restrict__ lse_t, int64_t length,
+                                                int64_t inner, int64_t total, at::opmath_type<scalar_t> inv_T,
+                                                scalar_t* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    // (o, c, i) is one element; k = (o, i) its vector
+    const int64_t k = (e / (length * inner)) * inner + e % inner;
+    const acc_t ps = vec_exp(static_cast<acc_t>(s[e]) * inv_T - lse_s[k]);
+    const acc_t pt = vec_exp(static_cast<acc_t>(t[e]) * inv_T - lse_t[k]);
+    out[e] = static_cast<scalar_t>(grad[k] * inv_T * (ps - pt));
+  }
+}
+
+void check_kl_inputs(const at::Tensor& s, const at::Tensor& t, double temperature) {
+  TORCH_CHECK_VALUE(s.dim() == 3 && s.sizes() == t.sizes(), "student: expected [outer, length, inner] shaped like ",
+                    "teacher, got ", s.sizes(), " and ", t.sizes());
+  TORCH_CHECK_VALUE(temperature > 0, "temperature: expected > 0, got ", temperature);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_kernel(const at::Tensor& student, const at::Tensor& teacher,
+                                                                double temperature) {
+  check_kl_inputs(student, teacher, temperature);
+  const c10::cuda::CUDAGuard guard(student.device());
+  const at::Tensor s = student.contiguous(), t = teacher.to(student.scalar_type()).contiguous();
+  const int64_t outer = s.size(0), length = s.size(1), inner = s.size(2);
+  const auto acc = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor kl = at::zeros({outer, inner}, s.options().dtype(acc));
+  at::Tensor lse_s = at::zeros_like(kl), lse_t = at::zeros_like(kl);
+  if (s.numel() == 0) return {kl, lse_s, lse_t};
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "softmax_kl_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t inv_T = static_cast<acc_t>(1.0 / temperature);
+    if (inner == 1) {
+      softmax_kl_rows_kernel<scalar_t><<<outer, kThreads, 0, stream>>>(
+          s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), length, inv_T, kl.data_ptr<acc_t>(),
+          lse_s.data_ptr<acc_t>(), lse_t.data_ptr<acc_t>());
+    } else {
+      softmax_kl_strided_kernel<scalar_t><<<blocks_for(outer * inner), kThreads, 0, stream>>>(
+          s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), outer, length, inner, inv_T,
+          kl.data_ptr<acc_t>(), lse_s.data_ptr<acc_t>(), lse_t.data_ptr<acc_t>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {kl, lse_s, lse_t};
+}
+
+at::Tensor softmax_kl_backward_kernel(const at::Tensor& grad_in, const at::Tensor& student, const at::Tensor& teacher,
+                                     const at::Tensor& lse_student, const at::Tensor& lse_teacher, double temperature) {
+  check_kl_inputs(student, teacher, temperature);
+  const c10::cuda::CUDAGuard guard(student.device());
+  const at::Tensor s = student.contiguous(), t = teacher.to(student.scalar_type()).contiguous();
+  const auto acc = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor grad = grad_in.to(acc).contiguous();
+  const at::Tensor ls = lse_student.contiguous(), lt = lse_teacher.contiguous();
+  at::Tensor out = at::empty_like(s);
+  const int64_t total = s.numel();
+  if (total == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "softmax_kl_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    softmax_kl_backward_kernel_impl<scalar_t><<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        grad.const_data_ptr<acc_t>(), s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
+        ls.const_data_ptr<acc_t>(), lt.const_data_ptr<acc_t>(), s.size(1), s.size(2), total,
+        static_cast<acc_t>(1.0 / temperature), out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+// CUDA implementations of the schemas declared in idd_ops.cpp.
+TORCH_LIBRARY_IMPL(idd_ops, CUDA, m) {
+  m.impl("softmax_kl", &softmax_kl_kernel);
+  m.impl("_softmax_kl_backward", &softmax_kl_backward_kernel);
+}
+
+}  // namespace idd_ops
