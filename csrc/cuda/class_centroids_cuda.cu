@@ -3,27 +3,14 @@
 #include <torch/library.h>
 
 #include "../common/checks.h"
-#include "../common/label_index.h"
 #include "cuda_utils.cuh"
+#include "label_view.cuh"
 
 namespace idd_ops {
 namespace {
 
 // Channels summed per block: the block's labels are read once and reused for all of them.
 constexpr int kChannelTile = 8;
-
-struct LabelView {
-  int64_t H, W, Hy, Wy, s0, s1, s2, num_classes, ignore_index;
-};
-
-// Class slot (or -1) of feature pixel p of image b.
-template <typename label_t>
-__device__ __forceinline__ int64_t pixel_class(const label_t* labels, const LabelView& v, int64_t b, int64_t p) {
-  const int64_t row = p / v.W, col = p % v.W;
-  const int64_t raw = static_cast<int64_t>(
-      labels[b * v.s0 + nearest_source_index(row, v.Hy, v.H) * v.s1 + nearest_source_index(col, v.Wy, v.W) * v.s2]);
-  return class_slot(raw, v.num_classes, v.ignore_index);
-}
 
 // One block per (image, channel tile): per-class sums of the tile in shared memory.
 // A warp whose 32 pixels share one class (the common case: labels are piecewise constant)
@@ -90,9 +77,6 @@ __global__ void class_centroids_backward_kernel_impl(const at::opmath_type<scala
   }
 }
 
-LabelView label_view(const at::Tensor& labels, int64_t H, int64_t W, int64_t K, int64_t ignore_index) {
-  return {H, W, labels.size(1), labels.size(2), labels.stride(0), labels.stride(1), labels.stride(2), K, ignore_index};
-}
 
 std::tuple<at::Tensor, at::Tensor> class_centroids_kernel(const at::Tensor& feats_in, const at::Tensor& labels_in,
                                                           int64_t num_classes, int64_t ignore_index) {

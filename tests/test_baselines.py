@@ -1,0 +1,139 @@
+"""Pixel KD, CWD, SKD and IFVD against their references, plus the properties each promises."""
+import pytest
+import torch
+
+import idd_ops
+from idd_ops import reference
+from conftest import TOLERANCES, make_feats, make_labels
+
+LOSSES = ["pixel_kd_loss", "pixel_kd_loss_ignore", "channel_wise_distillation_loss", "structural_kd_loss",
+          "structural_kd_loss_pool1", "intra_class_variation_loss"]
+
+
+def call(name, module, s, t, y):
+    """Each loss at options that exercise it; SKD and IFVD get a teacher with more channels."""
+    t_wide = torch.cat([t, t[:, :2] * 0.5], 1)
+    return {
+        "pixel_kd_loss": lambda: module.pixel_kd_loss(s, t, 2.0),
+        "pixel_kd_loss_ignore": lambda: module.pixel_kd_loss(s, t, 1.0, ignore_index=255, labels=y),
+        "channel_wise_distillation_loss": lambda: module.channel_wise_distillation_loss(s, t, 4.0),
+        "structural_kd_loss": lambda: module.structural_kd_loss(s, t_wide, 2),
+        "structural_kd_loss_pool1": lambda: module.structural_kd_loss(s, t_wide, 1),
+        "intra_class_variation_loss": lambda: module.intra_class_variation_loss(s, t_wide, y, 4),
+    }[name]()
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("size", [(7, 9), (16, 33), (1, 1)])
+def test_matches_reference(device, name, size):
+    s = make_feats(2, 5, *size, device=device, seed=1).requires_grad_()
+    t = make_feats(2, 5, *size, device=device, seed=2)
+    y = make_labels(2, 2 * size[0], 2 * size[1], 4, device=device)
+    la = call(name, idd_ops, s, t, y)
+    (ga,) = torch.autograd.grad(la, s)
+    lb = call(name, reference, s, t, y)
+    (gb,) = torch.autograd.grad(lb, s)
+    torch.testing.assert_close(la, lb, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_gradcheck(device, name):
+    s = make_feats(2, 4, 5, 6, device=device, seed=1).requires_grad_()
+    t = make_feats(2, 4, 5, 6, device=device, seed=2)
+    y = make_labels(2, 10, 12, 4, device=device)
+    assert torch.autograd.gradcheck(lambda x: call(name, idd_ops, x, t, y), (s,))
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_low_precision_forward(device, name, dtype, layout):
+    kw = dict(device=device, dtype=dtype, channels_last=layout == "channels_last")
+    s, t = make_feats(2, 8, 12, 10, seed=1, **kw), make_feats(2, 8, 12, 10, seed=2, **kw)
+    y = make_labels(2, 24, 20, 4, device=device)
+    got = call(name, idd_ops, s, t, y)
+    want = call(name, reference, s.double(), t.double(), y)
+    tol = TOLERANCES[dtype][0]
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_compiled(device, name):
+    torch._dynamo.reset()
+    s = make_feats(2, 4, 8, 8, dtype=torch.float32, device=device).requires_grad_()
+    t = make_feats(2, 4, 8, 8, dtype=torch.float32, device=device, seed=2)
+    y = make_labels(2, 16, 16, 4, device=device)
+    fn = torch.compile(lambda a, b, c: call(name, idd_ops, a, b, c), fullgraph=True)
+    torch.testing.assert_close(fn(s, t, y), call(name, idd_ops, s, t, y))
+
+
+def test_teacher_gets_no_gradient():
+    s = make_feats(2, 4, 6, 6).requires_grad_()
+    t = make_feats(2, 4, 6, 6, seed=2).requires_grad_()
+    y = make_labels(2, 6, 6, 4)
+    for name in LOSSES:
+        call(name, idd_ops, s, t, y).backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_skd_never_forms_the_pixel_affinity():
+    """pool=1 on 256x512 features: a P x P affinity would need 68 GB (more than this machine has);
+    the Gram route needs C x C."""
+    s = torch.randn(1, 8, 256, 512, requires_grad=True)
+    t = torch.randn(1, 8, 256, 512)
+    loss = idd_ops.structural_kd_loss(s, t, pool=1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    # the identity holds: equal inputs give zero
+    assert idd_ops.structural_kd_loss(t, t, pool=1).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_ifvd_ignored_pixels_score_one():
+    s = make_feats(1, 3, 4, 4)
+    y = torch.full((1, 4, 4), 255)
+    cos, _ = torch.ops.idd_ops.pixel_centroid_cosine(s, torch.zeros(1, 2, 3, dtype=torch.float64), y, 255, 1e-8)
+    assert torch.equal(cos, torch.ones_like(cos))
+    assert idd_ops.intra_class_variation_loss(s, make_feats(1, 5, 4, 4), y, 2).item() == 0
+
+
+def test_modules():
+    s = make_feats(2, 4, 8, 8, dtype=torch.float32).requires_grad_()
+    t = make_feats(2, 6, 8, 8, dtype=torch.float32, seed=2)
+    y = make_labels(2, 8, 8, 4)
+    cwd = idd_ops.nn.ChannelWiseDistillationLoss(4, 6)
+    cwd(s, t).backward()
+    assert cwd.adapter.weight.grad is not None
+    assert idd_ops.nn.StructuralKDLoss(pool=2)(s, t) > 0
+    assert idd_ops.nn.IntraClassVariationLoss(4)(s, t, y) > 0
+    torch.testing.assert_close(idd_ops.nn.PixelKDLoss(2.0)(s, s * 2), idd_ops.pixel_kd_loss(s, s * 2, 2.0))
+
+
+def test_opcheck(device):
+    s = torch.randn(2, 5, 7, device=device, requires_grad=True)
+    t = torch.randn(2, 5, 7, device=device)
+    torch.library.opcheck(torch.ops.idd_ops.softmax_kl.default, (s, t, 2.0))
+    torch.library.opcheck(torch.ops.idd_ops.softmax_kl.default, (s.reshape(10, 7, 1), t.reshape(10, 7, 1), 2.0))
+    torch.library.opcheck(torch.ops.idd_ops.affinity_loss.default, (s, torch.randn(2, 3, 7, device=device)))
+    f = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
+    c = torch.randn(2, 4, 3, device=device, requires_grad=True)
+    y = make_labels(2, 4, 5, 4, device=device)
+    torch.library.opcheck(torch.ops.idd_ops.pixel_centroid_cosine.default, (f, c, y, 255, 1e-8))
+
+
+@pytest.mark.parametrize("call_,text", [
+    (lambda: idd_ops.pixel_kd_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 4, 4, 4)), "teacher_logits: shape"),
+    (lambda: idd_ops.channel_wise_distillation_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 4, 4, 4)), "1x1 conv"),
+    (lambda: idd_ops.pixel_kd_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), 0.0), "temperature"),
+    (lambda: idd_ops.structural_kd_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 2, 2)), "spatial size"),
+    (lambda: idd_ops.structural_kd_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), pool=0), "pool"),
+    (lambda: idd_ops.intra_class_variation_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 2, 2),
+                                                torch.zeros(1, 4, 4, dtype=torch.long), 2), "spatial size"),
+    (lambda: idd_ops.intra_class_variation_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4),
+                                                torch.full((1, 4, 4), 5), 2), "labels: value 5"),
+    (lambda: idd_ops.pixel_kd_loss(torch.randn(1, 3, 4), torch.randn(1, 3, 4)), "student_logits"),
+])
+def test_bad_input(call_, text):
+    with pytest.raises((ValueError, TypeError), match=text):
+        call_()
