@@ -1,5 +1,6 @@
-"""The benchmark cases: each builds a closure for "fused" or "reference", forward or
-forward+backward, and knows the bytes its op must move at least (for the bandwidth bound).
+"""The benchmark cases. Each builds a closure for "fused" (idd_ops) or "reference"
+(idd_ops.reference), forward or forward+backward, and knows the bytes its op must move at
+least (for the bandwidth bound): one read of every input, one write of the student's gradient.
 
 A case is rebuilt by name in a fresh process for peak-memory measurements (benchmarks.peak)."""
 from . import common  # noqa: F401  (allocator setting first)
@@ -16,58 +17,89 @@ def _nbytes(*tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class IDDLoss:
-    """inter_class_distance_loss at a SHAPES entry."""
+class Case:
+    """inputs[0] is the student tensor (the one that gets a gradient); call(module, *inputs)
+    runs the loss from `module` (idd_ops or idd_ops.reference). Cases whose reference is very
+    slow set `rounds` to cap the timing rounds."""
 
-    def __init__(self, shape_name, device="cpu"):
-        self.shape = common.SHAPES[shape_name]
-        self.name = f"idd_loss {shape_name}"
-        self.desc = "B={} Cs={} Ct={} {}x{} labels {}x{} K={}".format(*self.shape)
-        self.s, self.t, self.y, self.K = common.make_inputs(self.shape, device)
-        self.s.requires_grad_()
-
-    def build(self, impl, backward):
-        fn = {"fused": idd_ops.inter_class_distance_loss, "reference": reference.inter_class_distance_loss}[impl]
-        return common.loss_fn(fn, self.s, self.t, self.y, self.K, backward)
-
-    def bytes_moved(self, backward):
-        # one read of each feature map, one write of the student's gradient
-        return _nbytes(self.s, self.t) + (_nbytes(self.s) if backward else 0)
-
-
-class PositionLoss:
-    """position_encoding_loss on a [B, M, H, W] prediction, M = 5 maps."""
-
-    def __init__(self, size, device="cpu", batch=8):
-        H, W = size
-        self.name = f"position_loss {H}x{W}"
-        self.desc = f"B={batch} M={len(POSITION_KINDS)} {H}x{W}"
-        self.pred = torch.rand(batch, len(POSITION_KINDS), H, W, device=device, requires_grad=True)
+    def __init__(self, name, desc, inputs, call, rounds=None):
+        self.name, self.desc, self.inputs, self.call, self.rounds = name, desc, inputs, call, rounds
+        self.inputs[0].requires_grad_()
 
     def build(self, impl, backward):
-        fn = {"fused": idd_ops.position_encoding_loss, "reference": reference.position_encoding_loss}[impl]
+        module = {"fused": idd_ops, "reference": reference}[impl]
+        student = self.inputs[0]
 
         def run():
-            self.pred.grad = None
-            loss = fn(self.pred, POSITION_KINDS)
+            student.grad = None
+            loss = self.call(module, *self.inputs)
             if backward:
                 loss.backward()
             return loss
         return run
 
     def bytes_moved(self, backward):
-        return _nbytes(self.pred) * (2 if backward else 1)
+        return _nbytes(*self.inputs) + (_nbytes(self.inputs[0]) if backward else 0)
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _idd(shape_name):
+    s, t, y, K = common.make_inputs(common.SHAPES[shape_name])
+    return Case(f"idd_loss {shape_name}", "B={} Cs={} Ct={} {}x{} labels {}x{} K={}".format(*common.SHAPES[shape_name]),
+                [s, t, y], lambda m, s, t, y: m.inter_class_distance_loss(s, t, y, K))
+
+
+def _position(size):
+    H, W = size
+    pred = torch.rand(8, len(POSITION_KINDS), H, W, generator=torch.Generator().manual_seed(0))
+    return Case(f"position_loss {H}x{W}", f"B=8 M={len(POSITION_KINDS)} {H}x{W}", [pred],
+                lambda m, p: m.position_encoding_loss(p, POSITION_KINDS))
+
+
+def _pixel_kd():
+    y = common.street_labels(8, 512, 1024, 19)
+    return Case("pixel_kd", "logits B=8 K=19 512x1024, ignore 255", [_randn(8, 19, 512, 1024), _randn(8, 19, 512, 1024, seed=1), y],
+                lambda m, s, t, y: m.pixel_kd_loss(s, t, 1.0, ignore_index=255, labels=y))
+
+
+def _cwd():
+    return Case("cwd", "B=8 C=512 64x128 T=4", [_randn(8, 512, 64, 128), _randn(8, 512, 64, 128, seed=1)],
+                lambda m, s, t: m.channel_wise_distillation_loss(s, t, 4.0))
+
+
+def _skd(pool):
+    # the reference forms [B, P, P] affinities: at pool 1 that is 8 x 8192^2 floats (2 GiB) each
+    return Case(f"skd pool{pool}", f"B=8 C=512 64x128 pool {pool}", [_randn(8, 512, 64, 128), _randn(8, 512, 64, 128, seed=1)],
+                lambda m, s, t: m.structural_kd_loss(s, t, pool), rounds=2 if pool == 1 else None)
+
+
+def _ifvd():
+    y = common.street_labels(8, 512, 1024, 19)
+    return Case("ifvd", "B=8 Cs=512 Ct=2048 64x128 labels 512x1024 K=19",
+                [_randn(8, 512, 64, 128), _randn(8, 2048, 64, 128, seed=1), y],
+                lambda m, s, t, y: m.intra_class_variation_loss(s, t, y, 19))
 
 
 def make(name, device="cpu"):
-    """A case by its name: 'idd_loss <shape>' or 'position_loss <H>x<W>'."""
-    op, arg = name.split(" ", 1)
+    """A case by its name (see FULL and QUICK)."""
+    if device != "cpu":
+        raise NotImplementedError("cases are built on the CPU; move them for GPU runs")
+    op, _, arg = name.partition(" ")
     if op == "idd_loss":
-        return IDDLoss(arg, device)
+        return _idd(arg)
     if op == "position_loss":
-        return PositionLoss(tuple(int(v) for v in arg.split("x")), device)
+        return _position(tuple(int(v) for v in arg.split("x")))
+    if op == "skd":
+        return _skd(int(arg.removeprefix("pool")))
+    builders = {"pixel_kd": _pixel_kd, "cwd": _cwd, "ifvd": _ifvd}
+    if op in builders:
+        return builders[op]()
     raise ValueError(f"unknown benchmark case {name!r}")
 
 
-FULL = ["idd_loss cityscapes", "position_loss 64x128", "position_loss 512x1024"]
-QUICK = ["idd_loss cityscapes-small", "position_loss 64x128", "position_loss 512x1024"]
+FULL = ["idd_loss cityscapes", "position_loss 64x128", "position_loss 512x1024", "pixel_kd", "cwd", "skd pool2",
+        "skd pool1", "ifvd"]
+QUICK = ["idd_loss cityscapes-small", "position_loss 512x1024"]

@@ -2,8 +2,8 @@
 memory-bandwidth bound reached, for every case of benchmarks/cases.py. Prints a markdown
 table and writes it to --out.
 
-    python -m benchmarks.report            # B=8 Cityscapes shapes (a few minutes on 2 cores)
-    python -m benchmarks.report --quick    # IDD at B=2, 3 rounds (about a minute)
+    python -m benchmarks.report            # every op at B=8 Cityscapes shapes (several minutes)
+    python -m benchmarks.report --quick    # IDD at B=2 and the position loss, 3 rounds (< 1 minute)
 """
 import argparse
 import platform
@@ -28,7 +28,8 @@ def measure(case_names, device, repeat):
             mode = "forward+backward" if backward else "forward"
             print(f"[{step}/{total}] {name} {mode}", file=sys.stderr, flush=True)
             fused_ms, ref_ms = common.time_interleaved(
-                [case.build("fused", backward), case.build("reference", backward)], device, repeat=repeat)
+                [case.build("fused", backward), case.build("reference", backward)], device,
+                repeat=min(repeat, case.rounds or repeat))
             if device == "cpu":
                 mem = [peak.measure(name, impl, backward) for impl in ("fused", "reference")]
             else:
@@ -53,12 +54,13 @@ def table(rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="IDD at B=2 and 3 rounds instead of B=8 and 7")
+    p.add_argument("--quick", action="store_true", help="two cases and 3 rounds instead of all cases and 7")
+    p.add_argument("--cases", nargs="+", default=None, help="case names to run (default: all, or the quick set)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="markdown file to write (default: print only)")
     args = p.parse_args(argv)
     repeat = 3 if args.quick else 7
-    rows, bw = measure(cases.QUICK if args.quick else cases.FULL, args.device, repeat)
+    rows, bw = measure(args.cases or (cases.QUICK if args.quick else cases.FULL), args.device, repeat)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
     meta = (f"Device: {args.device} ({dev}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"THP_MEM_ALLOC_ENABLE={common.os.environ.get('THP_MEM_ALLOC_ENABLE')}, float32. IDD: euclidean, "
