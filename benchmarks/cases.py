@@ -27,12 +27,20 @@ class Case:
         self.inputs[0].requires_grad_()
 
     def build(self, impl, backward):
-        module = {"fused": idd_ops, "reference": reference}[impl]
+        """impl: "fused", "reference", or "compiled" (torch.compile of the reference; compiles
+        on its first call)."""
+        if impl == "compiled":
+            if not hasattr(self, "_compiled"):
+                self._compiled = torch.compile(lambda *inputs: self.call(reference, *inputs))
+            loss_fn = self._compiled
+        else:
+            module = {"fused": idd_ops, "reference": reference}[impl]
+            loss_fn = lambda *inputs: self.call(module, *inputs)  # noqa: E731
         student = self.inputs[0]
 
         def run():
             student.grad = None
-            loss = self.call(module, *self.inputs)
+            loss = loss_fn(*self.inputs)
             if backward:
                 loss.backward()
             return loss

@@ -16,39 +16,49 @@ import torch
 MODES = (False, True)
 
 
-def measure(case_names, device, repeat):
+def measure(case_names, device, repeat, compiled):
+    impls = ["fused", "reference"] + (["compiled"] if compiled else [])
     rows, total, step = [], len(case_names) * len(MODES), 0
-    bw = None
+    bw = common.copy_bandwidth_gbs(2**28, device)
     for name in case_names:
         case = cases.make(name, device)
-        if bw is None:
-            bw = common.copy_bandwidth_gbs(2**28, device)
         for backward in MODES:
             step += 1
             mode = "forward+backward" if backward else "forward"
             print(f"[{step}/{total}] {name} {mode}", file=sys.stderr, flush=True)
-            fused_ms, ref_ms = common.time_interleaved(
-                [case.build("fused", backward), case.build("reference", backward)], device,
-                repeat=min(repeat, case.rounds or repeat))
+            times = common.time_interleaved([case.build(impl, backward) for impl in impls], device,
+                                            repeat=min(repeat, case.rounds or repeat))
             if device == "cpu":
-                mem = [peak.measure(name, impl, backward) for impl in ("fused", "reference")]
+                mem = [peak.measure(name, impl, backward) for impl in impls]
             else:
-                mem = [common.peak_memory_bytes(case.build(impl, backward), device) for impl in ("fused", "reference")]
-            rows.append(dict(case=name, desc=case.desc, mode=mode, fused_ms=fused_ms, ref_ms=ref_ms,
-                             fused_mb=mem[0] / 2**20, ref_mb=mem[1] / 2**20,
-                             bound_ms=case.bytes_moved(backward) / (bw * 1e6)))
+                mem = [common.peak_memory_bytes(case.build(impl, backward), device) for impl in impls]
+            row = dict(case=name, desc=case.desc, mode=mode, bound_ms=case.bytes_moved(backward) / (bw * 1e6))
+            for impl, t, m in zip(impls, times, mem):
+                row[impl + "_ms"], row[impl + "_mb"] = t, m / 2**20
+            rows.append(row)
         del case
     return rows, bw
 
 
+def _ratio(num, den):
+    return f"{num / den:.1f}x" if den > 0 else "-"
+
+
 def table(rows):
-    out = ["| op | shape | pass | fused ms | reference ms | speed-up | fused peak MiB | reference peak MiB | "
-           "memory saved | bound ms | fused / bound |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    compiled = "compiled_ms" in rows[0]
+    head = ["op", "shape", "pass", "fused ms", "reference ms"] + (["compiled ms"] if compiled else []) + \
+        ["speed-up vs reference"] + (["vs compiled"] if compiled else []) + \
+        ["fused peak MiB", "reference peak MiB"] + (["compiled peak MiB"] if compiled else []) + \
+        ["memory: reference / fused", "bound ms", "fused / bound"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in rows:
-        saved = f"{r['ref_mb'] / r['fused_mb']:.1f}x" if r["fused_mb"] >= 1 else f"{r['ref_mb']:.0f} MiB"
-        out.append(f"| {r['case'].split()[0]} | {r['desc']} | {r['mode']} | {r['fused_ms']:.1f} | {r['ref_ms']:.1f} | "
-                   f"{r['ref_ms'] / r['fused_ms']:.1f}x | {r['fused_mb']:.0f} | {r['ref_mb']:.0f} | {saved} | "
-                   f"{r['bound_ms']:.1f} | {r['fused_ms'] / r['bound_ms']:.2f} |")
+        cells = [r["case"].split()[0], r["desc"], r["mode"], f"{r['fused_ms']:.1f}", f"{r['reference_ms']:.1f}"]
+        cells += [f"{r['compiled_ms']:.1f}"] if compiled else []
+        cells += [_ratio(r["reference_ms"], r["fused_ms"])] + ([_ratio(r["compiled_ms"], r["fused_ms"])] if compiled else [])
+        cells += [f"{r['fused_mb']:.0f}", f"{r['reference_mb']:.0f}"] + ([f"{r['compiled_mb']:.0f}"] if compiled else [])
+        cells += [_ratio(r["reference_mb"], max(r["fused_mb"], 1.0)), f"{r['bound_ms']:.1f}",
+                  f"{r['fused_ms'] / r['bound_ms']:.2f}"]
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -56,23 +66,28 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two cases and 3 rounds instead of all cases and 7")
     p.add_argument("--cases", nargs="+", default=None, help="case names to run (default: all, or the quick set)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) column")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="markdown file to write (default: print only)")
     args = p.parse_args(argv)
     repeat = 3 if args.quick else 7
-    rows, bw = measure(args.cases or (cases.QUICK if args.quick else cases.FULL), args.device, repeat)
+    compiled = not (args.no_compile or args.quick)
+    rows, bw = measure(args.cases or (cases.QUICK if args.quick else cases.FULL), args.device, repeat, compiled)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
     meta = (f"Device: {args.device} ({dev}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"THP_MEM_ALLOC_ENABLE={common.os.environ.get('THP_MEM_ALLOC_ENABLE')}, float32. IDD: euclidean, "
             f"reduction=mean, street-layout labels. Position loss: maps {', '.join(cases.POSITION_KINDS)}.\n"
-            f"Times: medians of {repeat} rounds, fused and reference alternating. Peak memory: growth of the "
-            f"peak resident set in a fresh process (CPU) or max_memory_allocated (CUDA). Bound: bytes the op "
+            f"Times: medians of {repeat} rounds (2 for SKD pool 1), implementations alternating"
+            f"{'; compiled = torch.compile(reference), timed after its compilation' if compiled else ''}. "
+            f"Peak memory: growth of the peak resident set in a fresh process (CPU; compiled: on its second "
+            f"call) or max_memory_allocated (CUDA). Memory ratios floor the fused peak at 1 MiB. Bound: bytes the op "
             f"must move / copy bandwidth measured in the same run ({bw:.1f} GB/s, read + write).\n\n")
     text = meta + table(rows)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"Command: `python -m benchmarks.report{' --quick' if args.quick else ''}`\n\n" + text)
+            f.write(f"Command: `python -m benchmarks.report {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+                    + text)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from . import _ops  # noqa: F401  (fake kernels and autograd for those ops)
 from . import nn, reference
 from .baselines import (channel_wise_distillation_loss, intra_class_variation_loss, pixel_kd_loss,
                         structural_kd_loss)
+from .distiller import Distiller
 from .functional import class_centroids, class_distance_matrix, inter_class_distance_loss
 from .position import position_encoding_loss, position_maps
 from .probe import probe_position_information
@@ -21,4 +22,4 @@ def cuda_available():
 
 __all__ = ["class_centroids", "class_distance_matrix", "inter_class_distance_loss", "position_maps",
            "position_encoding_loss", "probe_position_information", "pixel_kd_loss", "channel_wise_distillation_loss",
-           "structural_kd_loss", "intra_class_variation_loss", "nn", "reference", "cuda_available"]
+           "structural_kd_loss", "intra_class_variation_loss", "Distiller", "nn", "reference", "cuda_available"]

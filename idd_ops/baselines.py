@@ -7,13 +7,15 @@ published numbers stay comparable (METHOD.md section 7):
 - intra_class_variation_loss (IFVD): MSE between student and teacher maps of each pixel's cosine
   similarity to its class centroid
 
-Teachers are constants: no gradient reaches them.
+Teachers are constants: no gradient reaches them. Losses come in the student's dtype (float32
+under autocast).
 """
 import torch
 import torch.nn.functional as F
 
 from . import _ops  # noqa: F401  (registers autograd and fake kernels)
 from . import _validation as v
+from .functional import loss_dtype
 from .reference import resize_labels
 
 ops = torch.ops.idd_ops
@@ -58,7 +60,7 @@ def pixel_kd_loss(student_logits, teacher_logits, temperature=1.0, ignore_index=
         loss = torch.where(keep, kl, torch.zeros_like(kl)).sum() / keep.sum().clamp_min(1)
     else:
         loss = kl.mean() if kl.numel() else kl.sum()
-    return (loss * temperature ** 2).to(student_logits.dtype)
+    return (loss * temperature ** 2).to(loss_dtype(student_logits))
 
 
 def channel_wise_distillation_loss(student_feats, teacher_feats, temperature=4.0):
@@ -81,7 +83,7 @@ def channel_wise_distillation_loss(student_feats, teacher_feats, temperature=4.0
     kl = ops.softmax_kl(student_feats.reshape(B * C, H * W, 1), teacher_feats.detach().reshape(B * C, H * W, 1),
                         float(temperature))[0]
     loss = kl.sum() / max(B * C, 1)
-    return (loss * temperature ** 2).to(student_feats.dtype)
+    return (loss * temperature ** 2).to(loss_dtype(student_feats))
 
 
 def _affinity_features(x, pool):
@@ -111,7 +113,7 @@ def structural_kd_loss(student_feats, teacher_feats, pool=2):
                          f"{tuple(student_feats.shape[2:])}; resize one of them first")
     fs = _affinity_features(student_feats, pool)
     ft = _affinity_features(teacher_feats.detach(), pool)
-    return ops.affinity_loss(fs, ft)[0].to(student_feats.dtype)
+    return ops.affinity_loss(fs, ft)[0].to(loss_dtype(student_feats))
 
 
 def intra_class_variation_loss(student_feats, teacher_feats, labels, num_classes, ignore_index=255, eps=1e-8):
@@ -140,7 +142,7 @@ def intra_class_variation_loss(student_feats, teacher_feats, labels, num_classes
     for feats in (student_feats, teacher_feats.detach()):
         centroids, _ = ops.class_centroids(feats, labels, num_classes, ignore_index)
         maps.append(ops.pixel_centroid_cosine(feats, centroids, labels, ignore_index, float(eps))[0])
-    return F.mse_loss(maps[0], maps[1]).to(student_feats.dtype)
+    return F.mse_loss(maps[0], maps[1]).to(loss_dtype(student_feats))
 
 
 __all__ = ["pixel_kd_loss", "channel_wise_distillation_loss", "structural_kd_loss", "intra_class_variation_loss"]

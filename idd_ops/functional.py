@@ -61,8 +61,32 @@ def class_distance_matrix(centroids, counts, metric="euclidean", normalize=None,
     return ops.class_distance_matrix(centroids, counts.long(), metric, normalize == "mean", float(eps))
 
 
+def loss_dtype(x):
+    """Dtype of a loss computed from x: x's dtype, except float32 for a half or bfloat16 x under
+    torch.autocast (as PyTorch's own losses; the kernels accumulate in float32 anyway)."""
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return torch.float32
+    return x.dtype
+
+
+def _pooled_centroids(centroids, counts, process_group):
+    """Per-image centroids [B,K,C] and counts [B,K] -> one batch-level centroid set [1,K,C], [1,K],
+    summed over every rank of process_group when one is given (a differentiable all-reduce)."""
+    sums = (centroids * counts[..., None].to(centroids.dtype)).sum(0, keepdim=True)
+    counts = counts.sum(0, keepdim=True)
+    if process_group is not None:
+        import torch.distributed as dist
+        import torch.distributed.nn.functional as dist_fn
+
+        sums = dist_fn.all_reduce(sums, group=process_group)
+        counts = counts.clone()
+        dist.all_reduce(counts, group=process_group)
+    return sums / counts.clamp_min(1)[..., None].to(sums.dtype), counts
+
+
 def inter_class_distance_loss(student_feats, teacher_feats, labels, num_classes, ignore_index=255,
-                              metric="euclidean", normalize=None, reduction="mean", eps=1e-8):
+                              metric="euclidean", normalize=None, reduction="mean", eps=1e-8, centroids="image",
+                              process_group=None):
     """Inter-class distance distillation (IDD) loss.
 
     The student is trained so that the distances between its per-image class centroids
@@ -80,9 +104,18 @@ def inter_class_distance_loss(student_feats, teacher_feats, labels, num_classes,
         reduction: ``"mean"`` (default): sum of E over all valid pairs of the batch divided by
             their number; ``"sum"``; ``"none"``: ``[B]``, each image's mean over its own pairs.
             Without any valid pair the result is 0 with zero gradient.
+        centroids: ``"image"`` (default, METHOD.md): one centroid set per image, no
+            communication. ``"batch"``: one centroid set per class over the whole batch (one
+            K x K matrix; ``"none"`` then gives ``[1]``).
+        process_group: with ``centroids="batch"``, a torch.distributed process group (e.g.
+            ``torch.distributed.group.WORLD``) over which per-class sums and counts are
+            all-reduced, so every rank sees the centroids of the global batch. The all-reduce is
+            differentiable; under DistributedDataParallel (which averages gradients over
+            ranks) the gradients equal a single process's on the concatenated batch.
 
     Returns:
-        The loss in ``student_feats.dtype`` (a scalar, or ``[B]`` for ``"none"``).
+        The loss in ``student_feats.dtype`` (float32 for half inputs under autocast): a
+        scalar, or ``[B]`` for ``"none"``.
     """
     v.check_features("student_feats", student_feats)
     v.check_features("teacher_feats", teacher_feats)
@@ -93,13 +126,20 @@ def inter_class_distance_loss(student_feats, teacher_feats, labels, num_classes,
     v.check_choice("normalize", normalize, v.NORMALIZE)
     v.check_choice("reduction", reduction, v.REDUCTIONS)
     v.check_eps(eps)
+    v.check_choice("centroids", centroids, ("image", "batch"))
+    if process_group is not None and centroids != "batch":
+        raise ValueError("process_group: only used with centroids='batch' (per-image centroids need no communication)")
     mean = normalize == "mean"
     cs, ns = ops.class_centroids(student_feats, labels, num_classes, ignore_index)
     ct, nt = ops.class_centroids(teacher_feats.detach(), labels, num_classes, ignore_index)
+    if centroids == "batch":
+        cs, ns = _pooled_centroids(cs, ns, process_group)
+        with torch.no_grad():
+            ct, nt = _pooled_centroids(ct, nt, process_group)
     ds = ops.class_distance_matrix(cs, ns, metric, mean, float(eps))
     dt = ops.class_distance_matrix(ct, nt, metric, mean, float(eps))
     loss = ops.idd_loss(ds, dt.to(ds.dtype), ns, nt, reduction)
-    return loss.to(student_feats.dtype)
+    return loss.to(loss_dtype(student_feats))
 
 
 __all__ = ["class_centroids", "class_distance_matrix", "inter_class_distance_loss"]

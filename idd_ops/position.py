@@ -122,7 +122,9 @@ def position_encoding_loss(pred, kinds, reduction="mean", num_frequencies=2, num
     if pred.shape[1] != len(codes):
         raise ValueError(f"pred: has {pred.shape[1]} maps but kinds {tuple(names)} give {len(codes)}")
     _check_size(codes, names, pred.shape[2], pred.shape[3])
-    return torch.ops.idd_ops.position_encoding_loss(pred, codes, params, reduction)
+    from .functional import loss_dtype
+
+    return torch.ops.idd_ops.position_encoding_loss(pred, codes, params, reduction).to(loss_dtype(pred))
 
 
 def num_maps(kinds, num_frequencies=2):

@@ -1,0 +1,87 @@
+"""Scaling sweeps of the IDD loss (forward+backward): time and peak memory against H*W, C, K and
+B, fused beside the reference, on log-log PNG plots and a markdown table.
+
+    python -m benchmarks.sweep --out benchmarks/sweep      # writes sweep.md and sweep_*.png
+"""
+import argparse
+import os
+import sys
+
+from . import common, peak  # first: sets the allocator before torch starts  # noqa: I001
+import torch
+
+import idd_ops
+from idd_ops import reference
+
+BASE = dict(B=4, C=256, H=64, W=128, K=19)  # teacher C = 2 * C, labels at 8x the feature size
+SWEEPS = {
+    "pixels": ("H*W", [dict(H=h, W=2 * h) for h in (16, 32, 64, 128)], lambda p: p["H"] * p["W"]),
+    "channels": ("C", [dict(C=c) for c in (64, 128, 256, 512)], lambda p: p["C"]),
+    "classes": ("K", [dict(K=k) for k in (8, 19, 64, 150)], lambda p: p["K"]),
+    "batch": ("B", [dict(B=b) for b in (1, 2, 4, 8)], lambda p: p["B"]),
+}
+
+
+def shape_of(params):
+    p = dict(BASE, **params)
+    return (p["B"], p["C"], 2 * p["C"], p["H"], p["W"], 8 * p["H"], 8 * p["W"], p["K"]), p
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/sweep", help="folder for sweep.md and the PNG plots")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [f"IDD loss forward+backward, fused vs reference; base {BASE} (teacher C = 2C, labels 8x the "
+             f"features), torch {torch.__version__}, {torch.get_num_threads()} threads. Command: "
+             f"`python -m benchmarks.sweep --out {args.out}`\n",
+             "| sweep | value | fused ms | reference ms | speed-up | fused MiB | reference MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    total = sum(len(v[1]) for v in SWEEPS.values())
+    step = 0
+    for sweep, (label, points, x_of) in SWEEPS.items():
+        xs, res = [], {"fused": ([], []), "reference": ([], [])}
+        for params in points:
+            step += 1
+            shape, p = shape_of(params)
+            print(f"[{step}/{total}] {sweep} {label}={x_of(p)}", file=sys.stderr, flush=True)
+            common.SHAPES["sweep"] = shape
+            s, t, y, K = common.make_inputs(shape)
+            s.requires_grad_()
+            fns = [common.loss_fn(f, s, t, y, K, True)
+                   for f in (idd_ops.inter_class_distance_loss, reference.inter_class_distance_loss)]
+            times = common.time_interleaved(fns, repeat=args.repeat, settle_s=0.2)
+            mems = [peak.measure_shape(shape, impl) / 2**20 for impl in ("fused", "reference")]
+            xs.append(x_of(p))
+            for impl, tm, mb in zip(("fused", "reference"), times, mems):
+                res[impl][0].append(tm)
+                res[impl][1].append(mb)
+            lines.append(f"| {sweep} | {x_of(p)} | {times[0]:.1f} | {times[1]:.1f} | {times[1] / times[0]:.1f}x | "
+                         f"{mems[0]:.0f} | {mems[1]:.0f} |")
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for impl, style in (("fused", "o-"), ("reference", "s--")):
+            axes[0].loglog(xs, res[impl][0], style, label=impl)
+            axes[1].loglog(xs, [max(m, 0.1) for m in res[impl][1]], style, label=impl)
+        for ax, ylab in zip(axes, ("time per forward+backward (ms)", "peak extra memory (MiB)")):
+            ax.set_xlabel(label)
+            ax.set_ylabel(ylab)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"IDD loss scaling with {label}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, f"sweep_{sweep}.png"), dpi=100)
+        plt.close(fig)
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "sweep.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""A drop-in helper that adds IDD (and PID, pixel KD, the baselines) to an existing training loop."""
+import torch
+from torch import nn
+
+from . import baselines
+from .functional import inter_class_distance_loss
+
+
+class FeatureHook:
+    """Keeps the output of one named submodule of a model on every forward."""
+
+    def __init__(self, model, name):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as e:
+            names = [n for n, _ in model.named_modules() if n]
+            raise ValueError(f"layer {name!r} not found; named modules are e.g. {names[:12]}") from e
+        self.output = None
+        self.handle = module.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output):
+        self.output = output
+
+    def pop(self):
+        out, self.output = self.output, None
+        if out is None:
+            raise RuntimeError("the hooked layer did not run in the last forward")
+        return out
+
+    def remove(self):
+        self.handle.remove()
+
+
+class Distiller(nn.Module):
+    """Teacher -> student distillation around two existing models.
+
+    Forward hooks capture the features of ``student_layer`` and ``teacher_layer``; the teacher
+    runs in eval mode under ``torch.no_grad()``. Calling the distiller runs both models and
+    returns the student's output and a dict of weighted losses (``"total"`` is their sum); add
+    your own task loss (e.g. cross-entropy) to ``losses["total"]``.
+
+    Args:
+        teacher, student: ``nn.Module``s mapping images to logits ``[B, K, h, w]``.
+        student_layer, teacher_layer: names (as in ``named_modules()``) of the layers whose
+            ``[B, C, H, W]`` outputs feed IDD, PID, SKD and IFVD.
+        num_classes: K. ignore_index: Default 255.
+        weights: loss name -> weight; names: ``"idd"``, ``"pid"``, ``"kd"`` (pixel KD on
+            logits), ``"skd"``, ``"ifvd"``, ``"cwd"``. Default: ``{"idd": 1.0}``. A weight of 0
+            skips that loss.
+        pid: a :class:`~idd_ops.nn.PositionDistillationLoss` (needed when ``"pid"`` is weighted).
+        idd_options: extra keyword arguments for :func:`idd_ops.inter_class_distance_loss`.
+        kd_temperature: Default 1.0. cwd: a :class:`~idd_ops.nn.ChannelWiseDistillationLoss`
+            (needed when ``"cwd"`` is weighted).
+
+    Example::
+
+        distiller = idd_ops.Distiller(teacher, student, "head.bottleneck", "head.bottleneck", 19,
+                                      weights={"idd": 1.0, "kd": 10.0})
+        logits, losses = distiller(images, labels)
+        loss = F.cross_entropy(logits, labels, ignore_index=255) + losses["total"]
+    """
+
+    LOSSES = ("idd", "pid", "kd", "skd", "ifvd", "cwd")
+
+    def __init__(self, teacher, student, student_layer, teacher_layer, num_classes, ignore_index=255, weights=None,
+                 pid=None, idd_options=None, kd_temperature=1.0, cwd=None):
+        super().__init__()
+        weights = dict(weights or {"idd": 1.0})
+        unknown = set(weights) - set(self.LOSSES)
+        if unknown:
+            raise ValueError(f"weights: unknown losses {sorted(unknown)}; expected any of {self.LOSSES}")
+        if weights.get("pid") and pid is None:
+            raise ValueError("pid: a PositionDistillationLoss is needed when weights['pid'] is set")
+        if weights.get("cwd") and cwd is None:
+            raise ValueError("cwd: a ChannelWiseDistillationLoss is needed when weights['cwd'] is set")
+        self.teacher, self.student, self.pid, self.cwd = teacher, student, pid, cwd
+        self.teacher.requires_grad_(False)
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.weights = {k: float(w) for k, w in weights.items() if w}
+        self.idd_options = dict(idd_options or {})
+        self.kd_temperature = kd_temperature
+        self._hooks = (FeatureHook(student, student_layer), FeatureHook(teacher, teacher_layer))
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher stays in inference mode (BatchNorm statistics frozen)
+        return self
+
+    def forward(self, images, labels):
+        logits_s = self.student(images)
+        with torch.no_grad():
+            logits_t = self.teacher(images)
+        fs, ft = self._hooks[0].pop(), self._hooks[1].pop()
+        losses = {}
+        for name, w in self.weights.items():
+            losses[name] = w * self._loss(name, fs, ft, logits_s, logits_t, labels)
+        total = sum(losses.values()) if losses else logits_s.new_zeros(())
+        losses["total"] = total
+        return logits_s, losses
+
+    def _loss(self, name, fs, ft, logits_s, logits_t, labels):
+        K, ign = self.num_classes, self.ignore_index
+        if name == "idd":
+            return inter_class_distance_loss(fs, ft, labels, K, ign, **self.idd_options)
+        if name == "pid":
+            return self.pid(fs, ft)
+        if name == "kd":
+            if logits_t.shape[-2:] != logits_s.shape[-2:]:
+                logits_t = nn.functional.interpolate(logits_t, size=logits_s.shape[-2:], mode="bilinear",
+                                                     align_corners=False)
+            return baselines.pixel_kd_loss(logits_s, logits_t, self.kd_temperature, ign, labels)
+        if name == "skd":
+            return baselines.structural_kd_loss(fs, ft)
+        if name == "ifvd":
+            return baselines.intra_class_variation_loss(fs, ft, labels, K, ign)
+        return self.cwd(fs, ft)
+
+    def remove_hooks(self):
+        for h in self._hooks:
+            h.remove()

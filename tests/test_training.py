@@ -1,0 +1,151 @@
+"""What training at scale needs: autocast, batch-level and distributed centroids, determinism,
+dynamic shapes under torch.compile, and the drop-in Distiller."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import idd_ops
+from idd_ops import reference
+from conftest import make_feats, make_labels
+
+LOSSES = {  # name -> (fused call, reference call) on (student, teacher, labels)
+    "idd": lambda m, s, t, y: m.inter_class_distance_loss(s, t, y, 4, normalize="mean"),
+    "pixel_kd": lambda m, s, t, y: m.pixel_kd_loss(s, t, 2.0, ignore_index=255, labels=y),
+    "cwd": lambda m, s, t, y: m.channel_wise_distillation_loss(s, t),
+    "skd": lambda m, s, t, y: m.structural_kd_loss(s, t),
+    "ifvd": lambda m, s, t, y: m.intra_class_variation_loss(s, t, y, 4),
+    "position": lambda m, s, t, y: m.position_encoding_loss(s[:, :3], ["horizontal", "vertical", "gaussian"]),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_cpu_autocast_bfloat16(name):
+    """Under CPU autocast a conv gives bfloat16 features; every loss accepts them, accumulates in
+    float32 and returns float32, close to the float32 reference on the same features."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, padding=1)
+    x = torch.randn(2, 3, 12, 10)
+    t = make_feats(2, 6, 12, 10, dtype=torch.float32, seed=2)
+    y = make_labels(2, 24, 20, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = conv(x)
+        assert s.dtype == torch.bfloat16
+        loss = LOSSES[name](idd_ops, s, t.to(torch.bfloat16), y)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+    want = LOSSES[name](reference, s.float().detach(), t.to(torch.bfloat16).float(), y)
+    torch.testing.assert_close(loss.detach(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_bitwise_deterministic(name):
+    s = make_feats(2, 6, 16, 12, dtype=torch.float32, seed=1).requires_grad_()
+    t = make_feats(2, 6, 16, 12, dtype=torch.float32, seed=2)
+    y = make_labels(2, 32, 24, 4)
+    results = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(3):
+            s.grad = None
+            loss = LOSSES[name](idd_ops, s, t, y)
+            loss.backward()
+            results.append((loss.detach().clone(), s.grad.clone()))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_compile_dynamic_shapes(name):
+    torch._dynamo.reset()
+    fn = torch.compile(lambda s, t, y: LOSSES[name](idd_ops, s, t, y), fullgraph=True, dynamic=True)
+    for H, W in ((8, 12), (10, 14)):
+        s = make_feats(2, 6, H, W, dtype=torch.float32, seed=1)
+        t = make_feats(2, 6, H, W, dtype=torch.float32, seed=2)
+        y = make_labels(2, 2 * H, 2 * W, 4)
+        torch.testing.assert_close(fn(s, t, y), LOSSES[name](idd_ops, s, t, y))
+
+
+def test_batch_centroids_match_reference_on_pooled_batch():
+    s = make_feats(3, 4, 8, 8, seed=1).requires_grad_()
+    t = make_feats(3, 6, 8, 8, seed=2)
+    y = make_labels(3, 16, 16, 5)
+    loss = idd_ops.inter_class_distance_loss(s, t, y, 5, centroids="batch")
+    # the same loss with the batch laid side by side as one wide image
+    wide = lambda x: torch.cat(list(x), dim=-1)[None]  # noqa: E731
+    want = reference.inter_class_distance_loss(wide(s), wide(t), wide(y), 5)
+    torch.testing.assert_close(loss, want)
+    with pytest.raises(ValueError, match="process_group"):
+        idd_ops.inter_class_distance_loss(s, t, y, 5, process_group=object())
+
+
+def _ddp_worker(rank, world, port, path):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    s = make_feats(4, 4, 8, 8, seed=1)[2 * rank: 2 * rank + 2].clone().requires_grad_()
+    t = make_feats(4, 6, 8, 8, seed=2)[2 * rank: 2 * rank + 2]
+    y = make_labels(4, 16, 16, 5)[2 * rank: 2 * rank + 2]
+    loss = idd_ops.inter_class_distance_loss(s, t, y, 5, centroids="batch", process_group=dist.group.WORLD)
+    loss.backward()
+    # DistributedDataParallel averages gradients over ranks; do the same for the features
+    torch.save({"loss": loss.detach(), "grad": s.grad / world}, f"{path}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_distributed_centroids_equal_single_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    s = make_feats(4, 4, 8, 8, seed=1).requires_grad_()
+    loss = idd_ops.inter_class_distance_loss(s, make_feats(4, 6, 8, 8, seed=2), make_labels(4, 16, 16, 5), 5,
+                                             centroids="batch")
+    loss.backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got["loss"], loss.detach())
+        torch.testing.assert_close(got["grad"], s.grad[2 * rank: 2 * rank + 2])
+
+
+class TinySegNet(nn.Module):
+    def __init__(self, width, classes=4):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.head = nn.Conv2d(width, classes, 1)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def test_distiller_adds_losses_and_trains_only_the_student():
+    torch.manual_seed(0)
+    teacher, student = TinySegNet(16), TinySegNet(8)
+    readout = idd_ops.nn.PositionEncodingModule(16, ["horizontal", "vertical"], hidden=8)
+    pid = idd_ops.nn.PositionDistillationLoss(readout, student_channels=8, teacher_channels=16)
+    d = idd_ops.Distiller(teacher, student, "backbone", "backbone", num_classes=4,
+                          weights={"idd": 1.0, "kd": 10.0, "pid": 0.5, "ifvd": 1.0, "skd": 1.0}, pid=pid)
+    d.train()
+    assert not teacher.training and student.training
+    x, y = torch.randn(2, 3, 16, 16), make_labels(2, 16, 16, 4)
+    logits, losses = d(x, y)
+    assert set(losses) == {"idd", "kd", "pid", "ifvd", "skd", "total"}
+    loss = F.cross_entropy(F.interpolate(logits, size=(16, 16)), y, ignore_index=255) + losses["total"]
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    assert pid.adapter.weight.grad is not None
+    with pytest.raises(ValueError, match="not found"):
+        idd_ops.Distiller(teacher, student, "nope", "backbone", 4)
+    with pytest.raises(ValueError, match="pid"):
+        idd_ops.Distiller(teacher, student, "backbone", "backbone", 4, weights={"pid": 1.0})
