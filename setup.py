@@ -4,9 +4,12 @@ Torch must already be installed; install with `pip install --no-build-isolation 
 pip does not fetch a second (multi-GB) torch into an isolated build environment.
   FORCE_CUDA=1      build the CUDA kernels even where torch/CUDA detection says no
   FORCE_ONLY_CPU=1  never build them
+  IDD_OPS_PORTABLE=1  compile the CPU kernels for baseline x86-64 (SSE2) even where the
+                      building machine has AVX2/FMA (use it when building for other machines)
 """
 import glob
 import os
+import platform
 
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -23,6 +26,19 @@ def want_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def host_simd_flags():
+    """AVX2 + FMA when the building x86-64 machine has them: a source build runs where it is
+    built, and the exp-bound kernels (pixel KD, CWD) run about twice as fast with 8-wide vectors."""
+    if os.environ.get("IDD_OPS_PORTABLE", "0") == "1" or platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
+
+
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
                      + glob.glob(os.path.join("csrc", "composite", "*.cpp")))
@@ -30,8 +46,9 @@ def extension():
     # extension's own flags it compiles to a serial loop.
     # -fno-trapping-math: lets the compiler if-convert the branch-free exp's clamps and
     # vectorise its loops (no result changes; FP exception flags are never read).
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"] + host_simd_flags()
     link = ["-fopenmp"]
+    print(f"idd_ops: C++ flags {' '.join(cxx)}")
     if want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         print(f"idd_ops: building CPU and CUDA kernels ({len(sources)} sources)")
