@@ -20,6 +20,20 @@ inline void check_feats_labels(const at::Tensor& feats, const at::Tensor& labels
                     " but feats on ", feats.device());
 }
 
+// softmax_kl: two [outer, length, inner] tensors of one shape and a positive temperature.
+inline void check_kl_inputs(const at::Tensor& s, const at::Tensor& t, double temperature) {
+  TORCH_CHECK_VALUE(s.dim() == 3 && s.sizes() == t.sizes(), "student: expected [outer, length, inner] shaped like ",
+                    "teacher, got ", s.sizes(), " and ", t.sizes());
+  TORCH_CHECK_VALUE(temperature > 0, "temperature: expected > 0, got ", temperature);
+}
+
+// position_encoding_loss: pred [B, M, H, W] with one (kind, param) per map.
+inline void check_position_maps(const at::Tensor& pred, at::IntArrayRef kinds, at::ArrayRef<double> params) {
+  TORCH_CHECK_VALUE(pred.dim() == 4, "pred: expected a 4-D [B, M, H, W] tensor, got ", pred.dim(), "-D");
+  TORCH_CHECK_VALUE(pred.size(1) == static_cast<int64_t>(kinds.size()) && kinds.size() == params.size(),
+                    "pred: ", pred.size(1), " maps but ", kinds.size(), " map kinds");
+}
+
 // The accumulation dtype of a feature dtype: float for half/bfloat16/float, double for double.
 inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

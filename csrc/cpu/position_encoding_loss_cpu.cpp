@@ -7,6 +7,7 @@
 
 #include <vector>
 
+#include "../common/checks.h"
 #include "../common/enums.h"
 #include "../common/position.h"
 
@@ -20,12 +21,6 @@ void factor_tables(int64_t kind, double param, int64_t H, int64_t W, std::vector
   colf.resize(W);
   for (int64_t y = 0; y < H; ++y) rowf[y] = position_factor<acc_t>(kind, static_cast<acc_t>(param), 0, y, H);
   for (int64_t x = 0; x < W; ++x) colf[x] = position_factor<acc_t>(kind, static_cast<acc_t>(param), 1, x, W);
-}
-
-void check_maps(const at::Tensor& pred, at::IntArrayRef kinds, at::ArrayRef<double> params) {
-  TORCH_CHECK_VALUE(pred.dim() == 4, "pred: expected a 4-D [B, M, H, W] tensor, got ", pred.dim(), "-D");
-  TORCH_CHECK_VALUE(pred.size(1) == static_cast<int64_t>(kinds.size()) && kinds.size() == params.size(),
-                    "pred: ", pred.size(1), " maps but ", kinds.size(), " map kinds");
 }
 
 // Calls body(b, m, plane_offset, rowf, colf) for every (image, map) plane in parallel.
@@ -45,7 +40,7 @@ void for_each_plane(const at::Tensor& pred, at::IntArrayRef kinds, at::ArrayRef<
 
 at::Tensor position_encoding_loss_kernel(const at::Tensor& pred_in, at::IntArrayRef kinds, at::ArrayRef<double> params,
                                          c10::string_view reduction) {
-  check_maps(pred_in, kinds, params);
+  check_position_maps(pred_in, kinds, params);
   const Reduction red = parse_reduction(std::string(reduction));
   const at::Tensor pred = pred_in.contiguous();
   const int64_t B = pred.size(0), M = pred.size(1), H = pred.size(2), W = pred.size(3);
@@ -83,7 +78,7 @@ at::Tensor position_encoding_loss_kernel(const at::Tensor& pred_in, at::IntArray
 at::Tensor position_encoding_loss_backward_kernel(const at::Tensor& grad_in, const at::Tensor& pred_in,
                                                   at::IntArrayRef kinds, at::ArrayRef<double> params,
                                                   c10::string_view reduction) {
-  check_maps(pred_in, kinds, params);
+  check_position_maps(pred_in, kinds, params);
   const Reduction red = parse_reduction(std::string(reduction));
   const at::Tensor pred = pred_in.contiguous();
   const int64_t H = pred.size(2), W = pred.size(3);

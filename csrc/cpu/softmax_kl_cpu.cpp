@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "../common/checks.h"
 #include "../common/softmax_kl.h"
 
 namespace idd_ops {
@@ -143,12 +144,6 @@ void for_each_group(const scalar_t* s, const scalar_t* t, int64_t outer, int64_t
       body(o, i0, n, st);
     }
   });
-}
-
-void check_kl_inputs(const at::Tensor& s, const at::Tensor& t, double temperature) {
-  TORCH_CHECK_VALUE(s.dim() == 3 && s.sizes() == t.sizes(), "student: expected [outer, length, inner] shaped like ",
-                    "teacher, got ", s.sizes(), " and ", t.sizes());
-  TORCH_CHECK_VALUE(temperature > 0, "temperature: expected > 0, got ", temperature);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_kernel(const at::Tensor& student, const at::Tensor& teacher,

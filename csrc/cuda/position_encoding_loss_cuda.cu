@@ -2,6 +2,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include "../common/checks.h"
 #include "../common/enums.h"
 #include "../common/position.h"
 #include "cuda_utils.cuh"
@@ -59,9 +60,7 @@ __global__ void position_loss_backward_kernel_impl(const scalar_t* __restrict__ 
 }
 
 MapSpecs map_specs(const at::Tensor& pred, at::IntArrayRef kinds, at::ArrayRef<double> params) {
-  TORCH_CHECK_VALUE(pred.dim() == 4, "pred: expected a 4-D [B, M, H, W] tensor, got ", pred.dim(), "-D");
-  TORCH_CHECK_VALUE(pred.size(1) == static_cast<int64_t>(kinds.size()) && kinds.size() == params.size(),
-                    "pred: ", pred.size(1), " maps but ", kinds.size(), " map kinds");
+  check_position_maps(pred, kinds, params);
   TORCH_CHECK_VALUE(kinds.size() <= static_cast<size_t>(kMaxMaps), "kinds: at most ", kMaxMaps,
                     " maps on CUDA, got ", kinds.size());
   MapSpecs s{};

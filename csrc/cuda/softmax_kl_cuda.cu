@@ -4,6 +4,7 @@
 
 #include <limits>
 
+#include "../common/checks.h"
 #include "../common/softmax_kl.h"
 #include "cuda_utils.cuh"
 
@@ -82,12 +83,6 @@ __global__ void softmax_kl_backward_kernel_impl(const at::opmath_type<scalar_t>*
     const acc_t pt = vec_exp(static_cast<acc_t>(t[e]) * inv_T - lse_t[k]);
     out[e] = static_cast<scalar_t>(grad[k] * inv_T * (ps - pt));
   }
-}
-
-void check_kl_inputs(const at::Tensor& s, const at::Tensor& t, double temperature) {
-  TORCH_CHECK_VALUE(s.dim() == 3 && s.sizes() == t.sizes(), "student: expected [outer, length, inner] shaped like ",
-                    "teacher, got ", s.sizes(), " and ", t.sizes());
-  TORCH_CHECK_VALUE(temperature > 0, "temperature: expected > 0, got ", temperature);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_kernel(const at::Tensor& student, const at::Tensor& teacher,

@@ -1,0 +1,253 @@
+"""The distillation experiment: train a teacher, then students under each loss configuration
+and several seeds, evaluate mIoU, probe position information, and measure the teacher-student
+gap in inter-class distances. Every long loop shows progress; finished runs are cached in the
+output folder, so an interrupted experiment resumes where it stopped."""
+import dataclasses
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import idd_ops
+from idd_ops import reference
+from idd_ops.distiller import FeatureHook
+
+from .metrics import confusion_matrix, iou_per_class, mean_iou
+from .models import FEATURE_LAYER, make_student, make_teacher
+from .progress import Progress
+from .scenes import CLASSES, IGNORE_INDEX, StreetScenes
+
+POSITION_KINDS = ("horizontal", "vertical", "gaussian", "horizontal_stripes", "vertical_stripes")
+# configuration -> loss weights (METHOD.md section 6: CE + 10 * pixel KD + l_idd * IDD + l_pid * PID)
+CONFIGS = {
+    "ce": {},
+    "ce+kd": {"kd": 10.0},
+    "ce+idd": {"idd": 1.0},
+    "ce+pid": {"pid": 1.0},
+    "ce+kd+idd+pid": {"kd": 10.0, "idd": 1.0, "pid": 1.0},
+    "ce+skd": {"skd": 1.0},
+    "ce+ifvd": {"ifvd": 1.0},
+    "ce+cwd": {"cwd": 1.0},
+}
+
+
+@dataclasses.dataclass
+class Preset:
+    size: tuple = (128, 256)
+    train_images: int = 2000
+    val_images: int = 200
+    batch: int = 8
+    teacher_steps: int = 3000
+    student_steps: int = 1500
+    seeds: tuple = (0, 1, 2)
+    configs: tuple = tuple(CONFIGS)
+    lr: float = 2e-3
+    probe_steps: int = 300
+    idd_normalize: str = "mean"
+
+
+PRESETS = {
+    # about 6-9 minutes on a 2-core CPU
+    "quick": Preset(size=(64, 128), train_images=320, val_images=64, teacher_steps=300, student_steps=120,
+                    seeds=(0, 1), configs=("ce", "ce+kd", "ce+idd", "ce+pid", "ce+kd+idd+pid"), probe_steps=100),
+    # for a GPU or a long CPU run
+    "full": Preset(),
+}
+
+
+def batches(data, batch, steps, seed, device):
+    """`steps` random batches (with replacement across epochs), deterministic by seed."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(len(data), generator=g) for _ in range(steps * batch // len(data) + 1)])
+    for s in range(steps):
+        idx = order[s * batch:(s + 1) * batch]
+        yield data.images[idx].to(device).float() / 255, data.labels[idx].to(device).long()
+
+
+def seg_loss(logits, labels):
+    up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX)
+
+
+def poly_lr(opt, base, step, total):
+    for group in opt.param_groups:
+        group["lr"] = base * (1 - step / total) ** 0.9
+
+
+def train_teacher(preset, train, device, seed=0):
+    torch.manual_seed(seed)
+    model = make_teacher(len(CLASSES)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=preset.lr)
+    bar, curve = Progress(preset.teacher_steps, "teacher"), []
+    model.train()
+    for step, (x, y) in enumerate(batches(train, preset.batch, preset.teacher_steps, seed, device)):
+        poly_lr(opt, preset.lr, step, preset.teacher_steps)
+        loss = seg_loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        curve.append(loss.item())
+        bar.update(loss=curve[-1])
+    return model.eval(), curve
+
+
+class Losses:
+    """The distillation losses of one configuration, computed by `lib` (idd_ops, or
+    idd_ops.reference for the timing comparison)."""
+
+    def __init__(self, weights, readout, student_ch, teacher_ch, device, preset, lib=idd_ops):
+        self.weights, self.lib, self.preset = weights, lib, preset
+        self.pid = (idd_ops.nn.PositionDistillationLoss(readout, student_ch, teacher_ch).to(device)
+                    if "pid" in weights else None)
+        self.cwd = idd_ops.nn.ChannelWiseDistillationLoss(student_ch, teacher_ch).to(device) if "cwd" in weights else None
+
+    def parameters(self):
+        return [p for m in (self.pid, self.cwd) if m is not None for p in m.parameters() if p.requires_grad]
+
+    def __call__(self, fs, ft, logits_s, logits_t, labels):
+        lib, K, out = self.lib, len(CLASSES), {}
+        for name, w in self.weights.items():
+            if name == "kd":
+                val = lib.pixel_kd_loss(logits_s, logits_t, 1.0, IGNORE_INDEX, labels)
+            elif name == "idd":
+                val = lib.inter_class_distance_loss(fs, ft, labels, K, IGNORE_INDEX, normalize=self.preset.idd_normalize)
+            elif name == "pid":
+                val = self.pid(fs, ft)
+            elif name == "skd":
+                val = lib.structural_kd_loss(fs, ft)
+            elif name == "ifvd":
+                val = lib.intra_class_variation_loss(fs, ft, labels, K, IGNORE_INDEX)
+            else:
+                val = self.cwd(fs, ft)
+            out[name] = w * val
+        return out
+
+
+def train_student(preset, config, seed, train, teacher, readout, device, lib=idd_ops, steps=None):
+    """Returns (student, curves: {loss name: [values]}, seconds per step)."""
+    torch.manual_seed(seed)
+    student = make_student(len(CLASSES)).to(device)
+    hooks = FeatureHook(student, FEATURE_LAYER), FeatureHook(teacher, FEATURE_LAYER)
+    losses = Losses(CONFIGS[config], readout, student.feature_channels, teacher.feature_channels, device, preset, lib)
+    opt = torch.optim.Adam(list(student.parameters()) + losses.parameters(), lr=preset.lr)
+    steps = steps or preset.student_steps
+    curves, bar = {}, Progress(steps, f"{config} seed {seed}")
+    student.train()
+    start = time.perf_counter()
+    for step, (x, y) in enumerate(batches(train, preset.batch, steps, 1000 + seed, device)):
+        poly_lr(opt, preset.lr, step, steps)
+        logits_s = student(x)
+        with torch.no_grad():
+            logits_t = teacher(x)
+        parts = {"ce": seg_loss(logits_s, y)}
+        parts.update(losses(hooks[0].pop(), hooks[1].pop(), logits_s, logits_t, y))
+        total = sum(parts.values())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        for k, v in parts.items():
+            curves.setdefault(k, []).append(v.item())
+        bar.update(loss=total.item())
+    seconds = (time.perf_counter() - start) / steps
+    for h in hooks:
+        h.remove()
+    return student.eval(), curves, seconds
+
+
+@torch.no_grad()
+def evaluate(model, val, device, batch=16):
+    conf = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.long)
+    for i in range(0, len(val), batch):
+        x = val.images[i:i + batch].to(device).float() / 255
+        y = val.labels[i:i + batch].long()
+        logits = F.interpolate(model(x), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        conf += confusion_matrix(logits.argmax(1).cpu(), y, len(CLASSES), IGNORE_INDEX)
+    return mean_iou(conf), iou_per_class(conf).tolist()
+
+
+def feature_fn(model):
+    hook = FeatureHook(model, FEATURE_LAYER)
+
+    def run(x):
+        model(x)
+        return hook.pop()
+    return run, hook
+
+
+def probe(model, val, device, preset):
+    """Position information of a network: the probe's final error on its frozen features."""
+    fn, hook = feature_fn(model.eval())
+    xs = [val.images[i:i + preset.batch].to(device).float() / 255 for i in range(0, len(val), preset.batch)]
+    readout, err = idd_ops.probe_position_information(fn, xs, POSITION_KINDS, steps=preset.probe_steps, hidden=32)
+    hook.remove()
+    return readout, err
+
+
+@torch.no_grad()
+def distance_gap(student, teacher, val, device, preset):
+    """Mean IDD loss (normalised distances) between a student and the teacher over the val set."""
+    fs_fn, hs = feature_fn(student)
+    ft_fn, ht = feature_fn(teacher)
+    total, n = 0.0, 0
+    for i in range(0, len(val), preset.batch):
+        x = val.images[i:i + preset.batch].to(device).float() / 255
+        y = val.labels[i:i + preset.batch].to(device).long()
+        total += idd_ops.inter_class_distance_loss(fs_fn(x), ft_fn(x), y, len(CLASSES), IGNORE_INDEX,
+                                                   normalize="mean").item()
+        n += 1
+    hs.remove(), ht.remove()
+    return total / max(n, 1)
+
+
+def step_time(preset, config, train, teacher, readout, device, steps=10):
+    """Seconds per student training step with fused losses and with the reference losses."""
+    return {name: train_student(preset, config, 0, train, teacher, readout, device, lib, steps=steps)[2]
+            for name, lib in (("fused", idd_ops), ("reference", reference))}
+
+
+def run_experiment(preset, out, device="cpu"):
+    """Runs everything and writes `out`/results.json (and checkpoints); returns the results dict."""
+    os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    t0 = time.perf_counter()
+    bars = Progress(preset.train_images, "train set"), Progress(preset.val_images, "val set")
+    train = StreetScenes(preset.train_images, seed=1, size=preset.size, progress=lambda done, total: bars[0].update())
+    val = StreetScenes(preset.val_images, seed=2, size=preset.size, progress=lambda done, total: bars[1].update())
+    teacher_path = os.path.join(out, "teacher.pt")
+    teacher = make_teacher(len(CLASSES)).to(device)
+    if os.path.exists(teacher_path):
+        state = torch.load(teacher_path, map_location=device)
+        teacher.load_state_dict(state["model"])
+        teacher_curve = state["curve"]
+        teacher.eval()
+    else:
+        teacher, teacher_curve = train_teacher(preset, train, device)
+        torch.save({"model": teacher.state_dict(), "curve": teacher_curve}, teacher_path)
+    teacher.requires_grad_(False)
+    results = {"preset": dataclasses.asdict(preset), "device": str(device), "classes": CLASSES}
+    results["teacher"] = dict(zip(("miou", "iou"), evaluate(teacher, val, device)))
+    readout, results["teacher"]["position_error"] = probe(teacher, val, device, preset)
+    results["teacher"]["curve"] = teacher_curve
+    runs = {}
+    for config in preset.configs:
+        for seed in preset.seeds:
+            path = os.path.join(out, "runs", f"{config}_seed{seed}.pt")
+            if os.path.exists(path):
+                runs[(config, seed)] = torch.load(path, map_location=device)
+                continue
+            student, curves, sec = train_student(preset, config, seed, train, teacher, readout, device)
+            miou, iou = evaluate(student, val, device)
+            run = dict(miou=miou, iou=iou, curves=curves, seconds_per_step=sec,
+                       distance_gap=distance_gap(student, teacher, val, device, preset), model=student.state_dict())
+            if seed == preset.seeds[0] and config in ("ce", "ce+kd+idd+pid"):
+                run["position_error"] = probe(student, val, device, preset)[1]
+            torch.save(run, path)
+            runs[(config, seed)] = run
+    results["runs"] = {f"{c}|{s}": {k: v for k, v in r.items() if k != "model"} for (c, s), r in runs.items()}
+    if "ce+kd+idd+pid" in preset.configs:
+        results["step_time"] = step_time(preset, "ce+kd+idd+pid", train, teacher, readout, device)
+    results["seconds"] = time.perf_counter() - t0
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results, teacher, runs, val
