@@ -116,7 +116,7 @@ register_autograd("idd_ops::idd_loss", _idd_backward, setup_context=_idd_setup)
 def _(pred, kinds, params, reduction):
     if reduction == "none":
         return torch.empty_like(pred, memory_format=torch.contiguous_format)
-    return pred.new_empty(())
+    return pred.new_empty((), dtype=acc_dtype(pred.dtype))
 
 
 @register_fake("idd_ops::_position_encoding_loss_backward")
@@ -152,13 +152,20 @@ def _(grad, student, teacher, lse_student, lse_teacher, temperature):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
+def _teacher_is_constant(ctx, op):
+    if ctx.needs_input_grad[1]:
+        raise RuntimeError(f"idd_ops::{op}: the teacher input is a constant and gets no gradient; detach it")
+
+
 def _kl_setup(ctx, inputs, output):
     student, teacher, temperature = inputs
     ctx.save_for_backward(student, teacher, output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
     ctx.temperature = temperature
 
 
 def _kl_backward(ctx, grad, _grad_lse_s, _grad_lse_t):
+    _teacher_is_constant(ctx, "softmax_kl")
     student, teacher, lse_s, lse_t = ctx.saved_tensors
     return ops._softmax_kl_backward(grad, student, teacher, lse_s, lse_t, ctx.temperature), None, None
 
@@ -184,9 +191,11 @@ def _(grad, student, teacher, gram_ss, gram_st):
 
 def _affinity_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], inputs[1], output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _affinity_backward(ctx, grad, _g_ss, _g_st):
+    _teacher_is_constant(ctx, "affinity_loss")
     fs, ft, gss, gst = ctx.saved_tensors
     return ops._affinity_loss_backward(grad, fs, ft, gss, gst), None
 
@@ -213,6 +222,7 @@ def _(grad, feats, centroids, labels, cos, feat_norms, ignore_index, eps):
 def _cosine_setup(ctx, inputs, output):
     feats, centroids, labels, ignore_index, eps = inputs
     ctx.save_for_backward(feats, centroids, labels, output[0], output[1])
+    ctx.mark_non_differentiable(output[1])
     ctx.options = (ignore_index, eps)
 
 

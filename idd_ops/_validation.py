@@ -31,12 +31,12 @@ def check_labels(labels, feats_name, feats):
         raise ValueError(f"labels: spatial size {tuple(labels.shape[1:])} is empty but {feats_name}'s is not")
 
 
-def check_pair(student_feats, teacher_feats):
-    if teacher_feats.shape[0] != student_feats.shape[0]:
-        raise ValueError(
-            f"teacher_feats: batch size {teacher_feats.shape[0]} differs from student_feats' {student_feats.shape[0]}")
-    if teacher_feats.device != student_feats.device:
-        raise ValueError(f"teacher_feats: on {teacher_feats.device} but student_feats on {student_feats.device}")
+def check_pair(student, teacher, names=("student_feats", "teacher_feats")):
+    s, t = names
+    if teacher.shape[0] != student.shape[0]:
+        raise ValueError(f"{t}: batch size {teacher.shape[0]} differs from {s}' {student.shape[0]}")
+    if teacher.device != student.device:
+        raise ValueError(f"{t}: on {teacher.device} but {s} on {student.device}")
 
 
 def check_num_classes(num_classes, ignore_index):

@@ -47,6 +47,7 @@ def pixel_kd_loss(student_logits, teacher_logits, temperature=1.0, ignore_index=
     """
     v.check_features("student_logits", student_logits)
     v.check_features("teacher_logits", teacher_logits)
+    v.check_pair(student_logits, teacher_logits, ("student_logits", "teacher_logits"))
     _same_shape("student_logits", student_logits, "teacher_logits", teacher_logits,
                 "pixel KD compares class distributions pixel by pixel: resize the teacher's logits to the "
                 "student's size first (both must have K classes)")
@@ -74,6 +75,7 @@ def channel_wise_distillation_loss(student_feats, teacher_feats, temperature=4.0
     """
     v.check_features("student_feats", student_feats)
     v.check_features("teacher_feats", teacher_feats)
+    v.check_pair(student_feats, teacher_feats)
     _same_shape("student_feats", student_feats, "teacher_feats", teacher_feats,
                 "CWD compares channel by channel: adapt the student's channels with a 1x1 conv "
                 "(idd_ops.nn.ChannelWiseDistillationLoss(student_channels, teacher_channels) has one) "

@@ -49,7 +49,8 @@ class Distiller(nn.Module):
             skips that loss.
         pid: a :class:`~idd_ops.nn.PositionDistillationLoss` (needed when ``"pid"`` is weighted).
         idd_options: extra keyword arguments for :func:`idd_ops.inter_class_distance_loss`.
-        kd_temperature: Default 1.0. cwd: a :class:`~idd_ops.nn.ChannelWiseDistillationLoss`
+        kd_temperature: Default 1.0. kd_ignore: leave ignored pixels out of pixel KD (default
+            False: all B*H*W pixels, the CIRKD convention that lambda_kd = 10 assumes). cwd: a :class:`~idd_ops.nn.ChannelWiseDistillationLoss`
             (needed when ``"cwd"`` is weighted).
 
     Example::
@@ -63,7 +64,7 @@ class Distiller(nn.Module):
     LOSSES = ("idd", "pid", "kd", "skd", "ifvd", "cwd")
 
     def __init__(self, teacher, student, student_layer, teacher_layer, num_classes, ignore_index=255, weights=None,
-                 pid=None, idd_options=None, kd_temperature=1.0, cwd=None):
+                 pid=None, idd_options=None, kd_temperature=1.0, cwd=None, kd_ignore=False):
         super().__init__()
         weights = dict(weights or {"idd": 1.0})
         unknown = set(weights) - set(self.LOSSES)
@@ -78,7 +79,7 @@ class Distiller(nn.Module):
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.weights = {k: float(w) for k, w in weights.items() if w}
         self.idd_options = dict(idd_options or {})
-        self.kd_temperature = kd_temperature
+        self.kd_temperature, self.kd_ignore = kd_temperature, kd_ignore
         self._hooks = (FeatureHook(student, student_layer), FeatureHook(teacher, teacher_layer))
 
     def train(self, mode=True):
@@ -108,7 +109,9 @@ class Distiller(nn.Module):
             if logits_t.shape[-2:] != logits_s.shape[-2:]:
                 logits_t = nn.functional.interpolate(logits_t, size=logits_s.shape[-2:], mode="bilinear",
                                                      align_corners=False)
-            return baselines.pixel_kd_loss(logits_s, logits_t, self.kd_temperature, ign, labels)
+            if self.kd_ignore:
+                return baselines.pixel_kd_loss(logits_s, logits_t, self.kd_temperature, ign, labels)
+            return baselines.pixel_kd_loss(logits_s, logits_t, self.kd_temperature)
         if name == "skd":
             return baselines.structural_kd_loss(fs, ft)
         if name == "ifvd":

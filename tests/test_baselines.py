@@ -137,3 +137,20 @@ def test_opcheck(device):
 def test_bad_input(call_, text):
     with pytest.raises((ValueError, TypeError), match=text):
         call_()
+
+
+def test_direct_ops_refuse_teacher_gradients():
+    s = torch.randn(2, 5, 7, requires_grad=True)
+    t = torch.randn(2, 5, 7, requires_grad=True)
+    with pytest.raises(RuntimeError, match="teacher input is a constant"):
+        torch.ops.idd_ops.softmax_kl(s, t, 1.0)[0].sum().backward()
+    with pytest.raises(RuntimeError, match="teacher input is a constant"):
+        torch.ops.idd_ops.affinity_loss(s, t)[0].backward()
+
+
+def test_pixel_kd_and_cwd_check_devices():
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="teacher_logits: on meta"):
+        idd_ops.pixel_kd_loss(x, x.to("meta"))
+    with pytest.raises(ValueError, match="teacher_feats: on meta"):
+        idd_ops.channel_wise_distillation_loss(x, x.to("meta"))

@@ -107,3 +107,11 @@ def test_opcheck(device):
     x = make_feats(2, 3, 5, 6, dtype=torch.float32, device=device).requires_grad_()
     y = make_labels(2, 10, 12, 4, device=device)
     torch.library.opcheck(torch.ops.idd_ops.class_centroids.default, (x, y, 4, 255))
+
+
+def test_counts_without_channels_and_unsigned_labels():
+    y = torch.tensor([[[0, 1], [1, 255]]], dtype=torch.uint16)
+    c, n = idd_ops.class_centroids(torch.zeros(1, 0, 2, 2), y, 2)
+    assert c.shape == (1, 2, 0) and n.tolist() == [[1, 2]]
+    with pytest.raises(ValueError, match="labels: value 7"):
+        idd_ops.class_centroids(torch.zeros(1, 0, 2, 2), torch.full((1, 2, 2), 7), 2)

@@ -127,3 +127,14 @@ def test_position_distillation_loss():
     out = target(fs)
     out.backward()
     assert out.item() > 0 and target.readout.layers[0].weight.grad is not None
+
+
+def test_half_sum_accumulates_in_float32():
+    """A float16 'sum' over many elements exceeds float16's range; the op keeps float32 until the
+    caller's cast, and under autocast the loss stays float32."""
+    p = torch.full((4, 1, 256, 256), 2.0, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = idd_ops.position_encoding_loss(p, ["horizontal"], reduction="sum")
+    assert loss.dtype == torch.float32
+    want = reference.position_encoding_loss(p.double(), ["horizontal"], reduction="sum")
+    torch.testing.assert_close(loss.double(), want, rtol=1e-2, atol=0)

@@ -18,6 +18,8 @@ inline void check_feats_labels(const at::Tensor& feats, const at::Tensor& labels
   TORCH_CHECK_VALUE(num_classes >= 1, "num_classes: expected >= 1, got ", num_classes);
   TORCH_CHECK_VALUE(feats.device() == labels.device(), "labels: on ", labels.device(),
                     " but feats on ", feats.device());
+  TORCH_CHECK_VALUE(feats.size(2) * feats.size(3) == 0 || labels.size(1) * labels.size(2) > 0,
+                    "labels: spatial size ", labels.sizes(), " is empty but feats' is not");
 }
 
 // softmax_kl: two [outer, length, inner] tensors of one shape and a positive temperature.
@@ -25,6 +27,7 @@ inline void check_kl_inputs(const at::Tensor& s, const at::Tensor& t, double tem
   TORCH_CHECK_VALUE(s.dim() == 3 && s.sizes() == t.sizes(), "student: expected [outer, length, inner] shaped like ",
                     "teacher, got ", s.sizes(), " and ", t.sizes());
   TORCH_CHECK_VALUE(temperature > 0, "temperature: expected > 0, got ", temperature);
+  TORCH_CHECK_VALUE(s.device() == t.device(), "teacher: on ", t.device(), " but student on ", s.device());
 }
 
 // position_encoding_loss: pred [B, M, H, W] with one (kind, param) per map.

@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_kernel(const at::Tensor& feat
   const auto acc = acc_dtype(feats.scalar_type());
   at::Tensor centroids = at::zeros({B, num_classes, C}, feats.options().dtype(acc));
   at::Tensor counts = at::zeros({B, num_classes}, feats.options().dtype(at::kLong));
-  if (B == 0 || C == 0) return {centroids, counts};
+  if (B == 0) return {centroids, counts};
 
   const auto runs = label_runs_per_image(labels, H, W, num_classes, ignore_index);
   int64_t* cnt = counts.data_ptr<int64_t>();

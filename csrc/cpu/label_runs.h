@@ -50,8 +50,12 @@ inline LabelRuns label_runs(const at::Tensor& labels, int64_t b, int64_t H, int6
 }
 
 // Runs of every image, built in parallel (one image per task).
-inline std::vector<LabelRuns> label_runs_per_image(const at::Tensor& labels, int64_t H, int64_t W,
+inline std::vector<LabelRuns> label_runs_per_image(const at::Tensor& labels_in, int64_t H, int64_t W,
                                                    int64_t num_classes, int64_t ignore_index) {
+  // uint16/32/64 are outside AT_DISPATCH_INTEGRAL_TYPES: widen those rare dtypes once
+  const auto t = labels_in.scalar_type();
+  const at::Tensor labels =
+      (t == at::kUInt16 || t == at::kUInt32 || t == at::kUInt64) ? labels_in.to(at::kLong) : labels_in;
   const int64_t B = labels.size(0);
   std::vector<LabelRuns> runs(B);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {

@@ -69,8 +69,8 @@ at::Tensor position_encoding_loss_kernel(const at::Tensor& pred_in, at::IntArray
   });
   if (red == Reduction::None) return out;
   const at::Tensor total = out.sum();
-  return (red == Reduction::Mean ? total / static_cast<double>(std::max<int64_t>(pred.numel(), 1)) : total)
-      .to(pred.scalar_type());
+  // mean/sum stay in the accumulation dtype: a half "sum" would overflow (the caller casts)
+  return red == Reduction::Mean ? total / static_cast<double>(std::max<int64_t>(pred.numel(), 1)) : total;
 }
 
 // d/d pred of the loss: grad * 2 (pred - G), divided by the element count for "mean";
@@ -82,16 +82,17 @@ at::Tensor position_encoding_loss_backward_kernel(const at::Tensor& grad_in, con
   const Reduction red = parse_reduction(std::string(reduction));
   const at::Tensor pred = pred_in.contiguous();
   const int64_t H = pred.size(2), W = pred.size(3);
-  const at::Tensor grad = (red == Reduction::None ? grad_in.expand_as(pred) : grad_in).to(pred.scalar_type()).contiguous();
+  const at::Tensor grad = (red == Reduction::None ? grad_in.expand_as(pred).to(pred.scalar_type())
+                                                  : grad_in.to(acc_dtype(pred.scalar_type()))).contiguous();
   at::Tensor out = at::empty_like(pred);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "position_encoding_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = pred.const_data_ptr<scalar_t>();
-    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const scalar_t* g = red == Reduction::None ? grad.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* o = out.data_ptr<scalar_t>();
     const acc_t scale = acc_t(2) / (red == Reduction::Mean ? static_cast<acc_t>(std::max<int64_t>(pred.numel(), 1)) : acc_t(1));
     // The scalar gradient is read once: reloading it beside the stores would stop vectorisation.
-    const acc_t g0 = red == Reduction::None ? acc_t(0) : static_cast<acc_t>(g[0]) * scale;
+    const acc_t g0 = red == Reduction::None ? acc_t(0) : grad.const_data_ptr<acc_t>()[0] * scale;
     for_each_plane<acc_t>(pred, kinds, params, [&](int64_t, int64_t off, const std::vector<acc_t>& rowf,
                                                      const std::vector<acc_t>& colf) {
       for (int64_t y = 0; y < H; ++y) {

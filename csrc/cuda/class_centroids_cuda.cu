@@ -1,5 +1,6 @@
 // Per-image class centroids of a feature map, forward and backward, on CUDA.
 #include <ATen/OpMathType.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include "../common/checks.h"
@@ -78,6 +79,19 @@ __global__ void class_centroids_backward_kernel_impl(const at::opmath_type<scala
 }
 
 
+// Per-class sums live in shared memory; past the default 48 KiB (about 1200 classes) a kernel
+// must opt in to more, up to what the GPU offers.
+template <typename Kernel>
+void allow_shared_memory(Kernel kernel, size_t bytes, int device, int64_t num_classes) {
+  constexpr size_t kDefault = 48 * 1024;
+  if (bytes <= kDefault) return;
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK_VALUE(bytes <= static_cast<size_t>(optin), "num_classes: ", num_classes, " classes need ", bytes,
+                    " bytes of shared memory per block on CUDA, more than this GPU's ", optin);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
 std::tuple<at::Tensor, at::Tensor> class_centroids_kernel(const at::Tensor& feats_in, const at::Tensor& labels_in,
                                                           int64_t num_classes, int64_t ignore_index) {
   check_feats_labels(feats_in, labels_in, num_classes);
@@ -98,6 +112,7 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_kernel(const at::Tensor& feat
     using acc_t = at::opmath_type<feat_t>;
     const size_t shared = num_classes * (kChannelTile * sizeof(acc_t) + sizeof(int64_t));
     IDD_DISPATCH_LABEL_TYPES(labels.scalar_type(), "class_centroids_cuda_labels", [&] {
+      allow_shared_memory(class_centroids_kernel_impl<feat_t, scalar_t>, shared, feats.get_device(), num_classes);
       class_centroids_kernel_impl<feat_t, scalar_t><<<grid, kThreads, shared, stream>>>(
           feats.const_data_ptr<feat_t>(), labels.const_data_ptr<scalar_t>(), v, C, centroids.data_ptr<acc_t>(),
           counts.data_ptr<int64_t>());

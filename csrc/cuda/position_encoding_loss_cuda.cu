@@ -46,7 +46,7 @@ __global__ void position_loss_kernel_impl(const scalar_t* __restrict__ pred, Map
 }
 
 template <typename scalar_t>
-__global__ void position_loss_backward_kernel_impl(const scalar_t* __restrict__ grad, bool elementwise,
+__global__ void position_loss_backward_kernel_impl(const at::opmath_type<scalar_t>* __restrict__ grad, bool elementwise,
                                                    const scalar_t* __restrict__ pred, MapSpecs maps, int64_t M,
                                                    int64_t H, int64_t W, int64_t total, at::opmath_type<scalar_t> scale,
                                                    scalar_t* __restrict__ out) {
@@ -54,7 +54,7 @@ __global__ void position_loss_backward_kernel_impl(const scalar_t* __restrict__ 
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t x = e % W, y = (e / W) % H, m = (e / (H * W)) % M;
-    const acc_t g = static_cast<acc_t>(elementwise ? grad[e] : grad[0]);
+    const acc_t g = elementwise ? grad[e] : grad[0];
     out[e] = static_cast<scalar_t>(g * scale * (static_cast<acc_t>(pred[e]) - target<acc_t>(maps, m, y, x, H, W)));
   }
 }
@@ -91,8 +91,9 @@ at::Tensor position_encoding_loss_kernel(const at::Tensor& pred_in, at::IntArray
     });
   }
   if (red == Reduction::None) return errors;
+  // mean/sum stay in the accumulation dtype: a half "sum" would overflow (the caller casts)
   const at::Tensor sum = partial.sum();
-  return (red == Reduction::Mean ? sum / static_cast<double>(std::max<int64_t>(total, 1)) : sum).to(pred.scalar_type());
+  return red == Reduction::Mean ? sum / static_cast<double>(std::max<int64_t>(total, 1)) : sum;
 }
 
 at::Tensor position_encoding_loss_backward_kernel(const at::Tensor& grad_in, const at::Tensor& pred_in,
@@ -102,7 +103,8 @@ at::Tensor position_encoding_loss_backward_kernel(const at::Tensor& grad_in, con
   const Reduction red = parse_reduction(std::string(reduction));
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const at::Tensor pred = pred_in.contiguous();
-  const at::Tensor grad = (red == Reduction::None ? grad_in.expand_as(pred) : grad_in).to(pred.scalar_type()).contiguous();
+  const auto acc = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor grad = (red == Reduction::None ? grad_in.expand_as(pred) : grad_in).to(acc).contiguous();
   const int64_t total = pred.numel(), M = pred.size(1), H = pred.size(2), W = pred.size(3);
   at::Tensor out = at::empty_like(pred);
   if (total == 0) return out;
@@ -110,7 +112,7 @@ at::Tensor position_encoding_loss_backward_kernel(const at::Tensor& grad_in, con
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t scale = acc_t(2) / (red == Reduction::Mean ? static_cast<acc_t>(total) : acc_t(1));
     position_loss_backward_kernel_impl<scalar_t><<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        grad.const_data_ptr<scalar_t>(), red == Reduction::None, pred.const_data_ptr<scalar_t>(), maps, M, H, W, total,
+        grad.const_data_ptr<acc_t>(), red == Reduction::None, pred.const_data_ptr<scalar_t>(), maps, M, H, W, total,
         scale, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
