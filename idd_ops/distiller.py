@@ -2,8 +2,6 @@
 import torch
 from torch import nn
 
-from . import baselines
-from .functional import inter_class_distance_loss
 
 
 class FeatureHook:
@@ -49,6 +47,8 @@ class Distiller(nn.Module):
             skips that loss.
         pid: a :class:`~idd_ops.nn.PositionDistillationLoss` (needed when ``"pid"`` is weighted).
         idd_options: extra keyword arguments for :func:`idd_ops.inter_class_distance_loss`.
+        lib: where the functional losses come from: ``idd_ops`` (default) or
+            ``idd_ops.reference`` (to compare speed or values with plain PyTorch).
         kd_temperature: Default 1.0. kd_ignore: leave ignored pixels out of pixel KD (default
             False: all B*H*W pixels, the CIRKD convention that lambda_kd = 10 assumes). cwd: a :class:`~idd_ops.nn.ChannelWiseDistillationLoss`
             (needed when ``"cwd"`` is weighted).
@@ -64,9 +64,9 @@ class Distiller(nn.Module):
     LOSSES = ("idd", "pid", "kd", "skd", "ifvd", "cwd")
 
     def __init__(self, teacher, student, student_layer, teacher_layer, num_classes, ignore_index=255, weights=None,
-                 pid=None, idd_options=None, kd_temperature=1.0, cwd=None, kd_ignore=False):
+                 pid=None, idd_options=None, kd_temperature=1.0, cwd=None, kd_ignore=False, lib=None):
         super().__init__()
-        weights = dict(weights or {"idd": 1.0})
+        weights = {"idd": 1.0} if weights is None else dict(weights)
         unknown = set(weights) - set(self.LOSSES)
         if unknown:
             raise ValueError(f"weights: unknown losses {sorted(unknown)}; expected any of {self.LOSSES}")
@@ -80,6 +80,9 @@ class Distiller(nn.Module):
         self.weights = {k: float(w) for k, w in weights.items() if w}
         self.idd_options = dict(idd_options or {})
         self.kd_temperature, self.kd_ignore = kd_temperature, kd_ignore
+        if lib is None:
+            import idd_ops as lib
+        self.lib = lib
         self._hooks = (FeatureHook(student, student_layer), FeatureHook(teacher, teacher_layer))
 
     def train(self, mode=True):
@@ -100,9 +103,9 @@ class Distiller(nn.Module):
         return logits_s, losses
 
     def _loss(self, name, fs, ft, logits_s, logits_t, labels):
-        K, ign = self.num_classes, self.ignore_index
+        K, ign, lib = self.num_classes, self.ignore_index, self.lib
         if name == "idd":
-            return inter_class_distance_loss(fs, ft, labels, K, ign, **self.idd_options)
+            return lib.inter_class_distance_loss(fs, ft, labels, K, ign, **self.idd_options)
         if name == "pid":
             return self.pid(fs, ft)
         if name == "kd":
@@ -110,12 +113,12 @@ class Distiller(nn.Module):
                 logits_t = nn.functional.interpolate(logits_t, size=logits_s.shape[-2:], mode="bilinear",
                                                      align_corners=False)
             if self.kd_ignore:
-                return baselines.pixel_kd_loss(logits_s, logits_t, self.kd_temperature, ign, labels)
-            return baselines.pixel_kd_loss(logits_s, logits_t, self.kd_temperature)
+                return lib.pixel_kd_loss(logits_s, logits_t, self.kd_temperature, ign, labels)
+            return lib.pixel_kd_loss(logits_s, logits_t, self.kd_temperature)
         if name == "skd":
-            return baselines.structural_kd_loss(fs, ft)
+            return lib.structural_kd_loss(fs, ft)
         if name == "ifvd":
-            return baselines.intra_class_variation_loss(fs, ft, labels, K, ign)
+            return lib.intra_class_variation_loss(fs, ft, labels, K, ign)
         return self.cwd(fs, ft)
 
     def remove_hooks(self):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import idd_ops
 from idd_ops import reference
-from idd_ops.distiller import FeatureHook
+from idd_ops.distiller import Distiller, FeatureHook
 
 from .metrics import confusion_matrix, iou_per_class, mean_iou
 from .models import FEATURE_LAYER, make_student, make_teacher
@@ -97,57 +97,26 @@ def train_teacher(preset, train, device, seed=0):
     return model.eval(), curve
 
 
-class Losses:
-    """The distillation losses of one configuration, computed by `lib` (idd_ops, or
-    idd_ops.reference for the timing comparison)."""
-
-    def __init__(self, weights, readout, student_ch, teacher_ch, device, preset, lib=idd_ops):
-        self.weights, self.lib, self.preset = weights, lib, preset
-        self.pid = (idd_ops.nn.PositionDistillationLoss(readout, student_ch, teacher_ch).to(device)
-                    if "pid" in weights else None)
-        self.cwd = idd_ops.nn.ChannelWiseDistillationLoss(student_ch, teacher_ch).to(device) if "cwd" in weights else None
-
-    def parameters(self):
-        return [p for m in (self.pid, self.cwd) if m is not None for p in m.parameters() if p.requires_grad]
-
-    def __call__(self, fs, ft, logits_s, logits_t, labels):
-        lib, K, out = self.lib, len(CLASSES), {}
-        for name, w in self.weights.items():
-            if name == "kd":
-                val = lib.pixel_kd_loss(logits_s, logits_t, 1.0)  # all pixels, as CIRKD (METHOD.md section 7)
-            elif name == "idd":
-                val = lib.inter_class_distance_loss(fs, ft, labels, K, IGNORE_INDEX, normalize=self.preset.idd_normalize)
-            elif name == "pid":
-                val = self.pid(fs, ft)
-            elif name == "skd":
-                val = lib.structural_kd_loss(fs, ft)
-            elif name == "ifvd":
-                val = lib.intra_class_variation_loss(fs, ft, labels, K, IGNORE_INDEX)
-            else:
-                val = self.cwd(fs, ft)
-            out[name] = w * val
-        return out
-
-
 def train_student(preset, config, seed, train, teacher, readout, device, lib=idd_ops, steps=None):
-    """Returns (student, curves: {loss name: [values]}, seconds per step)."""
+    """Returns (student, curves: {loss name: [values]}, seconds per step). `lib` is idd_ops, or
+    idd_ops.reference for the timing comparison."""
     torch.manual_seed(seed)
     student = make_student(len(CLASSES)).to(device)
-    hooks = FeatureHook(student, FEATURE_LAYER), FeatureHook(teacher, FEATURE_LAYER)
     weights = {k: preset.weights.get(k, w) for k, w in CONFIGS[config].items()}
-    losses = Losses(weights, readout, student.feature_channels, teacher.feature_channels, device, preset, lib)
-    opt = torch.optim.Adam(list(student.parameters()) + losses.parameters(), lr=preset.lr)
+    cs, ct = student.feature_channels, teacher.feature_channels
+    pid = idd_ops.nn.PositionDistillationLoss(readout, cs, ct).to(device) if "pid" in weights else None
+    cwd = idd_ops.nn.ChannelWiseDistillationLoss(cs, ct).to(device) if "cwd" in weights else None
+    distiller = Distiller(teacher, student, FEATURE_LAYER, FEATURE_LAYER, len(CLASSES), IGNORE_INDEX, weights=weights,
+                          pid=pid, cwd=cwd, idd_options={"normalize": preset.idd_normalize}, lib=lib)
+    opt = torch.optim.Adam([p for p in distiller.parameters() if p.requires_grad], lr=preset.lr)
     steps = steps or preset.student_steps
     curves, bar = {}, Progress(steps, f"{config} seed {seed}")
-    student.train()
+    distiller.train()
     start = time.perf_counter()
     for step, (x, y) in enumerate(batches(train, preset.batch, steps, 1000 + seed, device)):
         poly_lr(opt, preset.lr, step, steps)
-        logits_s = student(x)
-        with torch.no_grad():
-            logits_t = teacher(x)
-        parts = {"ce": seg_loss(logits_s, y)}
-        parts.update(losses(hooks[0].pop(), hooks[1].pop(), logits_s, logits_t, y))
+        logits_s, losses = distiller(x, y)
+        parts = {"ce": seg_loss(logits_s, y), **{k: v for k, v in losses.items() if k != "total"}}
         total = sum(parts.values())
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -156,8 +125,7 @@ def train_student(preset, config, seed, train, teacher, readout, device, lib=idd
             curves.setdefault(k, []).append(v.item())
         bar.update(loss=total.item())
     seconds = (time.perf_counter() - start) / steps
-    for h in hooks:
-        h.remove()
+    distiller.remove_hooks()
     return student.eval(), curves, seconds
 
 
