@@ -1,8 +1,11 @@
 """nn.Module versions of the idd_ops losses."""
 import torch
+import torch.nn.functional as TF
 from torch import nn
 
+from . import baselines
 from . import functional as F
+from .position import num_maps, position_encoding_loss
 
 
 class InterClassDistanceLoss(nn.Module):
@@ -47,8 +50,6 @@ class PositionEncodingModule(nn.Module):
 
     def __init__(self, in_channels, kinds, hidden=64, num_frequencies=2):
         super().__init__()
-        from .position import num_maps
-
         self.kinds = tuple([kinds] if isinstance(kinds, str) else kinds)
         self.num_frequencies = num_frequencies
         out = num_maps(self.kinds, num_frequencies)
@@ -108,10 +109,6 @@ class PositionDistillationLoss(nn.Module):
         return self
 
     def forward(self, student_feats, teacher_feats=None):
-        import torch.nn.functional as TF
-
-        from .position import position_encoding_loss
-
         if self.variant == "target":
             return position_encoding_loss(self.readout(student_feats), self.kinds,
                                           num_frequencies=self.readout.num_frequencies)
@@ -135,9 +132,7 @@ class PixelKDLoss(nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, student_logits, teacher_logits, labels=None):
-        from .baselines import pixel_kd_loss
-
-        return pixel_kd_loss(student_logits, teacher_logits, self.temperature, self.ignore_index, labels)
+        return baselines.pixel_kd_loss(student_logits, teacher_logits, self.temperature, self.ignore_index, labels)
 
 
 class ChannelWiseDistillationLoss(nn.Module):
@@ -155,9 +150,7 @@ class ChannelWiseDistillationLoss(nn.Module):
                         else nn.Conv2d(student_channels, teacher_channels, 1, bias=False))
 
     def forward(self, student_feats, teacher_feats):
-        from .baselines import channel_wise_distillation_loss
-
-        return channel_wise_distillation_loss(self.adapter(student_feats), teacher_feats, self.temperature)
+        return baselines.channel_wise_distillation_loss(self.adapter(student_feats), teacher_feats, self.temperature)
 
 
 class StructuralKDLoss(nn.Module):
@@ -168,9 +161,7 @@ class StructuralKDLoss(nn.Module):
         self.pool = pool
 
     def forward(self, student_feats, teacher_feats):
-        from .baselines import structural_kd_loss
-
-        return structural_kd_loss(student_feats, teacher_feats, self.pool)
+        return baselines.structural_kd_loss(student_feats, teacher_feats, self.pool)
 
 
 class IntraClassVariationLoss(nn.Module):
@@ -184,7 +175,5 @@ class IntraClassVariationLoss(nn.Module):
         self.eps = eps
 
     def forward(self, student_feats, teacher_feats, labels):
-        from .baselines import intra_class_variation_loss
-
-        return intra_class_variation_loss(student_feats, teacher_feats, labels, self.num_classes, self.ignore_index,
-                                          self.eps)
+        return baselines.intra_class_variation_loss(student_feats, teacher_feats, labels, self.num_classes,
+                                                    self.ignore_index, self.eps)
