@@ -108,6 +108,6 @@ def make(name, device="cpu"):
     raise ValueError(f"unknown benchmark case {name!r}")
 
 
-FULL = ["idd_loss cityscapes", "position_loss 64x128", "position_loss 512x1024", "pixel_kd", "cwd", "skd pool2",
+FULL = ["idd_loss cityscapes", "idd_loss voc", "idd_loss ade20k", "position_loss 64x128", "position_loss 512x1024", "pixel_kd", "cwd", "skd pool2",
         "skd pool1", "ifvd"]
 QUICK = ["idd_loss cityscapes-small", "position_loss 512x1024"]
