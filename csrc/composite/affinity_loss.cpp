@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "../common/checks.h"
+
 namespace idd_ops {
 namespace {
 
@@ -21,7 +23,7 @@ void check_affinity_inputs(const at::Tensor& fs, const at::Tensor& ft) {
 // Returns (loss, G_ss, G_st); the two Gram products are what the backward needs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss(const at::Tensor& fs_in, const at::Tensor& ft_in) {
   check_affinity_inputs(fs_in, ft_in);
-  const auto acc = fs_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(fs_in.scalar_type());
   const at::Tensor fs = fs_in.to(acc), ft = ft_in.to(acc);
   const int64_t B = fs.size(0), P = fs.size(2);
   const at::Tensor gss = at::bmm(fs, fs.transpose(1, 2));

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../common/checks.h"
 #include "../common/distance.h"
 #include "../common/enums.h"
 
@@ -64,7 +65,7 @@ at::Tensor class_distance_matrix_kernel(const at::Tensor& centroids_in, const at
   const at::Tensor centroids = centroids_in.contiguous();
   const at::Tensor counts = counts_in.contiguous();
   const int64_t B = centroids.size(0), K = centroids.size(1), C = centroids.size(2);
-  const auto acc = centroids.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(centroids.scalar_type());
   at::Tensor dist = at::empty({B, K, K}, centroids.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, centroids.scalar_type(), "class_distance_matrix_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -89,7 +90,7 @@ at::Tensor class_distance_matrix_backward_kernel(const at::Tensor& grad_in, cons
   const at::Tensor centroids = centroids_in.contiguous();
   const at::Tensor counts = counts_in.contiguous();
   const int64_t B = centroids.size(0), K = centroids.size(1), C = centroids.size(2);
-  const auto acc = centroids.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(centroids.scalar_type());
   const at::Tensor grad = grad_in.to(acc).contiguous();
   at::Tensor grad_c = at::zeros({B, K, C}, centroids.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, centroids.scalar_type(), "class_distance_matrix_backward_cpu", [&] {

@@ -44,7 +44,7 @@ at::Tensor position_encoding_loss_kernel(const at::Tensor& pred_in, at::IntArray
   const Reduction red = parse_reduction(std::string(reduction));
   const at::Tensor pred = pred_in.contiguous();
   const int64_t B = pred.size(0), M = pred.size(1), H = pred.size(2), W = pred.size(3);
-  const auto acc = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(pred.scalar_type());
   at::Tensor out = red == Reduction::None ? at::empty_like(pred) : at::zeros({B * M}, pred.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "position_encoding_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -151,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_kernel(const at::Tenso
   check_kl_inputs(student, teacher, temperature);
   const at::Tensor s = student.contiguous(), t = teacher.to(student.scalar_type()).contiguous();
   const int64_t outer = s.size(0), length = s.size(1), inner = s.size(2);
-  const auto acc = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(s.scalar_type());
   at::Tensor kl = at::zeros({outer, inner}, s.options().dtype(acc));
   at::Tensor lse_s = at::zeros({outer, inner}, s.options().dtype(acc)), lse_t = at::zeros_like(lse_s);
   if (s.numel() == 0) return {kl, lse_s, lse_t};
@@ -180,7 +180,7 @@ at::Tensor softmax_kl_backward_kernel(const at::Tensor& grad_in, const at::Tenso
   check_kl_inputs(student, teacher, temperature);
   const at::Tensor s = student.contiguous(), t = teacher.to(student.scalar_type()).contiguous();
   const int64_t outer = s.size(0), length = s.size(1), inner = s.size(2);
-  const auto acc = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(s.scalar_type());
   const at::Tensor grad = grad_in.to(acc).contiguous();
   const at::Tensor ls = lse_student.contiguous(), lt = lse_teacher.contiguous();
   at::Tensor out = at::empty_like(s);

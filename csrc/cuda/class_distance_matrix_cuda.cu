@@ -2,6 +2,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include "../common/checks.h"
 #include "../common/distance.h"
 #include "../common/enums.h"
 #include "cuda_utils.cuh"
@@ -135,7 +136,7 @@ at::Tensor class_distance_matrix_backward_kernel(const at::Tensor& grad_in, cons
   const c10::cuda::CUDAGuard guard(centroids_in.device());
   const at::Tensor centroids = centroids_in.contiguous(), counts = counts_in.contiguous();
   const int64_t B = centroids.size(0), K = centroids.size(1), C = centroids.size(2);
-  const auto acc = centroids.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(centroids.scalar_type());
   at::Tensor gr = grad_in.to(acc).contiguous().clone();
   at::Tensor out = at::zeros({B, K, C}, centroids.options().dtype(acc));
   if (B == 0 || K == 0 || C == 0) return out.to(centroids.scalar_type());

@@ -78,7 +78,7 @@ at::Tensor position_encoding_loss_kernel(const at::Tensor& pred_in, at::IntArray
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const at::Tensor pred = pred_in.contiguous();
   const int64_t total = pred.numel(), M = pred.size(1), H = pred.size(2), W = pred.size(3);
-  const auto acc = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(pred.scalar_type());
   const int64_t blocks = blocks_for(total);
   at::Tensor partial = at::zeros({blocks}, pred.options().dtype(acc));
   at::Tensor errors = red == Reduction::None ? at::empty_like(pred) : at::Tensor();
@@ -103,7 +103,7 @@ at::Tensor position_encoding_loss_backward_kernel(const at::Tensor& grad_in, con
   const Reduction red = parse_reduction(std::string(reduction));
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const at::Tensor pred = pred_in.contiguous();
-  const auto acc = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(pred.scalar_type());
   const at::Tensor grad = (red == Reduction::None ? grad_in.expand_as(pred) : grad_in).to(acc).contiguous();
   const int64_t total = pred.numel(), M = pred.size(1), H = pred.size(2), W = pred.size(3);
   at::Tensor out = at::empty_like(pred);
