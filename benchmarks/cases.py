@@ -26,6 +26,12 @@ class Case:
         self.name, self.desc, self.inputs, self.call, self.rounds = name, desc, inputs, call, rounds
         self.inputs[0].requires_grad_()
 
+    def to(self, device):
+        """The case with its inputs on `device` (built on the CPU, so seeds give the same data)."""
+        self.inputs = [t.detach().to(device) for t in self.inputs]
+        self.inputs[0].requires_grad_()
+        return self
+
     def build(self, impl, backward):
         """impl: "fused", "reference", or "compiled" (torch.compile of the reference; compiles
         on its first call)."""
@@ -92,9 +98,11 @@ def _ifvd():
 
 
 def make(name, device="cpu"):
-    """A case by its name (see FULL and QUICK)."""
-    if device != "cpu":
-        raise NotImplementedError("cases are built on the CPU; move them for GPU runs")
+    """A case by its name (see FULL, CUDA_FULL and QUICK), with its inputs on `device`."""
+    return _make(name).to(device)
+
+
+def _make(name):
     op, _, arg = name.partition(" ")
     if op == "idd_loss":
         return _idd(arg)
@@ -110,4 +118,7 @@ def make(name, device="cpu"):
 
 FULL = ["idd_loss cityscapes", "idd_loss voc", "idd_loss ade20k", "position_loss 64x128", "position_loss 512x1024", "pixel_kd", "cwd", "skd pool2",
         "skd pool1", "ifvd"]
+# On a GPU the launch shape matters too: K = 1000 (many classes per block) and a small batch
+# (B = 2, C = 256) that a grid of B x C/8 blocks would spread over only a few SMs.
+CUDA_FULL = FULL + ["idd_loss k1000", "idd_loss b2-c256"]
 QUICK = ["idd_loss cityscapes-small", "position_loss 512x1024"]

@@ -66,15 +66,23 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two cases and 3 rounds instead of all cases and 7")
     p.add_argument("--cases", nargs="+", default=None, help="case names to run (default: all, or the quick set)")
+    p.add_argument("--skip", nargs="+", default=(), help="case names to leave out")
+    p.add_argument("--repeat", type=int, default=None, help="timing rounds (default 7, --quick 3)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) column")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="markdown file to write (default: print only)")
     args = p.parse_args(argv)
-    repeat = 3 if args.quick else 7
+    repeat = args.repeat or (3 if args.quick else 7)
     compiled = not (args.no_compile or args.quick)
-    rows, bw = measure(args.cases or (cases.QUICK if args.quick else cases.FULL), args.device, repeat, compiled)
-    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
-    meta = (f"Device: {args.device} ({dev}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    on_cuda = args.device.startswith("cuda")
+    default_cases = cases.QUICK if args.quick else (cases.CUDA_FULL if on_cuda else cases.FULL)
+    names = [c for c in (args.cases or default_cases) if c not in args.skip]
+    rows, bw = measure(names, args.device, repeat, compiled)
+    if on_cuda:
+        dev = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
+    else:
+        dev = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    meta = (f"Device: {args.device} ({dev}), torch {torch.__version__}, "
             f"THP_MEM_ALLOC_ENABLE={common.os.environ.get('THP_MEM_ALLOC_ENABLE')}, float32. IDD: euclidean, "
             f"reduction=mean, street-layout labels. Position loss: maps {', '.join(cases.POSITION_KINDS)}.\n"
             f"Times: medians of {repeat} rounds (2 for SKD pool 1), implementations alternating"

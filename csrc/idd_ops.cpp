@@ -17,6 +17,8 @@ TORCH_LIBRARY(idd_ops, m) {
   // Gradient of class_centroids w.r.t. feats; the labels are re-read, never stored resized.
   m.def("_class_centroids_backward(Tensor grad_centroids, Tensor labels, Tensor counts, SymInt height, "
         "SymInt width, ScalarType dtype, int ignore_index) -> Tensor");
+  // class_centroids with a fixed summation order (ATen calls): the CUDA op's deterministic path.
+  m.def("_class_centroids_ordered(Tensor feats, Tensor labels, int num_classes, int ignore_index) -> (Tensor, Tensor)");
   // [B,K,K] distances between present classes' centroids (0 for absent ones and on the diagonal).
   m.def("class_distance_matrix(Tensor centroids, Tensor counts, str metric, bool normalize, float eps) -> Tensor");
   m.def("_class_distance_matrix_backward(Tensor grad, Tensor centroids, Tensor counts, str metric, "

@@ -24,6 +24,13 @@ def _(feats, labels, num_classes, ignore_index):
     return centroids, feats.new_empty((B, num_classes), dtype=torch.int64)
 
 
+@register_fake("idd_ops::_class_centroids_ordered")
+def _(feats, labels, num_classes, ignore_index):
+    B, C = feats.shape[0], feats.shape[1]
+    centroids = feats.new_empty((B, num_classes, C), dtype=acc_dtype(feats.dtype))
+    return centroids, feats.new_empty((B, num_classes), dtype=torch.int64)
+
+
 @register_fake("idd_ops::_class_centroids_backward")
 def _(grad_centroids, labels, counts, height, width, dtype, ignore_index):
     B, _, C = grad_centroids.shape

@@ -3,7 +3,9 @@ import torch
 
 import idd_ops
 
-DEVICES = ["cpu"] + (["cuda"] if idd_ops.cuda_available() else [])
+# Every device-parametrised test has a cuda case: skipped without a GPU, run (and failing if the
+# CUDA kernels were not built) where one is visible.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))]
 # (dtype, forward rtol/atol, gradient rtol/atol) against the float64 reference
 TOLERANCES = {
     torch.float64: (1e-10, 1e-10),
@@ -11,6 +13,21 @@ TOLERANCES = {
     torch.float16: (2e-2, 2e-2),
     torch.bfloat16: (5e-2, 5e-2),
 }
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs only where a GPU is visible (tools/gpu_check.sh selects these)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that needs a GPU: the cuda cases of device-parametrised tests and the
+    tests skipped as 'needs a GPU'."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_cuda = callspec is not None and callspec.params.get("device") == "cuda"
+        needs_gpu = any(m.kwargs.get("reason") == "needs a GPU" for m in item.iter_markers("skipif"))
+        if on_cuda or needs_gpu:
+            item.add_marker(pytest.mark.gpu)
 
 
 @pytest.fixture(params=DEVICES)

@@ -1,45 +1,258 @@
 #pragma once
-// Argument checks shared by every device's kernels. The Python layer validates first with
-// friendlier messages; these keep a direct call of the op from reaching a kernel with a
-// shape it would misread.
+// Argument front ends of every registered op, shared by all devices. Each op (and each
+// backward op) calls its check_<op>_inputs before touching data, so a direct call of
+// torch.ops.idd_ops.<op> with a mismatched argument stops with an error naming the argument
+// instead of reaching a kernel that would read out of bounds (or, on CUDA, a host pointer).
+// Only metadata is read: no check synchronises with a device.
 #include <ATen/ATen.h>
 
+#include <array>
+#include <string>
+
+#include "enums.h"
+#include "position.h"
+
 namespace idd_ops {
-
-inline void check_feats_labels(const at::Tensor& feats, const at::Tensor& labels, int64_t num_classes) {
-  TORCH_CHECK_VALUE(feats.dim() == 4, "feats: expected a 4-D [B, C, H, W] tensor, got ", feats.dim(), "-D");
-  TORCH_CHECK_VALUE(labels.dim() == 3, "labels: expected a 3-D [B, Hy, Wy] tensor, got ", labels.dim(), "-D");
-  TORCH_CHECK_TYPE(at::isFloatingType(feats.scalar_type()), "feats: expected a floating dtype, got ",
-                   feats.scalar_type());
-  TORCH_CHECK_TYPE(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
-                   "labels: expected an integer dtype, got ", labels.scalar_type());
-  TORCH_CHECK_VALUE(feats.size(0) == labels.size(0), "labels: batch size ", labels.size(0),
-                    " differs from feats' batch size ", feats.size(0));
-  TORCH_CHECK_VALUE(num_classes >= 1, "num_classes: expected >= 1, got ", num_classes);
-  TORCH_CHECK_VALUE(feats.device() == labels.device(), "labels: on ", labels.device(),
-                    " but feats on ", feats.device());
-  TORCH_CHECK_VALUE(feats.size(2) * feats.size(3) == 0 || labels.size(1) * labels.size(2) > 0,
-                    "labels: spatial size ", labels.sizes(), " is empty but feats' is not");
-}
-
-// softmax_kl: two [outer, length, inner] tensors of one shape and a positive temperature.
-inline void check_kl_inputs(const at::Tensor& s, const at::Tensor& t, double temperature) {
-  TORCH_CHECK_VALUE(s.dim() == 3 && s.sizes() == t.sizes(), "student: expected [outer, length, inner] shaped like ",
-                    "teacher, got ", s.sizes(), " and ", t.sizes());
-  TORCH_CHECK_VALUE(temperature > 0, "temperature: expected > 0, got ", temperature);
-  TORCH_CHECK_VALUE(s.device() == t.device(), "teacher: on ", t.device(), " but student on ", s.device());
-}
-
-// position_encoding_loss: pred [B, M, H, W] with one (kind, param) per map.
-inline void check_position_maps(const at::Tensor& pred, at::IntArrayRef kinds, at::ArrayRef<double> params) {
-  TORCH_CHECK_VALUE(pred.dim() == 4, "pred: expected a 4-D [B, M, H, W] tensor, got ", pred.dim(), "-D");
-  TORCH_CHECK_VALUE(pred.size(1) == static_cast<int64_t>(kinds.size()) && kinds.size() == params.size(),
-                    "pred: ", pred.size(1), " maps but ", kinds.size(), " map kinds");
-}
 
 // The accumulation dtype of a feature dtype: float for half/bfloat16/float, double for double.
 inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// ---- building blocks -------------------------------------------------------------------
+
+inline void check_rank(const at::Tensor& t, const char* name, int64_t dim, const char* shape) {
+  TORCH_CHECK_VALUE(t.dim() == dim, name, ": expected a ", dim, "-D ", shape, " tensor, got shape ", t.sizes());
+}
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, ": expected a floating dtype, got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, ": on ", t.device(), " but ", ref_name, " on ", ref.device());
+}
+
+inline void check_size(const at::Tensor& t, const char* name, at::IntArrayRef expected, const char* why) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, name, ": expected shape ", expected, " (", why, "), got ", t.sizes());
+}
+
+// counts [B, K] int64 on ref's device: the class sizes returned by class_centroids.
+inline void check_counts(const at::Tensor& counts, const char* name, int64_t B, int64_t K, const at::Tensor& ref,
+                         const char* ref_name) {
+  TORCH_CHECK_TYPE(counts.scalar_type() == at::kLong, name, ": expected int64 class counts, got ",
+                   counts.scalar_type());
+  check_size(counts, name, {B, K}, "[B, K] like the centroids");
+  check_same_device(counts, name, ref, ref_name);
+}
+
+// Scalar gradient of a reduced loss ("mean"/"sum") or [B] per-image gradient ("none").
+inline void check_loss_grad(const at::Tensor& grad, const at::Tensor& ref, const char* ref_name, Reduction reduction,
+                            at::IntArrayRef none_shape) {
+  check_floating(grad, "grad");
+  check_same_device(grad, "grad", ref, ref_name);
+  if (reduction == Reduction::None)
+    check_size(grad, "grad", none_shape, "the loss's shape with reduction 'none'");
+  else
+    TORCH_CHECK_VALUE(grad.numel() == 1, "grad: expected one value (a reduced loss), got shape ", grad.sizes());
+}
+
+inline void check_eps(double eps) {
+  TORCH_CHECK_VALUE(eps >= 0 && eps < INFINITY, "eps: expected a finite value >= 0, got ", eps);
+}
+
+// The incoming gradient of a loss in the accumulation dtype: `like`-shaped for reduction
+// "none", one value otherwise (both devices' backward preludes read it this way).
+inline at::Tensor loss_grad_acc(const at::Tensor& grad, const at::Tensor& like, Reduction reduction) {
+  const auto acc = acc_dtype(like.scalar_type());
+  return (reduction == Reduction::None ? grad.expand_as(like) : grad.reshape({})).to(acc).contiguous();
+}
+
+// ---- class_centroids -------------------------------------------------------------------
+
+// labels [B, Hy, Wy] (any integer dtype) for an H x W map of B images on ref's device.
+inline void check_labels(const at::Tensor& labels, int64_t B, int64_t HW, const at::Tensor& ref, const char* ref_name) {
+  check_rank(labels, "labels", 3, "[B, Hy, Wy]");
+  TORCH_CHECK_TYPE(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
+                   "labels: expected an integer dtype, got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.size(0) == B, "labels: batch size ", labels.size(0), " differs from ", ref_name,
+                    "' batch size ", B);
+  check_same_device(labels, "labels", ref, ref_name);
+  TORCH_CHECK_VALUE(HW == 0 || labels.size(1) * labels.size(2) > 0, "labels: spatial size ", labels.sizes(),
+                    " is empty but the feature map's is not");
+}
+
+inline void check_class_centroids_inputs(const at::Tensor& feats, const at::Tensor& labels, int64_t num_classes) {
+  check_rank(feats, "feats", 4, "[B, C, H, W]");
+  check_floating(feats, "feats");
+  TORCH_CHECK_VALUE(num_classes >= 1, "num_classes: expected >= 1, got ", num_classes);
+  check_labels(labels, feats.size(0), feats.size(2) * feats.size(3), feats, "feats");
+}
+
+inline void check_class_centroids_backward_inputs(const at::Tensor& grad_centroids, const at::Tensor& labels,
+                                                  const at::Tensor& counts, int64_t height, int64_t width,
+                                                  at::ScalarType dtype) {
+  check_rank(grad_centroids, "grad_centroids", 3, "[B, K, C]");
+  check_floating(grad_centroids, "grad_centroids");
+  TORCH_CHECK_TYPE(at::isFloatingType(dtype), "dtype: expected a floating dtype, got ", dtype);
+  TORCH_CHECK_VALUE(height >= 0 && width >= 0, "height, width: expected sizes >= 0, got ", height, " x ", width);
+  const int64_t B = grad_centroids.size(0), K = grad_centroids.size(1);
+  check_labels(labels, B, height * width, grad_centroids, "grad_centroids");
+  check_counts(counts, "counts", B, K, grad_centroids, "grad_centroids");
+}
+
+// ---- class_distance_matrix -------------------------------------------------------------
+
+inline void check_class_distance_matrix_inputs(const at::Tensor& centroids, const at::Tensor& counts, double eps) {
+  check_rank(centroids, "centroids", 3, "[B, K, C]");
+  check_floating(centroids, "centroids");
+  check_counts(counts, "counts", centroids.size(0), centroids.size(1), centroids, "centroids");
+  check_eps(eps);
+}
+
+inline void check_class_distance_matrix_backward_inputs(const at::Tensor& grad, const at::Tensor& centroids,
+                                                        const at::Tensor& counts, double eps) {
+  check_class_distance_matrix_inputs(centroids, counts, eps);
+  const int64_t B = centroids.size(0), K = centroids.size(1);
+  check_floating(grad, "grad");
+  check_size(grad, "grad", {B, K, K}, "[B, K, K] like the distance matrix");
+  check_same_device(grad, "grad", centroids, "centroids");
+}
+
+// ---- idd_loss --------------------------------------------------------------------------
+
+inline void check_idd_loss_inputs(const at::Tensor& student_dist, const at::Tensor& teacher_dist,
+                                  const at::Tensor& student_counts, const at::Tensor& teacher_counts) {
+  check_rank(student_dist, "student_dist", 3, "[B, K, K]");
+  check_floating(student_dist, "student_dist");
+  const int64_t B = student_dist.size(0), K = student_dist.size(1);
+  check_size(student_dist, "student_dist", {B, K, K}, "square [B, K, K] matrices");
+  check_floating(teacher_dist, "teacher_dist");
+  check_size(teacher_dist, "teacher_dist", student_dist.sizes(), "the student's [B, K, K]");
+  check_same_device(teacher_dist, "teacher_dist", student_dist, "student_dist");
+  check_counts(student_counts, "student_counts", B, K, student_dist, "student_dist");
+  check_counts(teacher_counts, "teacher_counts", B, K, student_dist, "student_dist");
+}
+
+inline void check_idd_loss_backward_inputs(const at::Tensor& grad, const at::Tensor& student_dist,
+                                           const at::Tensor& teacher_dist, const at::Tensor& student_counts,
+                                           const at::Tensor& teacher_counts, Reduction reduction) {
+  check_idd_loss_inputs(student_dist, teacher_dist, student_counts, teacher_counts);
+  check_loss_grad(grad, student_dist, "student_dist", reduction, {student_dist.size(0)});
+}
+
+// ---- position_encoding_loss ------------------------------------------------------------
+
+// pred [B, M, H, W] with one valid (kind, param) per map.
+inline void check_position_encoding_loss_inputs(const at::Tensor& pred, at::IntArrayRef kinds,
+                                                at::ArrayRef<double> params) {
+  check_rank(pred, "pred", 4, "[B, M, H, W]");
+  check_floating(pred, "pred");
+  TORCH_CHECK_VALUE(kinds.size() == params.size(), "params: expected one per map kind (", kinds.size(), "), got ",
+                    params.size());
+  TORCH_CHECK_VALUE(pred.size(1) == static_cast<int64_t>(kinds.size()), "pred: ", pred.size(1), " maps but ",
+                    kinds.size(), " map kinds");
+  for (const int64_t kind : kinds)
+    TORCH_CHECK_VALUE(kind >= 0 && kind < kNumPositionMaps, "kinds: expected map codes in [0, ", kNumPositionMaps,
+                      "), got ", kind);
+}
+
+inline void check_position_encoding_loss_backward_inputs(const at::Tensor& grad, const at::Tensor& pred,
+                                                         at::IntArrayRef kinds, at::ArrayRef<double> params,
+                                                         Reduction reduction) {
+  check_position_encoding_loss_inputs(pred, kinds, params);
+  check_loss_grad(grad, pred, "pred", reduction, pred.sizes());
+}
+
+// ---- softmax_kl ------------------------------------------------------------------------
+
+// Two [outer, length, inner] tensors of one shape and a positive temperature.
+inline void check_softmax_kl_inputs(const at::Tensor& student, const at::Tensor& teacher, double temperature) {
+  check_rank(student, "student", 3, "[outer, length, inner]");
+  check_floating(student, "student");
+  check_floating(teacher, "teacher");
+  check_size(teacher, "teacher", student.sizes(), "the student's shape");
+  check_same_device(teacher, "teacher", student, "student");
+  TORCH_CHECK_VALUE(temperature > 0 && temperature < INFINITY, "temperature: expected a finite value > 0, got ",
+                    temperature);
+}
+
+inline void check_softmax_kl_backward_inputs(const at::Tensor& grad, const at::Tensor& student,
+                                             const at::Tensor& teacher, const at::Tensor& lse_student,
+                                             const at::Tensor& lse_teacher, double temperature) {
+  check_softmax_kl_inputs(student, teacher, temperature);
+  const std::array<int64_t, 2> per_vector{student.size(0), student.size(2)};  // owned: an ArrayRef of a braced list dangles
+  const char* why = "[outer, inner], one per vector";
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad, "grad"},
+                                {lse_student, "lse_student"},
+                                {lse_teacher, "lse_teacher"}}) {
+    check_floating(t, name);
+    check_size(t, name, per_vector, why);
+    check_same_device(t, name, student, "student");
+  }
+}
+
+// ---- affinity_loss ---------------------------------------------------------------------
+
+inline void check_affinity_loss_inputs(const at::Tensor& student, const at::Tensor& teacher) {
+  check_rank(student, "student", 3, "[B, Cs, P]");
+  check_rank(teacher, "teacher", 3, "[B, Ct, P]");
+  check_floating(student, "student");
+  check_floating(teacher, "teacher");
+  TORCH_CHECK_VALUE(student.size(0) == teacher.size(0) && student.size(2) == teacher.size(2),
+                    "teacher: expected the student's batch and pixel count, got ", teacher.sizes(), " vs ",
+                    student.sizes());
+  check_same_device(teacher, "teacher", student, "student");
+}
+
+inline void check_affinity_loss_backward_inputs(const at::Tensor& grad, const at::Tensor& student,
+                                                const at::Tensor& teacher, const at::Tensor& gram_ss,
+                                                const at::Tensor& gram_st) {
+  check_affinity_loss_inputs(student, teacher);
+  check_loss_grad(grad, student, "student", Reduction::Mean, {});
+  const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1);
+  check_size(gram_ss, "gram_ss", {B, Cs, Cs}, "[B, Cs, Cs]");
+  check_size(gram_st, "gram_st", {B, Cs, Ct}, "[B, Cs, Ct]");
+  check_floating(gram_ss, "gram_ss");
+  check_floating(gram_st, "gram_st");
+  check_same_device(gram_ss, "gram_ss", student, "student");
+  check_same_device(gram_st, "gram_st", student, "student");
+}
+
+// ---- pixel_centroid_cosine -------------------------------------------------------------
+
+inline void check_pixel_centroid_cosine_inputs(const at::Tensor& feats, const at::Tensor& centroids,
+                                               const at::Tensor& labels, double eps) {
+  check_rank(feats, "feats", 4, "[B, C, H, W]");
+  check_floating(feats, "feats");
+  check_rank(centroids, "centroids", 3, "[B, K, C]");
+  check_floating(centroids, "centroids");
+  const int64_t B = feats.size(0), C = feats.size(1);
+  TORCH_CHECK_VALUE(centroids.size(0) == B && centroids.size(2) == C, "centroids: expected [B, K, C] = [", B,
+                    ", K, ", C, "], got ", centroids.sizes());
+  TORCH_CHECK_VALUE(centroids.size(1) >= 1, "centroids: expected at least one class, got ", centroids.sizes());
+  check_same_device(centroids, "centroids", feats, "feats");
+  check_labels(labels, B, feats.size(2) * feats.size(3), feats, "feats");
+  check_eps(eps);
+}
+
+inline void check_pixel_centroid_cosine_backward_inputs(const at::Tensor& grad, const at::Tensor& feats,
+                                                        const at::Tensor& centroids, const at::Tensor& labels,
+                                                        const at::Tensor& cos, const at::Tensor& feat_norms,
+                                                        double eps) {
+  check_pixel_centroid_cosine_inputs(feats, centroids, labels, eps);
+  const std::array<int64_t, 3> map{feats.size(0), feats.size(2), feats.size(3)};
+  const auto acc = acc_dtype(feats.scalar_type());
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad, "grad"},
+                                {cos, "cos"},
+                                {feat_norms, "feat_norms"}}) {
+    check_floating(t, name);
+    check_size(t, name, map, "[B, H, W], one per pixel");
+    check_same_device(t, name, feats, "feats");
+  }
+  // The forward's saved maps are read raw in the accumulation dtype.
+  TORCH_CHECK_TYPE(cos.scalar_type() == acc && feat_norms.scalar_type() == acc, "cos, feat_norms: expected ", acc,
+                   " (the forward's outputs), got ", cos.scalar_type(), " and ", feat_norms.scalar_type());
 }
 
 }  // namespace idd_ops

@@ -4,9 +4,10 @@
 
 #include <string>
 
-#include "distance.h"
 
 namespace idd_ops {
+
+enum class Metric : int64_t { Euclidean = 0, SqEuclidean = 1, Cosine = 2 };
 
 inline Metric parse_metric(const std::string& metric) {
   if (metric == "euclidean") return Metric::Euclidean;

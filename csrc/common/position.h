@@ -21,6 +21,7 @@ enum class PositionMap : int64_t {
   SinY = 7,
   CosY = 8,
 };
+constexpr int64_t kNumPositionMaps = 9;  // codes are 0 .. kNumPositionMaps - 1
 
 // Factor of map `kind` along one axis: axis 0 is rows (index i of n = H), axis 1 columns.
 template <typename T>

@@ -13,16 +13,9 @@
 namespace idd_ops {
 namespace {
 
-void check_affinity_inputs(const at::Tensor& fs, const at::Tensor& ft) {
-  TORCH_CHECK_VALUE(fs.dim() == 3 && ft.dim() == 3, "student: expected [B, C, P] features, got ", fs.sizes(),
-                    " and ", ft.sizes());
-  TORCH_CHECK_VALUE(fs.size(0) == ft.size(0) && fs.size(2) == ft.size(2), "teacher: expected the student's batch and ",
-                    "pixel count, got ", ft.sizes(), " vs ", fs.sizes());
-}
-
 // Returns (loss, G_ss, G_st); the two Gram products are what the backward needs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss(const at::Tensor& fs_in, const at::Tensor& ft_in) {
-  check_affinity_inputs(fs_in, ft_in);
+  check_affinity_loss_inputs(fs_in, ft_in);
   const auto acc = acc_dtype(fs_in.scalar_type());
   const at::Tensor fs = fs_in.to(acc), ft = ft_in.to(acc);
   const int64_t B = fs.size(0), P = fs.size(2);
@@ -38,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss(const at::Tensor& f
 
 at::Tensor affinity_loss_backward(const at::Tensor& grad, const at::Tensor& fs_in, const at::Tensor& ft_in,
                                   const at::Tensor& gss, const at::Tensor& gst) {
-  check_affinity_inputs(fs_in, ft_in);
+  check_affinity_loss_backward_inputs(grad, fs_in, ft_in, gss, gst);
   const auto acc = gss.scalar_type();
   const at::Tensor fs = fs_in.to(acc), ft = ft_in.to(acc);
   const int64_t B = fs.size(0), P = fs.size(2);

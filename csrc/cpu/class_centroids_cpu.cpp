@@ -16,7 +16,7 @@ constexpr int64_t kRowGrain = 4;
 
 std::tuple<at::Tensor, at::Tensor> class_centroids_kernel(const at::Tensor& feats_in, const at::Tensor& labels,
                                                           int64_t num_classes, int64_t ignore_index) {
-  check_feats_labels(feats_in, labels, num_classes);
+  check_class_centroids_inputs(feats_in, labels, num_classes);
   // Rows are streamed in NCHW order; other layouts pay one copy (documented).
   const at::Tensor feats = feats_in.contiguous();
   const int64_t B = feats.size(0), C = feats.size(1), H = feats.size(2), W = feats.size(3), HW = H * W;
@@ -59,6 +59,7 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_kernel(const at::Tensor& feat
 at::Tensor class_centroids_backward_kernel(const at::Tensor& grad_centroids_in, const at::Tensor& labels,
                                            const at::Tensor& counts_in, int64_t height, int64_t width,
                                            at::ScalarType dtype, int64_t ignore_index) {
+  check_class_centroids_backward_inputs(grad_centroids_in, labels, counts_in, height, width, dtype);
   const at::Tensor grad_centroids = grad_centroids_in.contiguous();
   const at::Tensor counts = counts_in.contiguous();
   const int64_t B = grad_centroids.size(0), K = grad_centroids.size(1), C = grad_centroids.size(2);

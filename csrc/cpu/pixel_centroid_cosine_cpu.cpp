@@ -47,12 +47,10 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_kernel(const at::Tensor
                                                                 const at::Tensor& labels, int64_t ignore_index,
                                                                 double eps) {
   const int64_t K = centroids_in.size(1);
-  check_feats_labels(feats_in, labels, K);
+  check_pixel_centroid_cosine_inputs(feats_in, centroids_in, labels, eps);
   const at::Tensor feats = feats_in.contiguous();
   const int64_t B = feats.size(0), C = feats.size(1), H = feats.size(2), W = feats.size(3), HW = H * W;
   const auto acc = acc_dtype(feats.scalar_type());
-  TORCH_CHECK_VALUE(centroids_in.dim() == 3 && centroids_in.size(0) == B && centroids_in.size(2) == C,
-                    "centroids: expected [B, K, C] = [", B, ", K, ", C, "], got ", centroids_in.sizes());
   const at::Tensor cent = centroids_in.to(acc).contiguous();
   at::Tensor cos = at::ones({B, H, W}, feats.options().dtype(acc));
   at::Tensor fnorm = at::zeros({B, H, W}, feats.options().dtype(acc));
@@ -99,6 +97,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_kernel(const at::Tensor
 std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_backward_kernel(
     const at::Tensor& grad_in, const at::Tensor& feats_in, const at::Tensor& centroids_in, const at::Tensor& labels,
     const at::Tensor& cos_in, const at::Tensor& fnorm_in, int64_t ignore_index, double eps) {
+  check_pixel_centroid_cosine_backward_inputs(grad_in, feats_in, centroids_in, labels, cos_in, fnorm_in, eps);
   const at::Tensor feats = feats_in.contiguous();
   const int64_t B = feats.size(0), C = feats.size(1), H = feats.size(2), W = feats.size(3), HW = H * W;
   const int64_t K = centroids_in.size(1);

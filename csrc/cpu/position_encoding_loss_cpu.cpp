@@ -40,7 +40,7 @@ void for_each_plane(const at::Tensor& pred, at::IntArrayRef kinds, at::ArrayRef<
 
 at::Tensor position_encoding_loss_kernel(const at::Tensor& pred_in, at::IntArrayRef kinds, at::ArrayRef<double> params,
                                          c10::string_view reduction) {
-  check_position_maps(pred_in, kinds, params);
+  check_position_encoding_loss_inputs(pred_in, kinds, params);
   const Reduction red = parse_reduction(std::string(reduction));
   const at::Tensor pred = pred_in.contiguous();
   const int64_t B = pred.size(0), M = pred.size(1), H = pred.size(2), W = pred.size(3);
@@ -78,17 +78,16 @@ at::Tensor position_encoding_loss_kernel(const at::Tensor& pred_in, at::IntArray
 at::Tensor position_encoding_loss_backward_kernel(const at::Tensor& grad_in, const at::Tensor& pred_in,
                                                   at::IntArrayRef kinds, at::ArrayRef<double> params,
                                                   c10::string_view reduction) {
-  check_position_maps(pred_in, kinds, params);
   const Reduction red = parse_reduction(std::string(reduction));
+  check_position_encoding_loss_backward_inputs(grad_in, pred_in, kinds, params, red);
   const at::Tensor pred = pred_in.contiguous();
   const int64_t H = pred.size(2), W = pred.size(3);
-  const at::Tensor grad = (red == Reduction::None ? grad_in.expand_as(pred).to(pred.scalar_type())
-                                                  : grad_in.to(acc_dtype(pred.scalar_type()))).contiguous();
+  const at::Tensor grad = loss_grad_acc(grad_in, pred, red);
   at::Tensor out = at::empty_like(pred);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "position_encoding_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = pred.const_data_ptr<scalar_t>();
-    const scalar_t* g = red == Reduction::None ? grad.const_data_ptr<scalar_t>() : nullptr;
+    const acc_t* g = red == Reduction::None ? grad.const_data_ptr<acc_t>() : nullptr;
     scalar_t* o = out.data_ptr<scalar_t>();
     const acc_t scale = acc_t(2) / (red == Reduction::Mean ? static_cast<acc_t>(std::max<int64_t>(pred.numel(), 1)) : acc_t(1));
     // The scalar gradient is read once: reloading it beside the stores would stop vectorisation.
@@ -100,9 +99,9 @@ at::Tensor position_encoding_loss_backward_kernel(const at::Tensor& grad_in, con
         scalar_t* __restrict__ orow = o + off + y * W;
         const acc_t ry = rowf[y];
         if (red == Reduction::None) {
-          const scalar_t* __restrict__ gr = g + off + y * W;
+          const acc_t* __restrict__ gr = g + off + y * W;
           for (int64_t c = 0; c < W; ++c)
-            orow[c] = static_cast<scalar_t>(static_cast<acc_t>(gr[c]) * scale * (static_cast<acc_t>(xr[c]) - ry * colf[c]));
+            orow[c] = static_cast<scalar_t>(gr[c] * scale * (static_cast<acc_t>(xr[c]) - ry * colf[c]));
         } else {
           for (int64_t c = 0; c < W; ++c) orow[c] = static_cast<scalar_t>(g0 * (static_cast<acc_t>(xr[c]) - ry * colf[c]));
         }

@@ -148,7 +148,7 @@ void for_each_group(const scalar_t* s, const scalar_t* t, int64_t outer, int64_t
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_kernel(const at::Tensor& student, const at::Tensor& teacher,
                                                                 double temperature) {
-  check_kl_inputs(student, teacher, temperature);
+  check_softmax_kl_inputs(student, teacher, temperature);
   const at::Tensor s = student.contiguous(), t = teacher.to(student.scalar_type()).contiguous();
   const int64_t outer = s.size(0), length = s.size(1), inner = s.size(2);
   const auto acc = acc_dtype(s.scalar_type());
@@ -177,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_kernel(const at::Tenso
 // forward's log-sum-exps (4 numbers per vector are cheaper to keep than two passes to redo).
 at::Tensor softmax_kl_backward_kernel(const at::Tensor& grad_in, const at::Tensor& student, const at::Tensor& teacher,
                                      const at::Tensor& lse_student, const at::Tensor& lse_teacher, double temperature) {
-  check_kl_inputs(student, teacher, temperature);
+  check_softmax_kl_backward_inputs(grad_in, student, teacher, lse_student, lse_teacher, temperature);
   const at::Tensor s = student.contiguous(), t = teacher.to(student.scalar_type()).contiguous();
   const int64_t outer = s.size(0), length = s.size(1), inner = s.size(2);
   const auto acc = acc_dtype(s.scalar_type());

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "../common/checks.h"
+#include "../common/class_centroids_ordered.h"
 #include "cuda_utils.cuh"
 #include "label_view.cuh"
 
@@ -94,8 +95,10 @@ void allow_shared_memory(Kernel kernel, size_t bytes, int device, int64_t num_cl
 
 std::tuple<at::Tensor, at::Tensor> class_centroids_kernel(const at::Tensor& feats_in, const at::Tensor& labels_in,
                                                           int64_t num_classes, int64_t ignore_index) {
-  check_feats_labels(feats_in, labels_in, num_classes);
-  at::globalContext().alertNotDeterministic("idd_ops::class_centroids (CUDA, float atomics in shared memory)");
+  check_class_centroids_inputs(feats_in, labels_in, num_classes);
+  // The fused kernel adds in shared memory with float atomics, in an order that varies.
+  if (at::globalContext().deterministicAlgorithms())
+    return class_centroids_ordered(feats_in, labels_in, num_classes, ignore_index);
   const c10::cuda::CUDAGuard guard(feats_in.device());
   const at::Tensor feats = feats_in.contiguous();
   const at::Tensor labels = canonical_labels(labels_in);
@@ -125,6 +128,7 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_kernel(const at::Tensor& feat
 at::Tensor class_centroids_backward_kernel(const at::Tensor& grad_centroids_in, const at::Tensor& labels_in,
                                            const at::Tensor& counts_in, int64_t height, int64_t width,
                                            at::ScalarType dtype, int64_t ignore_index) {
+  check_class_centroids_backward_inputs(grad_centroids_in, labels_in, counts_in, height, width, dtype);
   const c10::cuda::CUDAGuard guard(grad_centroids_in.device());
   const at::Tensor grad_centroids = grad_centroids_in.contiguous();
   const at::Tensor counts = counts_in.contiguous();

@@ -60,7 +60,6 @@ __global__ void position_loss_backward_kernel_impl(const at::opmath_type<scalar_
 }
 
 MapSpecs map_specs(const at::Tensor& pred, at::IntArrayRef kinds, at::ArrayRef<double> params) {
-  check_position_maps(pred, kinds, params);
   TORCH_CHECK_VALUE(kinds.size() <= static_cast<size_t>(kMaxMaps), "kinds: at most ", kMaxMaps,
                     " maps on CUDA, got ", kinds.size());
   MapSpecs s{};
@@ -73,6 +72,7 @@ MapSpecs map_specs(const at::Tensor& pred, at::IntArrayRef kinds, at::ArrayRef<d
 
 at::Tensor position_encoding_loss_kernel(const at::Tensor& pred_in, at::IntArrayRef kinds, at::ArrayRef<double> params,
                                          c10::string_view reduction) {
+  check_position_encoding_loss_inputs(pred_in, kinds, params);
   const MapSpecs maps = map_specs(pred_in, kinds, params);
   const Reduction red = parse_reduction(std::string(reduction));
   const c10::cuda::CUDAGuard guard(pred_in.device());
@@ -99,12 +99,12 @@ at::Tensor position_encoding_loss_kernel(const at::Tensor& pred_in, at::IntArray
 at::Tensor position_encoding_loss_backward_kernel(const at::Tensor& grad_in, const at::Tensor& pred_in,
                                                   at::IntArrayRef kinds, at::ArrayRef<double> params,
                                                   c10::string_view reduction) {
-  const MapSpecs maps = map_specs(pred_in, kinds, params);
   const Reduction red = parse_reduction(std::string(reduction));
+  check_position_encoding_loss_backward_inputs(grad_in, pred_in, kinds, params, red);
+  const MapSpecs maps = map_specs(pred_in, kinds, params);
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const at::Tensor pred = pred_in.contiguous();
-  const auto acc = acc_dtype(pred.scalar_type());
-  const at::Tensor grad = (red == Reduction::None ? grad_in.expand_as(pred) : grad_in).to(acc).contiguous();
+  const at::Tensor grad = loss_grad_acc(grad_in, pred, red);
   const int64_t total = pred.numel(), M = pred.size(1), H = pred.size(2), W = pred.size(3);
   at::Tensor out = at::empty_like(pred);
   if (total == 0) return out;

@@ -1,0 +1,173 @@
+"""Every registered op, forward and backward, called directly (no Python validation in front)
+with each mismatched argument, stops with an error naming that argument on every device."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ops = torch.ops.idd_ops
+B, K, C, H, W, P = 2, 4, 3, 5, 6, 7
+
+
+def valid_args(device):
+    """Well-formed arguments of every op: {op name: [args]}."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    feats, labels = randn(B, C, H, W), torch.randint(0, K, (B, H, W), generator=g).to(device)
+    counts = torch.randint(1, 5, (B, K), generator=g).to(device)
+    cent, dist = randn(B, K, C), randn(B, K, K)
+    one = randn(())
+    return {
+        "class_centroids": [feats, labels, K, 255],
+        "_class_centroids_ordered": [feats, labels, K, 255],
+        "_class_centroids_backward": [cent, labels, counts, H, W, torch.float32, 255],
+        "class_distance_matrix": [cent, counts, "euclidean", False, 1e-8],
+        "_class_distance_matrix_backward": [dist, cent, counts, "euclidean", False, 1e-8],
+        "idd_loss": [dist, dist.clone(), counts, counts.clone(), "mean"],
+        "_idd_loss_backward": [one, dist, dist.clone(), counts, counts.clone(), "mean"],
+        "position_encoding_loss": [randn(B, 2, H, W), [0, 1], [0.0, 0.0], "mean"],
+        "_position_encoding_loss_backward": [one, randn(B, 2, H, W), [0, 1], [0.0, 0.0], "mean"],
+        "softmax_kl": [randn(B, C, P), randn(B, C, P), 1.0],
+        "_softmax_kl_backward": [randn(B, P), randn(B, C, P), randn(B, C, P), randn(B, P), randn(B, P), 1.0],
+        "affinity_loss": [randn(B, C, P), randn(B, C + 1, P)],
+        "_affinity_loss_backward": [one, randn(B, C, P), randn(B, C + 1, P), randn(B, C, C), randn(B, C, C + 1)],
+        "pixel_centroid_cosine": [feats, cent, labels, 255, 1e-8],
+        "_pixel_centroid_cosine_backward": [randn(B, H, W), feats, cent, labels, randn(B, H, W), randn(B, H, W),
+                                            255, 1e-8],
+    }
+
+
+def _t(shape, dtype=torch.float32):
+    return lambda a: torch.zeros(shape, dtype=dtype, device=a.device)
+
+
+def _dtype(dtype):
+    return lambda a: a.to(dtype)
+
+
+# (op, argument position, replacement (a function of the valid argument, or a value),
+#  exception, text the message must contain)
+CASES = [
+    ("class_centroids", 0, _t((B, C, H)), ValueError, "feats"),
+    ("class_centroids", 0, _dtype(torch.int64), TypeError, "feats"),
+    ("class_centroids", 1, _t((B + 1, H, W), torch.int64), ValueError, "labels: batch"),
+    ("class_centroids", 1, _dtype(torch.float32), TypeError, "labels"),
+    ("class_centroids", 2, 0, ValueError, "num_classes"),
+    ("_class_centroids_ordered", 1, _t((B, H), torch.int64), ValueError, "labels"),
+    ("_class_centroids_backward", 0, _t((B, K)), ValueError, "grad_centroids"),
+    ("_class_centroids_backward", 1, _t((B + 1, H, W), torch.int64), ValueError, "labels: batch"),
+    ("_class_centroids_backward", 1, _t((B, 0, W), torch.int64), ValueError, "labels: spatial"),
+    ("_class_centroids_backward", 2, _t((B, K + 1), torch.int64), ValueError, "counts"),
+    ("_class_centroids_backward", 2, _dtype(torch.int32), TypeError, "counts"),
+    ("_class_centroids_backward", 3, -1, ValueError, "height"),
+    ("_class_centroids_backward", 5, torch.int64, TypeError, "dtype"),
+    ("class_distance_matrix", 0, _t((B, K)), ValueError, "centroids"),
+    ("class_distance_matrix", 0, _dtype(torch.int64), TypeError, "centroids"),
+    ("class_distance_matrix", 1, _t((B, K + 1), torch.int64), ValueError, "counts"),
+    ("class_distance_matrix", 1, _t((B + 1, K), torch.int64), ValueError, "counts"),
+    ("class_distance_matrix", 1, _dtype(torch.float32), TypeError, "counts"),
+    ("class_distance_matrix", 2, "l1", ValueError, "metric"),
+    ("class_distance_matrix", 4, -1.0, ValueError, "eps"),
+    ("_class_distance_matrix_backward", 0, _t((B, K, K + 1)), ValueError, "grad"),
+    ("_class_distance_matrix_backward", 0, _dtype(torch.int64), TypeError, "grad"),
+    ("_class_distance_matrix_backward", 2, _t((B, K + 1), torch.int64), ValueError, "counts"),
+    ("idd_loss", 0, _t((B, K, K + 1)), ValueError, "student_dist"),
+    ("idd_loss", 1, _t((1, K, K)), ValueError, "teacher_dist"),  # once read past the end of a buffer
+    ("idd_loss", 1, _dtype(torch.int64), TypeError, "teacher_dist"),
+    ("idd_loss", 2, _t((B, K + 1), torch.int64), ValueError, "student_counts"),
+    ("idd_loss", 3, _t((1, K), torch.int64), ValueError, "teacher_counts"),
+    ("idd_loss", 3, _dtype(torch.float32), TypeError, "teacher_counts"),
+    ("idd_loss", 4, "avg", ValueError, "reduction"),
+    ("_idd_loss_backward", 0, _t((3,)), ValueError, "grad"),
+    ("_idd_loss_backward", 2, _t((B, K + 1, K + 1)), ValueError, "teacher_dist"),
+    ("_idd_loss_backward", 4, _t((B, 1), torch.int64), ValueError, "teacher_counts"),
+    ("position_encoding_loss", 0, _t((B, 2, H)), ValueError, "pred"),
+    ("position_encoding_loss", 0, _dtype(torch.int64), TypeError, "pred"),
+    ("position_encoding_loss", 1, [0], ValueError, "params"),
+    ("position_encoding_loss", 1, [0, 99], ValueError, "kinds"),
+    ("position_encoding_loss", 2, [0.0], ValueError, "params"),
+    ("_position_encoding_loss_backward", 0, _t((2,)), ValueError, "grad"),
+    ("_position_encoding_loss_backward", 1, _t((B, 3, H, W)), ValueError, "pred"),
+    ("softmax_kl", 0, _t((B, C)), ValueError, "student"),
+    ("softmax_kl", 1, _t((B, C, P + 1)), ValueError, "teacher"),
+    ("softmax_kl", 1, _dtype(torch.int64), TypeError, "teacher"),
+    ("softmax_kl", 2, 0.0, ValueError, "temperature"),
+    ("_softmax_kl_backward", 0, _t((B, P + 1)), ValueError, "grad"),
+    ("_softmax_kl_backward", 3, _t((B + 1, P)), ValueError, "lse_student"),
+    ("_softmax_kl_backward", 4, _dtype(torch.int64), TypeError, "lse_teacher"),
+    ("affinity_loss", 1, _t((B, C, P + 1)), ValueError, "teacher"),
+    ("affinity_loss", 1, _t((B, P)), ValueError, "teacher"),
+    ("affinity_loss", 0, _dtype(torch.int64), TypeError, "student"),
+    ("_affinity_loss_backward", 0, _t((2,)), ValueError, "grad"),
+    ("_affinity_loss_backward", 3, _t((B, C, C + 1)), ValueError, "gram_ss"),
+    ("_affinity_loss_backward", 4, _t((B, C, C)), ValueError, "gram_st"),
+    ("pixel_centroid_cosine", 1, _t((B, K, C + 1)), ValueError, "centroids"),
+    ("pixel_centroid_cosine", 1, _t((B + 1, K, C)), ValueError, "centroids"),
+    ("pixel_centroid_cosine", 2, _t((B + 1, H, W), torch.int64), ValueError, "labels: batch"),
+    ("pixel_centroid_cosine", 4, -1.0, ValueError, "eps"),
+    ("_pixel_centroid_cosine_backward", 0, _t((B, H, W + 1)), ValueError, "grad"),
+    ("_pixel_centroid_cosine_backward", 4, _t((B, H + 1, W)), ValueError, "cos"),
+    ("_pixel_centroid_cosine_backward", 5, _dtype(torch.float64), TypeError, "feat_norms"),
+    ("_pixel_centroid_cosine_backward", 2, _t((B, K, C + 2)), ValueError, "centroids"),
+]
+
+
+def _call(name, args):
+    return getattr(ops, name)(*args)
+
+
+@pytest.mark.parametrize("name", sorted(valid_args("cpu")))
+def test_valid_arguments_run(device, name):
+    """The baseline of every case below: without the bad argument the call succeeds."""
+    _call(name, valid_args(device)[name])
+
+
+@pytest.mark.parametrize("name,pos,bad,exc,text", CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[4].split(':')[0]}-{i}" for i, c in enumerate(CASES)])
+def test_bad_argument(device, name, pos, bad, exc, text):
+    args = valid_args(device)[name]
+    args[pos] = bad(args[pos]) if callable(bad) and not isinstance(bad, torch.dtype) else bad
+    with pytest.raises(exc, match=text):
+        _call(name, args)
+
+
+def test_every_op_is_covered():
+    schemas = {op for op in dir(ops) if not op.startswith("__") and isinstance(getattr(ops, op), torch._ops.OpOverloadPacket)}
+    assert schemas == set(valid_args("cpu")), schemas ^ set(valid_args("cpu"))
+    assert {c[0] for c in CASES} == schemas
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name", sorted(valid_args("cpu")))
+def test_tensor_on_another_device(name):
+    """Any one tensor left on the CPU beside CUDA tensors is refused before a kernel runs."""
+    args = valid_args("cuda")
+    for pos, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.dim() > 0:
+            moved = list(args)
+            moved[pos] = a.cpu()
+            with pytest.raises(ValueError, match="on cpu"):
+                _call(name, moved)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("call", [
+    "idd_ops.class_centroids(x, y, 3)",
+    "torch.ops.idd_ops._class_centroids_backward(torch.ones(1, 3, 2, device='cuda'), y, "
+    "torch.ones(1, 3, dtype=torch.long, device='cuda'), 4, 4, torch.float32, 255)",
+    "torch.ops.idd_ops.pixel_centroid_cosine(x, torch.ones(1, 3, 2, device='cuda'), y, 255, 1e-8)",
+])
+def test_cuda_labels_out_of_range_stop_with_a_device_assert(call):
+    """As nll_loss does: no host sync, a device-side assert (which ends the CUDA context, hence
+    a child process). The CPU raises a ValueError instead (test_bad_input)."""
+    code = ("import torch, idd_ops\n"
+            "x = torch.randn(1, 2, 4, 4, device='cuda')\n"
+            "y = torch.full((1, 4, 4), 7, device='cuda')\n"
+            f"{call}\n"
+            "torch.cuda.synchronize()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0 and "device-side assert" in proc.stderr, proc.stderr[-2000:]
