@@ -171,3 +171,20 @@ def test_cuda_labels_out_of_range_stop_with_a_device_assert(call):
             "torch.cuda.synchronize()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode != 0 and "device-side assert" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_idd_loss_accepts_half_and_bfloat16(device, dtype):
+    """Low-precision distance matrices are accepted (accumulated in float32), value and gradient."""
+    args = valid_args(device)["idd_loss"]
+    ds, dt = args[0].to(dtype).requires_grad_(), args[1].to(dtype)
+    for reduction in ("mean", "sum", "none"):
+        ds.grad = None
+        loss = ops.idd_loss(ds, dt, args[2], args[3], reduction)
+        loss.float().sum().backward()
+        want_ds = ds.detach().double().requires_grad_()
+        want = ops.idd_loss(want_ds, dt.double(), args[2], args[3], reduction)
+        want.sum().backward()
+        assert loss.dtype == dtype and ds.grad.dtype == dtype
+        torch.testing.assert_close(loss.double(), want, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(ds.grad.double(), want_ds.grad, rtol=2e-2, atol=2e-2)
