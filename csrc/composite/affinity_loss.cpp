@@ -5,6 +5,7 @@
 // With F_S [B, Cs, P] and F_T [B, Ct, P] (L2-normalised over channels), A = F^T F:
 //   sum (A_S - A_T)^2 = ||F_S F_S^T||^2 - 2 ||F_S F_T^T||^2 + ||F_T F_T^T||^2   (Frobenius)
 //   d/dF_S = 4 (F_S F_S^T F_S - F_S F_T^T F_T)
+// Extra memory: the float64 copies of the features, O(B*C*P), and the C x C Grams.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -20,30 +21,37 @@ void check_affinity_inputs(const at::Tensor& fs, const at::Tensor& ft) {
                     "pixel count, got ", ft.sizes(), " vs ", fs.sizes());
 }
 
-// Returns (loss, G_ss, G_st); the two Gram products are what the backward needs.
+// Returns (per-image loss [B], G_ss, G_st): entry b is the mean over the P*P affinity entries of
+// image b, in the accumulation dtype; the two Gram products are what the backward needs.
+// The Grams are accumulated in float64: the three norms cancel as the student nears the teacher
+// (their difference is O(|A_S - A_T|^2) while each is O(P^2)), and Grams rounded to float32 would
+// leave the value with a relative error that grows without bound as the loss goes to 0. Products of
+// float32 values are exact in float64, so float64 Grams of the float32 features make the value as
+// accurate as the features themselves.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss(const at::Tensor& fs_in, const at::Tensor& ft_in) {
   check_affinity_inputs(fs_in, ft_in);
   const auto acc = acc_dtype(fs_in.scalar_type());
-  const at::Tensor fs = fs_in.to(acc), ft = ft_in.to(acc);
-  const int64_t B = fs.size(0), P = fs.size(2);
+  const at::Tensor fs = fs_in.to(at::kDouble), ft = ft_in.to(at::kDouble);
+  const int64_t P = fs.size(2);
   const at::Tensor gss = at::bmm(fs, fs.transpose(1, 2));
   const at::Tensor gst = at::bmm(fs, ft.transpose(1, 2));
   const at::Tensor gtt = at::bmm(ft, ft.transpose(1, 2));
-  // The three norms are summed in float64: their difference cancels when student ~ teacher.
-  const at::Tensor total = gss.to(at::kDouble).square().sum() - 2 * gst.to(at::kDouble).square().sum() +
-                           gtt.to(at::kDouble).square().sum();
-  const double denom = static_cast<double>(std::max<int64_t>(B, 1)) * static_cast<double>(P) * static_cast<double>(P);
-  return {(total.clamp_min(0) / std::max(denom, 1.0)).to(fs_in.scalar_type()), gss, gst};
+  // A sum of squares is >= 0; the clamp only removes float64 rounding (relative 1e-16) at 0.
+  const at::Tensor per_image = (gss.square().sum({1, 2}) - 2 * gst.square().sum({1, 2}) + gtt.square().sum({1, 2}))
+                                   .clamp_min(0);
+  const double denom = std::max(static_cast<double>(P) * static_cast<double>(P), 1.0);
+  return {(per_image / denom).to(acc), gss.to(acc), gst.to(acc)};
 }
 
+// grad [B] (one value per image's loss) -> d/dF_S [B, Cs, P].
 at::Tensor affinity_loss_backward(const at::Tensor& grad, const at::Tensor& fs_in, const at::Tensor& ft_in,
                                   const at::Tensor& gss, const at::Tensor& gst) {
   check_affinity_inputs(fs_in, ft_in);
   const auto acc = gss.scalar_type();
   const at::Tensor fs = fs_in.to(acc), ft = ft_in.to(acc);
   const int64_t B = fs.size(0), P = fs.size(2);
-  const double denom = std::max(static_cast<double>(B) * static_cast<double>(P) * static_cast<double>(P), 1.0);
-  const at::Tensor scale = grad.to(acc) * (4.0 / denom);
+  const double denom = std::max(static_cast<double>(P) * static_cast<double>(P), 1.0);
+  const at::Tensor scale = grad.to(acc).reshape({B, 1, 1}) * (4.0 / denom);
   return (scale * (at::bmm(gss, fs) - at::bmm(gst, ft))).to(fs_in.scalar_type());
 }
 
