@@ -106,7 +106,7 @@ def structural_kd_loss(student_feats: Tensor, teacher_feats: Tensor, pool: int =
     normalisation over channels, affinity ``A = F^T F`` over the P pooled pixels, squared error
     ``(A_S - A_T)^2`` per affinity entry. Computed through C x C Gram products (accumulated in
     float64, so the value stays accurate as the student nears the teacher); the extra memory is
-    O(B*C*P) for the normalised features, never O(B*P*P).
+    O(B*C*P) for the normalised features and O(B*C*C) for the Grams, never O(B*P*P).
 
     Args:
         student_feats: ``[B, Cs, H, W]``; teacher_feats: ``[B, Ct, H, W]`` (channels may differ,

@@ -15,22 +15,11 @@ from ._position_maps import position_maps
 from ._reduction import reduce
 
 
-def _nearest_rows(out_size, in_size, device):
-    # F.interpolate's nearest rule on float32 input (its scale is float32): the index of every
-    # output row, read off an interpolated float32 ramp (exact below 2^24 rows).
-    ramp = torch.arange(in_size, dtype=torch.float32, device=device)[None, None]
-    return F.interpolate(ramp, size=out_size, mode="nearest")[0, 0].long()
-
-
 def resize_labels(labels, size):
-    """Labels ``[B, Hy, Wy]`` -> ``[B, H, W]`` (int64) by nearest neighbour, F.interpolate's
-    rule with its float32 scale, for label values of any size."""
-    y = labels.long()
+    """Labels ``[B, Hy, Wy]`` -> ``[B, H, W]`` (int64) by nearest neighbour (F.interpolate's rule)."""
     if tuple(labels.shape[-2:]) == tuple(size):
-        return y
-    rows = _nearest_rows(size[0], labels.shape[1], labels.device)
-    cols = _nearest_rows(size[1], labels.shape[2], labels.device)
-    return y[:, rows][:, :, cols]
+        return labels.long()
+    return F.interpolate(labels[:, None].double(), size=tuple(size), mode="nearest")[:, 0].long()
 
 
 def _kl_rows(s, t, dim):

@@ -5,7 +5,7 @@
 // With F_S [B, Cs, P] and F_T [B, Ct, P] (L2-normalised over channels), A = F^T F:
 //   sum (A_S - A_T)^2 = ||F_S F_S^T||^2 - 2 ||F_S F_T^T||^2 + ||F_T F_T^T||^2   (Frobenius)
 //   d/dF_S = 4 (F_S F_S^T F_S - F_S F_T^T F_T)
-// Extra memory: the float64 copies of the features, O(B*C*P), and the C x C Grams.
+// Extra memory: float64 copies of one image's features, O(C*P), and the C x C Grams.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -31,14 +31,21 @@ void check_affinity_inputs(const at::Tensor& fs, const at::Tensor& ft) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss(const at::Tensor& fs_in, const at::Tensor& ft_in) {
   check_affinity_inputs(fs_in, ft_in);
   const auto acc = acc_dtype(fs_in.scalar_type());
-  const at::Tensor fs = fs_in.to(at::kDouble), ft = ft_in.to(at::kDouble);
-  const int64_t P = fs.size(2);
-  const at::Tensor gss = at::bmm(fs, fs.transpose(1, 2));
-  const at::Tensor gst = at::bmm(fs, ft.transpose(1, 2));
-  const at::Tensor gtt = at::bmm(ft, ft.transpose(1, 2));
-  // A sum of squares is >= 0; the clamp only removes float64 rounding (relative 1e-16) at 0.
-  const at::Tensor per_image = (gss.square().sum({1, 2}) - 2 * gst.square().sum({1, 2}) + gtt.square().sum({1, 2}))
-                                   .clamp_min(0);
+  const int64_t B = fs_in.size(0), P = fs_in.size(2);
+  const auto f64 = fs_in.options().dtype(at::kDouble);
+  at::Tensor gss = at::empty({B, fs_in.size(1), fs_in.size(1)}, f64);
+  at::Tensor gst = at::empty({B, fs_in.size(1), ft_in.size(1)}, f64);
+  at::Tensor per_image = at::empty({B}, f64);
+  // One image at a time, so the float64 copies of the features cost O(C*P), not O(B*C*P).
+  for (int64_t b = 0; b < B; ++b) {
+    const at::Tensor fs = fs_in[b].to(at::kDouble), ft = ft_in[b].to(at::kDouble);
+    at::Tensor gss_b = gss[b], gst_b = gst[b];
+    at::mm_out(gss_b, fs, fs.t());
+    at::mm_out(gst_b, fs, ft.t());
+    const at::Tensor gtt = at::mm(ft, ft.t());
+    // A sum of squares is >= 0; the clamp only removes float64 rounding (relative 1e-16) at 0.
+    per_image[b].copy_((gss_b.square().sum() - 2 * gst_b.square().sum() + gtt.square().sum()).clamp_min(0));
+  }
   const double denom = std::max(static_cast<double>(P) * static_cast<double>(P), 1.0);
   return {(per_image / denom).to(acc), gss.to(acc), gst.to(acc)};
 }
