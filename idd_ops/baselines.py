@@ -104,9 +104,10 @@ def _affinity_features(x: Tensor, pool: int) -> Tensor:
 def structural_kd_loss(student_feats: Tensor, teacher_feats: Tensor, pool: int = 2, reduction: str = "mean") -> Tensor:
     """Structural KD (pairwise affinity): ``pool x pool`` max pooling (ceil mode), L2
     normalisation over channels, affinity ``A = F^T F`` over the P pooled pixels, squared error
-    ``(A_S - A_T)^2`` per affinity entry. Computed through C x C Gram products (accumulated in
-    float64, so the value stays accurate as the student nears the teacher); the extra memory is
-    O(B*C*P) for the normalised features and O(B*C*C) for the Grams, never O(B*P*P).
+    ``(A_S - A_T)^2`` per affinity entry. Computed through C x C Gram products, in a
+    differenced form (equal channel counts) or from float64 Grams (different ones), so the value
+    stays accurate as the student nears the teacher; the extra memory is O(B*C*P) for the
+    normalised features and O(B*C*C) for the Grams, never O(B*P*P).
 
     Args:
         student_feats: ``[B, Cs, H, W]``; teacher_feats: ``[B, Ct, H, W]`` (channels may differ,
