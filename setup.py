@@ -66,6 +66,7 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["idd_ops", "idd_ops.*"]),
+    package_data={"idd_ops": ["py.typed"]},  # the public API carries type hints (PEP 561)
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     extras_require={"test": ["pytest", "numpy"], "bench": ["pytest-benchmark", "numpy"], "demo": ["matplotlib"]},

@@ -76,7 +76,7 @@ def _position(size):
 def _pixel_kd():
     y = common.street_labels(8, 512, 1024, 19)
     return Case("pixel_kd", "logits B=8 K=19 512x1024, ignore 255", [_randn(8, 19, 512, 1024), _randn(8, 19, 512, 1024, seed=1), y],
-                lambda m, s, t, y: m.pixel_kd_loss(s, t, 1.0, ignore_index=255, labels=y))
+                lambda m, s, t, y: m.pixel_kd_loss(s, t, y, temperature=1.0))
 
 
 def _cwd():

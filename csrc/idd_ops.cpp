@@ -39,8 +39,9 @@ TORCH_LIBRARY(idd_ops, m) {
   m.def("softmax_kl(Tensor student, Tensor teacher, float temperature) -> (Tensor, Tensor, Tensor)");
   m.def("_softmax_kl_backward(Tensor grad, Tensor student, Tensor teacher, Tensor lse_student, Tensor lse_teacher, "
         "float temperature) -> Tensor");
-  // Mean over B*P*P of (A_S - A_T)^2, A = F^T F of [B, C, P] features, through C x C Gram
-  // products (never the P x P affinity); also returns G_ss and G_st for the backward.
+  // Per-image mean over P*P of (A_S - A_T)^2 ([B], accumulation dtype), A = F^T F of [B, C, P]
+  // features, through C x C Gram products (never the P x P affinity); also returns G_ss and G_st
+  // for the backward.
   m.def("affinity_loss(Tensor student, Tensor teacher) -> (Tensor, Tensor, Tensor)");
   m.def("_affinity_loss_backward(Tensor grad, Tensor student, Tensor teacher, Tensor gram_ss, Tensor gram_st) "
         "-> Tensor");

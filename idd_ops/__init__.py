@@ -1,22 +1,44 @@
-"""idd_ops: fused kernels for distilling inter-class distance in semantic segmentation."""
+"""idd_ops: fused kernels for distilling inter-class distance in semantic segmentation.
+
+Layers, each importing only the ones below it: the public functions and modules (functional,
+baselines, position, probe, nn, distiller) over the op wrappers (_ops: fake kernels and
+autograd) over the compiled ops (_C). ``idd_ops.reference`` (plain PyTorch) and the private
+helpers it shares (_dtypes, _reduction, _position_maps) need torch alone, so the reference
+imports even where the compiled library does not load; the fused names then raise an
+ImportError that carries the loader's message.
+"""
 import torch
 
-from . import _C  # noqa: F401  (loads the compiled library: registers torch.ops.idd_ops)
-from . import _ops  # noqa: F401  (fake kernels and autograd for those ops)
-from . import nn, reference
-from .baselines import (channel_wise_distillation_loss, intra_class_variation_loss, pixel_kd_loss,
-                        structural_kd_loss)
-from .distiller import Distiller
-from .functional import class_centroids, class_distance_matrix, inter_class_distance_loss
-from .position import position_encoding_loss, position_maps
-from .probe import probe_position_information
+from . import reference
+
+try:
+    from . import _C  # noqa: F401  (loads the compiled library: registers torch.ops.idd_ops)
+except ImportError as error:  # keep the reference usable; report on first use of a fused name
+    _LOAD_ERROR = error
+else:
+    _LOAD_ERROR = None
+    from . import _ops  # noqa: F401  (fake kernels and autograd for those ops)
+    from . import nn
+    from .baselines import (channel_wise_distillation_loss, intra_class_variation_loss, pixel_kd_loss,
+                            structural_kd_loss)
+    from .distiller import Distiller
+    from .functional import class_centroids, class_distance_matrix, inter_class_distance_loss
+    from .position import position_encoding_loss, position_maps
+    from .probe import probe_position_information
 
 __version__ = "0.1.0"
 
+if _LOAD_ERROR is not None:
+    def __getattr__(name):
+        if name in __all__:
+            raise ImportError(f"idd_ops.{name} needs the compiled library, which did not load ({_LOAD_ERROR}); "
+                              "only idd_ops.reference is available") from _LOAD_ERROR
+        raise AttributeError(f"module 'idd_ops' has no attribute {name!r}")
 
-def cuda_available():
+
+def cuda_available() -> bool:
     """True when the CUDA kernels were compiled in and a GPU is visible."""
-    return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    return _LOAD_ERROR is None and torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
         "idd_ops::class_centroids", "CUDA")
 
 

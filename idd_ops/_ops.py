@@ -6,12 +6,9 @@ wired to the explicit backward ops, so no gradient goes through a chain of PyTor
 import torch
 from torch.library import register_autograd, register_fake
 
+from ._dtypes import acc_dtype
+
 ops = torch.ops.idd_ops
-
-
-def acc_dtype(dtype):
-    """Accumulation dtype of a feature dtype: float64 stays, everything else is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---- class_centroids -------------------------------------------------------------------
@@ -159,20 +156,22 @@ def _(grad, student, teacher, lse_student, lse_teacher, temperature):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
-def _teacher_is_constant(ctx, op):
-    if ctx.needs_input_grad[1]:
-        raise RuntimeError(f"idd_ops::{op}: the teacher input is a constant and gets no gradient; detach it")
+def _teacher_is_constant(teacher, op):
+    # Checked when the op is called (setup runs in the forward), not when backward reaches it.
+    if teacher.requires_grad:
+        raise RuntimeError(f"idd_ops::{op}: the teacher input requires grad, but it is a constant that gets no "
+                           "gradient; pass teacher.detach()")
 
 
 def _kl_setup(ctx, inputs, output):
     student, teacher, temperature = inputs
+    _teacher_is_constant(teacher, "softmax_kl")
     ctx.save_for_backward(student, teacher, output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.temperature = temperature
 
 
 def _kl_backward(ctx, grad, _grad_lse_s, _grad_lse_t):
-    _teacher_is_constant(ctx, "softmax_kl")
     student, teacher, lse_s, lse_t = ctx.saved_tensors
     return ops._softmax_kl_backward(grad, student, teacher, lse_s, lse_t, ctx.temperature), None, None
 
@@ -187,7 +186,7 @@ register_autograd("idd_ops::softmax_kl", _kl_backward, setup_context=_kl_setup)
 def _(student, teacher):
     B, Cs, _ = student.shape
     acc = acc_dtype(student.dtype)
-    return (student.new_empty(()), student.new_empty((B, Cs, Cs), dtype=acc),
+    return (student.new_empty((B,), dtype=acc), student.new_empty((B, Cs, Cs), dtype=acc),
             student.new_empty((B, Cs, teacher.shape[1]), dtype=acc))
 
 
@@ -197,12 +196,12 @@ def _(grad, student, teacher, gram_ss, gram_st):
 
 
 def _affinity_setup(ctx, inputs, output):
+    _teacher_is_constant(inputs[1], "affinity_loss")
     ctx.save_for_backward(inputs[0], inputs[1], output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _affinity_backward(ctx, grad, _g_ss, _g_st):
-    _teacher_is_constant(ctx, "affinity_loss")
     fs, ft, gss, gst = ctx.saved_tensors
     return ops._affinity_loss_backward(grad, fs, ft, gss, gst), None
 

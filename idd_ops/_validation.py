@@ -4,7 +4,7 @@ import torch
 
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 NORMALIZE = (None, "mean")
-REDUCTIONS = ("mean", "sum", "none")
+from ._reduction import REDUCTIONS  # noqa: F401  (re-exported for the checks)
 
 
 def check_features(name, x):
@@ -39,11 +39,25 @@ def check_pair(student, teacher, names=("student_feats", "teacher_feats")):
         raise ValueError(f"{t}: on {teacher.device} but {s} on {student.device}")
 
 
+def check_int(name, value, minimum=None):
+    """An int (bools are not numbers here): TypeError otherwise; ValueError below minimum."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int{'' if minimum is None else f' >= {minimum}'}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def check_positive(name, value):
+    """A positive int or float (not a bool): TypeError for another type, ValueError if <= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a positive number, got {value!r}")
+    if not value > 0:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+
+
 def check_num_classes(num_classes, ignore_index):
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes: expected an int >= 1, got {num_classes!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+    check_int("num_classes", num_classes, 1)
+    check_int("ignore_index", ignore_index)
 
 
 def check_choice(name, value, choices):
@@ -52,18 +66,34 @@ def check_choice(name, value, choices):
 
 
 def check_eps(eps):
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps: expected a positive number, got {eps!r}")
+    check_positive("eps", eps)
 
 
 def check_centroids(centroids, counts):
-    if not isinstance(centroids, torch.Tensor) or centroids.dim() != 3 or not centroids.is_floating_point():
-        raise ValueError(f"centroids: expected a floating [B, K, C] tensor, got "
-                         f"{tuple(centroids.shape) if isinstance(centroids, torch.Tensor) else type(centroids).__name__}")
-    if not isinstance(counts, torch.Tensor) or counts.dim() != 2 or tuple(counts.shape) != tuple(centroids.shape[:2]):
+    if not isinstance(centroids, torch.Tensor):
+        raise TypeError(f"centroids: expected a torch.Tensor, got {type(centroids).__name__}")
+    if centroids.dim() != 3:
+        raise ValueError(f"centroids: expected a [B, K, C] tensor, got shape {tuple(centroids.shape)}")
+    if not centroids.is_floating_point():
+        raise TypeError(f"centroids: expected a floating dtype, got {centroids.dtype}")
+    if not isinstance(counts, torch.Tensor):
+        raise TypeError(f"counts: expected a torch.Tensor, got {type(counts).__name__}")
+    if counts.dim() != 2 or tuple(counts.shape) != tuple(centroids.shape[:2]):
         raise ValueError(f"counts: expected a [B, K] = {tuple(centroids.shape[:2])} tensor, got "
-                         f"{tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__}")
+                         f"{tuple(counts.shape)}")
     if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
         raise TypeError(f"counts: expected an integer dtype, got {counts.dtype}")
     if counts.device != centroids.device:
         raise ValueError(f"counts: on {counts.device} but centroids on {centroids.device}")
+
+
+def check_same_shape(student_name, student, teacher_name, teacher, adapter_hint):
+    if student.shape != teacher.shape:
+        raise ValueError(f"{teacher_name}: shape {tuple(teacher.shape)} differs from {student_name}' "
+                         f"{tuple(student.shape)}; {adapter_hint}")
+
+
+def check_same_size(student, teacher, why):
+    if student.shape[2:] != teacher.shape[2:]:
+        raise ValueError(f"teacher_feats: spatial size {tuple(teacher.shape[2:])} differs from student_feats' "
+                         f"{tuple(student.shape[2:])}; {why}")

@@ -1,7 +1,16 @@
 """A drop-in helper that adds IDD (and PID, pixel KD, the baselines) to an existing training loop."""
-import torch
-from torch import nn
+from types import ModuleType, SimpleNamespace
+from typing import Dict, Mapping, Optional, Tuple, Union
 
+import torch
+from torch import Tensor, nn
+
+from . import baselines, functional
+
+# The fused losses under the names Distiller calls; idd_ops.reference has the same names.
+FUSED = SimpleNamespace(inter_class_distance_loss=functional.inter_class_distance_loss,
+                        pixel_kd_loss=baselines.pixel_kd_loss, structural_kd_loss=baselines.structural_kd_loss,
+                        intra_class_variation_loss=baselines.intra_class_variation_loss)
 
 
 class FeatureHook:
@@ -38,8 +47,9 @@ class Distiller(nn.Module):
     your own task loss (e.g. cross-entropy) to ``losses["total"]``.
 
     Args:
-        teacher, student: ``nn.Module``s mapping images to logits ``[B, K, h, w]``.
-        student_layer, teacher_layer: names (as in ``named_modules()``) of the layers whose
+        teacher, student: ``nn.Module``s mapping images to logits ``[B, K, h, w]``. Every other
+            argument is keyword-only.
+        teacher_layer, student_layer: names (as in ``named_modules()``) of the layers whose
             ``[B, C, H, W]`` outputs feed IDD, PID, SKD and IFVD.
         num_classes: K. ignore_index: Default 255.
         weights: loss name -> weight; names: ``"idd"``, ``"pid"``, ``"kd"`` (pixel KD on
@@ -47,15 +57,17 @@ class Distiller(nn.Module):
             skips that loss.
         pid: a :class:`~idd_ops.nn.PositionDistillationLoss` (needed when ``"pid"`` is weighted).
         idd_options: extra keyword arguments for :func:`idd_ops.inter_class_distance_loss`.
-        lib: where the functional losses come from: ``idd_ops`` (default) or
-            ``idd_ops.reference`` (to compare speed or values with plain PyTorch).
+        lib: where the functional losses come from: None (default) for the fused ones, or
+            ``idd_ops.reference`` (to compare speed or values with plain PyTorch); ``idd_ops``
+            itself works too.
         kd_temperature: Default 1.0. kd_ignore: leave ignored pixels out of pixel KD (default
             False: all B*H*W pixels, the CIRKD convention that lambda_kd = 10 assumes). cwd: a :class:`~idd_ops.nn.ChannelWiseDistillationLoss`
             (needed when ``"cwd"`` is weighted).
 
     Example::
 
-        distiller = idd_ops.Distiller(teacher, student, "head.bottleneck", "head.bottleneck", 19,
+        distiller = idd_ops.Distiller(teacher, student, teacher_layer="head.bottleneck",
+                                      student_layer="head.bottleneck", num_classes=19,
                                       weights={"idd": 1.0, "kd": 10.0})
         logits, losses = distiller(images, labels)
         loss = F.cross_entropy(logits, labels, ignore_index=255) + losses["total"]
@@ -63,8 +75,11 @@ class Distiller(nn.Module):
 
     LOSSES = ("idd", "pid", "kd", "skd", "ifvd", "cwd")
 
-    def __init__(self, teacher, student, student_layer, teacher_layer, num_classes, ignore_index=255, weights=None,
-                 pid=None, idd_options=None, kd_temperature=1.0, cwd=None, kd_ignore=False, lib=None):
+    def __init__(self, teacher: nn.Module, student: nn.Module, *, teacher_layer: str, student_layer: str,
+                 num_classes: int, ignore_index: int = 255, weights: Optional[Mapping[str, float]] = None,
+                 pid: Optional[nn.Module] = None, idd_options: Optional[Mapping[str, object]] = None,
+                 kd_temperature: float = 1.0, cwd: Optional[nn.Module] = None, kd_ignore: bool = False,
+                 lib: Optional[Union[ModuleType, SimpleNamespace]] = None):
         super().__init__()
         weights = {"idd": 1.0} if weights is None else dict(weights)
         unknown = set(weights) - set(self.LOSSES)
@@ -80,9 +95,7 @@ class Distiller(nn.Module):
         self.weights = {k: float(w) for k, w in weights.items() if w}
         self.idd_options = dict(idd_options or {})
         self.kd_temperature, self.kd_ignore = kd_temperature, kd_ignore
-        if lib is None:
-            import idd_ops as lib
-        self.lib = lib
+        self.lib = FUSED if lib is None else lib
         self._hooks = (FeatureHook(student, student_layer), FeatureHook(teacher, teacher_layer))
 
     def train(self, mode=True):
@@ -90,7 +103,7 @@ class Distiller(nn.Module):
         self.teacher.eval()  # the teacher stays in inference mode (BatchNorm statistics frozen)
         return self
 
-    def forward(self, images, labels):
+    def forward(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
         logits_s = self.student(images)
         with torch.no_grad():
             logits_t = self.teacher(images)
@@ -112,9 +125,8 @@ class Distiller(nn.Module):
             if logits_t.shape[-2:] != logits_s.shape[-2:]:
                 logits_t = nn.functional.interpolate(logits_t, size=logits_s.shape[-2:], mode="bilinear",
                                                      align_corners=False)
-            if self.kd_ignore:
-                return lib.pixel_kd_loss(logits_s, logits_t, self.kd_temperature, ign, labels)
-            return lib.pixel_kd_loss(logits_s, logits_t, self.kd_temperature)
+            return lib.pixel_kd_loss(logits_s, logits_t, labels if self.kd_ignore else None,
+                                     temperature=self.kd_temperature, ignore_index=ign)
         if name == "skd":
             return lib.structural_kd_loss(fs, ft)
         if name == "ifvd":

@@ -3,22 +3,27 @@
 Shapes: B images, C channels, H x W feature map, Hy x Wy label map, K classes.
 Every function validates its arguments (shape, dtype, device, option strings) without
 reading tensor values; labels outside [0, K) that are not ignore_index raise a ValueError
-from the CPU kernel (CUDA kernels skip them like ignored pixels, since reporting them would
-need a host sync).
+from the CPU kernel and stop the CUDA kernel with a device-side assert (as nll_loss does:
+checking on the host would need a sync).
 """
-import torch
+from typing import Optional, Tuple
 
-from . import _ops
+import torch
+from torch import Tensor
+
+from . import _ops  # noqa: F401  (registers autograd and fake kernels)
 from . import _validation as v
+from ._distributed import pooled_centroids
+from ._dtypes import loss_dtype
 
 ops = torch.ops.idd_ops
 
 
-def class_centroids(features, labels, num_classes, ignore_index=255):
+def class_centroids(feats: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255) -> Tuple[Tensor, Tensor]:
     """Per-image mean feature of every class.
 
     Args:
-        features: ``[B, C, H, W]`` float16/bfloat16/float32/float64.
+        feats: ``[B, C, H, W]`` float16/bfloat16/float32/float64.
         labels: ``[B, Hy, Wy]`` integer class map. When ``(Hy, Wy) != (H, W)`` it is resized
             on the fly by nearest neighbour, exactly as
             ``F.interpolate(labels[:, None].float(), size=(H, W), mode="nearest")``.
@@ -26,19 +31,20 @@ def class_centroids(features, labels, num_classes, ignore_index=255):
         ignore_index: label of pixels that belong to no class. Default: 255.
 
     Returns:
-        ``(centroids, counts)``: ``centroids [B, K, C]`` in ``features.dtype`` (accumulated in
+        ``(centroids, counts)``: ``centroids [B, K, C]`` in ``feats.dtype`` (accumulated in
         float32, or float64 for float64 input), 0 for a class absent from an image;
         ``counts [B, K]`` int64, the number of feature pixels of each class.
-        Differentiable w.r.t. ``features``.
+        Differentiable w.r.t. ``feats``.
     """
-    v.check_features("features", features)
-    v.check_labels(labels, "features", features)
+    v.check_features("feats", feats)
+    v.check_labels(labels, "feats", feats)
     v.check_num_classes(num_classes, ignore_index)
-    centroids, counts = ops.class_centroids(features, labels, num_classes, ignore_index)
-    return centroids.to(features.dtype), counts
+    centroids, counts = ops.class_centroids(feats, labels, num_classes, ignore_index)
+    return centroids.to(feats.dtype), counts
 
 
-def class_distance_matrix(centroids, counts, metric="euclidean", normalize=None, eps=1e-8):
+def class_distance_matrix(centroids: Tensor, counts: Tensor, metric: str = "euclidean", normalize: Optional[str] = None,
+                          eps: float = 1e-8) -> Tensor:
     """Pairwise distances between the class centroids of each image.
 
     Args:
@@ -61,32 +67,10 @@ def class_distance_matrix(centroids, counts, metric="euclidean", normalize=None,
     return ops.class_distance_matrix(centroids, counts.long(), metric, normalize == "mean", float(eps))
 
 
-def loss_dtype(x):
-    """Dtype of a loss computed from x: x's dtype, except float32 for a half or bfloat16 x under
-    torch.autocast (as PyTorch's own losses; the kernels accumulate in float32 anyway)."""
-    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
-        return torch.float32
-    return x.dtype
-
-
-def _pooled_centroids(centroids, counts, process_group):
-    """Per-image centroids [B,K,C] and counts [B,K] -> one batch-level centroid set [1,K,C], [1,K],
-    summed over every rank of process_group when one is given (a differentiable all-reduce)."""
-    sums = (centroids * counts[..., None].to(centroids.dtype)).sum(0, keepdim=True)
-    counts = counts.sum(0, keepdim=True)
-    if process_group is not None:
-        import torch.distributed as dist
-        import torch.distributed.nn.functional as dist_fn
-
-        sums = dist_fn.all_reduce(sums, group=process_group)
-        counts = counts.clone()
-        dist.all_reduce(counts, group=process_group)
-    return sums / counts.clamp_min(1)[..., None].to(sums.dtype), counts
-
-
-def inter_class_distance_loss(student_feats, teacher_feats, labels, num_classes, ignore_index=255,
-                              metric="euclidean", normalize=None, reduction="mean", eps=1e-8, centroids="image",
-                              process_group=None):
+def inter_class_distance_loss(student_feats: Tensor, teacher_feats: Tensor, labels: Tensor, num_classes: int,
+                              ignore_index: int = 255, metric: str = "euclidean", normalize: Optional[str] = None,
+                              reduction: str = "mean", eps: float = 1e-8, centroids: str = "image",
+                              process_group: Optional[object] = None) -> Tensor:
     """Inter-class distance distillation (IDD) loss.
 
     The student is trained so that the distances between its per-image class centroids
@@ -133,9 +117,9 @@ def inter_class_distance_loss(student_feats, teacher_feats, labels, num_classes,
     cs, ns = ops.class_centroids(student_feats, labels, num_classes, ignore_index)
     ct, nt = ops.class_centroids(teacher_feats.detach(), labels, num_classes, ignore_index)
     if centroids == "batch":
-        cs, ns = _pooled_centroids(cs, ns, process_group)
+        cs, ns = pooled_centroids(cs, ns, process_group)
         with torch.no_grad():
-            ct, nt = _pooled_centroids(ct, nt, process_group)
+            ct, nt = pooled_centroids(ct, nt, process_group)
     ds = ops.class_distance_matrix(cs, ns, metric, mean, float(eps))
     dt = ops.class_distance_matrix(ct, nt, metric, mean, float(eps))
     loss = ops.idd_loss(ds, dt.to(ds.dtype), ns, nt, reduction)
@@ -143,4 +127,3 @@ def inter_class_distance_loss(student_feats, teacher_feats, labels, num_classes,
 
 
 __all__ = ["class_centroids", "class_distance_matrix", "inter_class_distance_loss"]
-_ = _ops  # the registrations must run before the first op call

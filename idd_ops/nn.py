@@ -1,8 +1,12 @@
-"""nn.Module versions of the idd_ops losses."""
+"""nn.Module versions of the idd_ops losses. Every module takes the options of its function
+(same names and defaults) and passes them on."""
+from typing import Optional, Sequence, Union
+
 import torch
 import torch.nn.functional as TF
-from torch import nn
+from torch import Tensor, nn
 
+from . import _validation as v
 from . import baselines
 from . import functional as F
 from .position import num_maps, position_encoding_loss
@@ -15,8 +19,9 @@ class InterClassDistanceLoss(nn.Module):
     Call: ``loss(student_feats [B,Cs,Hs,Ws], teacher_feats [B,Ct,Ht,Wt], labels [B,Hy,Wy])``.
     """
 
-    def __init__(self, num_classes, ignore_index=255, metric="euclidean", normalize=None, reduction="mean",
-                 eps=1e-8):
+    def __init__(self, num_classes: int, ignore_index: int = 255, metric: str = "euclidean",
+                 normalize: Optional[str] = None, reduction: str = "mean", eps: float = 1e-8, centroids: str = "image",
+                 process_group: Optional[object] = None):
         super().__init__()
         self.num_classes = num_classes
         self.ignore_index = ignore_index
@@ -24,14 +29,17 @@ class InterClassDistanceLoss(nn.Module):
         self.normalize = normalize
         self.reduction = reduction
         self.eps = eps
+        self.centroids = centroids
+        self.process_group = process_group
 
-    def forward(self, student_feats, teacher_feats, labels):
+    def forward(self, student_feats: Tensor, teacher_feats: Tensor, labels: Tensor) -> Tensor:
         return F.inter_class_distance_loss(student_feats, teacher_feats, labels, self.num_classes, self.ignore_index,
-                                           self.metric, self.normalize, self.reduction, self.eps)
+                                           self.metric, self.normalize, self.reduction, self.eps, self.centroids,
+                                           self.process_group)
 
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, ignore_index={self.ignore_index}, metric={self.metric!r}, "
-                f"normalize={self.normalize!r}, reduction={self.reduction!r}")
+                f"normalize={self.normalize!r}, reduction={self.reduction!r}, centroids={self.centroids!r}")
 
 
 class PositionEncodingModule(nn.Module):
@@ -45,21 +53,27 @@ class PositionEncodingModule(nn.Module):
         in_channels: feature channels.
         kinds: position map kinds (see :mod:`idd_ops.position`).
         hidden: width of the hidden layers. Default: 64.
-        num_frequencies: for "sinusoidal" maps. Default: 2.
+        num_frequencies, num_stripes, sigma: the map options of :func:`idd_ops.position_maps`
+            (defaults 2, 4, 0.25), kept with the read-out so its targets can be regenerated.
     """
 
-    def __init__(self, in_channels, kinds, hidden=64, num_frequencies=2):
+    def __init__(self, in_channels: int, kinds: Union[str, Sequence[str]], hidden: int = 64, num_frequencies: int = 2,
+                 num_stripes: int = 4, sigma: float = 0.25):
         super().__init__()
         self.kinds = tuple([kinds] if isinstance(kinds, str) else kinds)
-        self.num_frequencies = num_frequencies
+        self.num_frequencies, self.num_stripes, self.sigma = num_frequencies, num_stripes, sigma
         out = num_maps(self.kinds, num_frequencies)
         self.layers = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, out, 1))
 
-    def forward(self, feats):
+    def forward(self, feats: Tensor) -> Tensor:
         return self.layers(feats)
+
+    def map_options(self) -> dict:
+        """Keyword arguments that regenerate this read-out's target maps."""
+        return dict(num_frequencies=self.num_frequencies, num_stripes=self.num_stripes, sigma=self.sigma)
 
 
 class PositionDistillationLoss(nn.Module):
@@ -79,15 +93,20 @@ class PositionDistillationLoss(nn.Module):
         teacher_channels: teacher feature channels. Default: the read-out's input channels.
         variant: ``"teacher"`` or ``"target"``. Default: ``"teacher"``.
         kinds: map kinds for ``"target"``. Default: the read-out's kinds.
+        hidden: width of the student read-out of ``"target"``. Default: 64.
+        reduction: ``"mean"`` (default, over all ``B*M*H*W`` map elements), ``"sum"`` or
+            ``"none"`` (``[B, M, H, W]``).
 
     Call: ``loss(student_feats [B,Cs,Hs,Ws], teacher_feats [B,Ct,Ht,Wt] or None)``.
     """
 
-    def __init__(self, readout, student_channels, teacher_channels=None, variant="teacher", kinds=None, hidden=64):
+    def __init__(self, readout: Optional[PositionEncodingModule], student_channels: int,
+                 teacher_channels: Optional[int] = None, variant: str = "teacher",
+                 kinds: Optional[Union[str, Sequence[str]]] = None, hidden: int = 64, reduction: str = "mean"):
         super().__init__()
-        if variant not in ("teacher", "target"):
-            raise ValueError(f"variant: expected 'teacher' or 'target', got {variant!r}")
-        self.variant = variant
+        v.check_choice("variant", variant, ("teacher", "target"))
+        v.check_choice("reduction", reduction, v.REDUCTIONS)
+        self.variant, self.reduction = variant, reduction
         if variant == "teacher":
             if readout is None:
                 raise ValueError("readout: the 'teacher' variant needs the teacher's trained read-out")
@@ -99,8 +118,8 @@ class PositionDistillationLoss(nn.Module):
         else:
             kinds = kinds if kinds is not None else readout.kinds
             self.kinds = tuple([kinds] if isinstance(kinds, str) else kinds)
-            nf = readout.num_frequencies if readout is not None else 2
-            self.readout = PositionEncodingModule(student_channels, self.kinds, hidden=hidden, num_frequencies=nf)
+            options = readout.map_options() if readout is not None else {}
+            self.readout = PositionEncodingModule(student_channels, self.kinds, hidden=hidden, **options)
 
     def train(self, mode=True):
         super().train(mode)
@@ -108,10 +127,10 @@ class PositionDistillationLoss(nn.Module):
             self.readout.eval()  # frozen: its BatchNorm keeps the teacher's statistics
         return self
 
-    def forward(self, student_feats, teacher_feats=None):
+    def forward(self, student_feats: Tensor, teacher_feats: Optional[Tensor] = None) -> Tensor:
         if self.variant == "target":
-            return position_encoding_loss(self.readout(student_feats), self.kinds,
-                                          num_frequencies=self.readout.num_frequencies)
+            return position_encoding_loss(self.readout(student_feats), self.kinds, reduction=self.reduction,
+                                          **self.readout.map_options())
         if teacher_feats is None:
             raise ValueError("teacher_feats: required by the 'teacher' variant")
         pred_s = self.readout(self.adapter(student_feats))
@@ -119,61 +138,83 @@ class PositionDistillationLoss(nn.Module):
             pred_t = self.readout(teacher_feats)
         if pred_s.shape[-2:] != pred_t.shape[-2:]:
             pred_s = TF.interpolate(pred_s, size=pred_t.shape[-2:], mode="bilinear", align_corners=False)
-        return TF.mse_loss(pred_s, pred_t.to(pred_s.dtype))
+        return TF.mse_loss(pred_s, pred_t.to(pred_s.dtype), reduction=self.reduction)
 
 
 class PixelKDLoss(nn.Module):
-    """Pixel-wise KD on logits; see :func:`idd_ops.pixel_kd_loss`.
+    """Pixel-wise KD on logits; see :func:`idd_ops.pixel_kd_loss` (same options and defaults).
     Call: ``loss(student_logits, teacher_logits, labels=None)``."""
 
-    def __init__(self, temperature=1.0, ignore_index=None):
+    def __init__(self, temperature: float = 1.0, ignore_index: int = 255, reduction: str = "mean"):
         super().__init__()
-        self.temperature = temperature
-        self.ignore_index = ignore_index
+        self.temperature, self.ignore_index, self.reduction = temperature, ignore_index, reduction
 
-    def forward(self, student_logits, teacher_logits, labels=None):
-        return baselines.pixel_kd_loss(student_logits, teacher_logits, self.temperature, self.ignore_index, labels)
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return baselines.pixel_kd_loss(student_logits, teacher_logits, labels, self.temperature, self.ignore_index,
+                                       self.reduction)
 
 
 class ChannelWiseDistillationLoss(nn.Module):
-    """CWD with a 1x1 conv adapter when the student's channel count differs from the teacher's;
-    see :func:`idd_ops.channel_wise_distillation_loss`. The adapter is trained with the student.
+    """CWD with a 1x1 conv adapter (trained with the student) when the student's channel count
+    differs from the teacher's; see :func:`idd_ops.channel_wise_distillation_loss`.
 
     Args:
-        student_channels, teacher_channels: channel counts. temperature: Default 4.0.
+        student_channels, teacher_channels: channel counts Cs and Ct.
+        temperature: Default 4.0.
+        reduction: ``"mean"`` (default), ``"sum"``, or ``"none"`` (``[B, Ct]`` per-channel values).
+        normalizer: what ``"mean"`` divides the summed KL by, when an adapter maps Cs to Ct
+            channels: ``"student_channels"`` (default: ``B*Cs``, CIRKD's convention, which
+            counts the student's channels before the adapter, so loss weights tuned there carry
+            over) or ``"teacher_channels"`` (``B*Ct``, the mean over the distilled channels,
+            which does not change with the student's width). Equal channel counts make the two
+            the same.
     """
 
-    def __init__(self, student_channels, teacher_channels, temperature=4.0):
+    NORMALIZERS = ("student_channels", "teacher_channels")
+
+    def __init__(self, student_channels: int, teacher_channels: int, temperature: float = 4.0,
+                 reduction: str = "mean", normalizer: str = "student_channels"):
         super().__init__()
-        self.temperature = temperature
+        v.check_int("student_channels", student_channels, 1)
+        v.check_int("teacher_channels", teacher_channels, 1)
+        v.check_choice("reduction", reduction, v.REDUCTIONS)
+        v.check_choice("normalizer", normalizer, self.NORMALIZERS)
+        self.temperature, self.reduction, self.normalizer = temperature, reduction, normalizer
         self.adapter = (nn.Identity() if student_channels == teacher_channels
                         else nn.Conv2d(student_channels, teacher_channels, 1, bias=False))
 
-    def forward(self, student_feats, teacher_feats):
-        return baselines.channel_wise_distillation_loss(self.adapter(student_feats), teacher_feats, self.temperature)
+    def forward(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
+        B, Cs = student_feats.shape[:2]
+        if self.reduction != "mean" or self.normalizer == "teacher_channels":
+            return baselines.channel_wise_distillation_loss(self.adapter(student_feats), teacher_feats,
+                                                            self.temperature, self.reduction)
+        total = baselines.channel_wise_distillation_loss(self.adapter(student_feats), teacher_feats, self.temperature,
+                                                         "sum")
+        return total / max(B * Cs, 1)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, normalizer={self.normalizer!r}"
 
 
 class StructuralKDLoss(nn.Module):
-    """Pairwise-affinity KD; see :func:`idd_ops.structural_kd_loss`. Default pool 2."""
+    """Pairwise-affinity KD; see :func:`idd_ops.structural_kd_loss`. Defaults: pool 2, "mean"."""
 
-    def __init__(self, pool=2):
+    def __init__(self, pool: int = 2, reduction: str = "mean"):
         super().__init__()
-        self.pool = pool
+        self.pool, self.reduction = pool, reduction
 
-    def forward(self, student_feats, teacher_feats):
-        return baselines.structural_kd_loss(student_feats, teacher_feats, self.pool)
+    def forward(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
+        return baselines.structural_kd_loss(student_feats, teacher_feats, self.pool, self.reduction)
 
 
 class IntraClassVariationLoss(nn.Module):
-    """IFVD; see :func:`idd_ops.intra_class_variation_loss`.
+    """IFVD; see :func:`idd_ops.intra_class_variation_loss` (same options and defaults).
     Call: ``loss(student_feats, teacher_feats, labels)``."""
 
-    def __init__(self, num_classes, ignore_index=255, eps=1e-8):
+    def __init__(self, num_classes: int, ignore_index: int = 255, eps: float = 1e-8, reduction: str = "mean"):
         super().__init__()
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.eps = eps
+        self.num_classes, self.ignore_index, self.eps, self.reduction = num_classes, ignore_index, eps, reduction
 
-    def forward(self, student_feats, teacher_feats, labels):
+    def forward(self, student_feats: Tensor, teacher_feats: Tensor, labels: Tensor) -> Tensor:
         return baselines.intra_class_variation_loss(student_feats, teacher_feats, labels, self.num_classes,
-                                                    self.ignore_index, self.eps)
+                                                    self.ignore_index, self.eps, self.reduction)

@@ -1,15 +1,19 @@
 """Measure how much position information features carry: train a position read-out on frozen
 features and report its error (lower error = more position information)."""
 import sys
+from typing import Callable, Iterable, Sequence, Tuple, Union
 
 import torch
+from torch import Tensor
 
 from .nn import PositionEncodingModule
 from .position import position_encoding_loss
 
 
-def probe_position_information(feature_fn, batches, kinds, steps=200, lr=1e-2, hidden=64, num_frequencies=2,
-                               progress=True):
+def probe_position_information(feature_fn: Callable[[object], Tensor], batches: Iterable[object],
+                               kinds: Union[str, Sequence[str]], steps: int = 200, lr: float = 1e-2, hidden: int = 64,
+                               num_frequencies: int = 2, num_stripes: int = 4, sigma: float = 0.25,
+                               progress: bool = True) -> Tuple[PositionEncodingModule, float]:
     """Train a :class:`~idd_ops.nn.PositionEncodingModule` to regress the analytic position
     maps from frozen features, as in Islam et al. (ICLR 2020).
 
@@ -21,7 +25,8 @@ def probe_position_information(feature_fn, batches, kinds, steps=200, lr=1e-2, h
         steps: optimisation steps (Adam). Default: 200.
         lr: learning rate. Default: 1e-2.
         hidden: read-out width. Default: 64.
-        num_frequencies: for "sinusoidal" maps. Default: 2.
+        num_frequencies, num_stripes, sigma: the map options of :func:`idd_ops.position_maps`
+            (defaults 2, 4, 0.25); the read-out keeps them.
         progress: print a progress line to stderr. Default: True.
 
     Returns:
@@ -33,13 +38,15 @@ def probe_position_information(feature_fn, batches, kinds, steps=200, lr=1e-2, h
         raise ValueError("batches: expected at least one batch")
     with torch.no_grad():
         feats = [feature_fn(b) for b in batches]
-    readout = PositionEncodingModule(feats[0].shape[1], kinds, hidden=hidden, num_frequencies=num_frequencies)
+    readout = PositionEncodingModule(feats[0].shape[1], kinds, hidden=hidden, num_frequencies=num_frequencies,
+                                     num_stripes=num_stripes, sigma=sigma)
+    options = readout.map_options()
     readout = readout.to(device=feats[0].device, dtype=feats[0].dtype)
     opt = torch.optim.Adam(readout.parameters(), lr=lr)
     readout.train()
     for step in range(steps):
         pred = readout(feats[step % len(feats)])
-        loss = position_encoding_loss(pred, kinds, num_frequencies=num_frequencies)
+        loss = position_encoding_loss(pred, kinds, **options)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -49,5 +56,5 @@ def probe_position_information(feature_fn, batches, kinds, steps=200, lr=1e-2, h
         print(file=sys.stderr)
     readout.eval()
     with torch.no_grad():
-        errors = [position_encoding_loss(readout(f), kinds, num_frequencies=num_frequencies).item() for f in feats]
+        errors = [position_encoding_loss(readout(f), kinds, **options).item() for f in feats]
     return readout, sum(errors) / len(errors)

@@ -1,19 +1,32 @@
-"""Plain-PyTorch versions of every idd_ops function: readable, unfused, the tests' truth.
+"""Plain-PyTorch versions of every idd_ops loss and building block: readable, unfused, the tests'
+truth. They depend on torch alone and import without the compiled library.
 
 They follow METHOD.md literally: labels are resized with F.interpolate, classes become a
-one-hot mask, and autograd differentiates everything.
+one-hot mask, and autograd differentiates everything. Arguments, defaults and reductions are
+those of the fused functions (see their docstrings).
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
-from ._ops import acc_dtype
+from ._dtypes import acc_dtype
+from ._position_maps import position_maps
+from ._reduction import reduce
 
 
 def resize_labels(labels, size):
-    """Labels ``[B, Hy, Wy]`` -> ``[B, H, W]`` by nearest neighbour (F.interpolate's rule)."""
+    """Labels ``[B, Hy, Wy]`` -> ``[B, H, W]`` (int64) by nearest neighbour (F.interpolate's rule)."""
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels.long()
     return F.interpolate(labels[:, None].double(), size=tuple(size), mode="nearest")[:, 0].long()
+
+
+def _kl_rows(s, t, dim):
+    """KL(softmax(t) || softmax(s)) along dim; a class the teacher gives probability 0 adds 0."""
+    pt = F.softmax(t, dim)
+    term = pt * (F.log_softmax(t, dim) - F.log_softmax(s, dim))
+    return torch.where(pt > 0, term, torch.zeros_like(term)).sum(dim)
 
 
 def _centroids(features, labels, num_classes, ignore_index):
@@ -30,10 +43,10 @@ def _centroids(features, labels, num_classes, ignore_index):
     return sums / counts.clamp_min(1)[..., None], counts.long()
 
 
-def class_centroids(features, labels, num_classes, ignore_index=255):
+def class_centroids(feats, labels, num_classes, ignore_index=255):
     """Reference of :func:`idd_ops.class_centroids`."""
-    centroids, counts = _centroids(features, labels, num_classes, ignore_index)
-    return centroids.to(features.dtype), counts
+    centroids, counts = _centroids(feats, labels, num_classes, ignore_index)
+    return centroids.to(feats.dtype), counts
 
 
 def _valid_entries(counts):
@@ -67,10 +80,14 @@ def class_distance_matrix(centroids, counts, metric="euclidean", normalize=None,
 
 
 def inter_class_distance_loss(student_feats, teacher_feats, labels, num_classes, ignore_index=255,
-                              metric="euclidean", normalize=None, reduction="mean", eps=1e-8):
-    """Reference of :func:`idd_ops.inter_class_distance_loss`."""
+                              metric="euclidean", normalize=None, reduction="mean", eps=1e-8, centroids="image"):
+    """Reference of :func:`idd_ops.inter_class_distance_loss` (``centroids="batch"`` within one
+    process: the fused function's ``process_group`` result equals this on the global batch)."""
     cs, ns = _centroids(student_feats, labels, num_classes, ignore_index)
     ct, nt = _centroids(teacher_feats.detach(), labels, num_classes, ignore_index)
+    if centroids == "batch":  # per-class means over every pixel of the batch
+        cs, ns = (cs * ns[..., None]).sum(0, keepdim=True) / ns.sum(0).clamp_min(1)[None, :, None], ns.sum(0)[None]
+        ct, nt = (ct * nt[..., None]).sum(0, keepdim=True) / nt.sum(0).clamp_min(1)[None, :, None], nt.sum(0)[None]
     ds = class_distance_matrix(cs, ns, metric, normalize, eps)
     dt = class_distance_matrix(ct, nt, metric, normalize, eps).to(ds.dtype)
     upper = torch.ones(num_classes, num_classes, dtype=torch.bool, device=ds.device).triu(1)
@@ -86,51 +103,55 @@ def inter_class_distance_loss(student_feats, teacher_feats, labels, num_classes,
     return loss.to(student_feats.dtype)
 
 
-def position_encoding_loss(pred, kinds, reduction="mean", num_frequencies=2, num_stripes=4, sigma=0.25):
+def position_encoding_loss(pred_maps, kinds, reduction="mean", num_frequencies=2, num_stripes=4, sigma=0.25):
     """Reference of :func:`idd_ops.position_encoding_loss`: materialise the maps, then MSE."""
-    from .position import position_maps
+    maps = position_maps(kinds, pred_maps.shape[2], pred_maps.shape[3], dtype=acc_dtype(pred_maps.dtype),
+                         device=pred_maps.device, num_frequencies=num_frequencies, num_stripes=num_stripes,
+                         sigma=sigma)
+    loss = F.mse_loss(pred_maps.to(maps.dtype), maps.expand(pred_maps.shape[0], -1, -1, -1), reduction=reduction)
+    return loss.to(pred_maps.dtype)
 
-    maps = position_maps(kinds, pred.shape[2], pred.shape[3], dtype=acc_dtype(pred.dtype), device=pred.device,
-                         num_frequencies=num_frequencies, num_stripes=num_stripes, sigma=sigma)
-    loss = F.mse_loss(pred.to(maps.dtype), maps.expand(pred.shape[0], -1, -1, -1), reduction=reduction)
-    return loss.to(pred.dtype)
 
-
-def pixel_kd_loss(student_logits, teacher_logits, temperature=1.0, ignore_index=None, labels=None):
+def pixel_kd_loss(student_logits, teacher_logits, labels: Optional[torch.Tensor] = None, temperature=1.0,
+                  ignore_index=255, reduction="mean"):
     """Reference of :func:`idd_ops.pixel_kd_loss`."""
     acc = acc_dtype(student_logits.dtype)
     s, t = student_logits.to(acc) / temperature, teacher_logits.detach().to(acc) / temperature
-    kl = (F.softmax(t, 1) * (F.log_softmax(t, 1) - F.log_softmax(s, 1))).sum(1)  # [B, H, W]
-    if labels is not None and ignore_index is not None:
+    kl = _kl_rows(s, t, 1)  # [B, H, W]
+    count = None
+    if labels is not None:
         keep = resize_labels(labels, kl.shape[1:]) != ignore_index
-        loss = (kl * keep).sum() / keep.sum().clamp_min(1)
-    else:
-        loss = kl.mean()
-    return (loss * temperature ** 2).to(student_logits.dtype)
+        kl = torch.where(keep, kl, torch.zeros_like(kl))
+        count = keep.sum()
+    return (reduce(kl, reduction, count) * temperature ** 2).to(student_logits.dtype)
 
 
-def channel_wise_distillation_loss(student_feats, teacher_feats, temperature=4.0):
+def channel_wise_distillation_loss(student_feats, teacher_feats, temperature=4.0, reduction="mean"):
     """Reference of :func:`idd_ops.channel_wise_distillation_loss`."""
     B, C = student_feats.shape[:2]
     acc = acc_dtype(student_feats.dtype)
-    s = student_feats.to(acc).reshape(B * C, -1) / temperature
-    t = teacher_feats.detach().to(acc).reshape(B * C, -1) / temperature
-    kl = (F.softmax(t, 1) * (F.log_softmax(t, 1) - F.log_softmax(s, 1))).sum()
-    return (kl / (B * C) * temperature ** 2).to(student_feats.dtype)
+    s = student_feats.to(acc).reshape(B, C, -1) / temperature
+    t = teacher_feats.detach().to(acc).reshape(B, C, -1) / temperature
+    kl = _kl_rows(s, t, 2)  # [B, C]
+    return (reduce(kl, reduction) * temperature ** 2).to(student_feats.dtype)
 
 
-def structural_kd_loss(student_feats, teacher_feats, pool=2):
+def structural_kd_loss(student_feats, teacher_feats, pool=2, reduction="mean"):
     """Reference of :func:`idd_ops.structural_kd_loss`: forms the [B, P, P] affinities."""
     def affinity(x):
         if pool > 1:
             x = F.max_pool2d(x, kernel_size=pool, stride=pool, ceil_mode=True)
         x = F.normalize(x.to(acc_dtype(x.dtype)).flatten(2), dim=1)
         return x.transpose(1, 2) @ x
-    a_s, a_t = affinity(student_feats), affinity(teacher_feats.detach())
-    return (a_s - a_t).pow(2).mean().to(student_feats.dtype)
+    err = (affinity(student_feats) - affinity(teacher_feats.detach())).pow(2)  # [B, P, P]
+    if reduction == "none":
+        per_image = err.flatten(1).mean(1) if err.shape[1] else err.new_zeros(err.shape[0])
+        return per_image.to(student_feats.dtype)
+    return reduce(err, reduction).to(student_feats.dtype)
 
 
-def intra_class_variation_loss(student_feats, teacher_feats, labels, num_classes, ignore_index=255, eps=1e-8):
+def intra_class_variation_loss(student_feats, teacher_feats, labels, num_classes, ignore_index=255, eps=1e-8,
+                               reduction="mean"):
     """Reference of :func:`idd_ops.intra_class_variation_loss`."""
     def cosine_map(feats):
         B, C, H, W = feats.shape
@@ -145,4 +166,4 @@ def intra_class_variation_loss(student_feats, teacher_feats, labels, num_classes
         cos = (f * c).sum(1) / denom
         return torch.where(valid, cos, torch.ones_like(cos))
     ms, mt = cosine_map(student_feats), cosine_map(teacher_feats.detach())
-    return F.mse_loss(ms, mt).to(student_feats.dtype)
+    return reduce((ms - mt).pow(2), reduction).to(student_feats.dtype)

@@ -74,7 +74,7 @@ def test_opcheck_and_compile(device):
 
 @pytest.mark.parametrize("call,exc,text", [
     (lambda: idd_ops.position_encoding_loss(torch.zeros(1, 1, 4, 4), ["diagonal"]), ValueError, "kinds"),
-    (lambda: idd_ops.position_encoding_loss(torch.zeros(1, 2, 4, 4), ["gaussian"]), ValueError, "pred: has 2 maps"),
+    (lambda: idd_ops.position_encoding_loss(torch.zeros(1, 2, 4, 4), ["gaussian"]), ValueError, "pred_maps: has 2 maps"),
     (lambda: idd_ops.position_encoding_loss(torch.zeros(1, 1, 1, 4), ["vertical"]), ValueError, "size"),
     (lambda: idd_ops.position_encoding_loss(torch.zeros(1, 1, 4, 1), ["gaussian"]), ValueError, "size"),
     (lambda: idd_ops.position_encoding_loss(torch.zeros(1, 1, 4), ["gaussian"]), ValueError, "pred"),

@@ -13,7 +13,7 @@ from conftest import make_feats, make_labels
 
 LOSSES = {  # name -> (fused call, reference call) on (student, teacher, labels)
     "idd": lambda m, s, t, y: m.inter_class_distance_loss(s, t, y, 4, normalize="mean"),
-    "pixel_kd": lambda m, s, t, y: m.pixel_kd_loss(s, t, 2.0, ignore_index=255, labels=y),
+    "pixel_kd": lambda m, s, t, y: m.pixel_kd_loss(s, t, y, temperature=2.0),
     "cwd": lambda m, s, t, y: m.channel_wise_distillation_loss(s, t),
     "skd": lambda m, s, t, y: m.structural_kd_loss(s, t),
     "ifvd": lambda m, s, t, y: m.intra_class_variation_loss(s, t, y, 4),
@@ -133,7 +133,7 @@ def test_distiller_adds_losses_and_trains_only_the_student():
     teacher, student = TinySegNet(16), TinySegNet(8)
     readout = idd_ops.nn.PositionEncodingModule(16, ["horizontal", "vertical"], hidden=8)
     pid = idd_ops.nn.PositionDistillationLoss(readout, student_channels=8, teacher_channels=16)
-    d = idd_ops.Distiller(teacher, student, "backbone", "backbone", num_classes=4,
+    d = idd_ops.Distiller(teacher, student, teacher_layer="backbone", student_layer="backbone", num_classes=4,
                           weights={"idd": 1.0, "kd": 10.0, "pid": 0.5, "ifvd": 1.0, "skd": 1.0}, pid=pid)
     d.train()
     assert not teacher.training and student.training
@@ -146,6 +146,7 @@ def test_distiller_adds_losses_and_trains_only_the_student():
     assert all(p.grad is not None for p in student.parameters())
     assert pid.adapter.weight.grad is not None
     with pytest.raises(ValueError, match="not found"):
-        idd_ops.Distiller(teacher, student, "nope", "backbone", 4)
+        idd_ops.Distiller(teacher, student, teacher_layer="backbone", student_layer="nope", num_classes=4)
     with pytest.raises(ValueError, match="pid"):
-        idd_ops.Distiller(teacher, student, "backbone", "backbone", 4, weights={"pid": 1.0})
+        idd_ops.Distiller(teacher, student, teacher_layer="backbone", student_layer="backbone", num_classes=4,
+                          weights={"pid": 1.0})

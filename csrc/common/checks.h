@@ -209,8 +209,8 @@ inline void check_affinity_loss_backward_inputs(const at::Tensor& grad, const at
                                                 const at::Tensor& teacher, const at::Tensor& gram_ss,
                                                 const at::Tensor& gram_st) {
   check_affinity_loss_inputs(student, teacher);
-  check_loss_grad(grad, student, "student", Reduction::Mean, {});
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1);
+  check_loss_grad(grad, student, "student", Reduction::None, {B});  // one loss per image
   check_size(gram_ss, "gram_ss", {B, Cs, Cs}, "[B, Cs, Cs]");
   check_size(gram_st, "gram_st", {B, Cs, Ct}, "[B, Cs, Ct]");
   check_floating(gram_ss, "gram_ss");

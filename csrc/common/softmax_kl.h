@@ -3,6 +3,8 @@
 // With a_c = (t_c - max t) / T, b_c = (s_c - max s) / T, zt = sum exp(a), zs = sum exp(b) and
 // w = sum exp(a_c) (a_c - b_c):  KL = w / zt - log zt + log zs  (the maxima cancel), and
 // d KL / d s_c = (softmax(s / T)_c - softmax(t / T)_c) / T.
+// A class the teacher gives probability 0 (logit -inf, a masked class) adds nothing to w: its
+// term is 0 * (-inf), taken as its limit 0 (see kl_term), so the KL stays finite and exact.
 #include <c10/macros/Macros.h>
 
 #include <cmath>
@@ -14,11 +16,12 @@ namespace idd_ops {
 // exp for the CPU kernels' float loops: branch-free and call-free (Cody-Waite range reduction
 // and Cephes' degree-6 polynomial, about 2 ulp on [-87, 88]) so compilers vectorise the loops that
 // use it; libm's expf is a call and keeps them scalar. Double and CUDA use the library exp.
-C10_HOST_DEVICE inline float vec_exp(float x) {
+C10_HOST_DEVICE inline float vec_exp(float x_in) {
 #ifdef __CUDA_ARCH__
-  return expf(x);
+  return expf(x_in);
 #else
-  x = x < -87.0f ? -87.0f : x;  // ternaries, not fminf/fmaxf: those are calls unless -ffast-math
+  // Below -87 the result is under 1.7e-38 and is returned as 0, so exp(-inf) is exactly 0.
+  float x = x_in < -87.0f ? -87.0f : x_in;  // ternaries, not fminf/fmaxf: those are calls unless -ffast-math
   x = x > 88.0f ? 88.0f : x;
   // round to nearest by the 1.5 * 2^23 trick: plain adds, vectorisable without SSE4.1's roundps
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -33,11 +36,17 @@ C10_HOST_DEVICE inline float vec_exp(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return x_in < -87.0f ? 0.0f : p * scale;
 #endif
 }
 
 C10_HOST_DEVICE inline double vec_exp(double x) { return exp(x); }
+
+// One class's term exp(a) (a - b) of w; 0 where the teacher's probability exp(a) is 0.
+template <typename T>
+C10_HOST_DEVICE inline T kl_term(T ea, T a, T b) {
+  return ea > T(0) ? ea * (a - b) : T(0);
+}
 
 // Accumulated sums of one vector (see the header comment).
 template <typename T>
@@ -47,7 +56,7 @@ struct SoftmaxKLSums {
     const T ea = vec_exp(a);
     zt += ea;
     zs += vec_exp(b);
-    w += ea * (a - b);
+    w += kl_term(ea, a, b);
   }
   C10_HOST_DEVICE T kl() const { return w / zt - log(zt) + log(zs); }
 };

@@ -50,7 +50,7 @@ void strided_stats(const scalar_t* s, const scalar_t* t, int64_t length, int64_t
       const acc_t ea = vec_exp(a);
       zt[v] += ea;
       zs[v] += vec_exp(b);
-      w[v] += ea * (a - b);
+      w[v] += kl_term(ea, a, b);
     }
   for (int64_t v = 0; v < n; ++v) out[v] = {ms[v], mt[v], zs[v], zt[v], w[v]};
 }
@@ -79,14 +79,14 @@ Stats<acc_t> contiguous_stats(const scalar_t* s, const scalar_t* t, int64_t leng
       const acc_t ea = vec_exp(a);
       zt[u] += ea;
       zs[u] += vec_exp(b);
-      w[u] += ea * (a - b);
+      w[u] += kl_term(ea, a, b);
     }
   for (int64_t c = body; c < length; ++c) {
     const acc_t a = (static_cast<acc_t>(t[c]) - Mt) * inv_T, b = (static_cast<acc_t>(s[c]) - Ms) * inv_T;
     const acc_t ea = vec_exp(a);
     zt[0] += ea;
     zs[0] += vec_exp(b);
-    w[0] += ea * (a - b);
+    w[0] += kl_term(ea, a, b);
   }
   Stats<acc_t> r{Ms, Mt, 0, 0, 0};
   for (int64_t u = 0; u < kParts; ++u) r.zs += zs[u], r.zt += zt[u], r.w += w[u];

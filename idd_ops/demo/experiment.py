@@ -105,8 +105,11 @@ def train_student(preset, config, seed, train, teacher, readout, device, lib=idd
     weights = {k: preset.weights.get(k, w) for k, w in CONFIGS[config].items()}
     cs, ct = student.feature_channels, teacher.feature_channels
     pid = idd_ops.nn.PositionDistillationLoss(readout, cs, ct).to(device) if "pid" in weights else None
-    cwd = idd_ops.nn.ChannelWiseDistillationLoss(cs, ct).to(device) if "cwd" in weights else None
-    distiller = Distiller(teacher, student, FEATURE_LAYER, FEATURE_LAYER, len(CLASSES), IGNORE_INDEX, weights=weights,
+    # normalizer: the committed results were made with the mean over the teacher's channels
+    cwd = (idd_ops.nn.ChannelWiseDistillationLoss(cs, ct, normalizer="teacher_channels").to(device)
+           if "cwd" in weights else None)
+    distiller = Distiller(teacher, student, teacher_layer=FEATURE_LAYER, student_layer=FEATURE_LAYER,
+                          num_classes=len(CLASSES), ignore_index=IGNORE_INDEX, weights=weights,
                           pid=pid, cwd=cwd, idd_options={"normalize": preset.idd_normalize}, lib=lib)
     opt = torch.optim.Adam([p for p in distiller.parameters() if p.requires_grad], lr=preset.lr)
     steps = steps or preset.student_steps

@@ -1,0 +1,20 @@
+"""Batch-level (and cross-rank) class centroids for ``centroids="batch"``."""
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+if dist.is_available():  # builds without distributed support lack torch.distributed.nn
+    import torch.distributed.nn.functional as dist_fn
+
+
+def pooled_centroids(centroids: torch.Tensor, counts: torch.Tensor, process_group: Optional[object]):
+    """Per-image centroids [B,K,C] and counts [B,K] -> one batch-level centroid set [1,K,C], [1,K],
+    summed over every rank of process_group when one is given (a differentiable all-reduce)."""
+    sums = (centroids * counts[..., None].to(centroids.dtype)).sum(0, keepdim=True)
+    counts = counts.sum(0, keepdim=True)
+    if process_group is not None:
+        sums = dist_fn.all_reduce(sums, group=process_group)
+        counts = counts.clone()
+        dist.all_reduce(counts, group=process_group)
+    return sums / counts.clamp_min(1)[..., None].to(sums.dtype), counts

@@ -1,0 +1,108 @@
+"""Analytic position maps in plain PyTorch (no compiled library): the kinds a user names, the
+elementary maps they expand to, and the maps themselves. The fused loss (position.py) turns
+the elementary names into the C++ kernels' codes; the reference materialises the maps here.
+
+The kinds and their formulas are listed in idd_ops.position.
+"""
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+Kinds = Union[str, Sequence[str]]
+
+KINDS = ("horizontal", "vertical", "gaussian", "horizontal_stripes", "vertical_stripes", "sinusoidal")
+# Elementary maps (one output channel each) and, for each, whether it divides by size - 1
+# along (rows, columns): those need that size >= 2.
+ELEMENTS = {"horizontal": (False, True), "vertical": (True, False), "gaussian": (True, True),
+            "horizontal_stripes": (False, False), "vertical_stripes": (False, False),
+            "sin_x": (False, True), "cos_x": (False, True), "sin_y": (True, False), "cos_y": (True, False)}
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+
+
+def expand_kinds(kinds: Kinds, num_frequencies: int = 2, num_stripes: int = 4,
+                 sigma: float = 0.25) -> Tuple[List[str], List[float], List[str]]:
+    """Map kinds -> (elementary map names, their parameters, display labels), one per output channel."""
+    if isinstance(kinds, str):
+        kinds = (kinds,)
+    if not kinds:
+        raise ValueError("kinds: expected at least one map kind")
+    _check_int("num_frequencies", num_frequencies, 1)
+    _check_int("num_stripes", num_stripes, 1)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise TypeError(f"sigma: expected a positive number, got {sigma!r}")
+    if not sigma > 0:
+        raise ValueError(f"sigma: expected a positive number, got {sigma!r}")
+    elements, params, labels = [], [], []
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"kinds: unknown map kind {kind!r}; expected any of {', '.join(KINDS)}")
+        if kind == "sinusoidal":
+            for f in range(num_frequencies):
+                for name in ("sin_x", "cos_x", "sin_y", "cos_y"):
+                    elements.append(name), params.append(float(2 ** f)), labels.append(f"{name}_{2 ** f}")
+        else:
+            param = {"gaussian": float(sigma), "horizontal_stripes": float(num_stripes),
+                     "vertical_stripes": float(num_stripes)}.get(kind, 0.0)
+            elements.append(kind), params.append(param), labels.append(kind)
+    return elements, params, labels
+
+
+def check_size(elements: Sequence[str], labels: Sequence[str], height: int, width: int) -> None:
+    for element, label in zip(elements, labels):
+        rows, cols = ELEMENTS[element]
+        if (rows and height < 2) or (cols and width < 2):
+            raise ValueError(f"size: map {label!r} divides by size - 1 and needs height and width >= 2 where it "
+                             f"varies; got height={height}, width={width}")
+
+
+def _factor(element, param, n, axis, device):
+    """1-D float64 factor of an elementary map along rows (axis 0) or columns (axis 1)."""
+    i = torch.arange(n, device=device, dtype=torch.float64)
+    t = i / (n - 1) if n > 1 else torch.zeros_like(i)
+    along = 1 if element.endswith("_x") or element in ("horizontal", "vertical_stripes") else 0
+    if element == "gaussian":
+        return torch.exp(-0.5 * ((t - 0.5) / param) ** 2)
+    if axis != along:
+        return torch.ones_like(t)
+    if element in ("horizontal", "vertical"):
+        return t
+    if element.startswith("sin"):
+        return 0.5 + 0.5 * torch.sin(2 * math.pi * param * t)
+    if element.startswith("cos"):
+        return 0.5 + 0.5 * torch.cos(2 * math.pi * param * t)
+    # stripes
+    return torch.div(int(param) * torch.arange(n, device=device), n, rounding_mode="floor").remainder(2).double()
+
+
+def position_maps(kinds: Kinds, height: int, width: int, dtype: torch.dtype = torch.float32,
+                  device: Optional[Union[str, torch.device]] = None, num_frequencies: int = 2, num_stripes: int = 4,
+                  sigma: float = 0.25) -> torch.Tensor:
+    """The analytic position maps, materialised: ``[M, height, width]`` (for plotting and for
+    the reference path; the fused loss never builds them).
+
+    Args:
+        kinds: a map kind or a sequence of them (see :mod:`idd_ops.position`); "sinusoidal"
+            contributes ``4 * num_frequencies`` maps, every other kind one.
+        height, width: map size. Kinds that divide by ``size - 1`` need that size >= 2.
+        dtype, device: of the result. Defaults: float32, CPU.
+        num_frequencies: frequencies of "sinusoidal" (1, 2, 4, ... periods per image). Default: 2.
+        num_stripes: bands of the stripe maps. Default: 4.
+        sigma: width of "gaussian" as a fraction of the image size. Default: 0.25.
+    """
+    elements, params, labels = expand_kinds(kinds, num_frequencies, num_stripes, sigma)
+    check_size(elements, labels, height, width)
+    maps = [_factor(e, p, height, 0, device)[:, None] * _factor(e, p, width, 1, device)[None]
+            for e, p in zip(elements, params)]
+    return torch.stack(maps).to(dtype)
+
+
+def num_maps(kinds: Kinds, num_frequencies: int = 2) -> int:
+    """How many maps (output channels) ``kinds`` expands to."""
+    return len(expand_kinds(kinds, num_frequencies)[0])
