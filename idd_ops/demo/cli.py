@@ -50,7 +50,13 @@ def replot(folder):
             results["command"] = next((line.split("`")[1] for line in f if line.startswith("Command: `")), "")
     plot_miou(results, folder)
     plot_losses(results, folder)
-    print(write_markdown(results, folder))
+    text = write_markdown(results, folder) + (
+        "\nReplotted from results.json by `idd-distill --replot`: `predictions.png` is the original run's (its "
+        "checkpoints are not kept), and 'not measured' marks configurations that the version which ran the "
+        "experiment did not probe.\n")
+    with open(os.path.join(folder, "results.md"), "w") as f:
+        f.write(text)
+    print(text)
     print(f"\nrewritten from {folder}/results.json: results.md, miou.png, loss_curves.png")
 
 
