@@ -14,15 +14,16 @@ import platform
 from setuptools import find_packages, setup
 
 TORCH_MISSING = """
-idd_ops: cannot import torch, so the extension cannot be built.
+idd_ops: torch cannot be imported here, so the extension cannot be built.
 
-idd_ops compiles against the torch that is already installed. Install torch first, then build
-without pip's build isolation (an isolated build environment has no torch on purpose: it would
-otherwise download a second, multi-GB torch):
+idd_ops compiles against the torch that is already installed in your environment. If torch is
+installed and you ran `pip install .`, pip built in an isolated environment, which has no torch
+on purpose (it would otherwise download a second, multi-GB torch): add --no-build-isolation.
+Otherwise install torch first. The commands:
 
     pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu   # CPU build
     pip install torch==2.13.0                        # CUDA build (the default on PyPI, several GB)
-    pip install --no-build-isolation .               # then this package (about 2-3 min on 2 cores)
+    pip install --no-build-isolation .               # then idd_ops (about 9 min on 2 busy CPU cores)
 
 (Any torch >= 2.4 works; the import error was: {error})
 """
@@ -81,8 +82,8 @@ class BuildWithNotice(BuildExtension.with_options(use_ninja=True)):
     otherwise (`pip install -v` shows ninja's [i/n] steps as they finish)."""
 
     def run(self):
-        print("idd_ops: compiling the C++ kernels takes about 3 minutes on 2 CPU cores (more with the CUDA "
-              "kernels, or when other builds share the cores)", flush=True)
+        print("idd_ops: compiling the C++ kernels: about 9 minutes on 2 CPU cores shared with other builds "
+              "(4 minutes of CPU time, so less on idle cores; more with the CUDA kernels)", flush=True)
         super().run()
 
 

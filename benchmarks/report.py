@@ -3,8 +3,8 @@ memory-bandwidth bound reached, for every case of benchmarks/cases.py. Prints a 
 table and writes it to a new folder, results/bench-<date-time>/RESULTS.md, unless --out names
 a file or --update replaces the committed benchmarks/RESULTS.md.
 
-    python -m benchmarks.report            # every op at B=8 Cityscapes shapes (FULL_TIME)
-    python -m benchmarks.report --quick    # IDD at B=2 and the position loss, 3 rounds (QUICK_TIME)
+    python -m benchmarks.report            # every op at B=8 Cityscapes shapes (tens of minutes)
+    python -m benchmarks.report --quick    # IDD at B=2 and the position loss, 3 rounds (1 min)
     python -m benchmarks.report --update   # every op, written to benchmarks/RESULTS.md
 
 Times are measured on 2 CPU cores; each entry prints its progress and the time left.
@@ -20,8 +20,8 @@ from . import cases
 import torch
 
 MODES = (False, True)
-# measured with the commands above on 2 CPU cores
-FULL_MIN, QUICK_MIN = "FULL_TIME", "QUICK_TIME"
+EXPECTED = {"full": "tens of minutes on 2 CPU cores (not timed end to end; the time left is printed after every entry)",
+            "quick": "about 1 min on 2 CPU cores (measured)"}
 
 
 def measure(case_names, device, repeat, compiled):
@@ -87,7 +87,7 @@ def main(argv=None):
         p.error("--update writes benchmarks/RESULTS.md; leave out --out")
     args.out = "benchmarks/RESULTS.md" if args.update else args.out or os.path.join(
         "results", time.strftime("bench-%Y%m%d-%H%M%S"), "RESULTS.md")
-    expected = "" if args.cases else f"about {QUICK_MIN if args.quick else FULL_MIN} on 2 CPU cores; "
+    expected = "" if args.cases else EXPECTED["quick" if args.quick else "full"] + "; "
     print(f"benchmarks.report: {expected}writing {args.out}", file=sys.stderr, flush=True)
     repeat = 3 if args.quick else 7
     compiled = not (args.no_compile or args.quick)

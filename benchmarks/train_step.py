@@ -6,7 +6,7 @@ labels for cross-entropy, and IDD compares its 128-channel features with frozen 
 teacher features. One step = forward, CE + IDD, backward and an SGD update; the IDD term comes
 from idd_ops (fused) or idd_ops.reference, alternating in one process.
 
-    python -m benchmarks.train_step        # B = 2, 4, 8 (about TRAIN_STEP_TIME on 2 CPU cores)
+    python -m benchmarks.train_step        # B = 2, 4, 8 (about 2 min on 2 CPU cores)
 
 Writes results/bench-<date-time>/train_step.md unless --out names a file.
 """
