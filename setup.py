@@ -96,7 +96,8 @@ setup(
     packages=find_packages(include=["idd_ops", "idd_ops.*"]),
     license="BSD-3-Clause",
     license_files=["LICENSE"],
-    classifiers=["License :: OSI Approved :: BSD License", "Programming Language :: Python :: 3",
+    # the licence is named by `license` alone: setuptools deprecates License classifiers beside it
+    classifiers=["Programming Language :: Python :: 3",
                  "Programming Language :: C++", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
