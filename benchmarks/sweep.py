@@ -1,11 +1,13 @@
 """Scaling sweeps of the IDD loss (forward+backward): time and peak memory against H*W, C, K and
-B, fused beside the reference, on log-log PNG plots and a markdown table.
+B, fused beside the reference, on log-log PNG plots and a markdown table. Needs matplotlib.
 
-    python -m benchmarks.sweep --out benchmarks/sweep      # writes sweep.md and sweep_*.png
+    python -m benchmarks.sweep             # writes results/bench-<date-time>/sweep/ (7.6 min on 2 busy CPU cores)
+    python -m benchmarks.sweep --update    # replaces the committed benchmarks/sweep/
 """
 import argparse
 import os
 import sys
+import time
 
 from . import common, peak  # first: sets the allocator before torch starts  # noqa: I001
 import torch
@@ -13,6 +15,7 @@ import torch
 import idd_ops
 from idd_ops import reference
 
+SWEEP_EXPECTED = "about 8 min on 2 CPU cores (7.6 min measured at load 7-8)"
 BASE = dict(B=4, C=256, H=64, W=128, K=19)  # teacher C = 2 * C, labels at 8x the feature size
 SWEEPS = {
     "pixels": ("H*W", [dict(H=h, W=2 * h) for h in (16, 32, 64, 128)], lambda p: p["H"] * p["W"]),
@@ -29,28 +32,41 @@ def shape_of(params):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="benchmarks/sweep", help="folder for sweep.md and the PNG plots")
+    ap.add_argument("--out", default=None,
+                    help="folder for sweep.md and the PNG plots (default: results/bench-<date-time>/sweep, a new folder)")
+    ap.add_argument("--update", action="store_true", help="write the committed benchmarks/sweep/ instead")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
+    if args.update and args.out:
+        ap.error("--update writes benchmarks/sweep/; leave out --out")
+    args.out = "benchmarks/sweep" if args.update else args.out or os.path.join(
+        "results", time.strftime("bench-%Y%m%d-%H%M%S"), "sweep")
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("benchmarks.sweep draws its plots with matplotlib: pip install matplotlib") from None
     os.makedirs(args.out, exist_ok=True)
-    import matplotlib
+    print(f"benchmarks.sweep: {SWEEP_EXPECTED}; writing {args.out}/", file=sys.stderr, flush=True)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lines = [f"IDD loss forward+backward, fused vs reference; base {BASE} (teacher C = 2C, labels 8x the "
              f"features), torch {torch.__version__}, {torch.get_num_threads()} threads. Command: "
-             f"`python -m benchmarks.sweep --out {args.out}`\n",
+             f"`python -m benchmarks.sweep {' '.join(argv if argv is not None else sys.argv[1:])}`\n",
              "| sweep | value | fused ms | reference ms | speed-up | fused MiB | reference MiB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     total = sum(len(v[1]) for v in SWEEPS.values())
-    step = 0
+    step, start = 0, time.perf_counter()
     for sweep, (label, points, x_of) in SWEEPS.items():
         xs, res = [], {"fused": ([], []), "reference": ([], [])}
         for params in points:
-            step += 1
             shape, p = shape_of(params)
-            print(f"[{step}/{total}] {sweep} {label}={x_of(p)}", file=sys.stderr, flush=True)
+            elapsed = time.perf_counter() - start
+            left = f", about {elapsed / step * (total - step) / 60:.1f} min left" if step else ""
+            step += 1
+            print(f"[{step}/{total}] {sweep} {label}={x_of(p)} ({elapsed / 60:.1f} min so far{left})",
+                  file=sys.stderr, flush=True)
             common.SHAPES["sweep"] = shape
             s, t, y, K = common.make_inputs(shape)
             s.requires_grad_()

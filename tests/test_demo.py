@@ -80,3 +80,72 @@ def test_one_training_step_per_configuration(config):
     student, curves, _ = experiment.train_student(preset, config, 0, train, teacher, readout, "cpu", steps=1)
     assert set(curves) == {"ce", *experiment.CONFIGS[config]}
     assert all(torch.isfinite(torch.tensor(v)).all() for v in curves.values())
+
+
+def _tiny(**changes):
+    base = dataclasses.replace(experiment.PRESETS["quick"], size=(32, 64), train_images=4, val_images=4, batch=2,
+                               teacher_steps=1, student_steps=1, seeds=(0,), configs=("ce", "ce+pid"), probe_steps=1)
+    return dataclasses.replace(base, **changes)
+
+
+def test_cache_key_holds_every_setting():
+    preset = _tiny()
+    key = experiment.run_key(preset, "ce+pid", 0, "t1", "cpu")
+    assert key == experiment.run_key(_tiny(), "ce+pid", 0, "t1", "cpu")
+    changed = [experiment.run_key(_tiny(student_steps=2), "ce+pid", 0, "t1", "cpu"),
+               experiment.run_key(_tiny(size=(64, 128)), "ce+pid", 0, "t1", "cpu"),
+               experiment.run_key(_tiny(weights={"pid": 0.3}), "ce+pid", 0, "t1", "cpu"),
+               experiment.run_key(_tiny(lr=1e-3), "ce+pid", 0, "t1", "cpu"),
+               experiment.run_key(preset, "ce+pid", 1, "t1", "cpu"),
+               experiment.run_key(preset, "ce", 0, "t1", "cpu"),
+               experiment.run_key(preset, "ce+pid", 0, "t2", "cpu")]
+    assert all(k != key for k in changed)
+    # a weight override of a loss the configuration does not use changes nothing
+    assert experiment.run_key(_tiny(weights={"idd": 3.0}), "ce+pid", 0, "t1", "cpu") == key
+    assert experiment.teacher_key(_tiny(teacher_steps=2), "cpu") != experiment.teacher_key(preset, "cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """These models are tiny: with several threads, OpenMP barriers dominate, and on a busy
+    machine they make this test minutes long instead of seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_experiment_caches_announces_and_reruns_changed_settings(tmp_path, capsys, one_thread):
+    from idd_ops.demo.report import write_markdown, write_plots
+
+    out = str(tmp_path)
+    results, teacher, runs, val = experiment.run_experiment(_tiny(), out, "cpu", command="test")
+    assert results["cached"] == [] and results["seconds"] == results["seconds_this_call"]
+    assert all("position_error" in r for r in results["runs"].values())  # every configuration probed
+    capsys.readouterr()
+    again = experiment.run_experiment(_tiny(), out, "cpu")[0]
+    err = capsys.readouterr().err
+    assert "cache: using" in err and again["cached"] == ["teacher", "ce|0", "ce+pid|0"]
+    assert again["runs"]["ce|0"]["miou"] == results["runs"]["ce|0"]["miou"]
+    assert again["seconds"] > again["seconds_this_call"]  # cached pieces count with the time they took
+    changed = experiment.run_experiment(_tiny(student_steps=2), out, "cpu")[0]
+    assert changed["cached"] == ["teacher"]
+    assert len(changed["runs"]["ce|0"]["curves"]["ce"]) == 2
+    text = write_markdown(again, out)
+    assert "cached from earlier calls" in text and "not measured" not in text
+    pytest.importorskip("matplotlib")
+    write_plots(changed, teacher, runs, val, out, "cpu")
+    for name in ("miou.png", "loss_curves.png", "predictions.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_setup_without_torch_stops_with_instructions():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']; exec(open('setup.py').read())"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "pip install --no-build-isolation" in proc.stderr and "download.pytorch.org/whl/cpu" in proc.stderr

@@ -1,23 +1,71 @@
 """`idd-distill`: the end-to-end distillation experiment on generated street scenes.
 
-    idd-distill --preset quick                  # about 5 minutes on a 2-core CPU
-    idd-distill --preset cpu                    # all configurations, 3 seeds (~20 min on 2 cores)
+    idd-distill --preset quick                  # 5-6 minutes on 2 CPU cores (4.9 and 5.7 min measured)
+    idd-distill --preset cpu                    # all configurations, 3 seeds (15-40 min on 2 CPU cores)
     idd-distill --preset full --device cuda     # full resolution and schedule (GPU recommended)
+    idd-distill --replot results/cpu            # rewrite results.md and plots from results.json
+
+Finished pieces (teacher, each configuration x seed) are cached in the output folder under a
+key of every setting that changes them: rerunning resumes, a changed setting reruns, and the
+command says which pieces it took from the cache.
 """
 import argparse
 import dataclasses
+import json
 import os
 import sys
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch allocates: see ARCHITECTURE notes
+# Settings read once, when torch and its OpenMP runtime load (see docs/ARCHITECTURE.md, Demo);
+# set them in the environment to override. THP: large tensors on transparent huge pages.
+# PASSIVE: idle OpenMP workers sleep instead of spinning; these small models run many short
+# parallel regions, and where other processes share the cores, spinning made steps 3-5x slower.
+ENVIRONMENT = {"THP_MEM_ALLOC_ENABLE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _restart_with_environment():
+    """Python imports the idd_ops package (and so torch) before this module runs, too late for
+    ENVIRONMENT to take effect: restart the command once with it set."""
+    missing = {k: v for k, v in ENVIRONMENT.items() if k not in os.environ}
+    if missing:
+        # rerun the way it was started: `python -m idd_ops.demo.cli` (argv[0] is this file) or the
+        # `idd-distill` script (not `-m`, which would put the current folder first on sys.path)
+        how = ["-m", "idd_ops.demo.cli"] if sys.argv[0].endswith(".py") else [sys.argv[0]]
+        os.execve(sys.executable, [sys.executable, *how, *sys.argv[1:]], {**os.environ, **missing})
+
 
 import torch  # noqa: E402
 
 from .experiment import CONFIGS, PRESETS, run_experiment  # noqa: E402
-from .report import write_markdown, write_plots  # noqa: E402
+from .report import plot_losses, plot_miou, write_markdown, write_plots  # noqa: E402
+
+# measured with the command above on 2 CPU cores (see the README for how)
+ESTIMATES = {"quick": "5-6 min on 2 CPU cores", "cpu": "15-40 min on 2 CPU cores", "full": "a GPU is recommended"}
+
+
+def replot(folder):
+    """Rewrites results.md, miou.png and loss_curves.png of an earlier run from its results.json
+    (no training; predictions.png needs the checkpoints and is left as it is)."""
+    with open(os.path.join(folder, "results.json")) as f:
+        results = json.load(f)
+    md = os.path.join(folder, "results.md")
+    if not results.get("command") and os.path.exists(md):  # results.json of older versions lacks it
+        with open(md) as f:
+            results["command"] = next((line.split("`")[1] for line in f if line.startswith("Command: `")), "")
+    plot_miou(results, folder)
+    plot_losses(results, folder)
+    text = write_markdown(results, folder) + (
+        "\nReplotted from results.json by `idd-distill --replot`: `predictions.png` is the original run's (its "
+        "checkpoints are not kept), and 'not measured' marks configurations that the version which ran the "
+        "experiment did not probe.\n")
+    with open(os.path.join(folder, "results.md"), "w") as f:
+        f.write(text)
+    print(text)
+    print(f"\nrewritten from {folder}/results.json: results.md, miou.png, loss_curves.png")
 
 
 def main(argv=None):
+    if argv is None:
+        _restart_with_environment()
     p = argparse.ArgumentParser(prog="idd-distill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
@@ -30,7 +78,10 @@ def main(argv=None):
     p.add_argument("--weight", action="append", default=[], metavar="LOSS=VALUE",
                    help="override a loss weight in every configuration that uses it, e.g. idd=0.3 (repeatable)")
     p.add_argument("--teacher", default=None, help="reuse this teacher.pt (same image size) instead of training one")
+    p.add_argument("--replot", metavar="FOLDER", help="only rewrite FOLDER's results.md and plots from its results.json")
     args = p.parse_args(argv)
+    if args.replot:
+        return replot(args.replot)
     preset = PRESETS[args.preset]
     overrides = {k: v for k, v in dict(configs=tuple(args.configs or ()), seeds=tuple(args.seeds or ()),
                                        student_steps=args.student_steps, teacher_steps=args.teacher_steps).items() if v}
@@ -43,9 +94,11 @@ def main(argv=None):
     preset = dataclasses.replace(preset, weights=weights, **overrides)
     out = args.out or os.path.join("results", args.preset)
     command = "idd-distill " + " ".join(argv if argv is not None else sys.argv[1:])
-    results, teacher, runs, val = run_experiment(preset, out, args.device, args.teacher)
+    print(f"idd-distill --preset {args.preset}: {len(preset.configs)} configurations x {len(preset.seeds)} seeds, "
+          f"{ESTIMATES[args.preset]} with the preset's settings; writing to {out}/", file=sys.stderr)
+    results, teacher, runs, val = run_experiment(preset, out, args.device, args.teacher, command)
     write_plots(results, teacher, runs, val, out, args.device)
-    print(write_markdown(results, out, command))
+    print(write_markdown(results, out))
     print(f"\nwritten to {out}/ (results.md, results.json, miou.png, loss_curves.png, predictions.png)")
 
 

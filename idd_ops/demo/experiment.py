@@ -1,10 +1,13 @@
 """The distillation experiment: train a teacher, then students under each loss configuration
 and several seeds, evaluate mIoU, probe position information, and measure the teacher-student
-gap in inter-class distances. Every long loop shows progress; finished runs are cached in the
-output folder, so an interrupted experiment resumes where it stopped."""
+gap in inter-class distances. Every long loop shows progress; the teacher and every finished
+student run are cached in the output folder under a key of every setting that changes their
+result, so an interrupted experiment resumes where it stopped and a changed setting reruns."""
 import dataclasses
+import hashlib
 import json
 import os
+import sys
 import time
 
 import torch
@@ -50,15 +53,55 @@ class Preset:
 
 
 PRESETS = {
-    # about 5 minutes on a 2-core CPU: the README's main job
-    "quick": Preset(size=(64, 128), train_images=400, val_images=96, teacher_steps=1000, student_steps=300,
-                    seeds=(0, 1), configs=("ce", "ce+kd", "ce+idd", "ce+pid", "ce+kd+idd+pid"), probe_steps=150),
-    # every configuration, 3 seeds, at 64x128: about 20 minutes on a 2-core CPU
+    # the README's main job, sized to run in a few minutes on 2 CPU cores (see the README for the
+    # measured time): short schedules, batch 4, three configurations, two seeds
+    "quick": Preset(size=(64, 128), train_images=200, val_images=64, batch=4, teacher_steps=250, student_steps=100,
+                    seeds=(0, 1), configs=("ce", "ce+idd", "ce+kd+idd+pid"), probe_steps=100),
+    # every configuration, 3 seeds, at 64x128 (see the README for measured times)
     "cpu": Preset(size=(64, 128), train_images=1000, val_images=160, teacher_steps=2000, student_steps=600,
                   seeds=(0, 1, 2), probe_steps=200),
     # full resolution (128x256) and schedule: for a GPU
     "full": Preset(),
 }
+
+
+def config_weights(config, overrides):
+    """The loss weights of a configuration: CONFIGS[config] with `overrides` (loss -> weight)
+    applied to the losses it uses."""
+    return {k: overrides.get(k, w) for k, w in CONFIGS[config].items()}
+
+
+# Bump when a code change alters results, so that runs cached by older code are not reused.
+CACHE_VERSION = 2
+
+
+def _digest(obj):
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def teacher_key(preset, device):
+    """Every setting that changes the trained teacher."""
+    return dict(version=CACHE_VERSION, size=list(preset.size), train_images=preset.train_images, batch=preset.batch,
+                teacher_steps=preset.teacher_steps, lr=preset.lr, device=str(device), seed=0)
+
+
+def model_digest(model):
+    """Identity of a trained model: a hash of its parameters and buffers."""
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def run_key(preset, config, seed, teacher_id, device):
+    """Every setting that changes a student run's result: the preset (image size, data, batch,
+    steps, learning rate, probe and IDD options), the configuration's effective loss weights,
+    the seed, the teacher's identity and the device."""
+    settings = {k: v for k, v in dataclasses.asdict(preset).items()
+                if k not in ("configs", "seeds", "weights", "teacher_steps")}  # teacher_steps: in teacher_id
+    return dict(settings, version=CACHE_VERSION, config=config, weights=config_weights(config, preset.weights),
+                seed=seed, teacher=teacher_id, device=str(device))
 
 
 def batches(data, batch, steps, seed, device):
@@ -102,7 +145,7 @@ def train_student(preset, config, seed, train, teacher, readout, device, lib=idd
     idd_ops.reference for the timing comparison."""
     torch.manual_seed(seed)
     student = make_student(len(CLASSES)).to(device)
-    weights = {k: preset.weights.get(k, w) for k, w in CONFIGS[config].items()}
+    weights = config_weights(config, preset.weights)
     cs, ct = student.feature_channels, teacher.feature_channels
     pid = idd_ops.nn.PositionDistillationLoss(readout, cs, ct).to(device) if "pid" in weights else None
     # normalizer: the committed results were made with the mean over the teacher's channels
@@ -153,7 +196,9 @@ def feature_fn(model):
 
 
 def probe(model, val, device, preset):
-    """Position information of a network: the probe's final error on its frozen features."""
+    """Position information of a network: the probe's final error on its frozen features. Seeded,
+    so that a cached teacher gives the same read-out (and PID target) as a freshly trained one."""
+    torch.manual_seed(0)
     fn, hook = feature_fn(model.eval())
     xs = [val.images[i:i + preset.batch].to(device).float() / 255 for i in range(0, len(val), preset.batch)]
     readout, err = idd_ops.probe_position_information(fn, xs, POSITION_KINDS, steps=preset.probe_steps, hidden=32)
@@ -183,48 +228,86 @@ def step_time(preset, config, train, teacher, readout, device, steps=10):
             for name, lib in (("fused", idd_ops), ("reference", reference))}
 
 
-def run_experiment(preset, out, device="cpu", teacher_checkpoint=None):
-    """Runs everything and writes `out`/results.json (and checkpoints); returns the results dict.
-    teacher_checkpoint: a teacher.pt of an earlier run at the same size, used instead of training."""
+def load_or_train_teacher(preset, train, device, out, checkpoint=None):
+    """The teacher from `checkpoint` (used as given), from `out`/teacher.pt when it was trained
+    with the same settings, or trained now. Returns (teacher, curve, seconds it took to train,
+    whether it came from a file)."""
+    key = teacher_key(preset, device)
+    path = checkpoint or os.path.join(out, "teacher.pt")
+    if os.path.exists(path):
+        state = torch.load(path, map_location=device)
+        if checkpoint or state.get("key") == key:
+            print(f"cache: using the teacher in {path}" + ("" if checkpoint else " (same settings)"), file=sys.stderr)
+            teacher = make_teacher(len(CLASSES)).to(device)
+            teacher.load_state_dict(state["model"])
+            return teacher.eval(), state["curve"], state.get("seconds", 0.0), True
+        print(f"cache: {path} was trained with other settings; training a new teacher", file=sys.stderr)
+    start = time.perf_counter()
+    teacher, curve = train_teacher(preset, train, device)
+    seconds = time.perf_counter() - start
+    torch.save({"model": teacher.state_dict(), "curve": curve, "key": key, "seconds": seconds}, path)
+    return teacher, curve, seconds, False
+
+
+def student_run(preset, config, seed, train, val, teacher, readout, device):
+    """Trains and measures one student: mIoU, per-class IoU, loss curves, time per step, IDD
+    gap to the teacher, and the position-probe error of its features."""
+    start = time.perf_counter()
+    student, curves, sec = train_student(preset, config, seed, train, teacher, readout, device)
+    miou, iou = evaluate(student, val, device)
+    run = dict(miou=miou, iou=iou, curves=curves, weights=config_weights(config, preset.weights),
+               seconds_per_step=sec, distance_gap=distance_gap(student, teacher, val, device, preset),
+               position_error=probe(student, val, device, preset)[1], model=student.state_dict())
+    run["seconds"] = time.perf_counter() - start
+    return run
+
+
+def run_experiment(preset, out, device="cpu", teacher_checkpoint=None, command=""):
+    """Runs everything and writes `out`/results.json (and checkpoints); returns
+    (results dict, teacher, {(config, seed): run}, validation set).
+    teacher_checkpoint: a teacher.pt of an earlier run at the same size, used instead of training.
+    results["seconds"] is the experiment's wall time: this call's plus the time the cached
+    teacher and runs took when they were computed."""
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     t0 = time.perf_counter()
     bars = Progress(preset.train_images, "train set"), Progress(preset.val_images, "val set")
     train = StreetScenes(preset.train_images, seed=1, size=preset.size, progress=lambda done, total: bars[0].update())
     val = StreetScenes(preset.val_images, seed=2, size=preset.size, progress=lambda done, total: bars[1].update())
-    teacher_path = teacher_checkpoint or os.path.join(out, "teacher.pt")
-    teacher = make_teacher(len(CLASSES)).to(device)
-    if os.path.exists(teacher_path):
-        state = torch.load(teacher_path, map_location=device)
-        teacher.load_state_dict(state["model"])
-        teacher_curve = state["curve"]
-        teacher.eval()
-    else:
-        teacher, teacher_curve = train_teacher(preset, train, device)
-        torch.save({"model": teacher.state_dict(), "curve": teacher_curve}, teacher_path)
+    teacher, teacher_curve, teacher_seconds, teacher_cached = load_or_train_teacher(
+        preset, train, device, out, teacher_checkpoint)
+    cached_seconds = teacher_seconds if teacher_cached else 0.0
     teacher.requires_grad_(False)
-    results = {"preset": dataclasses.asdict(preset), "device": str(device), "classes": CLASSES}
+    teacher_id = model_digest(teacher)
+    results = {"preset": dataclasses.asdict(preset), "device": str(device), "classes": CLASSES, "command": command,
+               "teacher_id": teacher_id}
     results["teacher"] = dict(zip(("miou", "iou"), evaluate(teacher, val, device)))
     readout, results["teacher"]["position_error"] = probe(teacher, val, device, preset)
     results["teacher"]["curve"] = teacher_curve
-    runs = {}
+    runs, cached = {}, []
     for config in preset.configs:
         for seed in preset.seeds:
-            path = os.path.join(out, "runs", f"{config}_seed{seed}.pt")
-            if os.path.exists(path):
-                runs[(config, seed)] = torch.load(path, map_location=device)
+            key = run_key(preset, config, seed, teacher_id, device)
+            path = os.path.join(out, "runs", f"{config}_seed{seed}_{_digest(key)}.pt")
+            run = torch.load(path, map_location=device) if os.path.exists(path) else None
+            if run is not None and run.get("key") == key:
+                print(f"cache: using {path} (same settings; delete it to rerun)", file=sys.stderr)
+                runs[(config, seed)] = run
+                cached.append(f"{config}|{seed}")
+                cached_seconds += runs[(config, seed)]["seconds"]
                 continue
-            student, curves, sec = train_student(preset, config, seed, train, teacher, readout, device)
-            miou, iou = evaluate(student, val, device)
-            run = dict(miou=miou, iou=iou, curves=curves, seconds_per_step=sec,
-                       distance_gap=distance_gap(student, teacher, val, device, preset), model=student.state_dict())
-            if seed == preset.seeds[0] and config in ("ce", "ce+kd+idd+pid"):
-                run["position_error"] = probe(student, val, device, preset)[1]
+            run = student_run(preset, config, seed, train, val, teacher, readout, device)
+            run["key"] = key
             torch.save(run, path)
             runs[(config, seed)] = run
-    results["runs"] = {f"{c}|{s}": {k: v for k, v in r.items() if k != "model"} for (c, s), r in runs.items()}
+    results["runs"] = {f"{c}|{s}": {k: v for k, v in r.items() if k not in ("model", "key")}
+                       for (c, s), r in runs.items()}
     if "ce+kd+idd+pid" in preset.configs:
         results["step_time"] = step_time(preset, "ce+kd+idd+pid", train, teacher, readout, device)
-    results["seconds"] = time.perf_counter() - t0
+    results["seconds_this_call"] = time.perf_counter() - t0
+    results["seconds"] = results["seconds_this_call"] + cached_seconds
+    results["cached"] = (["teacher"] if teacher_cached else []) + cached
+    if cached:
+        print(f"cache: {len(cached)} of {len(runs)} student runs came from {out}/runs/", file=sys.stderr)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     return results, teacher, runs, val
