@@ -10,8 +10,9 @@ import torch
 
 import idd_ops  # noqa: F401
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROBE = os.path.join(ROOT, "tests", "cpu_variant_outputs.py")
+PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_variant_outputs.py")
+# the idd_ops under test (a source tree's or an installed wheel's), for the subprocesses
+IMPORT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(idd_ops.__file__)))
 
 
 def cpu_flags():
@@ -23,9 +24,9 @@ def cpu_flags():
 
 
 def run_probe(path, capability, runner=()):
-    env = dict(os.environ, IDD_OPS_CPU_CAPABILITY=capability, PYTHONPATH=ROOT)
-    proc = subprocess.run([*runner, sys.executable, PROBE, str(path)], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)
+    env = dict(os.environ, IDD_OPS_CPU_CAPABILITY=capability, PYTHONPATH=IMPORT_ROOT)
+    proc = subprocess.run([*runner, sys.executable, PROBE, str(path)], env=env, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(path)
 
@@ -66,8 +67,8 @@ def test_variants_agree_bitwise(tmp_path):
 
 
 def test_bad_capability_names_the_variable():
-    env = dict(os.environ, IDD_OPS_CPU_CAPABILITY="avx9000", PYTHONPATH=ROOT)
+    env = dict(os.environ, IDD_OPS_CPU_CAPABILITY="avx9000", PYTHONPATH=IMPORT_ROOT)
     code = "import torch, idd_ops; torch.ops.idd_ops._cpu_capability()"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "IDD_OPS_CPU_CAPABILITY" in proc.stderr and "avx9000" in proc.stderr

@@ -1,6 +1,7 @@
 """The default build runs on an x86-64 CPU without AVX: the dispatched kernels run under QEMU
 user-mode emulation of a Nehalem (SSE4.2, no AVX) and match the baseline variant on this CPU
-bitwise (float64 softmax-KL within a few ulp: glibc's double exp differs by CPU). Needs qemu-x86_64 (Debian: apt-get install qemu-user); about 20 s of CPU time."""
+bitwise (float64 softmax-KL within a few ulp: glibc's double exp/log differ by CPU). Needs
+qemu-x86_64 (Debian: apt-get install qemu-user); about 20 s of CPU time."""
 import platform
 import shutil
 
