@@ -74,8 +74,9 @@ def extension():
     # extension's own flags it compiles to a serial loop.
     # -fno-trapping-math: lets the compiler if-convert the branch-free exp's clamps and
     # vectorise its loops (no result changes; FP exception flags are never read).
-    # -ffp-contract=off: no fused multiply-adds the source does not write, so the baseline and
-    # AVX2 variants (and builds by other compilers) round alike and agree bitwise.
+    # -ffp-contract=off: no fused multiply-adds the source does not write, so the baseline
+    # code rounds alike on every CPU and compiler; only the AVX2 kernel variant fuses them
+    # (csrc/cpu/kernels/per_capability.h).
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off"]
     link = ["-fopenmp"]
     limited = {"py_limited_api": True} if LIMITED_API_CPYTHON else {}

@@ -1,5 +1,6 @@
-"""Outputs of the CPU-dispatched kernels (softmax-KL, centroid and cosine passes, forward and
-backward) on fixed inputs, saved for comparison across CPU variants and CPUs:
+"""Outputs of the CPU-dispatched kernels (softmax-KL, centroid pass) and of the cosine pass that
+uses the centroids, forward and backward, on fixed inputs, saved for comparison across CPU
+variants and CPUs:
 
     IDD_OPS_CPU_CAPABILITY=default python tests/cpu_variant_outputs.py out.pt
 

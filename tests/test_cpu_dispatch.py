@@ -1,6 +1,6 @@
-"""The CPU kernel variants (baseline x86-64 and AVX2, csrc/cpu/dispatch.h) give bitwise equal
-results (the build compiles with -ffp-contract=off), and the environment variable
-IDD_OPS_CPU_CAPABILITY selects them."""
+"""The CPU kernel variants (baseline x86-64 and AVX2, csrc/cpu/dispatch.h) agree: the AVX2 one
+fuses multiply-adds, so within rounding (torch.testing.assert_close's defaults per dtype); the
+environment variable IDD_OPS_CPU_CAPABILITY selects them."""
 import os
 import subprocess
 import sys
@@ -31,6 +31,14 @@ def run_probe(path, capability, runner=()):
     return torch.load(path)
 
 
+def assert_close(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if key != "capability":
+            for x, y in zip(a[key], b[key]):
+                torch.testing.assert_close(x, y, msg=key)
+
+
 def assert_bitwise_equal(a, b, float64_ulps=False):
     """Every output bitwise equal; float64_ulps: float64 ones within a few ulp (across CPUs,
     glibc's double exp/log pick an FMA or SSE2 implementation of their own)."""
@@ -57,13 +65,13 @@ def test_capability_reported():
         assert cap == "avx2"
 
 
-def test_variants_agree_bitwise(tmp_path):
+def test_variants_agree(tmp_path):
     base = run_probe(tmp_path / "default.pt", "default")
     best = run_probe(tmp_path / "avx2.pt", "avx2")
     assert base["capability"] == "default"
     if best["capability"] != "avx2":
         pytest.skip("this CPU has no AVX2 + FMA: one variant only")
-    assert_bitwise_equal(base, best)
+    assert_close(base, best)
 
 
 def test_bad_capability_names_the_variable():

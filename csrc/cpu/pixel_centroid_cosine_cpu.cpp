@@ -11,7 +11,6 @@
 
 #include "../common/checks.h"
 #include "../common/cosine.h"
-#include "kernels/pixel_centroid_cosine.h"
 #include "label_runs.h"
 
 namespace idd_ops {
@@ -67,7 +66,6 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_kernel(const at::Tensor
     acc_t* cos_p = cos.data_ptr<acc_t>();
     acc_t* fn_p = fnorm.data_ptr<acc_t>();
     const int64_t tiles = (HW + kPixelTile - 1) / kPixelTile;
-    const CosineLoops<scalar_t> loops = IDD_CPU_KERNEL(cosine_loops<scalar_t>)();
     at::parallel_for(0, B * tiles, 1, [&](int64_t t0, int64_t t1) {
       acc_t dot[kPixelTile], nf[kPixelTile];
       for (int64_t task = t0; task < t1; ++task) {
@@ -76,7 +74,15 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_kernel(const at::Tensor
         const int32_t* y = slot.data() + b * HW + p0;
         std::fill(dot, dot + n, acc_t(0));
         std::fill(nf, nf + n, acc_t(0));
-        loops.tile_sums(f + b * C * HW + p0, C, HW, n, y, cp + b * K * C, dot, nf);
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* x = f + (b * C + c) * HW + p0;
+          const acc_t* cc = cp + b * K * C + c;  // centroid k, channel c at cc[k * C]
+          for (int64_t p = 0; p < n; ++p) {
+            const acc_t v = static_cast<acc_t>(x[p]);
+            dot[p] += y[p] >= 0 ? v * cc[y[p] * C] : acc_t(0);
+            nf[p] += v * v;
+          }
+        }
         for (int64_t p = 0; p < n; ++p) {
           const acc_t norm = std::sqrt(nf[p]);
           fn_p[b * HW + p0 + p] = norm;
@@ -122,7 +128,6 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_backward_kernel(
     }
     scalar_t* gf = grad_f.data_ptr<scalar_t>();
     acc_t* gc = grad_c.data_ptr<acc_t>();
-    const CosineLoops<scalar_t> loops = IDD_CPU_KERNEL(cosine_loops<scalar_t>)();
     at::parallel_for(0, B * C, 4, [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> sums(K);
       for (int64_t row = r0; row < r1; ++row) {
@@ -133,7 +138,12 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_backward_kernel(
         const acc_t* ab = a.data() + b * HW;
         const acc_t* bb = bf.data() + b * HW;
         std::fill(sums.begin(), sums.end(), acc_t(0));
-        loops.backward_row(x, HW, y, ab, bb, cp + b * K * C + c, C, gf + row * HW, sums.data());
+        for (int64_t p = 0; p < HW; ++p) {
+          const acc_t v = static_cast<acc_t>(x[p]);
+          const acc_t cy = y[p] >= 0 ? cp[(b * K + y[p]) * C + c] : acc_t(0);
+          gf[row * HW + p] = static_cast<scalar_t>(ab[p] * cy + bb[p] * v);
+          if (y[p] >= 0) sums[y[p]] += ab[p] * v;
+        }
         for (int64_t k = 0; k < K; ++k) gc[(b * K + k) * C + c] = sums[k] + bc_sum[b * K + k] * cp[(b * K + k) * C + c];
       }
     });
