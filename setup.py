@@ -4,12 +4,15 @@ Torch must already be installed; install with `pip install --no-build-isolation 
 pip does not fetch a second (multi-GB) torch into an isolated build environment.
   FORCE_CUDA=1      build the CUDA kernels even where torch/CUDA detection says no
   FORCE_ONLY_CPU=1  never build them
-  IDD_OPS_PORTABLE=1  compile the CPU kernels for baseline x86-64 (SSE2) even where the
-                      building machine has AVX2/FMA (use it when building for other machines)
+  TORCH_CUDA_ARCH_LIST  GPU architectures of the CUDA kernels; unset and no GPU visible:
+                        DEFAULT_CUDA_ARCHS (those the installed nvcc can build)
+The CPU code is portable: built for baseline x86-64, with the vector-width-bound loops also
+compiled for AVX2 + FMA and chosen at load time (csrc/cpu/dispatch.h); no -march/-m flags.
 """
 import glob
 import os
-import platform
+import re
+import subprocess
 
 from setuptools import find_packages, setup
 
@@ -29,6 +32,7 @@ Otherwise install torch first. The commands:
 """
 try:
     import torch
+    from torch.utils import cpp_extension
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError as e:
     raise SystemExit(TORCH_MISSING.format(error=e)) from None
@@ -44,37 +48,71 @@ def want_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
-def host_simd_flags():
-    """AVX2 + FMA when the building x86-64 machine has them: a source build runs where it is
-    built, and the exp-bound kernels (pixel KD, CWD) run about twice as fast with 8-wide vectors."""
-    if os.environ.get("IDD_OPS_PORTABLE", "0") == "1" or platform.machine() not in ("x86_64", "AMD64"):
-        return []
+# GPUs people train on: Volta, Turing, Ampere (A100, RTX 30), Ada (RTX 40, L40), Hopper, plus
+# PTX of the newest so later GPUs JIT-compile it. Used when TORCH_CUDA_ARCH_LIST is unset and no
+# GPU is visible (torch would otherwise target the visible GPUs, and fails with none).
+DEFAULT_CUDA_ARCHS = ["7.0", "7.5", "8.0", "8.6", "8.9", "9.0"]
+
+# One wheel for every CPython from this version on (the stable ABI): the extension uses only
+# PyModule_Create from Python's C API, the rest goes through torch's dispatcher. Torch >= 2.6
+# knows the flag (it defines Py_LIMITED_API and skips libtorch_python); older ones build a
+# wheel per Python version.
+LIMITED_API_CPYTHON = getattr(cpp_extension, "min_supported_cpython", None)
+
+
+def nvcc_archs():
+    """Compute capabilities ("7.5", ...) the installed nvcc can build, or None if it cannot say."""
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else "nvcc"
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
+        out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {f"{int(m) // 10}.{int(m) % 10}" for m in re.findall(r"compute_(\d+)", out)}
+
+
+def set_cuda_arch_list():
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        print(f"idd_ops: TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (from the environment)")
+        return
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        print("idd_ops: TORCH_CUDA_ARCH_LIST unset: building for the visible GPUs")
+        return
+    known = nvcc_archs()
+    archs = [a for a in DEFAULT_CUDA_ARCHS if known is None or a in known]
+    archs[-1] += "+PTX"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+    print(f"idd_ops: no GPU visible, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (default)")
 
 
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "cpu", "kernels", "*.cpp"))
                      + glob.glob(os.path.join("csrc", "composite", "*.cpp")))
     # at::parallel_for is an inline template over OpenMP: without -fopenmp in this
     # extension's own flags it compiles to a serial loop.
     # -fno-trapping-math: lets the compiler if-convert the branch-free exp's clamps and
     # vectorise its loops (no result changes; FP exception flags are never read).
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"] + host_simd_flags()
+    # -ffp-contract=off: no fused multiply-adds the source does not write, so the baseline
+    # code rounds alike on every CPU and compiler; only the AVX2 kernel variant fuses them
+    # (csrc/cpu/kernels/per_capability.h).
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off"]
     link = ["-fopenmp"]
-    print(f"idd_ops: C++ flags {' '.join(cxx)}")
+    limited = {"py_limited_api": True} if LIMITED_API_CPYTHON else {}
+    print(f"idd_ops: C++ flags {' '.join(cxx)}; CPU kernels dispatched at load time (baseline, AVX2+FMA)")
     if want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         print(f"idd_ops: building CPU and CUDA kernels ({len(sources)} sources)")
+        set_cuda_arch_list()
         nvcc = ["-O3", "--expt-relaxed-constexpr"]
         return CUDAExtension("idd_ops._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                             extra_link_args=link)
+                             extra_link_args=link, **limited)
     print(f"idd_ops: building CPU kernels only ({len(sources)} sources)")
-    return CppExtension("idd_ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    return CppExtension("idd_ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link, **limited)
+
+
+def limited_api_tag():
+    """bdist_wheel's tag for the stable ABI: torch's minimum CPython, "0x030A0000" -> "cp310"."""
+    return f"cp3{int(LIMITED_API_CPYTHON[4:6], 16)}" if LIMITED_API_CPYTHON else None
 
 
 class BuildWithNotice(BuildExtension.with_options(use_ninja=True)):
@@ -106,5 +144,6 @@ setup(
     entry_points={"console_scripts": ["idd-distill=idd_ops.demo.cli:main"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildWithNotice},
+    options={"bdist_wheel": {"py_limited_api": limited_api_tag()}} if LIMITED_API_CPYTHON else {},
     zip_safe=False,
 )

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../common/checks.h"
+#include "kernels/class_centroids.h"
 #include "label_runs.h"
 
 namespace idd_ops {
@@ -35,6 +36,7 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_kernel(const at::Tensor& feat
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* f = feats.const_data_ptr<scalar_t>();
     acc_t* out = centroids.data_ptr<acc_t>();
+    const auto add_runs = IDD_CPU_KERNEL(add_run_sums<scalar_t, acc_t>);
     at::parallel_for(0, B * C, kRowGrain, [&](int64_t row0, int64_t row1) {
       std::vector<acc_t> sums(num_classes);
       for (int64_t row = row0; row < row1; ++row) {
@@ -43,8 +45,7 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_kernel(const at::Tensor& feat
         const scalar_t* x = f + row * HW;
         const LabelRuns& rb = runs[b];
         std::fill(sums.begin(), sums.end(), acc_t(0));
-        for (int64_t r = 0; r < rb.size(); ++r)
-          if (rb.cls[r] >= 0) sums[rb.cls[r]] += sum_span<scalar_t, acc_t>(x + rb.start[r], rb.start[r + 1] - rb.start[r]);
+        add_runs(x, rb.start.data(), rb.cls.data(), rb.size(), sums.data());
         for (int64_t k = 0; k < num_classes; ++k) {
           const int64_t n = cnt[b * num_classes + k];
           out[(b * num_classes + k) * C + c] = n > 0 ? sums[k] / static_cast<acc_t>(n) : acc_t(0);

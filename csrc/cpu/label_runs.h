@@ -64,22 +64,4 @@ inline std::vector<LabelRuns> label_runs_per_image(const at::Tensor& labels_in, 
   return runs;
 }
 
-// Sum of n values in the accumulation type; eight independent partial sums let the
-// compiler vectorise the loop and hide the add latency.
-template <typename scalar_t, typename acc_t>
-inline acc_t sum_span(const scalar_t* x, int64_t n) {
-  if (n < 8) {  // short runs (thin objects, borders): the vector set-up would cost more
-    acc_t total = 0;
-    for (int64_t i = 0; i < n; ++i) total += static_cast<acc_t>(x[i]);
-    return total;
-  }
-  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int u = 0; u < 8; ++u) part[u] += static_cast<acc_t>(x[i + u]);
-  acc_t total = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-  for (; i < n; ++i) total += static_cast<acc_t>(x[i]);
-  return total;
-}
-
 }  // namespace idd_ops
