@@ -26,7 +26,7 @@ Otherwise install torch first. The commands:
 
     pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu   # CPU build
     pip install torch==2.13.0                        # CUDA build (the default on PyPI, several GB)
-    pip install --no-build-isolation .               # then idd_ops (about 9 min on 2 busy CPU cores)
+    pip install --no-build-isolation .               # then idd_ops (2 min on 2 idle CPU cores)
 
 (Any torch >= 2.4 works; the import error was: {error})
 """
@@ -120,8 +120,8 @@ class BuildWithNotice(BuildExtension.with_options(use_ninja=True)):
     otherwise (`pip install -v` shows ninja's [i/n] steps as they finish)."""
 
     def run(self):
-        print("idd_ops: compiling the C++ kernels: about 9 minutes on 2 CPU cores shared with other builds "
-              "(4 minutes of CPU time, so less on idle cores; more with the CUDA kernels)", flush=True)
+        print("idd_ops: compiling the C++ kernels: about 2 minutes on 2 idle CPU cores, 9 when other builds share "
+              "them; more with the CUDA kernels", flush=True)
         super().run()
 
 
