@@ -74,6 +74,7 @@ CASES = [
     ("class_distance_matrix", 1, _dtype(torch.float32), TypeError, "counts"),
     ("class_distance_matrix", 2, "l1", ValueError, "metric"),
     ("class_distance_matrix", 4, -1.0, ValueError, "eps"),
+    ("class_distance_matrix", 4, 0.0, ValueError, "eps"),
     ("_class_distance_matrix_backward", 0, _t((B, K, K + 1)), ValueError, "grad"),
     ("_class_distance_matrix_backward", 0, _dtype(torch.int64), TypeError, "grad"),
     ("_class_distance_matrix_backward", 2, _t((B, K + 1), torch.int64), ValueError, "counts"),

@@ -58,7 +58,8 @@ inline void check_loss_grad(const at::Tensor& grad, const at::Tensor& ref, const
 }
 
 inline void check_eps(double eps) {
-  TORCH_CHECK_VALUE(eps >= 0 && eps < INFINITY, "eps: expected a finite value >= 0, got ", eps);
+  // > 0: eps floors the cosine denominator and the "mean" normaliser, which must not be 0.
+  TORCH_CHECK_VALUE(eps > 0 && eps < INFINITY, "eps: expected a finite value > 0, got ", eps);
 }
 
 // The incoming gradient of a loss in the accumulation dtype: `like`-shaped for reduction
