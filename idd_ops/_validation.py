@@ -7,22 +7,24 @@ NORMALIZE = (None, "mean")
 from ._reduction import REDUCTIONS  # noqa: F401  (re-exported for the checks)
 
 
-def check_features(name, x):
+def _check_tensor(name, x, dim, layout, floating):
+    """x is a `dim`-D tensor (`layout` names its axes) of a floating or an integer dtype."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-D [B, C, H, W] tensor, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
+    if x.dim() != dim:
+        raise ValueError(f"{name}: expected a {dim}-D {layout} tensor, got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
+    if not floating and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+        raise TypeError(f"{name}: expected an integer dtype (uint8, int32, int64, ...), got {x.dtype}")
+
+
+def check_features(name, x):
+    _check_tensor(name, x, 4, "[B, C, H, W]", floating=True)
 
 
 def check_labels(labels, feats_name, feats):
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
-    if labels.dim() != 3:
-        raise ValueError(f"labels: expected a 3-D [B, H, W] tensor, got shape {tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels: expected an integer dtype (uint8, int32, int64, ...), got {labels.dtype}")
+    _check_tensor("labels", labels, 3, "[B, H, W]", floating=False)
     if labels.shape[0] != feats.shape[0]:
         raise ValueError(f"labels: batch size {labels.shape[0]} differs from {feats_name}'s batch size {feats.shape[0]}")
     if labels.device != feats.device:
@@ -70,19 +72,11 @@ def check_eps(eps):
 
 
 def check_centroids(centroids, counts):
-    if not isinstance(centroids, torch.Tensor):
-        raise TypeError(f"centroids: expected a torch.Tensor, got {type(centroids).__name__}")
-    if centroids.dim() != 3:
-        raise ValueError(f"centroids: expected a [B, K, C] tensor, got shape {tuple(centroids.shape)}")
-    if not centroids.is_floating_point():
-        raise TypeError(f"centroids: expected a floating dtype, got {centroids.dtype}")
-    if not isinstance(counts, torch.Tensor):
-        raise TypeError(f"counts: expected a torch.Tensor, got {type(counts).__name__}")
-    if counts.dim() != 2 or tuple(counts.shape) != tuple(centroids.shape[:2]):
+    _check_tensor("centroids", centroids, 3, "[B, K, C]", floating=True)
+    _check_tensor("counts", counts, 2, "[B, K]", floating=False)
+    if tuple(counts.shape) != tuple(centroids.shape[:2]):
         raise ValueError(f"counts: expected a [B, K] = {tuple(centroids.shape[:2])} tensor, got "
                          f"{tuple(counts.shape)}")
-    if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
-        raise TypeError(f"counts: expected an integer dtype, got {counts.dtype}")
     if counts.device != centroids.device:
         raise ValueError(f"counts: on {counts.device} but centroids on {centroids.device}")
 

@@ -72,8 +72,9 @@ at::Tensor class_distance_matrix(const at::Tensor& centroids, const at::Tensor& 
                                  bool normalize, double eps) {
   check_class_distance_matrix_inputs(centroids, counts, eps);
   const Metric metric = parse_metric(std::string(metric_name));
-  at::Tensor d = raw_distances(prepared(centroids, counts, metric), valid_entries(counts), metric, eps);
-  if (normalize) d = d / mean_normalizer(d, valid_entries(counts), eps).m;
+  const at::Tensor valid = valid_entries(counts);
+  at::Tensor d = raw_distances(prepared(centroids, counts, metric), valid, metric, eps);
+  if (normalize) d = d / mean_normalizer(d, valid, eps).m;
   return d.to(centroids.scalar_type());
 }
 
