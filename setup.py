@@ -84,6 +84,22 @@ def set_cuda_arch_list():
     print(f"idd_ops: no GPU visible, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (default)")
 
 
+def torch_libstdcxx():
+    """The shared libstdc++ that torch runs with, as a link argument ([] where none is found).
+
+    A toolchain without a shared libstdc++ of its own (seen on a CUDA image whose g++ links it
+    statically) gives the extension a private copy beside torch's, whose locale facets do not
+    match the process's: formatting a number into an error message then crashes. Linking the
+    library already loaded here makes the extension share torch's; elsewhere it is the one the
+    compiler would pick anyway."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    except OSError:
+        return []
+    return sorted(paths)[:1]
+
+
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
                      + glob.glob(os.path.join("csrc", "cpu", "kernels", "*.cpp"))
@@ -96,7 +112,7 @@ def extension():
     # code rounds alike on every CPU and compiler; only the AVX2 kernel variant fuses them
     # (csrc/cpu/kernels/per_capability.h).
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off"]
-    link = ["-fopenmp"]
+    link = ["-fopenmp"] + torch_libstdcxx()
     limited = {"py_limited_api": True} if LIMITED_API_CPYTHON else {}
     print(f"idd_ops: C++ flags {' '.join(cxx)}; CPU kernels dispatched at load time (baseline, AVX2+FMA)")
     if want_cuda():

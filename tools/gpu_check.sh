@@ -69,7 +69,10 @@ fi
 # Hopper only (the GPU at hand) keeps the build short; MAX_JOBS uses every core.
 stage build "${BUILD_S:-150}" env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
   MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" -m pip install -v --no-build-isolation --no-deps -e .
-stage tests "${TESTS_S:-90}" "$PY" -m pytest -q -m gpu -p no:cacheprovider --junitxml="$OUT/tests.xml" tests
+# With pytest-xdist (on the CUDA image) the tests run in workers, so a test that crashes the
+# process is reported as one failure instead of ending the stage; -rfE lists every failure.
+XDIST=""; "$PY" -c "import xdist" 2> /dev/null && XDIST="-n 8"
+stage tests "${TESTS_S:-90}" "$PY" -m pytest -q -rfE $XDIST -m gpu -p no:cacheprovider --junitxml="$OUT/tests.xml" tests
 # Every CUDA case but SKD pool 1 (its reference alone takes a minute), 5 rounds, no torch.compile column.
 stage bench "${BENCH_S:-90}" "$PY" -m benchmarks.report --device cuda --no-compile --repeat 5 \
   --skip "skd pool1" --out "$OUT/RESULTS-cuda.md"
