@@ -9,8 +9,8 @@ import idd_ops
 from idd_ops.demo import experiment
 from idd_ops.demo.metrics import confusion_matrix, iou_per_class, mean_iou
 from idd_ops.demo.models import FEATURE_LAYER, make_student, make_teacher
-from idd_ops.demo.scenes import (BUILDING, CLASSES, IGNORE_INDEX, OBJECTS, ROAD, SIDEWALK, SKY, StreetScenes,
-                                 render_scene)
+from idd_ops.demo.scenes import (BUILDING, CLASSES, CONFUSABLE, IGNORE_INDEX, OBJECTS, ROAD, SIDEWALK, SKY, THIN,
+                                 StreetScenes, render_scene)
 
 
 def test_generator_is_deterministic():
@@ -38,17 +38,48 @@ def test_labels_are_consistent(index):
     assert obj.any() or not ignored.any()
 
 
-def test_colour_alone_does_not_separate_classes():
-    """Per-image class colours come from one distribution: across images, the mean colour of a
-    class varies about as much as the overall colour does."""
+def test_confusable_classes_share_their_appearance():
+    """Within a confusable group the classes' colours come from one distribution: across images,
+    the mean colours of its members differ by much less than one image's colour varies."""
     means = {k: [] for k in range(len(CLASSES))}
-    for i in range(24):
-        image, label = render_scene(i, size=(48, 96))
+    for i in range(40):
+        image, label = render_scene(i, size=(64, 128))
         for k in means:
-            if (label == k).sum() > 20:
+            if (label == k).sum() > 10:
                 means[k].append(image[:, label == k].mean(1))
-    spreads = [torch.stack(v).std(0).mean().item() for v in means.values() if len(v) > 4]
-    assert min(spreads) > 0.08
+    for group, members in CONFUSABLE.items():
+        seen = [torch.stack(means[k]) for k in members if len(means[k]) > 4]
+        for a in seen[1:]:
+            spread = torch.cat([seen[0], a]).std(0).mean()
+            assert (a.mean(0) - seen[0].mean(0)).abs().max() < spread, group
+            assert spread > 0.08, group
+
+
+def test_every_class_occurs_and_thin_ones_reach_the_feature_stride():
+    """All 19 classes appear in a few dozen scenes; near thin objects are as wide as the
+    networks' stride (8 pixels) in some scene at the cpu preset's size, so they exist in the
+    features too."""
+    seen, widest = set(), {k: 0 for k in THIN}
+    for i in range(60):
+        _, label = render_scene(i, size=(64, 128))
+        seen |= set(label.unique().tolist())
+        for k in THIN:
+            widest[k] = max(widest[k], int((label == k).sum(1).max()))
+    assert set(range(len(CLASSES))) <= seen
+    assert all(w >= 8 for w in widest.values()), widest
+
+
+def test_paired_interval_matches_student_t():
+    from idd_ops.demo.stats import paired_difference, t_quantile
+
+    assert t_quantile(0.975, 4) == pytest.approx(2.7764, abs=1e-4)
+    assert t_quantile(0.975, 9) == pytest.approx(2.2622, abs=1e-4)
+    mean, lo, hi, n = paired_difference([61.0, 62.5, 60.0, 63.0, 61.5], [60.0, 61.0, 59.5, 62.0, 60.0])
+    diffs = torch.tensor([1.0, 1.5, 0.5, 1.0, 1.5], dtype=torch.float64)
+    half = 2.7764 * diffs.std() / 5 ** 0.5
+    assert n == 5 and mean == pytest.approx(1.1)
+    assert (lo, hi) == pytest.approx((1.1 - half.item(), 1.1 + half.item()), abs=1e-3)
+    assert paired_difference([1.0], [0.0])[1] != paired_difference([1.0], [0.0])[1]  # NaN: one pair
 
 
 def test_miou_hand_computed():
@@ -64,7 +95,7 @@ def test_miou_hand_computed():
 
 
 def test_models_expose_features_at_output_stride_8():
-    for model in (make_teacher(8), make_student(8)):
+    for model in (make_teacher(8), make_student(8), make_student(8, padding_mode="zeros")):
         feats = {}
         model.get_submodule(FEATURE_LAYER).register_forward_hook(lambda m, i, o: feats.update(f=o))
         logits = model(torch.randn(2, 3, 64, 128))
@@ -133,9 +164,10 @@ def test_experiment_caches_announces_and_reruns_changed_settings(tmp_path, capsy
     assert len(changed["runs"]["ce|0"]["curves"]["ce"]) == 2
     text = write_markdown(again, out)
     assert "cached from earlier calls" in text and "not measured" not in text
+    assert "vs ce: paired difference" in text and "Per-class IoU: paired difference to ce" in text
     pytest.importorskip("matplotlib")
     write_plots(changed, teacher, runs, val, out, "cpu")
-    for name in ("miou.png", "loss_curves.png", "predictions.png"):
+    for name in ("paired.png", "miou.png", "loss_curves.png", "predictions.png"):
         assert (tmp_path / name).stat().st_size > 0
 
 
@@ -149,3 +181,17 @@ def test_setup_without_torch_stops_with_instructions():
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "pip install --no-build-isolation" in proc.stderr and "download.pytorch.org/whl/cpu" in proc.stderr
+
+
+def test_sweep_picks_the_best_paired_weight(tmp_path, one_thread):
+    from idd_ops.demo import sweep
+
+    assert sweep.parse_grid(["idd=0.3,1"]) == {"idd": [0.3, 1.0]}
+    with pytest.raises(ValueError, match="grid"):
+        sweep.parse_grid(["nope=1"])
+    summary = sweep.run_sweep(_tiny(), {"pid": [0.5, 2.0]}, [0, 1], str(tmp_path))
+    points = summary["points"]
+    assert [q["weight"] for q in points] == [0.5, 2.0] and summary["preset"]["eval_split"] == "tune"
+    best = max(points, key=lambda q: q["difference"][0])
+    assert summary["chosen"] == {"pid": best["weight"]}
+    assert "Chosen weights" in (tmp_path / "sweep.md").read_text()

@@ -36,7 +36,7 @@ def _restart_with_environment():
 import torch  # noqa: E402
 
 from .experiment import CONFIGS, PRESETS, run_experiment  # noqa: E402
-from .report import plot_losses, plot_miou, write_markdown, write_plots  # noqa: E402
+from .report import plot_losses, plot_miou, plot_paired, write_markdown, write_plots  # noqa: E402
 
 # measured with the command above on 2 CPU cores (see the README for how)
 ESTIMATES = {"quick": "about 2 min on 2 idle CPU cores (5-6 min on a loaded machine)", "cpu": "15-40 min on 2 CPU cores", "full": "a GPU is recommended"}
@@ -51,6 +51,7 @@ def replot(folder):
     if not results.get("command") and os.path.exists(md):  # results.json of older versions lacks it
         with open(md) as f:
             results["command"] = next((line.split("`")[1] for line in f if line.startswith("Command: `")), "")
+    plot_paired(results, folder)
     plot_miou(results, folder)
     plot_losses(results, folder)
     text = write_markdown(results, folder) + (
@@ -99,7 +100,7 @@ def main(argv=None):
     results, teacher, runs, val = run_experiment(preset, out, args.device, args.teacher, command)
     write_plots(results, teacher, runs, val, out, args.device)
     print(write_markdown(results, out))
-    print(f"\nwritten to {out}/ (results.md, results.json, miou.png, loss_curves.png, predictions.png)")
+    print(f"\nwritten to {out}/ (results.md, results.json, paired.png, miou.png, loss_curves.png, predictions.png)")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ from torch import nn
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride=1, dilation=1):
+    def __init__(self, cin, cout, stride=1, dilation=1, padding_mode="zeros"):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        pad = dict(padding=dilation, dilation=dilation, bias=False, padding_mode=padding_mode)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, **pad)
         self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, padding=dilation, dilation=dilation, bias=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, **pad)
         self.bn2 = nn.BatchNorm2d(cout)
         self.short = (nn.Identity() if stride == 1 and cin == cout
                       else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
@@ -24,15 +25,17 @@ class BasicBlock(nn.Module):
 
 class Backbone(nn.Module):
     """Stem (stride 2) and four stages of widths w, 2w, 4w, 8w; stages 2 and 3 halve the size,
-    stage 4 is dilated, so the output stride is 8."""
+    stage 4 is dilated, so the output stride is 8. padding_mode: of every 3x3 convolution; zero
+    padding lets a network read its position off the image border, "reflect" hides most of it."""
 
-    def __init__(self, width, blocks):
+    def __init__(self, width, blocks, padding_mode="zeros"):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1, bias=False, padding_mode=padding_mode),
+                                  nn.BatchNorm2d(width), nn.ReLU())
         stages, cin = [], width
         for i, (n, stride, dilation) in enumerate(zip(blocks, (1, 2, 2, 1), (1, 1, 1, 2))):
             cout = width * 2 ** i
-            stages.append(nn.Sequential(*[BasicBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1, dilation)
+            stages.append(nn.Sequential(*[BasicBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1, dilation, padding_mode)
                                           for j in range(n)]))
             cin = cout
         self.stages = nn.Sequential(*stages)
@@ -46,12 +49,13 @@ class PSPHead(nn.Module):
     """Pyramid pooling over bins (1, 2, 3, 6), concatenation, a 3x3 bottleneck (the distilled
     features), dropout and a 1x1 classifier."""
 
-    def __init__(self, cin, channels, num_classes, bins=(1, 2, 3, 6)):
+    def __init__(self, cin, channels, num_classes, bins=(1, 2, 3, 6), padding_mode="zeros"):
         super().__init__()
         branch = cin // len(bins)
         self.pools = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(cin, branch, 1, bias=False),
                                                  nn.BatchNorm2d(branch), nn.ReLU()) for b in bins)
-        self.bottleneck = nn.Sequential(nn.Conv2d(cin + branch * len(bins), channels, 3, padding=1, bias=False),
+        self.bottleneck = nn.Sequential(nn.Conv2d(cin + branch * len(bins), channels, 3, padding=1, bias=False,
+                                                  padding_mode=padding_mode),
                                         nn.BatchNorm2d(channels), nn.ReLU())
         self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1))
 
@@ -64,10 +68,10 @@ class PSPHead(nn.Module):
 class PSPNet(nn.Module):
     """Backbone + PSP head; forward(images [B,3,H,W]) -> logits [B, K, H/8, W/8]."""
 
-    def __init__(self, num_classes, width, blocks, head_channels):
+    def __init__(self, num_classes, width, blocks, head_channels, padding_mode="zeros"):
         super().__init__()
-        self.backbone = Backbone(width, blocks)
-        self.head = PSPHead(self.backbone.out_channels, head_channels, num_classes)
+        self.backbone = Backbone(width, blocks, padding_mode)
+        self.head = PSPHead(self.backbone.out_channels, head_channels, num_classes, padding_mode=padding_mode)
         self.feature_channels = head_channels
 
     def forward(self, x):
@@ -82,6 +86,8 @@ def make_teacher(num_classes, width=32):
     return PSPNet(num_classes, width, (2, 2, 2, 2), head_channels=4 * width)
 
 
-def make_student(num_classes, width=16):
-    """Thin: one block per stage, widths 16..128, head 64 channels by default."""
-    return PSPNet(num_classes, width, (1, 1, 1, 1), head_channels=4 * width)
+def make_student(num_classes, width=16, padding_mode="reflect"):
+    """Thin: one block per stage, widths 16..128, head 64 channels by default, and reflect
+    padding, so that it encodes position less well than the (zero-padded) teacher: the premise
+    of position-information distillation, which the experiment's position probe checks."""
+    return PSPNet(num_classes, width, (1, 1, 1, 1), head_channels=4 * width, padding_mode=padding_mode)

@@ -7,11 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from .experiment import FEATURE_LAYER, config_weights
-from .scenes import CLASSES, IGNORE_INDEX
+from .scenes import CLASSES, CONFUSABLE, IGNORE_INDEX, THIN
+from .stats import paired_difference
 
-# one colour per class (sky, building, road, sidewalk, vegetation, car, person, pole); ignored: black
-CLASS_COLOURS = ("#87ceeb", "#8c564b", "#7f7f7f", "#e377c2", "#2ca02c", "#1f77b4", "#d62728", "#ffbf00")
+# the Cityscapes palette, in CLASSES order; ignored: black
+CLASS_COLOURS = ("#804080", "#f423e8", "#464646", "#66669c", "#be9999", "#999999", "#faaa1e", "#dcdc00", "#6b8e23",
+                 "#98fb98", "#4682b4", "#dc143c", "#ff0000", "#00008e", "#000046", "#003c64", "#005064", "#0000e6",
+                 "#770b20")
 IGNORE_COLOUR = "#000000"
+BASELINE, RIVAL = "ce", "ce+cwd"  # paired differences are taken to these configurations
 TERMS = ("ce", "kd", "idd", "pid", "skd", "ifvd", "cwd")
 
 
@@ -36,30 +40,92 @@ def wall_time_line(results):
     return line
 
 
+def seed_runs(results):
+    """{configuration: {seed: run}} in the order of the experiment."""
+    out = {}
+    for key, run in results["runs"].items():
+        config, seed = key.split("|")
+        out.setdefault(config, {})[int(seed)] = run
+    return out
+
+
+def paired(runs_a, runs_b, value):
+    """paired_difference of value(run) over the seeds both configurations ran."""
+    seeds = sorted(set(runs_a) & set(runs_b))
+    return paired_difference([value(runs_a[s]) for s in seeds], [value(runs_b[s]) for s in seeds])
+
+
+def _interval(d):
+    mean, lo, hi, n = d
+    return f"{mean:+.2f}" if n < 2 else f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def _miou(run):
+    return 100 * run["miou"]
+
+
+def _class_iou(k):
+    return lambda run: 100 * run["iou"][k] if run["iou"][k] == run["iou"][k] else 0.0
+
+
+# per-class columns: confusable groups first (thin classes marked *), then the rest
+CLASS_ORDER = [k for g in CONFUSABLE.values() for k in g] + [k for k in range(len(CLASSES))
+                                                             if not any(k in g for g in CONFUSABLE.values())]
+
+
+def _class_header():
+    return " | ".join(CLASSES[k] + ("*" if k in THIN else "") for k in CLASS_ORDER)
+
+
 def write_markdown(results, out, command=None):
     command = command or results.get("command", "")
-    configs = by_config(results)
+    configs = seed_runs(results)
     t = results["teacher"]
     n_seeds = sorted({len(rs) for rs in configs.values()})
+    split = results["preset"].get("eval_split", "val")
     lines = ["# Distillation on generated street scenes\n", f"Command: `{command}`  ",
              f"Preset: `{results['preset']}`  ", f"Device: {results['device']}; {wall_time_line(results)}.\n",
              f"Teacher: mIoU **{100 * t['miou']:.2f}**, position-probe error {t['position_error']:.4f} "
              f"(probe on the teacher's `{FEATURE_LAYER}` features).\n",
-             f"## Students (validation mIoU, mean +/- std over {'/'.join(map(str, n_seeds))} seeds)\n",
-             "| configuration | seeds | mIoU % | " + " | ".join(CLASSES) + " | IDD gap to teacher | position-probe error |",
-             "|---|---:|---:|" + "---:|" * len(CLASSES) + "---:|---:|"]
+             f"## Students ({split} mIoU over {'/'.join(map(str, n_seeds))} paired seeds)\n",
+             f"| configuration | seeds | mIoU % (mean +/- std) | vs {BASELINE}: paired difference [95 % CI] | "
+             f"vs {RIVAL} [95 % CI] | IDD gap to teacher | position-probe error |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for c, rs in configs.items():
-        m, s = _mean_std([100 * r["miou"] for r in rs])
-        per_class = [statistics.mean([100 * r["iou"][i] for r in rs if r["iou"][i] == r["iou"][i]] or [float("nan")])
-                     for i in range(len(CLASSES))]
-        gap = statistics.mean(r["distance_gap"] for r in rs)
-        pos = [r["position_error"] for r in rs if "position_error" in r]
+        m, s = _mean_std([_miou(r) for r in rs.values()])
+        vs = [_interval(paired(rs, configs[o], _miou)) if o in configs and o != c else "" for o in (BASELINE, RIVAL)]
+        gap = statistics.mean(r["distance_gap"] for r in rs.values())
+        pos = [r["position_error"] for r in rs.values() if "position_error" in r]
         pos_text = "not measured" if not pos else (f"{pos[0]:.4f} (1 seed)" if len(pos) == 1 else
                                                    "{:.4f} +/- {:.4f}".format(*_mean_std(pos)))
-        lines.append(f"| {c} | {len(rs)} | {m:.2f} +/- {s:.2f} | " + " | ".join(f"{v:.1f}" for v in per_class) +
-                     f" | {gap:.4f} | {pos_text} |")
+        lines.append(f"| {c} | {len(rs)} | {m:.2f} +/- {s:.2f} | {vs[0]} | {vs[1]} | {gap:.4f} | {pos_text} |")
+    lines.append("\nPaired difference: for each seed, the configuration's mIoU minus that of the configuration "
+                 "named, both trained from the same student initialisation on the same batches; mean over seeds "
+                 "with a two-sided Student-t 95 % interval (n - 1 degrees of freedom). An interval that excludes "
+                 "0 is a difference this experiment resolves; one that straddles 0 is not.\n")
+    if BASELINE in configs:
+        lines += [f"## Per-class IoU: paired difference to {BASELINE} (mean over seeds; + = better)\n",
+                  "Columns grouped by confusable appearance (" + "; ".join(
+                      f"{g}: {', '.join(CLASSES[k] for k in ks)}" for g, ks in CONFUSABLE.items()) +
+                  "); * thin classes; † the 95 % interval excludes 0.\n",
+                  "| configuration | " + _class_header() + " |", "|---|" + "---:|" * len(CLASSES)]
+        for c, rs in configs.items():
+            if c == BASELINE:
+                continue
+            cells = []
+            for k in CLASS_ORDER:
+                mean, lo, hi, n = paired(rs, configs[BASELINE], _class_iou(k))
+                cells.append(f"{mean:+.1f}" + ("†" if n > 1 and (lo > 0 or hi < 0) else ""))
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Per-class IoU % (mean over seeds)\n", "| network | " + _class_header() + " |",
+              "|---|" + "---:|" * len(CLASSES),
+              "| teacher | " + " | ".join(f"{100 * t['iou'][k]:.1f}" for k in CLASS_ORDER) + " |"]
+    for c, rs in configs.items():
+        lines.append(f"| {c} | " + " | ".join(f"{statistics.mean(_class_iou(k)(r) for r in rs.values()):.1f}"
+                                               for k in CLASS_ORDER) + " |")
     lines.append("\nIDD gap: the normalised IDD loss between the student's and the teacher's class-centroid "
-                 "distances on the validation set (lower = closer inter-class structure). Position-probe error: "
+                 f"distances on the {split} set (lower = closer inter-class structure). Position-probe error: "
                  f"MSE of a read-out trained to regress position maps from the frozen `{FEATURE_LAYER}` features "
                  "of each student (the network named in the row; mean +/- std over the seeds probed), "
                  "lower = more position information.\n")
@@ -67,8 +133,9 @@ def write_markdown(results, out, command=None):
         st = results["step_time"]
         lines.append(f"Training step of `ce+kd+idd+pid`: {1e3 * st['fused']:.0f} ms with idd_ops' fused losses, "
                      f"{1e3 * st['reference']:.0f} ms with the plain-PyTorch reference losses.\n")
-    lines.append("Plots: `miou.png` (every seed and the mean +/- std), `loss_curves.png` (one panel per loss "
-                 "term, unweighted), `predictions.png` (every configuration, first seed).\n")
+    lines.append("Plots: `paired.png` (paired differences with their intervals), `miou.png` (every seed and the "
+                 "mean +/- std), `loss_curves.png` (one panel per loss term, unweighted), `predictions.png` "
+                 "(every configuration, first seed).\n")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines))
     return "\n".join(lines)
@@ -113,6 +180,35 @@ def plot_miou(results, out):
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "miou.png"), dpi=100)
+    plt.close(fig)
+
+
+def plot_paired(results, out):
+    """Paired mIoU differences with their 95 % intervals, to the CE student and to CWD."""
+    plt = _pyplot()
+    configs = seed_runs(results)
+    others = [o for o in (BASELINE, RIVAL) if o in configs]
+    if not others:
+        return
+    fig, axes = plt.subplots(1, len(others), figsize=(5 * len(others), 0.45 * len(configs) + 1.6), squeeze=False)
+    for ax, other in zip(axes[0], others):
+        names = [c for c in configs if c != other][::-1]
+        for y, c in enumerate(names):
+            mean, lo, hi, n = paired(configs[c], configs[other], _miou)
+            resolved = n > 1 and (lo > 0 or hi < 0)
+            colour = ("tab:green" if mean > 0 else "tab:red") if resolved else "0.4"
+            if n > 1:
+                ax.plot([lo, hi], [y, y], color=colour, lw=2)
+            ax.plot([mean], [y], "D", color=colour, ms=6)
+            ax.annotate(f"{mean:+.2f}", (mean, y), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=7)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel(f"mIoU difference to {other} (points)")
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(f"paired by seed, 95 % t interval (n = {'/'.join(map(str, sorted({len(r) for r in configs.values()})))})"
+                     "\ncoloured where the interval excludes 0", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "paired.png"), dpi=100)
     plt.close(fig)
 
 
@@ -197,6 +293,7 @@ def write_plots(results, teacher, runs, val, out, device):
     """All three plots; `runs` maps (configuration, seed) to runs holding the student's weights."""
     from .models import make_student
 
+    plot_paired(results, out)
     plot_miou(results, out)
     plot_losses(results, out)
     models = [("teacher", teacher)]
