@@ -195,3 +195,22 @@ def test_sweep_picks_the_best_paired_weight(tmp_path, one_thread):
     best = max(points, key=lambda q: q["difference"][0])
     assert summary["chosen"] == {"pid": best["weight"]}
     assert "Chosen weights" in (tmp_path / "sweep.md").read_text()
+
+
+def test_cached_teacher_gives_the_teachers_outputs():
+    """Looked up by index, the cached logits and (hooked) features equal a forward pass."""
+    from idd_ops.demo.teacher_cache import CachedTeacher
+    from idd_ops.distiller import FeatureHook
+
+    data = StreetScenes(5, seed=1, size=(32, 64))
+    teacher = make_teacher(len(CLASSES)).eval()
+    cached = CachedTeacher(teacher, data, FEATURE_LAYER, 2, "cpu")
+    idx = torch.tensor([4, 1, 1])
+    x = data.images[idx].float() / 255
+    hook, cached_hook = FeatureHook(teacher, FEATURE_LAYER), FeatureHook(cached, FEATURE_LAYER)
+    with torch.no_grad():
+        want = teacher(x)
+    cached.select(idx)
+    got = cached(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cached_hook.pop(), hook.pop(), rtol=1e-4, atol=1e-5)

@@ -21,6 +21,7 @@ from .metrics import confusion_matrix, iou_per_class, mean_iou
 from .models import FEATURE_LAYER, make_student, make_teacher
 from .progress import Progress
 from .scenes import CLASSES, IGNORE_INDEX, StreetScenes
+from .teacher_cache import CachedTeacher
 
 POSITION_KINDS = ("horizontal", "vertical", "gaussian", "horizontal_stripes", "vertical_stripes")
 # configuration -> loss weights (METHOD.md section 6: CE + 10 * pixel KD + l_idd * IDD + l_pid * PID)
@@ -109,12 +110,13 @@ def run_key(preset, config, seed, teacher_id, device):
 
 
 def batches(data, batch, steps, seed, device):
-    """`steps` random batches (with replacement across epochs), deterministic by seed."""
+    """`steps` random batches (with replacement across epochs), deterministic by seed:
+    (image indices, images, labels)."""
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(data), generator=g) for _ in range(steps * batch // len(data) + 1)])
     for s in range(steps):
         idx = order[s * batch:(s + 1) * batch]
-        yield data.images[idx].to(device).float() / 255, data.labels[idx].to(device).long()
+        yield idx, data.images[idx].to(device).float() / 255, data.labels[idx].to(device).long()
 
 
 def seg_loss(logits, labels):
@@ -133,7 +135,7 @@ def train_teacher(preset, train, device, seed=0):
     opt = torch.optim.Adam(model.parameters(), lr=preset.lr)
     bar, curve = Progress(preset.teacher_steps, "teacher"), []
     model.train()
-    for step, (x, y) in enumerate(batches(train, preset.batch, preset.teacher_steps, seed, device)):
+    for step, (_, x, y) in enumerate(batches(train, preset.batch, preset.teacher_steps, seed, device)):
         poly_lr(opt, preset.lr, step, preset.teacher_steps)
         loss = seg_loss(model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -146,7 +148,7 @@ def train_teacher(preset, train, device, seed=0):
 
 def train_student(preset, config, seed, train, teacher, readout, device, lib=idd_ops, steps=None):
     """Returns (student, curves: {loss name: [values]}, seconds per step). `lib` is idd_ops, or
-    idd_ops.reference for the timing comparison."""
+    idd_ops.reference for the timing comparison. `teacher` may be a CachedTeacher of `train`."""
     torch.manual_seed(seed)
     student = make_student(len(CLASSES)).to(device)
     weights = config_weights(config, preset.weights)
@@ -163,7 +165,9 @@ def train_student(preset, config, seed, train, teacher, readout, device, lib=idd
     curves, bar = {}, Progress(steps, f"{config} seed {seed}")
     distiller.train()
     start = time.perf_counter()
-    for step, (x, y) in enumerate(batches(train, preset.batch, steps, 1000 + seed, device)):
+    for step, (idx, x, y) in enumerate(batches(train, preset.batch, steps, 1000 + seed, device)):
+        if isinstance(teacher, CachedTeacher):
+            teacher.select(idx.to(device))
         poly_lr(opt, preset.lr, step, steps)
         logits_s, losses = distiller(x, y)
         parts = {"ce": seg_loss(logits_s, y), **{k: v for k, v in losses.items() if k != "total"}}
@@ -253,11 +257,12 @@ def load_or_train_teacher(preset, train, device, out, checkpoint=None):
     return teacher, curve, seconds, False
 
 
-def student_run(preset, config, seed, train, val, teacher, readout, device):
+def student_run(preset, config, seed, train, val, teacher, readout, device, teacher_outputs=None):
     """Trains and measures one student: mIoU, per-class IoU, loss curves, time per step, IDD
-    gap to the teacher, and the position-probe error of its features."""
+    gap to the teacher, and the position-probe error of its features. teacher_outputs: a
+    CachedTeacher of `train` to train with instead of running the teacher."""
     start = time.perf_counter()
-    student, curves, sec = train_student(preset, config, seed, train, teacher, readout, device)
+    student, curves, sec = train_student(preset, config, seed, train, teacher_outputs or teacher, readout, device)
     miou, iou = evaluate(student, val, device)
     run = dict(miou=miou, iou=iou, curves=curves, weights=config_weights(config, preset.weights),
                seconds_per_step=sec, distance_gap=distance_gap(student, teacher, val, device, preset),
@@ -296,7 +301,7 @@ def run_experiment(preset, out, device="cpu", teacher_checkpoint=None, command="
     results["teacher"] = dict(zip(("miou", "iou"), evaluate(teacher, val, device)))
     readout, results["teacher"]["position_error"] = probe(teacher, val, device, preset)
     results["teacher"]["curve"] = teacher_curve
-    runs, cached = {}, []
+    runs, cached, outputs = {}, [], None
     for config in preset.configs:
         for seed in preset.seeds:
             key = run_key(preset, config, seed, teacher_id, device)
@@ -308,7 +313,9 @@ def run_experiment(preset, out, device="cpu", teacher_checkpoint=None, command="
                 cached.append(f"{config}|{seed}")
                 cached_seconds += runs[(config, seed)]["seconds"]
                 continue
-            run = student_run(preset, config, seed, train, val, teacher, readout, device)
+            if outputs is None:  # only when some run needs training
+                outputs = CachedTeacher(teacher, train, FEATURE_LAYER, 2 * preset.batch, device)
+            run = student_run(preset, config, seed, train, val, teacher, readout, device, outputs)
             run["key"] = key
             torch.save(run, path)
             runs[(config, seed)] = run
