@@ -1,7 +1,7 @@
 """`idd-distill`: the end-to-end distillation experiment on generated street scenes.
 
-    idd-distill --preset quick                  # 1.6 min on 2 idle CPU cores (5-6 min on a loaded machine)
-    idd-distill --preset cpu                    # all configurations, 3 seeds (15-40 min on 2 CPU cores)
+    idd-distill --preset quick                  # 2.1 min on 2 CPU cores at load 3.5
+    idd-distill --preset cpu                    # all configurations, 5 paired seeds (see the README for times)
     idd-distill --preset full --device cuda     # full resolution and schedule (GPU recommended)
     idd-distill --replot results/cpu            # rewrite results.md and plots from results.json
 
@@ -39,7 +39,8 @@ from .experiment import CONFIGS, PRESETS, run_experiment  # noqa: E402
 from .report import plot_losses, plot_miou, plot_paired, write_markdown, write_plots  # noqa: E402
 
 # measured with the command above on 2 CPU cores (see the README for how)
-ESTIMATES = {"quick": "about 2 min on 2 idle CPU cores (5-6 min on a loaded machine)", "cpu": "15-40 min on 2 CPU cores", "full": "a GPU is recommended"}
+ESTIMATES = {"quick": "about 2 min on 2 CPU cores", "cpu": "40 student runs and a teacher, tens of minutes on 2 CPU cores",
+             "full": "a GPU is recommended (about 8 min estimated)"}
 
 
 def replot(folder):

@@ -32,7 +32,7 @@ def parse_grid(items):
     return grid
 
 
-def run_sweep(preset, grid, seeds, out, device="cpu"):
+def run_sweep(preset, grid, seeds, out, device="cpu", command=""):
     """Returns {"points": [...], "chosen": {loss: weight}} and writes sweep.md / sweep.json."""
     base = dataclasses.replace(preset, seeds=tuple(seeds), eval_split="tune")
     data = make_data(base)
@@ -51,7 +51,8 @@ def run_sweep(preset, grid, seeds, out, device="cpu"):
                                teacher_miou=100 * results["teacher"]["miou"]))
         best = max((q for q in points if q["loss"] == loss), key=lambda q: q["difference"][0])
         chosen[loss] = best["weight"]
-    summary = {"preset": dataclasses.asdict(base), "grid": grid, "points": points, "chosen": chosen}
+    shown = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("configs", "weights")}
+    summary = {"command": command, "preset": shown, "grid": grid, "points": points, "chosen": chosen}
     with open(os.path.join(out, "sweep.json"), "w") as f:
         json.dump(summary, f, indent=1)
     with open(os.path.join(out, "sweep.md"), "w") as f:
@@ -60,7 +61,7 @@ def run_sweep(preset, grid, seeds, out, device="cpu"):
 
 
 def sweep_markdown(summary):
-    lines = ["# Loss-weight sweep (tune split)\n",
+    lines = ["# Loss-weight sweep (tune split)\n", f"Command: `{summary.get('command', '')}`  ",
              f"Preset: `{summary['preset']}`  ",
              f"Seeds {summary['preset']['seeds']}, evaluated on the tune split (generated with its own seed; "
              "the reported tables use the val split). Chosen: the weight with the best mean paired "
@@ -88,7 +89,8 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
     os.makedirs(args.out, exist_ok=True)
-    summary = run_sweep(PRESETS[args.preset], grid, args.seeds, args.out, args.device)
+    command = "python -m idd_ops.demo.sweep " + " ".join(argv if argv is not None else sys.argv[1:])
+    summary = run_sweep(PRESETS[args.preset], grid, args.seeds, args.out, args.device, command)
     print(sweep_markdown(summary))
 
 
