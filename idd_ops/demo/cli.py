@@ -40,7 +40,7 @@ from .report import plot_losses, plot_miou, plot_paired, write_markdown, write_p
 
 # measured with the command above on 2 CPU cores (see the README for how)
 ESTIMATES = {"quick": "about 2 min on 2 CPU cores", "cpu": "40 student runs and a teacher, tens of minutes on 2 CPU cores",
-             "full": "a GPU is recommended (about 8 min estimated)"}
+             "full": "a GPU is recommended (about 9 min estimated)"}
 
 
 def replot(folder):

@@ -65,8 +65,9 @@ PRESETS = {
     "cpu": Preset(size=(64, 128), train_images=1000, val_images=160, teacher_steps=2000, student_steps=500,
                   seeds=(0, 1, 2, 3, 4), probe_steps=200),
     # full resolution (128x256), 5 paired seeds: for a GPU. Sized from the quick preset's step on
-    # an H200 (14 ms for ce+kd+idd+pid at 64x128): 40 student runs x 800 steps is about 8 min
-    "full": Preset(seeds=(0, 1, 2, 3, 4), student_steps=800),
+    # an H200 (14 ms for ce+kd+idd+pid at 64x128, launch-bound): 40 student runs x 600 steps plus
+    # the teacher, probes and evaluations come to about 9 min (an estimate: not yet run)
+    "full": Preset(seeds=(0, 1, 2, 3, 4), student_steps=600),
 }
 
 
