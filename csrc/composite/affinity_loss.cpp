@@ -7,8 +7,8 @@
 // image and A = F^T F:
 //   sum (A_S - A_T)^2 = ||F_S F_S^T||^2 - 2 ||F_S F_T^T||^2 + ||F_T F_T^T||^2   (Frobenius)
 //   d/dF_S = 4 (F_S F_S^T F_S - F_S F_T^T F_T)
-// The Grams are sums over pixels, so they are accumulated over blocks of kBlockPixels pooled
-// pixels: the pooled and normalised copies exist one block at a time (O(C * kBlockPixels)),
+// The Grams are sums over pixels, so they are accumulated over blocks of pooled pixels
+// (kBlockValues): the pooled and normalised copies exist one block at a time (O(kBlockValues)),
 // never for the whole batch, and the backward recomputes them per block from the inputs and
 // routes the gradient straight into the input-sized result. Extra memory beyond that result:
 // the two [B, Cs, C] Grams kept for the backward and a few [C, C] and block-sized temporaries.
@@ -22,18 +22,19 @@
 namespace idd_ops {
 namespace {
 
-// Pooled pixels per block (rounded to whole pooled rows): large enough for efficient GEMMs,
-// small enough that the block's copies stay a few MiB at C = 2048.
-constexpr int64_t kBlockPixels = 256;
+// Values (channels x pooled pixels, rounded to whole pooled rows) per block: each block's
+// copies stay at 1 MiB in float32, while a block is large enough that its GEMMs run
+// efficiently and that the ATen calls per block (each a parallel region) stay few.
+constexpr int64_t kBlockValues = int64_t{1} << 18;
 // F.normalize's floor of the norm.
 constexpr double kNormEps = 1e-12;
 
 // The pooled map of one image and its blocks of pooled rows.
 struct PoolGeometry {
   int64_t H, W, pool, Ho, Wo, rows_per_block;
-  PoolGeometry(int64_t height, int64_t width, int64_t p)
+  PoolGeometry(int64_t channels, int64_t height, int64_t width, int64_t p)
       : H(height), W(width), pool(p), Ho((height + p - 1) / p), Wo((width + p - 1) / p),
-        rows_per_block(std::max<int64_t>(1, kBlockPixels / std::max<int64_t>(Wo, 1))) {}
+        rows_per_block(std::max<int64_t>(1, kBlockValues / std::max<int64_t>(channels * Wo, 1))) {}
   int64_t pixels() const { return Ho * Wo; }
   // input rows [in0, in1) of the pooled rows [o0, o0 + rows_per_block)
   int64_t in0(int64_t o0) const { return o0 * pool; }
@@ -49,17 +50,19 @@ struct PooledBlock {
 
 PooledBlock pooled_block(const at::Tensor& x, const PoolGeometry& g, int64_t o0, at::ScalarType dtype,
                          bool with_indices) {
-  const at::Tensor rows = x.narrow(1, g.in0(o0), g.in1(o0) - g.in0(o0));  // [C, rows, W]
+  // [1, C, rows, W]: ATen's CPU max pooling runs a batch of one image about 1.7x faster than
+  // the same image without a batch dimension
+  const at::Tensor rows = x.narrow(1, g.in0(o0), g.in1(o0) - g.in0(o0)).unsqueeze(0);
   PooledBlock out;
   at::Tensor y;
   if (g.pool == 1) {
     y = rows.reshape({x.size(0), -1});
   } else if (with_indices) {
     auto [v, i] = at::max_pool2d_with_indices(rows, {g.pool, g.pool}, {g.pool, g.pool}, {0, 0}, {1, 1}, true);
-    y = v.flatten(1);
-    out.indices = i.flatten(1);
+    y = v.flatten(2)[0];
+    out.indices = i.flatten(2)[0];
   } else {
-    y = at::max_pool2d(rows, {g.pool, g.pool}, {g.pool, g.pool}, {0, 0}, {1, 1}, true).flatten(1);
+    y = at::max_pool2d(rows, {g.pool, g.pool}, {g.pool, g.pool}, {0, 0}, {1, 1}, true).flatten(2)[0];
   }
   y = y.to(dtype);
   out.norm = y.norm(2, {0}, /*keepdim=*/true);
@@ -89,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss(const at::Tensor& s
   const bool same = Cs == Ct;
   const auto gram_dtype = same ? acc : at::kDouble;
   const auto opts = student.options().dtype(gram_dtype);
-  const PoolGeometry g(student.size(2), student.size(3), pool);
+  const PoolGeometry g(std::max(Cs, Ct), student.size(2), student.size(3), pool);
   at::Tensor gss = at::empty({B, Cs, Cs}, opts), gst = at::empty({B, Cs, Ct}, opts), sums = at::empty({B}, opts.dtype(at::kDouble));
   const auto dot = [](const at::Tensor& a, const at::Tensor& b) { return (a * b).to(at::kDouble).sum(); };
   for (int64_t b = 0; b < B; ++b) {
@@ -126,7 +129,7 @@ at::Tensor affinity_loss_backward(const at::Tensor& grad, const at::Tensor& stud
   check_affinity_loss_backward_inputs(grad, student, teacher, gss, gst, pool);
   const auto acc = gss.scalar_type();
   const int64_t B = student.size(0), Cs = student.size(1), H = student.size(2), W = student.size(3);
-  const PoolGeometry g(H, W, pool);
+  const PoolGeometry g(std::max(Cs, teacher.size(1)), H, W, pool);
   const at::Tensor scale = grad.to(acc) * (4.0 / mean_divisor(g));
   at::Tensor out = at::zeros({B, Cs, H, W}, student.options().memory_format(at::MemoryFormat::Contiguous));
   for (int64_t b = 0; b < B; ++b) {
