@@ -39,12 +39,13 @@ TORCH_LIBRARY(idd_ops, m) {
   m.def("softmax_kl(Tensor student, Tensor teacher, float temperature) -> (Tensor, Tensor, Tensor)");
   m.def("_softmax_kl_backward(Tensor grad, Tensor student, Tensor teacher, Tensor lse_student, Tensor lse_teacher, "
         "float temperature) -> Tensor");
-  // Per-image mean over P*P of (A_S - A_T)^2 ([B], accumulation dtype), A = F^T F of [B, C, P]
-  // features, through C x C Gram products (never the P x P affinity); also returns G_ss and G_st
-  // for the backward.
-  m.def("affinity_loss(Tensor student, Tensor teacher) -> (Tensor, Tensor, Tensor)");
-  m.def("_affinity_loss_backward(Tensor grad, Tensor student, Tensor teacher, Tensor gram_ss, Tensor gram_st) "
-        "-> Tensor");
+  // Per-image mean over P*P of (A_S - A_T)^2 ([B], accumulation dtype), A = F^T F of the P
+  // pooled (pool x pool max, ceil mode), channel-normalised pixels of [B, C, H, W] features,
+  // through C x C Gram products (never the P x P affinity, nor the pooled copies of the whole
+  // batch); also returns G_ss and G_st for the backward.
+  m.def("affinity_loss(Tensor student, Tensor teacher, int pool) -> (Tensor, Tensor, Tensor)");
+  m.def("_affinity_loss_backward(Tensor grad, Tensor student, Tensor teacher, Tensor gram_ss, Tensor gram_st, "
+        "int pool) -> Tensor");
   // IFVD's map: cosine similarity of each pixel's feature to its class centroid [B,K,C]
   // (1 where ignored), with the feature norms [B,H,W] kept for the backward.
   m.def("pixel_centroid_cosine(Tensor feats, Tensor centroids, Tensor labels, int ignore_index, float eps) "

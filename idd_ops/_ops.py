@@ -183,15 +183,15 @@ register_autograd("idd_ops::softmax_kl", _kl_backward, setup_context=_kl_setup)
 
 
 @register_fake("idd_ops::affinity_loss")
-def _(student, teacher):
-    B, Cs, _ = student.shape
+def _(student, teacher, pool):
+    B, Cs = student.shape[:2]
     acc = acc_dtype(student.dtype)
     return (student.new_empty((B,), dtype=acc), student.new_empty((B, Cs, Cs), dtype=acc),
             student.new_empty((B, Cs, teacher.shape[1]), dtype=acc))
 
 
 @register_fake("idd_ops::_affinity_loss_backward")
-def _(grad, student, teacher, gram_ss, gram_st):
+def _(grad, student, teacher, gram_ss, gram_st, pool):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
@@ -199,11 +199,12 @@ def _affinity_setup(ctx, inputs, output):
     _teacher_is_constant(inputs[1], "affinity_loss")
     ctx.save_for_backward(inputs[0], inputs[1], output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.pool = inputs[2]
 
 
 def _affinity_backward(ctx, grad, _g_ss, _g_st):
     fs, ft, gss, gst = ctx.saved_tensors
-    return ops._affinity_loss_backward(grad, fs, ft, gss, gst), None
+    return ops._affinity_loss_backward(grad, fs, ft, gss, gst, ctx.pool), None, None
 
 
 register_autograd("idd_ops::affinity_loss", _affinity_backward, setup_context=_affinity_setup)

@@ -95,19 +95,14 @@ def channel_wise_distillation_loss(student_feats: Tensor, teacher_feats: Tensor,
     return (reduce(kl, reduction) * temperature ** 2).to(loss_dtype(student_feats))
 
 
-def _affinity_features(x: Tensor, pool: int) -> Tensor:
-    if pool > 1:
-        x = F.max_pool2d(x, kernel_size=pool, stride=pool, ceil_mode=True)
-    return F.normalize(x.flatten(2), dim=1)
-
-
 def structural_kd_loss(student_feats: Tensor, teacher_feats: Tensor, pool: int = 2, reduction: str = "mean") -> Tensor:
     """Structural KD (pairwise affinity): ``pool x pool`` max pooling (ceil mode), L2
     normalisation over channels, affinity ``A = F^T F`` over the P pooled pixels, squared error
     ``(A_S - A_T)^2`` per affinity entry. Computed through C x C Gram products, in a
     differenced form (equal channel counts) or from float64 Grams (different ones), so the value
-    stays accurate as the student nears the teacher; the extra memory is O(B*C*P) for the
-    normalised features and O(B*C*C) for the Grams, never O(B*P*P).
+    stays accurate as the student nears the teacher. Pooling and normalisation are fused into
+    the op, one block of pooled pixels at a time: the extra memory is O(B*C*C) for the Grams plus
+    O(C) per pixel of one block, never O(B*C*P) pooled copies nor O(B*P*P).
 
     Args:
         student_feats: ``[B, Cs, H, W]``; teacher_feats: ``[B, Ct, H, W]`` (channels may differ,
@@ -123,11 +118,11 @@ def structural_kd_loss(student_feats: Tensor, teacher_feats: Tensor, pool: int =
     v.check_int("pool", pool, 1)
     v.check_choice("reduction", reduction, v.REDUCTIONS)
     v.check_same_size(student_feats, teacher_feats, "resize one of them first")
-    fs = _affinity_features(student_feats, pool)
-    ft = _affinity_features(teacher_feats.detach(), pool)
-    per_image = ops.affinity_loss(fs, ft)[0]  # [B], mean over P*P
+    # pooling and normalisation happen inside the op, one block of pixels at a time
+    per_image = ops.affinity_loss(student_feats, teacher_feats.detach(), pool)[0]  # [B], mean over P*P
     if reduction == "sum":
-        loss = per_image.sum() * (fs.shape[2] ** 2)
+        P = -(-student_feats.shape[2] // pool) * -(-student_feats.shape[3] // pool)  # ceil-mode pooled pixels
+        loss = per_image.sum() * (P ** 2)
     elif reduction == "mean":
         loss = reduce(per_image, "mean")
     else:

@@ -115,7 +115,9 @@ def test_opcheck(device):
     t = torch.randn(2, 5, 7, device=device)
     torch.library.opcheck(torch.ops.idd_ops.softmax_kl.default, (s, t, 2.0))
     torch.library.opcheck(torch.ops.idd_ops.softmax_kl.default, (s.reshape(10, 7, 1), t.reshape(10, 7, 1), 2.0))
-    torch.library.opcheck(torch.ops.idd_ops.affinity_loss.default, (s, torch.randn(2, 3, 7, device=device)))
+    for pool in (1, 2):
+        torch.library.opcheck(torch.ops.idd_ops.affinity_loss.default,
+                              (s.reshape(2, 5, 7, 1), torch.randn(2, 3, 7, 1, device=device), pool))
     f = torch.randn(2, 3, 4, 5, device=device, requires_grad=True)
     c = torch.randn(2, 4, 3, device=device, requires_grad=True)
     y = make_labels(2, 4, 5, 4, device=device)

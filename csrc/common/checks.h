@@ -195,21 +195,23 @@ inline void check_softmax_kl_backward_inputs(const at::Tensor& grad, const at::T
 
 // ---- affinity_loss ---------------------------------------------------------------------
 
-inline void check_affinity_loss_inputs(const at::Tensor& student, const at::Tensor& teacher) {
-  check_rank(student, "student", 3, "[B, Cs, P]");
-  check_rank(teacher, "teacher", 3, "[B, Ct, P]");
+inline void check_affinity_loss_inputs(const at::Tensor& student, const at::Tensor& teacher, int64_t pool) {
+  check_rank(student, "student", 4, "[B, Cs, H, W]");
+  check_rank(teacher, "teacher", 4, "[B, Ct, H, W]");
   check_floating(student, "student");
   check_floating(teacher, "teacher");
-  TORCH_CHECK_VALUE(student.size(0) == teacher.size(0) && student.size(2) == teacher.size(2),
-                    "teacher: expected the student's batch and pixel count, got ", teacher.sizes(), " vs ",
+  TORCH_CHECK_VALUE(student.size(0) == teacher.size(0) && student.size(2) == teacher.size(2) &&
+                        student.size(3) == teacher.size(3),
+                    "teacher: expected the student's batch and spatial size, got ", teacher.sizes(), " vs ",
                     student.sizes());
   check_same_device(teacher, "teacher", student, "student");
+  TORCH_CHECK_VALUE(pool >= 1, "pool: expected an int >= 1, got ", pool);
 }
 
 inline void check_affinity_loss_backward_inputs(const at::Tensor& grad, const at::Tensor& student,
                                                 const at::Tensor& teacher, const at::Tensor& gram_ss,
-                                                const at::Tensor& gram_st) {
-  check_affinity_loss_inputs(student, teacher);
+                                                const at::Tensor& gram_st, int64_t pool) {
+  check_affinity_loss_inputs(student, teacher, pool);
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1);
   check_loss_grad(grad, student, "student", Reduction::None, {B});  // one loss per image
   check_size(gram_ss, "gram_ss", {B, Cs, Cs}, "[B, Cs, Cs]");

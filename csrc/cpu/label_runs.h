@@ -19,16 +19,23 @@ struct LabelRuns {
   int64_t size() const { return static_cast<int64_t>(cls.size()); }
 };
 
-// Runs of image b of `labels` [B, Hy, Wy] resized (nearest) to H x W. Labels outside
-// [0, num_classes) that are not ignore_index raise a ValueError naming the value.
-inline LabelRuns label_runs(const at::Tensor& labels, int64_t b, int64_t H, int64_t W,
-                            int64_t num_classes, int64_t ignore_index) {
-  LabelRuns runs;
+// uint16/32/64 are outside AT_DISPATCH_INTEGRAL_TYPES: those rare dtypes are widened once.
+inline at::Tensor dispatchable_labels(const at::Tensor& labels) {
+  const auto t = labels.scalar_type();
+  return (t == at::kUInt16 || t == at::kUInt32 || t == at::kUInt64) ? labels.to(at::kLong) : labels;
+}
+
+// Class slot of every pixel of image b of `labels` [B, Hy, Wy] resized (nearest) to H x W:
+// the class in [0, num_classes), or -1 for ignore_index. Labels outside [0, num_classes) that
+// are not ignore_index raise a ValueError naming the value.
+inline std::vector<int32_t> label_slots(const at::Tensor& labels, int64_t b, int64_t H, int64_t W,
+                                        int64_t num_classes, int64_t ignore_index) {
+  TORCH_CHECK_VALUE(num_classes < (int64_t{1} << 31) - 1, "num_classes: expected < 2^31 - 1, got ", num_classes);
+  std::vector<int32_t> slot(H * W);
   const int64_t Hy = labels.size(1), Wy = labels.size(2);
   const auto st = labels.strides();
-  AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "label_runs", [&] {
+  AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "label_slots", [&] {
     const scalar_t* img = labels.const_data_ptr<scalar_t>() + b * st[0];
-    int64_t prev = -2;
     for (int64_t r = 0; r < H; ++r) {
       const scalar_t* line = img + nearest_source_index(r, Hy, H) * st[1];
       for (int64_t c = 0; c < W; ++c) {
@@ -37,14 +44,24 @@ inline LabelRuns label_runs(const at::Tensor& labels, int64_t b, int64_t H, int6
         TORCH_CHECK_VALUE(k >= 0 || raw == ignore_index, "labels: value ", raw,
                           " is outside [0, num_classes=", num_classes,
                           ") and is not ignore_index=", ignore_index);
-        if (k != prev) {
-          runs.start.push_back(r * W + c);
-          runs.cls.push_back(k);
-          prev = k;
-        }
+        slot[r * W + c] = static_cast<int32_t>(k);
       }
     }
   });
+  return slot;
+}
+
+// Runs of image b of `labels`, checked as label_slots checks them.
+inline LabelRuns label_runs(const at::Tensor& labels, int64_t b, int64_t H, int64_t W,
+                            int64_t num_classes, int64_t ignore_index) {
+  const std::vector<int32_t> slot = label_slots(labels, b, H, W, num_classes, ignore_index);
+  LabelRuns runs;
+  for (int64_t p = 0; p < H * W; ++p) {
+    if (p == 0 || slot[p] != slot[p - 1]) {
+      runs.start.push_back(p);
+      runs.cls.push_back(slot[p]);
+    }
+  }
   runs.start.push_back(H * W);
   return runs;
 }
@@ -52,10 +69,7 @@ inline LabelRuns label_runs(const at::Tensor& labels, int64_t b, int64_t H, int6
 // Runs of every image, built in parallel (one image per task).
 inline std::vector<LabelRuns> label_runs_per_image(const at::Tensor& labels_in, int64_t H, int64_t W,
                                                    int64_t num_classes, int64_t ignore_index) {
-  // uint16/32/64 are outside AT_DISPATCH_INTEGRAL_TYPES: widen those rare dtypes once
-  const auto t = labels_in.scalar_type();
-  const at::Tensor labels =
-      (t == at::kUInt16 || t == at::kUInt32 || t == at::kUInt64) ? labels_in.to(at::kLong) : labels_in;
+  const at::Tensor labels = dispatchable_labels(labels_in);
   const int64_t B = labels.size(0);
   std::vector<LabelRuns> runs(B);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {

@@ -53,18 +53,40 @@ at::Tensor position_encoding_loss_kernel(const at::Tensor& pred_in, at::IntArray
     acc_t* sums = red == Reduction::None ? nullptr : out.data_ptr<acc_t>();
     for_each_plane<acc_t>(pred, kinds, params, [&](int64_t bm, int64_t off, const std::vector<acc_t>& rowf,
                                                      const std::vector<acc_t>& colf) {
+      if (errors) {
+        for (int64_t y = 0; y < H; ++y) {
+          const scalar_t* __restrict__ row = x + off + y * W;
+          scalar_t* __restrict__ err = errors + off + y * W;
+          const acc_t ry = rowf[y];
+          for (int64_t c = 0; c < W; ++c) {
+            const acc_t d = static_cast<acc_t>(row[c]) - ry * colf[c];
+            err[c] = static_cast<scalar_t>(d * d);
+          }
+        }
+        return;
+      }
+      // Eight partial sums per row: one running sum would serialise the loop on the add's
+      // latency (no reassociation without fast-math), eight vectorise it.
       acc_t total = 0;
       for (int64_t y = 0; y < H; ++y) {
         const scalar_t* row = x + off + y * W;
-        acc_t part = 0;
-        for (int64_t c = 0; c < W; ++c) {
-          const acc_t d = static_cast<acc_t>(row[c]) - rowf[y] * colf[c];
-          if (errors) errors[off + y * W + c] = static_cast<scalar_t>(d * d);
-          part += d * d;
+        const acc_t ry = rowf[y];
+        acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t c = 0;
+        for (; c + 8 <= W; c += 8) {
+          for (int u = 0; u < 8; ++u) {
+            const acc_t d = static_cast<acc_t>(row[c + u]) - ry * colf[c + u];
+            part[u] += d * d;
+          }
         }
-        total += part;
+        acc_t rest = 0;
+        for (; c < W; ++c) {
+          const acc_t d = static_cast<acc_t>(row[c]) - ry * colf[c];
+          rest += d * d;
+        }
+        total += (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]))) + rest;
       }
-      if (sums) sums[bm] = total;
+      sums[bm] = total;
     });
   });
   if (red == Reduction::None) return out;

@@ -1,5 +1,5 @@
 #pragma once
-// Loop of the CPU centroid pass, compiled per CPU capability in class_centroids.cpp.
+// Loops of the CPU centroid pass, compiled per CPU capability in class_centroids.cpp.
 #include <ATen/OpMathType.h>
 
 #include <cstdint>
@@ -12,5 +12,26 @@ namespace idd_ops {
 // cls[r] >= 0 (the label runs of one image, see label_runs.h), accumulated in acc_t.
 IDD_DECLARE_CPU_KERNEL(template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>> void add_run_sums(
     const scalar_t* x, const int64_t* start, const int64_t* cls, int64_t runs, acc_t* sums))
+
+// One step of the walk over an image's chunks of 8 pixels (see label_chunks.h): `count`
+// chunks from chunk `chunk` on whose pixels all have class slot `slot`, or one chunk of
+// several slots (slot == kMixedChunk, count == 1).
+struct ChunkSpan {
+  int32_t slot;
+  int32_t chunk;
+  int32_t count;
+};
+constexpr int32_t kMixedChunk = -1;
+
+// For the 8 feature rows x + r * hw (r < 8) of one image: sums[s * 8 + r] += the sum of row
+// r over the pixels of slot s, for every slot s < ignore_slot. `slot` holds every pixel's
+// slot, `spans` walks its hw / 8 full chunks; sums has room for slot ignore_slot too.
+IDD_DECLARE_CPU_KERNEL(void add_chunk_sums_8rows(const float* x, int64_t hw, const int32_t* slot,
+                                                 const ChunkSpan* spans, int64_t n_spans, int32_t ignore_slot,
+                                                 float* sums))
+
+// The reverse: out[r * hw + p] = values[slot[p] * 8 + r] for the 8 rows r < 8 and every pixel p.
+IDD_DECLARE_CPU_KERNEL(void write_chunk_values_8rows(float* out, int64_t hw, const int32_t* slot,
+                                                     const ChunkSpan* spans, int64_t n_spans, const float* values))
 
 }  // namespace idd_ops

@@ -1,0 +1,59 @@
+#pragma once
+// Labels of one image at feature resolution as a walk over chunks of 8 consecutive pixels
+// (along the flattened pixel index), for the float32 centroid kernels that handle 8 feature
+// rows at once (kernels/class_centroids.inc). Street-like label maps consist mostly of chunks
+// whose 8 pixels share one class: consecutive such chunks of one class merge into one span,
+// reduced with plain vector adds. A chunk of several classes is transposed to 8 pixel
+// columns of 8 rows each, and every column goes to its class in one vector add, so per-pixel
+// random labels cost about what long runs cost instead of one scalar step per pixel.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "kernels/class_centroids.h"
+#include "label_runs.h"
+
+namespace idd_ops {
+
+struct LabelChunks {
+  std::vector<int32_t> slot;     // class slot of every pixel; num_classes for ignored pixels
+  std::vector<ChunkSpan> spans;  // the H * W / 8 full chunks, in order; the rest are tail pixels
+};
+
+// Chunks of image b of `labels`, checked as label_slots checks them.
+inline LabelChunks label_chunks(const at::Tensor& labels, int64_t b, int64_t H, int64_t W, int64_t num_classes,
+                                int64_t ignore_index) {
+  LabelChunks out;
+  out.slot = label_slots(labels, b, H, W, num_classes, ignore_index);
+  for (int32_t& s : out.slot)
+    if (s < 0) s = static_cast<int32_t>(num_classes);
+  const int32_t* slot = out.slot.data();
+  const int64_t chunks = H * W / 8;
+  for (int64_t j = 0; j < chunks; ++j) {
+    const int32_t* l = slot + 8 * j;
+    bool uniform = true;
+    for (int i = 1; i < 8; ++i) uniform = uniform && l[i] == l[0];
+    const int32_t s = uniform ? l[0] : kMixedChunk;
+    if (uniform && !out.spans.empty() && out.spans.back().slot == s) {
+      ++out.spans.back().count;
+    } else {
+      out.spans.push_back({s, static_cast<int32_t>(j), 1});
+    }
+  }
+  return out;
+}
+
+// Chunks of every image, built in parallel (one image per task).
+inline std::vector<LabelChunks> label_chunks_per_image(const at::Tensor& labels_in, int64_t H, int64_t W,
+                                                       int64_t num_classes, int64_t ignore_index) {
+  TORCH_CHECK_VALUE(H * W / 8 < (int64_t{1} << 31), "feats: at most 2^34 pixels per image, got ", H * W);
+  const at::Tensor labels = dispatchable_labels(labels_in);
+  std::vector<LabelChunks> out(labels.size(0));
+  at::parallel_for(0, labels.size(0), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) out[b] = label_chunks(labels, b, H, W, num_classes, ignore_index);
+  });
+  return out;
+}
+
+}  // namespace idd_ops
