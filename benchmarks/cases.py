@@ -110,8 +110,8 @@ def scatter_mean_centroids(feats, labels, num_classes, ignore_index=255):
     y = labels.index_select(1, nearest_index(H, labels.shape[1], labels.device))
     y = y.index_select(2, nearest_index(W, labels.shape[2], labels.device)).reshape(B, 1, H * W)
     slot = torch.where(y == ignore_index, torch.full_like(y, num_classes), y).expand(B, C, H * W)
-    sums = torch_scatter.scatter_mean(feats.reshape(B, C, H * W), slot, dim=2, dim_size=num_classes + 1)
-    return sums[..., :num_classes].transpose(1, 2)
+    means = torch_scatter.scatter_mean(feats.reshape(B, C, H * W), slot, dim=2, dim_size=num_classes + 1)
+    return means[..., :num_classes].transpose(1, 2)
 
 
 def torch_scatter_installed():
