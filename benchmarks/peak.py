@@ -70,8 +70,9 @@ def measure(fn, device="cpu", held=lambda: ()):
     """(peak bytes, returned bytes) of one call of fn(). Returned bytes: the tensors fn returns
     plus those `held()` names after it (e.g. gradients), which the peak can never be below."""
     kind = "DeviceType." + torch.device(device).type.upper()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if kind == "DeviceType.CUDA" else [])
     common.sync(device)
-    with _without_profiler_lines(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_lines(), profile(activities=activities, profile_memory=True) as prof:
         out = fn()
         common.sync(device)
     returned = nbytes(tensors_of(out) + [t for t in held() if t is not None])

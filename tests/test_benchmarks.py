@@ -42,11 +42,6 @@ def test_rates_measure_each_gemm_shape_once(monkeypatch):
     assert calls == [(2, 4, 8, 4)] and "bmm 2x4x8x4" in rates.describe()
 
 
-def test_measured_rates_are_positive():
-    assert roofline.gemm_rate((1, 32, 32, 32), repeat=1) > 0
-    assert roofline.exp_rate(samples=2) > 0
-
-
 def test_skd_work_counts_its_gram_products():
     case = cases.Case("skd x", "", [torch.zeros(1)], None, flops=(30, 20), gemm_shape=(1, 2, 3, 2))
     assert case.work(False).flops == 30 and case.work(True).flops == 50
@@ -60,21 +55,26 @@ def test_running_peak():
     assert peak.running_peak([4, -4, 3, 2, -1]) == 5
 
 
-def test_peak_covers_the_returned_tensor():
+def test_peak_covers_the_returned_tensor(device):
     n = 3_000_000
-    peak_bytes, returned = peak.measure(lambda: torch.ones(n))
+    peak_bytes, returned = peak.measure(lambda: torch.ones(n, device=device), device)
     assert returned == 4 * n and peak_bytes >= 4 * n
 
 
-def test_peak_counts_temporaries_and_gradients():
-    x = torch.randn(500, 400, requires_grad=True)
+def test_measured_rates_are_positive_on_the_device(device):
+    assert roofline.gemm_rate((1, 32, 32, 32), device, repeat=1) > 0
+    assert roofline.exp_rate(device, samples=1) > 0
+
+
+def test_peak_counts_temporaries_and_gradients(device):
+    x = torch.randn(500, 400, device=device, requires_grad=True)
 
     def call():
         loss = (x * 2).exp().sum()  # two [500, 400] temporaries live at once
         loss.backward()
         return loss
 
-    peak_bytes, returned = peak.measure(call, held=lambda: [x.grad])
+    peak_bytes, returned = peak.measure(call, device, held=lambda: [x.grad])
     assert returned == 4 + x.numel() * 4
     assert peak_bytes >= 2 * x.numel() * 4
 
