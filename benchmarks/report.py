@@ -24,7 +24,7 @@ import torch
 MODES = (False, True)
 EXPECTED = {"full": "tens of minutes on 2 CPU cores (not timed end to end; the time left is printed after every entry)",
             "quick": "about 1 min on 2 CPU cores (measured)"}
-TRAIN_STEP = {"cpu": "TRAIN_STEP.md", "cuda": "TRAIN_STEP-cuda.md"}
+TRAIN_STEP = {"cpu": "benchmarks/TRAIN_STEP.md", "cuda": "benchmarks/TRAIN_STEP-cuda.md"}
 
 
 def measure_row(case, backward, device, repeat, compiled, rates):
@@ -112,12 +112,13 @@ def table(rows):
     return "\n".join(out) + "\n"
 
 
-def header(device, repeat, compiled, rates, rows):
+def header(device, repeat, compiled, rates, rows, out):
     if device.startswith("cuda"):
         dev = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
     else:
         dev = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    kind = "cuda" if device.startswith("cuda") else "cpu"
+    train_step = TRAIN_STEP["cuda" if device.startswith("cuda") else "cpu"]
+    link = os.path.relpath(train_step, os.path.dirname(os.path.abspath(out)))
     peers = ""
     if any("peer_name" in r for r in rows):
         peers = ("Peer: torch_scatter.scatter_mean for class_centroids (labels resized by index); \"not installed\" "
@@ -139,8 +140,8 @@ def header(device, repeat, compiled, rates, rows):
             f"Bytes: one read of every input, one write of the student's gradient; GEMM flops: SKD's C x C Grams, "
             f"IDD's centroid Grams; exps: one per logit of each network (pixel KD, CWD); elementwise arithmetic "
             f"is left to the memory term (benchmarks/roofline.py).\n{peers}"
-            f"Training-step view (CE + each distillation loss at Cityscapes shapes): [{TRAIN_STEP[kind]}]"
-            f"({TRAIN_STEP[kind]}), from `python -m benchmarks.train_step`.\n\n")
+            f"Training-step view (CE + each distillation loss at Cityscapes shapes): [{train_step}]({link}), "
+            f"from `python -m benchmarks.train_step --update`.\n\n")
 
 
 def main(argv=None):
@@ -169,7 +170,7 @@ def main(argv=None):
     default_cases = cases.QUICK if args.quick else (cases.CUDA_FULL if on_cuda else cases.FULL)
     names = [c for c in (args.cases or default_cases) if c not in args.skip]
     rows, rates = measure(names, args.device, repeat, compiled)
-    text = header(args.device, repeat, compiled, rates, rows) + table(rows)
+    text = header(args.device, repeat, compiled, rates, rows, args.out) + table(rows)
     print(text)
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)

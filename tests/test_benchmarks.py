@@ -117,6 +117,9 @@ class _FixedRates:
     def bound(self, work):
         return roofline.bound(work, 1e9, 1e9, 1e9)
 
+    def describe(self):
+        return "copy 1.0 GB/s"
+
 
 def test_report_row_and_table():
     case = _tiny_idd_case(peer=("torch_scatter.scatter_mean", None, False))
@@ -128,6 +131,8 @@ def test_report_row_and_table():
     text = report.table([row, dict(row, fused_peak=0)])
     assert "not installed" in text and "| memory |" in text
     assert text.count(" ! |") == 1  # the impossible fused entry of the second row
+    head = report.header("cpu", 1, False, _FixedRates(), [row], "results/x/RESULTS.md")
+    assert peak.METHOD in head and "copy 1.0 GB/s" in head and "(../../benchmarks/TRAIN_STEP.md)" in head
 
 
 def test_scatter_mean_peer_matches_class_centroids(monkeypatch):
