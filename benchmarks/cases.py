@@ -1,16 +1,23 @@
-"""The benchmark cases. Each builds a closure for "fused" (idd_ops) or "reference"
-(idd_ops.reference), forward or forward+backward, and knows the bytes its op must move at
-least (for the bandwidth bound): one read of every input, one write of the student's gradient.
-
-A case is rebuilt by name in a fresh process for peak-memory measurements (benchmarks.peak)."""
+"""The benchmark cases. Each builds a closure for "fused" (idd_ops), "reference"
+(idd_ops.reference), "compiled" (torch.compile of the reference) or "peer" (another library's
+version, where a case has one), forward or forward+backward, and knows its roofline work
+(benchmarks.roofline): the bytes its op must move at least (one read of every input, one write
+of the student's gradient), the GEMM flops and the exps of its definition (METHOD.md).
+"""
 from . import common  # noqa: F401  (allocator setting first)
+
+import math
 
 import torch
 
 import idd_ops
 from idd_ops import reference
+from idd_ops._label_mask import nearest_index
+
+from .roofline import Work
 
 POSITION_KINDS = ("horizontal", "vertical", "gaussian", "horizontal_stripes", "vertical_stripes")
+IMPLS = ("fused", "reference", "compiled", "peer")
 
 
 def _nbytes(*tensors):
@@ -19,11 +26,15 @@ def _nbytes(*tensors):
 
 class Case:
     """inputs[0] is the student tensor (the one that gets a gradient); call(module, *inputs)
-    runs the loss from `module` (idd_ops or idd_ops.reference). Cases whose reference is very
-    slow set `rounds` to cap the timing rounds."""
+    runs the op from `module` (idd_ops or idd_ops.reference) and returns a loss or an output
+    tensor (forward+backward then backpropagates its sum). flops = (forward, extra for the
+    backward) GEMM flops at the rate of a bmm of gemm_shape; exps: exps of one pass. peer:
+    (name, callable(*inputs), available). Cases whose reference is very slow set `rounds` to cap
+    the timing rounds."""
 
-    def __init__(self, name, desc, inputs, call, rounds=None):
+    def __init__(self, name, desc, inputs, call, rounds=None, flops=(0, 0), gemm_shape=None, exps=0, peer=None):
         self.name, self.desc, self.inputs, self.call, self.rounds = name, desc, inputs, call, rounds
+        self.flops, self.gemm_shape, self.exps, self.peer = flops, gemm_shape, exps, peer
         self.inputs[0].requires_grad_()
 
     def to(self, device):
@@ -32,13 +43,20 @@ class Case:
         self.inputs[0].requires_grad_()
         return self
 
+    def impls(self, compiled=True):
+        """The implementations this case runs: fused, reference, compiled unless not asked,
+        peer where the case has one and it is installed."""
+        return ["fused", "reference"] + (["compiled"] if compiled else []) + \
+            (["peer"] if self.peer and self.peer[2] else [])
+
     def build(self, impl, backward):
-        """impl: "fused", "reference", or "compiled" (torch.compile of the reference; compiles
-        on its first call)."""
+        """impl: one of IMPLS ("compiled" compiles on its first call)."""
         if impl == "compiled":
             if not hasattr(self, "_compiled"):
                 self._compiled = torch.compile(lambda *inputs: self.call(reference, *inputs))
             loss_fn = self._compiled
+        elif impl == "peer":
+            loss_fn = self.peer[1]
         else:
             module = {"fused": idd_ops, "reference": reference}[impl]
             loss_fn = lambda *inputs: self.call(module, *inputs)  # noqa: E731
@@ -46,24 +64,73 @@ class Case:
 
         def run():
             student.grad = None
-            loss = loss_fn(*self.inputs)
+            out = loss_fn(*self.inputs)
             if backward:
-                loss.backward()
-            return loss
+                (out if out.dim() == 0 else out.sum()).backward()
+            return out
         return run
 
     def bytes_moved(self, backward):
         return _nbytes(*self.inputs) + (_nbytes(self.inputs[0]) if backward else 0)
+
+    def work(self, backward):
+        """The roofline work (benchmarks.roofline.Work) of one call."""
+        flops = self.flops[0] + (self.flops[1] if backward else 0)
+        return Work(self.bytes_moved(backward), flops, self.exps, self.gemm_shape if flops else None)
 
 
 def _randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _idd(shape_name):
-    s, t, y, K = common.make_inputs(common.SHAPES[shape_name])
-    return Case(f"idd_loss {shape_name}", "B={} Cs={} Ct={} {}x{} labels {}x{} K={}".format(*common.SHAPES[shape_name]),
-                [s, t, y], lambda m, s, t, y: m.inter_class_distance_loss(s, t, y, K))
+def _shape_arg(arg):
+    """"cityscapes" or "cityscapes fragmented" -> (SHAPES tuple, labels kind, description)."""
+    shape_name, _, labels = arg.partition(" ")
+    shape = common.SHAPES[shape_name]
+    desc = "B={} Cs={} Ct={} {}x{} labels {}x{} K={}".format(*shape)
+    return shape, labels or "street", desc + (f", {labels} labels" if labels else "")
+
+
+def _idd(arg):
+    shape, labels, desc = _shape_arg(arg)
+    B, Cs, Ct = shape[:3]
+    s, t, y, K = common.make_inputs(shape, labels=labels)
+    # GEMMs: each network's centroid Gram (K x C x K per image) for the distance matrix; the
+    # backward multiplies the student's K x K distance gradient into its centroids
+    return Case(f"idd_loss {arg}", desc, [s, t, y], lambda m, s, t, y: m.inter_class_distance_loss(s, t, y, K),
+                flops=(2 * B * K * K * (Cs + Ct), 2 * B * K * K * Cs), gemm_shape=(B, K, Ct, K))
+
+
+def scatter_mean_centroids(feats, labels, num_classes, ignore_index=255):
+    """class_centroids' centroids through torch_scatter.scatter_mean (labels resized by nearest
+    neighbour by index, ignored pixels sent to an extra slot that is dropped)."""
+    import torch_scatter
+
+    B, C, H, W = feats.shape
+    y = labels.index_select(1, nearest_index(H, labels.shape[1], labels.device))
+    y = y.index_select(2, nearest_index(W, labels.shape[2], labels.device)).reshape(B, 1, H * W)
+    slot = torch.where(y == ignore_index, torch.full_like(y, num_classes), y).expand(B, C, H * W)
+    means = torch_scatter.scatter_mean(feats.reshape(B, C, H * W), slot, dim=2, dim_size=num_classes + 1)
+    return means[..., :num_classes].transpose(1, 2)
+
+
+def torch_scatter_installed():
+    try:
+        import torch_scatter  # noqa: F401
+    except Exception:  # ImportError, or a wheel built for another torch failing to load
+        return False
+    return True
+
+
+def _class_centroids(arg):
+    """class_centroids at the teacher's shape (the larger of IDD's two centroid passes)."""
+    shape, labels, _ = _shape_arg(arg)
+    B, _, Ct, H, W, Hy, Wy, K = shape
+    _, t, y, K = common.make_inputs(shape, labels=labels)
+    desc = f"B={B} C={Ct} {H}x{W} labels {Hy}x{Wy} K={K}" + (f", {labels} labels" if labels != "street" else "")
+    return Case(f"class_centroids {arg}", desc, [t, y], lambda m, f, y: m.class_centroids(f, y, K)[0],
+                peer=("torch_scatter.scatter_mean", lambda f, y: scatter_mean_centroids(f, y, K),
+                      torch_scatter_installed()))
 
 
 def _position(size):
@@ -75,19 +142,26 @@ def _position(size):
 
 def _pixel_kd():
     y = common.street_labels(8, 512, 1024, 19)
-    return Case("pixel_kd", "logits B=8 K=19 512x1024, ignore 255", [_randn(8, 19, 512, 1024), _randn(8, 19, 512, 1024, seed=1), y],
-                lambda m, s, t, y: m.pixel_kd_loss(s, t, y, temperature=1.0))
+    s, t = _randn(8, 19, 512, 1024), _randn(8, 19, 512, 1024, seed=1)
+    return Case("pixel_kd", "logits B=8 K=19 512x1024, ignore 255", [s, t, y],
+                lambda m, s, t, y: m.pixel_kd_loss(s, t, y, temperature=1.0), exps=s.numel() + t.numel())
 
 
 def _cwd():
-    return Case("cwd", "B=8 C=512 64x128 T=4", [_randn(8, 512, 64, 128), _randn(8, 512, 64, 128, seed=1)],
-                lambda m, s, t: m.channel_wise_distillation_loss(s, t, 4.0))
+    s, t = _randn(8, 512, 64, 128), _randn(8, 512, 64, 128, seed=1)
+    return Case("cwd", "B=8 C=512 64x128 T=4", [s, t], lambda m, s, t: m.channel_wise_distillation_loss(s, t, 4.0),
+                exps=s.numel() + t.numel())
 
 
 def _skd(pool):
-    # the reference forms [B, P, P] affinities: at pool 1 that is 8 x 8192^2 floats (2 GiB) each
-    return Case(f"skd pool{pool}", f"B=8 C=512 64x128 pool {pool}", [_randn(8, 512, 64, 128), _randn(8, 512, 64, 128, seed=1)],
-                lambda m, s, t: m.structural_kd_loss(s, t, pool), rounds=2 if pool == 1 else None)
+    B, C, H, W = 8, 512, 64, 128
+    P = math.ceil(H / pool) * math.ceil(W / pool)
+    # the reference forms [B, P, P] affinities: at pool 1 that is 8 x 8192^2 floats (2 GiB) each.
+    # GEMMs (C x C Grams over the P pooled pixels, METHOD.md 7): F_S F_S^T, F_S F_T^T, F_T F_T^T
+    # forward; G_SS F_S and G_ST F_T for the gradient
+    return Case(f"skd pool{pool}", f"B={B} C={C} {H}x{W} pool {pool}", [_randn(B, C, H, W), _randn(B, C, H, W, seed=1)],
+                lambda m, s, t: m.structural_kd_loss(s, t, pool), rounds=2 if pool == 1 else None,
+                flops=(3 * 2 * B * C * C * P, 2 * 2 * B * C * C * P), gemm_shape=(B, C, P, C))
 
 
 def _ifvd():
@@ -106,6 +180,8 @@ def _make(name):
     op, _, arg = name.partition(" ")
     if op == "idd_loss":
         return _idd(arg)
+    if op == "class_centroids":
+        return _class_centroids(arg)
     if op == "position_loss":
         return _position(tuple(int(v) for v in arg.split("x")))
     if op == "skd":
@@ -116,8 +192,11 @@ def _make(name):
     raise ValueError(f"unknown benchmark case {name!r}")
 
 
-FULL = ["idd_loss cityscapes", "idd_loss voc", "idd_loss ade20k", "position_loss 64x128", "position_loss 512x1024", "pixel_kd", "cwd", "skd pool2",
-        "skd pool1", "ifvd"]
+# Fragmented rows sit beside their street-layout rows: per-pixel random labels at feature
+# resolution are the worst case for kernels that walk runs of equal labels.
+FULL = ["idd_loss cityscapes", "idd_loss cityscapes fragmented", "idd_loss voc", "idd_loss ade20k",
+        "idd_loss ade20k fragmented", "class_centroids cityscapes", "class_centroids cityscapes fragmented",
+        "position_loss 64x128", "position_loss 512x1024", "pixel_kd", "cwd", "skd pool2", "skd pool1", "ifvd"]
 # On a GPU the launch shape matters too: K = 1000 (many classes per block) and a small batch
 # (B = 2, C = 256) that a grid of B x C/8 blocks would spread over only a few SMs.
 CUDA_FULL = FULL + ["idd_loss k1000", "idd_loss b2-c256"]

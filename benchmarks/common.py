@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: realistic inputs, timing, peak memory, copy bandwidth.
+"""Shared pieces of the benchmarks: realistic inputs, timing, copy bandwidth.
 
 Import this module before torch allocates anything: it turns on torch's transparent-huge-page
 CPU allocator (THP_MEM_ALLOC_ENABLE=1, read once at start-up) unless the caller set it, so
@@ -56,12 +56,34 @@ def street_labels(B, H, W, K, seed=0, ignore_index=255, device="cpu"):
     return out.to(device)
 
 
-def make_inputs(shape, device="cpu", dtype=torch.float32, seed=0):
+def fragmented_labels(B, H, W, Hy, Wy, K, seed=0, device="cpu"):
+    """``[B, Hy, Wy]`` label maps whose nearest-neighbour resizing to the ``H x W`` feature grid
+    gives every feature pixel an independent uniform class in [0, K), as fine ADE20K-like maps do
+    after downsampling: random classes at ``H x W``, each repeated over its ``Hy/H x Wy/W``
+    block (the sizes must divide)."""
+    if Hy % H or Wy % W:
+        raise ValueError(f"label size {Hy}x{Wy} must be a multiple of the feature size {H}x{W}")
+    y = torch.randint(0, K, (B, H, W), generator=torch.Generator().manual_seed(seed))
+    return y.repeat_interleave(Hy // H, 1).repeat_interleave(Wy // W, 2).to(device)
+
+
+LABELS = ("street", "fragmented")
+
+
+def make_inputs(shape, device="cpu", dtype=torch.float32, seed=0, labels="street"):
+    """(student [B, Cs, H, W], teacher [B, Ct, H, W], labels [B, Hy, Wy], K) for a SHAPES tuple;
+    labels: "street" (street_labels) or "fragmented" (fragmented_labels)."""
     B, Cs, Ct, H, W, Hy, Wy, K = shape
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(B, Cs, H, W, generator=g).to(device=device, dtype=dtype)
     t = torch.randn(B, Ct, H, W, generator=g).to(device=device, dtype=dtype)
-    return s, t, street_labels(B, Hy, Wy, K, seed=seed, device=device), K
+    if labels == "street":
+        y = street_labels(B, Hy, Wy, K, seed=seed, device=device)
+    elif labels == "fragmented":
+        y = fragmented_labels(B, H, W, Hy, Wy, K, seed=seed, device=device)
+    else:
+        raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
+    return s, t, y, K
 
 
 def sync(device):
@@ -94,32 +116,6 @@ def time_interleaved(fns, device="cpu", repeat=5, warmup=1, settle_s=0.5):
             sync(device)
             times[i].append((time.perf_counter() - t0) * 1e3)
     return [statistics.median(t) for t in times]
-
-
-def _rss(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_memory_bytes(fn, device="cpu"):
-    """Peak extra memory while fn() runs. CUDA: max_memory_allocated above the start.
-    CPU: the process's peak resident set above the start, with the peak reset first through
-    /proc/self/clear_refs (Linux); what torch allocates dominates it at these sizes."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    start = _rss("VmRSS")
-    fn()
-    return max(0, _rss("VmHWM") - start)
 
 
 def copy_bandwidth_gbs(nbytes, device="cpu", repeat=5):

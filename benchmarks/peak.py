@@ -1,43 +1,89 @@
-"""Peak extra CPU memory of one benchmark call, measured in a fresh process.
+"""Peak memory of one call, measured the same way for every implementation (fused, reference,
+torch.compile(reference), peers) and on every device: the peak of the running sum of the
+allocations and frees that torch's profiler records while the call runs (profile_memory=True).
 
-In a long-lived process, memory freed by an earlier call is reused and hides a later call's
-allocations, so each measurement starts its own interpreter:
-    python -m benchmarks.peak "<case name>" {fused,reference,compiled} {forward,forward+backward}
-prints the bytes by which the peak resident set grew while the call ran. "compiled" is
-measured on its second call (the first compiles); the others on their first.
+Everything that allocates through torch is seen, inductor-generated code included; what the
+process's heap already holds does not matter, so the call may run in a process that ran others
+before. Not seen: memory a C++ kernel takes outside torch's allocator (the fused CPU kernels'
+small index tables, O(B*H*W) 4- or 8-byte entries). The caller frees what the previous call
+left behind (e.g. the student's gradient) before measuring, since a free inside the call of a
+tensor allocated before it would lower the sum.
 """
-import subprocess
+import contextlib
+import os
 import sys
+import tempfile
 
-from . import common
+from . import common  # first: sets the allocator before torch starts  # noqa: I001
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-
-def measure(case_name, impl, backward):
-    mode = "forward+backward" if backward else "forward"
-    out = subprocess.run([sys.executable, "-m", "benchmarks.peak", case_name, impl, mode],
-                         capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
-
-
-def measure_shape(shape, impl):
-    """Peak memory of one IDD-loss forward+backward at an explicit SHAPES-style tuple."""
-    out = subprocess.run([sys.executable, "-m", "benchmarks.peak", "--idd-shape", ",".join(map(str, shape)), impl],
-                         capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+METHOD = ("peak of the running sum of torch's allocations during the measured call (torch.profiler memory "
+          "events; same method for every column, the call's own allocations only, whatever the process held before)")
 
 
-def main():
-    from . import cases
-
-    if sys.argv[1] == "--idd-shape":
-        common.SHAPES["custom"] = tuple(int(v) for v in sys.argv[2].split(","))
-        sys.argv[1:] = ["idd_loss custom", sys.argv[3], "forward+backward"]
-    case_name, impl, mode = sys.argv[1:4]
-    fn = cases.make(case_name).build(impl, mode == "forward+backward")
-    if impl == "compiled":
-        fn()
-    print(common.peak_memory_bytes(fn))
+def tensors_of(obj):
+    """The tensors in obj (a tensor, or nested tuples/lists of them; None and others skipped)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in tensors_of(item)]
+    return []
 
 
-if __name__ == "__main__":
-    main()
+def nbytes(tensors):
+    """Bytes of distinct storages among `tensors`."""
+    seen = {}
+    for t in tensors:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def running_peak(deltas):
+    """Largest prefix sum of `deltas` (allocation sizes, frees negative), at least 0."""
+    peak = total = 0
+    for d in deltas:
+        total += d
+        peak = max(peak, total)
+    return peak
+
+
+@contextlib.contextmanager
+def _without_profiler_lines():
+    """Drop the two lines the profiler writes to stderr at every start and stop (they would
+    bury the progress output); everything else written to stderr meanwhile is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            sys.stderr.write("".join(line for line in tmp if not line.startswith("USDT:")))
+
+
+def measure(fn, device="cpu", held=lambda: ()):
+    """(peak bytes, returned bytes) of one call of fn(). Returned bytes: the tensors fn returns
+    plus those `held()` names after it (e.g. gradients), which the peak can never be below."""
+    kind = "DeviceType." + torch.device(device).type.upper()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if kind == "DeviceType.CUDA" else [])
+    common.sync(device)
+    with _without_profiler_lines(), profile(activities=activities, profile_memory=True) as prof:
+        out = fn()
+        common.sync(device)
+    returned = nbytes(tensors_of(out) + [t for t in held() if t is not None])
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and str(e.device_type()) == kind]
+    events.sort(key=lambda e: e.start_ns())
+    return running_peak(e.nbytes() for e in events), returned
+
+
+def below_returned(rows, impls):
+    """Entries whose peak is below the bytes their call returns: [(case, mode, impl), ...].
+    rows: dicts with "<impl>_peak" and "<impl>_returned" in bytes, from measure() (an impl
+    missing from a row is skipped)."""
+    return [(r["case"], r["mode"], impl) for r in rows for impl in impls
+            if r.get(impl + "_peak") is not None and r[impl + "_peak"] < r[impl + "_returned"]]

@@ -1,13 +1,15 @@
-"""Fused vs reference report: time, speed-up, peak memory, and the fraction of the
-memory-bandwidth bound reached, for every case of benchmarks/cases.py. Prints a markdown
-table and writes it to a new folder, results/bench-<date-time>/RESULTS.md, unless --out names
-a file or --update replaces the committed benchmarks/RESULTS.md.
+"""Fused vs reference report: time, speed-up, peak memory and the roofline bound (with the
+resource that binds it) for every case of benchmarks/cases.py. Prints a markdown table and
+writes it to a new folder, results/bench-<date-time>/RESULTS.md, unless --out names a file or
+--update replaces the committed benchmarks/RESULTS.md (RESULTS-cuda.md with --device cuda).
 
     python -m benchmarks.report            # every op at B=8 Cityscapes shapes (tens of minutes)
     python -m benchmarks.report --quick    # IDD at B=2 and the position loss, 3 rounds (1 min)
     python -m benchmarks.report --update   # every op, written to benchmarks/RESULTS.md
 
-Times are measured on 2 CPU cores; each entry prints its progress and the time left.
+The training-step view is a separate script and file: python -m benchmarks.train_step.
+Each entry prints its progress and the time left. Exits with status 1 (after writing the table)
+if a peak-memory entry is below the bytes its call returns, which no correct measurement gives.
 """
 import argparse
 import os
@@ -16,18 +18,38 @@ import sys
 import time
 
 from . import common, peak  # first: sets the allocator before torch starts  # noqa: I001
-from . import cases
+from . import cases, roofline
 import torch
 
 MODES = (False, True)
 EXPECTED = {"full": "tens of minutes on 2 CPU cores (not timed end to end; the time left is printed after every entry)",
             "quick": "about 1 min on 2 CPU cores (measured)"}
+TRAIN_STEP = {"cpu": "benchmarks/TRAIN_STEP.md", "cuda": "benchmarks/TRAIN_STEP-cuda.md"}
+
+
+def measure_row(case, backward, device, repeat, compiled, rates):
+    """One table row: times (alternating), peaks (profiler), bound, for case and pass."""
+    impls = case.impls(compiled)
+    times = common.time_interleaved([case.build(impl, backward) for impl in impls], device,
+                                    repeat=min(repeat, case.rounds or repeat))
+    student = case.inputs[0]
+    row = dict(case=case.name, desc=case.desc, mode="forward+backward" if backward else "forward")
+    row["bound_ms"], row["bound_by"] = rates.bound(case.work(backward))
+    for impl, t in zip(impls, times):
+        run = case.build(impl, backward)
+        student.grad = None  # the previous call's gradient, freed before the measured call
+        row[impl + "_peak"], row[impl + "_returned"] = peak.measure(
+            run, device, held=lambda: [student.grad] if backward else [])
+        row[impl + "_ms"] = t
+    row["returned"] = min(row[impl + "_returned"] for impl in impls)
+    if case.peer:
+        row["peer_name"] = case.peer[0]
+    return row
 
 
 def measure(case_names, device, repeat, compiled):
-    impls = ["fused", "reference"] + (["compiled"] if compiled else [])
+    rates = roofline.Rates(device)
     rows, total, step = [], len(case_names) * len(MODES), 0
-    bw = common.copy_bandwidth_gbs(2**28, device)
     start = time.perf_counter()
     for name in case_names:
         case = cases.make(name, device)
@@ -37,40 +59,89 @@ def measure(case_names, device, repeat, compiled):
             left = f", about {elapsed / step * (total - step) / 60:.1f} min left" if step else ""
             step += 1
             print(f"[{step}/{total}] {name} {mode} ({elapsed / 60:.1f} min so far{left})", file=sys.stderr, flush=True)
-            times = common.time_interleaved([case.build(impl, backward) for impl in impls], device,
-                                            repeat=min(repeat, case.rounds or repeat))
-            if device == "cpu":
-                mem = [peak.measure(name, impl, backward) for impl in impls]
-            else:
-                mem = [common.peak_memory_bytes(case.build(impl, backward), device) for impl in impls]
-            row = dict(case=name, desc=case.desc, mode=mode, bound_ms=case.bytes_moved(backward) / (bw * 1e6))
-            for impl, t, m in zip(impls, times, mem):
-                row[impl + "_ms"], row[impl + "_mb"] = t, m / 2**20
-            rows.append(row)
+            rows.append(measure_row(case, backward, device, repeat, compiled, rates))
         del case
-    return rows, bw
+    return rows, rates
 
 
 def _ratio(num, den):
-    return f"{num / den:.1f}x" if den > 0 else "-"
+    return f"{num / den:.1f}x" if num is not None and den else "-"
+
+
+def _mib(row, impl):
+    """Peak in MiB, marked '!' where it is below the bytes the call returns."""
+    b = row.get(impl + "_peak")
+    if b is None:
+        return "-"
+    return _mib_text(b) + (" !" if b < row[impl + "_returned"] else "")
+
+
+def _mib_text(b):
+    """MiB with one decimal under 10 MiB (outputs of a few hundred KiB stay visible)."""
+    return f"{b / 2**20:.1f}" if b < 10 * 2**20 else f"{b / 2**20:.0f}"
+
+
+def _peer_cell(row, key, fmt):
+    if "peer_name" not in row:
+        return "-"
+    return fmt(row[key]) if key in row else "not installed"
 
 
 def table(rows):
-    compiled = "compiled_ms" in rows[0]
+    compiled = any("compiled_ms" in r for r in rows)
+    peers = sorted({r["peer_name"] for r in rows if "peer_name" in r})
+    peer = f"peer ({', '.join(peers)})" if peers else None
     head = ["op", "shape", "pass", "fused ms", "reference ms"] + (["compiled ms"] if compiled else []) + \
-        ["speed-up vs reference"] + (["vs compiled"] if compiled else []) + \
-        ["fused peak MiB", "reference peak MiB"] + (["compiled peak MiB"] if compiled else []) + \
-        ["memory: reference / fused", "bound ms", "fused / bound"]
+        ([f"{peer} ms"] if peer else []) + ["speed-up vs reference"] + (["vs compiled"] if compiled else []) + \
+        (["vs peer"] if peer else []) + ["fused peak MiB", "reference peak MiB"] + \
+        (["compiled peak MiB"] if compiled else []) + ([f"{peer} peak MiB"] if peer else []) + \
+        ["returned MiB", "memory: reference / fused", "bound ms", "bound by", "fused / bound"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in rows:
         cells = [r["case"].split()[0], r["desc"], r["mode"], f"{r['fused_ms']:.1f}", f"{r['reference_ms']:.1f}"]
         cells += [f"{r['compiled_ms']:.1f}"] if compiled else []
-        cells += [_ratio(r["reference_ms"], r["fused_ms"])] + ([_ratio(r["compiled_ms"], r["fused_ms"])] if compiled else [])
-        cells += [f"{r['fused_mb']:.0f}", f"{r['reference_mb']:.0f}"] + ([f"{r['compiled_mb']:.0f}"] if compiled else [])
-        cells += [_ratio(r["reference_mb"], max(r["fused_mb"], 1.0)), f"{r['bound_ms']:.1f}",
-                  f"{r['fused_ms'] / r['bound_ms']:.2f}"]
+        cells += [_peer_cell(r, "peer_ms", lambda v: f"{v:.1f}")] if peer else []
+        cells += [_ratio(r["reference_ms"], r["fused_ms"])]
+        cells += [_ratio(r.get("compiled_ms"), r["fused_ms"])] if compiled else []
+        cells += [_peer_cell(r, "peer_ms", lambda v: _ratio(v, r["fused_ms"]))] if peer else []
+        cells += [_mib(r, "fused"), _mib(r, "reference")] + ([_mib(r, "compiled")] if compiled else [])
+        cells += [_peer_cell(r, "peer_peak", lambda v: _mib(r, "peer"))] if peer else []
+        cells += [_mib_text(r["returned"]), _ratio(r["reference_peak"], max(r["fused_peak"], 2**20)),
+                  f"{r['bound_ms']:.1f}", r["bound_by"], f"{r['fused_ms'] / r['bound_ms']:.2f}"]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def header(device, repeat, compiled, rates, rows, out):
+    if device.startswith("cuda"):
+        dev = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
+    else:
+        dev = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    train_step = TRAIN_STEP["cuda" if device.startswith("cuda") else "cpu"]
+    link = os.path.relpath(train_step, os.path.dirname(os.path.abspath(out)))
+    peers = ""
+    if any("peer_name" in r for r in rows):
+        peers = ("Peer: torch_scatter.scatter_mean for class_centroids (labels resized by index); \"not installed\" "
+                 "where `import torch_scatter` fails: it has no wheels on PyPI; install a prebuilt wheel matching "
+                 "your torch from https://data.pyg.org/whl/ (`pip install torch_scatter -f "
+                 "https://data.pyg.org/whl/torch-<version>+<cpu|cuXXX>.html`) or build it "
+                 "(`pip install torch_scatter --no-build-isolation`, a long C++ build).\n")
+    return (f"Device: {device} ({dev}), torch {torch.__version__}, "
+            f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}, float32. IDD: euclidean, "
+            f"reduction=mean, street-layout labels unless the shape says fragmented (per-pixel random classes "
+            f"at feature resolution). Position loss: maps {', '.join(cases.POSITION_KINDS)}.\n"
+            f"Times: medians of {repeat} rounds (2 for SKD pool 1), implementations alternating"
+            f"{'; compiled = torch.compile(reference), timed after its compilation' if compiled else ''}.\n"
+            f"Peak memory: {peak.METHOD}. Returned MiB: the output and (forward+backward) gradient the call "
+            f"hands back, which no peak may be below (a '!' marks one that is). Memory ratios floor the fused "
+            f"peak at 1 MiB.\n"
+            f"Bound (roofline): max(bytes moved / copy bandwidth, GEMM flops / GEMM rate at the op's shape, "
+            f"exps / exp rate), rates measured in this run: {rates.describe()}. 'bound by' names the larger term. "
+            f"Bytes: one read of every input, one write of the student's gradient; GEMM flops: SKD's C x C Grams, "
+            f"IDD's centroid Grams; exps: one per logit of each network (pixel KD, CWD); elementwise arithmetic "
+            f"is left to the memory term (benchmarks/roofline.py).\n{peers}"
+            f"Training-step view (CE + each distillation loss at Cityscapes shapes): [{train_step}]({link}), "
+            f"from `python -m benchmarks.train_step --update`.\n\n")
 
 
 def main(argv=None):
@@ -98,20 +169,8 @@ def main(argv=None):
     compiled = not (args.no_compile or args.quick)
     default_cases = cases.QUICK if args.quick else (cases.CUDA_FULL if on_cuda else cases.FULL)
     names = [c for c in (args.cases or default_cases) if c not in args.skip]
-    rows, bw = measure(names, args.device, repeat, compiled)
-    if on_cuda:
-        dev = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
-    else:
-        dev = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    meta = (f"Device: {args.device} ({dev}), torch {torch.__version__}, "
-            f"THP_MEM_ALLOC_ENABLE={common.os.environ.get('THP_MEM_ALLOC_ENABLE')}, float32. IDD: euclidean, "
-            f"reduction=mean, street-layout labels. Position loss: maps {', '.join(cases.POSITION_KINDS)}.\n"
-            f"Times: medians of {repeat} rounds (2 for SKD pool 1), implementations alternating"
-            f"{'; compiled = torch.compile(reference), timed after its compilation' if compiled else ''}. "
-            f"Peak memory: growth of the peak resident set in a fresh process (CPU; compiled: on its second "
-            f"call) or max_memory_allocated (CUDA). Memory ratios floor the fused peak at 1 MiB. Bound: bytes the op "
-            f"must move / copy bandwidth measured in the same run ({bw:.1f} GB/s, read + write).\n\n")
-    text = meta + table(rows)
+    rows, rates = measure(names, args.device, repeat, compiled)
+    text = header(args.device, repeat, compiled, rates, rows, args.out) + table(rows)
     print(text)
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -119,6 +178,10 @@ def main(argv=None):
         f.write(f"Command: `python -m benchmarks.report {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
                 + text)
     print(f"written to {args.out}", file=sys.stderr)
+    bad = peak.below_returned(rows, cases.IMPLS)
+    if bad:
+        sys.exit("peak memory below the returned bytes (a measurement error) for: "
+                 + "; ".join(" ".join(entry) for entry in bad))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,126 @@
+"""Roofline bounds: the least time an op's work can take on this machine, and what binds it.
+
+An op's work (see benchmarks/cases.py) is three numbers: bytes it must move (one read of every
+input, one write of the student's gradient), GEMM flops (the matrix products its definition
+contains, 2 per multiply-add) and exps (softmax-KL: one per logit of each network). Its bound is
+
+    max(bytes / copy bandwidth, flops / GEMM rate, exps / exp rate)
+
+with all three rates measured in the same run by `Rates`. Elementwise and reduction arithmetic
+(centroid sums, cosines, squared errors: a few operations per element moved) is left to the
+memory term. The bound assumes one pass over the data, so a forward+backward counts the
+forward's exps once although a backward that keeps only log-sum-exps computes them again.
+"""
+import dataclasses
+import time
+
+import torch
+
+from . import common
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """bytes: bytes moved at least; flops: GEMM flops, done at the rate of a bmm of `gemm_shape`
+    (b, m, k, n); exps: exponentials."""
+    bytes: float
+    flops: float = 0.0
+    exps: float = 0.0
+    gemm_shape: tuple = None
+
+
+def bound(work, copy_bps, gemm_fps, exp_eps):
+    """(least time in ms, binding resource) for `work`. copy_bps: bytes/s (read + write);
+    gemm_fps: flop/s of the GEMM at work.gemm_shape (ignored without flops); exp_eps: exps/s."""
+    terms = {"memory": work.bytes / copy_bps}
+    if work.flops:
+        terms["GEMM"] = work.flops / gemm_fps
+    if work.exps:
+        terms["exp"] = work.exps / exp_eps
+    resource = max(terms, key=terms.get)
+    return terms[resource] * 1e3, resource
+
+
+def best_ms(fn, device="cpu", samples=3):
+    """Shortest of `samples` timed calls of fn() (after one warm-up call), in ms: the rates
+    are peaks, and on a shared machine most samples meet other jobs."""
+    fn()
+    best = float("inf")
+    for _ in range(samples):
+        common.sync(device)
+        t0 = time.perf_counter()
+        fn()
+        common.sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def peak_rate(measure, device="cpu"):
+    """measure() -> a rate with torch's current threads. On the CPU, the larger of that and the
+    threads times the one-thread rate (a roofline's peak: per-core rate x cores), as on a shared
+    machine each parallel call waits for its last thread to be scheduled, which can cost
+    milliseconds a call and is not the rate the cores have."""
+    rate = measure()
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu" and threads > 1:
+        torch.set_num_threads(1)
+        try:
+            rate = max(rate, threads * measure())
+        finally:
+            torch.set_num_threads(threads)
+    return rate
+
+
+def gemm_rate(shape, device="cpu", repeat=3):
+    """Flop/s of torch.bmm on [b, m, k] x [b, k, n] float32 (best of `repeat` calls; peak_rate)."""
+    b, m, k, n = shape
+    x, y = torch.randn(b, m, k, device=device), torch.randn(b, k, n, device=device)
+    return peak_rate(lambda: 2 * b * m * k * n / (best_ms(lambda: torch.bmm(x, y), device, repeat) * 1e-3), device)
+
+
+def exp_elements(device="cpu"):
+    """Elements of the exp-throughput tensor: small enough that input and output stay in cache
+    (CPU: 2^16 floats = 256 KiB per thread, in and out within a 1 MiB L2; GPU: 16 MiB, within
+    an H100's or H200's L2), large enough that every core or SM works on it."""
+    return 2**22 if torch.device(device).type == "cuda" else 2**16 * torch.get_num_threads()
+
+
+def exp_rate(device="cpu", samples=None):
+    """Exps/s of torch.exp over a cache-resident float32 tensor, the best of `samples`
+    (peak_rate). A CPU sample is one call; a GPU sample 50 calls between synchronisations,
+    which would dominate one call. On a GPU this rate may be set by L2 bandwidth rather than by
+    the special-function units; it is what a torch-level exp achieves there. A kernel with its
+    own cheaper exp (the fused CPU kernels have one) can beat it: its fused / bound is then
+    below 1."""
+    on_cuda = torch.device(device).type == "cuda"
+    calls, samples = (50, samples or 5) if on_cuda else (1, samples or 100)
+    x = torch.rand(exp_elements(device), device=device) - 1
+
+    def loop():
+        for _ in range(calls):
+            torch.exp(x)
+    return peak_rate(lambda: x.numel() * calls / (best_ms(loop, device, samples) * 1e-3), device)
+
+
+class Rates:
+    """The machine's rates, measured once per run: copy bandwidth and exp throughput up front,
+    each GEMM shape's rate on first use."""
+
+    def __init__(self, device="cpu"):
+        self.device = device
+        self.copy_bps = common.copy_bandwidth_gbs(2**28, device) * 1e9
+        self.exp_eps = exp_rate(device)
+        self.gemm_fps = {}
+
+    def bound(self, work):
+        """(ms, resource) of `work`, measuring its GEMM shape's rate if new."""
+        if work.flops and work.gemm_shape not in self.gemm_fps:
+            self.gemm_fps[work.gemm_shape] = gemm_rate(work.gemm_shape, self.device)
+        return bound(work, self.copy_bps, self.gemm_fps.get(work.gemm_shape), self.exp_eps)
+
+    def describe(self):
+        gemms = "; ".join(f"bmm {'x'.join(map(str, s))} (b x m x k x n): {r / 1e9:.0f} GFLOP/s"
+                          for s, r in self.gemm_fps.items())
+        return (f"copy {self.copy_bps / 1e9:.1f} GB/s (read + write); exp {self.exp_eps / 1e9:.2f} G/s "
+                f"(torch.exp on {exp_elements(self.device) * 4 // 1024} KiB in cache)"
+                + (f"; {gemms}" if gemms else ""))

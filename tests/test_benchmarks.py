@@ -1,0 +1,161 @@
+"""The benchmark machinery itself: roofline bounds, the profiler's peak memory, the memory check,
+label generators, the report's rows and the training-step script. Small inputs, no timings
+asserted."""
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside tests/, off the path under plain `pytest`
+
+from benchmarks import cases, common, peak, report, roofline, train_step  # noqa: E402
+from idd_ops import reference  # noqa: E402
+
+
+def test_bound_names_the_larger_term():
+    work = roofline.Work(bytes=2e9, flops=4e9, exps=1e9, gemm_shape=(1, 2, 3, 4))
+    # 2e9 B at 1e9 B/s = 2 s; 4e9 flop at 1e12 = 4 ms; 1e9 exps at 1e10 = 100 ms
+    ms, by = roofline.bound(work, 1e9, 1e12, 1e10)
+    assert by == "memory" and ms == pytest.approx(2000.0)
+    ms, by = roofline.bound(work, 1e12, 1e9, 1e10)
+    assert by == "GEMM" and ms == pytest.approx(4000.0)
+    ms, by = roofline.bound(work, 1e12, 1e12, 1e8)
+    assert by == "exp" and ms == pytest.approx(10000.0)
+
+
+def test_bound_ignores_rates_of_work_it_does_not_have():
+    ms, by = roofline.bound(roofline.Work(bytes=1e6), 1e9, None, 1e9)
+    assert by == "memory" and ms == pytest.approx(1.0)
+
+
+def test_rates_measure_each_gemm_shape_once(monkeypatch):
+    rates = roofline.Rates.__new__(roofline.Rates)
+    rates.device, rates.copy_bps, rates.exp_eps, rates.gemm_fps = "cpu", 1e9, 1e9, {}
+    calls = []
+    monkeypatch.setattr(roofline, "gemm_rate", lambda shape, device: calls.append(shape) or 1e9)
+    work = roofline.Work(bytes=1, flops=1e9, gemm_shape=(2, 4, 8, 4))
+    ms, by = rates.bound(work)
+    assert by == "GEMM" and ms == pytest.approx(1000.0)
+    rates.bound(work)
+    assert calls == [(2, 4, 8, 4)] and "bmm 2x4x8x4" in rates.describe()
+
+
+def test_skd_work_counts_its_gram_products():
+    case = cases.Case("skd x", "", [torch.zeros(1)], None, flops=(30, 20), gemm_shape=(1, 2, 3, 2))
+    assert case.work(False).flops == 30 and case.work(True).flops == 50
+    assert case.work(True).bytes == 8 and case.work(True).gemm_shape == (1, 2, 3, 2)
+    assert cases.Case("x", "", [torch.zeros(1)], None).work(True).gemm_shape is None
+
+
+def test_running_peak():
+    assert peak.running_peak([]) == 0
+    assert peak.running_peak([-5, 3]) == 0
+    assert peak.running_peak([4, -4, 3, 2, -1]) == 5
+
+
+def test_peak_covers_the_returned_tensor(device):
+    n = 3_000_000
+    peak_bytes, returned = peak.measure(lambda: torch.ones(n, device=device), device)
+    assert returned == 4 * n and peak_bytes >= 4 * n
+
+
+def test_measured_rates_are_positive_on_the_device(device):
+    assert roofline.gemm_rate((1, 32, 32, 32), device, repeat=1) > 0
+    assert roofline.exp_rate(device, samples=1) > 0
+
+
+def test_peak_counts_temporaries_and_gradients(device):
+    x = torch.randn(500, 400, device=device, requires_grad=True)
+
+    def call():
+        loss = (x * 2).exp().sum()  # two [500, 400] temporaries live at once
+        loss.backward()
+        return loss
+
+    peak_bytes, returned = peak.measure(call, device, held=lambda: [x.grad])
+    assert returned == 4 + x.numel() * 4
+    assert peak_bytes >= 2 * x.numel() * 4
+
+
+def test_peak_does_not_depend_on_what_the_heap_held_before():
+    def call():
+        return torch.ones(2_000_000) + 1
+    first = peak.measure(call)[0]
+    junk = [torch.empty(1_000_000) for _ in range(4)]
+    del junk  # freed memory a later call could reuse, which a resident-set measurement would miss
+    assert peak.measure(call)[0] == first
+
+
+def test_below_returned_flags_impossible_entries():
+    rows = [dict(case="a", mode="forward", fused_peak=10, fused_returned=8, reference_peak=7, reference_returned=8),
+            dict(case="b", mode="forward+backward", fused_peak=0, fused_returned=4)]
+    assert peak.below_returned(rows, cases.IMPLS) == [("a", "forward", "reference"), ("b", "forward+backward", "fused")]
+
+
+def test_fragmented_labels_are_random_per_feature_pixel():
+    y = common.fragmented_labels(2, 8, 16, 64, 128, K=19, seed=1)
+    assert y.shape == (2, 64, 128) and y.dtype == torch.long
+    small = reference.resize_labels(y, (8, 16))
+    assert small.min() >= 0 and small.max() < 19
+    # neighbours differ about (K-1)/K of the time; street layouts differ on a few boundaries only
+    assert (small[:, :, 1:] != small[:, :, :-1]).float().mean() > 0.8
+    with pytest.raises(ValueError, match="multiple"):
+        common.fragmented_labels(1, 3, 3, 8, 8, K=2)
+    with pytest.raises(ValueError, match="labels"):
+        common.make_inputs((1, 2, 2, 4, 4, 8, 8, 3), labels="blobs")
+
+
+def _tiny_idd_case(peer=None):
+    s, t, y, K = common.make_inputs((2, 8, 16, 8, 8, 16, 16, 5))
+    return cases.Case("idd_loss tiny", "tiny", [s, t, y], lambda m, s, t, y: m.inter_class_distance_loss(s, t, y, K),
+                      flops=(100, 50), gemm_shape=(2, 5, 16, 5), peer=peer)
+
+
+class _FixedRates:
+    def bound(self, work):
+        return roofline.bound(work, 1e9, 1e9, 1e9)
+
+    def describe(self):
+        return "copy 1.0 GB/s"
+
+
+def test_report_row_and_table():
+    case = _tiny_idd_case(peer=("torch_scatter.scatter_mean", None, False))
+    row = report.measure_row(case, True, "cpu", repeat=1, compiled=False, rates=_FixedRates())
+    grad_bytes = case.inputs[0].numel() * 4
+    assert row["fused_returned"] >= grad_bytes and row["fused_peak"] >= row["fused_returned"]
+    assert row["reference_peak"] >= row["reference_returned"] >= grad_bytes
+    assert row["bound_by"] == "memory" and peak.below_returned([row], cases.IMPLS) == []
+    text = report.table([row, dict(row, fused_peak=0)])
+    assert "not installed" in text and "| memory |" in text
+    assert text.count(" ! |") == 1  # the impossible fused entry of the second row
+    head = report.header("cpu", 1, False, _FixedRates(), [row], "results/x/RESULTS.md")
+    assert peak.METHOD in head and "copy 1.0 GB/s" in head and "(../../benchmarks/TRAIN_STEP.md)" in head
+
+
+def test_scatter_mean_peer_matches_class_centroids(monkeypatch):
+    def scatter_mean(src, index, dim, dim_size):  # torch_scatter's semantics, in torch
+        sums = torch.zeros(*src.shape[:dim], dim_size, dtype=src.dtype).scatter_add(dim, index, src)
+        counts = torch.zeros_like(sums).scatter_add(dim, index, torch.ones_like(src))
+        return sums / counts.clamp_min(1)
+    monkeypatch.setitem(sys.modules, "torch_scatter", types.SimpleNamespace(scatter_mean=scatter_mean))
+    assert cases.torch_scatter_installed()
+    feats, _, labels, K = common.make_inputs((2, 4, 6, 8, 8, 32, 32, 5))
+    got = cases.scatter_mean_centroids(feats, labels, K)
+    torch.testing.assert_close(got, reference.class_centroids(feats, labels, K)[0])
+
+
+def test_train_step_runs_and_tables():
+    data = train_step.make_data(1)
+    step, params = train_step.make_step(data, "kd", reference)
+    before = [p.detach().clone() for p in params]
+    step()
+    assert all(p.grad is not None for p in params)
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))
+    with pytest.raises(ValueError, match="loss must be one of"):
+        train_step.distill_term("nope", reference, "cpu")
+    text = train_step.table([("kd", (10.0, 12.0, 15.0), [(100, 50), (200, 60), (300, 60)]),
+                             ("idd", (10.0, 11.0, 14.0), [(100, 50), (40, 60), (300, 60)])])
+    assert "| kd | 10 | 12 | 15 | 1.25x | 2 | 5 | 17% | 33% |" in text and text.count(" !") == 1
