@@ -1,6 +1,6 @@
 """`idd-distill`: the end-to-end distillation experiment on generated street scenes.
 
-    idd-distill --preset quick                  # 2.1 min on 2 CPU cores at load 3.5
+    idd-distill --preset quick                  # 1.6 min on 2 idle CPU cores (2.1 at load 3.5)
     idd-distill --preset cpu                    # all configurations, 5 paired seeds (see the README for times)
     idd-distill --preset full --device cuda     # full resolution and schedule (GPU recommended)
     idd-distill --replot results/cpu            # rewrite results.md and plots from results.json
