@@ -45,15 +45,11 @@ inline LabelChunks label_chunks(const at::Tensor& labels, int64_t b, int64_t H, 
 }
 
 // Chunks of every image, built in parallel (one image per task).
-inline std::vector<LabelChunks> label_chunks_per_image(const at::Tensor& labels_in, int64_t H, int64_t W,
+inline std::vector<LabelChunks> label_chunks_per_image(const at::Tensor& labels, int64_t H, int64_t W,
                                                        int64_t num_classes, int64_t ignore_index) {
   TORCH_CHECK_VALUE(H * W / 8 < (int64_t{1} << 31), "feats: at most 2^34 pixels per image, got ", H * W);
-  const at::Tensor labels = dispatchable_labels(labels_in);
-  std::vector<LabelChunks> out(labels.size(0));
-  at::parallel_for(0, labels.size(0), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) out[b] = label_chunks(labels, b, H, W, num_classes, ignore_index);
-  });
-  return out;
+  return per_image(labels,
+                   [&](const at::Tensor& l, int64_t b) { return label_chunks(l, b, H, W, num_classes, ignore_index); });
 }
 
 }  // namespace idd_ops

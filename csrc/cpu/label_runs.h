@@ -66,16 +66,23 @@ inline LabelRuns label_runs(const at::Tensor& labels, int64_t b, int64_t H, int6
   return runs;
 }
 
-// Runs of every image, built in parallel (one image per task).
-inline std::vector<LabelRuns> label_runs_per_image(const at::Tensor& labels_in, int64_t H, int64_t W,
-                                                   int64_t num_classes, int64_t ignore_index) {
+// build(labels, b) for every image b of `labels_in` (uint dtypes widened once), in parallel
+// (one image per task).
+template <typename Build>
+inline auto per_image(const at::Tensor& labels_in, Build build) {
   const at::Tensor labels = dispatchable_labels(labels_in);
-  const int64_t B = labels.size(0);
-  std::vector<LabelRuns> runs(B);
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) runs[b] = label_runs(labels, b, H, W, num_classes, ignore_index);
+  std::vector<decltype(build(labels, int64_t{0}))> out(labels.size(0));
+  at::parallel_for(0, labels.size(0), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) out[b] = build(labels, b);
   });
-  return runs;
+  return out;
+}
+
+// Runs of every image, built in parallel (one image per task).
+inline std::vector<LabelRuns> label_runs_per_image(const at::Tensor& labels, int64_t H, int64_t W,
+                                                   int64_t num_classes, int64_t ignore_index) {
+  return per_image(labels,
+                   [&](const at::Tensor& l, int64_t b) { return label_runs(l, b, H, W, num_classes, ignore_index); });
 }
 
 }  // namespace idd_ops
