@@ -25,10 +25,7 @@ def _mean_std(values):
 
 def by_config(results):
     """{configuration: [runs over seeds]} in the order of the experiment."""
-    out = {}
-    for key, run in results["runs"].items():
-        out.setdefault(key.split("|")[0], []).append(run)
-    return out
+    return {config: list(runs.values()) for config, runs in seed_runs(results).items()}
 
 
 def wall_time_line(results):

@@ -65,7 +65,10 @@ def _background(g, label, rows, cols, H, W):
     depth = ((rows - horizon).clamp_min(0) / max(H - horizon, 1)).float()
     vanish = _uniform(g, 0.35, 0.65) * W
     road_scale, walk_scale = _uniform(g, 0.3, 0.55), _uniform(g, 0.08, 0.2)
-    road_half, walk = 2 + depth * road_scale * W, 1 + depth * walk_scale * W
+    def half_road(d):  # half the road's width at depth d in [0, 1] (0 at the horizon)
+        return 2 + d * road_scale * W
+
+    road_half, walk = half_road(depth), 1 + depth * walk_scale * W
     off = (cols - vanish).abs()
     ground = rows >= horizon
     label[ground] = TERRAIN
@@ -79,7 +82,7 @@ def _background(g, label, rows, cols, H, W):
             band = (off >= edge) & (off < edge + 1 + depth * 0.06 * W) & ((cols - vanish) * side > 0)
             near = rows >= horizon + _uniform(g, 0.0, 0.5) * (H - horizon)
             label[ground & band & near] = cls
-    return horizon, vanish, lambda row: 2 + max(row - horizon, 0) / max(H - horizon, 1) * road_scale * W
+    return horizon, vanish, lambda row: half_road(max(row - horizon, 0) / max(H - horizon, 1))
 
 
 def _objects(g, label, rows, cols, H, W, horizon, vanish, half_road_at):
