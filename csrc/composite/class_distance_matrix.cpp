@@ -28,17 +28,18 @@ at::Tensor cosine_denominator(const at::Tensor& norm_sq, double eps) {
 // the spread of the centroids, not with their distance from the origin (ReLU features share a
 // large common mean).
 at::Tensor centred(const at::Tensor& c, const at::Tensor& counts) {
-  const at::Tensor present = (counts > 0).to(c.scalar_type()).unsqueeze(2);
-  const at::Tensor mean = (c * present).sum(1, /*keepdim=*/true) / present.sum(1, /*keepdim=*/true).clamp_min(1);
-  return c - mean;
+  // the mean as a [B, 1, K] x [B, K, C] product: no [B, K, C] temporary besides the result
+  const at::Tensor present = (counts > 0).to(c.scalar_type()).unsqueeze(1);
+  return c - at::bmm(present, c) / present.sum(2, /*keepdim=*/true).clamp_min(1);
 }
 
 // Raw distances R [B, K, K] (0 off the valid entries) of centroids c in the accumulation dtype,
 // centred first for the euclidean metrics. Through one GEMM, as torch.cdist does for large
 // inputs: a direct difference per pair costs O(K^2 C) scalar work without a GEMM's speed.
 at::Tensor raw_distances(const at::Tensor& c, const at::Tensor& valid, Metric metric, double eps) {
-  const at::Tensor norm_sq = c.square().sum(-1);
   const at::Tensor gram = at::bmm(c, c.transpose(1, 2));
+  // |c_i|^2 from the Gram itself: no pass over c, and R_ii = 0 exactly
+  const at::Tensor norm_sq = gram.diagonal(0, 1, 2);
   at::Tensor d;
   if (metric == Metric::Cosine) {
     d = 1 - gram / cosine_denominator(norm_sq, eps);
@@ -115,7 +116,8 @@ at::Tensor class_distance_matrix_backward(const at::Tensor& grad, const at::Tens
       b = -w / den;
     }
   }
-  const at::Tensor grad_c = a.sum(-1, /*keepdim=*/true) * c + at::bmm(b, c);
+  // sum_j a_ij c_i + b_ij c_j as one GEMM: the row sums of a join b on the diagonal
+  const at::Tensor grad_c = at::bmm(b + at::diag_embed(a.sum(-1)), c);
   return grad_c.to(centroids.scalar_type());
 }
 
