@@ -27,14 +27,16 @@ EXPECTED = {"full": "tens of minutes on 2 CPU cores (not timed end to end; the t
 TRAIN_STEP = {"cpu": "benchmarks/TRAIN_STEP.md", "cuda": "benchmarks/TRAIN_STEP-cuda.md"}
 
 
-def measure_row(case, backward, device, repeat, compiled, rates):
-    """One table row: times (alternating), peaks (profiler), bound, for case and pass."""
+def measure_row(case, backward, device, repeat, compiled, rates, probe):
+    """One table row: times (alternating, with the copy probe), peaks (profiler), bound, for
+    case and pass."""
     impls = case.impls(compiled)
-    times = common.time_interleaved([case.build(impl, backward) for impl in impls], device,
-                                    repeat=min(repeat, case.rounds or repeat))
+    *times, probe_ms = common.time_interleaved([case.build(impl, backward) for impl in impls] + [probe], device,
+                                               repeat=min(repeat, case.rounds or repeat))
     student = case.inputs[0]
     row = dict(case=case.name, desc=case.desc, mode="forward+backward" if backward else "forward")
-    row["bound_ms"], row["bound_by"] = rates.bound(case.work(backward))
+    row["copy_gbs"] = probe.rate(probe_ms) / 1e9
+    row["bound_ms"], row["bound_by"] = rates.bound(case.work(backward), row["copy_gbs"] * 1e9)
     for impl, t in zip(impls, times):
         run = case.build(impl, backward)
         student.grad = None  # the previous call's gradient, freed before the measured call
@@ -48,7 +50,7 @@ def measure_row(case, backward, device, repeat, compiled, rates):
 
 
 def measure(case_names, device, repeat, compiled):
-    rates = roofline.Rates(device)
+    rates, probe = roofline.Rates(device), roofline.CopyProbe(device)
     rows, total, step = [], len(case_names) * len(MODES), 0
     start = time.perf_counter()
     for name in case_names:
@@ -59,7 +61,7 @@ def measure(case_names, device, repeat, compiled):
             left = f", about {elapsed / step * (total - step) / 60:.1f} min left" if step else ""
             step += 1
             print(f"[{step}/{total}] {name} {mode} ({elapsed / 60:.1f} min so far{left})", file=sys.stderr, flush=True)
-            rows.append(measure_row(case, backward, device, repeat, compiled, rates))
+            rows.append(measure_row(case, backward, device, repeat, compiled, rates, probe))
         del case
     return rows, rates
 
@@ -95,7 +97,7 @@ def table(rows):
         ([f"{peer} ms"] if peer else []) + ["speed-up vs reference"] + (["vs compiled"] if compiled else []) + \
         (["vs peer"] if peer else []) + ["fused peak MiB", "reference peak MiB"] + \
         (["compiled peak MiB"] if compiled else []) + ([f"{peer} peak MiB"] if peer else []) + \
-        ["returned MiB", "memory: reference / fused", "bound ms", "bound by", "fused / bound"]
+        ["returned MiB", "memory: reference / fused", "copy GB/s", "bound ms", "bound by", "fused / bound"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in rows:
         cells = [r["case"].split()[0], r["desc"], r["mode"], f"{r['fused_ms']:.1f}", f"{r['reference_ms']:.1f}"]
@@ -107,7 +109,7 @@ def table(rows):
         cells += [_mib(r, "fused"), _mib(r, "reference")] + ([_mib(r, "compiled")] if compiled else [])
         cells += [_peer_cell(r, "peer_peak", lambda v: _mib(r, "peer"))] if peer else []
         cells += [_mib_text(r["returned"]), _ratio(r["reference_peak"], max(r["fused_peak"], 2**20)),
-                  f"{r['bound_ms']:.1f}", r["bound_by"], f"{r['fused_ms'] / r['bound_ms']:.2f}"]
+                  f"{r['copy_gbs']:.1f}", f"{r['bound_ms']:.1f}", r["bound_by"], f"{r['fused_ms'] / r['bound_ms']:.2f}"]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -130,13 +132,16 @@ def header(device, repeat, compiled, rates, rows, out):
             f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}, float32. IDD: euclidean, "
             f"reduction=mean, street-layout labels unless the shape says fragmented (per-pixel random classes "
             f"at feature resolution). Position loss: maps {', '.join(cases.POSITION_KINDS)}.\n"
-            f"Times: medians of {repeat} rounds (2 for SKD pool 1), implementations alternating"
+            f"Times: medians of {repeat} rounds (2 for SKD pool 1), implementations and the copy probe alternating"
             f"{'; compiled = torch.compile(reference), timed after its compilation' if compiled else ''}.\n"
             f"Peak memory: {peak.METHOD}. Returned MiB: the output and (forward+backward) gradient the call "
             f"hands back, which no peak may be below (a '!' marks one that is). Memory ratios floor the fused "
             f"peak at 1 MiB.\n"
             f"Bound (roofline): max(bytes moved / copy bandwidth, GEMM flops / GEMM rate at the op's shape, "
-            f"exps / exp rate), rates measured in this run: {rates.describe()}. 'bound by' names the larger term. "
+            f"exps / exp rate). Copy GB/s (read + write): each row's own, from a 256 MiB copy between existing "
+            f"tensors timed in the same alternating rounds as the implementations (median), because this "
+            f"machine's memory bandwidth drifts between minutes; arithmetic peaks measured once in this run: "
+            f"{rates.describe()}. 'bound by' names the larger term. "
             f"Bytes: one read of every input, one write of the student's gradient; GEMM flops: SKD's C x C Grams, "
             f"IDD's centroid Grams; exps: one per logit of each network (pixel KD, CWD); elementwise arithmetic "
             f"is left to the memory term (benchmarks/roofline.py).\n{peers}"

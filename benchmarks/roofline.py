@@ -6,7 +6,8 @@ contains, 2 per multiply-add) and exps (softmax-KL: one per logit of each networ
 
     max(bytes / copy bandwidth, flops / GEMM rate, exps / exp rate)
 
-with all three rates measured in the same run by `Rates`. Elementwise and reduction arithmetic
+with all three rates measured in the same run: the copy bandwidth beside each row
+(`CopyProbe`), the arithmetic peaks once (`Rates`). Elementwise and reduction arithmetic
 (centroid sums, cosines, squared errors: a few operations per element moved) is left to the
 memory term. The bound assumes one pass over the data, so a forward+backward counts the
 forward's exps once although a backward that keeps only log-sum-exps computes them again.
@@ -102,25 +103,43 @@ def exp_rate(device="cpu", samples=None):
     return peak_rate(lambda: x.numel() * calls / (best_ms(loop, device, samples) * 1e-3), device)
 
 
+class CopyProbe:
+    """A copy between two existing tensors of `nbytes` each (at least 256 MiB, beyond the
+    caches), timed in alternation with a row's implementations: the memory bandwidth that row
+    meets. On a machine whose memory system is shared with other tenants it drifts (these
+    2-core hosts measured 35 to 66 GB/s minutes apart), so one measurement per run would move
+    every row's bound with it."""
+
+    def __init__(self, device="cpu", nbytes=2**28):
+        self.src = torch.ones(max(nbytes, 2**28) // 4, device=device)
+        self.dst = torch.empty_like(self.src)
+
+    def __call__(self):
+        self.dst.copy_(self.src)
+
+    def rate(self, ms):
+        """Bytes read plus written per second, from the median time of one call in ms."""
+        return 2 * self.src.numel() * 4 / (ms * 1e-3)
+
+
 class Rates:
-    """The machine's rates, measured once per run: copy bandwidth and exp throughput up front,
-    each GEMM shape's rate on first use."""
+    """The machine's arithmetic rates, peaks measured once per run: exp throughput up front,
+    each GEMM shape's rate on first use. The copy bandwidth comes with each row (CopyProbe)."""
 
     def __init__(self, device="cpu"):
         self.device = device
-        self.copy_bps = common.copy_bandwidth_gbs(2**28, device) * 1e9
         self.exp_eps = exp_rate(device)
         self.gemm_fps = {}
 
-    def bound(self, work):
-        """(ms, resource) of `work`, measuring its GEMM shape's rate if new."""
+    def bound(self, work, copy_bps):
+        """(ms, resource) of `work` at copy bandwidth copy_bps, measuring its GEMM shape's rate
+        if new."""
         if work.flops and work.gemm_shape not in self.gemm_fps:
             self.gemm_fps[work.gemm_shape] = gemm_rate(work.gemm_shape, self.device)
-        return bound(work, self.copy_bps, self.gemm_fps.get(work.gemm_shape), self.exp_eps)
+        return bound(work, copy_bps, self.gemm_fps.get(work.gemm_shape), self.exp_eps)
 
     def describe(self):
         gemms = "; ".join(f"bmm {'x'.join(map(str, s))} (b x m x k x n): {r / 1e9:.0f} GFLOP/s"
                           for s, r in self.gemm_fps.items())
-        return (f"copy {self.copy_bps / 1e9:.1f} GB/s (read + write); exp {self.exp_eps / 1e9:.2f} G/s "
-                f"(torch.exp on {exp_elements(self.device) * 4 // 1024} KiB in cache)"
-                + (f"; {gemms}" if gemms else ""))
+        return (f"exp {self.exp_eps / 1e9:.2f} G/s (torch.exp on {exp_elements(self.device) * 4 // 1024} KiB "
+                f"in cache)" + (f"; {gemms}" if gemms else ""))

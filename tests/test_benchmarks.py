@@ -32,13 +32,13 @@ def test_bound_ignores_rates_of_work_it_does_not_have():
 
 def test_rates_measure_each_gemm_shape_once(monkeypatch):
     rates = roofline.Rates.__new__(roofline.Rates)
-    rates.device, rates.copy_bps, rates.exp_eps, rates.gemm_fps = "cpu", 1e9, 1e9, {}
+    rates.device, rates.exp_eps, rates.gemm_fps = "cpu", 1e9, {}
     calls = []
     monkeypatch.setattr(roofline, "gemm_rate", lambda shape, device: calls.append(shape) or 1e9)
     work = roofline.Work(bytes=1, flops=1e9, gemm_shape=(2, 4, 8, 4))
-    ms, by = rates.bound(work)
+    ms, by = rates.bound(work, 1e9)
     assert by == "GEMM" and ms == pytest.approx(1000.0)
-    rates.bound(work)
+    rates.bound(work, 1e9)
     assert calls == [(2, 4, 8, 4)] and "bmm 2x4x8x4" in rates.describe()
 
 
@@ -114,25 +114,27 @@ def _tiny_idd_case(peer=None):
 
 
 class _FixedRates:
-    def bound(self, work):
-        return roofline.bound(work, 1e9, 1e9, 1e9)
+    def bound(self, work, copy_bps):
+        return roofline.bound(work, copy_bps, 1e9, 1e9)
 
     def describe(self):
-        return "copy 1.0 GB/s"
+        return "exp 1.0 G/s"
 
 
 def test_report_row_and_table():
     case = _tiny_idd_case(peer=("torch_scatter.scatter_mean", None, False))
-    row = report.measure_row(case, True, "cpu", repeat=1, compiled=False, rates=_FixedRates())
+    probe = roofline.CopyProbe("cpu")
+    row = report.measure_row(case, True, "cpu", repeat=1, compiled=False, rates=_FixedRates(), probe=probe)
     grad_bytes = case.inputs[0].numel() * 4
     assert row["fused_returned"] >= grad_bytes and row["fused_peak"] >= row["fused_returned"]
     assert row["reference_peak"] >= row["reference_returned"] >= grad_bytes
     assert row["bound_by"] == "memory" and peak.below_returned([row], cases.IMPLS) == []
+    assert row["copy_gbs"] > 0 and row["bound_ms"] == pytest.approx(case.work(True).bytes / (row["copy_gbs"] * 1e6))
     text = report.table([row, dict(row, fused_peak=0)])
     assert "not installed" in text and "| memory |" in text
     assert text.count(" ! |") == 1  # the impossible fused entry of the second row
     head = report.header("cpu", 1, False, _FixedRates(), [row], "results/x/RESULTS.md")
-    assert peak.METHOD in head and "copy 1.0 GB/s" in head and "(../../benchmarks/TRAIN_STEP.md)" in head
+    assert peak.METHOD in head and "exp 1.0 G/s" in head and "(../../benchmarks/TRAIN_STEP.md)" in head
 
 
 def test_scatter_mean_peer_matches_class_centroids(monkeypatch):
@@ -159,3 +161,10 @@ def test_train_step_runs_and_tables():
     text = train_step.table([("kd", (10.0, 12.0, 15.0), [(100, 50), (200, 60), (300, 60)]),
                              ("idd", (10.0, 11.0, 14.0), [(100, 50), (40, 60), (300, 60)])])
     assert "| kd | 10 | 12 | 15 | 1.25x | 2 | 5 | 17% | 33% |" in text and text.count(" !") == 1
+
+
+def test_copy_probe_counts_read_and_write():
+    probe = roofline.CopyProbe("cpu")
+    probe()
+    assert torch.equal(probe.dst, probe.src)
+    assert probe.rate(1.0) == pytest.approx(2 * 2**28 / 1e-3)  # 256 MiB read and written in 1 ms
