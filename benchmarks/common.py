@@ -96,9 +96,9 @@ def time_ms(fn, device="cpu", repeat=5, warmup=1):
     return time_interleaved([fn], device, repeat, warmup)[0]
 
 
-def time_interleaved(fns, device="cpu", repeat=5, warmup=1, settle_s=0.5):
-    """Median wall time (ms) of each fn, timed in alternation (one call of each per round), so
-    that every candidate meets the same machine state. After the warm-up calls, the first
+def time_interleaved(fns, device="cpu", repeat=5, warmup=1, settle_s=0.5, stat=statistics.median):
+    """stat (default: the median) of each fn's wall times in ms, timed in alternation (one call
+    of each per round), so that every candidate meets the same machine state. After the warm-up calls, the first
     fn keeps running for settle_s: right after large allocations this machine's kernel is
     busy (huge-page work) for a fraction of a second, which would skew the first timings."""
     for fn in fns:
@@ -115,7 +115,7 @@ def time_interleaved(fns, device="cpu", repeat=5, warmup=1, settle_s=0.5):
             fn()
             sync(device)
             times[i].append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(t) for t in times]
+    return [stat(t) for t in times]
 
 
 def copy_bandwidth_gbs(nbytes, device="cpu", repeat=5):

@@ -32,7 +32,7 @@ def measure_row(case, backward, device, repeat, compiled, rates, probe):
     case and pass."""
     impls = case.impls(compiled)
     *times, probe_ms = common.time_interleaved([case.build(impl, backward) for impl in impls] + [probe], device,
-                                               repeat=min(repeat, case.rounds or repeat))
+                                               repeat=min(repeat, case.rounds or repeat), stat=min)
     student = case.inputs[0]
     row = dict(case=case.name, desc=case.desc, mode="forward+backward" if backward else "forward")
     row["copy_gbs"] = probe.rate(probe_ms) / 1e9
@@ -132,14 +132,15 @@ def header(device, repeat, compiled, rates, rows, out):
             f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}, float32. IDD: euclidean, "
             f"reduction=mean, street-layout labels unless the shape says fragmented (per-pixel random classes "
             f"at feature resolution). Position loss: maps {', '.join(cases.POSITION_KINDS)}.\n"
-            f"Times: medians of {repeat} rounds (2 for SKD pool 1), implementations and the copy probe alternating"
+            f"Times: the best of {repeat} rounds (2 for SKD pool 1; other tenants of the machine only ever add time, "
+            f"so the least is the most repeatable), implementations and the copy probe alternating"
             f"{'; compiled = torch.compile(reference), timed after its compilation' if compiled else ''}.\n"
             f"Peak memory: {peak.METHOD}. Returned MiB: the output and (forward+backward) gradient the call "
             f"hands back, which no peak may be below (a '!' marks one that is). Memory ratios floor the fused "
             f"peak at 1 MiB.\n"
             f"Bound (roofline): max(bytes moved / copy bandwidth, GEMM flops / GEMM rate at the op's shape, "
             f"exps / exp rate). Copy GB/s (read + write): each row's own, from a 256 MiB copy between existing "
-            f"tensors timed in the same alternating rounds as the implementations (median), because this "
+            f"tensors timed in the same alternating rounds as the implementations (best round), because this "
             f"machine's memory bandwidth drifts between minutes; arithmetic peaks measured once in this run: "
             f"{rates.describe()}. 'bound by' names the larger term. "
             f"Bytes: one read of every input, one write of the student's gradient; GEMM flops: SKD's C x C Grams, "
