@@ -8,7 +8,7 @@
 //   sum (A_S - A_T)^2 = ||F_S F_S^T||^2 - 2 ||F_S F_T^T||^2 + ||F_T F_T^T||^2   (Frobenius)
 //   d/dF_S = 4 (F_S F_S^T F_S - F_S F_T^T F_T)
 // The Grams are sums over pixels, so they are accumulated over blocks of pooled pixels
-// (kBlockValues): the pooled and normalised copies exist one block at a time (O(kBlockValues)),
+// (kBlockPixels): the pooled and normalised copies exist one block at a time (O(C kBlockPixels)),
 // never for the whole batch, and the backward recomputes them per block from the inputs and
 // routes the gradient straight into the input-sized result. Extra memory beyond that result:
 // the two [B, Cs, C] Grams kept for the backward and a few [C, C] and block-sized temporaries.
@@ -16,25 +16,27 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "../common/checks.h"
 
 namespace idd_ops {
 namespace {
 
-// Values (channels x pooled pixels, rounded to whole pooled rows) per block: each block's
-// copies stay at 1 MiB in float32, while a block is large enough that its GEMMs run
-// efficiently and that the ATen calls per block (each a parallel region) stay few.
-constexpr int64_t kBlockValues = int64_t{1} << 18;
+// Pooled pixels per block (rounded to whole pooled rows): each Gram update reads and writes a
+// C x C accumulator, so a block needs a few hundred pixels to amortise it over the products
+// (at 128 pixels, 2048-channel updates cost more than the products), while its copies stay at
+// C x 512 values (4 MiB in float64 at 1024 channels).
+constexpr int64_t kBlockPixels = 512;
 // F.normalize's floor of the norm.
 constexpr double kNormEps = 1e-12;
 
 // The pooled map of one image and its blocks of pooled rows.
 struct PoolGeometry {
   int64_t H, W, pool, Ho, Wo, rows_per_block;
-  PoolGeometry(int64_t channels, int64_t height, int64_t width, int64_t p)
+  PoolGeometry(int64_t height, int64_t width, int64_t p)
       : H(height), W(width), pool(p), Ho((height + p - 1) / p), Wo((width + p - 1) / p),
-        rows_per_block(std::max<int64_t>(1, kBlockValues / std::max<int64_t>(channels * Wo, 1))) {}
+        rows_per_block(std::max<int64_t>(1, kBlockPixels / std::max<int64_t>(Wo, 1))) {}
   int64_t pixels() const { return Ho * Wo; }
   // input rows [in0, in1) of the pooled rows [o0, o0 + rows_per_block)
   int64_t in0(int64_t o0) const { return o0 * pool; }
@@ -47,6 +49,20 @@ struct PooledBlock {
   at::Tensor norm;     // [1, p] their norms before normalisation
   at::Tensor indices;  // [C, p] argmax of each window, flat in the block's input rows (pool > 1)
 };
+
+// pool x pool max (ceil mode) of rows [C, r, W] -> [C, ceil(r / pool) * ceil(W / pool)] through
+// strided maxima: ATen's CPU max pooling ran about 7x slower on these few-row blocks. Values
+// only; the backward's argmax comes from ATen.
+at::Tensor max_pool_values(const at::Tensor& rows, int64_t pool) {
+  const int64_t C = rows.size(0), r = rows.size(1), W = rows.size(2);
+  const int64_t ro = (r + pool - 1) / pool, wo = (W + pool - 1) / pool;
+  at::Tensor x = rows;
+  if (ro * pool != r || wo * pool != W)  // whole windows; in ceil mode each keeps a real value
+    x = at::constant_pad_nd(rows, {0, wo * pool - W, 0, ro * pool - r}, -std::numeric_limits<double>::infinity());
+  at::Tensor m = x.slice(1, 0, ro * pool, pool);
+  for (int64_t i = 1; i < pool; ++i) m = at::maximum(m, x.slice(1, i, ro * pool, pool));
+  return m.reshape({C, ro, wo, pool}).amax(3).reshape({C, ro * wo});
+}
 
 PooledBlock pooled_block(const at::Tensor& x, const PoolGeometry& g, int64_t o0, at::ScalarType dtype,
                          bool with_indices) {
@@ -62,7 +78,7 @@ PooledBlock pooled_block(const at::Tensor& x, const PoolGeometry& g, int64_t o0,
     y = v.flatten(2)[0];
     out.indices = i.flatten(2)[0];
   } else {
-    y = at::max_pool2d(rows, {g.pool, g.pool}, {g.pool, g.pool}, {0, 0}, {1, 1}, true).flatten(2)[0];
+    y = max_pool_values(rows[0], g.pool);
   }
   y = y.to(dtype);
   out.norm = y.norm(2, {0}, /*keepdim=*/true);
@@ -78,47 +94,56 @@ double mean_divisor(const PoolGeometry& g) {
 // Returns (per-image loss [B], G_ss, G_st): entry b is the mean over the P*P affinity entries of
 // image b, in the accumulation dtype; the two Gram products are what the backward needs.
 //
-// Equal channel counts take the differenced form: with D = F_S - F_T, A_S - A_T = F_S^T D + D^T F_T
-// and sum (A_S - A_T)^2 = <G_ss, G_dd> + <G_dd, G_tt> + 2 <G_sd, G_td^T> (G_xy = X Y^T). Every term
-// carries a Gram of D, so the value keeps its relative accuracy however close the student is to
-// the teacher; G_td = G_sd - G_dd, G_tt = G_ss - G_sd - G_sd^T + G_dd and G_st = G_ss - G_sd follow
-// without further products. Different channel counts have no D: the three Gram norms cancel as
-// the student nears the teacher, so those Grams are accumulated in float64.
+// The differenced form: with D = F_S - F_T, A_S - A_T = F_S^T D + D^T F_T and, with
+// G_xy = X Y^T and G_tt = G_ss - G_sd - G_sd^T + G_dd,
+//   sum (A_S - A_T)^2 = 2 <G_ss, G_dd> - 4 <G_dd, G_sd> + <G_dd, G_dd> + 2 <G_sd, G_sd^T>.
+// Every term carries a Gram of D, so the value keeps its relative accuracy in float32 however
+// close the student is to the teacher (the plain three Gram norms above cancel), and
+// G_st = G_ss - G_sd needs no further product. Different channel counts pad the narrower
+// network's features with zero channels, which leaves its affinity unchanged: D has
+// C = max(Cs, Ct) rows, the products computed are G_ss [Cs, Cs], G_sd [Cs, C] and G_dd [C, C]
+// (the padded rows of F_S add nothing), P (Cs^2 + Cs C + C^2) multiply-adds, and each inner
+// product above reads only the blocks where both of its factors can be nonzero.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss(const at::Tensor& student, const at::Tensor& teacher,
                                                              int64_t pool) {
   check_affinity_loss_inputs(student, teacher, pool);
   const auto acc = acc_dtype(student.scalar_type());
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1);
-  const bool same = Cs == Ct;
-  const auto gram_dtype = same ? acc : at::kDouble;
-  const auto opts = student.options().dtype(gram_dtype);
-  const PoolGeometry g(std::max(Cs, Ct), student.size(2), student.size(3), pool);
+  const int64_t C = std::max(Cs, Ct), shared = std::min(Cs, Ct);
+  const auto opts = student.options().dtype(acc);
+  const PoolGeometry g(student.size(2), student.size(3), pool);
   at::Tensor gss = at::empty({B, Cs, Cs}, opts), gst = at::empty({B, Cs, Ct}, opts), sums = at::empty({B}, opts.dtype(at::kDouble));
-  const auto dot = [](const at::Tensor& a, const at::Tensor& b) { return (a * b).to(at::kDouble).sum(); };
+  const auto dot = [](const at::Tensor& a, const at::Tensor& b) { return (a * b).sum(at::kDouble); };
   for (int64_t b = 0; b < B; ++b) {
-    at::Tensor g_ss = gss[b], g_sx = gst[b];  // G_sd (equal channels) or G_st, made G_st at the end
-    at::Tensor g_xx = at::zeros({Ct, Ct}, opts);  // G_dd or G_tt
-    g_ss.zero_();
-    g_sx.zero_();
+    at::Tensor g_ss = gss[b].zero_();
+    at::Tensor g_sd = at::zeros({Cs, C}, opts), g_dd = at::zeros({C, C}, opts);
     for (int64_t o0 = 0; o0 < g.Ho; o0 += g.rows_per_block) {
-      const at::Tensor us = pooled_block(student[b], g, o0, gram_dtype, false).u;
-      const at::Tensor ut = pooled_block(teacher[b], g, o0, gram_dtype, false).u;
-      const at::Tensor x = same ? us - ut : ut;
+      // normalised in float64 and differenced before rounding: D keeps its relative accuracy
+      // even where it is far smaller than the features (rounding them first cost 4e-4 of the value)
+      const at::Tensor us64 = pooled_block(student[b], g, o0, at::kDouble, false).u;
+      const at::Tensor ut64 = pooled_block(teacher[b], g, o0, at::kDouble, false).u;
+      // D [C, p]: the wider network's copy, minus the narrower one on its rows
+      at::Tensor d = Cs >= Ct ? us64.clone() : ut64.neg();
+      if (Cs >= Ct) {
+        d.narrow(0, 0, Ct).sub_(ut64);
+      } else {
+        d.narrow(0, 0, Cs).add_(us64);
+      }
+      const at::Tensor us = us64.to(acc);
+      d = d.to(acc);
       g_ss.addmm_(us, us.t());
-      g_sx.addmm_(us, x.t());
-      g_xx.addmm_(x, x.t());
+      g_sd.addmm_(us, d.t());
+      g_dd.addmm_(d, d.t());
     }
-    if (same) {
-      const at::Tensor gtd = g_sx - g_xx;
-      const at::Tensor gtt = g_ss - g_sx - g_sx.t() + g_xx;
-      sums[b].copy_(dot(g_ss, g_xx) + dot(g_xx, gtt) + 2 * dot(g_sx, gtd.t()));
-      g_sx.copy_(g_ss - g_sx);
-    } else {
-      sums[b].copy_(g_ss.square().sum() - 2 * g_sx.square().sum() + g_xx.square().sum());
-    }
+    const at::Tensor g_dd_s = g_dd.narrow(0, 0, Cs), g_sd_s = g_sd.narrow(1, 0, Cs);
+    sums[b].copy_(2 * dot(g_ss, g_dd_s.narrow(1, 0, Cs)) - 4 * dot(g_dd_s, g_sd) + dot(g_dd, g_dd) +
+                  2 * dot(g_sd_s, g_sd_s.t()));
+    at::Tensor g_st = gst[b];
+    at::neg_out(g_st, g_sd.narrow(1, 0, Ct));
+    g_st.narrow(1, 0, shared).add_(g_ss.narrow(1, 0, shared));
   }
   // A sum of squares is >= 0; the clamp only removes rounding at 0.
-  return {(sums.clamp_min(0) / mean_divisor(g)).to(acc), gss.to(acc), gst.to(acc)};
+  return {(sums.clamp_min(0) / mean_divisor(g)).to(acc), gss, gst};
 }
 
 // grad [B] (one value per image's loss) -> d/d student [B, Cs, H, W]: per block, the gradient
@@ -129,7 +154,7 @@ at::Tensor affinity_loss_backward(const at::Tensor& grad, const at::Tensor& stud
   check_affinity_loss_backward_inputs(grad, student, teacher, gss, gst, pool);
   const auto acc = gss.scalar_type();
   const int64_t B = student.size(0), Cs = student.size(1), H = student.size(2), W = student.size(3);
-  const PoolGeometry g(std::max(Cs, teacher.size(1)), H, W, pool);
+  const PoolGeometry g(H, W, pool);
   const at::Tensor scale = grad.to(acc) * (4.0 / mean_divisor(g));
   at::Tensor out = at::zeros({B, Cs, H, W}, student.options().memory_format(at::MemoryFormat::Contiguous));
   for (int64_t b = 0; b < B; ++b) {
