@@ -101,7 +101,7 @@ def measure_loss(loss, data, device, repeat):
     """Times (ms) and peaks (bytes) of the CE-only, fused and reference steps, timed alternately."""
     steps = [make_step(data, device=device), make_step(data, loss, idd_ops, device),
              make_step(data, loss, reference, device)]
-    times = common.time_interleaved([s for s, _ in steps], device, repeat=repeat)
+    times = common.time_interleaved([s for s, _ in steps], device, repeat=repeat, stat=min)
     peaks = []
     for step, params in steps:
         for p in params:
@@ -156,7 +156,7 @@ def main(argv=None):
             f"One training step at Cityscapes shapes: B={args.batch}, student features {C_S}x{H}x{W}, teacher "
             f"features {C_T}x{H}x{W}, logits {K}x{H}x{W} upsampled to labels {H * SCALE}x{W * SCALE} for CE "
             f"(benchmarks/train_step.py describes the head and each loss). {args.device} ({dev}), torch "
-            f"{torch.__version__}, float32, medians of {args.repeat} rounds, the three steps of a row alternating. "
+            f"{torch.__version__}, float32, the best of {args.repeat} rounds (as in RESULTS.md), the three steps of a row alternating. "
             f"Loss ms = step - CE-only step (noise can make it negative); share = loss ms / step. "
             f"Peak memory: {peak.METHOD}; gradients MiB: the parameter gradients a fused step leaves, which no "
             f"peak may be below ('!').\n\n" + table(results))
