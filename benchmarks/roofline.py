@@ -11,6 +11,8 @@ with all three rates measured in the same run: the copy bandwidth beside each ro
 (centroid sums, cosines, squared errors: a few operations per element moved) is left to the
 memory term. The bound assumes one pass over the data, so a forward+backward counts the
 forward's exps once although a backward that keeps only log-sum-exps computes them again.
+A pass that only reads can beat the copy's rate (a copy also fetches each destination line
+before it writes it), so a forward can show fused / bound slightly below 1.
 """
 import dataclasses
 import time
