@@ -2,8 +2,9 @@
 
 Import this module before torch allocates anything: it turns on torch's transparent-huge-page
 CPU allocator (THP_MEM_ALLOC_ENABLE=1, read once at start-up) unless the caller set it, so
-that fresh large allocations do not dominate every timing. Fused and reference run under the
-same setting; reports state it.
+that fresh large allocations do not dominate every timing. The report scripts also keep freed
+memory in the process (retain_freed_memory; --system-malloc leaves it). Fused and reference
+run under the same settings; reports state them.
 """
 import os
 
@@ -89,6 +90,43 @@ def make_inputs(shape, device="cpu", dtype=torch.float32, seed=0, labels="street
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+RETAIN_NOTE = ("freed memory stays in the process (glibc's mallopt: M_MMAP_MAX 0, M_TRIM_THRESHOLD max), "
+               "as a caching allocator keeps it: memory handed back to the kernel is zeroed again on its next "
+               "first touch, and on a VM that reports free pages to its host (as these do) the host must supply "
+               "it again, which cost up to 70 ms for a 64 MiB gradient, in whichever implementation came next")
+
+SYSTEM_MALLOC_NOTE = "the C library's defaults (large freed blocks go back to the kernel)"
+
+
+def retain_freed_memory():
+    """Keeps freed memory in this process (glibc only; returns whether it could), so that
+    timings measure the ops' work rather than the kernel's and the host's handling of fresh pages
+    (RETAIN_NOTE). Call it at the start of a benchmark's main, before large allocations; peak
+    memory (from torch's allocation events) is unaffected."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
+    except (OSError, AttributeError, TypeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def add_allocator_option(parser):
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave the C library's allocator at its defaults (freed large blocks go back to the "
+                             "kernel) instead of keeping freed memory in the process")
+
+
+def apply_allocator_option(args):
+    """Keeps freed memory unless --system-malloc; returns the sentence a report states."""
+    return RETAIN_NOTE if not args.system_malloc and retain_freed_memory() else SYSTEM_MALLOC_NOTE
 
 
 def time_ms(fn, device="cpu", repeat=5, warmup=1):

@@ -114,7 +114,7 @@ def table(rows):
     return "\n".join(out) + "\n"
 
 
-def header(device, repeat, compiled, rates, rows, out):
+def header(device, repeat, compiled, rates, rows, out, allocator=common.SYSTEM_MALLOC_NOTE):
     if device.startswith("cuda"):
         dev = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
     else:
@@ -132,6 +132,7 @@ def header(device, repeat, compiled, rates, rows, out):
             f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}, float32. IDD: euclidean, "
             f"reduction=mean, street-layout labels unless the shape says fragmented (per-pixel random classes "
             f"at feature resolution). Position loss: maps {', '.join(cases.POSITION_KINDS)}.\n"
+            f"Allocator: {allocator}.\n"
             f"Times: the best of {repeat} rounds (2 for SKD pool 1; other tenants of the machine only ever add time, "
             f"so the least is the most repeatable), implementations and the copy probe alternating"
             f"{'; compiled = torch.compile(reference), timed after its compilation' if compiled else ''}.\n"
@@ -158,11 +159,13 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=None, help="timing rounds (default 7, --quick 3)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) column")
     p.add_argument("--device", default="cpu")
+    common.add_allocator_option(p)
     p.add_argument("--out", default=None,
                    help="markdown file to write (default: results/bench-<date-time>/RESULTS.md, a new folder)")
     p.add_argument("--update", action="store_true",
                    help="write the committed benchmarks/RESULTS.md (RESULTS-cuda.md with --device cuda) instead")
     args = p.parse_args(argv)
+    allocator = common.apply_allocator_option(args)
     on_cuda = args.device.startswith("cuda")
     committed = "benchmarks/RESULTS-cuda.md" if on_cuda else "benchmarks/RESULTS.md"
     if args.update and args.out:
@@ -176,7 +179,7 @@ def main(argv=None):
     default_cases = cases.QUICK if args.quick else (cases.CUDA_FULL if on_cuda else cases.FULL)
     names = [c for c in (args.cases or default_cases) if c not in args.skip]
     rows, rates = measure(names, args.device, repeat, compiled)
-    text = header(args.device, repeat, compiled, rates, rows, args.out) + table(rows)
+    text = header(args.device, repeat, compiled, rates, rows, args.out, allocator) + table(rows)
     print(text)
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -130,10 +130,12 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=5, help="timing rounds (default 5)")
     ap.add_argument("--device", default="cpu")
+    common.add_allocator_option(ap)
     ap.add_argument("--out", default=None, help="markdown file (default: results/bench-<date-time>/TRAIN_STEP.md)")
     ap.add_argument("--update", action="store_true",
                     help="write the committed benchmarks/TRAIN_STEP.md (TRAIN_STEP-cuda.md with --device cuda)")
     args = ap.parse_args(argv)
+    allocator = common.apply_allocator_option(args)
     on_cuda = args.device.startswith("cuda")
     committed = "benchmarks/TRAIN_STEP-cuda.md" if on_cuda else "benchmarks/TRAIN_STEP.md"
     if args.update and args.out:
@@ -157,7 +159,7 @@ def main(argv=None):
             f"features {C_T}x{H}x{W}, logits {K}x{H}x{W} upsampled to labels {H * SCALE}x{W * SCALE} for CE "
             f"(benchmarks/train_step.py describes the head and each loss). {args.device} ({dev}), torch "
             f"{torch.__version__}, float32, the best of {args.repeat} rounds (as in RESULTS.md), the three steps of a row alternating. "
-            f"Loss ms = step - CE-only step (noise can make it negative); share = loss ms / step. "
+            f"Allocator: {allocator}. Loss ms = step - CE-only step (noise can make it negative); share = loss ms / step. "
             f"Peak memory: {peak.METHOD}; gradients MiB: the parameter gradients a fused step leaves, which no "
             f"peak may be below ('!').\n\n" + table(results))
     print(text)

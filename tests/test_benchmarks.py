@@ -1,6 +1,9 @@
 """The benchmark machinery itself: roofline bounds, the profiler's peak memory, the memory check,
 label generators, the report's rows and the training-step script. Small inputs, no timings
 asserted."""
+import argparse
+import platform
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -168,3 +171,12 @@ def test_copy_probe_counts_read_and_write():
     probe()
     assert torch.equal(probe.dst, probe.src)
     assert probe.rate(1.0) == pytest.approx(2 * 2**28 / 1e-3)  # 256 MiB read and written in 1 ms
+
+
+def test_allocator_option():
+    assert common.apply_allocator_option(argparse.Namespace(system_malloc=True)) == common.SYSTEM_MALLOC_NOTE
+    # in a child process: it changes how the process's C allocator returns memory
+    code = "from benchmarks import common; print(common.retain_freed_memory())"
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(platform.libc_ver()[0] == "glibc")
