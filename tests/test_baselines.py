@@ -147,3 +147,16 @@ def test_pixel_kd_and_cwd_check_devices():
         idd_ops.pixel_kd_loss(x, x.to("meta"))
     with pytest.raises(ValueError, match="teacher_feats: on meta"):
         idd_ops.channel_wise_distillation_loss(x, x.to("meta"))
+
+
+@pytest.mark.parametrize("pool", [2, 3])
+def test_skd_pooling_ties_route_the_gradient_as_max_pool2d(device, pool):
+    """ReLU-like features tie within pooling windows: the gradient goes to each window's first
+    maximum in row-major order, as torch's max_pool2d routes it; odd sizes leave partial windows."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 6, 7, 11, generator=g, dtype=torch.float64).clamp_min(0.5).to(device).requires_grad_()
+    t = torch.randn(2, 4, 7, 11, generator=g, dtype=torch.float64).to(device)
+    (got,) = torch.autograd.grad(idd_ops.structural_kd_loss(s, t, pool=pool), s)
+    (want,) = torch.autograd.grad(reference.structural_kd_loss(s, t, pool=pool), s)
+    assert (s == 0.5).float().mean() > 0.3  # many ties
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
