@@ -136,9 +136,10 @@ def time_ms(fn, device="cpu", repeat=5, warmup=1):
 
 def time_interleaved(fns, device="cpu", repeat=5, warmup=1, settle_s=0.5, stat=statistics.median):
     """stat (default: the median) of each fn's wall times in ms, timed in alternation (one call
-    of each per round), so that every candidate meets the same machine state. After the warm-up calls, the first
-    fn keeps running for settle_s: right after large allocations this machine's kernel is
-    busy (huge-page work) for a fraction of a second, which would skew the first timings."""
+    of each per round), so that every candidate meets the same machine state. After the
+    warm-up calls, the first fn keeps running for settle_s: right after large allocations this
+    machine's kernel is busy (huge-page work) for a fraction of a second, which would skew the
+    first timings."""
     for fn in fns:
         for _ in range(warmup):
             fn()

@@ -120,7 +120,7 @@ class CopyProbe:
         self.dst.copy_(self.src)
 
     def rate(self, ms):
-        """Bytes read plus written per second, from the median time of one call in ms."""
+        """Bytes read plus written per second, from the time of one call in ms."""
         return 2 * self.src.numel() * 4 / (ms * 1e-3)
 
 
