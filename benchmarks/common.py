@@ -157,13 +157,30 @@ def time_interleaved(fns, device="cpu", repeat=5, warmup=1, settle_s=0.5, stat=s
     return [stat(t) for t in times]
 
 
+class CopyProbe:
+    """A copy between two existing tensors of `nbytes` each (at least 256 MiB, beyond the
+    caches), timed in alternation with a row's implementations: the memory bandwidth that row
+    meets. On a machine whose memory system is shared with other tenants it drifts (these
+    2-core hosts measured 35 to 66 GB/s minutes apart), so one measurement per run would move
+    every row's bound with it."""
+
+    def __init__(self, device="cpu", nbytes=2**28):
+        self.src = torch.ones(max(nbytes, 2**28) // 4, device=device)
+        self.dst = torch.empty_like(self.src)
+
+    def __call__(self):
+        self.dst.copy_(self.src)
+
+    def rate(self, ms):
+        """Bytes read plus written per second, from the time of one call in ms."""
+        return 2 * self.src.numel() * 4 / (ms * 1e-3)
+
+
 def copy_bandwidth_gbs(nbytes, device="cpu", repeat=5):
     """Bytes read plus bytes written per second by a plain copy between two existing tensors
     of nbytes each (at least 256 MiB, so that caches do not hold them), in GB/s."""
-    src = torch.ones(max(nbytes, 2**28) // 4, device=device)
-    dst = torch.empty_like(src)
-    ms = min(time_ms(lambda: dst.copy_(src), device, repeat=1) for _ in range(repeat))
-    return 2 * src.numel() * 4 / (ms * 1e6)
+    probe = CopyProbe(device, nbytes)
+    return probe.rate(min(time_ms(probe, device, repeat=1) for _ in range(repeat))) / 1e9
 
 
 def loss_fn(impl, s, t, y, K, backward):

@@ -51,7 +51,7 @@ def measure_row(case, backward, device, repeat, compiled, rates, probe):
 
 
 def measure(case_names, device, repeat, compiled):
-    rates, probe = roofline.Rates(device), roofline.CopyProbe(device)
+    rates, probe = roofline.Rates(device), common.CopyProbe(device)
     rows, total, step = [], len(case_names) * len(MODES), 0
     start = time.perf_counter()
     for name in case_names:

@@ -7,7 +7,7 @@ contains, 2 per multiply-add) and exps (softmax-KL: one per logit of each networ
     max(bytes / copy bandwidth, flops / GEMM rate, exps / exp rate)
 
 with all three rates measured in the same run: the copy bandwidth beside each row
-(`CopyProbe`), the arithmetic peaks once (`Rates`). Elementwise and reduction arithmetic
+(`common.CopyProbe`), the arithmetic peaks once (`Rates`). Elementwise and reduction arithmetic
 (centroid sums, cosines, squared errors: a few operations per element moved) is left to the
 memory term. The bound assumes one pass over the data, so a forward+backward counts the
 forward's exps once although a backward that keeps only log-sum-exps computes them again.
@@ -15,7 +15,6 @@ A pass that only reads can beat the copy's rate (a copy also fetches each destin
 before it writes it), so a forward can show fused / bound slightly below 1.
 """
 import dataclasses
-import time
 
 import torch
 
@@ -47,15 +46,7 @@ def bound(work, copy_bps, gemm_fps, exp_eps):
 def best_ms(fn, device="cpu", samples=3):
     """Shortest of `samples` timed calls of fn() (after one warm-up call), in ms: the rates
     are peaks, and on a shared machine most samples meet other jobs."""
-    fn()
-    best = float("inf")
-    for _ in range(samples):
-        common.sync(device)
-        t0 = time.perf_counter()
-        fn()
-        common.sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+    return common.time_interleaved([fn], device, repeat=samples, settle_s=0, stat=min)[0]
 
 
 def peak_rate(measure, device="cpu"):
@@ -105,28 +96,9 @@ def exp_rate(device="cpu", samples=None):
     return peak_rate(lambda: x.numel() * calls / (best_ms(loop, device, samples) * 1e-3), device)
 
 
-class CopyProbe:
-    """A copy between two existing tensors of `nbytes` each (at least 256 MiB, beyond the
-    caches), timed in alternation with a row's implementations: the memory bandwidth that row
-    meets. On a machine whose memory system is shared with other tenants it drifts (these
-    2-core hosts measured 35 to 66 GB/s minutes apart), so one measurement per run would move
-    every row's bound with it."""
-
-    def __init__(self, device="cpu", nbytes=2**28):
-        self.src = torch.ones(max(nbytes, 2**28) // 4, device=device)
-        self.dst = torch.empty_like(self.src)
-
-    def __call__(self):
-        self.dst.copy_(self.src)
-
-    def rate(self, ms):
-        """Bytes read plus written per second, from the time of one call in ms."""
-        return 2 * self.src.numel() * 4 / (ms * 1e-3)
-
-
 class Rates:
     """The machine's arithmetic rates, peaks measured once per run: exp throughput up front,
-    each GEMM shape's rate on first use. The copy bandwidth comes with each row (CopyProbe)."""
+    each GEMM shape's rate on first use. The copy bandwidth comes with each row (common.CopyProbe)."""
 
     def __init__(self, device="cpu"):
         self.device = device

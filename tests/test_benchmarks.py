@@ -126,7 +126,7 @@ class _FixedRates:
 
 def test_report_row_and_table():
     case = _tiny_idd_case(peer=("torch_scatter.scatter_mean", None, False))
-    probe = roofline.CopyProbe("cpu")
+    probe = common.CopyProbe("cpu")
     row = report.measure_row(case, True, "cpu", repeat=1, compiled=False, rates=_FixedRates(), probe=probe)
     grad_bytes = case.inputs[0].numel() * 4
     assert row["fused_returned"] >= grad_bytes and row["fused_peak"] >= row["fused_returned"]
@@ -167,7 +167,7 @@ def test_train_step_runs_and_tables():
 
 
 def test_copy_probe_counts_read_and_write():
-    probe = roofline.CopyProbe("cpu")
+    probe = common.CopyProbe("cpu")
     probe()
     assert torch.equal(probe.dst, probe.src)
     assert probe.rate(1.0) == pytest.approx(2 * 2**28 / 1e-3)  # 256 MiB read and written in 1 ms
