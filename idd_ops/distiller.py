@@ -41,10 +41,13 @@ class FeatureHook:
 class Distiller(nn.Module):
     """Teacher -> student distillation around two existing models.
 
-    Forward hooks capture the features of ``student_layer`` and ``teacher_layer``; the teacher
-    runs in eval mode under ``torch.no_grad()``. Calling the distiller runs both models and
-    returns the student's output and a dict of weighted losses (``"total"`` is their sum); add
-    your own task loss (e.g. cross-entropy) to ``losses["total"]``.
+    Forward hooks capture the features of ``student_layer`` and ``teacher_layer``. The teacher is
+    frozen by the distiller itself: put in eval mode with ``requires_grad_(False)`` at
+    construction, and run in eval mode under ``torch.no_grad()`` on every forward, whatever
+    ``train()``/``eval()`` calls came before (its BatchNorm statistics and weights never change).
+    Calling the distiller runs both models and returns the student's output and a dict of
+    weighted losses (``"total"`` is their sum); add your own task loss (e.g. cross-entropy) to
+    ``losses["total"]``.
 
     Args:
         teacher, student: ``nn.Module``s mapping images to logits ``[B, K, h, w]``. Every other
@@ -64,13 +67,21 @@ class Distiller(nn.Module):
             False: all B*H*W pixels, the CIRKD convention that lambda_kd = 10 assumes). cwd: a :class:`~idd_ops.nn.ChannelWiseDistillationLoss`
             (needed when ``"cwd"`` is weighted).
 
-    Example::
-
-        distiller = idd_ops.Distiller(teacher, student, teacher_layer="head.bottleneck",
-                                      student_layer="head.bottleneck", num_classes=19,
-                                      weights={"idd": 1.0, "kd": 10.0})
-        logits, losses = distiller(images, labels)
-        loss = F.cross_entropy(logits, labels, ignore_index=255) + losses["total"]
+    Example:
+        >>> import torch, torch.nn.functional as F, idd_ops
+        >>> def net(width):  # images [B, 3, H, W] -> logits [B, 4, H/2, W/2]
+        ...     return torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, stride=2, padding=1),
+        ...                                torch.nn.BatchNorm2d(width), torch.nn.ReLU(), torch.nn.Conv2d(width, 4, 1))
+        >>> teacher, student = net(16), net(8)
+        >>> distiller = idd_ops.Distiller(teacher, student, teacher_layer="2", student_layer="2",
+        ...                               num_classes=4, weights={"idd": 1.0, "kd": 10.0})
+        >>> images, labels = torch.randn(2, 3, 16, 16), torch.randint(0, 4, (2, 16, 16))
+        >>> logits, losses = distiller(images, labels)  # logits at feature resolution: upsample for CE
+        >>> logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        >>> loss = F.cross_entropy(logits, labels, ignore_index=255) + losses["total"]
+        >>> loss.backward()
+        >>> sorted(losses)
+        ['idd', 'kd', 'total']
     """
 
     LOSSES = ("idd", "pid", "kd", "skd", "ifvd", "cwd")
@@ -90,7 +101,7 @@ class Distiller(nn.Module):
         if weights.get("cwd") and cwd is None:
             raise ValueError("cwd: a ChannelWiseDistillationLoss is needed when weights['cwd'] is set")
         self.teacher, self.student, self.pid, self.cwd = teacher, student, pid, cwd
-        self.teacher.requires_grad_(False)
+        self.teacher.eval().requires_grad_(False)
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.weights = {k: float(w) for k, w in weights.items() if w}
         self.idd_options = dict(idd_options or {})
@@ -98,13 +109,14 @@ class Distiller(nn.Module):
         self.lib = FUSED if lib is None else lib
         self._hooks = (FeatureHook(student, student_layer), FeatureHook(teacher, teacher_layer))
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
         self.teacher.eval()  # the teacher stays in inference mode (BatchNorm statistics frozen)
         return self
 
     def forward(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
         logits_s = self.student(images)
+        self.teacher.eval()  # also undoes a train() called on the teacher or any of its submodules
         with torch.no_grad():
             logits_t = self.teacher(images)
         fs, ft = self._hooks[0].pop(), self._hooks[1].pop()

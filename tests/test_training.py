@@ -150,3 +150,35 @@ def test_distiller_adds_losses_and_trains_only_the_student():
     with pytest.raises(ValueError, match="pid"):
         idd_ops.Distiller(teacher, student, teacher_layer="backbone", student_layer="backbone", num_classes=4,
                           weights={"pid": 1.0})
+
+
+@pytest.mark.parametrize("mode", ["never", "distiller.train()", "teacher.train()"])
+def test_distiller_keeps_the_teacher_frozen(mode):
+    """Construction freezes the teacher: after training steps its parameters and BatchNorm buffers
+    are bit-identical, whether or not distiller.train() (or even teacher.train()) was called."""
+    torch.manual_seed(0)
+    teacher, student = TinySegNet(16), TinySegNet(8)
+    assert teacher.training  # a new module starts in training mode
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    d = idd_ops.Distiller(teacher, student, teacher_layer="backbone", student_layer="backbone", num_classes=4,
+                          weights={"idd": 1.0, "kd": 10.0})
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    if mode == "distiller.train()":
+        d.train()
+    elif mode == "teacher.train()":
+        teacher.train()
+    # every parameter handed to the optimiser, weight decay and momentum included: a frozen one has no grad
+    optimizer = torch.optim.SGD(d.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    student_before = [p.clone() for p in student.parameters()]
+    for step in range(3):
+        x, y = torch.randn(2, 3, 16, 16), make_labels(2, 16, 16, 4, seed=step)
+        logits, losses = d(x, y)
+        loss = F.cross_entropy(F.interpolate(logits, size=(16, 16)), y, ignore_index=255) + losses["total"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert not teacher.training and not teacher.backbone[1].training
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert student.backbone[1].num_batches_tracked.item() == 3  # the student's BatchNorm did train
+    assert any(not torch.equal(p, q) for p, q in zip(student.parameters(), student_before))
