@@ -2,21 +2,20 @@
 
 Layers, each importing only the ones below it: the public functions and modules (functional,
 baselines, position, probe, nn, distiller) over the op wrappers (_ops: fake kernels and
-autograd) over the compiled ops (_C). ``idd_ops.reference`` (plain PyTorch) and the private
-helpers it shares (_dtypes, _reduction, _position_maps) need torch alone, so the reference
-imports even where the compiled library does not load; the fused names then raise an
-ImportError that carries the loader's message.
+autograd) over the compiled ops (_C, loaded by _library). ``idd_ops.reference`` (plain PyTorch)
+and the private helpers it shares (_dtypes, _reduction, _position_maps) need torch alone, so the
+reference imports even where the compiled library is not built or does not load; the fused names
+then raise one ImportError that says why and what to do (_library.py). A copy of the package
+without a compiled library that hides an installed one (a source tree in the current directory)
+raises that ImportError at import.
 """
 import torch
 
-from . import reference
+from . import _library, reference
 
-try:
-    from . import _C  # noqa: F401  (loads the compiled library: registers torch.ops.idd_ops)
-except ImportError as error:  # keep the reference usable; report on first use of a fused name
-    _LOAD_ERROR = error
-else:
-    _LOAD_ERROR = None
+_library.load()
+_LOAD_ERROR = _library.ERROR
+if _LOAD_ERROR is None:
     from . import _ops  # noqa: F401  (fake kernels and autograd for those ops)
     from . import nn
     from .baselines import (channel_wise_distillation_loss, intra_class_variation_loss, pixel_kd_loss,
@@ -31,8 +30,7 @@ __version__ = "0.1.0"
 if _LOAD_ERROR is not None:
     def __getattr__(name):
         if name in __all__:
-            raise ImportError(f"idd_ops.{name} needs the compiled library, which did not load ({_LOAD_ERROR}); "
-                              "only idd_ops.reference is available") from _LOAD_ERROR
+            raise ImportError(f"idd_ops.{name} needs the compiled library: {_LOAD_ERROR}") from _LOAD_ERROR.__cause__
         raise AttributeError(f"module 'idd_ops' has no attribute {name!r}")
 
 

@@ -6,7 +6,10 @@ wired to the explicit backward ops, so no gradient goes through a chain of PyTor
 import torch
 from torch.library import register_autograd, register_fake
 
+from . import _library
 from ._dtypes import acc_dtype
+
+_library.require()  # one clear ImportError, not register_fake's "operator ... does not exist"
 
 ops = torch.ops.idd_ops
 
