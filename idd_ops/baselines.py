@@ -3,7 +3,7 @@ defaults so that published numbers stay comparable (METHOD.md section 7):
 
 - pixel_kd_loss: per-pixel KL over classes at temperature T, times T^2, / (B*H*W)
 - channel_wise_distillation_loss (CWD): per-channel softmax over pixels at T, KL, / (B*C) * T^2
-- structural_kd_loss (SKD): pairwise-affinity MSE through C x C Gram products
+- structural_kd_loss (SKD): pairwise-affinity MSE through C x C Gram products (differenced form)
 - intra_class_variation_loss (IFVD): MSE between student and teacher maps of each pixel's cosine
   similarity to its class centroid
 
@@ -98,11 +98,18 @@ def channel_wise_distillation_loss(student_feats: Tensor, teacher_feats: Tensor,
 def structural_kd_loss(student_feats: Tensor, teacher_feats: Tensor, pool: int = 2, reduction: str = "mean") -> Tensor:
     """Structural KD (pairwise affinity): ``pool x pool`` max pooling (ceil mode), L2
     normalisation over channels, affinity ``A = F^T F`` over the P pooled pixels, squared error
-    ``(A_S - A_T)^2`` per affinity entry. Computed through C x C Gram products, in a
-    differenced form (equal channel counts) or from float64 Grams (different ones), so the value
-    stays accurate as the student nears the teacher. Pooling and normalisation are fused into
-    the op, one block of pooled pixels at a time: the extra memory is O(B*C*C) for the Grams plus
-    O(C) per pixel of one block, never O(B*C*P) pooled copies nor O(B*P*P).
+    ``(A_S - A_T)^2`` per affinity entry.
+
+    The P x P affinities are never formed. On the CPU the op works through C x C Gram products
+    in a differenced form: one block of pooled pixels at a time, both networks' features are
+    pooled and normalised in float64, their difference ``D = F_S - F_T`` is taken there (the
+    narrower network padded with zero channels, which leaves its affinity unchanged), and the
+    Grams ``F_S F_S^T``, ``F_S D^T``, ``D D^T`` are accumulated in the accumulation dtype
+    (float32 for float32/half inputs); the value is a sum of their inner products in which every
+    term carries a Gram of D, so it stays accurate as the student nears the teacher, for equal
+    and different channel counts alike. Extra memory: O(B*C*C) for the Grams plus one block's
+    copies, never O(B*C*P) pooled copies nor O(B*P*P). The CUDA path is described in
+    docs/ARCHITECTURE.md.
 
     Args:
         student_feats: ``[B, Cs, H, W]``; teacher_feats: ``[B, Ct, H, W]`` (channels may differ,

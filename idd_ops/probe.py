@@ -13,7 +13,7 @@ from .position import position_encoding_loss
 def probe_position_information(feature_fn: Callable[[object], Tensor], batches: Iterable[object],
                                kinds: Union[str, Sequence[str]], steps: int = 200, lr: float = 1e-2, hidden: int = 64,
                                num_frequencies: int = 2, num_stripes: int = 4, sigma: float = 0.25,
-                               progress: bool = True) -> Tuple[PositionEncodingModule, float]:
+                               progress: bool = False) -> Tuple[PositionEncodingModule, float]:
     """Train a :class:`~idd_ops.nn.PositionEncodingModule` to regress the analytic position
     maps from frozen features, as in Islam et al. (ICLR 2020).
 
@@ -27,11 +27,21 @@ def probe_position_information(feature_fn: Callable[[object], Tensor], batches: 
         hidden: read-out width. Default: 64.
         num_frequencies, num_stripes, sigma: the map options of :func:`idd_ops.position_maps`
             (defaults 2, 4, 0.25); the read-out keeps them.
-        progress: print a progress line to stderr. Default: True.
+        progress: show progress on stderr, one line rewritten in place (``\\r``) and ended with a
+            newline when training ends. Default: False (quiet).
 
     Returns:
         ``(readout, error)``: the trained read-out (eval mode) and its final mean squared error
         over all ``batches`` (a float).
+
+    Example:
+        >>> import torch, idd_ops
+        >>> conv = torch.nn.Conv2d(3, 8, 3, padding=1)  # a frozen "network"; zero padding leaks position
+        >>> batches = [torch.randn(2, 3, 16, 16) for _ in range(2)]
+        >>> readout, error = idd_ops.probe_position_information(conv, batches, ["horizontal", "vertical"],
+        ...                                                     steps=5, hidden=8)
+        >>> readout(conv(batches[0])).shape  # one map per kind
+        torch.Size([2, 2, 16, 16])
     """
     batches = list(batches)
     if not batches:

@@ -107,6 +107,15 @@ def test_probe_is_real():
     assert err_pos < 0.25 * err_noise, (err_pos, err_noise)
 
 
+def test_probe_is_quiet_unless_asked(capsys):
+    batches, kinds = [torch.randn(1, 4, 6, 6)], ["horizontal"]
+    idd_ops.probe_position_information(lambda x: x, batches, kinds, steps=3, hidden=4)
+    assert capsys.readouterr().err == ""
+    idd_ops.probe_position_information(lambda x: x, batches, kinds, steps=3, hidden=4, progress=True)
+    err = capsys.readouterr().err
+    assert err.startswith("\rprobe: step 1/3") and err.endswith("\n") and "step 3/3" in err
+
+
 def test_position_distillation_loss():
     torch.manual_seed(0)
     readout = idd_ops.nn.PositionEncodingModule(6, ["horizontal", "gaussian"], hidden=8)
