@@ -10,7 +10,11 @@ import os
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+import json  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -134,12 +138,14 @@ def time_ms(fn, device="cpu", repeat=5, warmup=1):
     return time_interleaved([fn], device, repeat, warmup)[0]
 
 
-def time_interleaved(fns, device="cpu", repeat=5, warmup=1, settle_s=0.5, stat=statistics.median):
+def time_interleaved(fns, device="cpu", repeat=5, warmup=1, settle_s=None, stat=statistics.median):
     """stat (default: the median) of each fn's wall times in ms, timed in alternation (one call
     of each per round), so that every candidate meets the same machine state. After the
     warm-up calls, the first fn keeps running for settle_s: right after large allocations this
     machine's kernel is busy (huge-page work) for a fraction of a second, which would skew the
-    first timings."""
+    first timings. On a GPU 0.1 s (by default) brings its clocks up from idle."""
+    if settle_s is None:
+        settle_s = 0.1 if torch.device(device).type == "cuda" else 0.5
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -192,3 +198,72 @@ def loss_fn(impl, s, t, y, K, backward):
             loss.backward()
         return loss
     return run
+
+
+def host_ms(fn, device="cpu", calls=20):
+    """Host time per call in ms: `calls` calls issued without a synchronise, divided by `calls`
+    (after a warm-up call and a synchronise). Where the device is the slower side and its queue
+    fills, this grows towards the device time; a launch-bound op shows its host cost."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    sync(device)
+    return elapsed * 1e3 / calls
+
+
+RUNTIME_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                    "cudaMemsetAsync", "cudaMemcpyAsync", "cudaGraphLaunch")
+
+
+def count_launches(events):
+    """Kernels, memsets and copies that `events` (torch.profiler FunctionEvents) put on the GPU:
+    the device-side records where the profiler has them (CUPTI), else the host's runtime calls
+    (RUNTIME_LAUNCHES)."""
+    on_device = [e for e in events if getattr(e.device_type, "name", "") == "CUDA"]
+    if on_device:
+        return len(on_device)
+    return sum(1 for e in events if e.name in RUNTIME_LAUNCHES)
+
+
+def launches_per_call(fn, device="cuda", calls=3):
+    """GPU launches (kernels, memsets, copies: count_launches) per call of fn, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    return count_launches(prof.events()) / calls
+
+
+# The CUDA kernel sets: IDD_OPS_CUDA_NEXT's value for each (idd_ops/_switches.py).
+KERNEL_SETS = {"default": "0", "next": "1"}
+
+
+def run_per_kernel_set(module, argv_for, kernel_sets, timeout=None):
+    """Runs `python -m module *argv_for(kernel_set, json_path)` once per kernel set, each in its
+    own process with IDD_OPS_CUDA_NEXT set (the switch is read once per process), one after the
+    other. Returns ({kernel set: the JSON the child wrote, or None if it failed}, error messages).
+    A child's output goes to this process's stdout and stderr."""
+    results, errors = {}, []
+    for kernel_set in kernel_sets:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "rows.json")
+            env = dict(os.environ, IDD_OPS_CUDA_NEXT=KERNEL_SETS[kernel_set])
+            print(f"{module}: {kernel_set} kernels (IDD_OPS_CUDA_NEXT={env['IDD_OPS_CUDA_NEXT']}) in a child process",
+                  file=sys.stderr, flush=True)
+            proc = subprocess.run([sys.executable, "-m", module, *argv_for(kernel_set, path)], env=env,
+                                  timeout=timeout)
+            if proc.returncode == 0 and os.path.exists(path):
+                with open(path) as f:
+                    results[kernel_set] = json.load(f)
+            else:
+                results[kernel_set] = None
+                errors.append(f"the {kernel_set} kernels' child process failed (exit status {proc.returncode}); "
+                              f"its output is in the log above")
+    return results, errors
