@@ -93,17 +93,23 @@ stage() {
 # ---- the dry run's checks: each stage's files, tools and Python entry points
 if [ "$DRY" = 1 ]; then
   {
-    for f in setup.py tests/conftest.py benchmarks/report.py benchmarks/train_step.py benchmarks/targets.py \
-             idd_ops/demo/cli.py tools/gpu_check_summary.py; do [ -f "$f" ] || echo "missing: $f"; done
+    for f in setup.py tools/gpu_check_summary.py; do [ -f "$f" ] || echo "missing: $f"; done
     for tool in timeout tar; do command -v $tool > /dev/null || echo "missing: $tool"; done
-    "$PY" -c "import torch.utils.cpp_extension as c; c.verify_ninja_availability()" 2> /dev/null || echo "missing: ninja"
-    for m in benchmarks.report benchmarks.train_step idd_ops.demo.cli; do
-      "$PY" -m $m --help > /dev/null || echo "broken: python -m $m --help"
+    if selected build; then
+      "$PY" -c "import torch.utils.cpp_extension as c; c.verify_ninja_availability()" 2> /dev/null || echo "missing: ninja"
+    fi
+    for pair in perf:benchmarks.report train:benchmarks.train_step demo:idd_ops.demo.cli; do
+      selected "${pair%%:*}" || continue
+      "$PY" -m "${pair#*:}" --help > /dev/null || echo "broken: python -m ${pair#*:} --help"
     done
-    "$PY" -m benchmarks.targets > "$LOGS/targets.md" || echo "broken: python -m benchmarks.targets"
-    "$PY" -m pytest -q --collect-only -m gpu -p no:cacheprovider tests > "$LOGS/collect.log" 2>&1 \
-      || echo "broken: pytest --collect-only -m gpu"
-    grep -q "\[cuda" "$LOGS/collect.log" || echo "no GPU tests collected"
+    if selected perf || selected train; then
+      "$PY" -m benchmarks.targets > "$LOGS/targets.md" || echo "broken: python -m benchmarks.targets"
+    fi
+    if selected tests || selected tests-next; then
+      "$PY" -m pytest -q --collect-only -m gpu -p no:cacheprovider tests > "$LOGS/collect.log" 2>&1 \
+        || echo "broken: pytest --collect-only -m gpu"
+      grep -q "\[cuda" "$LOGS/collect.log" || echo "no GPU tests collected"
+    fi
   } > "$LOGS/dry-run.problems" 2>&1
   cat "$LOGS/dry-run.problems"
 fi
