@@ -242,25 +242,46 @@ def launches_per_call(fn, device="cuda", calls=3):
 KERNEL_SETS = {"default": "0", "next": "1"}
 
 
-def run_per_kernel_set(module, argv_for, kernel_sets, timeout=None):
+def write_json(path, obj):
+    """Writes obj as JSON to path atomically (a reader never sees half a file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def run_per_kernel_set(module, argv_for, kernel_sets, time_limit=None, weights=None):
     """Runs `python -m module *argv_for(kernel_set, json_path)` once per kernel set, each in its
     own process with IDD_OPS_CUDA_NEXT set (the switch is read once per process), one after the
-    other. Returns ({kernel set: the JSON the child wrote, or None if it failed}, error messages).
-    A child's output goes to this process's stdout and stderr."""
+    other. A child writes {"rows": [...], ...} to json_path after every row, so a child stopped
+    at its time limit still gives the rows it finished. time_limit (s) is shared among the
+    children in proportion to `weights` (default equal) of the time still left.
+    Returns ({kernel set: the child's JSON, or None if it wrote none}, error messages); a child's
+    output goes to this process's stdout and stderr."""
     results, errors = {}, []
-    for kernel_set in kernel_sets:
+    weights = list(weights or [1] * len(kernel_sets))
+    deadline = time.monotonic() + time_limit if time_limit else None
+    for i, kernel_set in enumerate(kernel_sets):
+        timeout = max((deadline - time.monotonic()) * weights[i] / sum(weights[i:]), 1) if deadline else None
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "rows.json")
             env = dict(os.environ, IDD_OPS_CUDA_NEXT=KERNEL_SETS[kernel_set])
-            print(f"{module}: {kernel_set} kernels (IDD_OPS_CUDA_NEXT={env['IDD_OPS_CUDA_NEXT']}) in a child process",
-                  file=sys.stderr, flush=True)
-            proc = subprocess.run([sys.executable, "-m", module, *argv_for(kernel_set, path)], env=env,
-                                  timeout=timeout)
-            if proc.returncode == 0 and os.path.exists(path):
+            print(f"{module}: {kernel_set} kernels (IDD_OPS_CUDA_NEXT={env['IDD_OPS_CUDA_NEXT']}) in a child process"
+                  + (f", {timeout:.0f} s at most" if timeout else ""), file=sys.stderr, flush=True)
+            try:
+                status = subprocess.run([sys.executable, "-m", module, *argv_for(kernel_set, path)], env=env,
+                                        timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                status = None
+            results[kernel_set] = None
+            if os.path.exists(path):
                 with open(path) as f:
                     results[kernel_set] = json.load(f)
-            else:
-                results[kernel_set] = None
-                errors.append(f"the {kernel_set} kernels' child process failed (exit status {proc.returncode}); "
-                              f"its output is in the log above")
+            done = len(results[kernel_set]["rows"]) if results[kernel_set] else 0
+            if status is None:
+                errors.append(f"the {kernel_set} kernels' child process reached its time limit ({timeout:.0f} s) "
+                              f"after {done} rows; the rows after them are missing")
+            elif status != 0:
+                errors.append(f"the {kernel_set} kernels' child process failed (exit status {status}) after {done} "
+                              f"rows; its output is in the log above")
     return results, errors

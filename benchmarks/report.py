@@ -69,11 +69,12 @@ def measure_row(case, backward, device, repeat, compiled, rates, probe, impls=No
     return row
 
 
-def measure(case_names, device, repeat, compiled, impls=None, peaks=True, compile_names=None, launch_stats=None):
+def measure(case_names, device, repeat, compiled, impls=None, peaks=True, compile_names=None, launch_stats=None,
+            progress=None):
     """Rows of every case and pass. compiled: a torch.compile(reference) column, for the cases in
     compile_names only where given. impls: the implementations (default: each case's own; the
     bound is measured only with the reference). launch_stats: host time and launches of the
-    fused op for LAUNCH_OPS (default: on CUDA)."""
+    fused op for LAUNCH_OPS (default: on CUDA). progress(rows, rates): called after every row."""
     with_rates = impls is None or "reference" in impls
     rates, probe = roofline.Rates(device) if with_rates else None, common.CopyProbe(device)
     if launch_stats is None:
@@ -92,6 +93,8 @@ def measure(case_names, device, repeat, compiled, impls=None, peaks=True, compil
             print(f"[{step}/{total}] {name} {mode} ({elapsed / 60:.1f} min so far{left})", file=sys.stderr, flush=True)
             rows.append(measure_row(case, backward, device, repeat, compile_case, rates, probe, impls=case_impls,
                                     peaks=peaks, launch_stats=launch_stats and name.split()[0] in LAUNCH_OPS))
+            if progress:
+                progress(rows, rates)
         del case
     return rows, rates
 
@@ -332,6 +335,9 @@ def main(argv=None):
     p.add_argument("--kernels", nargs="+", choices=("default", "next"), default=None,
                    help="run each CUDA kernel set in its own child process (IDD_OPS_CUDA_NEXT=0 / 1, read once per "
                         "process): the first measures every implementation, a second adds 'fused next' columns")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="with --kernels: seconds for all children (2:1 between the first and a second kernel set); a "
+                        "child stopped at its share gives the rows it finished")
     p.add_argument("--targets", action="store_true", help="check benchmarks/targets.py; exit 1 if one is missed")
     p.add_argument("--summary", default=None, help="also write the compact table and the misses to this file")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
@@ -357,10 +363,10 @@ def main(argv=None):
     if args.warm_compile:
         return warm_compile([n for n in names if args.compile_cases is None or n in args.compile_cases], args.device)
     if args.rows_json:  # a child of --kernels: rows only
-        rows, rates = measure(names, args.device, args.repeat, compiled, impls=args.impls, peaks=not args.no_peak,
-                              compile_names=args.compile_cases)
-        with open(args.rows_json, "w") as f:
-            json.dump(dict(rows=rows, rates=rates.describe() if rates else ""), f)
+        def progress(rows, rates):
+            common.write_json(args.rows_json, dict(rows=rows, rates=rates.describe() if rates else ""))
+        measure(names, args.device, args.repeat, compiled, impls=args.impls, peaks=not args.no_peak,
+                compile_names=args.compile_cases, progress=progress)
         return
     committed = "benchmarks/RESULTS-cuda.md" if on_cuda else "benchmarks/RESULTS.md"
     if args.update and args.out:
@@ -372,9 +378,10 @@ def main(argv=None):
     errors, columns = [], ["fused"]
     if args.kernels:
         results, errors = common.run_per_kernel_set(
-            "benchmarks.report", lambda ks, path: _child_argv(args, names, ks, path), args.kernels)
+            "benchmarks.report", lambda ks, path: _child_argv(args, names, ks, path), args.kernels,
+            time_limit=args.time_limit, weights=[2, 1])
         base = results.get(args.kernels[0])
-        if base is None:
+        if not base or not base["rows"]:
             sys.exit(f"the {args.kernels[0]} kernels' report failed: {'; '.join(errors)}")
         rows, rates = base["rows"], _Described(base["rates"])
         if len(args.kernels) > 1 and results.get(args.kernels[1]) is not None:

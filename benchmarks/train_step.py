@@ -26,7 +26,6 @@ over. Peak memory: benchmarks.peak's profiler method, over one step.
 Writes results/bench-<date-time>/TRAIN_STEP.md unless --out or --update names the file.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -265,6 +264,9 @@ def main(argv=None):
     ap.add_argument("--kernels", nargs="+", choices=("default", "next"), default=None,
                     help="run each CUDA kernel set in its own child process (IDD_OPS_CUDA_NEXT=0 / 1); a second adds "
                          "'fused next' columns")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="with --kernels: seconds for all children (3:2 between the first and a second kernel set); a "
+                         "child stopped at its share gives the losses it finished")
     ap.add_argument("--targets", action="store_true", help="check the training-step targets of benchmarks/targets.py")
     ap.add_argument("--summary", default=None, help="also write the table and the misses to this file")
     ap.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)
@@ -280,9 +282,7 @@ def main(argv=None):
         args.network = "deeplabv3" if real_network_available(args.device) else "head"
     args.losses = [name for name in args.losses if name not in args.skip]
     if args.rows_json:
-        rows = measure(args)
-        with open(args.rows_json, "w") as f:
-            json.dump(rows, f)
+        measure(args, progress=lambda rows: common.write_json(args.rows_json, dict(rows=rows)))
         return
     on_cuda = args.device.startswith("cuda")
     committed = "benchmarks/TRAIN_STEP-cuda.md" if on_cuda else "benchmarks/TRAIN_STEP.md"
@@ -295,12 +295,14 @@ def main(argv=None):
     errors, columns = [], ["fused"]
     if args.kernels:
         results, errors = common.run_per_kernel_set("benchmarks.train_step",
-                                                    lambda ks, path: _child_argv(args, ks, path), args.kernels)
-        rows = results.get(args.kernels[0])
-        if rows is None:
+                                                    lambda ks, path: _child_argv(args, ks, path), args.kernels,
+                                                    time_limit=args.time_limit, weights=[3, 2])
+        base = results.get(args.kernels[0])
+        if not base or not base["rows"]:
             sys.exit(f"the {args.kernels[0]} kernels' training step failed: {'; '.join(errors)}")
+        rows = base["rows"]
         if len(args.kernels) > 1 and results.get(args.kernels[1]) is not None:
-            rows, columns = merge_kernel_sets(rows, results[args.kernels[1]]), ["fused", "fused_next"]
+            rows, columns = merge_kernel_sets(rows, results[args.kernels[1]]["rows"]), ["fused", "fused_next"]
     else:
         rows = measure(args)
     dev = torch.cuda.get_device_name() if on_cuda else f"{torch.get_num_threads()} CPU threads"
@@ -324,11 +326,10 @@ def main(argv=None):
         sys.exit(f"{len(misses)} training-step targets missed, {len(errors)} errors")
 
 
-def measure(args):
-    """Every loss's row, for this process's kernel set."""
+def measure(args, progress=None):
+    """Every loss's row, for this process's kernel set; progress(rows) after each."""
     nets, amp = None, None
     if args.network == "deeplabv3":
-        torch.backends.cudnn.benchmark = True
         teacher, student = deeplabv3_pair()
         nets = (teacher.to(args.device).eval().requires_grad_(False), student.to(args.device).train())
         data, amp = make_real_data(args.batch, args.device), torch.bfloat16
@@ -341,6 +342,8 @@ def measure(args):
         print(f"[{i + 1}/{len(args.losses)}] {loss} ({elapsed / 60:.1f} min so far{left})", file=sys.stderr, flush=True)
         rows.append(measure_loss(loss, data, args.device, args.repeat, impls=args.impls, peaks=not args.no_peak,
                                  nets=nets, amp=amp))
+        if progress:
+            progress(rows)
     return rows
 
 

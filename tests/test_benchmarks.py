@@ -348,3 +348,29 @@ def test_train_step_next_kernels_merge_and_table():
     assert rows[0]["fused_next_ms"] == pytest.approx(101.5)  # moved by the CE-only steps' difference
     text = train_step.table(rows)
     assert "| idd | 100 | 103 | 102 | 110 | 1.07x | 3.0 | 1.5 | 10.0 | 2.9% | 1.5% | 9.1% |" in text
+
+
+CHILD = """import json, os, sys, time
+path = sys.argv[-1]
+rows = []
+for i in range(3):
+    rows.append(dict(row=i, next=os.environ["IDD_OPS_CUDA_NEXT"]))
+    json.dump(dict(rows=rows), open(path, "w"))
+    if os.environ["IDD_OPS_CUDA_NEXT"] == "1":
+        time.sleep(60)  # stopped at its time limit after one row
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_kernel_set_children_keep_the_rows_they_finished(tmp_path, monkeypatch, status):
+    (tmp_path / "fake_child.py").write_text(CHILD)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    results, errors = common.run_per_kernel_set("fake_child", lambda ks, path: [str(status), path],
+                                                ["default", "next"], time_limit=5)
+    assert [r["next"] for r in results["default"]["rows"]] == ["0", "0", "0"]
+    assert [r["next"] for r in results["next"]["rows"]] == ["1"]
+    assert "the next kernels' child process reached its time limit" in errors[-1] and "after 1 rows" in errors[-1]
+    assert len(errors) == (2 if status else 1)
+    if status:
+        assert "the default kernels' child process failed (exit status 3) after 3 rows" in errors[0]

@@ -3,16 +3,18 @@
 #
 #   stage       limit  what                                                        kernels
 #   env           10 s  nvidia-smi, torch/CUDA/nvcc versions, revision              -
-#   build         80 s  the extension with CUDA, in place (sm_90, MAX_JOBS=nproc)   -
+#   build         75 s  the extension with CUDA, in place (sm_90, MAX_JOBS=nproc)   -
 #                       (meanwhile: torch.compile of the perf rows' references, in the background)
-#   tests         70 s  the GPU tests (-m gpu), pytest-xdist -n 8          } run    default
-#   tests-next    70 s  the same tests                                      } side   IDD_OPS_CUDA_NEXT=1
-#   demo          70 s  the demo's quick preset on the GPU                  } by side IDD_OPS_CUDA_NEXT=1
-#   perf          90 s  report --guard: key rows, fused (default, next), eager reference,
+#   tests         65 s  the GPU tests (-m gpu), pytest-xdist -n 8          } run    default
+#   tests-next    65 s  the same tests                                      } side   IDD_OPS_CUDA_NEXT=1
+#   demo          65 s  the demo's quick preset on the GPU                  } by side IDD_OPS_CUDA_NEXT=1
+#   perf          95 s  report --guard: key rows, fused (default, next), eager reference,
 #                       torch.compile(reference), bound; fails on a guard or target miss  both
-#   train         45 s  real training step (torchvision DeepLabV3-R101 / R50, B=8,
+#   train         50 s  real training step (torchvision DeepLabV3-R101 / R50, B=8,
 #                       512x1024, bf16): each loss's cost per step, fused vs reference    both
-#   in all       295 s  at the most (10 + 80 + 70 + 90 + 45); the three middle stages share one 70 s window
+#   in all       295 s  at the most (10 + 75 + 65 + 95 + 50); the three middle stages share one 65 s window
+#   perf and train run one child process per kernel set (2:1 and 3:2 of their time); a child
+#   stopped at its share still reports the rows it finished.
 #
 #   bash tools/gpu_check.sh                       # every stage
 #   bash tools/gpu_check.sh --only tests-next,perf  # a subset (build added if the extension is not built)
@@ -34,7 +36,7 @@ cd "$(dirname "$0")/.."
 STAGES=(env build tests tests-next demo perf train)
 OUT=${OUT:-$PWD/gpu-check-out}
 PY=${PYTHON:-python3}
-ENV_S=${ENV_S:-10} BUILD_S=${BUILD_S:-80} TESTS_S=${TESTS_S:-70} PERF_S=${PERF_S:-90} TRAIN_S=${TRAIN_S:-45}
+ENV_S=${ENV_S:-10} BUILD_S=${BUILD_S:-75} TESTS_S=${TESTS_S:-65} PERF_S=${PERF_S:-95} TRAIN_S=${TRAIN_S:-50}
 WORKERS=${WORKERS:-8}
 KERNELS=${KERNELS:-default next}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -179,14 +181,14 @@ if [ -n "$WARM_PID" ]; then  # what it has not compiled by now, perf compiles it
 fi
 # shellcheck disable=SC2086  # KERNELS: a list
 if selected perf; then
-  stage perf "$PERF_S" "$PY" -m benchmarks.report --device cuda --guard --kernels $KERNELS \
+  stage perf "$PERF_S" "$PY" -m benchmarks.report --device cuda --guard --kernels $KERNELS --time-limit $((PERF_S - 10)) \
     --out "$OUT/RESULTS-cuda.md" --json "$OUT/perf.json" --summary "$LOGS/perf.section.md"
   finish
 fi
 # shellcheck disable=SC2086
 if selected train; then
   stage train "$TRAIN_S" "$PY" -m benchmarks.train_step --device cuda --network auto --kernels $KERNELS --repeat 3 \
-    --no-peak --targets --out "$OUT/TRAIN_STEP-cuda.md" --summary "$LOGS/train.section.md"
+    --time-limit $((TRAIN_S - 10)) --no-peak --targets --out "$OUT/TRAIN_STEP-cuda.md" --summary "$LOGS/train.section.md"
 fi
 finish
 cat "$OUT/summary.md"
