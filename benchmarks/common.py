@@ -242,6 +242,22 @@ def launches_per_call(fn, device="cuda", calls=3):
 KERNEL_SETS = {"default": "0", "next": "1"}
 
 
+def revision():
+    """The measured source's revision: git's short hash (+ " with uncommitted changes"), else
+    $REV (a copy without .git, as on a device machine), else "unknown"."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    if rev is not None and rev.returncode == 0:
+        return rev.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
+    return os.environ.get("REV") or "unknown (no .git here and no REV set)"
+
+
 def write_json(path, obj):
     """Writes obj as JSON to path atomically (a reader never sees half a file)."""
     tmp = path + ".tmp"

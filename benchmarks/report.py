@@ -6,6 +6,13 @@ writes it to a new folder, results/bench-<date-time>/RESULTS.md, unless --out na
     python -m benchmarks.report            # every op at B=8 Cityscapes shapes (tens of minutes)
     python -m benchmarks.report --quick    # IDD at B=2 and the position loss, 3 rounds (1 min)
     python -m benchmarks.report --update   # every op, written to benchmarks/RESULTS.md
+    python -m benchmarks.report --device cuda --guard --kernels default next   # tools/gpu_check.sh's perf stage
+
+--kernels runs each CUDA kernel set in its own child process (IDD_OPS_CUDA_NEXT is read once per
+process): the first measures every implementation, the second the fused op alone ('fused next'
+columns). --guard: the key rows of cases.GUARD, torch.compile for cases.GUARD_COMPILE, no peak
+memory, and the targets of benchmarks/targets.py checked (exit status 1 on a miss). On CUDA the
+IDD rows also get host time and launches per call.
 
 The training-step view is a separate script and file: python -m benchmarks.train_step.
 Each entry prints its progress and the time left. Exits with status 1 (after writing the table)
@@ -228,7 +235,7 @@ def header(device, repeat, compiled, rates, rows, out, allocator=common.SYSTEM_M
                  "your torch from https://data.pyg.org/whl/ (`pip install torch_scatter -f "
                  "https://data.pyg.org/whl/torch-<version>+<cpu|cuXXX>.html`) or build it "
                  "(`pip install torch_scatter --no-build-isolation`, a long C++ build).\n")
-    return (f"Device: {device} ({dev}), torch {torch.__version__}, "
+    return (f"Revision: {common.revision()}. Device: {device} ({dev}), torch {torch.__version__}, "
             f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}, float32. IDD: euclidean, "
             f"reduction=mean, street-layout labels unless the shape says fragmented (per-pixel random classes "
             f"at feature resolution). Position loss: maps {', '.join(cases.POSITION_KINDS)}.\n"

@@ -20,8 +20,16 @@ a loss's cost is its step's time minus the CE-only step's, and its share is that
 step. The head is small, so shares are upper bounds of a real network's; the costs in ms carry
 over. Peak memory: benchmarks.peak's profiler method, over one step.
 
+On a GPU with torchvision importable (--network auto, the default; or --network deeplabv3) the
+step is a real one instead: torchvision DeepLabV3-ResNet50 student beside a frozen
+DeepLabV3-ResNet101 teacher (random weights, nothing downloaded), images 3x512x1024, bf16
+autocast, the teacher's forward inside every step; the losses take each backbone's output (2048
+channels at 64x128) and the heads' logits. --kernels default next runs each CUDA kernel set in its
+own process (IDD_OPS_CUDA_NEXT is read once per process) and adds a 'fused next' column.
+
     python -m benchmarks.train_step            # all six losses (about 5 min on 2 CPU cores)
     python -m benchmarks.train_step --update   # written to benchmarks/TRAIN_STEP.md (-cuda.md on a GPU)
+    python -m benchmarks.train_step --device cuda --kernels default next --targets   # as tools/gpu_check.sh
 
 Writes results/bench-<date-time>/TRAIN_STEP.md unless --out or --update names the file.
 """
@@ -244,7 +252,7 @@ def describe(args, dev, allocator):
     if args.kernels and len(args.kernels) > 1:
         kernels = ("Fused next: IDD_OPS_CUDA_NEXT=1, in a second process (CE-only and fused steps), its step moved by "
                    "the difference of the two processes' CE-only steps. ")
-    return (what + f"{args.device} ({dev}), torch {torch.__version__}, the best of {args.repeat} rounds, the steps of a "
+    return (f"Revision: {common.revision()}. " + what + f"{args.device} ({dev}), torch {torch.__version__}, the best of {args.repeat} rounds, the steps of a "
             f"row alternating. Allocator: {allocator}. {kernels}Loss ms = step - CE-only step (noise can make it "
             f"negative); share = loss ms / step. " + (f"Peak memory: {peak.METHOD}; gradients MiB: the parameter "
                                                     f"gradients a fused step leaves, which no peak may be below ('!')."

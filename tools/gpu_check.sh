@@ -117,12 +117,17 @@ if [ "$DRY" = 1 ]; then
 fi
 
 # ---- the stages
+ENV_PY='import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "GPU visible:", torch.cuda.is_available())
+for name in ("torchvision", "xdist", "pytest_timeout"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as error:
+        print(name, "missing:", error)'
 if selected env; then
   stage env "$ENV_S" bash -c "nvidia-smi; nproc; free -g | head -2; \
     (git rev-parse HEAD && git status --short | head -20) 2> /dev/null || echo \"revision: \${REV:-unknown (no .git)}\"; \
-    $PY -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available())'; \
-    $PY -c 'import torchvision; print(\"torchvision\", torchvision.__version__)' || true; \
-    $PY -c 'import xdist; print(\"pytest-xdist\", xdist.__version__)' || true; nvcc --version | tail -2"
+    nvcc --version | tail -2; $PY -c '$ENV_PY'"
 fi
 
 # The build runs when asked, or when a later stage needs it and the extension lacks its CUDA kernels.
