@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -256,6 +257,22 @@ def revision():
     if rev is not None and rev.returncode == 0:
         return rev.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
     return os.environ.get("REV") or "unknown (no .git here and no REV set)"
+
+
+def add_kernel_set_options(parser, share, impls_default=None):
+    """The options of a benchmark that can run each CUDA kernel set in a child process
+    (run_per_kernel_set): --kernels, --time-limit (shared `share`, e.g. "2:1"), --no-peak, and
+    the children's own --rows-json and --impls."""
+    parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory columns")
+    parser.add_argument("--kernels", nargs="+", choices=tuple(KERNEL_SETS), default=None,
+                        help="run each CUDA kernel set in its own child process (IDD_OPS_CUDA_NEXT=0 / 1, read once "
+                             "per process): the first measures every implementation, a second adds 'fused next' "
+                             "columns")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help=f"with --kernels: seconds for all children ({share} between the first and a second "
+                             f"kernel set); a child stopped at its share gives the rows it finished")
+    parser.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)  # a --kernels child's output
+    parser.add_argument("--impls", nargs="+", default=impls_default, help=argparse.SUPPRESS)
 
 
 def write_json(path, obj):

@@ -24,6 +24,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 
 from . import common, peak  # first: sets the allocator before torch starts  # noqa: I001
 from . import cases, roofline, targets
@@ -32,6 +33,7 @@ import torch
 from idd_ops._switches import cuda_next_enabled
 
 MODES = (False, True)
+MODES_TEXT = {False: "forward", True: "forward+backward"}
 PEAK_ATTEMPTS = 3  # measurements of a peak that comes out below the returned bytes
 EXPECTED = {"full": "tens of minutes on 2 CPU cores (not timed end to end; the time left is printed after every entry)",
             "quick": "about 1 min on 2 CPU cores (measured)",
@@ -77,11 +79,13 @@ def measure_row(case, backward, device, repeat, compiled, rates, probe, impls=No
 
 
 def measure(case_names, device, repeat, compiled, impls=None, peaks=True, compile_names=None, launch_stats=None,
-            progress=None):
+            progress=None, errors=None):
     """Rows of every case and pass. compiled: a torch.compile(reference) column, for the cases in
     compile_names only where given. impls: the implementations (default: each case's own; the
     bound is measured only with the reference). launch_stats: host time and launches of the
-    fused op for LAUNCH_OPS (default: on CUDA). progress(rows, rates): called after every row."""
+    fused op for LAUNCH_OPS (default: on CUDA). progress(rows, rates): called after every row.
+    errors: a list, to keep going past a case that raises (its message is appended, and a case
+    that failed with its compiled column is measured again without it); else the error propagates."""
     with_rates = impls is None or "reference" in impls
     rates, probe = roofline.Rates(device) if with_rates else None, common.CopyProbe(device)
     if launch_stats is None:
@@ -89,20 +93,36 @@ def measure(case_names, device, repeat, compiled, impls=None, peaks=True, compil
     rows, total, step = [], len(case_names) * len(MODES), 0
     start = time.perf_counter()
     for name in case_names:
-        case = cases.make(name, device)
         compile_case = compiled and (compile_names is None or name in compile_names)
-        case_impls = [i for i in (impls or case.impls(compile_case)) if i != "compiled" or compile_case]
-        for backward in MODES:
-            mode = "forward+backward" if backward else "forward"
-            elapsed = time.perf_counter() - start
-            left = f", about {elapsed / step * (total - step) / 60:.1f} min left" if step else ""
-            step += 1
-            print(f"[{step}/{total}] {name} {mode} ({elapsed / 60:.1f} min so far{left})", file=sys.stderr, flush=True)
-            rows.append(measure_row(case, backward, device, repeat, compile_case, rates, probe, impls=case_impls,
-                                    peaks=peaks, launch_stats=launch_stats and name.split()[0] in LAUNCH_OPS))
-            if progress:
-                progress(rows, rates)
-        del case
+        for attempt in (compile_case, False) if compile_case else (False,):
+            new, case = [], None
+            try:
+                case = cases.make(name, device)
+                case_impls = [i for i in (impls or case.impls(attempt)) if i != "compiled" or attempt]
+                for backward in MODES:
+                    elapsed = time.perf_counter() - start
+                    left = f", about {elapsed / step * (total - step) / 60:.1f} min left" if step else ""
+                    step += 1
+                    print(f"[{step}/{total}] {name} {MODES_TEXT[backward]} ({elapsed / 60:.1f} min so far{left})",
+                          file=sys.stderr, flush=True)
+                    new.append(measure_row(case, backward, device, repeat, attempt, rates, probe, impls=case_impls,
+                                           peaks=peaks, launch_stats=launch_stats and name.split()[0] in LAUNCH_OPS))
+                rows.extend(new)
+                if progress:
+                    progress(rows, rates)
+                break
+            except Exception as error:  # noqa: BLE001 - reported, and the other cases still measured
+                if errors is None:
+                    raise
+                step -= len(new)
+                message = f"{name}{' (with torch.compile)' if attempt and case else ''}: {type(error).__name__}: {error}"
+                errors.append(message[:500])
+                print(f"ERROR {message}", file=sys.stderr, flush=True)
+                traceback.print_exc()
+                if case is None:
+                    break  # it could not be built: no second attempt
+            finally:
+                case = None  # frees its inputs before the next case
     return rows, rates
 
 
@@ -338,18 +358,10 @@ def main(argv=None):
     p.add_argument("--compile-cases", nargs="+", default=None, help="the torch.compile column for these cases only")
     p.add_argument("--warm-compile", action="store_true",
                    help="only compile each case's reference once (fills the on-disk inductor cache) and exit")
-    p.add_argument("--no-peak", action="store_true", help="skip the peak-memory columns")
-    p.add_argument("--kernels", nargs="+", choices=("default", "next"), default=None,
-                   help="run each CUDA kernel set in its own child process (IDD_OPS_CUDA_NEXT=0 / 1, read once per "
-                        "process): the first measures every implementation, a second adds 'fused next' columns")
-    p.add_argument("--time-limit", type=float, default=None,
-                   help="with --kernels: seconds for all children (2:1 between the first and a second kernel set); a "
-                        "child stopped at its share gives the rows it finished")
+    common.add_kernel_set_options(p, "2:1")
     p.add_argument("--targets", action="store_true", help="check benchmarks/targets.py; exit 1 if one is missed")
     p.add_argument("--summary", default=None, help="also write the compact table and the misses to this file")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
-    p.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)  # a --kernels child's output
-    p.add_argument("--impls", nargs="+", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu")
     common.add_allocator_option(p)
     p.add_argument("--out", default=None,
@@ -370,10 +382,13 @@ def main(argv=None):
     if args.warm_compile:
         return warm_compile([n for n in names if args.compile_cases is None or n in args.compile_cases], args.device)
     if args.rows_json:  # a child of --kernels: rows only
+        errors = []
+
         def progress(rows, rates):
-            common.write_json(args.rows_json, dict(rows=rows, rates=rates.describe() if rates else ""))
-        measure(names, args.device, args.repeat, compiled, impls=args.impls, peaks=not args.no_peak,
-                compile_names=args.compile_cases, progress=progress)
+            common.write_json(args.rows_json, dict(rows=rows, rates=rates.describe() if rates else "", errors=errors))
+        rows, rates = measure(names, args.device, args.repeat, compiled, impls=args.impls, peaks=not args.no_peak,
+                              compile_names=args.compile_cases, progress=progress, errors=errors)
+        progress(rows, rates)  # the errors of the last cases too
         return
     committed = "benchmarks/RESULTS-cuda.md" if on_cuda else "benchmarks/RESULTS.md"
     if args.update and args.out:
@@ -387,6 +402,7 @@ def main(argv=None):
         results, errors = common.run_per_kernel_set(
             "benchmarks.report", lambda ks, path: _child_argv(args, names, ks, path), args.kernels,
             time_limit=args.time_limit, weights=[2, 1])
+        errors += [f"{ks} kernels: {e}" for ks in args.kernels for e in (results.get(ks) or {}).get("errors", [])]
         base = results.get(args.kernels[0])
         if not base or not base["rows"]:
             sys.exit(f"the {args.kernels[0]} kernels' report failed: {'; '.join(errors)}")

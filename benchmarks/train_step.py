@@ -37,6 +37,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 
 from . import common, peak  # first: sets the allocator before torch starts  # noqa: I001
 import torch
@@ -268,17 +269,9 @@ def main(argv=None):
                          "the small head (float32); auto (default): deeplabv3 on a GPU with torchvision, else head")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=5, help="timing rounds (default 5)")
-    ap.add_argument("--no-peak", action="store_true", help="skip the peak-memory columns")
-    ap.add_argument("--kernels", nargs="+", choices=("default", "next"), default=None,
-                    help="run each CUDA kernel set in its own child process (IDD_OPS_CUDA_NEXT=0 / 1); a second adds "
-                         "'fused next' columns")
-    ap.add_argument("--time-limit", type=float, default=None,
-                    help="with --kernels: seconds for all children (3:2 between the first and a second kernel set); a "
-                         "child stopped at its share gives the losses it finished")
+    common.add_kernel_set_options(ap, "3:2", impls_default=list(STEP_IMPLS))
     ap.add_argument("--targets", action="store_true", help="check the training-step targets of benchmarks/targets.py")
     ap.add_argument("--summary", default=None, help="also write the table and the misses to this file")
-    ap.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--impls", nargs="+", default=list(STEP_IMPLS), help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu")
     common.add_allocator_option(ap)
     ap.add_argument("--out", default=None, help="markdown file (default: results/bench-<date-time>/TRAIN_STEP.md)")
@@ -290,7 +283,9 @@ def main(argv=None):
         args.network = "deeplabv3" if real_network_available(args.device) else "head"
     args.losses = [name for name in args.losses if name not in args.skip]
     if args.rows_json:
-        measure(args, progress=lambda rows: common.write_json(args.rows_json, dict(rows=rows)))
+        errors = []
+        measure(args, progress=lambda rows: common.write_json(args.rows_json, dict(rows=rows, errors=errors)),
+                errors=errors)
         return
     on_cuda = args.device.startswith("cuda")
     committed = "benchmarks/TRAIN_STEP-cuda.md" if on_cuda else "benchmarks/TRAIN_STEP.md"
@@ -305,6 +300,7 @@ def main(argv=None):
         results, errors = common.run_per_kernel_set("benchmarks.train_step",
                                                     lambda ks, path: _child_argv(args, ks, path), args.kernels,
                                                     time_limit=args.time_limit, weights=[3, 2])
+        errors += [f"{ks} kernels: {e}" for ks in args.kernels for e in (results.get(ks) or {}).get("errors", [])]
         base = results.get(args.kernels[0])
         if not base or not base["rows"]:
             sys.exit(f"the {args.kernels[0]} kernels' training step failed: {'; '.join(errors)}")
@@ -334,8 +330,9 @@ def main(argv=None):
         sys.exit(f"{len(misses)} training-step targets missed, {len(errors)} errors")
 
 
-def measure(args, progress=None):
-    """Every loss's row, for this process's kernel set; progress(rows) after each."""
+def measure(args, progress=None, errors=None):
+    """Every loss's row, for this process's kernel set; progress(rows) after each. errors: a list,
+    to keep going past a loss that raises (its message appended); else the error propagates."""
     nets, amp = None, None
     if args.network == "deeplabv3":
         teacher, student = deeplabv3_pair()
@@ -348,8 +345,14 @@ def measure(args, progress=None):
         elapsed = time.perf_counter() - start
         left = f", about {elapsed / i * (len(args.losses) - i) / 60:.1f} min left" if i else ""
         print(f"[{i + 1}/{len(args.losses)}] {loss} ({elapsed / 60:.1f} min so far{left})", file=sys.stderr, flush=True)
-        rows.append(measure_loss(loss, data, args.device, args.repeat, impls=args.impls, peaks=not args.no_peak,
-                                 nets=nets, amp=amp))
+        try:
+            rows.append(measure_loss(loss, data, args.device, args.repeat, impls=args.impls, peaks=not args.no_peak,
+                                     nets=nets, amp=amp))
+        except Exception as error:  # noqa: BLE001 - reported; the other losses still measured
+            if errors is None:
+                raise
+            errors.append(f"{loss}: {type(error).__name__}: {error}"[:500])
+            traceback.print_exc()
         if progress:
             progress(rows)
     return rows

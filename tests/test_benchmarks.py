@@ -374,3 +374,20 @@ def test_kernel_set_children_keep_the_rows_they_finished(tmp_path, monkeypatch, 
     assert len(errors) == (2 if status else 1)
     if status:
         assert "the default kernels' child process failed (exit status 3) after 3 rows" in errors[0]
+
+
+def test_report_keeps_going_past_a_failing_case(monkeypatch):
+    def broken_compile(call):
+        def run(*inputs):
+            raise RuntimeError("inductor fell over")
+        return run
+    monkeypatch.setattr(cases, "compile_reference", broken_compile)
+    errors = []
+    rows, _ = report.measure(["position_loss 8x16", "no such case"], "cpu", 1, True, peaks=False, errors=errors)
+    assert [(r["case"], r["mode"]) for r in rows] == [("position_loss 8x16", "forward"),
+                                                       ("position_loss 8x16", "forward+backward")]
+    assert all("compiled_ms" not in r and r["reference_ms"] > 0 for r in rows)  # measured again without compile
+    assert errors[0].startswith("position_loss 8x16 (with torch.compile): RuntimeError: inductor fell over")
+    assert errors[1] == "no such case: ValueError: unknown benchmark case 'no such case'"
+    with pytest.raises(ValueError, match="unknown benchmark case"):
+        report.measure(["no such case"], "cpu", 1, False, peaks=False)
