@@ -82,9 +82,10 @@ class Case:
 
 def compile_reference(call):
     """torch.compile of `call` with idd_ops.reference, shapes static. Dynamo caches compiled code
-    per code object, and every case's closure shares one: past its recompile limit (8) later
-    cases would silently run eager, and a second shape would turn dynamic shapes on. So each
-    case starts from a reset; the on-disk inductor cache still serves a shape compiled before."""
+    per code object, and every case's closure shares one: later cases would meet its recompile
+    limit (8) and fall back to compiling what the closure calls, and a second shape would turn
+    dynamic shapes on. So each case starts from a reset and compiles alone; the on-disk inductor
+    cache still serves a graph compiled before (report --warm-compile fills it)."""
     torch._dynamo.reset()
     return torch.compile(lambda *inputs: call(reference, *inputs), dynamic=False)
 
