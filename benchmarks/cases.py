@@ -53,7 +53,7 @@ class Case:
         """impl: one of IMPLS ("compiled" compiles on its first call)."""
         if impl == "compiled":
             if not hasattr(self, "_compiled"):
-                self._compiled = torch.compile(lambda *inputs: self.call(reference, *inputs))
+                self._compiled = compile_reference(self.call)
             loss_fn = self._compiled
         elif impl == "peer":
             loss_fn = self.peer[1]
@@ -61,12 +61,13 @@ class Case:
             module = {"fused": idd_ops, "reference": reference}[impl]
             loss_fn = lambda *inputs: self.call(module, *inputs)  # noqa: E731
         student = self.inputs[0]
+        seed = torch.ones((), device=student.device)  # made once: a fresh one would be a launch per call
 
         def run():
             student.grad = None
             out = loss_fn(*self.inputs)
             if backward:
-                (out if out.dim() == 0 else out.sum()).backward()
+                (out if out.dim() == 0 else out.sum()).backward(seed.to(out.dtype))
             return out
         return run
 
@@ -77,6 +78,16 @@ class Case:
         """The roofline work (benchmarks.roofline.Work) of one call."""
         flops = self.flops[0] + (self.flops[1] if backward else 0)
         return Work(self.bytes_moved(backward), flops, self.exps, self.gemm_shape if flops else None)
+
+
+def compile_reference(call):
+    """torch.compile of `call` with idd_ops.reference, shapes static. Dynamo caches compiled code
+    per code object, and every case's closure shares one: later cases would meet its recompile
+    limit (8) and fall back to compiling what the closure calls, and a second shape would turn
+    dynamic shapes on. So each case starts from a reset and compiles alone; the on-disk inductor
+    cache still serves a graph compiled before (report --warm-compile fills it)."""
+    torch._dynamo.reset()
+    return torch.compile(lambda *inputs: call(reference, *inputs), dynamic=False)
 
 
 def _randn(*shape, seed=0):
@@ -140,34 +151,41 @@ def _position(size):
                 lambda m, p: m.position_encoding_loss(p, POSITION_KINDS))
 
 
-def _pixel_kd():
-    y = common.street_labels(8, 512, 1024, 19)
-    s, t = _randn(8, 19, 512, 1024), _randn(8, 19, 512, 1024, seed=1)
-    return Case("pixel_kd", "logits B=8 K=19 512x1024, ignore 255", [s, t, y],
+def _batch(arg, default=8):
+    """B from a trailing "b<N>" word of a case's argument ("pool2 b2" -> 2), else default."""
+    last = arg.split()[-1] if arg else ""
+    return int(last[1:]) if last.startswith("b") and last[1:].isdigit() else default
+
+
+def _pixel_kd(B):
+    y = common.street_labels(B, 512, 1024, 19)
+    s, t = _randn(B, 19, 512, 1024), _randn(B, 19, 512, 1024, seed=1)
+    return Case("pixel_kd" + (f" b{B}" if B != 8 else ""), f"logits B={B} K=19 512x1024, ignore 255", [s, t, y],
                 lambda m, s, t, y: m.pixel_kd_loss(s, t, y, temperature=1.0), exps=s.numel() + t.numel())
 
 
-def _cwd():
-    s, t = _randn(8, 512, 64, 128), _randn(8, 512, 64, 128, seed=1)
-    return Case("cwd", "B=8 C=512 64x128 T=4", [s, t], lambda m, s, t: m.channel_wise_distillation_loss(s, t, 4.0),
-                exps=s.numel() + t.numel())
+def _cwd(B):
+    s, t = _randn(B, 512, 64, 128), _randn(B, 512, 64, 128, seed=1)
+    return Case("cwd" + (f" b{B}" if B != 8 else ""), f"B={B} C=512 64x128 T=4", [s, t],
+                lambda m, s, t: m.channel_wise_distillation_loss(s, t, 4.0), exps=s.numel() + t.numel())
 
 
-def _skd(pool):
-    B, C, H, W = 8, 512, 64, 128
+def _skd(pool, B):
+    C, H, W = 512, 64, 128
     P = math.ceil(H / pool) * math.ceil(W / pool)
     # the reference forms [B, P, P] affinities: at pool 1 that is 8 x 8192^2 floats (2 GiB) each.
     # GEMMs (C x C Grams over the P pooled pixels, METHOD.md 7): F_S F_S^T, F_S F_T^T, F_T F_T^T
     # forward; G_SS F_S and G_ST F_T for the gradient
-    return Case(f"skd pool{pool}", f"B={B} C={C} {H}x{W} pool {pool}", [_randn(B, C, H, W), _randn(B, C, H, W, seed=1)],
+    return Case(f"skd pool{pool}" + (f" b{B}" if B != 8 else ""), f"B={B} C={C} {H}x{W} pool {pool}",
+                [_randn(B, C, H, W), _randn(B, C, H, W, seed=1)],
                 lambda m, s, t: m.structural_kd_loss(s, t, pool), rounds=2 if pool == 1 else None,
                 flops=(3 * 2 * B * C * C * P, 2 * 2 * B * C * C * P), gemm_shape=(B, C, P, C))
 
 
-def _ifvd():
-    y = common.street_labels(8, 512, 1024, 19)
-    return Case("ifvd", "B=8 Cs=512 Ct=2048 64x128 labels 512x1024 K=19",
-                [_randn(8, 512, 64, 128), _randn(8, 2048, 64, 128, seed=1), y],
+def _ifvd(B):
+    y = common.street_labels(B, 512, 1024, 19)
+    return Case("ifvd" + (f" b{B}" if B != 8 else ""), f"B={B} Cs=512 Ct=2048 64x128 labels 512x1024 K=19",
+                [_randn(B, 512, 64, 128), _randn(B, 2048, 64, 128, seed=1), y],
                 lambda m, s, t, y: m.intra_class_variation_loss(s, t, y, 19))
 
 
@@ -185,10 +203,10 @@ def _make(name):
     if op == "position_loss":
         return _position(tuple(int(v) for v in arg.split("x")))
     if op == "skd":
-        return _skd(int(arg.removeprefix("pool")))
+        return _skd(int(arg.split()[0].removeprefix("pool")), _batch(arg))
     builders = {"pixel_kd": _pixel_kd, "cwd": _cwd, "ifvd": _ifvd}
     if op in builders:
-        return builders[op]()
+        return builders[op](_batch(arg))
     raise ValueError(f"unknown benchmark case {name!r}")
 
 
@@ -201,3 +219,14 @@ FULL = ["idd_loss cityscapes", "idd_loss cityscapes fragmented", "idd_loss voc",
 # (B = 2, C = 256) that a grid of B x C/8 blocks would spread over only a few SMs.
 CUDA_FULL = FULL + ["idd_loss k1000", "idd_loss b2-c256"]
 QUICK = ["idd_loss cityscapes-small", "position_loss 512x1024"]
+# The GPU guard's key rows (tools/gpu_check.sh, `report --guard`): the ops and passes that the
+# targets of issues 21 and 22 name (benchmarks/targets.py), then the small (B=2) shapes, where
+# launches dominate. Only GUARD_COMPILE gets a torch.compile(reference) column there (about 6 s
+# of compilation per case on an H200, less from the on-disk cache; same-shape rows share it).
+GUARD = ["idd_loss cityscapes", "idd_loss cityscapes fragmented", "class_centroids cityscapes",
+         "class_centroids cityscapes fragmented", "ifvd", "idd_loss ade20k", "idd_loss k1000", "pixel_kd", "cwd",
+         "skd pool2", "position_loss 512x1024", "position_loss 64x128", "idd_loss cityscapes-small",
+         "idd_loss b2-c256", "pixel_kd b2", "cwd b2", "skd pool2 b2", "ifvd b2"]
+GUARD_COMPILE = ["idd_loss cityscapes", "idd_loss cityscapes fragmented", "class_centroids cityscapes",
+                 "class_centroids cityscapes fragmented", "ifvd", "idd_loss ade20k", "idd_loss k1000", "pixel_kd",
+                 "cwd", "skd pool2", "position_loss 512x1024"]

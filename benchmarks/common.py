@@ -10,7 +10,12 @@ import os
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
+import argparse  # noqa: E402
+import json  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -34,25 +39,22 @@ def street_labels(B, H, W, K, seed=0, ignore_index=255, device="cpu"):
     with a thin ignored border around each box as real annotations have. Classes are spread
     over [0, K)."""
     g = torch.Generator().manual_seed(seed)
-    rows = torch.arange(H)[:, None].expand(H, W)
-    cols = torch.arange(W)[None, :].expand(H, W)
     out = torch.empty(B, H, W, dtype=torch.long)
-    for b in range(B):
+    for b in range(B):  # regions as slices (full-image masks per box took a minute at B=8 512x1024)
         u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
         horizon, roof = int(u(0.35, 0.55) * H), int(u(0.1, 0.3) * H)
         y = torch.full((H, W), 2 % K)  # road
-        y[rows < horizon] = 1 % K  # building
-        y[rows < roof] = 0  # sky
+        y[:horizon] = 1 % K  # building
+        y[:roof] = 0  # sky
         side = int(u(0.1, 0.25) * W)
-        y[(rows >= horizon) & ((cols < side) | (cols >= W - side))] = 3 % K  # sidewalk
+        y[horizon:, :side] = 3 % K  # sidewalks
+        y[horizon:, W - side:] = 3 % K
         for _ in range(int(u(5, 25))):
             k = int(u(4, K))
             h, w = int(u(0.02, 0.3) * H) + 1, int(u(0.005, 0.15) * W) + 1
             r0, c0 = int(u(0.2, 0.9) * H), int(u(0, 1) * W)
-            box = (rows >= r0 - h) & (rows < r0) & (cols >= c0) & (cols < c0 + w)
-            edge = (rows >= r0 - h - 2) & (rows < r0 + 2) & (cols >= c0 - 2) & (cols < c0 + w + 2) & ~box
-            y[edge] = ignore_index
-            y[box] = k
+            y[max(r0 - h - 2, 0):r0 + 2, max(c0 - 2, 0):c0 + w + 2] = ignore_index  # the ignored border...
+            y[max(r0 - h, 0):r0, c0:c0 + w] = k  # ...around the box
         out[b] = y
     return out.to(device)
 
@@ -134,12 +136,14 @@ def time_ms(fn, device="cpu", repeat=5, warmup=1):
     return time_interleaved([fn], device, repeat, warmup)[0]
 
 
-def time_interleaved(fns, device="cpu", repeat=5, warmup=1, settle_s=0.5, stat=statistics.median):
+def time_interleaved(fns, device="cpu", repeat=5, warmup=1, settle_s=None, stat=statistics.median):
     """stat (default: the median) of each fn's wall times in ms, timed in alternation (one call
     of each per round), so that every candidate meets the same machine state. After the
     warm-up calls, the first fn keeps running for settle_s: right after large allocations this
     machine's kernel is busy (huge-page work) for a fraction of a second, which would skew the
-    first timings."""
+    first timings. On a GPU 0.1 s (by default) brings its clocks up from idle."""
+    if settle_s is None:
+        settle_s = 0.1 if torch.device(device).type == "cuda" else 0.5
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -192,3 +196,125 @@ def loss_fn(impl, s, t, y, K, backward):
             loss.backward()
         return loss
     return run
+
+
+def host_ms(fn, device="cpu", calls=20):
+    """Host time per call in ms: `calls` calls issued without a synchronise, divided by `calls`
+    (after a warm-up call and a synchronise). Where the device is the slower side and its queue
+    fills, this grows towards the device time; a launch-bound op shows its host cost."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    sync(device)
+    return elapsed * 1e3 / calls
+
+
+RUNTIME_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                    "cudaMemsetAsync", "cudaMemcpyAsync", "cudaGraphLaunch")
+
+
+def count_launches(events):
+    """Kernels, memsets and copies that `events` (torch.profiler FunctionEvents) put on the GPU:
+    the device-side records where the profiler has them (CUPTI), else the host's runtime calls
+    (RUNTIME_LAUNCHES)."""
+    on_device = [e for e in events if getattr(e.device_type, "name", "") == "CUDA"]
+    if on_device:
+        return len(on_device)
+    return sum(1 for e in events if e.name in RUNTIME_LAUNCHES)
+
+
+def launches_per_call(fn, device="cuda", calls=3):
+    """GPU launches (kernels, memsets, copies: count_launches) per call of fn, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    return count_launches(prof.events()) / calls
+
+
+# The CUDA kernel sets: IDD_OPS_CUDA_NEXT's value for each (idd_ops/_switches.py).
+KERNEL_SETS = {"default": "0", "next": "1"}
+
+
+def revision():
+    """The measured source's revision: git's short hash (+ " with uncommitted changes"), else
+    $REV (a copy without .git, as on a device machine), else "unknown"."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    if rev is not None and rev.returncode == 0:
+        return rev.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
+    return os.environ.get("REV") or "unknown (no .git here and no REV set)"
+
+
+def add_kernel_set_options(parser, share, impls_default=None):
+    """The options of a benchmark that can run each CUDA kernel set in a child process
+    (run_per_kernel_set): --kernels, --time-limit (shared `share`, e.g. "2:1"), --no-peak, and
+    the children's own --rows-json and --impls."""
+    parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory columns")
+    parser.add_argument("--kernels", nargs="+", choices=tuple(KERNEL_SETS), default=None,
+                        help="run each CUDA kernel set in its own child process (IDD_OPS_CUDA_NEXT=0 / 1, read once "
+                             "per process): the first measures every implementation, a second adds 'fused next' "
+                             "columns")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help=f"with --kernels: seconds for all children ({share} between the first and a second "
+                             f"kernel set); a child stopped at its share gives the rows it finished")
+    parser.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)  # a --kernels child's output
+    parser.add_argument("--impls", nargs="+", default=impls_default, help=argparse.SUPPRESS)
+
+
+def write_json(path, obj):
+    """Writes obj as JSON to path atomically (a reader never sees half a file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def run_per_kernel_set(module, argv_for, kernel_sets, time_limit=None, weights=None):
+    """Runs `python -m module *argv_for(kernel_set, json_path)` once per kernel set, each in its
+    own process with IDD_OPS_CUDA_NEXT set (the switch is read once per process), one after the
+    other. A child writes {"rows": [...], ...} to json_path after every row, so a child stopped
+    at its time limit still gives the rows it finished. time_limit (s) is shared among the
+    children in proportion to `weights` (default equal) of the time still left.
+    Returns ({kernel set: the child's JSON, or None if it wrote none}, error messages); a child's
+    output goes to this process's stdout and stderr."""
+    results, errors = {}, []
+    weights = list(weights or [1] * len(kernel_sets))
+    deadline = time.monotonic() + time_limit if time_limit else None
+    for i, kernel_set in enumerate(kernel_sets):
+        timeout = max((deadline - time.monotonic()) * weights[i] / sum(weights[i:]), 1) if deadline else None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "rows.json")
+            env = dict(os.environ, IDD_OPS_CUDA_NEXT=KERNEL_SETS[kernel_set])
+            print(f"{module}: {kernel_set} kernels (IDD_OPS_CUDA_NEXT={env['IDD_OPS_CUDA_NEXT']}) in a child process"
+                  + (f", {timeout:.0f} s at most" if timeout else ""), file=sys.stderr, flush=True)
+            try:
+                status = subprocess.run([sys.executable, "-m", module, *argv_for(kernel_set, path)], env=env,
+                                        timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                status = None
+            results[kernel_set] = None
+            if os.path.exists(path):
+                with open(path) as f:
+                    results[kernel_set] = json.load(f)
+            done = len(results[kernel_set]["rows"]) if results[kernel_set] else 0
+            if status is None:
+                errors.append(f"the {kernel_set} kernels' child process reached its time limit ({timeout:.0f} s) "
+                              f"after {done} rows; the rows after them are missing")
+            elif status != 0:
+                errors.append(f"the {kernel_set} kernels' child process failed (exit status {status}) after {done} "
+                              f"rows; its output is in the log above")
+    return results, errors

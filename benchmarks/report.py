@@ -6,65 +6,135 @@ writes it to a new folder, results/bench-<date-time>/RESULTS.md, unless --out na
     python -m benchmarks.report            # every op at B=8 Cityscapes shapes (tens of minutes)
     python -m benchmarks.report --quick    # IDD at B=2 and the position loss, 3 rounds (1 min)
     python -m benchmarks.report --update   # every op, written to benchmarks/RESULTS.md
+    python -m benchmarks.report --device cuda --guard --kernels default next   # tools/gpu_check.sh's perf stage
+
+--kernels runs each CUDA kernel set in its own child process (IDD_OPS_CUDA_NEXT is read once per
+process): the first measures every implementation, the second the fused op alone ('fused next'
+columns). --guard: the key rows of cases.GUARD, torch.compile for cases.GUARD_COMPILE, no peak
+memory, and the targets of benchmarks/targets.py checked (exit status 1 on a miss). On CUDA the
+IDD rows also get host time and launches per call.
 
 The training-step view is a separate script and file: python -m benchmarks.train_step.
 Each entry prints its progress and the time left. Exits with status 1 (after writing the table)
 if a peak-memory entry is below the bytes its call returns, which no correct measurement gives.
 """
 import argparse
+import json
 import os
 import platform
 import sys
 import time
+import traceback
 
 from . import common, peak  # first: sets the allocator before torch starts  # noqa: I001
-from . import cases, roofline
+from . import cases, roofline, targets
 import torch
 
+from idd_ops._switches import cuda_next_enabled
+
 MODES = (False, True)
+MODES_TEXT = {False: "forward", True: "forward+backward"}
 PEAK_ATTEMPTS = 3  # measurements of a peak that comes out below the returned bytes
 EXPECTED = {"full": "tens of minutes on 2 CPU cores (not timed end to end; the time left is printed after every entry)",
-            "quick": "about 1 min on 2 CPU cores (measured)"}
+            "quick": "about 1 min on 2 CPU cores (measured)",
+            "guard": "about 1 min on an H200 with a warm compile cache (the GPU check's perf stage)"}
 TRAIN_STEP = {"cpu": "benchmarks/TRAIN_STEP.md", "cuda": "benchmarks/TRAIN_STEP-cuda.md"}
 
 
-def measure_row(case, backward, device, repeat, compiled, rates, probe):
-    """One table row: times (alternating, with the copy probe), peaks (profiler), bound, for
-    case and pass."""
-    impls = case.impls(compiled)
+# Ops whose rows also get host time and launches per call on a GPU (issue 21's targets).
+LAUNCH_OPS = ("idd_loss", "class_centroids")
+LAUNCH_NOTE = ("Host ms/call: 20 calls issued without a synchronise, divided by 20 (the host's cost where the GPU "
+               "keeps up). Launches/call: kernels, memsets and copies on the GPU per call (torch.profiler, 3 calls); "
+               "forward+backward seeds the backward with a gradient made once, so the harness adds none. ")
+
+
+def measure_row(case, backward, device, repeat, compiled, rates, probe, impls=None, peaks=True, launch_stats=False):
+    """One table row: times (alternating, with the copy probe), peaks (profiler) unless not
+    asked, bound (where rates are given), and with launch_stats the fused op's host time and
+    launches per call; for case and pass. impls: default case.impls(compiled)."""
+    impls = impls or case.impls(compiled)
     *times, probe_ms = common.time_interleaved([case.build(impl, backward) for impl in impls] + [probe], device,
                                                repeat=min(repeat, case.rounds or repeat), stat=min)
     student = case.inputs[0]
     row = dict(case=case.name, desc=case.desc, mode="forward+backward" if backward else "forward")
     row["copy_gbs"] = probe.rate(probe_ms) / 1e9
-    row["bound_ms"], row["bound_by"] = rates.bound(case.work(backward), row["copy_gbs"] * 1e9)
+    if rates is not None:
+        row["bound_ms"], row["bound_by"] = rates.bound(case.work(backward), row["copy_gbs"] * 1e9)
     for impl, t in zip(impls, times):
-        run = case.build(impl, backward)
-        row[impl + "_peak"], row[impl + "_returned"] = peak.measure(
-            run, device, held=lambda: [student.grad] if backward else [], attempts=PEAK_ATTEMPTS,
-            before=lambda: setattr(student, "grad", None))  # the previous call's gradient, freed
         row[impl + "_ms"] = t
-    row["returned"] = min(row[impl + "_returned"] for impl in impls)
+        if peaks:
+            run = case.build(impl, backward)
+            row[impl + "_peak"], row[impl + "_returned"] = peak.measure(
+                run, device, held=lambda: [student.grad] if backward else [], attempts=PEAK_ATTEMPTS,
+                before=lambda: setattr(student, "grad", None))  # the previous call's gradient, freed
+    if peaks:
+        row["returned"] = min(row[impl + "_returned"] for impl in impls)
+    if launch_stats and "fused" in impls:
+        run = case.build("fused", backward)
+        row["fused_host_ms"] = common.host_ms(run, device)
+        row["fused_launches"] = common.launches_per_call(run, device)
     if case.peer:
         row["peer_name"] = case.peer[0]
     return row
 
 
-def measure(case_names, device, repeat, compiled):
-    rates, probe = roofline.Rates(device), common.CopyProbe(device)
+def measure(case_names, device, repeat, compiled, impls=None, peaks=True, compile_names=None, launch_stats=None,
+            progress=None, errors=None):
+    """Rows of every case and pass. compiled: a torch.compile(reference) column, for the cases in
+    compile_names only where given. impls: the implementations (default: each case's own; the
+    bound is measured only with the reference). launch_stats: host time and launches of the
+    fused op for LAUNCH_OPS (default: on CUDA). progress(rows, rates): called after every row.
+    errors: a list, to keep going past a case that raises (its message is appended, and a case
+    that failed with its compiled column is measured again without it); else the error propagates."""
+    with_rates = impls is None or "reference" in impls
+    rates, probe = roofline.Rates(device) if with_rates else None, common.CopyProbe(device)
+    if launch_stats is None:
+        launch_stats = device.startswith("cuda")
     rows, total, step = [], len(case_names) * len(MODES), 0
     start = time.perf_counter()
     for name in case_names:
-        case = cases.make(name, device)
-        for backward in MODES:
-            mode = "forward+backward" if backward else "forward"
-            elapsed = time.perf_counter() - start
-            left = f", about {elapsed / step * (total - step) / 60:.1f} min left" if step else ""
-            step += 1
-            print(f"[{step}/{total}] {name} {mode} ({elapsed / 60:.1f} min so far{left})", file=sys.stderr, flush=True)
-            rows.append(measure_row(case, backward, device, repeat, compiled, rates, probe))
-        del case
+        compile_case = compiled and (compile_names is None or name in compile_names)
+        for attempt in (compile_case, False) if compile_case else (False,):
+            new, case = [], None
+            try:
+                case = cases.make(name, device)
+                case_impls = [i for i in (impls or case.impls(attempt)) if i != "compiled" or attempt]
+                for backward in MODES:
+                    elapsed = time.perf_counter() - start
+                    left = f", about {elapsed / step * (total - step) / 60:.1f} min left" if step else ""
+                    step += 1
+                    print(f"[{step}/{total}] {name} {MODES_TEXT[backward]} ({elapsed / 60:.1f} min so far{left})",
+                          file=sys.stderr, flush=True)
+                    new.append(measure_row(case, backward, device, repeat, attempt, rates, probe, impls=case_impls,
+                                           peaks=peaks, launch_stats=launch_stats and name.split()[0] in LAUNCH_OPS))
+                rows.extend(new)
+                if progress:
+                    progress(rows, rates)
+                break
+            except Exception as error:  # noqa: BLE001 - reported, and the other cases still measured
+                if errors is None:
+                    raise
+                step -= len(new)
+                message = f"{name}{' (with torch.compile)' if attempt and case else ''}: {type(error).__name__}: {error}"
+                errors.append(message[:500])
+                print(f"ERROR {message}", file=sys.stderr, flush=True)
+                traceback.print_exc()
+                if case is None:
+                    break  # it could not be built: no second attempt
+            finally:
+                case = None  # frees its inputs before the next case
     return rows, rates
+
+
+def warm_compile(case_names, device):
+    """Compiles torch.compile(reference) of each case, forward and backward, once: fills the
+    on-disk inductor cache, so that a later report process (the GPU check's perf stage, which
+    runs this during the build) compiles from it."""
+    for name in case_names:
+        t0 = time.perf_counter()
+        cases.make(name, device).build("compiled", True)()
+        common.sync(device)
+        print(f"compiled {name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def _ratio(num, den):
@@ -90,32 +160,88 @@ def _peer_cell(row, key, fmt):
     return fmt(row[key]) if key in row else "not installed"
 
 
+def _ms_cell(row, key, digits=1):
+    return f"{row[key]:.{digits}f}" if row.get(key) is not None else "-"
+
+
 def table(rows):
-    compiled = any("compiled_ms" in r for r in rows)
+    """The markdown table; columns that no row has (compiled, next kernels, peer, peaks, host
+    time and launches) are left out."""
+    has = lambda key: any(r.get(key) is not None for r in rows)  # noqa: E731
+    compiled, nxt, peaks, launches = has("compiled_ms"), has("fused_next_ms"), has("fused_peak"), has("fused_host_ms")
     peers = sorted({r["peer_name"] for r in rows if "peer_name" in r})
     peer = f"peer ({', '.join(peers)})" if peers else None
-    head = ["op", "shape", "pass", "fused ms", "reference ms"] + (["compiled ms"] if compiled else []) + \
-        ([f"{peer} ms"] if peer else []) + ["speed-up vs reference"] + (["vs compiled"] if compiled else []) + \
-        (["vs peer"] if peer else []) + ["fused peak MiB", "reference peak MiB"] + \
-        (["compiled peak MiB"] if compiled else []) + ([f"{peer} peak MiB"] if peer else []) + \
-        ["returned MiB", "memory: reference / fused", "copy GB/s", "bound ms", "bound by", "fused / bound"]
+    head = ["op", "shape", "pass", "fused ms"] + (["fused next ms"] if nxt else []) + ["reference ms"] + \
+        (["compiled ms"] if compiled else []) + ([f"{peer} ms"] if peer else []) + ["speed-up vs reference"] + \
+        (["vs compiled"] if compiled else []) + (["vs peer"] if peer else []) + \
+        (["next vs default", "next vs reference"] if nxt else []) + \
+        (["fused host ms/call", "fused launches/call"] + (["next host ms/call", "next launches/call"] if nxt else [])
+         if launches else [])
+    if peaks:
+        head += ["fused peak MiB", "reference peak MiB"] + (["compiled peak MiB"] if compiled else []) + \
+            ([f"{peer} peak MiB"] if peer else []) + ["returned MiB", "memory: reference / fused"]
+    head += ["copy GB/s", "bound ms", "bound by", "fused / bound"] + (["next / bound"] if nxt else [])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in rows:
-        cells = [r["case"].split()[0], r["desc"], r["mode"], f"{r['fused_ms']:.1f}", f"{r['reference_ms']:.1f}"]
-        cells += [f"{r['compiled_ms']:.1f}"] if compiled else []
+        cells = [r["case"].split()[0], r["desc"], r["mode"], _ms_cell(r, "fused_ms")]
+        cells += [_ms_cell(r, "fused_next_ms")] if nxt else []
+        cells += [_ms_cell(r, "reference_ms")]
+        cells += [_ms_cell(r, "compiled_ms")] if compiled else []
         cells += [_peer_cell(r, "peer_ms", lambda v: f"{v:.1f}")] if peer else []
-        cells += [_ratio(r["reference_ms"], r["fused_ms"])]
-        cells += [_ratio(r.get("compiled_ms"), r["fused_ms"])] if compiled else []
-        cells += [_peer_cell(r, "peer_ms", lambda v: _ratio(v, r["fused_ms"]))] if peer else []
-        cells += [_mib(r, "fused"), _mib(r, "reference")] + ([_mib(r, "compiled")] if compiled else [])
-        cells += [_peer_cell(r, "peer_peak", lambda v: _mib(r, "peer"))] if peer else []
-        cells += [_mib_text(r["returned"]), _ratio(r["reference_peak"], max(r["fused_peak"], 2**20)),
-                  f"{r['copy_gbs']:.1f}", f"{r['bound_ms']:.1f}", r["bound_by"], f"{r['fused_ms'] / r['bound_ms']:.2f}"]
+        cells += [_speedup(r.get("reference_ms"), r["fused_ms"])]
+        cells += [_speedup(r.get("compiled_ms"), r["fused_ms"])] if compiled else []
+        cells += [_peer_cell(r, "peer_ms", lambda v: _speedup(v, r["fused_ms"]))] if peer else []
+        if nxt:
+            cells += [_speedup(r["fused_ms"], r.get("fused_next_ms")),
+                      _speedup(r.get("reference_ms"), r.get("fused_next_ms"))]
+        if launches:
+            cells += [_ms_cell(r, "fused_host_ms", 3), _ms_cell(r, "fused_launches")]
+            cells += [_ms_cell(r, "fused_next_host_ms", 3), _ms_cell(r, "fused_next_launches")] if nxt else []
+        if peaks:
+            cells += [_mib(r, "fused"), _mib(r, "reference")] + ([_mib(r, "compiled")] if compiled else [])
+            cells += [_peer_cell(r, "peer_peak", lambda v: _mib(r, "peer"))] if peer else []
+            cells += [_mib_text(r["returned"]), _ratio(r["reference_peak"], max(r["fused_peak"], 2**20))]
+        bound = r.get("bound_ms")
+        cells += [f"{r['copy_gbs']:.1f}", _ms_cell(r, "bound_ms"), r.get("bound_by", "-"), _ratio2(r["fused_ms"], bound)]
+        cells += [_ratio2(r.get("fused_next_ms"), bound)] if nxt else []
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
-def header(device, repeat, compiled, rates, rows, out, allocator=common.SYSTEM_MALLOC_NOTE):
+def _ratio2(num, den):
+    return f"{num / den:.2f}" if num is not None and den else "-"
+
+
+def _speedup(num, den):
+    """Two decimals: a guard decides at 1.00x."""
+    return _ratio2(num, den) + "x" if num is not None and den else "-"
+
+
+def kernels_note(kernel_sets):
+    """The header's sentence on which CUDA kernels the fused columns ran."""
+    if not kernel_sets:
+        return f"Kernels: {'IDD_OPS_CUDA_NEXT=1' if cuda_next_enabled() else 'the default set (IDD_OPS_CUDA_NEXT unset)'}.\n"
+    named = {"default": "the default set", "next": "IDD_OPS_CUDA_NEXT=1"}
+    text = f"Kernels: fused = {named[kernel_sets[0]]}"
+    if len(kernel_sets) > 1:
+        text += (f"; fused next = {named[kernel_sets[1]]}, timed in a second process (the switch is read once per "
+                 f"process), fused only, its bound from the first process's row")
+    return text + ".\n"
+
+
+COMPILED_NOTE = ("; compiled = torch.compile(reference) (default mode, static shapes, a dynamo reset per case), "
+                 "timed after its compilation ('-' for a case not compiled)")
+
+
+def _peak_note(rows):
+    if not any("fused_peak" in r for r in rows):
+        return "Peak memory: not measured (--no-peak).\n"
+    return (f"Peak memory: {peak.METHOD}. Returned MiB: the output and (forward+backward) gradient the call "
+            f"hands back, which no peak may be below: such an entry is measured again, up to {PEAK_ATTEMPTS} times "
+            f"in all, and a '!' marks one that stays below. Memory ratios floor the fused peak at 1 MiB.\n")
+
+
+def header(device, repeat, compiled, rates, rows, out, allocator=common.SYSTEM_MALLOC_NOTE, kernel_sets=None):
     if device.startswith("cuda"):
         dev = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
     else:
@@ -129,18 +255,16 @@ def header(device, repeat, compiled, rates, rows, out, allocator=common.SYSTEM_M
                  "your torch from https://data.pyg.org/whl/ (`pip install torch_scatter -f "
                  "https://data.pyg.org/whl/torch-<version>+<cpu|cuXXX>.html`) or build it "
                  "(`pip install torch_scatter --no-build-isolation`, a long C++ build).\n")
-    return (f"Device: {device} ({dev}), torch {torch.__version__}, "
+    return (f"Revision: {common.revision()}. Device: {device} ({dev}), torch {torch.__version__}, "
             f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}, float32. IDD: euclidean, "
             f"reduction=mean, street-layout labels unless the shape says fragmented (per-pixel random classes "
             f"at feature resolution). Position loss: maps {', '.join(cases.POSITION_KINDS)}.\n"
-            f"Allocator: {allocator}.\n"
+            f"Allocator: {allocator}.\n{kernels_note(kernel_sets)}"
             f"Times: the best of {repeat} rounds (2 for SKD pool 1; other tenants of the machine only ever add time, "
             f"so the least is the most repeatable), implementations and the copy probe alternating"
-            f"{'; compiled = torch.compile(reference), timed after its compilation' if compiled else ''}.\n"
-            f"Peak memory: {peak.METHOD}. Returned MiB: the output and (forward+backward) gradient the call "
-            f"hands back, which no peak may be below: such an entry is measured again, up to {PEAK_ATTEMPTS} times "
-            f"in all, and a '!' marks one that stays below. Memory ratios floor the fused "
-            f"peak at 1 MiB.\n"
+            f"{COMPILED_NOTE if compiled else ''}.\n"
+            f"{LAUNCH_NOTE if any('fused_host_ms' in r for r in rows) else ''}"
+            f"{_peak_note(rows)}"
             f"Bound (roofline): max(bytes moved / copy bandwidth, GEMM flops / GEMM rate at the op's shape, "
             f"exps / exp rate). Copy GB/s (read + write): each row's own, from a 256 MiB copy between existing "
             f"tensors timed in the same alternating rounds as the implementations (best round), because this "
@@ -153,13 +277,91 @@ def header(device, repeat, compiled, rates, rows, out, allocator=common.SYSTEM_M
             f"from `python -m benchmarks.train_step --update`.\n\n")
 
 
+def compact_table(rows):
+    """One short table of the key numbers: fused (default kernels), fused (next), eager
+    reference, torch.compile(reference), bound, and host time and launches where measured."""
+    nxt = any(r.get("fused_next_ms") is not None for r in rows)
+    head = ["row", "pass", "fused ms"] + (["fused next ms"] if nxt else []) + \
+        ["eager reference ms", "compile(reference) ms", "bound ms", "fused / bound"] + \
+        (["next / bound"] if nxt else []) + ["host ms/call", "launches/call"] + \
+        (["next host ms/call", "next launches/call"] if nxt else [])
+    out = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for r in rows:
+        cells = [r["case"], r["mode"], _ms_cell(r, "fused_ms", 3)] + ([_ms_cell(r, "fused_next_ms", 3)] if nxt else [])
+        cells += [_ms_cell(r, "reference_ms", 3), _ms_cell(r, "compiled_ms", 3), _ms_cell(r, "bound_ms", 3),
+                  _ratio2(r["fused_ms"], r.get("bound_ms"))] + ([_ratio2(r.get("fused_next_ms"), r.get("bound_ms"))]
+                                                                 if nxt else [])
+        cells += [_ms_cell(r, "fused_host_ms", 3), _ms_cell(r, "fused_launches")]
+        cells += [_ms_cell(r, "fused_next_host_ms", 3), _ms_cell(r, "fused_next_launches")] if nxt else []
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def merge_kernel_sets(base_rows, next_rows):
+    """base_rows with each matching next row's fused numbers as fused_next_* columns."""
+    by_key = {(r["case"], r["mode"]): r for r in next_rows}
+    merged = []
+    for row in base_rows:
+        other = by_key.get((row["case"], row["mode"]), {})
+        extra = {"fused_next" + key[len("fused"):]: value for key, value in other.items()
+                 if key.startswith("fused_") and key != "fused_returned"}
+        merged.append(dict(row, **extra))
+    return merged
+
+
+def summary_section(rows, misses, columns, errors=()):
+    """The GPU check's summary of this stage: the compact table and every target missed."""
+    guard = targets.guard_failures(misses)
+    lines = ["## perf: key rows\n", compact_table(rows)]
+    for col in columns:
+        mine = [m for m in misses if f"[{targets._label(col)}]" in m]
+        lines.append(f"- {targets._label(col)}: {len(targets.guard_failures(mine))} guard failures (slower than "
+                     f"the eager reference), {len(mine)} targets missed in all")
+    lines += [f"- ERROR: {e}" for e in errors]
+    if misses:
+        lines.append(f"\n### Targets missed ({len(misses)}; guard failures: {len(guard)})\n")
+        lines += [f"- {m}" for m in misses]
+    return "\n".join(lines) + "\n"
+
+
+def _child_argv(args, names, kernel_set, path):
+    """A child report's arguments: the same cases and settings for one kernel set; the first set
+    measures every implementation, a later one the fused op alone."""
+    argv = ["--device", args.device, "--cases", *names, "--repeat", str(args.repeat), "--rows-json", path]
+    argv += ["--no-peak"] if args.no_peak else []
+    argv += ["--no-compile"] if args.no_compile else []
+    argv += ["--compile-cases", *args.compile_cases] if args.compile_cases else []
+    argv += ["--system-malloc"] if args.system_malloc else []
+    return argv + ([] if kernel_set == args.kernels[0] else ["--impls", "fused"])
+
+
+class _Described:
+    """Rates measured in a child process: its description only."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def describe(self):
+        return self.text
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two cases and 3 rounds instead of all cases and 7")
+    p.add_argument("--guard", action="store_true",
+                   help="the GPU check's perf stage: the key rows (cases.GUARD), torch.compile for cases.GUARD_COMPILE "
+                        "only, no peak memory, 5 rounds, targets checked (benchmarks/targets.py; exit 1 on a miss)")
     p.add_argument("--cases", nargs="+", default=None, help="case names to run (default: all, or the quick set)")
     p.add_argument("--skip", nargs="+", default=(), help="case names to leave out")
-    p.add_argument("--repeat", type=int, default=None, help="timing rounds (default 7, --quick 3)")
+    p.add_argument("--repeat", type=int, default=None, help="timing rounds (default 7, --quick 3, --guard 5)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) column")
+    p.add_argument("--compile-cases", nargs="+", default=None, help="the torch.compile column for these cases only")
+    p.add_argument("--warm-compile", action="store_true",
+                   help="only compile each case's reference once (fills the on-disk inductor cache) and exit")
+    common.add_kernel_set_options(p, "2:1")
+    p.add_argument("--targets", action="store_true", help="check benchmarks/targets.py; exit 1 if one is missed")
+    p.add_argument("--summary", default=None, help="also write the compact table and the misses to this file")
+    p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     p.add_argument("--device", default="cpu")
     common.add_allocator_option(p)
     p.add_argument("--out", default=None,
@@ -167,21 +369,50 @@ def main(argv=None):
     p.add_argument("--update", action="store_true",
                    help="write the committed benchmarks/RESULTS.md (RESULTS-cuda.md with --device cuda) instead")
     args = p.parse_args(argv)
+    if args.guard:
+        args.no_peak, args.targets = True, True
+        args.compile_cases = args.compile_cases or cases.GUARD_COMPILE
     allocator = common.apply_allocator_option(args)
     on_cuda = args.device.startswith("cuda")
+    args.repeat = args.repeat or (3 if args.quick else 5 if args.guard else 7)
+    compiled = not (args.no_compile or args.quick)
+    default_cases = cases.QUICK if args.quick else cases.GUARD if args.guard else \
+        (cases.CUDA_FULL if on_cuda else cases.FULL)
+    names = [c for c in (args.cases or default_cases) if c not in args.skip]
+    if args.warm_compile:
+        return warm_compile([n for n in names if args.compile_cases is None or n in args.compile_cases], args.device)
+    if args.rows_json:  # a child of --kernels: rows only
+        errors = []
+
+        def progress(rows, rates):
+            common.write_json(args.rows_json, dict(rows=rows, rates=rates.describe() if rates else "", errors=errors))
+        rows, rates = measure(names, args.device, args.repeat, compiled, impls=args.impls, peaks=not args.no_peak,
+                              compile_names=args.compile_cases, progress=progress, errors=errors)
+        progress(rows, rates)  # the errors of the last cases too
+        return
     committed = "benchmarks/RESULTS-cuda.md" if on_cuda else "benchmarks/RESULTS.md"
     if args.update and args.out:
         p.error(f"--update writes {committed}; leave out --out")
     args.out = committed if args.update else args.out or os.path.join(
         "results", time.strftime("bench-%Y%m%d-%H%M%S"), os.path.basename(committed))
-    expected = "" if args.cases else EXPECTED["quick" if args.quick else "full"] + "; "
+    expected = "" if args.cases else EXPECTED["quick" if args.quick else "guard" if args.guard else "full"] + "; "
     print(f"benchmarks.report: {expected}writing {args.out}", file=sys.stderr, flush=True)
-    repeat = args.repeat or (3 if args.quick else 7)
-    compiled = not (args.no_compile or args.quick)
-    default_cases = cases.QUICK if args.quick else (cases.CUDA_FULL if on_cuda else cases.FULL)
-    names = [c for c in (args.cases or default_cases) if c not in args.skip]
-    rows, rates = measure(names, args.device, repeat, compiled)
-    text = header(args.device, repeat, compiled, rates, rows, args.out, allocator) + table(rows)
+    errors, columns = [], ["fused"]
+    if args.kernels:
+        results, errors = common.run_per_kernel_set(
+            "benchmarks.report", lambda ks, path: _child_argv(args, names, ks, path), args.kernels,
+            time_limit=args.time_limit, weights=[2, 1])
+        errors += [f"{ks} kernels: {e}" for ks in args.kernels for e in (results.get(ks) or {}).get("errors", [])]
+        base = results.get(args.kernels[0])
+        if not base or not base["rows"]:
+            sys.exit(f"the {args.kernels[0]} kernels' report failed: {'; '.join(errors)}")
+        rows, rates = base["rows"], _Described(base["rates"])
+        if len(args.kernels) > 1 and results.get(args.kernels[1]) is not None:
+            rows, columns = merge_kernel_sets(rows, results[args.kernels[1]]["rows"]), ["fused", "fused_next"]
+    else:
+        rows, rates = measure(names, args.device, args.repeat, compiled, peaks=not args.no_peak,
+                              compile_names=args.compile_cases)
+    text = header(args.device, args.repeat, compiled, rates, rows, args.out, allocator, args.kernels) + table(rows)
     print(text)
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -189,10 +420,21 @@ def main(argv=None):
         f.write(f"Command: `python -m benchmarks.report {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
                 + text)
     print(f"written to {args.out}", file=sys.stderr)
-    bad = peak.below_returned(rows, cases.IMPLS)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    misses = targets.check(rows, columns) if args.targets else []
+    if args.summary:
+        with open(args.summary, "w") as f:
+            f.write(summary_section(rows, misses, columns if args.targets else (), errors))
+    print(compact_table(rows) + "".join(f"MISSED {m}\n" for m in misses) + "".join(f"ERROR {e}\n" for e in errors))
+    bad = peak.below_returned(rows, cases.IMPLS) if not args.no_peak else []
     if bad:
         sys.exit("peak memory below the returned bytes (a measurement error) for: "
                  + "; ".join(" ".join(entry) for entry in bad))
+    if misses or errors:
+        sys.exit(f"{len(misses)} targets missed ({len(targets.guard_failures(misses))} guard failures), "
+                 f"{len(errors)} errors")
 
 
 if __name__ == "__main__":

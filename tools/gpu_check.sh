@@ -1,81 +1,202 @@
 #!/usr/bin/env bash
-# One-call GPU check: build with CUDA, run the GPU tests, the CUDA benchmark report and the
-# demo's quick preset on the GPU, writing every log and result under $OUT (default
-# ./gpu-check-out). Each stage has its own time limit, so a failing or slow stage still leaves
-# the others' results; the exit status is the number of failed stages.
+# The GPU check, in one call of at most 5 minutes on an H200 with 16 cores, build included:
 #
-#   bash tools/gpu_check.sh             # on a GPU machine (CUDA torch, nvcc; no registry needed)
-#   bash tools/gpu_check.sh --dry-run   # anywhere: checks that every stage's command exists
+#   stage       limit  what                                                        kernels
+#   env           10 s  nvidia-smi, torch/CUDA/nvcc versions, revision              -
+#   build         75 s  the extension with CUDA, in place (sm_90, MAX_JOBS=nproc)   -
+#                       (meanwhile: torch.compile of the perf rows' references, in the background)
+#   tests         65 s  the GPU tests (-m gpu), pytest-xdist -n 8          } run    default
+#   tests-next    65 s  the same tests                                      } side   IDD_OPS_CUDA_NEXT=1
+#   demo          65 s  the demo's quick preset on the GPU                  } by side IDD_OPS_CUDA_NEXT=1
+#   perf          95 s  report --guard: key rows, fused (default, next), eager reference,
+#                       torch.compile(reference), bound; fails on a guard or target miss  both
+#   train         50 s  real training step (torchvision DeepLabV3-R101 / R50, B=8,
+#                       512x1024, bf16): each loss's cost per step, fused vs reference    both
+#   in all       295 s  at the most (10 + 75 + 65 + 95 + 50); the three middle stages share one 65 s window
+#   perf and train run one child process per kernel set (2:1 and 3:2 of their time); a child
+#   stopped at its share still reports the rows it finished.
 #
-# Test dependencies missing on the GPU machine come from ./wheelhouse (git-ignored), prepared
-# beforehand on a machine with a registry:  bash tools/gpu_check.sh --prepare-wheelhouse
-# Limits (seconds) can be overridden: BUILD_S, TESTS_S, BENCH_S, DEMO_S. Whole check: <= 8 min
-# (30 + 60 + 150 + 90 + 90 + 60 s at the most).
+#   bash tools/gpu_check.sh                       # every stage
+#   bash tools/gpu_check.sh --only tests-next,perf  # a subset (build added if the extension is not built)
+#   bash tools/gpu_check.sh --skip train          # all but these
+#   bash tools/gpu_check.sh --dry-run             # anywhere: every stage's prerequisites, nothing run
+#   bash tools/gpu_check.sh --list                # the stages and their limits
+#
+# Output ($OUT, default ./gpu-check-out): summary.md (every stage's status and time, test counts
+# and failures, the perf table and every target missed, the training-step table, the end of each
+# failed stage's log), RESULTS-cuda.md, TRAIN_STEP-cuda.md, perf.json and logs.tar.gz (every
+# log; the logs are written to $LOGS, default a new /tmp/gpu-check-logs.*). Five files: the device tool
+# brings back at most 8. The summary is printed at the end. Exit status: the number of failed stages.
+# Limits can be overridden: ENV_S BUILD_S TESTS_S PERF_S TRAIN_S (seconds); WORKERS (xdist
+# workers per test run, 8); NEXT_TESTS (the tests-next selection, default: every GPU test);
+# KERNELS ("default next"); REV (the revision to name when there is no .git).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+STAGES=(env build tests tests-next demo perf train)
 OUT=${OUT:-$PWD/gpu-check-out}
 PY=${PYTHON:-python3}
-DRY=0
-case "${1:-}" in
-  --dry-run) DRY=1 ;;
-  --prepare-wheelhouse)
-    # Wheels for the GPU machine's Python (3.12 unless GPU_PY says otherwise), downloaded here.
-    exec "$PY" -m pip download -q --only-binary=:all: --python-version "${GPU_PY:-3.12}" \
-      --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-      -d wheelhouse numpy matplotlib pytest-benchmark ninja ;;
-  "") ;;
-  *) echo "usage: bash tools/gpu_check.sh [--dry-run | --prepare-wheelhouse]" >&2; exit 2 ;;
-esac
-mkdir -p "$OUT"
-failed=0
-SUMMARY="$OUT/summary.md"
-echo "# GPU check $(date -u +%FT%TZ)" > "$SUMMARY"
+ENV_S=${ENV_S:-10} BUILD_S=${BUILD_S:-75} TESTS_S=${TESTS_S:-65} PERF_S=${PERF_S:-95} TRAIN_S=${TRAIN_S:-50}
+WORKERS=${WORKERS:-8}
+KERNELS=${KERNELS:-default next}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-${TMPDIR:-/tmp}/idd-ops-inductor-cache}
 
-# stage NAME LIMIT_S COMMAND...: runs COMMAND with a time limit, log in $OUT/NAME.log
+usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+DRY=0 ONLY="" SKIP=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --only) ONLY="${2:-}"; shift ;;
+    --skip) SKIP="${2:-}"; shift ;;
+    --list) usage | sed -n '/^  stage/,/^  in all/p'; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+ONLY=${ONLY//,/ } SKIP=${SKIP//,/ }
+for s in $ONLY $SKIP; do
+  [[ " ${STAGES[*]} " == *" $s "* ]] || { echo "unknown stage: $s (stages: ${STAGES[*]})" >&2; exit 2; }
+done
+selected() { { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; } && [[ " $SKIP " != *" $1 "* ]]; }
+
+LOGS=${LOGS:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-logs.XXXXXX")}
+mkdir -p "$OUT" "$LOGS"; rm -f "$LOGS"/stages "$LOGS"/*.status "$LOGS"/*.log "$LOGS"/*.section.md "$LOGS"/*.xml
+rm -f "$OUT"/summary.md "$OUT"/logs.tar.gz "$OUT"/RESULTS-cuda.md "$OUT"/TRAIN_STEP-cuda.md "$OUT"/perf.json
+echo "$(date -u +%FT%TZ) dry=$DRY only=${ONLY:-all} skip=${SKIP:-none} kernels=$KERNELS" > "$LOGS/check.info"
+START=$SECONDS
+
+finish() {  # the summary from what $LOGS holds; the logs packed into $OUT; both safe to run twice
+  "$PY" tools/gpu_check_summary.py "$LOGS" "$OUT/summary.md" $((SECONDS - START)) || echo "summary failed" >&2
+  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2> /dev/null
+}
+on_signal() { echo "gpu_check: stopped by a signal" >> "$LOGS/check.info"; kill $(jobs -p) 2> /dev/null; finish; exit 130; }
+trap on_signal INT TERM
+
+# stage NAME LIMIT CMD...: runs CMD under a time limit, log in $LOGS/NAME.log, status in
+# $LOGS/NAME.status ("rc seconds limit"), the order of stages in $LOGS/stages.
 stage() {
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/$name.log"
+  local name=$1 limit=$2 t0=$SECONDS; shift 2
+  echo "$name" >> "$LOGS/stages"
+  printf '%q ' "$@" > "$LOGS/$name.cmd"
+  echo "== $name (limit ${limit}s): $*" | tee -a "$LOGS/$name.log"
   if [ "$DRY" = 1 ]; then
-    echo "dry run: not run" >> "$OUT/$name.log"
+    echo "dry 0 $limit" > "$LOGS/$name.status"
     return 0
   fi
-  timeout --kill-after=10 "$limit" "$@" >> "$OUT/$name.log" 2>&1
+  timeout --kill-after=5 "$limit" "$@" >> "$LOGS/$name.log" 2>&1
   local rc=$?
-  echo "| $name | rc $rc | $((SECONDS - t0)) s |" >> "$SUMMARY"
-  [ $rc -eq 0 ] || { failed=$((failed + 1)); echo "$name FAILED (rc $rc), see $OUT/$name.log"; }
+  echo "$rc $((SECONDS - t0)) $limit" > "$LOGS/$name.status"
+  [ $rc -eq 0 ] && echo "   $name passed in $((SECONDS - t0)) s" || echo "   $name FAILED (rc $rc) in $((SECONDS - t0)) s"
+  return $rc
 }
 
-# Each stage's prerequisites, checked in both modes (the dry run's whole job).
-check() { [ "$@" ] || { echo "missing: $*" | tee -a "$OUT/dry-run.log"; failed=$((failed + 1)); }; }
-for f in setup.py tests/conftest.py benchmarks/report.py idd_ops/demo/cli.py tools/nvcc_check.py; do check -f "$f"; done
-tools="timeout"; [ "$DRY" = 1 ] || tools="timeout nvcc"  # nvcc is checked where the build runs
-for tool in $tools; do command -v $tool > /dev/null || { echo "missing: $tool"; failed=$((failed + 1)); }; done
-# The build runs ninja in parallel; without it torch compiles one file at a time (too slow here).
-"$PY" -c "import torch.utils.cpp_extension as c; c.verify_ninja_availability()" 2> /dev/null \
-  || [ -d wheelhouse ] || { echo "missing: ninja (and no ./wheelhouse to install it from)"; failed=$((failed + 1)); }
+# ---- the dry run's checks: each stage's files, tools and Python entry points
 if [ "$DRY" = 1 ]; then
-  "$PY" -m benchmarks.report --help > /dev/null || failed=$((failed + 1))
-  "$PY" -m idd_ops.demo.cli --help > /dev/null || failed=$((failed + 1))
-  "$PY" -m pytest -q --collect-only -m gpu tests > "$OUT/collect.log" 2>&1 || failed=$((failed + 1))
-  grep -q "cuda" "$OUT/collect.log" || { echo "no GPU tests collected"; failed=$((failed + 1)); }
+  {
+    for f in setup.py tools/gpu_check_summary.py; do [ -f "$f" ] || echo "missing: $f"; done
+    for tool in timeout tar; do command -v $tool > /dev/null || echo "missing: $tool"; done
+    if selected build; then
+      "$PY" -c "import torch.utils.cpp_extension as c; c.verify_ninja_availability()" 2> /dev/null || echo "missing: ninja"
+    fi
+    for pair in perf:benchmarks.report train:benchmarks.train_step demo:idd_ops.demo.cli; do
+      selected "${pair%%:*}" || continue
+      "$PY" -m "${pair#*:}" --help > /dev/null || echo "broken: python -m ${pair#*:} --help"
+    done
+    if selected perf || selected train; then
+      "$PY" -m benchmarks.targets > "$LOGS/targets.md" || echo "broken: python -m benchmarks.targets"
+    fi
+    if selected tests || selected tests-next; then
+      "$PY" -m pytest -q --collect-only -m gpu -p no:cacheprovider tests > "$LOGS/collect.log" 2>&1 \
+        || echo "broken: pytest --collect-only -m gpu"
+      grep -q "\[cuda" "$LOGS/collect.log" || echo "no GPU tests collected"
+    fi
+  } > "$LOGS/dry-run.problems" 2>&1
+  cat "$LOGS/dry-run.problems"
 fi
 
-stage env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.is_available())'; nvcc --version"
-if [ -d wheelhouse ]; then
-  stage deps 60 "$PY" -m pip install -q --no-index --find-links wheelhouse numpy matplotlib pytest-benchmark ninja
+# ---- the stages
+ENV_PY='import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "GPU visible:", torch.cuda.is_available())
+for name in ("torchvision", "xdist", "pytest_timeout"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as error:
+        print(name, "missing:", error)'
+if selected env; then
+  stage env "$ENV_S" bash -c "nvidia-smi; nproc; free -g | head -2; \
+    (git rev-parse HEAD && git status --short | head -20) 2> /dev/null || echo \"revision: \${REV:-unknown (no .git)}\"; \
+    nvcc --version | tail -2; $PY -c '$ENV_PY'"
 fi
-# Hopper only (the GPU at hand) keeps the build short; MAX_JOBS uses every core.
-stage build "${BUILD_S:-150}" env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
-  MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" -m pip install -v --no-build-isolation --no-deps -e .
-# With pytest-xdist (on the CUDA image) the tests run in workers, so a test that crashes the
-# process is reported as one failure instead of ending the stage; -rfE lists every failure.
-XDIST=""; "$PY" -c "import xdist" 2> /dev/null && XDIST="-n 8"
-stage tests "${TESTS_S:-90}" "$PY" -m pytest -q -rfE $XDIST -m gpu -p no:cacheprovider --junitxml="$OUT/tests.xml" tests
-# Every CUDA case but SKD pool 1 (its reference alone takes a minute), 5 rounds, no torch.compile column.
-stage bench "${BENCH_S:-90}" "$PY" -m benchmarks.report --device cuda --no-compile --repeat 5 \
-  --skip "skd pool1" --out "$OUT/RESULTS-cuda.md"
-stage demo "${DEMO_S:-60}" "$PY" -m idd_ops.demo.cli --preset quick --device cuda --out "$OUT/demo"
-echo "failed stages: $failed" | tee -a "$SUMMARY"
-exit $failed
+
+# The build runs when asked, or when a later stage needs it and the extension lacks its CUDA kernels.
+need_build=0
+if selected build; then need_build=1
+elif [ "$DRY" = 0 ] && { selected tests || selected tests-next || selected demo || selected perf || selected train; } &&
+     ! "$PY" -c "import sys, idd_ops; sys.exit(0 if idd_ops.cuda_available() else 1)" 2> /dev/null; then
+  echo "the extension has no CUDA kernels here: building first"; need_build=1
+fi
+
+# torch.compile of the perf rows' references, in the background while the build and tests run:
+# it fills the on-disk inductor cache, from which the perf stage then compiles in about a second a case.
+WARM_PID=""
+if selected perf && [ "$DRY" = 0 ]; then
+  timeout $((BUILD_S + TESTS_S)) "$PY" -m benchmarks.report --device cuda --guard --warm-compile \
+    > "$LOGS/compile-warm.log" 2>&1 &
+  WARM_PID=$!
+fi
+
+if [ $need_build = 1 ]; then
+  stage build "$BUILD_S" bash -c "FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=\${TORCH_CUDA_ARCH_LIST:-9.0} \
+    MAX_JOBS=\${MAX_JOBS:-\$(nproc)} $PY setup.py build_ext --inplace && \
+    $PY -c 'import idd_ops; assert idd_ops.cuda_available(), \"built without CUDA kernels\"; print(\"CUDA kernels loaded\")'" \
+    || { [ -n "$WARM_PID" ] && kill "$WARM_PID" 2> /dev/null; finish; cat "$OUT/summary.md"
+         echo "the build failed: no later stage can run"; exit 1; }
+  finish
+fi
+
+# Tests (both kernel sets) and the demo run side by side: none of them is timed.
+XDIST="" TIMEOUT=""
+"$PY" -c "import xdist" 2> /dev/null && XDIST="-n $WORKERS"
+"$PY" -c "import pytest_timeout" 2> /dev/null && TIMEOUT="--timeout=$((TESTS_S - 15))"
+PYTEST=("$PY" -m pytest -q -rfE $XDIST $TIMEOUT -m gpu -p no:cacheprovider)
+pids=()
+if selected tests; then
+  stage tests "$TESTS_S" env IDD_OPS_CUDA_NEXT=0 "${PYTEST[@]}" --junitxml="$LOGS/tests.xml" tests & pids+=($!)
+fi
+if selected tests-next; then
+  # shellcheck disable=SC2086  # NEXT_TESTS: paths or node ids, split on spaces
+  stage tests-next "$TESTS_S" env IDD_OPS_CUDA_NEXT=1 "${PYTEST[@]}" --junitxml="$LOGS/tests-next.xml" \
+    ${NEXT_TESTS:-tests} & pids+=($!)
+fi
+DEMO_OUT=${TMPDIR:-/tmp}/gpu-check-demo  # checkpoints stay out of the logs; its results.md joins them
+if selected demo; then
+  rm -rf "$DEMO_OUT"
+  stage demo "$TESTS_S" env IDD_OPS_CUDA_NEXT=1 "$PY" -m idd_ops.demo.cli --preset quick --device cuda \
+    --out "$DEMO_OUT" & pids+=($!)
+fi
+for pid in "${pids[@]}"; do wait "$pid"; done
+[ -f "$DEMO_OUT/results.md" ] && cp "$DEMO_OUT/results.md" "$LOGS/demo-results.md"
+[ ${#pids[@]} -gt 0 ] && finish  # a summary so far, should the call be cut short later
+
+if [ -n "$WARM_PID" ]; then  # what it has not compiled by now, perf compiles itself
+  for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$WARM_PID" 2> /dev/null || break; sleep 1; done
+  kill "$WARM_PID" 2> /dev/null; wait "$WARM_PID" 2> /dev/null
+fi
+# shellcheck disable=SC2086  # KERNELS: a list
+if selected perf; then
+  stage perf "$PERF_S" "$PY" -m benchmarks.report --device cuda --guard --kernels $KERNELS --time-limit $((PERF_S - 10)) \
+    --out "$OUT/RESULTS-cuda.md" --json "$OUT/perf.json" --summary "$LOGS/perf.section.md"
+  finish
+fi
+# shellcheck disable=SC2086
+if selected train; then
+  stage train "$TRAIN_S" "$PY" -m benchmarks.train_step --device cuda --network auto --kernels $KERNELS --repeat 3 \
+    --time-limit $((TRAIN_S - 10)) --no-peak --targets --out "$OUT/TRAIN_STEP-cuda.md" --summary "$LOGS/train.section.md"
+fi
+finish
+cat "$OUT/summary.md"
+failed=$(cat "$LOGS"/*.status 2> /dev/null | awk '$1 != "dry" && $1 != 0' | wc -l)
+[ "$DRY" = 1 ] && [ -s "$LOGS/dry-run.problems" ] && failed=$((failed + 1))
+exit "$failed"

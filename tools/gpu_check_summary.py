@@ -1,0 +1,113 @@
+"""The one summary file of tools/gpu_check.sh, from what its stages left in the logs folder:
+
+    python tools/gpu_check_summary.py LOGS_DIR SUMMARY_MD [SECONDS_SO_FAR]
+
+LOGS_DIR holds, per stage NAME (in the order of LOGS_DIR/stages): NAME.status ("rc seconds
+limit", rc "dry" in a dry run), NAME.log, NAME.cmd; and where the stage made them: tests.xml and
+tests-next.xml (pytest's junit), perf.section.md, train.section.md, demo-results.md. The summary:
+the stage table, the test counts and failures of each kernel set, the perf and training-step
+sections, the demo's results and the last lines of every failed stage's log.
+"""
+import os
+import sys
+import xml.etree.ElementTree as ET
+
+TAIL_LINES = 25
+KERNELS = {"tests": "default", "tests-next": "IDD_OPS_CUDA_NEXT=1", "demo": "IDD_OPS_CUDA_NEXT=1",
+           "perf": "both", "train": "both"}
+
+
+def read(path, default=""):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+def stage_rows(logs):
+    """[(name, status text, seconds, limit, failed)] in the order the stages ran."""
+    names = list(dict.fromkeys(read(os.path.join(logs, "stages")).split()))
+    rows = []
+    for name in names:
+        fields = read(os.path.join(logs, name + ".status")).split()
+        if len(fields) != 3:
+            rows.append((name, "did not finish (stopped)", "-", "-", True))
+            continue
+        rc, secs, limit = fields
+        if rc == "dry":
+            rows.append((name, "dry run: not run", "-", limit, False))
+        elif rc == "0":
+            rows.append((name, "passed", secs, limit, False))
+        else:
+            why = " (time limit)" if rc in ("124", "137") else ""
+            rows.append((name, f"FAILED, rc {rc}{why}", secs, limit, True))
+    return rows
+
+
+def junit_summary(path):
+    """(one line of counts, [failed test ids]) of a pytest junit file, or None if absent/unreadable."""
+    if not os.path.exists(path):
+        return None
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as error:
+        return f"unreadable junit file ({error})", []
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    count = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    secs = sum(float(s.get("time", 0)) for s in suites)
+    failed = []
+    for case in root.iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed.append(f"{case.get('classname', '')}::{case.get('name', '')}")
+    passed = count["tests"] - count["failures"] - count["errors"] - count["skipped"]
+    line = (f"{passed} passed, {count['failures']} failed, {count['errors']} errors, {count['skipped']} skipped "
+            f"in {secs:.0f} s")
+    return line, failed
+
+
+def tail(path, n=TAIL_LINES):
+    lines = read(path).rstrip("\n").splitlines()
+    return "\n".join(lines[-n:])
+
+
+def summary(logs, elapsed=None):
+    info = read(os.path.join(logs, "check.info")).strip()
+    out = [f"# GPU check ({info})" + (f", {elapsed} s in all" if elapsed is not None else ""), "",
+           "| stage | kernels | status | s | limit s |", "|---|---|---|---:|---:|"]
+    rows = stage_rows(logs)
+    for name, status, secs, limit, _ in rows:
+        out.append(f"| {name} | {KERNELS.get(name, '-')} | {status} | {secs} | {limit} |")
+    problems = read(os.path.join(logs, "dry-run.problems")).strip()
+    if problems:
+        out += ["", "Dry-run problems:", "", *[f"- {p}" for p in problems.splitlines()]]
+    for name in ("tests", "tests-next"):
+        result = junit_summary(os.path.join(logs, name + ".xml"))
+        if result:
+            line, failed = result
+            out += ["", f"## {name} ({KERNELS[name]} kernels): {line}"]
+            out += [f"- FAILED {t}" for t in failed[:40]] + ([f"- ... {len(failed) - 40} more"] if len(failed) > 40 else [])
+    for section in ("perf.section.md", "train.section.md"):
+        text = read(os.path.join(logs, section)).strip()
+        if text:
+            out += ["", text]
+    demo = read(os.path.join(logs, "demo-results.md")).strip()
+    if demo:
+        out += ["", "## demo (quick preset) results.md, first lines", "", *demo.splitlines()[:15]]
+    for name, status, _, _, failed in rows:
+        if failed:
+            out += ["", f"## {name}: {status}; last {TAIL_LINES} lines of its log", "", "```",
+                    tail(os.path.join(logs, name + ".log")), "```"]
+    return "\n".join(out) + "\n"
+
+
+def main(argv):
+    logs, dest = argv[0], argv[1]
+    elapsed = int(argv[2]) if len(argv) > 2 else None
+    text = summary(logs, elapsed)
+    with open(dest, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
