@@ -88,7 +88,10 @@ def test_idd_loss(device, case):
     for kwargs in ({}, {"metric": "cosine", "normalize": "mean"}):
         got = _loss_and_grad(idd_ops.inter_class_distance_loss, case, device, **kwargs)
         want = _loss_and_grad(reference.inter_class_distance_loss, case, device, **kwargs)
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        # a zero centroid (clamped-cosine) scales the cosine gradient by 1 / eps: float64's
+        # summation orders then differ at 1e-8 of the largest gradient
+        torch.testing.assert_close(got[0], want[0], rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-7, atol=1e-7 * float(want[1].abs().max()))
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -61,13 +61,15 @@ void centroids_by_chunks(const float* f, const std::vector<LabelChunks>& chunks,
         x = pad.data();
       }
       std::fill(sums.begin(), sums.end(), 0.f);
+      float pivot[kRows];  // each row's first pixel: sums of x - pivot stay at the spread's scale
+      for (int64_t r = 0; r < kRows; ++r) pivot[r] = x[r * HW];
       const LabelChunks& lc = chunks[b];
       add_sums(x, HW, lc.slot.data(), lc.spans.data(), static_cast<int64_t>(lc.spans.size()),
-               static_cast<int32_t>(K), sums.data());
+               static_cast<int32_t>(K), pivot, sums.data());
       for (int64_t k = 0; k < K; ++k) {
         const int64_t n = cnt[b * K + k];
         for (int64_t r = 0; r < rows; ++r)
-          out[(b * K + k) * C + c0 + r] = n > 0 ? sums[k * kRows + r] / static_cast<float>(n) : 0.f;
+          out[(b * K + k) * C + c0 + r] = n > 0 ? pivot[r] + sums[k * kRows + r] / static_cast<float>(n) : 0.f;
       }
     }
   });
