@@ -76,6 +76,17 @@ def test_centroids_with_a_common_offset(device, offset, spread):
     assert float((c.double() - want).abs().max()) <= 2 * ulp
 
 
+def test_centroids_around_zero_keep_their_precision(device):
+    """Zero-mean features sum as they are (no pivot far from their mean): the float32 centroids
+    stay within a few float32 epsilons of float64 at unit scale."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 64, 128, generator=g).to(device)
+    y = torch.randint(0, 5, (2, 8, 16), generator=g).repeat_interleave(8, 1).repeat_interleave(8, 2).to(device)
+    c, _ = idd_ops.class_centroids(x, y, 5)
+    want, _ = reference.class_centroids(x.double(), y, 5)
+    assert float((c.double() - want).abs().max()) <= 4 * torch.finfo(torch.float32).eps
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
 @pytest.mark.parametrize("normalize", [None, "mean"])
 def test_distance_matrix_ignores_tf32(device, metric, normalize):
@@ -113,11 +124,34 @@ def test_idd_loss_ignores_tf32(device):
 
 
 def test_reference_under_tf32(device):
-    """The float32 reference follows the TF32 flags in its one-hot centroid product; it sums the
-    features less a per-channel pivot, so TF32 costs about 1e-3 of the classes' spread, not of
-    the offset (which put it 7.8x off at offset 100, spread 0.01)."""
+    """The float32 reference follows the TF32 flags in its one-hot centroid product; where they
+    are on it sums the features less a per-channel pivot, so TF32 costs about 1e-3 of the
+    classes' spread, not of the offset (which put it 7.8x off at offset 100, spread 0.01)."""
     s, t, y, K = offset_inputs(100.0, 0.01, device, Cs=64, Ct=64)
     want = reference.inter_class_distance_loss(s.double(), t.double(), y, K)
     with tf32_matmuls():
         got = reference.inter_class_distance_loss(s, t, y, K)
     assert _relative(got, want) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_pivot_path(monkeypatch, dtype):
+    """The reference's pivot-shifted centroids (taken where TF32 may round) equal the plain ones,
+    value and gradient, absent classes included; in float32 at an offset they are closer."""
+    s, _, y, K = offset_inputs(100.0, 0.01, Cs=16, Ct=8)
+    y[1][y[1] == 2] = 255  # class 2 absent from image 1
+    x = s.to(dtype).requires_grad_()
+    weight = torch.rand(2, K, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for pivot in (False, True):
+        monkeypatch.setattr(reference, "_tf32_may_round", lambda f: pivot)
+        x.grad = None
+        c, n = reference.class_centroids(x, y, K)
+        (c.double() * weight).sum().backward()
+        results.append((c.detach().double(), x.grad.clone()))
+    assert bool((n[1, 2] == 0) & (results[1][0][1, 2] == 0).all())
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(results[1], results[0], rtol=tol, atol=tol)
+    if dtype == torch.float32:
+        exact, _ = reference.class_centroids(s.double(), y, K)
+        assert (results[1][0] - exact).abs().max() <= (results[0][0] - exact).abs().max()
