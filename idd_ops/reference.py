@@ -39,8 +39,24 @@ def _centroids(features, labels, num_classes, ignore_index):
     slot = torch.where(y == ignore_index, torch.full_like(y, num_classes), y)
     onehot = F.one_hot(slot, num_classes + 1)[..., :num_classes].to(acc_dtype(features.dtype))  # [B, HW, K]
     counts = onehot.sum(1)
-    sums = torch.einsum("bpk,bcp->bkc", onehot, features.reshape(B, C, H * W).to(onehot.dtype))
-    return sums / counts.clamp_min(1)[..., None], counts.long()
+    f = features.reshape(B, C, H * W).to(onehot.dtype)
+    if not _tf32_may_round(f):
+        return torch.einsum("bpk,bcp->bkc", onehot, f) / counts.clamp_min(1)[..., None], counts.long()
+    # TF32 would round the features to 10 mantissa bits inside the one-hot product (a GEMM): it
+    # sums them less a per-channel pivot (their image mean, a constant), so that rounding
+    # scales with the features' spread, not with a common offset (METHOD.md 8)
+    pivot = f.detach().mean(2, keepdim=True)  # [B, C, 1]
+    sums = torch.einsum("bpk,bcp->bkc", onehot, f - pivot)
+    present = (counts > 0).to(onehot.dtype)[..., None]
+    return sums / counts.clamp_min(1)[..., None] + present * pivot.transpose(1, 2), counts.long()
+
+
+def _tf32_may_round(x):
+    """Whether a float32 GEMM on x may run in TF32 (torch.backends.cuda.matmul.allow_tf32 or
+    set_float32_matmul_precision below "highest"). The tests patch it to check the pivot's math
+    on the CPU."""
+    return x.is_cuda and x.dtype == torch.float32 and (
+        torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest")
 
 
 def class_centroids(feats, labels, num_classes, ignore_index=255):
@@ -63,7 +79,8 @@ def class_distance_matrix(centroids, counts, metric="euclidean", normalize=None,
     if metric == "cosine":
         norm = torch.linalg.vector_norm(c, dim=-1)
         denom = (norm[:, :, None] * norm[:, None, :]).clamp_min(eps)
-        d = 1 - c @ c.transpose(1, 2) / denom
+        # products summed elementwise, not through a GEMM that TF32 would round
+        d = 1 - (c[:, :, None, :] * c[:, None, :, :]).sum(-1) / denom
     else:
         sq = (c[:, :, None, :] - c[:, None, :, :]).pow(2).sum(-1)
         if metric == "sqeuclidean":

@@ -35,6 +35,16 @@ def device(request):
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def _synchronize_cuda():
+    """Wait for the CUDA work of every test before it passes: an asynchronous kernel fault (an
+    illegal address, a device-side assert) is then reported by the test that launched it, not by
+    a later one. Free where CUDA was never initialised (the CPU suite)."""
+    yield
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def make_labels(B, H, W, K, device="cpu", ignore_frac=0.1, blocky=True, seed=0, dtype=torch.int64):
     """Piecewise-constant labels (blocks of random classes) with a share of ignored pixels."""
     g = torch.Generator().manual_seed(seed)

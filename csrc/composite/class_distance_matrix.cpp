@@ -4,6 +4,7 @@
 // every device (CompositeExplicitAutograd). The CPU tests thereby test the code a GPU runs, and
 // a large K spreads over the whole GPU instead of one block per image.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <torch/library.h>
 
 #include "../common/checks.h"
@@ -33,6 +34,12 @@ at::Tensor centred(const at::Tensor& c, const at::Tensor& counts) {
   return c - at::bmm(present, c) / present.sum(2, /*keepdim=*/true).clamp_min(1);
 }
 
+// The Grams run at full float32 precision whatever torch.backends.cuda.matmul.allow_tf32 or
+// set_float32_matmul_precision say: TF32 rounds the inputs to 10 mantissa bits, an error of
+// about 1e-3 of |c|^2 that |c_i|^2 + |c_j|^2 - 2 <c_i, c_j> (and 1 - cos) then amplifies for close
+// centroids; these GEMMs are too small for TF32's speed to matter. at::NoTF32Guard is
+// thread-local and scoped to the call: no global flag changes, no host sync (METHOD.md 3).
+//
 // Raw distances R [B, K, K] (0 off the valid entries) of centroids c in the accumulation dtype,
 // centred first for the euclidean metrics. Through one GEMM, as torch.cdist does for large
 // inputs: a direct difference per pair costs O(K^2 C) scalar work without a GEMM's speed.
@@ -73,6 +80,7 @@ at::Tensor class_distance_matrix(const at::Tensor& centroids, const at::Tensor& 
                                  bool normalize, double eps) {
   check_class_distance_matrix_inputs(centroids, counts, eps);
   const Metric metric = parse_metric(std::string(metric_name));
+  const at::NoTF32Guard full_precision_gemms;
   const at::Tensor valid = valid_entries(counts);
   at::Tensor d = raw_distances(prepared(centroids, counts, metric), valid, metric, eps);
   if (normalize) d = d / mean_normalizer(d, valid, eps).m;
@@ -86,6 +94,7 @@ at::Tensor class_distance_matrix_backward(const at::Tensor& grad, const at::Tens
                                           c10::string_view metric_name, bool normalize, double eps) {
   check_class_distance_matrix_backward_inputs(grad, centroids, counts, eps);
   const Metric metric = parse_metric(std::string(metric_name));
+  const at::NoTF32Guard full_precision_gemms;
   const at::Tensor c = prepared(centroids, counts, metric);  // sum_j a_ij (c_i - c_j) is shift-free
   const at::Tensor valid = valid_entries(counts);
   const at::Tensor raw = raw_distances(c, valid, metric, eps);

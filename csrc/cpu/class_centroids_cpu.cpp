@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "../common/checks.h"
 #include "kernels/class_centroids.h"
@@ -44,6 +45,17 @@ void count_pixels(const std::vector<LabelRuns>& runs, int64_t K, int64_t* cnt) {
       if (runs[b].cls[r] >= 0) cnt[b * K + runs[b].cls[r]] += runs[b].start[r + 1] - runs[b].start[r];
 }
 
+// The value the chunk kernel subtracts from a row before summing it (add_chunk_sums_8rows):
+// the row's first pixel where its first pixels sit far from 0 next to their spread (a common
+// offset, as ReLU features share: sums of x - pivot then round at the spread's scale, not the
+// offset's), else 0 (values around 0 sum best as they are, and then bit for bit as before).
+float row_pivot(const float* x, int64_t hw) {
+  const int64_t n = std::min<int64_t>(hw, kRows);
+  float lo = x[0], hi = x[0], sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]), sum += x[i];
+  return std::abs(sum / static_cast<float>(n)) > 8.f * (hi - lo) ? x[0] : 0.f;
+}
+
 // centroids [B, K, C] of float32 features [B, C, HW], through the chunk kernel.
 void centroids_by_chunks(const float* f, const std::vector<LabelChunks>& chunks, const int64_t* cnt, int64_t C,
                          int64_t HW, int64_t K, float* out) {
@@ -61,13 +73,15 @@ void centroids_by_chunks(const float* f, const std::vector<LabelChunks>& chunks,
         x = pad.data();
       }
       std::fill(sums.begin(), sums.end(), 0.f);
+      float pivot[kRows];
+      for (int64_t r = 0; r < kRows; ++r) pivot[r] = row_pivot(x + r * HW, HW);
       const LabelChunks& lc = chunks[b];
       add_sums(x, HW, lc.slot.data(), lc.spans.data(), static_cast<int64_t>(lc.spans.size()),
-               static_cast<int32_t>(K), sums.data());
+               static_cast<int32_t>(K), pivot, sums.data());
       for (int64_t k = 0; k < K; ++k) {
         const int64_t n = cnt[b * K + k];
         for (int64_t r = 0; r < rows; ++r)
-          out[(b * K + k) * C + c0 + r] = n > 0 ? sums[k * kRows + r] / static_cast<float>(n) : 0.f;
+          out[(b * K + k) * C + c0 + r] = n > 0 ? pivot[r] + sums[k * kRows + r] / static_cast<float>(n) : 0.f;
       }
     }
   });

@@ -60,7 +60,8 @@ __global__ void class_centroids_kernel_impl(const scalar_t* __restrict__ feats, 
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) counts[b * K + k] = cnt[k];
 }
 
-// grad_feats[b, c, p] = grad_centroids[b, y_p, c] / counts[b, y_p], 0 where y_p is ignored.
+// grad_feats[b, c, p] = grad_centroids[b, y_p, c] / counts[b, y_p], 0 where y_p is ignored or
+// its count is 0 (counts passed in directly need not match the labels; the CPU kernel agrees).
 template <typename scalar_t, typename label_t>
 __global__ void class_centroids_backward_kernel_impl(const at::opmath_type<scalar_t>* __restrict__ grad_centroids,
                                                      const label_t* __restrict__ labels,
@@ -73,8 +74,8 @@ __global__ void class_centroids_backward_kernel_impl(const at::opmath_type<scala
     // (b, c, p) is one element of the output
     const int64_t p = e % HW, c = (e / HW) % C, b = e / (HW * C);
     const int64_t k = pixel_class(labels, v, b, p);
-    acc_t g = 0;
-    if (k >= 0) g = grad_centroids[(b * K + k) * C + c] / static_cast<acc_t>(counts[b * K + k]);
+    const int64_t n = k >= 0 ? counts[b * K + k] : 0;
+    const acc_t g = n > 0 ? grad_centroids[(b * K + k) * C + c] / static_cast<acc_t>(n) : acc_t(0);
     grad[e] = static_cast<scalar_t>(g);
   }
 }

@@ -23,12 +23,15 @@ struct ChunkSpan {
 };
 constexpr int32_t kMixedChunk = -1;
 
-// For the 8 feature rows x + r * hw (r < 8) of one image: sums[s * 8 + r] += the sum of row
-// r over the pixels of slot s, for every slot s < ignore_slot. `slot` holds every pixel's
-// slot, `spans` walks its hw / 8 full chunks; sums has room for slot ignore_slot too.
+// For the 8 feature rows x + r * hw (r < 8) of one image: sums[s * 8 + r] += the sum of
+// x - pivot[r] over the pixels of slot s in row r, for every slot s < ignore_slot. `slot` holds
+// every pixel's slot, `spans` walks its hw / 8 full chunks; sums has room for slot ignore_slot
+// too. The pivot (a value of the row) keeps float32 sums exact to the features' spread when
+// they share a large offset (ReLU features): the sum of the raw values would round at the
+// offset's scale, once per add.
 IDD_DECLARE_CPU_KERNEL(void add_chunk_sums_8rows(const float* x, int64_t hw, const int32_t* slot,
                                                  const ChunkSpan* spans, int64_t n_spans, int32_t ignore_slot,
-                                                 float* sums))
+                                                 const float* pivot, float* sums))
 
 // The reverse: out[r * hw + p] = values[slot[p] * 8 + r] for the 8 rows r < 8 and every pixel p.
 IDD_DECLARE_CPU_KERNEL(void write_chunk_values_8rows(float* out, int64_t hw, const int32_t* slot,

@@ -1,0 +1,66 @@
+"""Every op of idd_ops as one call, forward and backward, on small inputs: for the tests that
+run the same call in different settings (a side stream, a CUDA graph, a second device).
+
+OPS[name](device) -> (inputs, run): run(*inputs) zeroes inputs[0].grad, computes the op,
+backpropagates a weighted sum of its output and returns [output, inputs[0].grad]. Inputs are
+built on the CPU from a seed, so every device gets the same values.
+"""
+import torch
+
+import idd_ops
+
+KINDS = ("horizontal", "vertical", "gaussian", "horizontal_stripes", "vertical_stripes")
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _labels(B, H, W, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randint(0, K, (B, H // 4, W // 4), generator=g)
+    y = coarse.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    y[torch.rand(B, H, W, generator=g) < 0.05] = 255
+    return y
+
+
+def _backward(out, x):
+    weight = torch.linspace(0.5, 1.5, out.numel(), device=out.device, dtype=torch.float64).view(out.shape)
+    (out.double() * weight).sum().backward()
+    return [out, x.grad]
+
+
+def _runner(fn):
+    def run(*inputs):
+        inputs[0].grad = None
+        out = fn(*inputs)
+        return _backward(out, inputs[0])
+    return run
+
+
+def _op(inputs, fn):
+    def make(device):
+        moved = [t.to(device) for t in inputs]
+        moved[0].requires_grad_()
+        return moved, _runner(fn)
+    return make
+
+
+B, Cs, Ct, H, W, K = 2, 24, 40, 32, 64, 7
+OPS = {
+    "class_centroids": _op([_randn(B, Ct, H, W), _labels(B, 2 * H, 2 * W, K)],
+                           lambda x, y: idd_ops.class_centroids(x, y, K)[0]),
+    "class_distance_matrix": _op([_randn(B, K, Cs), torch.tensor([[3, 0, 1, 5, 2, 2, 9]] * B)],
+                                 lambda c, n: idd_ops.class_distance_matrix(c, n, normalize="mean")),
+    "idd_loss": _op([_randn(B, Cs, H, W), _randn(B, Ct, H, W, seed=1), _labels(B, 2 * H, 2 * W, K)],
+                    lambda s, t, y: idd_ops.inter_class_distance_loss(s, t, y, K, reduction="none")),
+    "ifvd": _op([_randn(B, Cs, H, W), _randn(B, Ct, H, W, seed=1), _labels(B, 2 * H, 2 * W, K)],
+                lambda s, t, y: idd_ops.intra_class_variation_loss(s, t, y, K)),
+    "position_loss": _op([torch.rand(B, len(KINDS), H, W, generator=torch.Generator().manual_seed(0))],
+                         lambda p: idd_ops.position_encoding_loss(p, KINDS, reduction="none")),
+    "pixel_kd": _op([_randn(B, K, H, W), _randn(B, K, H, W, seed=1), _labels(B, H, W, K)],
+                    lambda s, t, y: idd_ops.pixel_kd_loss(s, t, y, temperature=2.0)),
+    "cwd": _op([_randn(B, Cs, H, W), _randn(B, Cs, H, W, seed=1)],
+               lambda s, t: idd_ops.channel_wise_distillation_loss(s, t, reduction="none")),
+    "skd": _op([_randn(B, Cs, H, W), _randn(B, Ct, H, W, seed=1)], lambda s, t: idd_ops.structural_kd_loss(s, t)),
+}

@@ -1,0 +1,101 @@
+"""The centroid, IDD and IFVD losses on label maps built to reach every branch of the
+label-reading kernels (tests/labels.py names them), against the float64 reference, on every
+device. The first tests check that each case's labels really contain what it claims."""
+import pytest
+import torch
+
+import idd_ops
+from idd_ops import reference
+from conftest import TOLERANCES
+from labels import CASES, IDS, TILE, at_feature_size, warp_kinds
+
+BRANCHES = {"uniform", "ignored", "mixed", "tail", "partial-tile", "multi-tile", "absent", "same-size",
+            "resize-down", "resize-up", "uint8", "int32", "ignore=-1", "clamped-cosine"}
+
+
+def _reaches(case):
+    """The branch names the case's labels, sizes and dtypes actually reach."""
+    y = case.labels()
+    reached = {k for k, n in warp_kinds(y, case.H, case.W, case.K, case.ignore_index).items() if n}
+    counts = reference.class_centroids(torch.zeros(case.B, 1, case.H, case.W), y, case.K, case.ignore_index)[1]
+    reached |= {"absent"} if bool((counts == 0).any()) else set()
+    reached |= {"partial-tile"} if case.C % TILE else set()
+    reached |= {"multi-tile"} if case.C > TILE else set()
+    size, label_size = (case.H, case.W), (case.Hy, case.Wy)
+    reached |= {"same-size"} if size == label_size else set()
+    reached |= {"resize-down"} if case.Hy > case.H or case.Wy > case.W else set()
+    reached |= {"resize-up"} if case.Hy < case.H or case.Wy < case.W else set()
+    reached |= {{torch.uint8: "uint8", torch.int32: "int32"}.get(case.label_dtype, "int64")}
+    reached |= {"ignore=-1"} if case.ignore_index == -1 else set()
+    if case.zero_class >= 0:
+        present = at_feature_size(y, case.H, case.W) == case.zero_class
+        assert present.any() and float(case.feats()[present[:, None].expand(-1, case.C, -1, -1)].abs().max()) == 0
+        reached.add("clamped-cosine")
+    return reached
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_case_reaches_its_branches(case):
+    assert set(case.targets) <= BRANCHES
+    missing = set(case.targets) - _reaches(case)
+    assert not missing, f"{case.id} claims {sorted(missing)} but its labels do not reach them"
+
+
+def test_every_branch_has_a_case():
+    assert set().union(*(c.targets for c in CASES)) == BRANCHES
+
+
+def test_uniform_cases_are_mostly_uniform_warps():
+    """The fast path of the CUDA centroid kernel carries the run cases, not a stray warp."""
+    for case in CASES:
+        if case.id.startswith("uniform-runs"):
+            kinds = warp_kinds(case.labels(), case.H, case.W, case.K)
+            assert kinds["uniform"] == case.B * case.H * case.W // 32, (case.id, kinds)
+
+
+def _student(case, dtype, device):
+    return case.feats(dtype=dtype, device=device).requires_grad_()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_centroids(device, case, dtype):
+    y = case.labels(device)
+    x = _student(case, dtype, device)
+    x64 = x.detach().double().requires_grad_()
+    weight = torch.randn(case.B, case.K, case.C, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    weight = weight.to(device)
+    c, n = idd_ops.class_centroids(x, y, case.K, case.ignore_index)
+    c_ref, n_ref = reference.class_centroids(x64, y, case.K, case.ignore_index)
+    (c.double() * weight).sum().backward()
+    (c_ref * weight).sum().backward()
+    tol = TOLERANCES[dtype][0]
+    assert torch.equal(n.cpu(), n_ref.cpu())
+    torch.testing.assert_close(c.double(), c_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol)
+
+
+def _loss_and_grad(fn, case, device, **kwargs):
+    s = _student(case, torch.float64, device)
+    t = case.feats(C=case.C + 3, device=device, seed=1)
+    loss = fn(s, t, case.labels(device), case.K, ignore_index=case.ignore_index, **kwargs)
+    loss.backward()
+    return loss.detach(), s.grad
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_idd_loss(device, case):
+    for kwargs in ({}, {"metric": "cosine", "normalize": "mean"}):
+        got = _loss_and_grad(idd_ops.inter_class_distance_loss, case, device, **kwargs)
+        want = _loss_and_grad(reference.inter_class_distance_loss, case, device, **kwargs)
+        # a zero centroid (clamped-cosine) scales the cosine gradient by 1 / eps: float64's
+        # summation orders then differ at 1e-8 of the largest gradient
+        torch.testing.assert_close(got[0], want[0], rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-7, atol=1e-7 * float(want[1].abs().max()))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_ifvd(device, case):
+    got = _loss_and_grad(idd_ops.intra_class_variation_loss, case, device)
+    want = _loss_and_grad(reference.intra_class_variation_loss, case, device)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
