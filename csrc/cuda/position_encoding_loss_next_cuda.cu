@@ -30,27 +30,22 @@
 namespace idd_ops {
 namespace {
 
-// Fills the block's column table of map m: colf[x], x < W.
-template <typename acc_t>
-__device__ __forceinline__ void fill_column_table(acc_t* colf, int64_t kind, acc_t param, int64_t W) {
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  for (int64_t x = tid; x < W; x += kThreads) colf[x] = position_factor<acc_t>(kind, param, 1, x, W);
-  __syncthreads();
-}
-
-// Block (tx, ty): tx threads along a row's packs, ty rows; grid (row blocks, M).
-template <typename scalar_t, int VEC, bool ELEMENTWISE>
-__global__ void __launch_bounds__(kThreads)
-    position_next_forward(const scalar_t* __restrict__ pred, MapSpecs maps, int64_t B, int64_t M, int64_t H,
-                          int64_t W, at::opmath_type<scalar_t>* __restrict__ partial, scalar_t* __restrict__ errors) {
+// Walks the block's share of pred [B, M, H, W] (block (tx, ty): tx threads along a row's packs,
+// ty rows; grid (row blocks, M)): fills the column table of map m = blockIdx.y in shared
+// memory, forms each row's factor once, and calls visit(offset, pack of pred, targets) at
+// every (row, column pack) for each image b. Every thread of the block must call it.
+template <typename scalar_t, int VEC, typename Visit>
+__device__ __forceinline__ void visit_packs(const scalar_t* __restrict__ pred, const MapSpecs& maps, int64_t B,
+                                            int64_t M, int64_t H, int64_t W, Visit&& visit) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char table_bytes[];
   acc_t* colf = reinterpret_cast<acc_t*>(table_bytes);
   const int64_t m = blockIdx.y, kind = maps.kind[m];
   const acc_t param = static_cast<acc_t>(maps.param[m]);
-  fill_column_table(colf, kind, param, W);
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int64_t x = tid; x < W; x += kThreads) colf[x] = position_factor<acc_t>(kind, param, 1, x, W);
+  __syncthreads();
   const int64_t packs = W / VEC, image = M * H * W;
-  acc_t sum = 0;
   for (int64_t y = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; y < H;
        y += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const acc_t rowf = position_factor<acc_t>(kind, param, 0, y, H);
@@ -62,20 +57,33 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll 4
       for (int64_t b = 0; b < B; ++b) {
         const int64_t offset = b * image + row + xv * VEC;
-        const auto x = load_pack<VEC>(pred + offset);
-        [[maybe_unused]] Pack<scalar_t, VEC> e;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const acc_t d = static_cast<acc_t>(x.v[j]) - target[j];
-          if constexpr (ELEMENTWISE)
-            e.v[j] = static_cast<scalar_t>(d * d);
-          else
-            sum += d * d;
-        }
-        if constexpr (ELEMENTWISE) store_pack(errors + offset, e);
+        visit(offset, load_pack<VEC>(pred + offset), target);
       }
     }
   }
+}
+
+// Per-block partial sums of squared errors (reduced by position_next_finalize), or for
+// reduction "none" the elementwise errors.
+template <typename scalar_t, int VEC, bool ELEMENTWISE>
+__global__ void __launch_bounds__(kThreads)
+    position_next_forward(const scalar_t* __restrict__ pred, MapSpecs maps, int64_t B, int64_t M, int64_t H,
+                          int64_t W, at::opmath_type<scalar_t>* __restrict__ partial, scalar_t* __restrict__ errors) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t sum = 0;
+  visit_packs<scalar_t, VEC>(pred, maps, B, M, H, W,
+                             [&](int64_t offset, const Pack<scalar_t, VEC>& x, const acc_t(&target)[VEC]) {
+                               [[maybe_unused]] Pack<scalar_t, VEC> e;
+#pragma unroll
+                               for (int j = 0; j < VEC; ++j) {
+                                 const acc_t d = static_cast<acc_t>(x.v[j]) - target[j];
+                                 if constexpr (ELEMENTWISE)
+                                   e.v[j] = static_cast<scalar_t>(d * d);
+                                 else
+                                   sum += d * d;
+                               }
+                               if constexpr (ELEMENTWISE) store_pack(errors + offset, e);
+                             });
   if constexpr (!ELEMENTWISE) {
     const acc_t block_total = block_sum_any_shape(sum);
     if (threadIdx.x == 0 && threadIdx.y == 0) partial[blockIdx.y * gridDim.x + blockIdx.x] = block_total;
@@ -99,35 +107,17 @@ __global__ void __launch_bounds__(kThreads)
                            MapSpecs maps, int64_t B, int64_t M, int64_t H, int64_t W, at::opmath_type<scalar_t> scale,
                            scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ __align__(16) unsigned char table_bytes[];
-  acc_t* colf = reinterpret_cast<acc_t*>(table_bytes);
-  const int64_t m = blockIdx.y, kind = maps.kind[m];
-  const acc_t param = static_cast<acc_t>(maps.param[m]);
-  fill_column_table(colf, kind, param, W);
   const acc_t g_scaled = ELEMENTWISE ? acc_t(0) : grad[0] * scale;
-  const int64_t packs = W / VEC, image = M * H * W;
-  for (int64_t y = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; y < H;
-       y += static_cast<int64_t>(gridDim.x) * blockDim.y) {
-    const acc_t rowf = position_factor<acc_t>(kind, param, 0, y, H);
-    const int64_t row = (m * H + y) * W;
-    for (int64_t xv = threadIdx.x; xv < packs; xv += blockDim.x) {
-      acc_t target[VEC];
+  visit_packs<scalar_t, VEC>(pred, maps, B, M, H, W,
+                             [&](int64_t offset, const Pack<scalar_t, VEC>& x, const acc_t(&target)[VEC]) {
+                               Pack<scalar_t, VEC> r;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) target[j] = rowf * colf[xv * VEC + j];
-#pragma unroll 4
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t offset = b * image + row + xv * VEC;
-        const auto x = load_pack<VEC>(pred + offset);
-        Pack<scalar_t, VEC> r;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const acc_t g = ELEMENTWISE ? grad[offset + j] * scale : g_scaled;
-          r.v[j] = static_cast<scalar_t>(g * (static_cast<acc_t>(x.v[j]) - target[j]));
-        }
-        store_pack(out + offset, r);
-      }
-    }
-  }
+                               for (int j = 0; j < VEC; ++j) {
+                                 const acc_t g = ELEMENTWISE ? grad[offset + j] * scale : g_scaled;
+                                 r.v[j] = static_cast<scalar_t>(g * (static_cast<acc_t>(x.v[j]) - target[j]));
+                               }
+                               store_pack(out + offset, r);
+                             });
 }
 
 // ---- host side -----------------------------------------------------------------------------
