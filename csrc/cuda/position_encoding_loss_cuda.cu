@@ -3,20 +3,15 @@
 #include <torch/library.h>
 
 #include "../common/checks.h"
+#include "../common/cuda_next.h"
 #include "../common/enums.h"
 #include "../common/position.h"
 #include "cuda_utils.cuh"
+#include "next_kernels.cuh"
+#include "position_specs.cuh"
 
 namespace idd_ops {
 namespace {
-
-// Most maps a launch carries by value (kinds and params travel in the kernel arguments).
-constexpr int kMaxMaps = 64;
-
-struct MapSpecs {
-  int64_t kind[kMaxMaps];
-  double param[kMaxMaps];
-};
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t target(const MapSpecs& maps, int64_t m, int64_t y, int64_t x, int64_t H, int64_t W) {
@@ -59,21 +54,12 @@ __global__ void position_loss_backward_kernel_impl(const at::opmath_type<scalar_
   }
 }
 
-MapSpecs map_specs(const at::Tensor& pred, at::IntArrayRef kinds, at::ArrayRef<double> params) {
-  TORCH_CHECK_VALUE(kinds.size() <= static_cast<size_t>(kMaxMaps), "kinds: at most ", kMaxMaps,
-                    " maps on CUDA, got ", kinds.size());
-  MapSpecs s{};
-  for (size_t m = 0; m < kinds.size(); ++m) {
-    s.kind[m] = kinds[m];
-    s.param[m] = params[m];
-  }
-  return s;
-}
-
 at::Tensor position_encoding_loss_kernel(const at::Tensor& pred_in, at::IntArrayRef kinds, at::ArrayRef<double> params,
                                          c10::string_view reduction) {
   check_position_encoding_loss_inputs(pred_in, kinds, params);
-  const MapSpecs maps = map_specs(pred_in, kinds, params);
+  if (cuda_next_enabled() && pred_in.size(3) <= position_next_max_width(pred_in.scalar_type()))
+    return position_encoding_loss_next(pred_in, kinds, params, reduction);
+  const MapSpecs maps = map_specs(kinds, params);
   const Reduction red = parse_reduction(std::string(reduction));
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const at::Tensor pred = pred_in.contiguous();
@@ -101,7 +87,9 @@ at::Tensor position_encoding_loss_backward_kernel(const at::Tensor& grad_in, con
                                                   c10::string_view reduction) {
   const Reduction red = parse_reduction(std::string(reduction));
   check_position_encoding_loss_backward_inputs(grad_in, pred_in, kinds, params, red);
-  const MapSpecs maps = map_specs(pred_in, kinds, params);
+  if (cuda_next_enabled() && pred_in.size(3) <= position_next_max_width(pred_in.scalar_type()))
+    return position_encoding_loss_backward_next(grad_in, pred_in, kinds, params, reduction);
+  const MapSpecs maps = map_specs(kinds, params);
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const at::Tensor pred = pred_in.contiguous();
   const at::Tensor grad = loss_grad_acc(grad_in, pred, red);

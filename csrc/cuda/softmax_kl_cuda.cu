@@ -5,8 +5,10 @@
 #include <limits>
 
 #include "../common/checks.h"
+#include "../common/cuda_next.h"
 #include "../common/softmax_kl.h"
 #include "cuda_utils.cuh"
+#include "next_kernels.cuh"
 
 namespace idd_ops {
 namespace {
@@ -88,6 +90,7 @@ __global__ void softmax_kl_backward_kernel_impl(const at::opmath_type<scalar_t>*
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_kernel(const at::Tensor& student, const at::Tensor& teacher,
                                                                 double temperature) {
   check_softmax_kl_inputs(student, teacher, temperature);
+  if (cuda_next_enabled()) return softmax_kl_next(student, teacher, temperature);
   const c10::cuda::CUDAGuard guard(student.device());
   const at::Tensor s = student.contiguous(), t = teacher.to(student.scalar_type()).contiguous();
   const int64_t outer = s.size(0), length = s.size(1), inner = s.size(2);
@@ -116,6 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_kernel(const at::Tenso
 at::Tensor softmax_kl_backward_kernel(const at::Tensor& grad_in, const at::Tensor& student, const at::Tensor& teacher,
                                      const at::Tensor& lse_student, const at::Tensor& lse_teacher, double temperature) {
   check_softmax_kl_backward_inputs(grad_in, student, teacher, lse_student, lse_teacher, temperature);
+  if (cuda_next_enabled()) return softmax_kl_backward_next(grad_in, student, teacher, lse_student, lse_teacher, temperature);
   const c10::cuda::CUDAGuard guard(student.device());
   const at::Tensor s = student.contiguous(), t = teacher.to(student.scalar_type()).contiguous();
   const auto acc = acc_dtype(s.scalar_type());

@@ -1,0 +1,76 @@
+#pragma once
+// One-read form of softmax_kl.h's sums: running maxima, with the sums rescaled whenever a
+// maximum grows, so a kernel reads each logit once (the two-pass form reads the vector twice).
+// Values are the scaled logits u = s / T (student) and v = t / T (teacher). With
+// zs = sum exp(u - ms), zt = sum exp(v - mt) and w = sum exp(v - mt) (v - u) over the classes
+// the teacher gives probability > 0 (kl_term), the lse are m + log z and
+//   KL = w / zt + lse_s - lse_t        (= softmax_kl.h's w / zt - log zt + log zs).
+// A maximum of -inf (nothing yet, or a vector that is -inf everywhere) has its sum 0; rescale()
+// never forms exp(-inf - -inf). A teacher vector that is -inf everywhere (zt = 0) has KL 0 and
+// lse_t = -inf; the backward reads that lse_t as "this vector contributes nothing".
+#include <c10/macros/Macros.h>
+
+#include <limits>
+
+#include "softmax_kl.h"
+
+namespace idd_ops {
+
+template <typename T>
+struct OnlineSoftmaxKL {
+  T ms = -std::numeric_limits<T>::infinity(), zs = 0;
+  T mt = -std::numeric_limits<T>::infinity(), zt = 0, w = 0;
+
+  C10_HOST_DEVICE static bool empty(T m) { return m == -std::numeric_limits<T>::infinity(); }
+  // exp(m_old - m_new) for m_new >= m_old, and 0 where the old sums are empty.
+  C10_HOST_DEVICE static T rescale(T m_old, T m_new) { return empty(m_old) ? T(0) : vec_exp(m_old - m_new); }
+  C10_HOST_DEVICE static T larger(T a, T b) { return a > b ? a : b; }
+
+  // N more classes (held in registers by the caller; -inf pads a short chunk and adds nothing).
+  template <int N>
+  C10_HOST_DEVICE void add(const T (&u)[N], const T (&v)[N]) {
+    T cs = ms, ct = mt;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      cs = larger(cs, u[j]);
+      ct = larger(ct, v[j]);
+    }
+    zs *= rescale(ms, cs);
+    const T rt = rescale(mt, ct);
+    zt *= rt;
+    w *= rt;
+    ms = cs;
+    mt = ct;
+    if (!empty(ms)) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) zs += vec_exp(u[j] - ms);
+    }
+    if (!empty(mt)) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const T e = vec_exp(v[j] - mt);
+        zt += e;
+        w += kl_term(e, v[j], u[j]);
+      }
+    }
+  }
+
+  // The sums of this part and another part of the same vector.
+  C10_HOST_DEVICE void merge(const OnlineSoftmaxKL& o) {
+    const T ns = larger(ms, o.ms), nt = larger(mt, o.mt);
+    zs = zs * rescale(ms, ns) + o.zs * rescale(o.ms, ns);
+    const T a = rescale(mt, nt), b = rescale(o.mt, nt);
+    zt = zt * a + o.zt * b;
+    w = w * a + o.w * b;
+    ms = ns;
+    mt = nt;
+  }
+
+  C10_HOST_DEVICE T lse_s() const { return ms + log(zs); }
+  C10_HOST_DEVICE T lse_t() const { return mt + log(zt); }
+  // (ms - mt) first: the maxima are close when the student is near the teacher, and their
+  // difference is then exact.
+  C10_HOST_DEVICE T kl() const { return zt > T(0) ? w / zt + (ms - mt) + (log(zs) - log(zt)) : T(0); }
+};
+
+}  // namespace idd_ops

@@ -1,0 +1,398 @@
+// softmax_kl on CUDA in one read of student and teacher per pass (behind IDD_OPS_CUDA_NEXT):
+// an online softmax (common/softmax_kl_online.h) forward and a one-read backward, for both
+// layouts the op serves:
+//   pixel KD [B, K, H*W] (inner > 1): a thread owns a 16-byte pack of neighbouring pixels and
+//     walks the K classes in chunks held in registers, so a warp reads 512 contiguous bytes per
+//     class and every load of a chunk is in flight at once;
+//   CWD [B*C, H*W, 1] (inner == 1): a block (long rows) or a warp (short rows) per row, 16-byte
+//     packs along the row, partial sums merged by shuffles.
+// One launch per pass; outputs are written, never zero-filled first.
+//
+// Bytes and predicted H200 time (4.8 TB/s datasheet; memory-bound: about 2.3 exp and 15 other
+// flops per element, far under the FP32/MUFU rates), float32 at benchmarks/cases.py's shapes:
+//   pixel KD B=8 K=19 512x1024: forward reads s, t 2 x 318.8 MB, writes kl, lse_s, lse_t
+//     3 x 16.8 MB = 688 MB: 0.14 ms (the two-pass kernel reads s, t twice: 1.33 GB, plus
+//     three zero fills); backward reads s, t and the three per-pixel values, writes the
+//     gradient: 1006 MB, 0.21 ms.
+//   CWD B=8 C=512 64x128: forward 268 MB: 0.056 ms; backward 403 MB: 0.084 ms.
+#include <ATen/OpMathType.h>
+
+#include <limits>
+
+#include "../common/checks.h"
+#include "../common/softmax_kl_online.h"
+#include "next_kernels.cuh"
+#include "vectorized.cuh"
+
+namespace idd_ops {
+namespace {
+
+template <typename T>
+__device__ __forceinline__ T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// Classes a pixel thread holds per forward chunk: 32 float values of each input in flight
+// (packs of 8 halves: 4 classes; double, whose exp needs more registers: 4). ptxas, sm_90,
+// float: 121 registers, no spills, 2 blocks of 256 per SM with 16 loads of 16 bytes in flight
+// per thread: 128 KB per SM against the ~30 KB that 4.8 TB/s at ~0.8 us latency asks of each
+// of the 132 SMs. The backward keeps half as many (its packs are not widened to float, but it
+// holds the outputs too): 8 loads in flight, ~3 blocks per SM.
+template <typename acc_t>
+constexpr int chunk_for(int vec) {
+  return (vec >= 8 || sizeof(acc_t) == 8) ? 4 : 8;
+}
+
+// ---- vectors along a strided dim (inner > 1): pixel KD -----------------------------------
+
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    kl_pixels_forward(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t, int64_t outer, int64_t length,
+                      int64_t inner, at::opmath_type<scalar_t> inv_T, at::opmath_type<scalar_t>* __restrict__ kl,
+                      at::opmath_type<scalar_t>* __restrict__ lse_s, at::opmath_type<scalar_t>* __restrict__ lse_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int CH = chunk_for<acc_t>(VEC);
+  const int64_t per_outer = inner / VEC, groups = outer * per_outer;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    // pixels i .. i + VEC - 1 of image o
+    const int64_t o = g / per_outer, i = (g - o * per_outer) * VEC, base = o * length * inner + i;
+    OnlineSoftmaxKL<acc_t> st[VEC];
+    for (int64_t c0 = 0; c0 < length; c0 += CH) {
+      acc_t u[VEC][CH], v[VEC][CH];
+#pragma unroll
+      for (int j = 0; j < CH; ++j) {
+        if (c0 + j < length) {
+          const auto ps = load_pack<VEC>(s + base + (c0 + j) * inner);
+          const auto pt = load_pack<VEC>(t + base + (c0 + j) * inner);
+#pragma unroll
+          for (int p = 0; p < VEC; ++p) {
+            u[p][j] = static_cast<acc_t>(ps.v[p]) * inv_T;
+            v[p][j] = static_cast<acc_t>(pt.v[p]) * inv_T;
+          }
+        } else {  // past the last class: -inf adds nothing
+#pragma unroll
+          for (int p = 0; p < VEC; ++p) u[p][j] = v[p][j] = neg_inf<acc_t>();
+        }
+      }
+#pragma unroll
+      for (int p = 0; p < VEC; ++p) st[p].add(u[p], v[p]);
+    }
+#pragma unroll
+    for (int p = 0; p < VEC; ++p) {
+      const int64_t k = o * inner + i + p;
+      kl[k] = st[p].kl();
+      lse_s[k] = st[p].lse_s();
+      lse_t[k] = st[p].lse_t();
+    }
+  }
+}
+
+// d KL / d s = grad * (softmax(s / T) - softmax(t / T)) / T, 0 for a vector whose teacher is
+// -inf everywhere (lse_t = -inf: it contributes nothing).
+template <typename acc_t>
+__device__ __forceinline__ acc_t kl_grad(acc_t coef, acc_t u, acc_t v, acc_t ls, acc_t lt) {
+  return lt == neg_inf<acc_t>() ? acc_t(0) : coef * (vec_exp(u - ls) - vec_exp(v - lt));
+}
+
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    kl_pixels_backward(const at::opmath_type<scalar_t>* __restrict__ grad, int64_t g_outer, int64_t g_inner,
+                       const scalar_t* __restrict__ s,
+                       const scalar_t* __restrict__ t, const at::opmath_type<scalar_t>* __restrict__ lse_s,
+                       const at::opmath_type<scalar_t>* __restrict__ lse_t, int64_t outer, int64_t length,
+                       int64_t inner, at::opmath_type<scalar_t> inv_T, scalar_t* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int CH = chunk_for<acc_t>(VEC) / 2;
+  const int64_t per_outer = inner / VEC, groups = outer * per_outer;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t o = g / per_outer, i = (g - o * per_outer) * VEC, base = o * length * inner + i;
+    acc_t coef[VEC], ls[VEC], lt[VEC];
+#pragma unroll
+    for (int p = 0; p < VEC; ++p) {
+      const int64_t k = o * inner + i + p;
+      coef[p] = grad[o * g_outer + (i + p) * g_inner] * inv_T;
+      ls[p] = lse_s[k];
+      lt[p] = lse_t[k];
+    }
+    for (int64_t c0 = 0; c0 < length; c0 += CH) {
+      Pack<scalar_t, VEC> ps[CH], pt[CH];
+#pragma unroll
+      for (int j = 0; j < CH; ++j) {
+        if (c0 + j < length) {
+          ps[j] = load_pack<VEC>(s + base + (c0 + j) * inner);
+          pt[j] = load_pack<VEC>(t + base + (c0 + j) * inner);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < CH; ++j) {
+        if (c0 + j < length) {
+          Pack<scalar_t, VEC> r;
+#pragma unroll
+          for (int p = 0; p < VEC; ++p)
+            r.v[p] = static_cast<scalar_t>(kl_grad(coef[p], static_cast<acc_t>(ps[j].v[p]) * inv_T,
+                                                   static_cast<acc_t>(pt[j].v[p]) * inv_T, ls[p], lt[p]));
+          store_pack(out + base + (c0 + j) * inner, r);
+        }
+      }
+    }
+  }
+}
+
+// ---- contiguous vectors (inner == 1): CWD rows -------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ void warp_merge(OnlineSoftmaxKL<T>& st) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    OnlineSoftmaxKL<T> o;
+    o.ms = __shfl_xor_sync(0xffffffffu, st.ms, offset);
+    o.zs = __shfl_xor_sync(0xffffffffu, st.zs, offset);
+    o.mt = __shfl_xor_sync(0xffffffffu, st.mt, offset);
+    o.zt = __shfl_xor_sync(0xffffffffu, st.zt, offset);
+    o.w = __shfl_xor_sync(0xffffffffu, st.w, offset);
+    st.merge(o);
+  }
+}
+
+// Merges the sums of the ROW_THREADS threads of each row (a warp, or the whole block); the
+// row's first thread holds the result. Every thread of the block calls it.
+template <typename T, int ROW_THREADS>
+__device__ __forceinline__ void row_merge(OnlineSoftmaxKL<T>& st) {
+  warp_merge(st);
+  if constexpr (ROW_THREADS > 32) {
+    static_assert(ROW_THREADS == kThreads, "a row is a warp or the whole block");
+    constexpr int kWarps = kThreads / 32;
+    __shared__ T parts[5][kWarps];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+      parts[0][warp] = st.ms;
+      parts[1][warp] = st.zs;
+      parts[2][warp] = st.mt;
+      parts[3][warp] = st.zt;
+      parts[4][warp] = st.w;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      OnlineSoftmaxKL<T> o;  // empty sums in lanes past the last warp
+      if (lane < kWarps) {
+        o.ms = parts[0][lane];
+        o.zs = parts[1][lane];
+        o.mt = parts[2][lane];
+        o.zt = parts[3][lane];
+        o.w = parts[4][lane];
+      }
+      st = o;
+      warp_merge(st);
+    }
+  }
+}
+
+// Packs each thread has in flight per input and loop step.
+constexpr int kRowUnroll = 2;
+
+template <typename scalar_t, int VEC, int ROW_THREADS>
+__global__ void __launch_bounds__(kThreads)
+    kl_rows_forward(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t, int64_t outer, int64_t length,
+                    at::opmath_type<scalar_t> inv_T, at::opmath_type<scalar_t>* __restrict__ kl,
+                    at::opmath_type<scalar_t>* __restrict__ lse_s, at::opmath_type<scalar_t>* __restrict__ lse_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kRows = kThreads / ROW_THREADS, kStep = ROW_THREADS * VEC;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.x / ROW_THREADS;
+  const int lane = threadIdx.x % ROW_THREADS;
+  OnlineSoftmaxKL<acc_t> st;
+  if (row < outer) {  // no early return: every thread takes part in row_merge
+    const scalar_t* sr = s + row * length;
+    const scalar_t* tr = t + row * length;
+    for (int64_t j0 = static_cast<int64_t>(lane) * VEC; j0 < length; j0 += kRowUnroll * kStep) {
+      acc_t u[kRowUnroll * VEC], v[kRowUnroll * VEC];
+#pragma unroll
+      for (int k = 0; k < kRowUnroll; ++k) {
+        const int64_t j = j0 + k * kStep;  // a multiple of VEC, and VEC divides length
+        if (j < length) {
+          const auto ps = load_pack<VEC>(sr + j);
+          const auto pt = load_pack<VEC>(tr + j);
+#pragma unroll
+          for (int p = 0; p < VEC; ++p) {
+            u[k * VEC + p] = static_cast<acc_t>(ps.v[p]) * inv_T;
+            v[k * VEC + p] = static_cast<acc_t>(pt.v[p]) * inv_T;
+          }
+        } else {
+#pragma unroll
+          for (int p = 0; p < VEC; ++p) u[k * VEC + p] = v[k * VEC + p] = neg_inf<acc_t>();
+        }
+      }
+      st.add(u, v);
+    }
+  }
+  row_merge<acc_t, ROW_THREADS>(st);
+  if (lane == 0 && row < outer) {
+    kl[row] = st.kl();
+    lse_s[row] = st.lse_s();
+    lse_t[row] = st.lse_t();
+  }
+}
+
+template <typename scalar_t, int VEC, int ROW_THREADS>
+__global__ void __launch_bounds__(kThreads)
+    kl_rows_backward(const at::opmath_type<scalar_t>* __restrict__ grad, int64_t g_outer, int64_t g_inner,
+                       const scalar_t* __restrict__ s,
+                     const scalar_t* __restrict__ t, const at::opmath_type<scalar_t>* __restrict__ lse_s,
+                     const at::opmath_type<scalar_t>* __restrict__ lse_t, int64_t outer, int64_t length,
+                     at::opmath_type<scalar_t> inv_T, scalar_t* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kRows = kThreads / ROW_THREADS, kStep = ROW_THREADS * VEC;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.x / ROW_THREADS;
+  if (row >= outer) return;  // no block-wide synchronisation below
+  const int lane = threadIdx.x % ROW_THREADS;
+  const acc_t coef = grad[row * g_outer] * inv_T, ls = lse_s[row], lt = lse_t[row];
+  const int64_t offset = row * length;
+  for (int64_t j0 = static_cast<int64_t>(lane) * VEC; j0 < length; j0 += kRowUnroll * kStep) {
+    Pack<scalar_t, VEC> ps[kRowUnroll], pt[kRowUnroll];
+#pragma unroll
+    for (int k = 0; k < kRowUnroll; ++k) {
+      const int64_t j = j0 + k * kStep;
+      if (j < length) {
+        ps[k] = load_pack<VEC>(s + offset + j);
+        pt[k] = load_pack<VEC>(t + offset + j);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kRowUnroll; ++k) {
+      const int64_t j = j0 + k * kStep;
+      if (j < length) {
+        Pack<scalar_t, VEC> r;
+#pragma unroll
+        for (int p = 0; p < VEC; ++p)
+          r.v[p] = static_cast<scalar_t>(kl_grad(coef, static_cast<acc_t>(ps[k].v[p]) * inv_T,
+                                                 static_cast<acc_t>(pt[k].v[p]) * inv_T, ls, lt));
+        store_pack(out + offset + j, r);
+      }
+    }
+  }
+}
+
+// ---- host side -----------------------------------------------------------------------------
+
+// A block per row from this many elements on (two packs per thread and more), else a warp.
+template <int VEC>
+bool block_per_row(int64_t length) {
+  return length >= 2 * kThreads * VEC;
+}
+
+unsigned int row_grid(int64_t outer, int rows_per_block) {
+  const int64_t blocks = (outer + rows_per_block - 1) / rows_per_block;
+  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "softmax_kl: ", outer, " vectors are too many for one grid");
+  return static_cast<unsigned int>(blocks);
+}
+
+// Packs of 16 bytes where every pointer allows them and the contiguous dim is a multiple of the
+// pack (so every pack starts aligned); else packs of one element.
+template <typename scalar_t>
+bool use_packs(int64_t length, int64_t inner, std::initializer_list<const void*> pointers) {
+  constexpr int V = pack_size<scalar_t>();
+  if ((inner == 1 ? length : inner) % V != 0) return false;
+  for (const void* p : pointers)
+    if (!aligned_for(p, V, sizeof(scalar_t))) return false;
+  return true;
+}
+
+template <typename scalar_t, int VEC>
+void launch_forward(const scalar_t* s, const scalar_t* t, int64_t outer, int64_t length, int64_t inner,
+                    at::opmath_type<scalar_t> inv_T, at::opmath_type<scalar_t>* kl, at::opmath_type<scalar_t>* lse_s,
+                    at::opmath_type<scalar_t>* lse_t, cudaStream_t stream) {
+  if (inner > 1) {
+    kl_pixels_forward<scalar_t, VEC>
+        <<<blocks_for(outer * (inner / VEC)), kThreads, 0, stream>>>(s, t, outer, length, inner, inv_T, kl, lse_s,
+                                                                     lse_t);
+  } else if (block_per_row<VEC>(length)) {
+    kl_rows_forward<scalar_t, VEC, kThreads>
+        <<<row_grid(outer, 1), kThreads, 0, stream>>>(s, t, outer, length, inv_T, kl, lse_s, lse_t);
+  } else {
+    kl_rows_forward<scalar_t, VEC, 32>
+        <<<row_grid(outer, kThreads / 32), kThreads, 0, stream>>>(s, t, outer, length, inv_T, kl, lse_s, lse_t);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, int VEC>
+void launch_backward(const at::opmath_type<scalar_t>* grad, int64_t g_outer, int64_t g_inner, const scalar_t* s,
+                     const scalar_t* t, const at::opmath_type<scalar_t>* lse_s,
+                     const at::opmath_type<scalar_t>* lse_t, int64_t outer, int64_t length, int64_t inner,
+                     at::opmath_type<scalar_t> inv_T, scalar_t* out, cudaStream_t stream) {
+  if (inner > 1) {
+    kl_pixels_backward<scalar_t, VEC><<<blocks_for(outer * (inner / VEC)), kThreads, 0, stream>>>(
+        grad, g_outer, g_inner, s, t, lse_s, lse_t, outer, length, inner, inv_T, out);
+  } else if (block_per_row<VEC>(length)) {
+    kl_rows_backward<scalar_t, VEC, kThreads><<<row_grid(outer, 1), kThreads, 0, stream>>>(
+        grad, g_outer, g_inner, s, t, lse_s, lse_t, outer, length, inv_T, out);
+  } else {
+    kl_rows_backward<scalar_t, VEC, 32><<<row_grid(outer, kThreads / 32), kThreads, 0, stream>>>(
+        grad, g_outer, g_inner, s, t, lse_s, lse_t, outer, length, inv_T, out);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_next(const at::Tensor& student, const at::Tensor& teacher,
+                                                              double temperature) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  const at::Tensor s = student.contiguous(), t = teacher.to(student.scalar_type()).contiguous();
+  const int64_t outer = s.size(0), length = s.size(1), inner = s.size(2);
+  const auto options = s.options().dtype(acc_dtype(s.scalar_type()));
+  if (s.numel() == 0) {  // length 0 leaves [outer, inner] outputs with nothing summed: zeros
+    at::Tensor kl = at::zeros({outer, inner}, options);
+    return {kl, at::zeros_like(kl), at::zeros_like(kl)};
+  }
+  at::Tensor kl = at::empty({outer, inner}, options), lse_s = at::empty_like(kl), lse_t = at::empty_like(kl);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "softmax_kl_next_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t inv_T = static_cast<acc_t>(1.0 / temperature);
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const scalar_t* tp = t.const_data_ptr<scalar_t>();
+    if (use_packs<scalar_t>(length, inner, {sp, tp}))
+      launch_forward<scalar_t, pack_size<scalar_t>()>(sp, tp, outer, length, inner, inv_T, kl.data_ptr<acc_t>(),
+                                                      lse_s.data_ptr<acc_t>(), lse_t.data_ptr<acc_t>(), stream);
+    else
+      launch_forward<scalar_t, 1>(sp, tp, outer, length, inner, inv_T, kl.data_ptr<acc_t>(), lse_s.data_ptr<acc_t>(),
+                                  lse_t.data_ptr<acc_t>(), stream);
+  });
+  return {kl, lse_s, lse_t};
+}
+
+at::Tensor softmax_kl_backward_next(const at::Tensor& grad_in, const at::Tensor& student, const at::Tensor& teacher,
+                                    const at::Tensor& lse_student, const at::Tensor& lse_teacher, double temperature) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  const at::Tensor s = student.contiguous(), t = teacher.to(student.scalar_type()).contiguous();
+  const auto acc = acc_dtype(s.scalar_type());
+  // Read in place with its strides: the gradient of a reduced loss arrives expanded (strides 0),
+  // and a contiguous copy would be one more launch and pass.
+  const at::Tensor grad = grad_in.to(acc);
+  const at::Tensor ls = lse_student.to(acc).contiguous(), lt = lse_teacher.to(acc).contiguous();
+  at::Tensor out = at::empty_like(s);
+  if (s.numel() == 0) return out;
+  const int64_t outer = s.size(0), length = s.size(1), inner = s.size(2);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "softmax_kl_backward_next_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t inv_T = static_cast<acc_t>(1.0 / temperature);
+    const scalar_t* sp = s.const_data_ptr<scalar_t>();
+    const scalar_t* tp = t.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const acc_t* gp = grad.const_data_ptr<acc_t>();
+    const acc_t* lsp = ls.const_data_ptr<acc_t>();
+    const acc_t* ltp = lt.const_data_ptr<acc_t>();
+    const int64_t g_outer = grad.stride(0), g_inner = grad.stride(1);
+    if (use_packs<scalar_t>(length, inner, {sp, tp, op}))
+      launch_backward<scalar_t, pack_size<scalar_t>()>(gp, g_outer, g_inner, sp, tp, lsp, ltp, outer, length, inner,
+                                                       inv_T, op, stream);
+    else
+      launch_backward<scalar_t, 1>(gp, g_outer, g_inner, sp, tp, lsp, ltp, outer, length, inner, inv_T, op, stream);
+  });
+  return out;
+}
+
+}  // namespace idd_ops

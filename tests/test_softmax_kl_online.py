@@ -1,0 +1,71 @@
+"""The one-read softmax-KL sums of the CUDA kernels behind IDD_OPS_CUDA_NEXT
+(csrc/common/softmax_kl_online.h), run on the host: chunked, split over partial sums and
+merged as the kernels do, against the float64 reference, masked (-inf) classes included."""
+import math
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torch.utils.cpp_extension as ce
+
+from idd_ops import reference
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CXX = shutil.which("g++") or shutil.which("c++")
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    exe = str(tmp_path_factory.mktemp("online") / "driver")
+    includes = [f"-I{d}" for d in ce.include_paths()]
+    subprocess.run([CXX, "-O2", "-std=c++17", *includes, os.path.join(HERE, "host", "softmax_kl_online_driver.cpp"),
+                    "-o", exe], check=True, capture_output=True)
+    return exe
+
+
+def cases():
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(60):
+        L = int(torch.randint(1, 300, (1,), generator=g))
+        u = torch.randn(L, generator=g, dtype=torch.float64) * 3
+        v = torch.randn(L, generator=g, dtype=torch.float64) * 3
+        kind = i % 6
+        if kind == 1:  # far from zero: the maxima, not the values, carry the scale
+            u, v = u + 60, v + 55
+        elif kind == 2:  # masked teacher classes
+            v[torch.rand(L, generator=g) < 0.4] = -math.inf
+        elif kind == 3:  # a teacher -inf everywhere: KL 0, lse_t -inf
+            v[:] = -math.inf
+        elif kind == 4:  # classes masked in both, one left
+            both = torch.rand(L, generator=g) < 0.5
+            u[both], v[both] = -math.inf, -math.inf
+            u[0], v[0] = 0.5, 1.0
+        elif kind == 5:  # student near the teacher: KL near 0
+            u = v + 1e-3 * torch.randn(L, generator=g, dtype=torch.float64)
+        u, v = u.float().double(), v.float().double()  # values a float kernel can hold exactly
+        out.append((u, v, 1 + i % 9))
+    return out
+
+
+@pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
+def test_online_sums_match_the_reference(driver):
+    data = cases()
+    lines = [str(len(data))]
+    for u, v, parts in data:
+        lines += [f"{len(u)} {parts}", " ".join(map(repr, u.tolist())), " ".join(map(repr, v.tolist()))]
+    result = subprocess.run([driver], input="\n".join(lines), capture_output=True, text=True, check=True)
+    rows = [list(map(float, line.split())) for line in result.stdout.strip().splitlines()]
+    assert len(rows) == len(data)
+    for (u, v, parts), row in zip(data, rows):
+        kl = reference._kl_rows(u[None], v[None], 1)[0].item()
+        lse_s = torch.logsumexp(u, 0).item()
+        lse_t = torch.logsumexp(v, 0).item()
+        assert not any(math.isnan(x) for x in row), (len(u), parts, row)
+        for got, want, tol in zip(row, [kl, lse_s, lse_t] * 2, [1e-4] * 3 + [1e-10] * 3):
+            if math.isinf(want):
+                assert got == want
+            else:
+                assert abs(got - want) <= tol * (1 + abs(want)), (len(u), parts, got, want)
