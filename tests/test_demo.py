@@ -183,18 +183,30 @@ def test_setup_without_torch_stops_with_instructions():
     assert "pip install --no-build-isolation" in proc.stderr and "download.pytorch.org/whl/cpu" in proc.stderr
 
 
-def test_sweep_picks_the_best_paired_weight(tmp_path, one_thread):
-    from idd_ops.demo import sweep
+def test_tuning_picks_the_best_paired_weight(tmp_path, one_thread):
+    from idd_ops.demo import tune
 
-    assert sweep.parse_grid(["idd=0.3,1"]) == {"idd": [0.3, 1.0]}
+    assert tune.parse_grid(["idd=0.3,1"]) == {"idd": [0.3, 1.0]}
     with pytest.raises(ValueError, match="grid"):
-        sweep.parse_grid(["nope=1"])
-    summary = sweep.run_sweep(_tiny(), {"pid": [0.5, 2.0]}, [0, 1], str(tmp_path))
+        tune.parse_grid(["nope=1"])
+    summary = tune.run_tuning(_tiny(), {"pid": [0.5, 2.0]}, [0, 1], str(tmp_path), workers=1)
     points = summary["points"]
     assert [q["weight"] for q in points] == [0.5, 2.0] and summary["preset"]["eval_split"] == "tune"
+    assert points[0]["difference"] != points[1]["difference"]  # the weight reached the runs
     best = max(points, key=lambda q: q["difference"][0])
     assert summary["chosen"] == {"pid": best["weight"]}
-    assert "Chosen weights" in (tmp_path / "sweep.md").read_text()
+    assert "Chosen weights" in (tmp_path / "tune.md").read_text()
+
+
+def test_full_preset_takes_its_tuned_weights_or_says_they_are_carried_over(tmp_path):
+    weights, source = experiment.tuned_weights("full", root=str(tmp_path))
+    assert weights == {} and "carried over" in source and "not tuned at 128x256" in source
+    (tmp_path / "results" / "full-tune").mkdir(parents=True)
+    (tmp_path / "results" / "full-tune" / "tune.json").write_text('{"chosen": {"idd": 3.0, "pid": 0.3}}')
+    weights, source = experiment.tuned_weights("full", root=str(tmp_path))
+    assert weights == {"idd": 3.0, "pid": 0.3} and "tuned on the tune split at 128x256" in source
+    assert experiment.config_weights("ce+kd+idd+pid", weights) == {"kd": 10.0, "idd": 3.0, "pid": 0.3}
+    assert experiment.tuned_weights("cpu", root=str(tmp_path))[0] == {}
 
 
 def test_cached_teacher_gives_the_teachers_outputs():
@@ -204,7 +216,7 @@ def test_cached_teacher_gives_the_teachers_outputs():
 
     data = StreetScenes(5, seed=1, size=(32, 64))
     teacher = make_teacher(len(CLASSES)).eval()
-    cached = CachedTeacher(teacher, data, FEATURE_LAYER, 2, "cpu")
+    cached = CachedTeacher.compute(teacher, data, FEATURE_LAYER, 2, "cpu")
     idx = torch.tensor([4, 1, 1])
     x = data.images[idx].float() / 255
     hook, cached_hook = FeatureHook(teacher, FEATURE_LAYER), FeatureHook(cached, FEATURE_LAYER)
