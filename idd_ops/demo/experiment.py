@@ -313,20 +313,24 @@ def make_data(preset, map=None):
     return tuple(sets)
 
 
-_on_device = {}  # per process: the latest shared context, moved to its device
+_shared = {}  # per process: the latest shared context of run_students, on its device
 
 
-def _student_piece(context, preset, config, seed, key, path):
-    """One student run (in a worker or in this process): written to `path` and returned."""
-    if _on_device.get("token") != context["token"]:
+def _student_piece(context_path, preset, config, seed, key, path):
+    """One student run (in a worker or in this process): written to `path` and returned, its
+    weights on the CPU (a CUDA tensor sent between processes lives only as long as its sender)."""
+    if _shared.get("path") != context_path:
+        # memory-mapped: the workers share the file's pages, and no /dev/shm (small in containers)
+        context = torch.load(context_path, mmap=True, weights_only=False)
         device = context["device"]
-        _on_device.clear()
-        _on_device.update(token=context["token"], teacher=context["teacher"].to(device),
-                          readout=context["readout"].to(device),
-                          outputs=CachedTeacher(*(t.to(device) for t in context["tables"]), FEATURE_LAYER))
-    c = _on_device
-    run = student_run(preset, config, seed, context["train"], context["val"], c["teacher"], c["readout"],
-                      context["device"], c["outputs"])
+        _shared.clear()
+        _shared.update(context, path=context_path, teacher=context["teacher"].to(device),
+                       readout=context["readout"].to(device),
+                       outputs=CachedTeacher(*(t.to(device) for t in context["tables"]), FEATURE_LAYER))
+    c = _shared
+    run = student_run(preset, config, seed, c["train"], c["val"], c["teacher"], c["readout"], c["device"],
+                      c["outputs"])
+    run["model"] = {k: v.detach().cpu() for k, v in run["model"].items()}
     run["key"] = key
     torch.save(run, path)
     return run
@@ -352,14 +356,19 @@ def run_students(jobs, train, val, teacher, readout, out, device, workers):
     if todo:
         preset = todo[0][1]
         outputs = CachedTeacher.compute(teacher, train, FEATURE_LAYER, 2 * preset.batch, device)
-        # what the workers share: on the CPU, in shared memory; each moves it to `device` once
-        context = dict(token=f"{teacher_id}-{time.time_ns()}", device=str(device), train=train, val=val,
-                       teacher=copy.deepcopy(teacher).cpu(), readout=copy.deepcopy(readout).cpu(),
-                       tables=tuple(t.cpu() for t in outputs.tables()))
+        # what every run reads: written once, on the CPU; each process moves it to `device` once
+        context_path = os.path.join(out, "runs", f"shared-{os.getpid()}-{time.time_ns()}.pt")
+        torch.save(dict(device=str(device), train=train, val=val, teacher=copy.deepcopy(teacher).cpu(),
+                        readout=copy.deepcopy(readout).cpu(), tables=tuple(t.cpu() for t in outputs.tables())),
+                   context_path)
         del outputs
-        done = workers.map(_student_piece, [(context, *job[1:]) for job in todo])
-        for (i, *_), run in zip(todo, done):
-            runs[i] = run
+        try:
+            done = workers.map(_student_piece, [(context_path, *job[1:]) for job in todo])
+            for (i, *_), run in zip(todo, done):
+                runs[i] = run
+        finally:
+            _shared.clear()
+            os.remove(context_path)
     return runs, cached, cached_seconds
 
 

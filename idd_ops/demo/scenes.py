@@ -228,15 +228,13 @@ class StreetScenes(Dataset):
     def __init__(self, num_images, seed=0, size=(128, 256), progress=None, map=None, chunk=50):
         self.size = tuple(size)
         pieces = [(seed, self.size, a, min(a + chunk, num_images)) for a in range(0, num_images, chunk)]
-        images, labels, done = [], [], 0
-        for img, lab in (map or _serial_map)(render_scenes, pieces):
-            images.append(img)
-            labels.append(lab)
-            done += len(img)
+        # filled chunk by chunk: a chunk from a worker arrives in shared memory, released once copied
+        self.images = torch.empty(num_images, 3, *self.size, dtype=torch.uint8)
+        self.labels = torch.empty(num_images, *self.size, dtype=torch.uint8)
+        for (_, _, start, stop), (img, lab) in zip(pieces, (map or _serial_map)(render_scenes, pieces)):
+            self.images[start:stop], self.labels[start:stop] = img, lab
             if progress is not None:
-                progress(done, num_images)
-        self.images, self.labels = render_scenes(seed, self.size, 0, 0) if not images else (
-            torch.cat(images), torch.cat(labels))
+                progress(stop, num_images)
 
     def __len__(self):
         return len(self.images)
