@@ -199,6 +199,15 @@ def test_tuning_picks_the_best_paired_weight(tmp_path, one_thread):
     assert "Chosen weights" in (tmp_path / "tune.md").read_text()
 
 
+def test_tune_command_runs_a_named_preset(tmp_path, monkeypatch, capsys, one_thread):
+    from idd_ops.demo import tune
+
+    monkeypatch.setitem(experiment.PRESETS, "tiny", _tiny())
+    tune.main(["--preset", "tiny", "--grid", "idd=1", "--seeds", "0", "1", "--out", str(tmp_path), "--workers", "1"])
+    assert "python -m idd_ops.demo.tune --preset tiny" in capsys.readouterr().out
+    assert (tmp_path / "tune.json").exists()
+
+
 def test_full_preset_takes_its_tuned_weights_or_says_they_are_carried_over(tmp_path):
     weights, source = experiment.tuned_weights("full", root=str(tmp_path))
     assert weights == {} and "carried over" in source and "not tuned at 128x256" in source

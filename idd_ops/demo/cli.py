@@ -1,13 +1,17 @@
 """`idd-distill`: the end-to-end distillation experiment on generated street scenes.
 
-    idd-distill --preset quick                  # 1.6 min on 2 idle CPU cores (2.1 at load 3.5)
+    idd-distill --preset quick                  # a smoke run: a few minutes on 2 CPU cores
     idd-distill --preset cpu                    # all configurations, 5 paired seeds (see the README for times)
-    idd-distill --preset full --device cuda     # full resolution and schedule (GPU recommended)
+    idd-distill --preset full --device cuda     # 128x256, the full schedule (GPU recommended)
     idd-distill --replot results/cpu            # rewrite results.md and plots from results.json
 
-Finished pieces (teacher, each configuration x seed) are cached in the output folder under a
-key of every setting that changes them: rerunning resumes, a changed setting reruns, and the
-command says which pieces it took from the cache.
+The student runs (configurations x seeds) and the scene generation run on a pool of worker
+processes (--workers, default: automatic from the CPU cores and, on CUDA, the free GPU memory);
+the results are those of one run after the other. Finished pieces (teacher, each configuration x
+seed) are cached in the output folder under a key of every setting that changes them: rerunning
+resumes, a changed setting reruns, and the command says which pieces it took from the cache.
+The full preset takes its loss weights from results/full-tune/tune.json when that tuning is
+committed (python -m idd_ops.demo.tune --preset full); results.md says where they came from.
 """
 import argparse
 import dataclasses
@@ -39,8 +43,10 @@ from .experiment import CONFIGS, PRESETS, run_experiment, tuned_weights  # noqa:
 from .report import plot_losses, plot_miou, plot_paired, write_markdown, write_plots  # noqa: E402
 
 # measured with the command above on 2 CPU cores (see the README for how)
-ESTIMATES = {"quick": "about 2 min on 2 CPU cores", "cpu": "40 student runs and a teacher, tens of minutes on 2 CPU cores",
-             "full": "a GPU is recommended (about 9 min estimated)"}
+ESTIMATES = {"quick": "a smoke run, about 2 min on 2 CPU cores",
+             "cpu": "40 student runs and a teacher, tens of minutes on 2 CPU cores",
+             "full": "for a GPU: 9-10 min on an H200 one run at a time (extrapolated from two runs); "
+                     "concurrent runs aim at under 4 min (not yet measured)"}
 
 
 def replot(folder):

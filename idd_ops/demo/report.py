@@ -84,7 +84,7 @@ def write_markdown(results, out, command=None):
     others = [o for o in (BASELINE, RIVAL) if o in configs]  # a column per comparison that ran
     lines = ["# Distillation on generated street scenes\n"]
     if results["preset"].get("smoke"):
-        lines += smoke_note(results)
+        lines += smoke_note(results, out)
     lines += [f"Command: `{command}`  ", f"Preset: `{results['preset']}`  ",
               f"Device: {results['device']}; {wall_time_line(results)}.\n"]
     if results["preset"].get("weights_from"):
@@ -139,7 +139,7 @@ def write_markdown(results, out, command=None):
         lines.append(f"Training step of `ce+kd+idd+pid` (10 steps each, on {results['device']}): "
                      f"{1e3 * st['fused']:.0f} ms with idd_ops' fused losses, {1e3 * st['reference']:.0f} ms with the "
                      "plain-PyTorch reference losses. This times whole training steps of a small network, of which "
-                     "the distillation losses are a small part, once each; on a CPU shared with other work the "
+                     "the distillation losses are only a part, once each; on a CPU shared with other work the "
                      "load moves both numbers by more than the losses' share, so it cannot rank the kernels. "
                      "The kernels' own speed, against the reference and torch.compile, is measured by "
                      "benchmarks/ (benchmarks/RESULTS.md, RESULTS-cuda.md).\n")
@@ -164,23 +164,29 @@ def _committed_effects(folder):
     return size, {c: paired(rs, runs[BASELINE], _miou) for c, rs in runs.items() if c != BASELINE}
 
 
-def smoke_note(results, folders=("results/cpu", "results/full")):
-    """The lines that open a smoke run's results.md: what it cannot show, and the committed runs'
-    effects beside its own."""
+def _link(out, folder):
+    """A link from `out`/results.md to the committed `folder`'s results.md."""
+    return os.path.relpath(os.path.join(REPOSITORY, folder, "results.md"), os.path.abspath(out))
+
+
+def smoke_note(results, out, folders=("results/cpu", "results/full")):
+    """The lines that open a smoke run's results.md (in `out`): what it cannot show, and the
+    committed runs' effects beside its own."""
     configs = seed_runs(results)
     mine = {c: paired(rs, configs[BASELINE], _miou) for c, rs in configs.items() if c != BASELINE} \
         if BASELINE in configs else {}
     committed = {f: e for f in folders if (e := _committed_effects(f)) is not None}
+    seeds = len(results["preset"]["seeds"])
     lines = ["**A smoke run.** This preset checks that the experiment runs end to end in a few minutes: its "
-             "teacher and students train for a fraction of the schedule, on two seeds, so its intervals are too "
-             "wide to say whether distillation helps. That answer comes from the committed runs with 5 paired "
-             "seeds and full schedules" + (":" if committed else
-                                         " (results/cpu and results/full in the repository).") + "\n"]
+             f"teacher and students train for a fraction of the schedule, on {seeds} paired seed"
+             f"{'s' if seeds > 1 else ''}, so its intervals are too wide to say whether distillation helps. "
+             "That answer comes from the committed runs, with 5 paired seeds and longer schedules" +
+             (":" if committed else " (results/cpu and results/full in the repository).") + "\n"]
     if committed:
         names = list(dict.fromkeys(list(mine) + [c for _, e in committed.values() for c in e]))
         size = "x".join(map(str, results["preset"]["size"]))
         lines += [f"| mIoU difference to {BASELINE} [95 % CI] | this run ({size}) | " +
-                  " | ".join(f"[{f}]({f}/results.md) ({s})" for f, (s, _) in committed.items()) + " |",
+                  " | ".join(f"[{f}]({_link(out, f)}) ({s})" for f, (s, _) in committed.items()) + " |",
                   "|---|---:|" + "---:|" * len(committed)]
         for c in names:
             cells = [_interval(mine[c]) if c in mine else "not run"] + [

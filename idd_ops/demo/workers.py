@@ -1,16 +1,15 @@
 """Independent pieces of the experiment (chunks of scenes, student runs) on a pool of worker
 processes, sized from the CPU cores and, on CUDA, the free GPU memory; each worker on its own
 CUDA stream, with torch's threads divided between the workers so that the cores are not
-oversubscribed.
+oversubscribed. On 2 CPU cores the automatic choice is one worker (this process) on both.
 
 Every piece seeds its own generators from its arguments, so running the pieces in workers gives
 the results of running them one by one, with the same number of threads per piece (on the CPU
 the order of a parallel reduction may depend on the thread count). The student networks are
-small: one at a time, a GPU sits mostly idle waiting for kernel launches, and two CPU cores
-are used better by two single-threaded runs than by one run split over both (see
-CPU_WORKERS_PER_CORE).
+small: one at a time, a GPU sits mostly idle waiting for kernel launches.
 """
 import os
+import sys
 
 import torch
 import torch.multiprocessing as mp
@@ -21,10 +20,12 @@ from . import progress
 # outputs on the training set (about 0.6 GiB at 128x256 with 2000 images), the teacher, a student
 # and their activations
 GPU_BYTES_PER_WORKER = 2 << 30
-# automatic pool size on the CPU, per core. Measured on 2 shared cores with the quick preset's
-# student runs (see the README's experiment section): two single-threaded workers did the runs
-# in less time than one run after the other on two threads
-CPU_WORKERS_PER_CORE = 1
+# automatic pool size on the CPU: one worker per this many cores, each on that many threads.
+# Measured on 2 cores shared with other work (load about 21), four of the quick preset's student
+# runs: one worker on 2 threads took 167, 186 and 203 s, two single-threaded workers 212 and 160 s
+# (their start, about 15 s at that load, included): no difference the load lets us see, so
+# one worker, no start cost, as before; on more cores the choice is not measured
+CPU_CORES_PER_WORKER = 2
 
 
 def cpu_cores():
@@ -36,8 +37,8 @@ def plan(device, workers=None, threads=None, gpu_bytes_per_worker=GPU_BYTES_PER_
     """(workers, torch threads per worker) for `device`.
 
     workers: None (automatic): on CUDA, as many as the free GPU memory holds at
-        `gpu_bytes_per_worker` each and at most one per core; on the CPU,
-        CPU_WORKERS_PER_CORE per core. threads: None: the cores divided between the workers.
+        `gpu_bytes_per_worker` each and at most one per core; on the CPU, one per
+        CPU_CORES_PER_WORKER cores. threads: None: the cores divided between the workers.
     """
     cores = cpu_cores()
     if workers is None:
@@ -45,7 +46,7 @@ def plan(device, workers=None, threads=None, gpu_bytes_per_worker=GPU_BYTES_PER_
             free, _ = torch.cuda.mem_get_info(torch.device(device))
             workers = min(cores, free // gpu_bytes_per_worker)
         else:
-            workers = CPU_WORKERS_PER_CORE * cores
+            workers = max(1, cores // CPU_CORES_PER_WORKER)
     if workers < 1:
         raise ValueError(f"workers: expected at least 1, got {workers}")
     workers = int(workers)
@@ -85,6 +86,7 @@ class Workers:
         if self.pool is None and (self.size == 1 or len(items) < 2):
             return (fn(*item) for item in items)
         if self.pool is None:
+            print(f"workers: {self.size} processes x {self.threads} threads on {self.device}", file=sys.stderr)
             self.pool = mp.get_context("spawn").Pool(self.size, _start_worker, (self.threads, self.device))
         return self.pool.imap(_call, [(fn, item) for item in items])
 
