@@ -1,5 +1,6 @@
 """The end-to-end demo: scene generator, metrics, and one training step of every configuration."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -183,18 +184,39 @@ def test_setup_without_torch_stops_with_instructions():
     assert "pip install --no-build-isolation" in proc.stderr and "download.pytorch.org/whl/cpu" in proc.stderr
 
 
-def test_sweep_picks_the_best_paired_weight(tmp_path, one_thread):
-    from idd_ops.demo import sweep
+def test_tuning_picks_the_best_paired_weight(tmp_path, one_thread):
+    from idd_ops.demo import tune
 
-    assert sweep.parse_grid(["idd=0.3,1"]) == {"idd": [0.3, 1.0]}
+    assert tune.parse_grid(["idd=0.3,1"]) == {"idd": [0.3, 1.0]}
     with pytest.raises(ValueError, match="grid"):
-        sweep.parse_grid(["nope=1"])
-    summary = sweep.run_sweep(_tiny(), {"pid": [0.5, 2.0]}, [0, 1], str(tmp_path))
+        tune.parse_grid(["nope=1"])
+    summary = tune.run_tuning(_tiny(), {"pid": [0.5, 2.0]}, [0, 1], str(tmp_path), workers=1)
     points = summary["points"]
     assert [q["weight"] for q in points] == [0.5, 2.0] and summary["preset"]["eval_split"] == "tune"
+    assert points[0]["difference"] != points[1]["difference"]  # the weight reached the runs
     best = max(points, key=lambda q: q["difference"][0])
     assert summary["chosen"] == {"pid": best["weight"]}
-    assert "Chosen weights" in (tmp_path / "sweep.md").read_text()
+    assert "Chosen weights" in (tmp_path / "tune.md").read_text()
+
+
+def test_tune_command_runs_a_named_preset(tmp_path, monkeypatch, capsys, one_thread):
+    from idd_ops.demo import tune
+
+    monkeypatch.setitem(experiment.PRESETS, "tiny", _tiny())
+    tune.main(["--preset", "tiny", "--grid", "idd=1", "--seeds", "0", "1", "--out", str(tmp_path), "--workers", "1"])
+    assert "python -m idd_ops.demo.tune --preset tiny" in capsys.readouterr().out
+    assert (tmp_path / "tune.json").exists()
+
+
+def test_full_preset_takes_its_tuned_weights_or_says_they_are_carried_over(tmp_path):
+    weights, source = experiment.tuned_weights("full", root=str(tmp_path))
+    assert weights == {} and "carried over" in source and "not tuned at 128x256" in source
+    (tmp_path / "results" / "full-tune").mkdir(parents=True)
+    (tmp_path / "results" / "full-tune" / "tune.json").write_text('{"chosen": {"idd": 3.0, "pid": 0.3}}')
+    weights, source = experiment.tuned_weights("full", root=str(tmp_path))
+    assert weights == {"idd": 3.0, "pid": 0.3} and "tuned on the tune split at 128x256" in source
+    assert experiment.config_weights("ce+kd+idd+pid", weights) == {"kd": 10.0, "idd": 3.0, "pid": 0.3}
+    assert experiment.tuned_weights("cpu", root=str(tmp_path))[0] == {}
 
 
 def test_cached_teacher_gives_the_teachers_outputs():
@@ -204,7 +226,7 @@ def test_cached_teacher_gives_the_teachers_outputs():
 
     data = StreetScenes(5, seed=1, size=(32, 64))
     teacher = make_teacher(len(CLASSES)).eval()
-    cached = CachedTeacher(teacher, data, FEATURE_LAYER, 2, "cpu")
+    cached = CachedTeacher.compute(teacher, data, FEATURE_LAYER, 2, "cpu")
     idx = torch.tensor([4, 1, 1])
     x = data.images[idx].float() / 255
     hook, cached_hook = FeatureHook(teacher, FEATURE_LAYER), FeatureHook(cached, FEATURE_LAYER)
@@ -214,3 +236,85 @@ def test_cached_teacher_gives_the_teachers_outputs():
     got = cached(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cached_hook.pop(), hook.pop(), rtol=1e-4, atol=1e-5)
+
+
+def test_worker_processes_give_the_runs_of_one_by_one(tmp_path, one_thread):
+    """Two single-threaded worker processes and one run after the other in this process (one
+    thread): the same teacher, the same runs bit for bit; each worker wrote its cache piece, which
+    a rerun takes."""
+    preset = _tiny(seeds=(0, 1), student_steps=3)
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    a = experiment.run_experiment(preset, one, "cpu", workers=1)
+    b = experiment.run_experiment(preset, two, "cpu", workers=2, threads=1)
+    assert b[0]["workers"] == 2 and a[0]["workers"] == 1
+    assert a[0]["teacher_id"] == b[0]["teacher_id"]
+    assert set(a[2]) == set(b[2]) == {(c, s) for c in preset.configs for s in preset.seeds}
+    for piece, run in a[2].items():
+        other = b[2][piece]
+        for name in ("miou", "iou", "curves", "distance_gap", "position_error", "weights"):
+            assert json.dumps(run[name]) == json.dumps(other[name]), (piece, name)  # exact floats, NaN too
+        for name, t in run["model"].items():
+            assert torch.equal(t, other["model"][name]), (piece, name)
+    assert len(list((tmp_path / "two" / "runs").glob("*.pt"))) == 4
+    again = experiment.run_experiment(preset, two, "cpu", workers=2, threads=1)[0]
+    assert sorted(again["cached"]) == sorted(["teacher"] + [f"{c}|{s}" for c, s in a[2]])
+
+
+def test_scenes_rendered_in_workers_are_the_same_scenes():
+    from idd_ops.demo.workers import Workers
+
+    one = StreetScenes(7, seed=4, size=(32, 64))
+    with Workers("cpu", workers=2, threads=1) as pool:
+        two = StreetScenes(7, seed=4, size=(32, 64), map=pool.map, chunk=3)
+        assert pool.pool is not None  # three chunks went to the workers
+    assert torch.equal(one.images, two.images) and torch.equal(one.labels, two.labels)
+
+
+def test_worker_plan_divides_the_cores():
+    from idd_ops.demo import workers
+
+    cores = workers.cpu_cores()
+    assert workers.plan("cpu", workers=1) == (1, cores)
+    assert workers.plan("cpu", workers=2, threads=1) == (2, 1)
+    assert workers.plan("cpu", workers=2 * cores)[1] == 1
+    n, threads = workers.plan("cpu")
+    assert n >= 1 and n * threads <= max(cores, n)
+    with pytest.raises(ValueError, match="workers"):
+        workers.plan("cpu", workers=0)
+
+
+def test_progress_prints_plain_lines_when_not_on_a_terminal():
+    import io
+
+    from idd_ops.demo.progress import Progress
+
+    log = io.StringIO()
+    bar = Progress(1000, "train", stream=log)
+    for _ in range(1000):
+        bar.update(loss=0.5)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 10
+    assert lines[0].startswith("train: 100/1000 (10 %)") and lines[-1].startswith("train: 1000/1000 (100 %)")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    bar = Progress(5, "train", stream=screen, every=0)
+    for _ in range(5):
+        bar.update()
+    assert screen.getvalue().count("\r") == 5 and screen.getvalue().endswith("\n")
+
+
+def test_results_md_has_no_empty_column_and_a_smoke_run_says_so(tmp_path, one_thread):
+    from idd_ops.demo.report import write_markdown
+
+    results = experiment.run_experiment(_tiny(smoke=True), str(tmp_path), "cpu", workers=1)[0]
+    text = write_markdown(results, str(tmp_path))
+    assert "vs ce+cwd" not in text and "| |" not in text.replace("|---|", "")
+    assert "A smoke run" in text
+    assert "Loss weights" not in text  # weights_from is empty for a preset built in code
+    text = write_markdown(dict(results, preset=dict(results["preset"], smoke=False, weights_from="tuned")),
+                          str(tmp_path))
+    assert "smoke" not in text.lower().replace("'smoke': false", "") and "Loss weights: tuned." in text

@@ -1,13 +1,17 @@
 """`idd-distill`: the end-to-end distillation experiment on generated street scenes.
 
-    idd-distill --preset quick                  # 1.6 min on 2 idle CPU cores (2.1 at load 3.5)
+    idd-distill --preset quick                  # a smoke run: a few minutes on 2 CPU cores
     idd-distill --preset cpu                    # all configurations, 5 paired seeds (see the README for times)
-    idd-distill --preset full --device cuda     # full resolution and schedule (GPU recommended)
+    idd-distill --preset full --device cuda     # 128x256, the full schedule (GPU recommended)
     idd-distill --replot results/cpu            # rewrite results.md and plots from results.json
 
-Finished pieces (teacher, each configuration x seed) are cached in the output folder under a
-key of every setting that changes them: rerunning resumes, a changed setting reruns, and the
-command says which pieces it took from the cache.
+The student runs (configurations x seeds) and the scene generation run on a pool of worker
+processes (--workers, default: automatic from the CPU cores and, on CUDA, the free GPU memory);
+the results are those of one run after the other. Finished pieces (teacher, each configuration x
+seed) are cached in the output folder under a key of every setting that changes them: rerunning
+resumes, a changed setting reruns, and the command says which pieces it took from the cache.
+The full preset takes its loss weights from results/full-tune/tune.json when that tuning is
+committed (python -m idd_ops.demo.tune --preset full); results.md says where they came from.
 """
 import argparse
 import dataclasses
@@ -35,12 +39,14 @@ def _restart_with_environment():
 
 import torch  # noqa: E402
 
-from .experiment import CONFIGS, PRESETS, run_experiment  # noqa: E402
+from .experiment import CONFIGS, PRESETS, run_experiment, tuned_weights  # noqa: E402
 from .report import plot_losses, plot_miou, plot_paired, write_markdown, write_plots  # noqa: E402
 
 # measured with the command above on 2 CPU cores (see the README for how)
-ESTIMATES = {"quick": "about 2 min on 2 CPU cores", "cpu": "40 student runs and a teacher, tens of minutes on 2 CPU cores",
-             "full": "a GPU is recommended (about 9 min estimated)"}
+ESTIMATES = {"quick": "a smoke run, about 2 min on 2 CPU cores",
+             "cpu": "40 student runs and a teacher, tens of minutes on 2 CPU cores",
+             "full": "for a GPU: 9-10 min on an H200 one run at a time (extrapolated from two runs); "
+                     "concurrent runs aim at under 4 min (not yet measured)"}
 
 
 def replot(folder):
@@ -80,6 +86,8 @@ def main(argv=None):
     p.add_argument("--weight", action="append", default=[], metavar="LOSS=VALUE",
                    help="override a loss weight in every configuration that uses it, e.g. idd=0.3 (repeatable)")
     p.add_argument("--teacher", default=None, help="reuse this teacher.pt (same image size) instead of training one")
+    p.add_argument("--workers", type=int, help="worker processes for the student runs and scenes (default: "
+                   "automatic, from the CPU cores and, on CUDA, the free GPU memory)")
     p.add_argument("--replot", metavar="FOLDER", help="only rewrite FOLDER's results.md and plots from its results.json")
     args = p.parse_args(argv)
     if args.replot:
@@ -93,12 +101,16 @@ def main(argv=None):
         if name not in {"kd", "idd", "pid", "skd", "ifvd", "cwd"} or not value:
             p.error(f"--weight: expected LOSS=VALUE with LOSS in kd, idd, pid, skd, ifvd, cwd; got {item!r}")
         weights[name] = float(value)
-    preset = dataclasses.replace(preset, weights=weights, **overrides)
+    tuned, weights_from = tuned_weights(args.preset)
+    if weights:
+        weights_from += f"; overridden on the command line: {weights}"
+    preset = dataclasses.replace(preset, weights={**tuned, **weights}, weights_from=weights_from, **overrides)
     out = args.out or os.path.join("results", args.preset)
     command = "idd-distill " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"idd-distill --preset {args.preset}: {len(preset.configs)} configurations x {len(preset.seeds)} seeds, "
           f"{ESTIMATES[args.preset]} with the preset's settings; writing to {out}/", file=sys.stderr)
-    results, teacher, runs, val = run_experiment(preset, out, args.device, args.teacher, command)
+    results, teacher, runs, val = run_experiment(preset, out, args.device, args.teacher, command,
+                                                 workers=args.workers)
     write_plots(results, teacher, runs, val, out, args.device)
     print(write_markdown(results, out))
     print(f"\nwritten to {out}/ (results.md, results.json, paired.png, miou.png, loss_curves.png, predictions.png)")

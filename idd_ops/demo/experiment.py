@@ -3,6 +3,7 @@ and several seeds, evaluate mIoU, probe position information, and measure the te
 gap in inter-class distances. Every long loop shows progress; the teacher and every finished
 student run are cached in the output folder under a key of every setting that changes their
 result, so an interrupted experiment resumes where it stopped and a changed setting reruns."""
+import copy
 import dataclasses
 import hashlib
 import json
@@ -22,11 +23,13 @@ from .models import FEATURE_LAYER, make_student, make_teacher
 from .progress import Progress
 from .scenes import CLASSES, IGNORE_INDEX, StreetScenes
 from .teacher_cache import CachedTeacher
+from .workers import Workers
 
 POSITION_KINDS = ("horizontal", "vertical", "gaussian", "horizontal_stripes", "vertical_stripes")
 # configuration -> loss weights (METHOD.md section 6: CE + 10 * pixel KD + l_idd * IDD + l_pid * PID).
-# IDD, PID and CWD: chosen by the sweep on the tune split (results/cpu-sweep/sweep.md: idd and pid
-# at 0.3/1/3 gave their best mean paired difference at 1, cwd at 3); KD, SKD and IFVD: their papers'.
+# IDD, PID and CWD: chosen by the tuning on the tune split at 64x128 (results/cpu-tune/tune.md: idd
+# and pid at 0.3/1/3 gave their best mean paired difference at 1, cwd at 3); KD, SKD and IFVD: their
+# papers'. A preset at another size takes its own tuning's choice (tuned_weights) where one is committed.
 CONFIGS = {
     "ce": {},
     "ce+kd": {"kd": 10.0},
@@ -53,14 +56,16 @@ class Preset:
     probe_steps: int = 300
     idd_normalize: str = "mean"
     weights: dict = dataclasses.field(default_factory=dict)  # loss name -> weight, overriding CONFIGS
-    eval_split: str = "val"  # "val" for the reported tables, "tune" for the loss-weight sweep
+    eval_split: str = "val"  # "val" for the reported tables, "tune" for the loss-weight tuning
+    weights_from: str = ""  # where `weights` come from, for the record (not part of any cache key)
+    smoke: bool = False  # too short to resolve effects: results.md says so (not part of any cache key)
 
 
 PRESETS = {
     # the README's main job, sized to run in a few minutes on 2 CPU cores (see the README for the
     # measured time): short schedules, batch 4, three configurations, two seeds
     "quick": Preset(size=(64, 128), train_images=200, val_images=64, batch=4, teacher_steps=250, student_steps=100,
-                    seeds=(0, 1), configs=("ce", "ce+idd", "ce+kd+idd+pid"), probe_steps=100),
+                    seeds=(0, 1), configs=("ce", "ce+idd", "ce+kd+idd+pid"), probe_steps=100, smoke=True),
     # every configuration, 5 paired seeds, at 64x128 (see the README for measured times)
     "cpu": Preset(size=(64, 128), train_images=1000, val_images=160, teacher_steps=2000, student_steps=500,
                   seeds=(0, 1, 2, 3, 4), probe_steps=200),
@@ -71,6 +76,27 @@ PRESETS = {
 }
 
 
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# a preset's committed loss-weight tuning (python -m idd_ops.demo.tune), relative to the repository;
+# CONFIGS holds the 64x128 choice, so only presets at other sizes need one
+TUNED = {"full": "results/full-tune/tune.json"}
+
+
+def tuned_weights(name, root=REPOSITORY):
+    """(weights {loss: weight}, a sentence saying where they come from) for preset `name`: its
+    committed tuning's choice when TUNED names one that exists under `root`, else CONFIGS'."""
+    size = "x".join(map(str, PRESETS[name].size))
+    path = TUNED.get(name)
+    if path and os.path.exists(os.path.join(root, path)):
+        with open(os.path.join(root, path)) as f:
+            chosen = json.load(f)["chosen"]
+        return chosen, f"IDD, PID and CWD weights tuned on the tune split at {size} ({path}): {chosen}"
+    if path:
+        return {}, (f"IDD, PID and CWD weights carried over from the tuning at 64x128 (results/cpu-tune/tune.md), "
+                    f"not tuned at {size}: {path} does not exist yet (python -m idd_ops.demo.tune --preset {name})")
+    return {}, "IDD, PID and CWD weights tuned on the tune split at 64x128 (results/cpu-tune/tune.md)"
+
+
 def config_weights(config, overrides):
     """The loss weights of a configuration: CONFIGS[config] with `overrides` (loss -> weight)
     applied to the losses it uses."""
@@ -79,7 +105,7 @@ def config_weights(config, overrides):
 
 # Bump when a code change alters results, so that runs cached by older code are not reused.
 CACHE_VERSION = 3
-# seeds of the generated image sets; the tune split exists only for the loss-weight sweep
+# seeds of the generated image sets; the tune split exists only for the loss-weight tuning
 SPLIT_SEEDS = {"train": 1, "val": 2, "tune": 3}
 
 
@@ -106,8 +132,8 @@ def run_key(preset, config, seed, teacher_id, device):
     """Every setting that changes a student run's result: the preset (image size, data, batch,
     steps, learning rate, probe and IDD options), the configuration's effective loss weights,
     the seed, the teacher's identity and the device."""
-    settings = {k: v for k, v in dataclasses.asdict(preset).items()
-                if k not in ("configs", "seeds", "weights", "teacher_steps")}  # teacher_steps: in teacher_id
+    ignored = ("configs", "seeds", "weights", "weights_from", "smoke", "teacher_steps")  # teacher_steps: in teacher_id
+    settings = {k: v for k, v in dataclasses.asdict(preset).items() if k not in ignored}
     return dict(settings, version=CACHE_VERSION, config=config, weights=config_weights(config, preset.weights),
                 seed=seed, teacher=teacher_id, device=str(device))
 
@@ -212,7 +238,8 @@ def probe(model, val, device, preset):
     torch.manual_seed(0)
     fn, hook = feature_fn(model.eval())
     xs = [val.images[i:i + preset.batch].to(device).float() / 255 for i in range(0, len(val), preset.batch)]
-    readout, err = idd_ops.probe_position_information(fn, xs, POSITION_KINDS, steps=preset.probe_steps, hidden=32)
+    readout, err = idd_ops.probe_position_information(fn, xs, POSITION_KINDS, steps=preset.probe_steps, hidden=32,
+                                                       progress=False)
     hook.remove()
     return readout, err
 
@@ -274,61 +301,118 @@ def student_run(preset, config, seed, train, val, teacher, readout, device, teac
     return run
 
 
-def make_data(preset):
-    """(train set, evaluation set: the preset's eval_split), rendered with progress bars."""
-    bars = Progress(preset.train_images, "train set"), Progress(preset.val_images, f"{preset.eval_split} set")
-    train = StreetScenes(preset.train_images, seed=SPLIT_SEEDS["train"], size=preset.size,
-                         progress=lambda done, total: bars[0].update())
-    val = StreetScenes(preset.val_images, seed=SPLIT_SEEDS[preset.eval_split], size=preset.size,
-                       progress=lambda done, total: bars[1].update())
-    return train, val
+def make_data(preset, map=None):
+    """(train set, evaluation set: the preset's eval_split), rendered with progress bars.
+    map: e.g. Workers.map, to render chunks of scenes in parallel (the same scenes)."""
+    sets = []
+    for n, split, name in ((preset.train_images, "train", "train set"),
+                           (preset.val_images, preset.eval_split, f"{preset.eval_split} set")):
+        bar = Progress(n, name)
+        sets.append(StreetScenes(n, seed=SPLIT_SEEDS[split], size=preset.size, map=map,
+                                 progress=lambda done, total, bar=bar: bar.update(done - bar.done)))
+    return tuple(sets)
 
 
-def run_experiment(preset, out, device="cpu", teacher_checkpoint=None, command="", data=None):
+_shared = {}  # per process: the latest shared context of run_students, on its device
+
+
+def _student_piece(context_path, preset, config, seed, key, path):
+    """One student run (in a worker or in this process): written to `path` and returned, its
+    weights on the CPU (a CUDA tensor sent between processes lives only as long as its sender)."""
+    if _shared.get("path") != context_path:
+        # memory-mapped: the workers share the file's pages, and no /dev/shm (small in containers)
+        context = torch.load(context_path, mmap=True, weights_only=False)
+        device = context["device"]
+        _shared.clear()
+        _shared.update(context, path=context_path, teacher=context["teacher"].to(device),
+                       readout=context["readout"].to(device),
+                       outputs=CachedTeacher(*(t.to(device) for t in context["tables"]), FEATURE_LAYER))
+    c = _shared
+    run = student_run(preset, config, seed, c["train"], c["val"], c["teacher"], c["readout"], c["device"],
+                      c["outputs"])
+    run["model"] = {k: v.detach().cpu() for k, v in run["model"].items()}
+    run["key"] = key
+    torch.save(run, path)
+    return run
+
+
+def run_students(jobs, train, val, teacher, readout, out, device, workers):
+    """Every job (preset, configuration, seed) from its cache piece in `out`/runs when one with the
+    same settings exists, else trained on `workers` (a Workers pool). Returns (runs in job order,
+    the jobs that came from the cache, the seconds those took when they were computed)."""
+    teacher_id = model_digest(teacher)
+    runs, todo, cached, cached_seconds = [None] * len(jobs), [], [], 0.0
+    for i, (preset, config, seed) in enumerate(jobs):
+        key = run_key(preset, config, seed, teacher_id, device)
+        path = os.path.join(out, "runs", f"{config}_seed{seed}_{_digest(key)}.pt")
+        run = torch.load(path, map_location=device) if os.path.exists(path) else None
+        if run is not None and run.get("key") == key:
+            print(f"cache: using {path} (same settings; delete it to rerun)", file=sys.stderr)
+            runs[i] = run
+            cached.append(i)
+            cached_seconds += run["seconds"]
+        else:
+            todo.append((i, preset, config, seed, key, path))
+    if todo:
+        preset = todo[0][1]
+        outputs = CachedTeacher.compute(teacher, train, FEATURE_LAYER, 2 * preset.batch, device)
+        # what every run reads: written once, on the CPU; each process moves it to `device` once
+        context_path = os.path.join(out, "runs", f"shared-{os.getpid()}-{time.time_ns()}.pt")
+        torch.save(dict(device=str(device), train=train, val=val, teacher=copy.deepcopy(teacher).cpu(),
+                        readout=copy.deepcopy(readout).cpu(), tables=tuple(t.cpu() for t in outputs.tables())),
+                   context_path)
+        del outputs
+        try:
+            done = workers.map(_student_piece, [(context_path, *job[1:]) for job in todo])
+            for (i, *_), run in zip(todo, done):
+                runs[i] = run
+        finally:
+            _shared.clear()
+            os.remove(context_path)
+    return runs, cached, cached_seconds
+
+
+def setup_teacher(preset, out, device, train, val, teacher_checkpoint=None):
+    """The teacher (loaded or trained), its evaluation on `val` and its position read-out (the PID
+    target). Returns (results dict with the teacher's entries, teacher, read-out, seconds the cached
+    teacher took when it was trained)."""
+    teacher, teacher_curve, teacher_seconds, teacher_cached = load_or_train_teacher(
+        preset, train, device, out, teacher_checkpoint)
+    teacher.requires_grad_(False)
+    results = {"preset": dataclasses.asdict(preset), "device": str(device), "classes": CLASSES,
+               "teacher_id": model_digest(teacher), "cached": ["teacher"] if teacher_cached else []}
+    results["teacher"] = dict(zip(("miou", "iou"), evaluate(teacher, val, device)))
+    readout, results["teacher"]["position_error"] = probe(teacher, val, device, preset)
+    results["teacher"]["curve"] = teacher_curve
+    return results, teacher, readout, teacher_seconds if teacher_cached else 0.0
+
+
+def run_experiment(preset, out, device="cpu", teacher_checkpoint=None, command="", data=None, workers=None,
+                   threads=None):
     """Runs everything and writes `out`/results.json (and checkpoints); returns
     (results dict, teacher, {(config, seed): run}, validation set).
     teacher_checkpoint: a teacher.pt of an earlier run at the same size, used instead of training.
     data: (train, evaluation) sets from make_data(preset), to share them between calls.
+    workers, threads: the pool of worker processes for scenes and student runs (see
+    workers.plan; default: automatic).
     results["seconds"] is the experiment's wall time: this call's plus the time the cached
     teacher and runs took when they were computed."""
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     t0 = time.perf_counter()
-    train, val = data or make_data(preset)
-    teacher, teacher_curve, teacher_seconds, teacher_cached = load_or_train_teacher(
-        preset, train, device, out, teacher_checkpoint)
-    cached_seconds = teacher_seconds if teacher_cached else 0.0
-    teacher.requires_grad_(False)
-    teacher_id = model_digest(teacher)
-    results = {"preset": dataclasses.asdict(preset), "device": str(device), "classes": CLASSES, "command": command,
-               "teacher_id": teacher_id}
-    results["teacher"] = dict(zip(("miou", "iou"), evaluate(teacher, val, device)))
-    readout, results["teacher"]["position_error"] = probe(teacher, val, device, preset)
-    results["teacher"]["curve"] = teacher_curve
-    runs, cached, outputs = {}, [], None
-    for config in preset.configs:
-        for seed in preset.seeds:
-            key = run_key(preset, config, seed, teacher_id, device)
-            path = os.path.join(out, "runs", f"{config}_seed{seed}_{_digest(key)}.pt")
-            run = torch.load(path, map_location=device) if os.path.exists(path) else None
-            if run is not None and run.get("key") == key:
-                print(f"cache: using {path} (same settings; delete it to rerun)", file=sys.stderr)
-                runs[(config, seed)] = run
-                cached.append(f"{config}|{seed}")
-                cached_seconds += runs[(config, seed)]["seconds"]
-                continue
-            if outputs is None:  # only when some run needs training
-                outputs = CachedTeacher(teacher, train, FEATURE_LAYER, 2 * preset.batch, device)
-            run = student_run(preset, config, seed, train, val, teacher, readout, device, outputs)
-            run["key"] = key
-            torch.save(run, path)
-            runs[(config, seed)] = run
+    with Workers(device, workers, threads) as pool:
+        train, val = data or make_data(preset, pool.map)
+        results, teacher, readout, cached_seconds = setup_teacher(preset, out, device, train, val, teacher_checkpoint)
+        jobs = [(preset, config, seed) for config in preset.configs for seed in preset.seeds]
+        found, cached, seconds = run_students(jobs, train, val, teacher, readout, out, device, pool)
+    runs = {(config, seed): run for (_, config, seed), run in zip(jobs, found)}
+    results.update(command=command, workers=pool.size, threads_per_worker=pool.threads)
     results["runs"] = {f"{c}|{s}": {k: v for k, v in r.items() if k not in ("model", "key")}
                        for (c, s), r in runs.items()}
     if "ce+kd+idd+pid" in preset.configs:
         results["step_time"] = step_time(preset, "ce+kd+idd+pid", train, teacher, readout, device)
     results["seconds_this_call"] = time.perf_counter() - t0
-    results["seconds"] = results["seconds_this_call"] + cached_seconds
-    results["cached"] = (["teacher"] if teacher_cached else []) + cached
+    results["seconds"] = results["seconds_this_call"] + cached_seconds + seconds
+    results["cached"] += [f"{jobs[i][1]}|{jobs[i][2]}" for i in cached]
     if cached:
         print(f"cache: {len(cached)} of {len(runs)} student runs came from {out}/runs/", file=sys.stderr)
     with open(os.path.join(out, "results.json"), "w") as f:

@@ -1,12 +1,13 @@
 """Writes an experiment's results: a markdown table and PNG plots (mIoU per configuration,
 loss curves per term, predictions of every network)."""
+import json
 import os
 import statistics
 
 import torch
 import torch.nn.functional as F
 
-from .experiment import FEATURE_LAYER, config_weights
+from .experiment import FEATURE_LAYER, REPOSITORY, config_weights
 from .scenes import CLASSES, CONFUSABLE, IGNORE_INDEX, THIN
 from .stats import paired_difference
 
@@ -80,22 +81,29 @@ def write_markdown(results, out, command=None):
     t = results["teacher"]
     n_seeds = sorted({len(rs) for rs in configs.values()})
     split = results["preset"].get("eval_split", "val")
-    lines = ["# Distillation on generated street scenes\n", f"Command: `{command}`  ",
-             f"Preset: `{results['preset']}`  ", f"Device: {results['device']}; {wall_time_line(results)}.\n",
-             f"Teacher: mIoU **{100 * t['miou']:.2f}**, position-probe error {t['position_error']:.4f} "
-             f"(probe on the teacher's `{FEATURE_LAYER}` features).\n",
-             f"## Students ({split} mIoU over {'/'.join(map(str, n_seeds))} paired seeds)\n",
-             f"| configuration | seeds | mIoU % (mean +/- std) | vs {BASELINE}: paired difference [95 % CI] | "
-             f"vs {RIVAL} [95 % CI] | IDD gap to teacher | position-probe error |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    others = [o for o in (BASELINE, RIVAL) if o in configs]  # a column per comparison that ran
+    lines = ["# Distillation on generated street scenes\n"]
+    if results["preset"].get("smoke"):
+        lines += smoke_note(results, out)
+    lines += [f"Command: `{command}`  ", f"Preset: `{results['preset']}`  ",
+              f"Device: {results['device']}; {wall_time_line(results)}.\n"]
+    if results["preset"].get("weights_from"):
+        lines.append(f"Loss weights: {results['preset']['weights_from']}.\n")
+    lines += [f"Teacher: mIoU **{100 * t['miou']:.2f}**, position-probe error {t['position_error']:.4f} "
+              f"(probe on the teacher's `{FEATURE_LAYER}` features).\n",
+              f"## Students ({split} mIoU over {'/'.join(map(str, n_seeds))} paired seeds)\n",
+              "| configuration | seeds | mIoU % (mean +/- std) | " +
+              "".join(f"vs {o}: paired difference [95 % CI] | " for o in others) +
+              "IDD gap to teacher | position-probe error |",
+              "|---|---:|---:|" + "---:|" * len(others) + "---:|---:|"]
     for c, rs in configs.items():
         m, s = _mean_std([_miou(r) for r in rs.values()])
-        vs = [_interval(paired(rs, configs[o], _miou)) if o in configs and o != c else "" for o in (BASELINE, RIVAL)]
+        vs = "".join(f"{'(itself)' if o == c else _interval(paired(rs, configs[o], _miou))} | " for o in others)
         gap = statistics.mean(r["distance_gap"] for r in rs.values())
         pos = [r["position_error"] for r in rs.values() if "position_error" in r]
         pos_text = "not measured" if not pos else (f"{pos[0]:.4f} (1 seed)" if len(pos) == 1 else
                                                    "{:.4f} +/- {:.4f}".format(*_mean_std(pos)))
-        lines.append(f"| {c} | {len(rs)} | {m:.2f} +/- {s:.2f} | {vs[0]} | {vs[1]} | {gap:.4f} | {pos_text} |")
+        lines.append(f"| {c} | {len(rs)} | {m:.2f} +/- {s:.2f} | {vs}{gap:.4f} | {pos_text} |")
     lines.append("\nPaired difference: for each seed, the configuration's mIoU minus that of the configuration "
                  "named, both trained from the same student initialisation on the same batches; mean over seeds "
                  "with a two-sided Student-t 95 % interval (n - 1 degrees of freedom). An interval that excludes "
@@ -128,14 +136,64 @@ def write_markdown(results, out, command=None):
                  "lower = more position information.\n")
     if "step_time" in results:
         st = results["step_time"]
-        lines.append(f"Training step of `ce+kd+idd+pid`: {1e3 * st['fused']:.0f} ms with idd_ops' fused losses, "
-                     f"{1e3 * st['reference']:.0f} ms with the plain-PyTorch reference losses.\n")
+        lines.append(f"Training step of `ce+kd+idd+pid` (10 steps each, on {results['device']}): "
+                     f"{1e3 * st['fused']:.0f} ms with idd_ops' fused losses, {1e3 * st['reference']:.0f} ms with the "
+                     "plain-PyTorch reference losses. This times whole training steps of a small network, of which "
+                     "the distillation losses are only a part, once each; on a CPU shared with other work the "
+                     "load moves both numbers by more than the losses' share, so it cannot rank the kernels. "
+                     "The kernels' own speed, against the reference and torch.compile, is measured by "
+                     "benchmarks/ (benchmarks/RESULTS.md, RESULTS-cuda.md).\n")
     lines.append("Plots: `paired.png` (paired differences with their intervals), `miou.png` (every seed and the "
                  "mean +/- std), `loss_curves.png` (one panel per loss term, unweighted), `predictions.png` "
                  "(every configuration, first seed).\n")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines))
     return "\n".join(lines)
+
+
+def _committed_effects(folder):
+    """{configuration: (paired difference to ce, seeds)} of a committed results folder, and its
+    image size; None when the folder has no results.json."""
+    path = os.path.join(REPOSITORY, folder, "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    runs = seed_runs(results)
+    size = "x".join(map(str, results["preset"]["size"]))
+    return size, {c: paired(rs, runs[BASELINE], _miou) for c, rs in runs.items() if c != BASELINE}
+
+
+def _link(out, folder):
+    """A link from `out`/results.md to the committed `folder`'s results.md."""
+    return os.path.relpath(os.path.join(REPOSITORY, folder, "results.md"), os.path.abspath(out))
+
+
+def smoke_note(results, out, folders=("results/cpu", "results/full")):
+    """The lines that open a smoke run's results.md (in `out`): what it cannot show, and the
+    committed runs' effects beside its own."""
+    configs = seed_runs(results)
+    mine = {c: paired(rs, configs[BASELINE], _miou) for c, rs in configs.items() if c != BASELINE} \
+        if BASELINE in configs else {}
+    committed = {f: e for f in folders if (e := _committed_effects(f)) is not None}
+    seeds = len(results["preset"]["seeds"])
+    lines = ["**A smoke run.** This preset checks that the experiment runs end to end in a few minutes: its "
+             f"teacher and students train for a fraction of the schedule, on {seeds} paired seed"
+             f"{'s' if seeds > 1 else ''}, so its intervals are too wide to say whether distillation helps. "
+             "That answer comes from the committed runs, with 5 paired seeds and longer schedules" +
+             (":" if committed else " (results/cpu and results/full in the repository).") + "\n"]
+    if committed:
+        names = list(dict.fromkeys(list(mine) + [c for _, e in committed.values() for c in e]))
+        size = "x".join(map(str, results["preset"]["size"]))
+        lines += [f"| mIoU difference to {BASELINE} [95 % CI] | this run ({size}) | " +
+                  " | ".join(f"[{f}]({_link(out, f)}) ({s})" for f, (s, _) in committed.items()) + " |",
+                  "|---|---:|" + "---:|" * len(committed)]
+        for c in names:
+            cells = [_interval(mine[c]) if c in mine else "not run"] + [
+                _interval(e[c]) if c in e else "not run" for _, e in committed.values()]
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _pyplot():

@@ -193,6 +193,23 @@ def render_scene(index, seed=0, size=(128, 256)):
     return image.clamp(0, 1), _ignore_border(label)
 
 
+def _serial_map(fn, items):
+    return (fn(*item) for item in items)
+
+
+def render_scenes(seed, size, start, stop):
+    """Scenes start..stop-1 of the set drawn with `seed`, as stored by StreetScenes:
+    ``(images [n, 3, H, W] uint8, labels [n, H, W] uint8)``."""
+    images, labels = [], []
+    for i in range(start, stop):
+        img, lab = render_scene(i, seed, size)
+        images.append((img * 255).round().to(torch.uint8))
+        labels.append(lab.to(torch.uint8))
+    if not images:
+        return torch.empty(0, 3, *size, dtype=torch.uint8), torch.empty(0, *size, dtype=torch.uint8)
+    return torch.stack(images), torch.stack(labels)
+
+
 class StreetScenes(Dataset):
     """A fixed-size set of generated scenes, rendered once and kept in memory (uint8 images).
 
@@ -200,21 +217,24 @@ class StreetScenes(Dataset):
         num_images: how many scenes. seed: which set (train, validation and the weight-tuning
             split use different seeds). size: (H, W), default (128, 256).
         progress: a callable(done, total) or None.
+        map: a callable(fn, items) -> iterable of fn(*item) in order, e.g. ``Workers.map``, to
+            render chunks of scenes in parallel; default None: one after the other. Every scene
+            draws from its own generator seeded by (seed, index), so the set is the same either way.
+        chunk: scenes per piece given to `map`. Default: 50.
 
     Items: ``(image [3, H, W] float32 in [0, 1], label [H, W] int64)``.
     """
 
-    def __init__(self, num_images, seed=0, size=(128, 256), progress=None):
+    def __init__(self, num_images, seed=0, size=(128, 256), progress=None, map=None, chunk=50):
         self.size = tuple(size)
-        images, labels = [], []
-        for i in range(num_images):
-            img, lab = render_scene(i, seed, self.size)
-            images.append((img * 255).round().to(torch.uint8))
-            labels.append(lab.to(torch.uint8))
+        pieces = [(seed, self.size, a, min(a + chunk, num_images)) for a in range(0, num_images, chunk)]
+        # filled chunk by chunk: a chunk from a worker arrives in shared memory, released once copied
+        self.images = torch.empty(num_images, 3, *self.size, dtype=torch.uint8)
+        self.labels = torch.empty(num_images, *self.size, dtype=torch.uint8)
+        for (_, _, start, stop), (img, lab) in zip(pieces, (map or _serial_map)(render_scenes, pieces)):
+            self.images[start:stop], self.labels[start:stop] = img, lab
             if progress is not None:
-                progress(i + 1, num_images)
-        self.images = torch.stack(images) if images else torch.empty(0, 3, *self.size, dtype=torch.uint8)
-        self.labels = torch.stack(labels) if labels else torch.empty(0, *self.size, dtype=torch.uint8)
+                progress(stop, num_images)
 
     def __len__(self):
         return len(self.images)

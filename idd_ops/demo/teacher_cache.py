@@ -25,21 +25,37 @@ class _Rows(nn.Module):
 
 
 class CachedTeacher(nn.Module):
-    """Looks up ``teacher``'s logits and ``feature_layer`` outputs for the images of ``data``.
+    """Looks up a teacher's logits and ``feature_layer`` outputs by image index.
 
     Args:
-        teacher: a model with ``feature_channels`` and a submodule named ``feature_layer``
-            (``"head.bottleneck"``). data: a dataset with ``images [N, 3, H, W]`` uint8.
-        feature_layer: dotted module name, e.g. ``"head.bottleneck"``. batch: images per forward
-            pass while filling the cache. device: where the cache lives.
+        logits: ``[N, K, h, w]`` the teacher's logits of every image. features: ``[N, C, h, w]``
+            its ``feature_layer`` outputs. feature_layer: dotted module name, e.g.
+            ``"head.bottleneck"``.
 
+    Build it with :meth:`compute`; :meth:`tables` and this constructor move it between processes.
     Call :meth:`select` with the batch's image indices before each forward; the forward's
     ``images`` argument is then not read.
     """
 
-    def __init__(self, teacher, data, feature_layer, batch, device):
+    def __init__(self, logits, features, feature_layer):
         super().__init__()
-        self.feature_channels = teacher.feature_channels
+        self.feature_channels = features.shape[1]
+        self.feature_layer = feature_layer
+        self.logits = logits
+        parent, _, leaf = feature_layer.rpartition(".")
+        holder = self
+        for name in parent.split(".") if parent else []:
+            if not hasattr(holder, name):
+                holder.add_module(name, nn.Module())
+            holder = getattr(holder, name)
+        holder.add_module(leaf, _Rows(features))
+        self._feature = holder.get_submodule(leaf)
+        self.index = None
+
+    @classmethod
+    def compute(cls, teacher, data, feature_layer, batch, device):
+        """Runs ``teacher`` (a model with a submodule ``feature_layer``) over ``data.images
+        [N, 3, H, W]`` uint8, ``batch`` images per forward pass; the tables live on ``device``."""
         hook = FeatureHook(teacher, feature_layer)
         logits, feats = [], []
         with torch.no_grad():
@@ -47,16 +63,11 @@ class CachedTeacher(nn.Module):
                 logits.append(teacher(data.images[i:i + batch].to(device).float() / 255))
                 feats.append(hook.pop())
         hook.remove()
-        self.logits = torch.cat(logits)
-        parent, _, leaf = feature_layer.rpartition(".")
-        holder = self
-        for name in parent.split(".") if parent else []:
-            if not hasattr(holder, name):
-                holder.add_module(name, nn.Module())
-            holder = getattr(holder, name)
-        holder.add_module(leaf, _Rows(torch.cat(feats)))
-        self._feature = holder.get_submodule(leaf)
-        self.index = None
+        return cls(torch.cat(logits), torch.cat(feats), feature_layer)
+
+    def tables(self):
+        """(logits, features): the constructor's arguments."""
+        return self.logits, self._feature.table
 
     def select(self, index):
         self.index = index
