@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../common/idd_tail.h"
+#include "centroid_gradient.h"
 
 namespace idd_ops {
 namespace {
@@ -133,25 +134,9 @@ at::Tensor idd_tail_backward_composite(const at::Tensor& grad, const at::Tensor&
   const at::Tensor rs = dist.select(1, 0), rt = dist.select(1, 1), zero = at::zeros({}, rs.options());
   const at::Tensor e = at::where(pairs, rs / ms - rt / mt, zero);
   const at::Tensor w = at::where(valid_s, alpha * (e - kappa), zero);
-  at::Tensor a, b;
-  switch (metric) {
-    case Metric::Euclidean:  // (c_i - c_j) / R, 0 at zero distance
-      a = at::where(valid_s.logical_and(rs > 0), w / rs, zero);
-      b = -a;
-      break;
-    case Metric::SqEuclidean:
-      a = 2 * w;
-      b = -a;
-      break;
-    default: {  // R = 1 - <c_i, c_j> / den; den = |c_i||c_j| unless clamped to eps (then constant)
-      const at::Tensor norm_sq = rs.diagonal(0, 1, 2);
-      const at::Tensor prod = (norm_sq.unsqueeze(2) * norm_sq.unsqueeze(1)).sqrt();
-      a = at::where(prod > eps, w * (1 - rs) / norm_sq.unsqueeze(2), zero);
-      b = -w / prod.clamp_min(eps);
-    }
-  }
   const at::Tensor c = centroids_for(student_sums, student_counts, metric, acc);
-  const at::Tensor grad_c = at::bmm(b + at::diag_embed(a.sum(-1)), c);
+  // rs is 0 off the valid entries but for its diagonal of norms, where w is 0
+  const at::Tensor grad_c = centroid_gradient(w, rs, rs.diagonal(0, 1, 2), c, metric, eps);
   return (grad_c * inverse_counts(student_counts, acc)).to(student_sums.scalar_type());
 }
 
