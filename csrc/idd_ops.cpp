@@ -28,6 +28,13 @@ TORCH_LIBRARY(idd_ops, m) {
         "str reduction) -> Tensor");
   m.def("_idd_loss_backward(Tensor grad, Tensor student_dist, Tensor teacher_dist, Tensor student_counts, "
         "Tensor teacher_counts, str reduction) -> Tensor");
+  // The IDD tail from per-image class sums [B,K,C] and counts [B,K] of the student and the
+  // teacher (channel counts may differ) to the loss, with the tensors its backward reads (layout:
+  // common/idd_tail.h). The teacher is a constant; the backward gives the student sums' gradient.
+  m.def("idd_tail(Tensor student_sums, Tensor student_counts, Tensor teacher_sums, Tensor teacher_counts, "
+        "str metric, bool normalize, float eps, str reduction) -> (Tensor, Tensor, Tensor)");
+  m.def("_idd_tail_backward(Tensor grad, Tensor student_sums, Tensor student_counts, Tensor teacher_counts, "
+        "Tensor dist, Tensor stats, str metric, bool normalize, float eps, str reduction) -> Tensor");
   // MSE between pred [B,M,H,W] and M analytic position maps (kinds[m], params[m], codes of
   // common/position.h) generated inside the kernel; "none" gives the elementwise errors.
   m.def("position_encoding_loss(Tensor pred, int[] kinds, float[] params, str reduction) -> Tensor");

@@ -244,3 +244,40 @@ def _cosine_backward(ctx, grad, _grad_norms):
 
 
 register_autograd("idd_ops::pixel_centroid_cosine", _cosine_backward, setup_context=_cosine_setup)
+
+
+# ---- idd_tail --------------------------------------------------------------------------
+
+
+@register_fake("idd_ops::idd_tail")
+def _(student_sums, student_counts, teacher_sums, teacher_counts, metric, normalize, eps, reduction):
+    B, K, _ = student_sums.shape
+    acc = acc_dtype(student_sums.dtype)
+    loss = student_sums.new_empty((B,) if reduction == "none" else (), dtype=acc)
+    # layout of the saved tensors: csrc/common/idd_tail.h
+    return loss, student_sums.new_empty((B, 2, K, K), dtype=acc), student_sums.new_empty((B, K + 1, 8),
+                                                                                         dtype=torch.float64)
+
+
+@register_fake("idd_ops::_idd_tail_backward")
+def _(grad, student_sums, student_counts, teacher_counts, dist, stats, metric, normalize, eps, reduction):
+    return torch.empty_like(student_sums, memory_format=torch.contiguous_format)
+
+
+def _tail_setup(ctx, inputs, output):
+    student_sums, student_counts, teacher_sums, teacher_counts, metric, normalize, eps, reduction = inputs
+    _teacher_is_constant(teacher_sums, "idd_tail")
+    ctx.save_for_backward(student_sums, student_counts, teacher_counts, output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.options = (metric, normalize, eps, reduction)
+
+
+def _tail_backward(ctx, grad, _grad_dist, _grad_stats):
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 8
+    sums, counts_s, counts_t, dist, stats = ctx.saved_tensors
+    grad_sums = ops._idd_tail_backward(grad, sums, counts_s, counts_t, dist, stats, *ctx.options)
+    return (grad_sums,) + (None,) * 7
+
+
+register_autograd("idd_ops::idd_tail", _tail_backward, setup_context=_tail_setup)

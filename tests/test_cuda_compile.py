@@ -44,7 +44,8 @@ def test_every_op_has_a_kernel_for_every_device():
     cpu, cuda = _impls("cpu/*.cpp", "CPU"), _impls("cuda/*.cu", "CUDA")
     composite = _impls("composite/*.cpp", "CompositeExplicitAutograd")
     assert len(schemas) >= 15
-    assert cpu == cuda, f"CPU-only: {sorted(cpu - cuda)}, CUDA-only: {sorted(cuda - cpu)}"
+    # a fused CUDA kernel may stand in for a composite op, which every other device runs
+    assert cpu == cuda - composite, f"CPU-only: {sorted(cpu - cuda)}, CUDA-only: {sorted(cuda - cpu - composite)}"
     assert not (cpu & composite)
     assert cpu | composite == schemas, f"no kernel: {sorted(schemas - cpu - composite)}"
 

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../common/checks.h"
+#include "centroid_gradient.h"
 
 namespace idd_ops {
 namespace {
@@ -107,26 +108,8 @@ at::Tensor class_distance_matrix_backward(const at::Tensor& grad, const at::Tens
     g = at::where(nz.clamped, g / nz.m, g / nz.m - gD / (nz.m * nz.n.clamp_min(1)));
   }
   const at::Tensor w = at::where(valid, g + g.transpose(1, 2), zero);
-  at::Tensor a, b;
-  switch (metric) {
-    case Metric::Euclidean:  // (c_i - c_j) / R, defined as 0 at zero distance
-      a = at::where(raw > 0, w / raw, zero);
-      b = -a;
-      break;
-    case Metric::SqEuclidean:
-      a = 2 * w;
-      b = -a;
-      break;
-    default: {  // R = 1 - <c_i, c_j> / den; den = |c_i||c_j| unless clamped to eps (then constant)
-      const at::Tensor norm_sq = c.square().sum(-1);
-      const at::Tensor den = cosine_denominator(norm_sq, eps);
-      const at::Tensor follows = (norm_sq.unsqueeze(2) * norm_sq.unsqueeze(1)).sqrt() > eps;
-      a = at::where(follows, w * (1 - raw) / norm_sq.unsqueeze(2), zero);
-      b = -w / den;
-    }
-  }
-  // sum_j a_ij c_i + b_ij c_j as one GEMM: the row sums of a join b on the diagonal
-  const at::Tensor grad_c = at::bmm(b + at::diag_embed(a.sum(-1)), c);
+  const at::Tensor norm_sq = metric == Metric::Cosine ? c.square().sum(-1) : at::Tensor();
+  const at::Tensor grad_c = centroid_gradient(w, raw, norm_sq, c, metric, eps);
   return grad_c.to(centroids.scalar_type());
 }
 
