@@ -48,8 +48,8 @@ TORCH_LIBRARY(idd_ops, m) {
         "float temperature) -> Tensor");
   // Per-image mean over P*P of (A_S - A_T)^2 ([B], accumulation dtype), A = F^T F of the P
   // pooled (pool x pool max, ceil mode), channel-normalised pixels of [B, C, H, W] features,
-  // through C x C Gram products (never the P x P affinity, nor the pooled copies of the whole
-  // batch); also returns G_ss and G_st for the backward.
+  // through C x C Gram products (never the P x P affinity; pooled copies of pool * pool images
+  // at most, csrc/composite/affinity_loss.h); also returns G_ss and G_st for the backward.
   m.def("affinity_loss(Tensor student, Tensor teacher, int pool) -> (Tensor, Tensor, Tensor)");
   m.def("_affinity_loss_backward(Tensor grad, Tensor student, Tensor teacher, Tensor gram_ss, Tensor gram_st, "
         "int pool) -> Tensor");

@@ -23,10 +23,19 @@ def resize_labels(labels, size):
 
 
 def _kl_rows(s, t, dim):
-    """KL(softmax(t) || softmax(s)) along dim; a class the teacher gives probability 0 adds 0."""
-    pt = F.softmax(t, dim)
-    term = pt * (F.log_softmax(t, dim) - F.log_softmax(s, dim))
-    return torch.where(pt > 0, term, torch.zeros_like(term)).sum(dim)
+    """KL(softmax(t) || softmax(s)) along dim; a class the teacher gives probability 0 adds 0.
+    A vector with no finite teacher logit has no mass to match: 0. Else one with no finite
+    student logit: +inf. Both with zero gradient (METHOD.md, "-inf logits")."""
+    def no_mass(x):
+        return (x == float("-inf")).all(dim, keepdim=True)
+    t_none, s_none = no_mass(t), no_mass(s)
+    # softmax of such a vector is 0/0: take it of zeros, then mask, so no NaN reaches autograd
+    pt = F.softmax(torch.where(t_none, torch.zeros_like(t), t), dim)
+    log_ps = F.log_softmax(torch.where(s_none, torch.zeros_like(s), s), dim)
+    log_ps = torch.where(s_none, torch.full_like(log_ps, float("-inf")), log_ps)
+    keep = (pt > 0) & ~t_none
+    term = pt * (F.log_softmax(torch.where(t_none, torch.zeros_like(t), t), dim) - log_ps)
+    return torch.where(keep, term, torch.zeros_like(term)).sum(dim)
 
 
 def _centroids(features, labels, num_classes, ignore_index):

@@ -143,6 +143,64 @@ def test_minus_inf_teacher_features_give_the_exact_finite_cwd(device, dtype):
         torch.testing.assert_close(grad.double(), want_grad.double(), rtol=1e-5, atol=1e-6)
 
 
+def _no_mass_case(device, dtype, kd):
+    """Pixel KD ([B, K, H, W], vectors over dim 1) or CWD (rows over H*W) with one teacher vector
+    that is -inf everywhere, once with a finite student there and once masked the same way."""
+    s = make_feats(2, 5, 3, 4, device=device, dtype=dtype, seed=1)
+    t = make_feats(2, 5, 3, 4, device=device, dtype=dtype, seed=2)
+    where = (0, slice(None), 1, 2) if kd else (1, 3)  # the class vector of one pixel / one channel
+    t[where] = float("-inf")
+    s_masked = s.clone()
+    s_masked[where] = float("-inf")
+    return s, s_masked, t, where
+
+
+def _kd_or_cwd(module, kd, s, t):
+    """(loss, d loss / d s) of pixel KD at T=2 or CWD at T=4."""
+    s = s.clone().requires_grad_()
+    loss = module.pixel_kd_loss(s, t, temperature=2.0) if kd else module.channel_wise_distillation_loss(s, t)
+    return loss, torch.autograd.grad(loss, s)[0]
+
+
+@pytest.mark.parametrize("kd", [True, False], ids=["pixel_kd", "cwd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_teacher_vector_without_mass_adds_zero(device, dtype, kd):
+    """METHOD.md "-inf logits": the vector adds 0 with zero gradient and still counts in the mean."""
+    finite, masked, t, where = _no_mass_case(device, dtype, kd)
+    for student in (finite, masked):
+        if kd:
+            kl = _kl_exact(student.movedim(1, -1), t.movedim(1, -1), 2.0, -1)  # [B, H, W]
+        else:
+            kl = _kl_exact(student.flatten(2), t.flatten(2), 4.0, 2)  # [B, C]
+        kl[where[:1] + where[2:] if kd else where] = 0  # the vector's NaN from 0/0 -> its defined 0
+        want = kl.mean() * (4 if kd else 16)
+        for module in (idd_ops, reference):
+            loss, grad = _kd_or_cwd(module, kd, student, t)
+            assert torch.isfinite(loss) and torch.isfinite(grad).all(), module.__name__
+            torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+            assert torch.equal(grad[where], torch.zeros_like(grad[where]))
+
+
+@pytest.mark.parametrize("kd", [True, False], ids=["pixel_kd", "cwd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_student_minus_inf_where_the_teacher_has_mass_is_infinite(device, dtype, kd):
+    """One -inf student entry: +inf, gradient (p_s - p_t) / T elsewhere finite; a student vector
+    all -inf: +inf with zero gradient on it. Fused and reference agree on the gradient."""
+    s, s_masked, _, where = _no_mass_case(device, dtype, kd)
+    t = make_feats(2, 5, 3, 4, device=device, dtype=dtype, seed=2)  # every vector with mass
+    one = s.clone()
+    one[(0, 2, 1, 2) if kd else (1, 3, 0, 0)] = float("-inf")
+    for student, vector_zero in ((one, False), (s_masked, True)):
+        grads = []
+        for module in (idd_ops, reference):
+            loss, grad = _kd_or_cwd(module, kd, student, t)
+            assert loss.item() == float("inf") and torch.isfinite(grad).all(), module.__name__
+            if vector_zero:
+                assert torch.equal(grad[where], torch.zeros_like(grad[where]))
+            grads.append(grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("extra_channels,pool", [(0, 1), (3, 1), (0, 4), (3, 4)])
 def test_skd_value_accurate_in_float32_near_zero(device, extra_channels, pool):
     """The differenced form, with equal channel counts and with a teacher padded by extra

@@ -5,11 +5,13 @@
 // d KL / d s_c = (softmax(s / T)_c - softmax(t / T)_c) / T.
 // A class the teacher gives probability 0 (logit -inf, a masked class) adds nothing to w: its
 // term is 0 * (-inf), taken as its limit 0 (see kl_term), so the KL stays finite and exact.
+// Vectors with no finite logit on one side are settled per vector by softmax_kl_vector.
 #include <c10/macros/Macros.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace idd_ops {
 
@@ -58,7 +60,28 @@ struct SoftmaxKLSums {
     zs += vec_exp(b);
     w += kl_term(ea, a, b);
   }
-  C10_HOST_DEVICE T kl() const { return w / zt - log(zt) + log(zs); }
 };
+
+// What one vector yields: its KL and the log-sum-exps of s / T and t / T the backward uses.
+template <typename T>
+struct SoftmaxKLVector {
+  T kl, lse_s, lse_t;
+};
+
+// The outputs of one vector from its maxima ms, mt and sums (METHOD.md, "-inf logits"):
+//  - teacher logits all -inf (a channel or pixel masked everywhere): the teacher puts no mass
+//    anywhere, every term p_t (log p_t - log p_s) is 0, so the KL is 0;
+//  - else student logits all -inf: the student has no mass where the teacher has some: +inf.
+// Both are constant in the student (a -inf logit stays -inf under any finite change), so their
+// gradient is 0: both log-sum-exps are stored as +inf, which makes the backward's
+// exp(x / T - lse) 0 on both sides. The sums of such a vector hold NaN (-inf minus -inf) and
+// are not read. Every kernel of the softmax-KL ops ends a vector through this function.
+template <typename T>
+C10_HOST_DEVICE inline SoftmaxKLVector<T> softmax_kl_vector(T ms, T mt, T zs, T zt, T w, T inv_T) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  if (mt == -inf) return {T(0), inf, inf};
+  if (ms == -inf) return {inf, inf, inf};
+  return {w / zt - log(zt) + log(zs), ms * inv_T + log(zs), mt * inv_T + log(zt)};
+}
 
 }  // namespace idd_ops

@@ -1,7 +1,8 @@
 // Structural (pairwise-affinity) KD loss through C x C Gram products, forward and backward,
-// with the pooling and the L2 normalisation fused in. Device-generic: per block of pooled
-// pixels it is a few ATen calls and GEMMs, so one implementation serves CPU and CUDA
-// (CompositeExplicitAutograd) and the P x P affinity is never formed.
+// with the pooling and the L2 normalisation fused in, written from ATen calls and GEMMs
+// (CompositeExplicitAutograd), so the P x P affinity is never formed. Two formulations
+// (affinity_loss.h): this file's blocked one, tuned for the CPU, and the batched one
+// (affinity_loss_batched.cpp) that CUDA takes under IDD_OPS_CUDA_NEXT=1.
 //
 // With F_S [Cs, P] and F_T [Ct, P] the pooled, L2-normalised (over channels) features of one
 // image and A = F^T F:
@@ -16,9 +17,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "../common/checks.h"
+#include "../common/cuda_next.h"
+#include "affinity_loss.h"
 
 namespace idd_ops {
 namespace {
@@ -28,8 +33,6 @@ namespace {
 // (at 128 pixels, 2048-channel updates cost more than the products), while its copies stay at
 // C x 512 values (4 MiB in float64 at 1024 channels).
 constexpr int64_t kBlockPixels = 512;
-// F.normalize's floor of the norm.
-constexpr double kNormEps = 1e-12;
 
 // The pooled map of one image and its blocks of pooled rows.
 struct PoolGeometry {
@@ -82,38 +85,25 @@ PooledBlock pooled_block(const at::Tensor& x, const PoolGeometry& g, int64_t o0,
   }
   y = y.to(dtype);
   out.norm = y.norm(2, {0}, /*keepdim=*/true);
-  out.u = y / out.norm.clamp_min(kNormEps);
+  out.u = y / out.norm.clamp_min(kAffinityNormEps);
   return out;
 }
 
-double mean_divisor(const PoolGeometry& g) {
-  const double P = static_cast<double>(g.pixels());
-  return std::max(P * P, 1.0);
-}
+double mean_divisor(const PoolGeometry& g) { return affinity_mean_divisor(g.pixels()); }
 
 // Returns (per-image loss [B], G_ss, G_st): entry b is the mean over the P*P affinity entries of
 // image b, in the accumulation dtype; the two Gram products are what the backward needs.
-//
-// The differenced form: with D = F_S - F_T, A_S - A_T = F_S^T D + D^T F_T and, with
-// G_xy = X Y^T and G_tt = G_ss - G_sd - G_sd^T + G_dd,
-//   sum (A_S - A_T)^2 = 2 <G_ss, G_dd> - 4 <G_dd, G_sd> + <G_dd, G_dd> + 2 <G_sd, G_sd^T>.
-// Every term carries a Gram of D, so the value keeps its relative accuracy in float32 however
-// close the student is to the teacher (the plain three Gram norms above cancel), and
-// G_st = G_ss - G_sd needs no further product. Different channel counts pad the narrower
-// network's features with zero channels, which leaves its affinity unchanged: D has
-// C = max(Cs, Ct) rows, the products computed are G_ss [Cs, Cs], G_sd [Cs, C] and G_dd [C, C]
-// (the padded rows of F_S add nothing), P (Cs^2 + Cs C + C^2) multiply-adds, and each inner
-// product above reads only the blocks where both of its factors can be nonzero.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss(const at::Tensor& student, const at::Tensor& teacher,
-                                                             int64_t pool) {
+// The differenced form (affinity_loss.h), accumulated over blocks: the products computed are
+// G_ss [Cs, Cs], G_sd [Cs, C] and G_dd [C, C], P (Cs^2 + Cs C + C^2) multiply-adds.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_blocked(const at::Tensor& student,
+                                                                     const at::Tensor& teacher, int64_t pool) {
   check_affinity_loss_inputs(student, teacher, pool);
   const auto acc = acc_dtype(student.scalar_type());
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1);
-  const int64_t C = std::max(Cs, Ct), shared = std::min(Cs, Ct);
+  const int64_t C = std::max(Cs, Ct);
   const auto opts = student.options().dtype(acc);
   const PoolGeometry g(student.size(2), student.size(3), pool);
   at::Tensor gss = at::empty({B, Cs, Cs}, opts), gst = at::empty({B, Cs, Ct}, opts), sums = at::empty({B}, opts.dtype(at::kDouble));
-  const auto dot = [](const at::Tensor& a, const at::Tensor& b) { return (a * b).sum(at::kDouble); };
   for (int64_t b = 0; b < B; ++b) {
     at::Tensor g_ss = gss[b].zero_();
     at::Tensor g_sd = at::zeros({Cs, C}, opts), g_dd = at::zeros({C, C}, opts);
@@ -135,22 +125,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss(const at::Tensor& s
       g_sd.addmm_(us, d.t());
       g_dd.addmm_(d, d.t());
     }
-    const at::Tensor g_dd_s = g_dd.narrow(0, 0, Cs), g_sd_s = g_sd.narrow(1, 0, Cs);
-    sums[b].copy_(2 * dot(g_ss, g_dd_s.narrow(1, 0, Cs)) - 4 * dot(g_dd_s, g_sd) + dot(g_dd, g_dd) +
-                  2 * dot(g_sd_s, g_sd_s.t()));
-    at::Tensor g_st = gst[b];
-    at::neg_out(g_st, g_sd.narrow(1, 0, Ct));
-    g_st.narrow(1, 0, shared).add_(g_ss.narrow(1, 0, shared));
+    sums[b].copy_(differenced_affinity_sum(g_ss, g_sd, g_dd));
+    affinity_gram_st_out(gst[b], g_ss, g_sd);
   }
-  // A sum of squares is >= 0; the clamp only removes rounding at 0.
-  return {(sums.clamp_min(0) / mean_divisor(g)).to(acc), gss, gst};
+  return {affinity_means(sums, g.pixels(), acc), gss, gst};
 }
 
 // grad [B] (one value per image's loss) -> d/d student [B, Cs, H, W]: per block, the gradient
 // w.r.t. the normalised features 4 s_b (G_ss F_S - G_st F_T), through the normalisation
 // ((g - u <u, g>) / |f|, or g / eps where the norm is floored), into each window's argmax.
-at::Tensor affinity_loss_backward(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
-                                  const at::Tensor& gss, const at::Tensor& gst, int64_t pool) {
+at::Tensor affinity_loss_backward_blocked(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+                                          const at::Tensor& gss, const at::Tensor& gst, int64_t pool) {
   check_affinity_loss_backward_inputs(grad, student, teacher, gss, gst, pool);
   const auto acc = gss.scalar_type();
   const int64_t B = student.size(0), Cs = student.size(1), H = student.size(2), W = student.size(3);
@@ -164,8 +149,8 @@ at::Tensor affinity_loss_backward(const at::Tensor& grad, const at::Tensor& stud
       const at::Tensor ut = pooled_block(teacher[b], g, o0, acc, false).u;
       at::Tensor gu = at::mm(gss[b], s.u);
       gu.addmm_(gst[b], ut, 1, -1).mul_(scale[b]);
-      const at::Tensor gy = at::where(s.norm > kNormEps, (gu - s.u * (s.u * gu).sum(0, /*keepdim=*/true)) / s.norm,
-                                      gu / kNormEps)
+      const at::Tensor gy = at::where(s.norm > kAffinityNormEps,
+                                      (gu - s.u * (s.u * gu).sum(0, /*keepdim=*/true)) / s.norm, gu / kAffinityNormEps)
                                 .to(student.scalar_type());
       const int64_t first = g.in0(o0) * W;
       if (pool == 1) {
@@ -178,9 +163,30 @@ at::Tensor affinity_loss_backward(const at::Tensor& grad, const at::Tensor& stud
   return out;
 }
 
+// The batched formulation on CUDA under IDD_OPS_CUDA_NEXT=1 (new GPU code no GPU has run yet),
+// and wherever the private variable _IDD_OPS_SKD_BATCHED=1 forces it (read per call: the CPU
+// tests use it to test the GPU's formulation).
+bool use_batched(const at::Tensor& student) {
+  const char* forced = std::getenv("_IDD_OPS_SKD_BATCHED");
+  if (forced != nullptr && std::strcmp(forced, "1") == 0) return true;
+  return student.is_cuda() && cuda_next_enabled();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss(const at::Tensor& student, const at::Tensor& teacher,
+                                                             int64_t pool) {
+  return use_batched(student) ? affinity_loss_batched(student, teacher, pool)
+                              : affinity_loss_blocked(student, teacher, pool);
+}
+
+at::Tensor affinity_loss_backward(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+                                  const at::Tensor& gss, const at::Tensor& gst, int64_t pool) {
+  return use_batched(student) ? affinity_loss_backward_batched(grad, student, teacher, gss, gst, pool)
+                              : affinity_loss_backward_blocked(grad, student, teacher, gss, gst, pool);
+}
+
 }  // namespace
 
-// One implementation for every device: it is built from ATen calls and GEMMs.
+// Every device: both formulations are built from ATen calls and GEMMs.
 TORCH_LIBRARY_IMPL(idd_ops, CompositeExplicitAutograd, m) {
   m.impl("affinity_loss", &affinity_loss);
   m.impl("_affinity_loss_backward", &affinity_loss_backward);

@@ -66,11 +66,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_kernel(const at::Tenso
     for_each_group<scalar_t, acc_t>(s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), outer, length, inner,
                                     inv_T, [&](int64_t o, int64_t i0, int64_t n, const Stats<acc_t>* st) {
       for (int64_t v = 0; v < n; ++v) {
-        SoftmaxKLSums<acc_t> sums;
-        sums.zt = st[v].zt, sums.zs = st[v].zs, sums.w = st[v].w;
-        out[o * inner + i0 + v] = sums.kl();
-        ls[o * inner + i0 + v] = st[v].ms * inv_T + std::log(st[v].zs);
-        lt[o * inner + i0 + v] = st[v].mt * inv_T + std::log(st[v].zt);
+        const auto r = softmax_kl_vector(st[v].ms, st[v].mt, st[v].zs, st[v].zt, st[v].w, inv_T);
+        const int64_t k = o * inner + i0 + v;
+        out[k] = r.kl, ls[k] = r.lse_s, lt[k] = r.lse_t;
       }
     });
   });

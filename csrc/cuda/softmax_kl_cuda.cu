@@ -16,9 +16,8 @@ namespace {
 template <typename acc_t>
 __device__ __forceinline__ void write_stats(acc_t ms, acc_t mt, const SoftmaxKLSums<acc_t>& sums, acc_t inv_T,
                                             int64_t k, acc_t* kl, acc_t* lse_s, acc_t* lse_t) {
-  kl[k] = sums.kl();
-  lse_s[k] = ms * inv_T + log(sums.zs);
-  lse_t[k] = mt * inv_T + log(sums.zt);
+  const auto r = softmax_kl_vector(ms, mt, sums.zs, sums.zt, sums.w, inv_T);
+  kl[k] = r.kl, lse_s[k] = r.lse_s, lse_t[k] = r.lse_t;
 }
 
 // Strided vectors (inner > 1): one thread per (o, i); neighbouring threads read neighbouring

@@ -1,0 +1,61 @@
+#pragma once
+// SKD's loss through C x C Gram products (affinity_loss.cpp): what its two formulations share.
+//   blocked (affinity_loss.cpp): per image, blocks of pooled rows; the CPU's path.
+//   batched (affinity_loss_batched.cpp): chunks of whole images, batched GEMMs; CUDA's path
+//     under IDD_OPS_CUDA_NEXT=1.
+// Both return and consume the same (loss [B], G_ss [B, Cs, Cs], G_st [B, Cs, Ct]), so either
+// backward serves either forward.
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <tuple>
+
+namespace idd_ops {
+
+// F.normalize's floor of the norm.
+constexpr double kAffinityNormEps = 1e-12;
+
+// The mean's divisor of one image: P * P affinity entries (1 when there are none).
+inline double affinity_mean_divisor(int64_t pooled_pixels) {
+  const double P = static_cast<double>(pooled_pixels);
+  return std::max(P * P, 1.0);
+}
+
+// Per-image means [B] in `acc` from the float64 sums of squares over P * P entries. A sum of
+// squares is >= 0; the clamp only removes rounding at 0.
+inline at::Tensor affinity_means(const at::Tensor& sums, int64_t pooled_pixels, at::ScalarType acc) {
+  return (sums.clamp_min(0) / affinity_mean_divisor(pooled_pixels)).to(acc);
+}
+
+// sum (A_S - A_T)^2 from the Grams of the differenced form, over the last two dims (leading
+// dims are images), in float64. With D = S - T over C = max(Cs, Ct) rows (the narrower network's
+// features padded with zero rows, which leaves its affinity unchanged), A_S - A_T = S^T D + D^T T
+// and, with G_xy = X Y^T and G_tt = G_ss - G_sd - G_sd^T + G_dd,
+//   sum (A_S - A_T)^2 = 2 <G_ss, G_dd> - 4 <G_dd, G_sd> + <G_dd, G_dd> + 2 <G_sd, G_sd^T>.
+// Every term carries a Gram of D, so the value keeps its relative accuracy in float32 however
+// close the student is to the teacher (the plain three Gram norms cancel). g_ss [.., Cs, Cs],
+// g_sd [.., Cs, C], g_dd [.., C, C]: S's padded rows add nothing, so each inner product reads
+// only the blocks where both of its factors can be nonzero.
+inline at::Tensor differenced_affinity_sum(const at::Tensor& g_ss, const at::Tensor& g_sd, const at::Tensor& g_dd) {
+  const int64_t Cs = g_ss.size(-1);
+  const auto dot = [](const at::Tensor& a, const at::Tensor& b) {
+    return (a * b).sum({-2, -1}, /*keepdim=*/false, at::kDouble);
+  };
+  const at::Tensor g_dd_s = g_dd.narrow(-2, 0, Cs), g_sd_s = g_sd.narrow(-1, 0, Cs);
+  return 2 * dot(g_ss, g_dd_s.narrow(-1, 0, Cs)) - 4 * dot(g_dd_s, g_sd) + dot(g_dd, g_dd) +
+         2 * dot(g_sd_s, g_sd_s.transpose(-2, -1));
+}
+
+// G_st = S T^T = G_ss - G_sd (T = S - D), written into g_st [.., Cs, Ct]: no further product.
+inline void affinity_gram_st_out(at::Tensor g_st, const at::Tensor& g_ss, const at::Tensor& g_sd) {
+  const int64_t shared = std::min(g_ss.size(-1), g_st.size(-1));
+  at::neg_out(g_st, g_sd.narrow(-1, 0, g_st.size(-1)));
+  g_st.narrow(-1, 0, shared).add_(g_ss.narrow(-1, 0, shared));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_batched(const at::Tensor& student,
+                                                                     const at::Tensor& teacher, int64_t pool);
+at::Tensor affinity_loss_backward_batched(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+                                          const at::Tensor& gss, const at::Tensor& gst, int64_t pool);
+
+}  // namespace idd_ops

@@ -1,0 +1,139 @@
+// SKD's batched formulation (affinity_loss.h): the GPU's. A chunk of whole images is pooled,
+// normalised and differenced at once and its Grams are three batched GEMMs, so a forward and
+// backward are a few dozen launches per chunk, where the blocked CPU formulation's per-block
+// loops cost hundreds on a GPU.
+//
+// Memory: a chunk holds pool * pool images, so its pooled features [k, C, P] hold about as many
+// values as one input image [C, H, W]. Peak temporaries beyond inputs and outputs, in the
+// accumulation dtype: about 4 such chunk tensors in the forward (both pooled maps, D, and S + T
+// while their per-pixel dot product is summed) and about 6 in the backward (pooled map and its
+// int64 argmax, both normalised maps, the gradient, one product), plus [k, C, C] Grams.
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+#include "../common/checks.h"
+#include "affinity_loss.h"
+
+namespace idd_ops {
+namespace {
+
+int64_t images_per_chunk(int64_t pool) { return pool * pool; }
+
+// [k, C, H, W] -> pool x pool max (ceil mode), [k, C, P] in `acc`.
+at::Tensor pooled(const at::Tensor& x, int64_t pool, at::ScalarType acc) {
+  const at::Tensor y = pool == 1 ? x : at::max_pool2d(x, {pool, pool}, {pool, pool}, {0, 0}, {1, 1}, true);
+  return y.flatten(2).to(acc);
+}
+
+// Norms over channels [k, 1, P].
+at::Tensor channel_norms(const at::Tensor& x) { return at::linalg_vector_norm(x, 2, {1}, /*keepdim=*/true); }
+
+// x [k, c, P] with zero rows appended up to `rows`.
+at::Tensor pad_rows(const at::Tensor& x, int64_t rows) {
+  return x.size(1) == rows ? x : at::constant_pad_nd(x, {0, 0, 0, rows - x.size(1)}, 0);
+}
+
+// D = S / |S| - T / |T| (norms floored at eps) over C = max(Cs, Ct) rows, from the pooled,
+// padded s and t [k, C, P], with the relative accuracy of e = S - T however small it is:
+//   D = e / |S| + T c,  c = 1 / |S| - 1 / |T| = -<e, S + T> / ((|S| + |T|) |S| |T|),
+// every term proportional to e. Where |S| is floored, D = e / |T| + S c instead, c of the
+// floored norms (S is about 0 there, so no large terms cancel).
+at::Tensor normalised_difference(const at::Tensor& s, const at::Tensor& t, const at::Tensor& ns,
+                                 const at::Tensor& nt, const at::Tensor& ns_c, const at::Tensor& nt_c) {
+  at::Tensor e = s - t;
+  at::Tensor q;
+  {
+    at::Tensor sum = s + t;
+    q = sum.mul_(e).sum(1, /*keepdim=*/true);
+  }
+  const at::Tensor unfloored = at::minimum(ns, nt) > kAffinityNormEps, s_floored = ns <= kAffinityNormEps;
+  const at::Tensor c = at::where(unfloored, q.neg_().div_(ns + nt).div_(ns).div_(nt),
+                                 ns_c.reciprocal() - nt_c.reciprocal());
+  const at::Tensor zero = at::zeros({}, c.options());
+  return e.div_(at::where(s_floored, nt_c, ns_c))
+      .addcmul_(t, at::where(s_floored, zero, c))
+      .addcmul_(s, at::where(s_floored, c, zero));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_batched(const at::Tensor& student,
+                                                                     const at::Tensor& teacher, int64_t pool) {
+  check_affinity_loss_inputs(student, teacher, pool);
+  const auto acc = acc_dtype(student.scalar_type());
+  const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1), C = std::max(Cs, Ct);
+  const int64_t H = student.size(2), W = student.size(3);
+  const int64_t P = ((H + pool - 1) / pool) * ((W + pool - 1) / pool);
+  const auto opts = student.options().dtype(acc);
+  at::Tensor gss = at::zeros({B, Cs, Cs}, opts), gst = at::zeros({B, Cs, Ct}, opts);
+  at::Tensor sums = at::zeros({B}, opts.dtype(at::kDouble));
+  if (P == 0) return {sums.to(acc), gss, gst};
+  const int64_t chunk = images_per_chunk(pool);
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t k = std::min(chunk, B - b0);
+    at::Tensor us, d;
+    {
+      const at::Tensor ps = pooled(student.narrow(0, b0, k), pool, acc);  // [k, Cs, P]
+      const at::Tensor pt = pooled(teacher.narrow(0, b0, k), pool, acc);  // [k, Ct, P]
+      const at::Tensor ns = channel_norms(ps), nt = channel_norms(pt);
+      const at::Tensor ns_c = ns.clamp_min(kAffinityNormEps), nt_c = nt.clamp_min(kAffinityNormEps);
+      d = normalised_difference(pad_rows(ps, C), pad_rows(pt, C), ns, nt, ns_c, nt_c);  // [k, C, P]
+      us = ps / ns_c;
+    }
+    at::Tensor g_ss = gss.narrow(0, b0, k);
+    at::bmm_out(g_ss, us, us.transpose(1, 2));
+    const at::Tensor g_sd = at::bmm(us, d.transpose(1, 2));  // [k, Cs, C]
+    const at::Tensor g_dd = at::bmm(d, d.transpose(1, 2));   // [k, C, C]
+    sums.narrow(0, b0, k).copy_(differenced_affinity_sum(g_ss, g_sd, g_dd));
+    affinity_gram_st_out(gst.narrow(0, b0, k), g_ss, g_sd);
+  }
+  return {affinity_means(sums, P, acc), gss, gst};
+}
+
+// Per chunk, the gradient w.r.t. the normalised features 4 s_b (G_ss F_S - G_st F_T), through
+// the normalisation ((g - u <u, g>) / |f|, or g / eps where the norm is floored), into each
+// window's argmax (windows do not overlap: one scatter).
+at::Tensor affinity_loss_backward_batched(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+                                          const at::Tensor& gss, const at::Tensor& gst, int64_t pool) {
+  check_affinity_loss_backward_inputs(grad, student, teacher, gss, gst, pool);
+  const auto acc = gss.scalar_type();
+  const int64_t B = student.size(0), Cs = student.size(1), H = student.size(2), W = student.size(3);
+  const int64_t P = ((H + pool - 1) / pool) * ((W + pool - 1) / pool);
+  at::Tensor out = at::zeros({B, Cs, H, W}, student.options().memory_format(at::MemoryFormat::Contiguous));
+  if (P == 0) return out;
+  const at::Tensor scale = (grad.to(acc) * (4.0 / affinity_mean_divisor(P))).view({B, 1, 1});
+  const int64_t chunk = images_per_chunk(pool);
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t k = std::min(chunk, B - b0);
+    const at::Tensor xs = student.narrow(0, b0, k);
+    at::Tensor ps, indices;
+    if (pool == 1) {
+      ps = xs.flatten(2).to(acc);
+    } else {
+      auto [v, i] = at::max_pool2d_with_indices(xs, {pool, pool}, {pool, pool}, {0, 0}, {1, 1}, true);
+      ps = v.flatten(2).to(acc);
+      indices = i.flatten(2);  // flat in each H x W plane
+    }
+    const at::Tensor ns = channel_norms(ps), ns_c = ns.clamp_min(kAffinityNormEps);
+    const at::Tensor us = ps / ns_c;
+    at::Tensor gu;
+    {
+      const at::Tensor pt = pooled(teacher.narrow(0, b0, k), pool, acc);
+      const at::Tensor ut = pt / channel_norms(pt).clamp_min(kAffinityNormEps);
+      gu = at::bmm(gss.narrow(0, b0, k), us).baddbmm_(gst.narrow(0, b0, k), ut, 1, -1);
+    }
+    gu.mul_(scale.narrow(0, b0, k));
+    const at::Tensor along = (us * gu).sum(1, /*keepdim=*/true).mul_(ns > kAffinityNormEps);
+    const at::Tensor gy = gu.addcmul_(us, along, -1).div_(ns_c).to(student.scalar_type());
+    at::Tensor out_chunk = out.narrow(0, b0, k).view({k, Cs, H * W});
+    if (pool == 1) {
+      out_chunk.copy_(gy);
+    } else {
+      out_chunk.scatter_(2, indices, gy);
+    }
+  }
+  return out;
+}
+
+}  // namespace idd_ops

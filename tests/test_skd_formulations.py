@@ -1,0 +1,127 @@
+"""SKD's two formulations (csrc/composite/affinity_loss.h): the blocked one the CPU takes and the
+batched one CUDA takes under IDD_OPS_CUDA_NEXT=1. The private variable _IDD_OPS_SKD_BATCHED=1
+forces the batched one on any device, so the CPU runs the SKD tests of test_baselines and
+test_api on the GPU's formulation here."""
+import pytest
+import torch
+
+import idd_ops
+import test_api
+import test_baselines
+from idd_ops import reference
+
+FORCE = "_IDD_OPS_SKD_BATCHED"
+SKD = ["structural_kd_loss", "structural_kd_loss_pool1"]
+
+
+@pytest.fixture
+def batched(monkeypatch):
+    monkeypatch.setenv(FORCE, "1")
+
+
+@pytest.fixture(params=["blocked", "batched"])
+def formulation(request, monkeypatch):
+    if request.param == "batched":
+        monkeypatch.setenv(FORCE, "1")
+    else:
+        monkeypatch.delenv(FORCE, raising=False)
+    return request.param
+
+
+# ---- the SKD tests of the other files, on the batched formulation ----------------------
+
+
+@pytest.mark.parametrize("name", SKD)
+@pytest.mark.parametrize("size", [(7, 9), (16, 33), (1, 1)])
+def test_matches_reference(batched, device, name, size):
+    test_baselines.test_matches_reference(device, name, size)
+
+
+@pytest.mark.parametrize("name", SKD)
+def test_gradcheck(batched, device, name):
+    test_baselines.test_gradcheck(device, name)
+
+
+@pytest.mark.parametrize("name", SKD)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_low_precision_forward(batched, device, name, dtype, layout):
+    test_baselines.test_low_precision_forward(device, name, dtype, layout)
+
+
+@pytest.mark.parametrize("extra_channels,pool", [(0, 1), (3, 1), (0, 4), (3, 4)])
+def test_value_accurate_in_float32_near_zero(batched, device, extra_channels, pool):
+    test_api.test_skd_value_accurate_in_float32_near_zero(device, extra_channels, pool)
+
+
+@pytest.mark.parametrize("pool", [2, 3])
+def test_pooling_ties_route_the_gradient_as_max_pool2d(batched, device, pool):
+    test_baselines.test_skd_pooling_ties_route_the_gradient_as_max_pool2d(device, pool)
+
+
+def test_opcheck(batched, device):
+    test_baselines.test_opcheck(device)
+
+
+def test_never_forms_the_pixel_affinity(batched):
+    test_baselines.test_skd_never_forms_the_pixel_affinity()
+
+
+# ---- cases both formulations must meet ---------------------------------------------------
+
+
+@pytest.mark.parametrize("teacher_channels", [2, 4, 7])
+@pytest.mark.parametrize("pool", [1, 2, 3])
+def test_gradcheck_channel_counts(formulation, device, teacher_channels, pool):
+    """Narrower, equal and wider teachers; batches larger than one chunk (pool * pool images)."""
+    g = torch.Generator().manual_seed(pool)
+    s = torch.randn(pool * pool + 1, 4, 4, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    t = torch.randn(pool * pool + 1, teacher_channels, 4, 5, generator=g, dtype=torch.float64).to(device)
+    got = idd_ops.structural_kd_loss(s, t, pool=pool, reduction="none")
+    torch.testing.assert_close(got, reference.structural_kd_loss(s, t, pool=pool, reduction="none"),
+                               rtol=1e-9, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: idd_ops.structural_kd_loss(x, t, pool=pool), (s,), fast_mode=True)
+
+
+@pytest.mark.parametrize("zero", ["student", "teacher", "both"])
+def test_zero_feature_pixels(formulation, device, zero):
+    """Pixels whose features are all zero (norm under F.normalize's floor): value and gradient
+    as the reference's x / max(|x|, eps)."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 6, 6, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 5, 6, 6, generator=g, dtype=torch.float64)
+    for x in {"student": (s,), "teacher": (t,), "both": (s, t)}[zero]:
+        x[:, :, :2, :4] = 0  # whole pooling windows at pool 2
+    s = s.to(device).requires_grad_()
+    t = t.to(device)
+    got = idd_ops.structural_kd_loss(s, t, pool=2)
+    want = reference.structural_kd_loss(s, t, pool=2)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-9, atol=1e-12)
+
+
+def _aten_calls(s, t, pool):
+    """ATen operators called by one forward and backward (each a kernel launch or more on CUDA)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        idd_ops.structural_kd_loss(s, t, pool=pool).backward()
+    return [e.name for e in prof.events() if e.name.startswith("aten::")]
+
+
+def test_the_variable_selects_the_formulation(monkeypatch):
+    s = torch.randn(2, 8, 16, 16, requires_grad=True)
+    t = torch.randn(2, 8, 16, 16)
+    monkeypatch.delenv(FORCE, raising=False)
+    blocked = _aten_calls(s, t, 2)
+    monkeypatch.setenv(FORCE, "1")
+    batched = _aten_calls(s, t, 2)
+    assert "aten::bmm" in batched and "aten::bmm" not in blocked
+
+
+def test_batched_launches_do_not_grow_with_the_image(batched):
+    """The batched formulation's ATen calls depend on the number of chunks, not on H x W (the
+    blocked one's per-block loops grow with it): a guard against per-block work coming back."""
+    counts = []
+    for H, W in [(32, 64), (128, 256)]:
+        s = torch.randn(8, 4, H, W, requires_grad=True)
+        counts.append(len(_aten_calls(s, torch.randn(8, 4, H, W), 2)))
+    assert counts[0] == counts[1]
