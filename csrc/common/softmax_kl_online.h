@@ -6,8 +6,8 @@
 // the teacher gives probability > 0 (kl_term), the lse are m + log z and
 //   KL = w / zt + lse_s - lse_t        (= softmax_kl.h's w / zt - log zt + log zs).
 // A maximum of -inf (nothing yet, or a vector that is -inf everywhere) has its sum 0; rescale()
-// never forms exp(-inf - -inf). A teacher vector that is -inf everywhere (zt = 0) has KL 0 and
-// lse_t = -inf; the backward reads that lse_t as "this vector contributes nothing".
+// never forms exp(-inf - -inf). finish() settles a vector with no finite logit on one side by
+// the rule every softmax-KL kernel follows (softmax_kl.h, softmax_kl_vector).
 #include <c10/macros/Macros.h>
 
 #include <limits>
@@ -70,7 +70,16 @@ struct OnlineSoftmaxKL {
   C10_HOST_DEVICE T lse_t() const { return mt + log(zt); }
   // (ms - mt) first: the maxima are close when the student is near the teacher, and their
   // difference is then exact.
-  C10_HOST_DEVICE T kl() const { return zt > T(0) ? w / zt + (ms - mt) + (log(zs) - log(zt)) : T(0); }
+  C10_HOST_DEVICE T kl() const { return w / zt + (ms - mt) + (log(zs) - log(zt)); }
+
+  // The vector's outputs: a teacher -inf everywhere gives KL 0, else a student -inf everywhere
+  // +inf, both with lse stored as +inf so that the backward's gradient is 0 (softmax_kl.h).
+  C10_HOST_DEVICE SoftmaxKLVector<T> finish() const {
+    constexpr T inf = std::numeric_limits<T>::infinity();
+    if (empty(mt)) return {T(0), inf, inf};
+    if (empty(ms)) return {inf, inf, inf};
+    return {kl(), lse_s(), lse_t()};
+  }
 };
 
 }  // namespace idd_ops

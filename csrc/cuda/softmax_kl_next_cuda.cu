@@ -81,18 +81,19 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int p = 0; p < VEC; ++p) {
       const int64_t k = o * inner + i + p;
-      kl[k] = st[p].kl();
-      lse_s[k] = st[p].lse_s();
-      lse_t[k] = st[p].lse_t();
+      const SoftmaxKLVector<acc_t> r = st[p].finish();
+      kl[k] = r.kl;
+      lse_s[k] = r.lse_s;
+      lse_t[k] = r.lse_t;
     }
   }
 }
 
-// d KL / d s = grad * (softmax(s / T) - softmax(t / T)) / T, 0 for a vector whose teacher is
-// -inf everywhere (lse_t = -inf: it contributes nothing).
+// d KL / d s = grad * (softmax(s / T) - softmax(t / T)) / T; 0 for a vector settled by the -inf
+// rule, whose log-sum-exps are +inf (softmax_kl_vector).
 template <typename acc_t>
 __device__ __forceinline__ acc_t kl_grad(acc_t coef, acc_t u, acc_t v, acc_t ls, acc_t lt) {
-  return lt == neg_inf<acc_t>() ? acc_t(0) : coef * (vec_exp(u - ls) - vec_exp(v - lt));
+  return coef * (vec_exp(u - ls) - vec_exp(v - lt));
 }
 
 template <typename scalar_t, int VEC>
@@ -228,9 +229,10 @@ __global__ void __launch_bounds__(kThreads)
   }
   row_merge<acc_t, ROW_THREADS>(st);
   if (lane == 0 && row < outer) {
-    kl[row] = st.kl();
-    lse_s[row] = st.lse_s();
-    lse_t[row] = st.lse_t();
+    const SoftmaxKLVector<acc_t> r = st.finish();
+    kl[row] = r.kl;
+    lse_s[row] = r.lse_s;
+    lse_t[row] = r.lse_t;
   }
 }
 

@@ -1,7 +1,7 @@
 // Runs common/softmax_kl_online.h on the host as the CUDA kernels use it: each vector's classes
 // go in chunks (-inf padding the last) to `parts` partial sums, round robin like the lanes of a
 // row, which are then merged. Reads cases from stdin ("L parts" then L u's and L v's, the
-// scaled logits) and prints kl lse_s lse_t per case, in float (chunks of 8) and double (4).
+// scaled logits) and prints what finish() gives (kl lse_s lse_t) per case, in float (chunks of 8) and double (4).
 #include <cstdio>
 #include <limits>
 #include <vector>
@@ -35,9 +35,9 @@ int main() {
     std::vector<double> u(length), v(length);
     for (auto& x : u) std::scanf("%lf", &x);
     for (auto& x : v) std::scanf("%lf", &x);
-    const auto f = run<float, 8>(u, v, parts);
-    const auto d = run<double, 4>(u, v, parts);
-    std::printf("%.9g %.9g %.9g %.17g %.17g %.17g\n", f.kl(), f.lse_s(), f.lse_t(), d.kl(), d.lse_s(), d.lse_t());
+    const auto f = run<float, 8>(u, v, parts).finish();
+    const auto d = run<double, 4>(u, v, parts).finish();
+    std::printf("%.9g %.9g %.9g %.17g %.17g %.17g\n", f.kl, f.lse_s, f.lse_t, d.kl, d.lse_s, d.lse_t);
   }
   return 0;
 }
