@@ -6,7 +6,20 @@ IDD_OPS_CUDA_NEXT=1 selects the new one. Read once per process, like the C++ sid
 import functools
 import os
 
+import torch
+
 
 @functools.lru_cache(maxsize=None)
 def cuda_next_enabled() -> bool:
     return os.environ.get("IDD_OPS_CUDA_NEXT", "0") == "1"
+
+
+# The class-sum path (_label_slots -> class_sums -> centroids) on the CPU: off by default until
+# measured as fast as the centroid op there; the tests switch it on (IDD_OPS_CPU_SUMS=1 or by
+# setting this attribute) so its math is tested on every machine.
+cpu_sums = os.environ.get("IDD_OPS_CPU_SUMS", "0") == "1"
+
+
+def class_sums_path(device: torch.device) -> bool:
+    """Whether the class passes on `device` go through _label_slots and class_sums."""
+    return cuda_next_enabled() if device.type == "cuda" else cpu_sums

@@ -29,18 +29,32 @@ def _kl_rows(s, t, dim):
     return torch.where(pt > 0, term, torch.zeros_like(term)).sum(dim)
 
 
-def _centroids(features, labels, num_classes, ignore_index):
-    B, C, H, W = features.shape
-    y = resize_labels(labels, (H, W)).reshape(B, H * W)
+def label_slots(labels, size, num_classes, ignore_index=255):
+    """Class slot of every pixel of ``labels`` resized to ``size``: ``[B, H, W]`` int64, the class
+    in ``[0, K)`` or -1 for ``ignore_index`` (reference of the ``_label_slots`` op)."""
+    y = resize_labels(labels, size)
     bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))
     if bad.any():
         raise ValueError(f"labels: value {y[bad][0].item()} is outside [0, num_classes={num_classes}) "
                          f"and is not ignore_index={ignore_index}")
-    slot = torch.where(y == ignore_index, torch.full_like(y, num_classes), y)
+    return torch.where(y == ignore_index, torch.full_like(y, -1), y)
+
+
+def class_sums(features, slots, num_classes):
+    """Per-image class sums ``[B, K, C]`` (accumulation dtype) and counts ``[B, K]`` of features
+    ``[B, C, H, W]`` under class slots ``[B, H, W]`` (reference of the ``class_sums`` op)."""
+    B, C, H, W = features.shape
+    slot = slots.reshape(B, H * W).long()
+    slot = torch.where(slot < 0, torch.full_like(slot, num_classes), slot)
     onehot = F.one_hot(slot, num_classes + 1)[..., :num_classes].to(acc_dtype(features.dtype))  # [B, HW, K]
-    counts = onehot.sum(1)
     sums = torch.einsum("bpk,bcp->bkc", onehot, features.reshape(B, C, H * W).to(onehot.dtype))
-    return sums / counts.clamp_min(1)[..., None], counts.long()
+    return sums, onehot.sum(1).long()
+
+
+def _centroids(features, labels, num_classes, ignore_index):
+    slots = label_slots(labels, features.shape[2:], num_classes, ignore_index)
+    sums, counts = class_sums(features, slots, num_classes)
+    return sums / counts.clamp_min(1)[..., None].to(sums.dtype), counts
 
 
 def class_centroids(feats, labels, num_classes, ignore_index=255):
