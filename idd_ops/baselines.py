@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ops  # noqa: F401  (registers autograd and fake kernels)
-from . import _switches
 from . import _validation as v
 from ._dtypes import loss_dtype
-from .functional import centroids_from_sums, pair_sums
+from .functional import centroids_from_sums, pair_sums, uses_class_sums
 from ._label_mask import keep_mask
 from ._reduction import reduce
 
@@ -157,7 +156,7 @@ def intra_class_variation_loss(student_feats: Tensor, teacher_feats: Tensor, lab
     v.check_choice("reduction", reduction, v.REDUCTIONS)
     v.check_same_size(student_feats, teacher_feats, "IFVD compares the two maps pixel by pixel")
     pair = (student_feats, teacher_feats.detach())
-    if _switches.class_sums_path(student_feats.device):  # one slot map and one class pass for both
+    if uses_class_sums(*pair):  # one slot map and one class pass for both
         ss, ns, st, nt = pair_sums(*pair, labels, num_classes, ignore_index)
         centroids = (centroids_from_sums(ss, ns), centroids_from_sums(st, nt))
     else:
