@@ -8,19 +8,13 @@ import torch
 import idd_ops
 from idd_ops import _switches, reference
 from conftest import TOLERANCES, make_feats, make_labels
+from test_centroids import SHAPES as CENTROID_SHAPES
 
 ops = torch.ops.idd_ops
 
-# (B, C, H, W, Hy, Wy, K): odd and prime sizes, 1x1, labels above and equal to feature size,
-# sizes that are and are not multiples of a 16-byte vector
-SHAPES = [
-    (2, 5, 7, 9, 21, 27, 4),
-    (3, 3, 8, 8, 8, 8, 5),
-    (1, 1, 1, 1, 5, 3, 2),
-    (2, 4, 13, 11, 100, 61, 7),
-    (2, 6, 16, 32, 128, 256, 19),
-    (1, 37, 5, 8, 5, 8, 3),
-]
+# test_centroids' shapes, and one whose pixel count is a multiple of a 16-byte vector beside an
+# odd channel count
+SHAPES = CENTROID_SHAPES + [(1, 37, 5, 8, 5, 8, 3)]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 
