@@ -20,7 +20,7 @@ from torch import Tensor
 from . import _ops  # noqa: F401  (registers autograd and fake kernels)
 from . import _validation as v
 from ._dtypes import loss_dtype
-from .functional import centroids_from_sums, pair_sums, uses_class_sums
+from ._class_sums import centroids_from_sums, pair_sums, uses_class_sums
 from ._label_mask import keep_mask
 from ._reduction import reduce
 

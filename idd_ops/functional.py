@@ -12,49 +12,12 @@ import torch
 from torch import Tensor
 
 from . import _ops  # noqa: F401  (registers autograd and fake kernels)
-from . import _switches
 from . import _validation as v
+from ._class_sums import centroids_from_sums, idd_from_sums, pair_sums, slots_for, uses_class_sums
 from ._distributed import pooled_centroids, pooled_sums
 from ._dtypes import loss_dtype
 
 ops = torch.ops.idd_ops
-
-
-def uses_class_sums(*feats: Tensor) -> bool:
-    """Whether the class passes over `feats` take the class-sum path (one slot map per feature
-    size, class_sums, centroids = sums / counts): where _switches.class_sums_path says so, and on
-    the CPU for channels_last maps (token features among them), which it reads in place where the
-    centroid op copies them (measured 5x faster for IDD forward+backward at the Cityscapes shape)."""
-    if _switches.class_sums_path(feats[0].device):
-        return True
-    return feats[0].device.type == "cpu" and any(_ops.channels_last_layout(f) for f in feats)
-
-
-def _slots(labels: Tensor, feats: Tensor, num_classes: int, ignore_index: int) -> Tensor:
-    return ops._label_slots(labels, feats.shape[2], feats.shape[3], num_classes, ignore_index)
-
-
-def pair_sums(student: Tensor, teacher: Tensor, labels: Tensor, num_classes: int, ignore_index: int):
-    """Class sums and counts of both feature maps, (ss, ns, st, nt), from one slot map when their
-    sizes agree and through one class_sums_pair call (one launch on CUDA where the shapes allow)."""
-    slots_s = _slots(labels, student, num_classes, ignore_index)
-    same = student.shape[2:] == teacher.shape[2:]
-    slots_t = slots_s if same else _slots(labels, teacher, num_classes, ignore_index)
-    return ops.class_sums_pair(student, slots_s, teacher, slots_t, num_classes)
-
-
-def centroids_from_sums(sums: Tensor, counts: Tensor) -> Tensor:
-    """Class means [B, K, C] from class sums and counts (0 for an absent class, whose sum is 0)."""
-    return sums / counts.clamp_min(1)[..., None].to(sums.dtype)
-
-
-def _idd_from_sums(sums_s: Tensor, counts_s: Tensor, sums_t: Tensor, counts_t: Tensor, metric: str,
-                   normalize: Optional[str], eps: float, reduction: str) -> Tensor:
-    """The K x K tail of IDD from both networks' class sums: centroids, distance matrices, loss."""
-    mean = normalize == "mean"
-    ds = ops.class_distance_matrix(centroids_from_sums(sums_s, counts_s), counts_s, metric, mean, float(eps))
-    dt = ops.class_distance_matrix(centroids_from_sums(sums_t, counts_t), counts_t, metric, mean, float(eps))
-    return ops.idd_loss(ds, dt.to(ds.dtype), counts_s, counts_t, reduction)
 
 
 def class_centroids(feats: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255,
@@ -83,7 +46,7 @@ def class_centroids(feats: Tensor, labels: Tensor, num_classes: int, ignore_inde
     v.check_labels(labels, "feats", fmap)
     v.check_num_classes(num_classes, ignore_index)
     if uses_class_sums(fmap):
-        sums, counts = ops.class_sums(fmap, _slots(labels, fmap, num_classes, ignore_index), num_classes)
+        sums, counts = ops.class_sums(fmap, slots_for(labels, fmap, num_classes, ignore_index), num_classes)
         return centroids_from_sums(sums, counts).to(feats.dtype), counts
     centroids, counts = ops.class_centroids(fmap, labels, num_classes, ignore_index)
     return centroids.to(feats.dtype), counts
@@ -170,7 +133,7 @@ def inter_class_distance_loss(student_feats: Tensor, teacher_feats: Tensor, labe
             ss, ns = pooled_sums(ss, ns, process_group)
             with torch.no_grad():
                 st, nt = pooled_sums(st, nt, process_group)
-        loss = _idd_from_sums(ss, ns, st, nt, metric, normalize, eps, reduction)
+        loss = idd_from_sums(ss, ns, st, nt, metric, normalize, eps, reduction)
         return loss.to(loss_dtype(student_feats))
     mean = normalize == "mean"
     cs, ns = ops.class_centroids(fs, labels, num_classes, ignore_index)
