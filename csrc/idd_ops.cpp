@@ -19,6 +19,19 @@ TORCH_LIBRARY(idd_ops, m) {
         "SymInt width, ScalarType dtype, int ignore_index) -> Tensor");
   // class_centroids with a fixed summation order (ATen calls): the CUDA op's deterministic path.
   m.def("_class_centroids_ordered(Tensor feats, Tensor labels, int num_classes, int ignore_index) -> (Tensor, Tensor)");
+  // Class slot of every feature pixel: labels [B,Hy,Wy] resized (nearest) to height x width,
+  // [B,H,W] int16, the class in [0, K) or -1 for ignore_index. Computed once per (labels, H, W)
+  // and shared by every class pass over features of that size (and by their backward).
+  m.def("_label_slots(Tensor labels, SymInt height, SymInt width, int num_classes, int ignore_index) -> Tensor");
+  // Per-image, per-class feature sums of feats [B,C,H,W] (NCHW or channels_last, read in place):
+  // sums [B,K,C] in the accumulation dtype, counts [B,K] int64. Fixed summation order.
+  m.def("class_sums(Tensor feats, Tensor slots, int num_classes) -> (Tensor, Tensor)");
+  // class_sums of two feature maps (student and teacher) in one launch where the shapes allow.
+  m.def("class_sums_pair(Tensor feats_a, Tensor slots_a, Tensor feats_b, Tensor slots_b, int num_classes) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradient of class_sums: grad_feats[b,c,p] = grad_sums[b, slot_p, c] (0 where slot_p = -1),
+  // [B,C,H,W] of `dtype`, channels_last when `channels_last`.
+  m.def("_class_sums_backward(Tensor grad_sums, Tensor slots, ScalarType dtype, bool channels_last) -> Tensor");
   // [B,K,K] distances between present classes' centroids (0 for absent ones and on the diagonal).
   m.def("class_distance_matrix(Tensor centroids, Tensor counts, str metric, bool normalize, float eps) -> Tensor");
   m.def("_class_distance_matrix_backward(Tensor grad, Tensor centroids, Tensor counts, str metric, "

@@ -8,13 +8,20 @@ if dist.is_available():  # builds without distributed support lack torch.distrib
     import torch.distributed.nn.functional as dist_fn
 
 
-def pooled_centroids(centroids: torch.Tensor, counts: torch.Tensor, process_group: Optional[object]):
-    """Per-image centroids [B,K,C] and counts [B,K] -> one batch-level centroid set [1,K,C], [1,K],
-    summed over every rank of process_group when one is given (a differentiable all-reduce)."""
-    sums = (centroids * counts[..., None].to(centroids.dtype)).sum(0, keepdim=True)
+def pooled_sums(sums: torch.Tensor, counts: torch.Tensor, process_group: Optional[object]):
+    """Per-image class sums [B,K,C] and counts [B,K] -> the batch's [1,K,C], [1,K], summed over
+    every rank of process_group when one is given (a differentiable all-reduce)."""
+    sums = sums.sum(0, keepdim=True)
     counts = counts.sum(0, keepdim=True)
     if process_group is not None:
         sums = dist_fn.all_reduce(sums, group=process_group)
         counts = counts.clone()
         dist.all_reduce(counts, group=process_group)
+    return sums, counts
+
+
+def pooled_centroids(centroids: torch.Tensor, counts: torch.Tensor, process_group: Optional[object]):
+    """Per-image centroids [B,K,C] and counts [B,K] -> one batch-level centroid set [1,K,C], [1,K]
+    (pooled as pooled_sums pools)."""
+    sums, counts = pooled_sums(centroids * counts[..., None].to(centroids.dtype), counts, process_group)
     return sums / counts.clamp_min(1)[..., None].to(sums.dtype), counts

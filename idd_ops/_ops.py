@@ -56,6 +56,82 @@ def _centroids_backward(ctx, grad_centroids, _grad_counts):
 register_autograd("idd_ops::class_centroids", _centroids_backward, setup_context=_centroids_setup)
 
 
+# ---- _label_slots, class_sums ---------------------------------------------------------
+
+
+@register_fake("idd_ops::_label_slots")
+def _(labels, height, width, num_classes, ignore_index):
+    return labels.new_empty((labels.shape[0], height, width), dtype=torch.int16)
+
+
+def _sums_fake(feats, num_classes):
+    B, C = feats.shape[0], feats.shape[1]
+    return (feats.new_empty((B, num_classes, C), dtype=acc_dtype(feats.dtype)),
+            feats.new_empty((B, num_classes), dtype=torch.int64))
+
+
+@register_fake("idd_ops::class_sums")
+def _(feats, slots, num_classes):
+    return _sums_fake(feats, num_classes)
+
+
+@register_fake("idd_ops::class_sums_pair")
+def _(feats_a, slots_a, feats_b, slots_b, num_classes):
+    return _sums_fake(feats_a, num_classes) + _sums_fake(feats_b, num_classes)
+
+
+@register_fake("idd_ops::_class_sums_backward")
+def _(grad_sums, slots, dtype, channels_last):
+    B, _, C = grad_sums.shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty((B, C, slots.shape[1], slots.shape[2]), dtype=dtype, device=grad_sums.device, memory_format=fmt)
+
+
+def channels_last_layout(feats):
+    """Whether the class-sum kernels read `feats` [B, C, H, W] as channels_last (pixel-major)
+    memory; their gradient then comes in that layout too."""
+    return not feats.is_contiguous() and feats.is_contiguous(memory_format=torch.channels_last)
+
+
+def _sums_grad(grad_sums, slots, feats_meta):
+    dtype, channels_last = feats_meta
+    return ops._class_sums_backward(grad_sums, slots, dtype, channels_last)
+
+
+def _class_sums_setup(ctx, inputs, output):
+    feats, slots, _ = inputs
+    ctx.save_for_backward(slots)
+    ctx.mark_non_differentiable(output[1])
+    ctx.meta = (feats.dtype, channels_last_layout(feats))
+
+
+def _class_sums_backward(ctx, grad_sums, _grad_counts):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None
+    (slots,) = ctx.saved_tensors
+    return _sums_grad(grad_sums, slots, ctx.meta), None, None
+
+
+register_autograd("idd_ops::class_sums", _class_sums_backward, setup_context=_class_sums_setup)
+
+
+def _class_sums_pair_setup(ctx, inputs, output):
+    feats_a, slots_a, feats_b, slots_b, _ = inputs
+    ctx.save_for_backward(slots_a, slots_b)
+    ctx.mark_non_differentiable(output[1], output[3])
+    ctx.meta = ((feats_a.dtype, channels_last_layout(feats_a)), (feats_b.dtype, channels_last_layout(feats_b)))
+
+
+def _class_sums_pair_backward(ctx, grad_a, _grad_na, grad_b, _grad_nb):
+    slots_a, slots_b = ctx.saved_tensors
+    ga = _sums_grad(grad_a, slots_a, ctx.meta[0]) if ctx.needs_input_grad[0] else None
+    gb = _sums_grad(grad_b, slots_b, ctx.meta[1]) if ctx.needs_input_grad[2] else None
+    return ga, None, gb, None, None
+
+
+register_autograd("idd_ops::class_sums_pair", _class_sums_pair_backward, setup_context=_class_sums_pair_setup)
+
+
 # ---- class_distance_matrix -------------------------------------------------------------
 
 

@@ -6,7 +6,20 @@ IDD_OPS_CUDA_NEXT=1 selects the new one. Read once per process, like the C++ sid
 import functools
 import os
 
+import torch
+
 
 @functools.lru_cache(maxsize=None)
 def cuda_next_enabled() -> bool:
     return os.environ.get("IDD_OPS_CUDA_NEXT", "0") == "1"
+
+
+# The class-sum path (_label_slots -> class_sums -> centroids) on the CPU for NCHW features: off
+# by default (measured no faster than the centroid op there; channels_last features take it
+# anyway, see functional.uses_class_sums); IDD_OPS_CPU_SUMS=1 or setting this attribute turns it on.
+cpu_sums = os.environ.get("IDD_OPS_CPU_SUMS", "0") == "1"
+
+
+def class_sums_path(device: torch.device) -> bool:
+    """Whether the class passes on `device` go through _label_slots and class_sums."""
+    return cuda_next_enabled() if device.type == "cuda" else cpu_sums

@@ -23,6 +23,28 @@ def check_features(name, x):
     _check_tensor(name, x, 4, "[B, C, H, W]", floating=True)
 
 
+def feature_map(name, x, size):
+    """``[B, C, H, W]`` features as they are, or ``[B, N, C]`` tokens of an ``H x W`` map
+    (``size=(H, W)``, ``N == H * W``) as a channels_last ``[B, C, H, W]`` view of the same memory:
+    a permute of ``x.view(B, H, W, C)``, no copy for a contiguous ``x``. ``size`` is used by
+    token inputs only."""
+    if isinstance(x, torch.Tensor) and x.dim() == 3:
+        _check_tensor(name, x, 3, "[B, N, C]", floating=True)
+        if size is None:
+            raise ValueError(f"{name}: [B, N, C] token features need size=(H, W), the map they tile")
+        if not isinstance(size, (tuple, list)) or len(size) != 2:
+            raise TypeError(f"size: expected a pair (H, W) of ints, got {size!r}")
+        for n in size:
+            check_int("size", n, 0)
+        H, W = size
+        B, N, C = x.shape
+        if H * W != N:
+            raise ValueError(f"size: {H} x {W} = {H * W} pixels, but {name} has N={N} tokens")
+        return x.reshape(B, H, W, C).permute(0, 3, 1, 2)
+    _check_tensor(name, x, 4, "[B, C, H, W] (or [B, N, C] tokens with size=(H, W))", floating=True)
+    return x
+
+
 def check_labels(labels, feats_name, feats):
     _check_tensor("labels", labels, 3, "[B, H, W]", floating=False)
     if labels.shape[0] != feats.shape[0]:

@@ -13,22 +13,28 @@ from torch import Tensor
 
 from . import _ops  # noqa: F401  (registers autograd and fake kernels)
 from . import _validation as v
-from ._distributed import pooled_centroids
+from ._class_sums import centroids_from_sums, idd_from_sums, pair_sums, slots_for, uses_class_sums
+from ._distributed import pooled_centroids, pooled_sums
 from ._dtypes import loss_dtype
 
 ops = torch.ops.idd_ops
 
 
-def class_centroids(feats: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255) -> Tuple[Tensor, Tensor]:
+def class_centroids(feats: Tensor, labels: Tensor, num_classes: int, ignore_index: int = 255,
+                    size: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, Tensor]:
     """Per-image mean feature of every class.
 
     Args:
-        feats: ``[B, C, H, W]`` float16/bfloat16/float32/float64.
+        feats: ``[B, C, H, W]`` float16/bfloat16/float32/float64, NCHW or channels_last; or
+            ``[B, N, C]`` tokens (ViT/SegFormer) of an ``H x W`` map with ``size=(H, W)``, read in
+            place as a channels_last map (no copy).
         labels: ``[B, Hy, Wy]`` integer class map. When ``(Hy, Wy) != (H, W)`` it is resized
             on the fly by nearest neighbour, exactly as
             ``F.interpolate(labels[:, None].float(), size=(H, W), mode="nearest")``.
         num_classes: K, the number of classes (int >= 1).
         ignore_index: label of pixels that belong to no class. Default: 255.
+        size: ``(H, W)`` of token features (``N == H * W``); unused for ``[B, C, H, W]``
+            features. Default: None.
 
     Returns:
         ``(centroids, counts)``: ``centroids [B, K, C]`` in ``feats.dtype`` (accumulated in
@@ -36,10 +42,13 @@ def class_centroids(feats: Tensor, labels: Tensor, num_classes: int, ignore_inde
         ``counts [B, K]`` int64, the number of feature pixels of each class.
         Differentiable w.r.t. ``feats``.
     """
-    v.check_features("feats", feats)
-    v.check_labels(labels, "feats", feats)
+    fmap = v.feature_map("feats", feats, size)
+    v.check_labels(labels, "feats", fmap)
     v.check_num_classes(num_classes, ignore_index)
-    centroids, counts = ops.class_centroids(feats, labels, num_classes, ignore_index)
+    if uses_class_sums(fmap):
+        sums, counts = ops.class_sums(fmap, slots_for(labels, fmap, num_classes, ignore_index), num_classes)
+        return centroids_from_sums(sums, counts).to(feats.dtype), counts
+    centroids, counts = ops.class_centroids(fmap, labels, num_classes, ignore_index)
     return centroids.to(feats.dtype), counts
 
 
@@ -70,7 +79,8 @@ def class_distance_matrix(centroids: Tensor, counts: Tensor, metric: str = "eucl
 def inter_class_distance_loss(student_feats: Tensor, teacher_feats: Tensor, labels: Tensor, num_classes: int,
                               ignore_index: int = 255, metric: str = "euclidean", normalize: Optional[str] = None,
                               reduction: str = "mean", eps: float = 1e-8, centroids: str = "image",
-                              process_group: Optional[object] = None) -> Tensor:
+                              process_group: Optional[object] = None,
+                              size: Optional[Tuple[int, int]] = None) -> Tensor:
     """Inter-class distance distillation (IDD) loss.
 
     The student is trained so that the distances between its per-image class centroids
@@ -78,9 +88,11 @@ def inter_class_distance_loss(student_feats: Tensor, teacher_feats: Tensor, labe
     image for both networks.
 
     Args:
-        student_feats: ``[B, Cs, Hs, Ws]`` floating.
-        teacher_feats: ``[B, Ct, Ht, Wt]`` floating; channels and size may differ from the
-            student's. Treated as a constant: no gradient reaches it.
+        student_feats: ``[B, Cs, Hs, Ws]`` floating (NCHW or channels_last), or ``[B, N, Cs]``
+            tokens with ``size=(Hs, Ws)``.
+        teacher_feats: ``[B, Ct, Ht, Wt]`` floating, or ``[B, N, Ct]`` tokens with ``size``;
+            channels and size may differ from the student's. Treated as a constant: no gradient
+            reaches it.
         labels: ``[B, Hy, Wy]`` integer; resized (nearest) to each network's feature size.
         num_classes: K (int >= 1).
         ignore_index: label of unlabelled pixels. Default: 255.
@@ -96,15 +108,17 @@ def inter_class_distance_loss(student_feats: Tensor, teacher_feats: Tensor, labe
             all-reduced, so every rank sees the centroids of the global batch. The all-reduce is
             differentiable; under DistributedDataParallel (which averages gradients over
             ranks) the gradients equal a single process's on the concatenated batch.
+        size: ``(H, W)`` of whichever input is ``[B, N, C]`` tokens (``N == H * W``), read in
+            place as a channels_last map (no copy). Default: None (no token input).
 
     Returns:
         The loss in ``student_feats.dtype`` (float32 for half inputs under autocast): a
         scalar, or ``[B]`` for ``"none"``.
     """
-    v.check_features("student_feats", student_feats)
-    v.check_features("teacher_feats", teacher_feats)
-    v.check_pair(student_feats, teacher_feats)
-    v.check_labels(labels, "student_feats", student_feats)
+    fs = v.feature_map("student_feats", student_feats, size)
+    ft = v.feature_map("teacher_feats", teacher_feats, size)
+    v.check_pair(fs, ft)
+    v.check_labels(labels, "student_feats", fs)
     v.check_num_classes(num_classes, ignore_index)
     v.check_choice("metric", metric, v.METRICS)
     v.check_choice("normalize", normalize, v.NORMALIZE)
@@ -113,9 +127,17 @@ def inter_class_distance_loss(student_feats: Tensor, teacher_feats: Tensor, labe
     v.check_choice("centroids", centroids, ("image", "batch"))
     if process_group is not None and centroids != "batch":
         raise ValueError("process_group: only used with centroids='batch' (per-image centroids need no communication)")
+    if uses_class_sums(fs, ft):
+        ss, ns, st, nt = pair_sums(fs, ft.detach(), labels, num_classes, ignore_index)
+        if centroids == "batch":
+            ss, ns = pooled_sums(ss, ns, process_group)
+            with torch.no_grad():
+                st, nt = pooled_sums(st, nt, process_group)
+        loss = idd_from_sums(ss, ns, st, nt, metric, normalize, eps, reduction)
+        return loss.to(loss_dtype(student_feats))
     mean = normalize == "mean"
-    cs, ns = ops.class_centroids(student_feats, labels, num_classes, ignore_index)
-    ct, nt = ops.class_centroids(teacher_feats.detach(), labels, num_classes, ignore_index)
+    cs, ns = ops.class_centroids(fs, labels, num_classes, ignore_index)
+    ct, nt = ops.class_centroids(ft.detach(), labels, num_classes, ignore_index)
     if centroids == "batch":
         cs, ns = pooled_centroids(cs, ns, process_group)
         with torch.no_grad():

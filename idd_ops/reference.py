@@ -38,26 +38,34 @@ def _kl_rows(s, t, dim):
     return torch.where(keep, term, torch.zeros_like(term)).sum(dim)
 
 
-def _centroids(features, labels, num_classes, ignore_index):
-    B, C, H, W = features.shape
-    y = resize_labels(labels, (H, W)).reshape(B, H * W)
+def label_slots(labels, size, num_classes, ignore_index=255):
+    """Class slot of every pixel of ``labels`` resized to ``size``: ``[B, H, W]`` int64, the class
+    in ``[0, K)`` or -1 for ``ignore_index`` (reference of the ``_label_slots`` op)."""
+    y = resize_labels(labels, size)
     bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))
     if bad.any():
         raise ValueError(f"labels: value {y[bad][0].item()} is outside [0, num_classes={num_classes}) "
                          f"and is not ignore_index={ignore_index}")
-    slot = torch.where(y == ignore_index, torch.full_like(y, num_classes), y)
+    return torch.where(y == ignore_index, torch.full_like(y, -1), y)
+
+
+def class_sums(features, slots, num_classes):
+    """Per-image class sums ``[B, K, C]`` (accumulation dtype) and counts ``[B, K]`` of features
+    ``[B, C, H, W]`` under class slots ``[B, H, W]`` (reference of the ``class_sums`` op)."""
+    B, C, H, W = features.shape
+    slot = slots.reshape(B, H * W).long()
+    slot = torch.where(slot < 0, torch.full_like(slot, num_classes), slot)
     onehot = F.one_hot(slot, num_classes + 1)[..., :num_classes].to(acc_dtype(features.dtype))  # [B, HW, K]
     counts = onehot.sum(1)
     f = features.reshape(B, C, H * W).to(onehot.dtype)
     if not _tf32_may_round(f):
-        return torch.einsum("bpk,bcp->bkc", onehot, f) / counts.clamp_min(1)[..., None], counts.long()
+        return torch.einsum("bpk,bcp->bkc", onehot, f), counts.long()
     # TF32 would round the features to 10 mantissa bits inside the one-hot product (a GEMM): it
     # sums them less a per-channel pivot (their image mean, a constant), so that rounding
     # scales with the features' spread, not with a common offset (METHOD.md 8)
     pivot = f.detach().mean(2, keepdim=True)  # [B, C, 1]
     sums = torch.einsum("bpk,bcp->bkc", onehot, f - pivot)
-    present = (counts > 0).to(onehot.dtype)[..., None]
-    return sums / counts.clamp_min(1)[..., None] + present * pivot.transpose(1, 2), counts.long()
+    return sums + counts[..., None] * pivot.transpose(1, 2), counts.long()
 
 
 def _tf32_may_round(x):
@@ -66,6 +74,12 @@ def _tf32_may_round(x):
     on the CPU."""
     return x.is_cuda and x.dtype == torch.float32 and (
         torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest")
+
+
+def _centroids(features, labels, num_classes, ignore_index):
+    slots = label_slots(labels, features.shape[2:], num_classes, ignore_index)
+    sums, counts = class_sums(features, slots, num_classes)
+    return sums / counts.clamp_min(1)[..., None].to(sums.dtype), counts
 
 
 def class_centroids(feats, labels, num_classes, ignore_index=255):

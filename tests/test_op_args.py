@@ -21,7 +21,12 @@ def valid_args(device):
     counts = torch.randint(1, 5, (B, K), generator=g).to(device)
     cent, dist = randn(B, K, C), randn(B, K, K)
     one = randn(())
+    slots = (torch.randint(-1, K, (B, H, W), generator=g)).to(device=device, dtype=torch.int16)
     return {
+        "_label_slots": [labels, H, W, K, 255],
+        "class_sums": [feats, slots, K],
+        "class_sums_pair": [feats, slots, randn(B, C + 1, H, W), slots.clone(), K],
+        "_class_sums_backward": [cent, slots, torch.float32, False],
         "class_centroids": [feats, labels, K, 255],
         "_class_centroids_ordered": [feats, labels, K, 255],
         "_class_centroids_backward": [cent, labels, counts, H, W, torch.float32, 255],
@@ -70,6 +75,22 @@ CASES = [
     ("_class_centroids_backward", 2, _dtype(torch.int32), TypeError, "counts"),
     ("_class_centroids_backward", 3, -1, ValueError, "height"),
     ("_class_centroids_backward", 5, torch.int64, TypeError, "dtype"),
+    ("_label_slots", 0, _dtype(torch.float32), TypeError, "labels"),
+    ("_label_slots", 0, _t((B, H), torch.int64), ValueError, "labels"),
+    ("_label_slots", 1, -1, ValueError, "height"),
+    ("_label_slots", 3, 0, ValueError, "num_classes"),
+    ("_label_slots", 3, 40000, ValueError, "num_classes"),
+    ("class_sums", 0, _t((B, C, H)), ValueError, "feats"),
+    ("class_sums", 0, _dtype(torch.int64), TypeError, "feats"),
+    ("class_sums", 1, _dtype(torch.int64), TypeError, "slots"),
+    ("class_sums", 1, _t((B, H, W + 1), torch.int16), ValueError, "slots"),
+    ("class_sums", 1, _t((B + 1, H, W), torch.int16), ValueError, "slots: batch"),
+    ("class_sums", 2, 0, ValueError, "num_classes"),
+    ("class_sums_pair", 2, _dtype(torch.int64), TypeError, "feats"),
+    ("class_sums_pair", 3, _t((B, H + 1, W), torch.int16), ValueError, "slots"),
+    ("_class_sums_backward", 0, _t((B, K)), ValueError, "grad_sums"),
+    ("_class_sums_backward", 1, _t((B + 1, H, W), torch.int16), ValueError, "slots: batch"),
+    ("_class_sums_backward", 2, torch.int64, TypeError, "dtype"),
     ("class_distance_matrix", 0, _t((B, K)), ValueError, "centroids"),
     ("class_distance_matrix", 0, _dtype(torch.int64), TypeError, "centroids"),
     ("class_distance_matrix", 1, _t((B, K + 1), torch.int64), ValueError, "counts"),
@@ -189,6 +210,7 @@ def test_tensor_on_another_device(name):
     "torch.ops.idd_ops._class_centroids_backward(torch.ones(1, 3, 2, device='cuda'), y, "
     "torch.ones(1, 3, dtype=torch.long, device='cuda'), 4, 4, torch.float32, 255)",
     "torch.ops.idd_ops.pixel_centroid_cosine(x, torch.ones(1, 3, 2, device='cuda'), y, 255, 1e-8)",
+    "torch.ops.idd_ops._label_slots(y, 4, 4, 3, 255)",
 ])
 def test_cuda_labels_out_of_range_stop_with_a_device_assert(call):
     """As nll_loss does: no host sync, a device-side assert (which ends the CUDA context, hence

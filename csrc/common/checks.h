@@ -10,6 +10,7 @@
 #include <string>
 
 #include "enums.h"
+#include "label_index.h"
 #include "position.h"
 
 namespace idd_ops {
@@ -100,6 +101,45 @@ inline void check_class_centroids_backward_inputs(const at::Tensor& grad_centroi
   const int64_t B = grad_centroids.size(0), K = grad_centroids.size(1);
   check_labels(labels, B, height * width, grad_centroids, "grad_centroids");
   check_counts(counts, "counts", B, K, grad_centroids, "grad_centroids");
+}
+
+// ---- _label_slots, class_sums -----------------------------------------------------------
+
+inline void check_label_slots_inputs(const at::Tensor& labels, int64_t height, int64_t width, int64_t num_classes) {
+  TORCH_CHECK_VALUE(height >= 0 && width >= 0, "height, width: expected sizes >= 0, got ", height, " x ", width);
+  TORCH_CHECK_VALUE(num_classes >= 1 && num_classes <= kMaxSlotClasses, "num_classes: expected 1 <= num_classes <= ",
+                    kMaxSlotClasses, " (class slots are int16), got ", num_classes);
+  check_rank(labels, "labels", 3, "[B, Hy, Wy]");
+  check_labels(labels, labels.size(0), height * width, labels, "labels");
+}
+
+// slots [B, H, W] int16 (from _label_slots) on ref's device.
+inline void check_slots(const at::Tensor& slots, int64_t B, const at::Tensor& ref, const char* ref_name) {
+  check_rank(slots, "slots", 3, "[B, H, W]");
+  TORCH_CHECK_TYPE(slots.scalar_type() == at::kShort, "slots: expected int16 (from _label_slots), got ",
+                   slots.scalar_type());
+  TORCH_CHECK_VALUE(slots.size(0) == B, "slots: batch size ", slots.size(0), " differs from ", ref_name,
+                    "' batch size ", B);
+  check_same_device(slots, "slots", ref, ref_name);
+}
+
+inline void check_class_sums_inputs(const at::Tensor& feats, const at::Tensor& slots, int64_t num_classes) {
+  check_rank(feats, "feats", 4, "[B, C, H, W]");
+  check_floating(feats, "feats");
+  TORCH_CHECK_VALUE(num_classes >= 1 && num_classes <= kMaxSlotClasses, "num_classes: expected 1 <= num_classes <= ",
+                    kMaxSlotClasses, ", got ", num_classes);
+  check_slots(slots, feats.size(0), feats, "feats");
+  check_size(slots, "slots", {feats.size(0), feats.size(2), feats.size(3)}, "one class slot per feature pixel");
+}
+
+inline void check_class_sums_backward_inputs(const at::Tensor& grad_sums, const at::Tensor& slots,
+                                             at::ScalarType dtype) {
+  check_rank(grad_sums, "grad_sums", 3, "[B, K, C]");
+  check_floating(grad_sums, "grad_sums");
+  TORCH_CHECK_TYPE(at::isFloatingType(dtype), "dtype: expected a floating dtype, got ", dtype);
+  TORCH_CHECK_VALUE(grad_sums.size(1) <= kMaxSlotClasses, "grad_sums: at most ", kMaxSlotClasses, " classes, got ",
+                    grad_sums.size(1));
+  check_slots(slots, grad_sums.size(0), grad_sums, "grad_sums");
 }
 
 // ---- class_distance_matrix -------------------------------------------------------------

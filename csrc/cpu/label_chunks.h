@@ -21,15 +21,14 @@ struct LabelChunks {
   std::vector<ChunkSpan> spans;  // the H * W / 8 full chunks, in order; the rest are tail pixels
 };
 
-// Chunks of image b of `labels`, checked as label_slots checks them.
-inline LabelChunks label_chunks(const at::Tensor& labels, int64_t b, int64_t H, int64_t W, int64_t num_classes,
-                                int64_t ignore_index) {
+// Chunks of one image's pixel slots (class, or -1 for ignored pixels, stored as num_classes).
+inline LabelChunks chunks_of_slots(std::vector<int32_t> slots, int64_t num_classes) {
   LabelChunks out;
-  out.slot = label_slots(labels, b, H, W, num_classes, ignore_index);
+  out.slot = std::move(slots);
   for (int32_t& s : out.slot)
     if (s < 0) s = static_cast<int32_t>(num_classes);
   const int32_t* slot = out.slot.data();
-  const int64_t chunks = H * W / 8;
+  const int64_t chunks = static_cast<int64_t>(out.slot.size()) / 8;
   for (int64_t j = 0; j < chunks; ++j) {
     const int32_t* l = slot + 8 * j;
     bool uniform = true;
@@ -42,6 +41,12 @@ inline LabelChunks label_chunks(const at::Tensor& labels, int64_t b, int64_t H, 
     }
   }
   return out;
+}
+
+// Chunks of image b of `labels`, checked as label_slots checks them.
+inline LabelChunks label_chunks(const at::Tensor& labels, int64_t b, int64_t H, int64_t W, int64_t num_classes,
+                                int64_t ignore_index) {
+  return chunks_of_slots(label_slots(labels, b, H, W, num_classes, ignore_index), num_classes);
 }
 
 // Chunks of every image, built in parallel (one image per task).

@@ -51,19 +51,25 @@ inline std::vector<int32_t> label_slots(const at::Tensor& labels, int64_t b, int
   return slot;
 }
 
-// Runs of image b of `labels`, checked as label_slots checks them.
-inline LabelRuns label_runs(const at::Tensor& labels, int64_t b, int64_t H, int64_t W,
-                            int64_t num_classes, int64_t ignore_index) {
-  const std::vector<int32_t> slot = label_slots(labels, b, H, W, num_classes, ignore_index);
+// Runs of n pixel slots (class, or -1 for ignored pixels); slot_t is int32_t or int16_t.
+template <typename slot_t>
+inline LabelRuns runs_of_slots(const slot_t* slot, int64_t n) {
   LabelRuns runs;
-  for (int64_t p = 0; p < H * W; ++p) {
+  for (int64_t p = 0; p < n; ++p) {
     if (p == 0 || slot[p] != slot[p - 1]) {
       runs.start.push_back(p);
       runs.cls.push_back(slot[p]);
     }
   }
-  runs.start.push_back(H * W);
+  runs.start.push_back(n);
   return runs;
+}
+
+// Runs of image b of `labels`, checked as label_slots checks them.
+inline LabelRuns label_runs(const at::Tensor& labels, int64_t b, int64_t H, int64_t W,
+                            int64_t num_classes, int64_t ignore_index) {
+  const std::vector<int32_t> slot = label_slots(labels, b, H, W, num_classes, ignore_index);
+  return runs_of_slots(slot.data(), H * W);
 }
 
 // build(labels, b) for every image b of `labels_in` (uint dtypes widened once), in parallel

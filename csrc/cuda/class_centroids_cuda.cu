@@ -81,19 +81,6 @@ __global__ void class_centroids_backward_kernel_impl(const at::opmath_type<scala
 }
 
 
-// Per-class sums live in shared memory; past the default 48 KiB (about 1200 classes) a kernel
-// must opt in to more, up to what the GPU offers.
-template <typename Kernel>
-void allow_shared_memory(Kernel kernel, size_t bytes, int device, int64_t num_classes) {
-  constexpr size_t kDefault = 48 * 1024;
-  if (bytes <= kDefault) return;
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK_VALUE(bytes <= static_cast<size_t>(optin), "num_classes: ", num_classes, " classes need ", bytes,
-                    " bytes of shared memory per block on CUDA, more than this GPU's ", optin);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-}
-
 std::tuple<at::Tensor, at::Tensor> class_centroids_kernel(const at::Tensor& feats_in, const at::Tensor& labels_in,
                                                           int64_t num_classes, int64_t ignore_index) {
   check_class_centroids_inputs(feats_in, labels_in, num_classes);

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 
 namespace idd_ops {
 
@@ -14,6 +15,39 @@ constexpr int kThreads = 256;
 inline int64_t blocks_for(int64_t n) {
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   return blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks);
+}
+
+// N values of T in one aligned register group, for 16-byte (or narrower) loads and stores:
+// the address must be a multiple of sizeof(Vec) (callers check and fall back to N = 1).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
+  *reinterpret_cast<Vec<T, N>*>(p) = v;
+}
+
+// Elements of a 16-byte vector of T.
+template <typename T>
+constexpr int vec16() {
+  return 16 / static_cast<int>(sizeof(T));
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Sum over the 32 lanes of a warp by an xor butterfly: every lane ends with the same bits
+// (each step adds the same two values in either order), in the same order on every run.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
 }
 
 // Reduction of one value per thread over a block of kThreads threads with a binary op;
@@ -48,6 +82,19 @@ __device__ T block_sum(T value, T* scratch) {
 template <typename T>
 __device__ T block_max(T value, T* scratch) {
   return block_reduce(value, scratch, MaxOp{});
+}
+
+// Per-class sums live in shared memory; past the default 48 KiB (about 1200 classes) a kernel
+// must opt in to more, up to what the GPU offers.
+template <typename Kernel>
+inline void allow_shared_memory(Kernel kernel, size_t bytes, int device, int64_t num_classes) {
+  constexpr size_t kDefault = 48 * 1024;
+  if (bytes <= kDefault) return;
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK_VALUE(bytes <= static_cast<size_t>(optin), "num_classes: ", num_classes, " classes need ", bytes,
+                    " bytes of shared memory per block on CUDA, more than this GPU's ", optin);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
 // Labels are read as uint8, int32 or int64; rarer integer dtypes are widened once.

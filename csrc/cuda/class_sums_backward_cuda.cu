@@ -1,0 +1,113 @@
+// Gradient of class_sums on CUDA: grad_feats[b, c, p] = grad_sums[b, slot_p, c], 0 where
+// slot_p = -1. A pure gather with one streaming write: VEC outputs (16 bytes) per thread where
+// the layout allows, 32-bit index math unless a tensor passes 2^31 elements.
+// Selected from Python only under IDD_OPS_CUDA_NEXT=1 until a GPU has run it.
+#include <ATen/OpMathType.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "../common/checks.h"
+#include "cuda_utils.cuh"
+
+namespace idd_ops {
+namespace {
+
+// IDD_OPS_FORCE_INDEX64=1 takes the 64-bit index path at any size (read on every call, so a
+// test can set it for one call); private: for the tests only.
+bool force_index64() {
+  const char* value = std::getenv("IDD_OPS_FORCE_INDEX64");
+  return value != nullptr && std::strcmp(value, "1") == 0;
+}
+
+// NCHW output: thread i writes pixels [VEC i, VEC i + VEC) of one (b, c) row (HW % VEC == 0).
+template <typename scalar_t, int VEC, typename index_t>
+__global__ void class_sums_backward_nchw_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_sums,
+                                                const int16_t* __restrict__ slots, index_t K, index_t C, index_t HW,
+                                                index_t vectors, scalar_t* __restrict__ grad) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < vectors;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    // (b, c, p .. p + VEC - 1) are VEC elements of the output
+    const index_t e = i * VEC, row = e / HW, p = e - row * HW, b = row / C, c = row - b * C;
+    const Vec<int16_t, VEC> s = load_vec<int16_t, VEC>(slots + b * HW + p);
+    const at::opmath_type<scalar_t>* g = grad_sums + b * K * C + c;
+    Vec<scalar_t, VEC> out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out.v[j] = s.v[j] >= 0 ? static_cast<scalar_t>(g[s.v[j] * C]) : scalar_t(0);
+    store_vec<scalar_t, VEC>(grad + e, out);
+  }
+}
+
+// channels_last output: thread i writes channels [c, c + VEC) of one pixel (C % VEC == 0).
+template <typename scalar_t, int VEC, typename index_t>
+__global__ void class_sums_backward_last_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_sums,
+                                                const int16_t* __restrict__ slots, index_t K, index_t C, index_t HW,
+                                                index_t vectors, scalar_t* __restrict__ grad) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < vectors;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    // (b, p, c .. c + VEC - 1) are VEC elements of the output
+    const index_t e = i * VEC, pixel = e / C, c = e - pixel * C, b = pixel / HW;
+    const index_t k = slots[pixel];
+    Vec<scalar_t, VEC> out;
+    if (k >= 0) {
+      const at::opmath_type<scalar_t>* g = grad_sums + (b * K + k) * C + c;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out.v[j] = static_cast<scalar_t>(g[j]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out.v[j] = scalar_t(0);
+    }
+    store_vec<scalar_t, VEC>(grad + e, out);
+  }
+}
+
+template <typename scalar_t, int VEC, typename index_t>
+void launch_backward(bool last, const at::Tensor& grad_sums, const at::Tensor& slots, at::Tensor& grad) {
+  const index_t K = grad_sums.size(1), C = grad_sums.size(2), HW = slots.size(1) * slots.size(2);
+  const index_t vectors = grad.numel() / VEC;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  using acc_t = at::opmath_type<scalar_t>;
+  auto kernel = last ? class_sums_backward_last_kernel<scalar_t, VEC, index_t>
+                     : class_sums_backward_nchw_kernel<scalar_t, VEC, index_t>;
+  kernel<<<blocks_for(vectors), kThreads, 0, stream>>>(grad_sums.const_data_ptr<acc_t>(),
+                                                       slots.const_data_ptr<int16_t>(), K, C, HW, vectors,
+                                                       grad.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor class_sums_backward_kernel(const at::Tensor& grad_sums_in, const at::Tensor& slots_in, at::ScalarType dtype,
+                                      bool channels_last) {
+  check_class_sums_backward_inputs(grad_sums_in, slots_in, dtype);
+  const c10::cuda::CUDAGuard guard(grad_sums_in.device());
+  const at::Tensor grad_sums = grad_sums_in.to(acc_dtype(dtype)).contiguous();
+  at::Tensor slots = slots_in.contiguous();
+  if (!aligned16(slots.const_data_ptr())) slots = slots.clone();
+  const int64_t B = grad_sums.size(0), C = grad_sums.size(2), H = slots.size(1), W = slots.size(2);
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor grad = at::empty({B, C, H, W}, grad_sums.options().dtype(dtype).memory_format(format));
+  if (grad.numel() == 0) return grad;
+  const int64_t limit = int64_t{1} << 31;
+  const bool wide = force_index64() || grad.numel() >= limit || grad_sums.numel() >= limit || slots.numel() >= limit;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "class_sums_backward_cuda", [&] {
+    constexpr int kVec = vec16<scalar_t>();
+    // a vector never crosses a row (NCHW: HW values, channels_last: C values)
+    const bool vec = (channels_last ? C : H * W) % kVec == 0 && aligned16(grad.data_ptr());
+    if (wide) {
+      if (vec) launch_backward<scalar_t, kVec, int64_t>(channels_last, grad_sums, slots, grad);
+      else launch_backward<scalar_t, 1, int64_t>(channels_last, grad_sums, slots, grad);
+    } else {
+      if (vec) launch_backward<scalar_t, kVec, int32_t>(channels_last, grad_sums, slots, grad);
+      else launch_backward<scalar_t, 1, int32_t>(channels_last, grad_sums, slots, grad);
+    }
+  });
+  return grad;
+}
+
+}  // namespace
+
+// CUDA implementation of the schema declared in idd_ops.cpp.
+TORCH_LIBRARY_IMPL(idd_ops, CUDA, m) { m.impl("_class_sums_backward", &class_sums_backward_kernel); }
+
+}  // namespace idd_ops

@@ -1,0 +1,262 @@
+"""The class-slot map and the class-sum ops (_label_slots, class_sums, class_sums_pair,
+_class_sums_backward) against the reference, and token features read in place."""
+import math
+
+import pytest
+import torch
+
+import idd_ops
+from idd_ops import _switches, reference
+from conftest import TOLERANCES, make_feats, make_labels
+from test_centroids import SHAPES as CENTROID_SHAPES
+
+ops = torch.ops.idd_ops
+
+# test_centroids' shapes, and one whose pixel count is a multiple of a 16-byte vector beside an
+# odd channel count
+SHAPES = CENTROID_SHAPES + [(1, 37, 5, 8, 5, 8, 3)]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def _feats(B, C, H, W, dtype, device, layout, seed=0):
+    return make_feats(B, C, H, W, dtype=dtype, device=device, seed=seed, channels_last=layout == "channels_last",
+                      strided=layout == "strided")
+
+
+@pytest.mark.parametrize("size,label_size", [((7, 9), (21, 27)), ((8, 8), (8, 8)), ((5, 3), (1, 1)),
+                                             ((64, 128), (512, 1024)), ((33, 17), (7, 13))])
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_label_slots_match_reference(device, size, label_size, label_dtype):
+    y = make_labels(2, *label_size, 6, device=device)
+    if label_dtype == torch.int16:
+        y = y.to(label_dtype).transpose(1, 2).contiguous().transpose(1, 2)  # a strided view
+    slots = ops._label_slots(y.to(label_dtype), *size, 6, 255)
+    assert slots.dtype == torch.int16 and slots.shape == (2, *size)
+    assert torch.equal(slots.long(), reference.label_slots(y, size, 6))
+
+
+def test_label_slots_reject_bad_input():
+    with pytest.raises(ValueError, match="labels: value 9"):
+        ops._label_slots(torch.full((1, 4, 4), 9), 2, 2, 3, 255)
+    with pytest.raises(ValueError, match="num_classes"):
+        ops._label_slots(torch.zeros(1, 4, 4, dtype=torch.long), 2, 2, 40000, 255)
+    with pytest.raises(TypeError, match="labels"):
+        ops._label_slots(torch.zeros(1, 4, 4), 2, 2, 3, 255)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_class_sums_match_reference(device, shape, dtype, layout):
+    B, C, H, W, Hy, Wy, K = shape
+    x = _feats(B, C, H, W, dtype, device, layout)
+    slots = ops._label_slots(make_labels(B, Hy, Wy, K, device=device), H, W, K, 255)
+    weight = torch.randn(B, K, C, dtype=torch.float64, device=device)
+    xa, xb = x.detach().clone().requires_grad_(), x.detach().double().requires_grad_()
+    sa, na = ops.class_sums(xa, slots, K)
+    sb, nb = reference.class_sums(xb, slots, K)
+    (sa.double() * weight).sum().backward()
+    (sb * weight).sum().backward()
+    tol = TOLERANCES[dtype][0]
+    assert sa.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and xa.grad.dtype == dtype
+    assert torch.equal(na, nb)
+    torch.testing.assert_close(sa.double(), sb, rtol=tol, atol=tol * max(1.0, float(sb.detach().abs().max())))
+    torch.testing.assert_close(xa.grad.double(), xb.grad, rtol=tol, atol=tol)
+    if layout == "channels_last" and min(C, H * W) > 1:  # the gradient keeps the layout
+        assert xa.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_class_sums_gradcheck(device, layout):
+    x = _feats(2, 3, 5, 6, torch.float64, device, layout).requires_grad_()
+    slots = ops._label_slots(make_labels(2, 15, 18, 4, device=device), 5, 6, 4, 255)
+    assert torch.autograd.gradcheck(lambda f: ops.class_sums(f, slots, 4)[0], (x,))
+
+
+def test_class_sums_pair_equals_two_passes_and_routes_gradients(device):
+    s = make_feats(2, 5, 8, 10, device=device, seed=1).requires_grad_()
+    t = make_feats(2, 7, 4, 5, device=device, seed=2, channels_last=True).requires_grad_()
+    y = make_labels(2, 16, 20, 6, device=device)
+    ss, st = ops._label_slots(y, 8, 10, 6, 255), ops._label_slots(y, 4, 5, 6, 255)
+    got = ops.class_sums_pair(s, ss, t, st, 6)
+    want = ops.class_sums(s, ss, 6) + ops.class_sums(t, st, 6)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    (got[0].sum() + 2 * got[2].sum()).backward()
+    valid_s, valid_t = (ss >= 0)[:, None].double(), (st >= 0)[:, None].double()
+    torch.testing.assert_close(s.grad, valid_s.expand_as(s))
+    torch.testing.assert_close(t.grad, 2 * valid_t.expand_as(t))
+
+
+def test_class_sums_are_the_same_bits_every_run(device):
+    x = make_feats(2, 9, 24, 40, dtype=torch.float32, device=device)
+    slots = ops._label_slots(make_labels(2, 24, 40, 19, device=device, blocky=False), 24, 40, 19, 255)
+    first = ops.class_sums(x, slots, 19)[0]
+    for _ in range(3):
+        assert torch.equal(ops.class_sums(x, slots, 19)[0], first)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float32_sums_stay_accurate_under_a_large_offset(device, layout):
+    """A common per-channel offset of 10^4 times the class spread: float32 sums stay within 1e-4
+    (relative) of float64 ones (a chain of naive sequential additions would not)."""
+    B, C, H, W, K = 2, 8, 128, 256, 3
+    x = (1e4 + torch.randn(B, C, H, W, dtype=torch.float64)).to(device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.zeros(B, H, W, dtype=torch.long, device=device)
+    y[:, :, W // 2:] = 1  # two long classes and a small one
+    y[:, :4, :4] = 2
+    slots = ops._label_slots(y, H, W, K, 255)
+    s32, _ = ops.class_sums(x.float(), slots, K)
+    s64, _ = ops.class_sums(x, slots, K)
+    assert float(((s32.double() - s64).abs() / s64.abs()).max()) < 1e-4
+
+
+@pytest.mark.parametrize("K", [150, 2048])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_class_sums_many_classes(device, K, layout):
+    B, C, H, W = 2, 12, 20, 24
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, K, (B, H, W), generator=g)
+    y[:, 0, :3] = 255
+    x = _feats(B, C, H, W, torch.float32, device, layout)
+    slots = ops._label_slots(y.to(device), H, W, K, 255)
+    sa, na = ops.class_sums(x, slots, K)
+    sb, nb = reference.class_sums(x.double(), slots, K)
+    assert torch.equal(na, nb)
+    torch.testing.assert_close(sa.double(), sb, rtol=1e-5, atol=1e-5)
+
+
+def test_class_sums_backward_matches_a_gather(device):
+    B, C, H, W, K = 2, 5, 6, 7, 4
+    slots = ops._label_slots(make_labels(B, H, W, K, device=device), H, W, K, 255)
+    grad = torch.randn(B, K, C, dtype=torch.float64, device=device)
+    padded = torch.cat([grad, torch.zeros(B, 1, C, dtype=grad.dtype, device=device)], 1)  # slot -1 -> row K
+    idx = torch.where(slots < 0, K, slots.long()).reshape(B, 1, H * W).expand(B, C, H * W)
+    want = torch.gather(padded.transpose(1, 2), 2, idx).reshape(B, C, H, W)
+    for channels_last in (False, True):
+        got = ops._class_sums_backward(grad, slots, torch.float64, channels_last)
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_class_sums_backward_index64_path(monkeypatch, channels_last):
+    """The 64-bit index path, forced at a small size, writes what the 32-bit one writes."""
+    slots = ops._label_slots(make_labels(2, 12, 20, 5, device="cuda"), 12, 20, 5, 255)
+    grad = torch.randn(2, 5, 16, device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        narrow = ops._class_sums_backward(grad, slots, dtype, channels_last)
+        monkeypatch.setenv("IDD_OPS_FORCE_INDEX64", "1")
+        wide = ops._class_sums_backward(grad, slots, dtype, channels_last)
+        monkeypatch.delenv("IDD_OPS_FORCE_INDEX64")
+        assert torch.equal(narrow, wide)
+
+
+def test_class_sums_reject_bad_input():
+    x = torch.randn(1, 2, 4, 4)
+    slots = ops._label_slots(torch.zeros(1, 4, 4, dtype=torch.long), 4, 4, 3, 255)
+    with pytest.raises(TypeError, match="slots: expected int16"):
+        ops.class_sums(x, slots.long(), 3)
+    with pytest.raises(ValueError, match="slots: expected shape"):
+        ops.class_sums(x, slots[:, :2], 3)
+    with pytest.raises(ValueError, match="slots: value 2"):
+        ops.class_sums(x, slots + 2, 2)
+    with pytest.raises(ValueError, match="feats"):
+        ops.class_sums(x[0], slots, 3)
+
+
+def test_opcheck(device):
+    x = make_feats(2, 3, 5, 6, dtype=torch.float32, device=device).requires_grad_()
+    t = make_feats(2, 4, 5, 6, dtype=torch.float32, device=device, channels_last=True)
+    y = make_labels(2, 10, 12, 4, device=device)
+    slots = ops._label_slots(y, 5, 6, 4, 255)
+    torch.library.opcheck(ops._label_slots.default, (y, 5, 6, 4, 255))
+    torch.library.opcheck(ops.class_sums.default, (x, slots, 4))
+    torch.library.opcheck(ops.class_sums_pair.default, (x, slots, t, slots, 4))
+
+
+# ---- token features ------------------------------------------------------------------
+
+
+def _tokens(B, C, H, W, device, seed=0):
+    """[B, N, C] tokens and the [B, C, H, W] map they tile."""
+    tokens = make_feats(B, H * W, C, 1, device=device, seed=seed)[..., 0]
+    return tokens, tokens.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()
+
+
+def test_token_centroids_match_reference(device):
+    tokens, fmap = _tokens(2, 6, 7, 9, device)
+    y = make_labels(2, 21, 27, 5, device=device)
+    ta = tokens.detach().clone().requires_grad_()
+    fb = fmap.detach().clone().requires_grad_()
+    ca, na = idd_ops.class_centroids(ta, y, 5, size=(7, 9))
+    cb, nb = reference.class_centroids(fb, y, 5)
+    assert torch.equal(na, nb)
+    torch.testing.assert_close(ca, cb)
+    weight = torch.randn_like(cb)
+    (ca * weight).sum().backward()
+    (cb * weight).sum().backward()
+    assert ta.grad.shape == tokens.shape and ta.grad.is_contiguous()
+    torch.testing.assert_close(ta.grad, fb.grad.permute(0, 2, 3, 1).reshape_as(tokens))
+
+
+@pytest.mark.parametrize("teacher_tokens", [False, True])
+def test_token_student_idd_matches_reference(device, teacher_tokens):
+    s_tok, s_map = _tokens(2, 6, 8, 10, device, seed=1)
+    t_tok, t_map = _tokens(2, 9, 8, 10, device, seed=2)
+    teacher = t_tok if teacher_tokens else make_feats(2, 9, 4, 5, device=device, seed=3)
+    t_ref = t_map if teacher_tokens else teacher
+    y = make_labels(2, 16, 20, 5, device=device)
+    sa = s_tok.detach().clone().requires_grad_()
+    sb = s_map.detach().clone().requires_grad_()
+    la = idd_ops.inter_class_distance_loss(sa, teacher, y, 5, normalize="mean", size=(8, 10))
+    lb = reference.inter_class_distance_loss(sb, t_ref, y, 5, normalize="mean")
+    torch.testing.assert_close(la, lb)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(sa.grad, sb.grad.permute(0, 2, 3, 1).reshape_as(s_tok))
+
+
+def test_token_features_are_read_in_place():
+    """No copy of the features on the way in (nor of their gradient on the way out): the
+    profiler sees no copy op. The old centroid op, which copies channels_last, shows one."""
+    tokens, _ = _tokens(2, 64, 16, 24, "cpu")
+    tokens.requires_grad_()
+    y = make_labels(2, 32, 48, 5)
+
+    def copies(fn):  # copies of a tensor as large as the features (small ones: counts to float)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            fn()
+        return [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")
+                and any(shape and math.prod(shape) >= tokens.numel() for shape in e.input_shapes)]
+
+    assert copies(lambda: idd_ops.class_centroids(tokens, y, 5, size=(16, 24))[0].sum().backward()) == []
+    fmap = tokens.detach().reshape(2, 16, 24, 64).permute(0, 3, 1, 2)
+    assert copies(lambda: ops.class_centroids(fmap, y, 5, 255)) != []  # the test can fail
+
+
+def test_token_features_reject_bad_input():
+    tokens = torch.randn(2, 12, 4)
+    y = torch.zeros(2, 3, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="size=\\(H, W\\)"):
+        idd_ops.class_centroids(tokens, y, 3)
+    with pytest.raises(ValueError, match="size: 3 x 5 = 15 pixels, but feats has N=12"):
+        idd_ops.class_centroids(tokens, y, 3, size=(3, 5))
+    with pytest.raises(TypeError, match="size"):
+        idd_ops.class_centroids(tokens, y, 3, size=12)
+    with pytest.raises(ValueError, match="student_feats: expected a 4-D"):
+        idd_ops.inter_class_distance_loss(torch.randn(2, 4), torch.randn(2, 3, 3, 4), y, 3)
+
+
+def test_cpu_default_path_is_switchable(monkeypatch):
+    """The private switch routes the public functions; both paths give the reference's values."""
+    s, t = make_feats(2, 4, 6, 8, seed=1), make_feats(2, 5, 6, 8, seed=2)
+    y = make_labels(2, 12, 16, 4)
+    want = reference.inter_class_distance_loss(s, t, y, 4)
+    for on in (False, True):
+        monkeypatch.setattr(_switches, "cpu_sums", on)
+        assert _switches.class_sums_path(torch.device("cpu")) is on
+        torch.testing.assert_close(idd_ops.inter_class_distance_loss(s, t, y, 4), want)
