@@ -14,9 +14,9 @@ def cuda_next_enabled() -> bool:
     return os.environ.get("IDD_OPS_CUDA_NEXT", "0") == "1"
 
 
-# The class-sum path (_label_slots -> class_sums -> centroids) on the CPU for NCHW features: off
-# by default (measured no faster than the centroid op there; channels_last features take it
-# anyway, see functional.uses_class_sums); IDD_OPS_CPU_SUMS=1 or setting this attribute turns it on.
+# The class-sum path (_label_slots -> class_sums -> centroids) on the CPU: off by default (NCHW:
+# measured no faster than the centroid op; channels_last: faster, but less precise with a common
+# offset, see _class_sums.uses_class_sums); IDD_OPS_CPU_SUMS=1 or setting this attribute turns it on.
 cpu_sums = os.environ.get("IDD_OPS_CPU_SUMS", "0") == "1"
 
 

@@ -26,8 +26,8 @@ def class_centroids(feats: Tensor, labels: Tensor, num_classes: int, ignore_inde
 
     Args:
         feats: ``[B, C, H, W]`` float16/bfloat16/float32/float64, NCHW or channels_last; or
-            ``[B, N, C]`` tokens (ViT/SegFormer) of an ``H x W`` map with ``size=(H, W)``, read in
-            place as a channels_last map (no copy).
+            ``[B, N, C]`` tokens (ViT/SegFormer) of an ``H x W`` map with ``size=(H, W)``, viewed as
+            a channels_last map (read in place on the class-sum path, docs/ARCHITECTURE.md).
         labels: ``[B, Hy, Wy]`` integer class map. When ``(Hy, Wy) != (H, W)`` it is resized
             on the fly by nearest neighbour, exactly as
             ``F.interpolate(labels[:, None].float(), size=(H, W), mode="nearest")``.
@@ -108,8 +108,8 @@ def inter_class_distance_loss(student_feats: Tensor, teacher_feats: Tensor, labe
             all-reduced, so every rank sees the centroids of the global batch. The all-reduce is
             differentiable; under DistributedDataParallel (which averages gradients over
             ranks) the gradients equal a single process's on the concatenated batch.
-        size: ``(H, W)`` of whichever input is ``[B, N, C]`` tokens (``N == H * W``), read in
-            place as a channels_last map (no copy). Default: None (no token input).
+        size: ``(H, W)`` of whichever input is ``[B, N, C]`` tokens (``N == H * W``), viewed as a
+            channels_last map. Default: None (no token input).
 
     Returns:
         The loss in ``student_feats.dtype`` (float32 for half inputs under autocast): a

@@ -220,9 +220,12 @@ def test_token_student_idd_matches_reference(device, teacher_tokens):
     torch.testing.assert_close(sa.grad, sb.grad.permute(0, 2, 3, 1).reshape_as(s_tok))
 
 
-def test_token_features_are_read_in_place():
-    """No copy of the features on the way in (nor of their gradient on the way out): the
-    profiler sees no copy op. The old centroid op, which copies channels_last, shows one."""
+def test_token_features_are_read_in_place(monkeypatch):
+    """On the class-sum path (IDD_OPS_CPU_SUMS=1 on the CPU; not yet the default there, see
+    _class_sums.uses_class_sums), no copy of the features on the way in (nor of their gradient on
+    the way out): the profiler sees no copy op. The old centroid op, which copies channels_last,
+    shows one."""
+    monkeypatch.setattr(idd_ops._switches, "cpu_sums", True)
     tokens, _ = _tokens(2, 64, 16, 24, "cpu")
     tokens.requires_grad_()
     y = make_labels(2, 32, 48, 5)

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "../common/checks.h"
 #include "class_rows.h"
@@ -67,33 +68,60 @@ bool channels_last_layout(const at::Tensor& t) {
   return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// The per-channel value the channels_last pass subtracts before summing, as row_pivot does for
+// NCHW rows (class_rows.h): an image's first pixel where its first pixels sit far from 0 next to
+// their spread (a common offset: the sums then round at the spread's scale), else 0.
+template <typename scalar_t, typename acc_t>
+void channel_pivots(const scalar_t* img, int64_t HW, int64_t C, int64_t n, acc_t* pivot) {
+  const int64_t m = std::min<int64_t>(HW, 8);
+  for (int64_t c = 0; c < n; ++c) {
+    acc_t lo = static_cast<acc_t>(img[c]), hi = lo, sum = 0;
+    for (int64_t r = 0; r < m; ++r) {
+      const acc_t v = static_cast<acc_t>(img[r * C + c]);
+      lo = std::min(lo, v), hi = std::max(hi, v), sum += v;
+    }
+    pivot[c] = std::abs(sum / static_cast<acc_t>(m)) > acc_t(8) * (hi - lo) ? static_cast<acc_t>(img[c]) : acc_t(0);
+  }
+}
+
 // sums [B, K, C] of channels_last features x [B, HW, C] in memory: one task per (image,
-// block of channels); each run of equal slots is summed in blocks of kBlockPixels pixels.
+// block of channels); each run of equal slots is summed, less the channel pivots, in blocks of
+// kBlockPixels pixels; count * pivot joins each class's sum at the end.
 template <typename scalar_t, typename acc_t>
 void sums_channels_last(const scalar_t* x, const int16_t* slot, int64_t B, int64_t C, int64_t HW, int64_t K,
                         acc_t* out) {
   const int64_t tiles = (C + kLastChannels - 1) / kLastChannels;
   at::parallel_for(0, B * tiles, 1, [&](int64_t t0, int64_t t1) {
-    acc_t run[kLastChannels], block[kLastChannels];
+    acc_t run[kLastChannels], block[kLastChannels], pivot[kLastChannels];
+    std::vector<int64_t> count(K);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / tiles, c0 = (t % tiles) * kLastChannels, n = std::min(kLastChannels, C - c0);
       const int16_t* s = slot + b * HW;
       const scalar_t* img = x + b * HW * C + c0;
+      if (HW == 0) continue;
+      channel_pivots(img, HW, C, n, pivot);
+      std::fill(count.begin(), count.end(), int64_t(0));
       for (int64_t p = 0, end = 0; p < HW; p = end) {
         const int16_t k = s[p];
         for (end = p + 1; end < HW && s[end] == k;) ++end;  // the run [p, end)
         if (k < 0) continue;
+        count[k] += end - p;
         std::fill(run, run + n, acc_t(0));
         for (int64_t q = p; q < end; q += kBlockPixels) {
           std::fill(block, block + n, acc_t(0));
           for (int64_t r = q; r < std::min(end, q + kBlockPixels); ++r) {
             const scalar_t* v = img + r * C;
-            for (int64_t c = 0; c < n; ++c) block[c] += static_cast<acc_t>(v[c]);
+            for (int64_t c = 0; c < n; ++c) block[c] += static_cast<acc_t>(v[c]) - pivot[c];
           }
           for (int64_t c = 0; c < n; ++c) run[c] += block[c];
         }
         acc_t* dst = out + (b * K + k) * C + c0;
         for (int64_t c = 0; c < n; ++c) dst[c] += run[c];
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        if (count[k] == 0) continue;
+        acc_t* dst = out + (b * K + k) * C + c0;
+        for (int64_t c = 0; c < n; ++c) dst[c] += static_cast<acc_t>(count[k]) * pivot[c];
       }
     }
   });

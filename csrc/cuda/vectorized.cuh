@@ -49,13 +49,6 @@ inline int sm_count() {
   return n;
 }
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T value) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
-
 // Sum over a block of kThreads threads of any shape (warps follow the linear thread index);
 // the result is valid in the block's first thread. Every thread of the block must call it, once
 // per kernel (its shared slots are not guarded for reuse).
