@@ -14,22 +14,21 @@ namespace idd_ops {
 // Elements of scalar_t in one 16-byte access (float 4, half/bfloat16 8, double 2).
 template <typename scalar_t>
 constexpr int pack_size() {
-  return static_cast<int>(16 / sizeof(scalar_t));
+  return vec16<scalar_t>();
 }
 
+// A pack is cuda_utils.cuh's Vec; these spell its loads with the element count first.
 template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
+using Pack = Vec<T, N>;
 
 template <int N, typename T>
 __device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, N>*>(p);
+  return load_vec<T, N>(p);
 }
 
 template <int N, typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& x) {
-  *reinterpret_cast<Pack<T, N>*>(p) = x;
+  store_vec<T, N>(p, x);
 }
 
 // Whether packs of `n` elements of `elem_bytes` may be read at p + k * n for any k.
