@@ -4,6 +4,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ._class_sums import centroids_from_sums
+
 if dist.is_available():  # builds without distributed support lack torch.distributed.nn
     import torch.distributed.nn.functional as dist_fn
 
@@ -24,4 +26,4 @@ def pooled_centroids(centroids: torch.Tensor, counts: torch.Tensor, process_grou
     """Per-image centroids [B,K,C] and counts [B,K] -> one batch-level centroid set [1,K,C], [1,K]
     (pooled as pooled_sums pools)."""
     sums, counts = pooled_sums(centroids * counts[..., None].to(centroids.dtype), counts, process_group)
-    return sums / counts.clamp_min(1)[..., None].to(sums.dtype), counts
+    return centroids_from_sums(sums, counts), counts

@@ -88,7 +88,8 @@ at::Tensor class_sums_backward_kernel(const at::Tensor& grad_sums_in, const at::
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor grad = at::empty({B, C, H, W}, grad_sums.options().dtype(dtype).memory_format(format));
   if (grad.numel() == 0) return grad;
-  const int64_t limit = int64_t{1} << 31;
+  // 32-bit indices while a grid-stride step (up to 65535 x kThreads) cannot wrap past 2^31
+  const int64_t limit = (int64_t{1} << 31) - int64_t{65535} * kThreads;
   const bool wide = force_index64() || grad.numel() >= limit || grad_sums.numel() >= limit || slots.numel() >= limit;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "class_sums_backward_cuda", [&] {
     constexpr int kVec = vec16<scalar_t>();

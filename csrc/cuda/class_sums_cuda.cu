@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(kPrivateThreads) sums_private_kernel(const Sum
     for (int i = 0; i < kPrivateThreads / 32; ++i) v += row[i * 32 + lane];
     v = warp_sum(v);
     const int c = c0 + r % kTile;
-    if (lane == 0 && c < C) out[(r / kTile) * C + c] = v;
+    if (lane == 0 && c < C) out[static_cast<int64_t>(r / kTile) * C + c] = v;
   }
   if (counting)
     for (int k = tid; k < K; k += kPrivateThreads) block_counts(w, K)[k] = cnt[k];
@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(kWarps * 32) sums_warp_kernel(const SumsJobs j
     acc_t v = acc_t(0);
 #pragma unroll
     for (int u = 0; u < kWarps; ++u) v += priv[(k * kWarps + u) * kTile + e % kTile];
-    if (c < C) out[k * C + c] = v;
+    if (c < C) out[static_cast<int64_t>(k) * C + c] = v;
   }
   if (counting)
     for (int k = tid; k < K; k += kWarps * 32) block_counts(w, K)[k] = cnt[k];
@@ -318,7 +318,7 @@ __global__ void __launch_bounds__(kWarps * 32) sums_last_kernel(const SumsJobs j
     acc_t v = acc_t(0);
 #pragma unroll
     for (int u = 0; u < kWarps; ++u) v += priv[(k * kWarps + u) * kLanesC + cl];
-    if (c_first + cl < C) out[k * C + c_first + cl] = v;
+    if (c_first + cl < C) out[static_cast<int64_t>(k) * C + c_first + cl] = v;
   }
   if (w.tile == 0)
     for (int k = tid; k < K; k += kWarps * 32) block_counts(w, K)[k] = cnt[k];

@@ -178,8 +178,9 @@ void launch_backward(const at::opmath_type<scalar_t>* grad, bool elementwise, co
 }  // namespace
 
 int64_t position_next_max_width(at::ScalarType dtype) {
-  // the column table in the default 48 KB of shared memory
-  return static_cast<int64_t>(48 * 1024 / (acc_dtype(dtype) == at::kDouble ? sizeof(double) : sizeof(float)));
+  // the column table in the default 48 KiB of shared memory, less 1 KiB for the kernels' static
+  // shared memory (block sums)
+  return static_cast<int64_t>((48 * 1024 - 1024) / (acc_dtype(dtype) == at::kDouble ? sizeof(double) : sizeof(float)));
 }
 
 at::Tensor position_encoding_loss_next(const at::Tensor& pred_in, at::IntArrayRef kinds, at::ArrayRef<double> params,

@@ -44,7 +44,7 @@ def plan(device, workers=None, threads=None, gpu_bytes_per_worker=GPU_BYTES_PER_
     if workers is None:
         if str(device).startswith("cuda"):
             free, _ = torch.cuda.mem_get_info(torch.device(device))
-            workers = min(cores, free // gpu_bytes_per_worker)
+            workers = max(1, min(cores, free // gpu_bytes_per_worker))  # a busy GPU still gets one
         else:
             workers = max(1, cores // CPU_CORES_PER_WORKER)
     if workers < 1:
