@@ -183,12 +183,17 @@ int64_t position_next_max_width(at::ScalarType dtype) {
   return static_cast<int64_t>((48 * 1024 - 1024) / (acc_dtype(dtype) == at::kDouble ? sizeof(double) : sizeof(float)));
 }
 
+// The callers route wider maps to the per-element kernel; a direct call gets this error.
+void check_table_width(const at::Tensor& pred) {
+  TORCH_CHECK(pred.size(3) <= position_next_max_width(pred.scalar_type()), "position_encoding_loss: width ",
+              pred.size(3), " exceeds the column table");
+}
+
 at::Tensor position_encoding_loss_next(const at::Tensor& pred_in, at::IntArrayRef kinds, at::ArrayRef<double> params,
                                        c10::string_view reduction) {
   const MapSpecs maps = map_specs(kinds, params);
   const Reduction red = parse_reduction(std::string(reduction));
-  TORCH_CHECK(pred_in.size(3) <= position_next_max_width(pred_in.scalar_type()), "position_encoding_loss: width ",
-              pred_in.size(3), " exceeds the column table");
+  check_table_width(pred_in);
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const at::Tensor pred = pred_in.contiguous();
   const int64_t total = pred.numel(), B = pred.size(0), M = pred.size(1), H = pred.size(2), W = pred.size(3);
@@ -227,8 +232,7 @@ at::Tensor position_encoding_loss_backward_next(const at::Tensor& grad_in, const
                                                 c10::string_view reduction) {
   const MapSpecs maps = map_specs(kinds, params);
   const Reduction red = parse_reduction(std::string(reduction));
-  TORCH_CHECK(pred_in.size(3) <= position_next_max_width(pred_in.scalar_type()), "position_encoding_loss: width ",
-              pred_in.size(3), " exceeds the column table");
+  check_table_width(pred_in);
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const at::Tensor pred = pred_in.contiguous();
   const at::Tensor grad = loss_grad_acc(grad_in, pred, red);
