@@ -9,11 +9,15 @@
 
 namespace idd_ops {
 
+// Whether the environment variable `name` is "1" (read at each call; the private switches the
+// tests set, such as _IDD_OPS_SKD_BATCHED and IDD_OPS_FORCE_INDEX64, use it directly).
+inline bool env_flag(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && std::strcmp(value, "1") == 0;
+}
+
 inline bool cuda_next_enabled() {
-  static const bool on = [] {
-    const char* value = std::getenv("IDD_OPS_CUDA_NEXT");
-    return value != nullptr && std::strcmp(value, "1") == 0;
-  }();
+  static const bool on = env_flag("IDD_OPS_CUDA_NEXT");
   return on;
 }
 

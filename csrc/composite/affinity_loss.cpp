@@ -17,8 +17,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 
 #include "../common/checks.h"
@@ -167,9 +165,7 @@ at::Tensor affinity_loss_backward_blocked(const at::Tensor& grad, const at::Tens
 // and wherever the private variable _IDD_OPS_SKD_BATCHED=1 forces it (read per call: the CPU
 // tests use it to test the GPU's formulation).
 bool use_batched(const at::Tensor& student) {
-  const char* forced = std::getenv("_IDD_OPS_SKD_BATCHED");
-  if (forced != nullptr && std::strcmp(forced, "1") == 0) return true;
-  return student.is_cuda() && cuda_next_enabled();
+  return env_flag("_IDD_OPS_SKD_BATCHED") || (student.is_cuda() && cuda_next_enabled());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss(const at::Tensor& student, const at::Tensor& teacher,

@@ -6,10 +6,8 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "../common/checks.h"
+#include "../common/cuda_next.h"
 #include "cuda_utils.cuh"
 
 namespace idd_ops {
@@ -17,10 +15,7 @@ namespace {
 
 // IDD_OPS_FORCE_INDEX64=1 takes the 64-bit index path at any size (read on every call, so a
 // test can set it for one call); private: for the tests only.
-bool force_index64() {
-  const char* value = std::getenv("IDD_OPS_FORCE_INDEX64");
-  return value != nullptr && std::strcmp(value, "1") == 0;
-}
+bool force_index64() { return env_flag("IDD_OPS_FORCE_INDEX64"); }
 
 // NCHW output: thread i writes pixels [VEC i, VEC i + VEC) of one (b, c) row (HW % VEC == 0).
 template <typename scalar_t, int VEC, typename index_t>
