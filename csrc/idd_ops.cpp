@@ -24,7 +24,8 @@ TORCH_LIBRARY(idd_ops, m) {
   // and shared by every class pass over features of that size (and by their backward).
   m.def("_label_slots(Tensor labels, SymInt height, SymInt width, int num_classes, int ignore_index) -> Tensor");
   // Per-image, per-class feature sums of feats [B,C,H,W] (NCHW or channels_last, read in place):
-  // sums [B,K,C] in the accumulation dtype, counts [B,K] int64. Fixed summation order.
+  // sums [B,K,C] float64 for every feature dtype (they hold count x a common offset exactly; the
+  // kernels add x - pivot in the accumulation dtype), counts [B,K] int64. Fixed summation order.
   m.def("class_sums(Tensor feats, Tensor slots, int num_classes) -> (Tensor, Tensor)");
   // class_sums of two feature maps (student and teacher) in one launch where the shapes allow.
   m.def("class_sums_pair(Tensor feats_a, Tensor slots_a, Tensor feats_b, Tensor slots_b, int num_classes) "
@@ -44,8 +45,11 @@ TORCH_LIBRARY(idd_ops, m) {
   // The IDD tail from per-image class sums [B,K,C] and counts [B,K] of the student and the
   // teacher (channel counts may differ) to the loss, with the tensors its backward reads (layout:
   // common/idd_tail.h). The teacher is a constant; the backward gives the student sums' gradient.
+  // dtype: of the K x K math, the loss and dist (float32 or float64; None: the sums' accumulation
+  // dtype): float64 class sums keep a common offset exact, and their centroids, once centred,
+  // need no more than the features' precision.
   m.def("idd_tail(Tensor student_sums, Tensor student_counts, Tensor teacher_sums, Tensor teacher_counts, "
-        "str metric, bool normalize, float eps, str reduction) -> (Tensor, Tensor, Tensor)");
+        "str metric, bool normalize, float eps, str reduction, ScalarType? dtype=None) -> (Tensor, Tensor, Tensor)");
   m.def("_idd_tail_backward(Tensor grad, Tensor student_sums, Tensor student_counts, Tensor teacher_counts, "
         "Tensor dist, Tensor stats, str metric, bool normalize, float eps, str reduction) -> Tensor");
   // MSE between pred [B,M,H,W] and M analytic position maps (kinds[m], params[m], codes of

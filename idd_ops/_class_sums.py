@@ -8,18 +8,18 @@ from torch import Tensor
 
 from . import _switches
 from ._idd_tail import _idd_from_sums
+from ._ops import channels_last_layout
 
 ops = torch.ops.idd_ops
 
 
 def uses_class_sums(*feats: Tensor) -> bool:
     """Whether the class passes over `feats` take the class-sum path (one slot map per feature
-    size, class_sums, centroids = sums / counts): where _switches.class_sums_path says so.
-    Not yet by default for channels_last maps on the CPU, although it reads them in place where
-    the centroid op copies them (IDD forward+backward measured 5x faster): float32 sums hold
-    count x offset, which with a common offset 10^4 times the class spread puts the normalised
-    loss 5e-4 off float64, against 9e-5 through the centroid op (tests/test_precision.py)."""
-    return _switches.class_sums_path(feats[0].device)
+    size, class_sums, centroids = sums / counts): where _switches.class_sums_path says so. The
+    float64 class sums hold a common offset exactly, so this path is the more precise one (the
+    loss 5e-7 off float64 with an offset 10^4 times the class spread, against 9e-5 through the
+    centroid op: tests/test_precision.py)."""
+    return _switches.class_sums_path(feats[0].device, any(channels_last_layout(f) for f in feats))
 
 
 def slots_for(labels: Tensor, feats: Tensor, num_classes: int, ignore_index: int) -> Tensor:
@@ -35,13 +35,16 @@ def pair_sums(student: Tensor, teacher: Tensor, labels: Tensor, num_classes: int
     return ops.class_sums_pair(student, slots_s, teacher, slots_t, num_classes)
 
 
-def centroids_from_sums(sums: Tensor, counts: Tensor) -> Tensor:
-    """Class means [B, K, C] from class sums and counts (0 for an absent class, whose sum is 0)."""
-    return sums / counts.clamp_min(1)[..., None].to(sums.dtype)
+def centroids_from_sums(sums: Tensor, counts: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Class means [B, K, C] from class sums and counts (0 for an absent class, whose sum is 0),
+    divided in the sums' dtype and then cast to `dtype` (default: the sums' dtype)."""
+    means = sums / counts.clamp_min(1)[..., None].to(sums.dtype)
+    return means if dtype is None else means.to(dtype)
 
 
 def idd_from_sums(sums_s: Tensor, counts_s: Tensor, sums_t: Tensor, counts_t: Tensor, metric: str,
-                   normalize: Optional[str], eps: float, reduction: str) -> Tensor:
-    """The K x K tail of IDD from both networks' class sums (the teacher's detached): one
+                   normalize: Optional[str], eps: float, reduction: str, dtype: torch.dtype) -> Tensor:
+    """The K x K tail of IDD from both networks' float64 class sums (the teacher's detached),
+    computed in `dtype` (the features' accumulation dtype) once the centroids are centred: one
     idd_tail op (composite ATen code on the CPU, a fused kernel on CUDA)."""
-    return _idd_from_sums(sums_s, counts_s, sums_t.detach(), counts_t, metric, normalize, eps, reduction)
+    return _idd_from_sums(sums_s, counts_s, sums_t.detach(), counts_t, metric, normalize, eps, reduction, dtype)

@@ -66,7 +66,7 @@ def _(labels, height, width, num_classes, ignore_index):
 
 def _sums_fake(feats, num_classes):
     B, C = feats.shape[0], feats.shape[1]
-    return (feats.new_empty((B, num_classes, C), dtype=acc_dtype(feats.dtype)),
+    return (feats.new_empty((B, num_classes, C), dtype=torch.float64),
             feats.new_empty((B, num_classes), dtype=torch.int64))
 
 
@@ -326,9 +326,9 @@ register_autograd("idd_ops::pixel_centroid_cosine", _cosine_backward, setup_cont
 
 
 @register_fake("idd_ops::idd_tail")
-def _(student_sums, student_counts, teacher_sums, teacher_counts, metric, normalize, eps, reduction):
+def _(student_sums, student_counts, teacher_sums, teacher_counts, metric, normalize, eps, reduction, dtype=None):
     B, K, _ = student_sums.shape
-    acc = acc_dtype(student_sums.dtype)
+    acc = acc_dtype(student_sums.dtype) if dtype is None else dtype
     loss = student_sums.new_empty((B,) if reduction == "none" else (), dtype=acc)
     # layout of the saved tensors: csrc/common/idd_tail.h
     return loss, student_sums.new_empty((B, 2, K, K), dtype=acc), student_sums.new_empty((B, K + 1, 8),
@@ -341,7 +341,7 @@ def _(grad, student_sums, student_counts, teacher_counts, dist, stats, metric, n
 
 
 def _tail_setup(ctx, inputs, output):
-    student_sums, student_counts, teacher_sums, teacher_counts, metric, normalize, eps, reduction = inputs
+    student_sums, student_counts, teacher_sums, teacher_counts, metric, normalize, eps, reduction = inputs[:8]
     _teacher_is_constant(teacher_sums, "idd_tail")
     ctx.save_for_backward(student_sums, student_counts, teacher_counts, output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
@@ -350,10 +350,10 @@ def _tail_setup(ctx, inputs, output):
 
 def _tail_backward(ctx, grad, _grad_dist, _grad_stats):
     if not ctx.needs_input_grad[0]:
-        return (None,) * 8
+        return (None,) * 9
     sums, counts_s, counts_t, dist, stats = ctx.saved_tensors
     grad_sums = ops._idd_tail_backward(grad, sums, counts_s, counts_t, dist, stats, *ctx.options)
-    return (grad_sums,) + (None,) * 7
+    return (grad_sums,) + (None,) * 8
 
 
 register_autograd("idd_ops::idd_tail", _tail_backward, setup_context=_tail_setup)

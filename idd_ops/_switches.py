@@ -14,12 +14,14 @@ def cuda_next_enabled() -> bool:
     return os.environ.get("IDD_OPS_CUDA_NEXT", "0") == "1"
 
 
-# The class-sum path (_label_slots -> class_sums -> centroids) on the CPU: off by default (NCHW:
-# measured no faster than the centroid op; channels_last: faster, but less precise with a common
-# offset, see _class_sums.uses_class_sums); IDD_OPS_CPU_SUMS=1 or setting this attribute turns it on.
+# The class-sum path (_label_slots -> class_sums -> centroids) on the CPU for NCHW features: off by
+# default (measured no faster there than the centroid op, which the CPU's IDD bound was tuned on);
+# IDD_OPS_CPU_SUMS=1 or setting this attribute turns it on. channels_last features (and [B, N, C]
+# tokens) always take it on the CPU: it reads them in place where the centroid op copies them.
 cpu_sums = os.environ.get("IDD_OPS_CPU_SUMS", "0") == "1"
 
 
-def class_sums_path(device: torch.device) -> bool:
-    """Whether the class passes on `device` go through _label_slots and class_sums."""
-    return cuda_next_enabled() if device.type == "cuda" else cpu_sums
+def class_sums_path(device: torch.device, channels_last: bool = False) -> bool:
+    """Whether the class passes on `device` (over channels_last features when `channels_last`)
+    go through _label_slots and class_sums."""
+    return cuda_next_enabled() if device.type == "cuda" else cpu_sums or channels_last

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import _ops  # noqa: F401  (registers autograd and fake kernels)
 from . import _validation as v
-from ._dtypes import loss_dtype
+from ._dtypes import acc_dtype, loss_dtype
 from ._class_sums import centroids_from_sums, pair_sums, uses_class_sums
 from ._label_mask import keep_mask
 from ._reduction import reduce
@@ -165,7 +165,8 @@ def intra_class_variation_loss(student_feats: Tensor, teacher_feats: Tensor, lab
     pair = (student_feats, teacher_feats.detach())
     if uses_class_sums(*pair):  # one slot map and one class pass for both
         ss, ns, st, nt = pair_sums(*pair, labels, num_classes, ignore_index)
-        centroids = (centroids_from_sums(ss, ns), centroids_from_sums(st, nt))
+        acc = acc_dtype(student_feats.dtype)
+        centroids = (centroids_from_sums(ss, ns, acc), centroids_from_sums(st, nt, acc))
     else:
         centroids = tuple(ops.class_centroids(f, labels, num_classes, ignore_index)[0] for f in pair)
     maps = [ops.pixel_centroid_cosine(f, c, labels, ignore_index, float(eps))[0] for f, c in zip(pair, centroids)]

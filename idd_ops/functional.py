@@ -15,7 +15,7 @@ from . import _ops  # noqa: F401  (registers autograd and fake kernels)
 from . import _validation as v
 from ._class_sums import centroids_from_sums, idd_from_sums, pair_sums, slots_for, uses_class_sums
 from ._distributed import pooled_centroids, pooled_sums
-from ._dtypes import loss_dtype
+from ._dtypes import acc_dtype, loss_dtype
 
 ops = torch.ops.idd_ops
 
@@ -47,7 +47,7 @@ def class_centroids(feats: Tensor, labels: Tensor, num_classes: int, ignore_inde
     v.check_num_classes(num_classes, ignore_index)
     if uses_class_sums(fmap):
         sums, counts = ops.class_sums(fmap, slots_for(labels, fmap, num_classes, ignore_index), num_classes)
-        return centroids_from_sums(sums, counts).to(feats.dtype), counts
+        return centroids_from_sums(sums, counts, feats.dtype), counts
     centroids, counts = ops.class_centroids(fmap, labels, num_classes, ignore_index)
     return centroids.to(feats.dtype), counts
 
@@ -133,7 +133,7 @@ def inter_class_distance_loss(student_feats: Tensor, teacher_feats: Tensor, labe
             ss, ns = pooled_sums(ss, ns, process_group)
             with torch.no_grad():
                 st, nt = pooled_sums(st, nt, process_group)
-        loss = idd_from_sums(ss, ns, st, nt, metric, normalize, eps, reduction)
+        loss = idd_from_sums(ss, ns, st, nt, metric, normalize, eps, reduction, acc_dtype(fs.dtype))
         return loss.to(loss_dtype(student_feats))
     mean = normalize == "mean"
     cs, ns = ops.class_centroids(fs, labels, num_classes, ignore_index)

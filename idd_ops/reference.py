@@ -50,8 +50,14 @@ def label_slots(labels, size, num_classes, ignore_index=255):
 
 
 def class_sums(features, slots, num_classes):
-    """Per-image class sums ``[B, K, C]`` (accumulation dtype) and counts ``[B, K]`` of features
-    ``[B, C, H, W]`` under class slots ``[B, H, W]`` (reference of the ``class_sums`` op)."""
+    """Per-image class sums ``[B, K, C]`` float64 and counts ``[B, K]`` of features
+    ``[B, C, H, W]`` under class slots ``[B, H, W]`` (reference of the ``class_sums`` op; summed
+    in the accumulation dtype, as the reference's centroids are)."""
+    sums, counts = _class_sums(features, slots, num_classes)
+    return sums.double(), counts
+
+
+def _class_sums(features, slots, num_classes):
     B, C, H, W = features.shape
     slot = slots.reshape(B, H * W).long()
     slot = torch.where(slot < 0, torch.full_like(slot, num_classes), slot)
@@ -78,7 +84,7 @@ def _tf32_may_round(x):
 
 def _centroids(features, labels, num_classes, ignore_index):
     slots = label_slots(labels, features.shape[2:], num_classes, ignore_index)
-    sums, counts = class_sums(features, slots, num_classes)
+    sums, counts = _class_sums(features, slots, num_classes)
     return sums / counts.clamp_min(1)[..., None].to(sums.dtype), counts
 
 

@@ -58,7 +58,7 @@ def test_class_sums_match_reference(device, shape, dtype, layout):
     (sa.double() * weight).sum().backward()
     (sb * weight).sum().backward()
     tol = TOLERANCES[dtype][0]
-    assert sa.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and xa.grad.dtype == dtype
+    assert sa.dtype == torch.float64 and xa.grad.dtype == dtype  # float64 sums for every dtype
     assert torch.equal(na, nb)
     torch.testing.assert_close(sa.double(), sb, rtol=tol, atol=tol * max(1.0, float(sb.detach().abs().max())))
     torch.testing.assert_close(xa.grad.double(), xb.grad, rtol=tol, atol=tol)
@@ -220,12 +220,10 @@ def test_token_student_idd_matches_reference(device, teacher_tokens):
     torch.testing.assert_close(sa.grad, sb.grad.permute(0, 2, 3, 1).reshape_as(s_tok))
 
 
-def test_token_features_are_read_in_place(monkeypatch):
-    """On the class-sum path (IDD_OPS_CPU_SUMS=1 on the CPU; not yet the default there, see
-    _class_sums.uses_class_sums), no copy of the features on the way in (nor of their gradient on
-    the way out): the profiler sees no copy op. The old centroid op, which copies channels_last,
-    shows one."""
-    monkeypatch.setattr(idd_ops._switches, "cpu_sums", True)
+def test_token_features_are_read_in_place():
+    """Tokens (channels_last maps) take the class-sum path by default on the CPU: no copy of the
+    features on the way in (nor of their gradient on the way out): the profiler sees no copy op.
+    The centroid op, which copies channels_last, shows one."""
     tokens, _ = _tokens(2, 64, 16, 24, "cpu")
     tokens.requires_grad_()
     y = make_labels(2, 32, 48, 5)

@@ -22,4 +22,4 @@ from test_many_classes import test_many_classes, test_wide_features  # noqa: F40
 
 @pytest.fixture(autouse=True)
 def class_sums_path(monkeypatch):
-    monkeypatch.setattr(_switches, "class_sums_path", lambda device: True)
+    monkeypatch.setattr(_switches, "class_sums_path", lambda device, channels_last=False: True)

@@ -3,7 +3,7 @@
 // teacher to the loss, in one op (idd_tail) and its backward (_idd_tail_backward).
 //
 // Saved tensors, shared by every implementation (so the fake kernel knows their shapes):
-//   dist  [B, 2, K, K] in the accumulation dtype: the student's (0) and the teacher's (1) raw
+//   dist  [B, 2, K, K] in the tail's dtype (float32 or float64): the student's (0) and the teacher's (1) raw
 //         distances R before normalisation, 0 off the valid entries; the diagonal, never a
 //         valid entry, holds |c_i|^2 of the (shifted) centroids, which the cosine backward reads.
 //   stats [B, K + 1, 8] float64: row K holds the image's values named by TailStat; rows 0..K-1
@@ -57,6 +57,14 @@ inline Reduction reduction_code(c10::string_view reduction) {
   TORCH_CHECK_VALUE(false, "reduction: expected 'mean', 'sum' or 'none', got '", std::string(reduction), "'");
 }
 
+// The dtype of the K x K math, the loss and dist: `dtype` (float32 or float64) or, by default, the
+// sums' accumulation dtype.
+inline at::ScalarType tail_dtype(const at::Tensor& sums, std::optional<at::ScalarType> dtype) {
+  if (!dtype) return acc_dtype(sums.scalar_type());
+  TORCH_CHECK_TYPE(*dtype == at::kFloat || *dtype == at::kDouble, "dtype: expected float32 or float64, got ", *dtype);
+  return *dtype;
+}
+
 // sums [B, K, C] floating with counts [B, K] int64; the teacher's K and B equal the student's.
 inline void check_idd_tail_inputs(const at::Tensor& student_sums, const at::Tensor& student_counts,
                                   const at::Tensor& teacher_sums, const at::Tensor& teacher_counts, double eps) {
@@ -83,13 +91,14 @@ inline void check_idd_tail_backward_inputs(const at::Tensor& grad, const at::Ten
   check_counts(student_counts, "student_counts", B, K, student_sums, "student_sums");
   check_counts(teacher_counts, "teacher_counts", B, K, student_sums, "student_sums");
   check_loss_grad(grad, student_sums, "student_sums", reduction, {B});
-  const auto acc = acc_dtype(student_sums.scalar_type());
   const std::array<int64_t, 4> dist_shape{B, 2, K, K};
   const std::array<int64_t, 3> stats_shape{B, K + 1, kNumStats};
   check_size(dist, "dist", dist_shape, "[B, 2, K, K] from idd_tail");
   check_size(stats, "stats", stats_shape, "[B, K + 1, 8] from idd_tail");
-  TORCH_CHECK_TYPE(dist.scalar_type() == acc && stats.scalar_type() == at::kDouble, "dist, stats: expected ", acc,
-                   " and float64 (idd_tail's outputs), got ", dist.scalar_type(), " and ", stats.scalar_type());
+  const auto acc = dist.scalar_type();
+  TORCH_CHECK_TYPE((acc == at::kFloat || acc == at::kDouble) && stats.scalar_type() == at::kDouble,
+                   "dist, stats: expected float32 or float64 and float64 (idd_tail's outputs), got ", acc, " and ",
+                   stats.scalar_type());
   TORCH_CHECK_VALUE(dist.is_contiguous() && stats.is_contiguous(), "dist, stats: expected idd_tail's contiguous outputs");
   check_same_device(dist, "dist", student_sums, "student_sums");
   check_same_device(stats, "stats", student_sums, "student_sums");
@@ -103,7 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> idd_tail_composite(const at::Tens
                                                                   const at::Tensor& teacher_sums,
                                                                   const at::Tensor& teacher_counts,
                                                                   c10::string_view metric, bool normalize, double eps,
-                                                                  c10::string_view reduction);
+                                                                  c10::string_view reduction,
+                                                                  std::optional<at::ScalarType> dtype);
 
 at::Tensor idd_tail_backward_composite(const at::Tensor& grad, const at::Tensor& student_sums,
                                        const at::Tensor& student_counts, const at::Tensor& teacher_counts,

@@ -19,14 +19,18 @@ at::Tensor inverse_counts(const at::Tensor& counts, at::ScalarType dtype) {
 }
 
 // Centroids [B, K, C] in `dtype`, shifted by each image's first present centroid for the
-// euclidean metrics (see idd_tail.h).
+// euclidean metrics (see idd_tail.h). Formed and shifted in the sums' precision where that is
+// wider (float64 sums of float32 features), so a common offset cancels before the rounding.
 at::Tensor centroids_for(const at::Tensor& sums, const at::Tensor& counts, Metric metric, at::ScalarType dtype) {
-  const at::Tensor c = sums.to(dtype) * inverse_counts(counts, dtype);
-  if (metric == Metric::Cosine) return c;
-  // argmax returns the first maximal index: the first present class (0 when none is, whose
-  // centroid is 0)
-  const at::Tensor anchor = counts.gt(0).to(at::kInt).argmax(1).view({-1, 1, 1}).expand({-1, 1, c.size(2)});
-  return c - c.gather(1, anchor);
+  const auto wide = at::promote_types(acc_dtype(sums.scalar_type()), dtype);
+  at::Tensor c = sums.to(wide) * inverse_counts(counts, wide);
+  if (metric != Metric::Cosine) {
+    // argmax returns the first maximal index: the first present class (0 when none is, whose
+    // centroid is 0)
+    const at::Tensor anchor = counts.gt(0).to(at::kInt).argmax(1).view({-1, 1, 1}).expand({-1, 1, c.size(2)});
+    c = c - c.gather(1, anchor);
+  }
+  return c.to(dtype);
 }
 
 // (i, j), i != j, both present: [B, K, K] bool.
@@ -69,11 +73,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> idd_tail_composite(const at::Tens
                                                                   const at::Tensor& teacher_sums,
                                                                   const at::Tensor& teacher_counts,
                                                                   c10::string_view metric_name, bool normalize,
-                                                                  double eps, c10::string_view reduction_name) {
+                                                                  double eps, c10::string_view reduction_name,
+                                                                  std::optional<at::ScalarType> dtype) {
   check_idd_tail_inputs(student_sums, student_counts, teacher_sums, teacher_counts, eps);
   const Metric metric = metric_code(metric_name);
   const Reduction reduction = reduction_code(reduction_name);
-  const auto acc = acc_dtype(student_sums.scalar_type());
+  const auto acc = tail_dtype(student_sums, dtype);
   const int64_t B = student_sums.size(0), K = student_sums.size(1);
   const at::Tensor present_s = student_counts.gt(0), present_t = teacher_counts.gt(0);
   const at::Tensor valid_s = valid_entries(present_s), valid_t = valid_entries(present_t);
@@ -121,7 +126,7 @@ at::Tensor idd_tail_backward_composite(const at::Tensor& grad, const at::Tensor&
   const Reduction reduction = reduction_code(reduction_name);
   check_idd_tail_backward_inputs(grad, student_sums, student_counts, teacher_counts, dist, stats, eps, reduction);
   const Metric metric = metric_code(metric_name);
-  const auto acc = acc_dtype(student_sums.scalar_type());
+  const auto acc = dist.scalar_type();
   const int64_t K = student_sums.size(1);
   const at::Tensor per_image = stats.select(1, K).to(acc);  // [B, 8]
   const at::Tensor ms = per_image.select(1, kStatStudentDivisor).view({-1, 1, 1});

@@ -31,14 +31,15 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_kernel(const at::Tensor& feat
     const auto chunks = label_chunks_per_image(labels, H, W, K, ignore_index);
     count_pixels(chunks, K, cnt);
     if (C > 0 && HW > 0)
-      centroids_by_chunks(feats.const_data_ptr<float>(), chunks, cnt, C, HW, K, centroids.data_ptr<float>());
+      centroids_by_chunks(feats.const_data_ptr<float>(), chunks, cnt, true, C, HW, K, centroids.data_ptr<float>());
     return {centroids, counts};
   }
   const auto runs = label_runs_per_image(labels, H, W, K, ignore_index);
   count_pixels(runs, K, cnt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "class_centroids_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    centroids_by_runs(feats.const_data_ptr<scalar_t>(), runs, cnt, C, HW, K, centroids.data_ptr<acc_t>());
+    centroids_by_runs<scalar_t, acc_t>(feats.const_data_ptr<scalar_t>(), runs, cnt, true, C, HW, K,
+                                     centroids.data_ptr<acc_t>());
   });
   return {centroids, counts};
 }

@@ -1,6 +1,7 @@
 #pragma once
 // Row kernels of the CPU class passes over NCHW features [B, C, HW], shared by class_centroids
-// (means: `cnt` holds the class sizes) and class_sums (plain sums: `cnt` is nullptr). float32
+// (means) and class_sums (plain sums, written in float64), and by their gradients (`cnt` holds
+// the class sizes of means; nullptr for sums). float32
 // rows go through the chunk kernels (label_chunks.h), 8 feature rows at a time; the other
 // dtypes through the per-row run kernels (label_runs.h).
 #include <ATen/ATen.h>
@@ -54,8 +55,8 @@ inline void count_pixels(const std::vector<LabelRuns>& runs, int64_t K, int64_t*
 // The value the chunk kernel subtracts from a row before summing it (add_chunk_sums_8rows), for
 // means: the row's first pixel where its first pixels sit far from 0 next to their spread (a
 // common offset, as ReLU features share: sums of x - pivot then round at the spread's scale, not
-// the offset's), else 0 (values around 0 sum best as they are, and then bit for bit as before).
-// Plain sums (class_sums) take no pivot: they would have to add count * pivot back.
+// the offset's), else 0 (values around 0 sum best as they are). Plain sums add count * pivot
+// back in float64, which holds it exactly enough.
 inline float row_pivot(const float* x, int64_t hw) {
   const int64_t n = std::min<int64_t>(hw, kRows);
   float lo = x[0], hi = x[0], sum = 0.f;
@@ -63,9 +64,11 @@ inline float row_pivot(const float* x, int64_t hw) {
   return std::abs(sum / static_cast<float>(n)) > 8.f * (hi - lo) ? x[0] : 0.f;
 }
 
-// centroids [B, K, C] of float32 features [B, C, HW], through the chunk kernel.
-inline void centroids_by_chunks(const float* f, const std::vector<LabelChunks>& chunks, const int64_t* cnt, int64_t C,
-                         int64_t HW, int64_t K, float* out) {
+// Per-class means (`means`: out_t float32, 0 for an absent class) or sums (out_t float64) [B, K, C]
+// of float32 features [B, C, HW] with class sizes cnt [B, K], through the chunk kernel.
+template <typename out_t>
+void centroids_by_chunks(const float* f, const std::vector<LabelChunks>& chunks, const int64_t* cnt, bool means,
+                         int64_t C, int64_t HW, int64_t K, out_t* out) {
   const RowGroups groups(C);
   const auto add_sums = IDD_CPU_KERNEL(add_chunk_sums_8rows);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()) * groups.per_image, 1, [&](int64_t g0, int64_t g1) {
@@ -81,24 +84,28 @@ inline void centroids_by_chunks(const float* f, const std::vector<LabelChunks>& 
       }
       std::fill(sums.begin(), sums.end(), 0.f);
       float pivot[kRows];
-      for (int64_t r = 0; r < kRows; ++r) pivot[r] = cnt ? row_pivot(x + r * HW, HW) : 0.f;
+      for (int64_t r = 0; r < kRows; ++r) pivot[r] = row_pivot(x + r * HW, HW);
       const LabelChunks& lc = chunks[b];
       add_sums(x, HW, lc.slot.data(), lc.spans.data(), static_cast<int64_t>(lc.spans.size()),
                static_cast<int32_t>(K), pivot, sums.data());
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t n = cnt ? cnt[b * K + k] : -1;
-        for (int64_t r = 0; r < rows; ++r)
-          out[(b * K + k) * C + c0 + r] = n > 0 ? pivot[r] + sums[k * kRows + r] / static_cast<float>(n)
-                                                : per_class(sums[k * kRows + r], n);
+        const int64_t n = cnt[b * K + k];
+        for (int64_t r = 0; r < rows; ++r) {
+          const float s = sums[k * kRows + r];
+          out[(b * K + k) * C + c0 + r] =
+              means ? static_cast<out_t>(n > 0 ? pivot[r] + s / static_cast<float>(n) : 0.f)
+                    : static_cast<out_t>(s) + static_cast<out_t>(n) * static_cast<out_t>(pivot[r]);
+        }
       }
     }
   });
 }
 
-// centroids [B, K, C] of features [B, C, HW] of any dtype, through the run kernel.
-template <typename scalar_t, typename acc_t>
-void centroids_by_runs(const scalar_t* f, const std::vector<LabelRuns>& runs, const int64_t* cnt, int64_t C,
-                       int64_t HW, int64_t K, acc_t* out) {
+// Means (`means`) or sums [B, K, C] of features [B, C, HW] of any dtype with class sizes
+// cnt [B, K], through the run kernel.
+template <typename scalar_t, typename acc_t, typename out_t>
+void centroids_by_runs(const scalar_t* f, const std::vector<LabelRuns>& runs, const int64_t* cnt, bool means,
+                       int64_t C, int64_t HW, int64_t K, out_t* out) {
   const auto add_runs = IDD_CPU_KERNEL(add_run_sums<scalar_t, acc_t>);
   at::parallel_for(0, static_cast<int64_t>(runs.size()) * C, kRowGrain, [&](int64_t row0, int64_t row1) {
     std::vector<acc_t> sums(K);
@@ -108,10 +115,8 @@ void centroids_by_runs(const scalar_t* f, const std::vector<LabelRuns>& runs, co
       const LabelRuns& rb = runs[b];
       std::fill(sums.begin(), sums.end(), acc_t(0));
       add_runs(f + row * HW, rb.start.data(), rb.cls.data(), rb.size(), sums.data());
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t n = cnt ? cnt[b * K + k] : -1;
-        out[(b * K + k) * C + c] = per_class(sums[k], n);
-      }
+      for (int64_t k = 0; k < K; ++k)
+        out[(b * K + k) * C + c] = static_cast<out_t>(means ? per_class(sums[k], cnt[b * K + k]) : sums[k]);
     }
   });
 }

@@ -19,9 +19,6 @@ using namespace class_rows;
 
 // Channels per task of the channels_last pass: each pixel contributes one contiguous block.
 constexpr int64_t kLastChannels = 64;
-// Pixels added into a block sum before it joins its run's sum, so float32 rounding grows with
-// about 64 + n / 64 additions per class instead of n.
-constexpr int64_t kBlockPixels = 64;
 
 at::Tensor label_slots_kernel(const at::Tensor& labels_in, int64_t height, int64_t width, int64_t num_classes,
                               int64_t ignore_index) {
@@ -84,44 +81,37 @@ void channel_pivots(const scalar_t* img, int64_t HW, int64_t C, int64_t n, acc_t
   }
 }
 
-// sums [B, K, C] of channels_last features x [B, HW, C] in memory: one task per (image,
-// block of channels); each run of equal slots is summed, less the channel pivots, in blocks of
-// kBlockPixels pixels; count * pivot joins each class's sum at the end.
+// float64 sums [B, K, C] of channels_last features x [B, HW, C] in memory with class sizes
+// cnt [B, K]: one task per (image, block of kLastChannels channels). Each pixel adds its block,
+// less the channel pivots, to its class's row of an acc_t table (K rows, in L1/L2 for the usual
+// K); count * pivot joins each row when it is written out in float64. Sums of x - pivot round at
+// the classes' spread, as the NCHW chunk kernel's do, and a pixel costs one pass over its block
+// however short its class's runs are.
 template <typename scalar_t, typename acc_t>
-void sums_channels_last(const scalar_t* x, const int16_t* slot, int64_t B, int64_t C, int64_t HW, int64_t K,
-                        acc_t* out) {
+void sums_channels_last(const scalar_t* x, const int16_t* slot, const int64_t* cnt, int64_t B, int64_t C, int64_t HW,
+                        int64_t K, double* out) {
   const int64_t tiles = (C + kLastChannels - 1) / kLastChannels;
   at::parallel_for(0, B * tiles, 1, [&](int64_t t0, int64_t t1) {
-    acc_t run[kLastChannels], block[kLastChannels], pivot[kLastChannels];
-    std::vector<int64_t> count(K);
+    std::vector<acc_t> table(K * kLastChannels);
+    acc_t pivot[kLastChannels];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / tiles, c0 = (t % tiles) * kLastChannels, n = std::min(kLastChannels, C - c0);
       const int16_t* s = slot + b * HW;
       const scalar_t* img = x + b * HW * C + c0;
       if (HW == 0) continue;
       channel_pivots(img, HW, C, n, pivot);
-      std::fill(count.begin(), count.end(), int64_t(0));
-      for (int64_t p = 0, end = 0; p < HW; p = end) {
-        const int16_t k = s[p];
-        for (end = p + 1; end < HW && s[end] == k;) ++end;  // the run [p, end)
-        if (k < 0) continue;
-        count[k] += end - p;
-        std::fill(run, run + n, acc_t(0));
-        for (int64_t q = p; q < end; q += kBlockPixels) {
-          std::fill(block, block + n, acc_t(0));
-          for (int64_t r = q; r < std::min(end, q + kBlockPixels); ++r) {
-            const scalar_t* v = img + r * C;
-            for (int64_t c = 0; c < n; ++c) block[c] += static_cast<acc_t>(v[c]) - pivot[c];
-          }
-          for (int64_t c = 0; c < n; ++c) run[c] += block[c];
-        }
-        acc_t* dst = out + (b * K + k) * C + c0;
-        for (int64_t c = 0; c < n; ++c) dst[c] += run[c];
+      std::fill(table.begin(), table.end(), acc_t(0));
+      for (int64_t p = 0; p < HW; ++p) {
+        if (s[p] < 0) continue;
+        acc_t* row = table.data() + s[p] * kLastChannels;
+        const scalar_t* v = img + p * C;
+        for (int64_t c = 0; c < n; ++c) row[c] += static_cast<acc_t>(v[c]) - pivot[c];
       }
       for (int64_t k = 0; k < K; ++k) {
-        if (count[k] == 0) continue;
-        acc_t* dst = out + (b * K + k) * C + c0;
-        for (int64_t c = 0; c < n; ++c) dst[c] += static_cast<acc_t>(count[k]) * pivot[c];
+        const double count = static_cast<double>(cnt[b * K + k]);
+        const acc_t* row = table.data() + k * kLastChannels;
+        double* dst = out + (b * K + k) * C + c0;
+        for (int64_t c = 0; c < n; ++c) dst[c] = count > 0 ? static_cast<double>(row[c]) + count * pivot[c] : 0.0;
       }
     }
   });
@@ -145,26 +135,28 @@ std::tuple<at::Tensor, at::Tensor> class_sums_kernel(const at::Tensor& feats_in,
   const at::Tensor feats = last ? feats_in : feats_in.contiguous();
   const at::Tensor slots = slots_in.contiguous();
   const int64_t B = feats.size(0), C = feats.size(1), HW = feats.size(2) * feats.size(3), K = num_classes;
-  at::Tensor sums = at::zeros({B, K, C}, feats.options().dtype(acc_dtype(feats.scalar_type())));
+  at::Tensor sums = at::zeros({B, K, C}, feats.options().dtype(at::kDouble));
   at::Tensor counts = at::zeros({B, K}, feats.options().dtype(at::kLong));
   if (B == 0 || HW == 0) return {sums, counts};
-  count_slots(slots, K, counts.data_ptr<int64_t>());
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  count_slots(slots, K, cnt);
   if (C == 0) return {sums, counts};
   if (!last && feats.scalar_type() == at::kFloat) {
     const auto chunks = per_image_slots(slots, K, [&](std::vector<int32_t> s) { return chunks_of_slots(s, K); });
-    centroids_by_chunks(feats.const_data_ptr<float>(), chunks, nullptr, C, HW, K, sums.data_ptr<float>());
+    centroids_by_chunks(feats.const_data_ptr<float>(), chunks, cnt, false, C, HW, K, sums.data_ptr<double>());
     return {sums, counts};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "class_sums_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (last) {
-      sums_channels_last(feats.const_data_ptr<scalar_t>(), slots.const_data_ptr<int16_t>(), B, C, HW, K,
-                         sums.data_ptr<acc_t>());
+      sums_channels_last<scalar_t, acc_t>(feats.const_data_ptr<scalar_t>(), slots.const_data_ptr<int16_t>(), cnt, B,
+                                          C, HW, K, sums.data_ptr<double>());
     } else {
       const auto runs = per_image_slots(slots, K, [](std::vector<int32_t> s) {
         return runs_of_slots(s.data(), static_cast<int64_t>(s.size()));
       });
-      centroids_by_runs(feats.const_data_ptr<scalar_t>(), runs, nullptr, C, HW, K, sums.data_ptr<acc_t>());
+      centroids_by_runs<scalar_t, acc_t>(feats.const_data_ptr<scalar_t>(), runs, cnt, false, C, HW, K,
+                                         sums.data_ptr<double>());
     }
   });
   return {sums, counts};

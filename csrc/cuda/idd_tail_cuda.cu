@@ -570,10 +570,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> idd_tail_cuda(const at::Tensor& s
                                                              const at::Tensor& teacher_sums,
                                                              const at::Tensor& teacher_counts, c10::string_view metric_name,
                                                              bool normalize, double eps,
-                                                             c10::string_view reduction_name) {
-  if (!fused_takes(student_sums, teacher_sums))
+                                                             c10::string_view reduction_name,
+                                                             std::optional<at::ScalarType> dtype) {
+  // the fused kernel computes in the sums' dtype
+  if (!fused_takes(student_sums, teacher_sums) || tail_dtype(student_sums, dtype) != student_sums.scalar_type())
     return idd_tail_composite(student_sums, student_counts, teacher_sums, teacher_counts, metric_name, normalize, eps,
-                              reduction_name);
+                              reduction_name, dtype);
   check_idd_tail_inputs(student_sums, student_counts, teacher_sums, teacher_counts, eps);
   const Metric metric = metric_code(metric_name);
   const Reduction reduction = reduction_code(reduction_name);
@@ -613,7 +615,8 @@ at::Tensor idd_tail_backward_cuda(const at::Tensor& grad, const at::Tensor& stud
                                   const at::Tensor& student_counts, const at::Tensor& teacher_counts,
                                   const at::Tensor& dist, const at::Tensor& stats, c10::string_view metric_name,
                                   bool normalize, double eps, c10::string_view reduction_name) {
-  if (!fused_takes(student_sums, student_sums) || grad.scalar_type() != student_sums.scalar_type())
+  if (!fused_takes(student_sums, student_sums) || grad.scalar_type() != student_sums.scalar_type() ||
+      dist.scalar_type() != student_sums.scalar_type())
     return idd_tail_backward_composite(grad, student_sums, student_counts, teacher_counts, dist, stats, metric_name,
                                        normalize, eps, reduction_name);
   const Reduction reduction = reduction_code(reduction_name);
