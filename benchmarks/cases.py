@@ -95,17 +95,23 @@ def _randn(*shape, seed=0):
 
 
 def _shape_arg(arg):
-    """"cityscapes" or "cityscapes fragmented" -> (SHAPES tuple, labels kind, description)."""
-    shape_name, _, labels = arg.partition(" ")
+    """"cityscapes", "cityscapes fragmented" or "cityscapes channels_last" -> (SHAPES tuple, labels
+    kind, whether the features are channels_last, description)."""
+    shape_name, *words = arg.split()
+    last = "channels_last" in words
+    labels = " ".join(w for w in words if w != "channels_last")
     shape = common.SHAPES[shape_name]
     desc = "B={} Cs={} Ct={} {}x{} labels {}x{} K={}".format(*shape)
-    return shape, labels or "street", desc + (f", {labels} labels" if labels else "")
+    desc += (f", {labels} labels" if labels else "") + (", channels_last" if last else "")
+    return shape, labels or "street", last, desc
 
 
 def _idd(arg):
-    shape, labels, desc = _shape_arg(arg)
+    shape, labels, last, desc = _shape_arg(arg)
     B, Cs, Ct = shape[:3]
     s, t, y, K = common.make_inputs(shape, labels=labels)
+    if last:
+        s, t = (f.contiguous(memory_format=torch.channels_last) for f in (s, t))
     # GEMMs: each network's centroid Gram (K x C x K per image) for the distance matrix; the
     # backward multiplies the student's K x K distance gradient into its centroids
     return Case(f"idd_loss {arg}", desc, [s, t, y], lambda m, s, t, y: m.inter_class_distance_loss(s, t, y, K),
@@ -135,10 +141,13 @@ def torch_scatter_installed():
 
 def _class_centroids(arg):
     """class_centroids at the teacher's shape (the larger of IDD's two centroid passes)."""
-    shape, labels, _ = _shape_arg(arg)
+    shape, labels, last, _ = _shape_arg(arg)
     B, _, Ct, H, W, Hy, Wy, K = shape
     _, t, y, K = common.make_inputs(shape, labels=labels)
-    desc = f"B={B} C={Ct} {H}x{W} labels {Hy}x{Wy} K={K}" + (f", {labels} labels" if labels != "street" else "")
+    if last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    desc = f"B={B} C={Ct} {H}x{W} labels {Hy}x{Wy} K={K}" + (f", {labels} labels" if labels != "street" else "") \
+        + (", channels_last" if last else "")
     return Case(f"class_centroids {arg}", desc, [t, y], lambda m, f, y: m.class_centroids(f, y, K)[0],
                 peer=("torch_scatter.scatter_mean", lambda f, y: scatter_mean_centroids(f, y, K),
                       torch_scatter_installed()))
@@ -212,7 +221,7 @@ def _make(name):
 
 # Fragmented rows sit beside their street-layout rows: per-pixel random labels at feature
 # resolution are the worst case for kernels that walk runs of equal labels.
-FULL = ["idd_loss cityscapes", "idd_loss cityscapes fragmented", "idd_loss voc", "idd_loss ade20k",
+FULL = ["idd_loss cityscapes", "idd_loss cityscapes fragmented", "idd_loss cityscapes channels_last", "idd_loss voc", "idd_loss ade20k",
         "idd_loss ade20k fragmented", "class_centroids cityscapes", "class_centroids cityscapes fragmented",
         "position_loss 64x128", "position_loss 512x1024", "pixel_kd", "cwd", "skd pool2", "skd pool1", "ifvd"]
 # On a GPU the launch shape matters too: K = 1000 (many classes per block) and a small batch

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .workers import serial_map
+
 CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
            "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
 (ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY, PERSON, RIDER, CAR, TRUCK, BUS,
@@ -193,10 +195,6 @@ def render_scene(index, seed=0, size=(128, 256)):
     return image.clamp(0, 1), _ignore_border(label)
 
 
-def _serial_map(fn, items):
-    return (fn(*item) for item in items)
-
-
 def render_scenes(seed, size, start, stop):
     """Scenes start..stop-1 of the set drawn with `seed`, as stored by StreetScenes:
     ``(images [n, 3, H, W] uint8, labels [n, H, W] uint8)``."""
@@ -231,7 +229,7 @@ class StreetScenes(Dataset):
         # filled chunk by chunk: a chunk from a worker arrives in shared memory, released once copied
         self.images = torch.empty(num_images, 3, *self.size, dtype=torch.uint8)
         self.labels = torch.empty(num_images, *self.size, dtype=torch.uint8)
-        for (_, _, start, stop), (img, lab) in zip(pieces, (map or _serial_map)(render_scenes, pieces)):
+        for (_, _, start, stop), (img, lab) in zip(pieces, (map or serial_map)(render_scenes, pieces)):
             self.images[start:stop], self.labels[start:stop] = img, lab
             if progress is not None:
                 progress(stop, num_images)

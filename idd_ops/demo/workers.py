@@ -68,6 +68,11 @@ def _call(fn_args):
     return fn(*args)
 
 
+def serial_map(fn, items):
+    """fn(*item) for each item, in order, in this process: the map of one worker."""
+    return (fn(*item) for item in items)
+
+
 class Workers:
     """A pool started on first use: ``map(fn, items)`` yields ``fn(*item)`` for every item, in
     order. With one worker (or one item and no pool yet) the pieces run in this process, with its
@@ -84,7 +89,7 @@ class Workers:
     def map(self, fn, items):
         items = list(items)
         if self.pool is None and (self.size == 1 or len(items) < 2):
-            return (fn(*item) for item in items)
+            return serial_map(fn, items)
         if self.pool is None:
             print(f"workers: {self.size} processes x {self.threads} threads on {self.device}", file=sys.stderr)
             self.pool = mp.get_context("spawn").Pool(self.size, _start_worker, (self.threads, self.device))
