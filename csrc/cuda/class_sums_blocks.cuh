@@ -7,10 +7,13 @@
 // float32/half/bfloat16, float64 for float64), pivot = the channel's value at the image's first
 // pixel, and writes its sums as float64 with count * pivot added back. Features that share a
 // per-channel offset then differ from their pivot by about the classes' spread, not by the
-// offset, so each float32 addition rounds at the spread's scale (a relative error of about
-// eps32 * chain / 2 of the spread, the chain at most kMaxSerial long), and the offset's part,
-// count * pivot, is formed and added in float64 (relative rounding about 1e-16). Every block of
-// an (image, channel) reads the same element for its pivot, so they agree without talking.
+// offset: x - pivot is exact where x lies within a factor 2 of the pivot (Sterbenz), and each
+// float32 addition rounds at the spread's scale (float32 values near an offset O are multiples
+// of its unit in the last place, so partial sums below about 2 O are even exact); the
+// offset's part, count * pivot, is formed and added in float64 (relative rounding about 1e-16),
+// so a sum's relative error is at worst about eps32 * kMaxSerial * spread / offset, where the
+// raw values' float32 chains give eps32 * kMaxSerial. Every block of an (image, channel) reads
+// the same element for its pivot, so they agree without talking.
 // A non-finite first value gives pivot 0: one inf pixel must not turn every class into NaN.
 #include <ATen/OpMathType.h>
 #include <cuda_runtime.h>
