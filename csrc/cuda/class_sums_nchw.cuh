@@ -1,0 +1,195 @@
+#pragma once
+// The class-sum kernels of NCHW features (class_sums_cuda.cu picks one per call):
+//  P  K <= 23 (float32 accumulation; float64 halves it): threads own private sums [K][2
+//     channels] in shared memory, add each run of equal slots in registers, and a warp per
+//     (class, channel) adds the 256 private sums.
+//  W  larger K: warps own private sums; per chunk of 32 x VEC pixels the warp adds each class
+//     present by one butterfly. 4 warps a block, or 2 or 1 where the GPU's shared memory holds
+//     no more (K up to about 6000 at 4 warps and 227 KiB, 18000 at 1 warp).
+// Both sum x - pivot (class_sums_blocks.cuh) and count their own pixels, for the float64 write.
+#include "class_sums_blocks.cuh"
+
+namespace idd_ops {
+namespace class_sums_cuda {
+
+// The rows of a block's kTile channels (a tile past C re-reads the last channel and drops it).
+template <typename scalar_t>
+__device__ __forceinline__ void tile_rows(const BlockWork& w, int c0, const scalar_t* (&rows)[kTile],
+                                          at::opmath_type<scalar_t> (&pivot)[kTile]) {
+#pragma unroll
+  for (int t = 0; t < kTile; ++t) {
+    rows[t] = static_cast<const scalar_t*>(w.j.feats) +
+              (static_cast<int64_t>(w.b) * w.j.C + min(c0 + t, w.j.C - 1)) * w.j.HW;
+    pivot[t] = pivot_of(rows[t][0]);
+  }
+}
+
+// The float64 sum of class k, channel c of the block: its sum of x - pivot plus n * pivot.
+template <typename scalar_t>
+__device__ __forceinline__ void write_nchw_sum(const BlockWork& w, int K, int k, int c, at::opmath_type<scalar_t> v,
+                                               int n) {
+  const scalar_t* row = static_cast<const scalar_t*>(w.j.feats) + (static_cast<int64_t>(w.b) * w.j.C + c) * w.j.HW;
+  block_sums(w, K)[static_cast<int64_t>(k) * w.j.C + c] = unpivot(v, n, pivot_of(row[0]));
+}
+
+// P: thread-private sums priv[k][t][thread] (conflict-free: a warp's lanes hit 32 consecutive
+// words).
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kPrivateThreads) sums_private_kernel(const SumsJobs jobs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int K = jobs.K, tid = threadIdx.x;
+  acc_t* priv = reinterpret_cast<acc_t*>(smem);
+  int* cnt = reinterpret_cast<int*>(priv + K * kTile * kPrivateThreads);
+  const BlockWork w = block_work(jobs);
+  const int c0 = w.tile * kTile;
+  for (int e = tid; e < K * kTile * kPrivateThreads; e += kPrivateThreads) priv[e] = acc_t(0);
+  for (int e = tid; e < K; e += kPrivateThreads) cnt[e] = 0;
+  __syncthreads();
+
+  const scalar_t* rows[kTile];
+  acc_t pivot[kTile];
+  tile_rows(w, c0, rows, pivot);
+  const int16_t* slot = w.j.slots + static_cast<int64_t>(w.b) * w.j.HW;
+  acc_t run[kTile] = {};
+  int cur = -1, n = 0;
+  auto flush = [&]() {
+    if (cur < 0) return;
+#pragma unroll
+    for (int t = 0; t < kTile; ++t) priv[(cur * kTile + t) * kPrivateThreads + tid] += run[t];
+    atomicAdd(&cnt[cur], n);  // integers: the same total in any order
+  };
+  // p0 and p1 are multiples of VEC (VEC > 1 only when HW is), so every vector is whole
+#pragma unroll 2
+  for (int p = w.p0 + tid * VEC; p < w.p1; p += kPrivateThreads * VEC) {
+    const Vec<int16_t, VEC> s = load_vec<int16_t, VEC>(slot + p);
+    Vec<scalar_t, VEC> x[kTile];
+#pragma unroll
+    for (int t = 0; t < kTile; ++t) x[t] = load_vec<scalar_t, VEC>(rows[t] + p);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      if (s.v[i] != cur) {
+        flush();
+        cur = s.v[i];
+        n = 0;
+#pragma unroll
+        for (int t = 0; t < kTile; ++t) run[t] = acc_t(0);
+      }
+      ++n;
+#pragma unroll
+      for (int t = 0; t < kTile; ++t) run[t] += static_cast<acc_t>(x[t].v[i]) - pivot[t];
+    }
+  }
+  flush();
+  __syncthreads();
+
+  const int lane = tid % 32;
+  for (int r = tid / 32; r < K * kTile; r += kPrivateThreads / 32) {  // one warp per (class, channel)
+    const acc_t* row = priv + r * kPrivateThreads;
+    acc_t v = acc_t(0);
+#pragma unroll
+    for (int i = 0; i < kPrivateThreads / 32; ++i) v += row[i * 32 + lane];
+    v = warp_sum(v);
+    const int k = r / kTile, c = c0 + r % kTile;
+    if (lane == 0 && c < w.j.C) write_nchw_sum<scalar_t>(w, K, k, c, v, cnt[k]);
+  }
+  if (w.tile == 0)
+    for (int k = tid; k < K; k += kPrivateThreads) block_counts(w, K)[k] = cnt[k];
+}
+
+// W's step: adds v[t] of the lanes whose slot is k into the warp's sums of class k, for each
+// class k present among the lanes (one butterfly per class and channel); `weight` pixels per lane.
+template <typename acc_t>
+__device__ __forceinline__ void add_warp_classes(int s, const acc_t (&v)[kTile], int weight, acc_t* priv, int* cnt,
+                                                 int warps) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  unsigned pending = __ballot_sync(kFull, s >= 0);
+  while (pending) {  // warp-uniform: every lane sees the same ballots
+    const int k = __shfl_sync(kFull, s, __ffs(pending) - 1);
+    const bool mine = s == k;
+    const unsigned peers = __ballot_sync(kFull, mine);
+    pending &= ~peers;
+    acc_t r[kTile];
+#pragma unroll
+    for (int t = 0; t < kTile; ++t) r[t] = warp_sum(mine ? v[t] : acc_t(0));
+    if (lane == 0) {
+#pragma unroll
+      for (int t = 0; t < kTile; ++t) priv[(k * warps + warp) * kTile + t] += r[t];
+      atomicAdd(&cnt[k], weight * __popc(peers));
+    }
+  }
+}
+
+// W: warp-private sums priv[k][warp][t]; each warp walks its own contiguous share of the
+// segment in chunks of 32 x VEC pixels.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kWarps * 32) sums_warp_kernel(const SumsJobs jobs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int K = jobs.K, tid = threadIdx.x, lane = tid % 32, warp = tid / 32, warps = blockDim.x / 32;
+  acc_t* priv = reinterpret_cast<acc_t*>(smem);
+  int* cnt = reinterpret_cast<int*>(priv + K * warps * kTile);
+  const BlockWork w = block_work(jobs);
+  const int c0 = w.tile * kTile;
+  for (int e = tid; e < K * warps * kTile; e += blockDim.x) priv[e] = acc_t(0);
+  for (int e = tid; e < K; e += blockDim.x) cnt[e] = 0;
+  __syncthreads();
+
+  const scalar_t* rows[kTile];
+  acc_t pivot[kTile];
+  tile_rows(w, c0, rows, pivot);
+  const int16_t* slot = w.j.slots + static_cast<int64_t>(w.b) * w.j.HW;
+  constexpr int kChunk = 32 * VEC;
+  const int share = ((w.p1 - w.p0 + warps - 1) / warps + kChunk - 1) / kChunk * kChunk;
+  const int q0 = w.p0 + warp * share, q1 = min(w.p1, q0 + share);
+  for (int q = q0; q < q1; q += kChunk) {  // warp-uniform trip count
+    const int p = q + lane * VEC;
+    Vec<int16_t, VEC> s;
+    Vec<scalar_t, VEC> x[kTile];
+    if (p < q1) {  // q1 is a multiple of VEC: the vector is whole
+      s = load_vec<int16_t, VEC>(slot + p);
+#pragma unroll
+      for (int t = 0; t < kTile; ++t) x[t] = load_vec<scalar_t, VEC>(rows[t] + p);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        s.v[i] = -1;
+#pragma unroll
+        for (int t = 0; t < kTile; ++t) x[t].v[i] = scalar_t(0);
+      }
+    }
+    bool uniform = true;
+#pragma unroll
+    for (int i = 1; i < VEC; ++i) uniform = uniform && s.v[i] == s.v[0];
+    acc_t v[kTile];
+    if (__all_sync(kFull, uniform)) {  // street labels: each lane's VEC pixels share a class
+#pragma unroll
+      for (int t = 0; t < kTile; ++t) {
+        v[t] = acc_t(0);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) v[t] += static_cast<acc_t>(x[t].v[i]) - pivot[t];
+      }
+      add_warp_classes(s.v[0], v, VEC, priv, cnt, warps);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+#pragma unroll
+        for (int t = 0; t < kTile; ++t) v[t] = static_cast<acc_t>(x[t].v[i]) - pivot[t];
+        add_warp_classes(s.v[i], v, 1, priv, cnt, warps);
+      }
+    }
+  }
+  __syncthreads();
+
+  for (int e = tid; e < K * kTile; e += blockDim.x) {
+    const int k = e / kTile, t = e % kTile, c = c0 + t;
+    acc_t v = acc_t(0);
+    for (int u = 0; u < warps; ++u) v += priv[(k * warps + u) * kTile + t];
+    if (c < w.j.C) write_nchw_sum<scalar_t>(w, K, k, c, v, cnt[k]);
+  }
+  if (w.tile == 0)
+    for (int k = tid; k < K; k += blockDim.x) block_counts(w, K)[k] = cnt[k];
+}
+
+}  // namespace class_sums_cuda
+}  // namespace idd_ops
