@@ -189,14 +189,6 @@ SUM_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
-def _cpu_sums64_pending(request, device, dtype):
-    """float64 sums of non-float64 features on the CPU come with the change of csrc/cpu that
-    goes with the CUDA one: expected to fail there until then (strict: an unexpected pass asks
-    for this function's removal)."""
-    if device == "cpu" and dtype != torch.float64:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="CPU float64 class sums: not yet"))
-
-
 def _offset_case(dtype, device, layout, B=2, C=40, H=32, W=64, K=8, seed=0):
     """Features at a per-channel offset in [1e4, 2e4) with class means of spread 1 (in `dtype`),
     their slots, and the float64 reference sums and counts of exactly those values."""
@@ -217,16 +209,14 @@ def _assert_float64_sums(got, want):
 
 @pytest.mark.parametrize("dtype", SUM_DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_class_sums_are_float64_at_a_common_offset(request, device, dtype, layout):
-    _cpu_sums64_pending(request, device, dtype)
+def test_class_sums_are_float64_at_a_common_offset(device, dtype, layout):
     x, slots, K, want = _offset_case(dtype, device, layout)
     _assert_float64_sums(ops.class_sums(x, slots, K), want)
 
 
 @pytest.mark.parametrize("dtype", SUM_DTYPES)
-def test_class_sums_pair_is_float64_at_a_common_offset(request, device, dtype):
-    """One launch (both NCHW, same dtype) and two (a float32 channels_last teacher)."""
-    _cpu_sums64_pending(request, device, torch.float32)  # the second teacher
+def test_class_sums_pair_is_float64_at_a_common_offset(device, dtype):
+    """One launch (both NCHW, same dtype) and two (a float32 channels_last teacher)."""  # the second teacher
     s, slots_s, K, want_s = _offset_case(dtype, device, "contiguous", seed=1)
     for layout, t_dtype in (("contiguous", dtype), ("channels_last", torch.float32)):
         t, slots_t, _, want_t = _offset_case(t_dtype, device, layout, C=24, H=16, W=32, seed=2)
@@ -238,8 +228,7 @@ def test_class_sums_pair_is_float64_at_a_common_offset(request, device, dtype):
 # K = 5: P (NCHW) and L with 16-byte lanes; 150: W and L with a channel per lane; 400: W, and
 # channels_last copied to NCHW (the CUDA strategies of class_sums_cuda.cu).
 @pytest.mark.parametrize("K", [5, 150, 400])
-def test_class_sums_layouts_agree_at_an_offset(request, device, K):
-    _cpu_sums64_pending(request, device, torch.float32)
+def test_class_sums_layouts_agree_at_an_offset(device, K):
     x, slots, K, want = _offset_case(torch.float32, device, "contiguous", B=2, C=72, H=48, W=80, K=K)
     got_nchw = ops.class_sums(x, slots, K)
     got_last = ops.class_sums(x.contiguous(memory_format=torch.channels_last), slots, K)
