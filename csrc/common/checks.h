@@ -327,4 +327,25 @@ inline void check_pixel_centroid_cosine_slots_backward_inputs(const at::Tensor& 
   check_pixel_maps(grad, feats, cos, feat_norms);
 }
 
+// The cosine backward's tensors as every kernel of it reads them: feats contiguous; centroids,
+// the incoming gradient and the forward's maps contiguous in the accumulation dtype; grad_f
+// (uninitialised, feats' dtype) and grad_c ([B, K, C] zeros, accumulation dtype) to write.
+struct CosineBackwardTensors {
+  at::Tensor feats, cent, grad, cos, fnorm, grad_f, grad_c;
+};
+
+inline CosineBackwardTensors cosine_backward_tensors(const at::Tensor& grad, const at::Tensor& feats_in,
+                                                     const at::Tensor& centroids, const at::Tensor& cos,
+                                                     const at::Tensor& feat_norms) {
+  const at::Tensor feats = feats_in.contiguous();
+  const auto acc = acc_dtype(feats.scalar_type());
+  return {feats,
+          centroids.to(acc).contiguous(),
+          grad.to(acc).contiguous(),
+          cos.contiguous(),
+          feat_norms.contiguous(),
+          at::empty_like(feats),
+          at::zeros({feats.size(0), centroids.size(1), feats.size(1)}, feats.options().dtype(acc))};
+}
+
 }  // namespace idd_ops

@@ -109,14 +109,10 @@ std::tuple<at::Tensor, at::Tensor> cosine_forward(const at::Tensor& feats_in, co
 std::tuple<at::Tensor, at::Tensor> cosine_backward(const at::Tensor& grad_in, const at::Tensor& feats_in,
                                                    const at::Tensor& centroids_in, const std::vector<LabelRuns>& runs,
                                                    const at::Tensor& cos_in, const at::Tensor& fnorm_in, double eps) {
-  const at::Tensor feats = feats_in.contiguous();
-  const int64_t B = feats.size(0), C = feats.size(1), H = feats.size(2), W = feats.size(3), HW = H * W;
-  const int64_t K = centroids_in.size(1);
-  const auto acc = acc_dtype(feats.scalar_type());
-  const at::Tensor cent = centroids_in.to(acc).contiguous();
-  const at::Tensor grad = grad_in.to(acc).contiguous(), cosv = cos_in.contiguous(), fnorm = fnorm_in.contiguous();
-  at::Tensor grad_f = at::empty_like(feats);
-  at::Tensor grad_c = at::zeros({B, K, C}, feats.options().dtype(acc));
+  const CosineBackwardTensors t = cosine_backward_tensors(grad_in, feats_in, centroids_in, cos_in, fnorm_in);
+  const at::Tensor &feats = t.feats, &cent = t.cent, &grad = t.grad, &cosv = t.cos, &fnorm = t.fnorm;
+  const at::Tensor &grad_f = t.grad_f, &grad_c = t.grad_c;
+  const int64_t B = feats.size(0), C = feats.size(1), HW = feats.size(2) * feats.size(3), K = centroids_in.size(1);
   if (feats.numel() == 0) return {grad_f, grad_c.to(centroids_in.scalar_type())};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -23,6 +23,18 @@ __global__ void centroid_norms_kernel(const acc_t* __restrict__ cent, int64_t BK
   }
 }
 
+// Norms [B, K] of centroids [B, K, C] in the accumulation dtype, on `stream`.
+at::Tensor centroid_norms(const at::Tensor& cent, cudaStream_t stream) {
+  const int64_t BK = cent.size(0) * cent.size(1);
+  at::Tensor out = at::empty({cent.size(0), cent.size(1)}, cent.options());
+  AT_DISPATCH_FLOATING_TYPES(cent.scalar_type(), "centroid_norms_cuda", [&] {
+    centroid_norms_kernel<scalar_t><<<blocks_for(BK), kThreads, 0, stream>>>(cent.const_data_ptr<scalar_t>(), BK,
+                                                                             cent.size(2), out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 // One thread per pixel; neighbouring threads read neighbouring pixels of each channel.
 template <typename scalar_t, typename label_t>
 __global__ void cosine_forward_kernel(const scalar_t* __restrict__ f, const at::opmath_type<scalar_t>* __restrict__ cent,
@@ -107,15 +119,12 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_kernel(const at::Tensor
   const at::Tensor cent = centroids_in.to(acc).contiguous();
   at::Tensor cos = at::ones({B, H, W}, feats.options().dtype(acc)), fnorm = at::zeros_like(cos);
   if (cos.numel() == 0) return {cos, fnorm};
-  at::Tensor cnorm = at::empty({B, K}, cent.options());
   const LabelView v = label_view(labels, H, W, K, ignore_index);
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor cnorm = centroid_norms(cent, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_cuda", [&] {
     using feat_t = scalar_t;
     using acc_t = at::opmath_type<feat_t>;
-    centroid_norms_kernel<acc_t><<<blocks_for(B * K), kThreads, 0, stream>>>(cent.const_data_ptr<acc_t>(), B * K, C,
-                                                                            cnorm.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     IDD_DISPATCH_LABEL_TYPES(labels.scalar_type(), "pixel_centroid_cosine_cuda_labels", [&] {
       cosine_forward_kernel<feat_t, scalar_t><<<blocks_for(B * H * W), kThreads, 0, stream>>>(
           feats.const_data_ptr<feat_t>(), cent.const_data_ptr<acc_t>(), cnorm.const_data_ptr<acc_t>(),
@@ -133,24 +142,19 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_backward_kernel(
   check_pixel_centroid_cosine_backward_inputs(grad_in, feats_in, centroids_in, labels_in, cos_in, fnorm_in, eps);
   at::globalContext().alertNotDeterministic("idd_ops::_pixel_centroid_cosine_backward (CUDA, float atomics)");
   const c10::cuda::CUDAGuard guard(feats_in.device());
-  const at::Tensor feats = feats_in.contiguous(), labels = canonical_labels(labels_in);
+  const CosineBackwardTensors t = cosine_backward_tensors(grad_in, feats_in, centroids_in, cos_in, fnorm_in);
+  const at::Tensor &feats = t.feats, &cent = t.cent, &grad = t.grad, &cosv = t.cos, &fnorm = t.fnorm;
+  const at::Tensor &grad_f = t.grad_f, &grad_c = t.grad_c, labels = canonical_labels(labels_in);
   const int64_t B = feats.size(0), C = feats.size(1), H = feats.size(2), W = feats.size(3), K = centroids_in.size(1);
-  const auto acc = acc_dtype(feats.scalar_type());
-  const at::Tensor cent = centroids_in.to(acc).contiguous();
-  const at::Tensor grad = grad_in.to(acc).contiguous(), cosv = cos_in.contiguous(), fnorm = fnorm_in.contiguous();
-  at::Tensor grad_f = at::empty_like(feats);
-  at::Tensor grad_c = at::zeros({B, K, C}, feats.options().dtype(acc));
   if (feats.numel() == 0) return {grad_f, grad_c.to(centroids_in.scalar_type())};
-  at::Tensor cnorm = at::empty({B, K}, cent.options()), bc_sum = at::zeros({B, K}, cent.options());
+  at::Tensor bc_sum = at::zeros({B, K}, cent.options());
   at::Tensor a = at::empty({B, H * W}, cent.options()), bf = at::empty_like(a);
   const LabelView v = label_view(labels, H, W, K, ignore_index);
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor cnorm = centroid_norms(cent, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_backward_cuda", [&] {
     using feat_t = scalar_t;
     using acc_t = at::opmath_type<feat_t>;
-    centroid_norms_kernel<acc_t><<<blocks_for(B * K), kThreads, 0, stream>>>(cent.const_data_ptr<acc_t>(), B * K, C,
-                                                                            cnorm.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     IDD_DISPATCH_LABEL_TYPES(labels.scalar_type(), "pixel_centroid_cosine_backward_cuda_labels", [&] {
       cosine_factors_kernel<acc_t, scalar_t><<<blocks_for(B * H * W), kThreads, 0, stream>>>(
           grad.const_data_ptr<acc_t>(), cosv.const_data_ptr<acc_t>(), fnorm.const_data_ptr<acc_t>(),
@@ -307,13 +311,10 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_kernel(const at::
   const at::Tensor cent = centroids_in.to(acc).contiguous();
   at::Tensor cos = at::ones({B, feats.size(2), feats.size(3)}, feats.options().dtype(acc)), fnorm = at::zeros_like(cos);
   if (cos.numel() == 0) return {cos, fnorm};
-  at::Tensor cnorm = at::empty({B, K}, cent.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor cnorm = centroid_norms(cent, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_slots_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    centroid_norms_kernel<acc_t><<<blocks_for(B * K), kThreads, 0, stream>>>(cent.const_data_ptr<acc_t>(), B * K, C,
-                                                                            cnorm.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     cosine_slots_forward_kernel<scalar_t><<<image_pixel_grid(B, HW), kThreads, 0, stream>>>(
         feats.const_data_ptr<scalar_t>(), cent.const_data_ptr<acc_t>(), cnorm.const_data_ptr<acc_t>(),
         slots.const_data_ptr<int16_t>(), B, C, HW, static_cast<int>(K), static_cast<acc_t>(eps), cos.data_ptr<acc_t>(),
@@ -329,22 +330,17 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
   check_pixel_centroid_cosine_slots_backward_inputs(grad_in, feats_in, centroids_in, slots_in, cos_in, fnorm_in, eps);
   at::globalContext().alertNotDeterministic("idd_ops::_pixel_centroid_cosine_slots_backward (CUDA, float atomics)");
   const c10::cuda::CUDAGuard guard(feats_in.device());
-  const at::Tensor feats = feats_in.contiguous(), slots = slots_in.contiguous();
+  const CosineBackwardTensors t = cosine_backward_tensors(grad_in, feats_in, centroids_in, cos_in, fnorm_in);
+  const at::Tensor &feats = t.feats, &cent = t.cent, &grad = t.grad, &cosv = t.cos, &fnorm = t.fnorm;
+  const at::Tensor &grad_f = t.grad_f, &grad_c = t.grad_c, slots = slots_in.contiguous();
   const int64_t B = feats.size(0), C = feats.size(1), HW = feats.size(2) * feats.size(3), K = centroids_in.size(1);
-  const auto acc = acc_dtype(feats.scalar_type());
-  const at::Tensor cent = centroids_in.to(acc).contiguous();
-  const at::Tensor grad = grad_in.to(acc).contiguous(), cosv = cos_in.contiguous(), fnorm = fnorm_in.contiguous();
-  at::Tensor grad_f = at::empty_like(feats);
-  at::Tensor grad_c = at::zeros({B, K, C}, feats.options().dtype(acc));
   if (feats.numel() == 0) return {grad_f, grad_c.to(centroids_in.scalar_type())};
-  at::Tensor cnorm = at::empty({B, K}, cent.options()), bc_sum = at::zeros({B, K}, cent.options());
+  at::Tensor bc_sum = at::zeros({B, K}, cent.options());
   at::Tensor a = at::empty({B, HW}, cent.options()), bf = at::empty_like(a);
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor cnorm = centroid_norms(cent, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_slots_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    centroid_norms_kernel<acc_t><<<blocks_for(B * K), kThreads, 0, stream>>>(cent.const_data_ptr<acc_t>(), B * K, C,
-                                                                            cnorm.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     cosine_slots_factors_kernel<acc_t><<<image_pixel_grid(B, HW), kThreads, 0, stream>>>(
         grad.const_data_ptr<acc_t>(), cosv.const_data_ptr<acc_t>(), fnorm.const_data_ptr<acc_t>(),
         cnorm.const_data_ptr<acc_t>(), slots.const_data_ptr<int16_t>(), B, HW, static_cast<int>(K),
