@@ -76,4 +76,12 @@ TORCH_LIBRARY(idd_ops, m) {
         "-> (Tensor, Tensor)");
   m.def("_pixel_centroid_cosine_backward(Tensor grad, Tensor feats, Tensor centroids, Tensor labels, Tensor cos, "
         "Tensor feat_norms, int ignore_index, float eps) -> (Tensor, Tensor)");
+  // pixel_centroid_cosine with the pixel classes read from a class-slot map [B,H,W] int16 of
+  // _label_slots (values in [-1, K)) instead of labels: IFVD builds the map once per call and
+  // its forward and backward (which saves the map, not the labels) read it with no resize. A
+  // separate op rather than a changed schema: the labels op stays the tested CUDA default until a
+  // GPU has run the slot kernels (IDD_OPS_CUDA_NEXT), and its callers keep their arguments.
+  m.def("_pixel_centroid_cosine_slots(Tensor feats, Tensor centroids, Tensor slots, float eps) -> (Tensor, Tensor)");
+  m.def("_pixel_centroid_cosine_slots_backward(Tensor grad, Tensor feats, Tensor centroids, Tensor slots, "
+        "Tensor cos, Tensor feat_norms, float eps) -> (Tensor, Tensor)");
 }

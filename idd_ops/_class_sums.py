@@ -22,14 +22,21 @@ def uses_class_sums(*feats: Tensor) -> bool:
     return _switches.class_sums_path(feats[0].device, any(channels_last_layout(f) for f in feats))
 
 
+# Most classes a slot map holds: slots are int16 (kMaxSlotClasses, csrc/common/label_index.h).
+MAX_SLOT_CLASSES = 32767
+
+
 def slots_for(labels: Tensor, feats: Tensor, num_classes: int, ignore_index: int) -> Tensor:
     return ops._label_slots(labels, feats.shape[2], feats.shape[3], num_classes, ignore_index)
 
 
-def pair_sums(student: Tensor, teacher: Tensor, labels: Tensor, num_classes: int, ignore_index: int):
+def pair_sums(student: Tensor, teacher: Tensor, labels: Tensor, num_classes: int, ignore_index: int,
+              slots: Optional[Tensor] = None):
     """Class sums and counts of both feature maps, (ss, ns, st, nt), from one slot map when their
-    sizes agree and through one class_sums_pair call (one launch on CUDA where the shapes allow)."""
-    slots_s = slots_for(labels, student, num_classes, ignore_index)
+    sizes agree and through one class_sums_pair call (one launch on CUDA where the shapes allow).
+    `slots`: the student's slot map when the caller has built it (IFVD reads it again), else
+    built here."""
+    slots_s = slots_for(labels, student, num_classes, ignore_index) if slots is None else slots
     same = student.shape[2:] == teacher.shape[2:]
     slots_t = slots_s if same else slots_for(labels, teacher, num_classes, ignore_index)
     return ops.class_sums_pair(student, slots_s, teacher, slots_t, num_classes)

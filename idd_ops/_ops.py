@@ -292,17 +292,35 @@ register_autograd("idd_ops::affinity_loss", _affinity_backward, setup_context=_a
 # ---- pixel_centroid_cosine -------------------------------------------------------------
 
 
-@register_fake("idd_ops::pixel_centroid_cosine")
-def _(feats, centroids, labels, ignore_index, eps):
+def _cosine_fake(feats):
     B, _, H, W = feats.shape
     acc = acc_dtype(feats.dtype)
     return feats.new_empty((B, H, W), dtype=acc), feats.new_empty((B, H, W), dtype=acc)
 
 
-@register_fake("idd_ops::_pixel_centroid_cosine_backward")
-def _(grad, feats, centroids, labels, cos, feat_norms, ignore_index, eps):
+def _cosine_grads_fake(feats, centroids):
     return (torch.empty_like(feats, memory_format=torch.contiguous_format),
             torch.empty_like(centroids, memory_format=torch.contiguous_format))
+
+
+@register_fake("idd_ops::pixel_centroid_cosine")
+def _(feats, centroids, labels, ignore_index, eps):
+    return _cosine_fake(feats)
+
+
+@register_fake("idd_ops::_pixel_centroid_cosine_backward")
+def _(grad, feats, centroids, labels, cos, feat_norms, ignore_index, eps):
+    return _cosine_grads_fake(feats, centroids)
+
+
+@register_fake("idd_ops::_pixel_centroid_cosine_slots")
+def _(feats, centroids, slots, eps):
+    return _cosine_fake(feats)
+
+
+@register_fake("idd_ops::_pixel_centroid_cosine_slots_backward")
+def _(grad, feats, centroids, slots, cos, feat_norms, eps):
+    return _cosine_grads_fake(feats, centroids)
 
 
 def _cosine_setup(ctx, inputs, output):
@@ -320,6 +338,22 @@ def _cosine_backward(ctx, grad, _grad_norms):
 
 
 register_autograd("idd_ops::pixel_centroid_cosine", _cosine_backward, setup_context=_cosine_setup)
+
+
+def _cosine_slots_setup(ctx, inputs, output):
+    feats, centroids, slots, eps = inputs
+    ctx.save_for_backward(feats, centroids, slots, output[0], output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.eps = eps
+
+
+def _cosine_slots_backward(ctx, grad, _grad_norms):
+    feats, centroids, slots, cos, norms = ctx.saved_tensors
+    grad_f, grad_c = ops._pixel_centroid_cosine_slots_backward(grad, feats, centroids, slots, cos, norms, ctx.eps)
+    return grad_f if ctx.needs_input_grad[0] else None, grad_c if ctx.needs_input_grad[1] else None, None, None
+
+
+register_autograd("idd_ops::_pixel_centroid_cosine_slots", _cosine_slots_backward, setup_context=_cosine_slots_setup)
 
 
 # ---- idd_tail --------------------------------------------------------------------------

@@ -25,3 +25,11 @@ def class_sums_path(device: torch.device, channels_last: bool = False) -> bool:
     """Whether the class passes on `device` (over channels_last features when `channels_last`)
     go through _label_slots and class_sums."""
     return cuda_next_enabled() if device.type == "cuda" else cpu_sums or channels_last
+
+
+def cosine_slots_path(device: torch.device) -> bool:
+    """Whether IFVD's cosine op reads a class-slot map built once per call
+    (_pixel_centroid_cosine_slots) instead of decoding the labels in its forward and again in its
+    backward: always on the CPU (measured no slower, docs/ARCHITECTURE.md), on CUDA where the slot
+    kernels are switched on (IDD_OPS_CUDA_NEXT=1; until a GPU has run them the labels kernel stays)."""
+    return device.type == "cpu" or cuda_next_enabled()

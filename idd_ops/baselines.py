@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _ops  # noqa: F401  (registers autograd and fake kernels)
+from . import _switches
 from . import _validation as v
 from ._dtypes import acc_dtype, loss_dtype
-from ._class_sums import centroids_from_sums, pair_sums, uses_class_sums
+from ._class_sums import MAX_SLOT_CLASSES, centroids_from_sums, pair_sums, slots_for, uses_class_sums
 from ._label_mask import keep_mask
 from ._reduction import reduce
 
@@ -163,13 +164,23 @@ def intra_class_variation_loss(student_feats: Tensor, teacher_feats: Tensor, lab
     v.check_choice("reduction", reduction, v.REDUCTIONS)
     v.check_same_size(student_feats, teacher_feats, "IFVD compares the two maps pixel by pixel")
     pair = (student_feats, teacher_feats.detach())
-    if uses_class_sums(*pair):  # one slot map and one class pass for both
-        ss, ns, st, nt = pair_sums(*pair, labels, num_classes, ignore_index)
-        acc = acc_dtype(student_feats.dtype)
-        centroids = (centroids_from_sums(ss, ns, acc), centroids_from_sums(st, nt, acc))
+    sums = uses_class_sums(*pair)
+    # one label decode per call: the slot map serves both class passes (on the class-sum path) and
+    # both networks' cosine maps, forward and backward
+    slots = None
+    if sums or (_switches.cosine_slots_path(student_feats.device) and num_classes <= MAX_SLOT_CLASSES):
+        slots = slots_for(labels, student_feats, num_classes, ignore_index)
+    if sums:  # one class pass for both
+        ss, ns, st, nt = pair_sums(*pair, labels, num_classes, ignore_index, slots=slots)
+        # the cosine op computes in the features' accumulation dtype, whatever the sums' dtype
+        centroids = (centroids_from_sums(ss, ns, acc_dtype(pair[0].dtype)),
+                     centroids_from_sums(st, nt, acc_dtype(pair[1].dtype)))
     else:
         centroids = tuple(ops.class_centroids(f, labels, num_classes, ignore_index)[0] for f in pair)
-    maps = [ops.pixel_centroid_cosine(f, c, labels, ignore_index, float(eps))[0] for f, c in zip(pair, centroids)]
+    if slots is not None:
+        maps = [ops._pixel_centroid_cosine_slots(f, c, slots, float(eps))[0] for f, c in zip(pair, centroids)]
+    else:
+        maps = [ops.pixel_centroid_cosine(f, c, labels, ignore_index, float(eps))[0] for f, c in zip(pair, centroids)]
     return F.mse_loss(maps[0], maps[1], reduction=reduction).to(loss_dtype(student_feats))
 
 

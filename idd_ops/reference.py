@@ -196,20 +196,28 @@ def structural_kd_loss(student_feats, teacher_feats, pool=2, reduction="mean"):
     return reduce(err, reduction).to(student_feats.dtype)
 
 
+def pixel_centroid_cosine(feats, centroids, slots, eps=1e-8):
+    """IFVD's map ``[B, H, W]`` (accumulation dtype): the cosine similarity of each pixel's feature
+    (``feats [B, C, H, W]``) to its class centroid (``centroids [B, K, C]``) under class slots
+    ``[B, H, W]`` (-1: ignored, which scores 1), ``<f, c> / max(|f| |c|, eps)`` (reference of the
+    ``_pixel_centroid_cosine_slots`` op, and with :func:`label_slots` of ``pixel_centroid_cosine``)."""
+    B, C, H, W = feats.shape
+    acc = torch.promote_types(acc_dtype(feats.dtype), centroids.dtype)
+    valid = slots >= 0
+    slot = torch.where(valid, slots, torch.zeros_like(slots)).long()
+    f = feats.to(acc)
+    c = torch.gather(centroids.to(acc), 1, slot.reshape(B, -1, 1).expand(-1, -1, C))  # [B, HW, C]
+    c = c.transpose(1, 2).reshape(B, C, H, W)
+    denom = (torch.linalg.vector_norm(f, dim=1) * torch.linalg.vector_norm(c, dim=1)).clamp_min(eps)
+    cos = (f * c).sum(1) / denom
+    return torch.where(valid, cos, torch.ones_like(cos))
+
+
 def intra_class_variation_loss(student_feats, teacher_feats, labels, num_classes, ignore_index=255, eps=1e-8,
                                reduction="mean"):
     """Reference of :func:`idd_ops.intra_class_variation_loss`."""
     def cosine_map(feats):
-        B, C, H, W = feats.shape
-        centroids, _ = _centroids(feats, labels, num_classes, ignore_index)
-        y = resize_labels(labels, (H, W))
-        valid = y != ignore_index
-        slot = torch.where(valid, y, torch.zeros_like(y))
-        f = feats.to(centroids.dtype)
-        c = torch.gather(centroids, 1, slot.reshape(B, -1, 1).expand(-1, -1, C))  # [B, HW, C]
-        c = c.transpose(1, 2).reshape(B, C, H, W)
-        denom = (torch.linalg.vector_norm(f, dim=1) * torch.linalg.vector_norm(c, dim=1)).clamp_min(eps)
-        cos = (f * c).sum(1) / denom
-        return torch.where(valid, cos, torch.ones_like(cos))
+        slots = label_slots(labels, feats.shape[2:], num_classes, ignore_index)
+        return pixel_centroid_cosine(feats, _centroids(feats, labels, num_classes, ignore_index)[0], slots, eps)
     ms, mt = cosine_map(student_feats), cosine_map(teacher_feats.detach())
     return reduce((ms - mt).pow(2), reduction).to(student_feats.dtype)

@@ -62,5 +62,8 @@ OPS = {
                     lambda s, t, y: idd_ops.pixel_kd_loss(s, t, y, temperature=2.0)),
     "cwd": _op([_randn(B, Cs, H, W), _randn(B, Cs, H, W, seed=1)],
                lambda s, t: idd_ops.channel_wise_distillation_loss(s, t, reduction="none")),
+    "cosine_slots": _op([_randn(B, Cs, H, W), _randn(B, K, Cs, seed=1),
+                         torch.ops.idd_ops._label_slots(_labels(B, 2 * H, 2 * W, K), H, W, K, 255)],
+                        lambda x, c, s: torch.ops.idd_ops._pixel_centroid_cosine_slots(x, c, s, 1e-8)[0]),
     "skd": _op([_randn(B, Cs, H, W), _randn(B, Ct, H, W, seed=1)], lambda s, t: idd_ops.structural_kd_loss(s, t)),
 }

@@ -50,6 +50,31 @@ def test_benchmark_shape_matches_float64_reference(name):
     torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-3, atol=1e-4 * float(want_grad.abs().max()))
 
 
+def test_cosine_slots_at_the_ifvd_shape():
+    """_pixel_centroid_cosine_slots (the slot kernels, IDD_OPS_CUDA_NEXT's IFVD path) at the ifvd
+    benchmark case's teacher (B=8, C=2048, 64x128: 134M gradient elements, past the wrap) against
+    the float64 reference, forward and backward, both gradients."""
+    from benchmarks import cases
+
+    _, feats, labels = [t.detach() for t in cases.make("ifvd", "cuda").inputs]
+    slots = torch.ops.idd_ops._label_slots(labels, feats.shape[2], feats.shape[3], 19, 255)
+    centroids = reference.class_centroids(feats, labels, 19)[0]
+    inputs = [feats.requires_grad_(), centroids.requires_grad_()]
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    want = reference.pixel_centroid_cosine(*inputs64, slots, 1e-8)
+    weight = torch.rand(want.shape, dtype=torch.float64, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    want_grads = torch.autograd.grad((want * weight).sum(), inputs64)
+    poison_free_memory("cuda", nbytes=4 * feats.numel() * 4 + (1 << 28))
+    got = torch.ops.idd_ops._pixel_centroid_cosine_slots(*inputs, slots, 1e-8)[0]
+    got_grads = torch.autograd.grad((got.double() * weight).sum(), inputs)
+    torch.cuda.synchronize()
+    assert feats.numel() > GRID_STRIDE_WRAP
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-4, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.isfinite(g).all(), "an output element was not written"
+        torch.testing.assert_close(g.double(), w, rtol=1e-3, atol=1e-4 * float(w.abs().max()))
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_position_loss_elementwise_at_the_wrap(reduction):
     """The forward kernel writes every element of reduction="none" past the wrap too."""

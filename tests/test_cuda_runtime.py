@@ -8,7 +8,6 @@ import torch
 
 import idd_ops
 from idd_ops import reference
-from idd_ops._switches import cuda_next_enabled
 from conftest import make_feats, make_labels
 from op_calls import OPS
 
@@ -145,18 +144,40 @@ def test_centroids_at_and_past_the_shared_memory_limit(dtype):
         idd_ops.intra_class_variation_loss(x, x, y, K + 1)
 
 
-@needs_gpu
-@pytest.mark.xfail(not cuda_next_enabled(), strict=False,
-                   reason="the IFVD backward kernel (pixel_centroid_cosine_cuda.cu) asks for K floats of shared "
-                          "memory without a check: past 48 KiB the launch fails with 'invalid argument'")
-def test_cosine_backward_past_the_shared_memory_limit():
-    K = 48 * 1024 // 4 + 1  # float32 class sums past the default 48 KiB per block
-    x = make_feats(1, 3, 4, 4, dtype=torch.float32, device="cuda")
-    y = make_labels(1, 4, 4, 2, device="cuda")
-    cent = torch.randn(1, K, 3, device="cuda")
+def _cosine_backward(K, dtype, slots_op, device):
+    """The IFVD cosine backward at K classes (through the labels or the slots op) on `device`;
+    the inputs are built on the CPU from one seed, so every device gets the same values."""
+    x = make_feats(1, 3, 4, 4, dtype=dtype)
+    y = make_labels(1, 4, 4, 2)
+    y = torch.where(y == 1, K - 1, y).to(device)  # the last class slot is used
+    x, cent = x.to(device), torch.randn(1, K, 3, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device)
     cos, norm = ops.pixel_centroid_cosine(x, cent, y, 255, 1e-8)
-    with pytest.raises(ValueError, match="centroids|num_classes"):
-        ops._pixel_centroid_cosine_backward(torch.ones_like(cos), x, cent, y, cos, norm, 255, 1e-8)
+    if slots_op:
+        slots = ops._label_slots(y, 4, 4, K, 255)
+        return ops._pixel_centroid_cosine_slots_backward(torch.ones_like(cos), x, cent, slots, cos, norm, 1e-8)
+    return ops._pixel_centroid_cosine_backward(torch.ones_like(cos), x, cent, y, cos, norm, 255, 1e-8)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cosine_backward_at_and_past_the_shared_memory_limit(dtype):
+    """The labels kernel keeps K class sums in shared memory: past 48 KiB it opts in to more, and
+    past the GPU's opt-in limit it raises a ValueError naming num_classes. The slot kernel
+    (IDD_OPS_CUDA_NEXT) has no such limit: past 48 KiB it adds into grad_centroids directly."""
+    optin = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
+    if optin is None:
+        pytest.skip("this torch does not report the opt-in shared memory per block")
+    acc_bytes = 8 if dtype == torch.float64 else 4
+    for K in (48 * 1024 // acc_bytes + 1, optin // acc_bytes, optin // acc_bytes + 1):
+        for slots_op in (False, True):
+            if K > optin // acc_bytes and not slots_op:
+                with pytest.raises(ValueError, match="num_classes"):
+                    _cosine_backward(K, dtype, slots_op, "cuda")
+                continue
+            got = _cosine_backward(K, dtype, slots_op, "cuda")
+            want = _cosine_backward(K, dtype, slots_op, "cpu")
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-6)
 
 
 # --- bfloat16 at C = 2048 -------------------------------------------------------------------------
@@ -203,13 +224,13 @@ def test_ifvd_under_deterministic_mode(device):
             grads = [torch.autograd.grad(idd_ops.intra_class_variation_loss(s, t, y, K), s)[0] for _ in range(3)]
             assert all(torch.equal(g, grads[0]) for g in grads)
         else:
-            with pytest.raises(RuntimeError, match="_pixel_centroid_cosine_backward"):
+            with pytest.raises(RuntimeError, match="_pixel_centroid_cosine(_slots)?_backward"):
                 losses[0].backward()
             torch.use_deterministic_algorithms(True, warn_only=True)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 grad = torch.autograd.grad(idd_ops.intra_class_variation_loss(s, t, y, K), s)[0]
-            assert any("_pixel_centroid_cosine_backward" in str(w.message) for w in caught)
+            assert any("_pixel_centroid_cosine" in str(w.message) and "_backward" in str(w.message) for w in caught)
             s64 = s.detach().double().requires_grad_()
             reference.intra_class_variation_loss(s64, t.double(), y, K).backward()
             torch.testing.assert_close(grad.double(), s64.grad, rtol=1e-4, atol=1e-4 * float(s64.grad.abs().max()))

@@ -48,6 +48,9 @@ def valid_args(device):
         "_cpu_capability": [],
         "_pixel_centroid_cosine_backward": [randn(B, H, W), feats, cent, labels, randn(B, H, W), randn(B, H, W),
                                             255, 1e-8],
+        "_pixel_centroid_cosine_slots": [feats, cent, slots, 1e-8],
+        "_pixel_centroid_cosine_slots_backward": [randn(B, H, W), feats, cent, slots, randn(B, H, W),
+                                                  randn(B, H, W), 1e-8],
     }
 
 
@@ -148,6 +151,14 @@ CASES = [
     ("_pixel_centroid_cosine_backward", 4, _t((B, H + 1, W)), ValueError, "cos"),
     ("_pixel_centroid_cosine_backward", 5, _dtype(torch.float64), TypeError, "feat_norms"),
     ("_pixel_centroid_cosine_backward", 2, _t((B, K, C + 2)), ValueError, "centroids"),
+    ("_pixel_centroid_cosine_slots", 1, _t((B, K, C + 1)), ValueError, "centroids"),
+    ("_pixel_centroid_cosine_slots", 2, _t((B, H, W + 1), torch.int16), ValueError, "slots: expected shape"),
+    ("_pixel_centroid_cosine_slots", 2, _t((B + 1, H, W), torch.int16), ValueError, "slots: batch"),
+    ("_pixel_centroid_cosine_slots", 2, _dtype(torch.int64), TypeError, "slots: expected int16"),
+    ("_pixel_centroid_cosine_slots", 3, 0.0, ValueError, "eps"),
+    ("_pixel_centroid_cosine_slots_backward", 0, _t((B, H, W + 1)), ValueError, "grad"),
+    ("_pixel_centroid_cosine_slots_backward", 3, _t((B, H, W + 1), torch.int16), ValueError, "slots"),
+    ("_pixel_centroid_cosine_slots_backward", 5, _dtype(torch.float64), TypeError, "feat_norms"),
 ]
 
 
@@ -211,9 +222,10 @@ def test_tensor_on_another_device(name):
     "torch.ones(1, 3, dtype=torch.long, device='cuda'), 4, 4, torch.float32, 255)",
     "torch.ops.idd_ops.pixel_centroid_cosine(x, torch.ones(1, 3, 2, device='cuda'), y, 255, 1e-8)",
     "torch.ops.idd_ops._label_slots(y, 4, 4, 3, 255)",
+    "torch.ops.idd_ops._pixel_centroid_cosine_slots(x, torch.ones(1, 3, 2, device='cuda'), y.short(), 1e-8)",
 ])
 def test_cuda_labels_out_of_range_stop_with_a_device_assert(call):
-    """As nll_loss does: no host sync, a device-side assert (which ends the CUDA context, hence
+    """Labels (or a slot map, the last call) out of range, as nll_loss does: no host sync, a device-side assert (which ends the CUDA context, hence
     a child process). The CPU raises a ValueError instead (test_bad_input)."""
     code = ("import torch, idd_ops\n"
             "x = torch.randn(1, 2, 4, 4, device='cuda')\n"

@@ -264,8 +264,8 @@ inline void check_affinity_loss_backward_inputs(const at::Tensor& grad, const at
 
 // ---- pixel_centroid_cosine -------------------------------------------------------------
 
-inline void check_pixel_centroid_cosine_inputs(const at::Tensor& feats, const at::Tensor& centroids,
-                                               const at::Tensor& labels, double eps) {
+// feats [B, C, H, W] and centroids [B, K, C] on one device (both variants of the op).
+inline void check_feats_and_centroids(const at::Tensor& feats, const at::Tensor& centroids) {
   check_rank(feats, "feats", 4, "[B, C, H, W]");
   check_floating(feats, "feats");
   check_rank(centroids, "centroids", 3, "[B, K, C]");
@@ -275,15 +275,28 @@ inline void check_pixel_centroid_cosine_inputs(const at::Tensor& feats, const at
                     ", K, ", C, "], got ", centroids.sizes());
   TORCH_CHECK_VALUE(centroids.size(1) >= 1, "centroids: expected at least one class, got ", centroids.sizes());
   check_same_device(centroids, "centroids", feats, "feats");
-  check_labels(labels, B, feats.size(2) * feats.size(3), feats, "feats");
+}
+
+inline void check_pixel_centroid_cosine_inputs(const at::Tensor& feats, const at::Tensor& centroids,
+                                               const at::Tensor& labels, double eps) {
+  check_feats_and_centroids(feats, centroids);
+  check_labels(labels, feats.size(0), feats.size(2) * feats.size(3), feats, "feats");
   check_eps(eps);
 }
 
-inline void check_pixel_centroid_cosine_backward_inputs(const at::Tensor& grad, const at::Tensor& feats,
-                                                        const at::Tensor& centroids, const at::Tensor& labels,
-                                                        const at::Tensor& cos, const at::Tensor& feat_norms,
-                                                        double eps) {
-  check_pixel_centroid_cosine_inputs(feats, centroids, labels, eps);
+// slots [B, H, W] int16 for feats [B, C, H, W]; their values, in [-1, K), are checked where
+// they are read (the CPU raises a ValueError, CUDA stops with a device-side assert).
+inline void check_pixel_centroid_cosine_slots_inputs(const at::Tensor& feats, const at::Tensor& centroids,
+                                                     const at::Tensor& slots, double eps) {
+  check_feats_and_centroids(feats, centroids);
+  check_slots(slots, feats.size(0), feats, "feats");
+  check_size(slots, "slots", {feats.size(0), feats.size(2), feats.size(3)}, "one class slot per feature pixel");
+  check_eps(eps);
+}
+
+// grad, cos and feat_norms [B, H, W] of feats [B, C, H, W], in the accumulation dtype.
+inline void check_pixel_maps(const at::Tensor& grad, const at::Tensor& feats, const at::Tensor& cos,
+                             const at::Tensor& feat_norms) {
   const std::array<int64_t, 3> map{feats.size(0), feats.size(2), feats.size(3)};
   const auto acc = acc_dtype(feats.scalar_type());
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad, "grad"},
@@ -296,6 +309,43 @@ inline void check_pixel_centroid_cosine_backward_inputs(const at::Tensor& grad, 
   // The forward's saved maps are read raw in the accumulation dtype.
   TORCH_CHECK_TYPE(cos.scalar_type() == acc && feat_norms.scalar_type() == acc, "cos, feat_norms: expected ", acc,
                    " (the forward's outputs), got ", cos.scalar_type(), " and ", feat_norms.scalar_type());
+}
+
+inline void check_pixel_centroid_cosine_backward_inputs(const at::Tensor& grad, const at::Tensor& feats,
+                                                        const at::Tensor& centroids, const at::Tensor& labels,
+                                                        const at::Tensor& cos, const at::Tensor& feat_norms,
+                                                        double eps) {
+  check_pixel_centroid_cosine_inputs(feats, centroids, labels, eps);
+  check_pixel_maps(grad, feats, cos, feat_norms);
+}
+
+inline void check_pixel_centroid_cosine_slots_backward_inputs(const at::Tensor& grad, const at::Tensor& feats,
+                                                              const at::Tensor& centroids, const at::Tensor& slots,
+                                                              const at::Tensor& cos, const at::Tensor& feat_norms,
+                                                              double eps) {
+  check_pixel_centroid_cosine_slots_inputs(feats, centroids, slots, eps);
+  check_pixel_maps(grad, feats, cos, feat_norms);
+}
+
+// The cosine backward's tensors as every kernel of it reads them: feats contiguous; centroids,
+// the incoming gradient and the forward's maps contiguous in the accumulation dtype; grad_f
+// (uninitialised, feats' dtype) and grad_c ([B, K, C] zeros, accumulation dtype) to write.
+struct CosineBackwardTensors {
+  at::Tensor feats, cent, grad, cos, fnorm, grad_f, grad_c;
+};
+
+inline CosineBackwardTensors cosine_backward_tensors(const at::Tensor& grad, const at::Tensor& feats_in,
+                                                     const at::Tensor& centroids, const at::Tensor& cos,
+                                                     const at::Tensor& feat_norms) {
+  const at::Tensor feats = feats_in.contiguous();
+  const auto acc = acc_dtype(feats.scalar_type());
+  return {feats,
+          centroids.to(acc).contiguous(),
+          grad.to(acc).contiguous(),
+          cos.contiguous(),
+          feat_norms.contiguous(),
+          at::empty_like(feats),
+          at::zeros({feats.size(0), centroids.size(1), feats.size(1)}, feats.options().dtype(acc))};
 }
 
 }  // namespace idd_ops

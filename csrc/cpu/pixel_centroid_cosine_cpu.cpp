@@ -1,5 +1,6 @@
 // Per-pixel cosine similarity to the pixel's class centroid (the IFVD map), forward and
-// backward, on the CPU. Ignored pixels score 1 and carry no gradient.
+// backward, on the CPU, with the pixel classes read from labels (pixel_centroid_cosine) or from
+// a class-slot map (_pixel_centroid_cosine_slots). Ignored pixels score 1 and carry no gradient.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -52,12 +53,12 @@ std::vector<acc_t> centroid_norms(const acc_t* cent, int64_t BK, int64_t C) {
   return out;
 }
 
-// Returns (cos map [B, H, W], feature norms [B, H, W]), both in the accumulation dtype.
-std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_kernel(const at::Tensor& feats_in, const at::Tensor& centroids_in,
-                                                                const at::Tensor& labels, int64_t ignore_index,
-                                                                double eps) {
+// Returns (cos map [B, H, W], feature norms [B, H, W]), both in the accumulation dtype, for the
+// pixel classes given as runs (built from labels or from a slot map: the only difference of the
+// two ops).
+std::tuple<at::Tensor, at::Tensor> cosine_forward(const at::Tensor& feats_in, const at::Tensor& centroids_in,
+                                                  const std::vector<LabelRuns>& runs, double eps) {
   const int64_t K = centroids_in.size(1);
-  check_pixel_centroid_cosine_inputs(feats_in, centroids_in, labels, eps);
   const at::Tensor feats = feats_in.contiguous();
   const int64_t B = feats.size(0), C = feats.size(1), H = feats.size(2), W = feats.size(3), HW = H * W;
   const auto acc = acc_dtype(feats.scalar_type());
@@ -65,7 +66,6 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_kernel(const at::Tensor
   at::Tensor cos = at::ones({B, H, W}, feats.options().dtype(acc));
   at::Tensor fnorm = at::zeros({B, H, W}, feats.options().dtype(acc));
   if (cos.numel() == 0) return {cos, fnorm};
-  const auto runs = label_runs_per_image(labels, H, W, K, ignore_index);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* f = feats.const_data_ptr<scalar_t>();
@@ -106,20 +106,14 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_kernel(const at::Tensor
 
 // Gradients w.r.t. feats and centroids from the gradient of the cos map, using the forward's
 // cos map and feature norms (so the backward reads the features once).
-std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_backward_kernel(
-    const at::Tensor& grad_in, const at::Tensor& feats_in, const at::Tensor& centroids_in, const at::Tensor& labels,
-    const at::Tensor& cos_in, const at::Tensor& fnorm_in, int64_t ignore_index, double eps) {
-  check_pixel_centroid_cosine_backward_inputs(grad_in, feats_in, centroids_in, labels, cos_in, fnorm_in, eps);
-  const at::Tensor feats = feats_in.contiguous();
-  const int64_t B = feats.size(0), C = feats.size(1), H = feats.size(2), W = feats.size(3), HW = H * W;
-  const int64_t K = centroids_in.size(1);
-  const auto acc = acc_dtype(feats.scalar_type());
-  const at::Tensor cent = centroids_in.to(acc).contiguous();
-  const at::Tensor grad = grad_in.to(acc).contiguous(), cosv = cos_in.contiguous(), fnorm = fnorm_in.contiguous();
-  at::Tensor grad_f = at::empty_like(feats);
-  at::Tensor grad_c = at::zeros({B, K, C}, feats.options().dtype(acc));
+std::tuple<at::Tensor, at::Tensor> cosine_backward(const at::Tensor& grad_in, const at::Tensor& feats_in,
+                                                   const at::Tensor& centroids_in, const std::vector<LabelRuns>& runs,
+                                                   const at::Tensor& cos_in, const at::Tensor& fnorm_in, double eps) {
+  const CosineBackwardTensors t = cosine_backward_tensors(grad_in, feats_in, centroids_in, cos_in, fnorm_in);
+  const at::Tensor &feats = t.feats, &cent = t.cent, &grad = t.grad, &cosv = t.cos, &fnorm = t.fnorm;
+  const at::Tensor &grad_f = t.grad_f, &grad_c = t.grad_c;
+  const int64_t B = feats.size(0), C = feats.size(1), HW = feats.size(2) * feats.size(3), K = centroids_in.size(1);
   if (feats.numel() == 0) return {grad_f, grad_c.to(centroids_in.scalar_type())};
-  const auto runs = label_runs_per_image(labels, H, W, K, ignore_index);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* f = feats.const_data_ptr<scalar_t>();
@@ -180,12 +174,44 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_backward_kernel(
   return {grad_f, grad_c.to(centroids_in.scalar_type())};
 }
 
+std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_kernel(const at::Tensor& feats, const at::Tensor& centroids,
+                                                                const at::Tensor& labels, int64_t ignore_index,
+                                                                double eps) {
+  check_pixel_centroid_cosine_inputs(feats, centroids, labels, eps);
+  return cosine_forward(
+      feats, centroids, label_runs_per_image(labels, feats.size(2), feats.size(3), centroids.size(1), ignore_index), eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_backward_kernel(
+    const at::Tensor& grad, const at::Tensor& feats, const at::Tensor& centroids, const at::Tensor& labels,
+    const at::Tensor& cos, const at::Tensor& fnorm, int64_t ignore_index, double eps) {
+  check_pixel_centroid_cosine_backward_inputs(grad, feats, centroids, labels, cos, fnorm, eps);
+  const auto runs = label_runs_per_image(labels, feats.size(2), feats.size(3), centroids.size(1), ignore_index);
+  return cosine_backward(grad, feats, centroids, runs, cos, fnorm, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_kernel(const at::Tensor& feats,
+                                                                      const at::Tensor& centroids,
+                                                                      const at::Tensor& slots, double eps) {
+  check_pixel_centroid_cosine_slots_inputs(feats, centroids, slots, eps);
+  return cosine_forward(feats, centroids, slot_runs_per_image(slots, centroids.size(1)), eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
+    const at::Tensor& grad, const at::Tensor& feats, const at::Tensor& centroids, const at::Tensor& slots,
+    const at::Tensor& cos, const at::Tensor& fnorm, double eps) {
+  check_pixel_centroid_cosine_slots_backward_inputs(grad, feats, centroids, slots, cos, fnorm, eps);
+  return cosine_backward(grad, feats, centroids, slot_runs_per_image(slots, centroids.size(1)), cos, fnorm, eps);
+}
+
 }  // namespace
 
 // CPU implementations of the schemas declared in idd_ops.cpp.
 TORCH_LIBRARY_IMPL(idd_ops, CPU, m) {
   m.impl("pixel_centroid_cosine", &pixel_centroid_cosine_kernel);
   m.impl("_pixel_centroid_cosine_backward", &pixel_centroid_cosine_backward_kernel);
+  m.impl("_pixel_centroid_cosine_slots", &pixel_centroid_cosine_slots_kernel);
+  m.impl("_pixel_centroid_cosine_slots_backward", &pixel_centroid_cosine_slots_backward_kernel);
 }
 
 }  // namespace idd_ops

@@ -1,5 +1,7 @@
 // Per-pixel cosine similarity to the pixel's class centroid (the IFVD map), forward and
-// backward, on CUDA. Ignored pixels score 1 and carry no gradient.
+// backward, on CUDA, with the pixel classes read from labels (pixel_centroid_cosine, the tested
+// default) or from a class-slot map (_pixel_centroid_cosine_slots, which IFVD reaches only under
+// IDD_OPS_CUDA_NEXT=1). Ignored pixels score 1 and carry no gradient.
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
@@ -19,6 +21,18 @@ __global__ void centroid_norms_kernel(const acc_t* __restrict__ cent, int64_t BK
     for (int64_t c = 0; c < C; ++c) s += cent[bk * C + c] * cent[bk * C + c];
     out[bk] = sqrt(s);
   }
+}
+
+// Norms [B, K] of centroids [B, K, C] in the accumulation dtype, on `stream`.
+at::Tensor centroid_norms(const at::Tensor& cent, cudaStream_t stream) {
+  const int64_t BK = cent.size(0) * cent.size(1);
+  at::Tensor out = at::empty({cent.size(0), cent.size(1)}, cent.options());
+  AT_DISPATCH_FLOATING_TYPES(cent.scalar_type(), "centroid_norms_cuda", [&] {
+    centroid_norms_kernel<scalar_t><<<blocks_for(BK), kThreads, 0, stream>>>(cent.const_data_ptr<scalar_t>(), BK,
+                                                                             cent.size(2), out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
 }
 
 // One thread per pixel; neighbouring threads read neighbouring pixels of each channel.
@@ -105,15 +119,12 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_kernel(const at::Tensor
   const at::Tensor cent = centroids_in.to(acc).contiguous();
   at::Tensor cos = at::ones({B, H, W}, feats.options().dtype(acc)), fnorm = at::zeros_like(cos);
   if (cos.numel() == 0) return {cos, fnorm};
-  at::Tensor cnorm = at::empty({B, K}, cent.options());
   const LabelView v = label_view(labels, H, W, K, ignore_index);
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor cnorm = centroid_norms(cent, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_cuda", [&] {
     using feat_t = scalar_t;
     using acc_t = at::opmath_type<feat_t>;
-    centroid_norms_kernel<acc_t><<<blocks_for(B * K), kThreads, 0, stream>>>(cent.const_data_ptr<acc_t>(), B * K, C,
-                                                                            cnorm.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     IDD_DISPATCH_LABEL_TYPES(labels.scalar_type(), "pixel_centroid_cosine_cuda_labels", [&] {
       cosine_forward_kernel<feat_t, scalar_t><<<blocks_for(B * H * W), kThreads, 0, stream>>>(
           feats.const_data_ptr<feat_t>(), cent.const_data_ptr<acc_t>(), cnorm.const_data_ptr<acc_t>(),
@@ -131,30 +142,27 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_backward_kernel(
   check_pixel_centroid_cosine_backward_inputs(grad_in, feats_in, centroids_in, labels_in, cos_in, fnorm_in, eps);
   at::globalContext().alertNotDeterministic("idd_ops::_pixel_centroid_cosine_backward (CUDA, float atomics)");
   const c10::cuda::CUDAGuard guard(feats_in.device());
-  const at::Tensor feats = feats_in.contiguous(), labels = canonical_labels(labels_in);
+  const CosineBackwardTensors t = cosine_backward_tensors(grad_in, feats_in, centroids_in, cos_in, fnorm_in);
+  const at::Tensor &feats = t.feats, &cent = t.cent, &grad = t.grad, &cosv = t.cos, &fnorm = t.fnorm;
+  const at::Tensor &grad_f = t.grad_f, &grad_c = t.grad_c, labels = canonical_labels(labels_in);
   const int64_t B = feats.size(0), C = feats.size(1), H = feats.size(2), W = feats.size(3), K = centroids_in.size(1);
-  const auto acc = acc_dtype(feats.scalar_type());
-  const at::Tensor cent = centroids_in.to(acc).contiguous();
-  const at::Tensor grad = grad_in.to(acc).contiguous(), cosv = cos_in.contiguous(), fnorm = fnorm_in.contiguous();
-  at::Tensor grad_f = at::empty_like(feats);
-  at::Tensor grad_c = at::zeros({B, K, C}, feats.options().dtype(acc));
   if (feats.numel() == 0) return {grad_f, grad_c.to(centroids_in.scalar_type())};
-  at::Tensor cnorm = at::empty({B, K}, cent.options()), bc_sum = at::zeros({B, K}, cent.options());
+  at::Tensor bc_sum = at::zeros({B, K}, cent.options());
   at::Tensor a = at::empty({B, H * W}, cent.options()), bf = at::empty_like(a);
   const LabelView v = label_view(labels, H, W, K, ignore_index);
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor cnorm = centroid_norms(cent, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_backward_cuda", [&] {
     using feat_t = scalar_t;
     using acc_t = at::opmath_type<feat_t>;
-    centroid_norms_kernel<acc_t><<<blocks_for(B * K), kThreads, 0, stream>>>(cent.const_data_ptr<acc_t>(), B * K, C,
-                                                                            cnorm.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     IDD_DISPATCH_LABEL_TYPES(labels.scalar_type(), "pixel_centroid_cosine_backward_cuda_labels", [&] {
       cosine_factors_kernel<acc_t, scalar_t><<<blocks_for(B * H * W), kThreads, 0, stream>>>(
           grad.const_data_ptr<acc_t>(), cosv.const_data_ptr<acc_t>(), fnorm.const_data_ptr<acc_t>(),
           cnorm.const_data_ptr<acc_t>(), labels.const_data_ptr<scalar_t>(), v, B, static_cast<acc_t>(eps),
           a.data_ptr<acc_t>(), bf.data_ptr<acc_t>(), bc_sum.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // K class sums per block: past this GPU's opt-in limit, a ValueError naming num_classes
+      allow_shared_memory(cosine_backward_rows_kernel<feat_t, scalar_t>, K * sizeof(acc_t), feats.get_device(), K);
       cosine_backward_rows_kernel<feat_t, scalar_t><<<B * C, kThreads, K * sizeof(acc_t), stream>>>(
           feats.const_data_ptr<feat_t>(), cent.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(),
           bf.const_data_ptr<acc_t>(), bc_sum.const_data_ptr<acc_t>(), labels.const_data_ptr<scalar_t>(), v, C,
@@ -165,12 +173,200 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_backward_kernel(
   return {grad_f, grad_c.to(centroids_in.scalar_type())};
 }
 
+// ---- slot-map kernels (_pixel_centroid_cosine_slots): IDD_OPS_CUDA_NEXT, not yet run on a GPU ----
+// The class of a pixel is one int16 load of the map _label_slots built (no resize, no 64-bit
+// division per pixel). Grids are (pixel blocks, images), so a thread knows its image without a
+// division; the loops over a map's pixels keep every lane of a warp until the last block, so
+// the warps can pool their atomics (warp_add_to_class).
+
+// Class of pixel p of a slot map, checked against [-1, K) on the device (a host check would
+// need a sync), as pixel_class checks labels.
+__device__ __forceinline__ int slot_class(const int16_t* __restrict__ slots, int64_t p, int K) {
+  const int k = slots[p];
+  CUDA_KERNEL_ASSERT(k >= -1 && k < K && "slots: a value is outside [-1, num_classes)");
+  return k;
+}
+
+// Adds v into sums[k * stride] for every lane with k >= 0; a warp whose 32 lanes share k adds
+// once (a shuffle reduction). Every lane of the warp must call it.
+template <typename acc_t>
+__device__ __forceinline__ void warp_add_to_class(acc_t* sums, int64_t stride, int k, acc_t v) {
+  const int k0 = __shfl_sync(0xffffffffu, k, 0);
+  if (__all_sync(0xffffffffu, k == k0)) {
+    v = warp_sum(v);
+    if ((threadIdx.x & 31) == 0 && k0 >= 0) atomicAdd(&sums[k0 * stride], v);
+  } else if (k >= 0) {
+    atomicAdd(&sums[k * stride], v);
+  }
+}
+
+// One thread per pixel of image blockIdx.y (grid-strided over images and pixels); neighbouring
+// threads read neighbouring pixels of each channel.
+template <typename scalar_t>
+__global__ void cosine_slots_forward_kernel(const scalar_t* __restrict__ f, const at::opmath_type<scalar_t>* __restrict__ cent,
+                                            const at::opmath_type<scalar_t>* __restrict__ cnorm,
+                                            const int16_t* __restrict__ slots, int64_t B, int64_t C, int64_t HW, int K,
+                                            at::opmath_type<scalar_t> eps, at::opmath_type<scalar_t>* __restrict__ cos,
+                                            at::opmath_type<scalar_t>* __restrict__ fnorm) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < HW;
+         p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int k = slot_class(slots + b * HW, p, K);
+      const scalar_t* x = f + b * C * HW + p;
+      const acc_t* cy = cent + (b * K + (k >= 0 ? k : 0)) * C;  // an ignored pixel's dot is never used
+      acc_t dot = 0, nf = 0;
+      for (int64_t c = 0; c < C; ++c, x += HW) {
+        const acc_t v = static_cast<acc_t>(*x);
+        nf += v * v;
+        dot += v * cy[c];
+      }
+      const acc_t norm = sqrt(nf);
+      fnorm[b * HW + p] = norm;
+      cos[b * HW + p] = k >= 0 ? clamped_cosine(dot, norm, cnorm[b * K + k], eps) : acc_t(1);
+    }
+  }
+}
+
+// Per pixel of image blockIdx.y: a = g * alpha, bf = g * beta_f (0 where ignored), and the
+// class's sum of g * beta_c.
+template <typename acc_t>
+__global__ void cosine_slots_factors_kernel(const acc_t* __restrict__ grad, const acc_t* __restrict__ cos,
+                                            const acc_t* __restrict__ fnorm, const acc_t* __restrict__ cnorm,
+                                            const int16_t* __restrict__ slots, int64_t B, int64_t HW, int K, acc_t eps,
+                                            acc_t* __restrict__ a, acc_t* __restrict__ bf, acc_t* __restrict__ bc_sum) {
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    // every lane runs the same number of steps (warp_add_to_class needs whole warps)
+    for (int64_t base = blockIdx.x * static_cast<int64_t>(blockDim.x); base < HW;
+         base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int64_t p = base + threadIdx.x, e = b * HW + p;
+      const int k = p < HW ? slot_class(slots + b * HW, p, K) : -1;
+      acc_t vc = 0;
+      if (k >= 0) {
+        const CosineGrad<acc_t> cg = clamped_cosine_grad(cos[e], fnorm[e], cnorm[b * K + k], eps);
+        a[e] = grad[e] * cg.alpha, bf[e] = grad[e] * cg.beta_f;
+        vc = grad[e] * cg.beta_c;
+      } else if (p < HW) {
+        a[e] = 0, bf[e] = 0;
+      }
+      warp_add_to_class(bc_sum + b * K, 1, k, vc);
+    }
+  }
+}
+
+// One block per (image, channel) row: writes that row of grad_feats and the channel's gradient
+// for every class centroid. The K class sums of a * x live in shared memory (kShared) or, where
+// K of them pass the default 48 KiB per block, in grad_c itself (global atomics: no class limit).
+template <typename scalar_t, bool kShared>
+__global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f,
+                                                  const at::opmath_type<scalar_t>* __restrict__ cent,
+                                                  const at::opmath_type<scalar_t>* __restrict__ a,
+                                                  const at::opmath_type<scalar_t>* __restrict__ bf,
+                                                  const at::opmath_type<scalar_t>* __restrict__ bc_sum,
+                                                  const int16_t* __restrict__ slots, int64_t C, int64_t HW, int K,
+                                                  scalar_t* __restrict__ grad_f, at::opmath_type<scalar_t>* grad_c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ unsigned char smem[];
+  const int64_t row = blockIdx.x, b = row / C, c = row % C;
+  // class k's sum: sums[k * stride]
+  acc_t* sums = kShared ? reinterpret_cast<acc_t*>(smem) : grad_c + b * K * C + c;
+  const int64_t stride = kShared ? 1 : C;
+  for (int k = threadIdx.x; k < K; k += blockDim.x) sums[k * stride] = 0;
+  __syncthreads();
+  const scalar_t* x = f + row * HW;
+  scalar_t* out = grad_f + row * HW;
+  const acc_t* ab = a + b * HW;
+  const acc_t* bb = bf + b * HW;
+  const acc_t* cb = cent + b * K * C + c;  // class k's value of channel c: cb[k * C]
+  for (int64_t base = 0; base < HW; base += blockDim.x) {
+    const int64_t p = base + threadIdx.x;
+    const int k = p < HW ? slot_class(slots + b * HW, p, K) : -1;
+    acc_t v = 0;
+    if (p < HW) {
+      // ignored pixels have a = bf = 0: their gradient is 0 * x, as for every pixel
+      const acc_t xv = static_cast<acc_t>(x[p]), cy = k >= 0 ? cb[k * C] : acc_t(0);
+      out[p] = static_cast<scalar_t>(ab[p] * cy + bb[p] * xv);
+      v = ab[p] * xv;
+    }
+    warp_add_to_class(sums, stride, k, v);
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < K; k += blockDim.x)
+    grad_c[(b * K + k) * C + c] = sums[k * stride] + bc_sum[b * K + k] * cb[k * C];
+}
+
+// Grid of (pixel blocks, images) for the slot kernels' loops over HW pixels of B images.
+dim3 image_pixel_grid(int64_t B, int64_t HW) {
+  return dim3(static_cast<unsigned>(blocks_for(HW)), static_cast<unsigned>(std::min<int64_t>(B, 65535)));
+}
+
+std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_kernel(const at::Tensor& feats_in,
+                                                                      const at::Tensor& centroids_in,
+                                                                      const at::Tensor& slots_in, double eps) {
+  check_pixel_centroid_cosine_slots_inputs(feats_in, centroids_in, slots_in, eps);
+  const c10::cuda::CUDAGuard guard(feats_in.device());
+  const at::Tensor feats = feats_in.contiguous(), slots = slots_in.contiguous();
+  const int64_t B = feats.size(0), C = feats.size(1), HW = feats.size(2) * feats.size(3), K = centroids_in.size(1);
+  const auto acc = acc_dtype(feats.scalar_type());
+  const at::Tensor cent = centroids_in.to(acc).contiguous();
+  at::Tensor cos = at::ones({B, feats.size(2), feats.size(3)}, feats.options().dtype(acc)), fnorm = at::zeros_like(cos);
+  if (cos.numel() == 0) return {cos, fnorm};
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor cnorm = centroid_norms(cent, stream);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_slots_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cosine_slots_forward_kernel<scalar_t><<<image_pixel_grid(B, HW), kThreads, 0, stream>>>(
+        feats.const_data_ptr<scalar_t>(), cent.const_data_ptr<acc_t>(), cnorm.const_data_ptr<acc_t>(),
+        slots.const_data_ptr<int16_t>(), B, C, HW, static_cast<int>(K), static_cast<acc_t>(eps), cos.data_ptr<acc_t>(),
+        fnorm.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {cos, fnorm};
+}
+
+std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
+    const at::Tensor& grad_in, const at::Tensor& feats_in, const at::Tensor& centroids_in, const at::Tensor& slots_in,
+    const at::Tensor& cos_in, const at::Tensor& fnorm_in, double eps) {
+  check_pixel_centroid_cosine_slots_backward_inputs(grad_in, feats_in, centroids_in, slots_in, cos_in, fnorm_in, eps);
+  at::globalContext().alertNotDeterministic("idd_ops::_pixel_centroid_cosine_slots_backward (CUDA, float atomics)");
+  const c10::cuda::CUDAGuard guard(feats_in.device());
+  const CosineBackwardTensors t = cosine_backward_tensors(grad_in, feats_in, centroids_in, cos_in, fnorm_in);
+  const at::Tensor &feats = t.feats, &cent = t.cent, &grad = t.grad, &cosv = t.cos, &fnorm = t.fnorm;
+  const at::Tensor &grad_f = t.grad_f, &grad_c = t.grad_c, slots = slots_in.contiguous();
+  const int64_t B = feats.size(0), C = feats.size(1), HW = feats.size(2) * feats.size(3), K = centroids_in.size(1);
+  if (feats.numel() == 0) return {grad_f, grad_c.to(centroids_in.scalar_type())};
+  at::Tensor bc_sum = at::zeros({B, K}, cent.options());
+  at::Tensor a = at::empty({B, HW}, cent.options()), bf = at::empty_like(a);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor cnorm = centroid_norms(cent, stream);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_slots_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cosine_slots_factors_kernel<acc_t><<<image_pixel_grid(B, HW), kThreads, 0, stream>>>(
+        grad.const_data_ptr<acc_t>(), cosv.const_data_ptr<acc_t>(), fnorm.const_data_ptr<acc_t>(),
+        cnorm.const_data_ptr<acc_t>(), slots.const_data_ptr<int16_t>(), B, HW, static_cast<int>(K),
+        static_cast<acc_t>(eps), a.data_ptr<acc_t>(), bf.data_ptr<acc_t>(), bc_sum.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // Shared class sums where they fit the default 48 KiB per block, which needs no opt-in.
+    const size_t shared = K * sizeof(acc_t);
+    auto rows = shared <= 48 * 1024 ? cosine_slots_backward_rows_kernel<scalar_t, true>
+                                    : cosine_slots_backward_rows_kernel<scalar_t, false>;
+    rows<<<B * C, kThreads, shared <= 48 * 1024 ? shared : 0, stream>>>(
+        feats.const_data_ptr<scalar_t>(), cent.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(),
+        bf.const_data_ptr<acc_t>(), bc_sum.const_data_ptr<acc_t>(), slots.const_data_ptr<int16_t>(), C, HW,
+        static_cast<int>(K), grad_f.data_ptr<scalar_t>(), grad_c.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_f, grad_c.to(centroids_in.scalar_type())};
+}
+
 }  // namespace
 
 // CUDA implementations of the schemas declared in idd_ops.cpp.
 TORCH_LIBRARY_IMPL(idd_ops, CUDA, m) {
   m.impl("pixel_centroid_cosine", &pixel_centroid_cosine_kernel);
   m.impl("_pixel_centroid_cosine_backward", &pixel_centroid_cosine_backward_kernel);
+  m.impl("_pixel_centroid_cosine_slots", &pixel_centroid_cosine_slots_kernel);
+  m.impl("_pixel_centroid_cosine_slots_backward", &pixel_centroid_cosine_slots_backward_kernel);
 }
 
 }  // namespace idd_ops
