@@ -17,9 +17,6 @@ namespace idd_ops {
 namespace {
 using namespace class_rows;
 
-// Channels per task of the channels_last pass: each pixel contributes one contiguous block.
-constexpr int64_t kLastChannels = 64;
-
 at::Tensor label_slots_kernel(const at::Tensor& labels_in, int64_t height, int64_t width, int64_t num_classes,
                               int64_t ignore_index) {
   check_label_slots_inputs(labels_in, height, width, num_classes);
@@ -81,35 +78,41 @@ void channel_pivots(const scalar_t* img, int64_t HW, int64_t C, int64_t n, acc_t
   }
 }
 
+// Channels per task of the channels_last pass: as many as keep the task's table (K rows of them)
+// within kTableBytes, so it stays in L2, in multiples of 64, at least 64 and at most C. Wide
+// blocks matter: pixels lie C values apart, and a narrow block would touch a new page every
+// pixel for a few cache lines (measured 2.1x slower at 64 channels of C = 2048 than NCHW).
+constexpr int64_t kTableBytes = 256 * 1024;
+
+int64_t channel_block(int64_t C, int64_t K, int64_t acc_size) {
+  const int64_t fit = kTableBytes / (std::max<int64_t>(K, 1) * acc_size) / 64 * 64;
+  return std::min(C, std::max<int64_t>(64, fit));
+}
+
 // float64 sums [B, K, C] of channels_last features x [B, HW, C] in memory with class sizes
-// cnt [B, K]: one task per (image, block of kLastChannels channels). Each pixel adds its block,
-// less the channel pivots, to its class's row of an acc_t table (K rows, in L1/L2 for the usual
-// K); count * pivot joins each row when it is written out in float64. Sums of x - pivot round at
-// the classes' spread, as the NCHW chunk kernel's do, and a pixel costs one pass over its block
-// however short its class's runs are.
+// cnt [B, K]: one task per (image, block of channels). Each pixel adds its block, less the
+// channel pivots, to its class's row of an acc_t table (add_pixel_blocks); count * pivot joins
+// each row when it is written out in float64. Sums of x - pivot round at the classes' spread,
+// as the NCHW chunk kernel's do, and a pixel costs one pass over its block however short its
+// class's runs are.
 template <typename scalar_t, typename acc_t>
 void sums_channels_last(const scalar_t* x, const int16_t* slot, const int64_t* cnt, int64_t B, int64_t C, int64_t HW,
                         int64_t K, double* out) {
-  const int64_t tiles = (C + kLastChannels - 1) / kLastChannels;
+  const int64_t block = channel_block(C, K, sizeof(acc_t)), tiles = (C + block - 1) / block;
+  const auto add_blocks = IDD_CPU_KERNEL(add_pixel_blocks<scalar_t, acc_t>);
   at::parallel_for(0, B * tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> table(K * kLastChannels);
-    acc_t pivot[kLastChannels];
+    std::vector<acc_t> table(K * block), pivot(block);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / tiles, c0 = (t % tiles) * kLastChannels, n = std::min(kLastChannels, C - c0);
+      const int64_t b = t / tiles, c0 = (t % tiles) * block, n = std::min(block, C - c0);
       const int16_t* s = slot + b * HW;
       const scalar_t* img = x + b * HW * C + c0;
       if (HW == 0) continue;
-      channel_pivots(img, HW, C, n, pivot);
+      channel_pivots(img, HW, C, n, pivot.data());
       std::fill(table.begin(), table.end(), acc_t(0));
-      for (int64_t p = 0; p < HW; ++p) {
-        if (s[p] < 0) continue;
-        acc_t* row = table.data() + s[p] * kLastChannels;
-        const scalar_t* v = img + p * C;
-        for (int64_t c = 0; c < n; ++c) row[c] += static_cast<acc_t>(v[c]) - pivot[c];
-      }
+      add_blocks(img, C, HW, s, n, pivot.data(), table.data());
       for (int64_t k = 0; k < K; ++k) {
         const double count = static_cast<double>(cnt[b * K + k]);
-        const acc_t* row = table.data() + k * kLastChannels;
+        const acc_t* row = table.data() + k * n;
         double* dst = out + (b * K + k) * C + c0;
         for (int64_t c = 0; c < n; ++c) dst[c] = count > 0 ? static_cast<double>(row[c]) + count * pivot[c] : 0.0;
       }

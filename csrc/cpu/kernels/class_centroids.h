@@ -13,6 +13,12 @@ namespace idd_ops {
 IDD_DECLARE_CPU_KERNEL(template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>> void add_run_sums(
     const scalar_t* x, const int64_t* start, const int64_t* cls, int64_t runs, acc_t* sums))
 
+// For the n channels x[p * ld + c] (c < n) of each channels_last pixel p < hw with
+// slot[p] >= 0: table[slot[p] * n + c] += x - pivot[c], accumulated in acc_t (one pass over the
+// pixels however short the runs of their classes; table holds a row of n per class).
+IDD_DECLARE_CPU_KERNEL(template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>> void add_pixel_blocks(
+    const scalar_t* x, int64_t ld, int64_t hw, const int16_t* slot, int64_t n, const acc_t* pivot, acc_t* table))
+
 // One step of the walk over an image's chunks of 8 pixels (see label_chunks.h): `count`
 // chunks from chunk `chunk` on whose pixels all have class slot `slot`, or one chunk of
 // several slots (slot == kMixedChunk, count == 1).
