@@ -12,8 +12,8 @@
 namespace idd_ops {
 namespace {
 
-// Whether the fused kernels take sums of `sums_type` (the student's and the teacher's) computing
-// in `acc`; shapes as checked by check_idd_tail_inputs.
+// Whether the fused kernels take these student sums, with teacher sums of `teacher_type`,
+// computing in `acc` (idd_tail.cuh: fused_types); shapes as checked by check_idd_tail_inputs.
 bool fused_takes(const at::Tensor& student_sums, at::ScalarType teacher_type, at::ScalarType acc) {
   const auto t = student_sums.scalar_type();
   return fused_types(t, acc) && teacher_type == t && student_sums.size(0) > 0 && student_sums.size(1) > 0 &&
