@@ -174,6 +174,70 @@ def test_opcheck(device):
         torch.library.opcheck(ops.idd_tail.default, (ss.requires_grad_(), ns, st, nt, opts[0], opts[1], 1e-8, opts[2]))
 
 
+# ---- dtype: float64 sums, K x K math in float32 (what the library's calls pass) ----------
+
+
+def _offset_case(B, K, C, offset=1e4, spread=1.0, seed=0, device="cpu"):
+    """float64 sums count x (offset + class differences of about `spread`), the teacher's with
+    another channel count and offset: the float64 sums hold the offset exactly."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c, off in ((C, offset), (C + 3, 2 * offset)):
+        n = torch.randint(1, 500, (B, K), generator=g) * (torch.rand(B, K, generator=g) >= 0.2)
+        centroid = off + spread * torch.randn(B, K, c, generator=g, dtype=torch.float64)
+        out += [(centroid * n[..., None]).to(device), n.to(device)]
+    return tuple(out)
+
+
+def _tail_outputs(ss, ns, st, nt, opts, dtype):
+    """loss, dist, stats and the student sums' gradient of idd_tail in compute dtype `dtype`."""
+    metric, normalize, reduction = opts
+    ss = ss.detach().clone().requires_grad_()
+    loss, dist, stats = ops.idd_tail(ss, ns, st, nt, metric, normalize == "mean", 1e-8, reduction, dtype)
+    (grad,) = torch.autograd.grad(loss.sum(), ss)
+    return loss, dist, stats, grad
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_dtype_float32_of_float64_sums(device, opts):
+    """dtype=float32 with float64 sums: loss and dist in float32, gradient in the sums' float64,
+    all close to dtype=float64."""
+    case = _random_case(2, 7, 5, 9, device=device, seed=5)
+    loss, dist, stats, grad = _tail_outputs(*case, opts, torch.float32)
+    want = _tail_outputs(*case, opts, torch.float64)
+    assert (loss.dtype, dist.dtype, stats.dtype, grad.dtype) == (torch.float32,) * 2 + (torch.float64,) * 2
+    for got, ref in zip((loss, dist, stats[:, -1, :6], grad), want[:2] + (want[2][:, -1, :6], want[3])):
+        torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=2e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("normalize", [None, "mean"])
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+def test_dtype_float32_keeps_a_common_offset(metric, normalize):
+    """Centroids formed and centred in float64 before the cast: with an offset 1e4 times the class
+    spread, the float32-compute loss stays within 1e-5 of float64 (a float32 centroid holds the
+    offset's 1e4 only to about 1e-3 of the spread)."""
+    case = _offset_case(2, 19, 48)
+    got = _tail_outputs(*case, (metric, normalize, "mean"), torch.float32)[0]
+    want = _tail_outputs(*case, (metric, normalize, "mean"), torch.float64)[0]
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float16, torch.bfloat16, torch.complex64])
+def test_bad_dtype_names_the_argument(device, dtype):
+    ss, ns, st, nt = _random_case(2, 4, 3, 3, device=device)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.idd_tail(ss, ns, st, nt, "euclidean", False, 1e-8, "mean", dtype)
+
+
+def test_opcheck_with_dtype(device):
+    for sums_dtype, dtype in ((torch.float64, torch.float32), (torch.float32, torch.float64),
+                              (torch.float64, torch.float64)):
+        ss, ns, st, nt = _random_case(2, 5, 3, 4, dtype=sums_dtype, device=device, seed=6)
+        for opts in (("euclidean", True, "mean"), ("cosine", False, "none")):
+            torch.library.opcheck(ops.idd_tail.default,
+                                  (ss.requires_grad_(), ns, st, nt, opts[0], opts[1], 1e-8, opts[2], dtype))
+
+
 # ---- CUDA: the op on the GPU against the CPU composite, graphs and compile -------------
 
 
@@ -273,3 +337,58 @@ def test_cuda_compile_fullgraph(K):
         results.append((loss.detach(), x.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ---- CUDA: float64 sums computing in float32 (the fused kernels' sum_t = double, acc_t = float)
+
+
+@needs_gpu
+@pytest.mark.parametrize("K", [1, 19, 65, 300, 2048])
+@pytest.mark.parametrize("opts", [("euclidean", "mean", "mean"), ("sqeuclidean", None, "none"),
+                                  ("cosine", "mean", "sum"), ("euclidean", None, "sum")])
+def test_cuda_float64_sums_float32_math_match_cpu(opts, K):
+    """Value, dist, stats (row K) and gradient of float64 sums with dtype=float32 against the CPU
+    composite on copies, at each tile size of the forward (T = 16, 32, 64) and past 1024 classes;
+    C = 37 and 70: neither a multiple of a channel chunk nor of the backward's 64 channels."""
+    case = _random_case(2, K, 37, 70, absent=0.25, seed=K)
+    got = _tail_outputs(*_to_cuda(*case), opts, torch.float32)
+    want = _tail_outputs(*case, opts, torch.float32)
+    loss, dist, stats, grad = (t.cpu() for t in got)
+    assert (loss.dtype, dist.dtype, grad.dtype) == (torch.float32, torch.float32, torch.float64)
+    torch.testing.assert_close(loss, want[0], rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(dist, want[1], rtol=2e-4, atol=2e-4 * want[1].abs().max().item())
+    torch.testing.assert_close(stats[:, K, :6], want[2][:, K, :6], rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(grad, want[3], rtol=2e-4, atol=2e-4 * want[3].abs().max().item())
+    assert (grad[case[1] == 0] == 0).all()  # absent classes get no gradient
+    assert torch.isfinite(stats).all()  # every element written (rows no tile owns are 0)
+
+
+@needs_gpu
+@pytest.mark.parametrize("normalize", [None, "mean"])
+@pytest.mark.parametrize("K", [19, 300])
+def test_cuda_float32_math_keeps_a_common_offset(K, normalize):
+    """float64 sums of count x (1e4 + class differences of 1): the float32-compute loss on CUDA
+    within 1e-5 relative of the float64 one (the centroids are centred in float64 first)."""
+    case = _offset_case(2, K, 64, seed=K)
+    opts = ("euclidean", normalize, "mean")
+    got = _tail_outputs(*_to_cuda(*case), opts, torch.float32)[0].item()
+    want = _tail_outputs(*case, opts, torch.float64)[0].item()
+    assert abs(got - want) <= 1e-5 * abs(want)
+    # and the gradient: centred in float64, its float32 rounding is relative to the spread
+    g32 = _tail_outputs(*_to_cuda(*case), opts, torch.float32)[3].cpu()
+    g64 = _tail_outputs(*case, opts, torch.float64)[3]
+    torch.testing.assert_close(g32, g64, rtol=1e-4, atol=1e-4 * g64.abs().max().item())
+
+
+@needs_gpu
+def test_cuda_fused_path_is_taken_for_float64_sums():
+    """Under IDD_OPS_CUDA_NEXT=1 float64 sums with dtype=float32 run the fused kernels (their
+    stats carry the tile partials in row 0; the composite leaves rows 0..K-1 zero); float32 sums
+    computing in float64 always run the composite."""
+    from idd_ops._switches import cuda_next_enabled
+    case = _to_cuda(*_random_case(2, 19, 37, 70, absent=0.0, seed=8))
+    _, _, stats, _ = _tail_outputs(*case, ("euclidean", "mean", "mean"), torch.float32)
+    assert bool((stats[:, 0] != 0).any()) == cuda_next_enabled()
+    low = (case[0].float(), case[1], case[2].float(), case[3])
+    _, _, stats, grad = _tail_outputs(*low, ("euclidean", "mean", "mean"), torch.float64)
+    assert not (stats[:, :19] != 0).any() and grad.dtype == torch.float32

@@ -1,0 +1,390 @@
+// The fused IDD tail's forward on CUDA: class sums and counts of both networks -> loss, dist and
+// stats in two launches (tile kernel + one-block finish). Host side and registration:
+// idd_tail_cuda.cu; the two types sum_t / acc_t and the shared helpers: idd_tail.cuh.
+//
+// Tile kernel, grid = B x (upper-triangle tile pairs of the K x K matrix), T x T tiles
+// (T = 16 for K <= 64, 32 for K <= 256, else 64): each block stages the centred centroids of its
+// row and column tiles in channel chunks (formed in sum_t, staged in acc_t), accumulates both
+// networks' Gram tiles (4 x 4 entries a thread; with T < 64 the block's threads form
+// S = 256 / (T^2 / 16) channel streams whose partial tiles are summed in a fixed order), forms
+// the raw distances, writes them (and their mirror) to `dist`, and the tile's partial sums to
+// row p of `stats`. The normaliser needs every tile of the image, so with "mean" the tile sums
+// R_s^2, R_s R_t and R_t^2 (in float64) rather than (R_s / m_s - R_t / m_t)^2; the finish kernel
+// combines them once m_s, m_t are known. Every reduction runs in a fixed order: the same bits on
+// every run.
+#include <limits>
+
+#include "idd_tail.cuh"
+
+namespace idd_ops {
+namespace {
+
+// R_ij from the Gram entry g and the squared norms; the composite's formulas and order.
+template <typename acc_t>
+__device__ acc_t raw_distance(int metric, acc_t g, acc_t ni, acc_t nj, acc_t eps) {
+  if (metric == static_cast<int>(Metric::Cosine)) {
+    const acc_t den = sqrt(ni * nj);
+    return acc_t(1) - g / (den > eps ? den : eps);
+  }
+  acc_t d = (ni + nj) - acc_t(2) * g;
+  d = d > acc_t(0) ? d : acc_t(0);
+  return metric == static_cast<int>(Metric::Euclidean) ? sqrt(d) : d;
+}
+
+// Tile pair p (0 <= p < nt (nt + 1) / 2) -> (ti, tj), ti <= tj, row-major over the upper triangle.
+__device__ inline void tile_pair(int p, int nt, int& ti, int& tj) {
+  ti = 0;
+  while (p >= nt - ti) {
+    p -= nt - ti;
+    ++ti;
+  }
+  tj = ti + p;
+}
+
+template <typename sum_t, typename acc_t>
+struct TailForwardArgs {
+  SumsView<sum_t> net[2];  // student, teacher
+  int K, nt, P;            // classes, tiles a side, tile pairs an image
+  int metric;
+  bool normalize;
+  acc_t eps;
+  acc_t* dist;    // [B, 2, K, K]
+  double* stats;  // [B, K + 1, kNumStats]
+};
+
+// Shared-memory plan of the forward tile kernel for tile size T and compute type acc_t.
+template <typename acc_t, int T>
+struct TileShape {
+  static constexpr int R = T / 4;             // stride between a thread's 4 rows (and 4 columns)
+  static constexpr int Q = T * T / 16;        // threads of one channel stream
+  static constexpr int S = kThreads / Q;      // channel streams
+  // channels a staged chunk: 4096 values (16 loads a thread in flight), in the pool that the
+  // stream reduction or the output tile needs anyway
+  static constexpr int CK = T == 16 ? 128 : (T == 32 ? 64 : 32);
+  static constexpr int kPerThread = 2 * T * CK / kThreads;  // staged values a thread
+  static constexpr int LD = T + 1;            // padded row of the staged and tile arrays
+  static constexpr int NN = (2 * T + Q - 1) / Q;  // norms a thread accumulates
+  static constexpr int kStage = 2 * CK * LD;
+  static constexpr int kReduce = S > 1 ? S * (T * T + 2 * T) : 0;
+  static constexpr int kTile = T * LD;
+  static constexpr int kPool = kStage > kReduce ? (kStage > kTile ? kStage : kTile) : (kReduce > kTile ? kReduce : kTile);
+  static_assert(kThreads % Q == 0 && S >= 1 && CK % S == 0 && (2 * T * CK) % kThreads == 0, "tile shape");
+};
+
+// One network's Gram tile rows [i0, i0+T) x columns [j0, j0+T) over all channels, with the
+// squared norms of those rows and columns accumulated in the same order as the Gram entries
+// (so identical centroids give R_ij = 0 exactly). The totals are in `acc` of stream 0's threads
+// and in norm[0, 2T) (rows, then columns); present[0, 2T) marks present classes. Calls
+// __syncthreads throughout: every thread must reach it.
+template <typename sum_t, typename acc_t, int T>
+__device__ void tile_gram(const SumsView<sum_t>& v, int64_t b, int K, int i0, int j0, bool shift, acc_t* pool,
+                          sum_t* inv, acc_t* norm, bool* present, int* iscratch, acc_t (&acc)[4][4]) {
+  using Shape = TileShape<acc_t, T>;
+  constexpr int R = Shape::R, Q = Shape::Q, S = Shape::S, CK = Shape::CK, LD = Shape::LD, NN = Shape::NN;
+  const int tid = threadIdx.x, s = tid / Q, q = tid % Q, tx = q % R, ty = q / R;
+  const bool diag_tile = i0 == j0;
+  const int anchor = shift ? first_present(v, b, K, iscratch) : K;
+  const sum_t inv_anchor = anchor < K ? v.inverse_count(b, anchor) : sum_t(0);
+  for (int l = tid; l < 2 * T; l += kThreads) {
+    const int row = l < T ? i0 + l : j0 + l - T;
+    inv[l] = row < K ? v.inverse_count(b, row) : sum_t(0);
+    present[l] = inv[l] != sum_t(0);
+  }
+  __syncthreads();
+
+  acc_t* sI = pool;                                // [CK][LD] rows of the row tile
+  acc_t* sJ = diag_tile ? pool : pool + CK * LD;   // [CK][LD] rows of the column tile
+  const int rows = diag_tile ? T : 2 * T;
+  acc_t nacc[NN];
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int r2 = 0; r2 < 4; ++r2) acc[r][r2] = acc_t(0);
+#pragma unroll
+  for (int k = 0; k < NN; ++k) nacc[k] = acc_t(0);
+
+  // Chunk c0's values of this thread, into registers: the next chunk's loads are in flight
+  // while the current one is multiplied. Neighbouring threads read neighbouring channels.
+  acc_t staged[Shape::kPerThread];
+  const auto load_chunk = [&](int64_t c0) {
+#pragma unroll
+    for (int k = 0; k < Shape::kPerThread; ++k) {
+      const int e = tid + k * kThreads, l = e / CK;
+      const int row = l < T ? i0 + l : j0 + l - T;
+      const int64_t c = c0 + e % CK;
+      sum_t x = sum_t(0);
+      if (e < rows * CK && row < K && c < v.C) {
+        x = v.centroid(b, row, c, inv[l]);
+        if (anchor < K) x -= v.centroid(b, anchor, c, inv_anchor);
+      }
+      staged[k] = static_cast<acc_t>(x);  // centred in sum_t, rounded once
+    }
+  };
+  if (v.C > 0) load_chunk(0);
+  for (int64_t c0 = 0; c0 < v.C; c0 += CK) {
+#pragma unroll
+    for (int k = 0; k < Shape::kPerThread; ++k) {
+      const int e = tid + k * kThreads, l = e / CK, cc = e % CK;
+      if (e < rows * CK) (l < T ? sI : sJ)[cc * LD + (l < T ? l : l - T)] = staged[k];
+    }
+    if (c0 + CK < v.C) load_chunk(c0 + CK);
+    __syncthreads();
+    for (int cc = s; cc < CK; cc += S) {
+      acc_t a[4], bv[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        a[r] = sI[cc * LD + ty + R * r];
+        bv[r] = sJ[cc * LD + tx + R * r];
+      }
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int r2 = 0; r2 < 4; ++r2) acc[r][r2] = fma(a[r], bv[r2], acc[r][r2]);
+#pragma unroll
+      for (int k = 0; k < NN; ++k) {
+        const int n = q + Q * k;
+        if (n < 2 * T) {
+          const acc_t x = n < T ? sI[cc * LD + n] : sJ[cc * LD + n - T];
+          nacc[k] = fma(x, x, nacc[k]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  if constexpr (S > 1) {  // streams' partial tiles and norms, summed in stream order
+    acc_t* red = pool;                 // [S][T * T]
+    acc_t* nred = pool + S * T * T;    // [S][2T]
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int r2 = 0; r2 < 4; ++r2) red[s * T * T + (ty + R * r) * T + tx + R * r2] = acc[r][r2];
+#pragma unroll
+    for (int k = 0; k < NN; ++k)
+      if (q + Q * k < 2 * T) nred[s * 2 * T + q + Q * k] = nacc[k];
+    __syncthreads();
+    if (s == 0) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int r2 = 0; r2 < 4; ++r2) {
+          const int e = (ty + R * r) * T + tx + R * r2;
+          acc_t total = red[e];
+          for (int s2 = 1; s2 < S; ++s2) total += red[s2 * T * T + e];
+          acc[r][r2] = total;
+        }
+    }
+    for (int n = tid; n < 2 * T; n += kThreads) {
+      acc_t total = nred[n];
+      for (int s2 = 1; s2 < S; ++s2) total += nred[s2 * 2 * T + n];
+      norm[n] = total;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < NN; ++k)
+      if (q + Q * k < 2 * T) norm[q + Q * k] = nacc[k];
+  }
+  __syncthreads();  // norms visible; pool free again
+}
+
+template <typename sum_t, typename acc_t, int T>
+__global__ void __launch_bounds__(kThreads) idd_tail_forward_kernel(const TailForwardArgs<sum_t, acc_t> args) {
+  using Shape = TileShape<acc_t, T>;
+  constexpr int R = Shape::R, Q = Shape::Q, LD = Shape::LD;
+  // pool + inv + norms + flags + partial scratch, under the 48 KB of static shared memory
+  static_assert(Shape::kPool * sizeof(acc_t) + 2 * T * sizeof(sum_t) + 4 * T * sizeof(acc_t) + 4 * T +
+                        kNumStats * kWarps * 8 + kWarps * 4 <= 48 * 1024,
+                "shared memory of the tail tile kernel");
+  __shared__ __align__(16) unsigned char pool_bytes[Shape::kPool * sizeof(acc_t)];
+  __shared__ sum_t inv[2 * T];
+  __shared__ acc_t norm[2][2 * T];  // [network][rows, then columns]
+  __shared__ bool present[2][2 * T];
+  __shared__ double dscratch[kNumStats * kWarps];
+  __shared__ int iscratch[kWarps];
+  acc_t* pool = reinterpret_cast<acc_t*>(pool_bytes);
+
+  const int K = args.K, p = blockIdx.x % args.P;
+  const int64_t b = blockIdx.x / args.P;
+  int ti, tj;
+  tile_pair(p, args.nt, ti, tj);
+  const int i0 = ti * T, j0 = tj * T;
+  const bool shift = args.metric != static_cast<int>(Metric::Cosine);
+  acc_t gs[4][4], gt[4][4];
+  tile_gram<sum_t, acc_t, T>(args.net[0], b, K, i0, j0, shift, pool, inv, norm[0], present[0], iscratch, gs);
+  tile_gram<sum_t, acc_t, T>(args.net[1], b, K, i0, j0, shift, pool, inv, norm[1], present[1], iscratch, gt);
+
+  // Raw distances (norms on the diagonal) and the tile's partial sums, on stream 0's threads.
+  const int tid = threadIdx.x, q = tid % Q, tx = q % R, ty = q / R;
+  double part[kNumStats] = {};
+  if (tid < Q) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int r2 = 0; r2 < 4; ++r2) {
+        const int li = ty + R * r, lj = tx + R * r2, i = i0 + li, j = j0 + lj;
+        acc_t rs = acc_t(0), rt = acc_t(0);
+        if (i < K && j < K) {
+          if (i == j) {
+            rs = norm[0][li];
+            rt = norm[1][li];
+          } else {
+            const bool vs = present[0][li] && present[0][T + lj], vt = present[1][li] && present[1][T + lj];
+            if (vs) rs = raw_distance(args.metric, gs[r][r2], norm[0][li], norm[0][T + lj], args.eps);
+            if (vt) rt = raw_distance(args.metric, gt[r][r2], norm[1][li], norm[1][T + lj], args.eps);
+            if (i < j) {
+              if (vs) part[kPartSumRs] += rs, part[kPartCountS] += 1;
+              if (vt) part[kPartSumRt] += rt, part[kPartCountT] += 1;
+              if (vs && vt) {
+                part[kPartPairs] += 1;
+                const double ds = rs, dt = rt;
+                if (args.normalize) {
+                  part[kPartSss] += ds * ds;
+                  part[kPartSst] += ds * dt;
+                  part[kPartStt] += dt * dt;
+                } else {
+                  const double e = rs - rt;  // E in acc_t, as the composite
+                  part[kPartSss] += e * e;
+                }
+              }
+            }
+          }
+        }
+        gs[r][r2] = rs;
+        gt[r][r2] = rt;
+      }
+  }
+
+  // Both matrices through a shared tile: the tile and, off the diagonal, its mirror, each
+  // written along rows of dist.
+  for (int net = 0; net < 2; ++net) {
+    if (tid < Q) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int r2 = 0; r2 < 4; ++r2) pool[(ty + R * r) * LD + tx + R * r2] = net == 0 ? gs[r][r2] : gt[r][r2];
+    }
+    __syncthreads();
+    acc_t* out = args.dist + (b * 2 + net) * static_cast<int64_t>(K) * K;
+    for (int e = tid; e < T * T; e += kThreads) {
+      const int li = e / T, lj = e % T;
+      if (i0 + li < K && j0 + lj < K) out[static_cast<int64_t>(i0 + li) * K + j0 + lj] = pool[li * LD + lj];
+    }
+    if (ti != tj) {
+      for (int e = tid; e < T * T; e += kThreads) {
+        const int lj = e / T, li = e % T;
+        if (i0 + li < K && j0 + lj < K) out[static_cast<int64_t>(j0 + lj) * K + i0 + li] = pool[li * LD + lj];
+      }
+    }
+    __syncthreads();
+  }
+
+  block_sums(part, dscratch);
+  if (tid == 0) {
+    double* row = args.stats + (b * (K + 1) + p) * kNumStats;
+#pragma unroll
+    for (int k = 0; k < kNumStats; ++k) row[k] = part[k];
+  }
+}
+
+// One block: each image's tile partials (in tile order) -> its divisors, loss and backward
+// values (row K of stats); then the batch reduction and the loss. Rows P..K-1, which no tile
+// owns, are zeroed, so that every element of stats is written.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) idd_tail_finish_kernel(double* __restrict__ stats, acc_t* __restrict__ loss,
+                                                                   int64_t B, int K, int P, bool normalize, double eps,
+                                                                   int reduction) {
+  __shared__ double dscratch[2 * kWarps];
+  __shared__ double totals[2];
+  const int64_t unowned = static_cast<int64_t>(K - P) * kNumStats;
+  for (int64_t e = threadIdx.x; e < B * unowned; e += kThreads)
+    stats[(e / unowned * (K + 1) + P) * kNumStats + e % unowned] = 0.0;
+  double sums[2] = {0, 0};  // this thread's images: loss sums, pairs
+  for (int64_t b = threadIdx.x; b < B; b += kThreads) {
+    double t[kNumStats] = {};
+    for (int p = 0; p < P; ++p)
+#pragma unroll
+      for (int k = 0; k < kNumStats; ++k) t[k] += stats[(b * (K + 1) + p) * kNumStats + k];
+    double ms = 1, mt = 1, loss_sum = t[kPartSss], q = 0, kappa = 0;
+    if (normalize) {
+      const double mean_s = t[kPartSumRs] / fmax(t[kPartCountS], 1.0), mean_t = t[kPartSumRt] / fmax(t[kPartCountT], 1.0);
+      ms = t[kPartCountS] > 0 ? fmax(mean_s, eps) : 1.0;
+      mt = t[kPartCountT] > 0 ? fmax(mean_t, eps) : 1.0;
+      loss_sum = fmax(t[kPartSss] / (ms * ms) - 2 * t[kPartSst] / (ms * mt) + t[kPartStt] / (mt * mt), 0.0);
+      q = t[kPartSss] / ms - t[kPartSst] / mt;
+      const bool clamped = t[kPartCountS] == 0 || mean_s <= eps;
+      kappa = clamped ? 0.0 : q / (ms * t[kPartCountS]);
+    }
+    double* row = stats + (b * (K + 1) + K) * kNumStats;
+    row[kStatStudentDivisor] = ms;
+    row[kStatTeacherDivisor] = mt;
+    row[kStatKappa] = kappa;
+    row[kStatLossSum] = loss_sum;
+    row[kStatPairs] = t[kPartPairs];
+    row[kStatQ] = q;
+    row[kStatStudentEntries] = t[kPartCountS];
+    sums[0] += loss_sum;
+    sums[1] += t[kPartPairs];
+  }
+  block_sums(sums, dscratch);
+  if (threadIdx.x == 0) {
+    totals[0] = sums[0];
+    totals[1] = sums[1];
+  }
+  __syncthreads();
+  const double total_pairs = fmax(totals[1], 1.0);
+  for (int64_t b = threadIdx.x; b < B; b += kThreads) {
+    double* row = stats + (b * (K + 1) + K) * kNumStats;
+    const double own_pairs = fmax(row[kStatPairs], 1.0);
+    if (reduction == static_cast<int>(Reduction::None)) {
+      row[kStatPairScale] = 1.0 / own_pairs;
+      loss[b] = static_cast<acc_t>(row[kStatLossSum] / own_pairs);
+    } else {
+      row[kStatPairScale] = reduction == static_cast<int>(Reduction::Sum) ? 1.0 : 1.0 / total_pairs;
+    }
+  }
+  if (threadIdx.x == 0 && reduction != static_cast<int>(Reduction::None))
+    loss[0] = static_cast<acc_t>(reduction == static_cast<int>(Reduction::Sum) ? totals[0] : totals[0] / total_pairs);
+}
+
+template <typename sum_t, typename acc_t, int T>
+void launch_tiles(const TailForwardArgs<sum_t, acc_t>& args, int64_t B, cudaStream_t stream) {
+  idd_tail_forward_kernel<sum_t, acc_t, T><<<static_cast<unsigned>(B * args.P), kThreads, 0, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+int tile_size(int64_t K) { return K <= 64 ? 16 : (K <= 256 ? 32 : 64); }
+
+}  // namespace
+
+void idd_tail_fused_forward(const at::Tensor& student_sums, const at::Tensor& student_counts,
+                            const at::Tensor& teacher_sums, const at::Tensor& teacher_counts, Metric metric,
+                            bool normalize, double eps, Reduction reduction, at::Tensor& loss, at::Tensor& dist,
+                            at::Tensor& stats) {
+  const int64_t B = student_sums.size(0), K = student_sums.size(1);
+  const int T = tile_size(K);
+  const int nt = static_cast<int>((K + T - 1) / T), P = nt * (nt + 1) / 2;
+  TORCH_CHECK(P <= K && B * P <= std::numeric_limits<int>::max(), "idd_tail: ", B, " x ", P,
+              " tile blocks do not fit the grid");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_tail_types(student_sums.scalar_type(), dist.scalar_type(), "idd_tail", [&](auto sum_tag, auto acc_tag) {
+    using sum_t = decltype(sum_tag);
+    using acc_t = decltype(acc_tag);
+    const TailForwardArgs<sum_t, acc_t> args{{sums_view<sum_t>(student_sums, student_counts),
+                                              sums_view<sum_t>(teacher_sums, teacher_counts)},
+                                             static_cast<int>(K), nt, P, static_cast<int>(metric), normalize,
+                                             static_cast<acc_t>(eps), dist.mutable_data_ptr<acc_t>(),
+                                             stats.mutable_data_ptr<double>()};
+    if (T == 16)
+      launch_tiles<sum_t, acc_t, 16>(args, B, stream);
+    else if (T == 32)
+      launch_tiles<sum_t, acc_t, 32>(args, B, stream);
+    else
+      launch_tiles<sum_t, acc_t, 64>(args, B, stream);
+    idd_tail_finish_kernel<acc_t><<<1, kThreads, 0, stream>>>(stats.mutable_data_ptr<double>(),
+                                                              loss.mutable_data_ptr<acc_t>(), B, static_cast<int>(K), P,
+                                                              normalize, eps, static_cast<int>(reduction));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace idd_ops
