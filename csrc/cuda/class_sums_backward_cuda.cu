@@ -30,7 +30,10 @@ __global__ void class_sums_backward_nchw_kernel(const at::opmath_type<scalar_t>*
     const at::opmath_type<scalar_t>* g = grad_sums + b * K * C + c;
     Vec<scalar_t, VEC> out;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) out.v[j] = s.v[j] >= 0 ? static_cast<scalar_t>(g[s.v[j] * C]) : scalar_t(0);
+    for (int j = 0; j < VEC; ++j) {
+      CUDA_KERNEL_ASSERT(s.v[j] >= -1 && s.v[j] < K && "slots: a value is outside [-1, num_classes)");
+      out.v[j] = s.v[j] >= 0 ? static_cast<scalar_t>(g[s.v[j] * C]) : scalar_t(0);
+    }
     store_vec<scalar_t, VEC>(grad + e, out);
   }
 }
@@ -45,6 +48,7 @@ __global__ void class_sums_backward_last_kernel(const at::opmath_type<scalar_t>*
     // (b, p, c .. c + VEC - 1) are VEC elements of the output
     const index_t e = i * VEC, pixel = e / C, c = e - pixel * C, b = pixel / HW;
     const index_t k = slots[pixel];
+    CUDA_KERNEL_ASSERT(k >= -1 && k < K && "slots: a value is outside [-1, num_classes)");
     Vec<scalar_t, VEC> out;
     if (k >= 0) {
       const at::opmath_type<scalar_t>* g = grad_sums + (b * K + k) * C + c;

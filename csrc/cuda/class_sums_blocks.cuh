@@ -66,8 +66,15 @@ __device__ __forceinline__ BlockWork block_work(const SumsJobs& jobs) {
   w.tile = rest % w.j.tiles;
   w.b = rest / w.j.tiles;
   w.p0 = w.seg * w.j.seg_len;
-  w.p1 = min(w.j.HW, w.p0 + w.j.seg_len);
+  // the last segment ends at HW (p0 + seg_len may pass 2^31 there)
+  w.p1 = w.seg == w.j.segs - 1 ? w.j.HW : w.p0 + w.j.seg_len;
   return w;
+}
+
+// A slot read from the map, checked against [-1, K) on the device (a host check would need a
+// sync; the CPU raises a ValueError): a larger one would index past the block's class sums.
+__device__ __forceinline__ void check_slot(int s, int K) {
+  CUDA_KERNEL_ASSERT(s >= -1 && s < K && "slots: a value is outside [-1, num_classes)");
 }
 
 __device__ __forceinline__ double* block_sums(const BlockWork& w, int K) {

@@ -29,6 +29,9 @@ namespace {
 
 constexpr size_t kPrivateBudget = 48 * 1024;  // P: what every GPU grants without opting in
 constexpr size_t kLastBudget = 96 * 1024;     // L: at most this, where the GPU offers it
+// More than a loop index passes its segment's end by: P's step (256 x 8), W's warp shares
+// (4 x 256 + 4), L's unroll.
+constexpr int64_t kPixelSlack = 4096;
 
 enum class Strategy { Private, Warp, Last };
 
@@ -112,9 +115,11 @@ int segments(const Plan& plan, int64_t B, int64_t HW, int64_t K, int device) {
 Pass make_pass(const at::Tensor& feats_in, const at::Tensor& slots_in, int64_t K) {
   check_class_sums_inputs(feats_in, slots_in, K);
   const int64_t B = feats_in.size(0), C = feats_in.size(1), HW = feats_in.size(2) * feats_in.size(3);
-  TORCH_CHECK_VALUE(C * HW < (int64_t{1} << 31) && B * C < (int64_t{1} << 31) && B * HW < (int64_t{1} << 31),
-                    "feats: at most 2^31 - 1 elements per image, images times channels and images times pixels on "
-                    "CUDA, got ", feats_in.sizes());
+  // the pixel loops' int indices step up to kPixelSlack past HW
+  TORCH_CHECK_VALUE(C * HW < (int64_t{1} << 31) && B * C < (int64_t{1} << 31) &&
+                        B * HW < (int64_t{1} << 31) - kPixelSlack,
+                    "feats: at most 2^31 - 1 elements per image and images times channels, and under 2^31 - ",
+                    kPixelSlack, " images times pixels on CUDA, got ", feats_in.sizes());
   Pass ps;
   ps.slots = slots_in.contiguous();
   if (!aligned16(ps.slots.const_data_ptr())) ps.slots = ps.slots.clone();  // vector loads of slots

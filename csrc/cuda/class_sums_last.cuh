@@ -2,7 +2,7 @@
 // The class-sum kernel of channels_last features, read in place (class_sums_cuda.cu plans it):
 //  L  lanes own VEC consecutive channels of a 32 x VEC channel tile, so a pixel's class is the
 //     same for the whole warp and a lane adds each run of equal slots in registers; warps own
-//     private sums priv[k][warp][channel of the tile]. K <= 46 with 16-byte lanes, K <= 190 with
+//     private sums priv[k][warp][channel of the tile]. K <= 47 with 16-byte lanes, K <= 190 with
 //     one channel per lane (float32 accumulation and 96 KiB; less where the GPU offers less);
 //     larger K pays one NCHW copy and takes W.
 // It sums x - pivot (class_sums_blocks.cuh) and counts its own pixels, for the float64 write.
@@ -55,6 +55,7 @@ __global__ void __launch_bounds__(kWarps * 32) sums_last_kernel(const SumsJobs j
 #pragma unroll
     for (int u = 0; u < kLastUnroll; ++u) {  // loads first, so several are in flight
       s[u] = q + u < q1 ? slot[q + u] : -2;
+      if (q + u < q1) check_slot(s[u], K);  // before -2, the end mark, could pass for a slot
       if (active && q + u < q1) x[u] = load_vec<scalar_t, VEC>(img + static_cast<int64_t>(q + u) * C);
     }
 #pragma unroll

@@ -68,7 +68,8 @@ __global__ void __launch_bounds__(kPrivateThreads) sums_private_kernel(const Sum
     for (int t = 0; t < kTile; ++t) x[t] = load_vec<scalar_t, VEC>(rows[t] + p);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      if (s.v[i] != cur) {
+      if (s.v[i] != cur) {  // every slot value starts a run here or continues a checked one
+        check_slot(s.v[i], K);
         flush();
         cur = s.v[i];
         n = 0;
@@ -148,6 +149,8 @@ __global__ void __launch_bounds__(kWarps * 32) sums_warp_kernel(const SumsJobs j
     Vec<scalar_t, VEC> x[kTile];
     if (p < q1) {  // q1 is a multiple of VEC: the vector is whole
       s = load_vec<int16_t, VEC>(slot + p);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) check_slot(s.v[i], K);
 #pragma unroll
       for (int t = 0; t < kTile; ++t) x[t] = load_vec<scalar_t, VEC>(rows[t] + p);
     } else {
