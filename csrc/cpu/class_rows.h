@@ -52,16 +52,21 @@ inline void count_pixels(const std::vector<LabelRuns>& runs, int64_t K, int64_t*
       if (runs[b].cls[r] >= 0) cnt[b * K + runs[b].cls[r]] += runs[b].start[r + 1] - runs[b].start[r];
 }
 
-// The value the chunk kernel subtracts from a row before summing it (add_chunk_sums_8rows), for
-// means: the row's first pixel where its first pixels sit far from 0 next to their spread (a
-// common offset, as ReLU features share: sums of x - pivot then round at the spread's scale, not
-// the offset's), else 0 (values around 0 sum best as they are). Plain sums add count * pivot
-// back in float64, which holds it exactly enough.
-inline float row_pivot(const float* x, int64_t hw) {
+// The value a class pass subtracts from a row of values x[i * stride] (i < hw) before summing it
+// (add_chunk_sums_8rows for NCHW rows, add_pixel_blocks for channels_last channels): the row's
+// first value where its first values sit far from 0 next to their spread (a common offset, as
+// ReLU features share: sums of x - pivot then round at the spread's scale, not the offset's), else
+// 0 (values around 0 sum best as they are). Plain sums add count * pivot back in float64, which
+// holds it exactly enough.
+template <typename acc_t, typename scalar_t>
+inline acc_t row_pivot(const scalar_t* x, int64_t hw, int64_t stride = 1) {
   const int64_t n = std::min<int64_t>(hw, kRows);
-  float lo = x[0], hi = x[0], sum = 0.f;
-  for (int64_t i = 0; i < n; ++i) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]), sum += x[i];
-  return std::abs(sum / static_cast<float>(n)) > 8.f * (hi - lo) ? x[0] : 0.f;
+  acc_t lo = static_cast<acc_t>(x[0]), hi = lo, sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(x[i * stride]);
+    lo = std::min(lo, v), hi = std::max(hi, v), sum += v;
+  }
+  return std::abs(sum / static_cast<acc_t>(n)) > acc_t(8) * (hi - lo) ? static_cast<acc_t>(x[0]) : acc_t(0);
 }
 
 // Per-class means (`means`: out_t float32, 0 for an absent class) or sums (out_t float64) [B, K, C]
@@ -84,7 +89,7 @@ void centroids_by_chunks(const float* f, const std::vector<LabelChunks>& chunks,
       }
       std::fill(sums.begin(), sums.end(), 0.f);
       float pivot[kRows];
-      for (int64_t r = 0; r < kRows; ++r) pivot[r] = row_pivot(x + r * HW, HW);
+      for (int64_t r = 0; r < kRows; ++r) pivot[r] = row_pivot<float>(x + r * HW, HW);
       const LabelChunks& lc = chunks[b];
       add_sums(x, HW, lc.slot.data(), lc.spans.data(), static_cast<int64_t>(lc.spans.size()),
                static_cast<int32_t>(K), pivot, sums.data());

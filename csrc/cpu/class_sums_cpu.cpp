@@ -62,22 +62,6 @@ bool channels_last_layout(const at::Tensor& t) {
   return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// The per-channel value the channels_last pass subtracts before summing, as row_pivot does for
-// NCHW rows (class_rows.h): an image's first pixel where its first pixels sit far from 0 next to
-// their spread (a common offset: the sums then round at the spread's scale), else 0.
-template <typename scalar_t, typename acc_t>
-void channel_pivots(const scalar_t* img, int64_t HW, int64_t C, int64_t n, acc_t* pivot) {
-  const int64_t m = std::min<int64_t>(HW, 8);
-  for (int64_t c = 0; c < n; ++c) {
-    acc_t lo = static_cast<acc_t>(img[c]), hi = lo, sum = 0;
-    for (int64_t r = 0; r < m; ++r) {
-      const acc_t v = static_cast<acc_t>(img[r * C + c]);
-      lo = std::min(lo, v), hi = std::max(hi, v), sum += v;
-    }
-    pivot[c] = std::abs(sum / static_cast<acc_t>(m)) > acc_t(8) * (hi - lo) ? static_cast<acc_t>(img[c]) : acc_t(0);
-  }
-}
-
 // Channels per task of the channels_last pass: as many as keep the task's table (K rows of them)
 // within kTableBytes, so it stays in L2, in multiples of 64, at least 64 and at most C. Wide
 // blocks matter: pixels lie C values apart, and a narrow block would touch a new page every
@@ -107,7 +91,7 @@ void sums_channels_last(const scalar_t* x, const int16_t* slot, const int64_t* c
       const int16_t* s = slot + b * HW;
       const scalar_t* img = x + b * HW * C + c0;
       if (HW == 0) continue;
-      channel_pivots(img, HW, C, n, pivot.data());
+      for (int64_t c = 0; c < n; ++c) pivot[c] = row_pivot<acc_t>(img + c, HW, C);
       std::fill(table.begin(), table.end(), acc_t(0));
       add_blocks(img, C, HW, s, n, pivot.data(), table.data());
       for (int64_t k = 0; k < K; ++k) {
