@@ -1,0 +1,211 @@
+"""Builds the library's CUDA sources for the CPU emulator (emu.h), as the torch library
+`idd_ops_emu`: the same ops and schemas as `idd_ops`, their CUDA kernels registered for CPU
+tensors. A test calls torch.ops.idd_ops_emu.<op> on CPU tensors and compares with the CPU op or
+the reference; `torch.ops.idd_ops_emu._emu_configure(cuda_next, seed)` selects the kernels behind
+IDD_OPS_CUDA_NEXT and the seed of the emulator's block and thread orders.
+
+The sources are rewritten textually on the way (translate): kernel launches `k<<<cfg>>>(args)`
+become emulator calls, `__shared__` arrays become per-block static storage (poisoned at each
+block's start), device asserts raise, the CUDA registrations go to namespace idd_ops_emu under the
+CPU key, and csrc/common/cuda_next.h reads the emulator's setting instead of the environment.
+Everything else compiles as written, with tests/cuda_emu/include shadowing the CUDA headers.
+
+    python -m tests.cuda_emu.build    # translate and build (cached in build/cuda_emu), then load
+"""
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CSRC = ROOT / "csrc"
+HERE = Path(__file__).resolve().parent
+BUILD = ROOT / "build" / "cuda_emu"
+
+SHARED_ARRAY = re.compile(r"(?P<extern>extern\s+)?__shared__\s+(?P<align>__align__\(\s*\d+\s*\)\s+)?(?P<rest>[^;]*);")
+CUDA_NEXT_SHIM = """#pragma once
+// Rewritten for the CUDA emulator (tests/cuda_emu/build.py): the IDD_OPS_CUDA_NEXT kernels follow
+// the emulator's setting (torch.ops.idd_ops_emu._emu_configure), so one process tests both sets.
+#include <cstdlib>
+#include <cstring>
+
+#include <cuda_runtime.h>
+
+namespace idd_ops {
+
+inline bool env_flag(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && std::strcmp(value, "1") == 0;
+}
+
+inline bool cuda_next_enabled() { return ::emu::cuda_next(); }
+
+}  // namespace idd_ops
+"""
+
+
+def _matching(text, start, open_ch, close_ch, step=1):
+    """Index of the bracket that closes (step 1) or opens (step -1) the one at `start`."""
+    depth = 0
+    i = start
+    while 0 <= i < len(text):
+        c = text[i]
+        if c == open_ch:
+            depth += 1
+        elif c == close_ch:
+            depth -= 1
+            if depth == 0:
+                return i
+        i += step
+    raise ValueError(f"unbalanced {open_ch}{close_ch} at offset {start}")
+
+
+def _split_top_level(text, sep=","):
+    parts, depth, last = [], 0, 0
+    for i, c in enumerate(text):
+        if c in "([{<":
+            depth += 1
+        elif c in ")]}>":
+            depth -= 1
+        elif c == sep and depth == 0:
+            parts.append(text[last:i])
+            last = i + 1
+    parts.append(text[last:])
+    return [p.strip() for p in parts]
+
+
+def _shared(match):
+    align = match.group("align")
+    rest = match.group("rest").strip()
+    if match.group("extern"):  # extern __shared__ T name[];  -> the launch's dynamic buffer
+        type_, name = re.fullmatch(r"(.+?)\s*\b(\w+)\s*\[\s*\]", rest).groups()
+        return f"{type_}* {name} = reinterpret_cast<{type_}*>(::emu::dynamic_shared());"
+    # __shared__ T a[N], b[M];  -> static storage (one block runs at a time), poisoned per block
+    type_, first = re.fullmatch(r"(.+?)\s+(\w+\s*\[.*|\w+)", rest, re.S).groups()
+    decls = [first] + [] if "," not in first else _split_top_level(first)
+    names = [re.match(r"\w+", d).group(0) for d in decls]
+    prefix = align.replace("__align__", "alignas") if align else ""
+    poison = " ".join(f"::emu::poison_shared(&{n}, sizeof({n}));" for n in names)
+    return f"{prefix}static {type_} {', '.join(decls)}; {poison}"
+
+
+def _launches(text, name):
+    out, pos = [], 0
+    while True:
+        start = text.find("<<<", pos)
+        if start < 0:
+            out.append(text[pos:])
+            return "".join(out)
+        # The callee: an identifier, perhaps qualified, perhaps with template arguments.
+        i = start - 1
+        while text[i].isspace():
+            i -= 1
+        if text[i] == ">":
+            i = _matching(text, i, ">", "<", step=-1) - 1
+        while text[i].isalnum() or text[i] in "_:":
+            i -= 1
+        callee_start = i + 1
+        callee = text[callee_start:start].strip()
+        end_cfg = text.index(">>>", start)
+        cfg = text[start + 3:end_cfg]
+        j = end_cfg + 3
+        while text[j].isspace():
+            j += 1
+        assert text[j] == "(", f"{name}: a launch without arguments at offset {j}"
+        close = _matching(text, j, "(", ")")
+        args = text[j + 1:close].strip()
+        line = text.count("\n", 0, start) + 1
+        call = f'::emu::launch("{name}:{line}", ::emu::config({cfg}), {callee}{", " + args if args else ""})'
+        out.append(text[pos:callee_start])
+        out.append(call)
+        pos = close + 1
+
+
+def translate_source(text, name):
+    """One CUDA source (.cu or .cuh) rewritten for the emulator."""
+    text = SHARED_ARRAY.sub(_shared, text)
+    text = _launches(text, name)
+    text = text.replace("CUDA_KERNEL_ASSERT(", "EMU_KERNEL_ASSERT(")
+    text = re.sub(r"TORCH_LIBRARY_IMPL\(\s*idd_ops\s*,\s*CUDA\s*,", "TORCH_LIBRARY_IMPL(idd_ops_emu, CPU,", text)
+    return text
+
+
+def _schemas():
+    """The TORCH_LIBRARY block of csrc/idd_ops.cpp under the name idd_ops_emu, with the
+    emulator's settings as two more ops."""
+    text = (CSRC / "idd_ops.cpp").read_text()
+    start = text.index("TORCH_LIBRARY(idd_ops, m) {")
+    end = _matching(text, text.index("{", start), "{", "}")
+    body = text[text.index("{", start) + 1:end]
+    return (
+        "// Generated by tests/cuda_emu/build.py from csrc/idd_ops.cpp.\n"
+        "#include <torch/library.h>\n#include <cuda_runtime.h>\n\n"
+        "TORCH_LIBRARY(idd_ops_emu, m) {" + body +
+        '  m.def("_emu_configure(bool cuda_next, int seed) -> ()", [](bool next, int64_t seed) '
+        "{ emu::configure(next, seed); });\n"
+        '  m.def("_emu_launches() -> int", [] { return emu::launches(); });\n}\n'
+    )
+
+
+# Host functions the CUDA sources share with the CPU build (the composite IDD tail, ordered
+# centroids): compiled in as well, their registrations renamed like the CUDA ones.
+COMPOSITE_UNITS = ["idd_tail.cpp", "class_centroids_ordered.cpp"]
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != text:  # keep mtimes, so ninja rebuilds what changed
+        path.write_text(text)
+
+
+def translate(out=BUILD / "src"):
+    """Writes the emulator's sources under `out`; returns the translation units."""
+    for src in (CSRC / "common").glob("*.h"):
+        _write(out / "common" / src.name, CUDA_NEXT_SHIM if src.name == "cuda_next.h" else src.read_text())
+    units = []
+    for src in sorted((CSRC / "cuda").iterdir()):
+        text = translate_source(src.read_text(), f"csrc/cuda/{src.name}")
+        if src.suffix == ".cu":
+            dst = out / "cuda" / (src.stem + ".cpp")
+            units.append(dst)
+        else:
+            dst = out / "cuda" / src.name
+        _write(dst, text)
+    for header in (CSRC / "composite").glob("*.h"):
+        _write(out / "composite" / header.name, header.read_text())
+    for name in COMPOSITE_UNITS:
+        text = (CSRC / "composite" / name).read_text()
+        units.append(out / "composite" / name)
+        _write(units[-1], re.sub(r"TORCH_LIBRARY_IMPL\(\s*idd_ops\s*,", "TORCH_LIBRARY_IMPL(idd_ops_emu,", text))
+    _write(out / "schemas.cpp", _schemas())
+    return units + [out / "schemas.cpp"]
+
+
+def load(verbose=False):
+    """Translates, builds (incrementally) and loads the emulated library; returns its ops
+    (torch.ops.idd_ops_emu). Needs idd_ops imported first (its CPU ops serve the composite calls)."""
+    import torch
+    import torch.utils.cpp_extension as ext
+
+    import idd_ops  # noqa: F401  (registers idd_ops::*, which the emulated sources call)
+
+    if hasattr(torch.ops, "idd_ops_emu") and hasattr(torch.ops.idd_ops_emu, "_emu_configure"):
+        return torch.ops.idd_ops_emu
+    units = translate()
+    BUILD.mkdir(parents=True, exist_ok=True)
+    ext.load(
+        name="idd_ops_emu",
+        sources=[str(u) for u in units] + [str(HERE / "emu.cpp")],
+        extra_include_paths=[str(HERE / "include"), str(BUILD / "src")],
+        extra_cflags=["-O1", "-fno-strict-aliasing"],
+        build_directory=str(BUILD),
+        is_python_module=False,
+        verbose=verbose,
+    )
+    return torch.ops.idd_ops_emu
+
+
+if __name__ == "__main__":
+    ops = load(verbose=True)
+    print("idd_ops_emu loaded:", ops)

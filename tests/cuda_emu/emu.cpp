@@ -1,0 +1,302 @@
+// The fiber scheduler behind emu.h: one block at a time, its threads as ucontext fibers.
+#include "emu.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <sstream>
+#include <unordered_map>
+#include <vector>
+
+namespace emu {
+
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr int kMaxThreads = 1024;
+
+enum class State { Runnable, AtBlockBarrier, AtWarpBarrier, Done };
+
+}  // namespace
+
+struct Fiber {
+  ucontext_t context;
+  void* stack = nullptr;
+  uint3 tid{};
+  int linear = 0;
+  State state = State::Runnable;
+  unsigned wait_mask = 0;       // lanes a warp barrier waits for
+  unsigned char slot[16] = {};  // this lane's value in the current warp exchange
+  bool slot_valid = false;
+};
+
+namespace {
+
+struct Grid {
+  std::string where;
+  uint3 block{};
+  dim3 block_dim, grid_dim;
+  std::vector<unsigned char> shared;
+  std::vector<Fiber*> fibers;
+  const std::function<void()>* body = nullptr;
+  std::string error;
+  uint64_t block_serial = 0;
+};
+
+std::mutex launch_mutex;  // one emulated launch at a time
+ucontext_t scheduler;
+Fiber* running = nullptr;
+Grid* grid = nullptr;
+std::vector<std::unique_ptr<Fiber>> pool;
+std::unordered_map<const void*, int> max_dynamic_shared;
+std::unordered_map<void*, uint64_t> poisoned_at;
+uint64_t block_counter = 0;
+bool next_kernels = false;
+int64_t order_seed = 0;
+int64_t launch_count = 0;
+
+Fiber* fiber(int i) {
+  while (static_cast<int>(pool.size()) <= i) {
+    auto f = std::make_unique<Fiber>();
+    f->stack = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (f->stack == MAP_FAILED) throw std::runtime_error("emu: no memory for a thread's stack");
+    pool.push_back(std::move(f));
+  }
+  return pool[i].get();
+}
+
+void yield_to_scheduler() { swapcontext(&running->context, &scheduler); }
+
+void fail(const std::string& message) {
+  if (grid->error.empty()) {
+    std::ostringstream out;
+    out << grid->where << ": block (" << grid->block.x << "," << grid->block.y << "," << grid->block.z
+        << ") thread (" << running->tid.x << "," << running->tid.y << "," << running->tid.z << "): " << message;
+    grid->error = out.str();
+  }
+  throw std::runtime_error(grid->error);
+}
+
+void fiber_main() {
+  try {
+    (*grid->body)();
+  } catch (const std::exception& e) {
+    if (grid->error.empty()) grid->error = grid->where + ": " + e.what();
+  }
+  running->state = State::Done;
+  swapcontext(&running->context, &scheduler);
+}
+
+int warp_base(const Fiber* f) { return f->linear & ~31; }
+
+// Whether every live lane of `mask` in f's warp waits at a warp barrier (an exited lane named in
+// the mask is an error, as on a GPU where the call would hang or read garbage).
+bool warp_ready(const Fiber* f, std::string* why) {
+  const int base = warp_base(f);
+  const int n = static_cast<int>(grid->fibers.size());
+  for (int lane = 0; lane < 32; ++lane) {
+    if (!(f->wait_mask >> lane & 1u)) continue;
+    if (base + lane >= n) {
+      *why = "a warp operation names lane " + std::to_string(lane) + ", past the block's last thread";
+      return false;
+    }
+    const Fiber* g = grid->fibers[base + lane];
+    if (g->state == State::Done) {
+      *why = "a warp operation names lane " + std::to_string(lane) + ", which has exited";
+      return false;
+    }
+    if (g->state != State::AtWarpBarrier) return false;
+  }
+  return true;
+}
+
+void run_block(std::mt19937_64& rng) {
+  const int n = static_cast<int>(grid->fibers.size());
+  ++block_counter;
+  std::fill(grid->shared.begin(), grid->shared.end(), 0xFF);
+  for (int i = 0; i < n; ++i) {
+    Fiber* f = grid->fibers[i];
+    f->state = State::Runnable;
+    f->slot_valid = false;
+    getcontext(&f->context);
+    f->context.uc_stack.ss_sp = f->stack;
+    f->context.uc_stack.ss_size = kStackBytes;
+    f->context.uc_link = nullptr;
+    makecontext(&f->context, fiber_main, 0);
+  }
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) order[i] = i;
+  for (;;) {
+    std::shuffle(order.begin(), order.end(), rng);
+    bool progressed = false;
+    for (int i : order) {
+      Fiber* f = grid->fibers[i];
+      if (f->state != State::Runnable) continue;
+      running = f;
+      swapcontext(&scheduler, &f->context);
+      running = nullptr;
+      progressed = true;
+      if (!grid->error.empty()) throw std::runtime_error(grid->error);
+    }
+    // Open the barriers whose threads have all arrived.
+    int live = 0, at_block = 0;
+    for (Fiber* f : grid->fibers) {
+      live += f->state != State::Done;
+      at_block += f->state == State::AtBlockBarrier;
+    }
+    if (live == 0) return;
+    bool opened = false;
+    if (at_block == live) {
+      for (Fiber* f : grid->fibers)
+        if (f->state == State::AtBlockBarrier) f->state = State::Runnable;
+      opened = true;
+    }
+    std::string why;
+    std::vector<Fiber*> ready;
+    for (Fiber* f : grid->fibers) {
+      if (f->state != State::AtWarpBarrier) continue;
+      if (warp_ready(f, &why)) ready.push_back(f);
+      if (!why.empty()) {
+        running = f;
+        grid->error = grid->where + ": thread " + std::to_string(f->linear) + ": " + why;
+        throw std::runtime_error(grid->error);
+      }
+    }
+    for (Fiber* f : ready) f->state = State::Runnable;
+    opened = opened || !ready.empty();
+    if (!progressed && !opened) {
+      std::ostringstream out;
+      out << grid->where << ": block (" << grid->block.x << "," << grid->block.y << "," << grid->block.z
+          << ") deadlocks: " << at_block << " of " << live
+          << " live threads wait at __syncthreads, the others at a warp operation (a barrier not every thread "
+             "reaches)";
+      throw std::runtime_error(out.str());
+    }
+  }
+}
+
+}  // namespace
+
+Fiber* current() { return running; }
+const uint3& thread_idx() { return running->tid; }
+const uint3& block_idx() { return grid->block; }
+const dim3& block_dim() { return grid->block_dim; }
+const dim3& grid_dim() { return grid->grid_dim; }
+void* dynamic_shared() { return grid->shared.empty() ? nullptr : grid->shared.data(); }
+int lane_id() { return running->linear & 31; }
+
+void sync_block() {
+  running->state = State::AtBlockBarrier;
+  yield_to_scheduler();
+}
+
+void start_exchange(unsigned mask, const void* value, size_t bytes) {
+  if (!(mask >> lane_id() & 1u)) fail("a warp operation's mask leaves out its own lane");
+  if (bytes > sizeof(running->slot)) fail("a warp exchange of more than 16 bytes");
+  if (bytes) std::memcpy(running->slot, value, bytes);
+  running->slot_valid = true;
+  running->wait_mask = mask;
+  running->state = State::AtWarpBarrier;
+  yield_to_scheduler();
+}
+
+void read_lane(unsigned mask, int lane, void* out, size_t bytes) {
+  if (lane < 0 || lane >= 32) fail("a shuffle reads lane " + std::to_string(lane));
+  if (!(mask >> lane & 1u)) {
+    // CUDA leaves the value undefined when the source lane is outside the mask.
+    fail("a shuffle reads lane " + std::to_string(lane) + ", outside its mask");
+  }
+  const Fiber* src = grid->fibers[warp_base(running) + lane];
+  std::memcpy(out, src->slot, bytes);
+}
+
+void finish_exchange(unsigned mask) {
+  running->wait_mask = mask;
+  running->state = State::AtWarpBarrier;
+  yield_to_scheduler();
+  running->slot_valid = false;
+}
+
+unsigned vote(unsigned mask, bool predicate) {
+  const unsigned char p = predicate;
+  start_exchange(mask, &p, 1);
+  unsigned bits = 0;
+  for (int lane = 0; lane < 32; ++lane)
+    if (mask >> lane & 1u && grid->fibers[warp_base(running) + lane]->slot[0]) bits |= 1u << lane;
+  finish_exchange(mask);
+  return bits;
+}
+
+void poison_shared(void* p, size_t bytes) {
+  auto& at = poisoned_at[p];
+  if (at == block_counter) return;
+  at = block_counter;
+  std::memset(p, 0xFF, bytes);
+}
+
+void device_assert(const char* condition, const char* file, int line) {
+  fail(std::string("device assert failed: ") + condition + " (" + file + ":" + std::to_string(line) + ")");
+}
+
+void set_max_dynamic_shared(const void* kernel, int bytes) { max_dynamic_shared[kernel] = bytes; }
+
+void run_grid(const char* where, const void* kernel, dim3 grid_dim, dim3 block_dim, size_t shared,
+              const std::function<void()>& body) {
+  std::lock_guard<std::mutex> lock(launch_mutex);
+  const std::string site = std::string("emulated launch at ") + where;
+  const uint64_t threads = uint64_t{block_dim.x} * block_dim.y * block_dim.z;
+  if (threads == 0 || threads > kMaxThreads || block_dim.z > 64)
+    throw std::runtime_error(site + ": a block of " + std::to_string(threads) + " threads (CUDA allows 1 to 1024)");
+  if (grid_dim.x == 0 || grid_dim.y == 0 || grid_dim.z == 0 || grid_dim.x > 2147483647u || grid_dim.y > 65535 ||
+      grid_dim.z > 65535)
+    throw std::runtime_error(site + ": grid (" + std::to_string(grid_dim.x) + "," + std::to_string(grid_dim.y) + "," +
+                             std::to_string(grid_dim.z) + ") is empty or past CUDA's limits");
+  auto opted = max_dynamic_shared.find(kernel);
+  const size_t allowed = opted == max_dynamic_shared.end() ? kDefaultShared : static_cast<size_t>(opted->second);
+  if (shared > allowed)
+    throw std::runtime_error(site + ": " + std::to_string(shared) + " bytes of dynamic shared memory, more than the " +
+                             std::to_string(allowed) + " the kernel may use (cudaFuncSetAttribute raises the limit)");
+  ++launch_count;
+  Grid g;
+  g.where = site;
+  g.block_dim = block_dim;
+  g.grid_dim = grid_dim;
+  g.shared.assign(shared, 0xFF);
+  g.body = &body;
+  for (unsigned i = 0; i < threads; ++i) {
+    Fiber* f = fiber(static_cast<int>(i));
+    f->linear = static_cast<int>(i);
+    f->tid = uint3{i % block_dim.x, i / block_dim.x % block_dim.y, i / (block_dim.x * block_dim.y)};
+    g.fibers.push_back(f);
+  }
+  const uint64_t blocks = uint64_t{grid_dim.x} * grid_dim.y * grid_dim.z;
+  std::vector<uint64_t> order(blocks);
+  for (uint64_t i = 0; i < blocks; ++i) order[i] = i;
+  std::mt19937_64 rng(static_cast<uint64_t>(order_seed) * 1000003u + static_cast<uint64_t>(launch_count));
+  std::shuffle(order.begin(), order.end(), rng);
+  grid = &g;
+  try {
+    for (uint64_t b : order) {
+      g.block = uint3{static_cast<unsigned>(b % grid_dim.x), static_cast<unsigned>(b / grid_dim.x % grid_dim.y),
+                      static_cast<unsigned>(b / (uint64_t{grid_dim.x} * grid_dim.y))};
+      run_block(rng);
+    }
+  } catch (...) {
+    grid = nullptr;
+    throw;
+  }
+  grid = nullptr;
+}
+
+bool cuda_next() { return next_kernels; }
+void configure(bool cuda_next, int64_t seed) {
+  next_kernels = cuda_next;
+  order_seed = seed;
+}
+int64_t launches() { return launch_count; }
+
+}  // namespace emu

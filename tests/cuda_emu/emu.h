@@ -1,0 +1,225 @@
+#pragma once
+// A CUDA execution model on the CPU, for testing the library's CUDA kernels on machines without a
+// GPU (tests/test_cuda_emulated.py). Each block's threads run as cooperative fibers on one OS
+// thread: a thread runs until it reaches a barrier (__syncthreads, a warp shuffle, vote or
+// __syncwarp), and a barrier opens when every live thread it waits for has reached it. Blocks run
+// one after another in a shuffled order, and the threads of each phase in a shuffled order, so a
+// kernel that relies on an order CUDA does not promise (a missing barrier, one block reading
+// another's output) gives a different answer from run to run. Shared memory (static and dynamic)
+// starts each block filled with 0xFF bytes (NaN, -1), like the garbage a GPU leaves there.
+//
+// Checked at every launch, where CUDA would fail or misbehave: block size (<= 1024 threads), grid
+// size, dynamic shared memory (<= 48 KiB unless the kernel opted in with cudaFuncSetAttribute,
+// never past the opt-in limit), barriers that not every thread reaches (a deadlock here), a
+// shuffle that reads a lane which has exited, and device asserts. Each is raised on the host as a
+// C++ exception (a RuntimeError in Python) naming the kernel's launch.
+//
+// Not modelled: timing, memory coalescing, races between blocks of one launch (they run in turn),
+// the GPU's float rounding of fused multiply-adds and fast-math intrinsics.
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+struct uint3 {
+  unsigned x, y, z;
+};
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned vx = 1, unsigned vy = 1, unsigned vz = 1) : x(vx), y(vy), z(vz) {}
+};
+
+struct CUstream_st;
+using cudaStream_t = CUstream_st*;
+
+namespace emu {
+
+// Limits of the emulated device (an H100/H200 class GPU).
+constexpr int kMultiprocessors = 132;
+constexpr size_t kDefaultShared = 48 * 1024;
+constexpr size_t kOptinShared = 227 * 1024;
+constexpr size_t kSharedPerMultiprocessor = 228 * 1024;
+
+struct Fiber;
+
+// The running thread's fiber, and what a kernel reads of it.
+Fiber* current();
+const uint3& thread_idx();
+const uint3& block_idx();
+const dim3& block_dim();
+const dim3& grid_dim();
+void* dynamic_shared();
+
+void sync_block();
+// Every lane of `mask` in the caller's warp writes `bytes` of `value` and waits for the others;
+// read_lane then gives lane `lane`'s value (an error when that lane has exited or is outside mask);
+// finish_exchange waits until every lane has read, before the slots are reused.
+void start_exchange(unsigned mask, const void* value, size_t bytes);
+void read_lane(unsigned mask, int lane, void* out, size_t bytes);
+void finish_exchange(unsigned mask);
+int lane_id();
+
+// Fills a static __shared__ array with 0xFF bytes the first time a thread of a block reaches it.
+void poison_shared(void* p, size_t bytes);
+[[noreturn]] void device_assert(const char* condition, const char* file, int line);
+
+// Dynamic shared memory a kernel may request beyond the default (cudaFuncSetAttribute).
+void set_max_dynamic_shared(const void* kernel, int bytes);
+
+// Runs `body` once in every thread of a grid.
+void run_grid(const char* where, const void* kernel, dim3 grid, dim3 block, size_t shared,
+              const std::function<void()>& body);
+
+// Settings the tests choose: the IDD_OPS_CUDA_NEXT kernels, and the seed of the orders.
+bool cuda_next();
+void configure(bool cuda_next, int64_t seed);
+int64_t launches();
+
+struct Config {
+  dim3 grid, block;
+  size_t shared;
+};
+
+inline Config config(dim3 grid, dim3 block, size_t shared = 0, cudaStream_t = nullptr) {
+  return Config{grid, block, shared};
+}
+
+template <typename... Params, typename... Args>
+void launch(const char* where, const Config& cfg, void (*kernel)(Params...), Args&&... args) {
+  // Parameters are copied once, as CUDA copies them to the device; every thread reads the copy.
+  std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
+  run_grid(where, reinterpret_cast<const void*>(kernel), cfg.grid, cfg.block, cfg.shared,
+           [&] { std::apply(kernel, params); });
+}
+
+template <typename T>
+T shuffle(unsigned mask, T value, int width, int (*source)(int lane, int arg, int width), int arg) {
+  start_exchange(mask, &value, sizeof(T));
+  const int lane = lane_id();
+  int src = source(lane, arg, width);
+  T out;
+  read_lane(mask, src, &out, sizeof(T));
+  finish_exchange(mask);
+  return out;
+}
+
+inline int source_index(int lane, int src, int width) { return (lane & ~(width - 1)) + (src % width); }
+inline int source_down(int lane, int delta, int width) {
+  return (lane % width) + delta < width ? lane + delta : lane;
+}
+inline int source_up(int lane, int delta, int width) { return (lane % width) - delta >= 0 ? lane - delta : lane; }
+inline int source_xor(int lane, int mask, int width) {
+  const int src = lane ^ mask;
+  return (src & ~(width - 1)) == (lane & ~(width - 1)) ? src : lane;
+}
+
+unsigned vote(unsigned mask, bool predicate);
+
+}  // namespace emu
+
+// The CUDA names device code uses.
+#define threadIdx (::emu::thread_idx())
+#define blockIdx (::emu::block_idx())
+#define blockDim (::emu::block_dim())
+#define gridDim (::emu::grid_dim())
+constexpr int warpSize = 32;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+inline void __syncthreads() { ::emu::sync_block(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  ::emu::start_exchange(mask, nullptr, 0);
+  ::emu::finish_exchange(mask);
+}
+
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
+  return ::emu::shuffle(mask, v, width, ::emu::source_index, src);
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  return ::emu::shuffle(mask, v, width, ::emu::source_down, static_cast<int>(delta));
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  return ::emu::shuffle(mask, v, width, ::emu::source_up, static_cast<int>(delta));
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  return ::emu::shuffle(mask, v, width, ::emu::source_xor, lane_mask);
+}
+inline unsigned __ballot_sync(unsigned mask, int predicate) { return ::emu::vote(mask, predicate != 0); }
+inline int __all_sync(unsigned mask, int predicate) { return ::emu::vote(mask, predicate != 0) == mask; }
+inline int __any_sync(unsigned mask, int predicate) { return ::emu::vote(mask, predicate != 0) != 0; }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
+
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
+// Threads of a block switch only at barriers, so a plain read-modify-write is atomic here.
+template <typename T, typename U>
+inline T atomicAdd(T* address, U value) {
+  const T old = *address;
+  *address = static_cast<T>(old + value);
+  return old;
+}
+template <typename T, typename U>
+inline T atomicMax(T* address, U value) {
+  const T old = *address;
+  if (static_cast<T>(value) > old) *address = static_cast<T>(value);
+  return old;
+}
+template <typename T, typename U>
+inline T atomicMin(T* address, U value) {
+  const T old = *address;
+  if (static_cast<T>(value) < old) *address = static_cast<T>(value);
+  return old;
+}
+template <typename T, typename U>
+inline T atomicExch(T* address, U value) {
+  const T old = *address;
+  *address = static_cast<T>(value);
+  return old;
+}
+template <typename T, typename U, typename V>
+inline T atomicCAS(T* address, U compare, V value) {
+  const T old = *address;
+  if (old == static_cast<T>(compare)) *address = static_cast<T>(value);
+  return old;
+}
+
+// CUDA's device math is global: isfinite and friends without std::, min/max of mixed integer widths.
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+
+template <typename A, typename B>
+inline std::common_type_t<A, B> min(A a, B b) {
+  return b < a ? b : a;
+}
+template <typename A, typename B>
+inline std::common_type_t<A, B> max(A a, B b) {
+  return a < b ? b : a;
+}
+
+#define EMU_KERNEL_ASSERT(cond) \
+  do {                          \
+    if (!(cond)) ::emu::device_assert(#cond, __FILE__, __LINE__); \
+  } while (0)

@@ -1,0 +1,37 @@
+#pragma once
+// The host API of the CUDA runtime that the library's CUDA sources call, answered by the
+// emulator (tests/cuda_emu/emu.h) as an H100/H200-class device would.
+#include "../emu.h"
+
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+
+enum cudaDeviceAttr {
+  cudaDevAttrMaxSharedMemoryPerBlock,
+  cudaDevAttrMultiProcessorCount,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin,
+};
+
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = static_cast<int>(emu::kDefaultShared); break;
+    case cudaDevAttrMultiProcessorCount: *value = emu::kMultiprocessors; break;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = static_cast<int>(emu::kSharedPerMultiprocessor); break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(emu::kOptinShared); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      static_cast<size_t>(value) > emu::kOptinShared)
+    return cudaErrorInvalidValue;
+  emu::set_max_dynamic_shared(reinterpret_cast<const void*>(kernel), value);
+  return cudaSuccess;
+}
+
+inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "invalid value"; }

@@ -1,0 +1,153 @@
+"""The library's CUDA kernels, run on the CPU by the emulator of tests/cuda_emu (no GPU needed):
+every CUDA op of both kernel sets (the tested default and the IDD_OPS_CUDA_NEXT set) against the
+CPU op of the same name, which the rest of the suite checks against the float64 reference.
+
+The emulator runs each block's threads as fibers in a shuffled order, poisons shared memory, and
+raises on a barrier not every thread reaches, an over-sized launch or a device assert, so these
+tests catch indexing, reduction and synchronisation errors; not timing, and not the GPU's own
+float rounding (the tolerances are those of a different summation order). The emulated library
+is built on first use (about 1-2 minutes on 2 cores, then cached in build/cuda_emu).
+"""
+import pytest
+import torch
+
+import idd_ops  # noqa: F401
+
+CPU = torch.ops.idd_ops
+K = 7
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from cuda_emu import build
+
+    return build.load()
+
+
+@pytest.fixture(params=["default", "next"])
+def kernels(request, emu):
+    """The emulated ops with one of the two CUDA kernel sets selected, and a seed for the order
+    of blocks and threads."""
+    emu._emu_configure(request.param == "next", 7)
+    return emu
+
+
+def close(got, want, rtol=1e-5, atol=1e-5):
+    if isinstance(want, (tuple, list)):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            close(g, w, rtol, atol)
+        return
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if not want.is_floating_point():
+        assert torch.equal(got, want)
+        return
+    assert torch.isfinite(got).all() == torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol * max(1.0, float(want.abs().max())) if want.numel() else atol)
+
+
+def labels(B, Hy, Wy, num_classes=K, seed=0, ignore=0.1):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (B, Hy, Wy), generator=g)
+    y[torch.rand(B, Hy, Wy, generator=g) < ignore] = 255
+    return y
+
+
+def randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("size", [(16, 20, 32, 40), (9, 13, 18, 26), (12, 12, 7, 5)])
+def test_label_slots(kernels, size):
+    H, W, Hy, Wy = size
+    y = labels(2, Hy, Wy)
+    assert torch.equal(kernels._label_slots(y, H, W, K, 255), CPU._label_slots(y, H, W, K, 255))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("num_classes", [K, 300])
+def test_class_sums(kernels, layout, num_classes):
+    x = randn(2, 24, 16, 20)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    slots = CPU._label_slots(labels(2, 32, 40, num_classes), 16, 20, num_classes, 255)
+    close(kernels.class_sums(x, slots, num_classes), CPU.class_sums(x, slots, num_classes))
+
+
+def test_class_sums_pair(kernels):
+    a, b = randn(2, 24, 16, 20), randn(2, 40, 16, 20, seed=1)
+    slots = CPU._label_slots(labels(2, 32, 40), 16, 20, K, 255)
+    close(kernels.class_sums_pair(a, slots, b, slots, K), CPU.class_sums_pair(a, slots, b, slots, K))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_class_sums_backward(kernels, channels_last):
+    slots = CPU._label_slots(labels(2, 32, 40), 16, 20, K, 255)
+    grad = randn(2, K, 24, dtype=torch.float64)
+    args = (grad, slots, torch.float32, channels_last)
+    close(kernels._class_sums_backward(*args), CPU._class_sums_backward(*args))
+
+
+def test_class_centroids(kernels):
+    x, y = randn(2, 24, 16, 20), labels(2, 32, 40)
+    close(kernels.class_centroids(x, y, K, 255), CPU.class_centroids(x, y, K, 255))
+    _, counts = CPU.class_centroids(x, y, K, 255)
+    args = (randn(2, K, 24, seed=1), y, counts, 16, 20, torch.float32, 255)
+    close(kernels._class_centroids_backward(*args), CPU._class_centroids_backward(*args))
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_idd_tail(kernels, metric, normalize, reduction):
+    slots = CPU._label_slots(labels(2, 32, 40), 16, 20, K, 255)
+    ss, sc = CPU.class_sums(randn(2, 24, 16, 20), slots, K)
+    ts, tc = CPU.class_sums(randn(2, 40, 16, 20, seed=1), slots, K)
+    args = (ss, sc, ts, tc, metric, normalize, 1e-8, reduction, torch.float32)
+    got, want = kernels.idd_tail(*args), CPU.idd_tail(*args)
+    close(got[:2], want[:2])
+    # stats: row K holds the image's values (rows 0..K-1 are the CUDA kernel's own partials);
+    # Q (column 6) is computed, and read by the backward, only under normalize.
+    stat_cols = slice(None) if normalize else [0, 1, 2, 3, 4, 5, 7]
+    close(got[2][:, K, stat_cols], want[2][:, K, stat_cols])
+    grad = torch.rand_like(want[0]) + 0.5
+    tail = (metric, normalize, 1e-8, reduction)
+    close(kernels._idd_tail_backward(grad, ss, sc, tc, got[1], got[2], *tail),
+          CPU._idd_tail_backward(grad, ss, sc, tc, want[1], want[2], *tail))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_position_encoding_loss(kernels, reduction):
+    pred = torch.rand(2, 5, 16, 20, generator=torch.Generator().manual_seed(0))
+    spec = ([0, 1, 2, 3, 4], [0.0, 0.0, 0.5, 4.0, 4.0])
+    close(kernels.position_encoding_loss(pred, *spec, reduction), CPU.position_encoding_loss(pred, *spec, reduction))
+    grad = torch.tensor(1.0) if reduction == "mean" else randn(2, 5, 16, 20)
+    close(kernels._position_encoding_loss_backward(grad, pred, *spec, reduction),
+          CPU._position_encoding_loss_backward(grad, pred, *spec, reduction))
+
+
+@pytest.mark.parametrize("shape", [(4, 19, 300), (64, 37, 1), (8, 512, 3)])
+def test_softmax_kl(kernels, shape):
+    s, t = randn(*shape), randn(*shape, seed=1)
+    close(kernels.softmax_kl(s, t, 2.0), CPU.softmax_kl(s, t, 2.0))
+    kl, lse_s, lse_t = CPU.softmax_kl(s, t, 2.0)
+    grad = randn(*kl.shape, seed=2)
+    close(kernels._softmax_kl_backward(grad, s, t, lse_s, lse_t, 2.0),
+          CPU._softmax_kl_backward(grad, s, t, lse_s, lse_t, 2.0))
+
+
+def test_pixel_centroid_cosine(kernels):
+    x, y, cent = randn(2, 24, 16, 20), labels(2, 32, 40), randn(2, K, 24, seed=1)
+    close(kernels.pixel_centroid_cosine(x, cent, y, 255, 1e-8), CPU.pixel_centroid_cosine(x, cent, y, 255, 1e-8))
+    cos, norms = CPU.pixel_centroid_cosine(x, cent, y, 255, 1e-8)
+    args = (randn(2, 16, 20, seed=2), x, cent, y, cos, norms, 255, 1e-8)
+    close(kernels._pixel_centroid_cosine_backward(*args), CPU._pixel_centroid_cosine_backward(*args), atol=1e-4)
+
+
+def test_pixel_centroid_cosine_slots(kernels):
+    x, cent = randn(2, 24, 16, 20), randn(2, K, 24, seed=1)
+    slots = CPU._label_slots(labels(2, 32, 40), 16, 20, K, 255)
+    close(kernels._pixel_centroid_cosine_slots(x, cent, slots, 1e-8), CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8))
+    cos, norms = CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8)
+    args = (randn(2, 16, 20, seed=2), x, cent, slots, cos, norms, 1e-8)
+    close(kernels._pixel_centroid_cosine_slots_backward(*args), CPU._pixel_centroid_cosine_slots_backward(*args), atol=1e-4)
