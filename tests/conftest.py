@@ -1,7 +1,10 @@
+import os
+
 import pytest
 import torch
 
 import idd_ops
+from idd_ops import _switches
 
 # Every device-parametrised test has a cuda case: skipped without a GPU, run (and failing if the
 # CUDA kernels were not built) where one is visible.
@@ -28,6 +31,32 @@ def pytest_collection_modifyitems(config, items):
         needs_gpu = any(m.kwargs.get("reason") == "needs a GPU" for m in item.iter_markers("skipif"))
         if on_cuda or needs_gpu:
             item.add_marker(pytest.mark.gpu)
+
+
+# IDD_OPS_EMULATE_CUDA=default|next: the CPU cases run the library's CUDA kernels instead of its
+# CPU kernels, on the emulator of tests/cuda_emu (one of the two CUDA kernel sets), with the
+# Python and composite paths switched as they are on CUDA. For the test files that check values
+# through the public API (test_cuda_emulated.py lists them and runs them so).
+EMULATE_CUDA = os.environ.get("IDD_OPS_EMULATE_CUDA", "")
+
+
+@pytest.fixture(autouse=True)
+def _emulated_cuda(monkeypatch):
+    if not EMULATE_CUDA:
+        yield
+        return
+    from cuda_emu import build
+
+    assert EMULATE_CUDA in ("default", "next"), f"IDD_OPS_EMULATE_CUDA: expected default or next, got {EMULATE_CUDA!r}"
+    emu, cuda_next = build.load(), EMULATE_CUDA == "next"
+    emu._emu_configure(cuda_next, 0)
+    monkeypatch.setattr(_switches, "class_sums_path", lambda device, channels_last=False: cuda_next)
+    monkeypatch.setattr(_switches, "cosine_slots_path", lambda device: cuda_next)
+    if cuda_next:
+        monkeypatch.setenv("_IDD_OPS_SKD_BATCHED", "1")
+    emu._emu_override(True)
+    yield
+    emu._emu_override(False)
 
 
 @pytest.fixture(params=DEVICES)
@@ -65,3 +94,11 @@ def make_feats(B, C, H, W, dtype=torch.float64, device="cpu", seed=0, channels_l
         x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
     x = x.to(device=device, dtype=dtype)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if EMULATE_CUDA and os.environ.get("IDD_OPS_EMULATE_PROFILE"):
+        import sys
+
+        if "cuda_emu.build" in sys.modules and sys.modules["cuda_emu.build"]._LOADED:
+            print("\nemulated launches (site, count, seconds):\n" + torch.ops.idd_ops_emu._emu_profile())

@@ -1,10 +1,14 @@
-// The fiber scheduler behind emu.h: one block at a time, its threads as ucontext fibers.
+// The fiber scheduler behind emu.h: one block at a time, its threads as fibers. On x86-64 a fiber
+// switch is a few instructions (switch_stack below: a thread switch at every barrier makes the
+// emulator's speed that of its switches); elsewhere ucontext, whose switches make a system call.
 #include "emu.h"
 
 #include <sys/mman.h>
 #include <ucontext.h>
 
 #include <algorithm>
+#include <chrono>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -23,8 +27,67 @@ enum class State { Runnable, AtBlockBarrier, AtWarpBarrier, Done };
 
 }  // namespace
 
+#if defined(__x86_64__)
+// Saves the callee-saved registers on the current stack, stores its pointer in *save and resumes
+// the stack at `load` (one saved by switch_stack, or a new one from new_stack).
+extern "C" void emu_switch_stack(void** save, void* load);
+asm(R"(
+.text
+.globl emu_switch_stack
+.type emu_switch_stack, @function
+emu_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size emu_switch_stack, .-emu_switch_stack
+)");
+
+struct Context {
+  void* sp = nullptr;
+};
+
+// A stack whose first switch enters `entry` as if called (the ABI's alignment), with zeroed
+// callee-saved registers; entry must never return.
+void new_stack(Context* c, void* base, size_t bytes, void (*entry)()) {
+  auto top = (reinterpret_cast<uintptr_t>(base) + bytes) & ~uintptr_t{15};
+  auto* words = reinterpret_cast<void**>(top);
+  words[-1] = nullptr;                             // entry's return address: never used
+  words[-2] = reinterpret_cast<void*>(entry);      // where the first switch's ret goes
+  for (int r = 3; r <= 8; ++r) words[-r] = nullptr;  // rbp, rbx, r12-r15
+  c->sp = &words[-8];
+}
+
+void switch_context(Context* save, Context* load) { emu_switch_stack(&save->sp, load->sp); }
+#else
+struct Context {
+  ucontext_t uc;
+};
+
+void new_stack(Context* c, void* base, size_t bytes, void (*entry)()) {
+  getcontext(&c->uc);
+  c->uc.uc_stack.ss_sp = base;
+  c->uc.uc_stack.ss_size = bytes;
+  c->uc.uc_link = nullptr;
+  makecontext(&c->uc, entry, 0);
+}
+
+void switch_context(Context* save, Context* load) { swapcontext(&save->uc, &load->uc); }
+#endif
+
 struct Fiber {
-  ucontext_t context;
+  Context context;
   void* stack = nullptr;
   uint3 tid{};
   int linear = 0;
@@ -48,7 +111,7 @@ struct Grid {
 };
 
 std::mutex launch_mutex;  // one emulated launch at a time
-ucontext_t scheduler;
+Context scheduler;
 Fiber* running = nullptr;
 Grid* grid = nullptr;
 std::vector<std::unique_ptr<Fiber>> pool;
@@ -58,6 +121,7 @@ uint64_t block_counter = 0;
 bool next_kernels = false;
 int64_t order_seed = 0;
 int64_t launch_count = 0;
+std::map<std::string, std::pair<int64_t, double>> launch_times;  // site -> (launches, seconds)
 
 Fiber* fiber(int i) {
   while (static_cast<int>(pool.size()) <= i) {
@@ -69,7 +133,7 @@ Fiber* fiber(int i) {
   return pool[i].get();
 }
 
-void yield_to_scheduler() { swapcontext(&running->context, &scheduler); }
+void yield_to_scheduler() { switch_context(&running->context, &scheduler); }
 
 void fail(const std::string& message) {
   if (grid->error.empty()) {
@@ -88,7 +152,7 @@ void fiber_main() {
     if (grid->error.empty()) grid->error = grid->where + ": " + e.what();
   }
   running->state = State::Done;
-  swapcontext(&running->context, &scheduler);
+  switch_context(&running->context, &scheduler);
 }
 
 int warp_base(const Fiber* f) { return f->linear & ~31; }
@@ -122,11 +186,7 @@ void run_block(std::mt19937_64& rng) {
     Fiber* f = grid->fibers[i];
     f->state = State::Runnable;
     f->slot_valid = false;
-    getcontext(&f->context);
-    f->context.uc_stack.ss_sp = f->stack;
-    f->context.uc_stack.ss_size = kStackBytes;
-    f->context.uc_link = nullptr;
-    makecontext(&f->context, fiber_main, 0);
+    new_stack(&f->context, f->stack, kStackBytes, fiber_main);
   }
   std::vector<int> order(n);
   for (int i = 0; i < n; ++i) order[i] = i;
@@ -137,7 +197,7 @@ void run_block(std::mt19937_64& rng) {
       Fiber* f = grid->fibers[i];
       if (f->state != State::Runnable) continue;
       running = f;
-      swapcontext(&scheduler, &f->context);
+      switch_context(&scheduler, &f->context);
       running = nullptr;
       progressed = true;
       if (!grid->error.empty()) throw std::runtime_error(grid->error);
@@ -279,6 +339,9 @@ void run_grid(const char* where, const void* kernel, dim3 grid_dim, dim3 block_d
   std::mt19937_64 rng(static_cast<uint64_t>(order_seed) * 1000003u + static_cast<uint64_t>(launch_count));
   std::shuffle(order.begin(), order.end(), rng);
   grid = &g;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto& timing = launch_times[where];
+  ++timing.first;
   try {
     for (uint64_t b : order) {
       g.block = uint3{static_cast<unsigned>(b % grid_dim.x), static_cast<unsigned>(b / grid_dim.x % grid_dim.y),
@@ -290,6 +353,13 @@ void run_grid(const char* where, const void* kernel, dim3 grid_dim, dim3 block_d
     throw;
   }
   grid = nullptr;
+  timing.second += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+std::string profile() {
+  std::ostringstream out;
+  for (const auto& [site, t] : launch_times) out << site << "\t" << t.first << "\t" << t.second << "\n";
+  return out.str();
 }
 
 bool cuda_next() { return next_kernels; }

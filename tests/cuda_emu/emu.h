@@ -81,6 +81,8 @@ void run_grid(const char* where, const void* kernel, dim3 grid, dim3 block, size
 bool cuda_next();
 void configure(bool cuda_next, int64_t seed);
 int64_t launches();
+// Launches and emulated seconds per launch site, one "site\tlaunches\tseconds" line each.
+std::string profile();
 
 struct Config {
   dim3 grid, block;
