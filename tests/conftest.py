@@ -26,6 +26,9 @@ def pytest_collection_modifyitems(config, items):
     """Mark every test that needs a GPU: the cuda cases of device-parametrised tests and the
     tests skipped as 'needs a GPU'."""
     for item in items:
+        for prefix, (kernel_sets, kind, why) in EMULATED_CUDA_DIFFERENCES.items():
+            if EMULATE_CUDA in kernel_sets and item.nodeid.startswith(prefix):
+                item.add_marker(pytest.mark.skip(reason=why) if kind == "skip" else pytest.mark.xfail(reason=why))
         callspec = getattr(item, "callspec", None)
         on_cuda = callspec is not None and callspec.params.get("device") == "cuda"
         needs_gpu = any(m.kwargs.get("reason") == "needs a GPU" for m in item.iter_markers("skipif"))
@@ -38,6 +41,40 @@ def pytest_collection_modifyitems(config, items):
 # Python and composite paths switched as they are on CUDA. For the test files that check values
 # through the public API (test_cuda_emulated.py lists them and runs them so).
 EMULATE_CUDA = os.environ.get("IDD_OPS_EMULATE_CUDA", "")
+
+# Where the CUDA kernels differ from the CPU ones by design (skipped under emulation), or by a
+# known defect (expected to fail): test id prefix -> (kernel sets, "skip" or "xfail", why).
+_DEVICE_ASSERT = "CUDA checks label and slot values by a device assert (a RuntimeError), not the CPU op's ValueError"
+_ATOMICS = "the default CUDA centroid kernel adds float atomics: its sums change bits from run to run"
+EMULATED_CUDA_DIFFERENCES = {
+    "tests/test_baselines.py::test_bad_input[<lambda>-labels: value": (("default", "next"), "skip", _DEVICE_ASSERT),
+    "tests/test_centroids.py::test_counts_without_channels_and_unsigned_labels": (("default", "next"), "skip",
+                                                                                  _DEVICE_ASSERT),
+    "tests/test_class_sums.py::test_class_sums_reject_bad_input": (("default", "next"), "skip", _DEVICE_ASSERT),
+    "tests/test_class_sums.py::test_label_slots_reject_bad_input": (("default", "next"), "skip", _DEVICE_ASSERT),
+    "tests/test_cosine_slots.py::test_bad_slots_raise": (("default", "next"), "skip", _DEVICE_ASSERT),
+    "tests/test_class_sums.py::test_cpu_default_path_is_switchable": (("default", "next"), "skip",
+                                                                      "the CPU's path selection"),
+    "tests/test_class_sums.py::test_token_features_are_read_in_place": (("default",), "skip",
+                                                                        "the CPU's path selection"),
+    "tests/test_cosine_slots.py::test_ifvd_reads_the_slot_map_once": (("default",), "skip",
+                                                                      "the default CUDA IFVD reads the labels"),
+    "tests/test_cosine_slots.py::test_equals_the_labels_op": (("default", "next"), "xfail",
+                                                              "the CUDA IFVD backwards add centroid gradients with "
+                                                              "float atomics, in a different order"),
+    "tests/test_baselines.py::test_gradcheck[cpu-intra_class_variation_loss]": (
+        ("default", "next"), "xfail", "the CUDA IFVD backward adds float atomics: gradcheck finds it not reentrant"),
+    "tests/test_sums_path.py::test_baseline_gradcheck[cpu-intra_class_variation_loss]": (
+        ("default", "next"), "xfail", "the CUDA IFVD backward adds float atomics: gradcheck finds it not reentrant"),
+    "tests/test_idd_loss.py::test_deterministic_on_cpu": (("default",), "xfail", _ATOMICS),
+    "tests/test_idd_loss.py::test_loss_is_zero_when_student_equals_teacher": (("default",), "xfail", _ATOMICS),
+    "tests/test_precision.py::test_loss_with_a_common_offset": (
+        ("default",), "xfail", "the default CUDA centroid kernel loses a common offset (issue 25; next keeps it)"),
+    "tests/test_precision.py::test_centroids_with_a_common_offset": (
+        ("default",), "xfail", "the default CUDA centroid kernel loses a common offset (issue 25; next keeps it)"),
+    "tests/test_precision.py::test_class_sum_path_keeps_a_common_offset": (
+        ("default",), "skip", "the default CUDA kernels have no class-sum path"),
+}
 
 
 @pytest.fixture(autouse=True)

@@ -151,3 +151,29 @@ def test_pixel_centroid_cosine_slots(kernels):
     cos, norms = CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8)
     args = (randn(2, 16, 20, seed=2), x, cent, slots, cos, norms, 1e-8)
     close(kernels._pixel_centroid_cosine_slots_backward(*args), CPU._pixel_centroid_cosine_slots_backward(*args), atol=1e-4)
+
+
+def test_emulator_runs_a_correct_reduction(emu):
+    x = torch.arange(1.0, 201.0)
+    assert emu._emu_selftest("block_sum", x)[0].item() == x.sum().item()
+
+
+def test_emulator_exposes_a_missing_barrier_and_unwritten_shared_memory(emu):
+    """Threads run in a shuffled order between barriers, and shared memory starts as NaN: a
+    kernel that reads before the others wrote gets wrong values."""
+    x = torch.arange(1.0, 201.0)
+    want = torch.cat([x, torch.zeros(56)]).roll(-1)
+    assert (emu._emu_selftest("missing_barrier", x) != want).sum() > 50
+    assert emu._emu_selftest("unwritten_shared", x).isnan().all()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("divergent_barrier", "deadlocks"),
+    ("shuffle_from_exited_lane", "names lane 16, which has exited"),
+    ("failing_assert", "device assert failed: x\\[threadIdx.x\\] < 0"),
+    ("too_many_threads", "a block of 2048 threads"),
+    ("too_much_shared", "65536 bytes of dynamic shared memory"),
+])
+def test_emulator_raises_what_a_gpu_would_fault_on(emu, name, message):
+    with pytest.raises(RuntimeError, match=message):
+        emu._emu_selftest(name, torch.arange(1.0, 257.0))

@@ -166,6 +166,7 @@ def _schemas():
         '  m.def("_emu_configure(bool cuda_next, int seed) -> ()", [](bool next, int64_t seed) '
         "{ emu::configure(next, seed); });\n"
         '  m.def("_emu_launches() -> int", [] { return emu::launches(); });\n'
+        '  m.def("_emu_selftest(str name, Tensor x) -> Tensor");\n'
         '  m.def("_emu_profile() -> str", [] { return emu::profile(); });\n'
         '  m.def("_emu_register() -> ()", [] { emu::register_blocks("idd_ops_emu", false); });\n'
         '  m.def("_emu_override(bool on) -> ()", [](bool on) { emu::register_blocks("idd_ops", !on); });\n}\n'
@@ -202,6 +203,8 @@ def translate(out=BUILD / "src"):
         text = (CSRC / "composite" / name).read_text()
         units.append(out / "composite" / name)
         _write(units[-1], re.sub(r"TORCH_LIBRARY_IMPL\(\s*idd_ops\s*,", "TORCH_LIBRARY_IMPL(idd_ops_emu,", text))
+    units.append(out / "selftest.cpp")  # the emulator's own test kernels (selftest.cu)
+    _write(units[-1], translate_source((HERE / "selftest.cu").read_text(), "tests/cuda_emu/selftest.cu"))
     _write(out / "schemas.cpp", _schemas())
     return units + [out / "schemas.cpp"]
 

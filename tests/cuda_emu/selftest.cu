@@ -1,0 +1,86 @@
+// Kernels with the faults the emulator must catch or expose (tests/test_cuda_emulated.py), and
+// one correct reduction: each a case of torch.ops.idd_ops_emu._emu_selftest(name, x). Written
+// as CUDA and translated like the library's sources, so they also say what the translation
+// handles. x: float32 [n], n <= 256.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace emu_selftest {
+
+constexpr int kBlock = 256;
+
+// A block sum by shuffles and a shared array, correctly synchronised.
+__global__ void block_sum(const float* x, int n, float* out) {
+  __shared__ float warp_totals[kBlock / 32];
+  float v = threadIdx.x < n ? x[threadIdx.x] : 0.f;
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  if (threadIdx.x % 32 == 0) warp_totals[threadIdx.x / 32] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+    for (int w = 0; w < kBlock / 32; ++w) total += warp_totals[w];
+    *out = total;
+  }
+}
+
+// Reads a neighbour's shared slot without the barrier between the write and the read.
+__global__ void missing_barrier(const float* x, int n, float* out) {
+  __shared__ float slots[kBlock];
+  slots[threadIdx.x] = threadIdx.x < n ? x[threadIdx.x] : 0.f;
+  out[threadIdx.x] = slots[(threadIdx.x + 1) % kBlock];
+}
+
+// Reads shared memory no thread wrote.
+__global__ void unwritten_shared(const float*, int, float* out) {
+  extern __shared__ float scratch[];
+  out[threadIdx.x] = scratch[threadIdx.x];
+}
+
+// Half of each warp waits at __syncthreads, the other half at a full-warp shuffle that needs the
+// first half: a hang on a GPU.
+__global__ void divergent_barrier(const float* x, int, float* out) {
+  float v = x[threadIdx.x];
+  if (threadIdx.x % 32 < 16) {
+    __syncthreads();
+  } else {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+  }
+  out[threadIdx.x] = v;
+}
+
+// The upper half of each warp exits; the lower half then reads it by a shuffle.
+__global__ void shuffle_from_exited_lane(const float* x, int, float* out) {
+  if (threadIdx.x % 32 >= 16) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, x[threadIdx.x], 16);
+}
+
+__global__ void failing_assert(const float* x, int, float*) {
+  CUDA_KERNEL_ASSERT(x[threadIdx.x] < 0 && "x: expected negative values");
+}
+
+at::Tensor selftest(const std::string& name, const at::Tensor& x_in) {
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int n = static_cast<int>(x.numel());
+  TORCH_CHECK(n <= kBlock, "x: at most ", kBlock, " values");
+  at::Tensor out = at::full({kBlock}, -7.f, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (name == "block_sum") block_sum<<<1, kBlock>>>(xp, n, op);
+  else if (name == "missing_barrier") missing_barrier<<<1, kBlock>>>(xp, n, op);
+  else if (name == "unwritten_shared") unwritten_shared<<<1, kBlock, kBlock * sizeof(float)>>>(xp, n, op);
+  else if (name == "divergent_barrier") divergent_barrier<<<1, kBlock>>>(xp, n, op);
+  else if (name == "shuffle_from_exited_lane") shuffle_from_exited_lane<<<1, kBlock>>>(xp, n, op);
+  else if (name == "failing_assert") failing_assert<<<1, kBlock>>>(xp, n, op);
+  else if (name == "too_many_threads") block_sum<<<1, 2048>>>(xp, n, op);
+  else if (name == "too_much_shared") unwritten_shared<<<1, kBlock, 64 * 1024>>>(xp, n, op);
+  else TORCH_CHECK(false, "name: unknown self-test ", name);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace emu_selftest
+
+TORCH_LIBRARY_IMPL(idd_ops_emu, CPU, m) { m.impl("_emu_selftest", &emu_selftest::selftest); }
