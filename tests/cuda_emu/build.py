@@ -2,12 +2,15 @@
 `idd_ops_emu`: the same ops and schemas as `idd_ops`, their CUDA kernels registered for CPU
 tensors. A test calls torch.ops.idd_ops_emu.<op> on CPU tensors and compares with the CPU op or
 the reference; `torch.ops.idd_ops_emu._emu_configure(cuda_next, seed)` selects the kernels behind
-IDD_OPS_CUDA_NEXT and the seed of the emulator's block and thread orders.
+IDD_OPS_CUDA_NEXT and the seed of the emulator's block and thread orders;
+`_emu_launch_log()` gives the launches since its last call as (blocks, threads per block, dynamic
+shared bytes) triples, flattened, so a test can check which plan a host function chose.
 
 The sources are rewritten textually on the way (translate): kernel launches `k<<<cfg>>>(args)`
 become emulator calls, `__shared__` arrays become per-block static storage (poisoned at each
 block's start), device asserts raise, the CUDA registrations go to namespace idd_ops_emu under the
-CPU key, and csrc/common/cuda_next.h reads the emulator's setting instead of the environment.
+CPU key, cuda_utils.cuh's vector loads and stores check their alignment (a GPU faults on a
+misaligned one), and csrc/common/cuda_next.h reads the emulator's setting instead of the environment.
 Everything else compiles as written, with tests/cuda_emu/include shadowing the CUDA headers.
 
     python -m tests.cuda_emu.build    # translate and build (cached in build/cuda_emu), then load
@@ -122,8 +125,19 @@ def _launches(text, name):
         pos = close + 1
 
 
+# The vector accesses of csrc/cuda/cuda_utils.cuh, checked for the alignment a GPU requires.
+VECTOR_ACCESSES = [
+    "return *reinterpret_cast<const Vec<T, N>*>(p);",
+    "*reinterpret_cast<Vec<T, N>*>(p) = v;",
+]
+
+
 def translate_source(text, name):
     """One CUDA source (.cu or .cuh) rewritten for the emulator."""
+    if name.endswith("/cuda_utils.cuh"):
+        for access in VECTOR_ACCESSES:
+            assert access in text, f"{name}: the vector access {access!r} moved; update VECTOR_ACCESSES"
+            text = text.replace(access, "::emu::check_aligned(p, sizeof(Vec<T, N>)); " + access)
     text = SHARED_ARRAY.sub(_shared, text)
     text = _launches(text, name)
     text = text.replace("CUDA_KERNEL_ASSERT(", "EMU_KERNEL_ASSERT(")
@@ -169,7 +183,8 @@ def _schemas():
         '  m.def("_emu_selftest(str name, Tensor x) -> Tensor");\n'
         '  m.def("_emu_profile() -> str", [] { return emu::profile(); });\n'
         '  m.def("_emu_register() -> ()", [] { emu::register_blocks("idd_ops_emu", false); });\n'
-        '  m.def("_emu_override(bool on) -> ()", [](bool on) { emu::register_blocks("idd_ops", !on); });\n}\n'
+        '  m.def("_emu_override(bool on) -> ()", [](bool on) { emu::register_blocks("idd_ops", !on); });\n'
+        '  m.def("_emu_launch_log() -> int[]", [] { return emu::take_launch_log(); });\n}\n'
     )
 
 

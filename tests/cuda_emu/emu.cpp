@@ -122,6 +122,7 @@ bool next_kernels = false;
 int64_t order_seed = 0;
 int64_t launch_count = 0;
 std::map<std::string, std::pair<int64_t, double>> launch_times;  // site -> (launches, seconds)
+std::vector<int64_t> launch_log;
 
 Fiber* fiber(int i) {
   while (static_cast<int>(pool.size()) <= i) {
@@ -321,6 +322,8 @@ void run_grid(const char* where, const void* kernel, dim3 grid_dim, dim3 block_d
     throw std::runtime_error(site + ": " + std::to_string(shared) + " bytes of dynamic shared memory, more than the " +
                              std::to_string(allowed) + " the kernel may use (cudaFuncSetAttribute raises the limit)");
   ++launch_count;
+  launch_log.insert(launch_log.end(), {static_cast<int64_t>(uint64_t{grid_dim.x} * grid_dim.y * grid_dim.z),
+                                      static_cast<int64_t>(threads), static_cast<int64_t>(shared)});
   Grid g;
   g.where = site;
   g.block_dim = block_dim;
@@ -368,5 +371,6 @@ void configure(bool cuda_next, int64_t seed) {
   order_seed = seed;
 }
 int64_t launches() { return launch_count; }
+std::vector<int64_t> take_launch_log() { return std::exchange(launch_log, {}); }
 
 }  // namespace emu

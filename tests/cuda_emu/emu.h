@@ -11,7 +11,8 @@
 // Checked at every launch, where CUDA would fail or misbehave: block size (<= 1024 threads), grid
 // size, dynamic shared memory (<= 48 KiB unless the kernel opted in with cudaFuncSetAttribute,
 // never past the opt-in limit), barriers that not every thread reaches (a deadlock here), a
-// shuffle that reads a lane which has exited, and device asserts. Each is raised on the host as a
+// shuffle that reads a lane which has exited, a misaligned vector access (cuda_utils.cuh's
+// load_vec/store_vec, checked by build.py's rewrite) and device asserts. Each is raised on the host as a
 // C++ exception (a RuntimeError in Python) naming the kernel's launch.
 //
 // Not modelled: timing, memory coalescing, races between blocks of one launch (they run in turn),
@@ -26,6 +27,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 struct uint3 {
   unsigned x, y, z;
@@ -69,6 +71,12 @@ int lane_id();
 // Fills a static __shared__ array with 0xFF bytes the first time a thread of a block reaches it.
 void poison_shared(void* p, size_t bytes);
 [[noreturn]] void device_assert(const char* condition, const char* file, int line);
+// A vector access of `bytes` at p: a GPU faults ("misaligned address") unless p is a multiple of
+// it, where x86 would read it silently.
+inline void check_aligned(const void* p, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0)
+    device_assert("misaligned address: a vector access not aligned to its size", __FILE__, __LINE__);
+}
 
 // Dynamic shared memory a kernel may request beyond the default (cudaFuncSetAttribute).
 void set_max_dynamic_shared(const void* kernel, int bytes);
@@ -83,6 +91,9 @@ void configure(bool cuda_next, int64_t seed);
 int64_t launches();
 // Launches and emulated seconds per launch site, one "site\tlaunches\tseconds" line each.
 std::string profile();
+// The launches since the last call, as (blocks, threads per block, dynamic shared bytes) triples:
+// a test asserts which plan (kernel shape) a host function chose.
+std::vector<int64_t> take_launch_log();
 
 struct Config {
   dim3 grid, block;
