@@ -8,6 +8,11 @@ tests catch indexing, reduction and synchronisation errors; not timing, and not 
 float rounding (the tolerances are those of a different summation order). The emulated library
 is built on first use (about 1-2 minutes on 2 cores, then cached in build/cuda_emu).
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -177,3 +182,20 @@ def test_emulator_exposes_a_missing_barrier_and_unwritten_shared_memory(emu):
 def test_emulator_raises_what_a_gpu_would_fault_on(emu, name, message):
     with pytest.raises(RuntimeError, match=message):
         emu._emu_selftest(name, torch.arange(1.0, 257.0))
+
+
+# Value and gradient tests of the public API whose CPU cases run through the CUDA kernels when
+# IDD_OPS_EMULATE_CUDA is set (tests/conftest.py): IDD, the baselines (pixel KD, CWD, SKD, IFVD)
+# and the position loss. Any test file can be run so; these are the ones CI runs.
+API_TESTS = ["tests/test_idd_loss.py", "tests/test_baselines.py", "tests/test_position.py"]
+
+
+@pytest.mark.parametrize("kernel_set", ["default", "next"])
+def test_public_api_on_emulated_cuda(emu, kernel_set):
+    """The losses through the Python API, autograd and the CUDA path selection, on the emulated
+    CUDA kernels of one set, in a child process (a few minutes each on 2 cores)."""
+    env = dict(os.environ, IDD_OPS_EMULATE_CUDA=kernel_set)
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *API_TESTS], cwd=root,
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
