@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import idd_ops  # noqa: F401
-from idd_ops import reference
 from labels import CASES, IDS
 from test_cuda_emulated import CPU, close, emu, randn  # noqa: F401  (emu: the module fixture)
 from test_idd_tail import _random_case, _reference_from_sums
