@@ -37,9 +37,9 @@ enum TilePartial : int {
   kPartCountS = 1,
   kPartSumRt = 2,
   kPartCountT = 3,
-  kPartSss = 4,  // normalize: sum of R_s^2 over valid pairs; else sum of (R_s - R_t)^2
-  kPartSst = 5,  // normalize: sum of R_s R_t over valid pairs
-  kPartStt = 6,  // normalize: sum of R_t^2 over valid pairs
+  kPartSss = 4,  // sum of E^2 over valid pairs (normalize: filled once m_s, m_t are known)
+  kPartSst = 5,  // normalize: sum of E R_s over valid pairs (Q), filled with kPartSss
+  kPartStt = 6,  // unused (0)
   kPartPairs = 7
 };
 

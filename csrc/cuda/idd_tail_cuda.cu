@@ -1,5 +1,5 @@
-// The IDD tail on CUDA, fused: class sums and counts of both networks -> loss in two launches
-// (idd_tail_forward_cuda.cu), backward in one (idd_tail_backward_cuda.cu). Selected by
+// The IDD tail on CUDA, fused: class sums and counts of both networks -> loss in two launches,
+// four with normalize (idd_tail_forward_cuda.cu), backward in one (idd_tail_backward_cuda.cu). Selected by
 // IDD_OPS_CUDA_NEXT=1 (common/cuda_next.h) until a GPU has run it; otherwise, and for inputs it
 // does not take, the composite (composite/idd_tail.cpp) runs: half or bfloat16 sums, student and
 // teacher sums of different dtypes, float32 sums computing in float64, B = 0, K = 0 or

@@ -1,5 +1,5 @@
 // The fused IDD tail's forward on CUDA: class sums and counts of both networks -> loss, dist and
-// stats in two launches (tile kernel + one-block finish). Host side and registration:
+// stats in two launches (tile kernel + one-block finish; four with normalize). Host side and registration:
 // idd_tail_cuda.cu; the two types sum_t / acc_t and the shared helpers: idd_tail.cuh.
 //
 // Tile kernel, grid = B x (upper-triangle tile pairs of the K x K matrix), T x T tiles
@@ -8,10 +8,10 @@
 // networks' Gram tiles (4 x 4 entries a thread; with T < 64 the block's threads form
 // S = 256 / (T^2 / 16) channel streams whose partial tiles are summed in a fixed order), forms
 // the raw distances, writes them (and their mirror) to `dist`, and the tile's partial sums to
-// row p of `stats`. The normaliser needs every tile of the image, so with "mean" the tile sums
-// R_s^2, R_s R_t and R_t^2 (in float64) rather than (R_s / m_s - R_t / m_t)^2; the finish kernel
-// combines them once m_s, m_t are known. Every reduction runs in a fixed order: the same bits on
-// every run.
+// row p of `stats`. The normaliser needs every tile of the image, so with "mean" two launches
+// follow the finish kernel's m_s, m_t: the pairs kernel sums E^2 and E R_s per tile from dist,
+// and the finish kernel runs again on those. Every reduction runs in a fixed order: the same
+// bits on every run.
 #include <limits>
 
 #include "idd_tail.cuh"
@@ -236,12 +236,7 @@ __global__ void __launch_bounds__(kThreads) idd_tail_forward_kernel(const TailFo
               if (vt) part[kPartSumRt] += rt, part[kPartCountT] += 1;
               if (vs && vt) {
                 part[kPartPairs] += 1;
-                const double ds = rs, dt = rt;
-                if (args.normalize) {
-                  part[kPartSss] += ds * ds;
-                  part[kPartSst] += ds * dt;
-                  part[kPartStt] += dt * dt;
-                } else {
+                if (!args.normalize) {  // with normalize E needs m_s, m_t: the pairs kernel's
                   const double e = rs - rt;  // E in acc_t, as the composite
                   part[kPartSss] += e * e;
                 }
@@ -286,9 +281,44 @@ __global__ void __launch_bounds__(kThreads) idd_tail_forward_kernel(const TailFo
   }
 }
 
+// normalize, after a first finish: tile p's sums of E^2 and E R_s over its pairs, with
+// E = R_s / m_s - R_t / m_t in acc_t as the composite forms it, into kPartSss and kPartSst of
+// row p. (Sums of R_s^2, R_s R_t and R_t^2 from the tiles gave the loss only as
+// Sss / m_s^2 - 2 Sst / (m_s m_t) + Stt / m_t^2, whose terms cancel: with the student near its
+// teacher, E ~ 1e-6 R, a float64 loss kept 3 digits.)
+template <typename sum_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) idd_tail_pairs_kernel(const TailForwardArgs<sum_t, acc_t> args, int T) {
+  __shared__ double dscratch[2 * kWarps];
+  const int K = args.K, p = blockIdx.x % args.P;
+  const int64_t b = blockIdx.x / args.P, KK = static_cast<int64_t>(K) * K;
+  int ti, tj;
+  tile_pair(p, args.nt, ti, tj);
+  const double* own = args.stats + (b * (K + 1) + K) * kNumStats;
+  const acc_t ms = static_cast<acc_t>(own[kStatStudentDivisor]), mt = static_cast<acc_t>(own[kStatTeacherDivisor]);
+  const acc_t* rs_of = args.dist + b * 2 * KK;
+  double sums[2] = {0, 0};
+  for (int e = threadIdx.x; e < T * T; e += kThreads) {
+    const int i = ti * T + e / T, j = tj * T + e % T;
+    if (i < j && j < K && args.net[0].count(b, i) > 0 && args.net[0].count(b, j) > 0 && args.net[1].count(b, i) > 0 &&
+        args.net[1].count(b, j) > 0) {
+      const int64_t ij = static_cast<int64_t>(i) * K + j;
+      const acc_t rs = rs_of[ij], d = rs / ms - rs_of[KK + ij] / mt;
+      sums[0] += static_cast<double>(d * d);
+      sums[1] += static_cast<double>(d * rs);
+    }
+  }
+  block_sums(sums, dscratch);
+  if (threadIdx.x == 0) {
+    double* row = args.stats + (b * (K + 1) + p) * kNumStats;
+    row[kPartSss] = sums[0];
+    row[kPartSst] = sums[1];
+  }
+}
+
 // One block: each image's tile partials (in tile order) -> its divisors, loss and backward
 // values (row K of stats); then the batch reduction and the loss. Rows P..K-1, which no tile
-// owns, are zeroed, so that every element of stats is written.
+// owns, are zeroed, so that every element of stats is written. With normalize it runs twice:
+// the first gives the pairs kernel m_s and m_t (its loss, q and kappa are still 0).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads) idd_tail_finish_kernel(double* __restrict__ stats, acc_t* __restrict__ loss,
                                                                    int64_t B, int K, int P, bool normalize, double eps,
@@ -309,8 +339,7 @@ __global__ void __launch_bounds__(kThreads) idd_tail_finish_kernel(double* __res
       const double mean_s = t[kPartSumRs] / fmax(t[kPartCountS], 1.0), mean_t = t[kPartSumRt] / fmax(t[kPartCountT], 1.0);
       ms = t[kPartCountS] > 0 ? fmax(mean_s, eps) : 1.0;
       mt = t[kPartCountT] > 0 ? fmax(mean_t, eps) : 1.0;
-      loss_sum = fmax(t[kPartSss] / (ms * ms) - 2 * t[kPartSst] / (ms * mt) + t[kPartStt] / (mt * mt), 0.0);
-      q = t[kPartSss] / ms - t[kPartSst] / mt;
+      q = t[kPartSst];
       const bool clamped = t[kPartCountS] == 0 || mean_s <= eps;
       kappa = clamped ? 0.0 : q / (ms * t[kPartCountS]);
     }
@@ -380,10 +409,16 @@ void idd_tail_fused_forward(const at::Tensor& student_sums, const at::Tensor& st
       launch_tiles<sum_t, acc_t, 32>(args, B, stream);
     else
       launch_tiles<sum_t, acc_t, 64>(args, B, stream);
-    idd_tail_finish_kernel<acc_t><<<1, kThreads, 0, stream>>>(stats.mutable_data_ptr<double>(),
-                                                              loss.mutable_data_ptr<acc_t>(), B, static_cast<int>(K), P,
-                                                              normalize, eps, static_cast<int>(reduction));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (int pass = 0; pass < (normalize ? 2 : 1); ++pass) {
+      if (pass == 1) {
+        idd_tail_pairs_kernel<sum_t, acc_t><<<static_cast<unsigned>(B * P), kThreads, 0, stream>>>(args, T);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      idd_tail_finish_kernel<acc_t><<<1, kThreads, 0, stream>>>(stats.mutable_data_ptr<double>(),
+                                                                loss.mutable_data_ptr<acc_t>(), B, static_cast<int>(K),
+                                                                P, normalize, eps, static_cast<int>(reduction));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
 }
 

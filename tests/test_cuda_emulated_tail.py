@@ -1,0 +1,304 @@
+"""The CUDA kernels that no GPU has run, and the branches of the tested ones, on the emulator of
+tests/cuda_emu: the fused IDD tail (IDD_OPS_CUDA_NEXT), the default class_centroids kernels and
+the IFVD cosine ops (labels and slots). Each case names the branch it reaches; every op is
+compared with the CPU op of the same name, and with idd_ops.reference in float64 where the
+precision is the point (a common offset in the sums).
+"""
+import pytest
+import torch
+
+import idd_ops  # noqa: F401
+from labels import CASES, IDS
+from test_cuda_emulated import CPU, close, emu, randn  # noqa: F401  (emu: the module fixture)
+from test_idd_tail import _random_case, _reference_from_sums
+
+
+@pytest.fixture
+def next_kernels(emu):
+    emu._emu_configure(True, 11)
+    return emu
+
+
+@pytest.fixture
+def default_kernels(emu):
+    emu._emu_configure(False, 11)
+    return emu
+
+
+# ---- fused IDD tail ---------------------------------------------------------------------------
+
+def _tail_case(B, K, Cs, Ct, dtype=torch.float32, absent=0.25, seed=0):
+    """Random sums and counts (student and teacher absent classes drawn apart, so some classes
+    are present in one network only)."""
+    return _random_case(B, K, Cs, Ct, dtype=dtype, absent=absent, seed=seed)
+
+
+def check_tail(ops, ss, sc, ts, tc, metric, normalize, reduction, dtype=None, eps=1e-8, rtol=1e-5, atol=1e-5,
+               fused=True, grad=None):
+    """The emulated fused tail against the CPU composite: loss, dist, stats row K (Q only under
+    normalize) and the backward from each side's own saved tensors. `fused`: whether the fused
+    kernels take the inputs (else the composite runs: no launch). Returns the emulated outputs."""
+    args = (ss, sc, ts, tc, metric, normalize, eps, reduction, dtype)
+    before = ops._emu_launches()
+    got, want = ops.idd_tail(*args), CPU.idd_tail(*args)
+    assert (ops._emu_launches() > before) == fused
+    close(got[:2], want[:2], rtol, atol)
+    K = ss.shape[1]
+    cols = slice(None) if normalize else [0, 1, 2, 3, 4, 5, 7]
+    close(got[2][:, K, cols], want[2][:, K, cols], rtol, atol)
+    if grad is None:
+        grad = torch.rand(want[0].shape, generator=torch.Generator().manual_seed(K), dtype=want[0].dtype) + 0.5
+    tail = (metric, normalize, eps, reduction)
+    close(ops._idd_tail_backward(grad, ss, sc, tc, got[1], got[2], *tail),
+          CPU._idd_tail_backward(grad, ss, sc, tc, want[1], want[2], *tail), rtol, atol)
+    return got
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_tail_options(next_kernels, metric, normalize, reduction):
+    """Every metric x normalize x reduction; odd B, C of student and teacher apart and off the
+    tile widths, absent classes and classes present in one network only."""
+    check_tail(next_kernels, *_tail_case(3, 7, 37, 19), metric, normalize, reduction)
+
+
+@pytest.mark.parametrize("K, Cs, Ct", [
+    (2, 5, 3),       # one 16-tile, mostly padding
+    (17, 150, 70),   # T = 16: 2 x 2 tiles (3 tile pairs); 2 channel chunks of 128; 3 backward c-tiles
+    (64, 20, 9),     # T = 16: 4 x 4 tiles exactly
+    (65, 70, 130),   # T = 32: 3 tiles a side; channel chunks of 64, 2 and 3 of them
+    (257, 40, 33),   # T = 64: 5 tiles a side; 5 backward i-tiles; chunks of 32
+])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_tail_tile_counts(next_kernels, K, Cs, Ct, metric):
+    check_tail(next_kernels, *_tail_case(2, K, Cs, Ct, seed=K), metric, True, "mean")
+
+
+def test_tail_2048_classes(next_kernels):
+    """K = 2048, the largest supported in tests (T = 64: 32 tiles a side, 528 tile pairs), with
+    P = 300 present classes < K spread over the tiles; 32 backward i-tiles (the c-tiles: above)."""
+    K = 2048
+    ss, sc, ts, tc = _tail_case(1, K, 8, 6, absent=0.0, seed=5)
+    keep = torch.zeros(K, dtype=torch.bool)
+    keep[torch.randperm(K, generator=torch.Generator().manual_seed(0))[:300]] = True
+    sc, tc = sc * keep, tc * keep
+    tc[0, keep.nonzero()[:3, 0]] = 0  # a few classes present in the student only
+    ss, ts = ss * (sc > 0)[..., None], ts * (tc > 0)[..., None]
+    check_tail(next_kernels, ss, sc, ts, tc, "sqeuclidean", True, "none")
+
+
+def test_tail_images_with_few_classes(next_kernels):
+    """Image 0: no class present; image 1: one class (no pair, no student entry); image 2: two
+    student classes of which the teacher has one; image 3 normal. Both reductions that divide."""
+    ss, sc, ts, tc = _tail_case(4, 9, 11, 7, absent=0.0, seed=2)
+    sc[0], tc[0] = 0, 0
+    sc[1], tc[1] = 0, 0
+    sc[1, 4], tc[1, 4] = 3, 5
+    sc[2], tc[2] = 0, 0
+    sc[2, 1], sc[2, 8], tc[2, 8] = 2, 7, 4
+    ss, ts = ss * (sc > 0)[..., None], ts * (tc > 0)[..., None]
+    for metric in ("euclidean", "cosine"):
+        for reduction in ("mean", "none"):
+            check_tail(next_kernels, ss, sc, ts, tc, metric, True, reduction)
+    # K = 1: a single 16-tile with no off-diagonal entry
+    check_tail(next_kernels, ss[:, 4:5], sc[:, 4:5], ts[:, 4:5], tc[:, 4:5], "euclidean", True, "mean")
+    # no student channel: every centroid 0
+    check_tail(next_kernels, ss[..., :0], sc, ts, tc, "sqeuclidean", True, "mean")
+
+
+def test_tail_strided_inputs(next_kernels):
+    """Sums and counts read through their strides (class-major sums, every other count) and a
+    strided gradient of reduction="none"."""
+    ss, sc, ts, tc = _tail_case(3, 10, 13, 6, seed=4)
+    ss = ss.transpose(1, 2).contiguous().transpose(1, 2)
+    sc = torch.stack([sc, sc], -1)[..., 0]
+    ts = ts[..., ::2]
+    grad = (torch.rand(6) + 0.5)[::2]
+    assert not (ss.is_contiguous() or sc.is_contiguous() or ts.is_contiguous() or grad.is_contiguous())
+    for metric in ("euclidean", "cosine"):
+        check_tail(next_kernels, ss, sc, ts, tc, metric, True, "none", grad=grad)
+
+
+@pytest.mark.parametrize("sums_dtype, dtype", [
+    (torch.float64, None),            # (double, double)
+    (torch.float64, torch.float32),   # (double sums, float math)
+    (torch.float32, torch.float64),   # not fused: the composite
+    (torch.float16, None),            # not fused: the composite
+])
+def test_tail_dtypes(next_kernels, sums_dtype, dtype):
+    case = _tail_case(3, 10, 21, 13, dtype=sums_dtype, seed=7)
+    tol = 1e-9 if (dtype or sums_dtype) == torch.float64 else 1e-5
+    fused = sums_dtype == torch.float64
+    for metric in ("euclidean", "cosine"):
+        check_tail(next_kernels, *case, metric, True, "sum", dtype=dtype, rtol=tol, atol=tol, fused=fused)
+
+
+@pytest.mark.parametrize("normalize", [None, "mean"])
+def test_tail_student_near_teacher(next_kernels, normalize):
+    """float64, teacher = student + 1e-6 noise: the loss, a sum of tiny E^2, matches the float64
+    reference to 1e-8 (the normalize loss once came from R_s^2 - 2 R_s R_t + R_t^2 sums, which
+    cancel: 4e-3 here)."""
+    ss, sc, _, _ = _tail_case(2, 12, 8, 8, dtype=torch.float64, absent=0.2, seed=5)
+    ts = ss + 1e-6 * randn(*ss.shape, seed=3, dtype=torch.float64) * sc[..., None]
+    for metric in ("euclidean", "cosine"):
+        loss = next_kernels.idd_tail(ss, sc, ts, sc, metric, normalize is not None, 1e-8, "none", None)[0]
+        want = _reference_from_sums(ss, sc, ts, sc, metric, normalize, "none")
+        torch.testing.assert_close(loss, want, rtol=1e-8, atol=0)
+
+
+def test_tail_eps(next_kernels):
+    """Cosine with a zero centroid (a present class whose sum is 0: the norm product clamps to
+    eps), and a student whose centroids all coincide (mean distance <= eps: m_s clamped, kappa 0)."""
+    ss, sc, ts, tc = _tail_case(2, 6, 9, 5, absent=0.0, seed=3)
+    ss[0, 2] = 0
+    ts[1, 4] = 0
+    for normalize in (False, True):
+        check_tail(next_kernels, ss, sc, ts, tc, "cosine", normalize, "mean")
+    same = (ss[:, :1] / sc[:, :1, None]) * sc[..., None]
+    for metric in ("euclidean", "sqeuclidean"):
+        got = check_tail(next_kernels, same, sc, ts, tc, metric, True, "none", eps=1e-6)
+        assert (got[2][:, -1, 0] == 1e-6).all() and (got[2][:, -1, 3] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+def test_tail_common_offset(next_kernels, dtype, metric):
+    """float64 sums of features 1e4 + a small spread: the centroids' shift cancels the offset
+    before any rounding, so the loss and gradient match the float64 reference (computed far from
+    the offset) to the compute dtype's precision."""
+    ss, sc, ts, tc = _tail_case(3, 12, 24, 10, dtype=torch.float64, seed=9)
+
+    def offset(sums, counts):  # sums of count_k features whose mean is 1e4 + 1e-2 * centroid_k
+        present = (counts > 0)[..., None]
+        return torch.where(present, (1e4 + 1e-2 * sums / counts.clamp_min(1)[..., None]) * counts[..., None], 0.0)
+
+    ss, ts = offset(ss, sc), offset(ts, tc)
+    for normalize, reduction in ((None, "mean"), ("mean", "none")):
+        loss, dist, stats = next_kernels.idd_tail(ss, sc, ts, tc, metric, normalize is not None, 1e-8, reduction, dtype)
+        x = ss.clone().requires_grad_()
+        want = _reference_from_sums(x, sc, ts, tc, metric, normalize, reduction)
+        (g_want,) = torch.autograd.grad(want.sum(), x)
+        tol = 1e-7 if dtype == torch.float64 else 2e-4
+        torch.testing.assert_close(loss.double(), want, rtol=tol, atol=0)
+        grad = torch.ones_like(loss)
+        g = next_kernels._idd_tail_backward(grad, ss, sc, tc, dist, stats, metric, normalize is not None, 1e-8, reduction)
+        torch.testing.assert_close(g, g_want, rtol=tol, atol=tol * float(g_want.abs().max()))
+
+
+# ---- class_centroids (default CUDA kernels) -----------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_class_centroids_labels(default_kernels, case):
+    y = case.labels()
+    for dtype in (torch.float32, torch.float64):
+        x = case.feats(dtype=dtype)
+        got, want = default_kernels.class_centroids(x, y, case.K, case.ignore_index), \
+            CPU.class_centroids(x, y, case.K, case.ignore_index)
+        close(got, want)
+        grad = randn(*want[0].shape, seed=1, dtype=want[0].dtype)
+        args = (grad, y, want[1], case.H, case.W, dtype, case.ignore_index)
+        close(default_kernels._class_centroids_backward(*args), CPU._class_centroids_backward(*args))
+
+
+def test_class_centroids_deterministic(default_kernels):
+    """torch.use_deterministic_algorithms(True): the CUDA op takes its ordered path."""
+    case = CASES[IDS.index("mixed-warps-resized")]
+    x, y = case.feats(dtype=torch.float32), case.labels()
+    before = default_kernels._emu_launches()
+    try:
+        torch.use_deterministic_algorithms(True)
+        got = default_kernels.class_centroids(x, y, case.K, 255)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert default_kernels._emu_launches() == before  # no fused kernel ran
+    close(got, CPU.class_centroids(x, y, case.K, 255))
+
+
+def test_class_centroids_many_classes(default_kernels):
+    """K past the default 48 KiB of per-class sums: the launch opts in to more shared memory.
+    Labels read through their strides (every other row and column of a larger map)."""
+    K = 1600
+    y = torch.randint(0, K, (1, 16, 80), generator=torch.Generator().manual_seed(0))[:, ::2, ::2]
+    x = randn(1, 9, 8, 40)
+    assert not y.is_contiguous()
+    close(default_kernels.class_centroids(x, y, K, 255), CPU.class_centroids(x, y, K, 255))
+    _, counts = CPU.class_centroids(x, y, K, 255)
+    args = (randn(1, K, 9, seed=1), y, counts, 8, 40, torch.float32, 255)
+    close(default_kernels._class_centroids_backward(*args), CPU._class_centroids_backward(*args))
+
+
+# ---- IFVD cosine ops ----------------------------------------------------------------------------
+
+def _cosine_inputs(case, dtype):
+    x, y = case.feats(dtype=dtype), case.labels()
+    cent, _ = CPU.class_centroids(x, y, case.K, case.ignore_index)
+    return x, y, cent
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in (
+    "clamped-cosine", "ignored-warps", "mixed-warps-resized", "blocks-resize-up", "odd-sizes-ignore-minus-one",
+    "uniform-runs-uint8", "absent-classes", "all-ignored")], ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pixel_centroid_cosine_labels(emu, case, dtype):
+    x, y, cent = _cosine_inputs(case, dtype)
+    ig = case.ignore_index
+    want = CPU.pixel_centroid_cosine(x, cent, y, ig, 1e-8)
+    grad = randn(*want[0].shape, seed=2, dtype=want[0].dtype)
+    want_b = CPU._pixel_centroid_cosine_backward(grad, x, cent, y, *want, ig, 1e-8)
+    for next_set in (False, True):  # the labels ops have one kernel set; the switch must not matter
+        emu._emu_configure(next_set, 3)
+        close(emu.pixel_centroid_cosine(x, cent, y, ig, 1e-8), want)
+        close(emu._pixel_centroid_cosine_backward(grad, x, cent, y, *want, ig, 1e-8), want_b, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in (
+    "clamped-cosine", "ignored-warps", "mixed-warps", "odd-sizes", "uniform-runs", "all-ignored")],
+    ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pixel_centroid_cosine_slots(next_kernels, case, dtype):
+    x, y, cent = _cosine_inputs(case, dtype)
+    slots = CPU._label_slots(y, case.H, case.W, case.K, case.ignore_index)
+    want = CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8)
+    close(next_kernels._pixel_centroid_cosine_slots(x, cent, slots, 1e-8), want)
+    grad = randn(*want[0].shape, seed=2, dtype=want[0].dtype)
+    args = (grad, x, cent, slots, *want, 1e-8)
+    close(next_kernels._pixel_centroid_cosine_slots_backward(*args),
+          CPU._pixel_centroid_cosine_slots_backward(*args), atol=1e-4)
+
+
+def _many_class_inputs(K, dtype, C=3, H=5, W=13):
+    """Pixels of a few classes spread over [0, K), one of them with zero features, some ignored."""
+    g = torch.Generator().manual_seed(K)
+    y = torch.randint(0, K, (2, H, W), generator=g)
+    y[:, 0, :3] = K - 1
+    y[:, 1, 1] = 255
+    x = randn(2, C, H, W, dtype=dtype)
+    x[0, :, 0, :3] = 0
+    cent, _ = CPU.class_centroids(x, y, K, 255)
+    return x, y, cent
+
+
+@pytest.mark.parametrize("K, dtype", [(6145, torch.float64), (12289, torch.float32)])
+def test_pixel_centroid_cosine_many_classes(next_kernels, K, dtype):
+    """K class sums past the default 48 KiB a block: the slots backward falls back to global
+    atomics, the labels backward opts in to more shared memory."""
+    x, y, cent = _many_class_inputs(K, dtype)
+    slots = CPU._label_slots(y, 5, 13, K, 255)
+    want = CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8)
+    grad = randn(*want[0].shape, seed=2, dtype=dtype)
+    args = (grad, x, cent, slots, *want, 1e-8)
+    close(next_kernels._pixel_centroid_cosine_slots_backward(*args),
+          CPU._pixel_centroid_cosine_slots_backward(*args), atol=1e-4)
+    args = (grad, x, cent, y, *want, 255, 1e-8)
+    close(next_kernels._pixel_centroid_cosine_backward(*args), CPU._pixel_centroid_cosine_backward(*args), atol=1e-4)
+
+
+def test_pixel_centroid_cosine_labels_backward_class_limit(default_kernels):
+    """Past the 227 KiB opt-in of the emulated GPU (29056 float64 class sums) the labels backward
+    raises a ValueError naming num_classes, before any launch."""
+    K = 29057
+    x, y, cent = _many_class_inputs(K, torch.float64, C=1, H=2, W=3)
+    cos, norms = CPU.pixel_centroid_cosine(x, cent, y, 255, 1e-8)
+    with pytest.raises(ValueError, match="num_classes"):
+        default_kernels._pixel_centroid_cosine_backward(torch.ones_like(cos), x, cent, y, cos, norms, 255, 1e-8)
