@@ -192,7 +192,8 @@ def masked(shape, dtype, layout):
     0 none; 1 some teacher entries (they add 0); 2 the teacher everywhere (KL 0, zero gradient);
     3 the student everywhere (+inf, zero gradient); 4 both everywhere (0); 5 some student
     entries where the teacher has mass (+inf, finite gradient); 6 student and teacher -inf at
-    the same entries (they add 0). For "rows" a vector is a row [o, :, 0]; for "pixels" the
+    the same entries (they add 0); 7 the teacher's first half (whole warps and chunks of it
+    empty, merged with the rest). For "rows" a vector is a row [o, :, 0]; for "pixels" the
     classes [0, :, i] of pixel i of the first image (the second has none)."""
     s, t = logits(shape, dtype, 0), logits(shape, dtype, 1)
     inf = float("-inf")
@@ -208,6 +209,7 @@ def masked(shape, dtype, layout):
     vec(s, 5)[1::4] = inf
     vec(s, 6)[::2] = inf
     vec(t, 6)[::2] = inf
+    vec(t, 7)[: shape[1] // 2] = inf
     return s, t
 
 
@@ -223,13 +225,35 @@ def test_softmax_kl_inf_rows(kernels, shape, dtype):
     assert (grad[[2, 3, 4]] == 0).all() and torch.isfinite(grad).all()
 
 
-@pytest.mark.parametrize("shape,dtype", [((2, 19, 8), torch.float32), ((2, 19, 7), torch.float32),
+@pytest.mark.parametrize("shape,dtype", [((2, 19, 8), torch.float32), ((2, 19, 9), torch.float32),
                                          ((2, 9, 8), torch.float16), ((2, 9, 8), torch.float64)], ids=str)
 def test_softmax_kl_inf_pixels(kernels, shape, dtype):
     s, t = masked(shape, dtype, "pixels")
     (kl, _, _), grad = check_softmax_kl(kernels, s, t, 1.0)
     assert kl[0, 2] == 0 and kl[0, 4] == 0 and kl[0, 3] == float("inf") and kl[0, 5] == float("inf")
+    assert torch.isfinite(kl[0, [0, 1, 6, 7]]).all()
     assert (grad[0, :, [2, 3, 4]] == 0).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("shape,where", [((4, 40, 1), 3), ((4, 40, 1), 39), ((4, 301, 1), 300),
+                                         ((3, 2052, 1), 2051), ((2, 9, 8), 8), ((2, 19, 7), 3)], ids=str)
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_softmax_kl_nan_propagates(kernels, shape, where, side):
+    """A NaN logit makes its vector's outputs NaN, as on the CPU: never a finite value that
+    silently leaves it (and its neighbours) out. Placed mid-vector, last (the kernels pad the
+    chunk after it with -inf), or followed by masked (-inf) classes."""
+    s, t = logits(shape, torch.float32, 0), logits(shape, torch.float32, 1)
+    x = s if side == "student" else t
+    rows = shape[2] == 1
+    vec = (lambda n: x[n, :, 0]) if rows else (lambda n: x[0, :, n])
+    vec(1)[where] = float("nan")
+    vec(2)[where] = float("nan")
+    vec(2)[where + 1:] = float("-inf")
+    got, want = kernels.softmax_kl(s, t, 2.0), CPU.softmax_kl(s, t, 2.0)
+    picked = (lambda out: out[[1, 2], 0]) if rows else (lambda out: out[0, [1, 2]])
+    assert torch.isnan(picked(want[0])).all()
+    for g, w in zip(got, want):
+        close(g, w, RTOL[torch.float32])
 
 
 @pytest.mark.parametrize("HW", [(4, 5), (8, 16), (32, 64)])

@@ -24,7 +24,11 @@ struct OnlineSoftmaxKL {
   C10_HOST_DEVICE static bool empty(T m) { return m == -std::numeric_limits<T>::infinity(); }
   // exp(m_old - m_new) for m_new >= m_old, and 0 where the old sums are empty.
   C10_HOST_DEVICE static T rescale(T m_old, T m_new) { return empty(m_old) ? T(0) : vec_exp(m_old - m_new); }
-  C10_HOST_DEVICE static T larger(T a, T b) { return a > b ? a : b; }
+  // NaN wins, as it does in the two-pass kernels' sums: a plain a > b ? a : b drops a NaN when a
+  // smaller value follows it, so a NaN followed by -inf (a chunk's padding, masked classes)
+  // left a running maximum of -inf, and the chunk, NaN and finite values alike, was skipped as
+  // empty: a finite KL and lse for a vector holding a NaN.
+  C10_HOST_DEVICE static T larger(T a, T b) { return (a > b || a != a) ? a : b; }
 
   // N more classes (held in registers by the caller; -inf pads a short chunk and adds nothing).
   template <int N>
