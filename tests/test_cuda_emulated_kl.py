@@ -240,8 +240,8 @@ def test_softmax_kl_inf_pixels(kernels, shape, dtype):
 @pytest.mark.parametrize("side", ["student", "teacher"])
 def test_softmax_kl_nan_propagates(kernels, shape, where, side):
     """A NaN logit makes its vector's outputs NaN, as on the CPU: never a finite value that
-    silently leaves it (and its neighbours) out. Placed mid-vector, last (the kernels pad the
-    chunk after it with -inf), or followed by masked (-inf) classes."""
+    silently leaves it (and its neighbours) out. Placed mid-vector, or last and followed by
+    -inf (the kernels' padding of a chunk, masked classes)."""
     s, t = logits(shape, torch.float32, 0), logits(shape, torch.float32, 1)
     x = s if side == "student" else t
     rows = shape[2] == 1
@@ -252,6 +252,25 @@ def test_softmax_kl_nan_propagates(kernels, shape, where, side):
     got, want = kernels.softmax_kl(s, t, 2.0), CPU.softmax_kl(s, t, 2.0)
     picked = (lambda out: out[[1, 2], 0]) if rows else (lambda out: out[0, [1, 2]])
     assert torch.isnan(picked(want[0])).all()
+    for g, w in zip(got, want):
+        close(g, w, RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("shape,block", [((4, 40, 1), (0, 4)), ((4, 40, 1), (36, 40)), ((3, 2052, 1), (2048, 2052)),
+                                         ((3, 19, 8), (0, 8)), ((3, 19, 9), (0, 8)), ((3, 19, 9), (8, 16))], ids=str)
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_softmax_kl_nan_alone_in_its_part(kernels, shape, block, side):
+    """A NaN whose pack (a lane's share of a row) or chunk of classes holds only -inf besides:
+    that part has no maximum of its own, and its NaN must still reach the sums. Vector 2 holds
+    nothing but that NaN and -inf: the CPU's maxima skip NaN, so the -inf rule settles it."""
+    s, t = logits(shape, torch.float32, 0), logits(shape, torch.float32, 1)
+    x = s if side == "student" else t
+    x[1, block[0]:block[1], 0] = float("-inf")
+    x[1, block[1] - 1, 0] = float("nan")
+    x[2, :, 0] = float("-inf")
+    x[2, block[1] - 1, 0] = float("nan")
+    got, want = kernels.softmax_kl(s, t, 2.0), CPU.softmax_kl(s, t, 2.0)
+    assert torch.isnan(want[0][1, 0]) and not torch.isnan(want[0][2, 0])
     for g, w in zip(got, want):
         close(g, w, RTOL[torch.float32])
 
