@@ -81,12 +81,12 @@ def check_softmax_kl(ops, s, t, T, grad=None, slack=1.0):
         assert g.dtype == acc
         close(g, w, rtol)
     ref_kl, ref_grad = kl_reference(s, t, T, grad)
-    close(got[0], ref_kl, max(rtol, 1e-5) if acc == torch.float32 else rtol)
+    close(got[0], ref_kl, rtol)
     dgot = ops._softmax_kl_backward(grad, s, t, got[1], got[2], T)
     dwant = CPU._softmax_kl_backward(grad, s, t, want[1], want[2], T)
     assert dgot.dtype == s.dtype
     close(dgot, dwant, RTOL[s.dtype] * slack)
-    close(dgot, ref_grad, max(RTOL[s.dtype], 1e-5) * slack)
+    close(dgot, ref_grad, RTOL[s.dtype] * slack)
     return got, dgot
 
 
@@ -153,8 +153,8 @@ def test_softmax_kl_misaligned(kernels, shape, which):
 @pytest.mark.parametrize("shape", [(3, 100, 1), (2, 2048, 1), (2, 19, 64), (2, 19, 30)])
 @pytest.mark.parametrize("T", [1.0, 4.0])
 def test_softmax_kl_large_logits(kernels, shape, T):
-    """Logits ~1e3 and, in the student, a ramp along the vector: the running maxima grow at every
-    chunk and every warp, so each rescale and merge of the online forward is exercised."""
+    """Logits ~1e3 on a ramp along the vector: the running maxima keep growing from chunk to
+    chunk and lane to lane, so the online forward rescales and merges sums at every scale."""
     s, t = logits(shape, torch.float32, 0, 1e3), logits(shape, torch.float32, 1, 1e3)
     ramp = torch.linspace(-1e3, 1e3, shape[1]).view(1, -1, 1)
     # |x| ~ 4e3: lse carries ~4e3 * 6e-8 of rounding, and exp(x / T - lse) that relative error
@@ -316,7 +316,7 @@ def check_position(ops, pred, kinds, reduction, grad=None, num_frequencies=1):
     close(got, want, RTOL[out_dtype])
     p64 = pred.to(torch.float64, copy=True).requires_grad_()
     ref = reference.position_encoding_loss(p64, kinds, reduction, num_frequencies=num_frequencies)
-    close(got, ref.detach(), max(RTOL[out_dtype], 1e-5))
+    close(got, ref.detach(), RTOL[out_dtype])
     if grad is None:
         grad = torch.tensor(0.75, dtype=acc) if reduction != "none" else \
             torch.rand(pred.shape, generator=gen(4), dtype=acc)
@@ -325,7 +325,7 @@ def check_position(ops, pred, kinds, reduction, grad=None, num_frequencies=1):
     dwant = CPU._position_encoding_loss_backward(grad, pred, codes, params, reduction)
     assert dgot.dtype == dwant.dtype == pred.dtype
     close(dgot, dwant, RTOL[pred.dtype])
-    close(dgot, p64.grad, max(RTOL[pred.dtype], 1e-5))
+    close(dgot, p64.grad, RTOL[pred.dtype])
 
 
 def maps(B, M, H, W, dtype, seed=0):
@@ -342,6 +342,12 @@ M_ALL = len(expand_kinds(KINDS, 1)[0])  # every elementary map once (sin/cos at 
 def test_position_branches(kernels, dtype, W, reduction):
     """Every map kind; W a multiple of the pack (16-byte packs) or not (packs of one)."""
     check_position(kernels, maps(2, M_ALL, 9, W, dtype), KINDS, reduction)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_position_five_images_two_columns(kernels, reduction):
+    """The next kernels walk the batch 4 images at a time (unrolled): 5 leaves one."""
+    check_position(kernels, maps(5, M_ALL, 3, 2, torch.float32), KINDS, reduction)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
