@@ -24,7 +24,13 @@ struct OnlineSoftmaxKL {
   C10_HOST_DEVICE static bool empty(T m) { return m == -std::numeric_limits<T>::infinity(); }
   // exp(m_old - m_new) for m_new >= m_old, and 0 where the old sums are empty.
   C10_HOST_DEVICE static T rescale(T m_old, T m_new) { return empty(m_old) ? T(0) : vec_exp(m_old - m_new); }
-  C10_HOST_DEVICE static T larger(T a, T b) { return a > b ? a : b; }
+  // The running maximum a never adopts a NaN b (std::max's form, as the CPU and two-pass kernels
+  // take their maxima): the NaN then reaches the sums through exp(b - max) and makes the vector's
+  // outputs NaN, or, in a vector with nothing else but -inf, the -inf rule settles it, as there.
+  // (a > b ? a : b adopted a NaN and dropped it at the next smaller value: NaN then -inf, a
+  // chunk's padding or masked classes, left a maximum of -inf and skipped the chunk's finite
+  // values and NaN alike: a finite KL and lse where the other kernels give NaN.)
+  C10_HOST_DEVICE static T larger(T a, T b) { return a < b ? b : a; }
 
   // N more classes (held in registers by the caller; -inf pads a short chunk and adds nothing).
   template <int N>
@@ -44,6 +50,8 @@ struct OnlineSoftmaxKL {
     if (!empty(ms)) {
 #pragma unroll
       for (int j = 0; j < N; ++j) zs += vec_exp(u[j] - ms);
+    } else {
+      keep_nan(zs, u);
     }
     if (!empty(mt)) {
 #pragma unroll
@@ -52,7 +60,19 @@ struct OnlineSoftmaxKL {
         zt += e;
         w += kl_term(e, v[j], u[j]);
       }
+    } else {
+      keep_nan(zt, v);
     }
+  }
+
+  // A part with no maximum yet holds nothing but -inf and NaN: its NaN must still reach the sum
+  // (rescaling by 0 keeps it there), as the CPU kernels' sum over exp(x - max) keeps it, or a
+  // NaN that a later part (chunk, lane) outgrows would vanish from the vector's outputs.
+  template <int N>
+  C10_HOST_DEVICE static void keep_nan(T& sum, const T (&x)[N]) {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (x[j] != x[j]) sum = x[j];
   }
 
   // The sums of this part and another part of the same vector.

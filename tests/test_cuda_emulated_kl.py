@@ -1,0 +1,389 @@
+"""softmax_kl and position_encoding_loss on the CUDA emulator (tests/cuda_emu), branch by branch:
+both kernel sets (the tested default and IDD_OPS_CUDA_NEXT) against the CPU op of the same name
+and against idd_ops.reference in float64, forward and backward.
+
+softmax_kl cases reach, in the next set, every launch of softmax_kl_next_cuda.cu: CWD rows
+(inner == 1) a warp per row (lengths under 32, 32..256, over 256) and a block per row (from
+2 * 256 packs), pixel KD (inner > 1) with chunks of classes; each with 16-byte packs and, where
+the contiguous dim is not a multiple of the pack or the storage is offset, packs of one. Values:
+temperatures 1 and 4, logits ~1e3 and ramps (every chunk raises the running maximum), and the
+-inf rules of docs/METHOD.md ("-inf logits"): masked entries, a teacher vector -inf everywhere
+(KL 0, zero gradient: issue 22 item 5), a student vector -inf everywhere (+inf, zero gradient).
+
+position_encoding_loss cases reach every map kind, the three reductions, the packed and scalar
+paths, widths up to and past the column table (position_next_max_width: the next set falls back
+to the per-element kernel), and grids with more than 256 partials and a grid-stride wrap.
+"""
+import pytest
+import torch
+
+import idd_ops  # noqa: F401
+from idd_ops import reference
+from idd_ops._position_maps import KINDS, expand_kinds
+from idd_ops.position import CODES
+from test_cuda_emulated import CPU, emu, kernels  # noqa: F401  (fixtures)
+
+ACC = {torch.float64: torch.float64, torch.float32: torch.float32, torch.float16: torch.float32,
+       torch.bfloat16: torch.float32}
+# relative tolerance of an output of this dtype computed in its accumulation dtype (kl, lse: the
+# accumulation dtype; the gradient: the input's dtype, rounded once at the end)
+RTOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def close(got, want, rtol):
+    """got == want in infinities and NaNs, and within rtol (relative to the largest finite |want|)
+    elsewhere: test_cuda_emulated.close scales its atol by max |want|, which is inf here."""
+    assert got.shape == want.shape, (got.shape, want.shape)
+    for pick in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(pick(got), pick(want)), f"{pick.__name__} differs"
+    finite = torch.isfinite(want)
+    g, w = got[finite].double(), want[finite].double()
+    scale = max(1.0, float(w.abs().max())) if w.numel() else 1.0
+    torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * scale)
+
+
+def offset(x):
+    """x's values in storage that starts one element later (not 16-byte aligned): the kernels'
+    packs of one element."""
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype)
+    view = buf[1:].view(x.shape)
+    view.copy_(x)
+    assert view.is_contiguous() and view.storage_offset() == 1
+    return view
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- softmax_kl ---------------------------------------------------------------------------
+
+def kl_reference(s, t, T, grad):
+    """KL and d (sum grad * KL) / d s of [outer, length, inner] inputs by the float64 reference
+    (pixel KD's KL along dim 1 of [outer, length, inner, 1] is CWD's along the row as well)."""
+    s64 = s.to(torch.float64, copy=True).unsqueeze(-1).requires_grad_()
+    per_vector = reference.pixel_kd_loss(s64, t.double().unsqueeze(-1), temperature=T, reduction="none")
+    kl = per_vector.squeeze(-1) / T ** 2
+    (kl * grad.double()).sum().backward()
+    return kl.detach(), s64.grad.squeeze(-1)
+
+
+def check_softmax_kl(ops, s, t, T, grad=None, slack=1.0):
+    """slack: a factor on the tolerances, for logits whose float32 rounding alone (|x| eps) is
+    larger than RTOL's."""
+    acc = ACC[s.dtype]
+    outer, _, inner = s.shape
+    if grad is None:
+        grad = torch.rand(outer, inner, generator=gen(3), dtype=acc) + 0.5
+    got, want = ops.softmax_kl(s, t, T), CPU.softmax_kl(s, t, T)
+    rtol = RTOL[acc] * slack
+    for g, w in zip(got, want):
+        assert g.dtype == acc
+        close(g, w, rtol)
+    ref_kl, ref_grad = kl_reference(s, t, T, grad)
+    close(got[0], ref_kl, rtol)
+    dgot = ops._softmax_kl_backward(grad, s, t, got[1], got[2], T)
+    dwant = CPU._softmax_kl_backward(grad, s, t, want[1], want[2], T)
+    assert dgot.dtype == s.dtype
+    close(dgot, dwant, RTOL[s.dtype] * slack)
+    close(dgot, ref_grad, RTOL[s.dtype] * slack)
+    return got, dgot
+
+
+def logits(shape, dtype, seed, scale=1.0):
+    return (torch.randn(*shape, generator=gen(seed), dtype=torch.float64) * scale).to(dtype)
+
+
+# (outer, length, inner), dtype, temperature: the launch each reaches in the next set is named.
+KL_CASES = [
+    # CWD rows, a warp per row
+    ((5, 7, 1), torch.float32, 1.0),       # length < 32, not a pack multiple: scalar
+    ((9, 20, 1), torch.float32, 4.0),      # packs of 4, two blocks of 8 rows, the second partly empty
+    ((6, 100, 1), torch.float32, 1.0),     # 32..256, packs
+    ((4, 150, 1), torch.float32, 4.0),     # 32..256, scalar
+    ((3, 1000, 1), torch.float32, 4.0),    # > 256, packs, still a warp (block from 2048)
+    ((3, 301, 1), torch.float32, 1.0),     # > 256, scalar, a warp (block from 512)
+    # CWD rows, a block per row
+    ((2, 2048, 1), torch.float32, 4.0),    # packs, exactly 2 * 256 * 4
+    ((2, 2050, 1), torch.float32, 1.0),    # scalar, several strides of the block
+    ((2, 4096, 1), torch.float16, 4.0),    # packs of 8
+    ((3, 1024, 1), torch.float64, 1.0),    # packs of 2
+    ((2, 2052, 1), torch.float32, 4.0),    # packs; the last step pads with -inf
+    ((2, 515, 1), torch.float64, 4.0),     # scalar
+    ((2, 517, 1), torch.float16, 1.0),     # scalar
+    ((2, 4104, 1), torch.bfloat16, 4.0),   # packs of 8, padded
+    ((2, 601, 1), torch.bfloat16, 1.0),    # scalar
+    # CWD rows, other dtypes
+    ((3, 100, 1), torch.float64, 4.0),
+    ((3, 7, 1), torch.float64, 1.0),
+    ((3, 24, 1), torch.float16, 1.0),
+    ((3, 100, 1), torch.float16, 4.0),     # 100 % 8: scalar
+    ((3, 40, 1), torch.bfloat16, 4.0),
+    ((3, 300, 1), torch.bfloat16, 1.0),
+    # pixel KD
+    ((2, 19, 64), torch.float32, 1.0),     # packs of 4, chunks of 8 classes: 19 leaves 3
+    ((2, 19, 30), torch.float32, 4.0),     # inner % 4: scalar
+    ((3, 5, 4), torch.float32, 1.0),
+    ((2, 3, 2), torch.float32, 4.0),
+    ((2, 19, 6), torch.float64, 1.0),      # packs of 2
+    ((2, 7, 5), torch.float64, 4.0),
+    ((2, 19, 16), torch.float16, 4.0),     # packs of 8, chunks of 4
+    ((2, 5, 12), torch.float16, 1.0),
+    ((2, 11, 24), torch.bfloat16, 1.0),
+    ((2, 7, 10), torch.bfloat16, 4.0),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,T", KL_CASES, ids=lambda v: str(v).replace("torch.", "").replace(" ", ""))
+def test_softmax_kl_branches(kernels, shape, dtype, T):
+    check_softmax_kl(kernels, logits(shape, dtype, 0), logits(shape, dtype, 1), T)
+
+
+@pytest.mark.parametrize("shape", [(3, 100, 1), (2, 2048, 1), (2, 19, 64)])
+@pytest.mark.parametrize("which", ["student", "teacher", "both"])
+def test_softmax_kl_misaligned(kernels, shape, which):
+    s, t = logits(shape, torch.float32, 0), logits(shape, torch.float32, 1)
+    if which in ("student", "both"):
+        s = offset(s)
+    if which in ("teacher", "both"):
+        t = offset(t)
+    check_softmax_kl(kernels, s, t, 4.0)
+
+
+@pytest.mark.parametrize("shape", [(3, 100, 1), (2, 2048, 1), (2, 19, 64), (2, 19, 30)])
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_softmax_kl_large_logits(kernels, shape, T):
+    """Logits ~1e3 on a ramp along the vector: the running maxima keep growing from chunk to
+    chunk and lane to lane, so the online forward rescales and merges sums at every scale."""
+    s, t = logits(shape, torch.float32, 0, 1e3), logits(shape, torch.float32, 1, 1e3)
+    ramp = torch.linspace(-1e3, 1e3, shape[1]).view(1, -1, 1)
+    # |x| ~ 4e3: lse carries ~4e3 * 6e-8 of rounding, and exp(x / T - lse) that relative error
+    check_softmax_kl(kernels, s + ramp, t * 0.01 + ramp, T, slack=50.0)
+
+
+def test_softmax_kl_teacher_half_student_float(kernels):
+    """The teacher is cast to the student's dtype first."""
+    s, t = logits((3, 64, 1), torch.float32, 0), logits((3, 64, 1), torch.float16, 1)
+    check_softmax_kl(kernels, s, t, 2.0)
+
+
+@pytest.mark.parametrize("shape", [(2, 19, 64), (2, 19, 30), (8, 100, 1), (2, 2048, 1)])
+def test_softmax_kl_reduced_grad(kernels, shape):
+    """The gradient of a reduced loss arrives expanded (strides 0); a "none" gradient may arrive
+    transposed. The next backward reads it in place with its strides."""
+    s, t = logits(shape, torch.float32, 0), logits(shape, torch.float32, 1)
+    outer, _, inner = shape
+    check_softmax_kl(kernels, s, t, 4.0, torch.tensor(0.7).expand(outer, inner))
+    check_softmax_kl(kernels, s, t, 4.0, torch.rand(inner, outer, generator=gen(5)).t())
+
+
+@pytest.mark.parametrize("shape", [(3, 0, 1), (0, 5, 1), (2, 0, 4), (0, 3, 4)])
+def test_softmax_kl_empty(kernels, shape):
+    s, t = torch.randn(shape), torch.randn(shape)
+    got, want = kernels.softmax_kl(s, t, 2.0), CPU.softmax_kl(s, t, 2.0)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    grad = torch.ones(shape[0], shape[2])
+    assert kernels._softmax_kl_backward(grad, s, t, got[1], got[2], 2.0).shape == shape
+
+
+def masked(shape, dtype, layout):
+    """Student and teacher with the -inf patterns of METHOD.md ("-inf logits"), vector by vector:
+    0 none; 1 some teacher entries (they add 0); 2 the teacher everywhere (KL 0, zero gradient);
+    3 the student everywhere (+inf, zero gradient); 4 both everywhere (0); 5 some student
+    entries where the teacher has mass (+inf, finite gradient); 6 student and teacher -inf at
+    the same entries (they add 0); 7 the teacher's first half (whole warps and chunks of it
+    empty, merged with the rest). For "rows" a vector is a row [o, :, 0]; for "pixels" the
+    classes [0, :, i] of pixel i of the first image (the second has none)."""
+    s, t = logits(shape, dtype, 0), logits(shape, dtype, 1)
+    inf = float("-inf")
+
+    def vec(x, n):
+        return x[n, :, 0] if layout == "rows" else x[0, :, n]
+
+    vec(t, 1)[::3] = inf
+    vec(t, 2)[:] = inf
+    vec(s, 3)[:] = inf
+    vec(s, 4)[:] = inf
+    vec(t, 4)[:] = inf
+    vec(s, 5)[1::4] = inf
+    vec(s, 6)[::2] = inf
+    vec(t, 6)[::2] = inf
+    vec(t, 7)[: shape[1] // 2] = inf
+    return s, t
+
+
+@pytest.mark.parametrize("shape,dtype", [((8, 100, 1), torch.float32), ((8, 2048, 1), torch.float32),
+                                         ((8, 301, 1), torch.float32), ((8, 64, 1), torch.float16),
+                                         ((8, 40, 1), torch.float64)], ids=str)
+def test_softmax_kl_inf_rows(kernels, shape, dtype):
+    s, t = masked(shape, dtype, "rows")
+    (kl, lse_s, lse_t), grad = check_softmax_kl(kernels, s, t, 4.0)
+    assert kl[2, 0] == 0 and kl[4, 0] == 0 and kl[3, 0] == float("inf") and kl[5, 0] == float("inf")
+    assert torch.isfinite(kl[[0, 1, 6, 7]]).all()
+    assert torch.isposinf(lse_s[[2, 3, 4]]).all() and torch.isposinf(lse_t[[2, 3, 4]]).all()
+    assert (grad[[2, 3, 4]] == 0).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("shape,dtype", [((2, 19, 8), torch.float32), ((2, 19, 9), torch.float32),
+                                         ((2, 9, 8), torch.float16), ((2, 9, 8), torch.float64)], ids=str)
+def test_softmax_kl_inf_pixels(kernels, shape, dtype):
+    s, t = masked(shape, dtype, "pixels")
+    (kl, _, _), grad = check_softmax_kl(kernels, s, t, 1.0)
+    assert kl[0, 2] == 0 and kl[0, 4] == 0 and kl[0, 3] == float("inf") and kl[0, 5] == float("inf")
+    assert torch.isfinite(kl[0, [0, 1, 6, 7]]).all()
+    assert (grad[0, :, [2, 3, 4]] == 0).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("shape,where", [((4, 40, 1), 3), ((4, 40, 1), 39), ((4, 301, 1), 300),
+                                         ((3, 2052, 1), 2051), ((2, 9, 8), 8), ((2, 19, 7), 3)], ids=str)
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_softmax_kl_nan_propagates(kernels, shape, where, side):
+    """A NaN logit makes its vector's outputs NaN, as on the CPU: never a finite value that
+    silently leaves it (and its neighbours) out. Placed mid-vector, or last and followed by
+    -inf (the kernels' padding of a chunk, masked classes)."""
+    s, t = logits(shape, torch.float32, 0), logits(shape, torch.float32, 1)
+    x = s if side == "student" else t
+    rows = shape[2] == 1
+    vec = (lambda n: x[n, :, 0]) if rows else (lambda n: x[0, :, n])
+    vec(1)[where] = float("nan")
+    vec(2)[where] = float("nan")
+    vec(2)[where + 1:] = float("-inf")
+    got, want = kernels.softmax_kl(s, t, 2.0), CPU.softmax_kl(s, t, 2.0)
+    picked = (lambda out: out[[1, 2], 0]) if rows else (lambda out: out[0, [1, 2]])
+    assert torch.isnan(picked(want[0])).all()
+    for g, w in zip(got, want):
+        close(g, w, RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("shape,block", [((4, 40, 1), (0, 4)), ((4, 40, 1), (36, 40)), ((3, 2052, 1), (2048, 2052)),
+                                         ((3, 19, 8), (0, 8)), ((3, 19, 9), (0, 8)), ((3, 19, 9), (8, 16))], ids=str)
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_softmax_kl_nan_alone_in_its_part(kernels, shape, block, side):
+    """A NaN whose pack (a lane's share of a row) or chunk of classes holds only -inf besides:
+    that part has no maximum of its own, and its NaN must still reach the sums. Vector 2 holds
+    nothing but that NaN and -inf: the CPU's maxima skip NaN, so the -inf rule settles it."""
+    s, t = logits(shape, torch.float32, 0), logits(shape, torch.float32, 1)
+    x = s if side == "student" else t
+    x[1, block[0]:block[1], 0] = float("-inf")
+    x[1, block[1] - 1, 0] = float("nan")
+    x[2, :, 0] = float("-inf")
+    x[2, block[1] - 1, 0] = float("nan")
+    got, want = kernels.softmax_kl(s, t, 2.0), CPU.softmax_kl(s, t, 2.0)
+    assert torch.isnan(want[0][1, 0]) and not torch.isnan(want[0][2, 0])
+    for g, w in zip(got, want):
+        close(g, w, RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("HW", [(4, 5), (8, 16), (32, 64)])
+def test_cwd_teacher_channel_masked_everywhere(kernels, HW):
+    """Issue 22 item 5: CWD with a teacher channel -inf at every pixel agrees with
+    idd_ops.reference (the channel contributes 0 and counts in the B*C divisor), value and
+    gradient, through the op's CWD use (idd_ops.baselines.channel_wise_distillation_loss)."""
+    B, C, (H, W), T = 2, 3, HW, 4.0
+    s, t = logits((B, C, H, W), torch.float32, 0), logits((B, C, H, W), torch.float32, 1)
+    t[1, 2] = float("-inf")
+    kl, lse_s, lse_t = kernels.softmax_kl(s.reshape(B * C, H * W, 1), t.reshape(B * C, H * W, 1), T)
+    loss = kl.sum() * T ** 2 / (B * C)
+    s64 = s.to(torch.float64, copy=True).requires_grad_()
+    want = reference.channel_wise_distillation_loss(s64, t.double(), temperature=T)
+    want.backward()
+    assert torch.isfinite(loss) and kl.view(B, C)[1, 2] == 0
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    close(kl, CPU.softmax_kl(s.reshape(B * C, H * W, 1), t.reshape(B * C, H * W, 1), T)[0], RTOL[torch.float32])
+    grad = torch.full((B * C, 1), T ** 2 / (B * C))
+    dgot = kernels._softmax_kl_backward(grad, s.reshape(B * C, H * W, 1), t.reshape(B * C, H * W, 1), lse_s, lse_t, T)
+    torch.testing.assert_close(dgot.view(B, C, H, W).double(), s64.grad, rtol=1e-5, atol=1e-7)
+    assert (dgot.view(B, C, H, W)[1, 2] == 0).all()
+
+
+# ---- position_encoding_loss ---------------------------------------------------------------
+
+# Widest map the next set's column table serves (position_next_max_width): (48 KiB - 1 KiB) of
+# accumulation-dtype values; wider maps take the per-element kernel.
+TABLE_WIDTH = {torch.float64: (47 * 1024) // 8, torch.float32: (47 * 1024) // 4,
+               torch.float16: (47 * 1024) // 4, torch.bfloat16: (47 * 1024) // 4}
+
+
+def check_position(ops, pred, kinds, reduction, grad=None, num_frequencies=1):
+    elements, params, _ = expand_kinds(kinds, num_frequencies)
+    codes = [CODES[e] for e in elements]
+    acc = ACC[pred.dtype]
+    got = ops.position_encoding_loss(pred, codes, params, reduction)
+    want = CPU.position_encoding_loss(pred, codes, params, reduction)
+    out_dtype = pred.dtype if reduction == "none" else acc
+    assert got.dtype == want.dtype == out_dtype
+    close(got, want, RTOL[out_dtype])
+    p64 = pred.to(torch.float64, copy=True).requires_grad_()
+    ref = reference.position_encoding_loss(p64, kinds, reduction, num_frequencies=num_frequencies)
+    close(got, ref.detach(), RTOL[out_dtype])
+    if grad is None:
+        grad = torch.tensor(0.75, dtype=acc) if reduction != "none" else \
+            torch.rand(pred.shape, generator=gen(4), dtype=acc)
+    (ref * grad.double()).sum().backward()
+    dgot = ops._position_encoding_loss_backward(grad, pred, codes, params, reduction)
+    dwant = CPU._position_encoding_loss_backward(grad, pred, codes, params, reduction)
+    assert dgot.dtype == dwant.dtype == pred.dtype
+    close(dgot, dwant, RTOL[pred.dtype])
+    close(dgot, p64.grad, RTOL[pred.dtype])
+
+
+def maps(B, M, H, W, dtype, seed=0):
+    return torch.rand(B, M, H, W, generator=gen(seed), dtype=torch.float64).to(dtype)
+
+
+M_ALL = len(expand_kinds(KINDS, 1)[0])  # every elementary map once (sin/cos at one frequency)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype,W", [(torch.float32, 16), (torch.float32, 13), (torch.float64, 10),
+                                     (torch.float64, 7), (torch.float16, 24), (torch.float16, 12),
+                                     (torch.bfloat16, 40), (torch.bfloat16, 20)], ids=str)
+def test_position_branches(kernels, dtype, W, reduction):
+    """Every map kind; W a multiple of the pack (16-byte packs) or not (packs of one)."""
+    check_position(kernels, maps(2, M_ALL, 9, W, dtype), KINDS, reduction)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_position_five_images_two_columns(kernels, reduction):
+    """The next kernels walk the batch 4 images at a time (unrolled): 5 leaves one."""
+    check_position(kernels, maps(5, M_ALL, 3, 2, torch.float32), KINDS, reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_position_misaligned(kernels, reduction):
+    check_position(kernels, offset(maps(2, M_ALL, 5, 16, torch.float32)), KINDS, reduction)
+
+
+def test_position_two_frequencies_and_transposed_grad(kernels):
+    pred = maps(2, len(expand_kinds("sinusoidal", 2)[0]), 6, 8, torch.float32)
+    grad = torch.rand(pred.shape[::-1], generator=gen(6)).permute(3, 2, 1, 0)
+    check_position(kernels, pred, "sinusoidal", "none", grad=grad, num_frequencies=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("past", [0, 1])
+def test_position_table_width(kernels, request, dtype, past):
+    """At the column table's width the next set runs its kernel (a partial pass and a finalise:
+    2 launches); one column more, the per-element kernel (1 launch). The default set: 1. Plus
+    one launch for the backward."""
+    pred = maps(1, 2, 2, TABLE_WIDTH[dtype] + past, dtype)
+    before = kernels._emu_launches()
+    check_position(kernels, pred, ("horizontal", "gaussian"), "mean")
+    next_kernel = request.node.callspec.params["kernels"] == "next" and not past
+    assert kernels._emu_launches() - before == (2 if next_kernel else 1) + 1
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_position_many_partials(kernels, reduction):
+    """Narrow maps (one pack a row: blocks of 32 x 8) over 240 rows of 9 maps: 30 x 9 = 270 block
+    partials in the next set (the finalise's threads each add several); the default set: 61."""
+    check_position(kernels, maps(1, M_ALL, 240, 4, torch.float32), KINDS, reduction)
+
+
+def test_position_grid_wrap(kernels):
+    """More rows than one wave of blocks covers (row blocks capped at 8 * 132 / M per map): the
+    next kernels' row loop wraps. Backward and "none" only (their blocks have one barrier)."""
+    pred = maps(1, 64, 136, 4, torch.float32)
+    kinds = ["horizontal"] * 64
+    check_position(kernels, pred, kinds, "none")
