@@ -223,13 +223,18 @@ using std::isfinite;
 using std::isinf;
 using std::isnan;
 
+// For floating types they are fminf/fmaxf, which return the other argument where one is NaN.
 template <typename A, typename B>
 inline std::common_type_t<A, B> min(A a, B b) {
-  return b < a ? b : a;
+  using T = std::common_type_t<A, B>;
+  if constexpr (std::is_floating_point_v<T>) return std::fmin(static_cast<T>(a), static_cast<T>(b));
+  else return b < a ? b : a;
 }
 template <typename A, typename B>
 inline std::common_type_t<A, B> max(A a, B b) {
-  return a < b ? b : a;
+  using T = std::common_type_t<A, B>;
+  if constexpr (std::is_floating_point_v<T>) return std::fmax(static_cast<T>(a), static_cast<T>(b));
+  else return a < b ? b : a;
 }
 
 #define EMU_KERNEL_ASSERT(cond) \
