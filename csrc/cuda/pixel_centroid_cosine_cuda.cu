@@ -203,7 +203,8 @@ __device__ __forceinline__ void warp_add_to_class(acc_t* sums, int64_t stride, i
 
 // Where a block's warps keep their class sums: in shared memory, warp w's class k at
 // smem[k * warps + w], when `warps` > 0; else (K sums pass the default 48 KiB) the block is one
-// warp that adds straight into `global` (its class k at global[k * global_stride]).
+// warp that adds straight into `global` (its class k at global[k * global_stride]). Constructing
+// it zeroes the sums and waits for the block (__syncthreads): every thread must construct it.
 template <typename acc_t>
 struct ClassSums {
   acc_t* sums;  // this warp's class 0
