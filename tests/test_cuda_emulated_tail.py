@@ -281,8 +281,8 @@ def _many_class_inputs(K, dtype, C=3, H=5, W=13):
 
 @pytest.mark.parametrize("K, dtype", [(6145, torch.float64), (12289, torch.float32)])
 def test_pixel_centroid_cosine_many_classes(next_kernels, K, dtype):
-    """K class sums past the default 48 KiB a block: the slots backward falls back to global
-    atomics, the labels backward opts in to more shared memory."""
+    """K class sums past the default 48 KiB a block: the slots backward runs one warp a block,
+    adding into global memory; the labels backward opts in to more shared memory."""
     x, y, cent = _many_class_inputs(K, dtype)
     slots = CPU._label_slots(y, 5, 13, K, 255)
     want = CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8)
@@ -292,6 +292,41 @@ def test_pixel_centroid_cosine_many_classes(next_kernels, K, dtype):
           CPU._pixel_centroid_cosine_slots_backward(*args), atol=1e-4)
     args = (grad, x, cent, y, *want, 255, 1e-8)
     close(next_kernels._pixel_centroid_cosine_backward(*args), CPU._pixel_centroid_cosine_backward(*args), atol=1e-4)
+
+
+def _spread_slots_inputs(K, dtype, B=2, C=3, H=37, W=41, seed=0):
+    """A slot map of 6 classes spread over [0, K) in random pixels (mixed warps, a tail warp:
+    H * W = 1517), 10 % ignored, with features, centroids and an upstream gradient."""
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.randint(0, 6, (B, H, W), generator=g) * ((K - 1) // 5)).clamp_max(K - 1)
+    y[torch.rand(B, H, W, generator=g) < 0.1] = 255
+    x = (randn(B, C, H, W, seed=seed + 1, dtype=torch.float64) + 0.5).to(dtype)
+    cent, _ = CPU.class_centroids(x, y, K, 255)
+    slots = CPU._label_slots(y, H, W, K, 255)
+    cos, norms = CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8)
+    grad = randn(*cos.shape, seed=seed + 2, dtype=cos.dtype)
+    return grad, x, cent, slots, cos, norms, 1e-8
+
+
+# K and the accumulation dtype set the warps of a block (private class sums in 48 KiB): 8 (K = 6),
+# 7 (1537 float32), 6 (1000 float64), and one warp adding into global memory (12289 float32).
+@pytest.mark.parametrize("K, dtype", [(6, torch.float32), (6, torch.float16), (6, torch.bfloat16),
+                                      (6, torch.float64), (1537, torch.float32), (1000, torch.float64),
+                                      (12289, torch.float32)])
+def test_pixel_centroid_cosine_slots_backward_is_deterministic(emu, K, dtype):
+    """The slots backward adds its class sums in a fixed order, without atomics: the same bits
+    for every order of blocks and threads (three emulator seeds), and the CPU op's values."""
+    args = _spread_slots_inputs(K, dtype)
+    want = CPU._pixel_centroid_cosine_slots_backward(*args)
+    runs = []
+    for seed in (1, 2, 3):
+        emu._emu_configure(True, seed)
+        runs.append(emu._pixel_centroid_cosine_slots_backward(*args))
+    tol = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2  # half grad_feats: one rounding
+    close(runs[0], want, rtol=tol, atol=tol)
+    for run in runs[1:]:
+        for got, first in zip(run, runs[0]):
+            assert torch.equal(got, first)
 
 
 def test_pixel_centroid_cosine_labels_backward_class_limit(default_kernels):

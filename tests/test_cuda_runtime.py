@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import idd_ops
-from idd_ops import reference
+from idd_ops import _switches, reference
 from conftest import make_feats, make_labels
 from op_calls import OPS
 
@@ -209,9 +209,10 @@ def test_bfloat16_wide_features(device):
 
 def test_ifvd_under_deterministic_mode(device):
     """torch.use_deterministic_algorithms(True): the IFVD forward repeats bit for bit on every
-    device (CUDA takes the ordered centroid path). Its CUDA backward adds with float atomics, so
-    it raises, as PyTorch's own nondeterministic kernels do, or warns with warn_only=True and
-    still gives the reference's gradient; the CPU backward repeats bit for bit."""
+    device (CUDA takes the ordered centroid path). The backward repeats bit for bit on the CPU and
+    on CUDA's slot-map path (IDD_OPS_CUDA_NEXT=1: fixed-order class sums); CUDA's labels backward
+    adds with float atomics, so it raises, as PyTorch's own nondeterministic kernels do, or warns
+    with warn_only=True and still gives the reference's gradient."""
     K = 6
     y = make_labels(2, 32, 48, K, device=device, blocky=False)
     s = make_feats(2, 16, 16, 24, dtype=torch.float32, device=device, seed=1).requires_grad_()
@@ -220,7 +221,7 @@ def test_ifvd_under_deterministic_mode(device):
     try:
         losses = [idd_ops.intra_class_variation_loss(s, t, y, K) for _ in range(3)]
         assert all(torch.equal(loss, losses[0]) for loss in losses)
-        if device == "cpu":
+        if _switches.cosine_slots_path(s.device):
             grads = [torch.autograd.grad(idd_ops.intra_class_variation_loss(s, t, y, K), s)[0] for _ in range(3)]
             assert all(torch.equal(g, grads[0]) for g in grads)
         else:

@@ -175,9 +175,9 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_backward_kernel(
 
 // ---- slot-map kernels (_pixel_centroid_cosine_slots): IDD_OPS_CUDA_NEXT, not yet run on a GPU ----
 // The class of a pixel is one int16 load of the map _label_slots built (no resize, no 64-bit
-// division per pixel). Grids are (pixel blocks, images), so a thread knows its image without a
-// division; the loops over a map's pixels keep every lane of a warp until the last block, so
-// the warps can pool their atomics (warp_add_to_class).
+// division per pixel). The backward's class sums are added in a fixed order, with no atomics, so
+// they are the same bits on every run: each warp adds its lanes into warp-private sums (one
+// butterfly per class present among its lanes), and the block adds its warps' sums in warp order.
 
 // Class of pixel p of a slot map, checked against [-1, K) on the device (a host check would
 // need a sync), as pixel_class checks labels.
@@ -187,18 +187,49 @@ __device__ __forceinline__ int slot_class(const int16_t* __restrict__ slots, int
   return k;
 }
 
-// Adds v into sums[k * stride] for every lane with k >= 0; a warp whose 32 lanes share k adds
-// once (a shuffle reduction). Every lane of the warp must call it.
+// Adds v of the lanes whose class is k into this warp's own sum of class k, sums[k * stride],
+// for each class k >= 0 among the lanes: one butterfly per class, lane 0 writes (the sums belong
+// to this warp alone). Warp-uniform loop: every lane of the warp must call it.
 template <typename acc_t>
 __device__ __forceinline__ void warp_add_to_class(acc_t* sums, int64_t stride, int k, acc_t v) {
-  const int k0 = __shfl_sync(0xffffffffu, k, 0);
-  if (__all_sync(0xffffffffu, k == k0)) {
-    v = warp_sum(v);
-    if ((threadIdx.x & 31) == 0 && k0 >= 0) atomicAdd(&sums[k0 * stride], v);
-  } else if (k >= 0) {
-    atomicAdd(&sums[k * stride], v);
+  unsigned pending = __ballot_sync(0xffffffffu, k >= 0);
+  while (pending) {
+    const int kk = __shfl_sync(0xffffffffu, k, __ffs(pending) - 1);
+    pending &= ~__ballot_sync(0xffffffffu, k == kk);
+    const acc_t s = warp_sum(k == kk ? v : acc_t(0));
+    if ((threadIdx.x & 31) == 0) sums[kk * stride] += s;
   }
 }
+
+// Where a block's warps keep their class sums: in shared memory, warp w's class k at
+// smem[k * warps + w], when `warps` > 0; else (K sums pass the default 48 KiB) the block is one
+// warp that adds straight into `global` (its class k at global[k * global_stride]). Constructing
+// it zeroes the sums and waits for the block (__syncthreads): every thread must construct it.
+template <typename acc_t>
+struct ClassSums {
+  acc_t* sums;  // this warp's class 0
+  int64_t stride;
+  int warps;
+
+  __device__ ClassSums(acc_t* smem, int warps_, acc_t* global, int64_t global_stride, int K) : warps(warps_) {
+    sums = warps > 0 ? smem + threadIdx.x / 32 : global;
+    stride = warps > 0 ? warps : global_stride;
+    acc_t* all = warps > 0 ? smem : global;
+    for (int64_t i = threadIdx.x; i < static_cast<int64_t>(K) * (warps > 0 ? warps : 1); i += blockDim.x)
+      all[warps > 0 ? i : i * global_stride] = 0;
+    __syncthreads();
+  }
+
+  __device__ void add(int k, acc_t v) { warp_add_to_class(sums, stride, k, v); }
+
+  // The block's sum of class k, in warp order; call after a __syncthreads that follows the adds.
+  __device__ acc_t total(const acc_t* smem, int k) const {
+    if (warps == 0) return sums[k * stride];
+    acc_t t = 0;
+    for (int w = 0; w < warps; ++w) t += smem[k * warps + w];
+    return t;
+  }
+};
 
 // One thread per pixel of image blockIdx.y (grid-strided over images and pixels); neighbouring
 // threads read neighbouring pixels of each channel.
@@ -228,17 +259,20 @@ __global__ void cosine_slots_forward_kernel(const scalar_t* __restrict__ f, cons
   }
 }
 
-// Per pixel of image blockIdx.y: a = g * alpha, bf = g * beta_f (0 where ignored), and the
-// class's sum of g * beta_c.
+// One block per image (grid-strided): per pixel a = g * alpha, bf = g * beta_f (0 where
+// ignored), and per class bc_sum = the sum of g * beta_c (ClassSums: `warps` as there).
 template <typename acc_t>
 __global__ void cosine_slots_factors_kernel(const acc_t* __restrict__ grad, const acc_t* __restrict__ cos,
                                             const acc_t* __restrict__ fnorm, const acc_t* __restrict__ cnorm,
                                             const int16_t* __restrict__ slots, int64_t B, int64_t HW, int K, acc_t eps,
-                                            acc_t* __restrict__ a, acc_t* __restrict__ bf, acc_t* __restrict__ bc_sum) {
-  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    // every lane runs the same number of steps (warp_add_to_class needs whole warps)
-    for (int64_t base = blockIdx.x * static_cast<int64_t>(blockDim.x); base < HW;
-         base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+                                            int warps, acc_t* __restrict__ a, acc_t* __restrict__ bf,
+                                            acc_t* __restrict__ bc_sum) {
+  extern __shared__ unsigned char smem_bytes[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    ClassSums<acc_t> sums(smem, warps, bc_sum + b * K, 1, K);
+    // every lane runs the same number of steps (ClassSums::add needs whole warps)
+    for (int64_t base = 0; base < HW; base += blockDim.x) {
       const int64_t p = base + threadIdx.x, e = b * HW + p;
       const int k = p < HW ? slot_class(slots + b * HW, p, K) : -1;
       acc_t vc = 0;
@@ -249,30 +283,32 @@ __global__ void cosine_slots_factors_kernel(const acc_t* __restrict__ grad, cons
       } else if (p < HW) {
         a[e] = 0, bf[e] = 0;
       }
-      warp_add_to_class(bc_sum + b * K, 1, k, vc);
+      sums.add(k, vc);
     }
+    __syncthreads();
+    if (warps > 0)
+      for (int k = threadIdx.x; k < K; k += blockDim.x) bc_sum[b * K + k] = sums.total(smem, k);
+    __syncthreads();  // the next image zeroes the shared sums
   }
 }
 
 // One block per (image, channel) row: writes that row of grad_feats and the channel's gradient
-// for every class centroid. The K class sums of a * x live in shared memory (kShared) or, where
-// K of them pass the default 48 KiB per block, in grad_c itself (global atomics: no class limit).
-template <typename scalar_t, bool kShared>
+// for every class centroid, from the class sums of a * x (ClassSums: `warps` as there; with no
+// shared sums, the one warp adds into grad_c itself).
+template <typename scalar_t>
 __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f,
                                                   const at::opmath_type<scalar_t>* __restrict__ cent,
                                                   const at::opmath_type<scalar_t>* __restrict__ a,
                                                   const at::opmath_type<scalar_t>* __restrict__ bf,
                                                   const at::opmath_type<scalar_t>* __restrict__ bc_sum,
                                                   const int16_t* __restrict__ slots, int64_t C, int64_t HW, int K,
-                                                  scalar_t* __restrict__ grad_f, at::opmath_type<scalar_t>* grad_c) {
+                                                  int warps, scalar_t* __restrict__ grad_f,
+                                                  at::opmath_type<scalar_t>* grad_c) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ unsigned char smem[];
+  extern __shared__ unsigned char smem_bytes[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
   const int64_t row = blockIdx.x, b = row / C, c = row % C;
-  // class k's sum: sums[k * stride]
-  acc_t* sums = kShared ? reinterpret_cast<acc_t*>(smem) : grad_c + b * K * C + c;
-  const int64_t stride = kShared ? 1 : C;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) sums[k * stride] = 0;
-  __syncthreads();
+  ClassSums<acc_t> sums(smem, warps, grad_c + b * K * C + c, C, K);
   const scalar_t* x = f + row * HW;
   scalar_t* out = grad_f + row * HW;
   const acc_t* ab = a + b * HW;
@@ -288,11 +324,18 @@ __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f
       out[p] = static_cast<scalar_t>(ab[p] * cy + bb[p] * xv);
       v = ab[p] * xv;
     }
-    warp_add_to_class(sums, stride, k, v);
+    sums.add(k, v);
   }
   __syncthreads();
   for (int k = threadIdx.x; k < K; k += blockDim.x)
-    grad_c[(b * K + k) * C + c] = sums[k * stride] + bc_sum[b * K + k] * cb[k * C];
+    grad_c[(b * K + k) * C + c] = sums.total(smem, k) + bc_sum[b * K + k] * cb[k * C];
+}
+
+// Warps of a slot backward block: as many (up to kThreads / 32) as have K warp-private sums of
+// `bytes` each in the default 48 KiB of shared memory (no opt-in needed); 0 where one warp's
+// pass it (the block is then one warp, adding into global memory).
+int private_sum_warps(int64_t K, size_t bytes) {
+  return static_cast<int>(std::min<int64_t>(kThreads / 32, 48 * 1024 / (std::max<int64_t>(K, 1) * bytes)));
 }
 
 // Grid of (pixel blocks, images) for the slot kernels' loops over HW pixels of B images.
@@ -328,32 +371,31 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
     const at::Tensor& grad_in, const at::Tensor& feats_in, const at::Tensor& centroids_in, const at::Tensor& slots_in,
     const at::Tensor& cos_in, const at::Tensor& fnorm_in, double eps) {
   check_pixel_centroid_cosine_slots_backward_inputs(grad_in, feats_in, centroids_in, slots_in, cos_in, fnorm_in, eps);
-  at::globalContext().alertNotDeterministic("idd_ops::_pixel_centroid_cosine_slots_backward (CUDA, float atomics)");
   const c10::cuda::CUDAGuard guard(feats_in.device());
   const CosineBackwardTensors t = cosine_backward_tensors(grad_in, feats_in, centroids_in, cos_in, fnorm_in);
   const at::Tensor &feats = t.feats, &cent = t.cent, &grad = t.grad, &cosv = t.cos, &fnorm = t.fnorm;
   const at::Tensor &grad_f = t.grad_f, &grad_c = t.grad_c, slots = slots_in.contiguous();
   const int64_t B = feats.size(0), C = feats.size(1), HW = feats.size(2) * feats.size(3), K = centroids_in.size(1);
   if (feats.numel() == 0) return {grad_f, grad_c.to(centroids_in.scalar_type())};
-  at::Tensor bc_sum = at::zeros({B, K}, cent.options());
+  // the kernels write every class sum (and zero those they add into in global memory)
+  at::Tensor bc_sum = at::empty({B, K}, cent.options());
   at::Tensor a = at::empty({B, HW}, cent.options()), bf = at::empty_like(a);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor cnorm = centroid_norms(cent, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_slots_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cosine_slots_factors_kernel<acc_t><<<image_pixel_grid(B, HW), kThreads, 0, stream>>>(
+    const int warps = private_sum_warps(K, sizeof(acc_t));
+    const unsigned threads = 32 * std::max(warps, 1);
+    const size_t shared = warps * K * sizeof(acc_t);
+    cosine_slots_factors_kernel<acc_t><<<static_cast<unsigned>(std::min<int64_t>(B, 65535)), threads, shared, stream>>>(
         grad.const_data_ptr<acc_t>(), cosv.const_data_ptr<acc_t>(), fnorm.const_data_ptr<acc_t>(),
         cnorm.const_data_ptr<acc_t>(), slots.const_data_ptr<int16_t>(), B, HW, static_cast<int>(K),
-        static_cast<acc_t>(eps), a.data_ptr<acc_t>(), bf.data_ptr<acc_t>(), bc_sum.data_ptr<acc_t>());
+        static_cast<acc_t>(eps), warps, a.data_ptr<acc_t>(), bf.data_ptr<acc_t>(), bc_sum.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // Shared class sums where they fit the default 48 KiB per block, which needs no opt-in.
-    const size_t shared = K * sizeof(acc_t);
-    auto rows = shared <= 48 * 1024 ? cosine_slots_backward_rows_kernel<scalar_t, true>
-                                    : cosine_slots_backward_rows_kernel<scalar_t, false>;
-    rows<<<B * C, kThreads, shared <= 48 * 1024 ? shared : 0, stream>>>(
+    cosine_slots_backward_rows_kernel<scalar_t><<<B * C, threads, shared, stream>>>(
         feats.const_data_ptr<scalar_t>(), cent.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(),
         bf.const_data_ptr<acc_t>(), bc_sum.const_data_ptr<acc_t>(), slots.const_data_ptr<int16_t>(), C, HW,
-        static_cast<int>(K), grad_f.data_ptr<scalar_t>(), grad_c.data_ptr<acc_t>());
+        static_cast<int>(K), warps, grad_f.data_ptr<scalar_t>(), grad_c.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_f, grad_c.to(centroids_in.scalar_type())};
