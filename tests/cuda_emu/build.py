@@ -86,7 +86,7 @@ def _shared(match):
         return f"{type_}* {name} = reinterpret_cast<{type_}*>(::emu::dynamic_shared());"
     # __shared__ T a[N], b[M];  -> static storage (one block runs at a time), poisoned per block
     type_, first = re.fullmatch(r"(.+?)\s+(\w+\s*\[.*|\w+)", rest, re.S).groups()
-    decls = [first] + [] if "," not in first else _split_top_level(first)
+    decls = _split_top_level(first)
     names = [re.match(r"\w+", d).group(0) for d in decls]
     prefix = align.replace("__align__", "alignas") if align else ""
     poison = " ".join(f"::emu::poison_shared(&{n}, sizeof({n}));" for n in names)

@@ -94,7 +94,6 @@ struct Fiber {
   State state = State::Runnable;
   unsigned wait_mask = 0;       // lanes a warp barrier waits for
   unsigned char slot[16] = {};  // this lane's value in the current warp exchange
-  bool slot_valid = false;
 };
 
 namespace {
@@ -186,7 +185,6 @@ void run_block(std::mt19937_64& rng) {
   for (int i = 0; i < n; ++i) {
     Fiber* f = grid->fibers[i];
     f->state = State::Runnable;
-    f->slot_valid = false;
     new_stack(&f->context, f->stack, kStackBytes, fiber_main);
   }
   std::vector<int> order(n);
@@ -242,7 +240,6 @@ void run_block(std::mt19937_64& rng) {
 
 }  // namespace
 
-Fiber* current() { return running; }
 const uint3& thread_idx() { return running->tid; }
 const uint3& block_idx() { return grid->block; }
 const dim3& block_dim() { return grid->block_dim; }
@@ -259,7 +256,6 @@ void start_exchange(unsigned mask, const void* value, size_t bytes) {
   if (!(mask >> lane_id() & 1u)) fail("a warp operation's mask leaves out its own lane");
   if (bytes > sizeof(running->slot)) fail("a warp exchange of more than 16 bytes");
   if (bytes) std::memcpy(running->slot, value, bytes);
-  running->slot_valid = true;
   running->wait_mask = mask;
   running->state = State::AtWarpBarrier;
   yield_to_scheduler();
@@ -279,7 +275,6 @@ void finish_exchange(unsigned mask) {
   running->wait_mask = mask;
   running->state = State::AtWarpBarrier;
   yield_to_scheduler();
-  running->slot_valid = false;
 }
 
 unsigned vote(unsigned mask, bool predicate) {

@@ -51,8 +51,7 @@ constexpr size_t kSharedPerMultiprocessor = 228 * 1024;
 
 struct Fiber;
 
-// The running thread's fiber, and what a kernel reads of it.
-Fiber* current();
+// What a kernel reads of the running thread and its launch.
 const uint3& thread_idx();
 const uint3& block_idx();
 const dim3& block_dim();
