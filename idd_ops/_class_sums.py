@@ -39,7 +39,15 @@ def pair_sums(student: Tensor, teacher: Tensor, labels: Tensor, num_classes: int
     slots_s = slots_for(labels, student, num_classes, ignore_index) if slots is None else slots
     same = student.shape[2:] == teacher.shape[2:]
     slots_t = slots_s if same else slots_for(labels, teacher, num_classes, ignore_index)
-    return ops.class_sums_pair(student, slots_s, teacher, slots_t, num_classes)
+    ss, ns, st, nt = ops.class_sums_pair(student, slots_s, teacher, slots_t, num_classes)
+    # One autograd node gives all four outputs: without this, a detached teacher's sums would
+    # require grad whenever the student's do, and every op downstream (IFVD's teacher cosine map)
+    # would compute a teacher gradient that is then dropped.
+    if not teacher.requires_grad:
+        st = st.detach()
+    if not student.requires_grad:
+        ss = ss.detach()
+    return ss, ns, st, nt
 
 
 def centroids_from_sums(sums: Tensor, counts: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:

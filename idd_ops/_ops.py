@@ -37,8 +37,16 @@ def _(grad_centroids, labels, counts, height, width, dtype, ignore_index):
     return grad_centroids.new_empty((B, C, height, width), dtype=dtype)
 
 
+def _no_zero_fills(ctx):
+    """Gradients of the outputs nothing downstream used (counts, saved statistics, a detached
+    teacher's sums) stay None in the backward: by default autograd fills a zero tensor for each,
+    a launch apiece on a GPU (5 per IDD forward+backward, found by tests/cuda_emu/report.py)."""
+    ctx.set_materialize_grads(False)
+
+
 def _centroids_setup(ctx, inputs, output):
     feats, labels, _, ignore_index = inputs
+    _no_zero_fills(ctx)
     ctx.save_for_backward(labels, output[1])
     ctx.size = (feats.shape[2], feats.shape[3])
     ctx.dtype = feats.dtype
@@ -46,7 +54,7 @@ def _centroids_setup(ctx, inputs, output):
 
 
 def _centroids_backward(ctx, grad_centroids, _grad_counts):
-    if not ctx.needs_input_grad[0]:
+    if not ctx.needs_input_grad[0] or grad_centroids is None:
         return None, None, None, None
     labels, counts = ctx.saved_tensors
     grad = ops._class_centroids_backward(grad_centroids, labels, counts, *ctx.size, ctx.dtype, ctx.ignore_index)
@@ -100,13 +108,14 @@ def _sums_grad(grad_sums, slots, feats_meta):
 
 def _class_sums_setup(ctx, inputs, output):
     feats, slots, _ = inputs
+    _no_zero_fills(ctx)
     ctx.save_for_backward(slots)
     ctx.mark_non_differentiable(output[1])
     ctx.meta = (feats.dtype, channels_last_layout(feats))
 
 
 def _class_sums_backward(ctx, grad_sums, _grad_counts):
-    if not ctx.needs_input_grad[0]:
+    if not ctx.needs_input_grad[0] or grad_sums is None:
         return None, None, None
     (slots,) = ctx.saved_tensors
     return _sums_grad(grad_sums, slots, ctx.meta), None, None
@@ -117,6 +126,7 @@ register_autograd("idd_ops::class_sums", _class_sums_backward, setup_context=_cl
 
 def _class_sums_pair_setup(ctx, inputs, output):
     feats_a, slots_a, feats_b, slots_b, _ = inputs
+    _no_zero_fills(ctx)
     ctx.save_for_backward(slots_a, slots_b)
     ctx.mark_non_differentiable(output[1], output[3])
     ctx.meta = ((feats_a.dtype, channels_last_layout(feats_a)), (feats_b.dtype, channels_last_layout(feats_b)))
@@ -124,8 +134,8 @@ def _class_sums_pair_setup(ctx, inputs, output):
 
 def _class_sums_pair_backward(ctx, grad_a, _grad_na, grad_b, _grad_nb):
     slots_a, slots_b = ctx.saved_tensors
-    ga = _sums_grad(grad_a, slots_a, ctx.meta[0]) if ctx.needs_input_grad[0] else None
-    gb = _sums_grad(grad_b, slots_b, ctx.meta[1]) if ctx.needs_input_grad[2] else None
+    ga = _sums_grad(grad_a, slots_a, ctx.meta[0]) if ctx.needs_input_grad[0] and grad_a is not None else None
+    gb = _sums_grad(grad_b, slots_b, ctx.meta[1]) if ctx.needs_input_grad[2] and grad_b is not None else None
     return ga, None, gb, None, None
 
 
@@ -245,12 +255,15 @@ def _teacher_is_constant(teacher, op):
 def _kl_setup(ctx, inputs, output):
     student, teacher, temperature = inputs
     _teacher_is_constant(teacher, "softmax_kl")
+    _no_zero_fills(ctx)
     ctx.save_for_backward(student, teacher, output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.temperature = temperature
 
 
 def _kl_backward(ctx, grad, _grad_lse_s, _grad_lse_t):
+    if grad is None:
+        return None, None, None
     student, teacher, lse_s, lse_t = ctx.saved_tensors
     return ops._softmax_kl_backward(grad, student, teacher, lse_s, lse_t, ctx.temperature), None, None
 
@@ -276,12 +289,15 @@ def _(grad, student, teacher, gram_ss, gram_st, pool):
 
 def _affinity_setup(ctx, inputs, output):
     _teacher_is_constant(inputs[1], "affinity_loss")
+    _no_zero_fills(ctx)
     ctx.save_for_backward(inputs[0], inputs[1], output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.pool = inputs[2]
 
 
 def _affinity_backward(ctx, grad, _g_ss, _g_st):
+    if grad is None:
+        return None, None, None
     fs, ft, gss, gst = ctx.saved_tensors
     return ops._affinity_loss_backward(grad, fs, ft, gss, gst, ctx.pool), None, None
 
@@ -325,12 +341,15 @@ def _(grad, feats, centroids, slots, cos, feat_norms, eps):
 
 def _cosine_setup(ctx, inputs, output):
     feats, centroids, labels, ignore_index, eps = inputs
+    _no_zero_fills(ctx)
     ctx.save_for_backward(feats, centroids, labels, output[0], output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.options = (ignore_index, eps)
 
 
 def _cosine_backward(ctx, grad, _grad_norms):
+    if grad is None:
+        return (None,) * 5
     feats, centroids, labels, cos, norms = ctx.saved_tensors
     grad_f, grad_c = ops._pixel_centroid_cosine_backward(grad, feats, centroids, labels, cos, norms, *ctx.options)
     return (grad_f if ctx.needs_input_grad[0] else None, grad_c if ctx.needs_input_grad[1] else None,
@@ -342,12 +361,15 @@ register_autograd("idd_ops::pixel_centroid_cosine", _cosine_backward, setup_cont
 
 def _cosine_slots_setup(ctx, inputs, output):
     feats, centroids, slots, eps = inputs
+    _no_zero_fills(ctx)
     ctx.save_for_backward(feats, centroids, slots, output[0], output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.eps = eps
 
 
 def _cosine_slots_backward(ctx, grad, _grad_norms):
+    if grad is None:
+        return (None,) * 4
     feats, centroids, slots, cos, norms = ctx.saved_tensors
     grad_f, grad_c = ops._pixel_centroid_cosine_slots_backward(grad, feats, centroids, slots, cos, norms, ctx.eps)
     return grad_f if ctx.needs_input_grad[0] else None, grad_c if ctx.needs_input_grad[1] else None, None, None
@@ -377,13 +399,14 @@ def _(grad, student_sums, student_counts, teacher_counts, dist, stats, metric, n
 def _tail_setup(ctx, inputs, output):
     student_sums, student_counts, teacher_sums, teacher_counts, metric, normalize, eps, reduction = inputs[:8]
     _teacher_is_constant(teacher_sums, "idd_tail")
+    _no_zero_fills(ctx)
     ctx.save_for_backward(student_sums, student_counts, teacher_counts, output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.options = (metric, normalize, eps, reduction)
 
 
 def _tail_backward(ctx, grad, _grad_dist, _grad_stats):
-    if not ctx.needs_input_grad[0]:
+    if not ctx.needs_input_grad[0] or grad is None:
         return (None,) * 9
     sums, counts_s, counts_t, dist, stats = ctx.saved_tensors
     grad_sums = ops._idd_tail_backward(grad, sums, counts_s, counts_t, dist, stats, *ctx.options)

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import idd_ops
-from idd_ops import _switches
 
 # Every device-parametrised test has a cuda case: skipped without a GPU, run (and failing if the
 # CUDA kernels were not built) where one is visible.
@@ -78,22 +77,14 @@ EMULATED_CUDA_DIFFERENCES = {
 
 
 @pytest.fixture(autouse=True)
-def _emulated_cuda(monkeypatch):
+def _emulated_cuda():
     if not EMULATE_CUDA:
         yield
         return
-    from cuda_emu import build
+    from cuda_emu.override import emulated_cuda
 
-    assert EMULATE_CUDA in ("default", "next"), f"IDD_OPS_EMULATE_CUDA: expected default or next, got {EMULATE_CUDA!r}"
-    emu, cuda_next = build.load(), EMULATE_CUDA == "next"
-    emu._emu_configure(cuda_next, 0)
-    monkeypatch.setattr(_switches, "class_sums_path", lambda device, channels_last=False: cuda_next)
-    monkeypatch.setattr(_switches, "cosine_slots_path", lambda device: cuda_next)
-    if cuda_next:
-        monkeypatch.setenv("_IDD_OPS_SKD_BATCHED", "1")
-    emu._emu_override(True)
-    yield
-    emu._emu_override(False)
+    with emulated_cuda(EMULATE_CUDA):
+        yield
 
 
 @pytest.fixture(params=DEVICES)

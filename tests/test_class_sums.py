@@ -89,6 +89,42 @@ def test_class_sums_pair_equals_two_passes_and_routes_gradients(device):
     torch.testing.assert_close(t.grad, 2 * valid_t.expand_as(t))
 
 
+def test_pair_sums_of_a_detached_teacher_need_no_gradient(device):
+    """IFVD's and IDD's one class pass for both networks: the teacher's sums stay out of the
+    graph, so nothing downstream computes a teacher gradient (IFVD's teacher cosine backward,
+    found by the emulator's traffic model: a third of the op's bytes)."""
+    from idd_ops._class_sums import pair_sums
+
+    s = make_feats(2, 5, 8, 10, device=device, seed=1).requires_grad_()
+    t = make_feats(2, 7, 8, 10, device=device, seed=2)
+    y = make_labels(2, 16, 20, 6, device=device)
+    ss, ns, st, nt = pair_sums(s, t, y, 6, 255)
+    assert ss.requires_grad and not st.requires_grad
+    ss, _, st, _ = pair_sums(s.detach(), t.requires_grad_(), y, 6, 255)
+    assert st.requires_grad and not ss.requires_grad
+
+
+def test_ifvd_on_the_class_sum_path_computes_no_teacher_gradient(monkeypatch):
+    calls = []
+    backward = idd_ops._ops._cosine_slots_backward
+
+    def counted(ctx, *grads):
+        calls.append(ctx.saved_tensors[0].shape[1])
+        return backward(ctx, *grads)
+
+    monkeypatch.setattr(_switches, "cpu_sums", True)
+    monkeypatch.setattr(idd_ops._ops, "_cosine_slots_backward", counted)
+    torch.library.register_autograd("idd_ops::_pixel_centroid_cosine_slots", counted,
+                                    setup_context=idd_ops._ops._cosine_slots_setup)
+    try:
+        s = make_feats(2, 5, 8, 10, seed=1).requires_grad_()
+        idd_ops.intra_class_variation_loss(s, make_feats(2, 7, 8, 10, seed=2), make_labels(2, 16, 20, 6), 6).backward()
+    finally:
+        torch.library.register_autograd("idd_ops::_pixel_centroid_cosine_slots", backward,
+                                        setup_context=idd_ops._ops._cosine_slots_setup)
+    assert calls == [5]  # the student's channels only
+
+
 def test_class_sums_are_the_same_bits_every_run(device):
     x = make_feats(2, 9, 24, 40, dtype=torch.float32, device=device)
     slots = ops._label_slots(make_labels(2, 24, 40, 19, device=device, blocky=False), 24, 40, 19, 255)

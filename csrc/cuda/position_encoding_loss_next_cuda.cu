@@ -51,9 +51,16 @@ __device__ __forceinline__ void visit_packs(const scalar_t* __restrict__ pred, c
     const acc_t rowf = position_factor<acc_t>(kind, param, 0, y, H);
     const int64_t row = (m * H + y) * W;  // offset of (b = 0, m, y, 0)
     for (int64_t xv = threadIdx.x; xv < packs; xv += blockDim.x) {
+      // the pack's column factors by 16-byte shared loads: read one element at a time, the
+      // lanes (VEC words apart) would meet in a quarter of the banks, four passes a read
+      constexpr int P = pack_size<acc_t>() < VEC ? pack_size<acc_t>() : VEC;
       acc_t target[VEC];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) target[j] = rowf * colf[xv * VEC + j];
+      for (int j0 = 0; j0 < VEC; j0 += P) {
+        const Pack<acc_t, P> f = load_pack<P>(colf + xv * VEC + j0);
+#pragma unroll
+        for (int j = 0; j < P; ++j) target[j0 + j] = rowf * f.v[j];
+      }
 #pragma unroll 4
       for (int64_t b = 0; b < B; ++b) {
         const int64_t offset = b * image + row + xv * VEC;

@@ -2,6 +2,7 @@
 // switch is a few instructions (switch_stack below: a thread switch at every barrier makes the
 // emulator's speed that of its switches); elsewhere ucontext, whose switches make a system call.
 #include "emu.h"
+#include "memory_model.h"
 
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -196,7 +197,9 @@ void run_block(std::mt19937_64& rng) {
       Fiber* f = grid->fibers[i];
       if (f->state != State::Runnable) continue;
       running = f;
+      memory::enter_thread(f->linear, f->stack, kStackBytes);
       switch_context(&scheduler, &f->context);
+      memory::leave_thread();
       running = nullptr;
       progressed = true;
       if (!grid->error.empty()) throw std::runtime_error(grid->error);
@@ -240,10 +243,10 @@ void run_block(std::mt19937_64& rng) {
 
 }  // namespace
 
-const uint3& thread_idx() { return running->tid; }
-const uint3& block_idx() { return grid->block; }
-const dim3& block_dim() { return grid->block_dim; }
-const dim3& grid_dim() { return grid->grid_dim; }
+uint3 thread_idx() { return running->tid; }
+uint3 block_idx() { return grid->block; }
+dim3 block_dim() { return grid->block_dim; }
+dim3 grid_dim() { return grid->grid_dim; }
 void* dynamic_shared() { return grid->shared.empty() ? nullptr : grid->shared.data(); }
 int lane_id() { return running->linear & 31; }
 
@@ -255,6 +258,7 @@ void sync_block() {
 void start_exchange(unsigned mask, const void* value, size_t bytes) {
   if (!(mask >> lane_id() & 1u)) fail("a warp operation's mask leaves out its own lane");
   if (bytes > sizeof(running->slot)) fail("a warp exchange of more than 16 bytes");
+  memory::collective();
   if (bytes) std::memcpy(running->slot, value, bytes);
   running->wait_mask = mask;
   running->state = State::AtWarpBarrier;
@@ -292,7 +296,10 @@ void poison_shared(void* p, size_t bytes) {
   if (at == block_counter) return;
   at = block_counter;
   std::memset(p, 0xFF, bytes);
+  memory::add_static_shared(p, bytes);
 }
+
+void fault(const std::string& message) { fail(message); }
 
 void device_assert(const char* condition, const char* file, int line) {
   fail(std::string("device assert failed: ") + condition + " (" + file + ":" + std::to_string(line) + ")");
@@ -337,6 +344,8 @@ void run_grid(const char* where, const void* kernel, dim3 grid_dim, dim3 block_d
   std::mt19937_64 rng(static_cast<uint64_t>(order_seed) * 1000003u + static_cast<uint64_t>(launch_count));
   std::shuffle(order.begin(), order.end(), rng);
   grid = &g;
+  memory::begin_launch(where, grid_dim, static_cast<int>(threads),
+                       g.shared.data(), g.shared.size());
   const auto t0 = std::chrono::steady_clock::now();
   auto& timing = launch_times[where];
   ++timing.first;
@@ -344,13 +353,16 @@ void run_grid(const char* where, const void* kernel, dim3 grid_dim, dim3 block_d
     for (uint64_t b : order) {
       g.block = uint3{static_cast<unsigned>(b % grid_dim.x), static_cast<unsigned>(b / grid_dim.x % grid_dim.y),
                       static_cast<unsigned>(b / (uint64_t{grid_dim.x} * grid_dim.y))};
+      memory::begin_block(b);
       run_block(rng);
+      memory::end_block();
     }
   } catch (...) {
     grid = nullptr;
     throw;
   }
   grid = nullptr;
+  memory::end_launch();
   timing.second += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 

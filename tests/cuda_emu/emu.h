@@ -15,8 +15,11 @@
 // load_vec/store_vec, checked by build.py's rewrite) and device asserts. Each is raised on the host as a
 // C++ exception (a RuntimeError in Python) naming the kernel's launch.
 //
-// Not modelled: timing, memory coalescing, races between blocks of one launch (they run in turn),
-// the GPU's float rounding of fused multiply-adds and fast-math intrinsics.
+// Every load and store is also seen by the memory model (memory_model.h): races between blocks raise,
+// and a launch's global traffic, coalescing, atomics and shared-memory bank conflicts are counted.
+//
+// Not modelled: timing, caches, the GPU's float rounding of fused multiply-adds and fast-math
+// intrinsics.
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -52,10 +55,12 @@ constexpr size_t kSharedPerMultiprocessor = 228 * 1024;
 struct Fiber;
 
 // What a kernel reads of the running thread and its launch.
-const uint3& thread_idx();
-const uint3& block_idx();
-const dim3& block_dim();
-const dim3& grid_dim();
+// (By value: a reference would make the kernel read the emulator's state, which the memory model
+// would count as global memory.)
+uint3 thread_idx();
+uint3 block_idx();
+dim3 block_dim();
+dim3 grid_dim();
 void* dynamic_shared();
 
 void sync_block();
@@ -70,6 +75,12 @@ int lane_id();
 // Fills a static __shared__ array with 0xFF bytes the first time a thread of a block reaches it.
 void poison_shared(void* p, size_t bytes);
 [[noreturn]] void device_assert(const char* condition, const char* file, int line);
+// Raises a fault of the running thread (the launch, block and thread named before `message`).
+[[noreturn]] void fault(const std::string& message);
+// Accesses the memory model sees whole (memory_model.h): a vector load or store, and an atomic
+// read-modify-write, from the instruction at pc. Their own bodies are left uninstrumented.
+void vector_access(const void* p, size_t bytes, bool write, const void* pc);
+void atomic_access(const void* p, size_t bytes, bool floating, const void* pc);
 // A vector access of `bytes` at p: a GPU faults ("misaligned address") unless p is a multiple of
 // it, where x86 would read it silently.
 inline void check_aligned(const void* p, size_t bytes) {
@@ -185,33 +196,43 @@ inline T __ldg(const T* p) {
   return *p;
 }
 
+// Functions whose memory accesses the sanitizer hooks should not see one by one.
+#define EMU_UNCHECKED __attribute__((no_sanitize("thread"), noinline))
+#define EMU_NOTE_ATOMIC(address) \
+  ::emu::atomic_access(address, sizeof(T), !std::is_integral_v<T>, __builtin_return_address(0))
+
 // Threads of a block switch only at barriers, so a plain read-modify-write is atomic here.
 template <typename T, typename U>
-inline T atomicAdd(T* address, U value) {
+EMU_UNCHECKED T atomicAdd(T* address, U value) {
+  EMU_NOTE_ATOMIC(address);
   const T old = *address;
   *address = static_cast<T>(old + value);
   return old;
 }
 template <typename T, typename U>
-inline T atomicMax(T* address, U value) {
+EMU_UNCHECKED T atomicMax(T* address, U value) {
+  EMU_NOTE_ATOMIC(address);
   const T old = *address;
   if (static_cast<T>(value) > old) *address = static_cast<T>(value);
   return old;
 }
 template <typename T, typename U>
-inline T atomicMin(T* address, U value) {
+EMU_UNCHECKED T atomicMin(T* address, U value) {
+  EMU_NOTE_ATOMIC(address);
   const T old = *address;
   if (static_cast<T>(value) < old) *address = static_cast<T>(value);
   return old;
 }
 template <typename T, typename U>
-inline T atomicExch(T* address, U value) {
+EMU_UNCHECKED T atomicExch(T* address, U value) {
+  EMU_NOTE_ATOMIC(address);
   const T old = *address;
   *address = static_cast<T>(value);
   return old;
 }
 template <typename T, typename U, typename V>
-inline T atomicCAS(T* address, U compare, V value) {
+EMU_UNCHECKED T atomicCAS(T* address, U compare, V value) {
+  EMU_NOTE_ATOMIC(address);
   const T old = *address;
   if (old == static_cast<T>(compare)) *address = static_cast<T>(value);
   return old;

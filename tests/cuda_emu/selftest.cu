@@ -1,5 +1,6 @@
 // Kernels with the faults the emulator must catch or expose (tests/test_cuda_emulated.py), and
-// one correct reduction: each a case of torch.ops.idd_ops_emu._emu_selftest(name, x). Written
+// correct ones (a reduction, and kernels of known memory traffic and races for the memory model,
+// tests/test_cuda_emulated_memory.py): each a case of torch.ops.idd_ops_emu._emu_selftest(name, x). Written
 // as CUDA and translated like the library's sources, so they also say what the translation
 // handles. x: float32 [n], n <= 256.
 #include <ATen/ATen.h>
@@ -61,6 +62,43 @@ __global__ void failing_assert(const float* x, int, float*) {
   CUDA_KERNEL_ASSERT(x[threadIdx.x] < 0 && "x: expected negative values");
 }
 
+// For the memory model (memory_model.h). A warp copies 32 consecutive floats: one 128-byte
+// request of 4 sectors per warp, each way.
+__global__ void coalesced_copy(const float* x, int, float* out) { out[threadIdx.x] = x[threadIdx.x]; }
+
+// Lanes read floats 32 bytes apart: every lane its own sector, 32 per request.
+__global__ void strided_read(const float* x, int, float* out) {
+  out[threadIdx.x] = x[threadIdx.x * 8 % kBlock];
+}
+
+// A warp writes a column of a 32 x 32 shared array (every lane in bank `warp`: 32 passes), then
+// reads a row (one pass).
+__global__ void bank_conflicts(const float* x, int, float* out) {
+  __shared__ float tile[32 * 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  tile[lane * 32 + warp] = x[threadIdx.x];
+  __syncthreads();
+  out[threadIdx.x] = tile[threadIdx.x];
+}
+
+// Every block's thread 0 stores its index in out[0]: which one lands depends on the order.
+__global__ void blocks_write_one_element(const float*, int, float* out) {
+  if (threadIdx.x == 0) out[0] = static_cast<float>(blockIdx.x);
+}
+
+// Every block adds into out[0] atomically: correct in any order.
+__global__ void blocks_add_atomically(const float* x, int, float* out) {
+  if (threadIdx.x == 0) atomicAdd(out, x[blockIdx.x]);
+}
+
+// Every block adds into out[0], then reads it back: a partial sum that depends on the order.
+__global__ void blocks_read_partial_sum(const float* x, int, float* out) {
+  if (threadIdx.x == 0) {
+    atomicAdd(out, x[blockIdx.x]);
+    out[1 + blockIdx.x] = out[0];
+  }
+}
+
 at::Tensor selftest(const std::string& name, const at::Tensor& x_in) {
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int n = static_cast<int>(x.numel());
@@ -74,6 +112,12 @@ at::Tensor selftest(const std::string& name, const at::Tensor& x_in) {
   else if (name == "divergent_barrier") divergent_barrier<<<1, kBlock>>>(xp, n, op);
   else if (name == "shuffle_from_exited_lane") shuffle_from_exited_lane<<<1, kBlock>>>(xp, n, op);
   else if (name == "failing_assert") failing_assert<<<1, kBlock>>>(xp, n, op);
+  else if (name == "coalesced_copy") coalesced_copy<<<1, kBlock>>>(xp, n, op);
+  else if (name == "strided_read") strided_read<<<1, kBlock>>>(xp, n, op);
+  else if (name == "bank_conflicts") bank_conflicts<<<1, kBlock>>>(xp, n, op);
+  else if (name == "blocks_write_one_element") blocks_write_one_element<<<4, kBlock>>>(xp, n, op);
+  else if (name == "blocks_add_atomically") blocks_add_atomically<<<4, kBlock>>>(xp, n, op);
+  else if (name == "blocks_read_partial_sum") blocks_read_partial_sum<<<4, kBlock>>>(xp, n, op);
   else if (name == "too_many_threads") block_sum<<<1, 2048>>>(xp, n, op);
   else if (name == "too_much_shared") unwritten_shared<<<1, kBlock, 64 * 1024>>>(xp, n, op);
   else TORCH_CHECK(false, "name: unknown self-test ", name);
