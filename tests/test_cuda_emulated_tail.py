@@ -308,20 +308,38 @@ def _spread_slots_inputs(K, dtype, B=2, C=3, H=37, W=41, seed=0):
     return grad, x, cent, slots, cos, norms, 1e-8
 
 
-# K and the accumulation dtype set the warps of a block (private class sums in 48 KiB): 8 (K = 6),
-# 7 (1537 float32), 6 (1000 float64), and one warp adding into global memory (12289 float32).
+def _class_sum_layout(K, acc_bytes, budget=48 * 1024, threads=256):
+    """(threads, dynamic shared bytes) of the slots backward's blocks: per-thread class sums
+    where K sums per thread and K totals fit the budget, else per-warp sums in as many warps as
+    fit (up to 8), else one warp adding into global memory."""
+    if (K * threads + K) * acc_bytes <= budget:
+        return threads, (K * threads + K) * acc_bytes
+    warps = min(threads // 32, budget // (K * acc_bytes))
+    return 32 * max(warps, 1), warps * K * acc_bytes
+
+
+# K and the accumulation dtype set where a block keeps its class sums (48 KiB): per thread up to
+# K = 47 (float32) / 23 (float64); per warp beyond, 8 warps (48 float32, 24 float64), 7 (1537
+# float32), 6 (1000 float64); one warp adding into global memory (12289 float32).
 @pytest.mark.parametrize("K, dtype", [(6, torch.float32), (6, torch.float16), (6, torch.bfloat16),
-                                      (6, torch.float64), (1537, torch.float32), (1000, torch.float64),
-                                      (12289, torch.float32)])
+                                      (6, torch.float64), (47, torch.float32), (48, torch.float32),
+                                      (23, torch.float64), (24, torch.float64), (1537, torch.float32),
+                                      (1000, torch.float64), (12289, torch.float32)])
 def test_pixel_centroid_cosine_slots_backward_is_deterministic(emu, K, dtype):
     """The slots backward adds its class sums in a fixed order, without atomics: the same bits
-    for every order of blocks and threads (three emulator seeds), and the CPU op's values."""
+    for every order of blocks and threads (three emulator seeds), and the CPU op's values; the
+    launch log shows the class-sum layout each K takes."""
     args = _spread_slots_inputs(K, dtype)
     want = CPU._pixel_centroid_cosine_slots_backward(*args)
     runs = []
     for seed in (1, 2, 3):
         emu._emu_configure(True, seed)
+        emu._emu_launch_log()
         runs.append(emu._pixel_centroid_cosine_slots_backward(*args))
+        log = emu._emu_launch_log()
+        shapes = [tuple(log[i + 1:i + 3]) for i in range(0, len(log), 3)]
+        acc_bytes = 8 if dtype == torch.float64 else 4
+        assert shapes.count(_class_sum_layout(K, acc_bytes)) == 2, shapes  # the factors and rows kernels
     tol = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2  # half grad_feats: one rounding
     close(runs[0], want, rtol=tol, atol=tol)
     for run in runs[1:]:

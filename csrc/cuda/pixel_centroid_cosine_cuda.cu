@@ -176,8 +176,11 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_backward_kernel(
 // ---- slot-map kernels (_pixel_centroid_cosine_slots): IDD_OPS_CUDA_NEXT, not yet run on a GPU ----
 // The class of a pixel is one int16 load of the map _label_slots built (no resize, no 64-bit
 // division per pixel). The backward's class sums are added in a fixed order, with no atomics, so
-// they are the same bits on every run: each warp adds its lanes into warp-private sums (one
-// butterfly per class present among its lanes), and the block adds its warps' sums in warp order.
+// they are the same bits on every run (ClassSums): where K sums per thread fit in shared memory,
+// each thread adds its pixels into its own sums and a warp per class adds the block's threads in
+// order; otherwise each warp adds its lanes into warp-private sums (one butterfly per class
+// present among its lanes, so a fragmented label map costs a loop over its classes) and the block
+// adds its warps' sums in warp order.
 
 // Class of pixel p of a slot map, checked against [-1, K) on the device (a host check would
 // need a sync), as pixel_class checks labels.
@@ -201,29 +204,58 @@ __device__ __forceinline__ void warp_add_to_class(acc_t* sums, int64_t stride, i
   }
 }
 
-// Where a block's warps keep their class sums: in shared memory, warp w's class k at
-// smem[k * warps + w], when `warps` > 0; else (K sums pass the default 48 KiB) the block is one
-// warp that adds straight into `global` (its class k at global[k * global_stride]). Constructing
-// it zeroes the sums and waits for the block (__syncthreads): every thread must construct it.
+// Where a block keeps its class sums (the host picks by K, class_sum_layout below):
+//  warps == kThreadSums: per thread, thread t's class k at smem[k * blockDim.x + t] (a warp's
+//    lanes hit 32 consecutive words), then finish() puts the class totals at smem[K * blockDim.x + k];
+//  warps > 0: per warp, warp w's class k at smem[k * warps + w];
+//  warps == 0 (K sums pass the default 48 KiB): the block is one warp that adds straight into
+//    `global` (its class k at global[k * global_stride]).
+// Constructing it zeroes the sums and waits for the block (__syncthreads): every thread must
+// construct it, call add() at every step, and call finish() after a __syncthreads that follows
+// the adds.
+constexpr int kThreadSums = -1;
+
 template <typename acc_t>
 struct ClassSums {
-  acc_t* sums;  // this warp's class 0
+  acc_t* sums;  // this thread's (or warp's) class 0
   int64_t stride;
-  int warps;
+  int warps, K;
 
-  __device__ ClassSums(acc_t* smem, int warps_, acc_t* global, int64_t global_stride, int K) : warps(warps_) {
-    sums = warps > 0 ? smem + threadIdx.x / 32 : global;
-    stride = warps > 0 ? warps : global_stride;
-    acc_t* all = warps > 0 ? smem : global;
-    for (int64_t i = threadIdx.x; i < static_cast<int64_t>(K) * (warps > 0 ? warps : 1); i += blockDim.x)
-      all[warps > 0 ? i : i * global_stride] = 0;
+  __device__ ClassSums(acc_t* smem, int warps_, acc_t* global, int64_t global_stride, int K_) : warps(warps_), K(K_) {
+    const bool per_thread = warps == kThreadSums;
+    sums = per_thread ? smem + threadIdx.x : warps > 0 ? smem + threadIdx.x / 32 : global;
+    stride = per_thread ? blockDim.x : warps > 0 ? warps : global_stride;
+    acc_t* all = warps != 0 ? smem : global;
+    const int64_t n = static_cast<int64_t>(K) * (per_thread ? blockDim.x : warps > 0 ? warps : 1);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) all[warps != 0 ? i : i * global_stride] = 0;
     __syncthreads();
   }
 
-  __device__ void add(int k, acc_t v) { warp_add_to_class(sums, stride, k, v); }
+  __device__ void add(int k, acc_t v) {
+    if (warps != kThreadSums) {
+      warp_add_to_class(sums, stride, k, v);
+    } else if (k >= 0) {
+      sums[k * stride] += v;
+    }
+  }
 
-  // The block's sum of class k, in warp order; call after a __syncthreads that follows the adds.
+  // Per thread: a warp per class adds the class's blockDim.x sums (each lane its share in thread
+  // order, then a butterfly), into smem[K * blockDim.x + k]; ends with a __syncthreads.
+  __device__ void finish(acc_t* smem) const {
+    if (warps != kThreadSums) return;
+    const int lane = threadIdx.x % 32, n = blockDim.x;
+    for (int k = threadIdx.x / 32; k < K; k += n / 32) {
+      acc_t v = 0;
+      for (int t = lane; t < n; t += 32) v += smem[k * n + t];
+      v = warp_sum(v);
+      if (lane == 0) smem[K * n + k] = v;
+    }
+    __syncthreads();
+  }
+
+  // The block's sum of class k, in a fixed order; call after finish().
   __device__ acc_t total(const acc_t* smem, int k) const {
+    if (warps == kThreadSums) return smem[static_cast<int64_t>(K) * blockDim.x + k];
     if (warps == 0) return sums[k * stride];
     acc_t t = 0;
     for (int w = 0; w < warps; ++w) t += smem[k * warps + w];
@@ -286,7 +318,8 @@ __global__ void cosine_slots_factors_kernel(const acc_t* __restrict__ grad, cons
       sums.add(k, vc);
     }
     __syncthreads();
-    if (warps > 0)
+    sums.finish(smem);
+    if (warps != 0)
       for (int k = threadIdx.x; k < K; k += blockDim.x) bc_sum[b * K + k] = sums.total(smem, k);
     __syncthreads();  // the next image zeroes the shared sums
   }
@@ -327,15 +360,28 @@ __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f
     sums.add(k, v);
   }
   __syncthreads();
+  sums.finish(smem);
   for (int k = threadIdx.x; k < K; k += blockDim.x)
     grad_c[(b * K + k) * C + c] = sums.total(smem, k) + bc_sum[b * K + k] * cb[k * C];
 }
 
-// Warps of a slot backward block: as many (up to kThreads / 32) as have K warp-private sums of
-// `bytes` each in the default 48 KiB of shared memory (no opt-in needed); 0 where one warp's
-// pass it (the block is then one warp, adding into global memory).
-int private_sum_warps(int64_t K, size_t bytes) {
-  return static_cast<int>(std::min<int64_t>(kThreads / 32, 48 * 1024 / (std::max<int64_t>(K, 1) * bytes)));
+// How a slot backward block keeps its class sums (ClassSums), within the default 48 KiB of
+// shared memory (no opt-in needed): per thread (kThreads threads) where K sums each and K totals
+// fit (K up to 47 in float32, 23 in float64); else per warp, as many warps (up to kThreads / 32)
+// as have K sums each; else 0, one warp adding into global memory.
+struct SumLayout {
+  int warps;  // ClassSums' argument
+  unsigned threads;
+  size_t shared;
+};
+
+SumLayout class_sum_layout(int64_t K, size_t bytes) {
+  constexpr int64_t kBudget = 48 * 1024;
+  K = std::max<int64_t>(K, 1);
+  if ((K * kThreads + K) * static_cast<int64_t>(bytes) <= kBudget)
+    return {kThreadSums, static_cast<unsigned>(kThreads), static_cast<size_t>((K * kThreads + K) * bytes)};
+  const int warps = static_cast<int>(std::min<int64_t>(kThreads / 32, kBudget / (K * static_cast<int64_t>(bytes))));
+  return {warps, static_cast<unsigned>(32 * std::max(warps, 1)), static_cast<size_t>(warps * K * bytes)};
 }
 
 // Grid of (pixel blocks, images) for the slot kernels' loops over HW pixels of B images.
@@ -384,9 +430,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
   const at::Tensor cnorm = centroid_norms(cent, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_slots_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int warps = private_sum_warps(K, sizeof(acc_t));
-    const unsigned threads = 32 * std::max(warps, 1);
-    const size_t shared = warps * K * sizeof(acc_t);
+    const auto [warps, threads, shared] = class_sum_layout(K, sizeof(acc_t));
     cosine_slots_factors_kernel<acc_t><<<static_cast<unsigned>(std::min<int64_t>(B, 65535)), threads, shared, stream>>>(
         grad.const_data_ptr<acc_t>(), cosv.const_data_ptr<acc_t>(), fnorm.const_data_ptr<acc_t>(),
         cnorm.const_data_ptr<acc_t>(), slots.const_data_ptr<int16_t>(), B, HW, static_cast<int>(K),

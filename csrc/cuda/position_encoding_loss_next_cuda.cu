@@ -52,7 +52,8 @@ __device__ __forceinline__ void visit_packs(const scalar_t* __restrict__ pred, c
     const int64_t row = (m * H + y) * W;  // offset of (b = 0, m, y, 0)
     for (int64_t xv = threadIdx.x; xv < packs; xv += blockDim.x) {
       // the pack's column factors by 16-byte shared loads: read one element at a time, the
-      // lanes (VEC words apart) would meet in a quarter of the banks, four passes a read
+      // lanes (VEC words apart) would meet in a fraction of the banks (float32: a quarter, four
+      // passes a read); bfloat16/half packs of 8 still take twice the least passes
       constexpr int P = pack_size<acc_t>() < VEC ? pack_size<acc_t>() : VEC;
       acc_t target[VEC];
 #pragma unroll

@@ -189,7 +189,7 @@ def _schemas():
         '  m.def("_emu_register() -> ()", [] { emu::register_blocks("idd_ops_emu", false); });\n'
         '  m.def("_emu_override(bool on) -> ()", [](bool on) { emu::register_blocks("idd_ops", !on); });\n'
         '  m.def("_emu_launch_log() -> int[]", [] { return emu::take_launch_log(); });\n'
-        '  m.def("_emu_memory(int mode) -> ()", [](int64_t mode) { emu::memory::set_mode(static_cast<int>(mode)); });\n'
+        '  m.def("_emu_memory(int mode) -> int", [](int64_t mode) -> int64_t { return emu::memory::set_mode(static_cast<int>(mode)); });\n'
         '  m.def("_emu_traffic() -> str", [] { return emu::memory::take_log(); });\n}\n'
     )
 
@@ -240,17 +240,24 @@ def build_runtime(out=BUILD / "runtime"):
     import fcntl
     import subprocess
 
+    import torch
+
     out.mkdir(parents=True, exist_ok=True)
     lib = out / "libidd_ops_emu_runtime.so"
     stamp = out / "sources.sha256"
-    digest = hashlib.sha256(b"".join((HERE / n).read_bytes() for n in RUNTIME_SOURCES + RUNTIME_HEADERS)).hexdigest()
+    # torch's C++ ABI (std::string crosses into the kernels' library); -Bsymbolic binds the
+    # runtime's own template instances to itself, never to the instrumented copies in the kernels'
+    command = [os.environ.get("CXX", "c++"), "-std=c++20", "-O2", "-fPIC", "-shared", "-Wl,-Bsymbolic",
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               *[str(HERE / n) for n in RUNTIME_SOURCES], "-lpthread"]
+    digest = hashlib.sha256(" ".join(command).encode() + b"".join(
+        (HERE / n).read_bytes() for n in RUNTIME_SOURCES + RUNTIME_HEADERS)).hexdigest()
     with open(out / "lock", "w") as lock:  # pytest-xdist workers build it once between them
         fcntl.flock(lock, fcntl.LOCK_EX)
         if lib.exists() and stamp.exists() and stamp.read_text() == digest:
             return out
         tmp = out / f"lib.{os.getpid()}.so"
-        subprocess.run([os.environ.get("CXX", "c++"), "-std=c++20", "-O2", "-fPIC", "-shared", *[str(HERE / n) for n in RUNTIME_SOURCES],
-                        "-o", str(tmp), "-lpthread"], check=True)
+        subprocess.run([*command, "-o", str(tmp)], check=True)
         os.replace(tmp, lib)
         stamp.write_text(digest)
     return out
@@ -258,7 +265,7 @@ def build_runtime(out=BUILD / "runtime"):
 
 # The kernels are compiled with the thread sanitizer's instrumentation (every load and store calls
 # a hook), but without its runtime: memory_model.cpp defines the hooks. Function entry and exit
-# hooks are left out.
+# hooks are left out (the --param needs GCC 11 or later; the emulator builds with GCC only).
 INSTRUMENT = ["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"]
 
 _LOADED = False

@@ -136,13 +136,18 @@ Fiber* fiber(int i) {
 
 void yield_to_scheduler() { switch_context(&running->context, &scheduler); }
 
-void fail(const std::string& message) {
+// Keeps the launch's first error, prefixed with the running thread's block and thread.
+void record_error(const std::string& message) {
   if (grid->error.empty()) {
     std::ostringstream out;
     out << grid->where << ": block (" << grid->block.x << "," << grid->block.y << "," << grid->block.z
         << ") thread (" << running->tid.x << "," << running->tid.y << "," << running->tid.z << "): " << message;
     grid->error = out.str();
   }
+}
+
+void fail(const std::string& message) {
+  record_error(message);
   throw std::runtime_error(grid->error);
 }
 
@@ -299,7 +304,12 @@ void poison_shared(void* p, size_t bytes) {
   memory::add_static_shared(p, bytes);
 }
 
-void fault(const std::string& message) { fail(message); }
+void fault(const std::string& message) {
+  record_error(message);
+  running->state = State::Done;  // never resumed: the scheduler raises grid->error
+  switch_context(&running->context, &scheduler);
+  __builtin_unreachable();
+}
 
 void device_assert(const char* condition, const char* file, int line) {
   fail(std::string("device assert failed: ") + condition + " (" + file + ":" + std::to_string(line) + ")");

@@ -75,7 +75,9 @@ int lane_id();
 // Fills a static __shared__ array with 0xFF bytes the first time a thread of a block reaches it.
 void poison_shared(void* p, size_t bytes);
 [[noreturn]] void device_assert(const char* condition, const char* file, int line);
-// Raises a fault of the running thread (the launch, block and thread named before `message`).
+// Ends the running thread with a fault that its launch raises on the host (the launch, block
+// and thread named before `message`), without unwinding the thread's stack: the memory model
+// calls it from sanitizer hooks, which GCC's instrumented code calls as if they never throw.
 [[noreturn]] void fault(const std::string& message);
 // Accesses the memory model sees whole (memory_model.h): a vector load or store, and an atomic
 // read-modify-write, from the instruction at pc. Their own bodies are left uninstrumented.

@@ -10,6 +10,7 @@
 #include <sstream>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 namespace emu::memory {
@@ -27,7 +28,10 @@ Range range(const void* p, size_t bytes) {
 }
 
 int current_mode = kRaces;
-bool tracking = false;  // a kernel thread runs and the mode is not 0: the hooks' one test
+// A kernel thread runs on this OS thread and the mode is not 0: the hooks' one test. Per OS
+// thread, so instrumented host code another thread runs meanwhile is not counted.
+__attribute__((tls_model("initial-exec"))) thread_local bool tracking = false;
+bool inside = false;  // in access(): what its own calls might reach of instrumented code is not counted
 
 struct Launch {
   std::string where;
@@ -98,7 +102,8 @@ void check_race(uintptr_t a, size_t bytes, Kind kind) {
       out << "a race between blocks: this thread " << verb(kind) << " a global byte (" << bytes << "-byte access at "
           << reinterpret_cast<const void*>(a) << ") that " << block_name(other) << " " << what
           << " in the same launch, and CUDA runs blocks in no promised order";
-      fault(out.str());
+      inside = false;
+      fault(out.str());  // ends the thread: access() does not return
     }
     if (kind == Kind::Read) s.reader = s.reader == -1 || s.reader == me ? me : -2;
     else s.writer = me << 1 | (kind == Kind::Atomic ? 1 : 0);
@@ -112,7 +117,7 @@ struct Record {
   uintptr_t pc;
   uint32_t k;
   uint16_t thread;
-  uint8_t bytes;
+  uint32_t bytes;
   Kind kind;
   bool shared;
   bool floating;
@@ -143,17 +148,25 @@ uint64_t sectors(const Record* first, const Record* last) {
 }
 
 // Shared: the passes one warp request takes. 32 banks of 4-byte words; lanes that read one word
-// share it, distinct words in one bank serialise, and a pass serves at most 128 bytes.
+// share it, distinct words in one bank serialise, and a pass serves at most 128 bytes. 8-byte
+// accesses are served a half warp at a time, 16-byte ones a quarter warp at a time.
 uint64_t wavefronts(const Record* first, const Record* last) {
-  std::vector<uintptr_t> words;
-  for (const Record* r = first; r != last; ++r)
-    for (uintptr_t w = r->addr >> 2; w <= (r->addr + r->bytes - 1) >> 2; ++w) words.push_back(w);
-  std::sort(words.begin(), words.end());
-  words.erase(std::unique(words.begin(), words.end()), words.end());
-  uint64_t per_bank[32] = {};
-  for (uintptr_t w : words) ++per_bank[w % 32];
-  const uint64_t worst = *std::max_element(per_bank, per_bank + 32);
-  return std::max<uint64_t>(worst, (words.size() * 4 + 127) / 128);
+  const int phase_lanes = first->bytes >= 16 ? 8 : first->bytes >= 8 ? 16 : 32;
+  uint64_t passes = 0;
+  for (int phase = 0; phase < 32 / phase_lanes; ++phase) {
+    std::vector<uintptr_t> words;
+    for (const Record* r = first; r != last; ++r)
+      if (r->thread % 32 / phase_lanes == phase)
+        for (uintptr_t w = r->addr >> 2; w <= (r->addr + r->bytes - 1) >> 2; ++w) words.push_back(w);
+    if (words.empty()) continue;
+    std::sort(words.begin(), words.end());
+    words.erase(std::unique(words.begin(), words.end()), words.end());
+    uint64_t per_bank[32] = {};
+    for (uintptr_t w : words) ++per_bank[w % 32];
+    const uint64_t worst = *std::max_element(per_bank, per_bank + 32);
+    passes += std::max<uint64_t>(worst, (words.size() * 4 + 127) / 128);
+  }
+  return passes;
 }
 
 // The distinct bytes one warp request asks for (lanes that read the same word share it).
@@ -201,7 +214,7 @@ void count_request(const Record* first, const Record* last) {
 void record(uintptr_t a, size_t bytes, Kind kind, bool shared, bool floating, const void* pc) {
   const auto p = reinterpret_cast<uintptr_t>(pc);
   const uint32_t k = occurrences[p << 10 | static_cast<uint64_t>(launch.thread)]++;
-  records.push_back(Record{p, k, static_cast<uint16_t>(launch.thread), static_cast<uint8_t>(std::min<size_t>(bytes, 255)),
+  records.push_back(Record{p, k, static_cast<uint16_t>(launch.thread), static_cast<uint32_t>(bytes),
                            kind, shared, floating, a});
   if (shared) return;
   for (uintptr_t x = a >> kSectorBits; x <= (a + bytes - 1) >> kSectorBits; ++x) {
@@ -212,23 +225,29 @@ void record(uintptr_t a, size_t bytes, Kind kind, bool shared, bool floating, co
 
 }  // namespace
 
-void set_mode(int mode) { current_mode = mode; }
+int set_mode(int mode) { return std::exchange(current_mode, mode); }
 int mode() { return current_mode; }
 
 void begin_launch(const char* where, dim3 grid, int threads, const void* shared, size_t shared_bytes) {
   launch = Launch{};
+  inside = false;
   launch.where = where;
   launch.grid = grid;
   launch.threads = threads;
   launch.dynamic_shared = range(shared, shared_bytes);
-  pthread_attr_t attr;
-  if (pthread_getattr_np(pthread_self(), &attr) == 0) {
-    void* base = nullptr;
-    size_t size = 0;
-    pthread_attr_getstack(&attr, &base, &size);
-    launch.host_stack = range(base, size);
-    pthread_attr_destroy(&attr);
-  }
+  static thread_local Range host_stack = [] {  // the launching thread's stack, asked once
+    Range r;
+    pthread_attr_t attr;
+    if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+      void* base = nullptr;
+      size_t size = 0;
+      pthread_attr_getstack(&attr, &base, &size);
+      r = range(base, size);
+      pthread_attr_destroy(&attr);
+    }
+    return r;
+  }();
+  launch.host_stack = host_stack;
   shadow_pages.clear();
   last_page = ~uintptr_t{0};
   counts = Counts{};
@@ -292,12 +311,14 @@ void add_static_shared(const void* p, size_t bytes) {
 }
 
 void access(const void* p, size_t bytes, Kind kind, bool floating, const void* pc) {
-  if (!tracking || bytes == 0) return;
+  if (!tracking || inside || bytes == 0) return;
   const auto a = reinterpret_cast<uintptr_t>(p);
   if (launch.stack.contains(a) || launch.host_stack.contains(a)) return;  // a thread's locals
+  inside = true;
   const bool shared = is_shared(a);
-  if (!shared && (current_mode & kRaces)) check_race(a, bytes, kind);
+  if (!shared && (current_mode & kRaces)) check_race(a, bytes, kind);  // may end the thread (fault)
   if (current_mode & kTraffic) record(a, bytes, kind, shared, floating, pc);
+  inside = false;
 }
 
 std::string take_log() {

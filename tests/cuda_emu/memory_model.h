@@ -1,7 +1,8 @@
 #pragma once
-// The emulator's memory model (memory_model.cpp): every load and store the emulated kernels make, seen
-// through GCC's thread-sanitizer instrumentation (build.py compiles the kernel sources with
-// -fsanitize=thread and no sanitizer runtime; memory_model.cpp defines the hooks it calls). It gives
+// The emulator's memory model (memory_model.cpp): every load and store the emulated kernels make,
+// seen through GCC's thread-sanitizer instrumentation (build.py compiles the kernel sources with
+// -fsanitize=thread and no sanitizer runtime; memory_model.cpp defines the hooks it calls; calls
+// to memcpy/memset are not seen). It gives
 //  - races between blocks: a global byte that one block writes (or updates atomically) and
 //    another block of the same launch reads or writes raises, naming both blocks, since CUDA
 //    runs blocks in no promised order and the emulator's sequential blocks would hide it;
@@ -22,7 +23,7 @@ namespace emu::memory {
 // Bits of the mode: kRaces checks races between blocks, kTraffic counts the traffic model.
 constexpr int kRaces = 1;
 constexpr int kTraffic = 2;
-void set_mode(int mode);
+int set_mode(int mode);  // returns the mode before
 int mode();
 
 enum class Kind : uint8_t { Read, Write, Atomic };

@@ -16,12 +16,14 @@ from idd_ops import _switches
 from . import build
 
 KERNEL_SETS = ("default", "next")
+_active = []  # the (kernel set, seed) of each emulated_cuda block entered and not yet left
 
 
 @contextmanager
 def emulated_cuda(kernel_set, seed=0):
     """kernel_set: "default" (the kernels CUDA runs today) or "next" (IDD_OPS_CUDA_NEXT=1);
-    seed: of the emulator's block and thread orders. Yields the emulated library's ops."""
+    seed: of the emulator's block and thread orders. Yields the emulated library's ops. Blocks
+    nest: leaving an inner one restores the outer one's set."""
     if kernel_set not in KERNEL_SETS:
         raise ValueError(f"kernel_set: expected one of {KERNEL_SETS}, got {kernel_set!r}")
     emu, cuda_next = build.load(), kernel_set == "next"
@@ -30,8 +32,15 @@ def emulated_cuda(kernel_set, seed=0):
     with mock.patch.object(_switches, "class_sums_path", lambda device, channels_last=False: cuda_next), \
             mock.patch.object(_switches, "cosine_slots_path", lambda device: cuda_next), \
             mock.patch.dict(os.environ, env):
-        emu._emu_override(True)
+        if not _active:
+            emu._emu_override(True)
+        _active.append((kernel_set, seed))
         try:
             yield emu
         finally:
-            emu._emu_override(False)
+            _active.pop()
+            if _active:
+                outer_set, outer_seed = _active[-1]
+                emu._emu_configure(outer_set == "next", outer_seed)
+            else:
+                emu._emu_override(False)

@@ -7,11 +7,12 @@ Each case runs forward+backward through the public API on CPU tensors with one k
 kernels emulated (override.py), at a shape scaled down from the benchmarks' (B=2, a quarter of the
 channels, 32x64 features, labels 256x512) so that the emulator runs it in seconds. Per call:
 - launches: the library's emulated kernel launches, plus the ATen ops that move data on the way
-  (the composite parts, allocations' fills; counted by the profiler as leaf ATen ops that are
-  not views or bare allocations). On a GPU each is about one kernel launch.
-- DRAM: the distinct bytes the library's kernels read and write (their DRAM traffic when every
-  reuse hits in L2); L2: the bytes of every 32-byte sector every warp request touched. ATen ops
-  are not in these.
+  (the composite parts, allocations' fills; counted by the profiler: ATen ops that are not views
+  or bare allocations and call none that moves data). On a GPU each is about one kernel launch.
+- DRAM: the bytes of the distinct 32-byte sectors the library's kernels read and write (their
+  DRAM traffic when every reuse hits in L2); sectors: the bytes of every 32-byte sector every
+  warp request touched (the traffic through the SMs' L1 caches; repeated reads of a small table
+  hit there). ATen ops are not in these.
 - ideal: features and other dense inputs read once, label maps at the feature pixels the nearest
   resize keeps (one int64 each), the student's gradient written once.
 - coalescing: distinct bytes the warps asked for over the sector bytes that served them.
@@ -150,12 +151,12 @@ def _mb(n):
 
 
 def _cells(l):
-    """DRAM MB, L2 MB, coalescing, float atomics, shared atomics, bank conflicts, warp collectives
+    """DRAM MB, sector MB, coalescing, float atomics, shared atomics, bank conflicts, warp collectives
     of a launch (or a total); dashes where no kernel of the library ran."""
     if not l.dram_bytes:
         return ["-"] * 7
     wave = f"{l.bank_conflicts:.2f}" if l.sh_requests else "-"
-    return [_mb(l.dram_bytes), _mb(l.l2_bytes), f"{l.coalescing:.2f}", str(l.float_atomics), str(l.sh_atomics), wave,
+    return [_mb(l.dram_bytes), _mb(l.sector_bytes), f"{l.coalescing:.2f}", str(l.float_atomics), str(l.sh_atomics), wave,
             str(l.collectives)]
 
 
@@ -183,21 +184,22 @@ def markdown(results, commit):
         "module's docstring for what each column counts.",
         "",
         "- launches: emulated kernel launches + ATen ops that move data (each about one GPU launch).",
-        "- DRAM, L2: MB the library's kernels move (distinct bytes; every sector of every warp request).",
+        "- DRAM: MB of the distinct 32-byte sectors the library's kernels read and write; sectors: MB of every"
+        " 32-byte sector of every warp request (the traffic through L1, where repeated reads of a small table hit).",
         "- ideal/DRAM above 1: the kernels read less than the ideal counts (it has no ATen traffic);"
         " dashes: no kernel of the library ran (SKD is ATen GEMMs on CUDA).",
         "- bank conflicts: shared-memory passes over the least the requests' bytes need (1: none).",
         "- warp collectives: shuffles, votes and `__syncwarp` per warp (warp-synchronous work, e.g. a"
         " warp's loop over the classes its lanes hold).",
         "",
-        "| case | set | launches | DRAM MB | L2 MB | ideal MB | ideal/DRAM | coalescing | float atomics (global) "
+        "| case | set | launches | DRAM MB | sector MB | ideal MB | ideal/DRAM | coalescing | float atomics (global) "
         "| shared atomics | bank conflicts | warp collectives |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *(summary_row(m) for m in results),
         "",
         "## Per kernel launch",
         "",
-        "| case | set | launch | grid x block | DRAM MB | L2 MB | coalescing | float atomics | shared atomics "
+        "| case | set | launch | grid x block | DRAM MB | sector MB | coalescing | float atomics | shared atomics "
         "| bank conflicts | warp collectives |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
         *(row for m in results for row in kernel_rows(m)),

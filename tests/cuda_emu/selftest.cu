@@ -9,6 +9,8 @@
 
 #include <string>
 
+#include "cuda/cuda_utils.cuh"  // the translated copy beside this file's (build/cuda_emu/src)
+
 namespace emu_selftest {
 
 constexpr int kBlock = 256;
@@ -81,6 +83,18 @@ __global__ void bank_conflicts(const float* x, int, float* out) {
   out[threadIdx.x] = tile[threadIdx.x];
 }
 
+// 16-byte shared reads whose quarter warps each put their 8 lanes 128 bytes apart (banks 4q to
+// 4q + 3 for all 8): a GPU serves a quarter warp per pass, so 8 passes each, 32 for the warp's
+// 512 bytes, where 4 would do. The fill before it is 4 conflict-free stores a thread.
+__global__ void vector_bank_conflicts(const float* x, int, float* out) {
+  __shared__ __align__(16) float tile[32 * 32];
+  for (int i = threadIdx.x; i < 32 * 32; i += blockDim.x) tile[i] = x[i % kBlock];
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  const idd_ops::Vec<float, 4> v = idd_ops::load_vec<float, 4>(tile + (lane % 8) * 32 + (lane / 8) * 4);
+  out[threadIdx.x] = v.v[0] + v.v[3];
+}
+
 // Every block's thread 0 stores its index in out[0]: which one lands depends on the order.
 __global__ void blocks_write_one_element(const float*, int, float* out) {
   if (threadIdx.x == 0) out[0] = static_cast<float>(blockIdx.x);
@@ -115,6 +129,7 @@ at::Tensor selftest(const std::string& name, const at::Tensor& x_in) {
   else if (name == "coalesced_copy") coalesced_copy<<<1, kBlock>>>(xp, n, op);
   else if (name == "strided_read") strided_read<<<1, kBlock>>>(xp, n, op);
   else if (name == "bank_conflicts") bank_conflicts<<<1, kBlock>>>(xp, n, op);
+  else if (name == "vector_bank_conflicts") vector_bank_conflicts<<<1, kBlock>>>(xp, n, op);
   else if (name == "blocks_write_one_element") blocks_write_one_element<<<4, kBlock>>>(xp, n, op);
   else if (name == "blocks_add_atomically") blocks_add_atomically<<<4, kBlock>>>(xp, n, op);
   else if (name == "blocks_read_partial_sum") blocks_read_partial_sum<<<4, kBlock>>>(xp, n, op);

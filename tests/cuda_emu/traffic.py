@@ -6,8 +6,8 @@
 
 A Launch counts what one emulated kernel launch asked of the memory system: warp-level requests
 to global memory, the distinct bytes they asked for and the 32-byte sectors that served them (a
-coalesced float32 warp request is 4 sectors for 128 bytes), the distinct bytes it read and
-wrote (its DRAM traffic when every reuse hits in L2), atomics per lane, shared-memory requests
+coalesced float32 warp request is 4 sectors for 128 bytes), the bytes of the distinct sectors it
+read and wrote (its DRAM traffic when every reuse hits in L2), atomics per lane, shared-memory requests
 with the passes (wavefronts) they took, and warp collectives (shuffles, votes, __syncwarp), a
 measure of warp-synchronous work.
 """
@@ -44,8 +44,9 @@ class Launch:
         return self.sh_wavefronts / max(self.sh_least_wavefronts, 1)
 
     @property
-    def l2_bytes(self):
-        """Bytes moved between the SMs and L2: every sector of every request."""
+    def sector_bytes(self):
+        """The bytes of every sector of every request: what the SMs move through their L1 caches
+        (a small table read again and again hits there; only misses reach L2)."""
         return 32 * (self.ld_sectors + self.st_sectors)
 
     @property
@@ -56,7 +57,7 @@ class Launch:
     def coalescing(self):
         """Distinct bytes the warps asked for over the bytes of the sectors that served them (1: every
         sector byte used)."""
-        return (self.ld_bytes + self.st_bytes) / max(self.l2_bytes, 1)
+        return (self.ld_bytes + self.st_bytes) / max(self.sector_bytes, 1)
 
 
 def parse(text):
@@ -74,12 +75,12 @@ def measured(emu, races=True):
     """Counts the traffic of the emulated launches inside the block; yields the list they are
     appended to when it ends."""
     emu._emu_traffic()  # drops what an earlier block left
-    emu._emu_memory(TRAFFIC | (RACES if races else 0))
+    before = emu._emu_memory(TRAFFIC | (RACES if races else 0))
     launches = []
     try:
         yield launches
     finally:
-        emu._emu_memory(RACES)
+        emu._emu_memory(before)
         launches.extend(parse(emu._emu_traffic()))
 
 
