@@ -355,3 +355,42 @@ def test_pixel_centroid_cosine_labels_backward_class_limit(default_kernels):
     cos, norms = CPU.pixel_centroid_cosine(x, cent, y, 255, 1e-8)
     with pytest.raises(ValueError, match="num_classes"):
         default_kernels._pixel_centroid_cosine_backward(torch.ones_like(cos), x, cent, y, cos, norms, 255, 1e-8)
+
+
+@pytest.fixture
+def poisoned_empties():
+    """Uninitialised tensors (torch.empty, and at::empty in the ops' host code) come filled with
+    NaN, so an output element no kernel writes shows: the deterministic mode's fill."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(before[0])
+    torch.utils.deterministic.fill_uninitialized_memory = before[1]
+
+
+# Where each class-sum layout of the slots backward writes its centroid gradients: per thread
+# (6), per warp (1537 float32), one warp adding into global memory (12289 float32).
+@pytest.mark.parametrize("K", [6, 1537, 12289])
+def test_pixel_centroid_cosine_slots_write_every_output(emu, poisoned_empties, K):
+    """The slots forward's maps and the backward's centroid gradients start uninitialised (no
+    fill launches): every element must be written, absent classes' gradients included."""
+    emu._emu_configure(True, 5)
+    grad, x, cent, slots, cos, norms, eps = _spread_slots_inputs(K, torch.float32)
+    for got, want in zip(emu._pixel_centroid_cosine_slots(x, cent, slots, eps),
+                         CPU._pixel_centroid_cosine_slots(x, cent, slots, eps)):
+        close(got, want)
+    args = (grad, x, cent, slots, cos, norms, eps)
+    close(emu._pixel_centroid_cosine_slots_backward(*args), CPU._pixel_centroid_cosine_slots_backward(*args),
+          atol=1e-4)
+
+
+def test_pixel_centroid_cosine_slots_without_pixels(emu, poisoned_empties):
+    """No pixels (W = 0): empty maps, and zero centroid gradients."""
+    emu._emu_configure(True, 5)
+    x, cent = randn(2, 3, 4, 0), randn(2, 5, 3, seed=1)
+    slots = torch.zeros(2, 4, 0, dtype=torch.int16)
+    cos, norms = emu._pixel_centroid_cosine_slots(x, cent, slots, 1e-8)
+    assert cos.shape == norms.shape == (2, 4, 0)
+    grad_f, grad_c = emu._pixel_centroid_cosine_slots_backward(torch.ones_like(cos), x, cent, slots, cos, norms, 1e-8)
+    assert grad_f.shape == x.shape and torch.equal(grad_c, torch.zeros_like(cent))

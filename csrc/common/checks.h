@@ -329,14 +329,15 @@ inline void check_pixel_centroid_cosine_slots_backward_inputs(const at::Tensor& 
 
 // The cosine backward's tensors as every kernel of it reads them: feats contiguous; centroids,
 // the incoming gradient and the forward's maps contiguous in the accumulation dtype; grad_f
-// (uninitialised, feats' dtype) and grad_c ([B, K, C] zeros, accumulation dtype) to write.
+// (uninitialised, feats' dtype) and grad_c ([B, K, C] in the accumulation dtype: zeros for the
+// kernels that add into it, uninitialised where `zero_grad_c` is false) to write.
 struct CosineBackwardTensors {
   at::Tensor feats, cent, grad, cos, fnorm, grad_f, grad_c;
 };
 
 inline CosineBackwardTensors cosine_backward_tensors(const at::Tensor& grad, const at::Tensor& feats_in,
                                                      const at::Tensor& centroids, const at::Tensor& cos,
-                                                     const at::Tensor& feat_norms) {
+                                                     const at::Tensor& feat_norms, bool zero_grad_c = true) {
   const at::Tensor feats = feats_in.contiguous();
   const auto acc = acc_dtype(feats.scalar_type());
   return {feats,
@@ -345,7 +346,8 @@ inline CosineBackwardTensors cosine_backward_tensors(const at::Tensor& grad, con
           cos.contiguous(),
           feat_norms.contiguous(),
           at::empty_like(feats),
-          at::zeros({feats.size(0), centroids.size(1), feats.size(1)}, feats.options().dtype(acc))};
+          zero_grad_c ? at::zeros({feats.size(0), centroids.size(1), feats.size(1)}, feats.options().dtype(acc))
+                      : at::empty({feats.size(0), centroids.size(1), feats.size(1)}, feats.options().dtype(acc))};
 }
 
 }  // namespace idd_ops

@@ -398,7 +398,8 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_kernel(const at::
   const int64_t B = feats.size(0), C = feats.size(1), HW = feats.size(2) * feats.size(3), K = centroids_in.size(1);
   const auto acc = acc_dtype(feats.scalar_type());
   const at::Tensor cent = centroids_in.to(acc).contiguous();
-  at::Tensor cos = at::ones({B, feats.size(2), feats.size(3)}, feats.options().dtype(acc)), fnorm = at::zeros_like(cos);
+  // the kernel writes every pixel of both maps: no fill launches
+  at::Tensor cos = at::empty({B, feats.size(2), feats.size(3)}, feats.options().dtype(acc)), fnorm = at::empty_like(cos);
   if (cos.numel() == 0) return {cos, fnorm};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor cnorm = centroid_norms(cent, stream);
@@ -418,11 +419,13 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
     const at::Tensor& cos_in, const at::Tensor& fnorm_in, double eps) {
   check_pixel_centroid_cosine_slots_backward_inputs(grad_in, feats_in, centroids_in, slots_in, cos_in, fnorm_in, eps);
   const c10::cuda::CUDAGuard guard(feats_in.device());
-  const CosineBackwardTensors t = cosine_backward_tensors(grad_in, feats_in, centroids_in, cos_in, fnorm_in);
+  // the rows kernel writes every centroid gradient (ClassSums zeroes what it adds into)
+  const CosineBackwardTensors t = cosine_backward_tensors(grad_in, feats_in, centroids_in, cos_in, fnorm_in,
+                                                          /*zero_grad_c=*/false);
   const at::Tensor &feats = t.feats, &cent = t.cent, &grad = t.grad, &cosv = t.cos, &fnorm = t.fnorm;
   const at::Tensor &grad_f = t.grad_f, &grad_c = t.grad_c, slots = slots_in.contiguous();
   const int64_t B = feats.size(0), C = feats.size(1), HW = feats.size(2) * feats.size(3), K = centroids_in.size(1);
-  if (feats.numel() == 0) return {grad_f, grad_c.to(centroids_in.scalar_type())};
+  if (feats.numel() == 0) return {grad_f, grad_c.zero_().to(centroids_in.scalar_type())};  // no pixels: no gradient
   // the kernels write every class sum (and zero those they add into in global memory)
   at::Tensor bc_sum = at::empty({B, K}, cent.options());
   at::Tensor a = at::empty({B, HW}, cent.options()), bf = at::empty_like(a);
