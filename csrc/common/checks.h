@@ -97,6 +97,9 @@ inline void check_class_centroids_backward_inputs(const at::Tensor& grad_centroi
   check_rank(grad_centroids, "grad_centroids", 3, "[B, K, C]");
   check_floating(grad_centroids, "grad_centroids");
   TORCH_CHECK_TYPE(at::isFloatingType(dtype), "dtype: expected a floating dtype, got ", dtype);
+  TORCH_CHECK_TYPE(grad_centroids.scalar_type() == acc_dtype(dtype), "grad_centroids: expected dtype ",
+                   acc_dtype(dtype), " (the centroids' dtype for features of dtype ", dtype, "), got ",
+                   grad_centroids.scalar_type());
   TORCH_CHECK_VALUE(height >= 0 && width >= 0, "height, width: expected sizes >= 0, got ", height, " x ", width);
   const int64_t B = grad_centroids.size(0), K = grad_centroids.size(1);
   check_labels(labels, B, height * width, grad_centroids, "grad_centroids");
@@ -231,6 +234,12 @@ inline void check_softmax_kl_backward_inputs(const at::Tensor& grad, const at::T
     check_size(t, name, per_vector, why);
     check_same_device(t, name, student, "student");
   }
+  // the forward's log-sum-exps, read as they are (the incoming gradient is converted)
+  const auto acc = acc_dtype(student.scalar_type());
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{lse_student, "lse_student"},
+                                {lse_teacher, "lse_teacher"}})
+    TORCH_CHECK_TYPE(t.scalar_type() == acc, name, ": expected dtype ", acc, " (softmax_kl's, for a student of dtype ",
+                     student.scalar_type(), "), got ", t.scalar_type());
 }
 
 // ---- affinity_loss ---------------------------------------------------------------------
