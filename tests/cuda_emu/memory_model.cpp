@@ -226,7 +226,6 @@ void record(uintptr_t a, size_t bytes, Kind kind, bool shared, bool floating, co
 }  // namespace
 
 int set_mode(int mode) { return std::exchange(current_mode, mode); }
-int mode() { return current_mode; }
 
 void begin_launch(const char* where, dim3 grid, int threads, const void* shared, size_t shared_bytes) {
   launch = Launch{};

@@ -24,7 +24,6 @@ namespace emu::memory {
 constexpr int kRaces = 1;
 constexpr int kTraffic = 2;
 int set_mode(int mode);  // returns the mode before
-int mode();
 
 enum class Kind : uint8_t { Read, Write, Atomic };
 
