@@ -34,6 +34,10 @@ from .override import KERNEL_SETS, emulated_cuda
 from .traffic import measured, total
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # the benchmarks' inputs (run from anywhere, or from the tests)
+    sys.path.insert(0, str(ROOT))
+from benchmarks import common  # noqa: E402
+from benchmarks.cases import _nbytes, _randn  # noqa: E402
 B, CS, CT, H, W, HY, WY, K = 2, 128, 512, 32, 64, 256, 512, 19
 # ATen ops that move no data on a GPU: views, bare allocations, metadata.
 NO_DATA = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::result_type",
@@ -41,21 +45,10 @@ NO_DATA = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resi
            "aten::sym_size", "aten::sym_stride", "aten::sym_numel", "aten::dim", "aten::numel", "aten::is_same_size"}
 
 
-def _randn(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
 def _labels(kind):
-    sys.path.insert(0, str(ROOT))
-    from benchmarks import common
-
     if kind == "fragmented":
         return common.fragmented_labels(B, H, W, HY, WY, K)
     return common.street_labels(B, HY, WY, K)
-
-
-def _nbytes(*tensors):
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _feature_labels_bytes(b=B, h=H, w=W):
@@ -115,8 +108,9 @@ def aten_ops(prof):
 
     def counts(e):  # whether e or an op below it moves data
         below = any([counts(c) for c in e.cpu_children])  # every child visited: a list, not a generator
-        moves[e.id] = _moves_data(e.name) and not below
-        return below or _moves_data(e.name)
+        own = _moves_data(e.name)
+        moves[e.id] = own and not below
+        return below or own
 
     events = prof.events()
     for e in events:
