@@ -1,8 +1,9 @@
 // Gradient of class_sums on CUDA: grad_feats[b, c, p] = grad_sums[b, slot_p, c], 0 where
 // slot_p = -1. A pure gather with one streaming write: VEC outputs (16 bytes) per thread where
-// the layout allows, 32-bit index math unless a tensor passes 2^31 elements.
+// the layout allows, 32-bit index math unless a tensor passes 2^31 elements. The gradient of the
+// float64 sums is read as it comes (a [B, K, C] table that stays in cache) and rounded once per
+// output element, so no launch converts it first.
 // Selected from Python only under IDD_OPS_CUDA_NEXT=1 until a GPU has run it.
-#include <ATen/OpMathType.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
@@ -19,7 +20,7 @@ bool force_index64() { return env_flag("IDD_OPS_FORCE_INDEX64"); }
 
 // NCHW output: thread i writes pixels [VEC i, VEC i + VEC) of one (b, c) row (HW % VEC == 0).
 template <typename scalar_t, int VEC, typename index_t>
-__global__ void class_sums_backward_nchw_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_sums,
+__global__ void class_sums_backward_nchw_kernel(const double* __restrict__ grad_sums,
                                                 const int16_t* __restrict__ slots, index_t K, index_t C, index_t HW,
                                                 index_t vectors, scalar_t* __restrict__ grad) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < vectors;
@@ -27,7 +28,7 @@ __global__ void class_sums_backward_nchw_kernel(const at::opmath_type<scalar_t>*
     // (b, c, p .. p + VEC - 1) are VEC elements of the output
     const index_t e = i * VEC, row = e / HW, p = e - row * HW, b = row / C, c = row - b * C;
     const Vec<int16_t, VEC> s = load_vec<int16_t, VEC>(slots + b * HW + p);
-    const at::opmath_type<scalar_t>* g = grad_sums + b * K * C + c;
+    const double* g = grad_sums + b * K * C + c;
     Vec<scalar_t, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
@@ -40,7 +41,7 @@ __global__ void class_sums_backward_nchw_kernel(const at::opmath_type<scalar_t>*
 
 // channels_last output: thread i writes channels [c, c + VEC) of one pixel (C % VEC == 0).
 template <typename scalar_t, int VEC, typename index_t>
-__global__ void class_sums_backward_last_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_sums,
+__global__ void class_sums_backward_last_kernel(const double* __restrict__ grad_sums,
                                                 const int16_t* __restrict__ slots, index_t K, index_t C, index_t HW,
                                                 index_t vectors, scalar_t* __restrict__ grad) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < vectors;
@@ -51,7 +52,7 @@ __global__ void class_sums_backward_last_kernel(const at::opmath_type<scalar_t>*
     CUDA_KERNEL_ASSERT(k >= -1 && k < K && "slots: a value is outside [-1, num_classes)");
     Vec<scalar_t, VEC> out;
     if (k >= 0) {
-      const at::opmath_type<scalar_t>* g = grad_sums + (b * K + k) * C + c;
+      const double* g = grad_sums + (b * K + k) * C + c;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) out.v[j] = static_cast<scalar_t>(g[j]);
     } else {
@@ -67,10 +68,9 @@ void launch_backward(bool last, const at::Tensor& grad_sums, const at::Tensor& s
   const index_t K = grad_sums.size(1), C = grad_sums.size(2), HW = slots.size(1) * slots.size(2);
   const index_t vectors = grad.numel() / VEC;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  using acc_t = at::opmath_type<scalar_t>;
   auto kernel = last ? class_sums_backward_last_kernel<scalar_t, VEC, index_t>
                      : class_sums_backward_nchw_kernel<scalar_t, VEC, index_t>;
-  kernel<<<blocks_for(vectors), kThreads, 0, stream>>>(grad_sums.const_data_ptr<acc_t>(),
+  kernel<<<blocks_for(vectors), kThreads, 0, stream>>>(grad_sums.const_data_ptr<double>(),
                                                        slots.const_data_ptr<int16_t>(), K, C, HW, vectors,
                                                        grad.data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -80,7 +80,7 @@ at::Tensor class_sums_backward_kernel(const at::Tensor& grad_sums_in, const at::
                                       bool channels_last) {
   check_class_sums_backward_inputs(grad_sums_in, slots_in, dtype);
   const c10::cuda::CUDAGuard guard(grad_sums_in.device());
-  const at::Tensor grad_sums = grad_sums_in.to(acc_dtype(dtype)).contiguous();
+  const at::Tensor grad_sums = grad_sums_in.to(at::kDouble).contiguous();  // a no-op from autograd
   at::Tensor slots = slots_in.contiguous();
   if (!aligned16(slots.const_data_ptr())) slots = slots.clone();
   const int64_t B = grad_sums.size(0), C = grad_sums.size(2), H = slots.size(1), W = slots.size(2);
