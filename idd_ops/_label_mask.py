@@ -1,11 +1,16 @@
 """Which pixels of an H x W map carry a label, for the fused losses that mask pixels (pixel KD).
 
-The kernels that read labels resize them on the fly; here a loss needs only a keep/ignore bit per
-pixel, so the comparison with ignore_index is made at the labels' own resolution and the bits
-are gathered by the nearest-neighbour index. No resized label tensor is built (the reference
-builds one with F.interpolate; the tests hold the two to each other).
+Where the class-slot map is on (_switches.slot_map_path: the CPU, and CUDA under
+IDD_OPS_CUDA_NEXT=1) the mask is one _label_slots call, the nearest-resize rule of every kernel
+(csrc/common/label_index.h), which also rejects a label outside [0, K) that is not ignore_index.
+Elsewhere the comparison with ignore_index is made at the labels' own resolution and the bits are
+gathered by the nearest-neighbour index: no resized label tensor is built (the reference builds
+one with F.interpolate; the tests hold the two to each other).
 """
 import torch
+
+from . import _switches
+from ._class_sums import MAX_SLOT_CLASSES
 
 
 def nearest_index(out_size: int, in_size: int, device: torch.device) -> torch.Tensor:
@@ -13,7 +18,8 @@ def nearest_index(out_size: int, in_size: int, device: torch.device) -> torch.Te
     ``min(floor(i * float32(in / out)), in - 1)``, with the scale and product in float32 as there."""
     scale = torch.tensor(float(in_size), dtype=torch.float32) / torch.tensor(float(out_size), dtype=torch.float32)
     i = torch.arange(out_size, device=device, dtype=torch.float32)
-    return (i * scale.to(device)).floor().long().clamp_max(in_size - 1)
+    # scale stays a CPU scalar (no host-to-device copy, which would also break graph capture)
+    return (i * scale).floor().long().clamp_max(in_size - 1)
 
 
 def keep_mask(labels: torch.Tensor, height: int, width: int, ignore_index: int) -> torch.Tensor:
@@ -24,3 +30,12 @@ def keep_mask(labels: torch.Tensor, height: int, width: int, ignore_index: int) 
         keep = keep.index_select(1, nearest_index(height, Hy, keep.device))
         keep = keep.index_select(2, nearest_index(width, Wy, keep.device))
     return keep
+
+
+def kept_pixels(labels: torch.Tensor, height: int, width: int, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """``[B, height, width]`` bool: True where the (nearest-resized) label is a class, not
+    ignore_index; labels must lie in ``[0, num_classes)`` otherwise (checked where the slot map
+    builds the mask)."""
+    if _switches.slot_map_path(labels.device) and num_classes <= MAX_SLOT_CLASSES:
+        return torch.ops.idd_ops._label_slots(labels, height, width, num_classes, ignore_index) >= 0
+    return keep_mask(labels, height, width, ignore_index)

@@ -22,7 +22,7 @@ from . import _switches
 from . import _validation as v
 from ._dtypes import acc_dtype, loss_dtype
 from ._class_sums import MAX_SLOT_CLASSES, centroids_from_sums, pair_sums, slots_for, uses_class_sums
-from ._label_mask import keep_mask
+from ._label_mask import kept_pixels
 from ._reduction import reduce
 
 ops = torch.ops.idd_ops
@@ -36,8 +36,9 @@ def pixel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Option
     Args:
         student_logits, teacher_logits: ``[B, K, H, W]`` floating, same shape.
         labels: optional ``[B, Hy, Wy]`` integer map (resized by nearest neighbour to ``H x W``
-            when its size differs). When given, pixels labelled ``ignore_index`` are left out.
-            Default: None (every pixel counts: CIRKD's convention).
+            when its size differs). When given, pixels labelled ``ignore_index`` are left out;
+            every other label must lie in ``[0, K)`` (on the CPU a ValueError names ``labels``
+            otherwise). Default: None (every pixel counts: CIRKD's convention).
         temperature: T > 0. Default: 1.0.
         ignore_index: label of pixels to leave out. Default: 255.
         reduction: ``"mean"`` (default): sum over the kept pixels divided by their number
@@ -62,10 +63,11 @@ def pixel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Option
     count = None
     if labels is not None:
         v.check_labels(labels, "student_logits", student_logits)
-        keep = keep_mask(labels, H, W, ignore_index)
-        kl = torch.where(keep, kl, torch.zeros_like(kl))
+        keep = kept_pixels(labels, H, W, K, ignore_index)
+        kl = torch.where(keep, kl, 0.0)
         count = keep.sum()
-    return (reduce(kl, reduction, count) * temperature ** 2).to(loss_dtype(student_logits))
+    loss = reduce(kl, reduction, count)
+    return (loss if temperature == 1 else loss * temperature ** 2).to(loss_dtype(student_logits))
 
 
 def channel_wise_distillation_loss(student_feats: Tensor, teacher_feats: Tensor, temperature: float = 4.0,
@@ -168,7 +170,7 @@ def intra_class_variation_loss(student_feats: Tensor, teacher_feats: Tensor, lab
     # one label decode per call: the slot map serves both class passes (on the class-sum path) and
     # both networks' cosine maps, forward and backward
     slots = None
-    if sums or (_switches.cosine_slots_path(student_feats.device) and num_classes <= MAX_SLOT_CLASSES):
+    if sums or (_switches.slot_map_path(student_feats.device) and num_classes <= MAX_SLOT_CLASSES):
         slots = slots_for(labels, student_feats, num_classes, ignore_index)
     if sums:  # one class pass for both
         ss, ns, st, nt = pair_sums(*pair, labels, num_classes, ignore_index, slots=slots)

@@ -135,10 +135,31 @@ def test_opcheck(device):
     (lambda: idd_ops.intra_class_variation_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4),
                                                 torch.full((1, 4, 4), 5), 2), "labels: value 5"),
     (lambda: idd_ops.pixel_kd_loss(torch.randn(1, 3, 4), torch.randn(1, 3, 4)), "student_logits"),
+    (lambda: idd_ops.pixel_kd_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.full((1, 8, 8), 3)),
+     "labels: value 3"),
 ])
 def test_bad_input(call_, text):
     with pytest.raises((ValueError, TypeError), match=text):
         call_()
+
+
+@pytest.mark.parametrize("label_size", [(6, 7), (13, 22), (3, 4)], ids=["same", "larger", "smaller"])
+def test_pixel_kd_masks_agree(monkeypatch, label_size):
+    """Pixel KD's kept pixels from the class-slot map (the CPU; CUDA under IDD_OPS_CUDA_NEXT=1)
+    and from the ATen mask (CUDA's default): the same loss and gradient as the reference."""
+    from idd_ops import _switches
+    s = make_feats(2, 5, 6, 7, seed=1).requires_grad_()
+    t = make_feats(2, 5, 6, 7, seed=2)
+    y = make_labels(2, *label_size, 5, ignore_frac=0.3)
+    results = []
+    for slots in (True, False):
+        monkeypatch.setattr(_switches, "slot_map_path", lambda device, on=slots: on)
+        loss = idd_ops.pixel_kd_loss(s, t, y, temperature=2.0)
+        results.append((loss, *torch.autograd.grad(loss, s)))
+    ref = reference.pixel_kd_loss(s, t, y, temperature=2.0)
+    for loss, grad in results:
+        torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(grad, torch.autograd.grad(ref, s, retain_graph=True)[0], rtol=1e-9, atol=1e-12)
 
 
 def test_pixel_kd_and_cwd_check_devices():

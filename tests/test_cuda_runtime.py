@@ -221,7 +221,7 @@ def test_ifvd_under_deterministic_mode(device):
     try:
         losses = [idd_ops.intra_class_variation_loss(s, t, y, K) for _ in range(3)]
         assert all(torch.equal(loss, losses[0]) for loss in losses)
-        if _switches.cosine_slots_path(s.device):
+        if _switches.slot_map_path(s.device):
             grads = [torch.autograd.grad(idd_ops.intra_class_variation_loss(s, t, y, K), s)[0] for _ in range(3)]
             assert all(torch.equal(g, grads[0]) for g in grads)
         else:

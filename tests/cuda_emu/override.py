@@ -30,7 +30,7 @@ def emulated_cuda(kernel_set, seed=0):
     emu._emu_configure(cuda_next, seed)
     env = {"_IDD_OPS_SKD_BATCHED": "1"} if cuda_next else {}
     with mock.patch.object(_switches, "class_sums_path", lambda device, channels_last=False: cuda_next), \
-            mock.patch.object(_switches, "cosine_slots_path", lambda device: cuda_next), \
+            mock.patch.object(_switches, "slot_map_path", lambda device: cuda_next), \
             mock.patch.dict(os.environ, env):
         if not _active:
             emu._emu_override(True)
