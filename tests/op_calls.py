@@ -58,7 +58,8 @@ OPS = {
                 lambda s, t, y: idd_ops.intra_class_variation_loss(s, t, y, K)),
     "position_loss": _op([torch.rand(B, len(KINDS), H, W, generator=torch.Generator().manual_seed(0))],
                          lambda p: idd_ops.position_encoding_loss(p, KINDS, reduction="none")),
-    "pixel_kd": _op([_randn(B, K, H, W), _randn(B, K, H, W, seed=1), _labels(B, H, W, K)],
+    # labels at twice the logits' size: the mask of kept pixels goes through the nearest resize
+    "pixel_kd": _op([_randn(B, K, H, W), _randn(B, K, H, W, seed=1), _labels(B, 2 * H, 2 * W, K)],
                     lambda s, t, y: idd_ops.pixel_kd_loss(s, t, y, temperature=2.0)),
     "cwd": _op([_randn(B, Cs, H, W), _randn(B, Cs, H, W, seed=1)],
                lambda s, t: idd_ops.channel_wise_distillation_loss(s, t, reduction="none")),
