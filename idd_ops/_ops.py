@@ -4,9 +4,10 @@ Fake kernels let torch.compile trace through the ops without running them; autog
 wired to the explicit backward ops, so no gradient goes through a chain of PyTorch calls.
 """
 import torch
-from torch.library import register_autograd, register_fake
+from torch.library import register_fake
 
 from . import _library
+from ._autograd import register_autograd
 from ._dtypes import acc_dtype
 
 _library.require()  # one clear ImportError, not register_fake's "operator ... does not exist"
