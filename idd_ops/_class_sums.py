@@ -53,7 +53,7 @@ def pair_sums(student: Tensor, teacher: Tensor, labels: Tensor, num_classes: int
 def centroids_from_sums(sums: Tensor, counts: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     """Class means [B, K, C] from class sums and counts (0 for an absent class, whose sum is 0),
     divided in the sums' dtype and then cast to `dtype` (default: the sums' dtype)."""
-    means = sums / counts.clamp_min(1)[..., None].to(sums.dtype)
+    means = sums / counts.clamp_min(1)[..., None]  # int64 counts promote to the sums' dtype inside the division
     return means if dtype is None else means.to(dtype)
 
 
