@@ -94,6 +94,18 @@ def device(request):
     return request.param
 
 
+@pytest.fixture
+def poisoned_empties():
+    """Uninitialised tensors (torch.empty, and at::empty in the ops' host code) come filled with
+    NaN, so an output element nothing writes shows: the deterministic mode's fill."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(before[0])
+    torch.utils.deterministic.fill_uninitialized_memory = before[1]
+
+
 @pytest.fixture(autouse=True)
 def _synchronize_cuda():
     """Wait for the CUDA work of every test before it passes: an asynchronous kernel fault (an

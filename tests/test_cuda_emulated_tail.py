@@ -357,18 +357,6 @@ def test_pixel_centroid_cosine_labels_backward_class_limit(default_kernels):
         default_kernels._pixel_centroid_cosine_backward(torch.ones_like(cos), x, cent, y, cos, norms, 255, 1e-8)
 
 
-@pytest.fixture
-def poisoned_empties():
-    """Uninitialised tensors (torch.empty, and at::empty in the ops' host code) come filled with
-    NaN, so an output element no kernel writes shows: the deterministic mode's fill."""
-    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(before[0])
-    torch.utils.deterministic.fill_uninitialized_memory = before[1]
-
-
 # Where each class-sum layout of the slots backward writes its centroid gradients: per thread
 # (6), per warp (1537 float32), one warp adding into global memory (12289 float32).
 @pytest.mark.parametrize("K", [6, 1537, 12289])

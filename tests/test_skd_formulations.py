@@ -125,3 +125,21 @@ def test_batched_launches_do_not_grow_with_the_image(batched):
         s = torch.randn(8, 4, H, W, requires_grad=True)
         counts.append(len(_aten_calls(s, torch.randn(8, 4, H, W), 2)))
     assert counts[0] == counts[1]
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+@pytest.mark.parametrize("B, teacher_channels", [(5, 6), (2, 3)], ids=["chunks_narrow_student", "narrow_teacher"])
+def test_batched_writes_every_output(batched, poisoned_empties, pool, B, teacher_channels):
+    """The batched formulation leaves its Grams, per-image sums and (pool 1) gradient
+    uninitialised for the chunks to write: with the deterministic mode's NaN-filled empties, a
+    row no chunk writes (5 images: a chunk of 4 at pool 2, then one of 1) would show."""
+    s = torch.randn(B, 4, 6, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(B, teacher_channels, 6, 7, dtype=torch.float64)
+    per_image, gss, gst = torch.ops.idd_ops.affinity_loss(s, t, pool)
+    assert torch.isfinite(per_image).all() and torch.isfinite(gss).all() and torch.isfinite(gst).all()
+    loss = idd_ops.structural_kd_loss(s, t, pool=pool, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    want = reference.structural_kd_loss(s, t, pool=pool, reduction="none")
+    (want_grad,) = torch.autograd.grad(want.sum(), s)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(grad, want_grad)

@@ -50,10 +50,9 @@ at::Tensor normalised_difference(const at::Tensor& s, const at::Tensor& t, const
   const at::Tensor unfloored = at::minimum(ns, nt) > kAffinityNormEps, s_floored = ns <= kAffinityNormEps;
   const at::Tensor c = at::where(unfloored, q.neg_().div_(ns + nt).div_(ns).div_(nt),
                                  ns_c.reciprocal() - nt_c.reciprocal());
-  const at::Tensor zero = at::zeros({}, c.options());
   return e.div_(at::where(s_floored, nt_c, ns_c))
-      .addcmul_(t, at::where(s_floored, zero, c))
-      .addcmul_(s, at::where(s_floored, c, zero));
+      .addcmul_(t, at::where(s_floored, 0, c))
+      .addcmul_(s, at::where(s_floored, c, 0));
 }
 
 }  // namespace
@@ -66,9 +65,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_batched(const at::T
   const int64_t H = student.size(2), W = student.size(3);
   const int64_t P = ((H + pool - 1) / pool) * ((W + pool - 1) / pool);
   const auto opts = student.options().dtype(acc);
-  at::Tensor gss = at::zeros({B, Cs, Cs}, opts), gst = at::zeros({B, Cs, Ct}, opts);
-  at::Tensor sums = at::zeros({B}, opts.dtype(at::kDouble));
-  if (P == 0) return {sums.to(acc), gss, gst};
+  if (P == 0) return {at::zeros({B}, opts), at::zeros({B, Cs, Cs}, opts), at::zeros({B, Cs, Ct}, opts)};
+  // every chunk writes its images' rows of all three in full: no fills
+  at::Tensor gss = at::empty({B, Cs, Cs}, opts), gst = at::empty({B, Cs, Ct}, opts);
+  at::Tensor sums = at::empty({B}, opts.dtype(at::kDouble));
   const int64_t chunk = images_per_chunk(pool);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t k = std::min(chunk, B - b0);
@@ -100,7 +100,9 @@ at::Tensor affinity_loss_backward_batched(const at::Tensor& grad, const at::Tens
   const auto acc = gss.scalar_type();
   const int64_t B = student.size(0), Cs = student.size(1), H = student.size(2), W = student.size(3);
   const int64_t P = ((H + pool - 1) / pool) * ((W + pool - 1) / pool);
-  at::Tensor out = at::zeros({B, Cs, H, W}, student.options().memory_format(at::MemoryFormat::Contiguous));
+  // pool 1 copies every element; pooling scatters into each window's argmax, so the rest is 0
+  const auto out_opts = student.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor out = pool == 1 ? at::empty({B, Cs, H, W}, out_opts) : at::zeros({B, Cs, H, W}, out_opts);
   if (P == 0) return out;
   const at::Tensor scale = (grad.to(acc) * (4.0 / affinity_mean_divisor(P))).view({B, 1, 1});
   const int64_t chunk = images_per_chunk(pool);
