@@ -178,10 +178,16 @@ def test_emulator_exposes_a_missing_barrier_and_unwritten_shared_memory(emu):
     ("failing_assert", "device assert failed: x\\[threadIdx.x\\] < 0"),
     ("too_many_threads", "a block of 2048 threads"),
     ("too_much_shared", "65536 bytes of dynamic shared memory"),
+    ("static_and_dynamic_shared", "32768 bytes of static and 20480 of dynamic shared memory"),
 ])
 def test_emulator_raises_what_a_gpu_would_fault_on(emu, name, message):
     with pytest.raises(RuntimeError, match=message):
         emu._emu_selftest(name, torch.arange(1.0, 257.0))
+
+
+def test_emulator_allows_static_and_dynamic_shared_memory_once_opted_in(emu):
+    x = torch.arange(1.0, 257.0)
+    torch.testing.assert_close(emu._emu_selftest("static_and_dynamic_shared_opted_in", x), x + 1)
 
 
 # Value and gradient tests of the public API whose CPU cases run through the CUDA kernels when

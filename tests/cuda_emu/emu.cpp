@@ -15,6 +15,7 @@
 #include <random>
 #include <sstream>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace emu {
@@ -108,6 +109,9 @@ struct Grid {
   const std::function<void()>* body = nullptr;
   std::string error;
   uint64_t block_serial = 0;
+  int opted_shared = -1;  // the kernel's cudaFuncSetAttribute limit on dynamic shared memory, -1: none
+  std::unordered_set<void*> statics;  // the static __shared__ arrays its threads reached
+  size_t static_bytes = 0;
 };
 
 std::mutex launch_mutex;  // one emulated launch at a time
@@ -296,7 +300,29 @@ unsigned vote(unsigned mask, bool predicate) {
   return bits;
 }
 
+namespace {
+
+// CUDA's rule for a block's shared memory, static and dynamic together: at most 48 KiB unless
+// the kernel opted in, and an opt-in limit that leaves room for the static arrays (else
+// cudaFuncSetAttribute fails). The static size is known here once a thread reaches each array.
+void check_static_shared(void* p, size_t bytes) {
+  if (!grid->statics.insert(p).second) return;
+  grid->static_bytes += bytes;
+  const size_t statics = grid->static_bytes, dynamic = grid->shared.size();
+  if (grid->opted_shared < 0 && statics + dynamic > kDefaultShared)
+    fault(grid->where + ": " + std::to_string(statics) + " bytes of static and " + std::to_string(dynamic) +
+          " of dynamic shared memory, more than the " + std::to_string(kDefaultShared) +
+          " a block may use together without cudaFuncSetAttribute");
+  if (grid->opted_shared >= 0 && statics + static_cast<size_t>(grid->opted_shared) > kOptinShared)
+    fault(grid->where + ": " + std::to_string(statics) + " bytes of static shared memory and an opt-in limit of " +
+          std::to_string(grid->opted_shared) + " dynamic bytes, more than the " + std::to_string(kOptinShared) +
+          " a block may have (cudaFuncSetAttribute would fail)");
+}
+
+}  // namespace
+
 void poison_shared(void* p, size_t bytes) {
+  check_static_shared(p, bytes);
   auto& at = poisoned_at[p];
   if (at == block_counter) return;
   at = block_counter;
@@ -341,6 +367,7 @@ void run_grid(const char* where, const void* kernel, dim3 grid_dim, dim3 block_d
   g.block_dim = block_dim;
   g.grid_dim = grid_dim;
   g.shared.assign(shared, 0xFF);
+  g.opted_shared = opted == max_dynamic_shared.end() ? -1 : opted->second;
   g.body = &body;
   for (unsigned i = 0; i < threads; ++i) {
     Fiber* f = fiber(static_cast<int>(i));

@@ -95,6 +95,19 @@ __global__ void vector_bank_conflicts(const float* x, int, float* out) {
   out[threadIdx.x] = v.v[0] + v.v[3];
 }
 
+// 32 KiB of static shared memory beside the launch's dynamic buffer: with 20 KiB of the latter,
+// past the 48 KiB a block may use without opting in (kOptIn: the host opts in first, which
+// allows it). Two kernels, since an opt-in stays with the kernel.
+template <bool kOptIn>
+__global__ void static_and_dynamic_shared(const float* x, int n, float* out) {
+  __shared__ float big[8192];
+  extern __shared__ float scratch[];
+  big[threadIdx.x] = threadIdx.x < n ? x[threadIdx.x] : 0.f;
+  scratch[threadIdx.x] = 1.f;
+  __syncthreads();
+  out[threadIdx.x] = big[threadIdx.x] + scratch[threadIdx.x];
+}
+
 // Every block's thread 0 stores its index in out[0]: which one lands depends on the order.
 __global__ void blocks_write_one_element(const float*, int, float* out) {
   if (threadIdx.x == 0) out[0] = static_cast<float>(blockIdx.x);
@@ -135,6 +148,12 @@ at::Tensor selftest(const std::string& name, const at::Tensor& x_in) {
   else if (name == "blocks_read_partial_sum") blocks_read_partial_sum<<<4, kBlock>>>(xp, n, op);
   else if (name == "too_many_threads") block_sum<<<1, 2048>>>(xp, n, op);
   else if (name == "too_much_shared") unwritten_shared<<<1, kBlock, 64 * 1024>>>(xp, n, op);
+  else if (name == "static_and_dynamic_shared") static_and_dynamic_shared<false><<<1, kBlock, 20 * 1024>>>(xp, n, op);
+  else if (name == "static_and_dynamic_shared_opted_in") {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(static_and_dynamic_shared<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        20 * 1024));
+    static_and_dynamic_shared<true><<<1, kBlock, 20 * 1024>>>(xp, n, op);
+  }
   else TORCH_CHECK(false, "name: unknown self-test ", name);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
