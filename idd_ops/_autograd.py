@@ -8,8 +8,8 @@ them back for setup_context on every call by rebuilding the schema's argument li
 argument. That costs host time growing with the square of the argument count: 55 us per
 ``idd_tail`` call (9 arguments), 19 us per ``class_sums_pair`` (5), 8 us for 3, measured on the
 CPU; together a third of the fused IDD's forward host time, which is what a small GPU workload
-waits on. Where this torch lacks the dispatcher hooks used here, torch.library.register_autograd
-is used as it is.
+waits on. Where this torch lacks the dispatcher hooks used here, or an op has keyword-only or
+tensor-list arguments, torch.library.register_autograd is used as it is.
 """
 from typing import Callable
 
@@ -22,10 +22,11 @@ def register_autograd(qualname: str, backward: Callable, setup_context: Callable
     """Register `backward` and `setup_context` for the op `qualname` ("idd_ops::name")."""
     namespace, name = qualname.split("::")
     op = getattr(getattr(torch.ops, namespace), name).default
-    if not _HOOKS or not hasattr(op, "redispatch"):
+    arguments = op._schema.arguments
+    if not _HOOKS or not hasattr(op, "redispatch") or not all(_plain(a) for a in arguments):
         torch.library.register_autograd(qualname, backward, setup_context=setup_context)
         return
-    defaults = tuple(a.default_value for a in op._schema.arguments)
+    defaults = tuple(a.default_value for a in arguments)
 
     def below_autograd(keyset, args):
         with torch._C._AutoDispatchBelowAutograd():
@@ -57,6 +58,15 @@ def register_autograd(qualname: str, backward: Callable, setup_context: Callable
         return below_autograd(keyset, args)
 
     _library(namespace).impl(name, kernel, "Autograd", with_keyset=True)
+
+
+def _plain(argument) -> bool:
+    """An argument this registration handles: positional, not a list of tensors, not mutated
+    (every op of this library has only such; torch's registration serves the others, or
+    rejects them)."""
+    type_ = str(argument.type)
+    mutated = argument.alias_info is not None and argument.alias_info.is_write
+    return not argument.kwarg_only and not mutated and not ("List[" in type_ and "Tensor" in type_)
 
 
 _LIBRARIES = {}

@@ -24,7 +24,11 @@ def nearest_index(out_size: int, in_size: int, device: torch.device) -> torch.Te
 
 def keep_mask(labels: torch.Tensor, height: int, width: int, ignore_index: int) -> torch.Tensor:
     """``[B, height, width]`` bool: True where the (nearest-resized) label is not ignore_index."""
-    keep = labels != ignore_index
+    info = torch.iinfo(labels.dtype)
+    if info.min <= ignore_index <= info.max:
+        keep = labels != ignore_index
+    else:  # no label of this dtype equals it (comparing would wrap ignore_index into the dtype)
+        keep = torch.ones_like(labels, dtype=torch.bool)
     Hy, Wy = keep.shape[1:]
     if (Hy, Wy) != (height, width):
         keep = keep.index_select(1, nearest_index(height, Hy, keep.device))

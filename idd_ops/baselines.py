@@ -37,8 +37,8 @@ def pixel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Option
         student_logits, teacher_logits: ``[B, K, H, W]`` floating, same shape.
         labels: optional ``[B, Hy, Wy]`` integer map (resized by nearest neighbour to ``H x W``
             when its size differs). When given, pixels labelled ``ignore_index`` are left out;
-            every other label must lie in ``[0, K)`` (on the CPU a ValueError names ``labels``
-            otherwise). Default: None (every pixel counts: CIRKD's convention).
+            every other label must lie in ``[0, K)`` (for K <= 32767 a ValueError names
+            ``labels`` otherwise on the CPU). Default: None (every pixel counts: CIRKD's convention).
         temperature: T > 0. Default: 1.0.
         ignore_index: label of pixels to leave out. Default: 255.
         reduction: ``"mean"`` (default): sum over the kept pixels divided by their number

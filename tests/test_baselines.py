@@ -143,23 +143,32 @@ def test_bad_input(call_, text):
         call_()
 
 
-@pytest.mark.parametrize("label_size", [(6, 7), (13, 22), (3, 4)], ids=["same", "larger", "smaller"])
-def test_pixel_kd_masks_agree(monkeypatch, label_size):
+def _pixel_kd_both_masks(monkeypatch, K, y, ignore_index=255):
     """Pixel KD's kept pixels from the class-slot map (the CPU; CUDA under IDD_OPS_CUDA_NEXT=1)
-    and from the ATen mask (CUDA's default): the same loss and gradient as the reference."""
+    and from the ATen mask (CUDA's default): each gives the reference's loss and gradient."""
     from idd_ops import _switches
-    s = make_feats(2, 5, 6, 7, seed=1).requires_grad_()
-    t = make_feats(2, 5, 6, 7, seed=2)
-    y = make_labels(2, *label_size, 5, ignore_frac=0.3)
-    results = []
+    s = make_feats(2, K, 6, 7, seed=1).requires_grad_()
+    t = make_feats(2, K, 6, 7, seed=2)
+    ref = reference.pixel_kd_loss(s, t, y, temperature=2.0, ignore_index=ignore_index)
+    (ref_grad,) = torch.autograd.grad(ref, s)
     for slots in (True, False):
         monkeypatch.setattr(_switches, "slot_map_path", lambda device, on=slots: on)
-        loss = idd_ops.pixel_kd_loss(s, t, y, temperature=2.0)
-        results.append((loss, *torch.autograd.grad(loss, s)))
-    ref = reference.pixel_kd_loss(s, t, y, temperature=2.0)
-    for loss, grad in results:
+        loss = idd_ops.pixel_kd_loss(s, t, y, temperature=2.0, ignore_index=ignore_index)
         torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(grad, torch.autograd.grad(ref, s, retain_graph=True)[0], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(loss, s)[0], ref_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("label_size", [(6, 7), (13, 22), (3, 4)], ids=["same", "larger", "smaller"])
+def test_pixel_kd_masks_agree(monkeypatch, label_size):
+    _pixel_kd_both_masks(monkeypatch, 5, make_labels(2, *label_size, 5, ignore_frac=0.3))
+
+
+def test_pixel_kd_masks_with_an_ignore_index_outside_the_label_dtype(monkeypatch):
+    """uint8 labels hold every class of K = 256, 255 among them, and ignore_index = -1 marks
+    none: comparing in uint8 would wrap -1 to 255 and drop that class's pixels."""
+    y = make_labels(2, 13, 22, 256, ignore_frac=0.0).to(torch.uint8)
+    y[:, :3] = 255
+    _pixel_kd_both_masks(monkeypatch, 256, y, ignore_index=-1)
 
 
 def test_pixel_kd_and_cwd_check_devices():

@@ -7,6 +7,7 @@ import torch
 
 import idd_ops
 from idd_ops import _switches, reference
+from idd_ops._autograd import register_autograd
 from conftest import TOLERANCES, make_feats, make_labels
 from test_centroids import SHAPES as CENTROID_SHAPES
 from test_precision import offset_inputs
@@ -114,14 +115,12 @@ def test_ifvd_on_the_class_sum_path_computes_no_teacher_gradient(monkeypatch):
 
     monkeypatch.setattr(_switches, "cpu_sums", True)
     monkeypatch.setattr(idd_ops._ops, "_cosine_slots_backward", counted)
-    torch.library.register_autograd("idd_ops::_pixel_centroid_cosine_slots", counted,
-                                    setup_context=idd_ops._ops._cosine_slots_setup)
+    register_autograd("idd_ops::_pixel_centroid_cosine_slots", counted, setup_context=idd_ops._ops._cosine_slots_setup)
     try:
         s = make_feats(2, 5, 8, 10, seed=1).requires_grad_()
         idd_ops.intra_class_variation_loss(s, make_feats(2, 7, 8, 10, seed=2), make_labels(2, 16, 20, 6), 6).backward()
     finally:
-        torch.library.register_autograd("idd_ops::_pixel_centroid_cosine_slots", backward,
-                                        setup_context=idd_ops._ops._cosine_slots_setup)
+        register_autograd("idd_ops::_pixel_centroid_cosine_slots", backward, setup_context=idd_ops._ops._cosine_slots_setup)
     assert calls == [5]  # the student's channels only
 
 

@@ -50,9 +50,10 @@ at::Tensor normalised_difference(const at::Tensor& s, const at::Tensor& t, const
   const at::Tensor unfloored = at::minimum(ns, nt) > kAffinityNormEps, s_floored = ns <= kAffinityNormEps;
   const at::Tensor c = at::where(unfloored, q.neg_().div_(ns + nt).div_(ns).div_(nt),
                                  ns_c.reciprocal() - nt_c.reciprocal());
+  const at::Tensor zero = at::zeros({}, c.options());  // one fill; a Scalar in each where would be one apiece on CUDA
   return e.div_(at::where(s_floored, nt_c, ns_c))
-      .addcmul_(t, at::where(s_floored, 0, c))
-      .addcmul_(s, at::where(s_floored, c, 0));
+      .addcmul_(t, at::where(s_floored, zero, c))
+      .addcmul_(s, at::where(s_floored, c, zero));
 }
 
 }  // namespace

@@ -1,8 +1,8 @@
 // Gradient of class_sums on CUDA: grad_feats[b, c, p] = grad_sums[b, slot_p, c], 0 where
 // slot_p = -1. A pure gather with one streaming write: VEC outputs (16 bytes) per thread where
 // the layout allows, 32-bit index math unless a tensor passes 2^31 elements. The gradient of the
-// float64 sums is read as it comes (a [B, K, C] table that stays in cache) and rounded once per
-// output element, so no launch converts it first.
+// float64 sums is read as it comes (a [B, K, C] table that stays in cache) and converted per
+// output element (half/bfloat16 through float, as before), so no launch converts it first.
 // Selected from Python only under IDD_OPS_CUDA_NEXT=1 until a GPU has run it.
 #include <cuda_runtime.h>
 #include <torch/library.h>

@@ -310,11 +310,11 @@ void check_static_shared(void* p, size_t bytes) {
   grid->static_bytes += bytes;
   const size_t statics = grid->static_bytes, dynamic = grid->shared.size();
   if (grid->opted_shared < 0 && statics + dynamic > kDefaultShared)
-    fault(grid->where + ": " + std::to_string(statics) + " bytes of static and " + std::to_string(dynamic) +
+    fault(std::to_string(statics) + " bytes of static and " + std::to_string(dynamic) +
           " of dynamic shared memory, more than the " + std::to_string(kDefaultShared) +
           " a block may use together without cudaFuncSetAttribute");
   if (grid->opted_shared >= 0 && statics + static_cast<size_t>(grid->opted_shared) > kOptinShared)
-    fault(grid->where + ": " + std::to_string(statics) + " bytes of static shared memory and an opt-in limit of " +
+    fault(std::to_string(statics) + " bytes of static shared memory and an opt-in limit of " +
           std::to_string(grid->opted_shared) + " dynamic bytes, more than the " + std::to_string(kOptinShared) +
           " a block may have (cudaFuncSetAttribute would fail)");
 }
