@@ -31,7 +31,7 @@ def slot_map_path(device: torch.device) -> bool:
     """Whether the ops that read labels once per pixel take a class-slot map built once per call
     (_label_slots) instead of decoding the labels themselves: IFVD's cosine op
     (_pixel_centroid_cosine_slots, in its forward and again in its backward) and pixel KD's mask
-    of kept pixels (one launch where the mask built from labels took about 15). Always on the
+    of kept pixels (one launch where the mask built from labels takes about 13). Always on the
     CPU (IFVD measured no slower, docs/ARCHITECTURE.md), on CUDA where the slot kernels are
     switched on (IDD_OPS_CUDA_NEXT=1; until a GPU has run them the labels kernel and the ATen
     mask stay)."""
