@@ -294,9 +294,11 @@ def test_pixel_centroid_cosine_many_classes(next_kernels, K, dtype):
     close(next_kernels._pixel_centroid_cosine_backward(*args), CPU._pixel_centroid_cosine_backward(*args), atol=1e-4)
 
 
-def _spread_slots_inputs(K, dtype, B=2, C=3, H=37, W=41, seed=0):
+def _spread_slots_inputs(K, dtype, B=2, C=3, H=53, W=97, seed=0):
     """A slot map of 6 classes spread over [0, K) in random pixels (mixed warps, a tail warp:
-    H * W = 1517), 10 % ignored, with features, centroids and an upstream gradient."""
+    H * W = 5141, which the backward's factor pass splits into 5 segments of 1280 pixels where
+    K <= 204, the last one short), 10 % ignored, with features, centroids and an upstream
+    gradient."""
     g = torch.Generator().manual_seed(seed)
     y = (torch.randint(0, 6, (B, H, W), generator=g) * ((K - 1) // 5)).clamp_max(K - 1)
     y[torch.rand(B, H, W, generator=g) < 0.1] = 255

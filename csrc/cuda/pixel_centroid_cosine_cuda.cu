@@ -5,6 +5,8 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../common/checks.h"
 #include "../common/cosine.h"
 #include "../common/cuda_next.h"
@@ -317,28 +319,34 @@ __global__ void cosine_slots_forward_kernel(const scalar_t* __restrict__ f, cons
   }
 }
 
-// One block per image (grid-strided): per pixel a = g * alpha, bf = g * beta_f (0 where
-// ignored), and per class bc_sum = the sum of g * beta_c (ClassSums: `warps` as there).
+// Block (s, b) takes segment s of image b's pixels (`segment` pixels, a multiple of blockDim.x;
+// images grid-strided): per pixel a = g * alpha, bf = g * beta_f (0 where ignored), and the
+// segment's class sums of g * beta_c into bc_part[b, s, :] (ClassSums: `warps` as there; the
+// rows kernel adds the segments in order). Segments give the pass blocks enough to fill a GPU
+// where one block per image (8 at B=8) would walk the image alone.
 template <typename acc_t>
 __global__ void cosine_slots_factors_kernel(const acc_t* __restrict__ grad, const acc_t* __restrict__ cos,
                                             const acc_t* __restrict__ fnorm, const acc_t* __restrict__ cnorm,
-                                            const int16_t* __restrict__ slots, int64_t B, int64_t HW, int K, acc_t eps,
-                                            int warps, acc_t* __restrict__ a, acc_t* __restrict__ bf,
-                                            acc_t* __restrict__ bc_sum) {
+                                            const int16_t* __restrict__ slots, int64_t B, int64_t HW, int64_t segment,
+                                            int K, acc_t eps, int warps, acc_t* __restrict__ a,
+                                            acc_t* __restrict__ bf, acc_t* __restrict__ bc_part) {
   extern __shared__ unsigned char smem_bytes[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
-  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
-    ClassSums<acc_t> sums(smem, warps, bc_sum + b * K, 1, K);
+  const int64_t segments = gridDim.x, s = blockIdx.x, begin = s * segment;
+  const int64_t end = begin + segment < HW ? begin + segment : HW;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    acc_t* part = bc_part + (b * segments + s) * K;
+    ClassSums<acc_t> sums(smem, warps, part, 1, K);
     // every lane runs the same number of steps (ClassSums::add needs whole warps)
-    for (int64_t base = 0; base < HW; base += blockDim.x) {
+    for (int64_t base = begin; base < end; base += blockDim.x) {
       const int64_t p = base + threadIdx.x, e = b * HW + p;
-      const int k = p < HW ? slot_class(slots + b * HW, p, K) : -1;
+      const int k = p < end ? slot_class(slots + b * HW, p, K) : -1;
       acc_t vc = 0;
       if (k >= 0) {
         const CosineGrad<acc_t> cg = clamped_cosine_grad(cos[e], fnorm[e], cnorm[b * K + k], eps);
         a[e] = grad[e] * cg.alpha, bf[e] = grad[e] * cg.beta_f;
         vc = grad[e] * cg.beta_c;
-      } else if (p < HW) {
+      } else if (p < end) {
         a[e] = 0, bf[e] = 0;
       }
       sums.add(k, vc);
@@ -346,22 +354,19 @@ __global__ void cosine_slots_factors_kernel(const acc_t* __restrict__ grad, cons
     __syncthreads();
     sums.finish(smem);
     if (warps != 0)
-      for (int k = threadIdx.x; k < K; k += blockDim.x) bc_sum[b * K + k] = sums.total(smem, k);
+      for (int k = threadIdx.x; k < K; k += blockDim.x) part[k] = sums.total(smem, k);
     __syncthreads();  // the next image zeroes the shared sums
   }
 }
 
-// One block per (image, channel) row: writes that row of grad_feats and the channel's gradient
-// for every class centroid, from the class sums of a * x (ClassSums: `warps` as there; with no
-// shared sums, the one warp adds into grad_c itself).
 template <typename scalar_t>
 __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f,
                                                   const at::opmath_type<scalar_t>* __restrict__ cent,
                                                   const at::opmath_type<scalar_t>* __restrict__ a,
                                                   const at::opmath_type<scalar_t>* __restrict__ bf,
-                                                  const at::opmath_type<scalar_t>* __restrict__ bc_sum,
-                                                  const int16_t* __restrict__ slots, int64_t C, int64_t HW, int K,
-                                                  int warps, scalar_t* __restrict__ grad_f,
+                                                  const at::opmath_type<scalar_t>* __restrict__ bc_part,
+                                                  int64_t segments, const int16_t* __restrict__ slots, int64_t C,
+                                                  int64_t HW, int K, int warps, scalar_t* __restrict__ grad_f,
                                                   at::opmath_type<scalar_t>* grad_c) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ unsigned char smem_bytes[];
@@ -387,8 +392,12 @@ __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f
   }
   __syncthreads();
   sums.finish(smem);
-  for (int k = threadIdx.x; k < K; k += blockDim.x)
-    grad_c[(b * K + k) * C + c] = sums.total(smem, k) + bc_sum[b * K + k] * cb[k * C];
+  const acc_t* part = bc_part + b * segments * K;
+  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+    acc_t bc = 0;  // the factor pass's segments, in order: the same bits on every run
+    for (int64_t s = 0; s < segments; ++s) bc += part[s * K + k];
+    grad_c[(b * K + k) * C + c] = sums.total(smem, k) + bc * cb[k * C];
+  }
 }
 
 // How a slot backward block keeps its class sums (ClassSums), within the default 48 KiB of
@@ -400,6 +409,18 @@ struct SumLayout {
   unsigned threads;
   size_t shared;
 };
+
+// Segments of an image's pixels for the slots backward's factor pass: at least kMinSteps block
+// steps each, and few enough that each rows block's fixed-order adding of the segments' class
+// sums (K * segments loads, after its own pass over HW pixels) stays a small share of it. One
+// where the sums go straight to global memory (warps == 0: K past 48 KiB of sums).
+int64_t factor_segments(int64_t HW, int64_t K, int warps, unsigned threads) {
+  constexpr int64_t kMinSteps = 4, kMaxLoads = 1024, kMaxSegments = 64;
+  if (warps == 0) return 1;
+  const int64_t by_pixels = HW / (kMinSteps * static_cast<int64_t>(threads));
+  const int64_t by_loads = kMaxLoads / std::max<int64_t>(K, 1);
+  return std::max<int64_t>(1, std::min({by_pixels, by_loads, kMaxSegments}));
+}
 
 SumLayout class_sum_layout(int64_t K, size_t bytes) {
   constexpr int64_t kBudget = 48 * 1024;
@@ -452,23 +473,27 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
   const at::Tensor &grad_f = t.grad_f, &grad_c = t.grad_c, slots = slots_in.contiguous();
   const int64_t B = feats.size(0), C = feats.size(1), HW = feats.size(2) * feats.size(3), K = centroids_in.size(1);
   if (feats.numel() == 0) return {grad_f, grad_c.zero_().to(centroids_in.scalar_type())};  // no pixels: no gradient
-  // the kernels write every class sum (and zero those they add into in global memory)
-  at::Tensor bc_sum = at::empty({B, K}, cent.options());
   at::Tensor a = at::empty({B, HW}, cent.options()), bf = at::empty_like(a);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor cnorm = centroid_norms(cent, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_slots_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto [warps, threads, shared] = class_sum_layout(K, sizeof(acc_t));
-    cosine_slots_factors_kernel<acc_t><<<static_cast<unsigned>(std::min<int64_t>(B, 65535)), threads, shared, stream>>>(
+    const int64_t segments = factor_segments(HW, K, warps, threads);
+    const int64_t segment = (HW + segments - 1) / segments;
+    const int64_t step = threads, whole = (segment + step - 1) / step * step;  // whole block steps
+    // the factor pass writes every segment's class sums (and zeroes those it adds into in global memory)
+    at::Tensor bc_part = at::empty({B, segments, K}, cent.options());
+    const dim3 grid(static_cast<unsigned>(segments), static_cast<unsigned>(std::min<int64_t>(B, 65535)));
+    cosine_slots_factors_kernel<acc_t><<<grid, threads, shared, stream>>>(
         grad.const_data_ptr<acc_t>(), cosv.const_data_ptr<acc_t>(), fnorm.const_data_ptr<acc_t>(),
-        cnorm.const_data_ptr<acc_t>(), slots.const_data_ptr<int16_t>(), B, HW, static_cast<int>(K),
-        static_cast<acc_t>(eps), warps, a.data_ptr<acc_t>(), bf.data_ptr<acc_t>(), bc_sum.data_ptr<acc_t>());
+        cnorm.const_data_ptr<acc_t>(), slots.const_data_ptr<int16_t>(), B, HW, whole, static_cast<int>(K),
+        static_cast<acc_t>(eps), warps, a.data_ptr<acc_t>(), bf.data_ptr<acc_t>(), bc_part.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     cosine_slots_backward_rows_kernel<scalar_t><<<B * C, threads, shared, stream>>>(
         feats.const_data_ptr<scalar_t>(), cent.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(),
-        bf.const_data_ptr<acc_t>(), bc_sum.const_data_ptr<acc_t>(), slots.const_data_ptr<int16_t>(), C, HW,
-        static_cast<int>(K), warps, grad_f.data_ptr<scalar_t>(), grad_c.data_ptr<acc_t>());
+        bf.const_data_ptr<acc_t>(), bc_part.const_data_ptr<acc_t>(), segments, slots.const_data_ptr<int16_t>(), C,
+        HW, static_cast<int>(K), warps, grad_f.data_ptr<scalar_t>(), grad_c.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_f, grad_c.to(centroids_in.scalar_type())};
