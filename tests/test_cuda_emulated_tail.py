@@ -246,7 +246,7 @@ def test_pixel_centroid_cosine_labels(emu, case, dtype):
     want = CPU.pixel_centroid_cosine(x, cent, y, ig, 1e-8)
     grad = randn(*want[0].shape, seed=2, dtype=want[0].dtype)
     want_b = CPU._pixel_centroid_cosine_backward(grad, x, cent, y, *want, ig, 1e-8)
-    for next_set in (False, True):  # the labels ops have one kernel set; the switch must not matter
+    for next_set in (False, True):  # the labels ops' kernels are the same in both sets but for the centroid norms
         emu._emu_configure(next_set, 3)
         close(emu.pixel_centroid_cosine(x, cent, y, ig, 1e-8), want)
         close(emu._pixel_centroid_cosine_backward(grad, x, cent, y, *want, ig, 1e-8), want_b, atol=1e-4)
@@ -359,14 +359,17 @@ def test_pixel_centroid_cosine_labels_backward_class_limit(default_kernels):
         default_kernels._pixel_centroid_cosine_backward(torch.ones_like(cos), x, cent, y, cos, norms, 255, 1e-8)
 
 
-# Where each class-sum layout of the slots backward writes its centroid gradients: per thread
-# (6), per warp (1537 float32), one warp adding into global memory (12289 float32).
-@pytest.mark.parametrize("K", [6, 1537, 12289])
-def test_pixel_centroid_cosine_slots_write_every_output(emu, poisoned_empties, K):
-    """The slots forward's maps and the backward's centroid gradients start uninitialised (no
-    fill launches): every element must be written, absent classes' gradients included."""
+# Where each class-sum layout of the slots backward writes its centroid gradients, and the
+# factor pass's segments per image: per thread (6: 5 segments; 1 x 8193 pixels: 8 segments of
+# 1280, the last one past the pixels), per warp (48: 5 segments; 1537: 1), one warp adding into
+# global memory (12289: 1).
+@pytest.mark.parametrize("K, H, W", [(6, 53, 97), (6, 1, 8193), (48, 53, 97), (1537, 53, 97), (12289, 53, 97)])
+def test_pixel_centroid_cosine_slots_write_every_output(emu, poisoned_empties, K, H, W):
+    """The slots forward's maps, the backward's per-segment class sums and its centroid
+    gradients start uninitialised (no fill launches): every element must be written, absent
+    classes' gradients and empty segments' sums included."""
     emu._emu_configure(True, 5)
-    grad, x, cent, slots, cos, norms, eps = _spread_slots_inputs(K, torch.float32)
+    grad, x, cent, slots, cos, norms, eps = _spread_slots_inputs(K, torch.float32, H=H, W=W)
     for got, want in zip(emu._pixel_centroid_cosine_slots(x, cent, slots, eps),
                          CPU._pixel_centroid_cosine_slots(x, cent, slots, eps)):
         close(got, want)
