@@ -359,6 +359,9 @@ __global__ void cosine_slots_factors_kernel(const acc_t* __restrict__ grad, cons
   }
 }
 
+// One block per (image, channel) row: writes that row of grad_feats and the channel's gradient
+// for every class centroid, from the class sums of a * x (ClassSums: `warps` as there; with no
+// shared sums, the one warp adds into grad_c itself) and the factor pass's per-segment sums.
 template <typename scalar_t>
 __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f,
                                                   const at::opmath_type<scalar_t>* __restrict__ cent,
