@@ -11,10 +11,11 @@
 // Checked at every launch, where CUDA would fail or misbehave: block size (<= 1024 threads), grid
 // size, dynamic shared memory (<= 48 KiB unless the kernel opted in with cudaFuncSetAttribute,
 // never past the opt-in limit; static and dynamic together <= 48 KiB without the opt-in, static
-// plus the opt-in limit <= 227 KiB, checked once a thread reaches each static array), barriers that not every thread reaches (a deadlock here), a
-// shuffle that reads a lane which has exited, a misaligned vector access (cuda_utils.cuh's
-// load_vec/store_vec, checked by build.py's rewrite) and device asserts. Each is raised on the host as a
-// C++ exception (a RuntimeError in Python) naming the kernel's launch.
+// plus the opt-in limit <= 227 KiB, checked once a thread reaches each static array), barriers
+// that not every thread reaches (a deadlock here), a shuffle that reads a lane which has exited,
+// a misaligned vector access (cuda_utils.cuh's load_vec/store_vec, checked by build.py's
+// rewrite) and device asserts. Each is raised on the host as a C++ exception (a RuntimeError in
+// Python) naming the kernel's launch.
 //
 // Every load and store is also seen by the memory model (memory_model.h): races between blocks raise,
 // and a launch's global traffic, coalescing, atomics and shared-memory bank conflicts are counted.
