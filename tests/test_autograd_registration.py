@@ -9,8 +9,11 @@ from idd_ops import _autograd
 _LIBS = []
 
 
-def _define(name, schema="(Tensor x, float factor=2.0, int power=1) -> Tensor"):
-    """A test op name(x, factor=2.0, power=1) = x * factor ** power."""
+SCALE = "(Tensor x, float factor=2.0, int power=1) -> Tensor"
+
+
+def _define(name, schema):
+    """A test op name(x, factor=2.0, power=1) = x * factor ** power, declared by `schema`."""
     lib = torch.library.Library("idd_ops_autograd_test", "FRAGMENT")
     _LIBS.append(lib)  # a Library's registrations end with it
     lib.define(name + schema)
@@ -19,11 +22,11 @@ def _define(name, schema="(Tensor x, float factor=2.0, int power=1) -> Tensor"):
     return f"idd_ops_autograd_test::{name}", getattr(torch.ops.idd_ops_autograd_test, name)
 
 
-def _register(monkeypatch, name, own, schema=None):
+def _register(monkeypatch, name, own, schema=SCALE):
     """Registers a test op with the project's registration (own) or torch's; returns the op and
     what its setup_context and backward saw."""
     monkeypatch.setattr(_autograd, "_HOOKS", own)
-    qualname, op = _define(name, *([schema] if schema else []))
+    qualname, op = _define(name, schema)
     seen = {"inputs": [], "needs": []}
 
     def setup(ctx, inputs, output, keyword_only_inputs=None):  # torch's passes those of keyword-only arguments

@@ -349,14 +349,15 @@ inline CosineBackwardTensors cosine_backward_tensors(const at::Tensor& grad, con
                                                      const at::Tensor& feat_norms, bool zero_grad_c = true) {
   const at::Tensor feats = feats_in.contiguous();
   const auto acc = acc_dtype(feats.scalar_type());
+  at::Tensor grad_c = at::empty({feats.size(0), centroids.size(1), feats.size(1)}, feats.options().dtype(acc));
+  if (zero_grad_c) grad_c.zero_();
   return {feats,
           centroids.to(acc).contiguous(),
           grad.to(acc).contiguous(),
           cos.contiguous(),
           feat_norms.contiguous(),
           at::empty_like(feats),
-          zero_grad_c ? at::zeros({feats.size(0), centroids.size(1), feats.size(1)}, feats.options().dtype(acc))
-                      : at::empty({feats.size(0), centroids.size(1), feats.size(1)}, feats.options().dtype(acc))};
+          grad_c};
 }
 
 }  // namespace idd_ops
