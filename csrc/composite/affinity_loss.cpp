@@ -161,31 +161,34 @@ at::Tensor affinity_loss_backward_blocked(const at::Tensor& grad, const at::Tens
   return out;
 }
 
-// The batched formulation on CUDA under IDD_OPS_CUDA_NEXT=1 (new GPU code no GPU has run yet),
-// and wherever the private variable _IDD_OPS_SKD_BATCHED=1 forces it (read per call: the CPU
-// tests use it to test the GPU's formulation).
+// The batched formulation wherever the private variable _IDD_OPS_SKD_BATCHED=1 forces it (read
+// per call: the CPU tests use it to test the GPU's formulation), and on CUDA under
+// IDD_OPS_CUDA_NEXT=1 where the extension has no CUDA kernels (with them, affinity_loss_cuda.cu
+// runs it with fused kernels).
 bool use_batched(const at::Tensor& student) {
   return env_flag("_IDD_OPS_SKD_BATCHED") || (student.is_cuda() && cuda_next_enabled());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss(const at::Tensor& student, const at::Tensor& teacher,
-                                                             int64_t pool) {
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_composite(const at::Tensor& student,
+                                                                       const at::Tensor& teacher, int64_t pool) {
   return use_batched(student) ? affinity_loss_batched(student, teacher, pool)
                               : affinity_loss_blocked(student, teacher, pool);
 }
 
-at::Tensor affinity_loss_backward(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
-                                  const at::Tensor& gss, const at::Tensor& gst, int64_t pool) {
+at::Tensor affinity_loss_backward_composite(const at::Tensor& grad, const at::Tensor& student,
+                                            const at::Tensor& teacher, const at::Tensor& gss, const at::Tensor& gst,
+                                            int64_t pool) {
   return use_batched(student) ? affinity_loss_backward_batched(grad, student, teacher, gss, gst, pool)
                               : affinity_loss_backward_blocked(grad, student, teacher, gss, gst, pool);
 }
 
-}  // namespace
-
-// Every device: both formulations are built from ATen calls and GEMMs.
+// Every device: both formulations are built from ATen calls and GEMMs (CUDA registers its own
+// kernels in affinity_loss_cuda.cu, which call these by default).
 TORCH_LIBRARY_IMPL(idd_ops, CompositeExplicitAutograd, m) {
-  m.impl("affinity_loss", &affinity_loss);
-  m.impl("_affinity_loss_backward", &affinity_loss_backward);
+  m.impl("affinity_loss", &affinity_loss_composite);
+  m.impl("_affinity_loss_backward", &affinity_loss_backward_composite);
 }
 
 }  // namespace idd_ops

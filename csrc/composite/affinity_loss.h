@@ -2,7 +2,8 @@
 // SKD's loss through C x C Gram products (affinity_loss.cpp): what its two formulations share.
 //   blocked (affinity_loss.cpp): per image, blocks of pooled rows; the CPU's path.
 //   batched (affinity_loss_batched.cpp): chunks of whole images, batched GEMMs; CUDA's path
-//     under IDD_OPS_CUDA_NEXT=1.
+//     under IDD_OPS_CUDA_NEXT=1, with its pointwise work fused into kernels there
+//     (csrc/cuda/affinity_loss_cuda.cu).
 // Both return and consume the same (loss [B], G_ss [B, Cs, Cs], G_st [B, Cs, Ct]), so either
 // backward serves either forward.
 #include <ATen/ATen.h>
@@ -52,6 +53,14 @@ inline void affinity_gram_st_out(at::Tensor g_st, const at::Tensor& g_ss, const 
   at::neg_out(g_st, g_sd.narrow(-1, 0, g_st.size(-1)));
   g_st.narrow(-1, 0, shared).add_(g_ss.narrow(-1, 0, shared));
 }
+
+// The composite op: the blocked formulation, or the batched one where use_batched picks it
+// (affinity_loss.cpp). CUDA's registration (affinity_loss_cuda.cu) calls it by default.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_composite(const at::Tensor& student,
+                                                                       const at::Tensor& teacher, int64_t pool);
+at::Tensor affinity_loss_backward_composite(const at::Tensor& grad, const at::Tensor& student,
+                                            const at::Tensor& teacher, const at::Tensor& gss, const at::Tensor& gst,
+                                            int64_t pool);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_batched(const at::Tensor& student,
                                                                      const at::Tensor& teacher, int64_t pool);

@@ -195,8 +195,8 @@ def _schemas():
 
 
 # Host functions the CUDA sources share with the CPU build (the composite IDD tail, ordered
-# centroids): compiled in as well, their registrations renamed like the CUDA ones.
-COMPOSITE_UNITS = ["idd_tail.cpp", "class_centroids_ordered.cpp"]
+# centroids, SKD's formulations): compiled in as well, their registrations renamed like the CUDA ones.
+COMPOSITE_UNITS = ["idd_tail.cpp", "class_centroids_ordered.cpp", "affinity_loss.cpp", "affinity_loss_batched.cpp"]
 
 
 def _write(path, text):

@@ -98,7 +98,8 @@ def _moves_data(name):
         return True
     returns = [getattr(packet, o)._schema.returns for o in packet.overloads()]
     tensors = [r[0] for r in returns if r and str(r[0].type) == "Tensor"]
-    return not tensors or not all(r.alias_info is not None for r in tensors)  # a view returns an alias
+    # a view returns an alias it does not write; an in-place or out= op writes the alias it returns
+    return not tensors or not all(r.alias_info is not None and not r.alias_info.is_write for r in tensors)
 
 
 def aten_ops(prof):

@@ -1,0 +1,351 @@
+// SKD (affinity_loss) on CUDA. By default the composite runs (affinity_loss.cpp: the blocked
+// formulation). Under IDD_OPS_CUDA_NEXT=1 the batched formulation (affinity_loss.h) runs with its
+// pointwise work in three kernels around the GEMMs, per chunk of pool * pool images:
+//   forward:  pool + normalise + difference (1) -> G_ss, G_sd, G_dd (3 GEMMs) -> the four inner
+//             products of differenced_affinity_sum and G_st = G_ss - G_sd (1); then one launch
+//             for all images turns the per-tile partial sums into the per-image means.
+//   backward: pool + normalise both networks (1) -> G_ss U_S - G_st U_T (2 GEMMs) -> through
+//             the normalisation into each window's argmax, zeros elsewhere (1).
+// At one chunk that is 6 + 4 launches, where the ATen formulation takes about 60; the GEMMs are
+// unchanged. The reductions run in a fixed order (no atomics): the same bits on every run.
+// Student and teacher of different dtypes, and empty inputs, take the ATen formulation.
+//
+// Threads: a block is 32 pooled pixels (lanes: consecutive pixels, so the loads of a warp are
+// consecutive windows) x 8 channel groups; each thread walks its group's channels, and the
+// per-pixel sums over channels are added across the groups in shared memory in a fixed order.
+#include <ATen/NumericUtils.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "../common/checks.h"
+#include "../common/cuda_next.h"
+#include "../composite/affinity_loss.h"
+#include "cuda_utils.cuh"
+
+namespace idd_ops {
+namespace {
+
+constexpr int kPixels = 32, kGroups = 8;  // a block: kPixels x kGroups = kThreads
+static_assert(kPixels * kGroups == kThreads, "one block of kThreads");
+constexpr int kTile = 32;  // the Gram tail's square tiles: kTile columns x kTile rows
+
+// One network's input [k, C, H, W] by strides, and its pooling windows.
+struct PoolView {
+  int64_t s0, s1, s2, s3, H, W, Wo, pool;
+};
+
+// The window of pooled pixel p: its first input row and column.
+__device__ __forceinline__ void window_origin(const PoolView& v, int64_t p, int64_t& y0, int64_t& x0) {
+  y0 = (p / v.Wo) * v.pool;
+  x0 = (p % v.Wo) * v.pool;
+}
+
+// Max over the window of channel c of image b, and its flat index y * W + x: the first maximum
+// in row-major order, a NaN taking over as max_pool2d's does (so the argmax is ATen's).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t window_max(const scalar_t* __restrict__ x, const PoolView& v, int64_t b, int64_t c,
+                                            int64_t y0, int64_t x0, int64_t* where = nullptr) {
+  acc_t best = -std::numeric_limits<acc_t>::infinity();
+  int64_t at = y0 * v.W + x0;
+  const scalar_t* plane = x + b * v.s0 + c * v.s1;
+  const int64_t y1 = y0 + v.pool < v.H ? y0 + v.pool : v.H, x1 = x0 + v.pool < v.W ? x0 + v.pool : v.W;
+  for (int64_t y = y0; y < y1; ++y) {
+    for (int64_t xx = x0; xx < x1; ++xx) {
+      const acc_t value = static_cast<acc_t>(plane[y * v.s2 + xx * v.s3]);
+      if (value > best || at::_isnan(value)) {
+        best = value;
+        at = y * v.W + xx;
+      }
+    }
+  }
+  if (where != nullptr) *where = at;
+  return best;
+}
+
+// Adds the kGroups partial sums of each pixel in `part` [kGroups][kPixels] in group order;
+// every thread gets its pixel's total. Every thread of the block must call it.
+template <typename acc_t>
+__device__ __forceinline__ acc_t groups_sum(acc_t value, acc_t (*part)[kPixels]) {
+  part[threadIdx.y][threadIdx.x] = value;
+  __syncthreads();
+  acc_t total = 0;
+#pragma unroll
+  for (int g = 0; g < kGroups; ++g) total += part[g][threadIdx.x];
+  __syncthreads();  // part is reused right after
+  return total;
+}
+
+// Pooled, L2-normalised (over channels, norm floored at kAffinityNormEps) features of a chunk.
+// Forward (kBackward false): us [k, Cs, P] and the normalised difference d [k, C, P] of
+// affinity_loss_batched.cpp (normalised_difference: D keeps the relative accuracy of S - T).
+// Backward: us, ut [k, Ct, P] and the student's norms [k, P]. The first pass stores the pooled
+// values raw (the teacher's in `second`) and sums the squares; the second pass rereads what the
+// same thread stored and normalises in place. grid (ceil(P / kPixels), k).
+template <typename scalar_t, bool kBackward>
+__global__ void pooled_normalised_kernel(const scalar_t* __restrict__ student, PoolView vs,
+                                         const scalar_t* __restrict__ teacher, PoolView vt, int64_t Cs, int64_t Ct,
+                                         int64_t P, at::opmath_type<scalar_t>* __restrict__ us,
+                                         at::opmath_type<scalar_t>* __restrict__ second,
+                                         at::opmath_type<scalar_t>* __restrict__ norms) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t part[kGroups][kPixels];
+  const int64_t b = blockIdx.y, p = static_cast<int64_t>(blockIdx.x) * kPixels + threadIdx.x;
+  const int64_t C = kBackward ? Ct : (Cs > Ct ? Cs : Ct);  // rows of `second`
+  const bool live = p < P;
+  acc_t* u = us + b * Cs * P + p;
+  acc_t* w = second + b * C * P + p;
+  acc_t ss = 0, tt = 0, q = 0;
+  if (live) {
+    int64_t y0, x0;
+    window_origin(vs, p, y0, x0);
+    for (int64_t c = threadIdx.y; c < C || c < Cs; c += kGroups) {
+      const acc_t s = c < Cs ? window_max<scalar_t, acc_t>(student, vs, b, c, y0, x0) : acc_t(0);
+      const acc_t t = c < Ct ? window_max<scalar_t, acc_t>(teacher, vt, b, c, y0, x0) : acc_t(0);
+      ss += s * s;
+      tt += t * t;
+      q += (s + t) * (s - t);
+      if (c < Cs) u[c * P] = s;
+      if (c < C) w[c * P] = t;
+    }
+  }
+  ss = groups_sum(ss, part);
+  tt = groups_sum(tt, part);
+  if (!kBackward) q = groups_sum(q, part);
+  if (!live) return;
+  const acc_t eps = static_cast<acc_t>(kAffinityNormEps);
+  const acc_t ns = ::sqrt(ss), nt = ::sqrt(tt);
+  const acc_t ns_c = ns > eps ? ns : eps, nt_c = nt > eps ? nt : eps;
+  if (kBackward) {
+    if (threadIdx.y == 0) norms[b * P + p] = ns;
+    for (int64_t c = threadIdx.y; c < Cs; c += kGroups) u[c * P] /= ns_c;
+    for (int64_t c = threadIdx.y; c < Ct; c += kGroups) w[c * P] /= nt_c;
+    return;
+  }
+  // D = e / |S| + T k (or e / |T| + S k where |S| is floored), k = 1 / |S| - 1 / |T|, taken as
+  // -<e, S + T> / ((|S| + |T|) |S| |T|) where neither norm is floored
+  const bool s_floored = ns <= eps;
+  const acc_t k = (ns < nt ? ns : nt) > eps ? -q / (ns + nt) / ns / nt : acc_t(1) / ns_c - acc_t(1) / nt_c;
+  const acc_t divisor = s_floored ? nt_c : ns_c, kt = s_floored ? acc_t(0) : k, ks = s_floored ? k : acc_t(0);
+  for (int64_t c = threadIdx.y; c < C; c += kGroups) {
+    const acc_t s = c < Cs ? u[c * P] : acc_t(0), t = w[c * P];
+    w[c * P] = (s - t) / divisor + t * kt + s * ks;
+    if (c < Cs) u[c * P] = s / ns_c;
+  }
+}
+
+// The four inner products of differenced_affinity_sum over one kTile x kTile tile of the C x C
+// grid, in float64, into partials[b, tile]; and G_st = G_ss - G_sd on the tile's part of
+// [Cs, Ct]. g_ss [k, Cs, Cs], g_sd [k, Cs, C], g_dd [k, C, C], g_st [k, Cs, Ct], contiguous.
+// The <G_sd, G_sd^T> term reads the mirror tile through shared memory (coalesced both ways).
+// grid (tiles * tiles, k), block (kTile, kThreads / kTile): a thread takes every
+// (kThreads / kTile)-th row of its tile's column.
+template <typename acc_t>
+__global__ void gram_tail_kernel(const acc_t* __restrict__ g_ss, const acc_t* __restrict__ g_sd,
+                                 const acc_t* __restrict__ g_dd, acc_t* __restrict__ g_st, int64_t Cs, int64_t Ct,
+                                 int64_t C, double* __restrict__ partials) {
+  __shared__ acc_t mirror[kTile][kTile + 1];
+  __shared__ double warp_totals[kThreads / 32];
+  const int64_t b = blockIdx.y, tiles = (C + kTile - 1) / kTile;
+  const int64_t i0 = (blockIdx.x / tiles) * kTile, j0 = (blockIdx.x % tiles) * kTile, j = j0 + threadIdx.x;
+  const acc_t* ss = g_ss + b * Cs * Cs;
+  const acc_t* sd = g_sd + b * Cs * C;
+  const acc_t* dd = g_dd + b * C * C;
+  acc_t* st = g_st + b * Cs * Ct;
+  const bool square = i0 < Cs && j0 < Cs;  // the tile meets G_ss: block-uniform
+  if (square) {  // mirror[r][c] = G_sd[j0 + r, i0 + c]
+    for (int r = threadIdx.y; r < kTile; r += blockDim.y) {
+      const int64_t row = j0 + r, col = i0 + threadIdx.x;
+      mirror[r][threadIdx.x] = row < Cs && col < Cs ? sd[row * C + col] : acc_t(0);
+    }
+  }
+  __syncthreads();
+  double sum = 0;
+  for (int r = threadIdx.y; r < kTile; r += blockDim.y) {
+    const int64_t i = i0 + r;
+    if (i >= C || j >= C) continue;
+    const double d = dd[i * C + j];
+    sum += d * d;  // <G_dd, G_dd>
+    if (i >= Cs) continue;
+    const acc_t x = sd[i * C + j];
+    sum -= 4 * d * static_cast<double>(x);  // <G_dd[:Cs], G_sd>
+    const acc_t s = j < Cs ? ss[i * Cs + j] : acc_t(0);
+    if (j < Cs) sum += 2 * (static_cast<double>(s) * d + static_cast<double>(x) * mirror[threadIdx.x][r]);
+    if (j < Ct) st[i * Ct + j] = s - x;
+  }
+  sum = warp_sum(sum);
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  if (tid % 32 == 0) warp_totals[tid / 32] = sum;
+  __syncthreads();
+  if (tid == 0) {
+    double total = 0;
+    for (int w = 0; w < kThreads / 32; ++w) total += warp_totals[w];
+    partials[b * gridDim.x + blockIdx.x] = total;
+  }
+}
+
+// Per-image means: partials [B, tiles] summed in a fixed order, clamped at 0 (rounding), over
+// the P * P entries. grid B.
+template <typename acc_t>
+__global__ void affinity_means_kernel(const double* __restrict__ partials, int64_t tiles, double divisor,
+                                      acc_t* __restrict__ loss) {
+  __shared__ double scratch[kThreads];
+  double sum = 0;
+  for (int64_t t = threadIdx.x; t < tiles; t += kThreads) sum += partials[blockIdx.x * tiles + t];
+  sum = block_sum(sum, scratch);
+  if (threadIdx.x == 0) loss[blockIdx.x] = static_cast<acc_t>((sum < 0 ? 0 : sum) / divisor);  // NaN stays NaN
+}
+
+// The student's gradient of a chunk: gu [k, Cs, P] (= G_ss U_S - G_st U_T) through the
+// normalisation, (gu - u <u, gu>) / |f| (or gu / eps where |f| is floored), times
+// grad[b] * scale, into each window's argmax of out [k, Cs, H, W] (contiguous), zeros at the
+// window's other elements: every element of out is written. grid (ceil(P / kPixels), k).
+template <typename scalar_t>
+__global__ void affinity_gradient_kernel(const at::opmath_type<scalar_t>* __restrict__ gu,
+                                         const at::opmath_type<scalar_t>* __restrict__ us,
+                                         const at::opmath_type<scalar_t>* __restrict__ norms,
+                                         const at::opmath_type<scalar_t>* __restrict__ grad, int64_t grad_stride,
+                                         double scale, const scalar_t* __restrict__ student, PoolView vs, int64_t Cs,
+                                         int64_t P, scalar_t* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t part[kGroups][kPixels];
+  const int64_t b = blockIdx.y, p = static_cast<int64_t>(blockIdx.x) * kPixels + threadIdx.x;
+  const bool live = p < P;
+  const acc_t* g = gu + b * Cs * P + p;
+  const acc_t* u = us + b * Cs * P + p;
+  acc_t along = 0;
+  if (live)
+    for (int64_t c = threadIdx.y; c < Cs; c += kGroups) along += u[c * P] * g[c * P];
+  along = groups_sum(along, part);
+  if (!live) return;
+  const acc_t eps = static_cast<acc_t>(kAffinityNormEps), norm = norms[b * P + p];
+  const bool floored = !(norm > eps);
+  const acc_t factor = static_cast<acc_t>(grad[b * grad_stride] * scale) / (floored ? eps : norm);
+  int64_t y0, x0;
+  window_origin(vs, p, y0, x0);
+  const int64_t HW = vs.H * vs.W;
+  for (int64_t c = threadIdx.y; c < Cs; c += kGroups) {
+    const scalar_t value = static_cast<scalar_t>((g[c * P] - (floored ? acc_t(0) : u[c * P] * along)) * factor);
+    scalar_t* plane = out + (b * Cs + c) * HW;
+    if (vs.pool == 1) {
+      plane[y0 * vs.W + x0] = value;
+      continue;
+    }
+    int64_t argmax;
+    window_max<scalar_t, acc_t>(student, vs, b, c, y0, x0, &argmax);
+    const int64_t y1 = y0 + vs.pool < vs.H ? y0 + vs.pool : vs.H, x1 = x0 + vs.pool < vs.W ? x0 + vs.pool : vs.W;
+    for (int64_t y = y0; y < y1; ++y)
+      for (int64_t x = x0; x < x1; ++x) plane[y * vs.W + x] = y * vs.W + x == argmax ? value : scalar_t(0);
+  }
+}
+
+PoolView pool_view(const at::Tensor& x, int64_t pool) {
+  const int64_t W = x.size(3);
+  return {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.size(2), W, (W + pool - 1) / pool, pool};
+}
+
+// Whether the fused kernels take these inputs (checked by check_affinity_loss_inputs).
+bool fused_takes(const at::Tensor& student, const at::Tensor& teacher) {
+  return student.scalar_type() == teacher.scalar_type() && student.size(0) > 0 && student.size(1) > 0 &&
+         teacher.size(1) > 0 && student.size(2) > 0 && student.size(3) > 0;
+}
+
+dim3 pixel_grid(int64_t P, int64_t k) {
+  return dim3(static_cast<unsigned>((P + kPixels - 1) / kPixels), static_cast<unsigned>(k));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                                  int64_t pool) {
+  if (!cuda_next_enabled()) return affinity_loss_composite(student, teacher, pool);
+  check_affinity_loss_inputs(student, teacher, pool);
+  if (!fused_takes(student, teacher)) return affinity_loss_batched(student, teacher, pool);
+  const c10::cuda::CUDAGuard guard(student.device());
+  const auto acc = acc_dtype(student.scalar_type());
+  const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1), C = std::max(Cs, Ct);
+  const PoolView vs = pool_view(student, pool), vt = pool_view(teacher, pool);
+  const int64_t P = ((vs.H + pool - 1) / pool) * vs.Wo, tiles = (C + kTile - 1) / kTile;
+  const auto opts = student.options().dtype(acc);
+  // every chunk writes its images' rows of all four in full: no fills
+  at::Tensor gss = at::empty({B, Cs, Cs}, opts), gst = at::empty({B, Cs, Ct}, opts);
+  at::Tensor partials = at::empty({B, tiles * tiles}, opts.dtype(at::kDouble)), loss = at::empty({B}, opts);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t chunk = pool * pool;  // memory: affinity_loss_batched.cpp
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t k = std::min(chunk, B - b0);
+    at::Tensor us = at::empty({k, Cs, P}, opts), d = at::empty({k, C, P}, opts);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "affinity_loss_cuda", [&] {
+      pooled_normalised_kernel<scalar_t, false><<<pixel_grid(P, k), dim3(kPixels, kGroups), 0, stream>>>(
+          student.const_data_ptr<scalar_t>() + b0 * vs.s0, vs, teacher.const_data_ptr<scalar_t>() + b0 * vt.s0, vt,
+          Cs, Ct, P, us.mutable_data_ptr<at::opmath_type<scalar_t>>(), d.mutable_data_ptr<at::opmath_type<scalar_t>>(), nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    at::Tensor g_ss = gss.narrow(0, b0, k);
+    at::bmm_out(g_ss, us, us.transpose(1, 2));
+    const at::Tensor g_sd = at::bmm(us, d.transpose(1, 2));  // [k, Cs, C]
+    const at::Tensor g_dd = at::bmm(d, d.transpose(1, 2));   // [k, C, C]
+    AT_DISPATCH_FLOATING_TYPES(acc, "affinity_gram_tail_cuda", [&] {
+      gram_tail_kernel<scalar_t><<<dim3(static_cast<unsigned>(tiles * tiles), static_cast<unsigned>(k)), dim3(kTile, kThreads / kTile), 0,
+                                   stream>>>(g_ss.const_data_ptr<scalar_t>(), g_sd.const_data_ptr<scalar_t>(),
+                                             g_dd.const_data_ptr<scalar_t>(),
+                                             gst.narrow(0, b0, k).mutable_data_ptr<scalar_t>(), Cs, Ct, C,
+                                             partials.narrow(0, b0, k).mutable_data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  AT_DISPATCH_FLOATING_TYPES(acc, "affinity_means_cuda", [&] {
+    affinity_means_kernel<scalar_t><<<B, kThreads, 0, stream>>>(partials.const_data_ptr<double>(), tiles * tiles,
+                                                               affinity_mean_divisor(P),
+                                                               loss.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, gss, gst};
+}
+
+at::Tensor affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+                                       const at::Tensor& gss, const at::Tensor& gst, int64_t pool) {
+  if (!cuda_next_enabled()) return affinity_loss_backward_composite(grad, student, teacher, gss, gst, pool);
+  check_affinity_loss_backward_inputs(grad, student, teacher, gss, gst, pool);
+  const auto acc = acc_dtype(student.scalar_type());
+  if (!fused_takes(student, teacher) || gss.scalar_type() != acc || gst.scalar_type() != acc)
+    return affinity_loss_backward_batched(grad, student, teacher, gss, gst, pool);
+  const c10::cuda::CUDAGuard guard(student.device());
+  const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1);
+  const PoolView vs = pool_view(student, pool), vt = pool_view(teacher, pool);
+  const int64_t P = ((vs.H + pool - 1) / pool) * vs.Wo;
+  const at::Tensor g = grad.scalar_type() == acc ? grad : grad.to(acc);  // [B], any stride (an expanded sum's)
+  const auto opts = student.options().dtype(acc);
+  // every element is written (the windows tile each plane)
+  at::Tensor out = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t chunk = pool * pool;
+  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+    const int64_t k = std::min(chunk, B - b0);
+    at::Tensor us = at::empty({k, Cs, P}, opts), ut = at::empty({k, Ct, P}, opts), ns = at::empty({k, P}, opts);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "affinity_loss_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* xs = student.const_data_ptr<scalar_t>() + b0 * vs.s0;
+      pooled_normalised_kernel<scalar_t, true><<<pixel_grid(P, k), dim3(kPixels, kGroups), 0, stream>>>(
+          xs, vs, teacher.const_data_ptr<scalar_t>() + b0 * vt.s0, vt, Cs, Ct, P, us.mutable_data_ptr<acc_t>(),
+          ut.mutable_data_ptr<acc_t>(), ns.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const at::Tensor gu = at::bmm(gss.narrow(0, b0, k), us).baddbmm_(gst.narrow(0, b0, k), ut, 1, -1);
+      affinity_gradient_kernel<scalar_t><<<pixel_grid(P, k), dim3(kPixels, kGroups), 0, stream>>>(
+          gu.const_data_ptr<acc_t>(), us.const_data_ptr<acc_t>(), ns.const_data_ptr<acc_t>(),
+          g.const_data_ptr<acc_t>() + b0 * g.stride(0), g.stride(0), 4.0 / affinity_mean_divisor(P), xs, vs, Cs, P,
+          out.mutable_data_ptr<scalar_t>() + b0 * Cs * vs.H * vs.W);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(idd_ops, CUDA, m) {
+  m.impl("affinity_loss", &affinity_loss_cuda);
+  m.impl("_affinity_loss_backward", &affinity_loss_backward_cuda);
+}
+
+}  // namespace idd_ops

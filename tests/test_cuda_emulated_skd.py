@@ -1,0 +1,135 @@
+"""SKD's fused CUDA kernels (csrc/cuda/affinity_loss_cuda.cu, IDD_OPS_CUDA_NEXT) on the CUDA
+emulator: forward (per-image loss, G_ss, G_st) and backward against the CPU op (the blocked
+formulation, which the rest of the suite holds to the float64 reference).
+
+Cases reach every branch of the three kernels: pooled pixels not a multiple of the block's 32
+and ceil-mode windows cut by the border; student narrower, equal and wider than the teacher,
+with channel counts past one 32 x 32 tile of the Gram tail (its mirror tile of G_sd, tiles
+outside G_ss, G_st's columns beyond Cs); batches of several chunks; pool 1; features whose
+norm is floored (zero pixels); ties and NaN inside a window (the argmax is max_pool2d's);
+half, bfloat16 and strided (channels_last) inputs; and the output written in full with no fill.
+"""
+import pytest
+import torch
+
+import idd_ops  # noqa: F401
+from test_cuda_emulated import CPU, close, emu, randn  # noqa: F401  (fixtures)
+
+SHAPES = {  # B, Cs, Ct, H, W, pool
+    "narrow_student": (2, 40, 70, 9, 13, 2),
+    "narrow_teacher": (5, 70, 36, 7, 11, 2),  # a chunk of 4 images, then one of 1
+    "equal_pool3": (2, 33, 33, 10, 17, 3),
+    "pool1": (3, 12, 20, 5, 14, 1),
+}
+
+
+@pytest.fixture
+def fused(emu):
+    emu._emu_configure(True, 3)
+    return emu
+
+
+def inputs(B, Cs, Ct, H, W, dtype=torch.float64, seed=0):
+    return randn(B, Cs, H, W, seed=seed, dtype=dtype), randn(B, Ct, H, W, seed=seed + 1, dtype=dtype)
+
+
+def check(ops, s, t, pool, rtol, grad=None):
+    got, want = ops.affinity_loss(s, t, pool), CPU.affinity_loss(s, t, pool)
+    close(got, want, rtol=rtol, atol=rtol)
+    if grad is None:
+        grad = torch.rand(s.shape[0], dtype=want[0].dtype, generator=torch.Generator().manual_seed(5)) + 0.5
+    args = (s, t, want[1], want[2], pool)
+    close(ops._affinity_loss_backward(grad, *args), CPU._affinity_loss_backward(grad, *args), rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_matches_the_cpu_op(fused, shape):
+    B, Cs, Ct, H, W, pool = shape
+    s, t = inputs(B, Cs, Ct, H, W)
+    check(fused, s, t, pool, 1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision(fused, dtype):
+    s, t = inputs(2, 40, 70, 9, 13, dtype=dtype)
+    check(fused, s, t, 2, {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype])
+
+
+def test_strided_inputs(fused):
+    s, t = inputs(2, 40, 70, 9, 13)
+    s = s.contiguous(memory_format=torch.channels_last)
+    t = torch.cat([t, t], 3)[..., ::2]  # a column stride of 2
+    check(fused, s, t, 2, 1e-9)
+
+
+def test_an_expanded_gradient(fused):
+    """The loss's gradient as a mean's backward hands it on: one value, stride 0."""
+    s, t = inputs(3, 12, 20, 6, 8)
+    check(fused, s, t, 2, 1e-9, grad=torch.tensor(0.25, dtype=torch.float64).expand(3))
+
+
+def test_floored_norms(fused):
+    """Whole windows of zero features (norm under F.normalize's floor), in either network."""
+    s, t = inputs(2, 10, 14, 6, 6)
+    s[0, :, :2, :4] = 0
+    t[1, :, 2:4, :] = 0
+    s[1, :, 4:, 4:] = 0
+    t[1, :, 4:, 4:] = 0
+    check(fused, s, t, 2, 1e-9)
+
+
+def test_ties_and_nan_route_as_max_pool2d(fused):
+    g = torch.Generator().manual_seed(2)
+    s = torch.randint(0, 3, (2, 6, 7, 9), generator=g).double()  # many ties in each 3 x 3 window
+    t = torch.randint(0, 3, (2, 5, 7, 9), generator=g).double()
+    check(fused, s, t, 3, 1e-9)
+    s[0, 1, 1, 1] = float("nan")
+    s[0, 1, 2, 2] = float("nan")
+    grad = torch.ones(2, dtype=torch.float64)
+    per_image, gss, gst = CPU.affinity_loss(s, t, 3)
+    got = fused._affinity_loss_backward(grad, s, t, gss, gst, 3)
+    want = CPU._affinity_loss_backward(grad, s, t, gss, gst, 3)
+    assert torch.equal(got.isnan(), want.isnan())  # image 0: NaN where ATen's argmax routes it
+    close(got[1], want[1], rtol=1e-9, atol=1e-9)
+    assert torch.equal(fused.affinity_loss(s, t, 3)[0].isnan(), per_image.isnan())
+
+
+@pytest.mark.parametrize("shape", [SHAPES["narrow_teacher"], SHAPES["pool1"]], ids=["chunks", "pool1"])
+def test_writes_every_output(fused, poisoned_empties, shape):
+    """Outputs and temporaries come from at::empty, NaN-filled here: an element no kernel
+    writes would show."""
+    B, Cs, Ct, H, W, pool = shape
+    s, t = inputs(B, Cs, Ct, H, W)
+    check(fused, s, t, pool, 1e-9)
+
+
+def test_same_bits_on_every_run(emu):
+    """Fixed-order reductions: other block and thread orders give the same bits."""
+    s, t = inputs(5, 40, 70, 9, 13, dtype=torch.float32)
+    runs = []
+    for seed in (1, 2):
+        emu._emu_configure(True, seed)
+        loss, gss, gst = emu.affinity_loss(s, t, 2)
+        runs.append((loss, gss, gst, emu._affinity_loss_backward(torch.ones(5), s, t, gss, gst, 2)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_launches(fused):
+    """Forward: a pooling kernel and a Gram tail per chunk, one means launch; backward: a pooling
+    kernel and a gradient kernel per chunk (the GEMMs are ATen's)."""
+    s, t = inputs(5, 12, 20, 6, 8)
+    fused._emu_launch_log()
+    _, gss, gst = fused.affinity_loss(s, t, 2)
+    forward = len(fused._emu_launch_log()) // 3
+    fused._affinity_loss_backward(torch.ones(5, dtype=torch.float64), s, t, gss, gst, 2)
+    backward = len(fused._emu_launch_log()) // 3
+    assert (forward, backward) == (2 * 2 + 1, 2 * 2)
+
+
+def test_default_set_runs_the_composite(emu):
+    emu._emu_configure(False, 3)
+    s, t = inputs(2, 12, 20, 6, 8)
+    emu._emu_launch_log()
+    close(emu.affinity_loss(s, t, 2), CPU.affinity_loss(s, t, 2), rtol=1e-12, atol=1e-12)
+    assert emu._emu_launch_log() == []
