@@ -10,9 +10,13 @@
 // unchanged. The reductions run in a fixed order (no atomics): the same bits on every run.
 // Student and teacher of different dtypes, and empty inputs, take the ATen formulation.
 //
-// Threads: a block is 32 pooled pixels (lanes: consecutive pixels, so the loads of a warp are
-// consecutive windows) x 8 channel groups; each thread walks its group's channels, and the
-// per-pixel sums over channels are added across the groups in shared memory in a fixed order.
+// Threads: a block is 8 pooled pixels x 32 channel groups (a warp: 8 consecutive windows of 4
+// channels, at pool 2 a 64-byte run per row and channel); each thread walks its group's channels,
+// and the per-pixel sums over channels are added across the groups in shared memory in a fixed
+// order. Many groups rather than many pixels: at the Cityscapes shape (P = 2048 pooled pixels, a
+// chunk of 4 images, 2048 teacher channels) that is 1024 blocks with 64 channels a thread, where
+// 32 pixels a block would give 256 blocks, 2 a multiprocessor, each thread walking 256 channels
+// with one window's loads in flight at a time.
 #include <ATen/NumericUtils.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -28,7 +32,7 @@
 namespace idd_ops {
 namespace {
 
-constexpr int kPixels = 32, kGroups = 8;  // a block: kPixels x kGroups = kThreads
+constexpr int kPixels = 8, kGroups = 32;  // a block: kPixels x kGroups = kThreads
 static_assert(kPixels * kGroups == kThreads, "one block of kThreads");
 constexpr int kTile = 32;  // the Gram tail's square tiles: kTile columns x kTile rows
 
@@ -101,6 +105,7 @@ __global__ void pooled_normalised_kernel(const scalar_t* __restrict__ student, P
   if (live) {
     int64_t y0, x0;
     window_origin(vs, p, y0, x0);
+#pragma unroll 2
     for (int64_t c = threadIdx.y; c < C || c < Cs; c += kGroups) {
       const acc_t s = c < Cs ? window_max<scalar_t, acc_t>(student, vs, b, c, y0, x0) : acc_t(0);
       const acc_t t = c < Ct ? window_max<scalar_t, acc_t>(teacher, vt, b, c, y0, x0) : acc_t(0);
