@@ -251,10 +251,12 @@ PoolView pool_view(const at::Tensor& x, int64_t pool) {
   return {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.size(2), W, (W + pool - 1) / pool, pool};
 }
 
-// Whether the fused kernels take these inputs (checked by check_affinity_loss_inputs).
-bool fused_takes(const at::Tensor& student, const at::Tensor& teacher) {
-  return student.scalar_type() == teacher.scalar_type() && student.size(0) > 0 && student.size(1) > 0 &&
-         teacher.size(1) > 0 && student.size(2) > 0 && student.size(3) > 0;
+// Whether the fused kernels take these inputs (checked by check_affinity_loss_inputs); a chunk's
+// images are the grid's y dimension (at most 65535).
+bool fused_takes(const at::Tensor& student, const at::Tensor& teacher, int64_t pool) {
+  const int64_t B = student.size(0);
+  return student.scalar_type() == teacher.scalar_type() && B > 0 && student.size(1) > 0 && teacher.size(1) > 0 &&
+         student.size(2) > 0 && student.size(3) > 0 && (B <= 65535 || pool * pool <= 65535);
 }
 
 dim3 pixel_grid(int64_t P, int64_t k) {
@@ -265,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tens
                                                                   int64_t pool) {
   if (!cuda_next_enabled()) return affinity_loss_composite(student, teacher, pool);
   check_affinity_loss_inputs(student, teacher, pool);
-  if (!fused_takes(student, teacher)) return affinity_loss_batched(student, teacher, pool);
+  if (!fused_takes(student, teacher, pool)) return affinity_loss_batched(student, teacher, pool);
   const c10::cuda::CUDAGuard guard(student.device());
   const auto acc = acc_dtype(student.scalar_type());
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1), C = std::max(Cs, Ct);
@@ -313,7 +315,7 @@ at::Tensor affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor&
   if (!cuda_next_enabled()) return affinity_loss_backward_composite(grad, student, teacher, gss, gst, pool);
   check_affinity_loss_backward_inputs(grad, student, teacher, gss, gst, pool);
   const auto acc = acc_dtype(student.scalar_type());
-  if (!fused_takes(student, teacher) || gss.scalar_type() != acc || gst.scalar_type() != acc)
+  if (!fused_takes(student, teacher, pool) || gss.scalar_type() != acc || gst.scalar_type() != acc)
     return affinity_loss_backward_batched(grad, student, teacher, gss, gst, pool);
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1);
