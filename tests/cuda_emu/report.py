@@ -8,7 +8,10 @@ kernels emulated (override.py), at a shape scaled down from the benchmarks' (B=2
 channels, 32x64 features, labels 256x512) so that the emulator runs it in seconds. Per call:
 - launches: the library's emulated kernel launches, plus the ATen ops that move data on the way
   (the composite parts, allocations' fills; counted by the profiler: ATen ops that are not views
-  or bare allocations and call none that moves data). On a GPU each is about one kernel launch.
+  or bare allocations and call none that moves data; in-place and out= ops count). On a GPU each
+  is about one kernel launch. The names are the CPU's innermost ops (a CPU baddbmm_ shows as
+  the copy_ it calls, a sum as its fill_), and a few are the CPU's alone: the host-side casts of
+  wrapped Python scalars, and the conversion of int64 operands a CUDA kernel promotes in place.
 - DRAM: the bytes of the distinct 32-byte sectors the library's kernels read and write (their
   DRAM traffic when every reuse hits in L2); sectors: the bytes of every 32-byte sector every
   warp request touched (the traffic through the SMs' L1 caches; repeated reads of a small table
@@ -42,7 +45,9 @@ B, CS, CT, H, W, HY, WY, K = 2, 128, 512, 32, 64, 256, 512, 19
 # ATen ops that move no data on a GPU: views, bare allocations, metadata.
 NO_DATA = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resize_", "aten::result_type",
            "aten::lift_fresh", "aten::set_", "aten::detach", "aten::is_nonzero", "aten::size", "aten::stride",
-           "aten::sym_size", "aten::sym_stride", "aten::sym_numel", "aten::dim", "aten::numel", "aten::is_same_size"}
+           "aten::sym_size", "aten::sym_stride", "aten::sym_numel", "aten::dim", "aten::numel", "aten::is_same_size",
+           # in-place ops on metadata alone (their schemas mark the alias written, as a real write's do)
+           "aten::detach_", "aten::as_strided_", "aten::squeeze_", "aten::unsqueeze_", "aten::transpose_", "aten::t_"}
 
 
 def _labels(kind):
