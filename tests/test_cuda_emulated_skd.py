@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import idd_ops  # noqa: F401
+from idd_ops import reference
 from test_cuda_emulated import CPU, close, emu, randn  # noqa: F401  (fixtures)
 
 SHAPES = {  # B, Cs, Ct, H, W, pool
@@ -56,26 +57,44 @@ def test_low_precision(fused, dtype):
 
 
 def test_strided_inputs(fused):
-    s, t = inputs(2, 40, 70, 9, 13)
-    s = s.contiguous(memory_format=torch.channels_last)
-    t = torch.cat([t, t], 3)[..., ::2]  # a column stride of 2
+    """channels_last, a column stride of 2 and batch strides that are not the image size, over
+    two chunks (the chunk offsets go by the batch stride)."""
+    s, t = inputs(10, 12, 20, 6, 8)
+    s = s[::2].contiguous(memory_format=torch.channels_last)
+    t = torch.cat([t, t], 3)[:5, :, :, ::2]
     check(fused, s, t, 2, 1e-9)
 
 
 def test_an_expanded_gradient(fused):
-    """The loss's gradient as a mean's backward hands it on: one value, stride 0."""
-    s, t = inputs(3, 12, 20, 6, 8)
-    check(fused, s, t, 2, 1e-9, grad=torch.tensor(0.25, dtype=torch.float64).expand(3))
+    """The loss's gradient as a mean's backward hands it on: one value, stride 0, over two chunks."""
+    s, t = inputs(5, 12, 20, 6, 8)
+    check(fused, s, t, 2, 1e-9, grad=torch.tensor(0.25, dtype=torch.float64).expand(5))
 
 
-def test_floored_norms(fused):
-    """Whole windows of zero features (norm under F.normalize's floor), in either network."""
+@pytest.mark.parametrize("scale", [0.0, 1e-14])
+def test_floored_norms(fused, scale):
+    """Whole windows whose features have a norm under F.normalize's floor, in either network:
+    zero (where the floored terms multiply zeros) and tiny but nonzero (where they do not)."""
     s, t = inputs(2, 10, 14, 6, 6)
-    s[0, :, :2, :4] = 0
-    t[1, :, 2:4, :] = 0
-    s[1, :, 4:, 4:] = 0
-    t[1, :, 4:, 4:] = 0
+    s[0, :, :2, :4] *= scale
+    t[1, :, 2:4, :] *= scale
+    s[1, :, 4:, 4:] *= scale
+    t[1, :, 4:, 4:] *= scale
     check(fused, s, t, 2, 1e-9)
+
+
+@pytest.mark.parametrize("extra_channels", [0, 8])
+def test_value_accurate_in_float32_near_zero(fused, extra_channels):
+    """The differenced form keeps its relative accuracy in float32 as the student nears the
+    teacher (test_api's case, here on the kernels): 1e-6 of the float64 value, where the plain
+    difference of normalised features gives about 1e-4."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 32, 16, 16, generator=g, dtype=torch.float64)
+    s = t + 1e-3 * torch.randn(t.shape, generator=g, dtype=torch.float64)
+    t = torch.cat([t, t.new_zeros(2, extra_channels, 16, 16)], 1)
+    want = reference.structural_kd_loss(s, t, pool=2, reduction="none")
+    got = fused.affinity_loss(s.float(), t.float(), 2)[0].double()
+    assert (got / want - 1).abs().max() < 1e-5
 
 
 def test_ties_and_nan_route_as_max_pool2d(fused):

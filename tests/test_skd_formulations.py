@@ -83,15 +83,17 @@ def test_gradcheck_channel_counts(formulation, device, teacher_channels, pool):
     assert torch.autograd.gradcheck(lambda x: idd_ops.structural_kd_loss(x, t, pool=pool), (s,), fast_mode=True)
 
 
+@pytest.mark.parametrize("scale", [0.0, 1e-14])
 @pytest.mark.parametrize("zero", ["student", "teacher", "both"])
-def test_zero_feature_pixels(formulation, device, zero):
-    """Pixels whose features are all zero (norm under F.normalize's floor): value and gradient
-    as the reference's x / max(|x|, eps)."""
+def test_zero_feature_pixels(formulation, device, zero, scale):
+    """Pixels whose features have a norm under F.normalize's floor, all zero or tiny but nonzero
+    (where the floored terms of the gradient and the difference do not multiply zeros): value
+    and gradient as the reference's x / max(|x|, eps)."""
     g = torch.Generator().manual_seed(0)
     s = torch.randn(2, 5, 6, 6, generator=g, dtype=torch.float64)
     t = torch.randn(2, 5, 6, 6, generator=g, dtype=torch.float64)
     for x in {"student": (s,), "teacher": (t,), "both": (s, t)}[zero]:
-        x[:, :, :2, :4] = 0  # whole pooling windows at pool 2
+        x[:, :, :2, :4] *= scale  # whole pooling windows at pool 2
     s = s.to(device).requires_grad_()
     t = t.to(device)
     got = idd_ops.structural_kd_loss(s, t, pool=2)

@@ -23,9 +23,10 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-# What a .cu file may include: the shared headers and the CUDA ones (CPU-only headers do not
-# invalidate the cache).
-HEADERS = sorted(glob.glob(os.path.join(ROOT, "csrc", "common", "*.h")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh")))
+# What a .cu file may include: the shared headers, the composite ops' (a CUDA op falls back to
+# its composite) and the CUDA ones (CPU-only headers do not invalidate the cache).
+HEADERS = sorted(glob.glob(os.path.join(ROOT, "csrc", "common", "*.h")) + glob.glob(os.path.join(ROOT, "csrc", "composite", "*.h"))
+                 + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh")))
 # One arch people train on that predates Hopper, and Hopper itself.
 DEFAULT_ARCHS = "8.0;9.0"
 CACHE = os.environ.get("IDD_OPS_NVCC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "idd_ops", "nvcc-check"))

@@ -22,6 +22,13 @@ inline double affinity_mean_divisor(int64_t pooled_pixels) {
   return std::max(P * P, 1.0);
 }
 
+// Images per chunk of the batched formulation (affinity_loss_batched.cpp): pool * pool, so that a
+// chunk's pooled features hold about as many values as one input image; at most the batch (and
+// no overflow for a huge pool).
+inline int64_t affinity_chunk_images(int64_t pool, int64_t batch) {
+  return pool >= batch ? batch : std::min(pool * pool, batch);
+}
+
 // Per-image means [B] in `acc` from the float64 sums of squares over P * P entries. A sum of
 // squares is >= 0; the clamp only removes rounding at 0.
 inline at::Tensor affinity_means(const at::Tensor& sums, int64_t pooled_pixels, at::ScalarType acc) {

@@ -18,8 +18,6 @@
 namespace idd_ops {
 namespace {
 
-int64_t images_per_chunk(int64_t pool) { return pool * pool; }
-
 // [k, C, H, W] -> pool x pool max (ceil mode), [k, C, P] in `acc`.
 at::Tensor pooled(const at::Tensor& x, int64_t pool, at::ScalarType acc) {
   const at::Tensor y = pool == 1 ? x : at::max_pool2d(x, {pool, pool}, {pool, pool}, {0, 0}, {1, 1}, true);
@@ -70,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_batched(const at::T
   // every chunk writes its images' rows of all three in full: no fills
   at::Tensor gss = at::empty({B, Cs, Cs}, opts), gst = at::empty({B, Cs, Ct}, opts);
   at::Tensor sums = at::empty({B}, opts.dtype(at::kDouble));
-  const int64_t chunk = images_per_chunk(pool);
+  const int64_t chunk = affinity_chunk_images(pool, B);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t k = std::min(chunk, B - b0);
     at::Tensor us, d;
@@ -106,7 +104,7 @@ at::Tensor affinity_loss_backward_batched(const at::Tensor& grad, const at::Tens
   at::Tensor out = pool == 1 ? at::empty({B, Cs, H, W}, out_opts) : at::zeros({B, Cs, H, W}, out_opts);
   if (P == 0) return out;
   const at::Tensor scale = (grad.to(acc) * (4.0 / affinity_mean_divisor(P))).view({B, 1, 1});
-  const int64_t chunk = images_per_chunk(pool);
+  const int64_t chunk = affinity_chunk_images(pool, B);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t k = std::min(chunk, B - b0);
     const at::Tensor xs = student.narrow(0, b0, k);

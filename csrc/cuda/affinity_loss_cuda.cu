@@ -14,9 +14,10 @@
 // channels, at pool 2 a 64-byte run per row and channel); each thread walks its group's channels,
 // and the per-pixel sums over channels are added across the groups in shared memory in a fixed
 // order. Many groups rather than many pixels: at the Cityscapes shape (P = 2048 pooled pixels, a
-// chunk of 4 images, 2048 teacher channels) that is 1024 blocks with 64 channels a thread, where
-// 32 pixels a block would give 256 blocks, 2 a multiprocessor, each thread walking 256 channels
-// with one window's loads in flight at a time.
+// chunk of 4 images, 2048 teacher channels) that is 1024 blocks with 64 channels a thread (about
+// 2.6 waves at 3 blocks a multiprocessor: nvcc gives these kernels up to 80 registers a thread on
+// sm_90, so 3 fit), where 32 pixels a block would give 256 blocks and 256 channels a thread.
+// A thread keeps a window of each network in flight (window_max).
 #include <ATen/NumericUtils.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -48,22 +49,33 @@ __device__ __forceinline__ void window_origin(const PoolView& v, int64_t p, int6
 }
 
 // Max over the window of channel c of image b, and its flat index y * W + x: the first maximum
-// in row-major order, a NaN taking over as max_pool2d's does (so the argmax is ATen's).
+// in row-major order, a NaN taking over as max_pool2d's does (so the argmax is ATen's). Whole
+// 2 x 2 windows (pool 2, the default, away from the border) issue their four loads before any
+// comparison: in the loop each load would wait behind the previous one's branch.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t window_max(const scalar_t* __restrict__ x, const PoolView& v, int64_t b, int64_t c,
                                             int64_t y0, int64_t x0, int64_t* where = nullptr) {
   acc_t best = -std::numeric_limits<acc_t>::infinity();
   int64_t at = y0 * v.W + x0;
-  const scalar_t* plane = x + b * v.s0 + c * v.s1;
-  const int64_t y1 = y0 + v.pool < v.H ? y0 + v.pool : v.H, x1 = x0 + v.pool < v.W ? x0 + v.pool : v.W;
-  for (int64_t y = y0; y < y1; ++y) {
-    for (int64_t xx = x0; xx < x1; ++xx) {
-      const acc_t value = static_cast<acc_t>(plane[y * v.s2 + xx * v.s3]);
-      if (value > best || at::_isnan(value)) {
-        best = value;
-        at = y * v.W + xx;
-      }
+  const auto take = [&](acc_t value, int64_t y, int64_t xx) {
+    if (value > best || at::_isnan(value)) {
+      best = value;
+      at = y * v.W + xx;
     }
+  };
+  const scalar_t* plane = x + b * v.s0 + c * v.s1;
+  if (v.pool == 2 && y0 + 1 < v.H && x0 + 1 < v.W) {
+    const scalar_t* q = plane + y0 * v.s2 + x0 * v.s3;
+    const acc_t a = static_cast<acc_t>(q[0]), r = static_cast<acc_t>(q[v.s3]);
+    const acc_t d = static_cast<acc_t>(q[v.s2]), e = static_cast<acc_t>(q[v.s2 + v.s3]);
+    take(a, y0, x0);
+    take(r, y0, x0 + 1);
+    take(d, y0 + 1, x0);
+    take(e, y0 + 1, x0 + 1);
+  } else {
+    const int64_t y1 = y0 + v.pool < v.H ? y0 + v.pool : v.H, x1 = x0 + v.pool < v.W ? x0 + v.pool : v.W;
+    for (int64_t y = y0; y < y1; ++y)
+      for (int64_t xx = x0; xx < x1; ++xx) take(static_cast<acc_t>(plane[y * v.s2 + xx * v.s3]), y, xx);
   }
   if (where != nullptr) *where = at;
   return best;
@@ -105,7 +117,6 @@ __global__ void pooled_normalised_kernel(const scalar_t* __restrict__ student, P
   if (live) {
     int64_t y0, x0;
     window_origin(vs, p, y0, x0);
-#pragma unroll 2
     for (int64_t c = threadIdx.y; c < C || c < Cs; c += kGroups) {
       const acc_t s = c < Cs ? window_max<scalar_t, acc_t>(student, vs, b, c, y0, x0) : acc_t(0);
       const acc_t t = c < Ct ? window_max<scalar_t, acc_t>(teacher, vt, b, c, y0, x0) : acc_t(0);
@@ -122,7 +133,7 @@ __global__ void pooled_normalised_kernel(const scalar_t* __restrict__ student, P
   if (!live) return;
   const acc_t eps = static_cast<acc_t>(kAffinityNormEps);
   const acc_t ns = ::sqrt(ss), nt = ::sqrt(tt);
-  const acc_t ns_c = ns > eps ? ns : eps, nt_c = nt > eps ? nt : eps;
+  const acc_t ns_c = ns < eps ? eps : ns, nt_c = nt < eps ? eps : nt;  // a NaN norm stays NaN, as clamp_min's
   if (kBackward) {
     if (threadIdx.y == 0) norms[b * P + p] = ns;
     for (int64_t c = threadIdx.y; c < Cs; c += kGroups) u[c * P] /= ns_c;
@@ -227,7 +238,7 @@ __global__ void affinity_gradient_kernel(const at::opmath_type<scalar_t>* __rest
   if (!live) return;
   const acc_t eps = static_cast<acc_t>(kAffinityNormEps), norm = norms[b * P + p];
   const bool floored = !(norm > eps);
-  const acc_t factor = static_cast<acc_t>(grad[b * grad_stride] * scale) / (floored ? eps : norm);
+  const acc_t factor = static_cast<acc_t>(grad[b * grad_stride] * scale) / (norm < eps ? eps : norm);
   int64_t y0, x0;
   window_origin(vs, p, y0, x0);
   const int64_t HW = vs.H * vs.W;
@@ -256,7 +267,7 @@ PoolView pool_view(const at::Tensor& x, int64_t pool) {
 bool fused_takes(const at::Tensor& student, const at::Tensor& teacher, int64_t pool) {
   const int64_t B = student.size(0);
   return student.scalar_type() == teacher.scalar_type() && B > 0 && student.size(1) > 0 && teacher.size(1) > 0 &&
-         student.size(2) > 0 && student.size(3) > 0 && (B <= 65535 || pool * pool <= 65535);
+         student.size(2) > 0 && student.size(3) > 0 && affinity_chunk_images(pool, B) <= 65535;
 }
 
 dim3 pixel_grid(int64_t P, int64_t k) {
@@ -278,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tens
   at::Tensor gss = at::empty({B, Cs, Cs}, opts), gst = at::empty({B, Cs, Ct}, opts);
   at::Tensor partials = at::empty({B, tiles * tiles}, opts.dtype(at::kDouble)), loss = at::empty({B}, opts);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t chunk = pool * pool;  // memory: affinity_loss_batched.cpp
+  const int64_t chunk = affinity_chunk_images(pool, B);  // memory: affinity_loss_batched.cpp
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t k = std::min(chunk, B - b0);
     at::Tensor us = at::empty({k, Cs, P}, opts), d = at::empty({k, C, P}, opts);
@@ -326,7 +337,7 @@ at::Tensor affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor&
   // every element is written (the windows tile each plane)
   at::Tensor out = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t chunk = pool * pool;
+  const int64_t chunk = affinity_chunk_images(pool, B);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t k = std::min(chunk, B - b0);
     at::Tensor us = at::empty({k, Cs, P}, opts), ut = at::empty({k, Ct, P}, opts), ns = at::empty({k, P}, opts);

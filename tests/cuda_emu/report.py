@@ -47,7 +47,8 @@ NO_DATA = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resi
            "aten::lift_fresh", "aten::set_", "aten::detach", "aten::is_nonzero", "aten::size", "aten::stride",
            "aten::sym_size", "aten::sym_stride", "aten::sym_numel", "aten::dim", "aten::numel", "aten::is_same_size",
            # in-place ops on metadata alone (their schemas mark the alias written, as a real write's do)
-           "aten::detach_", "aten::as_strided_", "aten::squeeze_", "aten::unsqueeze_", "aten::transpose_", "aten::t_"}
+           "aten::detach_", "aten::as_strided_", "aten::squeeze_", "aten::unsqueeze_", "aten::transpose_", "aten::t_",
+           "aten::swapdims_", "aten::swapaxes_", "aten::resize_as_"}
 
 
 def _labels(kind):
