@@ -188,7 +188,7 @@ def markdown(results, commit):
         "- DRAM: MB of the distinct 32-byte sectors the library's kernels read and write; sectors: MB of every"
         " 32-byte sector of every warp request (the traffic through L1, where repeated reads of a small table hit).",
         "- ideal/DRAM above 1: the kernels read less than the ideal counts (it has no ATen traffic);"
-        " dashes: no kernel of the library ran (SKD is ATen GEMMs on CUDA).",
+        " dashes: no kernel of the library ran (SKD's default CUDA path is ATen calls alone).",
         "- bank conflicts: shared-memory passes over the least the requests' bytes need (1: none).",
         "- warp collectives: shuffles, votes and `__syncwarp` per warp (warp-synchronous work, e.g. a"
         " warp's loop over the classes its lanes hold).",
