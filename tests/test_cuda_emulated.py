@@ -179,6 +179,8 @@ def test_emulator_exposes_a_missing_barrier_and_unwritten_shared_memory(emu):
     ("too_many_threads", "a block of 2048 threads"),
     ("too_much_shared", "65536 bytes of dynamic shared memory"),
     ("static_and_dynamic_shared", "32768 bytes of static and 20480 of dynamic shared memory"),
+    ("read_past_the_end", "reads 4 bytes at offset 1024 of a 1024-byte allocation \\(0 bytes past its end\\)"),
+    ("read_before_the_start", "reads 4 bytes at offset -4 of a 1024-byte allocation \\(4 bytes before its start\\)"),
 ])
 def test_emulator_raises_what_a_gpu_would_fault_on(emu, name, message):
     with pytest.raises(RuntimeError, match=message):

@@ -12,6 +12,8 @@ block's start), device asserts raise, the CUDA registrations go to namespace idd
 CPU key, cuda_utils.cuh's vector loads and stores check their alignment (a GPU faults on a
 misaligned one), and csrc/common/cuda_next.h reads the emulator's setting instead of the environment.
 Everything else compiles as written, with tests/cuda_emu/include shadowing the CUDA headers.
+Once loaded, torch's CPU allocator keeps redzones around every new allocation
+(redzone_allocator.cpp), which the memory model checks every kernel access against.
 
     python -m tests.cuda_emu.build    # translate and build (cached in build/cuda_emu), then load
 """
@@ -153,6 +155,8 @@ def translate_source(text, name):
 # alive until `remove` (the dispatcher then restores the kernels they covered).
 REGISTER = """
 namespace emu {
+void install_redzone_allocator();  // redzone_allocator.cpp
+
 void register_blocks(const char* ns, bool remove) {
   static std::vector<std::pair<std::string, std::unique_ptr<torch::Library>>> libraries;
   for (auto it = libraries.begin(); it != libraries.end(); ++it) {
@@ -186,7 +190,10 @@ def _schemas():
         '  m.def("_emu_launches() -> int", [] { return emu::launches(); });\n'
         '  m.def("_emu_selftest(str name, Tensor x) -> Tensor");\n'
         '  m.def("_emu_profile() -> str", [] { return emu::profile(); });\n'
-        '  m.def("_emu_register() -> ()", [] { emu::register_blocks("idd_ops_emu", false); });\n'
+        '  m.def("_emu_register() -> ()", [] {\n'
+        '    emu::register_blocks("idd_ops_emu", false);\n'
+        '    emu::install_redzone_allocator();\n'
+        '  });\n'
         '  m.def("_emu_override(bool on) -> ()", [](bool on) { emu::register_blocks("idd_ops", !on); });\n'
         '  m.def("_emu_launch_log() -> int[]", [] { return emu::take_launch_log(); });\n'
         '  m.def("_emu_memory(int mode) -> int", [](int64_t mode) -> int64_t { return emu::memory::set_mode(static_cast<int>(mode)); });\n'
@@ -224,6 +231,8 @@ def translate(out=BUILD / "src"):
         text = (CSRC / "composite" / name).read_text()
         units.append(out / "composite" / name)
         _write(units[-1], re.sub(r"TORCH_LIBRARY_IMPL\(\s*idd_ops\s*,", "TORCH_LIBRARY_IMPL(idd_ops_emu,", text))
+    units.append(out / "redzone_allocator.cpp")  # torch's CPU allocator with redzones (memory_model.h)
+    _write(units[-1], (HERE / "redzone_allocator.cpp").read_text())
     units.append(out / "selftest.cpp")  # the emulator's own test kernels (selftest.cu)
     _write(units[-1], translate_source((HERE / "selftest.cu").read_text(), "tests/cuda_emu/selftest.cu"))
     _write(out / "schemas.cpp", _schemas())

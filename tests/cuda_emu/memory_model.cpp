@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <unordered_map>
 #include <unordered_set>
@@ -50,6 +51,15 @@ bool is_shared(uintptr_t a) {
   return it != static_shared.begin() && a < std::prev(it)->second;
 }
 
+// ---- Redzones around allocations: start -> (end, the allocation's data start and size).
+struct Redzone {
+  uintptr_t end, data;
+  size_t bytes;
+};
+// Never destroyed: tensors are still freed while the process exits.
+std::mutex& redzones_mutex = *new std::mutex;  // allocations come and go on any thread
+std::map<uintptr_t, Redzone>& redzones = *new std::map<uintptr_t, Redzone>;
+
 // ---- Races between blocks. Per global byte, the block that last wrote it ((block << 1) | 1 when
 // the write was atomic; -1: none) and the block that read it (-1: none; -2: more than one).
 struct Shadow {
@@ -81,6 +91,25 @@ std::string block_name(int64_t linear) {
 }
 
 const char* verb(Kind kind) { return kind == Kind::Read ? "reads" : kind == Kind::Write ? "writes" : "updates atomically"; }
+
+void check_bounds(uintptr_t a, size_t bytes, Kind kind) {
+  std::unique_lock<std::mutex> lock(redzones_mutex);
+  auto it = redzones.upper_bound(a + bytes - 1);
+  if (it == redzones.begin()) return;
+  --it;
+  if (a >= it->second.end) return;
+  const Redzone z = it->second;
+  lock.unlock();
+  std::ostringstream out;
+  const auto offset = static_cast<int64_t>(a) - static_cast<int64_t>(z.data);
+  out << "an access outside its allocation: this thread " << verb(kind) << " " << bytes << " bytes at offset "
+      << offset << " of a " << z.bytes << "-byte allocation ("
+      << (offset < 0 ? std::to_string(-offset) + " bytes before its start"
+                     : std::to_string(offset - static_cast<int64_t>(z.bytes)) + " bytes past its end")
+      << "), where a GPU reads or writes another allocation or faults";
+  inside = false;
+  fault(out.str());  // ends the thread: access() does not return
+}
 
 void check_race(uintptr_t a, size_t bytes, Kind kind) {
   const auto me = static_cast<int32_t>(launch.block);
@@ -227,6 +256,20 @@ void record(uintptr_t a, size_t bytes, Kind kind, bool shared, bool floating, co
 
 int set_mode(int mode) { return std::exchange(current_mode, mode); }
 
+void guard(const void* data, size_t bytes, size_t redzone) {
+  const auto lo = reinterpret_cast<uintptr_t>(data);
+  const std::lock_guard<std::mutex> lock(redzones_mutex);
+  redzones[lo - redzone] = Redzone{lo, lo, bytes};
+  redzones[lo + bytes] = Redzone{lo + bytes + redzone, lo, bytes};
+}
+
+void unguard(const void* data, size_t bytes, size_t redzone) {
+  const auto lo = reinterpret_cast<uintptr_t>(data);
+  const std::lock_guard<std::mutex> lock(redzones_mutex);
+  redzones.erase(lo - redzone);
+  redzones.erase(lo + bytes);
+}
+
 void begin_launch(const char* where, dim3 grid, int threads, const void* shared, size_t shared_bytes) {
   launch = Launch{};
   inside = false;
@@ -315,7 +358,10 @@ void access(const void* p, size_t bytes, Kind kind, bool floating, const void* p
   if (launch.stack.contains(a) || launch.host_stack.contains(a)) return;  // a thread's locals
   inside = true;
   const bool shared = is_shared(a);
-  if (!shared && (current_mode & kRaces)) check_race(a, bytes, kind);  // may end the thread (fault)
+  if (!shared && (current_mode & kRaces)) {  // either may end the thread (fault)
+    check_bounds(a, bytes, kind);
+    check_race(a, bytes, kind);
+  }
   if (current_mode & kTraffic) record(a, bytes, kind, shared, floating, pc);
   inside = false;
 }

@@ -10,6 +10,10 @@
 //    they touch (coalescing), the distinct sectors a launch reads and writes (the DRAM traffic
 //    when every reuse hits in L2), atomics, shared-memory wavefronts (bank conflicts) and warp
 //    collectives.
+//  - accesses outside allocations: a global access that touches a redzone, the bytes guard()
+//    keeps on either side of each CPU tensor's storage allocated while the emulator is loaded
+//    (redzone_allocator.cpp), raises, naming the allocation and the offset; where a GPU would
+//    read another allocation's bytes or fault with an illegal address.
 // An access is global unless it is on a fiber's or the launching thread's stack or in shared
 // memory (the launch's dynamic buffer or a block's static __shared__ arrays).
 #include <cstddef>
@@ -20,7 +24,8 @@
 
 namespace emu::memory {
 
-// Bits of the mode: kRaces checks races between blocks, kTraffic counts the traffic model.
+// Bits of the mode: kRaces checks races between blocks and accesses in redzones, kTraffic counts
+// the traffic model.
 constexpr int kRaces = 1;
 constexpr int kTraffic = 2;
 int set_mode(int mode);  // returns the mode before
@@ -40,6 +45,11 @@ void add_static_shared(const void* p, size_t bytes);
 // A lane's part in a warp collective (a shuffle, vote or __syncwarp): counted per launch, as a
 // measure of the warp-synchronous work a kernel does besides its memory traffic.
 void collective();
+
+// The allocation [data, data + bytes) with `redzone` bytes before and after it that no kernel may
+// touch; unguard with the same arguments when it is freed. Safe from any thread.
+void guard(const void* data, size_t bytes, size_t redzone);
+void unguard(const void* data, size_t bytes, size_t redzone);
 
 // One access of `bytes` at p by the running thread, from the instruction at pc.
 void access(const void* p, size_t bytes, Kind kind, bool floating, const void* pc);

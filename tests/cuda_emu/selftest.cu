@@ -126,6 +126,13 @@ __global__ void blocks_read_partial_sum(const float* x, int, float* out) {
   }
 }
 
+// Thread i reads x[i + shift]: with shift 1 the last thread reads one element past x's end,
+// with shift -1 the first one element before its start.
+template <int kShift>
+__global__ void shifted_read(const float* x, int n, float* out) {
+  if (threadIdx.x < n) out[threadIdx.x] = x[static_cast<int>(threadIdx.x) + kShift];
+}
+
 at::Tensor selftest(const std::string& name, const at::Tensor& x_in) {
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int n = static_cast<int>(x.numel());
@@ -146,6 +153,8 @@ at::Tensor selftest(const std::string& name, const at::Tensor& x_in) {
   else if (name == "blocks_write_one_element") blocks_write_one_element<<<4, kBlock>>>(xp, n, op);
   else if (name == "blocks_add_atomically") blocks_add_atomically<<<4, kBlock>>>(xp, n, op);
   else if (name == "blocks_read_partial_sum") blocks_read_partial_sum<<<4, kBlock>>>(xp, n, op);
+  else if (name == "read_past_the_end") shifted_read<1><<<1, kBlock>>>(xp, n, op);
+  else if (name == "read_before_the_start") shifted_read<-1><<<1, kBlock>>>(xp, n, op);
   else if (name == "too_many_threads") block_sum<<<1, 2048>>>(xp, n, op);
   else if (name == "too_much_shared") unwritten_shared<<<1, kBlock, 64 * 1024>>>(xp, n, op);
   else if (name == "static_and_dynamic_shared") static_and_dynamic_shared<false><<<1, kBlock, 20 * 1024>>>(xp, n, op);
