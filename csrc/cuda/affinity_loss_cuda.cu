@@ -294,21 +294,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tens
     const int64_t k = std::min(chunk, B - b0);
     at::Tensor us = at::empty({k, Cs, P}, opts), d = at::empty({k, C, P}, opts);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "affinity_loss_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
       pooled_normalised_kernel<scalar_t, false><<<pixel_grid(P, k), dim3(kPixels, kGroups), 0, stream>>>(
           student.const_data_ptr<scalar_t>() + b0 * vs.s0, vs, teacher.const_data_ptr<scalar_t>() + b0 * vt.s0, vt,
-          Cs, Ct, P, us.mutable_data_ptr<at::opmath_type<scalar_t>>(), d.mutable_data_ptr<at::opmath_type<scalar_t>>(), nullptr);
+          Cs, Ct, P, us.mutable_data_ptr<acc_t>(), d.mutable_data_ptr<acc_t>(), nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     at::Tensor g_ss = gss.narrow(0, b0, k);
     at::bmm_out(g_ss, us, us.transpose(1, 2));
     const at::Tensor g_sd = at::bmm(us, d.transpose(1, 2));  // [k, Cs, C]
     const at::Tensor g_dd = at::bmm(d, d.transpose(1, 2));   // [k, C, C]
+    const dim3 tail_grid(static_cast<unsigned>(tiles * tiles), static_cast<unsigned>(k));
     AT_DISPATCH_FLOATING_TYPES(acc, "affinity_gram_tail_cuda", [&] {
-      gram_tail_kernel<scalar_t><<<dim3(static_cast<unsigned>(tiles * tiles), static_cast<unsigned>(k)), dim3(kTile, kThreads / kTile), 0,
-                                   stream>>>(g_ss.const_data_ptr<scalar_t>(), g_sd.const_data_ptr<scalar_t>(),
-                                             g_dd.const_data_ptr<scalar_t>(),
-                                             gst.narrow(0, b0, k).mutable_data_ptr<scalar_t>(), Cs, Ct, C,
-                                             partials.narrow(0, b0, k).mutable_data_ptr<double>());
+      gram_tail_kernel<scalar_t><<<tail_grid, dim3(kTile, kThreads / kTile), 0, stream>>>(
+          g_ss.const_data_ptr<scalar_t>(), g_sd.const_data_ptr<scalar_t>(), g_dd.const_data_ptr<scalar_t>(),
+          gst.narrow(0, b0, k).mutable_data_ptr<scalar_t>(), Cs, Ct, C,
+          partials.narrow(0, b0, k).mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -341,7 +342,8 @@ at::Tensor affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor&
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t k = std::min(chunk, B - b0);
     at::Tensor us = at::empty({k, Cs, P}, opts), ut = at::empty({k, Ct, P}, opts), ns = at::empty({k, P}, opts);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "affinity_loss_backward_cuda", [&] {
+    const auto type = student.scalar_type();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "affinity_loss_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* xs = student.const_data_ptr<scalar_t>() + b0 * vs.s0;
       pooled_normalised_kernel<scalar_t, true><<<pixel_grid(P, k), dim3(kPixels, kGroups), 0, stream>>>(
