@@ -172,6 +172,13 @@ def test_emulator_exposes_a_missing_barrier_and_unwritten_shared_memory(emu):
     assert emu._emu_selftest("unwritten_shared", x).isnan().all()
 
 
+def test_new_allocations_come_poisoned(emu):
+    """While the emulator is loaded, fresh CPU storage is all 0xFF bytes (redzone_allocator.cpp):
+    an output element no kernel writes reads as NaN (or -1), in every test."""
+    assert torch.empty(5).isnan().all() and torch.empty(3, dtype=torch.bfloat16).isnan().all()
+    assert (torch.empty(4, dtype=torch.int64) == -1).all()
+
+
 @pytest.mark.parametrize("name, message", [
     ("divergent_barrier", "deadlocks"),
     ("shuffle_from_exited_lane", "names lane 16, which has exited"),

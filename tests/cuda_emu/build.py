@@ -13,7 +13,8 @@ CPU key, cuda_utils.cuh's vector loads and stores check their alignment (a GPU f
 misaligned one), and csrc/common/cuda_next.h reads the emulator's setting instead of the environment.
 Everything else compiles as written, with tests/cuda_emu/include shadowing the CUDA headers.
 Once loaded, torch's CPU allocator keeps redzones around every new allocation
-(redzone_allocator.cpp), which the memory model checks every kernel access against.
+(redzone_allocator.cpp), which the memory model checks every kernel access against, and fills
+fresh storage with 0xFF bytes (NaN, or -1 for integers).
 
     python -m tests.cuda_emu.build    # translate and build (cached in build/cuda_emu), then load
 """

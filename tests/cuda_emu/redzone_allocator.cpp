@@ -1,13 +1,16 @@
 // The CPU allocator while the emulator is loaded: torch's own, with a redzone on either side of
 // every allocation that the memory model watches (memory_model.h: guard), so an emulated kernel
 // that reads or writes past a tensor's storage raises where a GPU would fault or silently use
-// another allocation's bytes. Installed by _emu_register (build.py); tensors allocated before
-// keep torch's allocator and no redzones.
+// another allocation's bytes. Fresh storage comes filled with 0xFF bytes (NaN in every float
+// dtype, -1 in every integer one), so an output element no kernel writes shows in every test,
+// as the deterministic mode's fill shows it in the tests that turn that on. Installed by
+// _emu_register (build.py); tensors allocated before keep torch's allocator and no redzones.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 
 #include <memory_model.h>
 
+#include <cstring>
 #include <mutex>
 #include <unordered_map>
 
@@ -46,6 +49,7 @@ class RedzoneAllocator final : public c10::Allocator {
     c10::DataPtr inner = base_->allocate(bytes + 2 * kRedzone);
     void* data = static_cast<char*>(inner.get()) + kRedzone;
     const c10::Device device = inner.device();
+    std::memset(data, 0xFF, bytes);  // NaN in every float dtype, -1 in every integer one
     memory::guard(data, bytes, kRedzone);
     {
       const std::lock_guard<std::mutex> lock(blocks_mutex);
