@@ -2,12 +2,13 @@
 emulator: forward (per-image loss, G_ss, G_st) and backward against the CPU op (the blocked
 formulation, which the rest of the suite holds to the float64 reference).
 
-Cases reach every branch of the three kernels: pooled pixels not a multiple of the block's 32
-and ceil-mode windows cut by the border; student narrower, equal and wider than the teacher,
-with channel counts past one 32 x 32 tile of the Gram tail (its mirror tile of G_sd, tiles
-outside G_ss, G_st's columns beyond Cs); batches of several chunks; pool 1; features whose
-norm is floored (zero pixels); ties and NaN inside a window (the argmax is max_pool2d's);
-half, bfloat16 and strided (channels_last) inputs; and the output written in full with no fill.
+Cases reach every branch of the four kernels: pooled pixels not a multiple of the block's 8
+and ceil-mode windows cut by the border (whole 2 x 2 windows and the general loop); student
+narrower, equal and wider than the teacher, with channel counts past one 32 x 32 tile of the
+Gram tail (its mirror tile of G_sd, tiles outside G_ss, G_st's columns beyond Cs); batches of
+several chunks; pool 1; features whose norm is floored (zero, and tiny but nonzero); ties and
+NaN inside a window (the argmax is max_pool2d's); half, bfloat16 and strided inputs; float32
+accuracy as the student nears the teacher; and every output written with no fill.
 """
 import pytest
 import torch
