@@ -42,10 +42,15 @@ struct PoolView {
   int64_t s0, s1, s2, s3, H, W, Wo, pool;
 };
 
-// The window of pooled pixel p: its first input row and column.
-__device__ __forceinline__ void window_origin(const PoolView& v, int64_t p, int64_t& y0, int64_t& x0) {
-  y0 = (p / v.Wo) * v.pool;
-  x0 = (p % v.Wo) * v.pool;
+// The input rows [y0, y1) and columns [x0, x1) of pooled pixel p's window (ceil mode: cut by
+// the border).
+struct Window {
+  int64_t y0, x0, y1, x1;
+};
+
+__device__ __forceinline__ Window window_of(const PoolView& v, int64_t p) {
+  const int64_t y0 = (p / v.Wo) * v.pool, x0 = (p % v.Wo) * v.pool;
+  return {y0, x0, y0 + v.pool < v.H ? y0 + v.pool : v.H, x0 + v.pool < v.W ? x0 + v.pool : v.W};
 }
 
 // Max over the window of channel c of image b, and its flat index y * W + x: the first maximum
@@ -54,7 +59,8 @@ __device__ __forceinline__ void window_origin(const PoolView& v, int64_t p, int6
 // comparison: in the loop each load would wait behind the previous one's branch.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t window_max(const scalar_t* __restrict__ x, const PoolView& v, int64_t b, int64_t c,
-                                            int64_t y0, int64_t x0, int64_t* where = nullptr) {
+                                            const Window& w, int64_t* where = nullptr) {
+  const int64_t y0 = w.y0, x0 = w.x0;
   acc_t best = -std::numeric_limits<acc_t>::infinity();
   int64_t at = y0 * v.W + x0;
   const auto take = [&](acc_t value, int64_t y, int64_t xx) {
@@ -64,7 +70,7 @@ __device__ __forceinline__ acc_t window_max(const scalar_t* __restrict__ x, cons
     }
   };
   const scalar_t* plane = x + b * v.s0 + c * v.s1;
-  if (v.pool == 2 && y0 + 1 < v.H && x0 + 1 < v.W) {
+  if (v.pool == 2 && w.y1 - y0 == 2 && w.x1 - x0 == 2) {
     const scalar_t* q = plane + y0 * v.s2 + x0 * v.s3;
     const acc_t a = static_cast<acc_t>(q[0]), r = static_cast<acc_t>(q[v.s3]);
     const acc_t d = static_cast<acc_t>(q[v.s2]), e = static_cast<acc_t>(q[v.s2 + v.s3]);
@@ -73,9 +79,8 @@ __device__ __forceinline__ acc_t window_max(const scalar_t* __restrict__ x, cons
     take(d, y0 + 1, x0);
     take(e, y0 + 1, x0 + 1);
   } else {
-    const int64_t y1 = y0 + v.pool < v.H ? y0 + v.pool : v.H, x1 = x0 + v.pool < v.W ? x0 + v.pool : v.W;
-    for (int64_t y = y0; y < y1; ++y)
-      for (int64_t xx = x0; xx < x1; ++xx) take(static_cast<acc_t>(plane[y * v.s2 + xx * v.s3]), y, xx);
+    for (int64_t y = y0; y < w.y1; ++y)
+      for (int64_t xx = x0; xx < w.x1; ++xx) take(static_cast<acc_t>(plane[y * v.s2 + xx * v.s3]), y, xx);
   }
   if (where != nullptr) *where = at;
   return best;
@@ -115,11 +120,10 @@ __global__ void pooled_normalised_kernel(const scalar_t* __restrict__ student, P
   acc_t* w = second + b * C * P + p;
   acc_t ss = 0, tt = 0, q = 0;
   if (live) {
-    int64_t y0, x0;
-    window_origin(vs, p, y0, x0);
+    const Window win = window_of(vs, p);  // the teacher's too (same size, checked)
     for (int64_t c = threadIdx.y; c < C || c < Cs; c += kGroups) {
-      const acc_t s = c < Cs ? window_max<scalar_t, acc_t>(student, vs, b, c, y0, x0) : acc_t(0);
-      const acc_t t = c < Ct ? window_max<scalar_t, acc_t>(teacher, vt, b, c, y0, x0) : acc_t(0);
+      const acc_t s = c < Cs ? window_max<scalar_t, acc_t>(student, vs, b, c, win) : acc_t(0);
+      const acc_t t = c < Ct ? window_max<scalar_t, acc_t>(teacher, vt, b, c, win) : acc_t(0);
       ss += s * s;
       tt += t * t;
       q += (s + t) * (s - t);
@@ -156,30 +160,32 @@ __global__ void pooled_normalised_kernel(const scalar_t* __restrict__ student, P
 // grid, in float64, into partials[b, tile]; and G_st = G_ss - G_sd on the tile's part of
 // [Cs, Ct]. g_ss [k, Cs, Cs], g_sd [k, Cs, C], g_dd [k, C, C], g_st [k, Cs, Ct], contiguous.
 // The <G_sd, G_sd^T> term reads the mirror tile through shared memory (coalesced both ways).
-// grid (tiles * tiles, k), block (kTile, kThreads / kTile): a thread takes every
-// (kThreads / kTile)-th row of its tile's column.
+// grid (tiles * tiles, k), kThreads threads: thread t takes column t % kTile of its tile and every
+// (kThreads / kTile)-th row from t / kTile.
 template <typename acc_t>
 __global__ void gram_tail_kernel(const acc_t* __restrict__ g_ss, const acc_t* __restrict__ g_sd,
                                  const acc_t* __restrict__ g_dd, acc_t* __restrict__ g_st, int64_t Cs, int64_t Ct,
                                  int64_t C, double* __restrict__ partials) {
+  constexpr int kRowStep = kThreads / kTile;
   __shared__ acc_t mirror[kTile][kTile + 1];
-  __shared__ double warp_totals[kThreads / 32];
+  __shared__ double scratch[kThreads];
+  const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
   const int64_t b = blockIdx.y, tiles = (C + kTile - 1) / kTile;
-  const int64_t i0 = (blockIdx.x / tiles) * kTile, j0 = (blockIdx.x % tiles) * kTile, j = j0 + threadIdx.x;
+  const int64_t i0 = (blockIdx.x / tiles) * kTile, j0 = (blockIdx.x % tiles) * kTile, j = j0 + tx;
   const acc_t* ss = g_ss + b * Cs * Cs;
   const acc_t* sd = g_sd + b * Cs * C;
   const acc_t* dd = g_dd + b * C * C;
   acc_t* st = g_st + b * Cs * Ct;
   const bool square = i0 < Cs && j0 < Cs;  // the tile meets G_ss: block-uniform
   if (square) {  // mirror[r][c] = G_sd[j0 + r, i0 + c]
-    for (int r = threadIdx.y; r < kTile; r += blockDim.y) {
-      const int64_t row = j0 + r, col = i0 + threadIdx.x;
-      mirror[r][threadIdx.x] = row < Cs && col < Cs ? sd[row * C + col] : acc_t(0);
+    for (int r = ty; r < kTile; r += kRowStep) {
+      const int64_t row = j0 + r, col = i0 + tx;
+      mirror[r][tx] = row < Cs && col < Cs ? sd[row * C + col] : acc_t(0);
     }
   }
   __syncthreads();
   double sum = 0;
-  for (int r = threadIdx.y; r < kTile; r += blockDim.y) {
+  for (int r = ty; r < kTile; r += kRowStep) {
     const int64_t i = i0 + r;
     if (i >= C || j >= C) continue;
     const double d = dd[i * C + j];
@@ -188,18 +194,11 @@ __global__ void gram_tail_kernel(const acc_t* __restrict__ g_ss, const acc_t* __
     const acc_t x = sd[i * C + j];
     sum -= 4 * d * static_cast<double>(x);  // <G_dd[:Cs], G_sd>
     const acc_t s = j < Cs ? ss[i * Cs + j] : acc_t(0);
-    if (j < Cs) sum += 2 * (static_cast<double>(s) * d + static_cast<double>(x) * mirror[threadIdx.x][r]);
+    if (j < Cs) sum += 2 * (static_cast<double>(s) * d + static_cast<double>(x) * mirror[tx][r]);
     if (j < Ct) st[i * Ct + j] = s - x;
   }
-  sum = warp_sum(sum);
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  if (tid % 32 == 0) warp_totals[tid / 32] = sum;
-  __syncthreads();
-  if (tid == 0) {
-    double total = 0;
-    for (int w = 0; w < kThreads / 32; ++w) total += warp_totals[w];
-    partials[b * gridDim.x + blockIdx.x] = total;
-  }
+  sum = block_sum(sum, scratch);  // a fixed-order tree (cuda_utils.cuh)
+  if (threadIdx.x == 0) partials[b * gridDim.x + blockIdx.x] = sum;
 }
 
 // Per-image means: partials [B, tiles] summed in a fixed order, clamped at 0 (rounding), over
@@ -239,21 +238,19 @@ __global__ void affinity_gradient_kernel(const at::opmath_type<scalar_t>* __rest
   const acc_t eps = static_cast<acc_t>(kAffinityNormEps), norm = norms[b * P + p];
   const bool floored = !(norm > eps);
   const acc_t factor = static_cast<acc_t>(grad[b * grad_stride] * scale) / (norm < eps ? eps : norm);
-  int64_t y0, x0;
-  window_origin(vs, p, y0, x0);
+  const Window win = window_of(vs, p);
   const int64_t HW = vs.H * vs.W;
   for (int64_t c = threadIdx.y; c < Cs; c += kGroups) {
     const scalar_t value = static_cast<scalar_t>((g[c * P] - (floored ? acc_t(0) : u[c * P] * along)) * factor);
     scalar_t* plane = out + (b * Cs + c) * HW;
     if (vs.pool == 1) {
-      plane[y0 * vs.W + x0] = value;
+      plane[win.y0 * vs.W + win.x0] = value;
       continue;
     }
     int64_t argmax;
-    window_max<scalar_t, acc_t>(student, vs, b, c, y0, x0, &argmax);
-    const int64_t y1 = y0 + vs.pool < vs.H ? y0 + vs.pool : vs.H, x1 = x0 + vs.pool < vs.W ? x0 + vs.pool : vs.W;
-    for (int64_t y = y0; y < y1; ++y)
-      for (int64_t x = x0; x < x1; ++x) plane[y * vs.W + x] = y * vs.W + x == argmax ? value : scalar_t(0);
+    window_max<scalar_t, acc_t>(student, vs, b, c, win, &argmax);
+    for (int64_t y = win.y0; y < win.y1; ++y)
+      for (int64_t x = win.x0; x < win.x1; ++x) plane[y * vs.W + x] = y * vs.W + x == argmax ? value : scalar_t(0);
   }
 }
 
@@ -306,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tens
     const at::Tensor g_dd = at::bmm(d, d.transpose(1, 2));   // [k, C, C]
     const dim3 tail_grid(static_cast<unsigned>(tiles * tiles), static_cast<unsigned>(k));
     AT_DISPATCH_FLOATING_TYPES(acc, "affinity_gram_tail_cuda", [&] {
-      gram_tail_kernel<scalar_t><<<tail_grid, dim3(kTile, kThreads / kTile), 0, stream>>>(
+      gram_tail_kernel<scalar_t><<<tail_grid, kThreads, 0, stream>>>(
           g_ss.const_data_ptr<scalar_t>(), g_sd.const_data_ptr<scalar_t>(), g_dd.const_data_ptr<scalar_t>(),
           gst.narrow(0, b0, k).mutable_data_ptr<scalar_t>(), Cs, Ct, C,
           partials.narrow(0, b0, k).mutable_data_ptr<double>());
