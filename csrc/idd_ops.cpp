@@ -1,7 +1,11 @@
 // Every op schema of idd_ops. Device kernels live in cpu/ and cuda/ under the same stem;
 // autograd and fake (meta) kernels are registered from Python in idd_ops/_ops.py.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
+
+#include <string>
 
 // An importable module, so `import idd_ops._C` loads the library and runs the
 // registrations below (the ops themselves are reached through torch.ops.idd_ops).
@@ -85,3 +89,27 @@ TORCH_LIBRARY(idd_ops, m) {
   m.def("_pixel_centroid_cosine_slots_backward(Tensor grad, Tensor feats, Tensor centroids, Tensor slots, "
         "Tensor cos, Tensor feat_norms, float eps) -> (Tensor, Tensor)");
 }
+
+namespace {
+
+// Under torch.autocast the kernels' own ATen calls (their GEMMs, sums, copies) would be recast to
+// half precision: a float32 accumulation run in bfloat16, or a float32 buffer the kernel then
+// reads coming back as bfloat16. The ops take their inputs as given (the Python layer picks the
+// loss dtype), so their autocast kernel only switches autocast off for the rest of the call.
+void without_autocast(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.callBoxed(stack);
+}
+
+void register_autocast(torch::Library& m) {
+  for (const c10::OperatorName& op : c10::Dispatcher::singleton().getAllOpNames()) {
+    if (op.name.rfind("idd_ops::", 0) == 0)
+      m.impl(op.name.substr(9).c_str(), torch::CppFunction::makeFromBoxedFunction<&without_autocast>());
+  }
+}
+
+}  // namespace
+
+// After TORCH_LIBRARY in this file, so every schema above is defined when these run.
+TORCH_LIBRARY_IMPL(idd_ops, AutocastCPU, m) { register_autocast(m); }
+TORCH_LIBRARY_IMPL(idd_ops, AutocastCUDA, m) { register_autocast(m); }

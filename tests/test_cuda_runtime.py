@@ -138,10 +138,21 @@ def test_centroids_at_and_past_the_shared_memory_limit(dtype):
     c_ref, n_ref = reference.class_centroids(x.double(), y, K)
     assert torch.equal(n, n_ref)
     torch.testing.assert_close(c.double(), c_ref, rtol=1e-6, atol=1e-6)
+    if _switches.class_sums_path(x.device):
+        # the class-sum path (IDD_OPS_CUDA_NEXT) keeps one warp's class sums in shared memory, a
+        # limit of about 8/9 more classes (csrc/cuda/class_sums_cuda.cu): K + 1 computes
+        c, n = idd_ops.class_centroids(x, y, K + 1)
+        assert torch.equal(n[:, :K], n_ref) and not n[:, K].any()
+        torch.testing.assert_close(c[:, :K].double(), c_ref, rtol=1e-6, atol=1e-6)
+        assert torch.isfinite(idd_ops.intra_class_variation_loss(x, x, y, K + 1))
+        return
     with pytest.raises(ValueError, match="num_classes"):
         idd_ops.class_centroids(x, y, K + 1)
     with pytest.raises(ValueError, match="num_classes"):
         idd_ops.intra_class_variation_loss(x, x, y, K + 1)
+
+
+MAX_SLOT_CLASSES = 32767  # _label_slots' int16 slots (csrc/common/label_index.h)
 
 
 def _cosine_backward(K, dtype, slots_op, device):
@@ -163,14 +174,16 @@ def _cosine_backward(K, dtype, slots_op, device):
 def test_cosine_backward_at_and_past_the_shared_memory_limit(dtype):
     """The labels kernel keeps K class sums in shared memory: past 48 KiB it opts in to more, and
     past the GPU's opt-in limit it raises a ValueError naming num_classes. The slot kernel
-    (IDD_OPS_CUDA_NEXT) has no such limit: past 48 KiB it adds into grad_centroids directly."""
+    (IDD_OPS_CUDA_NEXT) has no such limit (past 48 KiB it adds into grad_centroids directly), but
+    its int16 class slots hold at most 32767 classes: past that, _label_slots raises the same
+    ValueError (float32's opt-in K on an H200 is 58112)."""
     optin = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
     if optin is None:
         pytest.skip("this torch does not report the opt-in shared memory per block")
     acc_bytes = 8 if dtype == torch.float64 else 4
     for K in (48 * 1024 // acc_bytes + 1, optin // acc_bytes, optin // acc_bytes + 1):
         for slots_op in (False, True):
-            if K > optin // acc_bytes and not slots_op:
+            if (K > optin // acc_bytes and not slots_op) or (K > MAX_SLOT_CLASSES and slots_op):
                 with pytest.raises(ValueError, match="num_classes"):
                     _cosine_backward(K, dtype, slots_op, "cuda")
                 continue

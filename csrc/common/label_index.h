@@ -7,7 +7,7 @@
 namespace idd_ops {
 
 // Class slots at feature resolution (_label_slots) are int16: -1 for ignored pixels, so at most
-// 32767 classes (the kernels that read them allow K <= 2048 on CUDA, any K here on the CPU).
+// 32767 classes (the CUDA class sums allow fewer: one warp's sums of K classes must fit shared memory).
 constexpr int64_t kMaxSlotClasses = 32767;
 
 // Source index of output index `dst` when resizing `in_size` -> `out_size` by nearest
