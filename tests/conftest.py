@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import idd_ops
+# the hooks of IDD_OPS_TEST_LOG (tools/gpu_check.sh's per-test log), registered from here by name
+from result_log import pytest_collection_finish, pytest_runtest_logreport, pytest_xdist_node_collection_finished  # noqa: F401
 
 # Every device-parametrised test has a cuda case: skipped without a GPU, run (and failing if the
 # CUDA kernels were not built) where one is visible.

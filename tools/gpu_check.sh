@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# The GPU check, in one call of at most 5 minutes on an H200 with 16 cores, build included:
+# The GPU check, in one call of at most 7 minutes on an H200 with 16 cores, build included (with
+# the machine's start, two such calls fit a session's 15 minutes of device time):
 #
 #   stage       limit  what                                                        kernels
-#   env           10 s  nvidia-smi, torch/CUDA/nvcc versions, revision              -
-#   build         75 s  the extension with CUDA, in place (sm_90, MAX_JOBS=nproc)   -
+#   env           20 s  nvidia-smi, torch/CUDA/nvcc versions, revision              -
+#   build        100 s  the extension with CUDA, in place (sm_90, MAX_JOBS=nproc)   -
 #                       (meanwhile: torch.compile of the perf rows' references, in the background)
-#   tests         65 s  the GPU tests (-m gpu), pytest-xdist -n 8          } run    default
-#   tests-next    65 s  the same tests                                      } side   IDD_OPS_CUDA_NEXT=1
-#   demo          65 s  the demo's quick preset on the GPU                  } by side IDD_OPS_CUDA_NEXT=1
+#   tests        150 s  the GPU tests (-m gpu), xdist -n 4, first files first } run    default
+#   tests-next   150 s  the same tests, xdist -n 10                          } side   IDD_OPS_CUDA_NEXT=1
+#   demo         150 s  the demo's quick preset on the GPU                    } by side IDD_OPS_CUDA_NEXT=1
 #   perf          95 s  report --guard: key rows, fused (default, next), eager reference,
 #                       torch.compile(reference), bound; fails on a guard or target miss  both
 #   train         50 s  real training step (torchvision DeepLabV3-R101 / R50, B=8,
 #                       512x1024, bf16): each loss's cost per step, fused vs reference    both
-#   in all       295 s  at the most (10 + 75 + 65 + 95 + 50); the three middle stages share one 65 s window
+#   in all       415 s  at the most (20 + 100 + 150 + 95 + 50); the three middle stages share one 150 s window
+#   The test stages give the candidate kernel set (next) most workers. On 2026-11-30 the 1511 GPU
+#   tests did not finish in 150 s even alone with 15 workers (818 ran): the files run in the order
+#   of FIRST below, so a time limit cuts the broad parametrisations, and each stage's per-test log
+#   (tests/result_log.py) says what ran, what failed with how it ended, and the slowest tests.
 #   perf and train run one child process per kernel set (2:1 and 3:2 of their time); a child
 #   stopped at its share still reports the rows it finished.
 #
@@ -27,8 +32,8 @@
 # failed stage's log), RESULTS-cuda.md, TRAIN_STEP-cuda.md, perf.json and logs.tar.gz (every
 # log; the logs are written to $LOGS, default a new /tmp/gpu-check-logs.*). Five files: the device tool
 # brings back at most 8. The summary is printed at the end. Exit status: the number of failed stages.
-# Limits can be overridden: ENV_S BUILD_S TESTS_S PERF_S TRAIN_S (seconds); WORKERS (xdist
-# workers per test run, 8); NEXT_TESTS (the tests-next selection, default: every GPU test);
+# Limits can be overridden: ENV_S BUILD_S TESTS_S PERF_S TRAIN_S (seconds); WORKERS and
+# DEFAULT_WORKERS (xdist workers of tests-next and tests, 10 and 4); NEXT_TESTS (the tests-next selection, default: every GPU test);
 # KERNELS ("default next"); REV (the revision to name when there is no .git).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,8 +41,8 @@ cd "$(dirname "$0")/.."
 STAGES=(env build tests tests-next demo perf train)
 OUT=${OUT:-$PWD/gpu-check-out}
 PY=${PYTHON:-python3}
-ENV_S=${ENV_S:-10} BUILD_S=${BUILD_S:-75} TESTS_S=${TESTS_S:-65} PERF_S=${PERF_S:-95} TRAIN_S=${TRAIN_S:-50}
-WORKERS=${WORKERS:-8}
+ENV_S=${ENV_S:-20} BUILD_S=${BUILD_S:-100} TESTS_S=${TESTS_S:-150} PERF_S=${PERF_S:-95} TRAIN_S=${TRAIN_S:-50}
+WORKERS=${WORKERS:-10} DEFAULT_WORKERS=${DEFAULT_WORKERS:-4}
 KERNELS=${KERNELS:-default next}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-${TMPDIR:-/tmp}/idd-ops-inductor-cache}
@@ -62,7 +67,7 @@ done
 selected() { { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; } && [[ " $SKIP " != *" $1 "* ]]; }
 
 LOGS=${LOGS:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-logs.XXXXXX")}
-mkdir -p "$OUT" "$LOGS"; rm -f "$LOGS"/stages "$LOGS"/*.status "$LOGS"/*.log "$LOGS"/*.section.md "$LOGS"/*.xml
+mkdir -p "$OUT" "$LOGS"; rm -f "$LOGS"/stages "$LOGS"/*.status "$LOGS"/*.log "$LOGS"/*.section.md "$LOGS"/*.xml "$LOGS"/*.jsonl
 rm -f "$OUT"/summary.md "$OUT"/logs.tar.gz "$OUT"/RESULTS-cuda.md "$OUT"/TRAIN_STEP-cuda.md "$OUT"/perf.json
 echo "$(date -u +%FT%TZ) dry=$DRY only=${ONLY:-all} skip=${SKIP:-none} kernels=$KERNELS" > "$LOGS/check.info"
 START=$SECONDS
@@ -157,18 +162,38 @@ if [ $need_build = 1 ]; then
 fi
 
 # Tests (both kernel sets) and the demo run side by side: none of them is timed.
-XDIST="" TIMEOUT=""
-"$PY" -c "import xdist" 2> /dev/null && XDIST="-n $WORKERS"
+# The test files in the order a time limit should cut them: the CUDA-specific checks first, the
+# large parametrisations of code the other files reach too last (xdist hands out tests in order).
+FIRST="cuda_runtime cuda_parity cosine_slots precision many_classes centroids distance idd_loss class_sums sums_path
+  label_paths baselines skd_formulations position training api bad_input"
+LAST="kernel_shapes compile cuda_compile op_args idd_tail"
+ordered_tests() {
+  local f name listed; listed=" $(echo $FIRST $LAST) "  # one space between names
+  for name in $FIRST; do [ -f "tests/test_$name.py" ] && echo "tests/test_$name.py"; done
+  for f in tests/test_*.py; do name=${f#tests/test_}; name=${name%.py}
+    [[ "$listed" == *" $name "* ]] || echo "$f"; done
+  for name in $LAST; do [ -f "tests/test_$name.py" ] && echo "tests/test_$name.py"; done
+}
+TIMEOUT=""
 "$PY" -c "import pytest_timeout" 2> /dev/null && TIMEOUT="--timeout=$((TESTS_S - 15))"
-PYTEST=("$PY" -m pytest -q -rfE $XDIST $TIMEOUT -m gpu -p no:cacheprovider)
+# -rfE: failures at the end of a finished run; IDD_OPS_TEST_LOG (tests/result_log.py): every result
+# as it comes, with its time and the end of each failure, kept when the time limit stops the run
+pytest_stage() {  # NAME NEXT(0|1) WORKERS PATHS...
+  local name=$1 next=$2 workers=$3; shift 3
+  local xdist=""; "$PY" -c "import xdist" 2> /dev/null && xdist="-n $workers"
+  rm -f "$LOGS/$name.jsonl"
+  # shellcheck disable=SC2086  # xdist, TIMEOUT: empty or one option
+  stage "$name" "$TESTS_S" env IDD_OPS_CUDA_NEXT="$next" IDD_OPS_TEST_LOG="$LOGS/$name.jsonl" "$PY" -m pytest -q -rfE \
+    $xdist $TIMEOUT -m gpu -p no:cacheprovider --junitxml="$LOGS/$name.xml" "$@"
+}
 pids=()
 if selected tests; then
-  stage tests "$TESTS_S" env IDD_OPS_CUDA_NEXT=0 "${PYTEST[@]}" --junitxml="$LOGS/tests.xml" tests & pids+=($!)
+  # shellcheck disable=SC2046  # one path a line
+  pytest_stage tests 0 "$DEFAULT_WORKERS" $(ordered_tests) & pids+=($!)
 fi
 if selected tests-next; then
-  # shellcheck disable=SC2086  # NEXT_TESTS: paths or node ids, split on spaces
-  stage tests-next "$TESTS_S" env IDD_OPS_CUDA_NEXT=1 "${PYTEST[@]}" --junitxml="$LOGS/tests-next.xml" \
-    ${NEXT_TESTS:-tests} & pids+=($!)
+  # shellcheck disable=SC2046,SC2086  # NEXT_TESTS: paths or node ids, split on spaces
+  pytest_stage tests-next 1 "$WORKERS" ${NEXT_TESTS:-$(ordered_tests)} & pids+=($!)
 fi
 DEMO_OUT=${TMPDIR:-/tmp}/gpu-check-demo  # checkpoints stay out of the logs; its results.md joins them
 if selected demo; then

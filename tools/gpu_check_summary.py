@@ -3,16 +3,21 @@
     python tools/gpu_check_summary.py LOGS_DIR SUMMARY_MD [SECONDS_SO_FAR]
 
 LOGS_DIR holds, per stage NAME (in the order of LOGS_DIR/stages): NAME.status ("rc seconds
-limit", rc "dry" in a dry run), NAME.log, NAME.cmd; and where the stage made them: tests.xml and
-tests-next.xml (pytest's junit), perf.section.md, train.section.md, demo-results.md. The summary:
-the stage table, the test counts and failures of each kernel set, the perf and training-step
+limit", rc "dry" in a dry run), NAME.log, NAME.cmd; and where the stage made them: tests.jsonl and
+tests-next.jsonl (tests/result_log.py's per-test lines, written as the tests finish), else
+tests.xml and tests-next.xml (pytest's junit, written only by a run that finished),
+perf.section.md, train.section.md, demo-results.md. The summary: the stage table, the test counts,
+failures (with how each ended) and slowest tests of each kernel set, the perf and training-step
 sections, the demo's results and the last lines of every failed stage's log.
 """
+import json
 import os
 import sys
 import xml.etree.ElementTree as ET
 
 TAIL_LINES = 25
+MAX_FAILURES = 40
+SLOWEST = 10
 KERNELS = {"tests": "default", "tests-next": "IDD_OPS_CUDA_NEXT=1", "demo": "IDD_OPS_CUDA_NEXT=1",
            "perf": "both", "train": "both"}
 
@@ -66,6 +71,42 @@ def junit_summary(path):
     return line, failed
 
 
+def result_log_summary(path):
+    """[markdown lines] from a per-test log (tests/result_log.py), or None if absent: the counts
+    (of how many collected), each failure with the end of its report, the slowest tests."""
+    if not os.path.exists(path):
+        return None
+    collected, results = None, []
+    for line in read(path).splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the time limit
+        if "collected" in record:
+            collected = record["collected"]
+        elif "test" in record:
+            results.append(record)
+    count = {k: sum(r["outcome"] == k for r in results) for k in ("passed", "failed", "error", "skipped")}
+    ran = sum(1 for r in results if r["outcome"] != "error")
+    secs = sum(r.get("seconds", 0) for r in results)
+    of = f" of {collected} collected" if collected is not None else ""
+    head = (f"{ran}{of} ran: {count['passed']} passed, {count['failed']} failed, {count['error']} errors, "
+            f"{count['skipped']} skipped; {secs:.0f} s of test time across the workers")
+    out = [head]
+    bad = [r for r in results if r["outcome"] in ("failed", "error")]
+    for r in bad[:MAX_FAILURES]:
+        out += [f"- {r['outcome'].upper()} {r['test']} ({r.get('seconds', 0):.1f} s)"]
+        message = r.get("message", "").strip()
+        if message:
+            out += ["  ```", *[f"  {m}" for m in message.splitlines()], "  ```"]
+    if len(bad) > MAX_FAILURES:
+        out.append(f"- ... {len(bad) - MAX_FAILURES} more")
+    slow = sorted((r for r in results if r["outcome"] != "skipped"), key=lambda r: -r.get("seconds", 0))[:SLOWEST]
+    if slow:
+        out += ["", f"Slowest {len(slow)}: " + "; ".join(f"{r['test']} {r['seconds']:.1f} s" for r in slow)]
+    return out
+
+
 def tail(path, n=TAIL_LINES):
     lines = read(path).rstrip("\n").splitlines()
     return "\n".join(lines[-n:])
@@ -82,11 +123,16 @@ def summary(logs, elapsed=None):
     if problems:
         out += ["", "Dry-run problems:", "", *[f"- {p}" for p in problems.splitlines()]]
     for name in ("tests", "tests-next"):
+        log = result_log_summary(os.path.join(logs, name + ".jsonl"))
+        if log:
+            out += ["", f"## {name} ({KERNELS[name]} kernels): {log[0]}", *log[1:]]
+            continue
         result = junit_summary(os.path.join(logs, name + ".xml"))
         if result:
             line, failed = result
             out += ["", f"## {name} ({KERNELS[name]} kernels): {line}"]
-            out += [f"- FAILED {t}" for t in failed[:40]] + ([f"- ... {len(failed) - 40} more"] if len(failed) > 40 else [])
+            out += [f"- FAILED {t}" for t in failed[:MAX_FAILURES]]
+            out += [f"- ... {len(failed) - MAX_FAILURES} more"] if len(failed) > MAX_FAILURES else []
     for section in ("perf.section.md", "train.section.md"):
         text = read(os.path.join(logs, section)).strip()
         if text:
