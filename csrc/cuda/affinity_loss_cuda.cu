@@ -4,10 +4,17 @@
 //   forward:  pool + normalise + difference (1) -> G_ss, G_sd, G_dd (3 GEMMs) -> the four inner
 //             products of differenced_affinity_sum and G_st = G_ss - G_sd (1); then one launch
 //             for all images turns the per-tile partial sums into the per-image means.
-//   backward: pool + normalise both networks (1) -> G_ss U_S - G_st U_T (2 GEMMs) -> through
-//             the normalisation into each window's argmax, zeros elsewhere (1).
-// At one chunk that is 6 + 4 launches, where the ATen formulation takes about 60; the GEMMs are
-// unchanged. The reductions run in a fixed order (no atomics): the same bits on every run.
+//   backward: the GEMM operands G_sd = G_ss - G_st and G_st (1) -> pool + normalise + difference
+//             as forward (1) -> G_sd U_S and G_st D (2 GEMMs) -> through the normalisation into
+//             each window's argmax, zeros elsewhere (1).
+// The student's gradient G_ss U_S - G_st U_T is taken as G_sd U_S + G_st D (T = S - D): both
+// terms shrink as the student nears the teacher, so a rounding error of the operands stays
+// relative to the gradient rather than to G_ss U_S (the forward's D keeps the loss so too).
+// That lets half and bfloat16 inputs keep their dtype for the GEMM operands (gemm_operand_t) and
+// multiply on tensor cores into float32, as fast as autocast's GEMMs (float32 operands ran 3x
+// slower than the eager reference under bf16 autocast on an H200: 17 ms against 5 ms a step).
+// At one chunk that is 6 + 5 launches, where the ATen formulation takes about 60. The reductions
+// run in a fixed order (no atomics): the same bits on every run.
 // Student and teacher of different dtypes, and empty inputs, take the ATen formulation.
 //
 // Threads: a block is 8 pooled pixels x 32 channel groups (a warp: 8 consecutive windows of 4
@@ -22,8 +29,11 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <torch/version.h>
+
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "../common/checks.h"
 #include "../common/cuda_next.h"
@@ -36,6 +46,12 @@ namespace {
 constexpr int kPixels = 8, kGroups = 32;  // a block: kPixels x kGroups = kThreads
 static_assert(kPixels * kGroups == kThreads, "one block of kThreads");
 constexpr int kTile = 32;  // the Gram tail's square tiles: kTile columns x kTile rows
+
+// The GEMM operands' dtype: half and bfloat16 keep their own (a pooled value is an input value,
+// exact in it; a normalised one is rounded once), float and double their accumulation dtype.
+template <typename scalar_t>
+using gemm_operand_t = std::conditional_t<std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>,
+                                          scalar_t, at::opmath_type<scalar_t>>;
 
 // One network's input [k, C, H, W] by strides, and its pooling windows.
 struct PoolView {
@@ -99,60 +115,72 @@ __device__ __forceinline__ acc_t groups_sum(acc_t value, acc_t (*part)[kPixels])
   return total;
 }
 
-// Pooled, L2-normalised (over channels, norm floored at kAffinityNormEps) features of a chunk.
-// Forward (kBackward false): us [k, Cs, P] and the normalised difference d [k, C, P] of
-// affinity_loss_batched.cpp (normalised_difference: D keeps the relative accuracy of S - T).
-// Backward: us, ut [k, Ct, P] and the student's norms [k, P]. The first pass stores the pooled
-// values raw (the teacher's in `second`) and sums the squares; the second pass rereads what the
-// same thread stored and normalises in place. grid (ceil(P / kPixels), k).
-template <typename scalar_t, bool kBackward>
+// Pooled, L2-normalised (over channels, norm floored at kAffinityNormEps) features of a chunk:
+// us [k, Cs, P] and the normalised difference d [k, C, P] of affinity_loss_batched.cpp
+// (normalised_difference: D keeps the relative accuracy of S - T), in gemm_operand_t; the
+// student's norms [k, P] where `norms` is given (the backward). The first pass stores the pooled
+// values raw (the teacher's in d) and sums the squares; the second pass rereads what the same
+// thread stored and normalises in place. grid (ceil(P / kPixels), k).
+template <typename scalar_t>
 __global__ void pooled_normalised_kernel(const scalar_t* __restrict__ student, PoolView vs,
                                          const scalar_t* __restrict__ teacher, PoolView vt, int64_t Cs, int64_t Ct,
-                                         int64_t P, at::opmath_type<scalar_t>* __restrict__ us,
-                                         at::opmath_type<scalar_t>* __restrict__ second,
+                                         int64_t P, gemm_operand_t<scalar_t>* __restrict__ us,
+                                         gemm_operand_t<scalar_t>* __restrict__ d,
                                          at::opmath_type<scalar_t>* __restrict__ norms) {
   using acc_t = at::opmath_type<scalar_t>;
+  using op_t = gemm_operand_t<scalar_t>;
   __shared__ acc_t part[kGroups][kPixels];
   const int64_t b = blockIdx.y, p = static_cast<int64_t>(blockIdx.x) * kPixels + threadIdx.x;
-  const int64_t C = kBackward ? Ct : (Cs > Ct ? Cs : Ct);  // rows of `second`
+  const int64_t C = Cs > Ct ? Cs : Ct;  // rows of d
   const bool live = p < P;
-  acc_t* u = us + b * Cs * P + p;
-  acc_t* w = second + b * C * P + p;
+  op_t* u = us + b * Cs * P + p;
+  op_t* w = d + b * C * P + p;
   acc_t ss = 0, tt = 0, q = 0;
   if (live) {
     const Window win = window_of(vs, p);  // the teacher's too (same size, checked)
-    for (int64_t c = threadIdx.y; c < C || c < Cs; c += kGroups) {
+    for (int64_t c = threadIdx.y; c < C; c += kGroups) {
       const acc_t s = c < Cs ? window_max<scalar_t, acc_t>(student, vs, b, c, win) : acc_t(0);
       const acc_t t = c < Ct ? window_max<scalar_t, acc_t>(teacher, vt, b, c, win) : acc_t(0);
       ss += s * s;
       tt += t * t;
       q += (s + t) * (s - t);
-      if (c < Cs) u[c * P] = s;
-      if (c < C) w[c * P] = t;
+      if (c < Cs) u[c * P] = static_cast<op_t>(s);
+      w[c * P] = static_cast<op_t>(t);
     }
   }
   ss = groups_sum(ss, part);
   tt = groups_sum(tt, part);
-  if (!kBackward) q = groups_sum(q, part);
+  q = groups_sum(q, part);
   if (!live) return;
   const acc_t eps = static_cast<acc_t>(kAffinityNormEps);
   const acc_t ns = ::sqrt(ss), nt = ::sqrt(tt);
   const acc_t ns_c = ns < eps ? eps : ns, nt_c = nt < eps ? eps : nt;  // a NaN norm stays NaN, as clamp_min's
-  if (kBackward) {
-    if (threadIdx.y == 0) norms[b * P + p] = ns;
-    for (int64_t c = threadIdx.y; c < Cs; c += kGroups) u[c * P] /= ns_c;
-    for (int64_t c = threadIdx.y; c < Ct; c += kGroups) w[c * P] /= nt_c;
-    return;
-  }
+  if (norms != nullptr && threadIdx.y == 0) norms[b * P + p] = ns;
   // D = e / |S| + T k (or e / |T| + S k where |S| is floored), k = 1 / |S| - 1 / |T|, taken as
   // -<e, S + T> / ((|S| + |T|) |S| |T|) where neither norm is floored
   const bool s_floored = ns <= eps;
   const acc_t k = (ns < nt ? ns : nt) > eps ? -q / (ns + nt) / ns / nt : acc_t(1) / ns_c - acc_t(1) / nt_c;
   const acc_t divisor = s_floored ? nt_c : ns_c, kt = s_floored ? acc_t(0) : k, ks = s_floored ? k : acc_t(0);
   for (int64_t c = threadIdx.y; c < C; c += kGroups) {
-    const acc_t s = c < Cs ? u[c * P] : acc_t(0), t = w[c * P];
-    w[c * P] = (s - t) / divisor + t * kt + s * ks;
-    if (c < Cs) u[c * P] = s / ns_c;
+    const acc_t s = c < Cs ? static_cast<acc_t>(u[c * P]) : acc_t(0), t = static_cast<acc_t>(w[c * P]);
+    w[c * P] = static_cast<op_t>((s - t) / divisor + t * kt + s * ks);
+    if (c < Cs) u[c * P] = static_cast<op_t>(s / ns_c);
+  }
+}
+
+// The backward's GEMM operands of a chunk, in gemm_operand_t: g_sd [k, Cs, Cs] = G_ss - G_st
+// (G_st's columns past Ct are 0) and, where the operand dtype is not G_st's own, g_st_op
+// [k, Cs, Ct] = G_st. gss, gst contiguous. A grid-stride loop over k * Cs * max(Cs, Ct).
+template <typename acc_t, typename op_t>
+__global__ void gram_operands_kernel(const acc_t* __restrict__ gss, const acc_t* __restrict__ gst, int64_t k,
+                                     int64_t Cs, int64_t Ct, op_t* __restrict__ g_sd, op_t* __restrict__ g_st_op) {
+  const int64_t C = Cs > Ct ? Cs : Ct, n = k * Cs * C;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = e % C, row = e / C;  // row = image * Cs + i
+    const acc_t st = j < Ct ? gst[row * Ct + j] : acc_t(0);
+    if (j < Cs) g_sd[row * Cs + j] = static_cast<op_t>(gss[row * Cs + j] - st);
+    if (g_st_op != nullptr && j < Ct) g_st_op[row * Ct + j] = static_cast<op_t>(st);
   }
 }
 
@@ -213,13 +241,14 @@ __global__ void affinity_means_kernel(const double* __restrict__ partials, int64
   if (threadIdx.x == 0) loss[blockIdx.x] = static_cast<acc_t>((sum < 0 ? 0 : sum) / divisor);  // NaN stays NaN
 }
 
-// The student's gradient of a chunk: gu [k, Cs, P] (= G_ss U_S - G_st U_T) through the
+// The student's gradient of a chunk: gu = g1 + g2 [k, Cs, P] (G_sd U_S and G_st D) through the
 // normalisation, (gu - u <u, gu>) / |f| (or gu / eps where |f| is floored), times
 // grad[b] * scale, into each window's argmax of out [k, Cs, H, W] (contiguous), zeros at the
 // window's other elements: every element of out is written. grid (ceil(P / kPixels), k).
 template <typename scalar_t>
-__global__ void affinity_gradient_kernel(const at::opmath_type<scalar_t>* __restrict__ gu,
-                                         const at::opmath_type<scalar_t>* __restrict__ us,
+__global__ void affinity_gradient_kernel(const at::opmath_type<scalar_t>* __restrict__ g1,
+                                         const at::opmath_type<scalar_t>* __restrict__ g2,
+                                         const gemm_operand_t<scalar_t>* __restrict__ us,
                                          const at::opmath_type<scalar_t>* __restrict__ norms,
                                          const at::opmath_type<scalar_t>* __restrict__ grad, int64_t grad_stride,
                                          double scale, const scalar_t* __restrict__ student, PoolView vs, int64_t Cs,
@@ -228,11 +257,13 @@ __global__ void affinity_gradient_kernel(const at::opmath_type<scalar_t>* __rest
   __shared__ acc_t part[kGroups][kPixels];
   const int64_t b = blockIdx.y, p = static_cast<int64_t>(blockIdx.x) * kPixels + threadIdx.x;
   const bool live = p < P;
-  const acc_t* g = gu + b * Cs * P + p;
-  const acc_t* u = us + b * Cs * P + p;
+  const acc_t* ga = g1 + b * Cs * P + p;
+  const acc_t* gb = g2 + b * Cs * P + p;
+  const gemm_operand_t<scalar_t>* u = us + b * Cs * P + p;
   acc_t along = 0;
   if (live)
-    for (int64_t c = threadIdx.y; c < Cs; c += kGroups) along += u[c * P] * g[c * P];
+    for (int64_t c = threadIdx.y; c < Cs; c += kGroups)
+      along += static_cast<acc_t>(u[c * P]) * (ga[c * P] + gb[c * P]);
   along = groups_sum(along, part);
   if (!live) return;
   const acc_t eps = static_cast<acc_t>(kAffinityNormEps), norm = norms[b * P + p];
@@ -241,7 +272,8 @@ __global__ void affinity_gradient_kernel(const at::opmath_type<scalar_t>* __rest
   const Window win = window_of(vs, p);
   const int64_t HW = vs.H * vs.W;
   for (int64_t c = threadIdx.y; c < Cs; c += kGroups) {
-    const scalar_t value = static_cast<scalar_t>((g[c * P] - (floored ? acc_t(0) : u[c * P] * along)) * factor);
+    const acc_t g = ga[c * P] + gb[c * P], projected = floored ? acc_t(0) : static_cast<acc_t>(u[c * P]) * along;
+    const scalar_t value = static_cast<scalar_t>((g - projected) * factor);
     scalar_t* plane = out + (b * Cs + c) * HW;
     if (vs.pool == 1) {
       plane[win.y0 * vs.W + win.x0] = value;
@@ -271,6 +303,19 @@ dim3 pixel_grid(int64_t P, int64_t k) {
   return dim3(static_cast<unsigned>((P + kPixels - 1) / kPixels), static_cast<unsigned>(k));
 }
 
+// a @ b in `acc` for operands of gemm_operand_t, into `out` where given. ATen's GEMMs with half
+// or bfloat16 operands and float32 results (tensor cores, float32 accumulation) exist from torch
+// 2.8, on CUDA; elsewhere (an older torch, the CUDA emulator's CPU tensors) the operands are
+// widened to the accumulation dtype first: the same products.
+at::Tensor gram(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc, at::Tensor* out = nullptr) {
+  if (a.scalar_type() == acc) return out ? at::bmm_out(*out, a, b) : at::bmm(a, b);
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  if (a.is_cuda()) return out ? at::bmm_out(*out, a, b, acc) : at::bmm(a, b, acc);
+#endif
+  const at::Tensor wa = a.to(acc), wb = b.to(acc);
+  return out ? at::bmm_out(*out, wa, wb) : at::bmm(wa, wb);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                                   int64_t pool) {
   if (!cuda_next_enabled()) return affinity_loss_composite(student, teacher, pool);
@@ -287,74 +332,79 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tens
   at::Tensor partials = at::empty({B, tiles * tiles}, opts.dtype(at::kDouble)), loss = at::empty({B}, opts);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t chunk = affinity_chunk_images(pool, B);  // memory: affinity_loss_batched.cpp
-  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
-    const int64_t k = std::min(chunk, B - b0);
-    at::Tensor us = at::empty({k, Cs, P}, opts), d = at::empty({k, C, P}, opts);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "affinity_loss_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      pooled_normalised_kernel<scalar_t, false><<<pixel_grid(P, k), dim3(kPixels, kGroups), 0, stream>>>(
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "affinity_loss_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using op_t = gemm_operand_t<scalar_t>;
+    const auto op_opts = student.options().dtype(c10::CppTypeToScalarType<op_t>::value);
+    for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+      const int64_t k = std::min(chunk, B - b0);
+      at::Tensor us = at::empty({k, Cs, P}, op_opts), d = at::empty({k, C, P}, op_opts);
+      pooled_normalised_kernel<scalar_t><<<pixel_grid(P, k), dim3(kPixels, kGroups), 0, stream>>>(
           student.const_data_ptr<scalar_t>() + b0 * vs.s0, vs, teacher.const_data_ptr<scalar_t>() + b0 * vt.s0, vt,
-          Cs, Ct, P, us.mutable_data_ptr<acc_t>(), d.mutable_data_ptr<acc_t>(), nullptr);
+          Cs, Ct, P, us.mutable_data_ptr<op_t>(), d.mutable_data_ptr<op_t>(), nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    at::Tensor g_ss = gss.narrow(0, b0, k);
-    at::bmm_out(g_ss, us, us.transpose(1, 2));
-    const at::Tensor g_sd = at::bmm(us, d.transpose(1, 2));  // [k, Cs, C]
-    const at::Tensor g_dd = at::bmm(d, d.transpose(1, 2));   // [k, C, C]
-    const dim3 tail_grid(static_cast<unsigned>(tiles * tiles), static_cast<unsigned>(k));
-    AT_DISPATCH_FLOATING_TYPES(acc, "affinity_gram_tail_cuda", [&] {
-      gram_tail_kernel<scalar_t><<<tail_grid, kThreads, 0, stream>>>(
-          g_ss.const_data_ptr<scalar_t>(), g_sd.const_data_ptr<scalar_t>(), g_dd.const_data_ptr<scalar_t>(),
-          gst.narrow(0, b0, k).mutable_data_ptr<scalar_t>(), Cs, Ct, C,
-          partials.narrow(0, b0, k).mutable_data_ptr<double>());
+      at::Tensor g_ss = gss.narrow(0, b0, k);
+      gram(us, us.transpose(1, 2), acc, &g_ss);
+      const at::Tensor g_sd = gram(us, d.transpose(1, 2), acc);  // [k, Cs, C]
+      const at::Tensor g_dd = gram(d, d.transpose(1, 2), acc);   // [k, C, C]
+      const dim3 tail_grid(static_cast<unsigned>(tiles * tiles), static_cast<unsigned>(k));
+      gram_tail_kernel<acc_t><<<tail_grid, kThreads, 0, stream>>>(
+          g_ss.const_data_ptr<acc_t>(), g_sd.const_data_ptr<acc_t>(), g_dd.const_data_ptr<acc_t>(),
+          gst.narrow(0, b0, k).mutable_data_ptr<acc_t>(), Cs, Ct, C, partials.narrow(0, b0, k).mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  AT_DISPATCH_FLOATING_TYPES(acc, "affinity_means_cuda", [&] {
-    affinity_means_kernel<scalar_t><<<B, kThreads, 0, stream>>>(partials.const_data_ptr<double>(), tiles * tiles,
-                                                               affinity_mean_divisor(P),
-                                                               loss.mutable_data_ptr<scalar_t>());
+    }
+    affinity_means_kernel<acc_t><<<B, kThreads, 0, stream>>>(partials.const_data_ptr<double>(), tiles * tiles,
+                                                             affinity_mean_divisor(P), loss.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, gss, gst};
 }
 
 at::Tensor affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
-                                       const at::Tensor& gss, const at::Tensor& gst, int64_t pool) {
-  if (!cuda_next_enabled()) return affinity_loss_backward_composite(grad, student, teacher, gss, gst, pool);
-  check_affinity_loss_backward_inputs(grad, student, teacher, gss, gst, pool);
+                                       const at::Tensor& gss_in, const at::Tensor& gst_in, int64_t pool) {
+  if (!cuda_next_enabled()) return affinity_loss_backward_composite(grad, student, teacher, gss_in, gst_in, pool);
+  check_affinity_loss_backward_inputs(grad, student, teacher, gss_in, gst_in, pool);
   const auto acc = acc_dtype(student.scalar_type());
-  if (!fused_takes(student, teacher, pool) || gss.scalar_type() != acc || gst.scalar_type() != acc)
-    return affinity_loss_backward_batched(grad, student, teacher, gss, gst, pool);
+  if (!fused_takes(student, teacher, pool) || gss_in.scalar_type() != acc || gst_in.scalar_type() != acc)
+    return affinity_loss_backward_batched(grad, student, teacher, gss_in, gst_in, pool);
   const c10::cuda::CUDAGuard guard(student.device());
-  const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1);
+  const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1), C = std::max(Cs, Ct);
   const PoolView vs = pool_view(student, pool), vt = pool_view(teacher, pool);
   const int64_t P = ((vs.H + pool - 1) / pool) * vs.Wo;
   const at::Tensor g = grad.scalar_type() == acc ? grad : grad.to(acc);  // [B], any stride (an expanded sum's)
+  const at::Tensor gss = gss_in.contiguous(), gst = gst_in.contiguous();  // the forward's: already so
   const auto opts = student.options().dtype(acc);
   // every element is written (the windows tile each plane)
   at::Tensor out = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t chunk = affinity_chunk_images(pool, B);
-  for (int64_t b0 = 0; b0 < B; b0 += chunk) {
-    const int64_t k = std::min(chunk, B - b0);
-    at::Tensor us = at::empty({k, Cs, P}, opts), ut = at::empty({k, Ct, P}, opts), ns = at::empty({k, P}, opts);
-    const auto type = student.scalar_type();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, "affinity_loss_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* xs = student.const_data_ptr<scalar_t>() + b0 * vs.s0;
-      pooled_normalised_kernel<scalar_t, true><<<pixel_grid(P, k), dim3(kPixels, kGroups), 0, stream>>>(
-          xs, vs, teacher.const_data_ptr<scalar_t>() + b0 * vt.s0, vt, Cs, Ct, P, us.mutable_data_ptr<acc_t>(),
-          ut.mutable_data_ptr<acc_t>(), ns.mutable_data_ptr<acc_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "affinity_loss_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using op_t = gemm_operand_t<scalar_t>;
+    constexpr bool kOwnOperands = !std::is_same_v<op_t, acc_t>;  // G_st is an operand as it is otherwise
+    const auto op_opts = student.options().dtype(c10::CppTypeToScalarType<op_t>::value);
+    for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+      const int64_t k = std::min(chunk, B - b0);
+      at::Tensor g_sd = at::empty({k, Cs, Cs}, op_opts);
+      at::Tensor g_st = kOwnOperands ? at::empty({k, Cs, Ct}, op_opts) : gst.narrow(0, b0, k);
+      gram_operands_kernel<acc_t, op_t><<<blocks_for(k * Cs * C), kThreads, 0, stream>>>(
+          gss.const_data_ptr<acc_t>() + b0 * Cs * Cs, gst.const_data_ptr<acc_t>() + b0 * Cs * Ct, k, Cs, Ct,
+          g_sd.mutable_data_ptr<op_t>(), kOwnOperands ? g_st.mutable_data_ptr<op_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const at::Tensor gu = at::bmm(gss.narrow(0, b0, k), us).baddbmm_(gst.narrow(0, b0, k), ut, 1, -1);
+      at::Tensor us = at::empty({k, Cs, P}, op_opts), d = at::empty({k, C, P}, op_opts), ns = at::empty({k, P}, opts);
+      const scalar_t* xs = student.const_data_ptr<scalar_t>() + b0 * vs.s0;
+      pooled_normalised_kernel<scalar_t><<<pixel_grid(P, k), dim3(kPixels, kGroups), 0, stream>>>(
+          xs, vs, teacher.const_data_ptr<scalar_t>() + b0 * vt.s0, vt, Cs, Ct, P, us.mutable_data_ptr<op_t>(),
+          d.mutable_data_ptr<op_t>(), ns.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const at::Tensor g1 = gram(g_sd, us, acc), g2 = gram(g_st, d.narrow(1, 0, Ct), acc);  // [k, Cs, P] each
       affinity_gradient_kernel<scalar_t><<<pixel_grid(P, k), dim3(kPixels, kGroups), 0, stream>>>(
-          gu.const_data_ptr<acc_t>(), us.const_data_ptr<acc_t>(), ns.const_data_ptr<acc_t>(),
+          g1.const_data_ptr<acc_t>(), g2.const_data_ptr<acc_t>(), us.const_data_ptr<op_t>(), ns.const_data_ptr<acc_t>(),
           g.const_data_ptr<acc_t>() + b0 * g.stride(0), g.stride(0), 4.0 / affinity_mean_divisor(P), xs, vs, Cs, P,
           out.mutable_data_ptr<scalar_t>() + b0 * Cs * vs.H * vs.W);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
+    }
+  });
   return out;
 }
 
