@@ -120,6 +120,16 @@ def _synchronize_cuda():
         torch.cuda.synchronize()
 
 
+def gradcheck(fn, inputs, **kwargs):
+    """torch.autograd.gradcheck: every input element on the CPU; in fast mode where an input is on
+    CUDA (a random direction: one pair of forward calls instead of one per element, each a chain
+    of small launches and a synchronise on a GPU; a wrong gradient kernel still fails it). The
+    CPU cases hold the math to the full Jacobian; the CUDA ones check the kernels."""
+    on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
+    kwargs.setdefault("fast_mode", on_cuda)
+    return torch.autograd.gradcheck(fn, inputs, **kwargs)
+
+
 def make_labels(B, H, W, K, device="cpu", ignore_frac=0.1, blocky=True, seed=0, dtype=torch.int64):
     """Piecewise-constant labels (blocks of random classes) with a share of ignored pixels."""
     g = torch.Generator().manual_seed(seed)
