@@ -5,16 +5,20 @@ and the end-of-run summary are never written, but this log still names every tes
 long it took and how each failure ended. tools/gpu_check_summary.py reads it.
 
 Lines: {"collected": N}; {"test": node id, "outcome": "passed" | "failed" | "error" | "skipped",
-"seconds": call time, "message": the end of a failure's report (failures and errors only)}.
+"seconds": call time, "at": seconds since pytest started when the result came in (beside
+"seconds": how much the tests overlapped, how long a worker waited), "message": the end of a
+failure's report (failures and errors only)}.
 Under pytest-xdist only the controller writes (every worker's reports reach it).
 """
 import json
 import os
+import time
 
 import pytest
 
 MESSAGE_LINES = 12
 MESSAGE_CHARS = 1500
+_START = time.monotonic()
 
 
 def _path():
@@ -39,7 +43,8 @@ def pytest_runtest_logreport(report):
             outcome = "error"  # a fixture's setup or teardown
         else:
             outcome = report.outcome
-        record = {"test": report.nodeid, "outcome": outcome, "seconds": round(report.duration, 3)}
+        record = {"test": report.nodeid, "outcome": outcome, "seconds": round(report.duration, 3),
+                  "at": round(time.monotonic() - _START, 1)}
         if report.failed:
             record["message"] = _message(report)
         _append(record)
