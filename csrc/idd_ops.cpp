@@ -5,7 +5,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
-#include <string>
+#include <string_view>
 
 // An importable module, so `import idd_ops._C` loads the library and runs the
 // registrations below (the ops themselves are reached through torch.ops.idd_ops).
@@ -102,9 +102,10 @@ void without_autocast(const c10::OperatorHandle& op, c10::DispatchKeySet, torch:
 }
 
 void register_autocast(torch::Library& m) {
+  constexpr std::string_view kNamespace = "idd_ops::";
   for (const c10::OperatorName& op : c10::Dispatcher::singleton().getAllOpNames()) {
-    if (op.name.rfind("idd_ops::", 0) == 0)
-      m.impl(op.name.substr(9).c_str(), torch::CppFunction::makeFromBoxedFunction<&without_autocast>());
+    if (std::string_view(op.name).substr(0, kNamespace.size()) == kNamespace)
+      m.impl(op.name.substr(kNamespace.size()).c_str(), torch::CppFunction::makeFromBoxedFunction<&without_autocast>());
   }
 }
 

@@ -5,7 +5,8 @@ import torch
 
 import idd_ops
 # the hooks of IDD_OPS_TEST_LOG (tools/gpu_check.sh's per-test log), registered from here by name
-from result_log import pytest_collection_finish, pytest_runtest_logreport, pytest_xdist_node_collection_finished  # noqa: F401
+from result_log import (pytest_collection_finish, pytest_runtest_logreport,  # noqa: F401
+                        pytest_xdist_node_collection_finished)
 
 # Every device-parametrised test has a cuda case: skipped without a GPU, run (and failing if the
 # CUDA kernels were not built) where one is visible.

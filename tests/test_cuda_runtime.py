@@ -139,8 +139,8 @@ def test_centroids_at_and_past_the_shared_memory_limit(dtype):
     assert torch.equal(n, n_ref)
     torch.testing.assert_close(c.double(), c_ref, rtol=1e-6, atol=1e-6)
     if _switches.class_sums_path(x.device):
-        # the class-sum path (IDD_OPS_CUDA_NEXT) keeps one warp's class sums in shared memory, a
-        # limit of about 8/9 more classes (csrc/cuda/class_sums_cuda.cu): K + 1 computes
+        # the class-sum path (IDD_OPS_CUDA_NEXT) needs at least 12 (float64: 20) bytes of shared
+        # memory a class, the centroid kernel 40 (72) (csrc/cuda/class_sums_cuda.cu): K + 1 fits
         c, n = idd_ops.class_centroids(x, y, K + 1)
         assert torch.equal(n[:, :K], n_ref) and not n[:, K].any()
         torch.testing.assert_close(c[:, :K].double(), c_ref, rtol=1e-6, atol=1e-6)

@@ -15,9 +15,10 @@
 #                       512x1024, bf16): each loss's cost per step, fused vs reference    both
 #   in all       415 s  at the most (20 + 100 + 150 + 95 + 50); the three middle stages share one 150 s window
 #   The test stages give the candidate kernel set (next) most workers. On 2026-11-30 the 1511 GPU
-#   tests did not finish in 150 s even alone with 15 workers (818 ran): the files run in the order
-#   of FIRST below, so a time limit cuts the broad parametrisations, and each stage's per-test log
-#   (tests/result_log.py) says what ran, what failed with how it ended, and the slowest tests.
+#   tests did not finish in 150 s even alone with 15 workers (818 ran; the CUDA gradchecks, in
+#   fast mode since, the likeliest cost): the files run in the order of FIRST below, so a time
+#   limit cuts the broad parametrisations, and each stage's per-test log (tests/result_log.py)
+#   says what ran, what failed with how it ended, and the slowest tests.
 #   perf and train run one child process per kernel set (2:1 and 3:2 of their time); a child
 #   stopped at its share still reports the rows it finished.
 #
@@ -33,8 +34,9 @@
 # log; the logs are written to $LOGS, default a new /tmp/gpu-check-logs.*). Five files: the device tool
 # brings back at most 8. The summary is printed at the end. Exit status: the number of failed stages.
 # Limits can be overridden: ENV_S BUILD_S TESTS_S PERF_S TRAIN_S (seconds); WORKERS and
-# DEFAULT_WORKERS (xdist workers of tests-next and tests, 10 and 4); NEXT_TESTS (the tests-next selection, default: every GPU test);
-# KERNELS ("default next"); REV (the revision to name when there is no .git).
+# DEFAULT_WORKERS (xdist workers of tests-next and tests, 10 and 4); NEXT_TESTS (the tests-next
+# selection, default: every GPU test); KERNELS ("default next"); REV (the revision to name when
+# there is no .git).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
