@@ -109,8 +109,8 @@ def structural_kd_loss(student_feats: Tensor, teacher_feats: Tensor, pool: int =
     pooled and normalised in float64, their difference ``D = F_S - F_T`` is taken there (the
     narrower network padded with zero channels, which leaves its affinity unchanged), and the
     Grams ``F_S F_S^T``, ``F_S D^T``, ``D D^T`` are accumulated in the accumulation dtype
-    (float32 for float32/half inputs; with ``IDD_OPS_CUDA_NEXT=1`` on CUDA, half and bfloat16
-    inputs keep their dtype as the GEMMs' operands, on tensor cores); the value is a sum of their
+    (float32 for float32/half inputs; with ``IDD_OPS_CUDA_NEXT=1`` on CUDA, bfloat16 inputs
+    keep their dtype as the GEMMs' operands, on tensor cores); the value is a sum of their
     inner products in which every term carries a Gram of D, so it stays accurate as the student
     nears the teacher, for equal and different channel counts alike, and so does the gradient. Extra memory: O(B*C*C) for the Grams plus one block's
     copies, never O(B*C*P) pooled copies nor O(B*P*P). The CUDA path is described in

@@ -103,8 +103,8 @@ def test_gradient_accurate_near_zero(fused, dtype, step):
     """The gradient shrinks with the loss as the student nears the teacher. Taken as
     G_sd U_S + G_st D (both terms shrink too) its error stays relative to it: within 1e-4 of the
     float64 op on the same inputs in float32, where G_ss U_S - G_st U_T loses about 1e-3, and
-    within 2e-2 for half and bfloat16, whose GEMM operands keep the input's dtype (`step`: a
-    difference the dtype resolves)."""
+    within 2e-2 for half and bfloat16 inputs (bfloat16's GEMM operands keep its dtype; `step`:
+    a difference the dtype resolves)."""
     g = torch.Generator().manual_seed(0)
     t = torch.randn(2, 32, 16, 16, generator=g, dtype=torch.float64)
     s = (t + step * torch.randn(t.shape, generator=g, dtype=torch.float64)).to(dtype)

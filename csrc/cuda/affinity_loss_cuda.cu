@@ -10,9 +10,12 @@
 // The student's gradient G_ss U_S - G_st U_T is taken as G_sd U_S + G_st D (T = S - D): both
 // terms shrink as the student nears the teacher, so a rounding error of the operands stays
 // relative to the gradient rather than to G_ss U_S (the forward's D keeps the loss so too).
-// That lets half and bfloat16 inputs keep their dtype for the GEMM operands (gemm_operand_t) and
-// multiply on tensor cores into float32, as fast as autocast's GEMMs (float32 operands ran 3x
-// slower than the eager reference under bf16 autocast on an H200: 17 ms against 5 ms a step).
+// That lets bfloat16 inputs keep their dtype for the GEMM operands (gemm_operand_t) and multiply
+// on tensor cores into float32, as fast as autocast's GEMMs (float32 operands ran 3x slower than
+// the eager reference under bf16 autocast on an H200: 17 ms against 5 ms a step). Half keeps
+// float32 operands: G_st's entries reach P (past half's 65504 at P > 65504 pooled pixels) and a
+// difference near the teacher (|D| ~ 1e-5) is a half subnormal, which bfloat16's float32 range
+// avoids; and cuBLAS refuses half operands with float32 results under allow_fp16_accumulation.
 // At one chunk that is 6 + 5 launches, where the ATen formulation takes about 60. The reductions
 // run in a fixed order (no atomics): the same bits on every run.
 // Student and teacher of different dtypes, and empty inputs, take the ATen formulation.
@@ -47,11 +50,10 @@ constexpr int kPixels = 8, kGroups = 32;  // a block: kPixels x kGroups = kThrea
 static_assert(kPixels * kGroups == kThreads, "one block of kThreads");
 constexpr int kTile = 32;  // the Gram tail's square tiles: kTile columns x kTile rows
 
-// The GEMM operands' dtype: half and bfloat16 keep their own (a pooled value is an input value,
-// exact in it; a normalised one is rounded once), float and double their accumulation dtype.
+// The GEMM operands' dtype: bfloat16 keeps its own (a pooled value is an input value, exact in
+// it; a normalised one is rounded once), the others their accumulation dtype (half: see above).
 template <typename scalar_t>
-using gemm_operand_t = std::conditional_t<std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>,
-                                          scalar_t, at::opmath_type<scalar_t>>;
+using gemm_operand_t = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, scalar_t, at::opmath_type<scalar_t>>;
 
 // One network's input [k, C, H, W] by strides, and its pooling windows.
 struct PoolView {
@@ -303,8 +305,8 @@ dim3 pixel_grid(int64_t P, int64_t k) {
   return dim3(static_cast<unsigned>((P + kPixels - 1) / kPixels), static_cast<unsigned>(k));
 }
 
-// a @ b in `acc` for operands of gemm_operand_t, into `out` where given. ATen's GEMMs with half
-// or bfloat16 operands and float32 results (tensor cores, float32 accumulation) exist from torch
+// a @ b in `acc` for operands of gemm_operand_t, into `out` where given. ATen's GEMMs with
+// bfloat16 operands and float32 results (tensor cores, float32 accumulation) exist from torch
 // 2.8, on CUDA; elsewhere (an older torch, the CUDA emulator's CPU tensors) the operands are
 // widened to the accumulation dtype first: the same products.
 at::Tensor gram(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc, at::Tensor* out = nullptr) {
