@@ -22,6 +22,19 @@ TOLERANCES = {
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: runs only where a GPU is visible (tools/gpu_check.sh selects these)")
+    torch.set_num_threads(worker_threads(torch.get_num_threads(), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)),
+                                         os.environ.get("OMP_NUM_THREADS")))
+
+
+def worker_threads(threads, workers, omp_num_threads=None, cores=None):
+    """Torch's intra-op threads for one of `workers` pytest-xdist workers: its share of the cores,
+    at least 2 (so the CPU kernels' parallel paths still run), never more than torch's own
+    choice, and as OMP_NUM_THREADS says where it is set. Each worker otherwise takes a thread per
+    core: 15 workers of 16 threads on the GPU machine's 16 cores, where the GPU tests' CPU
+    references ran an order of magnitude slower than on their own."""
+    if omp_num_threads or workers <= 1:
+        return threads
+    return min(threads, max(2, (cores or os.cpu_count() or 1) // workers))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -165,3 +165,16 @@ def test_test_files_run_in_priority_order_each_once():
                                    if n.startswith("test_") and n.endswith(".py"))
     assert files[:2] == ["tests/test_cuda_runtime.py", "tests/test_cuda_parity.py"]
     assert files[-1] == "tests/test_idd_tail.py"
+
+
+def test_xdist_workers_share_the_cores():
+    """Each pytest-xdist worker takes its share of the cores for torch's threads (at least 2),
+    unless OMP_NUM_THREADS is set or there is one worker."""
+    from conftest import worker_threads
+
+    assert worker_threads(16, 15, cores=16) == 2
+    assert worker_threads(16, 4, cores=16) == 4
+    assert worker_threads(2, 2, cores=2) == 2
+    assert worker_threads(16, 1, cores=16) == 16
+    assert worker_threads(16, 8, omp_num_threads="16", cores=16) == 16
+    assert worker_threads(3, 2, cores=16) == 3  # never more than torch chose

@@ -15,10 +15,11 @@
 #                       512x1024, bf16): each loss's cost per step, fused vs reference    both
 #   in all       415 s  at the most (20 + 100 + 150 + 95 + 50); the three middle stages share one 150 s window
 #   The test stages give the candidate kernel set (next) most workers. On 2026-11-30 the 1511 GPU
-#   tests did not finish in 150 s even alone with 15 workers (818 ran; the CUDA gradchecks, in
-#   fast mode since, the likeliest cost): the files run in the order of FIRST below, so a time
-#   limit cuts the broad parametrisations, and each stage's per-test log (tests/result_log.py)
-#   says what ran, what failed with how it ended, and the slowest tests.
+#   tests did not finish in 150 s even alone with 15 workers (818 ran). The likeliest costs, both
+#   changed since: the CUDA gradchecks (fast mode now) and 15 workers of 16 torch threads each on
+#   16 cores (one thread each now). The files run in the order of FIRST below, so a time limit
+#   cuts the broad parametrisations, and each stage's per-test log (tests/result_log.py) says
+#   what ran, what failed with how it ended, and the slowest tests.
 #   perf and train run one child process per kernel set (2:1 and 3:2 of their time); a child
 #   stopped at its share still reports the rows it finished.
 #
@@ -184,9 +185,11 @@ pytest_stage() {  # NAME NEXT(0|1) WORKERS PATHS...
   local name=$1 next=$2 workers=$3; shift 3
   local xdist=""; "$PY" -c "import xdist" 2> /dev/null && xdist="-n $workers"
   rm -f "$LOGS/$name.jsonl"
+  # OMP_NUM_THREADS=1: 14 workers and the demo share 16 cores (a worker's torch otherwise takes
+  # a thread per core, and the CPU references of the GPU tests crawl)
   # shellcheck disable=SC2086  # xdist, TIMEOUT: empty or one option
-  stage "$name" "$TESTS_S" env IDD_OPS_CUDA_NEXT="$next" IDD_OPS_TEST_LOG="$LOGS/$name.jsonl" "$PY" -m pytest -q -rfE \
-    $xdist $TIMEOUT -m gpu -p no:cacheprovider --junitxml="$LOGS/$name.xml" "$@"
+  stage "$name" "$TESTS_S" env IDD_OPS_CUDA_NEXT="$next" IDD_OPS_TEST_LOG="$LOGS/$name.jsonl" OMP_NUM_THREADS=1 \
+    "$PY" -m pytest -q -rfE $xdist $TIMEOUT -m gpu -p no:cacheprovider --junitxml="$LOGS/$name.xml" "$@"
 }
 pids=()
 if selected tests; then
