@@ -6,14 +6,14 @@
 #   env           20 s  nvidia-smi, torch/CUDA/nvcc versions, revision              -
 #   build        100 s  the extension with CUDA, in place (sm_90, MAX_JOBS=nproc)   -
 #                       (meanwhile: torch.compile of the perf rows' references, in the background)
-#   tests        150 s  the GPU tests (-m gpu), xdist -n 4, first files first } run    default
-#   tests-next   150 s  the same tests, xdist -n 10                          } side   IDD_OPS_CUDA_NEXT=1
-#   demo         150 s  the demo's quick preset on the GPU                    } by side IDD_OPS_CUDA_NEXT=1
-#   perf          95 s  report --guard: key rows, fused (default, next), eager reference,
+#   tests        140 s  the GPU tests (-m gpu), xdist -n 4, first files first } run    default
+#   tests-next   140 s  the same tests, xdist -n 10                          } side   IDD_OPS_CUDA_NEXT=1
+#   demo         140 s  the demo's quick preset on the GPU                    } by side IDD_OPS_CUDA_NEXT=1
+#   perf         105 s  report --guard: key rows, fused (default, next), eager reference,
 #                       torch.compile(reference), bound; fails on a guard or target miss  both
 #   train         50 s  real training step (torchvision DeepLabV3-R101 / R50, B=8,
 #                       512x1024, bf16): each loss's cost per step, fused vs reference    both
-#   in all       415 s  at the most (20 + 100 + 150 + 95 + 50); the three middle stages share one 150 s window
+#   in all       415 s  at the most (20 + 100 + 140 + 105 + 50); the three middle stages share one 140 s window
 #   The test stages give the candidate kernel set (next) most workers. On 2026-11-30 the 1511 GPU
 #   tests did not finish in 150 s even alone with 15 workers (818 ran). The likeliest costs, both
 #   changed since: the CUDA gradchecks (fast mode now) and 15 workers of 16 torch threads each on
@@ -44,7 +44,7 @@ cd "$(dirname "$0")/.."
 STAGES=(env build tests tests-next demo perf train)
 OUT=${OUT:-$PWD/gpu-check-out}
 PY=${PYTHON:-python3}
-ENV_S=${ENV_S:-20} BUILD_S=${BUILD_S:-100} TESTS_S=${TESTS_S:-150} PERF_S=${PERF_S:-95} TRAIN_S=${TRAIN_S:-50}
+ENV_S=${ENV_S:-20} BUILD_S=${BUILD_S:-100} TESTS_S=${TESTS_S:-140} PERF_S=${PERF_S:-105} TRAIN_S=${TRAIN_S:-50}
 WORKERS=${WORKERS:-10} DEFAULT_WORKERS=${DEFAULT_WORKERS:-4}
 KERNELS=${KERNELS:-default next}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
