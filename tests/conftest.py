@@ -34,7 +34,9 @@ def worker_threads(threads, workers, omp_num_threads=None, cores=None):
     references ran an order of magnitude slower than on their own."""
     if omp_num_threads or workers <= 1:
         return threads
-    return min(threads, max(2, (cores or os.cpu_count() or 1) // workers))
+    if cores is None:  # the cores this process may run on (affinity), else all of them
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(threads, max(2, cores // workers))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -106,7 +106,9 @@ RESULTS = [{"collected": 9},
            {"test": "tests/test_a.py::test_bad[cuda]", "outcome": "failed", "seconds": 2.0,
             "message": "E   AssertionError: boom\ntests/test_a.py:7: AssertionError"},
            {"test": "tests/test_b.py::test_skip[cuda]", "outcome": "skipped", "seconds": 0.0},
-           {"test": "tests/test_b.py::test_fixture[cuda]", "outcome": "error", "seconds": 0.1, "message": "E   crash"}]
+           {"test": "tests/test_b.py::test_fixture[cuda]", "outcome": "error", "seconds": 0.1, "message": "E   crash"},
+           {"test": "tests/test_b.py::test_known[cuda]", "outcome": "xfailed", "seconds": 0.2},
+           {"test": "tests/test_b.py::test_fixed[cuda]", "outcome": "xpassed"}, []]  # no seconds; not a record
 
 
 def test_summary_from_the_per_test_log_of_a_stopped_run(tmp_path):
@@ -119,11 +121,12 @@ def test_summary_from_the_per_test_log_of_a_stopped_run(tmp_path):
     lines = [json.dumps(r) for r in RESULTS] + ['{"test": "tests/test_c.py::te']
     (tmp_path / "tests-next.jsonl").write_text("\n".join(lines))
     text = gpu_check_summary.summary(str(tmp_path))
-    assert ("## tests-next (IDD_OPS_CUDA_NEXT=1 kernels): 4 of 9 collected ran: 2 passed, 1 failed, 1 errors, "
-            "1 skipped; 34 s of test time across the workers") in text
+    assert ("## tests-next (IDD_OPS_CUDA_NEXT=1 kernels): 6 of 9 collected ran: 2 passed, 1 failed, 1 errors, "
+            "1 skipped, 1 xfailed, 1 xpassed; 34 s of test time across the workers") in text
+    assert "- XPASSED tests/test_b.py::test_fixed[cuda] (0.0 s)" in text
     assert "- FAILED tests/test_a.py::test_bad[cuda] (2.0 s)" in text and "  E   AssertionError: boom" in text
     assert "- ERROR tests/test_b.py::test_fixture[cuda] (0.1 s)" in text and "  E   crash" in text
-    assert "Slowest 4: tests/test_a.py::test_slow[cuda] 31.0 s; tests/test_a.py::test_bad[cuda] 2.0 s" in text
+    assert "Slowest 6: tests/test_a.py::test_slow[cuda] 31.0 s; tests/test_a.py::test_bad[cuda] 2.0 s" in text
 
 
 @pytest.mark.parametrize("workers", [None, "2"])
@@ -137,7 +140,8 @@ def test_the_per_test_log_is_written_as_tests_finish(tmp_path, workers):
     (tmp_path / "test_sample.py").write_text(
         "import pytest\n\ndef test_ok():\n    pass\n\ndef test_bad():\n    assert 1 == 2, 'one is not two'\n\n"
         "@pytest.mark.skip(reason='no')\ndef test_skipped():\n    pass\n\n"
-        "@pytest.fixture\ndef broken():\n    raise RuntimeError('fixture broke')\n\ndef test_error(broken):\n    pass\n")
+        "@pytest.fixture\ndef broken():\n    raise RuntimeError('fixture broke')\n\ndef test_error(broken):\n    pass\n\n"
+        "@pytest.mark.xfail(reason='known')\ndef test_known():\n    assert False\n")
     log = tmp_path / "results.jsonl"
     env = dict(os.environ, IDD_OPS_TEST_LOG=str(log), PYTHONPATH=os.path.join(ROOT, "tests"))
     env.pop("PYTEST_XDIST_WORKER", None)
@@ -146,9 +150,10 @@ def test_the_per_test_log_is_written_as_tests_finish(tmp_path, workers):
                           text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout[-2000:]
     records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert records[0] == {"collected": 4}
+    assert records[0] == {"collected": 5}
     outcomes = {r["test"].split("::")[1]: r["outcome"] for r in records[1:]}
-    assert outcomes == {"test_ok": "passed", "test_bad": "failed", "test_skipped": "skipped", "test_error": "error"}
+    assert outcomes == {"test_ok": "passed", "test_bad": "failed", "test_skipped": "skipped", "test_error": "error",
+                        "test_known": "xfailed"}
     messages = {r["test"].split("::")[1]: r.get("message", "") for r in records[1:]}
     assert "one is not two" in messages["test_bad"] and "fixture broke" in messages["test_error"]
     assert messages["test_ok"] == ""
