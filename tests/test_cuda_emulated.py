@@ -149,12 +149,16 @@ def test_pixel_centroid_cosine(kernels):
     close(kernels._pixel_centroid_cosine_backward(*args), CPU._pixel_centroid_cosine_backward(*args), atol=1e-4)
 
 
-def test_pixel_centroid_cosine_slots(kernels):
-    x, cent = randn(2, 24, 16, 20), randn(2, K, 24, seed=1)
-    slots = CPU._label_slots(labels(2, 32, 40), 16, 20, K, 255)
+# (B, C, H, W): whole 32-pixel forward blocks and every channel group busy; then a last block
+# part past HW, and fewer channels than the forward block's 8 channel groups.
+@pytest.mark.parametrize("shape", [(2, 24, 16, 20), (3, 5, 7, 9)])
+def test_pixel_centroid_cosine_slots(kernels, shape):
+    B, C, H, W = shape
+    x, cent = randn(B, C, H, W), randn(B, K, C, seed=1)
+    slots = CPU._label_slots(labels(B, 2 * H, 2 * W), H, W, K, 255)
     close(kernels._pixel_centroid_cosine_slots(x, cent, slots, 1e-8), CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8))
     cos, norms = CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8)
-    args = (randn(2, 16, 20, seed=2), x, cent, slots, cos, norms, 1e-8)
+    args = (randn(B, H, W, seed=2), x, cent, slots, cos, norms, 1e-8)
     close(kernels._pixel_centroid_cosine_slots_backward(*args), CPU._pixel_centroid_cosine_slots_backward(*args), atol=1e-4)
 
 

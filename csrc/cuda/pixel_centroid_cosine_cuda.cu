@@ -291,8 +291,16 @@ struct ClassSums {
   }
 };
 
-// One thread per pixel of image blockIdx.y (grid-strided over images and pixels); neighbouring
-// threads read neighbouring pixels of each channel.
+// Pixels a forward block takes (one per lane) and the channel groups it splits them over (one
+// per warp): kThreads / kCosinePixels warps.
+constexpr int kCosinePixels = 32, kCosineGroups = kThreads / kCosinePixels;
+
+// Block (x, b) takes pixels [32 x, 32 x + 32) of image b (images grid-strided). Warp w adds
+// channels w, w + 8, ... of its lane's pixel: each load is 32 neighbouring pixels of one channel,
+// and a block has 8 loads in flight per unrolled step where one thread per pixel walking all C
+// channels in series kept too few bytes in flight to reach the memory bound (the H200 measured
+// IFVD's forward at 5x its bound so). The 8 partial sums add in warp order: the same bits on
+// every run.
 template <typename scalar_t>
 __global__ void cosine_slots_forward_kernel(const scalar_t* __restrict__ f, const at::opmath_type<scalar_t>* __restrict__ cent,
                                             const at::opmath_type<scalar_t>* __restrict__ cnorm,
@@ -300,22 +308,31 @@ __global__ void cosine_slots_forward_kernel(const scalar_t* __restrict__ f, cons
                                             at::opmath_type<scalar_t> eps, at::opmath_type<scalar_t>* __restrict__ cos,
                                             at::opmath_type<scalar_t>* __restrict__ fnorm) {
   using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t part_dot[kCosineGroups][kCosinePixels], part_nf[kCosineGroups][kCosinePixels];
+  const int lane = threadIdx.x % kCosinePixels, group = threadIdx.x / kCosinePixels;
+  const int64_t p = blockIdx.x * static_cast<int64_t>(kCosinePixels) + lane;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < HW;
-         p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const int k = slot_class(slots + b * HW, p, K);
+    const int k = p < HW ? slot_class(slots + b * HW, p, K) : -1;
+    acc_t dot = 0, nf = 0;
+    if (p < HW) {
       const scalar_t* x = f + b * C * HW + p;
       const acc_t* cy = cent + (b * K + (k >= 0 ? k : 0)) * C;  // an ignored pixel's dot is never used
-      acc_t dot = 0, nf = 0;
-      for (int64_t c = 0; c < C; ++c, x += HW) {
-        const acc_t v = static_cast<acc_t>(*x);
+#pragma unroll 4
+      for (int64_t c = group; c < C; c += kCosineGroups) {
+        const acc_t v = static_cast<acc_t>(x[c * HW]);
         nf += v * v;
         dot += v * cy[c];
       }
+    }
+    part_dot[group][lane] = dot, part_nf[group][lane] = nf;
+    __syncthreads();
+    if (group == 0 && p < HW) {
+      for (int g = 1; g < kCosineGroups; ++g) dot += part_dot[g][lane], nf += part_nf[g][lane];
       const acc_t norm = sqrt(nf);
       fnorm[b * HW + p] = norm;
       cos[b * HW + p] = k >= 0 ? clamped_cosine(dot, norm, cnorm[b * K + k], eps) : acc_t(1);
     }
+    __syncthreads();  // the next image overwrites the partial sums
   }
 }
 
@@ -434,11 +451,6 @@ SumLayout class_sum_layout(int64_t K, size_t bytes) {
   return {warps, static_cast<unsigned>(32 * std::max(warps, 1)), static_cast<size_t>(warps * K * bytes)};
 }
 
-// Grid of (pixel blocks, images) for the slot kernels' loops over HW pixels of B images.
-dim3 image_pixel_grid(int64_t B, int64_t HW) {
-  return dim3(static_cast<unsigned>(blocks_for(HW)), static_cast<unsigned>(std::min<int64_t>(B, 65535)));
-}
-
 std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_kernel(const at::Tensor& feats_in,
                                                                       const at::Tensor& centroids_in,
                                                                       const at::Tensor& slots_in, double eps) {
@@ -455,7 +467,9 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_kernel(const at::
   const at::Tensor cnorm = centroid_norms(cent, stream);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_slots_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    cosine_slots_forward_kernel<scalar_t><<<image_pixel_grid(B, HW), kThreads, 0, stream>>>(
+    const dim3 grid(static_cast<unsigned>((HW + kCosinePixels - 1) / kCosinePixels),
+                    static_cast<unsigned>(std::min<int64_t>(B, 65535)));
+    cosine_slots_forward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         feats.const_data_ptr<scalar_t>(), cent.const_data_ptr<acc_t>(), cnorm.const_data_ptr<acc_t>(),
         slots.const_data_ptr<int16_t>(), B, C, HW, static_cast<int>(K), static_cast<acc_t>(eps), cos.data_ptr<acc_t>(),
         fnorm.data_ptr<acc_t>());
