@@ -85,9 +85,15 @@ TORCH_LIBRARY(idd_ops, m) {
   // its forward and backward (which saves the map, not the labels) read it with no resize. A
   // separate op rather than a changed schema: the labels op stays the tested CUDA default until a
   // GPU has run the slot kernels (IDD_OPS_CUDA_NEXT), and its callers keep their arguments.
-  m.def("_pixel_centroid_cosine_slots(Tensor feats, Tensor centroids, Tensor slots, float eps) -> (Tensor, Tensor)");
+  // counts ([B, K] int64, optional): the centroids are feats' own class means over the slot map,
+  // with these pixel counts, and the backward's grad_feats also carries the path through them
+  // (each pixel of class k gets grad_centroids[k] / counts[k]), so IFVD's student needs no class-sum
+  // backward pass and no gradient sum after it; the second gradient output is grad_centroids as
+  // without counts. Without counts the centroids are an independent input.
+  m.def("_pixel_centroid_cosine_slots(Tensor feats, Tensor centroids, Tensor slots, float eps, Tensor? counts=None) "
+        "-> (Tensor, Tensor)");
   m.def("_pixel_centroid_cosine_slots_backward(Tensor grad, Tensor feats, Tensor centroids, Tensor slots, "
-        "Tensor cos, Tensor feat_norms, float eps) -> (Tensor, Tensor)");
+        "Tensor cos, Tensor feat_norms, float eps, Tensor? counts=None) -> (Tensor, Tensor)");
 }
 
 namespace {

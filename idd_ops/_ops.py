@@ -331,12 +331,12 @@ def _(grad, feats, centroids, labels, cos, feat_norms, ignore_index, eps):
 
 
 @register_fake("idd_ops::_pixel_centroid_cosine_slots")
-def _(feats, centroids, slots, eps):
+def _(feats, centroids, slots, eps, counts=None):
     return _cosine_fake(feats)
 
 
 @register_fake("idd_ops::_pixel_centroid_cosine_slots_backward")
-def _(grad, feats, centroids, slots, cos, feat_norms, eps):
+def _(grad, feats, centroids, slots, cos, feat_norms, eps, counts=None):
     return _cosine_grads_fake(feats, centroids)
 
 
@@ -361,19 +361,23 @@ register_autograd("idd_ops::pixel_centroid_cosine", _cosine_backward, setup_cont
 
 
 def _cosine_slots_setup(ctx, inputs, output):
-    feats, centroids, slots, eps = inputs
+    feats, centroids, slots, eps, counts = inputs
+    if counts is not None and centroids.requires_grad:
+        raise ValueError("centroids: with counts they are feats' own class means, whose gradient reaches feats "
+                         "inside the op; pass them detached")
     _no_zero_fills(ctx)
-    ctx.save_for_backward(feats, centroids, slots, output[0], output[1])
+    ctx.save_for_backward(feats, centroids, slots, output[0], output[1], counts)
     ctx.mark_non_differentiable(output[1])
     ctx.eps = eps
 
 
 def _cosine_slots_backward(ctx, grad, _grad_norms):
     if grad is None:
-        return (None,) * 4
-    feats, centroids, slots, cos, norms = ctx.saved_tensors
-    grad_f, grad_c = ops._pixel_centroid_cosine_slots_backward(grad, feats, centroids, slots, cos, norms, ctx.eps)
-    return grad_f if ctx.needs_input_grad[0] else None, grad_c if ctx.needs_input_grad[1] else None, None, None
+        return (None,) * 5
+    feats, centroids, slots, cos, norms, counts = ctx.saved_tensors
+    grad_f, grad_c = ops._pixel_centroid_cosine_slots_backward(grad, feats, centroids, slots, cos, norms, ctx.eps,
+                                                               counts)
+    return grad_f if ctx.needs_input_grad[0] else None, grad_c if ctx.needs_input_grad[1] else None, None, None, None
 
 
 register_autograd("idd_ops::_pixel_centroid_cosine_slots", _cosine_slots_backward, setup_context=_cosine_slots_setup)

@@ -173,15 +173,20 @@ def intra_class_variation_loss(student_feats: Tensor, teacher_feats: Tensor, lab
     slots = None
     if sums or (_switches.slot_map_path(student_feats.device) and num_classes <= MAX_SLOT_CLASSES):
         slots = slots_for(labels, student_feats, num_classes, ignore_index)
+    counts = (None, None)
     if sums:  # one class pass for both
-        ss, ns, st, nt = pair_sums(*pair, labels, num_classes, ignore_index, slots=slots)
+        # the sums are constants to autograd: the student's cosine op, given its counts, carries the
+        # gradient through its centroids itself (one pass writes the student's gradient)
+        ss, ns, st, nt = pair_sums(*(f.detach() for f in pair), labels, num_classes, ignore_index, slots=slots)
+        counts = (ns, None)
         # the cosine op computes in the features' accumulation dtype, whatever the sums' dtype
         centroids = (centroids_from_sums(ss, ns, acc_dtype(pair[0].dtype)),
                      centroids_from_sums(st, nt, acc_dtype(pair[1].dtype)))
     else:
         centroids = tuple(ops.class_centroids(f, labels, num_classes, ignore_index)[0] for f in pair)
     if slots is not None:
-        maps = [ops._pixel_centroid_cosine_slots(f, c, slots, float(eps))[0] for f, c in zip(pair, centroids)]
+        maps = [ops._pixel_centroid_cosine_slots(f, c, slots, float(eps), n)[0]
+                for f, c, n in zip(pair, centroids, counts)]
     else:
         maps = [ops.pixel_centroid_cosine(f, c, labels, ignore_index, float(eps))[0] for f, c in zip(pair, centroids)]
     return F.mse_loss(maps[0], maps[1], reduction=reduction).to(loss_dtype(student_feats))

@@ -42,6 +42,80 @@ def test_map_and_gradients_match_the_reference(device, case):
         torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-8 * float(w.abs().max()))
 
 
+def _own_centroids(feats, y, case):
+    """The class means of feats (differentiable through feats) and their counts, from labels y."""
+    return reference.class_centroids(feats, y, case.K, case.ignore_index)
+
+
+@pytest.mark.parametrize("case", EDGE_CASES, ids=[c.id for c in EDGE_CASES])
+def test_own_centroids_carry_their_gradient_to_feats(device, case):
+    """With counts, the centroids are feats' own class means: feats' gradient is the whole one, the
+    reference's through both the map and the centroids (IFVD's student on the class-sum path)."""
+    y = case.labels(device)
+    feats, _, slots = _inputs(case, device)
+    feats.requires_grad_()
+    centroids, counts = _own_centroids(feats.detach(), y, case)
+    cos, _ = ops._pixel_centroid_cosine_slots(feats, centroids, slots, 1e-8, counts)
+    want = reference.pixel_centroid_cosine(feats, _own_centroids(feats, y, case)[0], slots, 1e-8)
+    torch.testing.assert_close(cos, want, rtol=1e-10, atol=1e-12)
+    weight = torch.linspace(0.5, 1.5, cos.numel(), dtype=torch.float64, device=device).view(cos.shape)
+    got = torch.autograd.grad((cos * weight).sum(), feats)[0]
+    expected = torch.autograd.grad((want * weight).sum(), feats)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8 * float(expected.abs().max()))
+
+
+def test_own_centroids_backward_outputs(device):
+    """The backward with counts: grad_feats is the one without counts plus each pixel's share
+    grad_centroids[k] / counts[k]; grad_centroids is the same as without counts."""
+    case = next(c for c in CASES if c.id == "absent-classes")
+    y = case.labels(device)
+    feats, _, slots = _inputs(case, device)
+    centroids, counts = _own_centroids(feats, y, case)
+    cos, norms = ops._pixel_centroid_cosine_slots(feats, centroids, slots, 1e-8)
+    grad = torch.linspace(-1, 1, cos.numel(), dtype=torch.float64, device=device).view(cos.shape)
+    plain_f, plain_c = ops._pixel_centroid_cosine_slots_backward(grad, feats, centroids, slots, cos, norms, 1e-8)
+    own_f, own_c = ops._pixel_centroid_cosine_slots_backward(grad, feats, centroids, slots, cos, norms, 1e-8, counts)
+    torch.testing.assert_close(own_c, plain_c, rtol=1e-12, atol=1e-14)
+    share = plain_c / counts.clamp_min(1)[..., None]
+    want = plain_f + ops._class_sums_backward(share, slots, torch.float64, False)
+    torch.testing.assert_close(own_f, want, rtol=1e-10, atol=1e-12)
+    assert (counts == 0).any()  # the case leaves a class absent: its share goes nowhere
+
+
+def test_own_centroids_gradcheck():
+    K = 4
+    y = make_labels(2, 5, 7, K, ignore_frac=0.2, blocky=False)
+    slots = ops._label_slots(y, 5, 7, K, 255)
+    feats = make_feats(2, 3, 5, 7).requires_grad_()
+
+    def cosine(f):
+        centroids, counts = reference.class_centroids(f.detach(), y, K)
+        return ops._pixel_centroid_cosine_slots(f, centroids, slots, 1e-8, counts)[0]
+    assert gradcheck(cosine, (feats,))
+
+
+def test_own_centroids_must_be_constants():
+    feats = make_feats(2, 3, 4, 5).requires_grad_()
+    centroids = torch.ones(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="centroids: with counts"):
+        ops._pixel_centroid_cosine_slots(feats, centroids, _good_slots(), 1e-8, torch.ones(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("counts,error,text", [
+    (torch.ones(2, 4, dtype=torch.int32), TypeError, "counts: expected int64"),
+    (torch.ones(2, 3, dtype=torch.long), ValueError, r"counts: expected shape \[2, 4\]"),
+])
+def test_bad_counts_raise(counts, error, text):
+    feats = make_feats(2, 3, 4, 5)
+    cent = torch.ones(2, 4, 3, dtype=torch.float64)
+    with pytest.raises(error, match=text):
+        ops._pixel_centroid_cosine_slots(feats, cent, _good_slots(), 1e-8, counts)
+    cos, norms = ops._pixel_centroid_cosine_slots(feats, cent, _good_slots(), 1e-8)
+    with pytest.raises(error, match=text):
+        ops._pixel_centroid_cosine_slots_backward(torch.ones_like(cos), feats, cent, _good_slots(), cos, norms, 1e-8,
+                                                  counts)
+
+
 def test_equals_the_labels_op(device):
     """The same map and gradients, bit for bit, as pixel_centroid_cosine on the labels the slot map
     came from (resized up, with ignored pixels)."""
@@ -87,6 +161,8 @@ def test_opcheck(device):
     c = torch.randn(2, 4, 3, device=device, requires_grad=True)
     slots = ops._label_slots(make_labels(2, 8, 10, 4, device=device), 4, 5, 4, 255)
     torch.library.opcheck(ops._pixel_centroid_cosine_slots.default, (f, c, slots, 1e-8))
+    counts = torch.ones(2, 4, dtype=torch.long, device=device)
+    torch.library.opcheck(ops._pixel_centroid_cosine_slots.default, (f, c.detach(), slots, 1e-8, counts))
 
 
 def _call(slots, feats=None, K=4):

@@ -311,6 +311,21 @@ def test_class_sums_backward(ops, dtype, channels_last, C, H, W):
     assert torch.equal(got, want)
 
 
+def test_class_sums_backward_plans(ops):
+    """NCHW: a block per (b, c) row with the row's K table entries in shared memory (one warp for
+    a row of 21 pixels, 256 threads for 1024 vectors), and the per-pixel gather where K entries
+    pass 48 KiB (12289 float32); the same values either way. The launch log shows the plan."""
+    for K, H, W, plan in [(6, 3, 7, (2 * 5, 32, 6 * 4)), (6, 64, 64, (2 * 5, 256, 6 * 4)),
+                          (12289, 3, 8, (1, 256, 0))]:
+        s = slots(2, H, W, K, blocky=False)
+        s[0, 0, :3] = K - 1
+        grad = torch.randn(2, K, 5, dtype=f64, generator=torch.Generator().manual_seed(K))
+        launches(ops)
+        got = ops._class_sums_backward(grad, s, f32, False)
+        assert launches(ops) == [plan]
+        assert torch.equal(got, CPU._class_sums_backward(grad, s, f32, False))
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_class_sums_backward_index64(ops, channels_last, monkeypatch):
     """The 64-bit index path (IDD_OPS_FORCE_INDEX64=1), vector and scalar."""

@@ -263,8 +263,9 @@ def test_pixel_centroid_cosine_slots(next_kernels, case, dtype):
     close(next_kernels._pixel_centroid_cosine_slots(x, cent, slots, 1e-8), want)
     grad = randn(*want[0].shape, seed=2, dtype=want[0].dtype)
     args = (grad, x, cent, slots, *want, 1e-8)
-    close(next_kernels._pixel_centroid_cosine_slots_backward(*args),
-          CPU._pixel_centroid_cosine_slots_backward(*args), atol=1e-4)
+    for own in ((), (_slot_counts(slots, case.K),)):  # independent centroids, then feats' own
+        close(next_kernels._pixel_centroid_cosine_slots_backward(*args, *own),
+              CPU._pixel_centroid_cosine_slots_backward(*args, *own), atol=1e-4)
 
 
 def _many_class_inputs(K, dtype, C=3, H=5, W=13):
@@ -288,8 +289,9 @@ def test_pixel_centroid_cosine_many_classes(next_kernels, K, dtype):
     want = CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8)
     grad = randn(*want[0].shape, seed=2, dtype=dtype)
     args = (grad, x, cent, slots, *want, 1e-8)
-    close(next_kernels._pixel_centroid_cosine_slots_backward(*args),
-          CPU._pixel_centroid_cosine_slots_backward(*args), atol=1e-4)
+    for own in ((), (_slot_counts(slots, K),)):
+        close(next_kernels._pixel_centroid_cosine_slots_backward(*args, *own),
+              CPU._pixel_centroid_cosine_slots_backward(*args, *own), atol=1e-4)
     args = (grad, x, cent, y, *want, 255, 1e-8)
     close(next_kernels._pixel_centroid_cosine_backward(*args), CPU._pixel_centroid_cosine_backward(*args), atol=1e-4)
 
@@ -308,6 +310,11 @@ def _spread_slots_inputs(K, dtype, B=2, C=3, H=53, W=97, seed=0):
     cos, norms = CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8)
     grad = randn(*cos.shape, seed=seed + 2, dtype=cos.dtype)
     return grad, x, cent, slots, cos, norms, 1e-8
+
+
+def _slot_counts(slots, K):
+    """[B, K] int64 pixels of each class in a slot map (the counts of the centroids' own classes)."""
+    return torch.nn.functional.one_hot(slots.long().flatten(1) + 1, K + 1)[..., 1:].sum(1)
 
 
 def _class_sum_layout(K, acc_bytes, budget=48 * 1024, threads=256):
@@ -330,23 +337,25 @@ def _class_sum_layout(K, acc_bytes, budget=48 * 1024, threads=256):
 def test_pixel_centroid_cosine_slots_backward_is_deterministic(emu, K, dtype):
     """The slots backward adds its class sums in a fixed order, without atomics: the same bits
     for every order of blocks and threads (three emulator seeds), and the CPU op's values; the
-    launch log shows the class-sum layout each K takes."""
-    args = _spread_slots_inputs(K, dtype)
-    want = CPU._pixel_centroid_cosine_slots_backward(*args)
-    runs = []
-    for seed in (1, 2, 3):
-        emu._emu_configure(True, seed)
-        emu._emu_launch_log()
-        runs.append(emu._pixel_centroid_cosine_slots_backward(*args))
-        log = emu._emu_launch_log()
-        shapes = [tuple(log[i + 1:i + 3]) for i in range(0, len(log), 3)]
-        acc_bytes = 8 if dtype == torch.float64 else 4
-        assert shapes.count(_class_sum_layout(K, acc_bytes)) == 2, shapes  # the factors and rows kernels
-    tol = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2  # half grad_feats: one rounding
-    close(runs[0], want, rtol=tol, atol=tol)
-    for run in runs[1:]:
-        for got, first in zip(run, runs[0]):
-            assert torch.equal(got, first)
+    launch log shows the class-sum layout each K takes. With the centroids' own counts (the
+    second pass over each row) as well."""
+    plain = _spread_slots_inputs(K, dtype)
+    for args in (plain, plain + (_slot_counts(plain[3], K),)):
+        want = CPU._pixel_centroid_cosine_slots_backward(*args)
+        runs = []
+        for seed in (1, 2, 3):
+            emu._emu_configure(True, seed)
+            emu._emu_launch_log()
+            runs.append(emu._pixel_centroid_cosine_slots_backward(*args))
+            log = emu._emu_launch_log()
+            shapes = [tuple(log[i + 1:i + 3]) for i in range(0, len(log), 3)]
+            acc_bytes = 8 if dtype == torch.float64 else 4
+            assert shapes.count(_class_sum_layout(K, acc_bytes)) == 2, shapes  # the factors and rows kernels
+        tol = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2  # half grad_feats: one rounding
+        close(runs[0], want, rtol=tol, atol=tol)
+        for run in runs[1:]:
+            for got, first in zip(run, runs[0]):
+                assert torch.equal(got, first)
 
 
 def test_pixel_centroid_cosine_labels_backward_class_limit(default_kernels):
@@ -374,8 +383,9 @@ def test_pixel_centroid_cosine_slots_write_every_output(emu, poisoned_empties, K
                          CPU._pixel_centroid_cosine_slots(x, cent, slots, eps)):
         close(got, want)
     args = (grad, x, cent, slots, cos, norms, eps)
-    close(emu._pixel_centroid_cosine_slots_backward(*args), CPU._pixel_centroid_cosine_slots_backward(*args),
-          atol=1e-4)
+    for own in ((), (_slot_counts(slots, K),)):  # with counts every pixel is written by the second pass
+        close(emu._pixel_centroid_cosine_slots_backward(*args, *own),
+              CPU._pixel_centroid_cosine_slots_backward(*args, *own), atol=1e-4)
 
 
 def test_pixel_centroid_cosine_slots_without_pixels(emu, poisoned_empties):

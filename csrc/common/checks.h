@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <optional>
 #include <string>
 
 #include "enums.h"
@@ -296,11 +297,13 @@ inline void check_pixel_centroid_cosine_inputs(const at::Tensor& feats, const at
 // slots [B, H, W] int16 for feats [B, C, H, W]; their values, in [-1, K), are checked where
 // they are read (the CPU raises a ValueError, CUDA stops with a device-side assert).
 inline void check_pixel_centroid_cosine_slots_inputs(const at::Tensor& feats, const at::Tensor& centroids,
-                                                     const at::Tensor& slots, double eps) {
+                                                     const at::Tensor& slots, double eps,
+                                                     const std::optional<at::Tensor>& counts = std::nullopt) {
   check_feats_and_centroids(feats, centroids);
   check_slots(slots, feats.size(0), feats, "feats");
   check_size(slots, "slots", {feats.size(0), feats.size(2), feats.size(3)}, "one class slot per feature pixel");
   check_eps(eps);
+  if (counts) check_counts(*counts, "counts", centroids.size(0), centroids.size(1), feats, "feats");
 }
 
 // grad, cos and feat_norms [B, H, W] of feats [B, C, H, W], in the accumulation dtype.
@@ -331,8 +334,9 @@ inline void check_pixel_centroid_cosine_backward_inputs(const at::Tensor& grad, 
 inline void check_pixel_centroid_cosine_slots_backward_inputs(const at::Tensor& grad, const at::Tensor& feats,
                                                               const at::Tensor& centroids, const at::Tensor& slots,
                                                               const at::Tensor& cos, const at::Tensor& feat_norms,
-                                                              double eps) {
-  check_pixel_centroid_cosine_slots_inputs(feats, centroids, slots, eps);
+                                                              double eps,
+                                                              const std::optional<at::Tensor>& counts = std::nullopt) {
+  check_pixel_centroid_cosine_slots_inputs(feats, centroids, slots, eps, counts);
   check_pixel_maps(grad, feats, cos, feat_norms);
 }
 

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "../common/checks.h"
@@ -106,9 +107,12 @@ std::tuple<at::Tensor, at::Tensor> cosine_forward(const at::Tensor& feats_in, co
 
 // Gradients w.r.t. feats and centroids from the gradient of the cos map, using the forward's
 // cos map and feature norms (so the backward reads the features once).
+// With `counts` (the centroids' own class counts, op schema in idd_ops.cpp), grad_f also carries
+// the path through the centroids.
 std::tuple<at::Tensor, at::Tensor> cosine_backward(const at::Tensor& grad_in, const at::Tensor& feats_in,
                                                    const at::Tensor& centroids_in, const std::vector<LabelRuns>& runs,
-                                                   const at::Tensor& cos_in, const at::Tensor& fnorm_in, double eps) {
+                                                   const at::Tensor& cos_in, const at::Tensor& fnorm_in, double eps,
+                                                   const std::optional<at::Tensor>& counts = std::nullopt) {
   const CosineBackwardTensors t = cosine_backward_tensors(grad_in, feats_in, centroids_in, cos_in, fnorm_in);
   const at::Tensor &feats = t.feats, &cent = t.cent, &grad = t.grad, &cosv = t.cos, &fnorm = t.fnorm;
   const at::Tensor &grad_f = t.grad_f, &grad_c = t.grad_c;
@@ -136,6 +140,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_backward(const at::Tensor& grad_in, co
     }
     scalar_t* gf = grad_f.data_ptr<scalar_t>();
     acc_t* gc = grad_c.data_ptr<acc_t>();
+    const at::Tensor counts_c = counts ? counts->contiguous() : at::Tensor();
+    const int64_t* n = counts ? counts_c.const_data_ptr<int64_t>() : nullptr;
     at::parallel_for(0, B * C, 4, [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> sums(K);
       for (int64_t row = r0; row < r1; ++row) {
@@ -168,6 +174,16 @@ std::tuple<at::Tensor, at::Tensor> cosine_backward(const at::Tensor& grad_in, co
           if (k >= 0) sums[k] += sum;
         });
         for (int64_t k = 0; k < K; ++k) gc[(b * K + k) * C + c] = sums[k] + bc_sum[b * K + k] * cp[(b * K + k) * C + c];
+        if (n == nullptr) continue;
+        // own centroids: the row again, each pixel with its share of its centroid's gradient
+        // (written whole, not added to the rounded value above)
+        for_each_run(runs[b], 0, HW, [&](int64_t first, int64_t last, int64_t k) {
+          if (k < 0) return;
+          const acc_t centre = cp[(b * K + k) * C + c];
+          const acc_t share = gc[(b * K + k) * C + c] / static_cast<acc_t>(std::max<int64_t>(n[b * K + k], 1));
+          for (int64_t p = first; p < last; ++p)
+            out[p] = static_cast<scalar_t>(ab[p] * centre + bb[p] * static_cast<acc_t>(x[p]) + share);
+        });
       }
     });
   });
@@ -192,16 +208,18 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_backward_kernel(
 
 std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_kernel(const at::Tensor& feats,
                                                                       const at::Tensor& centroids,
-                                                                      const at::Tensor& slots, double eps) {
-  check_pixel_centroid_cosine_slots_inputs(feats, centroids, slots, eps);
+                                                                      const at::Tensor& slots, double eps,
+                                                                      const std::optional<at::Tensor>& counts) {
+  check_pixel_centroid_cosine_slots_inputs(feats, centroids, slots, eps, counts);
   return cosine_forward(feats, centroids, slot_runs_per_image(slots, centroids.size(1)), eps);
 }
 
 std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
     const at::Tensor& grad, const at::Tensor& feats, const at::Tensor& centroids, const at::Tensor& slots,
-    const at::Tensor& cos, const at::Tensor& fnorm, double eps) {
-  check_pixel_centroid_cosine_slots_backward_inputs(grad, feats, centroids, slots, cos, fnorm, eps);
-  return cosine_backward(grad, feats, centroids, slot_runs_per_image(slots, centroids.size(1)), cos, fnorm, eps);
+    const at::Tensor& cos, const at::Tensor& fnorm, double eps, const std::optional<at::Tensor>& counts) {
+  check_pixel_centroid_cosine_slots_backward_inputs(grad, feats, centroids, slots, cos, fnorm, eps, counts);
+  return cosine_backward(grad, feats, centroids, slot_runs_per_image(slots, centroids.size(1)), cos, fnorm, eps,
+                         counts);
 }
 
 }  // namespace

@@ -379,14 +379,19 @@ __global__ void cosine_slots_factors_kernel(const acc_t* __restrict__ grad, cons
 // One block per (image, channel) row: writes that row of grad_feats and the channel's gradient
 // for every class centroid, from the class sums of a * x (ClassSums: `warps` as there; with no
 // shared sums, the one warp adds into grad_c itself) and the factor pass's per-segment sums.
+// With `counts` (own centroids: op schema in idd_ops.cpp) the row's gradient waits for the
+// centroid gradients: the first walk only sums, the second (the row again, from L2: 32 KiB at
+// the Cityscapes shape) writes each pixel with its share grad_c[k] / n_k added, which saves IFVD
+// a class-sum backward pass over the whole gradient and the sum of two gradients after it.
 template <typename scalar_t>
 __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f,
                                                   const at::opmath_type<scalar_t>* __restrict__ cent,
                                                   const at::opmath_type<scalar_t>* __restrict__ a,
                                                   const at::opmath_type<scalar_t>* __restrict__ bf,
                                                   const at::opmath_type<scalar_t>* __restrict__ bc_part,
-                                                  int64_t segments, const int16_t* __restrict__ slots, int64_t C,
-                                                  int64_t HW, int K, int warps, scalar_t* __restrict__ grad_f,
+                                                  int64_t segments, const int16_t* __restrict__ slots,
+                                                  const int64_t* __restrict__ counts, int64_t C, int64_t HW, int K,
+                                                  int warps, scalar_t* __restrict__ grad_f,
                                                   at::opmath_type<scalar_t>* grad_c) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ unsigned char smem_bytes[];
@@ -398,14 +403,15 @@ __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f
   const acc_t* ab = a + b * HW;
   const acc_t* bb = bf + b * HW;
   const acc_t* cb = cent + b * K * C + c;  // class k's value of channel c: cb[k * C]
+  const int16_t* sb = slots + b * HW;
   for (int64_t base = 0; base < HW; base += blockDim.x) {
     const int64_t p = base + threadIdx.x;
-    const int k = p < HW ? slot_class(slots + b * HW, p, K) : -1;
+    const int k = p < HW ? slot_class(sb, p, K) : -1;
     acc_t v = 0;
     if (p < HW) {
       // ignored pixels have a = bf = 0: their gradient is 0 * x, as for every pixel
       const acc_t xv = static_cast<acc_t>(x[p]), cy = k >= 0 ? cb[k * C] : acc_t(0);
-      out[p] = static_cast<scalar_t>(ab[p] * cy + bb[p] * xv);
+      if (counts == nullptr) out[p] = static_cast<scalar_t>(ab[p] * cy + bb[p] * xv);
       v = ab[p] * xv;
     }
     sums.add(k, v);
@@ -413,10 +419,21 @@ __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f
   __syncthreads();
   sums.finish(smem);
   const acc_t* part = bc_part + b * segments * K;
+  acc_t* gcb = grad_c + b * K * C + c;  // class k's gradient of channel c: gcb[k * C]
   for (int k = threadIdx.x; k < K; k += blockDim.x) {
     acc_t bc = 0;  // the factor pass's segments, in order: the same bits on every run
     for (int64_t s = 0; s < segments; ++s) bc += part[s * K + k];
-    grad_c[(b * K + k) * C + c] = sums.total(smem, k) + bc * cb[k * C];
+    gcb[k * C] = sums.total(smem, k) + bc * cb[k * C];
+  }
+  if (counts == nullptr) return;
+  __syncthreads();  // the block's writes of gcb above are visible to all its threads after it
+  const int64_t* nb = counts + b * K;
+  for (int64_t p = threadIdx.x; p < HW; p += blockDim.x) {
+    const int k = sb[p];  // checked by the first walk
+    const acc_t xv = static_cast<acc_t>(x[p]);
+    acc_t g = bb[p] * xv;
+    if (k >= 0) g += ab[p] * cb[k * C] + gcb[k * C] / static_cast<acc_t>(nb[k] > 1 ? nb[k] : 1);
+    out[p] = static_cast<scalar_t>(g);
   }
 }
 
@@ -453,8 +470,9 @@ SumLayout class_sum_layout(int64_t K, size_t bytes) {
 
 std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_kernel(const at::Tensor& feats_in,
                                                                       const at::Tensor& centroids_in,
-                                                                      const at::Tensor& slots_in, double eps) {
-  check_pixel_centroid_cosine_slots_inputs(feats_in, centroids_in, slots_in, eps);
+                                                                      const at::Tensor& slots_in, double eps,
+                                                                      const std::optional<at::Tensor>& counts) {
+  check_pixel_centroid_cosine_slots_inputs(feats_in, centroids_in, slots_in, eps, counts);
   const c10::cuda::CUDAGuard guard(feats_in.device());
   const at::Tensor feats = feats_in.contiguous(), slots = slots_in.contiguous();
   const int64_t B = feats.size(0), C = feats.size(1), HW = feats.size(2) * feats.size(3), K = centroids_in.size(1);
@@ -480,14 +498,16 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_kernel(const at::
 
 std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
     const at::Tensor& grad_in, const at::Tensor& feats_in, const at::Tensor& centroids_in, const at::Tensor& slots_in,
-    const at::Tensor& cos_in, const at::Tensor& fnorm_in, double eps) {
-  check_pixel_centroid_cosine_slots_backward_inputs(grad_in, feats_in, centroids_in, slots_in, cos_in, fnorm_in, eps);
+    const at::Tensor& cos_in, const at::Tensor& fnorm_in, double eps, const std::optional<at::Tensor>& counts_in) {
+  check_pixel_centroid_cosine_slots_backward_inputs(grad_in, feats_in, centroids_in, slots_in, cos_in, fnorm_in, eps,
+                                                    counts_in);
   const c10::cuda::CUDAGuard guard(feats_in.device());
   // the rows kernel writes every centroid gradient (ClassSums zeroes what it adds into)
   const CosineBackwardTensors t = cosine_backward_tensors(grad_in, feats_in, centroids_in, cos_in, fnorm_in,
                                                           /*zero_grad_c=*/false);
   const at::Tensor &feats = t.feats, &cent = t.cent, &grad = t.grad, &cosv = t.cos, &fnorm = t.fnorm;
   const at::Tensor &grad_f = t.grad_f, &grad_c = t.grad_c, slots = slots_in.contiguous();
+  const at::Tensor counts = counts_in ? counts_in->contiguous() : at::Tensor();
   const int64_t B = feats.size(0), C = feats.size(1), HW = feats.size(2) * feats.size(3), K = centroids_in.size(1);
   if (feats.numel() == 0) return {grad_f, grad_c.zero_().to(centroids_in.scalar_type())};  // no pixels: no gradient
   at::Tensor a = at::empty({B, HW}, cent.options()), bf = at::empty_like(a);
@@ -509,8 +529,9 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     cosine_slots_backward_rows_kernel<scalar_t><<<B * C, threads, shared, stream>>>(
         feats.const_data_ptr<scalar_t>(), cent.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(),
-        bf.const_data_ptr<acc_t>(), bc_part.const_data_ptr<acc_t>(), segments, slots.const_data_ptr<int16_t>(), C,
-        HW, static_cast<int>(K), warps, grad_f.data_ptr<scalar_t>(), grad_c.data_ptr<acc_t>());
+        bf.const_data_ptr<acc_t>(), bc_part.const_data_ptr<acc_t>(), segments, slots.const_data_ptr<int16_t>(),
+        counts.defined() ? counts.const_data_ptr<int64_t>() : nullptr, C, HW, static_cast<int>(K), warps,
+        grad_f.data_ptr<scalar_t>(), grad_c.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_f, grad_c.to(centroids_in.scalar_type())};
