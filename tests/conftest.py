@@ -22,8 +22,14 @@ TOLERANCES = {
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: runs only where a GPU is visible (tools/gpu_check.sh selects these)")
-    torch.set_num_threads(worker_threads(torch.get_num_threads(), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)),
-                                         os.environ.get("OMP_NUM_THREADS")))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+    torch.set_num_threads(worker_threads(torch.get_num_threads(), workers, os.environ.get("OMP_NUM_THREADS")))
+    if workers > 1 and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        # torch.compile tests compile inside their worker: inductor would otherwise start a pool of
+        # compile processes in every worker, one per core, each importing torch (14 pools on the
+        # GPU machine's 16 cores)
+        import torch._inductor.config as inductor_config
+        inductor_config.compile_threads = 1
 
 
 def worker_threads(threads, workers, omp_num_threads=None, cores=None):
