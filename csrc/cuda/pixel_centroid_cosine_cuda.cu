@@ -300,9 +300,11 @@ constexpr int kCosinePixels = 32, kCosineGroups = kThreads / kCosinePixels;
 // and a block has 8 loads in flight per unrolled step where one thread per pixel walking all C
 // channels in series kept too few bytes in flight to reach the memory bound (the H200 measured
 // IFVD's forward at 5x its bound so). The 8 partial sums add in warp order: the same bits on
-// every run.
+// every run. The centroids come channel-major (cent_t [B, C, K]: channel_major), so the
+// lanes of a fragmented map read their classes' values of a channel from K neighbouring words
+// rather than from K rows C values apart.
 template <typename scalar_t>
-__global__ void cosine_slots_forward_kernel(const scalar_t* __restrict__ f, const at::opmath_type<scalar_t>* __restrict__ cent,
+__global__ void cosine_slots_forward_kernel(const scalar_t* __restrict__ f, const at::opmath_type<scalar_t>* __restrict__ cent_t,
                                             const at::opmath_type<scalar_t>* __restrict__ cnorm,
                                             const int16_t* __restrict__ slots, int64_t B, int64_t C, int64_t HW, int K,
                                             at::opmath_type<scalar_t> eps, at::opmath_type<scalar_t>* __restrict__ cos,
@@ -316,12 +318,12 @@ __global__ void cosine_slots_forward_kernel(const scalar_t* __restrict__ f, cons
     acc_t dot = 0, nf = 0;
     if (p < HW) {
       const scalar_t* x = f + b * C * HW + p;
-      const acc_t* cy = cent + (b * K + (k >= 0 ? k : 0)) * C;  // an ignored pixel's dot is never used
+      const acc_t* cy = cent_t + b * C * K + (k >= 0 ? k : 0);  // an ignored pixel's dot is never used
 #pragma unroll 4
       for (int64_t c = group; c < C; c += kCosineGroups) {
         const acc_t v = static_cast<acc_t>(x[c * HW]);
         nf += v * v;
-        dot += v * cy[c];
+        dot += v * cy[c * K];
       }
     }
     part_dot[group][lane] = dot, part_nf[group][lane] = nf;
@@ -381,18 +383,21 @@ __global__ void cosine_slots_factors_kernel(const acc_t* __restrict__ grad, cons
 // shared sums, the one warp adds into grad_c itself) and the factor pass's per-segment sums.
 // With `counts` (own centroids: op schema in idd_ops.cpp) the row's gradient waits for the
 // centroid gradients: the first walk only sums, the second (the row again, from L2: 32 KiB at
-// the Cityscapes shape) writes each pixel with its share grad_c[k] / n_k added, which saves IFVD
-// a class-sum backward pass over the whole gradient and the sum of two gradients after it.
+// the Cityscapes shape) writes each pixel with its share grad_c[k] / n_k added (share_t, the
+// row's K shares side by side), which saves IFVD a class-sum backward pass over the whole
+// gradient and the sum of two gradients after it. The pixels read their class's centroid value
+// and share from K neighbouring words (channel-major tables), not from K rows C values apart.
 template <typename scalar_t>
 __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f,
-                                                  const at::opmath_type<scalar_t>* __restrict__ cent,
+                                                  const at::opmath_type<scalar_t>* __restrict__ cent_t,
                                                   const at::opmath_type<scalar_t>* __restrict__ a,
                                                   const at::opmath_type<scalar_t>* __restrict__ bf,
                                                   const at::opmath_type<scalar_t>* __restrict__ bc_part,
                                                   int64_t segments, const int16_t* __restrict__ slots,
                                                   const int64_t* __restrict__ counts, int64_t C, int64_t HW, int K,
                                                   int warps, scalar_t* __restrict__ grad_f,
-                                                  at::opmath_type<scalar_t>* grad_c) {
+                                                  at::opmath_type<scalar_t>* grad_c,
+                                                  at::opmath_type<scalar_t>* __restrict__ share_t) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ unsigned char smem_bytes[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
@@ -402,7 +407,7 @@ __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f
   scalar_t* out = grad_f + row * HW;
   const acc_t* ab = a + b * HW;
   const acc_t* bb = bf + b * HW;
-  const acc_t* cb = cent + b * K * C + c;  // class k's value of channel c: cb[k * C]
+  const acc_t* cb = cent_t + row * K;  // class k's value of channel c: cb[k] (channel-major table)
   const int16_t* sb = slots + b * HW;
   for (int64_t base = 0; base < HW; base += blockDim.x) {
     const int64_t p = base + threadIdx.x;
@@ -410,7 +415,7 @@ __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f
     acc_t v = 0;
     if (p < HW) {
       // ignored pixels have a = bf = 0: their gradient is 0 * x, as for every pixel
-      const acc_t xv = static_cast<acc_t>(x[p]), cy = k >= 0 ? cb[k * C] : acc_t(0);
+      const acc_t xv = static_cast<acc_t>(x[p]), cy = k >= 0 ? cb[k] : acc_t(0);
       if (counts == nullptr) out[p] = static_cast<scalar_t>(ab[p] * cy + bb[p] * xv);
       v = ab[p] * xv;
     }
@@ -420,19 +425,21 @@ __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f
   sums.finish(smem);
   const acc_t* part = bc_part + b * segments * K;
   acc_t* gcb = grad_c + b * K * C + c;  // class k's gradient of channel c: gcb[k * C]
+  acc_t* share = counts != nullptr ? share_t + row * K : nullptr;  // the row's shares, channel-major
   for (int k = threadIdx.x; k < K; k += blockDim.x) {
     acc_t bc = 0;  // the factor pass's segments, in order: the same bits on every run
     for (int64_t s = 0; s < segments; ++s) bc += part[s * K + k];
-    gcb[k * C] = sums.total(smem, k) + bc * cb[k * C];
+    const acc_t g = sums.total(smem, k) + bc * cb[k];
+    gcb[k * C] = g;
+    if (share != nullptr) share[k] = g / static_cast<acc_t>(counts[b * K + k] > 1 ? counts[b * K + k] : 1);
   }
-  if (counts == nullptr) return;
-  __syncthreads();  // the block's writes of gcb above are visible to all its threads after it
-  const int64_t* nb = counts + b * K;
+  if (share == nullptr) return;
+  __syncthreads();  // the block's writes of `share` above are visible to all its threads after it
   for (int64_t p = threadIdx.x; p < HW; p += blockDim.x) {
     const int k = sb[p];  // checked by the first walk
     const acc_t xv = static_cast<acc_t>(x[p]);
     acc_t g = bb[p] * xv;
-    if (k >= 0) g += ab[p] * cb[k * C] + gcb[k * C] / static_cast<acc_t>(nb[k] > 1 ? nb[k] : 1);
+    if (k >= 0) g += ab[p] * cb[k] + share[k];
     out[p] = static_cast<scalar_t>(g);
   }
 }
@@ -468,6 +475,9 @@ SumLayout class_sum_layout(int64_t K, size_t bytes) {
   return {warps, static_cast<unsigned>(32 * std::max(warps, 1)), static_cast<size_t>(warps * K * bytes)};
 }
 
+// Centroids [B, K, C] as the slot kernels read them, channel-major [B, C, K]: one small copy.
+at::Tensor channel_major(const at::Tensor& cent) { return cent.transpose(1, 2).contiguous(); }
+
 std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_kernel(const at::Tensor& feats_in,
                                                                       const at::Tensor& centroids_in,
                                                                       const at::Tensor& slots_in, double eps,
@@ -487,8 +497,9 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_kernel(const at::
     using acc_t = at::opmath_type<scalar_t>;
     const dim3 grid(static_cast<unsigned>((HW + kCosinePixels - 1) / kCosinePixels),
                     static_cast<unsigned>(std::min<int64_t>(B, 65535)));
+    const at::Tensor cent_t = channel_major(cent);
     cosine_slots_forward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        feats.const_data_ptr<scalar_t>(), cent.const_data_ptr<acc_t>(), cnorm.const_data_ptr<acc_t>(),
+        feats.const_data_ptr<scalar_t>(), cent_t.const_data_ptr<acc_t>(), cnorm.const_data_ptr<acc_t>(),
         slots.const_data_ptr<int16_t>(), B, C, HW, static_cast<int>(K), static_cast<acc_t>(eps), cos.data_ptr<acc_t>(),
         fnorm.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -527,11 +538,15 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
         cnorm.const_data_ptr<acc_t>(), slots.const_data_ptr<int16_t>(), B, HW, whole, static_cast<int>(K),
         static_cast<acc_t>(eps), warps, a.data_ptr<acc_t>(), bf.data_ptr<acc_t>(), bc_part.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const at::Tensor cent_t = channel_major(cent);
+    // with counts: each row's shares grad_c / n, channel-major like cent_t, for the second walk
+    at::Tensor share_t = counts.defined() ? at::empty({B, C, K}, cent.options()) : at::Tensor();
     cosine_slots_backward_rows_kernel<scalar_t><<<B * C, threads, shared, stream>>>(
-        feats.const_data_ptr<scalar_t>(), cent.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(),
+        feats.const_data_ptr<scalar_t>(), cent_t.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(),
         bf.const_data_ptr<acc_t>(), bc_part.const_data_ptr<acc_t>(), segments, slots.const_data_ptr<int16_t>(),
         counts.defined() ? counts.const_data_ptr<int64_t>() : nullptr, C, HW, static_cast<int>(K), warps,
-        grad_f.data_ptr<scalar_t>(), grad_c.data_ptr<acc_t>());
+        grad_f.data_ptr<scalar_t>(), grad_c.data_ptr<acc_t>(),
+        share_t.defined() ? share_t.data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_f, grad_c.to(centroids_in.scalar_type())};
