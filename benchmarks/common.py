@@ -226,19 +226,6 @@ def count_launches(events):
     return sum(1 for e in events if e.name in RUNTIME_LAUNCHES)
 
 
-def launches_per_call(fn, device="cuda", calls=3):
-    """GPU launches (kernels, memsets, copies: count_launches) per call of fn, from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        sync(device)
-    return count_launches(prof.events()) / calls
-
-
 # The CUDA kernel sets: IDD_OPS_CUDA_NEXT's value for each (idd_ops/_switches.py).
 KERNEL_SETS = {"default": "0", "next": "1"}
 

@@ -27,7 +27,7 @@ import time
 import traceback
 
 from . import common, peak  # first: sets the allocator before torch starts  # noqa: I001
-from . import cases, roofline, targets
+from . import cases, kernel_times, roofline, targets
 import torch
 
 from idd_ops._switches import cuda_next_enabled
@@ -41,8 +41,10 @@ EXPECTED = {"full": "tens of minutes on 2 CPU cores (not timed end to end; the t
 TRAIN_STEP = {"cpu": "benchmarks/TRAIN_STEP.md", "cuda": "benchmarks/TRAIN_STEP-cuda.md"}
 
 
-# Ops whose rows also get host time and launches per call on a GPU (issue 21's targets).
+# Ops whose rows also get host time, launches and each kernel's time per call on a GPU (issue 21's
+# targets); and ops whose forward+backward rows get them (kernel_times.py: where their time goes).
 LAUNCH_OPS = ("idd_loss", "class_centroids")
+KERNEL_OPS = ("ifvd", "pixel_kd", "cwd", "skd")
 LAUNCH_NOTE = ("Host ms/call: 20 calls issued without a synchronise, divided by 20 (the host's cost where the GPU "
                "keeps up). Launches/call: kernels, memsets and copies on the GPU per call (torch.profiler, 3 calls); "
                "forward+backward seeds the backward with a gradient made once, so the harness adds none. ")
@@ -72,7 +74,7 @@ def measure_row(case, backward, device, repeat, compiled, rates, probe, impls=No
     if launch_stats and "fused" in impls:
         run = case.build("fused", backward)
         row["fused_host_ms"] = common.host_ms(run, device)
-        row["fused_launches"] = common.launches_per_call(run, device)
+        row["fused_launches"], row["fused_kernels"] = kernel_times.profile(run, device)
     if case.peer:
         row["peer_name"] = case.peer[0]
     return row
@@ -105,8 +107,10 @@ def measure(case_names, device, repeat, compiled, impls=None, peaks=True, compil
                     step += 1
                     print(f"[{step}/{total}] {name} {MODES_TEXT[backward]} ({elapsed / 60:.1f} min so far{left})",
                           file=sys.stderr, flush=True)
+                    op = name.split()[0]
+                    stats = launch_stats and (op in LAUNCH_OPS or (backward and op in KERNEL_OPS))
                     new.append(measure_row(case, backward, device, repeat, attempt, rates, probe, impls=case_impls,
-                                           peaks=peaks, launch_stats=launch_stats and name.split()[0] in LAUNCH_OPS))
+                                           peaks=peaks, launch_stats=stats))
                 rows.extend(new)
                 if progress:
                     progress(rows, rates)
@@ -412,7 +416,8 @@ def main(argv=None):
     else:
         rows, rates = measure(names, args.device, args.repeat, compiled, peaks=not args.no_peak,
                               compile_names=args.compile_cases)
-    text = header(args.device, args.repeat, compiled, rates, rows, args.out, allocator, args.kernels) + table(rows)
+    text = header(args.device, args.repeat, compiled, rates, rows, args.out, allocator, args.kernels) + table(rows) \
+        + kernel_times.section(rows)
     print(text)
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside tests/, off the path under plain `pytest`
 
-from benchmarks import cases, common, peak, report, roofline, train_step  # noqa: E402
+from benchmarks import cases, common, kernel_times, peak, report, roofline, train_step  # noqa: E402
 from idd_ops import reference  # noqa: E402
 
 
@@ -289,6 +289,27 @@ def test_report_row_without_peaks_with_host_time():
                              impls=["fused"], peaks=False, launch_stats=True)
     assert row["fused_ms"] > 0 and row["fused_host_ms"] > 0 and row["fused_launches"] == 0  # no GPU work on a CPU
     assert "reference_ms" not in row and "bound_ms" not in row and "fused_peak" not in row
+
+
+def test_kernel_times_per_call_and_their_section():
+    ev = lambda name, kind, us: types.SimpleNamespace(  # noqa: E731
+        name=name, device_type=types.SimpleNamespace(name=kind), time_range=types.SimpleNamespace(elapsed_us=lambda: us))
+    events = [ev("void idd_ops::(anonymous namespace)::rows_kernel<float, 4>(float const*, int)", "CUDA", 30.0),
+              ev("void idd_ops::(anonymous namespace)::rows_kernel<float, 4>(float const*, int)", "CUDA", 30.0),
+              ev("Memset (Device)", "CUDA", 3.0), ev("aten::add", "CPU", 100.0)]
+    assert kernel_times.per_kernel(events, calls=2) == [("rows_kernel<float, 4>", 1.0, 30.0), ("Memset", 0.5, 1.5)]
+    assert kernel_times.label("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, "
+                              "std::array<char*, 1> >(int, at::native::FillFunctor<float>, std::array<char*, 1>)") \
+        == "vectorized_elementwise_kernel<4, FillFunctor<float>, std::array<char*, 1> >"
+    many = [(f"k{i}", 1.0, 10.0 - i) for i in range(8)]
+    rows = [dict(case="ifvd", mode="forward+backward", fused_ms=0.1, fused_launches=8.0, fused_kernels=many,
+                 fused_next_ms=0.05, fused_next_launches=1.0, fused_next_kernels=[["k", 1.0, 25.0]]),
+            dict(case="cwd", mode="forward", fused_ms=0.1)]
+    text = kernel_times.section(rows)
+    assert "**ifvd, forward+backward, default kernels**: 0.100 ms a call, kernels 0.052 ms (52%), 8.0 launches" in text
+    assert "| `k5` | 1.0 | 5.0 |" in text and "| 2 others | 2.0 | 7.0 |" in text and "`k6`" not in text
+    assert "**ifvd, forward+backward, next kernels**: 0.050 ms a call, kernels 0.025 ms (50%)" in text
+    assert "cwd" not in text and kernel_times.section(rows[1:]) == ""
 
 
 def test_count_launches_from_device_records_or_runtime_calls():

@@ -1,0 +1,85 @@
+"""Where a fused op's GPU time goes: its launches per call and each kernel's device time per call,
+from one torch.profiler run, and the report's section that lists them (RESULTS-cuda.md).
+
+The report profiles the fused op of the rows that get launch statistics (report.LAUNCH_OPS, and
+the forward+backward rows of report.KERNEL_OPS), in each kernel set's own process, so one GPU
+run shows which kernel of a row falls short of its bound and whether the row waits on the host
+(kernel time per call well under the row's time).
+"""
+import re
+
+from .common import count_launches, sync
+
+# Kernels listed per row: the rest are summed into one line.
+TOP = 6
+
+
+def profile(fn, device="cuda", calls=3):
+    """(launches per call, [(kernel, launches per call, device us per call)], the kernels by
+    time, longest first) of `calls` calls of fn after a warm-up call. On a device without
+    device-side records (the CPU) the list is empty."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    fn()
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    events = prof.events()
+    return count_launches(events) / calls, per_kernel(events, calls)
+
+
+def per_kernel(events, calls):
+    """[(kernel label, launches per call, device us per call)] of the device-side records of
+    `events`, longest first."""
+    totals = {}
+    for e in events:
+        if getattr(e.device_type, "name", "") != "CUDA":
+            continue
+        n, us = totals.get(label(e.name), (0, 0.0))
+        totals[label(e.name)] = (n + 1, us + e.time_range.elapsed_us())
+    return sorted(((name, n / calls, us / calls) for name, (n, us) in totals.items()), key=lambda k: -k[2])
+
+
+_QUALIFIERS = re.compile(r"(?:\b(?:idd_ops|at|native|c10|cuda|class_sums_cuda)|\(anonymous namespace\))::")
+
+
+def label(name, width=90):
+    """A kernel's demangled name, short: no return type, no argument list, no namespaces."""
+    name = re.sub(r"^void ", "", name.strip())
+    depth = 0
+    for i, ch in enumerate(name):  # cut at the argument list: the first '(' outside template brackets
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "(" and depth == 0 and not name.startswith("(anonymous", i):
+            name = name[:i]
+            break
+    name = _QUALIFIERS.sub("", name).strip()
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def section(rows):
+    """Markdown: per profiled row and kernel set, its kernels' device time per call against the
+    row's time (the TOP longest, the rest as one line)."""
+    out = []
+    for r in rows:
+        for key, kernel_set in (("fused", "default"), ("fused_next", "next")):
+            kernels = r.get(key + "_kernels")
+            if not kernels:
+                continue
+            busy = sum(us for _, _, us in kernels) / 1e3
+            out.append(f"\n**{r['case']}, {r['mode']}, {kernel_set} kernels**: {r[key + '_ms']:.3f} ms a call, "
+                       f"kernels {busy:.3f} ms ({busy / r[key + '_ms']:.0%}), {r.get(key + '_launches', 0):.1f} "
+                       f"launches\n\n| kernel | launches/call | us/call |\n|---|---:|---:|")
+            rest = kernels[TOP:]
+            out += [f"| `{name}` | {n:.1f} | {us:.1f} |" for name, n, us in kernels[:TOP]]
+            if rest:
+                out.append(f"| {len(rest)} others | {sum(n for _, n, _ in rest):.1f} | "
+                           f"{sum(us for _, _, us in rest):.1f} |")
+    if not out:
+        return ""
+    return ("\n## Kernels per call\n\nDevice time per call of each kernel (torch.profiler, 3 calls after a warm-up), "
+            "per kernel set; kernels' time well under the row's time means the row waits on the host.\n"
+            + "\n".join(out) + "\n")
