@@ -159,7 +159,10 @@ def test_pixel_centroid_cosine_slots(kernels, shape):
     close(kernels._pixel_centroid_cosine_slots(x, cent, slots, 1e-8), CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8))
     cos, norms = CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8)
     args = (randn(B, H, W, seed=2), x, cent, slots, cos, norms, 1e-8)
-    close(kernels._pixel_centroid_cosine_slots_backward(*args), CPU._pixel_centroid_cosine_slots_backward(*args), atol=1e-4)
+    counts = torch.nn.functional.one_hot(slots.long().flatten(1) + 1, K + 1)[..., 1:].sum(1)
+    for own in ((), (counts,)):  # independent centroids, then feats' own (the rows' second walk)
+        close(kernels._pixel_centroid_cosine_slots_backward(*args, *own),
+              CPU._pixel_centroid_cosine_slots_backward(*args, *own), atol=1e-4)
 
 
 def test_emulator_runs_a_correct_reduction(emu):

@@ -313,9 +313,11 @@ def test_class_sums_backward(ops, dtype, channels_last, C, H, W):
 
 def test_class_sums_backward_plans(ops):
     """NCHW: a block per (b, c) row with the row's K table entries in shared memory (one warp for
-    a row of 21 pixels, 256 threads for 1024 vectors), and the per-pixel gather where K entries
-    pass 48 KiB (12289 float32); the same values either way. The launch log shows the plan."""
+    a row of 21 pixels, 256 threads for 1024 vectors; more classes than threads: a warp stages
+    300 entries; 12288 float32: the whole 48 KiB), and the per-pixel gather where K entries pass
+    48 KiB (12289 float32); the same values either way. The launch log shows the plan."""
     for K, H, W, plan in [(6, 3, 7, (2 * 5, 32, 6 * 4)), (6, 64, 64, (2 * 5, 256, 6 * 4)),
+                          (300, 3, 7, (2 * 5, 32, 300 * 4)), (12288, 3, 8, (2 * 5, 32, 48 * 1024)),
                           (12289, 3, 8, (1, 256, 0))]:
         s = slots(2, H, W, K, blocky=False)
         s[0, 0, :3] = K - 1

@@ -50,22 +50,26 @@ def test_benchmark_shape_matches_float64_reference(name):
     torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-3, atol=1e-4 * float(want_grad.abs().max()))
 
 
-def test_cosine_slots_at_the_ifvd_shape():
+@pytest.mark.parametrize("own", [False, True], ids=["centroids", "own-centroids"])
+def test_cosine_slots_at_the_ifvd_shape(own):
     """_pixel_centroid_cosine_slots (the slot kernels, IDD_OPS_CUDA_NEXT's IFVD path) at the ifvd
     benchmark case's teacher (B=8, C=2048, 64x128: 134M gradient elements, past the wrap) against
-    the float64 reference, forward and backward, both gradients."""
+    the float64 reference, forward and backward: both gradients with independent centroids; with
+    the features' own centroids and counts (IFVD's student), the features' whole gradient, the
+    reference's through the map and the centroids."""
     from benchmarks import cases
 
     _, feats, labels = [t.detach() for t in cases.make("ifvd", "cuda").inputs]
     slots = torch.ops.idd_ops._label_slots(labels, feats.shape[2], feats.shape[3], 19, 255)
-    centroids = reference.class_centroids(feats, labels, 19)[0]
-    inputs = [feats.requires_grad_(), centroids.requires_grad_()]
+    centroids, counts = reference.class_centroids(feats, labels, 19)
+    inputs = [feats.requires_grad_()] + ([] if own else [centroids.requires_grad_()])
     inputs64 = [t.detach().double().requires_grad_() for t in inputs]
-    want = reference.pixel_centroid_cosine(*inputs64, slots, 1e-8)
+    cent64 = reference.class_centroids(inputs64[0], labels, 19)[0] if own else inputs64[1]
+    want = reference.pixel_centroid_cosine(inputs64[0], cent64, slots, 1e-8)
     weight = torch.rand(want.shape, dtype=torch.float64, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     want_grads = torch.autograd.grad((want * weight).sum(), inputs64)
     poison_free_memory("cuda", nbytes=4 * feats.numel() * 4 + (1 << 28))
-    got = torch.ops.idd_ops._pixel_centroid_cosine_slots(*inputs, slots, 1e-8)[0]
+    got = torch.ops.idd_ops._pixel_centroid_cosine_slots(feats, centroids, slots, 1e-8, counts if own else None)[0]
     got_grads = torch.autograd.grad((got.double() * weight).sum(), inputs)
     torch.cuda.synchronize()
     assert feats.numel() > GRID_STRIDE_WRAP
