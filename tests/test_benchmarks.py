@@ -293,7 +293,8 @@ def test_report_row_without_peaks_with_host_time():
 
 def test_kernel_times_per_call_and_their_section():
     ev = lambda name, kind, us: types.SimpleNamespace(  # noqa: E731
-        name=name, device_type=types.SimpleNamespace(name=kind), time_range=types.SimpleNamespace(elapsed_us=lambda: us))
+        name=name, device_type=types.SimpleNamespace(name=kind),
+        time_range=types.SimpleNamespace(elapsed_us=lambda: us))
     events = [ev("void idd_ops::(anonymous namespace)::rows_kernel<float, 4>(float const*, int)", "CUDA", 30.0),
               ev("void idd_ops::(anonymous namespace)::rows_kernel<float, 4>(float const*, int)", "CUDA", 30.0),
               ev("Memset (Device)", "CUDA", 3.0), ev("aten::add", "CPU", 100.0)]

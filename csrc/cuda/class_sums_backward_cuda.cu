@@ -63,7 +63,8 @@ __global__ void class_sums_backward_rows_kernel(const double* __restrict__ grad_
   scalar_t* table = reinterpret_cast<scalar_t*>(smem_bytes);
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t b = row / C, c = row - b * C;
-    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) table[k] = static_cast<scalar_t>(grad_sums[(b * K + k) * C + c]);
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x)
+      table[k] = static_cast<scalar_t>(grad_sums[(b * K + k) * C + c]);
     __syncthreads();
     const int16_t* s_row = slots + b * HW;
     scalar_t* out_row = grad + row * HW;

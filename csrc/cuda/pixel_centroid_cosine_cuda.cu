@@ -304,7 +304,8 @@ constexpr int kCosinePixels = 32, kCosineGroups = kThreads / kCosinePixels;
 // lanes of a fragmented map read their classes' values of a channel from K neighbouring words
 // rather than from K rows C values apart.
 template <typename scalar_t>
-__global__ void cosine_slots_forward_kernel(const scalar_t* __restrict__ f, const at::opmath_type<scalar_t>* __restrict__ cent_t,
+__global__ void cosine_slots_forward_kernel(const scalar_t* __restrict__ f,
+                                            const at::opmath_type<scalar_t>* __restrict__ cent_t,
                                             const at::opmath_type<scalar_t>* __restrict__ cnorm,
                                             const int16_t* __restrict__ slots, int64_t B, int64_t C, int64_t HW, int K,
                                             at::opmath_type<scalar_t> eps, at::opmath_type<scalar_t>* __restrict__ cos,
