@@ -38,8 +38,9 @@ def per_kernel(events, calls):
     for e in events:
         if getattr(e.device_type, "name", "") != "CUDA":
             continue
-        n, us = totals.get(label(e.name), (0, 0.0))
-        totals[label(e.name)] = (n + 1, us + e.time_range.elapsed_us())
+        name = label(e.name)
+        n, us = totals.get(name, (0, 0.0))
+        totals[name] = (n + 1, us + e.time_range.elapsed_us())
     return sorted(((name, n / calls, us / calls) for name, (n, us) in totals.items()), key=lambda k: -k[2])
 
 

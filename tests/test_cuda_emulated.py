@@ -51,6 +51,11 @@ def close(got, want, rtol=1e-5, atol=1e-5):
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol * max(1.0, float(want.abs().max())) if want.numel() else atol)
 
 
+def slot_counts(slots, K):
+    """[B, K] int64 pixels of each class in a slot map (the counts of the centroids' own classes)."""
+    return torch.nn.functional.one_hot(slots.long().flatten(1) + 1, K + 1)[..., 1:].sum(1)
+
+
 def labels(B, Hy, Wy, num_classes=K, seed=0, ignore=0.1):
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, num_classes, (B, Hy, Wy), generator=g)
@@ -159,8 +164,7 @@ def test_pixel_centroid_cosine_slots(kernels, shape):
     close(kernels._pixel_centroid_cosine_slots(x, cent, slots, 1e-8), CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8))
     cos, norms = CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8)
     args = (randn(B, H, W, seed=2), x, cent, slots, cos, norms, 1e-8)
-    counts = torch.nn.functional.one_hot(slots.long().flatten(1) + 1, K + 1)[..., 1:].sum(1)
-    for own in ((), (counts,)):  # independent centroids, then feats' own (the rows' second walk)
+    for own in ((), (slot_counts(slots, K),)):  # independent centroids, then feats' own (the rows' second walk)
         close(kernels._pixel_centroid_cosine_slots_backward(*args, *own),
               CPU._pixel_centroid_cosine_slots_backward(*args, *own), atol=1e-4)
 

@@ -9,7 +9,7 @@ import torch
 
 import idd_ops  # noqa: F401
 from labels import CASES, IDS
-from test_cuda_emulated import CPU, close, emu, randn  # noqa: F401  (emu: the module fixture)
+from test_cuda_emulated import CPU, close, emu, randn, slot_counts  # noqa: F401  (emu: the module fixture)
 from test_idd_tail import _random_case, _reference_from_sums
 
 
@@ -263,7 +263,7 @@ def test_pixel_centroid_cosine_slots(next_kernels, case, dtype):
     close(next_kernels._pixel_centroid_cosine_slots(x, cent, slots, 1e-8), want)
     grad = randn(*want[0].shape, seed=2, dtype=want[0].dtype)
     args = (grad, x, cent, slots, *want, 1e-8)
-    for own in ((), (_slot_counts(slots, case.K),)):  # independent centroids, then feats' own
+    for own in ((), (slot_counts(slots, case.K),)):  # independent centroids, then feats' own
         close(next_kernels._pixel_centroid_cosine_slots_backward(*args, *own),
               CPU._pixel_centroid_cosine_slots_backward(*args, *own), atol=1e-4)
 
@@ -289,7 +289,7 @@ def test_pixel_centroid_cosine_many_classes(next_kernels, K, dtype):
     want = CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8)
     grad = randn(*want[0].shape, seed=2, dtype=dtype)
     args = (grad, x, cent, slots, *want, 1e-8)
-    for own in ((), (_slot_counts(slots, K),)):
+    for own in ((), (slot_counts(slots, K),)):
         close(next_kernels._pixel_centroid_cosine_slots_backward(*args, *own),
               CPU._pixel_centroid_cosine_slots_backward(*args, *own), atol=1e-4)
     args = (grad, x, cent, y, *want, 255, 1e-8)
@@ -310,11 +310,6 @@ def _spread_slots_inputs(K, dtype, B=2, C=3, H=53, W=97, seed=0):
     cos, norms = CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8)
     grad = randn(*cos.shape, seed=seed + 2, dtype=cos.dtype)
     return grad, x, cent, slots, cos, norms, 1e-8
-
-
-def _slot_counts(slots, K):
-    """[B, K] int64 pixels of each class in a slot map (the counts of the centroids' own classes)."""
-    return torch.nn.functional.one_hot(slots.long().flatten(1) + 1, K + 1)[..., 1:].sum(1)
 
 
 def _class_sum_layout(K, acc_bytes, budget=48 * 1024, threads=256):
@@ -340,7 +335,7 @@ def test_pixel_centroid_cosine_slots_backward_is_deterministic(emu, K, dtype):
     launch log shows the class-sum layout each K takes. With the centroids' own counts (the
     second pass over each row) as well."""
     plain = _spread_slots_inputs(K, dtype)
-    for args in (plain, plain + (_slot_counts(plain[3], K),)):
+    for args in (plain, plain + (slot_counts(plain[3], K),)):
         want = CPU._pixel_centroid_cosine_slots_backward(*args)
         runs = []
         for seed in (1, 2, 3):
@@ -383,7 +378,7 @@ def test_pixel_centroid_cosine_slots_write_every_output(emu, poisoned_empties, K
                          CPU._pixel_centroid_cosine_slots(x, cent, slots, eps)):
         close(got, want)
     args = (grad, x, cent, slots, cos, norms, eps)
-    for own in ((), (_slot_counts(slots, K),)):  # with counts every pixel is written by the second pass
+    for own in ((), (slot_counts(slots, K),)):  # with counts every pixel is written by the second pass
         close(emu._pixel_centroid_cosine_slots_backward(*args, *own),
               CPU._pixel_centroid_cosine_slots_backward(*args, *own), atol=1e-4)
 
