@@ -79,21 +79,56 @@ def exp_elements(device="cpu"):
     return 2**22 if torch.device(device).type == "cuda" else 2**16 * torch.get_num_threads()
 
 
+# The GPU's exp rate: a kernel of four independent chains of CHAIN_STEPS float exps per element
+# (compiled at run time by torch's jiterator), so the exp units, not memory, set its time. One
+# torch.exp per element (the CPU's probe) is bound by L2 bandwidth on a GPU: an H200 measured
+# 632 G/s that way, several times under what its exp units give, which made the exp term of
+# softmax-KL rows the larger one and their bound too loose.
+CHAIN_STEPS = 64
+_EXP_CHAINS = """
+template <typename T> T exp_chains(T x) {
+  float a = x, b = a + 0.25f, c = a + 0.5f, d = a + 0.75f;
+  for (int i = 0; i < %d; ++i) {
+    a = expf(-a);
+    b = expf(-b);
+    c = expf(-c);
+    d = expf(-d);
+  }
+  return T(a + b + c + d);
+}
+""" % CHAIN_STEPS
+
+
+def _exp_chains_rate(x, samples):
+    """Exps/s of the jiterator chain kernel over x (float32 on a GPU)."""
+    chains = torch.cuda.jiterator._create_jit_fn(_EXP_CHAINS)
+    out = chains(x)
+    if not torch.isfinite(out).all():
+        raise RuntimeError("the exp chain kernel gave non-finite values")
+    return x.numel() * 4 * CHAIN_STEPS / (best_ms(lambda: chains(x), x.device, samples) * 1e-3)
+
+
 def exp_rate(device="cpu", samples=None):
-    """Exps/s of torch.exp over a cache-resident float32 tensor, the best of `samples`
-    (peak_rate). A CPU sample is one call; a GPU sample 50 calls between synchronisations,
-    which would dominate one call. On a GPU this rate may be set by L2 bandwidth rather than by
-    the special-function units; it is what a torch-level exp achieves there. A kernel with its
-    own cheaper exp (the fused CPU kernels have one) can beat it: its fused / bound is then
-    below 1."""
+    """(exps/s, how measured): float32 exps of a cache-resident tensor, the best of `samples`.
+    CPU: torch.exp, one call a sample (peak_rate). GPU: the jiterator chain kernel
+    (_EXP_CHAINS), one call a sample; where that kernel cannot be built, torch.exp, 50 calls a
+    sample (the launches would dominate one), a rate L2 bandwidth may set. Both use the library
+    exp of their device (the CUDA kernels' exp is expf; the fused CPU kernels have a cheaper one
+    and can beat this rate: their fused / bound is then below 1)."""
     on_cuda = torch.device(device).type == "cuda"
-    calls, samples = (50, samples or 5) if on_cuda else (1, samples or 100)
     x = torch.rand(exp_elements(device), device=device) - 1
+    if on_cuda:
+        try:
+            return _exp_chains_rate(x, samples or 5), f"{CHAIN_STEPS * 4} expf per element in one kernel"
+        except Exception as error:  # no NVRTC, or a torch without jiterator
+            fallback = f"torch.exp, the chain kernel failed: {type(error).__name__}: {str(error)[:120]}"
+    calls, samples = (50, samples or 5) if on_cuda else (1, samples or 100)
 
     def loop():
         for _ in range(calls):
             torch.exp(x)
-    return peak_rate(lambda: x.numel() * calls / (best_ms(loop, device, samples) * 1e-3), device)
+    rate = peak_rate(lambda: x.numel() * calls / (best_ms(loop, device, samples) * 1e-3), device)
+    return rate, fallback if on_cuda else "torch.exp"
 
 
 class Rates:
@@ -102,7 +137,7 @@ class Rates:
 
     def __init__(self, device="cpu"):
         self.device = device
-        self.exp_eps = exp_rate(device)
+        self.exp_eps, self.exp_source = exp_rate(device)
         self.gemm_fps = {}
 
     def bound(self, work, copy_bps):
@@ -115,5 +150,6 @@ class Rates:
     def describe(self):
         gemms = "; ".join(f"bmm {'x'.join(map(str, s))} (b x m x k x n): {r / 1e9:.0f} GFLOP/s"
                           for s, r in self.gemm_fps.items())
-        return (f"exp {self.exp_eps / 1e9:.2f} G/s (torch.exp on {exp_elements(self.device) * 4 // 1024} KiB "
+        source = getattr(self, "exp_source", "torch.exp")
+        return (f"exp {self.exp_eps / 1e9:.2f} G/s ({source}, {exp_elements(self.device) * 4 // 1024} KiB "
                 f"in cache)" + (f"; {gemms}" if gemms else ""))
