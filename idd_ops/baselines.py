@@ -182,6 +182,9 @@ def intra_class_variation_loss(student_feats: Tensor, teacher_feats: Tensor, lab
         # the cosine op computes in the features' accumulation dtype, whatever the sums' dtype
         centroids = (centroids_from_sums(ss, ns, acc_dtype(pair[0].dtype)),
                      centroids_from_sums(st, nt, acc_dtype(pair[1].dtype)))
+    elif slots is not None:  # the same split: constant centroids, the student's counts to the cosine op
+        (cs, ns), (ct, _) = (ops.class_centroids(f.detach(), labels, num_classes, ignore_index) for f in pair)
+        centroids, counts = (cs, ct), (ns, None)
     else:
         centroids = tuple(ops.class_centroids(f, labels, num_classes, ignore_index)[0] for f in pair)
     if slots is not None:

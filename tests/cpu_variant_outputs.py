@@ -1,5 +1,5 @@
-"""Outputs of the CPU-dispatched kernels (softmax-KL, centroid pass) and of the cosine pass that
-uses the centroids, forward and backward, on fixed inputs, saved for comparison across CPU
+"""Outputs of the CPU-dispatched kernels (softmax-KL, centroid pass, cosine pass), the cosine pass
+using the centroids, forward and backward, on fixed inputs, saved for comparison across CPU
 variants and CPUs:
 
     IDD_OPS_CPU_CAPABILITY=default python tests/cpu_variant_outputs.py out.pt
@@ -45,6 +45,11 @@ def outputs():
         out[f"centroids {name}"] = (centroids, counts)
         out[f"cosine {name}"] = (cos, norms) + tuple(
             ops._pixel_centroid_cosine_backward(grad, feats, centroids, labels, cos, norms, 255, 1e-8))
+        # the slot map's op with the centroids' own counts: the backward's share pass too
+        slots = ops._label_slots(labels, 21, 37, 5, 255)
+        cos, norms = ops._pixel_centroid_cosine_slots(feats, centroids, slots, 1e-8, counts)
+        out[f"cosine slots {name}"] = (cos, norms) + tuple(
+            ops._pixel_centroid_cosine_slots_backward(grad, feats, centroids, slots, cos, norms, 1e-8, counts))
     return out
 
 

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "kernels/class_centroids.h"
@@ -43,6 +44,19 @@ inline LabelChunks chunks_of_slots(std::vector<int32_t> slots, int64_t num_class
   return out;
 }
 
+// The spans of `spans` (one image's, in order) over chunks [j0, j1), clipped to that range: a
+// span of several uniform chunks may cross either end.
+inline std::vector<ChunkSpan> clip_spans(const std::vector<ChunkSpan>& spans, int64_t j0, int64_t j1) {
+  std::vector<ChunkSpan> out;
+  auto it = std::partition_point(spans.begin(), spans.end(),
+                                 [&](const ChunkSpan& s) { return int64_t{s.chunk} + s.count <= j0; });
+  for (; it != spans.end() && it->chunk < j1; ++it) {
+    const int64_t first = std::max<int64_t>(it->chunk, j0), last = std::min<int64_t>(int64_t{it->chunk} + it->count, j1);
+    out.push_back({it->slot, static_cast<int32_t>(first), static_cast<int32_t>(last - first)});
+  }
+  return out;
+}
+
 // Chunks of image b of `labels`, checked as label_slots checks them.
 inline LabelChunks label_chunks(const at::Tensor& labels, int64_t b, int64_t H, int64_t W, int64_t num_classes,
                                 int64_t ignore_index) {
@@ -55,6 +69,22 @@ inline std::vector<LabelChunks> label_chunks_per_image(const at::Tensor& labels,
   TORCH_CHECK_VALUE(H * W / 8 < (int64_t{1} << 31), "feats: at most 2^34 pixels per image, got ", H * W);
   return per_image(labels,
                    [&](const at::Tensor& l, int64_t b) { return label_chunks(l, b, H, W, num_classes, ignore_index); });
+}
+
+// Chunks of every image of a class-slot map [B, H, W] int16 (from _label_slots), its values
+// checked as slot_runs_per_image checks them. One thread, as there.
+inline std::vector<LabelChunks> slot_chunks_per_image(const at::Tensor& slots_in, int64_t num_classes) {
+  const at::Tensor slots = slots_in.contiguous();
+  const int64_t B = slots.size(0), HW = slots.size(1) * slots.size(2);
+  TORCH_CHECK_VALUE(HW / 8 < (int64_t{1} << 31), "feats: at most 2^34 pixels per image, got ", HW);
+  const int16_t* all = slots.const_data_ptr<int16_t>();
+  std::vector<LabelChunks> out(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const int16_t* s = all + b * HW;
+    check_slot_values(s, HW, b, num_classes);
+    out[b] = chunks_of_slots(std::vector<int32_t>(s, s + HW), num_classes);
+  }
+  return out;
 }
 
 }  // namespace idd_ops
