@@ -1,7 +1,8 @@
 #pragma once
 // Labels of one image at feature resolution as a walk over chunks of 8 consecutive pixels
-// (along the flattened pixel index), for the float32 centroid kernels that handle 8 feature
-// rows at once (kernels/class_centroids.inc). Street-like label maps consist mostly of chunks
+// (along the flattened pixel index), for the float32 kernels that handle 8 feature rows at once
+// (the centroid pass, kernels/class_centroids.inc; IFVD's cosine map,
+// kernels/pixel_centroid_cosine.inc). Street-like label maps consist mostly of chunks
 // whose 8 pixels share one class: consecutive such chunks of one class merge into one span,
 // reduced with plain vector adds. A chunk of several classes is transposed to 8 pixel
 // columns of 8 rows each, and every column goes to its class in one vector add, so per-pixel
@@ -51,7 +52,8 @@ inline std::vector<ChunkSpan> clip_spans(const std::vector<ChunkSpan>& spans, in
   auto it = std::partition_point(spans.begin(), spans.end(),
                                  [&](const ChunkSpan& s) { return int64_t{s.chunk} + s.count <= j0; });
   for (; it != spans.end() && it->chunk < j1; ++it) {
-    const int64_t first = std::max<int64_t>(it->chunk, j0), last = std::min<int64_t>(int64_t{it->chunk} + it->count, j1);
+    const int64_t first = std::max<int64_t>(it->chunk, j0);
+    const int64_t last = std::min<int64_t>(int64_t{it->chunk} + it->count, j1);
     out.push_back({it->slot, static_cast<int32_t>(first), static_cast<int32_t>(last - first)});
   }
   return out;

@@ -148,9 +148,9 @@ std::tuple<at::Tensor, at::Tensor> cosine_forward_chunks(const at::Tensor& feats
       for (int64_t g = b * groups.per_image; g < (b + 1) * groups.per_image; ++g) {
         const int64_t c0 = groups.first(g), rows = groups.rows(g);
         const float* x = f + (b * C + c0) * HW;
-        if (rows < kRows) {  // zero rows below the last channel, with zero centres
-          pad.assign(kRows * HW, 0.f);
-          std::copy(x, x + rows * HW, pad.begin());
+        if (rows < kRows) {  // zero rows below the last channel, with zero centres; the tile's pixels copied
+          if (pad.empty()) pad.assign(kRows * HW, 0.f);
+          for (int64_t r = 0; r < rows; ++r) std::copy(x + r * HW + p0, x + r * HW + p1, pad.begin() + r * HW + p0);
           x = pad.data();
         }
         std::fill(centre.begin(), centre.end(), 0.f);  // the ignore slot's row stays 0
@@ -348,7 +348,8 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_kernel(const at::Tensor
                                                                 double eps) {
   check_pixel_centroid_cosine_inputs(feats, centroids, labels, eps);
   const int64_t H = feats.size(2), W = feats.size(3), K = centroids.size(1);
-  if (by_chunks(feats)) return cosine_forward_chunks(feats, centroids, label_chunks_per_image(labels, H, W, K, ignore_index), eps);
+  if (by_chunks(feats))
+    return cosine_forward_chunks(feats, centroids, label_chunks_per_image(labels, H, W, K, ignore_index), eps);
   return cosine_forward(feats, centroids, label_runs_per_image(labels, H, W, K, ignore_index), eps);
 }
 
