@@ -45,9 +45,22 @@ def worker_threads(threads, workers, omp_num_threads=None, cores=None):
     return min(threads, max(2, cores // workers))
 
 
+# IDD_OPS_SLOW_FIRST=1 (tools/gpu_check.sh's test stages, with pytest-xdist handing out one test
+# at a time): the tests that compile (torch.compile, opcheck's AOT checks, CUDA graph captures),
+# seconds to tens of seconds each on a GPU machine's worker, run first, and the quick cases fill
+# the workers around them. At the end of the list they ran last, on one or two workers, and the
+# time limit of 2026-11-30 stopped them with no report. Otherwise the collection order stays.
+SLOW_FIRST = os.environ.get("IDD_OPS_SLOW_FIRST") == "1"
+SLOW_WORDS = ("compile", "opcheck", "graph")
+
+
+def is_slow(item):
+    return any(word in item.name.lower() for word in SLOW_WORDS)
+
+
 def pytest_collection_modifyitems(config, items):
     """Mark every test that needs a GPU: the cuda cases of device-parametrised tests and the
-    tests skipped as 'needs a GPU'."""
+    tests skipped as 'needs a GPU'. With IDD_OPS_SLOW_FIRST=1, move the slow tests first."""
     for item in items:
         for prefix, (kernel_sets, kind, why) in EMULATED_CUDA_DIFFERENCES.items():
             if EMULATE_CUDA in kernel_sets and item.nodeid.startswith(prefix):
@@ -57,6 +70,8 @@ def pytest_collection_modifyitems(config, items):
         needs_gpu = any(m.kwargs.get("reason") == "needs a GPU" for m in item.iter_markers("skipif"))
         if on_cuda or needs_gpu:
             item.add_marker(pytest.mark.gpu)
+    if SLOW_FIRST:
+        items.sort(key=lambda item: not is_slow(item))  # stable: each group keeps its order
 
 
 # IDD_OPS_EMULATE_CUDA=default|next: the CPU cases run the library's CUDA kernels instead of its

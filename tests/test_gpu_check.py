@@ -36,6 +36,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert {f"{s}.log" for s in STAGES} <= names and "targets.md" in names
     assert "[cuda" in collected and "test_cuda_kernels_are_built_where_a_gpu_is_visible" in collected
     assert "--kernels default next" in (tmp_path / "logs" / "perf.cmd").read_text()
+    tests_cmd = (tmp_path / "logs" / "tests-next.cmd").read_text()
+    assert "IDD_OPS_SLOW_FIRST=1" in tests_cmd and "--maxschedchunk 1" in tests_cmd  # pytest-xdist 3.3+ here
 
 
 def test_only_and_skip_select_stages(tmp_path):
@@ -170,6 +172,24 @@ def test_test_files_run_in_priority_order_each_once():
                                    if n.startswith("test_") and n.endswith(".py"))
     assert files[:2] == ["tests/test_cuda_runtime.py", "tests/test_cuda_parity.py"]
     assert files[-1] == "tests/test_idd_tail.py"
+
+
+def _collected(env_value):
+    env = dict(os.environ, IDD_OPS_SLOW_FIRST=env_value)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "tests/test_centroids.py", "tests/test_compile.py"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return [line for line in proc.stdout.splitlines() if "::" in line]
+
+
+def test_slow_tests_first_when_asked():
+    """IDD_OPS_SLOW_FIRST=1 (the GPU check's test stages) moves the tests that compile to the
+    front, each group in collection order; without it the order is the collection's."""
+    plain, slow_first = _collected("0"), _collected("1")
+    slow = [t for t in plain if any(w in t.split("::")[-1].lower() for w in ("compile", "opcheck", "graph"))]
+    assert len(slow) >= 3 and sorted(plain) == sorted(slow_first) and plain != slow_first
+    assert slow_first == slow + [t for t in plain if t not in slow]
 
 
 def test_xdist_workers_share_the_cores():

@@ -17,9 +17,11 @@
 #   The test stages give the candidate kernel set (next) most workers. On 2026-11-30 the 1511 GPU
 #   tests did not finish in 150 s even alone with 15 workers (818 ran). The likeliest costs, both
 #   changed since: the CUDA gradchecks (fast mode now) and 15 workers of 16 torch threads each on
-#   16 cores (one thread each now). The files run in the order of FIRST below, so a time limit
-#   cuts the broad parametrisations, and each stage's per-test log (tests/result_log.py) says
-#   what ran, what failed with how it ended, and the slowest tests.
+#   16 cores (one thread each now). The tests that compile (torch.compile, opcheck, CUDA graphs)
+#   run first, handed out one at a time (IDD_OPS_SLOW_FIRST, tests/conftest.py); the rest in the
+#   order of the files in FIRST below, so a time limit cuts the broad parametrisations, and each
+#   stage's per-test log (tests/result_log.py) says what ran, what failed with how it ended, and
+#   the slowest tests.
 #   perf and train run one child process per kernel set (2:1 and 3:2 of their time); a child
 #   stopped at its share still reports the rows it finished.
 #
@@ -184,11 +186,15 @@ TIMEOUT=""
 pytest_stage() {  # NAME NEXT(0|1) WORKERS PATHS...
   local name=$1 next=$2 workers=$3; shift 3
   local xdist=""; "$PY" -c "import xdist" 2> /dev/null && xdist="-n $workers"
+  # one test at a time per worker (pytest-xdist >= 3.3), so the slow tests that IDD_OPS_SLOW_FIRST
+  # puts first spread over the workers instead of going to the first worker in one chunk
+  [ -n "$xdist" ] && [[ "$("$PY" -m pytest --help 2> /dev/null)" == *--maxschedchunk* ]] && xdist="$xdist --maxschedchunk 1"
   rm -f "$LOGS/$name.jsonl"
   # OMP_NUM_THREADS=1: 14 workers and the demo share 16 cores (a worker's torch otherwise takes
   # a thread per core, and the CPU references of the GPU tests crawl)
-  # shellcheck disable=SC2086  # xdist, TIMEOUT: empty or one option
+  # shellcheck disable=SC2086  # xdist, TIMEOUT: empty or options
   stage "$name" "$TESTS_S" env IDD_OPS_CUDA_NEXT="$next" IDD_OPS_TEST_LOG="$LOGS/$name.jsonl" OMP_NUM_THREADS=1 \
+    IDD_OPS_SLOW_FIRST=1 \
     "$PY" -m pytest -q -rfE $xdist $TIMEOUT -m gpu -p no:cacheprovider --junitxml="$LOGS/$name.xml" "$@"
 }
 pids=()
