@@ -15,6 +15,7 @@ STAGES = ("env", "build", "tests", "tests-next", "demo", "perf", "train")
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import gpu_check_summary  # noqa: E402
+from conftest import SLOW_WORDS  # noqa: E402
 
 
 def _run(tmp_path, *args, timeout=300):
@@ -187,7 +188,7 @@ def test_slow_tests_first_when_asked():
     """IDD_OPS_SLOW_FIRST=1 (the GPU check's test stages) moves the tests that compile to the
     front, each group in collection order; without it the order is the collection's."""
     plain, slow_first = _collected("0"), _collected("1")
-    slow = [t for t in plain if any(w in t.split("::")[-1].lower() for w in ("compile", "opcheck", "graph"))]
+    slow = [t for t in plain if any(w in t.split("::")[-1].lower() for w in SLOW_WORDS)]
     assert len(slow) >= 3 and sorted(plain) == sorted(slow_first) and plain != slow_first
     assert slow_first == slow + [t for t in plain if t not in slow]
 
