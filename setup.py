@@ -103,7 +103,8 @@ def torch_libstdcxx():
 def extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
                      + glob.glob(os.path.join("csrc", "cpu", "kernels", "*.cpp"))
-                     + glob.glob(os.path.join("csrc", "composite", "*.cpp")))
+                     + glob.glob(os.path.join("csrc", "composite", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "autograd", "*.cpp")))
     # at::parallel_for is an inline template over OpenMP: without -fopenmp in this
     # extension's own flags it compiles to a serial loop.
     # -fno-trapping-math: lets the compiler if-convert the branch-free exp's clamps and

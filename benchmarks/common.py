@@ -212,6 +212,21 @@ def host_ms(fn, device="cpu", calls=20):
     return elapsed * 1e3 / calls
 
 
+def autograd_floor_ms(device="cpu", backward=True):
+    """Host ms per call of the least a differentiable loss costs in plain PyTorch: `(x * 2).sum()`
+    of a leaf of 8 values, and its backward when `backward` (best of 3 host_ms runs). On CUDA the
+    backward runs on the autograd engine's device thread, so this holds the two thread hand-offs
+    that every forward+backward pays, whatever its ops: the floor under a host-time target."""
+    x = torch.ones(8, device=device, requires_grad=True)
+
+    def run():
+        x.grad = None
+        y = (x * 2).sum()
+        if backward:
+            y.backward()
+    return min(host_ms(run, device) for _ in range(3))
+
+
 RUNTIME_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
                     "cudaMemsetAsync", "cudaMemcpyAsync", "cudaGraphLaunch")
 

@@ -4,7 +4,8 @@ from one torch.profiler run, and the report's section that lists them (RESULTS-c
 The report profiles the fused op of the rows that get launch statistics (report.LAUNCH_OPS, and
 the forward+backward rows of report.KERNEL_OPS), in each kernel set's own process, so one GPU
 run shows which kernel of a row falls short of its bound and whether the row waits on the host
-(kernel time per call well under the row's time).
+(kernel time per call well under the row's time), and where the host's time goes: the CUDA runtime
+and driver calls the op makes (a launch, an attribute set, or a call that waits on the GPU).
 """
 import re
 
@@ -12,13 +13,17 @@ from .common import count_launches, sync
 
 # Kernels listed per row: the rest are summed into one line.
 TOP = 6
+# Runtime calls listed per row.
+TOP_HOST = 4
+# The harness's own synchronise, named so that its runtime calls are left out of the op's.
+SYNC_LABEL = "kernel_times: synchronise"
 
 
 def profile(fn, device="cuda", calls=3):
-    """(launches per call, [(kernel, launches per call, device us per call)], the kernels by
-    time, longest first) of `calls` calls of fn after a warm-up call. On a device without
-    device-side records (the CPU) the list is empty."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    """(launches per call, [(kernel, launches per call, device us per call)] longest first,
+    [(runtime call, calls per call, host us per call)] longest first) of `calls` calls of fn after
+    a warm-up call. On a device without device-side records (the CPU) both lists are empty."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
 
     fn()
     sync(device)
@@ -26,9 +31,10 @@ def profile(fn, device="cuda", calls=3):
     with torch_profile(activities=activities) as prof:
         for _ in range(calls):
             fn()
-        sync(device)
+        with record_function(SYNC_LABEL):
+            sync(device)
     events = prof.events()
-    return count_launches(events) / calls, per_kernel(events, calls)
+    return count_launches(events) / calls, per_kernel(events, calls), host_calls(events, calls)
 
 
 def per_kernel(events, calls):
@@ -41,6 +47,23 @@ def per_kernel(events, calls):
         name = label(e.name)
         n, us = totals.get(name, (0, 0.0))
         totals[name] = (n + 1, us + e.time_range.elapsed_us())
+    return sorted(((name, n / calls, us / calls) for name, (n, us) in totals.items()), key=lambda k: -k[2])
+
+
+def host_calls(events, calls):
+    """[(runtime call, calls per call, host us per call)] of the CUDA runtime and driver calls
+    among `events` (names starting cuda/cu, on the host; the harness's synchronise left out),
+    longest first. A call that waits on the GPU (a synchronise, a blocking copy) shows here with
+    the time it waited, which a host time near the device time then explains."""
+    harness = [e.time_range for e in events if e.name == SYNC_LABEL]
+    totals = {}
+    for e in events:
+        if getattr(e.device_type, "name", "") != "CPU" or not re.match(r"cu[A-Z]|cuda[A-Z]", e.name):
+            continue
+        if any(h.start <= e.time_range.start and e.time_range.end <= h.end for h in harness):
+            continue
+        n, us = totals.get(e.name, (0, 0.0))
+        totals[e.name] = (n + 1, us + e.time_range.elapsed_us())
     return sorted(((name, n / calls, us / calls) for name, (n, us) in totals.items()), key=lambda k: -k[2])
 
 
@@ -79,8 +102,14 @@ def section(rows):
             if rest:
                 out.append(f"| {len(rest)} others | {sum(n for _, n, _ in rest):.1f} | "
                            f"{sum(us for _, _, us in rest):.1f} |")
+            host = r.get(key + "_host_calls")
+            if host:
+                listed = ", ".join(f"`{name}` {n:.1f} x {us / n:.1f} us" for name, n, us in host[:TOP_HOST])
+                out.append(f"\nHost, runtime calls per call: {sum(us for _, _, us in host):.1f} us in all; {listed}.")
     if not out:
         return ""
     return ("\n## Kernels per call\n\nDevice time per call of each kernel (torch.profiler, 3 calls after a warm-up), "
-            "per kernel set; kernels' time well under the row's time means the row waits on the host.\n"
+            "per kernel set; kernels' time well under the row's time means the row waits on the host. Under each "
+            "table, the host's CUDA runtime calls per call (the longest; a call that waits on the GPU shows the "
+            "wait).\n"
             + "\n".join(out) + "\n")

@@ -1,5 +1,5 @@
-// Every op schema of idd_ops. Device kernels live in cpu/ and cuda/ under the same stem;
-// autograd and fake (meta) kernels are registered from Python in idd_ops/_ops.py.
+// Every op schema of idd_ops. Device kernels live in cpu/ and cuda/ under the same stem,
+// autograd kernels in autograd/; fake (meta) kernels are registered from Python in idd_ops/_ops.py.
 #include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>

@@ -273,7 +273,7 @@ def test_case_names_with_a_batch():
 
 
 def test_merged_kernel_sets_and_their_tables():
-    base = [_row("idd_loss cityscapes", fused_host_ms=0.5, fused_launches=40.0), _row("cwd")]
+    base = [_row("idd_loss cityscapes", fused_host_ms=0.5, fused_launches=40.0, floor_host_ms=0.03), _row("cwd")]
     nxt = [dict(case="idd_loss cityscapes", mode="forward+backward", fused_ms=0.5, fused_host_ms=0.05,
                 fused_launches=6.0, copy_gbs=2.0)]
     rows = report.merge_kernel_sets(base, nxt)
@@ -281,9 +281,10 @@ def test_merged_kernel_sets_and_their_tables():
     assert "fused_next_ms" not in rows[1]
     compact = report.compact_table(rows)
     assert "| idd_loss cityscapes | forward+backward | 1.000 | 0.500 | 2.000 | 1.500 | 0.900 | 1.11 | 0.56 | 0.500 | " \
-           "40.0 | 0.050 | 6.0 |" in compact
+           "40.0 | 0.050 | 6.0 | 0.030 |" in compact
     full = report.table(rows)
     assert "fused next ms" in full and "next vs default" in full and "| 2.00x |" in full and "peak" not in full
+    assert "| torch floor host ms/call |" in full and "| 6.0 | 0.030 |" in full
     section = report.summary_section(rows, ["x [IDD_OPS_CUDA_NEXT=1]: y (issue 22 item 6 (guard): z)"],
                                      ["fused", "fused_next"], ["the next kernels' child process failed"])
     assert "- IDD_OPS_CUDA_NEXT=1: 1 guard failures" in section and "- default kernels: 0 guard failures" in section
@@ -296,6 +297,7 @@ def test_report_row_without_peaks_with_host_time():
     row = report.measure_row(case, True, "cpu", repeat=1, compiled=False, rates=None, probe=common.CopyProbe("cpu"),
                              impls=["fused"], peaks=False, launch_stats=True)
     assert row["fused_ms"] > 0 and row["fused_host_ms"] > 0 and row["fused_launches"] == 0  # no GPU work on a CPU
+    assert 0 < row["floor_host_ms"] < row["fused_host_ms"] and row["fused_host_calls"] == []
     assert "reference_ms" not in row and "bound_ms" not in row and "fused_peak" not in row
 
 
@@ -319,6 +321,24 @@ def test_kernel_times_per_call_and_their_section():
     assert "| `k5` | 1.0 | 5.0 |" in text and "| 2 others | 2.0 | 7.0 |" in text and "`k6`" not in text
     assert "**ifvd, forward+backward, next kernels**: 0.050 ms a call, kernels 0.025 ms (50%)" in text
     assert "cwd" not in text and kernel_times.section(rows[1:]) == ""
+    assert "Host, runtime calls" not in text
+
+
+def test_host_calls_per_call_without_the_harness_synchronise():
+    ev = lambda name, kind, start, end: types.SimpleNamespace(  # noqa: E731
+        name=name, device_type=types.SimpleNamespace(name=kind),
+        time_range=types.SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start))
+    events = [ev("cudaLaunchKernel", "CPU", 0, 4), ev("cudaLaunchKernel", "CPU", 10, 14),
+              ev("cudaStreamSynchronize", "CPU", 20, 320), ev("cuLaunchKernelEx", "CPU", 330, 336),
+              ev("aten::add", "CPU", 0, 100), ev("cudaLaunchKernel", "CUDA", 0, 50),
+              ev(kernel_times.SYNC_LABEL, "CPU", 400, 900), ev("cudaDeviceSynchronize", "CPU", 401, 899)]
+    calls = kernel_times.host_calls(events, calls=2)
+    assert calls == [("cudaStreamSynchronize", 0.5, 150.0), ("cudaLaunchKernel", 1.0, 4.0),
+                     ("cuLaunchKernelEx", 0.5, 3.0)]
+    rows = [dict(case="idd_loss", mode="forward+backward", fused_ms=0.5, fused_launches=3.0,
+                 fused_kernels=[("k", 3.0, 100.0)], fused_host_calls=calls)]
+    assert ("Host, runtime calls per call: 157.0 us in all; `cudaStreamSynchronize` 0.5 x 300.0 us, "
+            "`cudaLaunchKernel` 1.0 x 4.0 us, `cuLaunchKernelEx` 0.5 x 6.0 us.") in kernel_times.section(rows)
 
 
 def test_count_launches_from_device_records_or_runtime_calls():

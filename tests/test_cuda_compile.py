@@ -50,6 +50,18 @@ def test_every_op_has_a_kernel_for_every_device():
     assert cpu | composite == schemas, f"no kernel: {sorted(schemas - cpu - composite)}"
 
 
+def test_every_differentiable_op_has_a_cpp_autograd_kernel():
+    """Each op with a backward op (a schema _<op>_backward, or _<op>_slots_backward for the slot
+    form) registers its autograd in csrc/autograd/, and the loaded library has it."""
+    schemas = set(re.findall(r'm\.def\("(\w+)\(', open(os.path.join(ROOT, "csrc", "idd_ops.cpp")).read()))
+    differentiable = {name[1:-len("_backward")] for name in schemas if name.endswith("_backward")}
+    differentiable = {name if name in schemas else "_" + name for name in differentiable} - {"_class_sums"}
+    differentiable |= {"class_sums", "class_sums_pair"}  # one backward op serves both
+    assert _impls("autograd/*.cpp", "Autograd") == differentiable
+    for name in differentiable:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"idd_ops::{name}", "Autograd"), name
+
+
 def test_compiled_library_matches_the_sources():
     """The loaded library registers a CPU (or composite) kernel for every schema."""
     for name in re.findall(r'm\.def\("(\w+)\(', open(os.path.join(ROOT, "csrc", "idd_ops.cpp")).read()):

@@ -1,0 +1,106 @@
+// Autograd of pixel_centroid_cosine and its slot-map form: the gradients of the features and
+// the centroids in one backward pass, from the cosines and feature norms the forward returned.
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "autograd.h"
+
+namespace idd_ops {
+
+namespace {
+
+// The backward's two gradients, each where its input wants one.
+variable_list cosine_grads(AutogradContext* ctx, const std::tuple<at::Tensor, at::Tensor>& grads, size_t inputs) {
+  variable_list out(inputs);
+  if (ctx->needs_input_grad(0)) out[0] = std::get<0>(grads);
+  if (ctx->needs_input_grad(1)) out[1] = std::get<1>(grads);
+  return out;
+}
+
+}  // namespace
+
+struct PixelCentroidCosine : public torch::autograd::Function<PixelCentroidCosine> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& feats, const at::Tensor& centroids,
+                               const at::Tensor& labels, int64_t ignore_index, double eps) {
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                        const at::Tensor&, int64_t, double)>(
+        "idd_ops::pixel_centroid_cosine");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [cos, norms] = op.call(feats, centroids, labels, ignore_index, eps);
+    no_zero_fills(ctx);
+    ctx->mark_non_differentiable({norms});
+    ctx->save_for_backward({feats, centroids, labels, cos, norms});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["eps"] = eps;
+    return {cos, norms};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, int64_t, double)>("idd_ops::_pixel_centroid_cosine_backward");
+    if (!grads[0].defined()) return variable_list(5);
+    const variable_list s = ctx->get_saved_variables();
+    return cosine_grads(ctx, op.call(grads[0], s[0], s[1], s[2], s[3], s[4], ctx->saved_data["ignore_index"].toInt(),
+                                     ctx->saved_data["eps"].toDouble()), 5);
+  }
+};
+
+// With counts the centroids are feats' own class means (detached by the caller), and the
+// backward's feature gradient carries the path through them as well.
+struct PixelCentroidCosineSlots : public torch::autograd::Function<PixelCentroidCosineSlots> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& feats, const at::Tensor& centroids,
+                               const at::Tensor& slots, double eps, const std::optional<at::Tensor>& counts) {
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&)>(
+        "idd_ops::_pixel_centroid_cosine_slots");
+    TORCH_CHECK_VALUE(!(counts.has_value() && centroids.requires_grad()), "centroids: with counts they are feats' own "
+                      "class means, whose gradient reaches feats inside the op; pass them detached");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [cos, norms] = op.call(feats, centroids, slots, eps, counts);
+    no_zero_fills(ctx);
+    ctx->mark_non_differentiable({norms});
+    ctx->save_for_backward({feats, centroids, slots, cos, norms, counts.value_or(at::Tensor())});
+    ctx->saved_data["eps"] = eps;
+    return {cos, norms};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, double, const std::optional<at::Tensor>&)>("idd_ops::_pixel_centroid_cosine_slots_backward");
+    if (!grads[0].defined()) return variable_list(5);
+    const variable_list s = ctx->get_saved_variables();
+    const std::optional<at::Tensor> counts = s[5].defined() ? std::optional<at::Tensor>(s[5]) : std::nullopt;
+    return cosine_grads(ctx, op.call(grads[0], s[0], s[1], s[2], s[3], s[4], ctx->saved_data["eps"].toDouble(), counts),
+                        5);
+  }
+};
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_autograd(const at::Tensor& feats, const at::Tensor& centroids,
+                                                                  const at::Tensor& labels, int64_t ignore_index,
+                                                                  double eps) {
+  const variable_list out = PixelCentroidCosine::apply(feats, centroids, labels, ignore_index, eps);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_autograd(const at::Tensor& feats,
+                                                                        const at::Tensor& centroids,
+                                                                        const at::Tensor& slots, double eps,
+                                                                        const std::optional<at::Tensor>& counts) {
+  const variable_list out = PixelCentroidCosineSlots::apply(feats, centroids, slots, eps, counts);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(idd_ops, Autograd, m) {
+  m.impl("pixel_centroid_cosine", &pixel_centroid_cosine_autograd);
+  m.impl("_pixel_centroid_cosine_slots", &pixel_centroid_cosine_slots_autograd);
+}
+
+}  // namespace idd_ops
