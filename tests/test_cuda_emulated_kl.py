@@ -4,7 +4,8 @@ and against idd_ops.reference in float64, forward and backward.
 
 softmax_kl cases reach, in the next set, every launch of softmax_kl_next_cuda.cu: CWD rows
 (inner == 1) a warp per row (lengths under 32, 32..256, over 256) and a block per row (from
-2 * 256 packs), pixel KD (inner > 1) with chunks of classes; each with 16-byte packs and, where
+2 * 256 packs), pixel KD (inner > 1): the forward with chunks of classes, the backward over
+tiles of 256 packs and a grid whose class loop wraps; each with 16-byte packs and, where
 the contiguous dim is not a multiple of the pack or the storage is offset, packs of one. Values:
 temperatures 1 and 4, logits ~1e3 and ramps (every chunk raises the running maximum), and the
 -inf rules of docs/METHOD.md ("-inf logits"): masked entries, a teacher vector -inf everywhere
@@ -131,6 +132,7 @@ KL_CASES = [
     ((2, 5, 12), torch.float16, 1.0),
     ((2, 11, 24), torch.bfloat16, 1.0),
     ((2, 7, 10), torch.bfloat16, 4.0),
+    ((2, 3, 1100), torch.float32, 4.0),    # backward: two tiles of 256 packs, the second partly empty
 ]
 
 
@@ -159,6 +161,17 @@ def test_softmax_kl_large_logits(kernels, shape, T):
     ramp = torch.linspace(-1e3, 1e3, shape[1]).view(1, -1, 1)
     # |x| ~ 4e3: lse carries ~4e3 * 6e-8 of rounding, and exp(x / T - lse) that relative error
     check_softmax_kl(kernels, s + ramp, t * 0.01 + ramp, T, slack=50.0)
+
+
+def test_softmax_kl_pixel_backward_grid_wraps(kernels):
+    """More classes than a grid's z dimension holds (65535): the next pixel backward's class loop
+    wraps (its image loop, over y, is the same code). The classes past the wrap hold most of
+    the mass, so their gradient is far above the tolerance: one left unwritten fails."""
+    s, t = logits((1, 65537, 4), torch.float32, 0), logits((1, 65537, 4), torch.float32, 1)
+    s[:, -2:] = 14.0  # exp(14) ~ 1.2e6: the student's mass sits on the last two classes (~0.46 each),
+    t[:, -1:] = 14.0  # the teacher's on the last (~0.92)
+    _, grad = check_softmax_kl(kernels, s, t, 1.0)
+    assert grad[:, -2:].abs().min() > 0.05
 
 
 def test_softmax_kl_teacher_half_student_float(kernels):
