@@ -5,8 +5,9 @@ Three ways it fails, each with its own message and what to do:
   source tree (Python puts the current or the script's folder first on sys.path) hides the
   installed package. Raised at ``import idd_ops``: what the user wanted is the other copy.
 - no compiled library anywhere: not built yet.
-- a compiled library that does not load (e.g. built against another torch).
-In the last two cases ``import idd_ops`` succeeds so that ``idd_ops.reference`` (torch alone)
+- a compiled library that does not load (e.g. built against another torch), or one built
+  before this Python code (no autograd kernels: its gradients would be dropped).
+In the last three cases ``import idd_ops`` succeeds so that ``idd_ops.reference`` (torch alone)
 stays usable; every fused name and every module that needs the ops raises the same ImportError.
 """
 import importlib
@@ -92,6 +93,13 @@ def load() -> None:
                             f"against the installed torch ({torch.__version__}): rebuild it{_source_tree_hint()} "
                             f"with {BUILD}. Without it only idd_ops.reference (plain PyTorch) works.")
         ERROR.__cause__ = error
+        return
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("idd_ops::class_sums", "Autograd"):
+        # built before the ops' autograd moved into the library (csrc/autograd/): it loads, but
+        # every gradient through its ops would be dropped with a warning
+        ERROR = ImportError(f"the compiled library of idd_ops in {HERE} is older than this package's Python code (it "
+                            f"has no autograd kernels): rebuild it{_source_tree_hint()} with {BUILD}. Without it "
+                            "only idd_ops.reference (plain PyTorch) works.")
 
 
 def require() -> None:

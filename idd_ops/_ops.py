@@ -10,8 +10,6 @@ from ._dtypes import acc_dtype
 
 _library.require()  # one clear ImportError, not register_fake's "operator ... does not exist"
 
-ops = torch.ops.idd_ops
-
 
 # ---- class_centroids -------------------------------------------------------------------
 
@@ -69,7 +67,8 @@ def _(grad_sums, slots, dtype, channels_last):
 
 def channels_last_layout(feats):
     """Whether the class-sum kernels read `feats` [B, C, H, W] as channels_last (pixel-major)
-    memory; their gradient then comes in that layout too."""
+    memory; their gradient then comes in that layout too (csrc/autograd/autograd.h has the same
+    test in C++)."""
     return not feats.is_contiguous() and feats.is_contiguous(memory_format=torch.channels_last)
 
 

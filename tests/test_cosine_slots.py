@@ -97,8 +97,11 @@ def test_own_centroids_gradcheck():
 def test_own_centroids_must_be_constants():
     feats = make_feats(2, 3, 4, 5).requires_grad_()
     centroids = torch.ones(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    counts = torch.ones(2, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="centroids: with counts"):
-        ops._pixel_centroid_cosine_slots(feats, centroids, _good_slots(), 1e-8, torch.ones(2, 4, dtype=torch.long))
+        ops._pixel_centroid_cosine_slots(feats, centroids, _good_slots(), 1e-8, counts)
+    with torch.no_grad():  # no gradient to route: no error
+        ops._pixel_centroid_cosine_slots(feats, centroids, _good_slots(), 1e-8, counts)
 
 
 @pytest.mark.parametrize("counts,error,text", [

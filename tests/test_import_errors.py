@@ -81,3 +81,23 @@ for attempt in (lambda: idd_ops.pixel_kd_loss, lambda: __import__('idd_ops.funct
     assert lines[1].startswith(f"ImportError idd_ops.pixel_kd_loss needs the compiled library: {not_built}")
     assert lines[2].startswith(f"ImportError {not_built}")  # not register_fake's RuntimeError
     assert BUILD in lines[1] and BUILD in lines[2]
+
+
+def test_library_older_than_the_python_code_names_the_build_command(tmp_path):
+    """A library built before the ops' autograd moved into it (an editable install pulled without a
+    rebuild) loads but would drop every gradient: it is refused with the build command."""
+    _copy_package(tmp_path, with_library=True)
+    code = _NOTHING_INSTALLED + """
+has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+torch._C._dispatch_has_kernel_for_dispatch_key = lambda op, key: key != "Autograd" and has_kernel(op, key)
+import idd_ops
+try:
+    idd_ops.pixel_kd_loss
+except ImportError as e:
+    print('ImportError', e)
+"""
+    out = _run(["-c", code], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ImportError idd_ops.pixel_kd_loss needs the compiled library: the compiled library "
+                                 f"of idd_ops in {(tmp_path / 'idd_ops').resolve()} is older than"), out.stdout
+    assert BUILD in out.stdout

@@ -13,11 +13,9 @@ struct AffinityLoss : public torch::autograd::Function<AffinityLoss> {
                                int64_t pool) {
     static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                                     int64_t)>("idd_ops::affinity_loss");
-    check_constant_teacher(teacher, "affinity_loss");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [loss, gram_ss, gram_st] = op.call(student, teacher, pool);
     no_zero_fills(ctx);
-    ctx->mark_non_differentiable({gram_ss, gram_st});
     ctx->save_for_backward({student, teacher, gram_ss, gram_st});
     ctx->saved_data["pool"] = pool;
     return {loss, gram_ss, gram_st};
@@ -40,8 +38,9 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_autograd(const at::Tensor& student,
                                                                       const at::Tensor& teacher, int64_t pool) {
+  check_constant_teacher(teacher, "affinity_loss");
   const variable_list out = AffinityLoss::apply(student, teacher, pool);
-  return {out[0], out[1], out[2]};
+  return {out[0], no_grad_output(out[1]), no_grad_output(out[2])};
 }
 
 }  // namespace

@@ -32,14 +32,23 @@ inline bool wanted(AutogradContext* ctx, const variable_list& grads, size_t inpu
   return ctx->needs_input_grad(input) && grads[output].defined();
 }
 
-// A teacher input gets no gradient: checked when the op is called, not when a backward reaches it.
+// A teacher input gets no gradient: checked when the op is called with grad mode on (not when a
+// backward reaches it; under no_grad there is no gradient to miss). The op's wrapper calls it
+// before apply: grad mode is off inside forward.
 inline void check_constant_teacher(const at::Tensor& teacher, const char* op) {
-  TORCH_CHECK(!teacher.requires_grad(), "idd_ops::", op, ": the teacher input requires grad, but it is a constant "
-              "that gets no gradient; pass teacher.detach()");
+  TORCH_CHECK(!(at::GradMode::is_enabled() && teacher.requires_grad()), "idd_ops::", op, ": the teacher input "
+              "requires grad, but it is a constant that gets no gradient; pass teacher.detach()");
+}
+
+// The outputs that carry no gradient (saved statistics, log-sum-exps, norms) leave the op
+// detached instead of marked non-differentiable, which torch's compiled autograd rejects for a
+// C++ node. Integer outputs (counts) need neither: autograd never gives them a gradient.
+inline at::Tensor no_grad_output(const at::Tensor& output) {
+  return output.detach();
 }
 
 // Whether the class-sum kernels read feats [B, C, H, W] as channels_last (pixel-major) memory;
-// their gradient then comes in that layout too.
+// their gradient then comes in that layout too (idd_ops/_ops.py has the same test in Python).
 inline bool channels_last_layout(const at::Tensor& feats) {
   return !feats.is_contiguous() && feats.is_contiguous(at::MemoryFormat::ChannelsLast);
 }

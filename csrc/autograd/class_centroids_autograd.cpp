@@ -16,7 +16,6 @@ struct ClassCentroids : public torch::autograd::Function<ClassCentroids> {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [centroids, counts] = op.call(feats, labels, num_classes, ignore_index);
     no_zero_fills(ctx);
-    ctx->mark_non_differentiable({counts});
     ctx->save_for_backward({labels, counts});
     ctx->saved_data["height"] = feats.sym_size(2);
     ctx->saved_data["width"] = feats.sym_size(3);

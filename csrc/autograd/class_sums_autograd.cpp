@@ -33,7 +33,6 @@ struct ClassSums : public torch::autograd::Function<ClassSums> {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [sums, counts] = op.call(feats, slots, num_classes);
     no_zero_fills(ctx);
-    ctx->mark_non_differentiable({counts});
     ctx->save_for_backward({slots});
     save_feats_meta(ctx, feats, "");
     return {sums, counts};
@@ -56,7 +55,6 @@ struct ClassSumsPair : public torch::autograd::Function<ClassSumsPair> {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [sums_a, counts_a, sums_b, counts_b] = op.call(feats_a, slots_a, feats_b, slots_b, num_classes);
     no_zero_fills(ctx);
-    ctx->mark_non_differentiable({counts_a, counts_b});
     ctx->save_for_backward({slots_a, slots_b});
     save_feats_meta(ctx, feats_a, "_a");
     save_feats_meta(ctx, feats_b, "_b");

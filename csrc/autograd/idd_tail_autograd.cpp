@@ -18,12 +18,10 @@ struct IddTail : public torch::autograd::Function<IddTail> {
     static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, bool, double,
         c10::string_view, std::optional<at::ScalarType>)>("idd_ops::idd_tail");
-    check_constant_teacher(teacher_sums, "idd_tail");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [loss, dist, stats] = op.call(student_sums, student_counts, teacher_sums, teacher_counts, metric, normalize,
                                        eps, reduction, dtype);
     no_zero_fills(ctx);
-    ctx->mark_non_differentiable({dist, stats});
     ctx->save_for_backward({student_sums, student_counts, teacher_counts, dist, stats});
     ctx->saved_data["metric"] = std::string(metric);
     ctx->saved_data["normalize"] = normalize;
@@ -53,9 +51,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> idd_tail_autograd(
     const at::Tensor& student_sums, const at::Tensor& student_counts, const at::Tensor& teacher_sums,
     const at::Tensor& teacher_counts, c10::string_view metric, bool normalize, double eps, c10::string_view reduction,
     std::optional<at::ScalarType> dtype) {
+  check_constant_teacher(teacher_sums, "idd_tail");
   const variable_list out =
       IddTail::apply(student_sums, student_counts, teacher_sums, teacher_counts, metric, normalize, eps, reduction, dtype);
-  return {out[0], out[1], out[2]};
+  return {out[0], no_grad_output(out[1]), no_grad_output(out[2])};
 }
 
 }  // namespace

@@ -30,7 +30,6 @@ struct PixelCentroidCosine : public torch::autograd::Function<PixelCentroidCosin
     at::AutoDispatchBelowADInplaceOrView below;
     auto [cos, norms] = op.call(feats, centroids, labels, ignore_index, eps);
     no_zero_fills(ctx);
-    ctx->mark_non_differentiable({norms});
     ctx->save_for_backward({feats, centroids, labels, cos, norms});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["eps"] = eps;
@@ -56,12 +55,9 @@ struct PixelCentroidCosineSlots : public torch::autograd::Function<PixelCentroid
     static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&)>(
         "idd_ops::_pixel_centroid_cosine_slots");
-    TORCH_CHECK_VALUE(!(counts.has_value() && centroids.requires_grad()), "centroids: with counts they are feats' own "
-                      "class means, whose gradient reaches feats inside the op; pass them detached");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [cos, norms] = op.call(feats, centroids, slots, eps, counts);
     no_zero_fills(ctx);
-    ctx->mark_non_differentiable({norms});
     ctx->save_for_backward({feats, centroids, slots, cos, norms, counts.value_or(at::Tensor())});
     ctx->saved_data["eps"] = eps;
     return {cos, norms};
@@ -85,15 +81,19 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_autograd(const at::Tens
                                                                   const at::Tensor& labels, int64_t ignore_index,
                                                                   double eps) {
   const variable_list out = PixelCentroidCosine::apply(feats, centroids, labels, ignore_index, eps);
-  return {out[0], out[1]};
+  return {out[0], no_grad_output(out[1])};
 }
 
 std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_autograd(const at::Tensor& feats,
                                                                         const at::Tensor& centroids,
                                                                         const at::Tensor& slots, double eps,
                                                                         const std::optional<at::Tensor>& counts) {
+  // checked with grad mode on, as the teacher checks (autograd.h)
+  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && counts.has_value() && centroids.requires_grad()),
+                    "centroids: with counts they are feats' own class means, whose gradient reaches feats inside the "
+                    "op; pass them detached");
   const variable_list out = PixelCentroidCosineSlots::apply(feats, centroids, slots, eps, counts);
-  return {out[0], out[1]};
+  return {out[0], no_grad_output(out[1])};
 }
 
 }  // namespace

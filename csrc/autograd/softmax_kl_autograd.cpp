@@ -13,11 +13,9 @@ struct SoftmaxKL : public torch::autograd::Function<SoftmaxKL> {
                                double temperature) {
     static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                                     double)>("idd_ops::softmax_kl");
-    check_constant_teacher(teacher, "softmax_kl");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [kl, lse_s, lse_t] = op.call(student, teacher, temperature);
     no_zero_fills(ctx);
-    ctx->mark_non_differentiable({lse_s, lse_t});
     ctx->save_for_backward({student, teacher, lse_s, lse_t});
     ctx->saved_data["temperature"] = temperature;
     return {kl, lse_s, lse_t};
@@ -40,8 +38,9 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_autograd(const at::Tensor& student, const at::Tensor& teacher,
                                                                   double temperature) {
+  check_constant_teacher(teacher, "softmax_kl");
   const variable_list out = SoftmaxKL::apply(student, teacher, temperature);
-  return {out[0], out[1], out[2]};
+  return {out[0], no_grad_output(out[1]), no_grad_output(out[2])};
 }
 
 }  // namespace

@@ -98,30 +98,40 @@ __device__ __forceinline__ acc_t kl_grad(acc_t coef, acc_t u, acc_t v, acc_t ls,
 }
 
 // The backward needs no reduction, so it streams [outer, length, inner] in memory order: a
-// thread per 16-byte pack of one class row, the image and class from the grid's y and z (no
-// per-element index division), the per-pixel values re-read from L2 once per class (an image's
-// three [inner] rows stay there while its class rows stream past). The first next kernel walked
-// each pixel pack through the classes, as the forward must: 2 MiB apart per class at 512x1024,
-// and 1.0 ms on an H200 at B=8 (1 TB/s) where the default kernel took 0.7 ms.
+// thread per 16-byte pack of pixels and a few classes of one image (grid x: pixel tiles, y:
+// images, z: class groups; no per-element index division). The per-pixel values (the gradient
+// and both log-sum-exps) are read once per thread, as packs where aligned, and re-read from L2
+// by each class group (an image's three [inner] rows stay there while its class rows stream
+// past). The first next kernel walked each pixel pack through all the classes, as the forward
+// must, 2 MiB apart per class at 512x1024: 1.0 ms on an H200 at B=8 (1 TB/s), where the default
+// kernel took 0.7 ms.
+constexpr int kClassesPerThread = 4;
+
+// N values at p, p + stride, ...: one aligned pack where `packed` (stride 1, checked by the host).
+template <int N, typename T>
+__device__ __forceinline__ Pack<T, N> load_values(const T* p, int64_t stride, bool packed) {
+  if (packed) return load_pack<N>(p);
+  Pack<T, N> r;
+#pragma unroll
+  for (int j = 0; j < N; ++j) r.v[j] = p[j * stride];
+  return r;
+}
+
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     kl_pixels_backward(const at::opmath_type<scalar_t>* __restrict__ grad, int64_t g_outer, int64_t g_inner,
-                       const scalar_t* __restrict__ s, const scalar_t* __restrict__ t,
+                       bool packed_grad, const scalar_t* __restrict__ s, const scalar_t* __restrict__ t,
                        const at::opmath_type<scalar_t>* __restrict__ lse_s,
-                       const at::opmath_type<scalar_t>* __restrict__ lse_t, int64_t outer, int64_t length,
-                       int64_t inner, at::opmath_type<scalar_t> inv_T, scalar_t* __restrict__ out) {
+                       const at::opmath_type<scalar_t>* __restrict__ lse_t, bool packed_lse, int64_t outer,
+                       int64_t length, int64_t inner, at::opmath_type<scalar_t> inv_T, scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (i >= inner) return;  // no block-wide synchronisation below
   for (int64_t o = blockIdx.y; o < outer; o += gridDim.y) {
     const int64_t k = o * inner + i;  // the pack's first pixel
-    acc_t coef[VEC], ls[VEC], lt[VEC];
-#pragma unroll
-    for (int p = 0; p < VEC; ++p) {
-      coef[p] = grad[o * g_outer + (i + p) * g_inner] * inv_T;
-      ls[p] = lse_s[k + p];
-      lt[p] = lse_t[k + p];
-    }
+    const auto g = load_values<VEC>(grad + o * g_outer + i * g_inner, g_inner, packed_grad);
+    const auto ls = load_values<VEC>(lse_s + k, 1, packed_lse);
+    const auto lt = load_values<VEC>(lse_t + k, 1, packed_lse);
     for (int64_t c = blockIdx.z; c < length; c += gridDim.z) {
       const int64_t e = (o * length + c) * inner + i;
       const auto ps = load_pack<VEC>(s + e);
@@ -129,8 +139,8 @@ __global__ void __launch_bounds__(kThreads)
       Pack<scalar_t, VEC> r;
 #pragma unroll
       for (int p = 0; p < VEC; ++p)
-        r.v[p] = static_cast<scalar_t>(kl_grad(coef[p], static_cast<acc_t>(ps.v[p]) * inv_T,
-                                               static_cast<acc_t>(pt.v[p]) * inv_T, ls[p], lt[p]));
+        r.v[p] = static_cast<scalar_t>(kl_grad(g.v[p] * inv_T, static_cast<acc_t>(ps.v[p]) * inv_T,
+                                               static_cast<acc_t>(pt.v[p]) * inv_T, ls.v[p], lt.v[p]));
       store_pack(out + e, r);
     }
   }
@@ -319,12 +329,18 @@ void launch_backward(const at::opmath_type<scalar_t>* grad, int64_t g_outer, int
                      const at::opmath_type<scalar_t>* lse_t, int64_t outer, int64_t length, int64_t inner,
                      at::opmath_type<scalar_t> inv_T, scalar_t* out, cudaStream_t stream) {
   if (inner > 1) {
+    using acc_t = at::opmath_type<scalar_t>;
     const int64_t tiles = (inner / VEC + kThreads - 1) / kThreads;
     TORCH_CHECK(tiles <= std::numeric_limits<int>::max(), "softmax_kl: ", inner, " pixels are too many for one grid");
+    const int64_t groups = (length + kClassesPerThread - 1) / kClassesPerThread;
     const dim3 grid(static_cast<unsigned int>(tiles), static_cast<unsigned int>(std::min<int64_t>(outer, 65535)),
-                    static_cast<unsigned int>(std::min<int64_t>(length, 65535)));
-    kl_pixels_backward<scalar_t, VEC><<<grid, kThreads, 0, stream>>>(grad, g_outer, g_inner, s, t, lse_s, lse_t, outer,
-                                                                     length, inner, inv_T, out);
+                    static_cast<unsigned int>(std::min<int64_t>(groups, 65535)));
+    // packs of the per-pixel values where every pack starts aligned (i and inner are multiples of VEC)
+    const bool packed_grad = VEC > 1 && g_inner == 1 && g_outer % VEC == 0 && aligned_for(grad, VEC, sizeof(acc_t));
+    const bool packed_lse = VEC > 1 && aligned_for(lse_s, VEC, sizeof(acc_t)) && aligned_for(lse_t, VEC, sizeof(acc_t));
+    kl_pixels_backward<scalar_t, VEC><<<grid, kThreads, 0, stream>>>(grad, g_outer, g_inner, packed_grad, s, t, lse_s,
+                                                                     lse_t, packed_lse, outer, length, inner, inv_T,
+                                                                     out);
   } else if (block_per_row<VEC>(length)) {
     kl_rows_backward<scalar_t, VEC, kThreads><<<row_grid(outer, 1), kThreads, 0, stream>>>(
         grad, g_outer, g_inner, s, t, lse_s, lse_t, outer, length, inv_T, out);
