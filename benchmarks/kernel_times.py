@@ -54,7 +54,8 @@ def host_calls(events, calls):
     """[(runtime call, calls per call, host us per call)] of the CUDA runtime and driver calls
     among `events` (names starting cuda/cu, on the host; the harness's synchronise left out),
     longest first. A call that waits on the GPU (a synchronise, a blocking copy) shows here with
-    the time it waited, which a host time near the device time then explains."""
+    the time it waited, which a host time near the device time then explains. Where the profiler
+    records a driver call inside a runtime call, both are listed (the total counts that time twice)."""
     harness = [e.time_range for e in events if e.name == SYNC_LABEL]
     totals = {}
     for e in events:

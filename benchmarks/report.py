@@ -47,8 +47,9 @@ LAUNCH_OPS = ("idd_loss", "class_centroids")
 KERNEL_OPS = ("ifvd", "pixel_kd", "cwd", "skd")
 LAUNCH_NOTE = ("Host ms/call: 20 calls issued without a synchronise, divided by 20 (the host's cost where the GPU "
                "keeps up). Torch floor: the same of plain PyTorch's `(x * 2).sum()` on 8 values (and its backward), "
-               "the least any loss's host time can be on this machine. Launches/call: kernels, memsets and copies on the GPU per call (torch.profiler, 3 calls); "
-               "forward+backward seeds the backward with a gradient made once, so the harness adds none. ")
+               "the least any loss's host time can be on this machine. Launches/call: kernels, memsets and copies "
+               "on the GPU per call (torch.profiler, 3 calls); forward+backward seeds the backward with a gradient "
+               "made once, so the harness adds none. ")
 
 
 def measure_row(case, backward, device, repeat, compiled, rates, probe, impls=None, peaks=True, launch_stats=False):

@@ -7,7 +7,7 @@ Three ways it fails, each with its own message and what to do:
 - no compiled library anywhere: not built yet.
 - a compiled library that does not load (e.g. built against another torch), or one built
   before this Python code (no autograd kernels: its gradients would be dropped).
-In the last three cases ``import idd_ops`` succeeds so that ``idd_ops.reference`` (torch alone)
+In the last two cases ``import idd_ops`` succeeds so that ``idd_ops.reference`` (torch alone)
 stays usable; every fused name and every module that needs the ops raises the same ImportError.
 """
 import importlib
