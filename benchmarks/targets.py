@@ -129,7 +129,10 @@ def check(rows, columns=("fused",)):
                     continue  # not measured in this run (no compile column, no next kernels, ...)
                 ok, got, limit = _verdict(target, value, fmt, better)
                 if not ok:
-                    misses.append(f"{row['case']} {row['mode']} [{_label(col)}]: {target.metric} {got}, "
+                    # a host-time miss beside what plain PyTorch's least forward(+backward) costs there
+                    floor = f"; torch floor {row['floor_host_ms']:.3f}" if target.metric == "host ms per call" \
+                        and row.get("floor_host_ms") is not None else ""
+                    misses.append(f"{row['case']} {row['mode']} [{_label(col)}]: {target.metric} {got}{floor}, "
                                   f"target {'<=' if better == 'max' else '>='} {limit} ({target.source}: {target.text})")
     return misses
 
