@@ -4,10 +4,10 @@ and against idd_ops.reference in float64, forward and backward.
 
 softmax_kl cases reach, in the next set, every launch of softmax_kl_next_cuda.cu: CWD rows
 (inner == 1) a warp per row (lengths under 32, 32..256, over 256) and a block per row (from
-2 * 256 packs), pixel KD (inner > 1): the forward with chunks of classes, the backward over
-tiles of 256 packs, groups of 4 classes and a grid whose image loop wraps; each with 16-byte
-packs (the per-pixel values too, where aligned) and, where the contiguous dim is not a multiple
-of the pack or the storage is offset, packs of one. Values:
+2 * 256 packs); pixel KD (inner > 1), the forward a pixel per thread with chunks of classes and
+the backward over tiles of 256 packs and groups of 4 classes, both on a grid whose image loop
+wraps. Each with 16-byte packs (the backward's per-pixel values too, where aligned) and, where
+the contiguous dim is not a multiple of the pack or the storage is offset, packs of one. Values:
 temperatures 1 and 4, logits ~1e3 and ramps (every chunk raises the running maximum), and the
 -inf rules of docs/METHOD.md ("-inf logits"): masked entries, a teacher vector -inf everywhere
 (KL 0, zero gradient: issue 22 item 5), a student vector -inf everywhere (+inf, zero gradient).
@@ -122,18 +122,18 @@ KL_CASES = [
     ((3, 100, 1), torch.float16, 4.0),     # 100 % 8: scalar
     ((3, 40, 1), torch.bfloat16, 4.0),
     ((3, 300, 1), torch.bfloat16, 1.0),
-    # pixel KD
-    ((2, 19, 64), torch.float32, 1.0),     # packs of 4, chunks of 8 classes: 19 leaves 3
-    ((2, 19, 30), torch.float32, 4.0),     # inner % 4: scalar
+    # pixel KD: the forward a pixel per thread, the backward packs where the pixels allow
+    ((2, 19, 64), torch.float32, 1.0),     # forward chunks of 8 classes (19 leaves 3); backward packs of 4
+    ((2, 19, 30), torch.float32, 4.0),     # inner % 4: a scalar backward
     ((3, 5, 4), torch.float32, 1.0),
     ((2, 3, 2), torch.float32, 4.0),
     ((2, 19, 6), torch.float64, 1.0),      # packs of 2
     ((2, 7, 5), torch.float64, 4.0),
-    ((2, 19, 16), torch.float16, 4.0),     # packs of 8, chunks of 4
+    ((2, 19, 16), torch.float16, 4.0),     # backward packs of 8
     ((2, 5, 12), torch.float16, 1.0),
     ((2, 11, 24), torch.bfloat16, 1.0),
     ((2, 7, 10), torch.bfloat16, 4.0),
-    ((2, 3, 1100), torch.float32, 4.0),    # backward: two tiles of 256 packs, the second partly empty
+    ((2, 3, 1100), torch.float32, 4.0),    # five forward tiles of 256 pixels, two backward tiles of 256 packs
 ]
 
 
@@ -179,11 +179,11 @@ def test_softmax_kl_large_logits(kernels, shape, T):
     check_softmax_kl(kernels, s + ramp, t * 0.01 + ramp, T, slack=50.0)
 
 
-def test_softmax_kl_pixel_backward_grid_wraps(kernels):
-    """More images than a grid's y dimension holds (65535): the next pixel backward's image loop
-    wraps (its class-group loop, over z, runs several steps in every case above). The images
-    past the wrap have the largest gradients (the student's mass on class 0, the teacher's on
-    class 1), far above the tolerance: one left unwritten fails."""
+def test_softmax_kl_pixel_grid_wraps(kernels):
+    """More images than a grid's y dimension holds (65535): the next pixel kernels' image loop
+    wraps (the backward's class-group loop, over z, runs several steps in every case above). The
+    images past the wrap have the largest KL and gradients (the student's mass on class 0, the
+    teacher's on class 1), far above the tolerance: one left unwritten fails."""
     s, t = logits((65537, 2, 4), torch.float32, 0), logits((65537, 2, 4), torch.float32, 1)
     s[-2:, 0], s[-2:, 1], t[-2:, 0], t[-2:, 1] = 14.0, 0.0, 0.0, 14.0
     _, grad = check_softmax_kl(kernels, s, t, 1.0)

@@ -1,9 +1,8 @@
 // softmax_kl on CUDA in one read of student and teacher per pass (behind IDD_OPS_CUDA_NEXT):
 // an online softmax (common/softmax_kl_online.h) forward and a one-read backward, for both
 // layouts the op serves:
-//   pixel KD [B, K, H*W] (inner > 1): in the forward a thread owns a 16-byte pack of
-//     neighbouring pixels and walks the K classes in chunks held in registers, so a warp reads
-//     512 contiguous bytes per class and every load of a chunk is in flight at once; the
+//   pixel KD [B, K, H*W] (inner > 1): in the forward a thread owns a pixel and walks the K
+//     classes in chunks held in registers, every load of a chunk in flight at once; the
 //     backward streams the tensors in memory order, a 16-byte pack per thread;
 //   CWD [B*C, H*W, 1] (inner == 1): a block (long rows) or a warp (short rows) per row, 16-byte
 //     packs along the row, partial sums merged by shuffles.
@@ -34,59 +33,52 @@ __device__ __forceinline__ T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
-// Classes a pixel thread holds per forward chunk: 32 float values of each input in flight
-// (packs of 8 halves: 4 classes; double, whose exp needs more registers: 4). ptxas, sm_90,
-// float: 121 registers, no spills, 2 blocks of 256 per SM with 16 loads of 16 bytes in flight
-// per thread: 128 KB per SM against the ~30 KB that 4.8 TB/s at ~0.8 us latency asks of each
-// of the 132 SMs.
-template <typename acc_t>
-constexpr int chunk_for(int vec) {
-  return (vec >= 8 || sizeof(acc_t) == 8) ? 4 : 8;
-}
-
 // ---- vectors along a strided dim (inner > 1): pixel KD -----------------------------------
 
-template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kThreads)
+// A thread per pixel (grid x: pixel tiles, y: images), walking the classes in chunks of CH held
+// in registers: every load of a chunk is in flight at once, and a warp reads 128 contiguous
+// bytes of a class row (float). The first next kernel gave each thread a 16-byte pack of 4
+// pixels: ptxas needed 121-126 registers for it, 2 blocks of 256 per SM, and the H200 measured
+// 0.5 ms at B=8 (1.4 TB/s, no faster than the default's two passes): its 16 warps per SM all
+// loaded, then all computed (18 exps per pixel and chunk of 8 classes), and the memory idled
+// while they did. A pixel per thread in 40 registers (ptxas, sm_90, float, no spills) runs 6
+// blocks per SM: 48 warps with 96 KB in flight, so some compute while others wait. Double holds
+// 4 classes per chunk in 79 registers (its exp needs more), 3 blocks per SM.
+template <typename acc_t>
+constexpr int pixel_forward_blocks_per_sm() {
+  return sizeof(acc_t) == 8 ? 3 : 6;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, pixel_forward_blocks_per_sm<at::opmath_type<scalar_t>>())
     kl_pixels_forward(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t, int64_t outer, int64_t length,
                       int64_t inner, at::opmath_type<scalar_t> inv_T, at::opmath_type<scalar_t>* __restrict__ kl,
                       at::opmath_type<scalar_t>* __restrict__ lse_s, at::opmath_type<scalar_t>* __restrict__ lse_t) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int CH = chunk_for<acc_t>(VEC);
-  const int64_t per_outer = inner / VEC, groups = outer * per_outer;
-  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
-       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    // pixels i .. i + VEC - 1 of image o
-    const int64_t o = g / per_outer, i = (g - o * per_outer) * VEC, base = o * length * inner + i;
-    OnlineSoftmaxKL<acc_t> st[VEC];
+  constexpr int CH = sizeof(acc_t) == 8 ? 4 : 8;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= inner) return;  // no block-wide synchronisation below
+  for (int64_t o = blockIdx.y; o < outer; o += gridDim.y) {
+    const int64_t base = o * length * inner + i;
+    OnlineSoftmaxKL<acc_t> st;
     for (int64_t c0 = 0; c0 < length; c0 += CH) {
-      acc_t u[VEC][CH], v[VEC][CH];
+      acc_t u[CH], v[CH];
 #pragma unroll
       for (int j = 0; j < CH; ++j) {
         if (c0 + j < length) {
-          const auto ps = load_pack<VEC>(s + base + (c0 + j) * inner);
-          const auto pt = load_pack<VEC>(t + base + (c0 + j) * inner);
-#pragma unroll
-          for (int p = 0; p < VEC; ++p) {
-            u[p][j] = static_cast<acc_t>(ps.v[p]) * inv_T;
-            v[p][j] = static_cast<acc_t>(pt.v[p]) * inv_T;
-          }
+          u[j] = static_cast<acc_t>(s[base + (c0 + j) * inner]) * inv_T;
+          v[j] = static_cast<acc_t>(t[base + (c0 + j) * inner]) * inv_T;
         } else {  // past the last class: -inf adds nothing
-#pragma unroll
-          for (int p = 0; p < VEC; ++p) u[p][j] = v[p][j] = neg_inf<acc_t>();
+          u[j] = v[j] = neg_inf<acc_t>();
         }
       }
-#pragma unroll
-      for (int p = 0; p < VEC; ++p) st[p].add(u[p], v[p]);
+      st.add(u, v);
     }
-#pragma unroll
-    for (int p = 0; p < VEC; ++p) {
-      const int64_t k = o * inner + i + p;
-      const SoftmaxKLVector<acc_t> r = st[p].finish();
-      kl[k] = r.kl;
-      lse_s[k] = r.lse_s;
-      lse_t[k] = r.lse_t;
-    }
+    const SoftmaxKLVector<acc_t> r = st.finish();
+    const int64_t k = o * inner + i;
+    kl[k] = r.kl;
+    lse_s[k] = r.lse_s;
+    lse_t[k] = r.lse_t;
   }
 }
 
@@ -294,6 +286,14 @@ unsigned int row_grid(int64_t outer, int rows_per_block) {
   return static_cast<unsigned int>(blocks);
 }
 
+// The pixel kernels' grid: x over tiles of kThreads packs of `vec` pixels, y over the images
+// (grid-strided past 65535).
+dim3 pixel_grid(int64_t outer, int64_t inner, int vec) {
+  const int64_t tiles = (inner / vec + kThreads - 1) / kThreads;
+  TORCH_CHECK(tiles <= std::numeric_limits<int>::max(), "softmax_kl: ", inner, " pixels are too many for one grid");
+  return dim3(static_cast<unsigned int>(tiles), static_cast<unsigned int>(std::min<int64_t>(outer, 65535)));
+}
+
 // Packs of 16 bytes where every pointer allows them and the contiguous dim is a multiple of the
 // pack (so every pack starts aligned); else packs of one element.
 template <typename scalar_t>
@@ -309,10 +309,9 @@ template <typename scalar_t, int VEC>
 void launch_forward(const scalar_t* s, const scalar_t* t, int64_t outer, int64_t length, int64_t inner,
                     at::opmath_type<scalar_t> inv_T, at::opmath_type<scalar_t>* kl, at::opmath_type<scalar_t>* lse_s,
                     at::opmath_type<scalar_t>* lse_t, cudaStream_t stream) {
-  if (inner > 1) {
-    kl_pixels_forward<scalar_t, VEC>
-        <<<blocks_for(outer * (inner / VEC)), kThreads, 0, stream>>>(s, t, outer, length, inner, inv_T, kl, lse_s,
-                                                                     lse_t);
+  if (inner > 1) {  // a pixel per thread, whatever the packs allow (kl_pixels_forward)
+    kl_pixels_forward<scalar_t><<<pixel_grid(outer, inner, 1), kThreads, 0, stream>>>(s, t, outer, length, inner,
+                                                                                      inv_T, kl, lse_s, lse_t);
   } else if (block_per_row<VEC>(length)) {
     kl_rows_forward<scalar_t, VEC, kThreads>
         <<<row_grid(outer, 1), kThreads, 0, stream>>>(s, t, outer, length, inv_T, kl, lse_s, lse_t);
@@ -330,11 +329,9 @@ void launch_backward(const at::opmath_type<scalar_t>* grad, int64_t g_outer, int
                      at::opmath_type<scalar_t> inv_T, scalar_t* out, cudaStream_t stream) {
   if (inner > 1) {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t tiles = (inner / VEC + kThreads - 1) / kThreads;
-    TORCH_CHECK(tiles <= std::numeric_limits<int>::max(), "softmax_kl: ", inner, " pixels are too many for one grid");
     const int64_t groups = (length + kClassesPerThread - 1) / kClassesPerThread;
-    const dim3 grid(static_cast<unsigned int>(tiles), static_cast<unsigned int>(std::min<int64_t>(outer, 65535)),
-                    static_cast<unsigned int>(std::min<int64_t>(groups, 65535)));
+    dim3 grid = pixel_grid(outer, inner, VEC);
+    grid.z = static_cast<unsigned int>(std::min<int64_t>(groups, 65535));
     // packs of the per-pixel values where every pack starts aligned (i and inner are multiples of VEC)
     const bool packed_grad = VEC > 1 && g_inner == 1 && g_outer % VEC == 0 && aligned_for(grad, VEC, sizeof(acc_t));
     const bool packed_lse = VEC > 1 && aligned_for(lse_s, VEC, sizeof(acc_t)) && aligned_for(lse_t, VEC, sizeof(acc_t));
