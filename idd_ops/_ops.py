@@ -67,7 +67,7 @@ def _(grad_sums, slots, dtype, channels_last):
 
 def channels_last_layout(feats):
     """Whether the class-sum kernels read `feats` [B, C, H, W] as channels_last (pixel-major)
-    memory; their gradient then comes in that layout too (csrc/autograd/autograd.h has the same
+    memory; their gradient then comes in that layout too (csrc/common/checks.h has the same
     test in C++)."""
     return not feats.is_contiguous() and feats.is_contiguous(memory_format=torch.channels_last)
 

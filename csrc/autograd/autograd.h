@@ -10,6 +10,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 
+#include "../common/checks.h"  // channels_last_layout
+
 namespace idd_ops {
 
 using torch::autograd::AutogradContext;
@@ -45,12 +47,6 @@ inline void check_constant_teacher(const at::Tensor& teacher, const char* op) {
 // C++ node. Integer outputs (counts) need neither: autograd never gives them a gradient.
 inline at::Tensor no_grad_output(const at::Tensor& output) {
   return output.detach();
-}
-
-// Whether the class-sum kernels read feats [B, C, H, W] as channels_last (pixel-major) memory;
-// their gradient then comes in that layout too (idd_ops/_ops.py has the same test in Python).
-inline bool channels_last_layout(const at::Tensor& feats) {
-  return !feats.is_contiguous() && feats.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 }  // namespace idd_ops

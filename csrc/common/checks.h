@@ -21,6 +21,13 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// A [B, C, H, W] tensor whose memory is [B, H, W, C] (and not also NCHW: one channel or one
+// pixel is both, and takes the NCHW path): what the class-sum kernels read in place, and the
+// layout their gradient then comes in (idd_ops/_ops.py has the same test in Python).
+inline bool channels_last_layout(const at::Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 // ---- building blocks -------------------------------------------------------------------
 
 inline void check_rank(const at::Tensor& t, const char* name, int64_t dim, const char* shape) {

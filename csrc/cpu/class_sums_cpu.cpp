@@ -56,12 +56,6 @@ auto per_image_slots(const at::Tensor& slots, int64_t num_classes, Build build) 
   return out;
 }
 
-// A [B, C, H, W] tensor whose memory is [B, H, W, C] (and not also NCHW: one channel or one
-// pixel is both, and takes the NCHW path).
-bool channels_last_layout(const at::Tensor& t) {
-  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 // Channels per task of the channels_last pass: as many as keep the task's table (K rows of them)
 // within kTableBytes, so it stays in L2, in multiples of 64, at least 64 and at most C. Wide
 // blocks matter: pixels lie C values apart, and a narrow block would touch a new page every

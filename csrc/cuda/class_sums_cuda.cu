@@ -48,10 +48,6 @@ struct Pass {
   SumsJob job;
 };
 
-bool channels_last_layout(const at::Tensor& t) {
-  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 int device_attribute(cudaDeviceAttr attr, int device) {
   int value = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
