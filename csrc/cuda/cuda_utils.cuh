@@ -7,6 +7,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <map>
+#include <mutex>
+#include <utility>
+
 namespace idd_ops {
 
 constexpr int kThreads = 256;
@@ -84,6 +88,20 @@ __device__ T block_max(T value, T* scratch) {
   return block_reduce(value, scratch, MaxOp{});
 }
 
+// Raises `kernel`'s dynamic shared-memory limit on `device` to at least `bytes`, never lowering
+// it: set to each call's own size, a host thread launching with fewer bytes could lower the limit
+// between another thread's setting and its launch, which then fails ("invalid argument"). Once
+// raised, later calls need no runtime call.
+inline void raise_dynamic_shared(const void* kernel, int bytes, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> granted;
+  const std::lock_guard<std::mutex> lock(mutex);
+  int& limit = granted[{kernel, device}];
+  if (bytes <= limit) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  limit = bytes;
+}
+
 // Per-class sums live in shared memory; past the default 48 KiB (about 1200 classes) a kernel
 // must opt in to more, up to what the GPU offers.
 template <typename Kernel>
@@ -94,7 +112,7 @@ inline void allow_shared_memory(Kernel kernel, size_t bytes, int device, int64_t
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   TORCH_CHECK_VALUE(bytes <= static_cast<size_t>(optin), "num_classes: ", num_classes, " classes need ", bytes,
                     " bytes of shared memory per block on CUDA, more than this GPU's ", optin);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  raise_dynamic_shared(reinterpret_cast<const void*>(kernel), static_cast<int>(bytes), device);
 }
 
 // Labels are read as uint8, int32 or int64; rarer integer dtypes are widened once.

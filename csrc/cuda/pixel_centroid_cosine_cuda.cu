@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "../common/checks.h"
 #include "../common/cosine.h"
@@ -61,6 +62,13 @@ at::Tensor centroid_norms(const at::Tensor& cent, cudaStream_t stream) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
+}
+
+// The backward rows kernels' grid: a block per (image, channel) row, at most 2^31 - 1 of them.
+unsigned int row_blocks(int64_t B, int64_t C) {
+  TORCH_CHECK_VALUE(B * C <= std::numeric_limits<int>::max(), "feats: at most 2^31 - 1 images times channels on CUDA, ",
+                    "got ", B, " x ", C);
+  return static_cast<unsigned int>(B * C);
 }
 
 // One thread per pixel; neighbouring threads read neighbouring pixels of each channel.
@@ -191,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_backward_kernel(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       // K class sums per block: past this GPU's opt-in limit, a ValueError naming num_classes
       allow_shared_memory(cosine_backward_rows_kernel<feat_t, scalar_t>, K * sizeof(acc_t), feats.get_device(), K);
-      cosine_backward_rows_kernel<feat_t, scalar_t><<<B * C, kThreads, K * sizeof(acc_t), stream>>>(
+      cosine_backward_rows_kernel<feat_t, scalar_t><<<row_blocks(B, C), kThreads, K * sizeof(acc_t), stream>>>(
           feats.const_data_ptr<feat_t>(), cent.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(),
           bf.const_data_ptr<acc_t>(), bc_sum.const_data_ptr<acc_t>(), labels.const_data_ptr<scalar_t>(), v, C,
           grad_f.data_ptr<feat_t>(), grad_c.data_ptr<acc_t>());
@@ -542,7 +550,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
     const at::Tensor cent_t = channel_major(cent);
     // with counts: each row's shares grad_c / n, channel-major like cent_t, for the second walk
     at::Tensor share_t = counts.defined() ? at::empty({B, C, K}, cent.options()) : at::Tensor();
-    cosine_slots_backward_rows_kernel<scalar_t><<<B * C, threads, shared, stream>>>(
+    cosine_slots_backward_rows_kernel<scalar_t><<<row_blocks(B, C), threads, shared, stream>>>(
         feats.const_data_ptr<scalar_t>(), cent_t.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(),
         bf.const_data_ptr<acc_t>(), bc_part.const_data_ptr<acc_t>(), segments, slots.const_data_ptr<int16_t>(),
         counts.defined() ? counts.const_data_ptr<int64_t>() : nullptr, C, HW, static_cast<int>(K), warps,
