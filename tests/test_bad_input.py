@@ -72,7 +72,11 @@ def test_mismatched_devices_meta():
         loss(teacher_feats=T.to("meta"))
 
 
-def test_nan_features_propagate_not_crash():
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+def test_nan_features_propagate_not_crash(device, metric):
+    """A NaN feature gives a NaN loss, not a finite one (the fused CUDA tail once clamped a NaN
+    distance to 0)."""
     s = S.clone()
     s[0, 0, 0, 0] = float("nan")
-    assert torch.isnan(loss(student_feats=s))
+    out = loss(student_feats=s.to(device), teacher_feats=T.to(device), labels=Y.to(device), metric=metric)
+    assert torch.isnan(out)

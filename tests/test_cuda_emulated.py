@@ -212,8 +212,10 @@ def test_emulator_allows_static_and_dynamic_shared_memory_once_opted_in(emu):
 
 # Value and gradient tests of the public API whose CPU cases run through the CUDA kernels when
 # IDD_OPS_EMULATE_CUDA is set (tests/conftest.py): IDD, the baselines (pixel KD, CWD, SKD, IFVD)
-# and the position loss. Any test file can be run so; these are the ones CI runs.
-API_TESTS = ["tests/test_idd_loss.py", "tests/test_baselines.py", "tests/test_position.py"]
+# and the position loss, and NaN features through IDD. Any test file can be run so; these are the
+# ones CI runs.
+API_TESTS = ["tests/test_idd_loss.py", "tests/test_baselines.py", "tests/test_position.py",
+             "tests/test_bad_input.py::test_nan_features_propagate_not_crash"]
 
 
 @pytest.mark.parametrize("kernel_set", ["default", "next"])

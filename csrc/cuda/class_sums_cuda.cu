@@ -227,6 +227,7 @@ void run_passes(const std::vector<Pass*>& passes, int64_t K) {
 
 std::tuple<at::Tensor, at::Tensor> class_sums_kernel(const at::Tensor& feats, const at::Tensor& slots,
                                                      int64_t num_classes) {
+  check_class_sums_inputs(feats, slots, num_classes);  // before the guard: feats may be the CPU tensor
   const c10::cuda::CUDAGuard guard(feats.device());
   Pass a = make_pass(feats, slots, num_classes);
   run_passes({&a}, num_classes);

@@ -27,7 +27,7 @@ __device__ acc_t raw_distance(int metric, acc_t g, acc_t ni, acc_t nj, acc_t eps
     return acc_t(1) - g / (den > eps ? den : eps);
   }
   acc_t d = (ni + nj) - acc_t(2) * g;
-  d = d > acc_t(0) ? d : acc_t(0);
+  d = d < acc_t(0) ? acc_t(0) : d;  // a NaN stays NaN, as clamp_min(0) keeps it
   return metric == static_cast<int>(Metric::Euclidean) ? sqrt(d) : d;
 }
 
