@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import idd_ops
-from idd_ops import _switches, reference
+from idd_ops import reference
 from idd_ops.position import num_maps
 from conftest import TOLERANCES
 

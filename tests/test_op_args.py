@@ -215,9 +215,8 @@ def test_tensor_on_another_device(name):
     with two or more tensor arguments: one alone on the CPU is simply a CPU call)."""
     args = valid_args("cuda")[name]
     for pos in _tensor_args(args):
-        a = args[pos]
         moved = list(args)
-        moved[pos] = a.cpu()
+        moved[pos] = args[pos].cpu()
         with pytest.raises(ValueError, match="on cpu"):
             _call(name, moved)
 

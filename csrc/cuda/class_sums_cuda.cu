@@ -108,8 +108,9 @@ int segments(const Plan& plan, int64_t B, int64_t HW, int64_t K, int device) {
   return static_cast<int>(std::max<int64_t>({int64_t{1}, needed, std::min(want, cap)}));
 }
 
+// A pass over inputs checked by check_class_sums_inputs (the entry points check before taking
+// the CUDA guard, which a CPU tensor among the arguments would fail with a RuntimeError).
 Pass make_pass(const at::Tensor& feats_in, const at::Tensor& slots_in, int64_t K) {
-  check_class_sums_inputs(feats_in, slots_in, K);
   const int64_t B = feats_in.size(0), C = feats_in.size(1), HW = feats_in.size(2) * feats_in.size(3);
   // the pixel loops' int indices step up to kPixelSlack past HW
   TORCH_CHECK_VALUE(C * HW < (int64_t{1} << 31) && B * C < (int64_t{1} << 31) &&
@@ -227,7 +228,7 @@ void run_passes(const std::vector<Pass*>& passes, int64_t K) {
 
 std::tuple<at::Tensor, at::Tensor> class_sums_kernel(const at::Tensor& feats, const at::Tensor& slots,
                                                      int64_t num_classes) {
-  check_class_sums_inputs(feats, slots, num_classes);  // before the guard: feats may be the CPU tensor
+  check_class_sums_inputs(feats, slots, num_classes);
   const c10::cuda::CUDAGuard guard(feats.device());
   Pass a = make_pass(feats, slots, num_classes);
   run_passes({&a}, num_classes);
@@ -240,6 +241,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_sums_pair_kerne
                                                                                   const at::Tensor& slots_b,
                                                                                   int64_t num_classes) {
   check_same_device(feats_b, "feats_b", feats_a, "feats_a");
+  check_class_sums_inputs(feats_a, slots_a, num_classes);
+  check_class_sums_inputs(feats_b, slots_b, num_classes);
   const c10::cuda::CUDAGuard guard(feats_a.device());
   Pass a = make_pass(feats_a, slots_a, num_classes);
   Pass b = make_pass(feats_b, slots_b, num_classes);

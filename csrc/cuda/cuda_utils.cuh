@@ -91,7 +91,7 @@ __device__ T block_max(T value, T* scratch) {
 // Raises `kernel`'s dynamic shared-memory limit on `device` to at least `bytes`, never lowering
 // it: set to each call's own size, a host thread launching with fewer bytes could lower the limit
 // between another thread's setting and its launch, which then fails ("invalid argument"). Once
-// raised, later calls need no runtime call.
+// raised, later calls make no cudaFuncSetAttribute call.
 inline void raise_dynamic_shared(const void* kernel, int bytes, int device) {
   static std::mutex mutex;
   static std::map<std::pair<const void*, int>, int> granted;
