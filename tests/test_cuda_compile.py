@@ -18,8 +18,9 @@ _spec.loader.exec_module(nvcc_check)
 
 @pytest.fixture(scope="module")
 def compiled():
-    """Every source compiled once, in parallel (cached across runs by content and flags)."""
-    return nvcc_check.check_all()
+    """Every source compiled in one unit, or one by one where the unit fails (tools/nvcc_check.py
+    --unity; cached across runs by content and flags)."""
+    return nvcc_check.check_all(unity=True)
 
 
 @pytest.mark.skipif(nvcc_check.find_nvcc() is None, reason="nvcc not found")
@@ -27,6 +28,23 @@ def compiled():
 def test_nvcc_compiles(source, compiled):
     ok, message, _ = compiled[source]
     assert ok, message
+
+
+@pytest.mark.skipif(nvcc_check.find_nvcc() is None, reason="nvcc not found")
+def test_a_failing_unit_is_decided_file_by_file(tmp_path, monkeypatch):
+    """The unit fails on a bad file and on a name two good files both define; compiled alone,
+    only the bad file fails."""
+    monkeypatch.setattr(nvcc_check, "CACHE", str(tmp_path / "cache"))
+    bodies = {"good.cu": "__global__ void good(float* x) { x[0] = 1; }",
+              "bad.cu": "__global__ void bad(float* x) { x[0] = undeclared; }",
+              "clash_a.cu": "static int clash() { return 1; }\nint use_a() { return clash(); }",
+              "clash_b.cu": "static int clash() { return 2; }\nint use_b() { return clash(); }"}
+    for name, body in bodies.items():
+        (tmp_path / name).write_text(body + "\n")
+    results = nvcc_check.check_all([str(tmp_path / name) for name in bodies], unity=True)
+    assert {os.path.basename(s): ok for s, (ok, _, _) in results.items()} == {
+        "good.cu": True, "bad.cu": False, "clash_a.cu": True, "clash_b.cu": True}
+    assert "undeclared" in results[str(tmp_path / "bad.cu")][1]
 
 
 def _impls(pattern, key):
