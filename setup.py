@@ -6,6 +6,7 @@ pip does not fetch a second (multi-GB) torch into an isolated build environment.
   FORCE_ONLY_CPU=1  never build them
   TORCH_CUDA_ARCH_LIST  GPU architectures of the CUDA kernels; unset and no GPU visible:
                         DEFAULT_CUDA_ARCHS (those the installed nvcc can build)
+  IDD_OPS_DEBUG_INFO=1  keep the -g of Python's compiler flags (left out by default)
 The CPU code is portable: built for baseline x86-64, with the vector-width-bound loops also
 compiled for AVX2 + FMA and chosen at load time (csrc/cpu/dispatch.h); no -march/-m flags.
 """
@@ -26,7 +27,7 @@ Otherwise install torch first. The commands:
 
     pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu   # CPU build
     pip install torch==2.13.0                        # CUDA build (the default on PyPI, several GB)
-    pip install --no-build-isolation .               # then idd_ops (2 min on 2 idle CPU cores)
+    pip install --no-build-isolation .               # then idd_ops (3 min on 2 idle CPU cores)
 
 (Any torch >= 2.4 works; the import error was: {error})
 """
@@ -137,7 +138,7 @@ class BuildWithNotice(BuildExtension.with_options(use_ninja=True)):
     otherwise (`pip install -v` shows ninja's [i/n] steps as they finish)."""
 
     def run(self):
-        print("idd_ops: compiling the C++ kernels: about 2 minutes on 2 idle CPU cores, 9 when other builds share "
+        print("idd_ops: compiling the C++ kernels: about 3 minutes on 2 idle CPU cores, 9 when other builds share "
               "them; more with the CUDA kernels", flush=True)
         super().run()
 

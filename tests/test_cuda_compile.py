@@ -32,8 +32,8 @@ def test_nvcc_compiles(source, compiled):
 
 @pytest.mark.skipif(nvcc_check.find_nvcc() is None, reason="nvcc not found")
 def test_a_failing_unit_is_decided_file_by_file(tmp_path, monkeypatch):
-    """The unit fails on a bad file and on a name two good files both define; compiled alone,
-    only the bad file fails."""
+    """A unit with a bad file and a name that two good files both define is decided file by
+    file: only the bad file fails, with the compiler's message."""
     monkeypatch.setattr(nvcc_check, "CACHE", str(tmp_path / "cache"))
     bodies = {"good.cu": "__global__ void good(float* x) { x[0] = 1; }",
               "bad.cu": "__global__ void bad(float* x) { x[0] = undeclared; }",
