@@ -146,8 +146,9 @@ class BuildWithNotice(BuildExtension.with_options(use_ninja=True)):
         # Python's own CFLAGS carry -g, which doubles the compile time of a file that includes
         # torch's headers (e.g. 40 s -> 20 s) for debug information that torch's own release
         # builds do not ship either. IDD_OPS_DEBUG_INFO=1 keeps it.
-        if os.environ.get("IDD_OPS_DEBUG_INFO", "0") != "1":
-            self.compiler.set_executable("compiler_so", [f for f in self.compiler.compiler_so if f != "-g"])
+        command = getattr(self.compiler, "compiler_so", None)  # Unix compilers; MSVC has none
+        if command and os.environ.get("IDD_OPS_DEBUG_INFO", "0") != "1":
+            self.compiler.set_executable("compiler_so", [f for f in command if f != "-g"])
         super().build_extensions()
 
 
