@@ -67,6 +67,50 @@ def randn(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+def test_translation_keeps_every_line_number(tmp_path):
+    """The emulator's sources keep each line where csrc/cuda has it (launch sites, compiler
+    messages and the coverage report name source lines): the same number of lines, every kernel
+    and device function declared on its own line, and only the rewritten statements differ."""
+    from cuda_emu import build
+
+    build.translate(tmp_path)
+    for src in sorted((build.CSRC / "cuda").iterdir()):
+        out = tmp_path / "cuda" / (src.stem + ".cpp" if src.suffix == ".cu" else src.name)
+        want, got = src.read_text().splitlines(), out.read_text().splitlines()
+        if got[:2] == ["#include <emu_registry.h>", "#line 1"]:
+            got = got[2:]
+        assert len(got) == len(want), src.name
+        declared = [i + 1 for i, w in enumerate(want) if ("__global__" in w or "__device__" in w)
+                    and got[i] != w and "EMU_" not in got[i]]
+        assert not declared, f"{src.name}: lines {declared[:5]} moved"
+        assert sum(g != w for g, w in zip(got, want)) < len(want) // 5, src.name
+
+
+def test_coverage_report_names_what_no_test_reaches():
+    """tests/cuda_emu/coverage.py on made-up counts for csrc/cuda/label_slots_cuda.cu: the kernel
+    (lines 15-23) is device code, a device line never run and a branch never taken are named, an
+    instance never run is listed once, host lines are counted without their branches."""
+    from collections import defaultdict
+
+    from cuda_emu import coverage
+
+    text = (coverage.ROOT / "csrc/cuda/label_slots_cuda.cu").read_text()
+    assert set(range(15, 24)) <= coverage.device_lines(text) and 25 not in coverage.device_lines(text)
+    lines = defaultdict(lambda: [0, defaultdict(set)])
+    lines[17][0] = 4
+    lines[18][0], lines[18][1][2] = 8, {0}     # the loop's exit never taken
+    lines[21][0] = 0                           # never run
+    lines[30][0], lines[30][1][4] = 1, set()   # host: branches not counted
+    instances = {(15, "label_slots_kernel_impl<uint8_t>"): False, (15, "label_slots_kernel_impl<int64_t>"): True}
+    md = coverage.report({"csrc/cuda/label_slots_cuda.cu": (lines, instances)}, "pytest x")
+    row = next(r for r in md.splitlines() if r.startswith("| csrc/cuda/label_slots_cuda.cu"))
+    assert row == "| csrc/cuda/label_slots_cuda.cu | 2 / 3 (67 %) | 1 / 2 (50 %) | 1 / 1 (100 %) | 1 |"
+    assert "- device line never run, 21: `slots[e] = static_cast<int16_t>(pixel_class(" in md
+    assert "- device branch never taken, 18 (1 of 2 arcs): `for (int64_t e = blockIdx.x" in md
+    assert md.count("instance never run") == 1 and "label_slots_kernel_impl<uint8_t>" in md
+    assert coverage.ranges([7, 1, 2, 3]) == [(1, 3), (7, 7)]
+
+
 @pytest.mark.parametrize("size", [(16, 20, 32, 40), (9, 13, 18, 26), (12, 12, 7, 5)])
 def test_label_slots(kernels, size):
     H, W, Hy, Wy = size
@@ -127,11 +171,13 @@ def test_idd_tail(kernels, metric, normalize, reduction):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_position_encoding_loss(kernels, reduction):
-    pred = torch.rand(2, 5, 16, 20, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("H, W", [(16, 20), (1, 20), (16, 1)])
+def test_position_encoding_loss(kernels, reduction, H, W):
+    """A map of one row or one column: that axis's coordinate is 0 (no division by n - 1 = 0)."""
+    pred = torch.rand(2, 5, H, W, generator=torch.Generator().manual_seed(0))
     spec = ([0, 1, 2, 3, 4], [0.0, 0.0, 0.5, 4.0, 4.0])
     close(kernels.position_encoding_loss(pred, *spec, reduction), CPU.position_encoding_loss(pred, *spec, reduction))
-    grad = torch.tensor(1.0) if reduction == "mean" else randn(2, 5, 16, 20)
+    grad = torch.tensor(1.0) if reduction == "mean" else randn(2, 5, H, W)
     close(kernels._position_encoding_loss_backward(grad, pred, *spec, reduction),
           CPU._position_encoding_loss_backward(grad, pred, *spec, reduction))
 

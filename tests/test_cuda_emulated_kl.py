@@ -285,14 +285,17 @@ def test_softmax_kl_nan_propagates(kernels, shape, where, side):
         close(g, w, RTOL[torch.float32])
 
 
-@pytest.mark.parametrize("shape,block", [((4, 40, 1), (0, 4)), ((4, 40, 1), (36, 40)), ((3, 2052, 1), (2048, 2052)),
+@pytest.mark.parametrize("shape,block", [((4, 40, 1), (0, 4)), ((4, 40, 1), (36, 40)), ((4, 41, 1), (37, 41)),
+                                         ((3, 2052, 1), (2048, 2052)),
                                          ((3, 19, 8), (0, 8)), ((3, 19, 9), (0, 8)), ((3, 19, 9), (8, 16))], ids=str)
 @pytest.mark.parametrize("side", ["student", "teacher"])
-def test_softmax_kl_nan_alone_in_its_part(kernels, shape, block, side):
-    """A NaN whose pack (a lane's share of a row) or chunk of classes holds only -inf besides:
-    that part has no maximum of its own, and its NaN must still reach the sums. Vector 2 holds
-    nothing but that NaN and -inf: the CPU's maxima skip NaN, so the -inf rule settles it."""
-    s, t = logits(shape, torch.float32, 0), logits(shape, torch.float32, 1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_kl_nan_alone_in_its_part(kernels, shape, block, side, dtype):
+    """A NaN whose pack (a lane's share of a row: 16 bytes, or one value where the length is
+    not a multiple of that) or chunk of classes holds only -inf besides: that part has no maximum of its own, and its NaN must still
+    reach the sums. Vector 2 holds nothing but that NaN and -inf: the CPU's maxima skip NaN, so
+    the -inf rule settles it."""
+    s, t = logits(shape, dtype, 0), logits(shape, dtype, 1)
     x = s if side == "student" else t
     x[1, block[0]:block[1], 0] = float("-inf")
     x[1, block[1] - 1, 0] = float("nan")
@@ -301,7 +304,7 @@ def test_softmax_kl_nan_alone_in_its_part(kernels, shape, block, side):
     got, want = kernels.softmax_kl(s, t, 2.0), CPU.softmax_kl(s, t, 2.0)
     assert torch.isnan(want[0][1, 0]) and not torch.isnan(want[0][2, 0])
     for g, w in zip(got, want):
-        close(g, w, RTOL[torch.float32])
+        close(g, w, RTOL[dtype])
 
 
 @pytest.mark.parametrize("HW", [(4, 5), (8, 16), (32, 64)])

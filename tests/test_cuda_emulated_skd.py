@@ -51,6 +51,18 @@ def test_matches_the_cpu_op(fused, shape):
     check(fused, s, t, pool, 1e-9)
 
 
+@pytest.mark.parametrize("case", ["mixed_dtypes", "no_pixels"])
+def test_inputs_the_fused_kernels_do_not_take(fused, case):
+    """A student and teacher of different dtypes, and maps without pixels, take the batched ATen
+    formulation forward and backward (no launch of the library's own kernels): the CPU op's values."""
+    shape = (2, 6, 5, 7) if case == "mixed_dtypes" else (2, 6, 0, 7)
+    s = randn(*shape, dtype=torch.float32 if case == "mixed_dtypes" else torch.float64)
+    t = randn(shape[0], 9, *shape[2:], seed=1, dtype=torch.float64)
+    before = fused._emu_launches()
+    check(fused, s, t, 2, 1e-5)
+    assert fused._emu_launches() == before
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision(fused, dtype):
     s, t = inputs(2, 40, 70, 9, 13, dtype=dtype)

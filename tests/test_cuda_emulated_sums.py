@@ -95,6 +95,8 @@ CASES = [
     ("P-scalar-odd-HW", 2, 3, 7, 9, 7, f32, "nchw", plan_private(7, f32), False),
     ("P-scalar-offset", 2, 4, 8, 12, 7, f32, "nchw_off", plan_private(7, f32), False),
     ("P-scalar-offset-f64", 1, 3, 4, 8, 7, f64, "nchw_off", plan_private(7, f64), False),
+    ("P-scalar-half-odd-HW", 2, 3, 7, 9, 7, f16, "nchw", plan_private(7, f16), False),
+    ("P-scalar-bf16-offset", 1, 3, 4, 8, 5, bf16, "nchw_off", plan_private(5, bf16), False),
     ("P-vec-split", 1, 3, 64, 64, 7, f32, "nchw", plan_private(7, f32), True),
     ("P-vec-split-half-seg-rounded", 1, 2, 8, 257, 5, f16, "nchw", plan_private(5, f16), True),
     ("P-scalar-split", 1, 2, 45, 47, 7, f32, "nchw", plan_private(7, f32), True),
@@ -102,6 +104,9 @@ CASES = [
     ("W4-vec-f64-past-P", 2, 3, 8, 8, 12, f64, "nchw", plan_warp(12, f64, 4), False),
     ("W4-vec-bf16", 1, 2, 4, 8, 40, bf16, "nchw", plan_warp(40, bf16, 4), False),
     ("W4-scalar-offset", 2, 3, 7, 9, 30, f32, "nchw_off", plan_warp(30, f32, 4), False),
+    ("W4-vec-half", 1, 2, 4, 8, 40, f16, "nchw", plan_warp(40, f16, 4), False),
+    ("W4-scalar-half-odd-HW", 1, 3, 5, 7, 30, f16, "nchw", plan_warp(30, f16, 4), False),
+    ("W4-scalar-bf16-offset", 1, 2, 4, 8, 30, bf16, "nchw_off", plan_warp(30, bf16, 4), False),
     ("W4-vec-split", 1, 2, 64, 64, 24, f32, "nchw", plan_warp(24, f32, 4), True),
     ("W4-vec-at-4-warp-limit", 1, 2, 4, 4, 6456, f32, "nchw", plan_warp(6456, f32, 4), False),
     ("W2-vec", 1, 3, 4, 8, 8000, f32, "nchw", plan_warp(8000, f32, 2), False),
@@ -116,6 +121,7 @@ CASES = [
     ("L-vec-f32-at-limit", 1, 8, 5, 6, 47, f32, "cl", plan_last(47, f32, True), False),
     ("L-lane-past-vec-limit", 1, 8, 4, 5, 48, f32, "cl", plan_last(48, f32, False), False),
     ("L-lane-odd-C", 2, 5, 6, 7, 7, f32, "cl", plan_last(7, f32, False), False),
+    ("L-lane-f64-odd-C", 1, 5, 4, 6, 7, f64, "cl", plan_last(7, f64, False), False),
     ("L-lane-offset", 2, 8, 4, 6, 7, f32, "cl_off", plan_last(7, f32, False), False),
     ("L-lane-bf16-C-not-pack", 1, 12, 4, 5, 7, bf16, "cl", plan_last(7, bf16, False), False),
     ("L-lane-two-tiles", 1, 40, 3, 5, 60, f32, "cl", plan_last(60, f32, False), False),
@@ -328,15 +334,39 @@ def test_class_sums_backward_plans(ops):
         assert torch.equal(got, CPU._class_sums_backward(grad, s, f32, False))
 
 
+def past_table(dtype):
+    """Fewest classes whose NCHW table of one row (K values of the gradient's dtype) passes the
+    48 KiB the rows kernel stages: the per-pixel gather takes them."""
+    return 48 * 1024 // torch.empty(0, dtype=dtype).element_size() + 1
+
+
+@pytest.mark.parametrize("dtype", [f32, f64, f16, bf16])
+def test_class_sums_backward_gather(ops, dtype):
+    """NCHW past the rows kernel's table (the per-pixel gather of class_sums_backward_nchw_kernel),
+    vector and scalar, in every dtype: the same values as the CPU."""
+    K = past_table(dtype)
+    for C, H, W in [(3, 4, 4), (2, 3, 5)]:
+        s = slots(2, H, W, K, blocky=False)
+        s[0, 0, :3] = K - 1
+        grad = torch.randn(2, K, C, dtype=f64, generator=torch.Generator().manual_seed(C))
+        launches(ops)
+        got = ops._class_sums_backward(grad, s, dtype, False)
+        assert [(t, sh) for _, t, sh in launches(ops)] == [(256, 0)]  # the gather, not a rows block
+        assert torch.equal(got, CPU._class_sums_backward(grad, s, dtype, False))
+
+
+@pytest.mark.parametrize("dtype", [f32, f64, f16, bf16])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_class_sums_backward_index64(ops, channels_last, monkeypatch):
-    """The 64-bit index path (IDD_OPS_FORCE_INDEX64=1), vector and scalar."""
+def test_class_sums_backward_index64(ops, channels_last, dtype, monkeypatch):
+    """The 64-bit index path (IDD_OPS_FORCE_INDEX64=1) of every kernel in every dtype: vector
+    and scalar, and for NCHW the rows kernel and the gather past its table."""
     monkeypatch.setenv("IDD_OPS_FORCE_INDEX64", "1")
-    for C, H, W in [(8, 4, 4), (5, 3, 5)]:
-        s = slots(2, H, W, 4, blocky=False)
-        grad = torch.randn(2, 4, C, dtype=f64, generator=torch.Generator().manual_seed(1))
-        assert torch.equal(ops._class_sums_backward(grad, s, f32, channels_last),
-                           CPU._class_sums_backward(grad, s, f32, channels_last))
+    for K in (4, past_table(dtype)) if not channels_last else (4,):
+        for C, H, W in [(8, 4, 4), (5, 3, 5)]:
+            s = slots(2, H, W, K, blocky=False)
+            grad = torch.randn(2, K, C, dtype=f64, generator=torch.Generator().manual_seed(1))
+            assert torch.equal(ops._class_sums_backward(grad, s, dtype, channels_last),
+                               CPU._class_sums_backward(grad, s, dtype, channels_last))
 
 
 @pytest.mark.parametrize("channels_last,C,W,bad", [(False, 4, 8, 4), (False, 3, 7, -2), (True, 8, 5, 4),

@@ -134,6 +134,40 @@ def test_tail_dtypes(next_kernels, sums_dtype, dtype):
         check_tail(next_kernels, *case, metric, True, "sum", dtype=dtype, rtol=tol, atol=tol, fused=fused)
 
 
+@pytest.mark.parametrize("K", [65, 257])  # T = 32 and T = 64
+@pytest.mark.parametrize("dtype", [torch.float32, None])
+def test_tail_wide_tiles_from_float64_sums(next_kernels, K, dtype):
+    """The T = 32 and T = 64 tiles over float64 sums, as the class-sum path gives them (float32
+    math for float32 features, float64 for float64): test_tail_tile_counts reaches these tile
+    widths with float32 sums only."""
+    case = _tail_case(2, K, 40, 33, dtype=torch.float64, seed=K)
+    tol = 1e-9 if dtype is None else 1e-5
+    for metric in ("euclidean", "cosine"):
+        check_tail(next_kernels, *case, metric, True, "mean", dtype=dtype, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, None])
+def test_tail_coincident_centroids(next_kernels, metric, dtype):
+    """Classes whose centroids coincide, exactly or to the last bits: the squared distance
+    |ci|^2 + |cj|^2 - 2 <ci, cj> then rounds to 0 or below, which the kernel clamps to 0 (and
+    euclidean's eps keeps the root's gradient finite). Both networks share the near-duplicates,
+    so the loss stays comparable across the two summation orders."""
+    ss, sc, ts, tc = _tail_case(2, 9, 24, 17, dtype=torch.float64, absent=0.0, seed=3)
+    for sums, counts in ((ss, sc), (ts, tc)):  # class 0, the centring anchor, stays apart
+        counts[:, 5:8] = counts[:, 4:5]
+        sums[:, 4] += 40 * counts[:, 4:5]                          # far from the anchor
+        sums[:, 5] = sums[:, 4]                                   # exactly equal
+        sums[:, 6] = sums[:, 4] * (1 + 2.0 ** -40)                # apart in the last bits
+        sums[:, 7] = sums[:, 4] * (1 - 3 * 2.0 ** -45)
+    grad = torch.tensor([0.7, 1.3], dtype=torch.float64 if dtype is None else dtype)
+    got = check_tail(next_kernels, ss, sc, ts, tc, metric, False, "none", dtype=dtype, grad=grad,
+                     rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(got[0]).all()
+    if metric != "cosine":  # 1 - cos may round below 0 on every device
+        assert (got[1] >= 0).all()
+
+
 @pytest.mark.parametrize("normalize", [None, "mean"])
 def test_tail_student_near_teacher(next_kernels, normalize):
     """float64, teacher = student + 1e-6 noise: the loss, a sum of tiny E^2, matches the float64
@@ -201,6 +235,20 @@ def test_class_centroids_labels(default_kernels, case):
         close(default_kernels._class_centroids_backward(*args), CPU._class_centroids_backward(*args))
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("uniform-runs-uint8", "absent-classes", "mixed-warps")],
+                         ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_class_centroids_low_precision(default_kernels, case, dtype):
+    """Half and bfloat16 features with uint8, int32 and int64 labels: the kernels accumulate in
+    float32 and the backward writes the features' dtype."""
+    y, x = case.labels(), case.feats(dtype=dtype)
+    got, want = default_kernels.class_centroids(x, y, case.K, case.ignore_index), \
+        CPU.class_centroids(x, y, case.K, case.ignore_index)
+    close(got, want, rtol=1e-4, atol=1e-4)
+    args = (randn(*want[0].shape, seed=1, dtype=want[0].dtype), y, want[1], case.H, case.W, dtype, case.ignore_index)
+    close(default_kernels._class_centroids_backward(*args), CPU._class_centroids_backward(*args), rtol=1e-2, atol=1e-2)
+
+
 def test_class_centroids_deterministic(default_kernels):
     """torch.use_deterministic_algorithms(True): the CUDA op takes its ordered path."""
     case = CASES[IDS.index("mixed-warps-resized")]
@@ -228,6 +276,20 @@ def test_class_centroids_many_classes(default_kernels):
     close(default_kernels._class_centroids_backward(*args), CPU._class_centroids_backward(*args))
 
 
+def test_class_centroids_backward_zero_counts(default_kernels):
+    """Counts passed to the backward op that call a present class empty: the pixels of that class
+    get a zero gradient, as on the CPU (no division by 0)."""
+    case = CASES[IDS.index("mixed-warps-resized")]
+    x, y = case.feats(dtype=torch.float32), case.labels()
+    _, counts = CPU.class_centroids(x, y, case.K, 255)
+    present = (counts > 0).nonzero()
+    counts[present[0, 0], present[0, 1]] = 0
+    args = (randn(*counts.shape, x.shape[1], seed=1), y, counts, case.H, case.W, torch.float32, 255)
+    got = default_kernels._class_centroids_backward(*args)
+    assert torch.isfinite(got).all()
+    close(got, CPU._class_centroids_backward(*args))
+
+
 # ---- IFVD cosine ops ----------------------------------------------------------------------------
 
 def _cosine_inputs(case, dtype):
@@ -250,6 +312,22 @@ def test_pixel_centroid_cosine_labels(emu, case, dtype):
         emu._emu_configure(next_set, 3)
         close(emu.pixel_centroid_cosine(x, cent, y, ig, 1e-8), want)
         close(emu._pixel_centroid_cosine_backward(grad, x, cent, y, *want, ig, 1e-8), want_b, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("uniform-runs-uint8", "absent-classes", "mixed-warps")],
+                         ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pixel_centroid_cosine_labels_low_precision(emu, case, dtype):
+    """The labels ops over half and bfloat16 features with uint8, int32 and int64 labels (float32
+    centroids, maps and arithmetic; the feature gradient in the features' dtype)."""
+    x, y, cent = _cosine_inputs(case, dtype)
+    ig = case.ignore_index
+    want = CPU.pixel_centroid_cosine(x, cent, y, ig, 1e-8)
+    grad = randn(*want[0].shape, seed=2, dtype=want[0].dtype)
+    want_b = CPU._pixel_centroid_cosine_backward(grad, x, cent, y, *want, ig, 1e-8)
+    emu._emu_configure(False, 3)
+    close(emu.pixel_centroid_cosine(x, cent, y, ig, 1e-8), want, rtol=1e-4, atol=1e-4)
+    close(emu._pixel_centroid_cosine_backward(grad, x, cent, y, *want, ig, 1e-8), want_b, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.id in (

@@ -27,7 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 HERE = Path(__file__).resolve().parent
-BUILD = ROOT / "build" / "cuda_emu"
+# IDD_OPS_EMU_COVERAGE=1: a second build, instrumented for gcov as well (tests/cuda_emu/coverage.py)
+COVERAGE = os.environ.get("IDD_OPS_EMU_COVERAGE", "0") == "1"
+BUILD = ROOT / "build" / ("cuda_emu-coverage" if COVERAGE else "cuda_emu")
 
 SHARED_ARRAY = re.compile(r"(?P<extern>extern\s+)?__shared__\s+(?P<align>__align__\(\s*\d+\s*\)\s+)?(?P<rest>[^;]*);")
 CUDA_NEXT_SHIM = """#pragma once
@@ -81,19 +83,25 @@ def _split_top_level(text, sep=","):
     return [p.strip() for p in parts]
 
 
+def _same_lines(original, replacement):
+    """`replacement` padded with the line breaks it drops from `original`, so that every later line
+    keeps its number in the source (compiler messages and the coverage report use them)."""
+    return replacement + "\n" * max(0, original.count("\n") - replacement.count("\n"))
+
+
 def _shared(match):
     align = match.group("align")
     rest = match.group("rest").strip()
     if match.group("extern"):  # extern __shared__ T name[];  -> the launch's dynamic buffer
         type_, name = re.fullmatch(r"(.+?)\s*\b(\w+)\s*\[\s*\]", rest).groups()
-        return f"{type_}* {name} = reinterpret_cast<{type_}*>(::emu::dynamic_shared());"
+        return _same_lines(match.group(0), f"{type_}* {name} = reinterpret_cast<{type_}*>(::emu::dynamic_shared());")
     # __shared__ T a[N], b[M];  -> static storage (one block runs at a time), poisoned per block
     type_, first = re.fullmatch(r"(.+?)\s+(\w+\s*\[.*|\w+)", rest, re.S).groups()
     decls = _split_top_level(first)
     names = [re.match(r"\w+", d).group(0) for d in decls]
     prefix = align.replace("__align__", "alignas") if align else ""
     poison = " ".join(f"::emu::poison_shared(&{n}, sizeof({n}));" for n in names)
-    return f"{prefix}static {type_} {', '.join(decls)}; {poison}"
+    return _same_lines(match.group(0), f"{prefix}static {type_} {', '.join(decls)}; {poison}")
 
 
 def _launches(text, name):
@@ -120,11 +128,11 @@ def _launches(text, name):
             j += 1
         assert text[j] == "(", f"{name}: a launch without arguments at offset {j}"
         close = _matching(text, j, "(", ")")
-        args = text[j + 1:close].strip()
+        args = text[j + 1:close]  # unstripped: its line breaks stay where the source has them
         line = text.count("\n", 0, start) + 1
-        call = f'::emu::launch("{name}:{line}", ::emu::config({cfg}), {callee}{", " + args if args else ""})'
+        call = f'::emu::launch("{name}:{line}", ::emu::config({cfg}), {callee}{", " + args if args.strip() else ""})'
         out.append(text[pos:callee_start])
-        out.append(call)
+        out.append(_same_lines(text[callee_start:close + 1], call))
         pos = close + 1
 
 
@@ -149,7 +157,8 @@ def translate_source(text, name):
     text = _launches(text, name)
     text = text.replace("CUDA_KERNEL_ASSERT(", "EMU_KERNEL_ASSERT(")
     text, n = re.subn(r"TORCH_LIBRARY_IMPL\(\s*idd_ops\s*,\s*CUDA\s*,\s*(\w+)\s*\)", r"EMU_CUDA_IMPL(\1)", text)
-    return "#include <emu_registry.h>\n" + text if n else text
+    # #line keeps the source's line numbers (the coverage report maps lines back to csrc/cuda)
+    return "#include <emu_registry.h>\n#line 1\n" + text if n else text
 
 
 # Runs the collected EMU_CUDA_IMPL blocks into a library for CPU tensors of namespace `ns`, kept
@@ -277,6 +286,12 @@ def build_runtime(out=BUILD / "runtime"):
 # a hook), but without its runtime: memory_model.cpp defines the hooks. Function entry and exit
 # hooks are left out (the --param needs GCC 11 or later; the emulator builds with GCC only).
 INSTRUMENT = ["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"]
+# gcov's counters updated atomically: the sanitizer's instrumentation then hands them to the
+# runtime's atomics, which the memory model leaves alone (plain updates would be global writes
+# from every block, i.e. races)
+COVERAGE_FLAGS = ["--coverage", "-fprofile-update=atomic"] if COVERAGE else []
+# -O0 for coverage: at -O1 the compiler folds small branches into selects, which gcov cannot see
+OPTIMIZE = "-O0" if COVERAGE else "-O1"
 
 _LOADED = False
 
@@ -299,8 +314,8 @@ def load(verbose=False):
         name="idd_ops_emu",
         sources=[str(u) for u in units],
         extra_include_paths=[str(HERE / "include"), str(HERE), str(BUILD / "src")],
-        extra_cflags=["-O1", "-fno-strict-aliasing", *INSTRUMENT],
-        extra_ldflags=[f"-L{runtime}", "-lidd_ops_emu_runtime", f"-Wl,-rpath,{runtime}"],
+        extra_cflags=[OPTIMIZE, "-fno-strict-aliasing", *INSTRUMENT, *COVERAGE_FLAGS],
+        extra_ldflags=[f"-L{runtime}", "-lidd_ops_emu_runtime", f"-Wl,-rpath,{runtime}", *COVERAGE_FLAGS],
         build_directory=str(BUILD),
         is_python_module=False,
         verbose=verbose,
