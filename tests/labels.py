@@ -12,7 +12,7 @@ first writes counts). "absent": a class no pixel has (count 0, centroid 0).
 Every label-reading kernel (centroids forward and backward, the IFVD cosine kernels) resizes the
 labels by nearest neighbour on the fly: "same-size", "resize-down", "resize-up"; reads uint8,
 int32 or int64 labels ("uint8", "int32"; int64 the default) and compares with ignore_index
-("ignore=-1" for a negative one). The IFVD kernels (pixel_centroid_cosine_cuda.cu) also branch on
+("ignore=-1" for a negative one). The IFVD kernels (pixel_centroid_cosine_cuda.cu and its slots twin) also branch on
 an ignored pixel (cosine 1, no gradient) and on a norm product under eps ("clamped-cosine": a
 class whose features are all zero).
 

@@ -292,9 +292,9 @@ def test_softmax_kl_nan_propagates(kernels, shape, where, side):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_softmax_kl_nan_alone_in_its_part(kernels, shape, block, side, dtype):
     """A NaN whose pack (a lane's share of a row: 16 bytes, or one value where the length is
-    not a multiple of that) or chunk of classes holds only -inf besides: that part has no maximum of its own, and its NaN must still
-    reach the sums. Vector 2 holds nothing but that NaN and -inf: the CPU's maxima skip NaN, so
-    the -inf rule settles it."""
+    not a multiple of that) or chunk of classes holds only -inf besides: that part has no
+    maximum of its own, and its NaN must still reach the sums. Vector 2 holds nothing but that
+    NaN and -inf: the CPU's maxima skip NaN, so the -inf rule settles it."""
     s, t = logits(shape, dtype, 0), logits(shape, dtype, 1)
     x = s if side == "student" else t
     x[1, block[0]:block[1], 0] = float("-inf")

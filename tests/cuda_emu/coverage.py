@@ -2,15 +2,17 @@
 (and the csrc/common headers the kernels include) under the CPU emulator, from gcov.
 
     python -m tests.cuda_emu.coverage                  # the emulated test files, both kernel sets
-    python -m tests.cuda_emu.coverage -- -k class_sums # pytest arguments after --
+    python -m tests.cuda_emu.coverage --out /tmp/c.md -- tests/test_cuda_emulated_sums.py -k backward
+                                                       # pytest arguments after --, instead of those files
 
-It builds the emulator a second time with gcov's instrumentation (IDD_OPS_EMU_COVERAGE=1, in
-build/cuda_emu-coverage; the translation keeps every source line's number), runs the tests in a
-child pytest (which also runs the public API's test files through both emulated kernel sets),
-and writes tests/cuda_emu/COVERAGE.md: per file the lines run and the branches taken, then every
-line never run and every line with a branch never taken, with its text, so that a kernel path no
-test reaches is named. A line counts as run when any template instance of it ran; the exception
-edges of a call (which only a throw takes) are not counted as branches.
+It builds the emulator a second time, unoptimised and with gcov's instrumentation
+(IDD_OPS_EMU_COVERAGE=1, in build/cuda_emu-coverage; the translation keeps every source line's
+number), runs the tests in a child pytest (which also runs the public API's test files through
+both emulated kernel sets) and writes tests/cuda_emu/COVERAGE.md: per source the device lines run,
+the device branches taken and the host lines run, then every device line or branch and every
+template instance that no test reaches, with its text. Device code is the __global__, __device__
+and C10_HOST_DEVICE functions; the exception edges of calls (which only a throw takes) are not
+counted as branches.
 """
 import argparse
 import json
