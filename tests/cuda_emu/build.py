@@ -94,7 +94,8 @@ def _shared(match):
     rest = match.group("rest").strip()
     if match.group("extern"):  # extern __shared__ T name[];  -> the launch's dynamic buffer
         type_, name = re.fullmatch(r"(.+?)\s*\b(\w+)\s*\[\s*\]", rest).groups()
-        return _same_lines(match.group(0), f"{type_}* {name} = reinterpret_cast<{type_}*>(::emu::dynamic_shared());")
+        buffer = f"{type_}* {name} = reinterpret_cast<{type_}*>(::emu::dynamic_shared());"
+        return _same_lines(match.group(0), buffer)
     # __shared__ T a[N], b[M];  -> static storage (one block runs at a time), poisoned per block
     type_, first = re.fullmatch(r"(.+?)\s+(\w+\s*\[.*|\w+)", rest, re.S).groups()
     decls = _split_top_level(first)
@@ -130,7 +131,8 @@ def _launches(text, name):
         close = _matching(text, j, "(", ")")
         args = text[j + 1:close]  # unstripped: its line breaks stay where the source has them
         line = text.count("\n", 0, start) + 1
-        call = f'::emu::launch("{name}:{line}", ::emu::config({cfg}), {callee}{", " + args if args.strip() else ""})'
+        rest = ", " + args if args.strip() else ""
+        call = f'::emu::launch("{name}:{line}", ::emu::config({cfg}), {callee}{rest})'
         out.append(text[pos:callee_start])
         out.append(_same_lines(text[callee_start:close + 1], call))
         pos = close + 1
