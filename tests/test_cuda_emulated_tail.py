@@ -220,6 +220,10 @@ def test_tail_common_offset(next_kernels, dtype, metric):
         torch.testing.assert_close(g, g_want, rtol=tol, atol=tol * float(g_want.abs().max()))
 
 
+# one case per label dtype: uint8, int32, int64
+LABEL_TYPE_CASES = [c for c in CASES if c.id in ("uniform-runs-uint8", "absent-classes", "mixed-warps")]
+
+
 # ---- class_centroids (default CUDA kernels) -----------------------------------------------------
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -235,8 +239,7 @@ def test_class_centroids_labels(default_kernels, case):
         close(default_kernels._class_centroids_backward(*args), CPU._class_centroids_backward(*args))
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("uniform-runs-uint8", "absent-classes", "mixed-warps")],
-                         ids=lambda c: c.id)
+@pytest.mark.parametrize("case", LABEL_TYPE_CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_class_centroids_low_precision(default_kernels, case, dtype):
     """Half and bfloat16 features with uint8, int32 and int64 labels: the kernels accumulate in
@@ -282,12 +285,12 @@ def test_class_centroids_backward_zero_counts(default_kernels):
     case = CASES[IDS.index("mixed-warps-resized")]
     x, y = case.feats(dtype=torch.float32), case.labels()
     _, counts = CPU.class_centroids(x, y, case.K, 255)
-    present = (counts > 0).nonzero()
-    counts[present[0, 0], present[0, 1]] = 0
+    b, k = (counts > 0).nonzero()[0].tolist()
+    counts[b, k] = 0
     args = (randn(*counts.shape, x.shape[1], seed=1), y, counts, case.H, case.W, torch.float32, 255)
     got = default_kernels._class_centroids_backward(*args)
-    emptied = CPU._label_slots(y, case.H, case.W, case.K, 255) == present[0, 1]
-    assert emptied[present[0, 0]].any() and (got.permute(0, 2, 3, 1)[present[0, 0]][emptied[present[0, 0]]] == 0).all()
+    emptied = CPU._label_slots(y, case.H, case.W, case.K, 255)[b] == k  # [H, W]
+    assert emptied.any() and (got[b][:, emptied] == 0).all()
     close(got, CPU._class_centroids_backward(*args))
 
 
@@ -315,8 +318,7 @@ def test_pixel_centroid_cosine_labels(emu, case, dtype):
         close(emu._pixel_centroid_cosine_backward(grad, x, cent, y, *want, ig, 1e-8), want_b, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("uniform-runs-uint8", "absent-classes", "mixed-warps")],
-                         ids=lambda c: c.id)
+@pytest.mark.parametrize("case", LABEL_TYPE_CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_pixel_centroid_cosine_labels_low_precision(emu, case, dtype):
     """The labels ops over half and bfloat16 features with uint8, int32 and int64 labels (float32

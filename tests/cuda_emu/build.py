@@ -29,7 +29,8 @@ CSRC = ROOT / "csrc"
 HERE = Path(__file__).resolve().parent
 # IDD_OPS_EMU_COVERAGE=1: a second build, instrumented for gcov as well (tests/cuda_emu/coverage.py)
 COVERAGE = os.environ.get("IDD_OPS_EMU_COVERAGE", "0") == "1"
-BUILD = ROOT / "build" / ("cuda_emu-coverage" if COVERAGE else "cuda_emu")
+COVERAGE_BUILD = ROOT / "build" / "cuda_emu-coverage"
+BUILD = COVERAGE_BUILD if COVERAGE else ROOT / "build" / "cuda_emu"
 
 SHARED_ARRAY = re.compile(r"(?P<extern>extern\s+)?__shared__\s+(?P<align>__align__\(\s*\d+\s*\)\s+)?(?P<rest>[^;]*);")
 CUDA_NEXT_SHIM = """#pragma once

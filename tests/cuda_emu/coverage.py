@@ -162,7 +162,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     env = dict(os.environ, IDD_OPS_EMU_COVERAGE="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    coverage_dir = ROOT / "build" / "cuda_emu-coverage"  # build.BUILD with IDD_OPS_EMU_COVERAGE=1
+    coverage_dir = build.COVERAGE_BUILD
     # build once before the workers start, then clear the counts of earlier runs
     subprocess.run([sys.executable, "-m", "tests.cuda_emu.build"], cwd=ROOT, env=env, check=True,
                    stdout=subprocess.DEVNULL)
