@@ -51,7 +51,9 @@ AUTOGRAD_CASES = [(name, False) for name in ("idd", "ifvd", "pixel_kd", "cwd", "
     [("idd", True), ("ifvd", True)]
 
 
-@pytest.mark.skipif(not hasattr(torch._dynamo, "compiled_autograd"), reason="this torch has no compiled autograd")
+# torch 2.4's compiled autograd raises "compiled_args not implemented" on any C++ autograd
+# node; 2.5 traces those that declare is_traceable, as the ops' do (docs/API.md)
+@pytest.mark.skipif(torch.__version__ < (2, 5), reason="compiled autograd traces C++ autograd nodes from torch 2.5 on")
 @pytest.mark.parametrize("name,class_sums", AUTOGRAD_CASES, ids=lambda v: {True: "class-sums", False: "labels"}.get(v, v))
 def test_compiled_autograd_backward(device, name, class_sums, monkeypatch):
     """The ops' C++ autograd nodes under torch's compiled autograd (the backward traced by dynamo):
@@ -64,6 +66,7 @@ def test_compiled_autograd_backward(device, name, class_sums, monkeypatch):
     s, losses = _losses(device)
     (want,) = torch.autograd.grad(losses[name](), s)
     torch._dynamo.reset()
-    with compiled_autograd._enable(torch.compile(backend="eager")):
+    enable = getattr(compiled_autograd, "_enable", None) or compiled_autograd.enable  # _enable from torch 2.6
+    with enable(torch.compile(backend="eager")):
         losses[name]().backward()
     torch.testing.assert_close(s.grad, want)

@@ -19,7 +19,9 @@ from conftest import SLOW_WORDS  # noqa: E402
 
 
 def _run(tmp_path, *args, timeout=300):
-    env = dict(os.environ, OUT=str(tmp_path / "out"), LOGS=str(tmp_path / "logs"))
+    # PYTHON: the script's interpreter is this one (its default, python3 on PATH, may be another
+    # environment's, with another torch)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), LOGS=str(tmp_path / "logs"), PYTHON=sys.executable)
     return subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

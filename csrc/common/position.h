@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "wide_math.h"
+
 namespace idd_ops {
 
 // Codes of the elementary maps; idd_ops/position.py expands user-facing kinds into these.
@@ -35,20 +37,20 @@ C10_HOST_DEVICE inline T position_factor(int64_t kind, T param, int64_t axis, in
       return axis == 0 ? t : T(1);
     case PositionMap::Gaussian: {
       const T d = (t - T(0.5)) / param;
-      return exp(T(-0.5) * d * d);
+      return T(wide_exp(T(-0.5) * d * d));
     }
     case PositionMap::HorizontalStripes:
       return axis == 0 ? static_cast<T>((static_cast<int64_t>(param) * i / n) % 2) : T(1);
     case PositionMap::VerticalStripes:
       return axis == 1 ? static_cast<T>((static_cast<int64_t>(param) * i / n) % 2) : T(1);
     case PositionMap::SinX:
-      return axis == 1 ? T(0.5) + T(0.5) * sin(two_pi * param * t) : T(1);
+      return axis == 1 ? T(T(0.5) + T(0.5) * wide_sin(two_pi * param * t)) : T(1);
     case PositionMap::CosX:
-      return axis == 1 ? T(0.5) + T(0.5) * cos(two_pi * param * t) : T(1);
+      return axis == 1 ? T(T(0.5) + T(0.5) * wide_cos(two_pi * param * t)) : T(1);
     case PositionMap::SinY:
-      return axis == 0 ? T(0.5) + T(0.5) * sin(two_pi * param * t) : T(1);
+      return axis == 0 ? T(T(0.5) + T(0.5) * wide_sin(two_pi * param * t)) : T(1);
     default:  // CosY
-      return axis == 0 ? T(0.5) + T(0.5) * cos(two_pi * param * t) : T(1);
+      return axis == 0 ? T(T(0.5) + T(0.5) * wide_cos(two_pi * param * t)) : T(1);
   }
 }
 

@@ -13,6 +13,8 @@
 #include <cstring>
 #include <limits>
 
+#include "wide_math.h"
+
 namespace idd_ops {
 
 // exp for the CPU kernels' float loops: branch-free and call-free (Cody-Waite range reduction
@@ -81,7 +83,7 @@ C10_HOST_DEVICE inline SoftmaxKLVector<T> softmax_kl_vector(T ms, T mt, T zs, T 
   constexpr T inf = std::numeric_limits<T>::infinity();
   if (mt == -inf) return {T(0), inf, inf};
   if (ms == -inf) return {inf, inf, inf};
-  return {w / zt - log(zt) + log(zs), ms * inv_T + log(zs), mt * inv_T + log(zt)};
+  return {T(w / zt - wide_log(zt) + wide_log(zs)), T(ms * inv_T + wide_log(zs)), T(mt * inv_T + wide_log(zt))};
 }
 
 }  // namespace idd_ops

@@ -86,11 +86,11 @@ struct OnlineSoftmaxKL {
     mt = nt;
   }
 
-  C10_HOST_DEVICE T lse_s() const { return ms + log(zs); }
-  C10_HOST_DEVICE T lse_t() const { return mt + log(zt); }
+  C10_HOST_DEVICE T lse_s() const { return T(ms + wide_log(zs)); }
+  C10_HOST_DEVICE T lse_t() const { return T(mt + wide_log(zt)); }
   // (ms - mt) first: the maxima are close when the student is near the teacher, and their
   // difference is then exact.
-  C10_HOST_DEVICE T kl() const { return w / zt + (ms - mt) + (log(zs) - log(zt)); }
+  C10_HOST_DEVICE T kl() const { return T(w / zt + (ms - mt) + (wide_log(zs) - wide_log(zt))); }
 
   // The vector's outputs: a teacher -inf everywhere gives KL 0, else a student -inf everywhere
   // +inf, both with lse stored as +inf so that the backward's gradient is 0 (softmax_kl.h).
