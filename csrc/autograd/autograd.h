@@ -17,6 +17,15 @@ namespace idd_ops {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The ops' autograd functions derive from this: compiled autograd (the backward traced by
+// dynamo) may trace them, since each backward reads only its context's saved tensors and data
+// and calls registered ops that have fake kernels. Torch 2.5 and 2.6 refuse to compile a backward
+// through a C++ function that does not say so (2.13 runs one opaquely; 2.4 compiles none).
+template <typename T>
+struct TraceableFunction : public torch::autograd::Function<T> {
+  static constexpr bool is_traceable = true;
+};
+
 // The typed handle of a registered op; call sites keep it in a function-local static.
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op_handle(const char* name) {

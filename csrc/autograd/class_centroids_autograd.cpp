@@ -8,7 +8,7 @@
 
 namespace idd_ops {
 
-struct ClassCentroids : public torch::autograd::Function<ClassCentroids> {
+struct ClassCentroids : public TraceableFunction<ClassCentroids> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& feats, const at::Tensor& labels,
                                int64_t num_classes, int64_t ignore_index) {
     static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,

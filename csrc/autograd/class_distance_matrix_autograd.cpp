@@ -7,7 +7,7 @@
 
 namespace idd_ops {
 
-struct ClassDistanceMatrix : public torch::autograd::Function<ClassDistanceMatrix> {
+struct ClassDistanceMatrix : public TraceableFunction<ClassDistanceMatrix> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& centroids, const at::Tensor& counts,
                                c10::string_view metric, bool normalize, double eps) {
     static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, bool, double)>(

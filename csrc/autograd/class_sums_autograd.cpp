@@ -25,7 +25,7 @@ void save_feats_meta(AutogradContext* ctx, const at::Tensor& feats, const std::s
 
 }  // namespace
 
-struct ClassSums : public torch::autograd::Function<ClassSums> {
+struct ClassSums : public TraceableFunction<ClassSums> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& feats, const at::Tensor& slots,
                                int64_t num_classes) {
     static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t)>(
@@ -47,7 +47,7 @@ struct ClassSums : public torch::autograd::Function<ClassSums> {
 
 // Both networks' sums in one node: a teacher passed without requires_grad still gets sums that
 // require grad whenever the student's do, so callers detach them (idd_ops/_class_sums.py).
-struct ClassSumsPair : public torch::autograd::Function<ClassSumsPair> {
+struct ClassSumsPair : public TraceableFunction<ClassSumsPair> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& feats_a, const at::Tensor& slots_a,
                                const at::Tensor& feats_b, const at::Tensor& slots_b, int64_t num_classes) {
     static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(

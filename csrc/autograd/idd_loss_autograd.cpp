@@ -8,7 +8,7 @@
 
 namespace idd_ops {
 
-struct IddLoss : public torch::autograd::Function<IddLoss> {
+struct IddLoss : public TraceableFunction<IddLoss> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& student_dist, const at::Tensor& teacher_dist,
                                const at::Tensor& student_counts, const at::Tensor& teacher_counts,
                                c10::string_view reduction) {

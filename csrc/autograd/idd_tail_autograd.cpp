@@ -10,7 +10,7 @@
 
 namespace idd_ops {
 
-struct IddTail : public torch::autograd::Function<IddTail> {
+struct IddTail : public TraceableFunction<IddTail> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& student_sums, const at::Tensor& student_counts,
                                const at::Tensor& teacher_sums, const at::Tensor& teacher_counts,
                                c10::string_view metric, bool normalize, double eps, c10::string_view reduction,

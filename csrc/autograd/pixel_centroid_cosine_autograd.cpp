@@ -21,7 +21,7 @@ variable_list cosine_grads(AutogradContext* ctx, const std::tuple<at::Tensor, at
 
 }  // namespace
 
-struct PixelCentroidCosine : public torch::autograd::Function<PixelCentroidCosine> {
+struct PixelCentroidCosine : public TraceableFunction<PixelCentroidCosine> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& feats, const at::Tensor& centroids,
                                const at::Tensor& labels, int64_t ignore_index, double eps) {
     static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
@@ -49,7 +49,7 @@ struct PixelCentroidCosine : public torch::autograd::Function<PixelCentroidCosin
 
 // With counts the centroids are feats' own class means (detached by the caller), and the
 // backward's feature gradient carries the path through them as well.
-struct PixelCentroidCosineSlots : public torch::autograd::Function<PixelCentroidCosineSlots> {
+struct PixelCentroidCosineSlots : public TraceableFunction<PixelCentroidCosineSlots> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& feats, const at::Tensor& centroids,
                                const at::Tensor& slots, double eps, const std::optional<at::Tensor>& counts) {
     static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(

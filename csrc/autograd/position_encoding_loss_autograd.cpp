@@ -7,7 +7,7 @@
 
 namespace idd_ops {
 
-struct PositionEncodingLoss : public torch::autograd::Function<PositionEncodingLoss> {
+struct PositionEncodingLoss : public TraceableFunction<PositionEncodingLoss> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& pred, at::IntArrayRef kinds,
                                at::ArrayRef<double> params, c10::string_view reduction) {
     static const auto op = op_handle<at::Tensor(const at::Tensor&, at::IntArrayRef, at::ArrayRef<double>,

@@ -11,7 +11,7 @@
 namespace idd_ops {
 
 template <typename Loss>
-struct TeacherLossFunction : public torch::autograd::Function<TeacherLossFunction<Loss>> {
+struct TeacherLossFunction : public TraceableFunction<TeacherLossFunction<Loss>> {
   using Option = typename Loss::Option;
 
   static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
