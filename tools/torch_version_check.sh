@@ -11,6 +11,8 @@
 # The build is CPU-only by default: torch refuses a CUDA toolkit of another major version than its
 # own, and the CUDA sources are compiled against this torch's headers by the suite's nvcc test
 # anyway (tools/nvcc_check.py). FORCE_ONLY_CPU=0 builds the CUDA kernels too.
+# A pip configuration that caps torch (this project's build machines cap it at the releases on
+# their disk) is set aside for one run by PIP_CONFIG_FILE=/dev/null.
 # Work folder: $WORK (default /tmp/idd-torch-<torch>-py<X.Y>): venv/ (reused), src/ (fresh),
 # build.log, tests.log. Exit status: the test run's.
 set -euo pipefail
