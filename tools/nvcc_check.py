@@ -136,15 +136,15 @@ def check_all(sources=SOURCES, archs=DEFAULT_ARCHS, jobs=None, unity=False):
     if nvcc is None:
         raise FileNotFoundError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
     pre, post = build_flags(nvcc, archs)
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    version += "torch " + importlib.metadata.version("torch")  # its headers, upgraded in place, change the result
+    versions = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    versions += "torch " + importlib.metadata.version("torch")  # its headers, upgraded in place, change the result
     if unity and len(sources) > 1:
-        ok, _, cached = compile_unit(nvcc, list(sources), pre, post, version)
+        ok, _, cached = compile_unit(nvcc, list(sources), pre, post, versions)
         if ok:
             return {s: (True, "cached" if cached else "compiled in one unit", cached) for s in sources}
     jobs = jobs or max(1, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        futures = {s: pool.submit(compile_unit, nvcc, [s], pre, post, version) for s in sources}
+        futures = {s: pool.submit(compile_unit, nvcc, [s], pre, post, versions) for s in sources}
         return {s: f.result() for s, f in futures.items()}
 
 
