@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# The GPU check, in one call of at most 7 minutes on an H200 with 16 cores, build included (with
-# the machine's start, two such calls fit a session's 15 minutes of device time):
+# The GPU check, in one call of at most 5 minutes on an H200 with 16 cores, with the extension
+# built on a CPU machine beforehand (tools/prebuilt_cuda.py; with the machine's start, two such
+# calls and a short rerun fit a session's 15 minutes of device time):
 #
 #   stage       limit  what                                                        kernels
-#   env           20 s  nvidia-smi, torch/CUDA/nvcc versions, revision              -
-#   build        100 s  the extension with CUDA, in place (sm_90, MAX_JOBS=nproc)   -
+#   env           15 s  nvidia-smi, torch/CUDA/nvcc versions, revision              -
+#   build        100 s  the prebuilt library (.prebuilt-cuda, carried) where its    -
+#                       stamp names these sources and this torch: about 10 s;
+#                       else the extension with CUDA, in place (sm_90, MAX_JOBS=nproc)
 #                       (meanwhile: torch.compile of the perf rows' references, in the background)
-#   tests        140 s  the GPU tests (-m gpu), xdist -n 4, first files first } run    default
-#   tests-next   140 s  the same tests, xdist -n 10                          } side   IDD_OPS_CUDA_NEXT=1
-#   demo         140 s  the demo's quick preset on the GPU                    } by side IDD_OPS_CUDA_NEXT=1
-#   perf         105 s  report --guard: key rows, fused (default, next), eager reference,
+#   tests        115 s  the GPU tests (-m gpu), xdist -n 4, first files first } run    default
+#   tests-next   115 s  the same tests, xdist -n 10                          } side   IDD_OPS_CUDA_NEXT=1
+#   demo         115 s  the demo's quick preset on the GPU                    } by side IDD_OPS_CUDA_NEXT=1
+#   perf         100 s  report --guard: key rows, fused (default, next), eager reference,
 #                       torch.compile(reference), bound; fails on a guard or target miss  both
 #   train         50 s  real training step (torchvision DeepLabV3-R101 / R50, B=8,
 #                       512x1024, bf16): each loss's cost per step, fused vs reference    both
-#   in all       415 s  at the most (20 + 100 + 140 + 105 + 50); the three middle stages share one 140 s window
+#   in all       280 s  and the build (15 + 115 + 100 + 50; the three middle stages share one 115 s
+#                       window): 300 s with the prebuilt library, 380 s building there
+#
 #   The test stages give the candidate kernel set (next) most workers. On 2026-11-30 the 1511 GPU
 #   tests did not finish in 150 s even alone with 15 workers (818 ran). The likeliest costs, both
 #   changed since: the CUDA gradchecks (fast mode now) and 15 workers of 16 torch threads each on
@@ -46,7 +51,7 @@ cd "$(dirname "$0")/.."
 STAGES=(env build tests tests-next demo perf train)
 OUT=${OUT:-$PWD/gpu-check-out}
 PY=${PYTHON:-python3}
-ENV_S=${ENV_S:-20} BUILD_S=${BUILD_S:-100} TESTS_S=${TESTS_S:-140} PERF_S=${PERF_S:-105} TRAIN_S=${TRAIN_S:-50}
+ENV_S=${ENV_S:-15} BUILD_S=${BUILD_S:-100} TESTS_S=${TESTS_S:-115} PERF_S=${PERF_S:-100} TRAIN_S=${TRAIN_S:-50}
 WORKERS=${WORKERS:-10} DEFAULT_WORKERS=${DEFAULT_WORKERS:-4}
 KERNELS=${KERNELS:-default next}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -59,7 +64,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --only) ONLY="${2:-}"; shift ;;
     --skip) SKIP="${2:-}"; shift ;;
-    --list) usage | sed -n '/^  stage/,/^  in all/p'; exit 0 ;;
+    --list) usage | sed -n '/^  stage  *limit/,/^$/p'; exit 0 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -117,6 +122,9 @@ if [ "$DRY" = 1 ]; then
     if selected perf || selected train; then
       "$PY" -m benchmarks.targets > "$LOGS/targets.md" || echo "broken: python -m benchmarks.targets"
     fi
+    if selected build; then  # not a problem when it does not fit: the stage then builds (80 s more)
+      "$PY" tools/prebuilt_cuda.py use --check --sources-only > "$LOGS/prebuilt.check" 2>&1
+    fi
     if selected tests || selected tests-next; then
       "$PY" -m pytest -q --collect-only -m gpu -p no:cacheprovider tests > "$LOGS/collect.log" 2>&1 \
         || echo "broken: pytest --collect-only -m gpu"
@@ -124,6 +132,7 @@ if [ "$DRY" = 1 ]; then
     fi
   } > "$LOGS/dry-run.problems" 2>&1
   cat "$LOGS/dry-run.problems"
+  [ -f "$LOGS/prebuilt.check" ] && cat "$LOGS/prebuilt.check"
 fi
 
 # ---- the stages
@@ -157,10 +166,12 @@ if selected perf && [ "$DRY" = 0 ]; then
   WARM_PID=$!
 fi
 
+CUDA_LOADED="$PY -c 'import idd_ops; assert idd_ops.cuda_available(), \"built without CUDA kernels\"; print(\"CUDA kernels loaded\")'"
 if [ $need_build = 1 ]; then
-  stage build "$BUILD_S" bash -c "FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=\${TORCH_CUDA_ARCH_LIST:-9.0} \
-    MAX_JOBS=\${MAX_JOBS:-\$(nproc)} $PY setup.py build_ext --inplace && \
-    $PY -c 'import idd_ops; assert idd_ops.cuda_available(), \"built without CUDA kernels\"; print(\"CUDA kernels loaded\")'" \
+  # the prebuilt library where it fits and loads; else (or when it does not load) the build
+  stage build "$BUILD_S" bash -c "{ $PY tools/prebuilt_cuda.py use && $CUDA_LOADED; } || \
+    { FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=\${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=\${MAX_JOBS:-\$(nproc)} \
+      $PY setup.py build_ext --inplace && $CUDA_LOADED; }" \
     || { [ -n "$WARM_PID" ] && kill "$WARM_PID" 2> /dev/null; finish; cat "$OUT/summary.md"
          echo "the build failed: no later stage can run"; exit 1; }
   finish

@@ -13,8 +13,10 @@
 # anyway (tools/nvcc_check.py). FORCE_ONLY_CPU=0 builds the CUDA kernels too.
 # A pip configuration that caps torch (this project's build machines cap it at the releases on
 # their disk) is set aside for one run by PIP_CONFIG_FILE=/dev/null.
-# Work folder: $WORK (default /tmp/idd-torch-<torch>-py<X.Y>): venv/ (reused), src/ (fresh),
-# build.log, tests.log. Exit status: the test run's.
+# BUILD_ONLY=1 stops after the build (tools/prebuilt_cuda.py builds the GPU machine's library so).
+# Work folder: $WORK (default /tmp/idd-torch-<torch>-py<X.Y>): venv/ (reused), src/ (fresh but for
+# src/build/, which ninja reuses for the sources that did not change), build.log, tests.log.
+# Exit status: the build's, then the test run's.
 set -euo pipefail
 VERSION=${1:?usage: tools/torch_version_check.sh TORCH_VERSION [PYTHON]}
 PY=${2:-python3}
@@ -30,7 +32,7 @@ echo "== torch $VERSION on Python $PYVER into $VENV"
 "$VENV/bin/python" -m pip install -q "torch==$VERSION" numpy pytest pytest-xdist ninja setuptools wheel matplotlib
 echo "   installed in $((SECONDS - t0)) s: $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
 
-rm -rf "$WORK/src" && mkdir -p "$WORK/src"
+mkdir -p "$WORK/src" && find "$WORK/src" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
 git -C "$ROOT" ls-files -z --cached --others --exclude-standard |
   tar -C "$ROOT" --null -T - --ignore-failed-read -cf - 2> /dev/null | tar -xf - -C "$WORK/src"
 cd "$WORK/src"
@@ -40,6 +42,7 @@ echo "== build (log: $WORK/build.log)"
 FORCE_ONLY_CPU=${FORCE_ONLY_CPU:-1} MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VENV/bin/python" setup.py build_ext --inplace \
   > "$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; echo "build FAILED"; exit 1; }
 echo "   built in $((SECONDS - t0)) s"
+[ "${BUILD_ONLY:-0}" = 1 ] && exit 0
 
 t0=$SECONDS
 echo "== tests (log: $WORK/tests.log)"
