@@ -123,3 +123,13 @@ def test_use_from_the_command_line_here(tmp_path):
                            "--sources-only"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode in (0, prebuilt_cuda.NO_MATCH), proc.stderr
     assert "prebuilt CUDA library" in proc.stdout
+
+
+def test_the_built_record_follows_the_sources(tmp_path, capsys):
+    """gpu_check.sh rebuilds (or reinstalls) on a warm machine when the sources changed since the
+    library in idd_ops/ was made: the record its build stage writes says so."""
+    root = _tree(tmp_path)
+    assert prebuilt_cuda.built(root) == 1 and "no record" in capsys.readouterr().out
+    assert prebuilt_cuda.built(root, record=True) == 0 and prebuilt_cuda.built(root) == 0
+    (root / "csrc" / "cuda" / "k.cu").write_text("__global__ void k() { /* fixed */ }\n")
+    assert prebuilt_cuda.built(root) == 1 and "other sources" in capsys.readouterr().out

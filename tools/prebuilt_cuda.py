@@ -15,6 +15,10 @@ not its GPU: both are here (torch from PyPI is the same CUDA build the GPU image
       torch out (gpu_check.sh --dry-run here, where torch is another)
   python tools/prebuilt_cuda.py fingerprint
       the build inputs' hash: every C++/CUDA source and header under csrc/, and setup.py
+  python tools/prebuilt_cuda.py built [--record]
+      whether the library in idd_ops/ was built (or installed) from these sources, as gpu_check.sh
+      records after its build stage (build/cuda-library.fingerprint): on a warm GPU machine the
+      library of the call before stays, and a rerun after a fix here must not test it
 
 The stamp (stamp.json) holds the fingerprint, torch's version and git revision, the CUDA archs
 and the Python that built it. The library uses the stable ABI (one file for every CPython >= 3.10,
@@ -34,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ".prebuilt-cuda"
 SOURCE_SUFFIXES = (".h", ".hpp", ".cuh", ".cpp", ".cu")
 NO_MATCH = 3  # use's exit status when the prebuilt library does not fit
+BUILT_FROM = "build/cuda-library.fingerprint"  # the sources of the library in idd_ops/, where recorded
 
 
 def fingerprint(root=ROOT):
@@ -102,6 +107,23 @@ def use(root=ROOT, check=False, identity=None, sources_only=False):
     print(f"prebuilt CUDA library installed: {stamp['library']} of revision {stamp['revision']} (built "
           f"{stamp['built']}), torch {stamp['torch']}, archs {stamp['archs']}")
     return 0
+
+
+def built(root=ROOT, record=False):
+    """0 when the recorded sources of idd_ops/'s library are these (record: write them first), else 1."""
+    path, sources = Path(root) / BUILT_FROM, fingerprint(root)
+    if record:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(sources + "\n")
+    try:
+        recorded = path.read_text().strip()
+    except OSError:
+        recorded = None
+    if recorded == sources:
+        return 0
+    print("the library in idd_ops/ was built from other sources than these" if recorded else
+          f"no record of the sources of the library in idd_ops/ ({path})")
+    return 1
 
 
 def revision(root=ROOT):
@@ -182,11 +204,15 @@ def main(argv=None):
     u.add_argument("--check", action="store_true", help="only say whether it fits")
     u.add_argument("--sources-only", action="store_true", help="compare the sources, not torch (a dry run here)")
     sub.add_parser("fingerprint", help="print the build inputs' hash")
+    r = sub.add_parser("built", help="whether idd_ops/'s library was built from these sources")
+    r.add_argument("--record", action="store_true", help="record that it was (after a build)")
     args = parser.parse_args(argv)
     if args.command == "build":
         return build(args.torch, args.python or default_python(), args.archs, args.work)
     if args.command == "use":
         return use(check=args.check, sources_only=args.sources_only)
+    if args.command == "built":
+        return built(record=args.record)
     print(fingerprint())
     return 0
 
