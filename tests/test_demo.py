@@ -203,9 +203,11 @@ def test_tune_command_runs_a_named_preset(tmp_path, monkeypatch, capsys, one_thr
     from idd_ops.demo import tune
 
     monkeypatch.setitem(experiment.PRESETS, "tiny", _tiny())
-    tune.main(["--preset", "tiny", "--grid", "idd=1", "--seeds", "0", "1", "--out", str(tmp_path), "--workers", "1"])
+    tune.main(["--preset", "tiny", "--grid", "idd=1", "--seeds", "0", "1", "--out", str(tmp_path), "--workers", "1",
+               "--student-steps", "2", "--teacher-steps", "3"])
     assert "python -m idd_ops.demo.tune --preset tiny" in capsys.readouterr().out
-    assert (tmp_path / "tune.json").exists()
+    shown = json.loads((tmp_path / "tune.json").read_text())["preset"]
+    assert (shown["student_steps"], shown["teacher_steps"], shown["size"]) == (2, 3, [32, 64])  # overrides, preset
 
 
 def test_full_preset_takes_its_tuned_weights_or_says_they_are_carried_over(tmp_path):

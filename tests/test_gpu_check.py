@@ -218,3 +218,40 @@ def test_xdist_workers_share_the_cores():
     assert worker_threads(16, 1, cores=16) == 16
     assert worker_threads(16, 8, omp_num_threads="16", cores=16) == 16
     assert worker_threads(3, 2, cores=16) == 3  # never more than torch chose
+
+
+EXPERIMENT = os.path.join(ROOT, "tools", "gpu_experiment.sh")
+SMALL = {"PRESET": "quick", "DEVICE": "cpu", "RUN_ARGS": "--configs ce ce+idd --seeds 0 --student-steps 2 "
+         "--teacher-steps 2", "TUNE_ARGS": "--grid idd=1 --seeds 0 --student-steps 2 --teacher-steps 2"}
+
+
+def _experiment(tmp_path, **env):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), RESULTS=str(tmp_path / "results"), PYTHON=sys.executable,
+               OMP_NUM_THREADS="1", **SMALL, **env)
+    return subprocess.run(["bash", EXPERIMENT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_experiment_tunes_then_runs_with_the_tuned_teacher(tmp_path):
+    """tools/gpu_experiment.sh end to end at a few steps on the CPU: the tuning, then the preset
+    with the tuning's teacher; one archive without checkpoints, the teacher beside it."""
+    proc = _experiment(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(os.listdir(out)) == ["results.tar.gz", "summary.md", "teacher.pt"]
+    summary = (out / "summary.md").read_text()
+    assert re.search(r"\| tune \| passed \| \d+ \| 180 \|", summary) and re.search(r"\| run \| passed \| \d+ \|", summary)
+    assert "Chosen weights" in summary and "## Per-class IoU" in summary  # tune.md and results.md
+    run_log = (tmp_path / "results" / "quick" / "run.log").read_text()
+    assert "cache: using the teacher in " + str(tmp_path / "results" / "quick-tune" / "teacher.pt") in run_log
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = [n for n in tar.getnames() if not n.endswith("/")]
+    assert not any(n.endswith(".pt") for n in names)
+    assert any(n.endswith("quick-tune/tune.json") for n in names) and any(n.endswith("quick/results.md") for n in names)
+
+
+def test_gpu_experiment_stops_at_its_limit_and_leaves_the_run_for_a_later_call(tmp_path):
+    proc = _experiment(tmp_path, TUNE_S="1")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| tune | FAILED, rc 124 (time limit: resume in the next call) |" in summary
+    assert "| run | not run: the tuning did not finish |" in summary

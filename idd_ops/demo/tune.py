@@ -102,6 +102,8 @@ def main(argv=None):
     p.add_argument("--out", help="default: results/<preset>-tune")
     p.add_argument("--teacher", help="reuse this teacher.pt (same image size) instead of training one")
     p.add_argument("--workers", type=int, help="worker processes for the runs (default: automatic)")
+    p.add_argument("--student-steps", type=int, help="override the preset's student steps")
+    p.add_argument("--teacher-steps", type=int, help="override the preset's teacher steps")
     args = p.parse_args(argv)
     try:
         grid = parse_grid(args.grid or DEFAULT_GRID)
@@ -109,8 +111,10 @@ def main(argv=None):
         p.error(str(e))
     out = args.out or os.path.join("results", f"{args.preset}-tune")
     command = "python -m idd_ops.demo.tune " + " ".join(argv if argv is not None else sys.argv[1:])
-    summary = run_tuning(PRESETS[args.preset], grid, args.seeds, out, args.device, command, args.teacher,
-                         args.workers)
+    overrides = {k: v for k, v in dict(student_steps=args.student_steps, teacher_steps=args.teacher_steps).items()
+                 if v}
+    summary = run_tuning(dataclasses.replace(PRESETS[args.preset], **overrides), grid, args.seeds, out, args.device,
+                         command, args.teacher, args.workers)
     print(tune_markdown(summary))
 
 

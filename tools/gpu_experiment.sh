@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The experiment at GPU scale in one device call (issue 23): the loss weights tuned on the tune
+# split at the preset's size (python -m idd_ops.demo.tune), then the preset with those weights and
+# the tuning's teacher (idd-distill). Run it after tools/gpu_check.sh has passed, with the kernels
+# it passed. Not yet run on a GPU: the limits are estimates from the quick preset's 14 ms step on
+# an H200 (20 tuning runs and 40 preset runs of 600 steps, on parallel workers).
+#
+#   bash tools/gpu_experiment.sh              # on the GPU machine: the full preset (128x256)
+#   PRESET=quick DEVICE=cpu TUNE_ARGS="--grid idd=1 --seeds 0 --student-steps 2 --teacher-steps 2" \
+#     RUN_ARGS="--configs ce ce+idd --seeds 0 --student-steps 2 --teacher-steps 2" \
+#     bash tools/gpu_experiment.sh            # the same pipeline in about a minute on 2 CPU cores
+#
+# Output ($OUT, default ./gpu-experiment-out): summary.md (each step's status and time, then tune.md
+# and results.md), results.tar.gz (both folders but their checkpoints: unpack it in the repository
+# root and commit results/full and results/full-tune) and teacher.pt (the tuning's teacher, 14 MB).
+# The runs' checkpoints (2 MB each) stay on the machine: too many to bring back. A call stopped at
+# a time limit loses the runs of the step it was in; to resume, put teacher.pt in results/full-tune/,
+# give the device tool carry=["results/full-tune"] (git ignores checkpoints) and call again: the
+# teacher is reused. Settings: PRESET (full), DEVICE (cuda), RESULTS (results; the full preset
+# reads its tuning from results/full-tune, so keep it there for real runs), TUNE_S and RUN_S (time
+# limits in seconds: 180 and 240), TUNE_ARGS (default "--seeds 100 101", the seeds of the committed
+# 64x128 tuning) and RUN_ARGS (more options of each command). Exit status: the number of failed steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PRESET=${PRESET:-full} DEVICE=${DEVICE:-cuda} RESULTS=${RESULTS:-results}
+TUNE_S=${TUNE_S:-180} RUN_S=${RUN_S:-240} TUNE_ARGS=${TUNE_ARGS-"--seeds 100 101"}
+OUT=${OUT:-$PWD/gpu-experiment-out}
+PY=${PYTHON:-python3}
+TUNED=$RESULTS/$PRESET-tune FINAL=$RESULTS/$PRESET
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$OUT" "$TUNED" "$FINAL"
+rm -f "$OUT/summary.md" "$OUT/results.tar.gz" "$OUT/teacher.pt"
+failed=0 rows=""
+
+# step NAME LIMIT CMD...: CMD under a time limit, its output in $FOLDER/NAME.log (inside the archive)
+step() {
+  local name=$1 limit=$2 log=$3 t0=$SECONDS rc; shift 3
+  echo "== $name (limit ${limit}s): $*"
+  timeout --kill-after=5 "$limit" "$@" > "$log" 2>&1
+  rc=$?
+  local status="passed"
+  [ $rc -ne 0 ] && status="FAILED, rc $rc" && failed=$((failed + 1))
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && status="$status (time limit: resume in the next call)"
+  echo "   $name: $status in $((SECONDS - t0)) s"
+  rows="$rows| $name | $status | $((SECONDS - t0)) | $limit |"$'\n'
+  return $rc
+}
+
+# shellcheck disable=SC2086  # TUNE_ARGS, RUN_ARGS: lists of options
+if step tune "$TUNE_S" "$TUNED/tune.log" "$PY" -m idd_ops.demo.tune --preset "$PRESET" --device "$DEVICE" \
+    --out "$TUNED" $TUNE_ARGS; then
+  step run "$RUN_S" "$FINAL/run.log" "$PY" -m idd_ops.demo.cli --preset "$PRESET" --device "$DEVICE" \
+    --out "$FINAL" --teacher "$TUNED/teacher.pt" ${RUN_ARGS:-}
+else  # weights not tuned yet: the next call resumes the tuning rather than report carried-over weights
+  rows="$rows| run | not run: the tuning did not finish | - | $RUN_S |"$'\n'
+fi
+
+{
+  echo "# GPU experiment: preset $PRESET on $DEVICE"
+  echo
+  echo "$(date -u +%FT%TZ), revision ${REV:-$(git rev-parse --short HEAD 2> /dev/null || echo unknown)}," \
+    "$SECONDS s in all. Results: results.tar.gz ($TUNED and $FINAL without checkpoints), teacher.pt."
+  echo
+  echo "| step | status | seconds | limit |"
+  echo "|---|---|---:|---:|"
+  printf '%s' "$rows"
+  for md in "$TUNED/tune.md" "$FINAL/results.md"; do
+    [ -f "$md" ] && { echo; cat "$md"; }
+  done
+  for log in "$TUNED/tune.log" "$FINAL/run.log"; do
+    [ -f "$log" ] && { echo; echo "## the end of $log"; echo; echo '```'; tail -15 "$log"; echo '```'; }
+  done
+} > "$OUT/summary.md"
+tar -czf "$OUT/results.tar.gz" --exclude='*.pt' "$TUNED" "$FINAL"
+[ -f "$TUNED/teacher.pt" ] && cp "$TUNED/teacher.pt" "$OUT/teacher.pt"
+cat "$OUT/summary.md"
+exit "$failed"
