@@ -271,6 +271,15 @@ def test_every_target_names_a_guard_row():
     assert "| issue 21 | idd_loss cityscapes | forward+backward | share of the bound | >= 60% |" in targets.table()
 
 
+def test_the_guard_measures_each_op_once_before_any_variant():
+    """A perf stage stopped at its time limit has then measured every op; the compile column and
+    the background compile (same order) follow the guard's order."""
+    ops = [name.split()[0] for name in cases.GUARD]
+    first = sorted(set(ops), key=ops.index)
+    assert ops[:len(first)] == first and len(first) == 7
+    assert cases.GUARD_COMPILE == [name for name in cases.GUARD if name in cases.GUARD_COMPILE]
+
+
 def test_case_names_with_a_batch():
     assert cases._batch("pool2 b2") == 2 and cases._batch("") == 8 and cases._batch("pool2") == 8
     case = cases._make("position_loss 16x32")
