@@ -239,7 +239,8 @@ def test_gpu_experiment_tunes_then_runs_with_the_tuned_teacher(tmp_path):
     out = tmp_path / "out"
     assert sorted(os.listdir(out)) == ["results.tar.gz", "summary.md", "teacher.pt"]
     summary = (out / "summary.md").read_text()
-    assert re.search(r"\| tune \| passed \| \d+ \| 180 \|", summary) and re.search(r"\| run \| passed \| \d+ \|", summary)
+    assert re.search(r"\| tune \| passed \| \d+ \| 180 \|", summary)
+    assert re.search(r"\| run \| passed \| \d+ \| 240 \|", summary)
     assert "Chosen weights" in summary and "## Per-class IoU" in summary  # tune.md and results.md
     run_log = (tmp_path / "results" / "quick" / "run.log").read_text()
     assert "cache: using the teacher in " + str(tmp_path / "results" / "quick-tune" / "teacher.pt") in run_log

@@ -171,7 +171,8 @@ if selected perf && [ "$DRY" = 0 ]; then
   WARM_PID=$!
 fi
 
-CUDA_LOADED="$PY -c 'import idd_ops; assert idd_ops.cuda_available(), \"built without CUDA kernels\"; print(\"CUDA kernels loaded\")'"
+CUDA_LOADED="$PY -c 'import idd_ops; assert idd_ops.cuda_available(), \"built without CUDA kernels\"; \
+print(\"CUDA kernels loaded\")'"
 if [ $need_build = 1 ]; then
   # the prebuilt library where it fits and loads; else (or when it does not load) the build
   stage build "$BUILD_S" bash -c "{ $PY tools/prebuilt_cuda.py use && $CUDA_LOADED; } || \

@@ -136,7 +136,8 @@ def revision(root=ROOT):
 
 def default_python():
     """A Python 3.12 that runs (the GPU image's; a pyenv shim may name one that does not), else this one."""
-    candidates = [shutil.which("python3.12"), *map(str, sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3.12")))]
+    pyenv = sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))
+    candidates = [shutil.which("python3.12"), *map(str, pyenv)]
     for python in filter(None, candidates):
         if subprocess.run([python, "-V"], capture_output=True).returncode == 0:
             return python
