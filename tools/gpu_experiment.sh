@@ -16,7 +16,9 @@
 # The runs' checkpoints (2 MB each) stay on the machine: too many to bring back. A call stopped at
 # a time limit loses the runs of the step it was in; to resume, put teacher.pt in results/full-tune/,
 # give the device tool carry=["results/full-tune"] (git ignores checkpoints) and call again: the
-# teacher is reused. Settings: PRESET (full), DEVICE (cuda), RESULTS (results; the full preset
+# teacher is reused. On a machine without the CUDA library (a fresh one) it installs the carried
+# prebuilt library (tools/prebuilt_cuda.py; carry .prebuilt-cuda too) or builds one, within BUILD_S
+# (100 s). Settings: PRESET (full), DEVICE (cuda), RESULTS (results; the full preset
 # reads its tuning from results/full-tune, so keep it there for real runs), TUNE_S and RUN_S (time
 # limits in seconds: 180 and 240), TUNE_ARGS (default "--seeds 100 101", the seeds of the committed
 # 64x128 tuning) and RUN_ARGS (more options of each command). Exit status: the number of failed steps.
@@ -24,7 +26,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PRESET=${PRESET:-full} DEVICE=${DEVICE:-cuda} RESULTS=${RESULTS:-results}
-TUNE_S=${TUNE_S:-180} RUN_S=${RUN_S:-240} TUNE_ARGS=${TUNE_ARGS-"--seeds 100 101"}
+TUNE_S=${TUNE_S:-180} RUN_S=${RUN_S:-240} BUILD_S=${BUILD_S:-100} TUNE_ARGS=${TUNE_ARGS-"--seeds 100 101"}
 OUT=${OUT:-$PWD/gpu-experiment-out}
 PY=${PYTHON:-python3}
 TUNED=$RESULTS/$PRESET-tune FINAL=$RESULTS/$PRESET
@@ -46,6 +48,14 @@ step() {
   rows="$rows| $name | $status | $((SECONDS - t0)) | $limit |"$'\n'
   return $rc
 }
+
+# On a fresh machine (the one of the GPU check went back): the library first, prebuilt where it
+# fits (carry .prebuilt-cuda), else built
+if [ "$DEVICE" != cpu ] && ! "$PY" -c "import sys, idd_ops; sys.exit(0 if idd_ops.cuda_available() else 1)" 2> /dev/null
+then
+  step library "$BUILD_S" "$FINAL/library.log" bash -c "$PY tools/prebuilt_cuda.py use || FORCE_CUDA=1 \
+    TORCH_CUDA_ARCH_LIST=\${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=\$(nproc) $PY setup.py build_ext --inplace"
+fi
 
 # shellcheck disable=SC2086  # TUNE_ARGS, RUN_ARGS: lists of options
 if step tune "$TUNE_S" "$TUNED/tune.log" "$PY" -m idd_ops.demo.tune --preset "$PRESET" --device "$DEVICE" \
