@@ -39,8 +39,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert {f"{s}.log" for s in STAGES} <= names and "targets.md" in names
     assert "[cuda" in collected and "test_cuda_kernels_are_built_where_a_gpu_is_visible" in collected
     assert "--kernels default next" in (tmp_path / "logs" / "perf.cmd").read_text()
-    build_cmd = (tmp_path / "logs" / "build.cmd").read_text()
-    assert build_cmd.index("prebuilt_cuda.py") < build_cmd.index("build_ext")  # the prebuilt library, else a build
+    assert "tools/cuda_library.sh" in (tmp_path / "logs" / "build.cmd").read_text()
     assert "prebuilt CUDA library" in proc.stdout  # whether the carried library fits these sources
     tests_cmd = (tmp_path / "logs" / "tests-next.cmd").read_text()
     assert "IDD_OPS_SLOW_FIRST=1" in tests_cmd and "--maxschedchunk 1" in tests_cmd  # pytest-xdist 3.3+ here
@@ -113,6 +112,10 @@ def test_summary_of_stages_tests_and_sections(tmp_path):
     assert "| build | - | passed | 50 | 80 |" in text
     (logs / "build.log").write_text("prebuilt CUDA library installed: _C.abi3.so of revision r1\nCUDA kernels loaded\n")
     assert "| build | - | passed (prebuilt library) | 50 | 80 |" in gpu_check_summary.summary(str(logs), elapsed=250)
+    (logs / "build.log").write_text("prebuilt CUDA library not used: built against torch 2.11.0+cu130 (torch), "
+                                    "this interpreter has 2.12.0+cu130\nbuilding the CUDA library here\n")
+    assert ("| build | - | passed (built there: built against torch 2.11.0+cu130 (torch), this interpreter has "
+            "2.12.0+cu130) |") in gpu_check_summary.summary(str(logs), elapsed=250)
     gpu_check_summary.main([str(logs), str(tmp_path / "summary.md"), "3"])
     assert (tmp_path / "summary.md").read_text().startswith("# GPU check")
 
@@ -256,3 +259,44 @@ def test_gpu_experiment_stops_at_its_limit_and_leaves_the_run_for_a_later_call(t
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| tune | FAILED, rc 124 (time limit: resume in the next call) |" in summary
     assert "| run | not run: the tuning did not finish |" in summary
+
+
+FAKE_PYTHON = """#!/usr/bin/env python3
+# stands in for the GPU machine's python in tools/cuda_library.sh: FAKE_USE (prebuilt_cuda.py use's
+# exit status), FAKE_RUNS (the kernel check's exit status per call, comma-separated), FAKE_BUILD
+import os, sys
+log = open(os.environ["FAKE_LOG"], "a")
+args = sys.argv[1:]
+if args[:2] == ["tools/prebuilt_cuda.py", "use"]:
+    log.write("use\\n"); sys.exit(int(os.environ["FAKE_USE"]))
+if args[:2] == ["tools/prebuilt_cuda.py", "built"]:
+    log.write("record\\n"); sys.exit(0)
+if args[:1] == ["-"]:
+    sys.stdin.read()
+    runs = os.environ["FAKE_RUNS"].split(",")
+    done = sum(1 for line in open(os.environ["FAKE_LOG"]) if line.startswith("run"))
+    log.write("run\\n"); sys.exit(int(runs[done]))
+if args[:2] == ["setup.py", "build_ext"]:
+    log.write("build\\n"); sys.exit(int(os.environ["FAKE_BUILD"]))
+sys.exit(f"unexpected call: {args}")
+"""
+
+
+@pytest.mark.parametrize("use, runs, build, calls, rc", [
+    ("0", "0", "0", ["use", "run", "record"], 0),  # the prebuilt library fits and runs
+    ("3", "0", "0", ["use", "build", "run", "record"], 0),  # it does not fit: built
+    ("0", "1,0", "0", ["use", "run", "build", "run", "record"], 0),  # it fits but does not run: built
+    ("3", "1", "0", ["use", "build", "run"], 1),  # the build does not run either: no record
+    ("3", "0", "1", ["use", "build"], 1),  # the build fails
+])
+def test_cuda_library_takes_the_prebuilt_library_else_builds(tmp_path, use, runs, build, calls, rc):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), FAKE_LOG=str(tmp_path / "calls"), FAKE_USE=use, FAKE_RUNS=runs,
+               FAKE_BUILD=build)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "cuda_library.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == rc, proc.stdout + proc.stderr
+    assert (tmp_path / "calls").read_text().split() == calls
+    assert ("building the CUDA library here" in proc.stdout) == ("build" in calls)

@@ -22,7 +22,8 @@ def _tree(path):
     (path / "csrc" / "cuda").mkdir(parents=True)
     (path / "csrc" / "cuda" / "k.cu").write_text("__global__ void k() {}\n")
     (path / "csrc" / "ops.h").write_text("#pragma once\n")
-    (path / "csrc" / "notes.txt").write_text("not a build input\n")
+    (path / "csrc" / "cpu").mkdir()
+    (path / "csrc" / "cpu" / "vec.inc").write_text("// included by a kernel source\n")
     (path / "setup.py").write_text("# setup\n")
     (path / "idd_ops").mkdir()
     return path
@@ -43,10 +44,10 @@ def _stamped(path, **changes):
 def test_fingerprint_follows_the_build_inputs_only(tmp_path):
     a, b = _tree(tmp_path / "a"), _tree(tmp_path / "b")
     assert prebuilt_cuda.fingerprint(a) == prebuilt_cuda.fingerprint(b)  # not the folder's place
-    (b / "csrc" / "notes.txt").write_text("edited\n")
     (b / "idd_ops" / "api.py").write_text("x = 1\n")
+    (b / "README.md").write_text("docs\n")
     assert prebuilt_cuda.fingerprint(a) == prebuilt_cuda.fingerprint(b)
-    for edit in (b / "csrc" / "cuda" / "k.cu", b / "csrc" / "ops.h", b / "setup.py"):
+    for edit in (b / "csrc" / "cuda" / "k.cu", b / "csrc" / "ops.h", b / "csrc" / "cpu" / "vec.inc", b / "setup.py"):
         before = prebuilt_cuda.fingerprint(b)
         edit.write_text(edit.read_text() + "// changed\n")
         assert prebuilt_cuda.fingerprint(b) != before, edit
@@ -55,14 +56,15 @@ def test_fingerprint_follows_the_build_inputs_only(tmp_path):
 
 
 def test_a_fitting_library_replaces_the_one_in_the_package(tmp_path):
-    root = _stamped(tmp_path)
+    root = _stamped(tmp_path, archs="8.0;9.0+PTX")
     (root / "idd_ops" / "_C.cpython-312-x86_64-linux-gnu.so").write_bytes(b"cpu library")
-    assert prebuilt_cuda.use(root, identity=IDENTITY) == 0
+    assert prebuilt_cuda.use(root, identity=dict(IDENTITY, gpu_arch="9.0")) == 0
     assert [p.name for p in (root / "idd_ops").glob("_C*.so")] == ["_C.abi3.so"]
     assert (root / "idd_ops" / "_C.abi3.so").read_bytes() == b"cuda library"
 
 
-@pytest.mark.parametrize("case", ["other sources", "other torch", "other torch build", "no stamp", "no library"])
+@pytest.mark.parametrize("case", ["other sources", "other torch", "other torch build", "other GPU", "no stamp",
+                                  "no library"])
 def test_a_library_that_does_not_fit_changes_nothing(tmp_path, capsys, case):
     root = _stamped(tmp_path, **{"other torch": {"torch": "2.12.0+cu130"},
                                  "other torch build": {"torch_git": "def456"},
@@ -71,12 +73,13 @@ def test_a_library_that_does_not_fit_changes_nothing(tmp_path, capsys, case):
         (root / "csrc" / "ops.h").write_text("#pragma once\n// edited after the build\n")
     if case == "no stamp":
         (root / prebuilt_cuda.FOLDER / "stamp.json").unlink()
-    assert prebuilt_cuda.use(root, identity=IDENTITY) == prebuilt_cuda.NO_MATCH
+    identity = dict(IDENTITY, gpu_arch="8.0" if case == "other GPU" else "9.0")  # the stamp: archs 9.0
+    assert prebuilt_cuda.use(root, identity=identity) == prebuilt_cuda.NO_MATCH
     assert list((root / "idd_ops").iterdir()) == []
     reason = capsys.readouterr().out
     assert "not used" in reason and {"other sources": "other sources", "other torch": "2.12.0",
-                                     "other torch build": "def456", "no stamp": "missing",
-                                     "no library": "_C.other.so"}[case] in reason
+                                     "other torch build": "def456", "other GPU": "this GPU has 8.0",
+                                     "no stamp": "missing", "no library": "_C.other.so"}[case] in reason
 
 
 def test_check_changes_nothing_and_sources_only_leaves_torch_out(tmp_path):

@@ -5,10 +5,11 @@
 #
 #   stage       limit  what                                                        kernels
 #   env           15 s  nvidia-smi, torch/CUDA/nvcc versions, revision              -
-#   build        100 s  the prebuilt library (.prebuilt-cuda, carried) where its    -
-#                       stamp names these sources and this torch: about 10 s;
-#                       else the extension with CUDA, in place (sm_90, MAX_JOBS=nproc)
-#                       (meanwhile: torch.compile of the perf rows' references, in the background)
+#   build        100 s  tools/cuda_library.sh: the prebuilt library (.prebuilt-cuda,  -
+#                       carried) where its stamp fits these sources, this torch and
+#                       this GPU and it runs an IDD step: about 15 s; else the
+#                       extension with CUDA, in place (sm_90, MAX_JOBS=nproc)
+#                       (then, in the background: torch.compile of the perf rows' references)
 #   tests        115 s  the GPU tests (-m gpu), xdist -n 4, first files first } run    default
 #   tests-next   115 s  the same tests, xdist -n 10                          } side   IDD_OPS_CUDA_NEXT=1
 #   demo         115 s  the demo's quick preset on the GPU                    } by side IDD_OPS_CUDA_NEXT=1
@@ -77,7 +78,8 @@ done
 selected() { { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; } && [[ " $SKIP " != *" $1 "* ]]; }
 
 LOGS=${LOGS:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-logs.XXXXXX")}
-mkdir -p "$OUT" "$LOGS"; rm -f "$LOGS"/stages "$LOGS"/*.status "$LOGS"/*.log "$LOGS"/*.section.md "$LOGS"/*.xml "$LOGS"/*.jsonl
+mkdir -p "$OUT" "$LOGS"; rm -f "$LOGS"/stages "$LOGS"/*.status "$LOGS"/*.log "$LOGS"/*.section.md "$LOGS"/*.xml "$LOGS"/*.jsonl \
+  "$LOGS"/*.cmd "$LOGS"/dry-run.problems "$LOGS"/prebuilt.check "$LOGS"/demo-results.md
 rm -f "$OUT"/summary.md "$OUT"/logs.tar.gz "$OUT"/RESULTS-cuda.md "$OUT"/TRAIN_STEP-cuda.md "$OUT"/perf.json
 echo "$(date -u +%FT%TZ) dry=$DRY only=${ONLY:-all} skip=${SKIP:-none} kernels=$KERNELS" > "$LOGS/check.info"
 START=$SECONDS
@@ -162,26 +164,20 @@ elif [ "$DRY" = 0 ] && { selected tests || selected tests-next || selected demo 
   fi
 fi
 
-# torch.compile of the perf rows' references, in the background while the build and tests run:
+if [ $need_build = 1 ]; then  # the prebuilt library where it fits and runs, else built (tools/cuda_library.sh)
+  stage build "$BUILD_S" env PYTHON="$PY" bash tools/cuda_library.sh \
+    || { finish; cat "$OUT/summary.md"; echo "the build failed: no later stage can run"; exit 1; }
+  finish
+fi
+
+# torch.compile of the perf rows' references, in the background while the tests run (after the
+# build, whose nvcc jobs it would slow where the prebuilt library does not fit):
 # it fills the on-disk inductor cache, from which the perf stage then compiles in about a second a case.
 WARM_PID=""
 if selected perf && [ "$DRY" = 0 ]; then
-  timeout $((BUILD_S + TESTS_S)) "$PY" -m benchmarks.report --device cuda --guard --warm-compile \
+  timeout "$TESTS_S" "$PY" -m benchmarks.report --device cuda --guard --warm-compile \
     > "$LOGS/compile-warm.log" 2>&1 &
   WARM_PID=$!
-fi
-
-CUDA_LOADED="$PY -c 'import idd_ops; assert idd_ops.cuda_available(), \"built without CUDA kernels\"; \
-print(\"CUDA kernels loaded\")'"
-if [ $need_build = 1 ]; then
-  # the prebuilt library where it fits and loads; else (or when it does not load) the build
-  stage build "$BUILD_S" bash -c "{ $PY tools/prebuilt_cuda.py use && $CUDA_LOADED; } || \
-    { FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=\${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=\${MAX_JOBS:-\$(nproc)} \
-      $PY setup.py build_ext --inplace && $CUDA_LOADED; }" \
-    || { [ -n "$WARM_PID" ] && kill "$WARM_PID" 2> /dev/null; finish; cat "$OUT/summary.md"
-         echo "the build failed: no later stage can run"; exit 1; }
-  [ "$DRY" = 0 ] && "$PY" tools/prebuilt_cuda.py built --record
-  finish
 fi
 
 # Tests (both kernel sets) and the demo run side by side: none of them is timed.
@@ -222,7 +218,9 @@ if selected tests; then
 fi
 if selected tests-next; then
   # shellcheck disable=SC2046,SC2086  # NEXT_TESTS: paths or node ids, split on spaces
+  set -f  # node ids such as test_x[cuda-a] are not globs
   pytest_stage tests-next 1 "$WORKERS" ${NEXT_TESTS:-$(ordered_tests)} & pids+=($!)
+  set +f
 fi
 DEMO_OUT=${TMPDIR:-/tmp}/gpu-check-demo  # checkpoints stay out of the logs; its results.md joins them
 if selected demo; then
@@ -231,7 +229,7 @@ if selected demo; then
     --out "$DEMO_OUT" & pids+=($!)
 fi
 for pid in "${pids[@]}"; do wait "$pid"; done
-[ -f "$DEMO_OUT/results.md" ] && cp "$DEMO_OUT/results.md" "$LOGS/demo-results.md"
+selected demo && [ -f "$DEMO_OUT/results.md" ] && cp "$DEMO_OUT/results.md" "$LOGS/demo-results.md"
 [ ${#pids[@]} -gt 0 ] && finish  # a summary so far, should the call be cut short later
 
 if [ -n "$WARM_PID" ]; then  # what it has not compiled by now, perf compiles itself

@@ -16,6 +16,7 @@ import sys
 import xml.etree.ElementTree as ET
 
 PREBUILT_USED = "prebuilt CUDA library installed"  # tools/prebuilt_cuda.py use's line when it fits
+BUILT_THERE = "building the CUDA library here"  # tools/cuda_library.sh's line before it builds
 TAIL_LINES = 25
 MAX_FAILURES = 40
 SLOWEST = 10
@@ -31,6 +32,15 @@ def read(path, default=""):
         return default
 
 
+def build_how(log):
+    """' (prebuilt library)', ' (built there: why)' or '' from the build stage's log."""
+    if BUILT_THERE in log:
+        reasons = [line.split(": ", 1)[1] for line in log.splitlines() if line.startswith("prebuilt CUDA library not")]
+        why = reasons[0] if reasons else "the prebuilt library did not run a kernel"
+        return f" (built there: {why})"
+    return " (prebuilt library)" if PREBUILT_USED in log else ""
+
+
 def stage_rows(logs):
     """[(name, status text, seconds, limit, failed)] in the order the stages ran."""
     names = list(dict.fromkeys(read(os.path.join(logs, "stages")).split()))
@@ -44,8 +54,8 @@ def stage_rows(logs):
         if rc == "dry":
             rows.append((name, "dry run: not run", "-", limit, False))
         elif rc == "0":
-            prebuilt = name == "build" and PREBUILT_USED in read(os.path.join(logs, "build.log"))
-            rows.append((name, "passed (prebuilt library)" if prebuilt else "passed", secs, limit, False))
+            how = build_how(read(os.path.join(logs, "build.log"))) if name == "build" else ""
+            rows.append((name, f"passed{how}", secs, limit, False))
         else:
             why = " (time limit)" if rc in ("124", "137") else ""
             rows.append((name, f"FAILED, rc {rc}{why}", secs, limit, True))

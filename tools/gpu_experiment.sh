@@ -16,9 +16,11 @@
 # The runs' checkpoints (2 MB each) stay on the machine: too many to bring back. A call stopped at
 # a time limit loses the runs of the step it was in; to resume, put teacher.pt in results/full-tune/,
 # give the device tool carry=["results/full-tune"] (git ignores checkpoints) and call again: the
-# teacher is reused. On a machine without the CUDA library (a fresh one) it installs the carried
-# prebuilt library (tools/prebuilt_cuda.py; carry .prebuilt-cuda too) or builds one, within BUILD_S
-# (100 s). Settings: PRESET (full), DEVICE (cuda), RESULTS (results; the full preset
+# teacher is reused. On a machine without the CUDA library of these sources (a fresh one) it puts
+# one in place first (tools/cuda_library.sh: the carried .prebuilt-cuda, or a build within BUILD_S,
+# 100 s). The summary and the archive are rewritten after each step, so a call cut off at the
+# device tool's limit (give it timeout_s 480: 420 s of steps, the library and the packing) still
+# brings back the steps before. Settings: PRESET (full), DEVICE (cuda), RESULTS (results; the full preset
 # reads its tuning from results/full-tune, so keep it there for real runs), TUNE_S and RUN_S (time
 # limits in seconds: 180 and 240), TUNE_ARGS (default "--seeds 100 101", the seeds of the committed
 # 64x128 tuning) and RUN_ARGS (more options of each command). Exit status: the number of failed steps.
@@ -35,7 +37,30 @@ mkdir -p "$OUT" "$TUNED" "$FINAL"
 rm -f "$OUT/summary.md" "$OUT/results.tar.gz" "$OUT/teacher.pt"
 failed=0 rows=""
 
-# step NAME LIMIT CMD...: CMD under a time limit, its output in $FOLDER/NAME.log (inside the archive)
+# pack: summary.md and the archive from what the steps left so far (after each step, so that a
+# call cut off at its limit still brings back the steps before)
+pack() {
+  {
+    echo "# GPU experiment: preset $PRESET on $DEVICE"
+    echo
+    echo "$(date -u +%FT%TZ), revision ${REV:-$(git rev-parse --short HEAD 2> /dev/null || echo unknown)}," \
+      "$SECONDS s in all. Results: results.tar.gz ($TUNED and $FINAL without checkpoints), teacher.pt."
+    echo
+    echo "| step | status | seconds | limit |"
+    echo "|---|---|---:|---:|"
+    printf '%s' "$rows"
+    for md in "$TUNED/tune.md" "$FINAL/results.md"; do
+      [ -f "$md" ] && { echo; cat "$md"; }
+    done
+    for log in "$TUNED/tune.log" "$FINAL/run.log"; do
+      [ -f "$log" ] && { echo; echo "## the end of $log"; echo; echo '```'; tail -15 "$log"; echo '```'; }
+    done
+  } > "$OUT/summary.md"
+  tar -czf "$OUT/results.tar.gz" --exclude='*.pt' "$TUNED" "$FINAL"
+  [ -f "$TUNED/teacher.pt" ] && cp "$TUNED/teacher.pt" "$OUT/teacher.pt"
+}
+
+# step NAME LIMIT LOG CMD...: CMD under a time limit, its output in LOG (inside the archive)
 step() {
   local name=$1 limit=$2 log=$3 t0=$SECONDS rc; shift 3
   echo "== $name (limit ${limit}s): $*"
@@ -46,15 +71,15 @@ step() {
   [ $rc -eq 124 ] || [ $rc -eq 137 ] && status="$status (time limit: resume in the next call)"
   echo "   $name: $status in $((SECONDS - t0)) s"
   rows="$rows| $name | $status | $((SECONDS - t0)) | $limit |"$'\n'
+  pack
   return $rc
 }
 
-# On a fresh machine (the one of the GPU check went back): the library first, prebuilt where it
-# fits (carry .prebuilt-cuda), else built
-if [ "$DEVICE" != cpu ] && ! "$PY" -c "import sys, idd_ops; sys.exit(0 if idd_ops.cuda_available() else 1)" 2> /dev/null
-then
-  step library "$BUILD_S" "$FINAL/library.log" bash -c "$PY tools/prebuilt_cuda.py use || FORCE_CUDA=1 \
-    TORCH_CUDA_ARCH_LIST=\${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=\$(nproc) $PY setup.py build_ext --inplace"
+# On a fresh machine (the GPU check's went back) or after a change here: the library first, the
+# carried prebuilt one where it fits and runs, else built (tools/cuda_library.sh)
+if [ "$DEVICE" != cpu ] && ! { "$PY" -c "import sys, idd_ops; sys.exit(0 if idd_ops.cuda_available() else 1)" \
+     2> /dev/null && "$PY" tools/prebuilt_cuda.py built > /dev/null; }; then
+  step library "$BUILD_S" "$FINAL/library.log" env PYTHON="$PY" bash tools/cuda_library.sh || { pack; exit 1; }
 fi
 
 # shellcheck disable=SC2086  # TUNE_ARGS, RUN_ARGS: lists of options
@@ -66,23 +91,6 @@ else  # weights not tuned yet: the next call resumes the tuning rather than repo
   rows="$rows| run | not run: the tuning did not finish | - | $RUN_S |"$'\n'
 fi
 
-{
-  echo "# GPU experiment: preset $PRESET on $DEVICE"
-  echo
-  echo "$(date -u +%FT%TZ), revision ${REV:-$(git rev-parse --short HEAD 2> /dev/null || echo unknown)}," \
-    "$SECONDS s in all. Results: results.tar.gz ($TUNED and $FINAL without checkpoints), teacher.pt."
-  echo
-  echo "| step | status | seconds | limit |"
-  echo "|---|---|---:|---:|"
-  printf '%s' "$rows"
-  for md in "$TUNED/tune.md" "$FINAL/results.md"; do
-    [ -f "$md" ] && { echo; cat "$md"; }
-  done
-  for log in "$TUNED/tune.log" "$FINAL/run.log"; do
-    [ -f "$log" ] && { echo; echo "## the end of $log"; echo; echo '```'; tail -15 "$log"; echo '```'; }
-  done
-} > "$OUT/summary.md"
-tar -czf "$OUT/results.tar.gz" --exclude='*.pt' "$TUNED" "$FINAL"
-[ -f "$TUNED/teacher.pt" ] && cp "$TUNED/teacher.pt" "$OUT/teacher.pt"
+pack
 cat "$OUT/summary.md"
 exit "$failed"

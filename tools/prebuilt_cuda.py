@@ -15,7 +15,7 @@ not its GPU: both are here (torch from PyPI is the same CUDA build the GPU image
       stage builds as before. --check says which, and changes nothing; --sources-only leaves
       torch out (gpu_check.sh --dry-run here, where torch is another)
   python tools/prebuilt_cuda.py fingerprint
-      the build inputs' hash: every C++/CUDA source and header under csrc/, and setup.py
+      the build inputs' hash: every file under csrc/, and setup.py
   python tools/prebuilt_cuda.py built [--record]
       whether the library in idd_ops/ was built (or installed) from these sources, as gpu_check.sh
       records after its build stage (build/cuda-library.fingerprint): on a warm GPU machine the
@@ -30,6 +30,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,15 +38,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ".prebuilt-cuda"
-SOURCE_SUFFIXES = (".h", ".hpp", ".cuh", ".cpp", ".cu")
 NO_MATCH = 3  # use's exit status when the prebuilt library does not fit
 BUILT_FROM = "build/cuda-library.fingerprint"  # the sources of the library in idd_ops/, where recorded
 
 
 def fingerprint(root=ROOT):
-    """sha256 over the relative path and bytes of every build input, in sorted order."""
+    """sha256 over the relative path and bytes of every build input, in sorted order: every file
+    under csrc/ (sources, headers and the .inc files the CPU kernels include) and setup.py."""
     root = Path(root)
-    files = sorted(p for p in (root / "csrc").rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES)
+    files = sorted(p for p in (root / "csrc").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     digest = hashlib.sha256()
     for path in files + [root / "setup.py"]:
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
@@ -59,11 +60,13 @@ def library_name(folder):
 
 
 def torch_identity(python=None):
-    """torch's version and the git revision it was built from, as the given interpreter sees them."""
+    """torch's version and the git revision it was built from, as the given interpreter sees them;
+    in this process also the visible GPU's compute capability ("9.0"; None without a GPU)."""
     code = "import torch; print(torch.__version__); print(torch.version.git_version)"
     if python is None:
         import torch
-        return {"torch": torch.__version__, "torch_git": torch.version.git_version}
+        gpu = "%d.%d" % torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+        return {"torch": torch.__version__, "torch_git": torch.version.git_version, "gpu_arch": gpu}
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     return {"torch": out[0], "torch_git": out[1]}
 
@@ -87,6 +90,9 @@ def mismatch(root=ROOT, identity=None, sources_only=False):
     for key in ("torch", "torch_git"):
         if stamp.get(key) != identity[key]:
             return f"built against torch {stamp.get(key)} ({key}), this interpreter has {identity[key]}"
+    archs = re.split(r"[;\s]+", stamp.get("archs", "").replace("+PTX", "").strip())
+    if identity.get("gpu_arch") and identity["gpu_arch"] not in archs:
+        return f"built for compute capability {stamp.get('archs')}, this GPU has {identity['gpu_arch']}"
     return None
 
 
