@@ -197,12 +197,18 @@ TIMEOUT=""
 "$PY" -c "import pytest_timeout" 2> /dev/null && TIMEOUT="--timeout=$((TESTS_S - 15))"
 # -rfE: failures at the end of a finished run; IDD_OPS_TEST_LOG (tests/result_log.py): every result
 # as it comes, with its time and the end of each failure, kept when the time limit stops the run
+# pytest-xdist, and one test at a time per worker where it can (--maxschedchunk, 3.3 on), so the
+# slow tests that IDD_OPS_SLOW_FIRST puts first spread over the workers instead of going to the
+# first worker in one chunk; asked once, of the module (pytest --help would load torch, 5 s)
+XDIST=none
+"$PY" -c "import xdist" 2> /dev/null && XDIST=plain
+"$PY" -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 3))" 2> /dev/null \
+  && XDIST=chunked
 pytest_stage() {  # NAME NEXT(0|1) WORKERS PATHS...
   local name=$1 next=$2 workers=$3; shift 3
-  local xdist=""; "$PY" -c "import xdist" 2> /dev/null && xdist="-n $workers"
-  # one test at a time per worker (pytest-xdist >= 3.3), so the slow tests that IDD_OPS_SLOW_FIRST
-  # puts first spread over the workers instead of going to the first worker in one chunk
-  [ -n "$xdist" ] && [[ "$("$PY" -m pytest --help 2> /dev/null)" == *--maxschedchunk* ]] && xdist="$xdist --maxschedchunk 1"
+  local xdist=""
+  [ "$XDIST" != none ] && xdist="-n $workers"
+  [ "$XDIST" = chunked ] && xdist="$xdist --maxschedchunk 1"
   rm -f "$LOGS/$name.jsonl"
   # OMP_NUM_THREADS=1: 14 workers and the demo share 16 cores (a worker's torch otherwise takes
   # a thread per core, and the CPU references of the GPU tests crawl)
