@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import idd_ops
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
@@ -132,7 +134,10 @@ def test_the_built_record_follows_the_sources(tmp_path, capsys):
     """gpu_check.sh rebuilds (or reinstalls) on a warm machine when the sources changed since the
     library in idd_ops/ was made: the record its build stage writes says so."""
     root = _tree(tmp_path)
-    assert prebuilt_cuda.built(root) == 1 and "no record" in capsys.readouterr().out
-    assert prebuilt_cuda.built(root, record=True) == 0 and prebuilt_cuda.built(root) == 0
+    loads, fails = (lambda root: True), (lambda root: False)
+    assert prebuilt_cuda.built(root, loaded=loads) == 1 and "no record" in capsys.readouterr().out
+    assert prebuilt_cuda.built(root, record=True) == 0 and prebuilt_cuda.built(root, loaded=loads) == 0
+    assert prebuilt_cuda.built(root, loaded=fails) == 1 and "no CUDA kernels" in capsys.readouterr().out
     (root / "csrc" / "cuda" / "k.cu").write_text("__global__ void k() { /* fixed */ }\n")
-    assert prebuilt_cuda.built(root) == 1 and "other sources" in capsys.readouterr().out
+    assert prebuilt_cuda.built(root, loaded=loads) == 1 and "other sources" in capsys.readouterr().out
+    assert prebuilt_cuda.cuda_loaded(ROOT) == idd_ops.cuda_available()  # this checkout, in a child process

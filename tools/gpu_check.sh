@@ -156,12 +156,9 @@ fi
 # library of the call before stays in idd_ops/, as ignored files do).
 need_build=0
 if selected build; then need_build=1
-elif [ "$DRY" = 0 ] && { selected tests || selected tests-next || selected demo || selected perf || selected train; }; then
-  if ! "$PY" -c "import sys, idd_ops; sys.exit(0 if idd_ops.cuda_available() else 1)" 2> /dev/null; then
-    echo "the extension has no CUDA kernels here: building first"; need_build=1
-  elif ! "$PY" tools/prebuilt_cuda.py built; then  # says why
-    echo "building first"; need_build=1
-  fi
+elif [ "$DRY" = 0 ] && { selected tests || selected tests-next || selected demo || selected perf || selected train; } &&
+     ! "$PY" tools/prebuilt_cuda.py built; then  # says why
+  echo "building first"; need_build=1
 fi
 
 if [ $need_build = 1 ]; then  # the prebuilt library where it fits and runs, else built (tools/cuda_library.sh)

@@ -16,6 +16,7 @@ import sys
 import xml.etree.ElementTree as ET
 
 PREBUILT_USED = "prebuilt CUDA library installed"  # tools/prebuilt_cuda.py use's line when it fits
+PREBUILT_NOT_USED = "prebuilt CUDA library not used: "  # and when it does not, with why
 BUILT_THERE = "building the CUDA library here"  # tools/cuda_library.sh's line before it builds
 TAIL_LINES = 25
 MAX_FAILURES = 40
@@ -35,7 +36,7 @@ def read(path, default=""):
 def build_how(log):
     """' (prebuilt library)', ' (built there: why)' or '' from the build stage's log."""
     if BUILT_THERE in log:
-        reasons = [line.split(": ", 1)[1] for line in log.splitlines() if line.startswith("prebuilt CUDA library not")]
+        reasons = [line[len(PREBUILT_NOT_USED):] for line in log.splitlines() if line.startswith(PREBUILT_NOT_USED)]
         why = reasons[0] if reasons else "the prebuilt library did not run a kernel"
         return f" (built there: {why})"
     return " (prebuilt library)" if PREBUILT_USED in log else ""

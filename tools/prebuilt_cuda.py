@@ -17,8 +17,8 @@ not its GPU: both are here (torch from PyPI is the same CUDA build the GPU image
   python tools/prebuilt_cuda.py fingerprint
       the build inputs' hash: every file under csrc/, and setup.py
   python tools/prebuilt_cuda.py built [--record]
-      whether the library in idd_ops/ was built (or installed) from these sources, as gpu_check.sh
-      records after its build stage (build/cuda-library.fingerprint): on a warm GPU machine the
+      whether idd_ops/ holds a library with CUDA kernels built (or installed) from these sources,
+      as tools/cuda_library.sh records (build/cuda-library.fingerprint): on a warm GPU machine the
       library of the call before stays, and a rerun after a fix here must not test it
 
 The stamp (stamp.json) holds the fingerprint, torch's version and git revision, the CUDA archs
@@ -116,12 +116,25 @@ def use(root=ROOT, check=False, identity=None, sources_only=False):
     return 0
 
 
-def built(root=ROOT, record=False):
-    """0 when the recorded sources of idd_ops/'s library are these (record: write them first), else 1."""
+def cuda_loaded(root=ROOT):
+    """Whether idd_ops in `root` loads with CUDA kernels and sees a GPU (in a child process: this
+    tool itself imports no torch but to compare versions)."""
+    code = "import sys, idd_ops; sys.exit(0 if idd_ops.cuda_available() else 1)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True).returncode == 0
+
+
+def built(root=ROOT, record=False, loaded=cuda_loaded):
+    """0 when idd_ops/ holds a library that loads with CUDA kernels (loaded(root)) and was made from
+    these sources, as recorded; else 1, saying why. record: write these sources as its own first
+    (after a build or install that ran a kernel)."""
     path, sources = Path(root) / BUILT_FROM, fingerprint(root)
     if record:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(sources + "\n")
+    elif not loaded(root):
+        print("the library in idd_ops/ has no CUDA kernels here (none built, built without them, or no GPU)")
+        return 1
     try:
         recorded = path.read_text().strip()
     except OSError:
@@ -212,7 +225,7 @@ def main(argv=None):
     u.add_argument("--check", action="store_true", help="only say whether it fits")
     u.add_argument("--sources-only", action="store_true", help="compare the sources, not torch (a dry run here)")
     sub.add_parser("fingerprint", help="print the build inputs' hash")
-    r = sub.add_parser("built", help="whether idd_ops/'s library was built from these sources")
+    r = sub.add_parser("built", help="whether idd_ops/ holds a CUDA library built from these sources")
     r.add_argument("--record", action="store_true", help="record that it was (after a build)")
     args = parser.parse_args(argv)
     if args.command == "build":
