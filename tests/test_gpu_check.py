@@ -3,6 +3,7 @@ dry run checks every stage's prerequisites and collects the GPU tests; its optio
 budget and its summary (tools/gpu_check_summary.py) are checked here too."""
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -35,9 +36,14 @@ def test_gpu_check_dry_run(tmp_path):
         assert f"| {stage} |" in summary and "dry run: not run" in summary, stage
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = {os.path.basename(n) for n in tar.getnames()}
-        collected = tar.extractfile("./collect.log").read().decode()
+        collected = {s: tar.extractfile(f"./{s}.collect.log").read().decode() for s in ("tests", "tests-next")}
     assert {f"{s}.log" for s in STAGES} <= names and "targets.md" in names
-    assert "[cuda" in collected and "test_cuda_kernels_are_built_where_a_gpu_is_visible" in collected
+    test_files = sorted(f"tests/{n}" for n in os.listdir(os.path.join(ROOT, "tests"))
+                        if n.startswith("test_") and n.endswith(".py"))
+    for name, text in collected.items():  # each test stage's own arguments: every test file, no glob left
+        assert "[cuda" in text and "test_cuda_kernels_are_built_where_a_gpu_is_visible" in text, name
+        args = (tmp_path / "logs" / f"{name}.cmd").read_text().split()
+        assert sorted(a for a in args if a.startswith("tests/")) == test_files, name
     assert "--kernels default next" in (tmp_path / "logs" / "perf.cmd").read_text()
     assert "tools/cuda_library.sh" in (tmp_path / "logs" / "build.cmd").read_text()
     assert "prebuilt CUDA library" in proc.stdout  # whether the carried library fits these sources
@@ -50,7 +56,23 @@ def test_only_and_skip_select_stages(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "logs" / "stages").read_text().split() == ["demo"]
     assert "IDD_OPS_CUDA_NEXT=1" in (tmp_path / "logs" / "demo.cmd").read_text()
-    assert not (tmp_path / "logs" / "collect.log").exists()  # the dry run checks the selected stages only
+    assert not (tmp_path / "logs" / "tests.collect.log").exists()  # the dry run checks the selected stages only
+
+
+def test_next_tests_node_ids_are_collected_as_given_and_a_missing_one_fails_the_dry_run(tmp_path, monkeypatch):
+    """NEXT_TESTS (a rerun of what failed) reaches pytest unglobbed, and the dry run collects each
+    test stage's own arguments, so a path pytest cannot find fails here rather than on the GPU."""
+    node = "tests/test_centroids.py::test_matches_reference[cuda-dtype0-shape0]"
+    monkeypatch.setenv("NEXT_TESTS", f"{node} tests/test_cuda_runtime.py")
+    proc = _run(tmp_path, "--dry-run", "--only", "tests-next")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = shlex.split((tmp_path / "logs" / "tests-next.cmd").read_text())
+    assert args[-2:] == [node, "tests/test_cuda_runtime.py"]
+    assert node in (tmp_path / "logs" / "tests-next.collect.log").read_text()
+    monkeypatch.setenv("NEXT_TESTS", "tests/test_no_such_file.py")
+    proc = _run(tmp_path / "missing", "--dry-run", "--only", "tests-next")
+    assert proc.returncode != 0
+    assert "broken: tests-next" in (tmp_path / "missing" / "out" / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("args", [("--only", "nope"), ("--skip", "tests,bogus"), ("--frobnicate",)])

@@ -127,11 +127,6 @@ if [ "$DRY" = 1 ]; then
     if selected build; then  # not a problem when it does not fit: the stage then builds there
       "$PY" tools/prebuilt_cuda.py use --check --sources-only > "$LOGS/prebuilt.check" 2>&1
     fi
-    if selected tests || selected tests-next; then
-      "$PY" -m pytest -q --collect-only -m gpu -p no:cacheprovider tests > "$LOGS/collect.log" 2>&1 \
-        || echo "broken: pytest --collect-only -m gpu"
-      grep -q "\[cuda" "$LOGS/collect.log" || echo "no GPU tests collected"
-    fi
   } > "$LOGS/dry-run.problems" 2>&1
   cat "$LOGS/dry-run.problems"
   [ -f "$LOGS/prebuilt.check" ] && cat "$LOGS/prebuilt.check"
@@ -207,6 +202,12 @@ pytest_stage() {  # NAME NEXT(0|1) WORKERS PATHS...
   [ "$XDIST" != none ] && xdist="-n $workers"
   [ "$XDIST" = chunked ] && xdist="$xdist --maxschedchunk 1"
   rm -f "$LOGS/$name.jsonl"
+  if [ "$DRY" = 1 ]; then  # the stage's own arguments collected: a path pytest cannot find fails here
+    local log="$LOGS/$name.collect.log"
+    "$PY" -m pytest -q --collect-only -m gpu -p no:cacheprovider "$@" > "$log" 2>&1 \
+      || echo "broken: $name: pytest --collect-only -m gpu of its arguments ($name.collect.log)" >> "$LOGS/dry-run.problems"
+    grep -q "\[cuda" "$log" || echo "no GPU tests collected for $name" >> "$LOGS/dry-run.problems"
+  fi
   # OMP_NUM_THREADS=1: 14 workers and the demo share 16 cores (a worker's torch otherwise takes
   # a thread per core, and the CPU references of the GPU tests crawl)
   # shellcheck disable=SC2086  # xdist, TIMEOUT: empty or options
@@ -221,8 +222,9 @@ if selected tests; then
 fi
 if selected tests-next; then
   # shellcheck disable=SC2046,SC2086  # NEXT_TESTS: paths or node ids, split on spaces
+  files=$(ordered_tests)  # before set -f: ordered_tests globs tests/test_*.py
   set -f  # node ids such as test_x[cuda-a] are not globs
-  pytest_stage tests-next 1 "$WORKERS" ${NEXT_TESTS:-$(ordered_tests)} & pids+=($!)
+  pytest_stage tests-next 1 "$WORKERS" ${NEXT_TESTS:-$files} & pids+=($!)
   set +f
 fi
 DEMO_OUT=${TMPDIR:-/tmp}/gpu-check-demo  # checkpoints stay out of the logs; its results.md joins them
