@@ -27,7 +27,7 @@ def _nbytes(*tensors):
 class Case:
     """inputs[0] is the student tensor (the one that gets a gradient); call(module, *inputs)
     runs the op from `module` (idd_ops or idd_ops.reference) and returns a loss or an output
-    tensor (forward+backward then backpropagates its sum). flops = (forward, extra for the
+    tensor (forward+backward then backpropagates ones of its shape). flops = (forward, extra for the
     backward) GEMM flops at the rate of a bmm of gemm_shape; exps: exps of one pass. peer:
     (name, callable(*inputs), available). Cases whose reference is very slow set `rounds` to cap
     the timing rounds."""
@@ -61,13 +61,16 @@ class Case:
             module = {"fused": idd_ops, "reference": reference}[impl]
             loss_fn = lambda *inputs: self.call(module, *inputs)  # noqa: E731
         student = self.inputs[0]
-        seed = torch.ones((), device=student.device)  # made once: a fresh one would be a launch per call
+        seeds = {}  # the backward's seed, ones of the output's shape, made once: per call it would be a launch
 
         def run():
             student.grad = None
             out = loss_fn(*self.inputs)
             if backward:
-                (out if out.dim() == 0 else out.sum()).backward(seed.to(out.dtype))
+                key = (out.shape, out.dtype)
+                if key not in seeds:
+                    seeds[key] = torch.ones(out.shape, dtype=out.dtype, device=out.device)
+                out.backward(seeds[key])  # a non-scalar output (class_centroids) too, without a sum kernel
             return out
         return run
 

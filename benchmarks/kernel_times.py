@@ -55,13 +55,15 @@ def host_calls(events, calls):
     among `events` (names starting cuda/cu, on the host; the harness's synchronise left out),
     longest first. A call that waits on the GPU (a synchronise, a blocking copy) shows here with
     the time it waited, which a host time near the device time then explains. Where the profiler
-    records a driver call inside a runtime call, both are listed (the total counts that time twice)."""
-    harness = [e.time_range for e in events if e.name == SYNC_LABEL]
+    records a driver call inside a runtime call, both are listed (the total counts that time twice).
+    Calls from the harness's synchronise on are not the op's: the profiler synchronises again itself
+    as it stops (torch 2.11: torch.autograd.profiler's stop_trace), after the labelled range."""
+    harness = min((e.time_range.start for e in events if e.name == SYNC_LABEL), default=None)
     totals = {}
     for e in events:
         if getattr(e.device_type, "name", "") != "CPU" or not re.match(r"cu[A-Z]|cuda[A-Z]", e.name):
             continue
-        if any(h.start <= e.time_range.start and e.time_range.end <= h.end for h in harness):
+        if harness is not None and e.time_range.start >= harness:
             continue
         n, us = totals.get(e.name, (0, 0.0))
         totals[e.name] = (n + 1, us + e.time_range.elapsed_us())

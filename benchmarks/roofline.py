@@ -43,10 +43,27 @@ def bound(work, copy_bps, gemm_fps, exp_eps):
     return terms[resource] * 1e3, resource
 
 
-def best_ms(fn, device="cpu", samples=3):
-    """Shortest of `samples` timed calls of fn() (after one warm-up call), in ms: the rates
-    are peaks, and on a shared machine most samples meet other jobs."""
-    return common.time_interleaved([fn], device, repeat=samples, settle_s=0, stat=min)[0]
+def best_ms(fn, device="cpu", samples=3, min_ms=None):
+    """Shortest per-call time of `samples` timings of fn() (after one warm-up call), in ms: the
+    rates are peaks, and on a shared machine most samples meet other jobs. Each timing is one
+    call on the CPU; on a GPU (min_ms 1 by default) a loop of back-to-back calls lasting at least
+    min_ms, after the 0.1 s that brings the GPU's clocks up from idle: one call and its
+    synchronise measure the launch latency, not the rate (an H200 timed a 2x19x256x19 bmm at
+    15 GFLOP/s that way, which made the GEMM term of small IDD rows their bound)."""
+    on_cuda = torch.device(device).type == "cuda"
+    min_ms = (1.0 if on_cuda else 0.0) if min_ms is None else min_ms
+    calls, warmup, settle_s = 1, 1, (None if on_cuda else 0)
+
+    def loop():
+        for _ in range(calls):
+            fn()
+    while True:  # calls doubled until a loop lasts min_ms (2^12 calls at most)
+        ms = common.time_interleaved([loop], device, repeat=1, warmup=warmup, settle_s=settle_s, stat=min)[0]
+        warmup, settle_s = 0, 0
+        if ms >= min_ms or calls >= 4096:
+            break
+        calls *= 2
+    return common.time_interleaved([loop], device, repeat=samples, warmup=0, settle_s=0, stat=min)[0] / calls
 
 
 def peak_rate(measure, device="cpu"):
@@ -66,7 +83,8 @@ def peak_rate(measure, device="cpu"):
 
 
 def gemm_rate(shape, device="cpu", repeat=3):
-    """Flop/s of torch.bmm on [b, m, k] x [b, k, n] float32 (best of `repeat` calls; peak_rate)."""
+    """Flop/s of torch.bmm on [b, m, k] x [b, k, n] float32 (best of `repeat` timings, best_ms;
+    peak_rate)."""
     b, m, k, n = shape
     x, y = torch.randn(b, m, k, device=device), torch.randn(b, k, n, device=device)
     return peak_rate(lambda: 2 * b * m * k * n / (best_ms(lambda: torch.bmm(x, y), device, repeat) * 1e-3), device)
@@ -111,8 +129,8 @@ def _exp_chains_rate(x, samples):
 def exp_rate(device="cpu", samples=None):
     """(exps/s, how measured): float32 exps of a cache-resident tensor, the best of `samples`.
     CPU: torch.exp, one call a sample (peak_rate). GPU: the jiterator chain kernel
-    (_EXP_CHAINS), one call a sample; where that kernel cannot be built, torch.exp, 50 calls a
-    sample (the launches would dominate one), a rate L2 bandwidth may set. Both use the library
+    (_EXP_CHAINS), calls back to back for 1 ms a sample (best_ms); where that kernel cannot be
+    built, torch.exp the same way, a rate L2 bandwidth may set. Both use the library
     exp of their device (the CUDA kernels' exp is expf; the fused CPU kernels have a cheaper one
     and can beat this rate: their fused / bound is then below 1)."""
     on_cuda = torch.device(device).type == "cuda"
@@ -122,12 +140,8 @@ def exp_rate(device="cpu", samples=None):
             return _exp_chains_rate(x, samples or 5), f"{CHAIN_STEPS * 4} expf per element in one kernel"
         except Exception as error:  # no NVRTC, or a torch without jiterator
             fallback = f"torch.exp, the chain kernel failed: {type(error).__name__}: {str(error)[:120]}"
-    calls, samples = (50, samples or 5) if on_cuda else (1, samples or 100)
-
-    def loop():
-        for _ in range(calls):
-            torch.exp(x)
-    rate = peak_rate(lambda: x.numel() * calls / (best_ms(loop, device, samples) * 1e-3), device)
+    samples = samples or (5 if on_cuda else 100)
+    rate = peak_rate(lambda: x.numel() / (best_ms(lambda: torch.exp(x), device, samples) * 1e-3), device)
     return rate, fallback if on_cuda else "torch.exp"
 
 

@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside tests/, off the path under plain `pytest`
 
 from benchmarks import cases, common, kernel_times, peak, report, roofline, train_step  # noqa: E402
+import idd_ops  # noqa: E402
 from idd_ops import reference  # noqa: E402
 
 
@@ -75,6 +76,47 @@ def test_measured_rates_are_positive_on_the_device(device):
     # on a GPU, the chain kernel: its fallback (torch.exp) is bound by L2 rather than the exp units
     expected = "torch.exp" if torch.device(device).type == "cpu" else f"{roofline.CHAIN_STEPS * 4} expf per element"
     assert rate > 0 and source.startswith(expected)
+
+
+def test_best_ms_times_loops_of_calls_that_last_min_ms(monkeypatch):
+    """On a GPU each timing is a loop of back-to-back calls (one call would time its launch and
+    synchronise): the calls double until a loop lasts min_ms, and the time is per call."""
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    calls = []
+
+    def fn():  # 0.3 ms of (fake) time a call
+        calls.append(1)
+        clock[0] += 0.3e-3
+    assert roofline.best_ms(fn, "cpu", samples=2, min_ms=1.0) == pytest.approx(0.3)
+    # one warm-up, loops of 1, 2 and 4 calls (the first to last 1 ms), two timed loops of 4
+    assert len(calls) == 1 + 1 + 2 + 4 + 2 * 4
+    calls.clear()
+    assert roofline.best_ms(fn, "cpu", samples=3) == pytest.approx(0.3) and len(calls) == 1 + 1 + 3  # CPU: a call
+
+
+def test_the_forward_backward_harness_adds_no_op_to_the_call():
+    """forward+backward rows time the op and its backward alone: a non-scalar output's backward
+    (class_centroids) is seeded with ones made once, not through a sum of the output (a kernel and
+    its backward in every call); the ops profiled are those of the bare call."""
+    from collections import Counter
+
+    from torch.profiler import profile
+    f, y = torch.randn(2, 4, 4, 8), torch.randint(0, 3, (2, 8, 16))
+    run = cases.Case("class_centroids", "", [f, y], lambda m, f, y: m.class_centroids(f, y, 3)[0]).build(
+        "fused", backward=True)
+    seed = torch.ones(2, 3, 4)
+
+    def bare():
+        f.grad = None
+        idd_ops.class_centroids(f, y, 3)[0].backward(seed)
+
+    def ops(fn):
+        fn()
+        with profile() as prof:
+            fn()
+        return Counter(e.name for e in prof.events())
+    assert ops(run) == ops(bare)
 
 
 def test_peak_counts_temporaries_and_gradients(device):
@@ -345,7 +387,8 @@ def test_host_calls_per_call_without_the_harness_synchronise():
     events = [ev("cudaLaunchKernel", "CPU", 0, 4), ev("cudaLaunchKernel", "CPU", 10, 14),
               ev("cudaStreamSynchronize", "CPU", 20, 320), ev("cuLaunchKernelEx", "CPU", 330, 336),
               ev("aten::add", "CPU", 0, 100), ev("cudaLaunchKernel", "CUDA", 0, 50),
-              ev(kernel_times.SYNC_LABEL, "CPU", 400, 900), ev("cudaDeviceSynchronize", "CPU", 401, 899)]
+              ev(kernel_times.SYNC_LABEL, "CPU", 400, 900), ev("cudaDeviceSynchronize", "CPU", 401, 899),
+              ev("cudaDeviceSynchronize", "CPU", 905, 910)]  # the profiler's own, as it stops
     calls = kernel_times.host_calls(events, calls=2)
     assert calls == [("cudaStreamSynchronize", 0.5, 150.0), ("cudaLaunchKernel", 1.0, 4.0),
                      ("cuLaunchKernelEx", 0.5, 3.0)]

@@ -4,9 +4,11 @@ budget and its summary (tools/gpu_check_summary.py) are checked here too."""
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -75,6 +77,79 @@ def test_next_tests_node_ids_are_collected_as_given_and_a_missing_one_fails_the_
     assert "broken: tests-next" in (tmp_path / "missing" / "out" / "summary.md").read_text()
 
 
+def test_next_tests_one_a_line_keep_their_spaces(tmp_path, monkeypatch):
+    ids = ["tests/test_cuda_parity.py::test_benchmark_shape_matches_float64_reference[idd_loss cityscapes]",
+           "tests/test_cuda_runtime.py"]
+    monkeypatch.setenv("NEXT_TESTS", "\n".join(ids) + "\n")
+    proc = _run(tmp_path, "--dry-run", "--only", "tests-next")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert shlex.split((tmp_path / "logs" / "tests-next.cmd").read_text())[-2:] == ids
+    assert ids[0] in (tmp_path / "logs" / "tests-next.collect.log").read_text()
+
+
+STAND_IN = """#!{python}
+# the GPU machine's python for a perf stage that runs until stopped; the summary runs for real
+import os, sys, time
+args = sys.argv[1:]
+if args[:1] == ["tools/gpu_check_summary.py"]:
+    os.execv(sys.executable, [sys.executable] + args)
+if args[:2] == ["tools/prebuilt_cuda.py", "built"]:
+    sys.exit(0)
+if args[:2] == ["-m", "benchmarks.report"] and "--warm-compile" not in args:
+    with open(os.environ["STAND_IN_PIDS"], "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    time.sleep(60)
+sys.exit(1)
+"""
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_check_cut_short_brings_back_the_summary_so_far(tmp_path, sig):
+    """The device tool stops a call at its limit: the summary in $OUT still names the stage that
+    was running (written as each stage starts, and every 20 s); a TERM stops that stage's command
+    too, though its timeout process leads a process group of its own."""
+    fake, pids = tmp_path / "python", tmp_path / "pids"
+    fake.write_text(STAND_IN.format(python=sys.executable))
+    fake.chmod(0o755)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), LOGS=str(tmp_path / "logs"), PYTHON=str(fake),
+               STAND_IN_PIDS=str(pids))
+    proc = subprocess.Popen(["bash", SCRIPT, "--only", "perf"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):  # the perf stage's command has started
+            if pids.exists() and pids.read_text().strip():
+                break
+            time.sleep(0.1)
+        perf = int(pids.read_text().split()[0])
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == (130 if sig == signal.SIGTERM else -signal.SIGKILL)
+        summary = (tmp_path / "out" / "summary.md").read_text()
+        assert "| perf | both | did not finish (running when this summary was written) | - | - |" in summary
+        assert ("**The check was stopped by a signal after" in summary) == (sig == signal.SIGTERM)
+        if sig == signal.SIGTERM:
+            for _ in range(50):
+                if not _alive(perf):
+                    break
+                time.sleep(0.1)
+            assert not _alive(perf)
+    finally:
+        proc.kill()
+        running = [tmp_path / "logs" / "running", pids]
+        for pid in [int(p) for f in running if f.exists() for p in f.read_text().split()]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.mark.parametrize("args", [("--only", "nope"), ("--skip", "tests,bogus"), ("--frobnicate",)])
 def test_bad_arguments_are_refused(tmp_path, args):
     proc = _run(tmp_path, *args, timeout=30)
@@ -125,7 +200,7 @@ def test_summary_of_stages_tests_and_sections(tmp_path):
     assert "250 s in all" in text
     assert "| env | - | passed | 2 | 10 |" in text and "| tests | default | FAILED, rc 1 | 44 | 70 |" in text
     assert "| tests-next | IDD_OPS_CUDA_NEXT=1 | FAILED, rc 124 (time limit) | 70 | 70 |" in text
-    assert "| train | both | did not finish (stopped) | - | - |" in text
+    assert "| train | both | did not finish (running when this summary was written) | - | - |" in text
     assert "## tests (default kernels): 6 passed, 1 failed, 1 errors, 2 skipped in 42 s" in text
     assert "- FAILED tests.test_a::test_bad[cuda]" in text and "- FAILED tests.test_b::test_err[cuda]" in text
     assert "## perf: key rows" in text and "- MISSED something" in text

@@ -44,8 +44,9 @@
 # brings back at most 8. The summary is printed at the end. Exit status: the number of failed stages.
 # Limits can be overridden: ENV_S BUILD_S TESTS_S PERF_S TRAIN_S (seconds); WORKERS and
 # DEFAULT_WORKERS (xdist workers of tests-next and tests, 10 and 4); NEXT_TESTS (the tests-next
-# selection, default: every GPU test); KERNELS ("default next"); REV (the revision to name when
-# there is no .git).
+# selection, default: every GPU test; paths or ids split on spaces, or one a line where an id has
+# a space); KERNELS ("default next"); REV (the revision to name when there is no .git, as on the
+# device: the dry run prints the call with it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -79,17 +80,36 @@ selected() { { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; } && [[ " $SKIP " 
 
 LOGS=${LOGS:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-logs.XXXXXX")}
 mkdir -p "$OUT" "$LOGS"; rm -f "$LOGS"/stages "$LOGS"/*.status "$LOGS"/*.log "$LOGS"/*.section.md "$LOGS"/*.xml "$LOGS"/*.jsonl \
-  "$LOGS"/*.cmd "$LOGS"/dry-run.problems "$LOGS"/prebuilt.check "$LOGS"/demo-results.md
+  "$LOGS"/*.cmd "$LOGS"/dry-run.problems "$LOGS"/prebuilt.check "$LOGS"/demo-results.md "$LOGS"/running "$LOGS"/stopped
 rm -f "$OUT"/summary.md "$OUT"/logs.tar.gz "$OUT"/RESULTS-cuda.md "$OUT"/TRAIN_STEP-cuda.md "$OUT"/perf.json
-echo "$(date -u +%FT%TZ) dry=$DRY only=${ONLY:-all} skip=${SKIP:-none} kernels=$KERNELS" > "$LOGS/check.info"
+echo "$(date -u +%FT%TZ) dry=$DRY only=${ONLY:-all} skip=${SKIP:-none} kernels=$KERNELS rev=${REV:-unset}" \
+  > "$LOGS/check.info"
 START=$SECONDS
 
 finish() {  # the summary from what $LOGS holds; the logs packed into $OUT; both safe to run twice
   "$PY" tools/gpu_check_summary.py "$LOGS" "$OUT/summary.md" $((SECONDS - START)) || echo "summary failed" >&2
   tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2> /dev/null
 }
-on_signal() { echo "gpu_check: stopped by a signal" >> "$LOGS/check.info"; kill $(jobs -p) 2> /dev/null; finish; exit 130; }
+# A signal (the device tool's time limit) stops every stage: each stage's timeout process is
+# listed in $LOGS/running (it leads its own process group, which the signal does not reach).
+on_signal() {
+  echo "stopped by a signal after $((SECONDS - START)) s" > "$LOGS/stopped"
+  # shellcheck disable=SC2046  # lists of process ids
+  kill $(cat "$LOGS/running" 2> /dev/null) $(jobs -p) 2> /dev/null
+  finish; exit 130
+}
 trap on_signal INT TERM
+# every_20s PID...: waits for the processes; in the main shell, the summary and the logs packed
+# every 20 s meanwhile, so that a call cut short brings back what ran so far.
+every_20s() {
+  local n=0 pid
+  for pid in "$@"; do
+    while kill -0 "$pid" 2> /dev/null; do
+      sleep 1
+      [ "$BASHPID" = "$$" ] && [ $((++n % 20)) = 0 ] && finish
+    done
+  done
+}
 
 # stage NAME LIMIT CMD...: runs CMD under a time limit, log in $LOGS/NAME.log, status in
 # $LOGS/NAME.status ("rc seconds limit"), the order of stages in $LOGS/stages.
@@ -102,7 +122,13 @@ stage() {
     echo "dry 0 $limit" > "$LOGS/$name.status"
     return 0
   fi
-  timeout --kill-after=5 "$limit" "$@" >> "$LOGS/$name.log" 2>&1
+  [ "$BASHPID" = "$$" ] && finish  # the stage named as running in the summary, should the call be cut short
+  # in the background, waited for: a signal's trap then runs at once, not when the stage ends
+  timeout --kill-after=5 "$limit" "$@" >> "$LOGS/$name.log" 2>&1 &
+  local pid=$!
+  echo "$pid" >> "$LOGS/running"
+  every_20s "$pid"
+  wait "$pid"
   local rc=$?
   echo "$rc $((SECONDS - t0)) $limit" > "$LOGS/$name.status"
   [ $rc -eq 0 ] && echo "   $name passed in $((SECONDS - t0)) s" || echo "   $name FAILED (rc $rc) in $((SECONDS - t0)) s"
@@ -130,16 +156,22 @@ if [ "$DRY" = 1 ]; then
   } > "$LOGS/dry-run.problems" 2>&1
   cat "$LOGS/dry-run.problems"
   [ -f "$LOGS/prebuilt.check" ] && cat "$LOGS/prebuilt.check"
+  # the device's copy has no .git: the revision goes in the call, written out here
+  if rev=$(git rev-parse --short HEAD 2> /dev/null); then
+    [ -n "$(git status --porcelain --untracked-files=no)" ] && rev="'$rev with uncommitted changes'"
+    echo "the call on the device: REV=$rev bash tools/gpu_check.sh"
+  fi
 fi
 
 # ---- the stages
-ENV_PY='import importlib, torch
+ENV_PY='import importlib, importlib.metadata, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "GPU visible:", torch.cuda.is_available())
-for name in ("torchvision", "xdist", "pytest_timeout"):
+for module, dist in (("torchvision", "torchvision"), ("xdist", "pytest-xdist"), ("pytest_timeout", "pytest-timeout")):
     try:
-        print(name, importlib.import_module(name).__version__)
+        importlib.import_module(module)
+        print(dist, importlib.metadata.version(dist))
     except Exception as error:
-        print(name, "missing:", error)'
+        print(dist, "missing:", error)'
 if selected env; then
   stage env "$ENV_S" bash -c "nvidia-smi; nproc; free -g | head -2; \
     (git rev-parse HEAD && git status --short | head -20) 2> /dev/null || echo \"revision: \${REV:-unknown (no .git)}\"; \
@@ -221,11 +253,12 @@ if selected tests; then
   pytest_stage tests 0 "$DEFAULT_WORKERS" $(ordered_tests) & pids+=($!)
 fi
 if selected tests-next; then
-  # shellcheck disable=SC2046,SC2086  # NEXT_TESTS: paths or node ids, split on spaces
-  files=$(ordered_tests)  # before set -f: ordered_tests globs tests/test_*.py
-  set -f  # node ids such as test_x[cuda-a] are not globs
-  pytest_stage tests-next 1 "$WORKERS" ${NEXT_TESTS:-$files} & pids+=($!)
-  set +f
+  # NEXT_TESTS: one id a line where an id has a space (parametrisations such as [idd_loss cityscapes]),
+  # else split on spaces; never globbed (test_x[cuda-a] is no glob)
+  if [[ "${NEXT_TESTS:-}" == *$'\n'* ]]; then mapfile -t next_tests < <(printf '%s\n' "$NEXT_TESTS" | sed '/^ *$/d')
+  else read -r -a next_tests <<< "${NEXT_TESTS:-}"; fi
+  [ ${#next_tests[@]} -gt 0 ] || mapfile -t next_tests < <(ordered_tests)
+  pytest_stage tests-next 1 "$WORKERS" "${next_tests[@]}" & pids+=($!)
 fi
 DEMO_OUT=${TMPDIR:-/tmp}/gpu-check-demo  # checkpoints stay out of the logs; its results.md joins them
 if selected demo; then
@@ -233,6 +266,7 @@ if selected demo; then
   stage demo "$TESTS_S" env IDD_OPS_CUDA_NEXT=1 "$PY" -m idd_ops.demo.cli --preset quick --device cuda \
     --out "$DEMO_OUT" & pids+=($!)
 fi
+[ ${#pids[@]} -gt 0 ] && every_20s "${pids[@]}"
 for pid in "${pids[@]}"; do wait "$pid"; done
 selected demo && [ -f "$DEMO_OUT/results.md" ] && cp "$DEMO_OUT/results.md" "$LOGS/demo-results.md"
 [ ${#pids[@]} -gt 0 ] && finish  # a summary so far, should the call be cut short later

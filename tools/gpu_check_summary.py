@@ -49,7 +49,7 @@ def stage_rows(logs):
     for name in names:
         fields = read(os.path.join(logs, name + ".status")).split()
         if len(fields) != 3:
-            rows.append((name, "did not finish (stopped)", "-", "-", True))
+            rows.append((name, "did not finish (running when this summary was written)", "-", "-", True))
             continue
         rc, secs, limit = fields
         if rc == "dry":
@@ -131,8 +131,11 @@ def tail(path, n=TAIL_LINES):
 
 def summary(logs, elapsed=None):
     info = read(os.path.join(logs, "check.info")).strip()
-    out = [f"# GPU check ({info})" + (f", {elapsed} s in all" if elapsed is not None else ""), "",
-           "| stage | kernels | status | s | limit s |", "|---|---|---|---:|---:|"]
+    out = [f"# GPU check ({info})" + (f", {elapsed} s in all" if elapsed is not None else ""), ""]
+    stopped = read(os.path.join(logs, "stopped")).strip()
+    if stopped:  # on_signal: the device tool's time limit, most likely
+        out += [f"**The check was {stopped}**: the stages that did not finish were running.", ""]
+    out += ["| stage | kernels | status | s | limit s |", "|---|---|---|---:|---:|"]
     rows = stage_rows(logs)
     for name, status, secs, limit, _ in rows:
         out.append(f"| {name} | {KERNELS.get(name, '-')} | {status} | {secs} | {limit} |")
