@@ -87,6 +87,17 @@ def test_next_tests_one_a_line_keep_their_spaces(tmp_path, monkeypatch):
     assert ids[0] in (tmp_path / "logs" / "tests-next.collect.log").read_text()
 
 
+def test_perf_cases_one_a_line_and_an_unknown_one_fails_the_dry_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERF_CASES", "ifvd b2\nskd pool2 b2\n")
+    proc = _run(tmp_path, "--dry-run", "--only", "perf")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = shlex.split((tmp_path / "logs" / "perf.cmd").read_text())
+    assert args[args.index("--cases") + 1:args.index("--out")] == ["ifvd b2", "skd pool2 b2"]
+    monkeypatch.setenv("PERF_CASES", "ifvd b2\nskd pool3")
+    proc = _run(tmp_path / "bad", "--dry-run", "--only", "perf")
+    assert proc.returncode != 0 and "unknown cases ['skd pool3']" in proc.stdout
+
+
 STAND_IN = """#!{python}
 # the GPU machine's python for a perf stage that runs until stopped; the summary runs for real
 import os, sys, time

@@ -45,7 +45,8 @@
 # Limits can be overridden: ENV_S BUILD_S TESTS_S PERF_S TRAIN_S (seconds); WORKERS and
 # DEFAULT_WORKERS (xdist workers of tests-next and tests, 10 and 4); NEXT_TESTS (the tests-next
 # selection, default: every GPU test; paths or ids split on spaces, or one a line where an id has
-# a space); KERNELS ("default next"); REV (the revision to name when there is no .git, as on the
+# a space); PERF_CASES (the perf stage's cases, one a line, default: the guard's rows, e.g. those
+# a call cut short left); KERNELS ("default next"); REV (the revision to name when there is no .git, as on the
 # device: the dry run prints the call with it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +57,8 @@ PY=${PYTHON:-python3}
 ENV_S=${ENV_S:-15} BUILD_S=${BUILD_S:-100} TESTS_S=${TESTS_S:-115} PERF_S=${PERF_S:-100} TRAIN_S=${TRAIN_S:-50}
 WORKERS=${WORKERS:-10} DEFAULT_WORKERS=${DEFAULT_WORKERS:-4}
 KERNELS=${KERNELS:-default next}
+perf_cases=()  # PERF_CASES: case names, one a line (names have spaces); default the guard's rows
+[ -n "${PERF_CASES:-}" ] && mapfile -t perf_cases < <(printf '%s\n' "$PERF_CASES" | sed '/^ *$/d')
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-${TMPDIR:-/tmp}/idd-ops-inductor-cache}
 
@@ -149,6 +152,11 @@ if [ "$DRY" = 1 ]; then
     done
     if selected perf || selected train; then
       "$PY" -m benchmarks.targets > "$LOGS/targets.md" || echo "broken: python -m benchmarks.targets"
+    fi
+    if selected perf && [ ${#perf_cases[@]} -gt 0 ]; then
+      "$PY" -c 'import sys; from benchmarks import cases
+unknown = [c for c in sys.argv[1:] if c not in cases.CUDA_FULL + cases.GUARD]
+sys.exit(f"PERF_CASES: unknown cases {unknown}" if unknown else 0)' "${perf_cases[@]}"
     fi
     if selected build; then  # not a problem when it does not fit: the stage then builds there
       "$PY" tools/prebuilt_cuda.py use --check --sources-only > "$LOGS/prebuilt.check" 2>&1
@@ -278,6 +286,7 @@ fi
 # shellcheck disable=SC2086  # KERNELS: a list
 if selected perf; then
   stage perf "$PERF_S" "$PY" -m benchmarks.report --device cuda --guard --kernels $KERNELS --time-limit $((PERF_S - 10)) \
+    ${perf_cases[@]+--cases "${perf_cases[@]}"} \
     --out "$OUT/RESULTS-cuda.md" --json "$OUT/perf.json" --summary "$LOGS/perf.section.md"
   finish
 fi
