@@ -1,6 +1,7 @@
 """The one-call GPU check (tools/gpu_check.sh) is known to work before a GPU is available: its
 dry run checks every stage's prerequisites and collects the GPU tests; its options, its time
 budget and its summary (tools/gpu_check_summary.py) are checked here too."""
+import json
 import os
 import re
 import shlex
@@ -21,10 +22,10 @@ import gpu_check_summary  # noqa: E402
 from conftest import SLOW_WORDS  # noqa: E402
 
 
-def _run(tmp_path, *args, timeout=300):
+def _run(tmp_path, *args, timeout=300, env=None):
     # PYTHON: the script's interpreter is this one (its default, python3 on PATH, may be another
     # environment's, with another torch)
-    env = dict(os.environ, OUT=str(tmp_path / "out"), LOGS=str(tmp_path / "logs"), PYTHON=sys.executable)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), LOGS=str(tmp_path / "logs"), PYTHON=sys.executable, **(env or {}))
     return subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -96,6 +97,35 @@ def test_perf_cases_one_a_line_and_an_unknown_one_fails_the_dry_run(tmp_path, mo
     monkeypatch.setenv("PERF_CASES", "ifvd b2\nskd pool3")
     proc = _run(tmp_path / "bad", "--dry-run", "--only", "perf")
     assert proc.returncode != 0 and "unknown cases ['skd pool3']" in proc.stdout
+
+
+def test_rerun_lists_what_a_stage_left_and_the_next_call_runs_it(tmp_path):
+    """tools/gpu_rerun.py: from a stage's logs (a folder or the tarball a call brings back), the
+    ids that failed or never ran; gpu_check.sh's NEXT_TESTS_FILE runs them."""
+    import gpu_rerun
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "tests-next.cmd").write_text("env IDD_OPS_CUDA_NEXT=1 python3 -m pytest -q -m gpu tests/test_centroids.py ")
+    collected = gpu_rerun.collect(["tests/test_centroids.py"])
+    assert len(collected) >= 4
+    results = [dict(test=collected[0], outcome="passed"), dict(test=collected[1], outcome="failed"),
+               dict(test=collected[2], outcome="skipped"), dict(test=collected[2], outcome="error")]
+    (logs / "tests-next.jsonl").write_text(
+        json.dumps({"collected": len(collected)}) + "\n" + "".join(json.dumps(r) + "\n" for r in results) + '{"test": ')
+    with tarfile.open(tmp_path / "logs.tar.gz", "w:gz") as tar:
+        tar.add(logs, arcname=".")
+    for source in (logs, tmp_path / "logs.tar.gz"):
+        out = tmp_path / "rerun.txt"
+        gpu_rerun.main([str(source), "--out", str(out)])
+        assert out.read_text().splitlines() == collected[1:]  # failed, erred, never ran
+    env = dict(NEXT_TESTS_FILE=str(out))
+    proc = _run(tmp_path / "check", "--dry-run", "--only", "tests-next", env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = shlex.split((tmp_path / "check" / "logs" / "tests-next.cmd").read_text())
+    assert args[args.index("--junitxml=" + str(tmp_path / "check" / "logs" / "tests-next.xml")) + 1:] == \
+        collected[1:]
+    proc = _run(tmp_path / "missing", "--dry-run", env=dict(NEXT_TESTS_FILE=str(tmp_path / "none.txt")))
+    assert proc.returncode == 2 and "NEXT_TESTS_FILE: no such file" in proc.stderr
 
 
 STAND_IN = """#!{python}

@@ -45,9 +45,10 @@
 # Limits can be overridden: ENV_S BUILD_S TESTS_S PERF_S TRAIN_S (seconds); WORKERS and
 # DEFAULT_WORKERS (xdist workers of tests-next and tests, 10 and 4); NEXT_TESTS (the tests-next
 # selection, default: every GPU test; paths or ids split on spaces, or one a line where an id has
-# a space); PERF_CASES (the perf stage's cases, one a line, default: the guard's rows, e.g. those
-# a call cut short left); KERNELS ("default next"); REV (the revision to name when there is no .git, as on the
-# device: the dry run prints the call with it).
+# a space); NEXT_TESTS_FILE (instead: a file of ids, one a line, as tools/gpu_rerun.py writes
+# the tests a cut-short stage left); PERF_CASES (the perf stage's cases, one a line, default: the
+# guard's rows, e.g. those a call cut short left); KERNELS ("default next"); REV (the revision to
+# name when there is no .git, as on the device: the dry run prints the call with it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -79,6 +80,8 @@ ONLY=${ONLY//,/ } SKIP=${SKIP//,/ }
 for s in $ONLY $SKIP; do
   [[ " ${STAGES[*]} " == *" $s "* ]] || { echo "unknown stage: $s (stages: ${STAGES[*]})" >&2; exit 2; }
 done
+[ -z "${NEXT_TESTS_FILE:-}" ] || [ -s "$NEXT_TESTS_FILE" ] ||
+  { echo "NEXT_TESTS_FILE: no such file, or empty: $NEXT_TESTS_FILE (carried with the call?)" >&2; exit 2; }
 selected() { { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; } && [[ " $SKIP " != *" $1 "* ]]; }
 
 LOGS=${LOGS:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-logs.XXXXXX")}
@@ -244,8 +247,9 @@ pytest_stage() {  # NAME NEXT(0|1) WORKERS PATHS...
   rm -f "$LOGS/$name.jsonl"
   if [ "$DRY" = 1 ]; then  # the stage's own arguments collected: a path pytest cannot find fails here
     local log="$LOGS/$name.collect.log"
-    "$PY" -m pytest -q --collect-only -m gpu -p no:cacheprovider "$@" > "$log" 2>&1 \
-      || echo "broken: $name: pytest --collect-only -m gpu of its arguments ($name.collect.log)" >> "$LOGS/dry-run.problems"
+    "$PY" -m pytest -q --collect-only -m gpu -p no:cacheprovider "$@" > "$log" 2>&1 ||
+      echo "broken: $name: pytest --collect-only -m gpu of its arguments ($name.collect.log)" \
+        >> "$LOGS/dry-run.problems"
     grep -q "\[cuda" "$log" || echo "no GPU tests collected for $name" >> "$LOGS/dry-run.problems"
   fi
   # OMP_NUM_THREADS=1: 14 workers and the demo share 16 cores (a worker's torch otherwise takes
@@ -263,7 +267,8 @@ fi
 if selected tests-next; then
   # NEXT_TESTS: one id a line where an id has a space (parametrisations such as [idd_loss cityscapes]),
   # else split on spaces; never globbed (test_x[cuda-a] is no glob)
-  if [[ "${NEXT_TESTS:-}" == *$'\n'* ]]; then mapfile -t next_tests < <(printf '%s\n' "$NEXT_TESTS" | sed '/^ *$/d')
+  if [ -n "${NEXT_TESTS_FILE:-}" ]; then mapfile -t next_tests < <(sed '/^ *$/d' "$NEXT_TESTS_FILE")
+  elif [[ "${NEXT_TESTS:-}" == *$'\n'* ]]; then mapfile -t next_tests < <(printf '%s\n' "$NEXT_TESTS" | sed '/^ *$/d')
   else read -r -a next_tests <<< "${NEXT_TESTS:-}"; fi
   [ ${#next_tests[@]} -gt 0 ] || mapfile -t next_tests < <(ordered_tests)
   pytest_stage tests-next 1 "$WORKERS" "${next_tests[@]}" & pids+=($!)

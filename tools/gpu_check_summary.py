@@ -84,13 +84,10 @@ def junit_summary(path):
     return line, failed
 
 
-def result_log_summary(path):
-    """[markdown lines] from a per-test log (tests/result_log.py), or None if absent: the counts
-    (of how many collected), each failure with the end of its report, the slowest tests."""
-    if not os.path.exists(path):
-        return None
+def read_result_log(text):
+    """(tests collected or None, [result records]) of a per-test log's text (tests/result_log.py)."""
     collected, results = None, []
-    for line in read(path).splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:
@@ -101,6 +98,15 @@ def result_log_summary(path):
             collected = record["collected"]
         elif "test" in record:
             results.append(dict(record, outcome=record.get("outcome", "?"), seconds=record.get("seconds") or 0))
+    return collected, results
+
+
+def result_log_summary(path):
+    """[markdown lines] from a per-test log (tests/result_log.py), or None if absent: the counts
+    (of how many collected), each failure with the end of its report, the slowest tests."""
+    if not os.path.exists(path):
+        return None
+    collected, results = read_result_log(read(path))
     kinds = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
     count = {k: sum(r["outcome"] == k for r in results) for k in kinds}
     ran = sum(1 for r in results if r["outcome"] != "error")
@@ -111,6 +117,9 @@ def result_log_summary(path):
             f"{secs:.0f} s of test time across the workers")
     out = [head]
     bad = [r for r in results if r["outcome"] in ("failed", "error", "xpassed")]  # xpassed: a known defect gone
+    if bad or (collected is not None and ran < collected):
+        out += ["", "To run again what failed or did not run: `python tools/gpu_rerun.py logs.tar.gz` here "
+                "(writes gpu-rerun.txt for NEXT_TESTS_FILE).", ""]
     for r in bad[:MAX_FAILURES]:
         out += [f"- {r['outcome'].upper()} {r['test']} ({r['seconds']:.1f} s)"]
         message = str(r.get("message") or "").strip()
