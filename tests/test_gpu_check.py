@@ -79,8 +79,9 @@ def test_next_tests_node_ids_are_collected_as_given_and_a_missing_one_fails_the_
 
 
 def test_next_tests_one_a_line_keep_their_spaces(tmp_path, monkeypatch):
+    # GPU tests whose ids name no cuda parametrisation (a dry run once wanted "[cuda" among them)
     ids = ["tests/test_cuda_parity.py::test_benchmark_shape_matches_float64_reference[idd_loss cityscapes]",
-           "tests/test_cuda_runtime.py"]
+           "tests/test_bad_input.py::test_mismatched_devices"]
     monkeypatch.setenv("NEXT_TESTS", "\n".join(ids) + "\n")
     proc = _run(tmp_path, "--dry-run", "--only", "tests-next")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -118,6 +119,17 @@ def test_rerun_lists_what_a_stage_left_and_the_next_call_runs_it(tmp_path):
         out = tmp_path / "rerun.txt"
         gpu_rerun.main([str(source), "--out", str(out)])
         assert out.read_text().splitlines() == collected[1:]  # failed, erred, never ran
+    # the summary says how, under the next kernels' stage only (NEXT_TESTS_FILE runs that set)
+    (logs / "stages").write_text("tests\ntests-next\n")
+    (logs / "tests.jsonl").write_text((logs / "tests-next.jsonl").read_text())
+    assert gpu_check_summary.summary(str(logs)).count("python tools/gpu_rerun.py logs.tar.gz") == 1
+    passed = tmp_path / "passed"
+    passed.mkdir()
+    (passed / "tests-next.cmd").write_text("python3 -m pytest tests/test_centroids.py::" +
+                                           collected[0].split("::", 1)[1].replace("[", "\\[").replace("]", "\\]"))
+    (passed / "tests-next.jsonl").write_text(json.dumps(dict(test=collected[0], outcome="passed")) + "\n")
+    gpu_rerun.main([str(passed), "--out", str(passed / "rerun.txt")])
+    assert not (passed / "rerun.txt").exists()  # nothing left: no file to carry
     env = dict(NEXT_TESTS_FILE=str(out))
     proc = _run(tmp_path / "check", "--dry-run", "--only", "tests-next", env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -183,7 +195,7 @@ def test_a_check_cut_short_brings_back_the_summary_so_far(tmp_path, sig):
             assert not _alive(perf)
     finally:
         proc.kill()
-        running = [tmp_path / "logs" / "running", pids]
+        running = [*(tmp_path / "logs").glob("*.pid"), pids]
         for pid in [int(p) for f in running if f.exists() for p in f.read_text().split()]:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -86,33 +86,35 @@ selected() { { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; } && [[ " $SKIP " 
 
 LOGS=${LOGS:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-logs.XXXXXX")}
 mkdir -p "$OUT" "$LOGS"; rm -f "$LOGS"/stages "$LOGS"/*.status "$LOGS"/*.log "$LOGS"/*.section.md "$LOGS"/*.xml "$LOGS"/*.jsonl \
-  "$LOGS"/*.cmd "$LOGS"/dry-run.problems "$LOGS"/prebuilt.check "$LOGS"/demo-results.md "$LOGS"/running "$LOGS"/stopped
+  "$LOGS"/*.cmd "$LOGS"/dry-run.problems "$LOGS"/prebuilt.check "$LOGS"/demo-results.md "$LOGS"/*.pid "$LOGS"/stopped
 rm -f "$OUT"/summary.md "$OUT"/logs.tar.gz "$OUT"/RESULTS-cuda.md "$OUT"/TRAIN_STEP-cuda.md "$OUT"/perf.json
 echo "$(date -u +%FT%TZ) dry=$DRY only=${ONLY:-all} skip=${SKIP:-none} kernels=$KERNELS rev=${REV:-unset}" \
   > "$LOGS/check.info"
 START=$SECONDS
 
-finish() {  # the summary from what $LOGS holds; the logs packed into $OUT; both safe to run twice
-  "$PY" tools/gpu_check_summary.py "$LOGS" "$OUT/summary.md" $((SECONDS - START)) || echo "summary failed" >&2
-  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2> /dev/null
+finish() {  # the summary from what $LOGS holds; the logs packed into $OUT; both safe to run twice,
+  # and each file written whole before it replaces the last (a kill midway leaves the one before)
+  "$PY" tools/gpu_check_summary.py "$LOGS" "$OUT/.summary.md" $((SECONDS - START)) &&
+    mv -f "$OUT/.summary.md" "$OUT/summary.md" || echo "summary failed" >&2
+  tar -czf "$OUT/.logs.tar.gz" -C "$LOGS" . 2> /dev/null; mv -f "$OUT/.logs.tar.gz" "$OUT/logs.tar.gz"
 }
-# A signal (the device tool's time limit) stops every stage: each stage's timeout process is
-# listed in $LOGS/running (it leads its own process group, which the signal does not reach).
+# A signal (the device tool's time limit) stops every stage: each running stage's timeout process
+# is in $LOGS/NAME.pid (it leads its own process group, which the signal does not reach).
 on_signal() {
   echo "stopped by a signal after $((SECONDS - START)) s" > "$LOGS/stopped"
   # shellcheck disable=SC2046  # lists of process ids
-  kill $(cat "$LOGS/running" 2> /dev/null) $(jobs -p) 2> /dev/null
+  kill $(cat "$LOGS"/*.pid 2> /dev/null) $(jobs -p) 2> /dev/null
   finish; exit 130
 }
 trap on_signal INT TERM
-# every_20s PID...: waits for the processes; in the main shell, the summary and the logs packed
-# every 20 s meanwhile, so that a call cut short brings back what ran so far.
+# every_20s PID...: waits for the processes (polling every 0.2 s); in the main shell, the summary
+# and the logs packed every 20 s meanwhile, so that a call cut short brings back what ran so far.
 every_20s() {
   local n=0 pid
   for pid in "$@"; do
     while kill -0 "$pid" 2> /dev/null; do
-      sleep 1
-      [ "$BASHPID" = "$$" ] && [ $((++n % 20)) = 0 ] && finish
+      sleep 0.2
+      [ "$BASHPID" = "$$" ] && [ $((++n % 100)) = 0 ] && finish
     done
   done
 }
@@ -132,10 +134,11 @@ stage() {
   # in the background, waited for: a signal's trap then runs at once, not when the stage ends
   timeout --kill-after=5 "$limit" "$@" >> "$LOGS/$name.log" 2>&1 &
   local pid=$!
-  echo "$pid" >> "$LOGS/running"
+  echo "$pid" > "$LOGS/$name.pid"
   every_20s "$pid"
   wait "$pid"
   local rc=$?
+  rm -f "$LOGS/$name.pid"
   echo "$rc $((SECONDS - t0)) $limit" > "$LOGS/$name.status"
   [ $rc -eq 0 ] && echo "   $name passed in $((SECONDS - t0)) s" || echo "   $name FAILED (rc $rc) in $((SECONDS - t0)) s"
   return $rc
@@ -211,6 +214,7 @@ fi
 WARM_PID=""
 if selected perf && [ "$DRY" = 0 ]; then
   timeout "$TESTS_S" "$PY" -m benchmarks.report --device cuda --guard --warm-compile \
+    ${perf_cases[@]+--cases "${perf_cases[@]}"} \
     > "$LOGS/compile-warm.log" 2>&1 &
   WARM_PID=$!
 fi
@@ -250,7 +254,7 @@ pytest_stage() {  # NAME NEXT(0|1) WORKERS PATHS...
     "$PY" -m pytest -q --collect-only -m gpu -p no:cacheprovider "$@" > "$log" 2>&1 ||
       echo "broken: $name: pytest --collect-only -m gpu of its arguments ($name.collect.log)" \
         >> "$LOGS/dry-run.problems"
-    grep -q "\[cuda" "$log" || echo "no GPU tests collected for $name" >> "$LOGS/dry-run.problems"
+    grep -q "::" "$log" || echo "no GPU tests collected for $name" >> "$LOGS/dry-run.problems"
   fi
   # OMP_NUM_THREADS=1: 14 workers and the demo share 16 cores (a worker's torch otherwise takes
   # a thread per core, and the CPU references of the GPU tests crawl)

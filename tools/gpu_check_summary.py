@@ -101,9 +101,10 @@ def read_result_log(text):
     return collected, results
 
 
-def result_log_summary(path):
+def result_log_summary(path, rerun_hint=False):
     """[markdown lines] from a per-test log (tests/result_log.py), or None if absent: the counts
-    (of how many collected), each failure with the end of its report, the slowest tests."""
+    (of how many collected), each failure with the end of its report, the slowest tests; with
+    rerun_hint, how to run again what failed or did not run (tools/gpu_rerun.py)."""
     if not os.path.exists(path):
         return None
     collected, results = read_result_log(read(path))
@@ -117,7 +118,7 @@ def result_log_summary(path):
             f"{secs:.0f} s of test time across the workers")
     out = [head]
     bad = [r for r in results if r["outcome"] in ("failed", "error", "xpassed")]  # xpassed: a known defect gone
-    if bad or (collected is not None and ran < collected):
+    if rerun_hint and (bad or (collected is not None and ran < collected)):
         out += ["", "To run again what failed or did not run: `python tools/gpu_rerun.py logs.tar.gz` here "
                 "(writes gpu-rerun.txt for NEXT_TESTS_FILE).", ""]
     for r in bad[:MAX_FAILURES]:
@@ -152,7 +153,7 @@ def summary(logs, elapsed=None):
     if problems:
         out += ["", "Dry-run problems:", "", *[f"- {p}" for p in problems.splitlines()]]
     for name in ("tests", "tests-next"):
-        log = result_log_summary(os.path.join(logs, name + ".jsonl"))
+        log = result_log_summary(os.path.join(logs, name + ".jsonl"), rerun_hint=name == "tests-next")
         if log:
             out += ["", f"## {name} ({KERNELS[name]} kernels): {log[0]}", *log[1:]]
             continue

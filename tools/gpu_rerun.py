@@ -3,6 +3,8 @@ before its time limit, one id a line, for the next call's tests-next stage.
 
     python tools/gpu_rerun.py LOGS [--stage tests-next] [--out gpu-rerun.txt]
 
+(--stage tests lists the default kernels' stage; NEXT_TESTS_FILE runs a list with the next kernels.)
+
 LOGS: the logs folder of tools/gpu_check.sh, or the logs.tar.gz a device call brought back. The
 stage's own arguments (STAGE.cmd) are collected here (`pytest --collect-only -m gpu`: the ids do
 not depend on a GPU being present), and every id its per-test log (STAGE.jsonl) does not show as
@@ -71,9 +73,12 @@ def main(argv=None):
         sys.exit(f"gpu_rerun: {args.logs} has no {args.stage}.cmd: did the stage run?")
     _, results = read_result_log(stage_file(args.logs, f"{args.stage}.jsonl"))
     left = left_to_run(collect(stage_paths(cmd)), results)
+    ran = len({r["test"] for r in results})
+    if not left:
+        print(f"nothing left to run: every test of {args.stage} passed, skipped or xfailed ({ran} results)")
+        return
     with open(args.out, "w") as f:
         f.write("".join(t + "\n" for t in left))
-    ran = len({r["test"] for r in results})
     print(f"{len(left)} tests left to run ({ran} have results in the log) in {args.out}; the call: "
           f"NEXT_TESTS_FILE={os.path.relpath(args.out, ROOT)} bash tools/gpu_check.sh --only tests-next, "
           f"carry [\".prebuilt-cuda\", \"{os.path.relpath(args.out, ROOT)}\"]")
