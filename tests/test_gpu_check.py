@@ -22,11 +22,23 @@ import gpu_check_summary  # noqa: E402
 from conftest import SLOW_WORDS  # noqa: E402
 
 
-def _run(tmp_path, *args, timeout=300, env=None):
+def _env(tmp_path, **extra):
     # PYTHON: the script's interpreter is this one (its default, python3 on PATH, may be another
     # environment's, with another torch)
-    env = dict(os.environ, OUT=str(tmp_path / "out"), LOGS=str(tmp_path / "logs"), PYTHON=sys.executable, **(env or {}))
-    return subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return {**os.environ, "OUT": str(tmp_path / "out"), "LOGS": str(tmp_path / "logs"), "PYTHON": sys.executable,
+            **extra}
+
+
+def _run(tmp_path, *args, timeout=300, env=None):
+    return subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, env=_env(tmp_path, **(env or {})), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _stand_in(path, text):
+    """An executable stand-in for the GPU machine's python."""
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
 
 
 def test_gpu_check_dry_run(tmp_path):
@@ -169,11 +181,9 @@ def test_a_check_cut_short_brings_back_the_summary_so_far(tmp_path, sig):
     """The device tool stops a call at its limit: the summary in $OUT still names the stage that
     was running (written as each stage starts, and every 20 s); a TERM stops that stage's command
     too, though its timeout process leads a process group of its own."""
-    fake, pids = tmp_path / "python", tmp_path / "pids"
-    fake.write_text(STAND_IN.format(python=sys.executable))
-    fake.chmod(0o755)
-    env = dict(os.environ, OUT=str(tmp_path / "out"), LOGS=str(tmp_path / "logs"), PYTHON=str(fake),
-               STAND_IN_PIDS=str(pids))
+    pids = tmp_path / "pids"
+    fake = _stand_in(tmp_path / "python", STAND_IN.format(python=sys.executable))
+    env = _env(tmp_path, PYTHON=str(fake), STAND_IN_PIDS=str(pids))
     proc = subprocess.Popen(["bash", SCRIPT, "--only", "perf"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -440,9 +450,7 @@ sys.exit(f"unexpected call: {args}")
     ("3", "0", "1", ["use", "build"], 1),  # the build fails
 ])
 def test_cuda_library_takes_the_prebuilt_library_else_builds(tmp_path, use, runs, build, calls, rc):
-    fake = tmp_path / "python"
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(0o755)
+    fake = _stand_in(tmp_path / "python", FAKE_PYTHON)
     env = dict(os.environ, PYTHON=str(fake), FAKE_LOG=str(tmp_path / "calls"), FAKE_USE=use, FAKE_RUNS=runs,
                FAKE_BUILD=build)
     proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "cuda_library.sh")], env=env, capture_output=True,

@@ -170,11 +170,9 @@ sys.exit(f"PERF_CASES: unknown cases {unknown}" if unknown else 0)' "${perf_case
   } > "$LOGS/dry-run.problems" 2>&1
   cat "$LOGS/dry-run.problems"
   [ -f "$LOGS/prebuilt.check" ] && cat "$LOGS/prebuilt.check"
-  # the device's copy has no .git: the revision goes in the call, written out here
-  if rev=$(git rev-parse --short HEAD 2> /dev/null); then
-    [ -n "$(git status --porcelain --untracked-files=no)" ] && rev="'$rev with uncommitted changes'"
-    echo "the call on the device: REV=$rev bash tools/gpu_check.sh"
-  fi
+  # the device's copy has no .git: the revision goes in the call, written out here (as the reports name it)
+  echo "the call on the device: REV='$("$PY" -c 'from benchmarks import common; print(common.revision())')'" \
+    "bash tools/gpu_check.sh"
 fi
 
 # ---- the stages

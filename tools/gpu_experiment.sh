@@ -38,7 +38,7 @@ rm -f "$OUT/summary.md" "$OUT/results.tar.gz" "$OUT/teacher.pt"
 failed=0 rows=""
 
 # pack: summary.md and the archive from what the steps left so far (after each step, so that a
-# call cut off at its limit still brings back the steps before)
+# call cut off at its limit still brings back the steps before), each written whole, then moved in
 pack() {
   {
     echo "# GPU experiment: preset $PRESET on $DEVICE"
@@ -55,8 +55,10 @@ pack() {
     for log in "$TUNED/tune.log" "$FINAL/run.log"; do
       [ -f "$log" ] && { echo; echo "## the end of $log"; echo; echo '```'; tail -15 "$log"; echo '```'; }
     done
-  } > "$OUT/summary.md"
-  tar -czf "$OUT/results.tar.gz" --exclude='*.pt' "$TUNED" "$FINAL"
+  } > "$OUT/.summary.md"
+  mv -f "$OUT/.summary.md" "$OUT/summary.md"  # (the group's status is its last test's, not the write's)
+  tar -czf "$OUT/.results.tar.gz" --exclude='*.pt' "$TUNED" "$FINAL" &&
+    mv -f "$OUT/.results.tar.gz" "$OUT/results.tar.gz"
   [ -f "$TUNED/teacher.pt" ] && cp "$TUNED/teacher.pt" "$OUT/teacher.pt"
 }
 
