@@ -100,6 +100,8 @@ CASES = [
     ("P-vec-split", 1, 3, 64, 64, 7, f32, "nchw", plan_private(7, f32), True),
     ("P-vec-split-half-seg-rounded", 1, 2, 8, 257, 5, f16, "nchw", plan_private(5, f16), True),
     ("P-scalar-split", 1, 2, 45, 47, 7, f32, "nchw", plan_private(7, f32), True),
+    # one segment of two 16-byte steps for most threads, one for the last 12: both loaded first
+    ("P-vec-two-steps-ahead", 1, 3, 40, 50, 7, f32, "nchw", plan_private(7, f32), False),
     ("W4-vec-past-P", 2, 3, 8, 16, 24, f32, "nchw", plan_warp(24, f32, 4), False),
     ("W4-vec-f64-past-P", 2, 3, 8, 8, 12, f64, "nchw", plan_warp(12, f64, 4), False),
     ("W4-vec-bf16", 1, 2, 4, 8, 40, bf16, "nchw", plan_warp(40, bf16, 4), False),

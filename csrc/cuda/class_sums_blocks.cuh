@@ -30,6 +30,7 @@ constexpr int kPrivateThreads = 256;  // P's block
 constexpr int kWarps = 4;             // L's block, and W's at most (W takes fewer where K needs)
 constexpr int kTile = 2;              // channels per block of P and W: one slot load serves both
 constexpr int kLastUnroll = 4;        // pixels loaded ahead per lane in L
+constexpr int kStepsAhead = 2;        // steps of P, chunks of W, loaded before the first is added
 // Longest chain of sequential float additions into one accumulator (float32 error grows about
 // linearly with it), and the fewest steps per thread that make a segment worth a block.
 constexpr int kMaxSerial = 1024;

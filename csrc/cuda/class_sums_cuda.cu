@@ -29,9 +29,9 @@ namespace {
 
 constexpr size_t kPrivateBudget = 48 * 1024;  // P: what every GPU grants without opting in
 constexpr size_t kLastBudget = 96 * 1024;     // L: at most this, where the GPU offers it
-// More than a loop index passes its segment's end by: P's step (256 x 8), W's warp shares
-// (4 x 256 + 4), L's unroll.
-constexpr int64_t kPixelSlack = 4096;
+// More than a loop index passes its segment's end by: P's steps loaded together (2 x 256 x 8),
+// W's warp shares (4 x 256 + 4) and chunks loaded together, L's unroll.
+constexpr int64_t kPixelSlack = 2 * int64_t{kStepsAhead} * kPrivateThreads * 8;
 
 enum class Strategy { Private, Warp, Last };
 

@@ -59,26 +59,37 @@ __global__ void __launch_bounds__(kPrivateThreads) sums_private_kernel(const Sum
     for (int t = 0; t < kTile; ++t) priv[(cur * kTile + t) * kPrivateThreads + tid] += run[t];
     atomicAdd(&cnt[cur], n);  // integers: the same total in any order
   };
-  // p0 and p1 are multiples of VEC (VEC > 1 only when HW is), so every vector is whole
-#pragma unroll 2
-  for (int p = w.p0 + tid * VEC; p < w.p1; p += kPrivateThreads * VEC) {
-    const Vec<int16_t, VEC> s = load_vec<int16_t, VEC>(slot + p);
-    Vec<scalar_t, VEC> x[kTile];
+  // p0 and p1 are multiples of VEC (VEC > 1 only when HW is), so every vector is whole. The
+  // loads of kStepsAhead steps go out before any is added: the adds branch on the slots, and a
+  // load the compiler cannot move above a branch would wait alone for its memory round trip.
+  constexpr int kStep = kPrivateThreads * VEC;
+  for (int p0 = w.p0 + tid * VEC; p0 < w.p1; p0 += kStepsAhead * kStep) {
+    Vec<int16_t, VEC> s[kStepsAhead];
+    Vec<scalar_t, VEC> x[kStepsAhead][kTile];
 #pragma unroll
-    for (int t = 0; t < kTile; ++t) x[t] = load_vec<scalar_t, VEC>(rows[t] + p);
+    for (int u = 0; u < kStepsAhead; ++u) {
+      if (p0 + u * kStep >= w.p1) continue;
+      s[u] = load_vec<int16_t, VEC>(slot + p0 + u * kStep);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      if (s.v[i] != cur) {  // every slot value starts a run here or continues a checked one
-        check_slot(s.v[i], K);
-        flush();
-        cur = s.v[i];
-        n = 0;
+      for (int t = 0; t < kTile; ++t) x[u][t] = load_vec<scalar_t, VEC>(rows[t] + p0 + u * kStep);
+    }
 #pragma unroll
-        for (int t = 0; t < kTile; ++t) run[t] = acc_t(0);
+    for (int u = 0; u < kStepsAhead; ++u) {
+      if (p0 + u * kStep >= w.p1) break;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        if (s[u].v[i] != cur) {  // every slot value starts a run here or continues a checked one
+          check_slot(s[u].v[i], K);
+          flush();
+          cur = s[u].v[i];
+          n = 0;
+#pragma unroll
+          for (int t = 0; t < kTile; ++t) run[t] = acc_t(0);
+        }
+        ++n;
+#pragma unroll
+        for (int t = 0; t < kTile; ++t) run[t] += static_cast<acc_t>(x[u][t].v[i]) - pivot[t];
       }
-      ++n;
-#pragma unroll
-      for (int t = 0; t < kTile; ++t) run[t] += static_cast<acc_t>(x[t].v[i]) - pivot[t];
     }
   }
   flush();
@@ -143,42 +154,49 @@ __global__ void __launch_bounds__(kWarps * 32) sums_warp_kernel(const SumsJobs j
   constexpr int kChunk = 32 * VEC;
   const int share = ((w.p1 - w.p0 + warps - 1) / warps + kChunk - 1) / kChunk * kChunk;
   const int q0 = w.p0 + warp * share, q1 = min(w.p1, q0 + share);
-  for (int q = q0; q < q1; q += kChunk) {  // warp-uniform trip count
-    const int p = q + lane * VEC;
-    Vec<int16_t, VEC> s;
-    Vec<scalar_t, VEC> x[kTile];
-    if (p < q1) {  // q1 is a multiple of VEC: the vector is whole
-      s = load_vec<int16_t, VEC>(slot + p);
+  for (int qa = q0; qa < q1; qa += kStepsAhead * kChunk) {  // warp-uniform trip count
+    Vec<int16_t, VEC> s[kStepsAhead];
+    Vec<scalar_t, VEC> x[kStepsAhead][kTile];
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) check_slot(s.v[i], K);
+    for (int u = 0; u < kStepsAhead; ++u) {  // loads first, so several are in flight (as in P)
+      const int p = qa + u * kChunk + lane * VEC;
+      if (p < q1) {  // q1 is a multiple of VEC: the vector is whole
+        s[u] = load_vec<int16_t, VEC>(slot + p);
 #pragma unroll
-      for (int t = 0; t < kTile; ++t) x[t] = load_vec<scalar_t, VEC>(rows[t] + p);
-    } else {
+        for (int t = 0; t < kTile; ++t) x[u][t] = load_vec<scalar_t, VEC>(rows[t] + p);
+      } else {
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        s.v[i] = -1;
+        for (int i = 0; i < VEC; ++i) {
+          s[u].v[i] = -1;
 #pragma unroll
-        for (int t = 0; t < kTile; ++t) x[t].v[i] = scalar_t(0);
+          for (int t = 0; t < kTile; ++t) x[u][t].v[i] = scalar_t(0);
+        }
       }
     }
-    bool uniform = true;
 #pragma unroll
-    for (int i = 1; i < VEC; ++i) uniform = uniform && s.v[i] == s.v[0];
-    acc_t v[kTile];
-    if (__all_sync(kFull, uniform)) {  // street labels: each lane's VEC pixels share a class
+    for (int u = 0; u < kStepsAhead; ++u) {
+      if (qa + u * kChunk >= q1) break;  // warp-uniform
 #pragma unroll
-      for (int t = 0; t < kTile; ++t) {
-        v[t] = acc_t(0);
+      for (int i = 0; i < VEC; ++i) check_slot(s[u].v[i], K);
+      bool uniform = true;
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) v[t] += static_cast<acc_t>(x[t].v[i]) - pivot[t];
-      }
-      add_warp_classes(s.v[0], v, VEC, priv, cnt, warps);
-    } else {
+      for (int i = 1; i < VEC; ++i) uniform = uniform && s[u].v[i] == s[u].v[0];
+      acc_t v[kTile];
+      if (__all_sync(kFull, uniform)) {  // street labels: each lane's VEC pixels share a class
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) {
+        for (int t = 0; t < kTile; ++t) {
+          v[t] = acc_t(0);
 #pragma unroll
-        for (int t = 0; t < kTile; ++t) v[t] = static_cast<acc_t>(x[t].v[i]) - pivot[t];
-        add_warp_classes(s.v[i], v, 1, priv, cnt, warps);
+          for (int i = 0; i < VEC; ++i) v[t] += static_cast<acc_t>(x[u][t].v[i]) - pivot[t];
+        }
+        add_warp_classes(s[u].v[0], v, VEC, priv, cnt, warps);
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+#pragma unroll
+          for (int t = 0; t < kTile; ++t) v[t] = static_cast<acc_t>(x[u][t].v[i]) - pivot[t];
+          add_warp_classes(s[u].v[i], v, 1, priv, cnt, warps);
+        }
       }
     }
   }

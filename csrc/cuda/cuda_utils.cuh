@@ -33,8 +33,21 @@ __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
   return *reinterpret_cast<const Vec<T, N>*>(p);
 }
 
+// A 16-byte Vec goes out as one st.global.v4: assigned as a struct, nvcc split some of these
+// stores into N scalar ones (seen in the sm_90 SASS of the class-sum backward's rows kernel, the
+// position loss and SKD's gradient, 32-bit index variants), a quarter of the bytes per store.
+// `p` must point to global memory (every caller's output tensor).
 template <typename T, int N>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
+#ifdef __CUDA_ARCH__
+  if constexpr (sizeof(Vec<T, N>) == 16) {
+    unsigned w[4];
+    memcpy(w, &v, 16);
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                 : "memory");
+    return;
+  }
+#endif
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 

@@ -24,10 +24,13 @@ namespace {
 
 // Class of pixel p of a slot map, checked against [-1, K) on the device (a host check would
 // need a sync), as pixel_class checks labels.
-__device__ __forceinline__ int slot_class(const int16_t* __restrict__ slots, int64_t p, int K) {
-  const int k = slots[p];
+__device__ __forceinline__ int checked_slot(int k, int K) {
   CUDA_KERNEL_ASSERT(k >= -1 && k < K && "slots: a value is outside [-1, num_classes)");
   return k;
+}
+
+__device__ __forceinline__ int slot_class(const int16_t* __restrict__ slots, int64_t p, int K) {
+  return checked_slot(slots[p], K);
 }
 
 // Adds v of the lanes whose class is k into this warp's own sum of class k, sums[k * stride],
@@ -106,6 +109,8 @@ struct ClassSums {
 // Pixels a forward block takes (one per lane) and the channel groups it splits them over (one
 // per warp): kThreads / kCosinePixels warps.
 constexpr int kCosinePixels = 32, kCosineGroups = kThreads / kCosinePixels;
+// Pixels per thread whose loads the backward's rows kernel issues together.
+constexpr int kRowsAhead = 4;
 
 // Block (x, b) takes pixels [32 x, 32 x + 32) of image b (images grid-strided). Warp w adds
 // channels w, w + 8, ... of its lane's pixel: each load is 32 neighbouring pixels of one channel,
@@ -132,7 +137,7 @@ __global__ void cosine_slots_forward_kernel(const scalar_t* __restrict__ f,
     if (p < HW) {
       const scalar_t* x = f + b * C * HW + p;
       const acc_t* cy = cent_t + b * C * K + (k >= 0 ? k : 0);  // an ignored pixel's dot is never used
-#pragma unroll 4
+#pragma unroll 8
       for (int64_t c = group; c < C; c += kCosineGroups) {
         const acc_t v = static_cast<acc_t>(x[c * HW]);
         nf += v * v;
@@ -222,17 +227,28 @@ __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f
   const acc_t* bb = bf + b * HW;
   const acc_t* cb = cent_t + row * K;  // class k's value of channel c: cb[k] (channel-major table)
   const int16_t* sb = slots + b * HW;
-  for (int64_t base = 0; base < HW; base += blockDim.x) {
-    const int64_t p = base + threadIdx.x;
-    const int k = p < HW ? slot_class(sb, p, K) : -1;
-    acc_t v = 0;
-    if (p < HW) {
-      // ignored pixels have a = bf = 0: their gradient is 0 * x, as for every pixel
-      const acc_t xv = static_cast<acc_t>(x[p]), cy = k >= 0 ? cb[k] : acc_t(0);
-      if (counts == nullptr) out[p] = static_cast<scalar_t>(ab[p] * cy + bb[p] * xv);
-      v = ab[p] * xv;
+  // kRowsAhead pixels per thread loaded before any is added (in the order of one pixel a step,
+  // so the sums keep their bits): one 4-byte load of the row per memory round trip was too few
+  // bytes in flight.
+  for (int64_t base = 0; base < HW; base += kRowsAhead * static_cast<int64_t>(blockDim.x)) {
+    int k[kRowsAhead];
+    acc_t xv[kRowsAhead], av[kRowsAhead];
+#pragma unroll
+    for (int u = 0; u < kRowsAhead; ++u) {
+      const int64_t p = base + u * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+      k[u] = p < HW ? sb[p] : -1;  // checked below: a check here would wait for the load
+      xv[u] = p < HW ? static_cast<acc_t>(x[p]) : acc_t(0);
+      av[u] = p < HW ? ab[p] : acc_t(0);
     }
-    sums.add(k, v);
+#pragma unroll
+    for (int u = 0; u < kRowsAhead; ++u) {
+      const int64_t p = base + u * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+      const int kc = checked_slot(k[u], K);
+      // ignored pixels have a = bf = 0: their gradient is 0 * x, as for every pixel
+      if (counts == nullptr && p < HW)
+        out[p] = static_cast<scalar_t>(av[u] * (kc >= 0 ? cb[kc] : acc_t(0)) + bb[p] * xv[u]);
+      sums.add(kc, av[u] * xv[u]);  // every lane, every step (ClassSums::add needs whole warps)
+    }
   }
   __syncthreads();
   sums.finish(smem);
@@ -248,12 +264,22 @@ __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f
   }
   if (share == nullptr) return;
   __syncthreads();  // the block's writes of `share` above are visible to all its threads after it
-  for (int64_t p = threadIdx.x; p < HW; p += blockDim.x) {
-    const int k = sb[p];  // checked by the first walk
-    const acc_t xv = static_cast<acc_t>(x[p]);
-    acc_t g = bb[p] * xv;
-    if (k >= 0) g += ab[p] * cb[k] + share[k];
-    out[p] = static_cast<scalar_t>(g);
+  for (int64_t base = threadIdx.x; base < HW; base += kRowsAhead * static_cast<int64_t>(blockDim.x)) {
+    acc_t g[kRowsAhead];
+#pragma unroll
+    for (int u = 0; u < kRowsAhead; ++u) {  // every load of the steps, then every store
+      const int64_t p = base + u * static_cast<int64_t>(blockDim.x);
+      const int k = p < HW ? sb[p] : -1;  // checked by the first walk
+      const int kk = k >= 0 ? k : 0;
+      const acc_t xv = p < HW ? static_cast<acc_t>(x[p]) : acc_t(0), bv = p < HW ? bb[p] : acc_t(0);
+      const acc_t own = k >= 0 ? ab[p] * cb[kk] + share[kk] : acc_t(0);
+      g[u] = bv * xv + own;
+    }
+#pragma unroll
+    for (int u = 0; u < kRowsAhead; ++u) {
+      const int64_t p = base + u * static_cast<int64_t>(blockDim.x);
+      if (p < HW) out[p] = static_cast<scalar_t>(g[u]);
+    }
   }
 }
 

@@ -30,6 +30,9 @@
 namespace idd_ops {
 namespace {
 
+// Images whose packs at one (row, column pack) a thread loads together.
+constexpr int kImagesAhead = 4;
+
 // Walks the block's share of pred [B, M, H, W] (block (tx, ty): tx threads along a row's packs,
 // ty rows; grid (row blocks, M)): fills the column table of map m = blockIdx.y in shared
 // memory, forms each row's factor once, and calls visit(offset, pack of pred, targets) at
@@ -62,10 +65,16 @@ __device__ __forceinline__ void visit_packs(const scalar_t* __restrict__ pred, c
 #pragma unroll
         for (int j = 0; j < P; ++j) target[j0 + j] = rowf * f.v[j];
       }
-#pragma unroll 4
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t offset = b * image + row + xv * VEC;
-        visit(offset, load_pack<VEC>(pred + offset), target);
+      // the packs of kImagesAhead images loaded before any is visited: a visit that stores
+      // (the backward) kept nvcc from issuing the next image's load before it
+      for (int64_t b0 = 0; b0 < B; b0 += kImagesAhead) {
+        Pack<scalar_t, VEC> x[kImagesAhead];
+#pragma unroll
+        for (int u = 0; u < kImagesAhead; ++u)
+          if (b0 + u < B) x[u] = load_pack<VEC>(pred + (b0 + u) * image + row + xv * VEC);
+#pragma unroll
+        for (int u = 0; u < kImagesAhead; ++u)
+          if (b0 + u < B) visit((b0 + u) * image + row + xv * VEC, x[u], target);
       }
     }
   }
