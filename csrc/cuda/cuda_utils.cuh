@@ -34,8 +34,8 @@ __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
 }
 
 // A 16-byte Vec goes out as one st.global.v4: assigned as a struct, nvcc split some of these
-// stores into N scalar ones (seen in the sm_90 SASS of the class-sum backward's rows kernel, the
-// position loss and SKD's gradient, 32-bit index variants), a quarter of the bytes per store.
+// stores into four 4-byte ones (seen in the sm_90 SASS of the class-sum backward's rows kernel,
+// 32-bit index variant, and of the position loss; tools/sass_audit.py lists such splits).
 // `p` must point to global memory (every caller's output tensor).
 template <typename T, int N>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
