@@ -58,8 +58,9 @@ PY=${PYTHON:-python3}
 ENV_S=${ENV_S:-15} BUILD_S=${BUILD_S:-100} TESTS_S=${TESTS_S:-115} PERF_S=${PERF_S:-100} TRAIN_S=${TRAIN_S:-50}
 WORKERS=${WORKERS:-10} DEFAULT_WORKERS=${DEFAULT_WORKERS:-4}
 KERNELS=${KERNELS:-default next}
+nonblank_lines() { printf '%s\n' "$1" | sed '/^ *$/d'; }  # TEXT: its lines, blank ones dropped
 perf_cases=()  # PERF_CASES: case names, one a line (names have spaces); default the guard's rows
-[ -n "${PERF_CASES:-}" ] && mapfile -t perf_cases < <(printf '%s\n' "$PERF_CASES" | sed '/^ *$/d')
+[ -n "${PERF_CASES:-}" ] && mapfile -t perf_cases < <(nonblank_lines "$PERF_CASES")
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-${TMPDIR:-/tmp}/idd-ops-inductor-cache}
 
@@ -269,8 +270,8 @@ fi
 if selected tests-next; then
   # NEXT_TESTS: one id a line where an id has a space (parametrisations such as [idd_loss cityscapes]),
   # else split on spaces; never globbed (test_x[cuda-a] is no glob)
-  if [ -n "${NEXT_TESTS_FILE:-}" ]; then mapfile -t next_tests < <(sed '/^ *$/d' "$NEXT_TESTS_FILE")
-  elif [[ "${NEXT_TESTS:-}" == *$'\n'* ]]; then mapfile -t next_tests < <(printf '%s\n' "$NEXT_TESTS" | sed '/^ *$/d')
+  if [ -n "${NEXT_TESTS_FILE:-}" ]; then mapfile -t next_tests < <(nonblank_lines "$(< "$NEXT_TESTS_FILE")")
+  elif [[ "${NEXT_TESTS:-}" == *$'\n'* ]]; then mapfile -t next_tests < <(nonblank_lines "$NEXT_TESTS")
   else read -r -a next_tests <<< "${NEXT_TESTS:-}"; fi
   [ ${#next_tests[@]} -gt 0 ] || mapfile -t next_tests < <(ordered_tests)
   pytest_stage tests-next 1 "$WORKERS" "${next_tests[@]}" & pids+=($!)

@@ -16,7 +16,7 @@ registers to local memory. A stack frame without spills is reported, not failed:
 one for the argument reduction of huge angles, a path the position maps never take.
 """
 import argparse
-import glob
+import functools
 import importlib.util
 import os
 import re
@@ -47,15 +47,21 @@ def find_cuobjdump():
     raise SystemExit("no cuobjdump: set CUOBJDUMP, or pip install triton (its wheel carries one)")
 
 
-def compile_cubin(source, out):
-    """The real build's nvcc flags (nvcc_check), for sm_90 machine code only."""
+@functools.lru_cache(maxsize=None)
+def sm90_command():
+    """(nvcc, flags before the source, flags after): the real build's flags (nvcc_check, one
+    capture of setup.py for every source), for sm_90 machine code only."""
     nvcc = nvcc_check.find_nvcc()
     if nvcc is None:
         raise SystemExit("no nvcc: set CUDA_HOME or put nvcc on PATH")
     pre, post = nvcc_check.build_flags(nvcc, "9.0")
-    post = [w for w in post if not w.startswith("-gencode")]
-    command = [nvcc] + pre + [f"-I{nvcc_check.shim_dir()}", "-cubin", "-arch=sm_90", source, "-o", out] + post
-    proc = subprocess.run(command, capture_output=True, text=True)
+    return nvcc, pre + [f"-I{nvcc_check.shim_dir()}", "-cubin", "-arch=sm_90"], \
+        [w for w in post if not w.startswith("-gencode")]
+
+
+def compile_cubin(source, out):
+    nvcc, pre, post = sm90_command()
+    proc = subprocess.run([nvcc] + pre + [source, "-o", out] + post, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{source} did not compile:\n{proc.stderr[-4000:]}")
 
@@ -151,7 +157,7 @@ def main():
     cuobjdump = find_cuobjdump()
     spilled = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for path in args.inputs or sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
+        for path in args.inputs or nvcc_check.SOURCES:
             binary = path
             if path.endswith(".cu"):
                 binary = os.path.join(tmp, os.path.basename(path) + ".cubin")
@@ -159,8 +165,9 @@ def main():
             print(f"== {os.path.relpath(path, ROOT)}")
             if args.loads:
                 code = sass(cuobjdump, binary)
-                for name in (n for n in code if re.search(args.loads, n)):
-                    print(f"{demangle([name])[0][:150]}\n{access_order(code[name])}")
+                names = [n for n in code if re.search(args.loads, n)]
+                for name, readable in zip(names, demangle(names)):
+                    print(f"{readable[:150]}\n{access_order(code[name])}")
                 continue
             spilled += audit(binary, args.match, cuobjdump)
     return 1 if spilled else 0
