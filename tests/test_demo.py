@@ -1,6 +1,7 @@
 """The end-to-end demo: scene generator, metrics, and one training step of every configuration."""
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -170,6 +171,27 @@ def test_experiment_caches_announces_and_reruns_changed_settings(tmp_path, capsy
     write_plots(changed, teacher, runs, val, out, "cpu")
     for name in ("paired.png", "miou.png", "loss_curves.png", "predictions.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_a_cache_piece_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A run stopped while it saves (a time limit's signal) leaves no truncated piece at the cache's
+    path for the next call to fail on; the piece is there once the save has finished."""
+    path = tmp_path / "teacher.pt"
+    experiment.save_piece({"key": "a"}, str(path))
+    assert torch.load(path)["key"] == "a"
+    real_save = torch.save
+
+    def stopped_midway(obj, f):
+        real_save(obj, f)
+        with open(f, "r+b") as handle:  # a truncated file, as a kill during the write leaves
+            handle.truncate(10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", stopped_midway)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.save_piece({"key": "b"}, str(path))
+    assert torch.load(path)["key"] == "a"
+    assert os.listdir(tmp_path) == ["teacher.pt"]
 
 
 def test_setup_without_torch_stops_with_instructions():

@@ -421,6 +421,55 @@ def test_gpu_experiment_stops_at_its_limit_and_leaves_the_run_for_a_later_call(t
     assert "| run | not run: the tuning did not finish |" in summary
 
 
+EXPERIMENT_STAND_IN = """#!{python}
+# the tuning's python: leaves a teacher in its output folder, then runs until a signal stops it
+import os, sys, time
+args = sys.argv[1:]
+if args[:2] == ["-m", "idd_ops.demo.tune"]:
+    out = args[args.index("--out") + 1]
+    open(os.path.join(out, "teacher.pt"), "w").write("teacher")
+    with open(os.environ["STAND_IN_PIDS"], "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    time.sleep(60)
+sys.exit(1)
+"""
+
+
+def test_gpu_experiment_stopped_by_a_signal_brings_back_the_step_and_the_teacher(tmp_path):
+    """The device tool's limit stops the call in its tuning: the tuning's command stops too (its
+    timeout process leads a process group of its own), the summary names the step, and the
+    teacher the tuning had trained comes back for the next call."""
+    pids = tmp_path / "pids"
+    fake = _stand_in(tmp_path / "python", EXPERIMENT_STAND_IN.format(python=sys.executable))
+    env = dict(os.environ, OUT=str(tmp_path / "out"), RESULTS=str(tmp_path / "results"), PYTHON=str(fake),
+               STAND_IN_PIDS=str(pids), **SMALL)
+    proc = subprocess.Popen(["bash", EXPERIMENT], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):  # the tuning's command has started
+            if pids.exists() and pids.read_text().strip():
+                break
+            time.sleep(0.1)
+        tune = int(pids.read_text().split()[0])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 130
+        summary = (tmp_path / "out" / "summary.md").read_text()
+        assert re.search(r"\| tune \| stopped by a signal \(resume in the next call\) \| \d+ \| - \|", summary)
+        assert (tmp_path / "out" / "teacher.pt").read_text() == "teacher"
+        for _ in range(50):
+            if not _alive(tune):
+                break
+            time.sleep(0.1)
+        assert not _alive(tune)
+    finally:
+        proc.kill()
+        for pid in [int(p) for p in pids.read_text().split()] if pids.exists() else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 FAKE_PYTHON = """#!/usr/bin/env python3
 # stands in for the GPU machine's python in tools/cuda_library.sh: FAKE_USE (prebuilt_cuda.py use's
 # exit status), FAKE_RUNS (the kernel check's exit status per call, comma-separated), FAKE_BUILD

@@ -18,12 +18,14 @@
 # give the device tool carry=["results/full-tune"] (git ignores checkpoints) and call again: the
 # teacher is reused. On a machine without the CUDA library of these sources (a fresh one) it puts
 # one in place first (tools/cuda_library.sh: the carried .prebuilt-cuda, or a build within BUILD_S,
-# 100 s). The summary and the archive are rewritten after each step, so a call cut off at the
-# device tool's limit (give it timeout_s 480: 420 s of steps, the library and the packing) still
-# brings back the steps before. Settings: PRESET (full), DEVICE (cuda), RESULTS (results; the full preset
-# reads its tuning from results/full-tune, so keep it there for real runs), TUNE_S and RUN_S (time
-# limits in seconds: 180 and 240), TUNE_ARGS (default "--seeds 100 101", the seeds of the committed
-# 64x128 tuning) and RUN_ARGS (more options of each command). Exit status: the number of failed steps.
+# 100 s). The summary and the archive are rewritten after each step and when a signal stops the
+# call, so a call cut off at the device tool's limit (give it timeout_s 480: 420 s of steps, the
+# library and the packing) still brings back the steps before, the step it stopped, and the
+# teacher once the tuning has trained it. Settings: PRESET (full), DEVICE (cuda), RESULTS
+# (results; the full preset reads its tuning from results/full-tune, so keep it there for real
+# runs), TUNE_S and RUN_S (time limits in seconds: 180 and 240), TUNE_ARGS (default "--seeds 100
+# 101", the seeds of the committed 64x128 tuning) and RUN_ARGS (more options of each command).
+# Exit status: the number of failed steps; 130 when a signal stopped the call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,17 +59,34 @@ pack() {
     done
   } > "$OUT/.summary.md"
   mv -f "$OUT/.summary.md" "$OUT/summary.md"  # (the group's status is its last test's, not the write's)
-  tar -czf "$OUT/.results.tar.gz" --exclude='*.pt' "$TUNED" "$FINAL" &&
+  tar -czf "$OUT/.results.tar.gz" --exclude='*.pt' --exclude='*.part-*' "$TUNED" "$FINAL" &&
     mv -f "$OUT/.results.tar.gz" "$OUT/results.tar.gz"
   [ -f "$TUNED/teacher.pt" ] && cp "$TUNED/teacher.pt" "$OUT/teacher.pt"
 }
 
-# step NAME LIMIT LOG CMD...: CMD under a time limit, its output in LOG (inside the archive)
+# A signal (the device tool's time limit) stops the running step's command too (its timeout
+# process leads a process group of its own, which the signal does not reach), records the step as
+# stopped and packs what the steps left, so that the summary says where the call was cut off.
+running="" running_name="" running_t0=0
+on_signal() {
+  [ -n "$running" ] && kill "$running" 2> /dev/null
+  [ -n "$running_name" ] && failed=$((failed + 1)) &&
+    rows="$rows| $running_name | stopped by a signal (resume in the next call) | $((SECONDS - running_t0)) | - |"$'\n'
+  pack
+  exit 130
+}
+trap on_signal INT TERM
+
+# step NAME LIMIT LOG CMD...: CMD under a time limit, its output in LOG (inside the archive); in
+# the background, waited for, so that a signal's trap runs at once, not when the step ends
 step() {
   local name=$1 limit=$2 log=$3 t0=$SECONDS rc; shift 3
   echo "== $name (limit ${limit}s): $*"
-  timeout --kill-after=5 "$limit" "$@" > "$log" 2>&1
+  timeout --kill-after=5 "$limit" "$@" > "$log" 2>&1 &
+  running=$! running_name=$name running_t0=$t0
+  wait "$running"
   rc=$?
+  running="" running_name=""
   local status="passed"
   [ $rc -ne 0 ] && status="FAILED, rc $rc" && failed=$((failed + 1))
   [ $rc -eq 124 ] || [ $rc -eq 137 ] && status="$status (time limit: resume in the next call)"

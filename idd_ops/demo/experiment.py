@@ -266,6 +266,19 @@ def step_time(preset, config, train, teacher, readout, device, steps=10):
             for name, lib in (("fused", idd_ops), ("reference", reference))}
 
 
+def save_piece(obj, path):
+    """torch.save of a cache piece, whole or not at all: written beside `path`, then renamed over
+    it, so that a run stopped midway (a time limit's signal) leaves no truncated piece for the
+    next call to fail on."""
+    part = f"{path}.part-{os.getpid()}"
+    try:
+        torch.save(obj, part)
+        os.replace(part, path)
+    finally:
+        if os.path.exists(part):
+            os.remove(part)
+
+
 def load_or_train_teacher(preset, train, device, out, checkpoint=None):
     """The teacher from `checkpoint` (used as given), from `out`/teacher.pt when it was trained
     with the same settings, or trained now. Returns (teacher, curve, seconds it took to train,
@@ -283,7 +296,7 @@ def load_or_train_teacher(preset, train, device, out, checkpoint=None):
     start = time.perf_counter()
     teacher, curve = train_teacher(preset, train, device)
     seconds = time.perf_counter() - start
-    torch.save({"model": teacher.state_dict(), "curve": curve, "key": key, "seconds": seconds}, path)
+    save_piece({"model": teacher.state_dict(), "curve": curve, "key": key, "seconds": seconds}, path)
     return teacher, curve, seconds, False
 
 
@@ -332,7 +345,7 @@ def _student_piece(context_path, preset, config, seed, key, path):
                       c["outputs"])
     run["model"] = {k: v.detach().cpu() for k, v in run["model"].items()}
     run["key"] = key
-    torch.save(run, path)
+    save_piece(run, path)
     return run
 
 
