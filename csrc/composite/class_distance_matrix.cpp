@@ -9,16 +9,10 @@
 
 #include "../common/checks.h"
 #include "centroid_gradient.h"
+#include "valid_entries.h"
 
 namespace idd_ops {
 namespace {
-
-// Entries (b, i, j), i != j, whose two classes are present: [B, K, K] bool.
-at::Tensor valid_entries(const at::Tensor& counts) {
-  const at::Tensor present = counts > 0;
-  const at::Tensor off_diag = at::eye(counts.size(1), counts.options().dtype(at::kBool)).logical_not();
-  return present.unsqueeze(2).logical_and(present.unsqueeze(1)).logical_and(off_diag);
-}
 
 // |c_i| |c_j| floored at eps: the cosine denominator [B, K, K].
 at::Tensor cosine_denominator(const at::Tensor& norm_sq, double eps) {

@@ -8,6 +8,7 @@
 
 #include "../common/idd_tail.h"
 #include "centroid_gradient.h"
+#include "valid_entries.h"
 
 namespace idd_ops {
 namespace {
@@ -31,12 +32,6 @@ at::Tensor centroids_for(const at::Tensor& sums, const at::Tensor& counts, Metri
     c = c - c.gather(1, anchor);
   }
   return c.to(dtype);
-}
-
-// (i, j), i != j, both present: [B, K, K] bool.
-at::Tensor valid_entries(const at::Tensor& present) {
-  const at::Tensor off_diag = at::eye(present.size(1), present.options()).logical_not();
-  return present.unsqueeze(2).logical_and(present.unsqueeze(1)).logical_and(off_diag);
 }
 
 // Raw distances of centroids c on the valid entries, |c_i|^2 on the diagonal, 0 elsewhere.
@@ -80,8 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> idd_tail_composite(const at::Tens
   const Reduction reduction = reduction_code(reduction_name);
   const auto acc = tail_dtype(student_sums, dtype);
   const int64_t B = student_sums.size(0), K = student_sums.size(1);
-  const at::Tensor present_s = student_counts.gt(0), present_t = teacher_counts.gt(0);
-  const at::Tensor valid_s = valid_entries(present_s), valid_t = valid_entries(present_t);
+  const at::Tensor valid_s = valid_entries(student_counts), valid_t = valid_entries(teacher_counts);
   const at::Tensor rs = raw_with_norms(centroids_for(student_sums, student_counts, metric, acc), valid_s, metric, eps);
   const at::Tensor rt = raw_with_norms(centroids_for(teacher_sums, teacher_counts, metric, acc), valid_t, metric, eps);
   const Divisor ds = divisor(rs, valid_s, normalize, eps), dt = divisor(rt, valid_t, normalize, eps);
@@ -134,8 +128,8 @@ at::Tensor idd_tail_backward_composite(const at::Tensor& grad, const at::Tensor&
   const at::Tensor g = (reduction == Reduction::None ? grad.reshape({-1}) : grad.reshape({1})).to(acc);
   const at::Tensor alpha = (2 * g * per_image.select(1, kStatPairScale)).view({-1, 1, 1}) / ms;
   const at::Tensor kappa = per_image.select(1, kStatKappa).view({-1, 1, 1});
-  const at::Tensor valid_s = valid_entries(student_counts.gt(0));
-  const at::Tensor pairs = valid_s.logical_and(valid_entries(teacher_counts.gt(0)));
+  const at::Tensor valid_s = valid_entries(student_counts);
+  const at::Tensor pairs = valid_s.logical_and(valid_entries(teacher_counts));
   const at::Tensor rs = dist.select(1, 0), rt = dist.select(1, 1), zero = at::zeros({}, rs.options());
   const at::Tensor e = at::where(pairs, rs / ms - rt / mt, zero);
   const at::Tensor w = at::where(valid_s, alpha * (e - kappa), zero);

@@ -1,0 +1,30 @@
+"""The build compiles csrc/unit_<group>.cpp, one translation unit per group of C++ files (setup.py):
+a file of the group that its unit does not include would be built into no library at all."""
+import glob
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GROUPS = ("cpu", "composite", "autograd")
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_each_unit_includes_every_file_of_its_group_once(group):
+    text = open(os.path.join(ROOT, "csrc", f"unit_{group}.cpp")).read()
+    included = re.findall(r'^#include "([^"]+)"', text, flags=re.M)
+    files = sorted(os.path.relpath(f, os.path.join(ROOT, "csrc")) for f in glob.glob(os.path.join(ROOT, "csrc", group, "*.cpp")))
+    assert sorted(included) == files
+    assert len(set(included)) == len(included)
+
+
+def test_the_build_compiles_the_units_and_not_the_groups_files():
+    """setup.py's source list: csrc/*.cpp (the schemas and the units) and the per-capability
+    kernel files, each compiled once."""
+    setup = open(os.path.join(ROOT, "setup.py")).read()
+    units = {os.path.basename(f) for f in glob.glob(os.path.join(ROOT, "csrc", "unit_*.cpp"))}
+    assert units == {f"unit_{g}.cpp" for g in GROUPS}
+    for group in GROUPS:
+        assert f'os.path.join("csrc", "{group}", "*.cpp")' not in setup, group
+    assert 'os.path.join("csrc", "*.cpp")' in setup
