@@ -28,3 +28,19 @@ def test_the_build_compiles_the_units_and_not_the_groups_files():
     for group in GROUPS:
         assert f'os.path.join("csrc", "{group}", "*.cpp")' not in setup, group
     assert 'os.path.join("csrc", "*.cpp")' in setup
+
+
+def test_the_emulators_units_include_every_translated_source_once(tmp_path):
+    """tests/cuda_emu/build.py compiles the translated CUDA sources as a few units that include
+    them (a source left out would register no kernel)."""
+    from tests.cuda_emu import build
+
+    sources = []
+    for i, size in enumerate([5, 400, 30, 120, 7, 300]):
+        sources.append(tmp_path / f"s{i}.cpp")
+        sources[-1].write_text("x" * size)
+    units = build.grouped(sources, out=tmp_path / "out", units=2)
+    included = [re.findall(r'^#include "([^"]+)"', u.read_text(), flags=re.M) for u in units]
+    assert len(units) == 2 and sorted(sum(included, [])) == sorted(str(s) for s in sources)
+    sizes = [sum(os.path.getsize(p) for p in group) for group in included]
+    assert sorted(sizes) == [430, 432]  # largest first, each to the smaller unit
