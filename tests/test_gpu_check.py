@@ -176,6 +176,33 @@ def _alive(pid):
     return open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"
 
 
+def _stand_in_pid(pids):
+    """The first process id a stand-in wrote to `pids` (waits up to 30 s for it to start)."""
+    for _ in range(300):
+        if pids.exists() and pids.read_text().strip():
+            break
+        time.sleep(0.1)
+    return int(pids.read_text().split()[0])
+
+
+def _ends(pid):
+    """Whether process `pid` ends within 5 s."""
+    for _ in range(50):
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _kill_all(files):
+    """SIGKILL to every process id listed in `files` (those that exist)."""
+    for pid in [int(p) for f in files if f.exists() for p in f.read_text().split()]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_check_cut_short_brings_back_the_summary_so_far(tmp_path, sig):
     """The device tool stops a call at its limit: the summary in $OUT still names the stage that
@@ -187,30 +214,17 @@ def test_a_check_cut_short_brings_back_the_summary_so_far(tmp_path, sig):
     proc = subprocess.Popen(["bash", SCRIPT, "--only", "perf"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        for _ in range(300):  # the perf stage's command has started
-            if pids.exists() and pids.read_text().strip():
-                break
-            time.sleep(0.1)
-        perf = int(pids.read_text().split()[0])
+        perf = _stand_in_pid(pids)  # the perf stage's command has started
         proc.send_signal(sig)
         assert proc.wait(timeout=30) == (130 if sig == signal.SIGTERM else -signal.SIGKILL)
         summary = (tmp_path / "out" / "summary.md").read_text()
         assert "| perf | both | did not finish (running when this summary was written) | - | - |" in summary
         assert ("**The check was stopped by a signal after" in summary) == (sig == signal.SIGTERM)
         if sig == signal.SIGTERM:
-            for _ in range(50):
-                if not _alive(perf):
-                    break
-                time.sleep(0.1)
-            assert not _alive(perf)
+            assert _ends(perf)
     finally:
         proc.kill()
-        running = [*(tmp_path / "logs").glob("*.pid"), pids]
-        for pid in [int(p) for f in running if f.exists() for p in f.read_text().split()]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_all([*(tmp_path / "logs").glob("*.pid"), pids])
 
 
 @pytest.mark.parametrize("args", [("--only", "nope"), ("--skip", "tests,bogus"), ("--frobnicate",)])
@@ -446,28 +460,16 @@ def test_gpu_experiment_stopped_by_a_signal_brings_back_the_step_and_the_teacher
     proc = subprocess.Popen(["bash", EXPERIMENT], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        for _ in range(300):  # the tuning's command has started
-            if pids.exists() and pids.read_text().strip():
-                break
-            time.sleep(0.1)
-        tune = int(pids.read_text().split()[0])
+        tune = _stand_in_pid(pids)  # the tuning's command has started
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 130
         summary = (tmp_path / "out" / "summary.md").read_text()
         assert re.search(r"\| tune \| stopped by a signal \(resume in the next call\) \| \d+ \| - \|", summary)
         assert (tmp_path / "out" / "teacher.pt").read_text() == "teacher"
-        for _ in range(50):
-            if not _alive(tune):
-                break
-            time.sleep(0.1)
-        assert not _alive(tune)
+        assert _ends(tune)
     finally:
         proc.kill()
-        for pid in [int(p) for p in pids.read_text().split()] if pids.exists() else []:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_all([pids])
 
 
 FAKE_PYTHON = """#!/usr/bin/env python3
