@@ -137,8 +137,8 @@ class BuildWithNotice(BuildExtension.with_options(use_ninja=True)):
     otherwise (`pip install -v` shows ninja's [i/n] steps as they finish)."""
 
     def run(self):
-        print("idd_ops: compiling the C++ kernels: about 3 minutes on 2 idle CPU cores, 9 when other builds share "
-              "them; more with the CUDA kernels", flush=True)
+        print("idd_ops: compiling the C++ kernels: about 1.5 minutes on 2 idle CPU cores, several times that when "
+              "other builds share them; more with the CUDA kernels", flush=True)
         super().run()
 
     def build_extensions(self):

@@ -436,10 +436,12 @@ def test_gpu_experiment_stops_at_its_limit_and_leaves_the_run_for_a_later_call(t
 
 
 EXPERIMENT_STAND_IN = """#!{python}
-# the tuning's python: leaves a teacher in its output folder, then runs until a signal stops it
-import os, sys, time
+# the tuning's python: leaves a teacher in its output folder, then runs until a KILL stops it (it
+# ignores TERM, as a run that is saving may take its time)
+import os, signal, sys, time
 args = sys.argv[1:]
 if args[:2] == ["-m", "idd_ops.demo.tune"]:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     out = args[args.index("--out") + 1]
     open(os.path.join(out, "teacher.pt"), "w").write("teacher")
     with open(os.environ["STAND_IN_PIDS"], "a") as f:
@@ -451,7 +453,8 @@ sys.exit(1)
 
 def test_gpu_experiment_stopped_by_a_signal_brings_back_the_step_and_the_teacher(tmp_path):
     """The device tool's limit stops the call in its tuning: the tuning's command stops too (its
-    timeout process leads a process group of its own), the summary names the step, and the
+    timeout process leads a process group of its own; KILLed 5 s after a TERM it ignores), the
+    summary names the step once (a second signal comes while the first is handled), and the
     teacher the tuning had trained comes back for the next call."""
     pids = tmp_path / "pids"
     fake = _stand_in(tmp_path / "python", EXPERIMENT_STAND_IN.format(python=sys.executable))
@@ -462,9 +465,12 @@ def test_gpu_experiment_stopped_by_a_signal_brings_back_the_step_and_the_teacher
     try:
         tune = _stand_in_pid(pids)  # the tuning's command has started
         proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # while the first waits for the step to end
         assert proc.wait(timeout=30) == 130
         summary = (tmp_path / "out" / "summary.md").read_text()
-        assert re.search(r"\| tune \| stopped by a signal \(resume in the next call\) \| \d+ \| - \|", summary)
+        rows = re.findall(r"\| tune \| stopped by a signal \(resume in the next call\) \| \d+ \| - \|", summary)
+        assert len(rows) == 1, summary
         assert (tmp_path / "out" / "teacher.pt").read_text() == "teacher"
         assert _ends(tune)
     finally:

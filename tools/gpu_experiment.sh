@@ -37,6 +37,8 @@ TUNED=$RESULTS/$PRESET-tune FINAL=$RESULTS/$PRESET
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$TUNED" "$FINAL"
 rm -f "$OUT/summary.md" "$OUT/results.tar.gz" "$OUT/teacher.pt"
+# pieces a stopped call left half-written (experiment.save_piece; a carried folder brings them)
+find "$TUNED" "$FINAL" -name '*.part-*' -delete
 failed=0 rows=""
 
 # pack: summary.md and the archive from what the steps left so far (after each step, so that a
@@ -69,9 +71,15 @@ pack() {
 # stopped and packs what the steps left, so that the summary says where the call was cut off.
 running="" running_name="" running_t0=0
 on_signal() {
-  [ -n "$running" ] && kill "$running" 2> /dev/null
-  [ -n "$running_name" ] && failed=$((failed + 1)) &&
+  trap '' INT TERM  # once: a second signal while this packs would add the step again
+  if [ -n "$running_name" ]; then
+    # $! where the signal came between the step's fork and its `running=$!`
+    local pid=${running:-$!}
+    kill "$pid" 2> /dev/null
+    wait "$pid" 2> /dev/null  # the step's last output in its log (timeout kills within 5 s)
+    failed=$((failed + 1))
     rows="$rows| $running_name | stopped by a signal (resume in the next call) | $((SECONDS - running_t0)) | - |"$'\n'
+  fi
   pack
   exit 130
 }
@@ -82,8 +90,9 @@ trap on_signal INT TERM
 step() {
   local name=$1 limit=$2 log=$3 t0=$SECONDS rc; shift 3
   echo "== $name (limit ${limit}s): $*"
+  running_name=$name running_t0=$t0
   timeout --kill-after=5 "$limit" "$@" > "$log" 2>&1 &
-  running=$! running_name=$name running_t0=$t0
+  running=$!
   wait "$running"
   rc=$?
   running="" running_name=""

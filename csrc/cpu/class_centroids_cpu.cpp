@@ -12,7 +12,12 @@
 
 namespace idd_ops {
 namespace {
-using namespace class_rows;
+// declarations, not a using-directive: the file is compiled in one unit with its group
+using class_rows::centroids_by_chunks;
+using class_rows::centroids_by_runs;
+using class_rows::count_pixels;
+using class_rows::grad_by_chunks;
+using class_rows::grad_by_runs;
 
 std::tuple<at::Tensor, at::Tensor> class_centroids_kernel(const at::Tensor& feats_in, const at::Tensor& labels,
                                                           int64_t num_classes, int64_t ignore_index) {

@@ -15,7 +15,12 @@
 
 namespace idd_ops {
 namespace {
-using namespace class_rows;
+// declarations, not a using-directive: the file is compiled in one unit with its group
+using class_rows::centroids_by_chunks;
+using class_rows::centroids_by_runs;
+using class_rows::grad_by_chunks;
+using class_rows::grad_by_runs;
+using class_rows::row_pivot;
 
 at::Tensor label_slots_kernel(const at::Tensor& labels_in, int64_t height, int64_t width, int64_t num_classes,
                               int64_t ignore_index) {
