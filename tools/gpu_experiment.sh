@@ -74,7 +74,7 @@ on_signal() {
   trap '' INT TERM  # once: a second signal while this packs would add the step again
   if [ -n "$running_name" ]; then
     # $! where the signal came between the step's fork and its `running=$!`
-    local pid=${running:-$!}
+    local pid=${running:-${!:-}}
     kill "$pid" 2> /dev/null
     wait "$pid" 2> /dev/null  # the step's last output in its log (timeout kills within 5 s)
     failed=$((failed + 1))
