@@ -19,6 +19,13 @@ def test_each_unit_includes_every_file_of_its_group_once(group):
     assert len(set(included)) == len(included)
 
 
+@pytest.mark.parametrize("group", GROUPS)
+def test_no_file_of_a_unit_has_a_using_directive(group):
+    """Its names would reach every file after it in the unit (using-declarations name one each)."""
+    for path in glob.glob(os.path.join(ROOT, "csrc", group, "*.cpp")):
+        assert not re.search(r"^\s*using\s+namespace\b", open(path).read(), flags=re.M), path
+
+
 def test_the_build_compiles_the_units_and_not_the_groups_files():
     """setup.py's source list: csrc/*.cpp (the schemas and the units) and the per-capability
     kernel files, each compiled once."""
