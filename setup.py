@@ -27,7 +27,7 @@ Otherwise install torch first. The commands:
 
     pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu   # CPU build
     pip install torch==2.13.0                        # CUDA build (the default on PyPI, several GB)
-    pip install --no-build-isolation .               # then idd_ops (1.6 min on 2 idle CPU cores)
+    pip install --no-build-isolation .               # then idd_ops (1.5 min on 2 idle CPU cores)
 
 (Any torch >= 2.4 works; the import error was: {error})
 """
