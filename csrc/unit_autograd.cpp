@@ -2,6 +2,7 @@
 // headers are read once for the group. Why, and the rules for the group's files:
 // docs/ARCHITECTURE.md, "Build".
 #include "autograd/affinity_loss_autograd.cpp"
+#include "autograd/backward_ops_autograd.cpp"
 #include "autograd/class_centroids_autograd.cpp"
 #include "autograd/class_distance_matrix_autograd.cpp"
 #include "autograd/class_sums_autograd.cpp"

@@ -3,7 +3,8 @@ run the same call in different settings (a side stream, a CUDA graph, a second d
 
 OPS[name](device) -> (inputs, run): run(*inputs) zeroes inputs[0].grad, computes the op,
 backpropagates a weighted sum of its output and returns [output, inputs[0].grad]. Inputs are
-built on the CPU from a seed, so every device gets the same values.
+built on the CPU from a seed, so every device gets the same values. CALLS[name] = (inputs,
+forward): the same call without the backward.
 """
 import torch
 
@@ -47,24 +48,25 @@ def _op(inputs, fn):
 
 
 B, Cs, Ct, H, W, K = 2, 24, 40, 32, 64, 7
-OPS = {
-    "class_centroids": _op([_randn(B, Ct, H, W), _labels(B, 2 * H, 2 * W, K)],
-                           lambda x, y: idd_ops.class_centroids(x, y, K)[0]),
-    "class_distance_matrix": _op([_randn(B, K, Cs), torch.tensor([[3, 0, 1, 5, 2, 2, 9]] * B)],
-                                 lambda c, n: idd_ops.class_distance_matrix(c, n, normalize="mean")),
-    "idd_loss": _op([_randn(B, Cs, H, W), _randn(B, Ct, H, W, seed=1), _labels(B, 2 * H, 2 * W, K)],
-                    lambda s, t, y: idd_ops.inter_class_distance_loss(s, t, y, K, reduction="none")),
-    "ifvd": _op([_randn(B, Cs, H, W), _randn(B, Ct, H, W, seed=1), _labels(B, 2 * H, 2 * W, K)],
-                lambda s, t, y: idd_ops.intra_class_variation_loss(s, t, y, K)),
-    "position_loss": _op([torch.rand(B, len(KINDS), H, W, generator=torch.Generator().manual_seed(0))],
-                         lambda p: idd_ops.position_encoding_loss(p, KINDS, reduction="none")),
+CALLS = {
+    "class_centroids": ([_randn(B, Ct, H, W), _labels(B, 2 * H, 2 * W, K)],
+                        lambda x, y: idd_ops.class_centroids(x, y, K)[0]),
+    "class_distance_matrix": ([_randn(B, K, Cs), torch.tensor([[3, 0, 1, 5, 2, 2, 9]] * B)],
+                              lambda c, n: idd_ops.class_distance_matrix(c, n, normalize="mean")),
+    "idd_loss": ([_randn(B, Cs, H, W), _randn(B, Ct, H, W, seed=1), _labels(B, 2 * H, 2 * W, K)],
+                 lambda s, t, y: idd_ops.inter_class_distance_loss(s, t, y, K, reduction="none")),
+    "ifvd": ([_randn(B, Cs, H, W), _randn(B, Ct, H, W, seed=1), _labels(B, 2 * H, 2 * W, K)],
+             lambda s, t, y: idd_ops.intra_class_variation_loss(s, t, y, K)),
+    "position_loss": ([torch.rand(B, len(KINDS), H, W, generator=torch.Generator().manual_seed(0))],
+                      lambda p: idd_ops.position_encoding_loss(p, KINDS, reduction="none")),
     # labels at twice the logits' size: the mask of kept pixels goes through the nearest resize
-    "pixel_kd": _op([_randn(B, K, H, W), _randn(B, K, H, W, seed=1), _labels(B, 2 * H, 2 * W, K)],
-                    lambda s, t, y: idd_ops.pixel_kd_loss(s, t, y, temperature=2.0)),
-    "cwd": _op([_randn(B, Cs, H, W), _randn(B, Cs, H, W, seed=1)],
-               lambda s, t: idd_ops.channel_wise_distillation_loss(s, t, reduction="none")),
-    "cosine_slots": _op([_randn(B, Cs, H, W), _randn(B, K, Cs, seed=1),
-                         torch.ops.idd_ops._label_slots(_labels(B, 2 * H, 2 * W, K), H, W, K, 255)],
-                        lambda x, c, s: torch.ops.idd_ops._pixel_centroid_cosine_slots(x, c, s, 1e-8)[0]),
-    "skd": _op([_randn(B, Cs, H, W), _randn(B, Ct, H, W, seed=1)], lambda s, t: idd_ops.structural_kd_loss(s, t)),
+    "pixel_kd": ([_randn(B, K, H, W), _randn(B, K, H, W, seed=1), _labels(B, 2 * H, 2 * W, K)],
+                 lambda s, t, y: idd_ops.pixel_kd_loss(s, t, y, temperature=2.0)),
+    "cwd": ([_randn(B, Cs, H, W), _randn(B, Cs, H, W, seed=1)],
+            lambda s, t: idd_ops.channel_wise_distillation_loss(s, t, reduction="none")),
+    "cosine_slots": ([_randn(B, Cs, H, W), _randn(B, K, Cs, seed=1),
+                      torch.ops.idd_ops._label_slots(_labels(B, 2 * H, 2 * W, K), H, W, K, 255)],
+                     lambda x, c, s: torch.ops.idd_ops._pixel_centroid_cosine_slots(x, c, s, 1e-8)[0]),
+    "skd": ([_randn(B, Cs, H, W), _randn(B, Ct, H, W, seed=1)], lambda s, t: idd_ops.structural_kd_loss(s, t)),
 }
+OPS = {name: _op(inputs, fn) for name, (inputs, fn) in CALLS.items()}
