@@ -24,8 +24,9 @@ def resize_labels(labels, size):
 
 def _kl_rows(s, t, dim):
     """KL(softmax(t) || softmax(s)) along dim; a class the teacher gives probability 0 adds 0.
-    A vector with no finite teacher logit has no mass to match: 0. Else one with no finite
-    student logit: +inf. Both with zero gradient (METHOD.md, "-inf logits")."""
+    A vector with a NaN logit on either side: NaN. Else one with no finite teacher logit has no
+    mass to match: 0. Else one with no finite student logit: +inf. Both with zero gradient
+    (METHOD.md, "-inf logits")."""
     def no_mass(x):
         return (x == float("-inf")).all(dim, keepdim=True)
     t_none, s_none = no_mass(t), no_mass(s)
@@ -33,9 +34,11 @@ def _kl_rows(s, t, dim):
     pt = F.softmax(torch.where(t_none, torch.zeros_like(t), t), dim)
     log_ps = F.log_softmax(torch.where(s_none, torch.zeros_like(s), s), dim)
     log_ps = torch.where(s_none, torch.full_like(log_ps, float("-inf")), log_ps)
-    keep = (pt > 0) & ~t_none
+    keep = (pt != 0) & ~t_none  # != 0, not > 0: a NaN probability is kept, and makes the sum NaN
     term = pt * (F.log_softmax(torch.where(t_none, torch.zeros_like(t), t), dim) - log_ps)
-    return torch.where(keep, term, torch.zeros_like(term)).sum(dim)
+    kl = torch.where(keep, term, torch.zeros_like(term)).sum(dim)
+    has_nan = (s.isnan() | t.isnan()).any(dim)
+    return torch.where(has_nan, torch.full_like(kl, float("nan")), kl)
 
 
 def label_slots(labels, size, num_classes, ignore_index=255):

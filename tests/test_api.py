@@ -201,6 +201,37 @@ def test_student_minus_inf_where_the_teacher_has_mass_is_infinite(device, dtype,
         torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("kd", [True, False], ids=["pixel_kd", "cwd"])
+@pytest.mark.parametrize("case", ["teacher all nan", "teacher nan and -inf", "teacher one nan",
+                                  "student all nan", "student nan, teacher -inf"])
+def test_a_nan_logit_makes_its_vector_nan_in_value_and_gradient(device, kd, case):
+    """METHOD.md "-inf logits": a NaN is never read as a mask. An all-NaN teacher vector once gave
+    loss 0 and a NaN gradient; now loss and gradient are NaN on the vector, as in the reference,
+    and the other vectors keep finite gradients."""
+    s, _, t, where = _no_mass_case(device, torch.float32, kd)
+    t = make_feats(2, 5, 3, 4, device=device, dtype=torch.float32, seed=2)
+    side = t if case.startswith("teacher") else s
+    vector = side[where]
+    if case in ("teacher all nan", "student all nan"):
+        vector.fill_(float("nan"))
+    elif case == "teacher nan and -inf":
+        vector.fill_(float("-inf"))
+        vector[..., 0] = float("nan")
+    elif case == "teacher one nan":
+        vector[..., 1] = float("nan")
+    else:
+        t[where] = float("-inf")
+        vector[..., 2] = float("nan")
+    side[where] = vector
+    for module in (idd_ops, reference):
+        loss, grad = _kd_or_cwd(module, kd, s, t)
+        assert torch.isnan(loss), module.__name__
+        assert torch.isnan(grad[where]).all(), module.__name__
+        rest = torch.ones_like(grad, dtype=torch.bool)
+        rest[where] = False
+        assert torch.isfinite(grad[rest]).all(), module.__name__
+
+
 @pytest.mark.parametrize("extra_channels,pool", [(0, 1), (3, 1), (0, 4), (3, 4)])
 def test_skd_value_accurate_in_float32_near_zero(device, extra_channels, pool):
     """The differenced form, with equal channel counts and with a teacher padded by extra

@@ -5,7 +5,8 @@
 // d KL / d s_c = (softmax(s / T)_c - softmax(t / T)_c) / T.
 // A class the teacher gives probability 0 (logit -inf, a masked class) adds nothing to w: its
 // term is 0 * (-inf), taken as its limit 0 (see kl_term), so the KL stays finite and exact.
-// Vectors with no finite logit on one side are settled per vector by softmax_kl_vector.
+// Vectors with no finite logit on one side, and vectors with a NaN, are settled per vector by
+// softmax_kl_vector.
 #include <c10/macros/Macros.h>
 
 #include <cmath>
@@ -52,7 +53,16 @@ C10_HOST_DEVICE inline T kl_term(T ea, T a, T b) {
   return ea > T(0) ? ea * (a - b) : T(0);
 }
 
-// Accumulated sums of one vector (see the header comment).
+// What a vector's sums subtract from its logits: the maximum, or 0 where that is -inf (the
+// maxima skip NaN, so: every logit -inf or NaN). A vector of -inf then sums exp(-inf) = 0, not
+// exp(-inf - -inf) = NaN, and a NaN sum means a NaN (or +inf) logit, which softmax_kl_vector
+// reports.
+template <typename T>
+C10_HOST_DEVICE inline T sum_shift(T m) {
+  return m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+}
+
+// Accumulated sums of one vector (see the header comment), of logits less their sum_shift.
 template <typename T>
 struct SoftmaxKLSums {
   T zt = 0, zs = 0, w = 0;
@@ -71,16 +81,19 @@ struct SoftmaxKLVector {
 };
 
 // The outputs of one vector from its maxima ms, mt and sums (METHOD.md, "-inf logits"):
+//  - a NaN logit on either side (its sum is NaN, see sum_shift): NaN outputs, so that the loss
+//    and the gradient are both NaN, never a finite loss over a NaN gradient;
 //  - teacher logits all -inf (a channel or pixel masked everywhere): the teacher puts no mass
 //    anywhere, every term p_t (log p_t - log p_s) is 0, so the KL is 0;
 //  - else student logits all -inf: the student has no mass where the teacher has some: +inf.
 // Both are constant in the student (a -inf logit stays -inf under any finite change), so their
 // gradient is 0: both log-sum-exps are stored as +inf, which makes the backward's
-// exp(x / T - lse) 0 on both sides. The sums of such a vector hold NaN (-inf minus -inf) and
-// are not read. Every kernel of the softmax-KL ops ends a vector through this function.
+// exp(x / T - lse) 0 on both sides. Every kernel of the softmax-KL ops ends a vector through
+// this function (the one-read kernels through OnlineSoftmaxKL::finish, by the same rules).
 template <typename T>
 C10_HOST_DEVICE inline SoftmaxKLVector<T> softmax_kl_vector(T ms, T mt, T zs, T zt, T w, T inv_T) {
-  constexpr T inf = std::numeric_limits<T>::infinity();
+  constexpr T inf = std::numeric_limits<T>::infinity(), nan = std::numeric_limits<T>::quiet_NaN();
+  if (zs != zs || zt != zt) return {nan, nan, nan};
   if (mt == -inf) return {T(0), inf, inf};
   if (ms == -inf) return {inf, inf, inf};
   return {T(w / zt - wide_log(zt) + wide_log(zs)), T(ms * inv_T + wide_log(zs)), T(mt * inv_T + wide_log(zt))};

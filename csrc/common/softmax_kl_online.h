@@ -6,8 +6,8 @@
 // the teacher gives probability > 0 (kl_term), the lse are m + log z and
 //   KL = w / zt + lse_s - lse_t        (= softmax_kl.h's w / zt - log zt + log zs).
 // A maximum of -inf (nothing yet, or a vector that is -inf everywhere) has its sum 0; rescale()
-// never forms exp(-inf - -inf). finish() settles a vector with no finite logit on one side by
-// the rule every softmax-KL kernel follows (softmax_kl.h, softmax_kl_vector).
+// never forms exp(-inf - -inf). finish() settles a vector with a NaN, or with no finite logit on
+// one side, by the rules every softmax-KL kernel follows (softmax_kl.h, softmax_kl_vector).
 #include <c10/macros/Macros.h>
 
 #include <limits>
@@ -25,8 +25,8 @@ struct OnlineSoftmaxKL {
   // exp(m_old - m_new) for m_new >= m_old, and 0 where the old sums are empty.
   C10_HOST_DEVICE static T rescale(T m_old, T m_new) { return empty(m_old) ? T(0) : vec_exp(m_old - m_new); }
   // The running maximum a never adopts a NaN b (std::max's form, as the CPU and two-pass kernels
-  // take their maxima): the NaN then reaches the sums through exp(b - max) and makes the vector's
-  // outputs NaN, or, in a vector with nothing else but -inf, the -inf rule settles it, as there.
+  // take their maxima): the NaN then reaches the sums through exp(b - max), or through keep_nan
+  // in a part with nothing else but -inf, and finish() makes the vector's outputs NaN.
   // (a > b ? a : b adopted a NaN and dropped it at the next smaller value: NaN then -inf, a
   // chunk's padding or masked classes, left a maximum of -inf and skipped the chunk's finite
   // values and NaN alike: a finite KL and lse where the other kernels give NaN.)
@@ -92,10 +92,12 @@ struct OnlineSoftmaxKL {
   // difference is then exact.
   C10_HOST_DEVICE T kl() const { return T(w / zt + (ms - mt) + (wide_log(zs) - wide_log(zt))); }
 
-  // The vector's outputs: a teacher -inf everywhere gives KL 0, else a student -inf everywhere
-  // +inf, both with lse stored as +inf so that the backward's gradient is 0 (softmax_kl.h).
+  // The vector's outputs, by softmax_kl_vector's rules: a NaN logit (a NaN sum) gives NaN; a
+  // teacher -inf everywhere KL 0, else a student -inf everywhere +inf, both with lse stored as
+  // +inf so that the backward's gradient is 0.
   C10_HOST_DEVICE SoftmaxKLVector<T> finish() const {
-    constexpr T inf = std::numeric_limits<T>::infinity();
+    constexpr T inf = std::numeric_limits<T>::infinity(), nan = std::numeric_limits<T>::quiet_NaN();
+    if (zs != zs || zt != zt) return {nan, nan, nan};
     if (empty(mt)) return {T(0), inf, inf};
     if (empty(ms)) return {inf, inf, inf};
     return {kl(), lse_s(), lse_t()};

@@ -38,8 +38,10 @@ __global__ void softmax_kl_strided_kernel(const scalar_t* __restrict__ s, const 
       mt = max(mt, static_cast<acc_t>(t[base + c * inner]));
     }
     SoftmaxKLSums<acc_t> sums;
+    const acc_t shift_s = sum_shift(ms), shift_t = sum_shift(mt);
     for (int64_t c = 0; c < length; ++c)
-      sums.add((static_cast<acc_t>(t[base + c * inner]) - mt) * inv_T, (static_cast<acc_t>(s[base + c * inner]) - ms) * inv_T);
+      sums.add((static_cast<acc_t>(t[base + c * inner]) - shift_t) * inv_T,
+               (static_cast<acc_t>(s[base + c * inner]) - shift_s) * inv_T);
     write_stats(ms, mt, sums, inv_T, k, kl, lse_s, lse_t);
   }
 }
@@ -60,8 +62,9 @@ __global__ void softmax_kl_rows_kernel(const scalar_t* __restrict__ s, const sca
   ms = block_max(ms, scratch);
   mt = block_max(mt, scratch);
   SoftmaxKLSums<acc_t> sums;
+  const acc_t shift_s = sum_shift(ms), shift_t = sum_shift(mt);
   for (int64_t c = threadIdx.x; c < length; c += blockDim.x)
-    sums.add((static_cast<acc_t>(t[base + c]) - mt) * inv_T, (static_cast<acc_t>(s[base + c]) - ms) * inv_T);
+    sums.add((static_cast<acc_t>(t[base + c]) - shift_t) * inv_T, (static_cast<acc_t>(s[base + c]) - shift_s) * inv_T);
   sums.zt = block_sum(sums.zt, scratch);
   sums.zs = block_sum(sums.zs, scratch);
   sums.w = block_sum(sums.w, scratch);
