@@ -192,7 +192,8 @@ def intra_class_variation_loss(student_feats: Tensor, teacher_feats: Tensor, lab
                 for f, c, n in zip(pair, centroids, counts)]
     else:
         maps = [ops.pixel_centroid_cosine(f, c, labels, ignore_index, float(eps))[0] for f, c in zip(pair, centroids)]
-    return F.mse_loss(maps[0], maps[1], reduction=reduction).to(loss_dtype(student_feats))
+    # reduce, not mse_loss's own mean: an empty map gives 0, as every other loss does, not 0/0
+    return reduce(F.mse_loss(maps[0], maps[1], reduction="none"), reduction).to(loss_dtype(student_feats))
 
 
 __all__ = ["pixel_kd_loss", "channel_wise_distillation_loss", "structural_kd_loss", "intra_class_variation_loss"]

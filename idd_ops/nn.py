@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from . import _validation as v
 from . import baselines
 from . import functional as F
+from ._reduction import reduce
 from .position import num_maps, position_encoding_loss
 
 
@@ -138,7 +139,7 @@ class PositionDistillationLoss(nn.Module):
             pred_t = self.readout(teacher_feats)
         if pred_s.shape[-2:] != pred_t.shape[-2:]:
             pred_s = TF.interpolate(pred_s, size=pred_t.shape[-2:], mode="bilinear", align_corners=False)
-        return TF.mse_loss(pred_s, pred_t.to(pred_s.dtype), reduction=self.reduction)
+        return reduce(TF.mse_loss(pred_s, pred_t.to(pred_s.dtype), reduction="none"), self.reduction)
 
 
 class PixelKDLoss(nn.Module):

@@ -157,8 +157,8 @@ def position_encoding_loss(pred_maps, kinds, reduction="mean", num_frequencies=2
     maps = position_maps(kinds, pred_maps.shape[2], pred_maps.shape[3], dtype=acc_dtype(pred_maps.dtype),
                          device=pred_maps.device, num_frequencies=num_frequencies, num_stripes=num_stripes,
                          sigma=sigma)
-    loss = F.mse_loss(pred_maps.to(maps.dtype), maps.expand(pred_maps.shape[0], -1, -1, -1), reduction=reduction)
-    return loss.to(pred_maps.dtype)
+    err = F.mse_loss(pred_maps.to(maps.dtype), maps.expand(pred_maps.shape[0], -1, -1, -1), reduction="none")
+    return reduce(err, reduction).to(pred_maps.dtype)
 
 
 def pixel_kd_loss(student_logits, teacher_logits, labels: Optional[torch.Tensor] = None, temperature=1.0,
@@ -177,10 +177,9 @@ def pixel_kd_loss(student_logits, teacher_logits, labels: Optional[torch.Tensor]
 
 def channel_wise_distillation_loss(student_feats, teacher_feats, temperature=4.0, reduction="mean"):
     """Reference of :func:`idd_ops.channel_wise_distillation_loss`."""
-    B, C = student_feats.shape[:2]
     acc = acc_dtype(student_feats.dtype)
-    s = student_feats.to(acc).reshape(B, C, -1) / temperature
-    t = teacher_feats.detach().to(acc).reshape(B, C, -1) / temperature
+    s = student_feats.to(acc).flatten(2) / temperature
+    t = teacher_feats.detach().to(acc).flatten(2) / temperature
     kl = _kl_rows(s, t, 2)  # [B, C]
     return (reduce(kl, reduction) * temperature ** 2).to(student_feats.dtype)
 
@@ -188,7 +187,7 @@ def channel_wise_distillation_loss(student_feats, teacher_feats, temperature=4.0
 def structural_kd_loss(student_feats, teacher_feats, pool=2, reduction="mean"):
     """Reference of :func:`idd_ops.structural_kd_loss`: forms the [B, P, P] affinities."""
     def affinity(x):
-        if pool > 1:
+        if pool > 1 and x.shape[2] * x.shape[3] > 0:  # max_pool2d rejects an empty map
             x = F.max_pool2d(x, kernel_size=pool, stride=pool, ceil_mode=True)
         x = F.normalize(x.to(acc_dtype(x.dtype)).flatten(2), dim=1)
         return x.transpose(1, 2) @ x
@@ -209,7 +208,7 @@ def pixel_centroid_cosine(feats, centroids, slots, eps=1e-8):
     valid = slots >= 0
     slot = torch.where(valid, slots, torch.zeros_like(slots)).long()
     f = feats.to(acc)
-    c = torch.gather(centroids.to(acc), 1, slot.reshape(B, -1, 1).expand(-1, -1, C))  # [B, HW, C]
+    c = torch.gather(centroids.to(acc), 1, slot.reshape(B, H * W, 1).expand(-1, -1, C))  # [B, HW, C]
     c = c.transpose(1, 2).reshape(B, C, H, W)
     denom = (torch.linalg.vector_norm(f, dim=1) * torch.linalg.vector_norm(c, dim=1)).clamp_min(eps)
     cos = (f * c).sum(1) / denom

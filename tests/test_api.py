@@ -232,6 +232,53 @@ def test_a_nan_logit_makes_its_vector_nan_in_value_and_gradient(device, kd, case
         assert torch.isfinite(grad[rest]).all(), module.__name__
 
 
+def _empty_case(name, shape):
+    """(call(module, x, reduction), x) of one loss on features with a zero-size dimension."""
+    B, C, H, W = shape
+    y = torch.zeros(B, H, W, dtype=torch.long)
+    t = torch.zeros(B, C, H, W)
+    calls = {
+        "idd": lambda m, x, r: m.inter_class_distance_loss(x, t, y, 5, reduction=r),
+        "ifvd": lambda m, x, r: m.intra_class_variation_loss(x, t, y, 5, reduction=r),
+        "pixel_kd": lambda m, x, r: m.pixel_kd_loss(x, t, y, reduction=r),
+        "cwd": lambda m, x, r: m.channel_wise_distillation_loss(x, t, reduction=r),
+        "skd": lambda m, x, r: m.structural_kd_loss(x, t, reduction=r),
+        "position": lambda m, x, r: m.position_encoding_loss(x[:, :1], ["horizontal"], reduction=r),
+    }
+    return calls[name], torch.zeros(shape)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 8, 8), (2, 3, 0, 8), (2, 3, 8, 0)], ids=["B=0", "H=0", "W=0"])
+@pytest.mark.parametrize("name", ["idd", "ifvd", "pixel_kd", "cwd", "skd", "position"])
+def test_an_empty_input_gives_the_references_finite_result(device, name, shape):
+    """API.md: an empty batch or map gives a finite, documented result: 0 for "mean" and "sum"
+    (never 0/0), the empty or zero per-item values for "none"; the reference agrees, and the
+    backward runs. (IFVD and the position loss once gave NaN, the fused position loss with
+    "none" crashed, and the reference raised on several.)"""
+    call, x = _empty_case(name, shape)
+    if name == "position" and shape[3] == 0:  # a horizontal map divides by W - 1: a clear error
+        with pytest.raises(ValueError, match="needs height and width >= 2 where it varies"):
+            call(idd_ops, x.to(device), "mean")
+        return
+    for reduction in ("mean", "sum", "none"):
+        xs = x.to(device).requires_grad_()
+        got = call(idd_ops, xs, reduction)
+        want = call(reference, x, reduction)
+        assert got.shape == want.shape and torch.isfinite(got).all(), reduction
+        torch.testing.assert_close(got.cpu(), want)
+        if reduction != "none":
+            assert got.item() == 0
+        got.sum().backward()
+        assert xs.grad is None or (xs.grad.shape == xs.shape and torch.isfinite(xs.grad).all())
+
+
+def test_an_empty_batch_gives_zero_position_distillation(device):
+    readout = idd_ops.nn.PositionEncodingModule(6, ["horizontal"], hidden=8)
+    pid = idd_ops.nn.PositionDistillationLoss(readout, 4).to(device)
+    loss = pid(torch.randn(0, 4, 8, 8, device=device), torch.randn(0, 6, 8, 8, device=device))
+    assert loss.item() == 0
+
+
 @pytest.mark.parametrize("extra_channels,pool", [(0, 1), (3, 1), (0, 4), (3, 4)])
 def test_skd_value_accurate_in_float32_near_zero(device, extra_channels, pool):
     """The differenced form, with equal channel counts and with a teacher padded by extra

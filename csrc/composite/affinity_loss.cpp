@@ -140,6 +140,7 @@ at::Tensor affinity_loss_backward_blocked(const at::Tensor& grad, const at::Tens
   const PoolGeometry g(H, W, pool);
   const at::Tensor scale = grad.to(acc) * (4.0 / mean_divisor(g));
   at::Tensor out = at::zeros({B, Cs, H, W}, student.options().memory_format(at::MemoryFormat::Contiguous));
+  if (g.pixels() == 0) return out;  // an empty map (W = 0 leaves Ho > 0 blocks, which ATen's pooling rejects)
   for (int64_t b = 0; b < B; ++b) {
     at::Tensor out_b = out[b].view({Cs, H * W});
     for (int64_t o0 = 0; o0 < g.Ho; o0 += g.rows_per_block) {

@@ -46,6 +46,9 @@ at::Tensor position_encoding_loss_kernel(const at::Tensor& pred_in, at::IntArray
   const int64_t B = pred.size(0), M = pred.size(1), H = pred.size(2), W = pred.size(3);
   const auto acc = acc_dtype(pred.scalar_type());
   at::Tensor out = red == Reduction::None ? at::empty_like(pred) : at::zeros({B * M}, pred.options().dtype(acc));
+  // no elements: the errors are empty (a null data pointer, which the plane loop below would
+  // take for "reduce" and write a plane sum through) and every sum is 0
+  if (pred.numel() == 0) return red == Reduction::None ? out : out.sum();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "position_encoding_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = pred.const_data_ptr<scalar_t>();
@@ -106,6 +109,7 @@ at::Tensor position_encoding_loss_backward_kernel(const at::Tensor& grad_in, con
   const int64_t H = pred.size(2), W = pred.size(3);
   const at::Tensor grad = loss_grad_acc(grad_in, pred, red);
   at::Tensor out = at::empty_like(pred);
+  if (pred.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "position_encoding_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = pred.const_data_ptr<scalar_t>();
