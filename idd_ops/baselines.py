@@ -192,8 +192,11 @@ def intra_class_variation_loss(student_feats: Tensor, teacher_feats: Tensor, lab
                 for f, c, n in zip(pair, centroids, counts)]
     else:
         maps = [ops.pixel_centroid_cosine(f, c, labels, ignore_index, float(eps))[0] for f, c in zip(pair, centroids)]
-    # reduce, not mse_loss's own mean: an empty map gives 0, as every other loss does, not 0/0
-    return reduce(F.mse_loss(maps[0], maps[1], reduction="none"), reduction).to(loss_dtype(student_feats))
+    # reduce, not mse_loss's own mean: an empty map gives 0, as every other loss does, not 0/0.
+    # The teacher's map in the student's dtype: torch 2.4's mse_loss backward gave a float64
+    # student's map a float32 gradient (an autograd error) when the teacher's map was float32.
+    err = F.mse_loss(maps[0], maps[1].to(maps[0].dtype), reduction="none")
+    return reduce(err, reduction).to(loss_dtype(student_feats))
 
 
 __all__ = ["pixel_kd_loss", "channel_wise_distillation_loss", "structural_kd_loss", "intra_class_variation_loss"]

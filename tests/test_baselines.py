@@ -60,6 +60,23 @@ def test_low_precision_forward(device, name, dtype, layout):
 
 
 @pytest.mark.parametrize("name", LOSSES)
+def test_a_float32_teacher_with_a_float64_student(device, name):
+    """Mixed dtypes: the loss and the student's gradient equal those with the teacher's float32
+    values given as float64 (within the teacher side's float32 arithmetic). IFVD's backward once
+    failed on torch 2.4 ("Found dtype Float but expected Double")."""
+    s = make_feats(2, 5, 7, 9, device=device, seed=1).requires_grad_()
+    t = make_feats(2, 5, 7, 9, device=device, seed=2).float()
+    y = make_labels(2, 14, 18, 4, device=device)
+    la = call(name, idd_ops, s, t, y)
+    (ga,) = torch.autograd.grad(la, s)
+    lb = call(name, idd_ops, s, t.double(), y)
+    (gb,) = torch.autograd.grad(lb, s)
+    assert la.dtype == ga.dtype == torch.float64
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", LOSSES)
 def test_compiled(device, name):
     torch._dynamo.reset()
     s = make_feats(2, 4, 8, 8, dtype=torch.float32, device=device).requires_grad_()
