@@ -13,17 +13,19 @@ from ._ops import channels_last_layout
 ops = torch.ops.idd_ops
 
 
-def uses_class_sums(*feats: Tensor) -> bool:
-    """Whether the class passes over `feats` take the class-sum path (one slot map per feature
-    size, class_sums, centroids = sums / counts): where _switches.class_sums_path says so. The
-    float64 class sums hold a common offset exactly, so this path is the more precise one (the
-    loss 6e-7 off float64 with an offset 10^4 times the class spread, against 9e-5 through the
-    centroid op: tests/test_precision.py)."""
-    return _switches.class_sums_path(feats[0].device, any(channels_last_layout(f) for f in feats))
-
-
 # Most classes a slot map holds: slots are int16 (kMaxSlotClasses, csrc/common/label_index.h).
 MAX_SLOT_CLASSES = 32767
+
+
+def uses_class_sums(num_classes: int, *feats: Tensor) -> bool:
+    """Whether the class passes over `feats` take the class-sum path (one slot map per feature
+    size, class_sums, centroids = sums / counts): where _switches.class_sums_path says so, for
+    at most MAX_SLOT_CLASSES classes (more take the centroid op, which copies channels_last
+    features to NCHW once). The float64 class sums hold a common offset exactly, so this path is
+    the more precise one (the loss 6e-7 off float64 with an offset 10^4 times the class spread,
+    against 9e-5 through the centroid op: tests/test_precision.py)."""
+    return num_classes <= MAX_SLOT_CLASSES and _switches.class_sums_path(
+        feats[0].device, any(channels_last_layout(f) for f in feats))
 
 
 def slots_for(labels: Tensor, feats: Tensor, num_classes: int, ignore_index: int) -> Tensor:

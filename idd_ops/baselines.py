@@ -167,7 +167,7 @@ def intra_class_variation_loss(student_feats: Tensor, teacher_feats: Tensor, lab
     v.check_choice("reduction", reduction, v.REDUCTIONS)
     v.check_same_size(student_feats, teacher_feats, "IFVD compares the two maps pixel by pixel")
     pair = (student_feats, teacher_feats.detach())
-    sums = uses_class_sums(*pair)
+    sums = uses_class_sums(num_classes, *pair)
     # one label decode per call: the slot map serves both class passes (on the class-sum path) and
     # both networks' cosine maps, forward and backward
     slots = None

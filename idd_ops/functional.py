@@ -45,7 +45,7 @@ def class_centroids(feats: Tensor, labels: Tensor, num_classes: int, ignore_inde
     fmap = v.feature_map("feats", feats, size)
     v.check_labels(labels, "feats", fmap)
     v.check_num_classes(num_classes, ignore_index)
-    if uses_class_sums(fmap):
+    if uses_class_sums(num_classes, fmap):
         sums, counts = ops.class_sums(fmap, slots_for(labels, fmap, num_classes, ignore_index), num_classes)
         return centroids_from_sums(sums, counts, feats.dtype), counts
     centroids, counts = ops.class_centroids(fmap, labels, num_classes, ignore_index)
@@ -127,7 +127,7 @@ def inter_class_distance_loss(student_feats: Tensor, teacher_feats: Tensor, labe
     v.check_choice("centroids", centroids, ("image", "batch"))
     if process_group is not None and centroids != "batch":
         raise ValueError("process_group: only used with centroids='batch' (per-image centroids need no communication)")
-    if uses_class_sums(fs, ft):
+    if uses_class_sums(num_classes, fs, ft):
         ss, ns, st, nt = pair_sums(fs, ft.detach(), labels, num_classes, ignore_index)
         if centroids == "batch":
             ss, ns = pooled_sums(ss, ns, process_group)

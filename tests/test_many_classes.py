@@ -54,6 +54,32 @@ def test_many_classes(device, K, dtype):
     torch.testing.assert_close(got[1], x.grad, rtol=tol, atol=tol * float(x.grad.abs().max()))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens"])
+def test_more_classes_than_a_slot_map_holds_in_every_layout(device, layout):
+    """Past 32767 classes (the int16 slot map's limit) the class passes take the centroid op in
+    every layout: channels_last features and tokens once raised "class slots are int16" where
+    NCHW worked. class_centroids and IFVD against the reference (IDD takes the same path, but its
+    K x K matrices would need gigabytes here)."""
+    B, C, H, W, K = 1, 3, 4, 6, 40000
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, K, (B, H, W), generator=g).to(device)
+    s = make_feats(B, C, H, W, device=device, seed=1)
+    t = make_feats(B, C + 2, H, W, device=device, seed=2)
+    size = None
+    if layout == "channels_last":
+        s, t = (f.contiguous(memory_format=torch.channels_last) for f in (s, t))
+    elif layout == "tokens":
+        s, t, size = s.flatten(2).transpose(1, 2), t.flatten(2).transpose(1, 2), (H, W)
+    c, n = idd_ops.class_centroids(s, y, K, size=size)
+    feats = s if size is None else s.transpose(1, 2).reshape(B, C, H, W)
+    c_ref, n_ref = reference.class_centroids(feats, y, K)
+    assert torch.equal(n, n_ref)
+    torch.testing.assert_close(c, c_ref)
+    if size is None:
+        torch.testing.assert_close(idd_ops.intra_class_variation_loss(s, t, y, K),
+                                   reference.intra_class_variation_loss(s, t, y, K))
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_wide_features(device, metric):
     """C = 2048 (a ResNet-50/101 teacher's width), beside a 512-channel student."""

@@ -78,7 +78,7 @@ def test_class_sum_path_keeps_a_common_offset(monkeypatch, layout, offset, sprea
     s, t, y, K = offset_inputs(offset, spread)
     if layout == "channels_last":
         s, t = (f.contiguous(memory_format=torch.channels_last) for f in (s, t))
-    assert uses_class_sums(s, t)
+    assert uses_class_sums(K, s, t)
     want = reference.inter_class_distance_loss(s.double(), t.double(), y, K, **options)
     assert _relative(idd_ops.inter_class_distance_loss(s, t, y, K, **options), want) < 1e-5
 
