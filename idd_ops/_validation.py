@@ -45,6 +45,16 @@ def feature_map(name, x, size):
     return x
 
 
+def feature_maps(size, *named):
+    """feature_map of each (name, x) pair; a `size` that no token input uses is an error, not
+    silently ignored."""
+    maps = [feature_map(name, x, size) for name, x in named]
+    if size is not None and all(m is x for m, (_, x) in zip(maps, named)):
+        raise ValueError(f"size: only [B, N, C] token inputs take a size, but {', '.join(n for n, _ in named)} "
+                         f"{'is a' if len(named) == 1 else 'are'} [B, C, H, W] map{'' if len(named) == 1 else 's'}")
+    return maps
+
+
 def check_labels(labels, feats_name, feats):
     _check_tensor("labels", labels, 3, "[B, H, W]", floating=False)
     if labels.shape[0] != feats.shape[0]:

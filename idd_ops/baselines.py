@@ -11,7 +11,7 @@ Every loss takes ``reduction="mean"|"sum"|"none"``; each docstring says what an 
 what ``"none"`` returns. Teachers are constants: no gradient reaches them. Losses come in the
 student's dtype (float32 for half inputs under autocast).
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +118,7 @@ def structural_kd_loss(student_feats: Tensor, teacher_feats: Tensor, pool: int =
 
     Args:
         student_feats: ``[B, Cs, H, W]``; teacher_feats: ``[B, Ct, H, W]`` (channels may differ,
-            spatial sizes must match).
+            spatial sizes must match); either may be ``[B, N, C]`` tokens with ``size``.
         pool: pooling window and stride; 1 for none. Default: 2.
         reduction: ``"mean"`` (default, over all ``B*P*P`` entries); ``"sum"``; ``"none"``:
             ``[B]``, each image's mean over its ``P*P`` entries (the affinity is never formed,
@@ -143,7 +143,8 @@ def structural_kd_loss(student_feats: Tensor, teacher_feats: Tensor, pool: int =
 
 
 def intra_class_variation_loss(student_feats: Tensor, teacher_feats: Tensor, labels: Tensor, num_classes: int,
-                               ignore_index: int = 255, eps: float = 1e-8, reduction: str = "mean") -> Tensor:
+                               ignore_index: int = 255, eps: float = 1e-8, reduction: str = "mean",
+                               size: Optional[Tuple[int, int]] = None) -> Tensor:
     """Intra-class feature variation distillation (IFVD): per-image class centroids; for each
     pixel the cosine similarity between its feature and its class centroid (pixels without a
     valid label score 1 for both networks); squared difference of the student's and the
@@ -151,15 +152,17 @@ def intra_class_variation_loss(student_feats: Tensor, teacher_feats: Tensor, lab
 
     Args:
         student_feats: ``[B, Cs, H, W]``; teacher_feats: ``[B, Ct, H, W]`` (channels may differ,
-            spatial sizes must match).
+            spatial sizes must match); either may be ``[B, N, C]`` tokens with ``size``.
         labels: ``[B, Hy, Wy]`` integer, resized (nearest) to ``H x W``.
         num_classes, ignore_index: as in :func:`idd_ops.class_centroids`. Default ignore_index: 255.
         eps: floor of the cosine denominator. Default: 1e-8.
         reduction: ``"mean"`` (default, over all ``B*H*W`` pixels, CIRKD's convention);
             ``"sum"``; ``"none"``: ``[B, H, W]`` per-pixel values.
+        size: ``(H, W)`` of whichever input is ``[B, N, C]`` tokens (``N == H * W``), as in
+            :func:`idd_ops.inter_class_distance_loss`. Default: None (no token input).
     """
-    v.check_features("student_feats", student_feats)
-    v.check_features("teacher_feats", teacher_feats)
+    student_feats, teacher_feats = v.feature_maps(size, ("student_feats", student_feats),
+                                                  ("teacher_feats", teacher_feats))
     v.check_pair(student_feats, teacher_feats)
     v.check_labels(labels, "student_feats", student_feats)
     v.check_num_classes(num_classes, ignore_index)

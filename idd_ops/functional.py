@@ -42,7 +42,7 @@ def class_centroids(feats: Tensor, labels: Tensor, num_classes: int, ignore_inde
         ``counts [B, K]`` int64, the number of feature pixels of each class.
         Differentiable w.r.t. ``feats``.
     """
-    fmap = v.feature_map("feats", feats, size)
+    (fmap,) = v.feature_maps(size, ("feats", feats))
     v.check_labels(labels, "feats", fmap)
     v.check_num_classes(num_classes, ignore_index)
     if uses_class_sums(num_classes, fmap):
@@ -115,8 +115,7 @@ def inter_class_distance_loss(student_feats: Tensor, teacher_feats: Tensor, labe
         The loss in ``student_feats.dtype`` (float32 for half inputs under autocast): a
         scalar, or ``[B]`` for ``"none"``.
     """
-    fs = v.feature_map("student_feats", student_feats, size)
-    ft = v.feature_map("teacher_feats", teacher_feats, size)
+    fs, ft = v.feature_maps(size, ("student_feats", student_feats), ("teacher_feats", teacher_feats))
     v.check_pair(fs, ft)
     v.check_labels(labels, "student_feats", fs)
     v.check_num_classes(num_classes, ignore_index)

@@ -1,6 +1,6 @@
 """nn.Module versions of the idd_ops losses. Every module takes the options of its function
 (same names and defaults) and passes them on."""
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as TF
@@ -17,7 +17,8 @@ class InterClassDistanceLoss(nn.Module):
     """Inter-class distance distillation loss as a module; see
     :func:`idd_ops.inter_class_distance_loss` for the arguments and their defaults.
 
-    Call: ``loss(student_feats [B,Cs,Hs,Ws], teacher_feats [B,Ct,Ht,Wt], labels [B,Hy,Wy])``.
+    Call: ``loss(student_feats [B,Cs,Hs,Ws], teacher_feats [B,Ct,Ht,Wt], labels [B,Hy,Wy])``, or
+    with ``[B, N, C]`` tokens ``loss(..., size=(H, W))``.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, metric: str = "euclidean",
@@ -33,10 +34,11 @@ class InterClassDistanceLoss(nn.Module):
         self.centroids = centroids
         self.process_group = process_group
 
-    def forward(self, student_feats: Tensor, teacher_feats: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, student_feats: Tensor, teacher_feats: Tensor, labels: Tensor,
+                size: Optional[Tuple[int, int]] = None) -> Tensor:
         return F.inter_class_distance_loss(student_feats, teacher_feats, labels, self.num_classes, self.ignore_index,
                                            self.metric, self.normalize, self.reduction, self.eps, self.centroids,
-                                           self.process_group)
+                                           self.process_group, size)
 
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, ignore_index={self.ignore_index}, metric={self.metric!r}, "
@@ -210,12 +212,13 @@ class StructuralKDLoss(nn.Module):
 
 class IntraClassVariationLoss(nn.Module):
     """IFVD; see :func:`idd_ops.intra_class_variation_loss` (same options and defaults).
-    Call: ``loss(student_feats, teacher_feats, labels)``."""
+    Call: ``loss(student_feats, teacher_feats, labels)``, or with tokens ``loss(..., size=(H, W))``."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255, eps: float = 1e-8, reduction: str = "mean"):
         super().__init__()
         self.num_classes, self.ignore_index, self.eps, self.reduction = num_classes, ignore_index, eps, reduction
 
-    def forward(self, student_feats: Tensor, teacher_feats: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, student_feats: Tensor, teacher_feats: Tensor, labels: Tensor,
+                size: Optional[Tuple[int, int]] = None) -> Tensor:
         return baselines.intra_class_variation_loss(student_feats, teacher_feats, labels, self.num_classes,
-                                                    self.ignore_index, self.eps, self.reduction)
+                                                    self.ignore_index, self.eps, self.reduction, size)

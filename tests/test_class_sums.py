@@ -343,6 +343,39 @@ def test_token_student_idd_matches_reference(device, teacher_tokens):
     torch.testing.assert_close(sa.grad, sb.grad.permute(0, 2, 3, 1).reshape_as(s_tok))
 
 
+@pytest.mark.parametrize("teacher_tokens", [False, True])
+def test_token_ifvd_and_modules_match_the_map_form(device, teacher_tokens):
+    """IFVD takes tokens with size=(H, W) as IDD does, and the modules of both pass size through
+    (InterClassDistanceLoss once had no way to take it)."""
+    s_tok, s_map = _tokens(2, 6, 8, 10, device, seed=1)
+    t_tok, t_map = _tokens(2, 9, 8, 10, device, seed=2)
+    teacher = t_tok if teacher_tokens else t_map
+    y = make_labels(2, 16, 20, 5, device=device)
+    pairs = [(idd_ops.intra_class_variation_loss, reference.intra_class_variation_loss, dict(reduction="none")),
+             (idd_ops.nn.IntraClassVariationLoss(5), reference.intra_class_variation_loss, {}),
+             (idd_ops.nn.InterClassDistanceLoss(5), reference.inter_class_distance_loss, {})]
+    for fused, ref, kw in pairs:
+        sa = s_tok.detach().clone().requires_grad_()
+        sb = s_map.detach().clone().requires_grad_()
+        la = fused(sa, teacher, y, **({} if isinstance(fused, torch.nn.Module) else {"num_classes": 5}), **kw,
+                   size=(8, 10))
+        lb = ref(sb, t_map, y, 5, **kw)
+        torch.testing.assert_close(la, lb)
+        la.sum().backward()
+        lb.sum().backward()
+        torch.testing.assert_close(sa.grad, sb.grad.permute(0, 2, 3, 1).reshape_as(s_tok))
+
+
+def test_a_size_without_token_inputs_is_an_error():
+    s, t, y = make_feats(2, 4, 3, 4), make_feats(2, 5, 3, 4), make_labels(2, 3, 4, 3)
+    with pytest.raises(ValueError, match="size: only \\[B, N, C\\] token inputs take a size, but feats is"):
+        idd_ops.class_centroids(s, y, 3, size=(3, 4))
+    with pytest.raises(ValueError, match="student_feats, teacher_feats are \\[B, C, H, W\\] maps"):
+        idd_ops.inter_class_distance_loss(s, t, y, 3, size=(3, 4))
+    with pytest.raises(ValueError, match="size: only"):
+        idd_ops.intra_class_variation_loss(s, t, y, 3, size=(3, 4))
+
+
 def test_token_features_are_read_in_place():
     """Tokens (channels_last maps) take the class-sum path by default on the CPU: no copy of the
     features on the way in (nor of their gradient on the way out): the profiler sees no copy op.
