@@ -25,6 +25,13 @@ class InterClassDistanceLoss(nn.Module):
                  normalize: Optional[str] = None, reduction: str = "mean", eps: float = 1e-8, centroids: str = "image",
                  process_group: Optional[object] = None):
         super().__init__()
+        # the options are checked here as well as at each call: a typo fails where it is made
+        v.check_num_classes(num_classes, ignore_index)
+        v.check_choice("metric", metric, v.METRICS)
+        v.check_choice("normalize", normalize, v.NORMALIZE)
+        v.check_choice("reduction", reduction, v.REDUCTIONS)
+        v.check_eps(eps)
+        v.check_choice("centroids", centroids, ("image", "batch"))
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.metric = metric
@@ -119,6 +126,9 @@ class PositionDistillationLoss(nn.Module):
             self.adapter = (nn.Identity() if student_channels == teacher_channels
                             else nn.Conv2d(student_channels, teacher_channels, 1, bias=False))
         else:
+            if kinds is None and readout is None:
+                raise ValueError("kinds: the 'target' variant needs the position map kinds, given as kinds= or "
+                                 "through a readout")
             kinds = kinds if kinds is not None else readout.kinds
             self.kinds = tuple([kinds] if isinstance(kinds, str) else kinds)
             options = readout.map_options() if readout is not None else {}
@@ -150,6 +160,9 @@ class PixelKDLoss(nn.Module):
 
     def __init__(self, temperature: float = 1.0, ignore_index: int = 255, reduction: str = "mean"):
         super().__init__()
+        v.check_positive("temperature", temperature)
+        v.check_int("ignore_index", ignore_index)
+        v.check_choice("reduction", reduction, v.REDUCTIONS)
         self.temperature, self.ignore_index, self.reduction = temperature, ignore_index, reduction
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
@@ -180,6 +193,7 @@ class ChannelWiseDistillationLoss(nn.Module):
         super().__init__()
         v.check_int("student_channels", student_channels, 1)
         v.check_int("teacher_channels", teacher_channels, 1)
+        v.check_positive("temperature", temperature)
         v.check_choice("reduction", reduction, v.REDUCTIONS)
         v.check_choice("normalizer", normalizer, self.NORMALIZERS)
         self.temperature, self.reduction, self.normalizer = temperature, reduction, normalizer
@@ -204,6 +218,8 @@ class StructuralKDLoss(nn.Module):
 
     def __init__(self, pool: int = 2, reduction: str = "mean"):
         super().__init__()
+        v.check_int("pool", pool, 1)
+        v.check_choice("reduction", reduction, v.REDUCTIONS)
         self.pool, self.reduction = pool, reduction
 
     def forward(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
@@ -216,6 +232,9 @@ class IntraClassVariationLoss(nn.Module):
 
     def __init__(self, num_classes: int, ignore_index: int = 255, eps: float = 1e-8, reduction: str = "mean"):
         super().__init__()
+        v.check_num_classes(num_classes, ignore_index)
+        v.check_eps(eps)
+        v.check_choice("reduction", reduction, v.REDUCTIONS)
         self.num_classes, self.ignore_index, self.eps, self.reduction = num_classes, ignore_index, eps, reduction
 
     def forward(self, student_feats: Tensor, teacher_feats: Tensor, labels: Tensor,

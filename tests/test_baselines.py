@@ -127,6 +127,25 @@ def test_modules():
     torch.testing.assert_close(idd_ops.nn.PixelKDLoss(2.0)(s, s * 2), idd_ops.pixel_kd_loss(s, s * 2, temperature=2.0))
 
 
+@pytest.mark.parametrize("build,error,text", [
+    (lambda: idd_ops.nn.InterClassDistanceLoss(5.0), TypeError, "num_classes: expected an int"),
+    (lambda: idd_ops.nn.InterClassDistanceLoss(5, metric="l1"), ValueError, "metric: expected one of"),
+    (lambda: idd_ops.nn.InterClassDistanceLoss(5, centroids="global"), ValueError, "centroids: expected one of"),
+    (lambda: idd_ops.nn.PixelKDLoss(temperature=-1), ValueError, "temperature: expected a positive number"),
+    (lambda: idd_ops.nn.PixelKDLoss(reduction="avg"), ValueError, "reduction: expected one of"),
+    (lambda: idd_ops.nn.StructuralKDLoss(pool=0), ValueError, "pool: expected an int >= 1"),
+    (lambda: idd_ops.nn.IntraClassVariationLoss(num_classes=0), ValueError, "num_classes: expected an int >= 1"),
+    (lambda: idd_ops.nn.IntraClassVariationLoss(4, eps=0), ValueError, "eps: expected a positive number"),
+    (lambda: idd_ops.nn.ChannelWiseDistillationLoss(4, 6, temperature=0), ValueError, "temperature"),
+    (lambda: idd_ops.nn.PositionDistillationLoss(None, 4, variant="target"), ValueError, "kinds: the 'target' variant"),
+])
+def test_modules_check_their_options_when_built(build, error, text):
+    """A bad option fails where the module is built, naming it, not at the first forward (or as
+    an AttributeError)."""
+    with pytest.raises(error, match=text):
+        build()
+
+
 def test_opcheck(device):
     s = torch.randn(2, 5, 7, device=device, requires_grad=True)
     t = torch.randn(2, 5, 7, device=device)
