@@ -24,6 +24,9 @@ def pooled_sums(sums: torch.Tensor, counts: torch.Tensor, process_group: Optiona
 
 def pooled_centroids(centroids: torch.Tensor, counts: torch.Tensor, process_group: Optional[object]):
     """Per-image centroids [B,K,C] and counts [B,K] -> one batch-level centroid set [1,K,C], [1,K]
-    (pooled as pooled_sums pools)."""
-    sums, counts = pooled_sums(centroids * counts[..., None].to(centroids.dtype), counts, process_group)
-    return centroids_from_sums(sums, counts), counts
+    (pooled as pooled_sums pools). The sums are float64, as the class-sum path's are: ranks whose
+    features take different paths (a rank with an empty batch, or another memory layout) then
+    all-reduce tensors of one dtype. Float32 here against float64 there aborted the job in gloo."""
+    sums = centroids.double() * counts[..., None]
+    sums, counts = pooled_sums(sums, counts, process_group)
+    return centroids_from_sums(sums, counts, centroids.dtype), counts

@@ -82,11 +82,12 @@ def check_int(name, value, minimum=None):
 
 
 def check_positive(name, value):
-    """A positive int or float (not a bool): TypeError for another type, ValueError if <= 0."""
+    """A finite positive int or float (not a bool): TypeError for another type, ValueError if
+    <= 0, inf or NaN (the ops' own checks say the same)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a positive number, got {value!r}")
-    if not value > 0:
-        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+        raise TypeError(f"{name}: expected a finite value > 0, got {value!r}")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name}: expected a finite value > 0, got {value!r}")
 
 
 def check_num_classes(num_classes, ignore_index):

@@ -34,6 +34,8 @@ CASES = [  # (id, call, exception type, text the message must contain)
     ("normalize", lambda: loss(normalize="max"), ValueError, "normalize"),
     ("reduction", lambda: loss(reduction="avg"), ValueError, "reduction"),
     ("eps", lambda: loss(eps=0.0), ValueError, "eps"),
+    ("eps_inf", lambda: loss(eps=float("inf")), ValueError, "eps: expected a finite value > 0"),
+    ("eps_nan", lambda: loss(eps=float("nan")), ValueError, "eps: expected a finite value > 0"),
     ("labels_empty", lambda: loss(labels=torch.zeros(2, 0, 8, dtype=torch.long)), ValueError, "labels"),
     ("labels_list", lambda: loss(labels=[[0]]), TypeError, "labels"),
     ("centroids_2d", lambda: idd_ops.class_distance_matrix(torch.randn(3, 4), torch.ones(3, 4, dtype=torch.long)),

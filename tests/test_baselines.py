@@ -131,11 +131,11 @@ def test_modules():
     (lambda: idd_ops.nn.InterClassDistanceLoss(5.0), TypeError, "num_classes: expected an int"),
     (lambda: idd_ops.nn.InterClassDistanceLoss(5, metric="l1"), ValueError, "metric: expected one of"),
     (lambda: idd_ops.nn.InterClassDistanceLoss(5, centroids="global"), ValueError, "centroids: expected one of"),
-    (lambda: idd_ops.nn.PixelKDLoss(temperature=-1), ValueError, "temperature: expected a positive number"),
+    (lambda: idd_ops.nn.PixelKDLoss(temperature=-1), ValueError, "temperature: expected a finite value > 0"),
     (lambda: idd_ops.nn.PixelKDLoss(reduction="avg"), ValueError, "reduction: expected one of"),
     (lambda: idd_ops.nn.StructuralKDLoss(pool=0), ValueError, "pool: expected an int >= 1"),
     (lambda: idd_ops.nn.IntraClassVariationLoss(num_classes=0), ValueError, "num_classes: expected an int >= 1"),
-    (lambda: idd_ops.nn.IntraClassVariationLoss(4, eps=0), ValueError, "eps: expected a positive number"),
+    (lambda: idd_ops.nn.IntraClassVariationLoss(4, eps=0), ValueError, "eps: expected a finite value > 0"),
     (lambda: idd_ops.nn.ChannelWiseDistillationLoss(4, 6, temperature=0), ValueError, "temperature"),
     (lambda: idd_ops.nn.PositionDistillationLoss(None, 4, variant="target"), ValueError, "kinds: the 'target' variant"),
 ])

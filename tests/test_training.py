@@ -108,13 +108,17 @@ def test_batch_centroids_match_reference_on_pooled_batch():
         idd_ops.inter_class_distance_loss(s, t, y, 5, process_group=object())
 
 
-def _ddp_worker(rank, world, port, path):
+def _ddp_worker(rank, world, port, path, mixed_layouts):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    s = make_feats(4, 4, 8, 8, seed=1)[2 * rank: 2 * rank + 2].clone().requires_grad_()
-    t = make_feats(4, 6, 8, 8, seed=2)[2 * rank: 2 * rank + 2]
+    dtype = torch.float32 if mixed_layouts else torch.float64  # float32: the paths' own dtypes differ
+    s = make_feats(4, 4, 8, 8, seed=1, dtype=dtype)[2 * rank: 2 * rank + 2].clone().requires_grad_()
+    t = make_feats(4, 6, 8, 8, seed=2, dtype=dtype)[2 * rank: 2 * rank + 2]
+    if mixed_layouts and rank == 1:  # this rank's class passes take the other path (class sums)
+        s = s.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        t = t.contiguous(memory_format=torch.channels_last)
     y = make_labels(4, 16, 16, 5)[2 * rank: 2 * rank + 2]
     loss = idd_ops.inter_class_distance_loss(s, t, y, 5, centroids="batch", process_group=dist.group.WORLD)
     loss.backward()
@@ -123,7 +127,10 @@ def _ddp_worker(rank, world, port, path):
     dist.destroy_process_group()
 
 
-def test_distributed_centroids_equal_single_process(tmp_path):
+@pytest.mark.parametrize("mixed_layouts", [False, True], ids=["same-layout", "mixed-layouts"])
+def test_distributed_centroids_equal_single_process(tmp_path, mixed_layouts):
+    """Mixed layouts: ranks whose features take different paths all-reduce the same dtypes (a
+    float32 against a float64 all-reduce once aborted the job in gloo)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -131,10 +138,11 @@ def test_distributed_centroids_equal_single_process(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    s = make_feats(4, 4, 8, 8, seed=1).requires_grad_()
-    loss = idd_ops.inter_class_distance_loss(s, make_feats(4, 6, 8, 8, seed=2), make_labels(4, 16, 16, 5), 5,
-                                             centroids="batch")
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), mixed_layouts), nprocs=2, join=True)
+    dtype = torch.float32 if mixed_layouts else torch.float64
+    s = make_feats(4, 4, 8, 8, seed=1, dtype=dtype).requires_grad_()
+    loss = idd_ops.inter_class_distance_loss(s, make_feats(4, 6, 8, 8, seed=2, dtype=dtype), make_labels(4, 16, 16, 5),
+                                             5, centroids="batch")
     loss.backward()
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
