@@ -7,7 +7,16 @@ from torch import Tensor, nn
 
 from . import baselines, functional
 
-# The fused losses under the names Distiller calls; idd_ops.reference has the same names.
+# The functional losses Distiller calls; idd_ops.reference has the same names.
+LIB_FUNCTIONS = ("inter_class_distance_loss", "pixel_kd_loss", "structural_kd_loss", "intra_class_variation_loss")
+
+
+def _functions(lib) -> SimpleNamespace:
+    """`lib`'s losses as a namespace of functions: a Distiller holding a module object (such as
+    idd_ops.reference) could not be deep-copied, pickled or torch.save'd."""
+    return SimpleNamespace(**{name: getattr(lib, name) for name in LIB_FUNCTIONS})
+
+
 FUSED = SimpleNamespace(inter_class_distance_loss=functional.inter_class_distance_loss,
                         pixel_kd_loss=baselines.pixel_kd_loss, structural_kd_loss=baselines.structural_kd_loss,
                         intra_class_variation_loss=baselines.intra_class_variation_loss)
@@ -62,7 +71,8 @@ class Distiller(nn.Module):
         idd_options: extra keyword arguments for :func:`idd_ops.inter_class_distance_loss`.
         lib: where the functional losses come from: None (default) for the fused ones, or
             ``idd_ops.reference`` (to compare speed or values with plain PyTorch); ``idd_ops``
-            itself works too.
+            itself works too. It covers IDD, pixel KD, SKD and IFVD; PID and CWD run as the
+            modules given in ``pid`` and ``cwd``.
         kd_temperature: Default 1.0. kd_ignore: leave ignored pixels out of pixel KD (default
             False: all B*H*W pixels, the CIRKD convention that lambda_kd = 10 assumes). cwd: a :class:`~idd_ops.nn.ChannelWiseDistillationLoss`
             (needed when ``"cwd"`` is weighted).
@@ -106,7 +116,7 @@ class Distiller(nn.Module):
         self.weights = {k: float(w) for k, w in weights.items() if w}
         self.idd_options = dict(idd_options or {})
         self.kd_temperature, self.kd_ignore = kd_temperature, kd_ignore
-        self.lib = FUSED if lib is None else lib
+        self.lib = FUSED if lib is None else _functions(lib)
         self._hooks = (FeatureHook(student, student_layer), FeatureHook(teacher, teacher_layer))
 
     def train(self, mode: bool = True) -> "Distiller":

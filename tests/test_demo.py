@@ -342,3 +342,26 @@ def test_results_md_has_no_empty_column_and_a_smoke_run_says_so(tmp_path, one_th
     text = write_markdown(dict(results, preset=dict(results["preset"], smoke=False, weights_from="tuned")),
                           str(tmp_path))
     assert "smoke" not in text.lower().replace("'smoke': false", "") and "Loss weights: tuned." in text
+
+
+@pytest.mark.parametrize("argv,text", [
+    (["--teacher", "/nonexistent/teacher.pt"], "--teacher: no file"),
+    (["--weight", "idd=abc"], "--weight: expected LOSS=VALUE"),
+    (["--weight", "idd=-1"], "a finite VALUE >= 0"),
+    (["--weight", "idd=nan"], "a finite VALUE >= 0"),
+    (["--student-steps", "0"], "--student-steps: expected an int >= 1"),
+    (["--teacher-steps", "-5"], "--teacher-steps: expected an int >= 1"),
+    (["--workers", "0"], "--workers: expected an int >= 1"),
+    (["--device", "foo"], "--device: expected a torch device"),
+    (["--replot", "/nonexistent"], "--replot: '/nonexistent' holds no results.json"),
+])
+def test_the_cli_rejects_bad_flags_before_any_work(argv, text, capsys):
+    """Each mistake ends in an argparse error naming the flag (exit status 2), before scenes are
+    generated or a teacher trained: a mistyped --teacher once trained a new teacher and saved it
+    at the mistyped path, and --student-steps 0 was silently ignored."""
+    from idd_ops.demo import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2
+    assert text in capsys.readouterr().err

@@ -160,6 +160,23 @@ class TinySegNet(nn.Module):
         return self.head(self.backbone(x))
 
 
+@pytest.mark.parametrize("lib", [None, idd_ops.reference, idd_ops], ids=["fused", "reference", "idd_ops"])
+def test_a_distiller_copies_and_saves_with_any_lib(lib, tmp_path):
+    """The lib is kept as its functions: a module object (idd_ops.reference) made deepcopy,
+    pickle and torch.save raise "cannot pickle 'module' object"."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    d = idd_ops.Distiller(TinySegNet(16), TinySegNet(8), teacher_layer="backbone", student_layer="backbone",
+                          num_classes=4, weights={"idd": 1.0, "kd": 1.0}, lib=lib)
+    x, y = torch.randn(2, 3, 16, 16), make_labels(2, 16, 16, 4)
+    want = d(x, y)[1]["total"]
+    torch.save(d, tmp_path / "d.pt")
+    for other in (copy.deepcopy(d), pickle.loads(pickle.dumps(d)), torch.load(tmp_path / "d.pt", weights_only=False)):
+        torch.testing.assert_close(other(x, y)[1]["total"], want)
+
+
 def test_distiller_adds_losses_and_trains_only_the_student():
     torch.manual_seed(0)
     teacher, student = TinySegNet(16), TinySegNet(8)

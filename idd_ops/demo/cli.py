@@ -71,6 +71,17 @@ def replot(folder):
     print(f"\nrewritten from {folder}/results.json: results.md, miou.png, loss_curves.png")
 
 
+def _positive_int(text):
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
 def main(argv=None):
     if argv is None:
         _restart_with_environment()
@@ -81,26 +92,41 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), help="override the preset's configurations")
     p.add_argument("--seeds", nargs="+", type=int, help="override the preset's seeds")
-    p.add_argument("--student-steps", type=int, help="override the preset's student steps")
-    p.add_argument("--teacher-steps", type=int, help="override the preset's teacher steps")
+    p.add_argument("--student-steps", type=_positive_int, help="override the preset's student steps")
+    p.add_argument("--teacher-steps", type=_positive_int, help="override the preset's teacher steps")
     p.add_argument("--weight", action="append", default=[], metavar="LOSS=VALUE",
                    help="override a loss weight in every configuration that uses it, e.g. idd=0.3 (repeatable)")
     p.add_argument("--teacher", default=None, help="reuse this teacher.pt (same image size) instead of training one")
-    p.add_argument("--workers", type=int, help="worker processes for the student runs and scenes (default: "
+    p.add_argument("--workers", type=_positive_int, help="worker processes for the student runs and scenes (default: "
                    "automatic, from the CPU cores and, on CUDA, the free GPU memory)")
     p.add_argument("--replot", metavar="FOLDER", help="only rewrite FOLDER's results.md and plots from its results.json")
     args = p.parse_args(argv)
     if args.replot:
+        if not os.path.isfile(os.path.join(args.replot, "results.json")):
+            p.error(f"--replot: {args.replot!r} holds no results.json")
         return replot(args.replot)
+    if args.teacher and not os.path.isfile(args.teacher):
+        p.error(f"--teacher: no file {args.teacher!r} (without --teacher, a teacher is trained and cached)")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device: expected a torch device such as cpu, cuda or cuda:1; got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device: {args.device!r}, but torch sees no CUDA device (torch {torch.__version__})")
     preset = PRESETS[args.preset]
     overrides = {k: v for k, v in dict(configs=tuple(args.configs or ()), seeds=tuple(args.seeds or ()),
                                        student_steps=args.student_steps, teacher_steps=args.teacher_steps).items() if v}
     weights = {}
     for item in args.weight:
         name, _, value = item.partition("=")
-        if name not in {"kd", "idd", "pid", "skd", "ifvd", "cwd"} or not value:
-            p.error(f"--weight: expected LOSS=VALUE with LOSS in kd, idd, pid, skd, ifvd, cwd; got {item!r}")
-        weights[name] = float(value)
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if name not in {"kd", "idd", "pid", "skd", "ifvd", "cwd"} or not 0 <= weight < float("inf"):
+            p.error(f"--weight: expected LOSS=VALUE with LOSS in kd, idd, pid, skd, ifvd, cwd and a finite VALUE "
+                    f">= 0; got {item!r}")
+        weights[name] = weight
     tuned, weights_from = tuned_weights(args.preset)
     if weights:
         weights_from += f"; overridden on the command line: {weights}"
