@@ -1,10 +1,12 @@
 """A drop-in helper that adds IDD (and PID, pixel KD, the baselines) to an existing training loop."""
+import inspect
 from types import ModuleType, SimpleNamespace
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from . import _validation as v
 from . import baselines, functional
 
 # The functional losses Distiller calls; idd_ops.reference has the same names.
@@ -25,13 +27,13 @@ FUSED = SimpleNamespace(inter_class_distance_loss=functional.inter_class_distanc
 class FeatureHook:
     """Keeps the output of one named submodule of a model on every forward."""
 
-    def __init__(self, model, name):
+    def __init__(self, model, name, role="model"):
         try:
             module = model.get_submodule(name)
         except AttributeError as e:
             names = [n for n, _ in model.named_modules() if n]
             raise ValueError(f"layer {name!r} not found; named modules are e.g. {names[:12]}") from e
-        self.output = None
+        self.name, self.role, self.output, self.removed = name, role, None, False
         self.handle = module.register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output):
@@ -40,11 +42,24 @@ class FeatureHook:
     def pop(self):
         out, self.output = self.output, None
         if out is None:
-            raise RuntimeError("the hooked layer did not run in the last forward")
+            why = "its hook was removed (remove_hooks)" if self.removed else "it did not run in the last forward"
+            raise RuntimeError(f"no features from the {self.role}'s layer {self.name!r}: {why}")
         return out
 
     def remove(self):
         self.handle.remove()
+        self.output, self.removed = None, True  # an output kept from before is stale from now on
+
+
+def _logits(output, role):
+    """A model's logits: its output, or the "out" entry of a dict (torchvision's segmentation
+    models return {"out": ..., "aux": ...})."""
+    if isinstance(output, Mapping):
+        if "out" not in output:
+            raise ValueError(f"the {role} returned a dict without an 'out' entry (keys {sorted(output)}); "
+                             "expected logits [B, K, h, w] or a dict with them under 'out'")
+        return output["out"]
+    return output
 
 
 class Distiller(nn.Module):
@@ -59,8 +74,9 @@ class Distiller(nn.Module):
     ``losses["total"]``.
 
     Args:
-        teacher, student: ``nn.Module``s mapping images to logits ``[B, K, h, w]``. Every other
-            argument is keyword-only.
+        teacher, student: ``nn.Module``s mapping images to logits ``[B, K, h, w]``, or to a
+            dict with them under ``"out"`` (torchvision's segmentation models; the student's
+            output is returned as the model gave it). Every other argument is keyword-only.
         teacher_layer, student_layer: names (as in ``named_modules()``) of the layers whose
             ``[B, C, H, W]`` outputs feed IDD, PID, SKD and IFVD.
         num_classes: K. ignore_index: Default 255.
@@ -110,6 +126,16 @@ class Distiller(nn.Module):
             raise ValueError("pid: a PositionDistillationLoss is needed when weights['pid'] is set")
         if weights.get("cwd") and cwd is None:
             raise ValueError("cwd: a ChannelWiseDistillationLoss is needed when weights['cwd'] is set")
+        for name, w in weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+                raise ValueError(f"weights: {name!r} needs a finite weight >= 0, got {w!r}")
+        v.check_num_classes(num_classes, ignore_index)
+        v.check_positive("kd_temperature", kd_temperature)
+        known = set(inspect.signature(functional.inter_class_distance_loss).parameters)
+        unknown = set(idd_options or {}) - (known - {"student_feats", "teacher_feats", "labels", "num_classes",
+                                                      "ignore_index"})
+        if unknown:
+            raise ValueError(f"idd_options: unknown options {sorted(unknown)} for inter_class_distance_loss")
         self.teacher, self.student, self.pid, self.cwd = teacher, student, pid, cwd
         self.teacher.eval().requires_grad_(False)
         self.num_classes, self.ignore_index = num_classes, ignore_index
@@ -117,7 +143,7 @@ class Distiller(nn.Module):
         self.idd_options = dict(idd_options or {})
         self.kd_temperature, self.kd_ignore = kd_temperature, kd_ignore
         self.lib = FUSED if lib is None else _functions(lib)
-        self._hooks = (FeatureHook(student, student_layer), FeatureHook(teacher, teacher_layer))
+        self._hooks = (FeatureHook(student, student_layer, "student"), FeatureHook(teacher, teacher_layer, "teacher"))
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
@@ -125,17 +151,19 @@ class Distiller(nn.Module):
         return self
 
     def forward(self, images: Tensor, labels: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
-        logits_s = self.student(images)
+        out_s = self.student(images)
         self.teacher.eval()  # also undoes a train() called on the teacher or any of its submodules
         with torch.no_grad():
-            logits_t = self.teacher(images)
+            out_t = self.teacher(images)
+        logits_s, logits_t = _logits(out_s, "student"), _logits(out_t, "teacher")
         fs, ft = self._hooks[0].pop(), self._hooks[1].pop()
         losses = {}
         for name, w in self.weights.items():
             losses[name] = w * self._loss(name, fs, ft, logits_s, logits_t, labels)
-        total = sum(losses.values()) if losses else logits_s.new_zeros(())
-        losses["total"] = total
-        return logits_s, losses
+        # with no loss weighted, a zero that still belongs to the student's graph, so that
+        # losses["total"].backward() works in every configuration
+        losses["total"] = sum(losses.values()) if losses else logits_s.sum() * 0
+        return out_s, losses
 
     def _loss(self, name, fs, ft, logits_s, logits_t, labels):
         K, ign, lib = self.num_classes, self.ignore_index, self.lib

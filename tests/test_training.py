@@ -177,6 +177,39 @@ def test_a_distiller_copies_and_saves_with_any_lib(lib, tmp_path):
         torch.testing.assert_close(other(x, y)[1]["total"], want)
 
 
+class DictSegNet(TinySegNet):
+    """A torchvision-style segmentation model: {"out": logits, "aux": ...}."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return {"out": logits, "aux": logits.detach()}
+
+
+def test_distiller_takes_models_that_return_dicts_and_checks_its_options():
+    torch.manual_seed(0)
+    teacher, student = DictSegNet(16), DictSegNet(8)
+    kw = dict(teacher_layer="backbone", student_layer="backbone", num_classes=4)
+    d = idd_ops.Distiller(teacher, student, weights={"idd": 1.0, "kd": 1.0}, **kw)
+    x, y = torch.randn(2, 3, 16, 16), make_labels(2, 16, 16, 4)
+    out, losses = d(x, y)
+    assert set(out) == {"out", "aux"} and losses["kd"] > 0
+    plain = idd_ops.Distiller(TinySegNet(16), TinySegNet(8), weights={"idd": 1.0, "kd": 1.0}, **kw)
+    plain.load_state_dict(d.state_dict())
+    torch.testing.assert_close(plain(x, y)[1]["total"], losses["total"])
+    zero = idd_ops.Distiller(teacher, student, weights={}, **kw)(x, y)[1]["total"]
+    assert zero.item() == 0 and zero.requires_grad  # backward() works with nothing weighted
+    for bad, text in [(dict(weights={"idd": -1.0}), "weights: 'idd' needs a finite weight >= 0"),
+                      (dict(weights={"idd": float("nan")}), "finite weight"),
+                      (dict(idd_options={"metrc": "cosine"}), "idd_options: unknown options \\['metrc'\\]"),
+                      (dict(kd_temperature=0), "kd_temperature"),
+                      (dict(num_classes=0), "num_classes")]:
+        with pytest.raises(ValueError, match=text):
+            idd_ops.Distiller(teacher, student, **{**kw, **bad})
+    d.remove_hooks()
+    with pytest.raises(RuntimeError, match="no features from the student's layer 'backbone': its hook was removed"):
+        d(x, y)
+
+
 def test_distiller_adds_losses_and_trains_only_the_student():
     torch.manual_seed(0)
     teacher, student = TinySegNet(16), TinySegNet(8)
