@@ -4,7 +4,7 @@ import torch
 
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 NORMALIZE = (None, "mean")
-from ._reduction import REDUCTIONS  # noqa: F401  (re-exported for the checks)
+from ._reduction import REDUCTIONS
 
 
 def _check_tensor(name, x, dim, layout, floating):
@@ -102,6 +102,16 @@ def check_choice(name, value, choices):
 
 def check_eps(eps):
     check_positive("eps", eps)
+
+
+def check_idd_options(num_classes, ignore_index, metric, normalize, reduction, eps, centroids):
+    """The options of inter_class_distance_loss (and of its module, when it is built)."""
+    check_num_classes(num_classes, ignore_index)
+    check_choice("metric", metric, METRICS)
+    check_choice("normalize", normalize, NORMALIZE)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_eps(eps)
+    check_choice("centroids", centroids, ("image", "batch"))
 
 
 def check_centroids(centroids, counts):

@@ -118,12 +118,7 @@ def inter_class_distance_loss(student_feats: Tensor, teacher_feats: Tensor, labe
     fs, ft = v.feature_maps(size, ("student_feats", student_feats), ("teacher_feats", teacher_feats))
     v.check_pair(fs, ft)
     v.check_labels(labels, "student_feats", fs)
-    v.check_num_classes(num_classes, ignore_index)
-    v.check_choice("metric", metric, v.METRICS)
-    v.check_choice("normalize", normalize, v.NORMALIZE)
-    v.check_choice("reduction", reduction, v.REDUCTIONS)
-    v.check_eps(eps)
-    v.check_choice("centroids", centroids, ("image", "batch"))
+    v.check_idd_options(num_classes, ignore_index, metric, normalize, reduction, eps, centroids)
     if process_group is not None and centroids != "batch":
         raise ValueError("process_group: only used with centroids='batch' (per-image centroids need no communication)")
     if uses_class_sums(num_classes, fs, ft):

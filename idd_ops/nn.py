@@ -26,12 +26,7 @@ class InterClassDistanceLoss(nn.Module):
                  process_group: Optional[object] = None):
         super().__init__()
         # the options are checked here as well as at each call: a typo fails where it is made
-        v.check_num_classes(num_classes, ignore_index)
-        v.check_choice("metric", metric, v.METRICS)
-        v.check_choice("normalize", normalize, v.NORMALIZE)
-        v.check_choice("reduction", reduction, v.REDUCTIONS)
-        v.check_eps(eps)
-        v.check_choice("centroids", centroids, ("image", "batch"))
+        v.check_idd_options(num_classes, ignore_index, metric, normalize, reduction, eps, centroids)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.metric = metric
