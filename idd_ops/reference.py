@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._dtypes import acc_dtype
+from ._dtypes import acc_dtype, loss_dtype
 from ._position_maps import position_maps
 from ._reduction import reduce
 
@@ -149,7 +149,7 @@ def inter_class_distance_loss(student_feats, teacher_feats, labels, num_classes,
         loss = per_image / n.clamp_min(1)
     else:
         loss = per_image.sum() / n.sum().clamp_min(1)
-    return loss.to(student_feats.dtype)
+    return loss.to(loss_dtype(student_feats))
 
 
 def position_encoding_loss(pred_maps, kinds, reduction="mean", num_frequencies=2, num_stripes=4, sigma=0.25):
@@ -158,7 +158,7 @@ def position_encoding_loss(pred_maps, kinds, reduction="mean", num_frequencies=2
                          device=pred_maps.device, num_frequencies=num_frequencies, num_stripes=num_stripes,
                          sigma=sigma)
     err = F.mse_loss(pred_maps.to(maps.dtype), maps.expand(pred_maps.shape[0], -1, -1, -1), reduction="none")
-    return reduce(err, reduction).to(pred_maps.dtype)
+    return reduce(err, reduction).to(loss_dtype(pred_maps))
 
 
 def pixel_kd_loss(student_logits, teacher_logits, labels: Optional[torch.Tensor] = None, temperature=1.0,
@@ -172,7 +172,7 @@ def pixel_kd_loss(student_logits, teacher_logits, labels: Optional[torch.Tensor]
         keep = resize_labels(labels, kl.shape[1:]) != ignore_index
         kl = torch.where(keep, kl, torch.zeros_like(kl))
         count = keep.sum()
-    return (reduce(kl, reduction, count) * temperature ** 2).to(student_logits.dtype)
+    return (reduce(kl, reduction, count) * temperature ** 2).to(loss_dtype(student_logits))
 
 
 def channel_wise_distillation_loss(student_feats, teacher_feats, temperature=4.0, reduction="mean"):
@@ -181,7 +181,7 @@ def channel_wise_distillation_loss(student_feats, teacher_feats, temperature=4.0
     s = student_feats.to(acc).flatten(2) / temperature
     t = teacher_feats.detach().to(acc).flatten(2) / temperature
     kl = _kl_rows(s, t, 2)  # [B, C]
-    return (reduce(kl, reduction) * temperature ** 2).to(student_feats.dtype)
+    return (reduce(kl, reduction) * temperature ** 2).to(loss_dtype(student_feats))
 
 
 def structural_kd_loss(student_feats, teacher_feats, pool=2, reduction="mean"):
@@ -194,8 +194,8 @@ def structural_kd_loss(student_feats, teacher_feats, pool=2, reduction="mean"):
     err = (affinity(student_feats) - affinity(teacher_feats.detach())).pow(2)  # [B, P, P]
     if reduction == "none":
         per_image = err.flatten(1).mean(1) if err.shape[1] else err.new_zeros(err.shape[0])
-        return per_image.to(student_feats.dtype)
-    return reduce(err, reduction).to(student_feats.dtype)
+        return per_image.to(loss_dtype(student_feats))
+    return reduce(err, reduction).to(loss_dtype(student_feats))
 
 
 def pixel_centroid_cosine(feats, centroids, slots, eps=1e-8):
@@ -222,4 +222,4 @@ def intra_class_variation_loss(student_feats, teacher_feats, labels, num_classes
         slots = label_slots(labels, feats.shape[2:], num_classes, ignore_index)
         return pixel_centroid_cosine(feats, _centroids(feats, labels, num_classes, ignore_index)[0], slots, eps)
     ms, mt = cosine_map(student_feats), cosine_map(teacher_feats.detach())
-    return reduce((ms - mt).pow(2), reduction).to(student_feats.dtype)
+    return reduce((ms - mt).pow(2), reduction).to(loss_dtype(student_feats))
