@@ -118,7 +118,7 @@ def structural_kd_loss(student_feats: Tensor, teacher_feats: Tensor, pool: int =
 
     Args:
         student_feats: ``[B, Cs, H, W]``; teacher_feats: ``[B, Ct, H, W]`` (channels may differ,
-            spatial sizes must match); either may be ``[B, N, C]`` tokens with ``size``.
+            spatial sizes must match).
         pool: pooling window and stride; 1 for none. Default: 2.
         reduction: ``"mean"`` (default, over all ``B*P*P`` entries); ``"sum"``; ``"none"``:
             ``[B]``, each image's mean over its ``P*P`` entries (the affinity is never formed,
