@@ -7,6 +7,7 @@ of the student's gradient), the GEMM flops and the exps of its definition (METHO
 from . import common  # noqa: F401  (allocator setting first)
 
 import math
+import re
 
 import torch
 
@@ -201,8 +202,35 @@ def _ifvd(B):
                 lambda m, s, t, y: m.intra_class_variation_loss(s, t, y, 19))
 
 
+NAME_FORMS = ("idd_loss|class_centroids SHAPE [fragmented] [channels_last]", "position_loss HxW",
+              "skd poolN [bN]", "pixel_kd|cwd|ifvd [bN]")
+
+
+def check_name(name):
+    """Raises ValueError, naming the forms a case name takes, unless make() can build `name`
+    (checked before any case is built, so a typo fails at once)."""
+    op, _, arg = name.partition(" ")
+    words = arg.split()
+    batch = re.compile(r"b[1-9][0-9]*")
+    if op in ("idd_loss", "class_centroids"):
+        extras = words[1:]
+        ok = bool(words) and words[0] in common.SHAPES and len(set(extras)) == len(extras) \
+            and set(extras) <= {"fragmented", "channels_last"}
+    elif op == "position_loss":
+        ok = len(words) == 1 and re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", words[0]) is not None
+    elif op == "skd":
+        ok = len(words) in (1, 2) and re.fullmatch(r"pool[1-9][0-9]*", words[0]) is not None \
+            and (len(words) == 1 or batch.fullmatch(words[1]) is not None)
+    else:
+        ok = op in ("pixel_kd", "cwd", "ifvd") and (not words or (len(words) == 1 and batch.fullmatch(words[0])))
+    if not ok:
+        raise ValueError(f"unknown benchmark case {name!r}: expected {'; '.join(NAME_FORMS)} "
+                         f"(SHAPE one of {', '.join(common.SHAPES)}), e.g. {', '.join(QUICK)}")
+
+
 def make(name, device="cpu"):
     """A case by its name (see FULL, CUDA_FULL and QUICK), with its inputs on `device`."""
+    check_name(name)
     return _make(name).to(device)
 
 

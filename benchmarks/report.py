@@ -20,6 +20,7 @@ if a peak-memory entry is below the bytes its call returns, which no correct mea
 """
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -27,7 +28,7 @@ import time
 import traceback
 
 from . import common, peak  # first: sets the allocator before torch starts  # noqa: I001
-from . import cases, kernel_times, roofline, targets
+from . import cases, cli, kernel_times, roofline, targets
 import torch
 
 from idd_ops._switches import cuda_next_enabled
@@ -60,7 +61,8 @@ def measure_row(case, backward, device, repeat, compiled, rates, probe, impls=No
     *times, probe_ms = common.time_interleaved([case.build(impl, backward) for impl in impls] + [probe], device,
                                                repeat=min(repeat, case.rounds or repeat), stat=min)
     student = case.inputs[0]
-    row = dict(case=case.name, desc=case.desc, mode="forward+backward" if backward else "forward")
+    row = dict(case=case.name, desc=case.desc, mode="forward+backward" if backward else "forward",
+               rounds=min(repeat, case.rounds or repeat))
     row["copy_gbs"] = probe.rate(probe_ms) / 1e9
     if rates is not None:
         row["bound_ms"], row["bound_by"] = rates.bound(case.work(backward), row["copy_gbs"] * 1e9)
@@ -167,8 +169,15 @@ def _peer_cell(row, key, fmt):
     return fmt(row[key]) if key in row else "not installed"
 
 
-def _ms_cell(row, key, digits=1):
-    return f"{row[key]:.{digits}f}" if row.get(key) is not None else "-"
+def _ms_cell(row, key, digits=None):
+    """row[key] with `digits` decimals; by default three significant figures below 10 (a 0.03 ms
+    bound shown as 0.0 hid the row), one decimal above."""
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if digits is None:
+        digits = 1 if abs(value) >= 10 or value == 0 else max(1, 2 - math.floor(math.log10(abs(value))))
+    return f"{value:.{digits}f}"
 
 
 def table(rows):
@@ -202,8 +211,8 @@ def table(rows):
             cells += [_speedup(r["fused_ms"], r.get("fused_next_ms")),
                       _speedup(r.get("reference_ms"), r.get("fused_next_ms"))]
         if launches:
-            cells += [_ms_cell(r, "fused_host_ms", 3), _ms_cell(r, "fused_launches")]
-            cells += [_ms_cell(r, "fused_next_host_ms", 3), _ms_cell(r, "fused_next_launches")] if nxt else []
+            cells += [_ms_cell(r, "fused_host_ms", 3), _ms_cell(r, "fused_launches", 1)]
+            cells += [_ms_cell(r, "fused_next_host_ms", 3), _ms_cell(r, "fused_next_launches", 1)] if nxt else []
             cells += [_ms_cell(r, "floor_host_ms", 3)]
         if peaks:
             cells += [_mib(r, "fused"), _mib(r, "reference")] + ([_mib(r, "compiled")] if compiled else [])
@@ -249,6 +258,12 @@ def _peak_note(rows):
             f"in all, and a '!' marks one that stays below. Memory ratios floor the fused peak at 1 MiB.\n")
 
 
+def _capped_rounds(rows, repeat):
+    """' (2 for skd pool1)' for the cases whose slow reference caps their rounds below `repeat`."""
+    capped = sorted({(r["rounds"], r["case"]) for r in rows if r.get("rounds") and r["rounds"] < repeat})
+    return f" ({', '.join(f'{n} for {case}' for n, case in capped)})" if capped else ""
+
+
 def header(device, repeat, compiled, rates, rows, out, allocator=common.SYSTEM_MALLOC_NOTE, kernel_sets=None):
     if device.startswith("cuda"):
         dev = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
@@ -268,8 +283,9 @@ def header(device, repeat, compiled, rates, rows, out, allocator=common.SYSTEM_M
             f"reduction=mean, street-layout labels unless the shape says fragmented (per-pixel random classes "
             f"at feature resolution). Position loss: maps {', '.join(cases.POSITION_KINDS)}.\n"
             f"Allocator: {allocator}.\n{kernels_note(kernel_sets)}"
-            f"Times: the best of {repeat} rounds (2 for SKD pool 1; other tenants of the machine only ever add time, "
-            f"so the least is the most repeatable), implementations and the copy probe alternating"
+            f"Times: the best of {repeat} rounds{_capped_rounds(rows, repeat)}; other tenants of the machine only "
+            f"ever add time, "
+            f"so the least is the most repeatable; implementations and the copy probe alternating"
             f"{COMPILED_NOTE if compiled else ''}.\n"
             f"{LAUNCH_NOTE if any('fused_host_ms' in r for r in rows) else ''}"
             f"{_peak_note(rows)}"
@@ -299,8 +315,8 @@ def compact_table(rows):
         cells += [_ms_cell(r, "reference_ms", 3), _ms_cell(r, "compiled_ms", 3), _ms_cell(r, "bound_ms", 3),
                   _ratio2(r["fused_ms"], r.get("bound_ms"))] + ([_ratio2(r.get("fused_next_ms"), r.get("bound_ms"))]
                                                                  if nxt else [])
-        cells += [_ms_cell(r, "fused_host_ms", 3), _ms_cell(r, "fused_launches")]
-        cells += [_ms_cell(r, "fused_next_host_ms", 3), _ms_cell(r, "fused_next_launches")] if nxt else []
+        cells += [_ms_cell(r, "fused_host_ms", 3), _ms_cell(r, "fused_launches", 1)]
+        cells += [_ms_cell(r, "fused_next_host_ms", 3), _ms_cell(r, "fused_next_launches", 1)] if nxt else []
         cells += [_ms_cell(r, "floor_host_ms", 3)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
@@ -360,9 +376,11 @@ def main(argv=None):
     p.add_argument("--guard", action="store_true",
                    help="the GPU check's perf stage: the key rows (cases.GUARD), torch.compile for cases.GUARD_COMPILE "
                         "only, no peak memory, 5 rounds, targets checked (benchmarks/targets.py; exit 1 on a miss)")
-    p.add_argument("--cases", nargs="+", default=None, help="case names to run (default: all, or the quick set)")
+    p.add_argument("--cases", nargs="+", default=None,
+                   help="case names to run (default: all, or the quick set); names: " + "; ".join(cases.NAME_FORMS))
     p.add_argument("--skip", nargs="+", default=(), help="case names to leave out")
-    p.add_argument("--repeat", type=int, default=None, help="timing rounds (default 7, --quick 3, --guard 5)")
+    p.add_argument("--repeat", type=cli.positive_int, default=None,
+                   help="timing rounds (default 7, --quick 3, --guard 5)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) column")
     p.add_argument("--compile-cases", nargs="+", default=None, help="the torch.compile column for these cases only")
     p.add_argument("--warm-compile", action="store_true",
@@ -371,19 +389,28 @@ def main(argv=None):
     p.add_argument("--targets", action="store_true", help="check benchmarks/targets.py; exit 1 if one is missed")
     p.add_argument("--summary", default=None, help="also write the compact table and the misses to this file")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=cli.device, default="cpu")
     common.add_allocator_option(p)
     p.add_argument("--out", default=None,
                    help="markdown file to write (default: results/bench-<date-time>/RESULTS.md, a new folder)")
     p.add_argument("--update", action="store_true",
                    help="write the committed benchmarks/RESULTS.md (RESULTS-cuda.md with --device cuda) instead")
     args = p.parse_args(argv)
+    for name in [*(args.cases or ()), *args.skip, *(args.compile_cases or ())]:
+        try:
+            cases.check_name(name)
+        except ValueError as error:
+            p.error(str(error))
+    if args.update and (args.cases or args.skip or args.quick or args.guard):
+        p.error("--update rewrites the whole committed table: run every case (no --cases, --skip, --quick or "
+                "--guard), or write a subset with --out")
     if args.guard:
         args.no_peak, args.targets = True, True
         args.compile_cases = args.compile_cases or cases.GUARD_COMPILE
     allocator = common.apply_allocator_option(args)
     on_cuda = args.device.startswith("cuda")
-    args.repeat = args.repeat or (3 if args.quick else 5 if args.guard else 7)
+    if args.repeat is None:
+        args.repeat = 3 if args.quick else 5 if args.guard else 7
     compiled = not (args.no_compile or args.quick)
     default_cases = cases.QUICK if args.quick else cases.GUARD if args.guard else \
         (cases.CUDA_FULL if on_cuda else cases.FULL)
@@ -402,6 +429,7 @@ def main(argv=None):
     committed = "benchmarks/RESULTS-cuda.md" if on_cuda else "benchmarks/RESULTS.md"
     if args.update and args.out:
         p.error(f"--update writes {committed}; leave out --out")
+    cli.check_file_paths(p, out=args.out, json=args.json, summary=args.summary)
     args.out = committed if args.update else args.out or os.path.join(
         "results", time.strftime("bench-%Y%m%d-%H%M%S"), os.path.basename(committed))
     expected = "" if args.cases else EXPECTED["quick" if args.quick else "guard" if args.guard else "full"] + "; "
@@ -419,16 +447,18 @@ def main(argv=None):
         if len(args.kernels) > 1 and results.get(args.kernels[1]) is not None:
             rows, columns = merge_kernel_sets(rows, results[args.kernels[1]]["rows"]), ["fused", "fused_next"]
     else:
+        # a case that fails is reported and the others still measured and written
         rows, rates = measure(names, args.device, args.repeat, compiled, peaks=not args.no_peak,
-                              compile_names=args.compile_cases)
+                              compile_names=args.compile_cases, errors=errors)
+        if not rows:
+            sys.exit(f"no case could be measured: {'; '.join(errors)}")
     text = header(args.device, args.repeat, compiled, rates, rows, args.out, allocator, args.kernels) + table(rows) \
         + kernel_times.section(rows)
     print(text)
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        f.write(f"Command: `python -m benchmarks.report {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-                + text)
+        f.write(f"Command: `{cli.command_line('benchmarks.report', argv)}`\n\n" + text)
     print(f"written to {args.out}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:

@@ -10,6 +10,7 @@ import sys
 import time
 
 from . import common, peak  # first: sets the allocator before torch starts  # noqa: I001
+from . import cli
 import torch
 
 import idd_ops
@@ -35,8 +36,10 @@ def main(argv=None):
     ap.add_argument("--out", default=None,
                     help="folder for sweep.md and the PNG plots (default: results/bench-<date-time>/sweep, a new folder)")
     ap.add_argument("--update", action="store_true", help="write the committed benchmarks/sweep/ instead")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=cli.positive_int, default=3, help="timing rounds, the median taken (default 3)")
+    common.add_allocator_option(ap)
     args = ap.parse_args(argv)
+    allocator = common.apply_allocator_option(args)
     if args.update and args.out:
         ap.error("--update writes benchmarks/sweep/; leave out --out")
     args.out = "benchmarks/sweep" if args.update else args.out or os.path.join(
@@ -52,8 +55,9 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     lines = [f"IDD loss forward+backward, fused vs reference; base {BASE} (teacher C = 2C, labels 8x the "
-             f"features), torch {torch.__version__}, {torch.get_num_threads()} threads. Command: "
-             f"`python -m benchmarks.sweep {' '.join(argv if argv is not None else sys.argv[1:])}`\n",
+             f"features), torch {torch.__version__}, {torch.get_num_threads()} threads; times: the median of "
+             f"{args.repeat} alternating rounds (benchmarks/RESULTS.md takes the best); allocator: {allocator}. "
+             f"Command: `{cli.command_line('benchmarks.sweep', argv)}`\n",
              "| sweep | value | fused ms | reference ms | speed-up | fused MiB | reference MiB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     total = sum(len(v[1]) for v in SWEEPS.values())

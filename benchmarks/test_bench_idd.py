@@ -1,6 +1,7 @@
-"""pytest-benchmark entries: every case of benchmarks/cases.py (IDD loss at the Cityscapes
-shape, position-encoding loss at 64x128 and 512x1024), fused vs reference, forward and
-forward+backward. Peak memory (benchmarks.peak, profiler) goes into each entry's extra_info.
+"""pytest-benchmark entries: every case of the report's CPU list (benchmarks/cases.py FULL: each
+loss at its benchmark shapes, SKD without pooling included, whose reference takes about 8 GiB),
+fused vs reference, forward and forward+backward. Peak memory (benchmarks.peak, profiler) goes
+into each entry's extra_info; `-k` selects cases, e.g. `-k "position_loss and 64x128"`.
 
     python -m pytest benchmarks -q --benchmark-columns=median,min,max
 """

@@ -48,7 +48,7 @@ import idd_ops
 from idd_ops import reference
 from idd_ops.nn import PositionEncodingModule
 
-from . import targets
+from . import cli, targets
 from .cases import POSITION_KINDS
 
 K, C_IN, C_S, C_T, H, W, SCALE = 19, 64, 512, 2048, 64, 128, 8
@@ -267,21 +267,26 @@ def main(argv=None):
     ap.add_argument("--network", choices=("auto", "head", "deeplabv3"), default="auto",
                     help="deeplabv3: torchvision DeepLabV3-ResNet101 teacher / ResNet50 student, bf16 autocast; head: "
                          "the small head (float32); auto (default): deeplabv3 on a GPU with torchvision, else head")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeat", type=int, default=5, help="timing rounds (default 5)")
+    ap.add_argument("--batch", type=cli.positive_int, default=8)
+    ap.add_argument("--repeat", type=cli.positive_int, default=5, help="timing rounds (default 5)")
     common.add_kernel_set_options(ap, "3:2", impls_default=list(STEP_IMPLS))
     ap.add_argument("--targets", action="store_true", help="check the training-step targets of benchmarks/targets.py")
     ap.add_argument("--summary", default=None, help="also write the table and the misses to this file")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", type=cli.device, default="cpu")
     common.add_allocator_option(ap)
     ap.add_argument("--out", default=None, help="markdown file (default: results/bench-<date-time>/TRAIN_STEP.md)")
     ap.add_argument("--update", action="store_true",
                     help="write the committed benchmarks/TRAIN_STEP.md (TRAIN_STEP-cuda.md with --device cuda)")
     args = ap.parse_args(argv)
     allocator = common.apply_allocator_option(args)
+    if args.network == "deeplabv3" and not real_network_available(args.device):
+        ap.error("--network deeplabv3 needs a CUDA --device and torchvision importable")
     if args.network == "auto":
         args.network = "deeplabv3" if real_network_available(args.device) else "head"
     args.losses = [name for name in args.losses if name not in args.skip]
+    if not args.losses:
+        ap.error("no loss left to run (--skip leaves out every one of --losses)")
+    cli.check_file_paths(ap, out=args.out, summary=args.summary)
     if args.rows_json:
         errors = []
         measure(args, progress=lambda rows: common.write_json(args.rows_json, dict(rows=rows, errors=errors)),
@@ -291,10 +296,13 @@ def main(argv=None):
     committed = "benchmarks/TRAIN_STEP-cuda.md" if on_cuda else "benchmarks/TRAIN_STEP.md"
     if args.update and args.out:
         ap.error(f"--update writes {committed}; leave out --out")
+    if args.update and args.losses != list(LOSSES):
+        ap.error("--update rewrites the whole committed table: run every loss (no --losses or --skip), or write a "
+                 "subset with --out")
     out = committed if args.update else args.out or os.path.join(
         "results", time.strftime("bench-%Y%m%d-%H%M%S"), os.path.basename(committed))
-    expected = EXPECTED if args.losses == list(LOSSES) and args.network == "head" else ""
-    print(f"benchmarks.train_step: {args.network} network; {expected}; writing {out}", file=sys.stderr, flush=True)
+    expected = f"{EXPECTED}; " if args.losses == list(LOSSES) and args.network == "head" else ""
+    print(f"benchmarks.train_step: {args.network} network; {expected}writing {out}", file=sys.stderr, flush=True)
     errors, columns = [], ["fused"]
     if args.kernels:
         results, errors = common.run_per_kernel_set("benchmarks.train_step",
@@ -310,8 +318,8 @@ def main(argv=None):
     else:
         rows = measure(args)
     dev = torch.cuda.get_device_name() if on_cuda else f"{torch.get_num_threads()} CPU threads"
-    text = (f"Command: `python -m benchmarks.train_step {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-            + describe(args, dev, allocator) + "\n\n" + table(rows))
+    text = (f"Command: `{cli.command_line('benchmarks.train_step', argv)}`\n\n" + describe(args, dev, allocator)
+            + "\n\n" + table(rows))
     print(text)
     if os.path.dirname(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)

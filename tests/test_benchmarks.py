@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside tests/, off the path under plain `pytest`
 
-from benchmarks import cases, common, kernel_times, peak, report, roofline, train_step  # noqa: E402
+from benchmarks import cases, common, kernel_times, peak, report, roofline, sweep, train_step  # noqa: E402
 import idd_ops  # noqa: E402
 from idd_ops import reference  # noqa: E402
 
@@ -495,6 +495,61 @@ def test_report_keeps_going_past_a_failing_case(monkeypatch):
                                                        ("position_loss 8x16", "forward+backward")]
     assert all("compiled_ms" not in r and r["reference_ms"] > 0 for r in rows)  # measured again without compile
     assert errors[0].startswith("position_loss 8x16 (with torch.compile): RuntimeError: inductor fell over")
-    assert errors[1] == "no such case: ValueError: unknown benchmark case 'no such case'"
+    assert errors[1].startswith("no such case: ValueError: unknown benchmark case 'no such case': expected ")
     with pytest.raises(ValueError, match="unknown benchmark case"):
         report.measure(["no such case"], "cpu", 1, False, peaks=False)
+
+
+@pytest.mark.parametrize("argv", [["--cases", "foo"], ["--cases", "ifvd b2x"], ["--skip", "skd pool 1"],
+                                  ["--cases", "idd_loss cityscapes fragmentd"], ["--repeat", "0"], ["--device", "foo"],
+                                  ["--out", "."], ["--update", "--cases", "ifvd"]])
+def test_report_options_fail_before_anything_runs(monkeypatch, capsys, argv):
+    monkeypatch.setattr(report, "measure", lambda *a, **k: pytest.fail("measured despite a bad option"))
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(argv)
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_every_listed_case_name_is_accepted():
+    for name in {*cases.CUDA_FULL, *cases.QUICK, *cases.GUARD, "skd pool2 b2", "idd_loss voc fragmented channels_last"}:
+        cases.check_name(name)
+
+
+def test_report_writes_the_cases_that_ran_and_a_command_that_reruns(tmp_path, monkeypatch):
+    """A case that fails late costs its own row only: the others are written, the exit says why,
+    and the recorded command keeps the quotes of names with spaces."""
+    built = cases._position
+
+    def position(size):
+        if size == (4, 8):
+            raise RuntimeError("out of memory")
+        return built(size)
+    monkeypatch.setattr(cases, "_position", position)
+    out = tmp_path / "r.md"
+    argv = ["--cases", "position_loss 8x16", "position_loss 4x8", "--no-compile", "--no-peak", "--repeat", "1",
+            "--out", str(out)]
+    with pytest.raises(SystemExit, match="1 errors"):
+        report.main(argv)
+    text = out.read_text()
+    assert "| position_loss | B=8 M=5 8x16 |" in text and "4x8" not in text.split("\n\n", 1)[1]
+    assert "--cases 'position_loss 8x16' 'position_loss 4x8'" in text.splitlines()[0]
+
+
+def test_small_times_keep_three_significant_figures():
+    assert [report._ms_cell({"t": v}, "t") for v in (0.0312, 1.234, 12.34, 0)] == ["0.0312", "1.23", "12.3", "0.0"]
+
+
+@pytest.mark.parametrize("argv", [["--batch", "0"], ["--repeat", "-1"], ["--device", "cuda:7"],
+                                  ["--network", "deeplabv3"], ["--losses", "idd", "--skip", "idd"],
+                                  ["--update", "--losses", "idd"], ["--out", "."]])
+def test_train_step_options_fail_before_anything_runs(monkeypatch, capsys, argv):
+    monkeypatch.setattr(train_step, "measure", lambda *a, **k: pytest.fail("measured despite a bad option"))
+    with pytest.raises(SystemExit) as exit_info:
+        train_step.main(argv)
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_sweep_rounds_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--repeat", "0"])
+    assert exit_info.value.code == 2

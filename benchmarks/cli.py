@@ -1,0 +1,57 @@
+"""Command-line checks shared by the benchmarks: a bad option fails at once with argparse's error,
+before anything is measured (a late failure would throw away the minutes already spent)."""
+import argparse
+import os
+import shlex
+import sys
+
+import torch
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def device(text):
+    """argparse type: 'cpu', or 'cuda[:N]' where this torch sees that GPU; returned as given."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: this torch ({torch.__version__}) sees no CUDA device")
+        if dev.index is not None and dev.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this torch sees {count} CUDA device(s)")
+    return text
+
+
+def check_file_paths(parser, **paths):
+    """parser.error unless each given path (option name -> path or None) can be written as a file:
+    checked before the run, so a typo does not cost the measurements."""
+    for option, path in paths.items():
+        if path is None:
+            continue
+        flag = "--" + option.replace("_", "-")
+        if os.path.isdir(path):
+            parser.error(f"{flag}: {path} is a folder; expected a file name")
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            parser.error(f"{flag}: cannot create {path} ({parent} is not a writable folder)")
+
+
+def command_line(module, argv=None):
+    """The command that reproduces this run, quoted so that it can be pasted back into a shell."""
+    return f"python -m {module} {shlex.join(sys.argv[1:] if argv is None else list(argv))}".rstrip()
