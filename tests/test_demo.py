@@ -262,14 +262,18 @@ def test_cached_teacher_gives_the_teachers_outputs():
     torch.testing.assert_close(cached_hook.pop(), hook.pop(), rtol=1e-4, atol=1e-5)
 
 
-def test_worker_processes_give_the_runs_of_one_by_one(tmp_path, one_thread):
-    """Two single-threaded worker processes and one run after the other in this process (one
-    thread): the same teacher, the same runs bit for bit; each worker wrote its cache piece, which
-    a rerun takes."""
-    preset = _tiny(seeds=(0, 1), student_steps=3)
+def test_worker_processes_give_the_runs_of_one_by_one(tmp_path):
+    """Two single-threaded worker processes and one run after the other in this process, both
+    with one thread per run (this process keeps its own setting for the rest, the teacher's
+    training included): the same teacher, the same runs bit for bit, ce+idd and ce+kd included,
+    which read the teacher's tables; each worker wrote its cache piece, which a rerun takes.
+    Before the tables and the one-worker runs took this process's threads, --workers 1 and 2
+    gave different numbers on 2 cores."""
+    preset = _tiny(seeds=(0, 1), student_steps=3, configs=("ce", "ce+idd", "ce+kd"))
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    a = experiment.run_experiment(preset, one, "cpu", workers=1)
+    a = experiment.run_experiment(preset, one, "cpu", workers=1, threads=1)
     b = experiment.run_experiment(preset, two, "cpu", workers=2, threads=1)
+    assert a[0]["threads_per_worker"] == b[0]["threads_per_worker"] == 1
     assert b[0]["workers"] == 2 and a[0]["workers"] == 1
     assert a[0]["teacher_id"] == b[0]["teacher_id"]
     assert set(a[2]) == set(b[2]) == {(c, s) for c in preset.configs for s in preset.seeds}
@@ -279,9 +283,26 @@ def test_worker_processes_give_the_runs_of_one_by_one(tmp_path, one_thread):
             assert json.dumps(run[name]) == json.dumps(other[name]), (piece, name)  # exact floats, NaN too
         for name, t in run["model"].items():
             assert torch.equal(t, other["model"][name]), (piece, name)
-    assert len(list((tmp_path / "two" / "runs").glob("*.pt"))) == 4
+    assert len(list((tmp_path / "two" / "runs").glob("*.pt"))) == 6
     again = experiment.run_experiment(preset, two, "cpu", workers=2, threads=1)[0]
     assert sorted(again["cached"]) == sorted(["teacher"] + [f"{c}|{s}" for c, s in a[2]])
+    # on the CPU a run's thread count is part of its key: another count trains again
+    other = experiment.run_experiment(_tiny(seeds=(0,), student_steps=3, configs=("ce",)), two, "cpu", workers=1,
+                                      threads=2)[0]
+    assert other["cached"] == ["teacher"]
+
+
+def test_pieces_and_tables_compute_on_the_pools_threads(monkeypatch):
+    """One worker runs its pieces in this process on the pool's threads, and restores them."""
+    from idd_ops.demo.workers import Workers
+
+    seen = []
+    before = torch.get_num_threads()
+    with Workers("cpu", workers=1, threads=1) as pool:
+        list(pool.map(lambda: seen.append(torch.get_num_threads()), [(), ()]))
+        with pool.piece_threads():
+            seen.append(torch.get_num_threads())
+    assert seen == [1, 1, 1] and torch.get_num_threads() == before
 
 
 def test_scenes_rendered_in_workers_are_the_same_scenes():
@@ -352,7 +373,13 @@ def test_results_md_has_no_empty_column_and_a_smoke_run_says_so(tmp_path, one_th
     (["--student-steps", "0"], "--student-steps: expected an int >= 1"),
     (["--teacher-steps", "-5"], "--teacher-steps: expected an int >= 1"),
     (["--workers", "0"], "--workers: expected an int >= 1"),
-    (["--device", "foo"], "--device: expected a torch device"),
+    (["--device", "foo"], "--device: expected cpu, cuda or cuda:N"),
+    (["--device", "meta"], "--device: expected cpu, cuda or cuda:N"),
+    (["--seeds", "18446744073709551615"], "expected a seed in [0, 2**63)"),
+    (["--seeds", "0", "0"], "--seeds: 0 0 names one twice"),
+    (["--configs", "ce", "ce+idd", "ce"], "--configs: ce ce+idd ce names one twice"),
+    (["--threads", "0"], "--threads: expected an int >= 1"),
+    (["--out", __file__], "is a file; expected a folder"),
     (["--replot", "/nonexistent"], "--replot: '/nonexistent' holds no results.json"),
 ])
 def test_the_cli_rejects_bad_flags_before_any_work(argv, text, capsys):
@@ -365,3 +392,35 @@ def test_the_cli_rejects_bad_flags_before_any_work(argv, text, capsys):
         cli.main(argv)
     assert stop.value.code == 2
     assert text in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, text", [(b"{}", "not a checkpoint torch can read"),
+                                           ({"model": {}, "curve": [], "miou": 0.5}, "not a teacher checkpoint"),
+                                           ({"model": {"w": torch.zeros(2)}, "curve": []}, "do not fit the teacher")])
+def test_the_cli_refuses_a_teacher_file_that_is_not_one(tmp_path, capsys, content, text):
+    """A results.json or a student's run given as --teacher: an argparse error, not a traceback
+    from torch.load or load_state_dict."""
+    from idd_ops.demo import cli
+
+    path = tmp_path / "teacher.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--teacher", str(path)])
+    assert stop.value.code == 2 and text in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, text", [(["--workers", "0"], "--workers: expected an int >= 1"),
+                                        (["--student-steps", "-1"], "--student-steps: expected an int >= 1"),
+                                        (["--grid", "idd=-1"], "finite weights >= 0"),
+                                        (["--grid", "idd=a"], "finite weights >= 0"),
+                                        (["--teacher", "/nonexistent/teacher.pt"], "--teacher: no file"),
+                                        (["--seeds", "1", "1"], "names one twice")])
+def test_the_tuning_rejects_bad_flags_before_any_work(argv, text, capsys):
+    from idd_ops.demo import tune
+
+    with pytest.raises(SystemExit) as stop:
+        tune.main(argv)
+    assert stop.value.code == 2 and text in capsys.readouterr().err

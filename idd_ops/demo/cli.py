@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 
 # Settings read once, when torch and its OpenMP runtime load (see docs/ARCHITECTURE.md, Demo);
@@ -39,7 +40,7 @@ def _restart_with_environment():
 
 import torch  # noqa: E402
 
-from .experiment import CONFIGS, PRESETS, run_experiment, tuned_weights  # noqa: E402
+from .experiment import CONFIGS, PRESETS, load_teacher, run_experiment, tuned_weights  # noqa: E402
 from .report import plot_losses, plot_miou, plot_paired, write_markdown, write_plots  # noqa: E402
 
 # measured with the command above on 2 CPU cores (see the README for how)
@@ -49,9 +50,18 @@ ESTIMATES = {"quick": "a smoke run, about 2 min on 2 CPU cores",
                      "concurrent runs aim at under 4 min (not yet measured)"}
 
 
+WRITTEN = ("results.md", "results.json", "paired.png", "miou.png", "loss_curves.png", "predictions.png")
+REPLOTTED = ("results.md", "paired.png", "miou.png", "loss_curves.png")
+
+
+def _written(folder, names):
+    """The files of `names` that exist in `folder` (paired.png only where a run had a partner)."""
+    return [n for n in names if os.path.exists(os.path.join(folder, n))]
+
+
 def replot(folder):
-    """Rewrites results.md, miou.png and loss_curves.png of an earlier run from its results.json
-    (no training; predictions.png needs the checkpoints and is left as it is)."""
+    """Rewrites results.md, paired.png, miou.png and loss_curves.png of an earlier run from its
+    results.json (no training; predictions.png is left as it is)."""
     with open(os.path.join(folder, "results.json")) as f:
         results = json.load(f)
     md = os.path.join(folder, "results.md")
@@ -62,16 +72,15 @@ def replot(folder):
     plot_miou(results, folder)
     plot_losses(results, folder)
     text = write_markdown(results, folder) + (
-        "\nReplotted from results.json by `idd-distill --replot`: `predictions.png` is the original run's (its "
-        "checkpoints are not kept), and 'not measured' marks configurations that the version which ran the "
-        "experiment did not probe.\n")
+        "\nReplotted from results.json by `idd-distill --replot`: `predictions.png` is the original run's, and "
+        "'not measured' marks configurations that the version which ran the experiment did not probe.\n")
     with open(os.path.join(folder, "results.md"), "w") as f:
         f.write(text)
     print(text)
-    print(f"\nrewritten from {folder}/results.json: results.md, miou.png, loss_curves.png")
+    print(f"\nrewritten from {folder}/results.json: {', '.join(_written(folder, REPLOTTED))}")
 
 
-def _positive_int(text):
+def positive_int(text):
     """argparse type: an int >= 1."""
     try:
         value = int(text)
@@ -79,6 +88,43 @@ def _positive_int(text):
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
+def check_run_options(p, args):
+    """The checks idd-distill and the tuning share, made before any work: --teacher a teacher
+    checkpoint, --out a folder, no seed or configuration twice, --device cpu or a visible GPU."""
+    if args.teacher and not os.path.isfile(args.teacher):
+        p.error(f"--teacher: no file {args.teacher!r} (without --teacher, a teacher is trained and cached)")
+    if args.teacher:
+        try:
+            load_teacher(args.teacher)
+        except ValueError as error:
+            p.error(f"--teacher: {error}")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out: {args.out!r} is a file; expected a folder")
+    for name in ("configs", "seeds"):
+        given = getattr(args, name, None) or []
+        if len(set(given)) < len(given):
+            p.error(f"--{name}: {' '.join(map(str, given))} names one twice")
+    try:
+        device_type = torch.device(args.device).type
+    except RuntimeError:
+        device_type = None
+    if device_type not in ("cpu", "cuda"):
+        p.error(f"--device: expected cpu, cuda or cuda:N; got {args.device!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device: {args.device!r}, but torch sees no CUDA device (torch {torch.__version__})")
+
+
+def seed_arg(text):
+    """argparse type: a seed torch's generators take, 0 <= seed < 2**63."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63), got {value}")
     return value
 
 
@@ -91,28 +137,24 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="results folder (default: results/<preset>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), help="override the preset's configurations")
-    p.add_argument("--seeds", nargs="+", type=int, help="override the preset's seeds")
-    p.add_argument("--student-steps", type=_positive_int, help="override the preset's student steps")
-    p.add_argument("--teacher-steps", type=_positive_int, help="override the preset's teacher steps")
+    p.add_argument("--seeds", nargs="+", type=seed_arg, help="override the preset's seeds")
+    p.add_argument("--student-steps", type=positive_int, help="override the preset's student steps")
+    p.add_argument("--teacher-steps", type=positive_int, help="override the preset's teacher steps")
     p.add_argument("--weight", action="append", default=[], metavar="LOSS=VALUE",
                    help="override a loss weight in every configuration that uses it, e.g. idd=0.3 (repeatable)")
     p.add_argument("--teacher", default=None, help="reuse this teacher.pt (same image size) instead of training one")
-    p.add_argument("--workers", type=_positive_int, help="worker processes for the student runs and scenes (default: "
+    p.add_argument("--workers", type=positive_int, help="worker processes for the student runs and scenes (default: "
                    "automatic, from the CPU cores and, on CUDA, the free GPU memory)")
+    p.add_argument("--threads", type=positive_int,
+                   help="torch threads each run computes on (default: the cores divided between the workers); on the "
+                        "CPU a run's numbers depend on it, so runs with other thread counts are not taken from the cache")
     p.add_argument("--replot", metavar="FOLDER", help="only rewrite FOLDER's results.md and plots from its results.json")
     args = p.parse_args(argv)
     if args.replot:
         if not os.path.isfile(os.path.join(args.replot, "results.json")):
             p.error(f"--replot: {args.replot!r} holds no results.json")
         return replot(args.replot)
-    if args.teacher and not os.path.isfile(args.teacher):
-        p.error(f"--teacher: no file {args.teacher!r} (without --teacher, a teacher is trained and cached)")
-    try:
-        torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device: expected a torch device such as cpu, cuda or cuda:1; got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device: {args.device!r}, but torch sees no CUDA device (torch {torch.__version__})")
+    check_run_options(p, args)
     preset = PRESETS[args.preset]
     overrides = {k: v for k, v in dict(configs=tuple(args.configs or ()), seeds=tuple(args.seeds or ()),
                                        student_steps=args.student_steps, teacher_steps=args.teacher_steps).items() if v}
@@ -132,14 +174,17 @@ def main(argv=None):
         weights_from += f"; overridden on the command line: {weights}"
     preset = dataclasses.replace(preset, weights={**tuned, **weights}, weights_from=weights_from, **overrides)
     out = args.out or os.path.join("results", args.preset)
-    command = "idd-distill " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "idd-distill " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(f"idd-distill --preset {args.preset}: {len(preset.configs)} configurations x {len(preset.seeds)} seeds, "
           f"{ESTIMATES[args.preset]} with the preset's settings; writing to {out}/", file=sys.stderr)
-    results, teacher, runs, val = run_experiment(preset, out, args.device, args.teacher, command,
-                                                 workers=args.workers)
+    try:
+        results, teacher, runs, val = run_experiment(preset, out, args.device, args.teacher, command,
+                                                     workers=args.workers, threads=args.threads)
+    except KeyboardInterrupt:
+        sys.exit(f"\ninterrupted: the finished pieces are cached in {out}/; the same command resumes from them")
     write_plots(results, teacher, runs, val, out, args.device)
     print(write_markdown(results, out))
-    print(f"\nwritten to {out}/ (results.md, results.json, paired.png, miou.png, loss_curves.png, predictions.png)")
+    print(f"\nwritten to {out}/ ({', '.join(_written(out, WRITTEN))})")
 
 
 if __name__ == "__main__":

@@ -128,14 +128,16 @@ def model_digest(model):
     return h.hexdigest()[:12]
 
 
-def run_key(preset, config, seed, teacher_id, device):
+def run_key(preset, config, seed, teacher_id, device, threads=None):
     """Every setting that changes a student run's result: the preset (image size, data, batch,
     steps, learning rate, probe and IDD options), the configuration's effective loss weights,
-    the seed, the teacher's identity and the device."""
+    the seed, the teacher's identity, the device and, on the CPU, the torch threads the run
+    computed on (the order of parallel reductions follows it)."""
     ignored = ("configs", "seeds", "weights", "weights_from", "smoke", "teacher_steps")  # teacher_steps: in teacher_id
     settings = {k: v for k, v in dataclasses.asdict(preset).items() if k not in ignored}
     return dict(settings, version=CACHE_VERSION, config=config, weights=config_weights(config, preset.weights),
-                seed=seed, teacher=teacher_id, device=str(device))
+                seed=seed, teacher=teacher_id, device=str(device),
+                threads=threads if torch.device(device).type == "cpu" else None)
 
 
 def batches(data, batch, steps, seed, device):
@@ -279,6 +281,24 @@ def save_piece(obj, path):
             os.remove(part)
 
 
+def load_teacher(path, device="cpu"):
+    """(teacher network, the checkpoint's dict) from a teacher.pt that idd-distill wrote; a
+    ValueError naming the file for anything else (a student's run, results.json)."""
+    expected = "expected a teacher.pt written by idd-distill"
+    try:
+        state = torch.load(path, map_location=device)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same message
+        raise ValueError(f"{path}: not a checkpoint torch can read ({type(error).__name__}); {expected}") from None
+    if not isinstance(state, dict) or not {"model", "curve"} <= state.keys() or "miou" in state:
+        raise ValueError(f"{path}: not a teacher checkpoint; {expected}")
+    teacher = make_teacher(len(CLASSES)).to(device)
+    try:
+        teacher.load_state_dict(state["model"])
+    except RuntimeError:
+        raise ValueError(f"{path}: its weights do not fit the teacher network; {expected}") from None
+    return teacher, state
+
+
 def load_or_train_teacher(preset, train, device, out, checkpoint=None):
     """The teacher from `checkpoint` (used as given), from `out`/teacher.pt when it was trained
     with the same settings, or trained now. Returns (teacher, curve, seconds it took to train,
@@ -286,11 +306,9 @@ def load_or_train_teacher(preset, train, device, out, checkpoint=None):
     key = teacher_key(preset, device)
     path = checkpoint or os.path.join(out, "teacher.pt")
     if os.path.exists(path):
-        state = torch.load(path, map_location=device)
+        teacher, state = load_teacher(path, device)
         if checkpoint or state.get("key") == key:
             print(f"cache: using the teacher in {path}" + ("" if checkpoint else " (same settings)"), file=sys.stderr)
-            teacher = make_teacher(len(CLASSES)).to(device)
-            teacher.load_state_dict(state["model"])
             return teacher.eval(), state["curve"], state.get("seconds", 0.0), True
         print(f"cache: {path} was trained with other settings; training a new teacher", file=sys.stderr)
     start = time.perf_counter()
@@ -356,7 +374,7 @@ def run_students(jobs, train, val, teacher, readout, out, device, workers):
     teacher_id = model_digest(teacher)
     runs, todo, cached, cached_seconds = [None] * len(jobs), [], [], 0.0
     for i, (preset, config, seed) in enumerate(jobs):
-        key = run_key(preset, config, seed, teacher_id, device)
+        key = run_key(preset, config, seed, teacher_id, device, workers.threads)
         path = os.path.join(out, "runs", f"{config}_seed{seed}_{_digest(key)}.pt")
         run = torch.load(path, map_location=device) if os.path.exists(path) else None
         if run is not None and run.get("key") == key:
@@ -368,7 +386,8 @@ def run_students(jobs, train, val, teacher, readout, out, device, workers):
             todo.append((i, preset, config, seed, key, path))
     if todo:
         preset = todo[0][1]
-        outputs = CachedTeacher.compute(teacher, train, FEATURE_LAYER, 2 * preset.batch, device)
+        with workers.piece_threads():  # the tables every run reads, on the runs' threads
+            outputs = CachedTeacher.compute(teacher, train, FEATURE_LAYER, 2 * preset.batch, device)
         # what every run reads: written once, on the CPU; each process moves it to `device` once
         context_path = os.path.join(out, "runs", f"shared-{os.getpid()}-{time.time_ns()}.pt")
         torch.save(dict(device=str(device), train=train, val=val, teacher=copy.deepcopy(teacher).cpu(),

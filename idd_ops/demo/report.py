@@ -143,7 +143,9 @@ def write_markdown(results, out, command=None):
                      "load moves both numbers by more than the losses' share, so it cannot rank the kernels. "
                      "The kernels' own speed, against the reference and torch.compile, is measured by "
                      "benchmarks/ (benchmarks/RESULTS.md, RESULTS-cuda.md).\n")
-    lines.append("Plots: `paired.png` (paired differences with their intervals), `miou.png` (every seed and the "
+    paired_plot = "`paired.png` (paired differences with their intervals), " \
+        if any(o in seed_runs(results) for o in (BASELINE, RIVAL)) else ""
+    lines.append(f"Plots: {paired_plot}`miou.png` (every seed and the "
                  "mean +/- std), `loss_curves.png` (one panel per loss term, unweighted), `predictions.png` "
                  "(every configuration, first seed).\n")
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -189,7 +191,7 @@ def smoke_note(results, out, folders=("results/cpu", "results/full")):
                   " | ".join(f"[{f}]({_link(out, f)}) ({s})" for f, (s, _) in committed.items()) + " |",
                   "|---|---:|" + "---:|" * len(committed)]
         for c in names:
-            cells = [_interval(mine[c]) if c in mine else "not run"] + [
+            cells = [_interval(mine[c]) if c in mine else f"no {BASELINE} run to pair" if c in configs else "not run"] + [
                 _interval(e[c]) if c in e else "not run" for _, e in committed.values()]
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -243,7 +245,9 @@ def plot_paired(results, out):
     plt = _pyplot()
     configs = seed_runs(results)
     others = [o for o in (BASELINE, RIVAL) if o in configs]
-    if not others:
+    if not others:  # nothing to pair with: no plot, and none of an earlier run left in `out`
+        if os.path.exists(os.path.join(out, "paired.png")):
+            os.remove(os.path.join(out, "paired.png"))
         return
     fig, axes = plt.subplots(1, len(others), figsize=(5 * len(others), 0.45 * len(configs) + 1.6), squeeze=False)
     for ax, other in zip(axes[0], others):

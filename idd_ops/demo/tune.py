@@ -15,11 +15,13 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import statistics
 import sys
 
 import torch
 
+from .cli import check_run_options, positive_int, seed_arg
 from .experiment import CONFIGS, PRESETS, make_data, run_students, setup_teacher
 from .report import BASELINE, _interval, _miou, paired
 from .workers import Workers
@@ -33,9 +35,14 @@ def parse_grid(items):
     grid = {}
     for item in items:
         name, _, values = item.partition("=")
-        if f"ce+{name}" not in CONFIGS or not values:
-            raise ValueError(f"--grid: expected LOSS=V1,V2,... with a configuration ce+LOSS; got {item!r}")
-        grid[name] = [float(v) for v in values.split(",")]
+        try:
+            weights = [float(v) for v in values.split(",")]
+        except ValueError:
+            weights = []
+        if f"ce+{name}" not in CONFIGS or not weights or not all(0 <= w < float("inf") for w in weights):
+            raise ValueError(f"--grid: expected LOSS=V1,V2,... with a configuration ce+LOSS and finite weights "
+                             f">= 0; got {item!r}")
+        grid[name] = weights
     return grid
 
 
@@ -97,24 +104,27 @@ def main(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--grid", action="append", metavar="LOSS=V1,V2,...",
                    help=f"weights to try for one loss (repeatable); default: {' '.join(DEFAULT_GRID)}")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS))
+    p.add_argument("--seeds", nargs="+", type=seed_arg, default=list(DEFAULT_SEEDS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="default: results/<preset>-tune")
     p.add_argument("--teacher", help="reuse this teacher.pt (same image size) instead of training one")
-    p.add_argument("--workers", type=int, help="worker processes for the runs (default: automatic)")
-    p.add_argument("--student-steps", type=int, help="override the preset's student steps")
-    p.add_argument("--teacher-steps", type=int, help="override the preset's teacher steps")
+    p.add_argument("--workers", type=positive_int, help="worker processes for the runs (default: automatic)")
+    p.add_argument("--threads", type=positive_int,
+                   help="torch threads each run computes on (default: the cores divided between the workers)")
+    p.add_argument("--student-steps", type=positive_int, help="override the preset's student steps")
+    p.add_argument("--teacher-steps", type=positive_int, help="override the preset's teacher steps")
     args = p.parse_args(argv)
+    check_run_options(p, args)
     try:
         grid = parse_grid(args.grid or DEFAULT_GRID)
     except ValueError as e:
         p.error(str(e))
     out = args.out or os.path.join("results", f"{args.preset}-tune")
-    command = "python -m idd_ops.demo.tune " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m idd_ops.demo.tune " + shlex.join(argv if argv is not None else sys.argv[1:])
     overrides = {k: v for k, v in dict(student_steps=args.student_steps, teacher_steps=args.teacher_steps).items()
                  if v}
     summary = run_tuning(dataclasses.replace(PRESETS[args.preset], **overrides), grid, args.seeds, out, args.device,
-                         command, args.teacher, args.workers)
+                         command, args.teacher, args.workers, args.threads)
     print(tune_markdown(summary))
 
 

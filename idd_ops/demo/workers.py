@@ -4,11 +4,15 @@ CUDA stream, with torch's threads divided between the workers so that the cores 
 oversubscribed. On 2 CPU cores the automatic choice is one worker (this process) on both.
 
 Every piece seeds its own generators from its arguments, so running the pieces in workers gives
-the results of running them one by one, with the same number of threads per piece (on the CPU
-the order of a parallel reduction may depend on the thread count). The student networks are
-small: one at a time, a GPU sits mostly idle waiting for kernel launches.
+the results of running them one by one with the same number of threads per piece: on the CPU the
+order of a parallel reduction depends on the thread count, so every piece, and the teacher's
+tables the student runs read, compute on the pool's `threads` in every mode (one worker
+included), and the runs' cache key holds that number. The student networks are small: one at a
+time, a GPU sits mostly idle waiting for kernel launches.
 """
+import contextlib
 import os
+import signal
 import sys
 
 import torch
@@ -38,7 +42,8 @@ def plan(device, workers=None, threads=None, gpu_bytes_per_worker=GPU_BYTES_PER_
 
     workers: None (automatic): on CUDA, as many as the free GPU memory holds at
         `gpu_bytes_per_worker` each and at most one per core; on the CPU, one per
-        CPU_CORES_PER_WORKER cores. threads: None: the cores divided between the workers.
+        CPU_CORES_PER_WORKER cores. threads: None: the cores divided between the workers, at
+        most torch's thread setting (OMP_NUM_THREADS, torch.set_num_threads).
     """
     cores = cpu_cores()
     if workers is None:
@@ -50,10 +55,26 @@ def plan(device, workers=None, threads=None, gpu_bytes_per_worker=GPU_BYTES_PER_
     if workers < 1:
         raise ValueError(f"workers: expected at least 1, got {workers}")
     workers = int(workers)
-    return workers, int(threads or max(1, cores // workers))
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads: expected at least 1, got {threads}")
+    return workers, int(threads or max(1, min(torch.get_num_threads(), cores // workers)))
+
+
+@contextlib.contextmanager
+def torch_threads(threads):
+    """torch's intra-op threads set to `threads` inside the block, restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _start_worker(threads, device):
+    # Ctrl-C reaches every process of the terminal's group: the parent stops the pool, so a
+    # worker's own traceback would only bury its message
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     progress.plain_lines()
     if str(device).startswith("cuda"):
@@ -68,15 +89,20 @@ def _call(fn_args):
     return fn(*args)
 
 
-def serial_map(fn, items):
-    """fn(*item) for each item, in order, in this process: the map of one worker."""
-    return (fn(*item) for item in items)
+def serial_map(fn, items, threads=None):
+    """fn(*item) for each item, in order, in this process (on `threads` torch threads where
+    given): the map of one worker."""
+    for item in items:
+        with torch_threads(threads) if threads else contextlib.nullcontext():
+            result = fn(*item)
+        yield result
 
 
 class Workers:
     """A pool started on first use: ``map(fn, items)`` yields ``fn(*item)`` for every item, in
-    order. With one worker (or one item and no pool yet) the pieces run in this process, with its
-    thread setting as it is. fn must be a module-level function (the workers are spawned).
+    order. With one worker (or one item and no pool yet) the pieces run in this process, on the
+    pool's threads as a worker would. fn must be a module-level function (the workers are
+    spawned). ``with pool.piece_threads():`` runs other work that pieces depend on the same way.
 
     Args: device: where the pieces compute. workers, threads: see :func:`plan`.
     """
@@ -89,11 +115,15 @@ class Workers:
     def map(self, fn, items):
         items = list(items)
         if self.pool is None and (self.size == 1 or len(items) < 2):
-            return serial_map(fn, items)
+            return serial_map(fn, items, self.threads)
         if self.pool is None:
             print(f"workers: {self.size} processes x {self.threads} threads on {self.device}", file=sys.stderr)
             self.pool = mp.get_context("spawn").Pool(self.size, _start_worker, (self.threads, self.device))
         return self.pool.imap(_call, [(fn, item) for item in items])
+
+    def piece_threads(self):
+        """A block in this process on the threads every piece computes on."""
+        return torch_threads(self.threads)
 
     def close(self, wait=True):
         if self.pool is not None:
