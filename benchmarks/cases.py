@@ -117,9 +117,10 @@ def _idd(arg):
     if last:
         s, t = (f.contiguous(memory_format=torch.channels_last) for f in (s, t))
     # GEMMs: each network's centroid Gram (K x C x K per image) for the distance matrix; the
-    # backward multiplies the student's K x K distance gradient into its centroids
+    # backward multiplies the student's K x K distance gradient into its centroids. In float64,
+    # which the K x K math needs for nearly merged classes (METHOD.md 8)
     return Case(f"idd_loss {arg}", desc, [s, t, y], lambda m, s, t, y: m.inter_class_distance_loss(s, t, y, K),
-                flops=(2 * B * K * K * (Cs + Ct), 2 * B * K * K * Cs), gemm_shape=(B, K, Ct, K))
+                flops=(2 * B * K * K * (Cs + Ct), 2 * B * K * K * Cs), gemm_shape=(B, K, Ct, K, "float64"))
 
 
 def scatter_mean_centroids(feats, labels, num_classes, ignore_index=255):

@@ -24,7 +24,7 @@ from . import common
 @dataclasses.dataclass(frozen=True)
 class Work:
     """bytes: bytes moved at least; flops: GEMM flops, done at the rate of a bmm of `gemm_shape`
-    (b, m, k, n); exps: exponentials."""
+    (b, m, k, n), or (b, m, k, n, dtype name) for another dtype than float32; exps: exponentials."""
     bytes: float
     flops: float = 0.0
     exps: float = 0.0
@@ -85,10 +85,11 @@ def peak_rate(measure, device="cpu"):
 
 
 def gemm_rate(shape, device="cpu", repeat=3):
-    """Flop/s of torch.bmm on [b, m, k] x [b, k, n] float32 (best of `repeat` timings, best_ms;
-    peak_rate)."""
-    b, m, k, n = shape
-    x, y = torch.randn(b, m, k, device=device), torch.randn(b, k, n, device=device)
+    """Flop/s of torch.bmm on [b, m, k] x [b, k, n], float32 unless a fifth entry names the
+    dtype (best of `repeat` timings, best_ms; peak_rate)."""
+    b, m, k, n, *dtype = shape
+    dtype = getattr(torch, dtype[0]) if dtype else torch.float32
+    x, y = torch.randn(b, m, k, device=device, dtype=dtype), torch.randn(b, k, n, device=device, dtype=dtype)
     return peak_rate(lambda: 2 * b * m * k * n / (best_ms(lambda: torch.bmm(x, y), device, repeat) * 1e-3), device)
 
 

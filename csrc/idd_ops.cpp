@@ -49,11 +49,13 @@ TORCH_LIBRARY(idd_ops, m) {
   // The IDD tail from per-image class sums [B,K,C] and counts [B,K] of the student and the
   // teacher (channel counts may differ) to the loss, with the tensors its backward reads (layout:
   // common/idd_tail.h). The teacher is a constant; the backward gives the student sums' gradient.
-  // dtype: of the K x K math, the loss and dist (float32 or float64; None: the sums' accumulation
-  // dtype): float64 class sums keep a common offset exact, and their centroids, once centred,
-  // need no more than the features' precision.
+  // dtype: of the K x K math and dist (float32 or float64; None: the sums' accumulation dtype);
+  // the library asks for float64, which resolves classes far closer together than their spread
+  // (METHOD.md 8). loss_dtype: the loss's (float32 or float64; None: dtype), so that a float32
+  // loss needs no cast launch either way.
   m.def("idd_tail(Tensor student_sums, Tensor student_counts, Tensor teacher_sums, Tensor teacher_counts, "
-        "str metric, bool normalize, float eps, str reduction, ScalarType? dtype=None) -> (Tensor, Tensor, Tensor)");
+        "str metric, bool normalize, float eps, str reduction, ScalarType? dtype=None, ScalarType? loss_dtype=None) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("_idd_tail_backward(Tensor grad, Tensor student_sums, Tensor student_counts, Tensor teacher_counts, "
         "Tensor dist, Tensor stats, str metric, bool normalize, float eps, str reduction) -> Tensor");
   // MSE between pred [B,M,H,W] and M analytic position maps (kinds[m], params[m], codes of

@@ -60,8 +60,12 @@ def centroids_from_sums(sums: Tensor, counts: Tensor, dtype: Optional[torch.dtyp
 
 
 def idd_from_sums(sums_s: Tensor, counts_s: Tensor, sums_t: Tensor, counts_t: Tensor, metric: str,
-                   normalize: Optional[str], eps: float, reduction: str, dtype: torch.dtype) -> Tensor:
+                   normalize: Optional[str], eps: float, reduction: str, out_dtype: torch.dtype) -> Tensor:
     """The K x K tail of IDD from both networks' float64 class sums (the teacher's detached),
-    computed in `dtype` (the features' accumulation dtype) once the centroids are centred: one
-    idd_tail op (composite ATen code on the CPU, a fused kernel on CUDA)."""
-    return _idd_from_sums(sums_s, counts_s, sums_t.detach(), counts_t, metric, normalize, eps, reduction, dtype)
+    computed in float64 (docs/METHOD.md 8): one idd_tail op (composite ATen code on the CPU, a
+    fused kernel on CUDA). The loss in `out_dtype`, which the op writes directly where it is
+    float32 or float64 (no cast launch)."""
+    direct = out_dtype if out_dtype in (torch.float32, torch.float64) else torch.float32
+    loss = _idd_from_sums(sums_s, counts_s, sums_t.detach(), counts_t, metric, normalize, eps, reduction,
+                          torch.float64, direct)
+    return loss.to(out_dtype)

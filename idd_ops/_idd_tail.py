@@ -12,7 +12,7 @@ ops = torch.ops.idd_ops
 
 def _idd_from_sums(sums_s: Tensor, counts_s: Tensor, sums_t: Tensor, counts_t: Tensor, metric: str = "euclidean",
                    normalize: Optional[Union[str, bool]] = None, eps: float = 1e-8, reduction: str = "mean",
-                   dtype: Optional[torch.dtype] = None) -> Tensor:
+                   dtype: Optional[torch.dtype] = None, loss_dtype: Optional[torch.dtype] = None) -> Tensor:
     """IDD loss from per-image class sums and counts (no argument checks: the public functions
     make them).
 
@@ -27,12 +27,12 @@ def _idd_from_sums(sums_s: Tensor, counts_s: Tensor, sums_t: Tensor, counts_t: T
             (``normalize``: ``None``/``"mean"``, or a bool).
         dtype: float32 or float64, the dtype of the K x K math once the centroids are formed
             and centred in the sums' precision. Default: None (the accumulation dtype of
-            ``sums_s``).
+            ``sums_s``); the library passes float64 (docs/METHOD.md 8).
+        loss_dtype: float32 or float64, the loss's. Default: None (``dtype``).
 
     Returns:
-        The loss in ``dtype``: a scalar, or ``[B]`` for ``reduction="none"``. The caller casts
-        it to the features' loss dtype.
+        The loss in ``loss_dtype``: a scalar, or ``[B]`` for ``reduction="none"``.
     """
     mean = normalize is True or normalize == "mean"
-    loss, _, _ = ops.idd_tail(sums_s, counts_s, sums_t, counts_t, metric, mean, float(eps), reduction, dtype)
+    loss, _, _ = ops.idd_tail(sums_s, counts_s, sums_t, counts_t, metric, mean, float(eps), reduction, dtype, loss_dtype)
     return loss

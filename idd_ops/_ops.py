@@ -183,10 +183,11 @@ def _(grad, feats, centroids, slots, cos, feat_norms, eps, counts=None):
 
 
 @register_fake("idd_ops::idd_tail")
-def _(student_sums, student_counts, teacher_sums, teacher_counts, metric, normalize, eps, reduction, dtype=None):
+def _(student_sums, student_counts, teacher_sums, teacher_counts, metric, normalize, eps, reduction, dtype=None,
+      loss_dtype=None):
     B, K, _ = student_sums.shape
     acc = acc_dtype(student_sums.dtype) if dtype is None else dtype
-    loss = student_sums.new_empty((B,) if reduction == "none" else (), dtype=acc)
+    loss = student_sums.new_empty((B,) if reduction == "none" else (), dtype=acc if loss_dtype is None else loss_dtype)
     # layout of the saved tensors: csrc/common/idd_tail.h
     return loss, student_sums.new_empty((B, 2, K, K), dtype=acc), student_sums.new_empty((B, K + 1, 8),
                                                                                          dtype=torch.float64)

@@ -15,7 +15,7 @@ from . import _ops  # noqa: F401  (registers autograd and fake kernels)
 from . import _validation as v
 from ._class_sums import centroids_from_sums, idd_from_sums, pair_sums, slots_for, uses_class_sums
 from ._distributed import pooled_centroids, pooled_sums
-from ._dtypes import acc_dtype, loss_dtype
+from ._dtypes import loss_dtype
 
 ops = torch.ops.idd_ops
 
@@ -127,8 +127,7 @@ def inter_class_distance_loss(student_feats: Tensor, teacher_feats: Tensor, labe
             ss, ns = pooled_sums(ss, ns, process_group)
             with torch.no_grad():
                 st, nt = pooled_sums(st, nt, process_group)
-        loss = idd_from_sums(ss, ns, st, nt, metric, normalize, eps, reduction, acc_dtype(fs.dtype))
-        return loss.to(loss_dtype(student_feats))
+        return idd_from_sums(ss, ns, st, nt, metric, normalize, eps, reduction, loss_dtype(student_feats))
     mean = normalize == "mean"
     cs, ns = ops.class_centroids(fs, labels, num_classes, ignore_index)
     ct, nt = ops.class_centroids(ft.detach(), labels, num_classes, ignore_index)

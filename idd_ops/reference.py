@@ -85,15 +85,21 @@ def _tf32_may_round(x):
         torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest")
 
 
+def _maps(x, size):
+    """A [B, N, C] token input with size=(H, W) as the [B, C, H, W] map it stands for (a view);
+    a map as it is."""
+    return x.transpose(1, 2).unflatten(2, tuple(size)) if size is not None and x.dim() == 3 else x
+
+
 def _centroids(features, labels, num_classes, ignore_index):
     slots = label_slots(labels, features.shape[2:], num_classes, ignore_index)
     sums, counts = _class_sums(features, slots, num_classes)
     return sums / counts.clamp_min(1)[..., None].to(sums.dtype), counts
 
 
-def class_centroids(feats, labels, num_classes, ignore_index=255):
+def class_centroids(feats, labels, num_classes, ignore_index=255, size=None):
     """Reference of :func:`idd_ops.class_centroids`."""
-    centroids, counts = _centroids(feats, labels, num_classes, ignore_index)
+    centroids, counts = _centroids(_maps(feats, size), labels, num_classes, ignore_index)
     return centroids.to(feats.dtype), counts
 
 
@@ -129,9 +135,11 @@ def class_distance_matrix(centroids, counts, metric="euclidean", normalize=None,
 
 
 def inter_class_distance_loss(student_feats, teacher_feats, labels, num_classes, ignore_index=255,
-                              metric="euclidean", normalize=None, reduction="mean", eps=1e-8, centroids="image"):
+                              metric="euclidean", normalize=None, reduction="mean", eps=1e-8, centroids="image",
+                              size=None):
     """Reference of :func:`idd_ops.inter_class_distance_loss` (``centroids="batch"`` within one
     process: the fused function's ``process_group`` result equals this on the global batch)."""
+    student_feats, teacher_feats = _maps(student_feats, size), _maps(teacher_feats, size)
     cs, ns = _centroids(student_feats, labels, num_classes, ignore_index)
     ct, nt = _centroids(teacher_feats.detach(), labels, num_classes, ignore_index)
     if centroids == "batch":  # per-class means over every pixel of the batch
@@ -216,8 +224,9 @@ def pixel_centroid_cosine(feats, centroids, slots, eps=1e-8):
 
 
 def intra_class_variation_loss(student_feats, teacher_feats, labels, num_classes, ignore_index=255, eps=1e-8,
-                               reduction="mean"):
+                               reduction="mean", size=None):
     """Reference of :func:`idd_ops.intra_class_variation_loss`."""
+    student_feats, teacher_feats = _maps(student_feats, size), _maps(teacher_feats, size)
     def cosine_map(feats):
         slots = label_slots(labels, feats.shape[2:], num_classes, ignore_index)
         return pixel_centroid_cosine(feats, _centroids(feats, labels, num_classes, ignore_index)[0], slots, eps)

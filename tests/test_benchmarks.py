@@ -72,6 +72,7 @@ def test_the_gpu_exp_probe_parses():
 
 def test_measured_rates_are_positive_on_the_device(device):
     assert roofline.gemm_rate((1, 32, 32, 32), device, repeat=1) > 0
+    assert roofline.gemm_rate((1, 32, 32, 32, "float64"), device, repeat=1) > 0  # the IDD Grams' dtype
     rate, source = roofline.exp_rate(device, samples=1)
     # on a GPU, the chain kernel: its fallback (torch.exp) is bound by L2 rather than the exp units
     expected = "torch.exp" if torch.device(device).type == "cpu" else f"{roofline.CHAIN_STEPS * 4} expf per element"

@@ -366,6 +366,19 @@ def test_token_ifvd_and_modules_match_the_map_form(device, teacher_tokens):
         torch.testing.assert_close(sa.grad, sb.grad.permute(0, 2, 3, 1).reshape_as(s_tok))
 
 
+@pytest.mark.parametrize("name", ["class_centroids", "inter_class_distance_loss", "intra_class_variation_loss"])
+def test_reference_takes_tokens_as_the_fused_function(name):
+    """The reference twins take the same `size` argument (API.md): tokens there equal the map."""
+    s_tok, s_map = _tokens(2, 6, 8, 10, "cpu", seed=1)
+    t_tok, t_map = _tokens(2, 9, 8, 10, "cpu", seed=2)
+    y = make_labels(2, 16, 20, 5)
+    args = (s_tok, y, 5) if name == "class_centroids" else (s_tok, t_tok, y, 5)
+    map_args = (s_map, y, 5) if name == "class_centroids" else (s_map, t_map, y, 5)
+    got, want = getattr(reference, name)(*args, size=(8, 10)), getattr(reference, name)(*map_args)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, getattr(idd_ops, name)(*args, size=(8, 10)))
+
+
 def test_a_size_without_token_inputs_is_an_error():
     s, t, y = make_feats(2, 4, 3, 4), make_feats(2, 5, 3, 4), make_labels(2, 3, 4, 3)
     with pytest.raises(ValueError, match="size: only \\[B, N, C\\] token inputs take a size, but feats is"):

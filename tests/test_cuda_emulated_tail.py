@@ -34,11 +34,11 @@ def _tail_case(B, K, Cs, Ct, dtype=torch.float32, absent=0.25, seed=0):
 
 
 def check_tail(ops, ss, sc, ts, tc, metric, normalize, reduction, dtype=None, eps=1e-8, rtol=1e-5, atol=1e-5,
-               fused=True, grad=None):
+               fused=True, grad=None, loss_dtype=None):
     """The emulated fused tail against the CPU composite: loss, dist, stats row K (Q only under
     normalize) and the backward from each side's own saved tensors. `fused`: whether the fused
     kernels take the inputs (else the composite runs: no launch). Returns the emulated outputs."""
-    args = (ss, sc, ts, tc, metric, normalize, eps, reduction, dtype)
+    args = (ss, sc, ts, tc, metric, normalize, eps, reduction, dtype, loss_dtype)
     before = ops._emu_launches()
     got, want = ops.idd_tail(*args), CPU.idd_tail(*args)
     assert (ops._emu_launches() > before) == fused
@@ -218,6 +218,18 @@ def test_tail_common_offset(next_kernels, dtype, metric):
         grad = torch.ones_like(loss)
         g = next_kernels._idd_tail_backward(grad, ss, sc, tc, dist, stats, metric, normalize is not None, 1e-8, reduction)
         torch.testing.assert_close(g, g_want, rtol=tol, atol=tol * float(g_want.abs().max()))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_tail_float64_math_with_a_float32_loss(next_kernels, reduction):
+    """What the library asks for (METHOD.md 8): float64 sums and K x K math, the loss written in
+    float32 by the finish kernel and its float32 gradient read as it comes, so that no cast is
+    launched; the same values as the composite."""
+    ss, sc, ts, tc = _tail_case(2, 19, 24, 40, dtype=torch.float64, seed=4)
+    grad = torch.rand(2 if reduction == "none" else (), generator=torch.Generator().manual_seed(1)) + 0.5
+    got = check_tail(next_kernels, ss, sc, ts, tc, "euclidean", True, reduction, torch.float64,
+                     loss_dtype=torch.float32, grad=grad)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float64
 
 
 # one case per label dtype: uint8, int32, int64

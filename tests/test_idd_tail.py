@@ -229,6 +229,17 @@ def test_bad_dtype_names_the_argument(device, dtype):
         ops.idd_tail(ss, ns, st, nt, "euclidean", False, 1e-8, "mean", dtype)
 
 
+@pytest.mark.parametrize("loss_dtype", [torch.float32, torch.float64])
+def test_loss_dtype_is_the_losss_own(device, loss_dtype):
+    """loss_dtype sets the loss's dtype only: its value is the float64 math's, rounded once."""
+    ss, ns, st, nt = _random_case(2, 6, 3, 4, dtype=torch.float64, device=device, seed=2)
+    want = ops.idd_tail(ss, ns, st, nt, "euclidean", True, 1e-8, "none", torch.float64)[0]
+    got = ops.idd_tail(ss, ns, st, nt, "euclidean", True, 1e-8, "none", torch.float64, loss_dtype)[0]
+    assert got.dtype == loss_dtype and torch.equal(got, want.to(loss_dtype))
+    with pytest.raises(TypeError, match="loss_dtype"):
+        ops.idd_tail(ss, ns, st, nt, "euclidean", True, 1e-8, "none", torch.float64, torch.float16)
+
+
 def test_opcheck_with_dtype(device):
     for sums_dtype, dtype in ((torch.float64, torch.float32), (torch.float32, torch.float64),
                               (torch.float64, torch.float64)):
@@ -236,6 +247,9 @@ def test_opcheck_with_dtype(device):
         for opts in (("euclidean", True, "mean"), ("cosine", False, "none")):
             torch.library.opcheck(ops.idd_tail.default,
                                   (ss.requires_grad_(), ns, st, nt, opts[0], opts[1], 1e-8, opts[2], dtype))
+        # the library's call: float64 math, a float32 loss
+        torch.library.opcheck(ops.idd_tail.default, (ss, ns, st, nt, "euclidean", True, 1e-8, "mean", torch.float64,
+                                                     torch.float32))
 
 
 # ---- CUDA: the op on the GPU against the CPU composite, graphs and compile -------------

@@ -173,3 +173,71 @@ def test_reference_pivot_path(monkeypatch, dtype):
     if dtype == torch.float32:
         exact, _ = reference.class_centroids(s.double(), y, K)
         assert (results[1][0] - exact).abs().max() <= (results[0][0] - exact).abs().max()
+
+
+def close_pair_centroids(metric, gap, B=2, K=8, C=256, seed=0, pair=(0, 1)):
+    """float64 centroids [B, K, C] of unit spread per channel whose classes `pair` lie `gap` times
+    the typical distance sqrt(2 C) apart (for cosine: at an angle of `gap` radians), cast to
+    float32 and back, so both precisions see the same values."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(B, K, C, generator=g, dtype=torch.float64)
+    step = torch.randn(B, C, generator=g, dtype=torch.float64)
+    if metric == "cosine":  # c_1 = c_0 turned by `gap` in the plane of c_0 and `step`
+        step = step - (step * c[:, 0]).sum(-1, keepdim=True) / c[:, 0].square().sum(-1, keepdim=True) * c[:, 0]
+        step = step / step.norm(dim=-1, keepdim=True) * c[:, 0].norm(dim=-1, keepdim=True)
+        c[:, 1] = c[:, 0] * torch.cos(torch.tensor(gap, dtype=torch.float64)) + step * torch.sin(torch.tensor(gap))
+    else:
+        c[:, 1] = c[:, 0] + gap * (2 * C) ** 0.5 * step / step.norm(dim=-1, keepdim=True)
+    order = list(range(K))
+    order[pair[0]], order[pair[1]], order[0], order[1] = 0, 1, order[pair[0]], order[pair[1]]
+    return c[:, order].float().double()
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
+@pytest.mark.parametrize("normalize", [None, "mean"])
+def test_distance_matrix_resolves_close_classes(device, metric, normalize):
+    """Two classes 1e-4 of the typical distance apart (a student that nearly merged them): the
+    float32 op's distance of that pair and its gradient within 1e-5 of float64 (its K x K math
+    runs in float64). A float32 Gram returned 0 for such a distance, and no gradient (METHOD.md 8)."""
+    c64 = close_pair_centroids(metric, 1e-4).to(device)
+    counts = torch.ones(c64.shape[:2], dtype=torch.int64, device=device)
+    weight = torch.rand(c64.shape[0], c64.shape[1], c64.shape[1], dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(1)).to(device)
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        c = c64.to(dtype).requires_grad_()
+        d = idd_ops.class_distance_matrix(c, counts, metric, normalize)
+        grad, = torch.autograd.grad((d.double() * weight).sum(), c, retain_graph=True)
+        # the pair alone: the gradient of its distance, which the other pairs' would hide
+        pair, = torch.autograd.grad(d[:, 0, 1].sum(), c)
+        results.append((d.double(), grad.double(), pair.double()))
+    (d32, grad32, pair32), (d64, grad64, pair64) = results
+    assert float(d64[:, 0, 1].min()) > 0
+    torch.testing.assert_close(d32[:, 0, 1], d64[:, 0, 1], rtol=1e-5, atol=0)
+    torch.testing.assert_close(pair32, pair64, rtol=1e-5, atol=1e-5 * float(pair64.abs().max()))
+    torch.testing.assert_close(grad32, grad64, rtol=1e-5, atol=1e-5 * float(grad64.abs().max()))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_loss_gradient_separates_close_classes(device, layout):
+    """A student whose classes 2 and 3 are 1e-3 of the typical distance apart, a teacher that
+    keeps them apart: the float32 loss's gradient within 1e-3 of float64 on the centroid op's
+    path (contiguous) and the class-sum path (channels_last on the CPU); measured 3e-5 and 2e-4,
+    the float32 centroids' own rounding. A float32 Gram made it 7e-3 and 6e-2 off, and 97 % and
+    86 % at 1e-4 (the push that separates the pair nearly gone)."""
+    K, C, H, W = 4, 64, 8, 8
+    y = torch.arange(K).repeat_interleave(2).view(1, K * 2, 1).expand(2, K * 2, W * 2).contiguous()
+    # not class 0: the class-sum path centres on the first present class, exact for its pairs
+    s_means = close_pair_centroids("euclidean", 1e-3, K=K, C=C, pair=(2, 3)).to(torch.float32)
+    t_means = torch.randn(2, K, C, generator=torch.Generator().manual_seed(2))
+    slot = torch.arange(K).repeat_interleave(H // K)  # the label rows at feature resolution
+    s = s_means[:, slot].permute(0, 2, 1)[..., None].expand(2, C, H, W).contiguous()
+    t = t_means[:, slot].permute(0, 2, 1)[..., None].expand(2, C, H, W).contiguous()
+    if layout == "channels_last":
+        s, t = (f.contiguous(memory_format=torch.channels_last) for f in (s, t))
+    s, t, y = s.to(device), t.to(device), y.to(device)
+    x = s.clone().requires_grad_()
+    grad, = torch.autograd.grad(idd_ops.inter_class_distance_loss(x, t, y, K), x)
+    x64 = s.double().requires_grad_()
+    want, = torch.autograd.grad(reference.inter_class_distance_loss(x64, t.double(), y, K), x64)
+    assert float((grad.double() - want).norm() / want.norm()) < 1e-3

@@ -14,13 +14,13 @@ struct IddTail : public TraceableFunction<IddTail> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& student_sums, const at::Tensor& student_counts,
                                const at::Tensor& teacher_sums, const at::Tensor& teacher_counts,
                                c10::string_view metric, bool normalize, double eps, c10::string_view reduction,
-                               std::optional<at::ScalarType> dtype) {
+                               std::optional<at::ScalarType> dtype, std::optional<at::ScalarType> loss_dtype) {
     static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, bool, double,
-        c10::string_view, std::optional<at::ScalarType>)>("idd_ops::idd_tail");
+        c10::string_view, std::optional<at::ScalarType>, std::optional<at::ScalarType>)>("idd_ops::idd_tail");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [loss, dist, stats] = op.call(student_sums, student_counts, teacher_sums, teacher_counts, metric, normalize,
-                                       eps, reduction, dtype);
+                                       eps, reduction, dtype, loss_dtype);
     no_zero_fills(ctx);
     ctx->save_for_backward({student_sums, student_counts, teacher_counts, dist, stats});
     ctx->saved_data["metric"] = std::string(metric);
@@ -35,7 +35,7 @@ struct IddTail : public TraceableFunction<IddTail> {
                                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                 c10::string_view, bool, double, c10::string_view)>(
         "idd_ops::_idd_tail_backward");
-    variable_list out(9);
+    variable_list out(10);
     if (!wanted(ctx, grads, 0)) return out;
     const variable_list saved = ctx->get_saved_variables();
     out[0] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], ctx->saved_data["metric"].toStringRef(),
@@ -50,10 +50,10 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> idd_tail_autograd(
     const at::Tensor& student_sums, const at::Tensor& student_counts, const at::Tensor& teacher_sums,
     const at::Tensor& teacher_counts, c10::string_view metric, bool normalize, double eps, c10::string_view reduction,
-    std::optional<at::ScalarType> dtype) {
+    std::optional<at::ScalarType> dtype, std::optional<at::ScalarType> loss_dtype) {
   check_constant_teacher(teacher_sums, "idd_tail");
-  const variable_list out =
-      IddTail::apply(student_sums, student_counts, teacher_sums, teacher_counts, metric, normalize, eps, reduction, dtype);
+  const variable_list out = IddTail::apply(student_sums, student_counts, teacher_sums, teacher_counts, metric,
+                                           normalize, eps, reduction, dtype, loss_dtype);
   return {out[0], no_grad_output(out[1]), no_grad_output(out[2])};
 }
 

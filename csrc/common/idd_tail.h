@@ -57,12 +57,20 @@ inline Reduction reduction_code(c10::string_view reduction) {
   TORCH_CHECK_VALUE(false, "reduction: expected 'mean', 'sum' or 'none', got '", std::string(reduction), "'");
 }
 
-// The dtype of the K x K math, the loss and dist: `dtype` (float32 or float64) or, by default, the
-// sums' accumulation dtype.
+// The dtype of the K x K math and dist: `dtype` (float32 or float64) or, by default, the sums'
+// accumulation dtype.
 inline at::ScalarType tail_dtype(const at::Tensor& sums, std::optional<at::ScalarType> dtype) {
   if (!dtype) return acc_dtype(sums.scalar_type());
   TORCH_CHECK_TYPE(*dtype == at::kFloat || *dtype == at::kDouble, "dtype: expected float32 or float64, got ", *dtype);
   return *dtype;
+}
+
+// The loss's dtype: `loss_dtype` (float32 or float64) or, by default, the K x K math's.
+inline at::ScalarType tail_loss_dtype(at::ScalarType math, std::optional<at::ScalarType> loss_dtype) {
+  if (!loss_dtype) return math;
+  TORCH_CHECK_TYPE(*loss_dtype == at::kFloat || *loss_dtype == at::kDouble,
+                   "loss_dtype: expected float32 or float64, got ", *loss_dtype);
+  return *loss_dtype;
 }
 
 // sums [B, K, C] floating with counts [B, K] int64; the teacher's K and B equal the student's.
@@ -113,7 +121,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> idd_tail_composite(const at::Tens
                                                                   const at::Tensor& teacher_counts,
                                                                   c10::string_view metric, bool normalize, double eps,
                                                                   c10::string_view reduction,
-                                                                  std::optional<at::ScalarType> dtype);
+                                                                  std::optional<at::ScalarType> dtype,
+                                                                  std::optional<at::ScalarType> loss_dtype);
 
 at::Tensor idd_tail_backward_composite(const at::Tensor& grad, const at::Tensor& student_sums,
                                        const at::Tensor& student_counts, const at::Tensor& teacher_counts,

@@ -4,7 +4,6 @@
 // every device (CompositeExplicitAutograd). The CPU tests thereby test the code a GPU runs, and
 // a large K spreads over the whole GPU instead of one block per image.
 #include <ATen/ATen.h>
-#include <ATen/Context.h>
 #include <torch/library.h>
 
 #include "../common/checks.h"
@@ -29,15 +28,10 @@ at::Tensor centred(const at::Tensor& c, const at::Tensor& counts) {
   return c - at::bmm(present, c) / present.sum(2, /*keepdim=*/true).clamp_min(1);
 }
 
-// The Grams run at full float32 precision whatever torch.backends.cuda.matmul.allow_tf32 or
-// set_float32_matmul_precision say: TF32 rounds the inputs to 10 mantissa bits, an error of
-// about 1e-3 of |c|^2 that |c_i|^2 + |c_j|^2 - 2 <c_i, c_j> (and 1 - cos) then amplifies for close
-// centroids; these GEMMs are too small for TF32's speed to matter. at::NoTF32Guard is
-// thread-local and scoped to the call: no global flag changes, no host sync (METHOD.md 3).
-//
-// Raw distances R [B, K, K] (0 off the valid entries) of centroids c in the accumulation dtype,
-// centred first for the euclidean metrics. Through one GEMM, as torch.cdist does for large
-// inputs: a direct difference per pair costs O(K^2 C) scalar work without a GEMM's speed.
+// Raw distances R [B, K, K] (0 off the valid entries) of float64 centroids c, centred first for
+// the euclidean metrics. Through one GEMM, as torch.cdist does for large inputs: a direct
+// difference per pair costs O(K^2 C) scalar work without a GEMM's speed. Being float64, the
+// GEMMs never run in TF32, whatever torch.backends.cuda.matmul.allow_tf32 says.
 at::Tensor raw_distances(const at::Tensor& c, const at::Tensor& valid, Metric metric, double eps) {
   const at::Tensor gram = at::bmm(c, c.transpose(1, 2));
   // |c_i|^2 from the Gram itself: no pass over c, and R_ii = 0 exactly
@@ -52,9 +46,14 @@ at::Tensor raw_distances(const at::Tensor& c, const at::Tensor& valid, Metric me
   return at::where(valid, d, at::zeros({}, d.options()));
 }
 
-// The centroids that raw_distances expects for `metric`.
+// The centroids that raw_distances expects for `metric`, in float64 whatever their dtype. In
+// float32, |c_i|^2 + |c_j|^2 - 2 <c_i, c_j> (and 1 - cos) keeps an absolute error of some 1e-7 of
+// the centroids' spread squared (more with many channels): nothing of the distance of two classes
+// 1e-4 of the spread apart, a nearly merged pair, the very case the loss exists for; the
+// backward's sum_j a_ij (c_i - c_j) cancels as much. The GEMMs are O(B K^2 C), small next to the
+// feature passes at the usual K (METHOD.md 8).
 at::Tensor prepared(const at::Tensor& centroids, const at::Tensor& counts, Metric metric) {
-  const at::Tensor c = centroids.to(acc_dtype(centroids.scalar_type()));
+  const at::Tensor c = centroids.to(at::kDouble);
   return metric == Metric::Cosine ? c : centred(c, counts);
 }
 
@@ -75,7 +74,6 @@ at::Tensor class_distance_matrix(const at::Tensor& centroids, const at::Tensor& 
                                  bool normalize, double eps) {
   check_class_distance_matrix_inputs(centroids, counts, eps);
   const Metric metric = parse_metric(std::string(metric_name));
-  const at::NoTF32Guard full_precision_gemms;
   const at::Tensor valid = valid_entries(counts);
   at::Tensor d = raw_distances(prepared(centroids, counts, metric), valid, metric, eps);
   if (normalize) d = d / mean_normalizer(d, valid, eps).m;
@@ -89,7 +87,6 @@ at::Tensor class_distance_matrix_backward(const at::Tensor& grad, const at::Tens
                                           c10::string_view metric_name, bool normalize, double eps) {
   check_class_distance_matrix_backward_inputs(grad, centroids, counts, eps);
   const Metric metric = parse_metric(std::string(metric_name));
-  const at::NoTF32Guard full_precision_gemms;
   const at::Tensor c = prepared(centroids, counts, metric);  // sum_j a_ij (c_i - c_j) is shift-free
   const at::Tensor valid = valid_entries(counts);
   const at::Tensor raw = raw_distances(c, valid, metric, eps);

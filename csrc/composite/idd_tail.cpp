@@ -69,11 +69,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> idd_tail_composite(const at::Tens
                                                                   const at::Tensor& teacher_counts,
                                                                   c10::string_view metric_name, bool normalize,
                                                                   double eps, c10::string_view reduction_name,
-                                                                  std::optional<at::ScalarType> dtype) {
+                                                                  std::optional<at::ScalarType> dtype,
+                                                                  std::optional<at::ScalarType> loss_dtype) {
   check_idd_tail_inputs(student_sums, student_counts, teacher_sums, teacher_counts, eps);
   const Metric metric = metric_code(metric_name);
   const Reduction reduction = reduction_code(reduction_name);
   const auto acc = tail_dtype(student_sums, dtype);
+  const auto out_dtype = tail_loss_dtype(acc, loss_dtype);
   const int64_t B = student_sums.size(0), K = student_sums.size(1);
   const at::Tensor valid_s = valid_entries(student_counts), valid_t = valid_entries(teacher_counts);
   const at::Tensor rs = raw_with_norms(centroids_for(student_sums, student_counts, metric, acc), valid_s, metric, eps);
@@ -106,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> idd_tail_composite(const at::Tens
                                      : at::zeros_like(q);
   at::Tensor stats = at::zeros({B, K + 1, kNumStats}, rs.options().dtype(at::kDouble));
   stats.select(1, K).copy_(at::stack({ds.m, dt.m, scale, kappa, loss_sum, n_pairs, q, ds.entries}, 1));
-  return {loss, at::stack({rs, rt}, 1), stats};
+  return {loss.to(out_dtype), at::stack({rs, rt}, 1), stats};
 }
 
 // grad_c_i = sum_j a_ij c_i + b_ij c_j with W_ij = 2 s_b / m_s (E_ij - kappa_b) on the valid

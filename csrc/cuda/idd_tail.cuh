@@ -3,8 +3,8 @@
 // idd_tail_backward_cuda.cu and idd_tail_cuda.cu (host side and registration). The math, the
 // centroid shift and the saved tensors: common/idd_tail.h.
 //
-// Two types: sum_t, the class sums' (float or double), and acc_t, the dtype of the K x K math,
-// the loss and dist (the op's `dtype`). Centroids and their shift by the image's first present
+// Two types: sum_t, the class sums' (float or double), and acc_t, the dtype of the K x K math
+// and dist (the op's `dtype`); the loss is float or double (`loss_dtype`) whatever acc_t is. Centroids and their shift by the image's first present
 // centroid are formed in sum_t, so float64 sums of a common offset cancel it before the
 // rounding; the centred difference is cast to acc_t and everything after runs there, as the
 // composite does. Taken: (float, float), (double, double) and (double, float).
@@ -104,15 +104,16 @@ void dispatch_tail_types(at::ScalarType sums, at::ScalarType acc, const char* na
   TORCH_CHECK(false, name, ": no fused kernel for ", sums, " sums computing in ", acc);
 }
 
-// Fused forward (idd_tail_forward_cuda.cu): fills loss [B] or [] and dist [B, 2, K, K] (both in
-// the compute dtype) and stats [B, K + 1, 8] float64; inputs checked, types from fused_types.
+// Fused forward (idd_tail_forward_cuda.cu): fills loss [B] or [] (float32 or float64), dist
+// [B, 2, K, K] in the compute dtype and stats [B, K + 1, 8] float64; inputs checked, types from
+// fused_types.
 void idd_tail_fused_forward(const at::Tensor& student_sums, const at::Tensor& student_counts,
                             const at::Tensor& teacher_sums, const at::Tensor& teacher_counts, Metric metric,
                             bool normalize, double eps, Reduction reduction, at::Tensor& loss, at::Tensor& dist,
                             at::Tensor& stats);
 
 // Fused backward (idd_tail_backward_cuda.cu): fills out [B, K, C] (contiguous, the sums' dtype);
-// grad in dist's dtype.
+// grad float32 or float64.
 void idd_tail_fused_backward(const at::Tensor& grad, const at::Tensor& student_sums, const at::Tensor& student_counts,
                              const at::Tensor& teacher_counts, const at::Tensor& dist, const at::Tensor& stats,
                              Metric metric, double eps, Reduction reduction, at::Tensor& out);

@@ -24,7 +24,8 @@ struct TailBackwardArgs {
   int64_t tb, tk;
   const acc_t* dist;    // [B, 2, K, K]
   const double* stats;  // [B, K + 1, kNumStats]
-  const acc_t* grad;
+  const float* grad_float;  // the loss's gradient: one of these two, in the loss's dtype
+  const double* grad_double;
   int64_t grad_stride;  // 0 for a reduced loss's one value
   int K, tiles_i, tiles_c, metric;
   acc_t eps;
@@ -55,7 +56,9 @@ __global__ void __launch_bounds__(kThreads) idd_tail_backward_kernel(const TailB
   const double* row = args.stats + (b * (K + 1) + K) * kNumStats;
   const acc_t ms = static_cast<acc_t>(row[kStatStudentDivisor]), mt = static_cast<acc_t>(row[kStatTeacherDivisor]);
   const acc_t kappa = static_cast<acc_t>(row[kStatKappa]);
-  const acc_t alpha = acc_t(2) * args.grad[b * args.grad_stride] * static_cast<acc_t>(row[kStatPairScale]) / ms;
+  const acc_t g = args.grad_double != nullptr ? static_cast<acc_t>(args.grad_double[b * args.grad_stride])
+                                              : static_cast<acc_t>(args.grad_float[b * args.grad_stride]);
+  const acc_t alpha = acc_t(2) * g * static_cast<acc_t>(row[kStatPairScale]) / ms;
   const bool cosine = args.metric == static_cast<int>(Metric::Cosine);
 
   const int anchor = cosine ? K : first_present(v, b, K, iscratch);
@@ -169,7 +172,8 @@ void idd_tail_fused_backward(const at::Tensor& grad, const at::Tensor& student_s
                                               teacher_counts.stride(1),
                                               dist.const_data_ptr<acc_t>(),
                                               stats.const_data_ptr<double>(),
-                                              grad.const_data_ptr<acc_t>(),
+                                              grad.scalar_type() == at::kFloat ? grad.const_data_ptr<float>() : nullptr,
+                                              grad.scalar_type() == at::kDouble ? grad.const_data_ptr<double>() : nullptr,
                                               reduction == Reduction::None ? grad.stride(0) : 0,
                                               static_cast<int>(K),
                                               tiles_i,

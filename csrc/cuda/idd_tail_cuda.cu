@@ -26,10 +26,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> idd_tail_cuda(const at::Tensor& s
                                                              const at::Tensor& teacher_counts, c10::string_view metric_name,
                                                              bool normalize, double eps,
                                                              c10::string_view reduction_name,
-                                                             std::optional<at::ScalarType> dtype) {
+                                                             std::optional<at::ScalarType> dtype,
+                                                             std::optional<at::ScalarType> loss_dtype) {
   const auto composite = [&] {
     return idd_tail_composite(student_sums, student_counts, teacher_sums, teacher_counts, metric_name, normalize, eps,
-                              reduction_name, dtype);
+                              reduction_name, dtype, loss_dtype);
   };
   if (!cuda_next_enabled()) return composite();
   check_idd_tail_inputs(student_sums, student_counts, teacher_sums, teacher_counts, eps);
@@ -40,7 +41,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> idd_tail_cuda(const at::Tensor& s
   const c10::cuda::CUDAGuard guard(student_sums.device());
   const int64_t B = student_sums.size(0), K = student_sums.size(1);
   const auto opts = student_sums.options().dtype(acc);
-  at::Tensor loss = reduction == Reduction::None ? at::empty({B}, opts) : at::empty({}, opts);
+  const auto loss_opts = opts.dtype(tail_loss_dtype(acc, loss_dtype));
+  at::Tensor loss = reduction == Reduction::None ? at::empty({B}, loss_opts) : at::empty({}, loss_opts);
   at::Tensor dist = at::empty({B, 2, K, K}, opts);
   at::Tensor stats = at::empty({B, K + 1, kNumStats}, opts.dtype(at::kDouble));
   idd_tail_fused_forward(student_sums, student_counts, teacher_sums, teacher_counts, metric, normalize, eps, reduction,
@@ -64,8 +66,10 @@ at::Tensor idd_tail_backward_cuda(const at::Tensor& grad, const at::Tensor& stud
   const auto acc = dist.scalar_type();
   if (!fused_takes(student_sums, student_sums.scalar_type(), acc)) return composite();
   const c10::cuda::CUDAGuard guard(student_sums.device());
-  // the loss's gradient arrives in the loss's dtype, acc, unless a caller passes another
-  const at::Tensor g = grad.scalar_type() == acc ? grad : grad.to(acc);
+  // the loss's gradient arrives in the loss's dtype, float32 or float64, which the kernel reads
+  // as it comes (a cast would be a launch); a caller's other dtype is cast
+  const bool readable = grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble;
+  const at::Tensor g = readable ? grad : grad.to(acc);
   at::Tensor out = at::empty(student_sums.sizes(), student_sums.options());
   idd_tail_fused_backward(g, student_sums, student_counts, teacher_counts, dist, stats, metric, eps, reduction, out);
   return out;

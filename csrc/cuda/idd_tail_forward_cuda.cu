@@ -319,8 +319,8 @@ __global__ void __launch_bounds__(kThreads) idd_tail_pairs_kernel(const TailForw
 // values (row K of stats); then the batch reduction and the loss. Rows P..K-1, which no tile
 // owns, are zeroed, so that every element of stats is written. With normalize it runs twice:
 // the first gives the pairs kernel m_s and m_t (its loss, q and kappa are still 0).
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) idd_tail_finish_kernel(double* __restrict__ stats, acc_t* __restrict__ loss,
+template <typename loss_t>
+__global__ void __launch_bounds__(kThreads) idd_tail_finish_kernel(double* __restrict__ stats, loss_t* __restrict__ loss,
                                                                    int64_t B, int K, int P, bool normalize, double eps,
                                                                    int reduction) {
   __shared__ double dscratch[2 * kWarps];
@@ -366,13 +366,13 @@ __global__ void __launch_bounds__(kThreads) idd_tail_finish_kernel(double* __res
     const double own_pairs = fmax(row[kStatPairs], 1.0);
     if (reduction == static_cast<int>(Reduction::None)) {
       row[kStatPairScale] = 1.0 / own_pairs;
-      loss[b] = static_cast<acc_t>(row[kStatLossSum] / own_pairs);
+      loss[b] = static_cast<loss_t>(row[kStatLossSum] / own_pairs);
     } else {
       row[kStatPairScale] = reduction == static_cast<int>(Reduction::Sum) ? 1.0 : 1.0 / total_pairs;
     }
   }
   if (threadIdx.x == 0 && reduction != static_cast<int>(Reduction::None))
-    loss[0] = static_cast<acc_t>(reduction == static_cast<int>(Reduction::Sum) ? totals[0] : totals[0] / total_pairs);
+    loss[0] = static_cast<loss_t>(reduction == static_cast<int>(Reduction::Sum) ? totals[0] : totals[0] / total_pairs);
 }
 
 template <typename sum_t, typename acc_t, int T>
@@ -414,9 +414,17 @@ void idd_tail_fused_forward(const at::Tensor& student_sums, const at::Tensor& st
         idd_tail_pairs_kernel<sum_t, acc_t><<<static_cast<unsigned>(B * P), kThreads, 0, stream>>>(args, T);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      idd_tail_finish_kernel<acc_t><<<1, kThreads, 0, stream>>>(stats.mutable_data_ptr<double>(),
-                                                                loss.mutable_data_ptr<acc_t>(), B, static_cast<int>(K),
-                                                                P, normalize, eps, static_cast<int>(reduction));
+      // the loss in its own dtype (float32 or float64), whatever the math's
+      if (loss.scalar_type() == at::kDouble)
+        idd_tail_finish_kernel<double><<<1, kThreads, 0, stream>>>(stats.mutable_data_ptr<double>(),
+                                                                   loss.mutable_data_ptr<double>(), B,
+                                                                   static_cast<int>(K), P, normalize, eps,
+                                                                   static_cast<int>(reduction));
+      else
+        idd_tail_finish_kernel<float><<<1, kThreads, 0, stream>>>(stats.mutable_data_ptr<double>(),
+                                                                  loss.mutable_data_ptr<float>(), B,
+                                                                  static_cast<int>(K), P, normalize, eps,
+                                                                  static_cast<int>(reduction));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
