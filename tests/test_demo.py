@@ -379,6 +379,7 @@ def test_results_md_has_no_empty_column_and_a_smoke_run_says_so(tmp_path, one_th
     (["--seeds", "0", "0"], "--seeds: 0 0 names one twice"),
     (["--configs", "ce", "ce+idd", "ce"], "--configs: ce ce+idd ce names one twice"),
     (["--threads", "0"], "--threads: expected an int >= 1"),
+    (["--configs", "ce", "ce+idd", "--weight", "cwd=5"], "--weight: no configuration of this run uses cwd"),
     (["--out", __file__], "is a file; expected a folder"),
     (["--replot", "/nonexistent"], "--replot: '/nonexistent' holds no results.json"),
 ])

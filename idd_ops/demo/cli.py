@@ -169,6 +169,11 @@ def main(argv=None):
             p.error(f"--weight: expected LOSS=VALUE with LOSS in kd, idd, pid, skd, ifvd, cwd and a finite VALUE "
                     f">= 0; got {item!r}")
         weights[name] = weight
+    configs = args.configs or preset.configs
+    unused = [name for name in weights if not any(name in CONFIGS[c] for c in configs)]
+    if unused:
+        p.error(f"--weight: no configuration of this run uses {', '.join(unused)} (configurations: "
+                f"{' '.join(configs)})")
     tuned, weights_from = tuned_weights(args.preset)
     if weights:
         weights_from += f"; overridden on the command line: {weights}"

@@ -177,9 +177,10 @@ def train_teacher(preset, train, device, seed=0):
     return model.eval(), curve
 
 
-def train_student(preset, config, seed, train, teacher, readout, device, lib=idd_ops, steps=None):
+def train_student(preset, config, seed, train, teacher, readout, device, lib=idd_ops, steps=None, label=None):
     """Returns (student, curves: {loss name: [values]}, seconds per step). `lib` is idd_ops, or
-    idd_ops.reference for the timing comparison. `teacher` may be a CachedTeacher of `train`."""
+    idd_ops.reference for the timing comparison. `teacher` may be a CachedTeacher of `train`.
+    label: the progress line's (default "<config> seed <seed>")."""
     torch.manual_seed(seed)
     student = make_student(len(CLASSES)).to(device)
     weights = config_weights(config, preset.weights)
@@ -193,7 +194,7 @@ def train_student(preset, config, seed, train, teacher, readout, device, lib=idd
                           pid=pid, cwd=cwd, idd_options={"normalize": preset.idd_normalize}, lib=lib)
     opt = torch.optim.Adam([p for p in distiller.parameters() if p.requires_grad], lr=preset.lr)
     steps = steps or preset.student_steps
-    curves, bar = {}, Progress(steps, f"{config} seed {seed}")
+    curves, bar = {}, Progress(steps, label or f"{config} seed {seed}")
     distiller.train()
     start = time.perf_counter()
     for step, (idx, x, y) in enumerate(batches(train, preset.batch, steps, 1000 + seed, device)):
@@ -264,7 +265,8 @@ def distance_gap(student, teacher, val, device, preset):
 
 def step_time(preset, config, train, teacher, readout, device, steps=10):
     """Seconds per student training step with fused losses and with the reference losses."""
-    return {name: train_student(preset, config, 0, train, teacher, readout, device, lib, steps=steps)[2]
+    return {name: train_student(preset, config, 0, train, teacher, readout, device, lib, steps=steps,
+                                label=f"time per step, {config} with the {name} losses")[2]
             for name, lib in (("fused", idd_ops), ("reference", reference))}
 
 
