@@ -212,7 +212,7 @@ def check_name(name):
     (checked before any case is built, so a typo fails at once)."""
     op, _, arg = name.partition(" ")
     words = arg.split()
-    batch = re.compile(r"b[1-9][0-9]*")
+    batch = re.compile(r"b(?!8$)[1-9][0-9]*")  # b8 is the default, which a case's name leaves out
     if op in ("idd_loss", "class_centroids"):
         extras = words[1:]
         ok = bool(words) and words[0] in common.SHAPES and len(set(extras)) == len(extras) \
@@ -226,7 +226,8 @@ def check_name(name):
         ok = op in ("pixel_kd", "cwd", "ifvd") and (not words or (len(words) == 1 and batch.fullmatch(words[0])))
     if not ok:
         raise ValueError(f"unknown benchmark case {name!r}: expected {'; '.join(NAME_FORMS)} "
-                         f"(SHAPE one of {', '.join(common.SHAPES)}), e.g. {', '.join(QUICK)}")
+                         f"(SHAPE one of {', '.join(common.SHAPES)}; bN other than the default b8), "
+                         f"e.g. {', '.join(QUICK)}")
 
 
 def make(name, device="cpu"):

@@ -52,6 +52,13 @@ def check_file_paths(parser, **paths):
             parser.error(f"{flag}: cannot create {path} ({parent} is not a writable folder)")
 
 
+def open_for_writing(path):
+    """open(path, "w"), its folder made first (check_file_paths let a new folder through)."""
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    return open(path, "w")
+
+
 def command_line(module, argv=None):
     """The command that reproduces this run, quoted so that it can be pasted back into a shell."""
     return f"python -m {module} {shlex.join(sys.argv[1:] if argv is None else list(argv))}".rstrip()

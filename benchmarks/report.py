@@ -175,6 +175,8 @@ def _ms_cell(row, key, digits=None):
     value = row.get(key)
     if value is None:
         return "-"
+    if not math.isfinite(value):
+        return str(value)
     if digits is None:
         digits = 1 if abs(value) >= 10 or value == 0 else max(1, 2 - math.floor(math.log10(abs(value))))
     return f"{value:.{digits}f}"
@@ -455,17 +457,15 @@ def main(argv=None):
     text = header(args.device, args.repeat, compiled, rates, rows, args.out, allocator, args.kernels) + table(rows) \
         + kernel_times.section(rows)
     print(text)
-    if os.path.dirname(args.out):
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    with cli.open_for_writing(args.out) as f:
         f.write(f"Command: `{cli.command_line('benchmarks.report', argv)}`\n\n" + text)
     print(f"written to {args.out}", file=sys.stderr)
     if args.json:
-        with open(args.json, "w") as f:
+        with cli.open_for_writing(args.json) as f:
             json.dump(rows, f, indent=1)
     misses = targets.check(rows, columns) if args.targets else []
     if args.summary:
-        with open(args.summary, "w") as f:
+        with cli.open_for_writing(args.summary) as f:
             f.write(summary_section(rows, misses, columns if args.targets else (), errors))
     print(compact_table(rows) + "".join(f"MISSED {m}\n" for m in misses) + "".join(f"ERROR {e}\n" for e in errors))
     bad = peak.below_returned(rows, cases.IMPLS) if not args.no_peak else []

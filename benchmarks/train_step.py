@@ -321,14 +321,12 @@ def main(argv=None):
     text = (f"Command: `{cli.command_line('benchmarks.train_step', argv)}`\n\n" + describe(args, dev, allocator)
             + "\n\n" + table(rows))
     print(text)
-    if os.path.dirname(out):
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
+    with cli.open_for_writing(out) as f:
         f.write(text)
     print(f"written to {out}", file=sys.stderr)
     misses = targets.check_train(rows, columns) if args.targets else []
     if args.summary:
-        with open(args.summary, "w") as f:
+        with cli.open_for_writing(args.summary) as f:
             f.write(f"## train: {args.network} training step, each loss's cost per step\n\n" + table(rows)
                     + "".join(f"\n- ERROR: {e}" for e in errors)
                     + (f"\n\n### Training-step targets missed ({len(misses)})\n\n" if misses else "")

@@ -85,10 +85,14 @@ def _tf32_may_round(x):
         torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest")
 
 
-def _maps(x, size):
-    """A [B, N, C] token input with size=(H, W) as the [B, C, H, W] map it stands for (a view);
-    a map as it is."""
-    return x.transpose(1, 2).unflatten(2, tuple(size)) if size is not None and x.dim() == 3 else x
+def _maps(size, *inputs):
+    """Each [B, N, C] token input with size=(H, W) as the [B, C, H, W] map it stands for (a
+    view), maps as they are; a size that no input takes is an error, as in the fused functions."""
+    if size is None:
+        return inputs
+    if all(x.dim() != 3 for x in inputs):
+        raise ValueError("size: only [B, N, C] token inputs take a size")
+    return tuple(x.transpose(1, 2).unflatten(2, tuple(size)) if x.dim() == 3 else x for x in inputs)
 
 
 def _centroids(features, labels, num_classes, ignore_index):
@@ -99,7 +103,7 @@ def _centroids(features, labels, num_classes, ignore_index):
 
 def class_centroids(feats, labels, num_classes, ignore_index=255, size=None):
     """Reference of :func:`idd_ops.class_centroids`."""
-    centroids, counts = _centroids(_maps(feats, size), labels, num_classes, ignore_index)
+    centroids, counts = _centroids(*_maps(size, feats), labels, num_classes, ignore_index)
     return centroids.to(feats.dtype), counts
 
 
@@ -139,7 +143,7 @@ def inter_class_distance_loss(student_feats, teacher_feats, labels, num_classes,
                               size=None):
     """Reference of :func:`idd_ops.inter_class_distance_loss` (``centroids="batch"`` within one
     process: the fused function's ``process_group`` result equals this on the global batch)."""
-    student_feats, teacher_feats = _maps(student_feats, size), _maps(teacher_feats, size)
+    student_feats, teacher_feats = _maps(size, student_feats, teacher_feats)
     cs, ns = _centroids(student_feats, labels, num_classes, ignore_index)
     ct, nt = _centroids(teacher_feats.detach(), labels, num_classes, ignore_index)
     if centroids == "batch":  # per-class means over every pixel of the batch
@@ -226,7 +230,8 @@ def pixel_centroid_cosine(feats, centroids, slots, eps=1e-8):
 def intra_class_variation_loss(student_feats, teacher_feats, labels, num_classes, ignore_index=255, eps=1e-8,
                                reduction="mean", size=None):
     """Reference of :func:`idd_ops.intra_class_variation_loss`."""
-    student_feats, teacher_feats = _maps(student_feats, size), _maps(teacher_feats, size)
+    student_feats, teacher_feats = _maps(size, student_feats, teacher_feats)
+
     def cosine_map(feats):
         slots = label_slots(labels, feats.shape[2:], num_classes, ignore_index)
         return pixel_centroid_cosine(feats, _centroids(feats, labels, num_classes, ignore_index)[0], slots, eps)

@@ -528,16 +528,18 @@ def test_report_writes_the_cases_that_ran_and_a_command_that_reruns(tmp_path, mo
     monkeypatch.setattr(cases, "_position", position)
     out = tmp_path / "r.md"
     argv = ["--cases", "position_loss 8x16", "position_loss 4x8", "--no-compile", "--no-peak", "--repeat", "1",
-            "--out", str(out)]
+            "--out", str(out), "--json", str(tmp_path / "new" / "rows.json")]  # a folder made when written
     with pytest.raises(SystemExit, match="1 errors"):
         report.main(argv)
     text = out.read_text()
     assert "| position_loss | B=8 M=5 8x16 |" in text and "4x8" not in text.split("\n\n", 1)[1]
     assert "--cases 'position_loss 8x16' 'position_loss 4x8'" in text.splitlines()[0]
+    assert (tmp_path / "new" / "rows.json").exists()
 
 
 def test_small_times_keep_three_significant_figures():
-    assert [report._ms_cell({"t": v}, "t") for v in (0.0312, 1.234, 12.34, 0)] == ["0.0312", "1.23", "12.3", "0.0"]
+    assert [report._ms_cell({"t": v}, "t") for v in (0.0312, 1.234, 12.34, 0, float("nan"))] == \
+        ["0.0312", "1.23", "12.3", "0.0", "nan"]
 
 
 @pytest.mark.parametrize("argv", [["--batch", "0"], ["--repeat", "-1"], ["--device", "cuda:7"],

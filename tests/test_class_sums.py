@@ -377,6 +377,8 @@ def test_reference_takes_tokens_as_the_fused_function(name):
     got, want = getattr(reference, name)(*args, size=(8, 10)), getattr(reference, name)(*map_args)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got, getattr(idd_ops, name)(*args, size=(8, 10)))
+    with pytest.raises(ValueError, match="size"):  # as the fused function: no token input takes it
+        getattr(reference, name)(*map_args, size=(8, 10))
 
 
 def test_a_size_without_token_inputs_is_an_error():

@@ -163,6 +163,7 @@ def test_experiment_caches_announces_and_reruns_changed_settings(tmp_path, capsy
     assert again["seconds"] > again["seconds_this_call"]  # cached pieces count with the time they took
     changed = experiment.run_experiment(_tiny(student_steps=2), out, "cpu")[0]
     assert changed["cached"] == ["teacher"]
+    assert "the pieces of ce seed 0 in" in capsys.readouterr().err  # said why it trains again
     assert len(changed["runs"]["ce|0"]["curves"]["ce"]) == 2
     text = write_markdown(again, out)
     assert "cached from earlier calls" in text and "not measured" not in text
@@ -425,3 +426,15 @@ def test_the_tuning_rejects_bad_flags_before_any_work(argv, text, capsys):
     with pytest.raises(SystemExit) as stop:
         tune.main(argv)
     assert stop.value.code == 2 and text in capsys.readouterr().err
+
+
+def test_a_cached_teacher_of_another_network_is_trained_again(tmp_path, capsys, one_thread):
+    """A teacher.pt in the output folder whose weights no longer fit (an older version's
+    network) is a stale cache piece: trained again, not a traceback. Given as --teacher it is
+    an error (test_the_cli_refuses_a_teacher_file_that_is_not_one)."""
+    torch.save({"model": {"w": torch.zeros(2)}, "curve": [], "key": {}}, tmp_path / "teacher.pt")
+    preset = _tiny()
+    data = experiment.make_data(preset)
+    teacher, _, _, cached = experiment.load_or_train_teacher(preset, data[0], "cpu", str(tmp_path))
+    assert not cached and "trained with other settings" in capsys.readouterr().err
+    assert experiment.load_teacher(str(tmp_path / "teacher.pt"))[1]["key"]  # the new one replaced it

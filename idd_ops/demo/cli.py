@@ -115,6 +115,8 @@ def check_run_options(p, args):
         p.error(f"--device: expected cpu, cuda or cuda:N; got {args.device!r}")
     if device_type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device: {args.device!r}, but torch sees no CUDA device (torch {torch.__version__})")
+    if device_type == "cuda" and (torch.device(args.device).index or 0) >= torch.cuda.device_count():
+        p.error(f"--device: {args.device!r}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
 
 
 def seed_arg(text):

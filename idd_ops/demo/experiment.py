@@ -5,6 +5,7 @@ student run are cached in the output folder under a key of every setting that ch
 result, so an interrupted experiment resumes where it stopped and a changed setting reruns."""
 import copy
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -104,7 +105,8 @@ def config_weights(config, overrides):
 
 
 # Bump when a code change alters results, so that runs cached by older code are not reused.
-CACHE_VERSION = 3
+# 4: IDD's K x K math in float64 (docs/METHOD.md 8), and each CPU run's thread count in its key.
+CACHE_VERSION = 4
 # seeds of the generated image sets; the tune split exists only for the loss-weight tuning
 SPLIT_SEEDS = {"train": 1, "val": 2, "tune": 3}
 
@@ -308,7 +310,12 @@ def load_or_train_teacher(preset, train, device, out, checkpoint=None):
     key = teacher_key(preset, device)
     path = checkpoint or os.path.join(out, "teacher.pt")
     if os.path.exists(path):
-        teacher, state = load_teacher(path, device)
+        try:
+            teacher, state = load_teacher(path, device)
+        except ValueError:
+            if checkpoint:
+                raise
+            state = {}  # a cached teacher of another network: trained again below
         if checkpoint or state.get("key") == key:
             print(f"cache: using the teacher in {path}" + ("" if checkpoint else " (same settings)"), file=sys.stderr)
             return teacher.eval(), state["curve"], state.get("seconds", 0.0), True
@@ -373,12 +380,16 @@ def run_students(jobs, train, val, teacher, readout, out, device, workers):
     """Every job (preset, configuration, seed) from its cache piece in `out`/runs when one with the
     same settings exists, else trained on `workers` (a Workers pool). Returns (runs in job order,
     the jobs that came from the cache, the seconds those took when they were computed)."""
-    teacher_id = model_digest(teacher)
+    # the read-out (PID's target) is trained in this process, whose thread setting no key holds
+    teacher_id = f"{model_digest(teacher)}-{model_digest(readout)}"
     runs, todo, cached, cached_seconds = [None] * len(jobs), [], [], 0.0
     for i, (preset, config, seed) in enumerate(jobs):
         key = run_key(preset, config, seed, teacher_id, device, workers.threads)
         path = os.path.join(out, "runs", f"{config}_seed{seed}_{_digest(key)}.pt")
         run = torch.load(path, map_location=device) if os.path.exists(path) else None
+        if run is None and glob.glob(os.path.join(out, "runs", f"{glob.escape(config)}_seed{seed}_*.pt")):
+            print(f"cache: the pieces of {config} seed {seed} in {out}/runs/ were computed with other settings "
+                  f"(a version, device, thread count or teacher of their own); training it again", file=sys.stderr)
         if run is not None and run.get("key") == key:
             print(f"cache: using {path} (same settings; delete it to rerun)", file=sys.stderr)
             runs[i] = run
