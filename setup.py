@@ -13,6 +13,7 @@ compiled for AVX2 + FMA and chosen at load time (csrc/cpu/dispatch.h); no -march
 import glob
 import os
 import re
+import shutil
 import subprocess
 
 from setuptools import find_packages, setup
@@ -21,9 +22,10 @@ TORCH_MISSING = """
 idd_ops: torch cannot be imported here, so the extension cannot be built.
 
 idd_ops compiles against the torch that is already installed in your environment. If torch is
-installed and you ran `pip install .`, pip built in an isolated environment, which has no torch
-on purpose (it would otherwise download a second, multi-GB torch): add --no-build-isolation.
-Otherwise install torch first. The commands:
+installed and you ran `pip install .` (or `python -m build`), the build ran in an isolated
+environment, which has no torch on purpose (it would otherwise download a second, multi-GB
+torch): add --no-build-isolation (`python -m build --no-isolation`). Otherwise install torch
+first. The commands:
 
     pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu   # CPU build
     pip install torch==2.13.0                        # CUDA build (the default on PyPI, several GB)
@@ -137,6 +139,11 @@ class BuildWithNotice(BuildExtension.with_options(use_ninja=True)):
     otherwise (`pip install -v` shows ninja's [i/n] steps as they finish)."""
 
     def run(self):
+        compiler = os.environ.get("CXX", "c++")  # what torch's build uses on Linux and macOS
+        if os.name == "posix" and shutil.which(compiler.split()[0]) is None:
+            raise SystemExit(f"idd_ops: no C++ compiler found ({compiler!r} is not on PATH; set CXX to use another). "
+                             "Install one with OpenMP, e.g. g++ (Debian/Ubuntu: apt-get install g++; Fedora: dnf "
+                             "install gcc-c++), then run the install again.")
         print("idd_ops: compiling the C++ kernels: about 1.5 minutes on 2 idle CPU cores, several times that when "
               "other builds share them; more with the CUDA kernels", flush=True)
         super().run()
@@ -162,8 +169,9 @@ setup(
     license="BSD-3-Clause",
     license_files=["LICENSE"],
     # the licence is named by `license` alone: setuptools deprecates License classifiers beside it
-    classifiers=["Programming Language :: Python :: 3",
-                 "Programming Language :: C++", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
+    classifiers=["Development Status :: 3 - Alpha", "Programming Language :: Python :: 3",
+                 "Programming Language :: C++", "Operating System :: POSIX :: Linux",
+                 "Topic :: Scientific/Engineering :: Artificial Intelligence"],
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     extras_require={"test": ["pytest", "numpy"], "bench": ["pytest-benchmark", "numpy"], "demo": ["matplotlib"]},

@@ -69,6 +69,16 @@ def _source_tree_hint() -> str:
     return f" from the source tree ({root})" if (root / "setup.py").is_file() else ""
 
 
+def _rebuild() -> str:
+    """How to rebuild this copy: in place in a source tree; an installed copy (no source beside
+    it) is reinstalled from its source, without pip's cache, which would hand back the wheel it
+    built against the old torch."""
+    if (HERE.parent / "setup.py").is_file():
+        return f"rebuild it{_source_tree_hint()} with {BUILD}"
+    return ("reinstall it from the idd_ops source (a clone or an sdist) with `pip install --no-build-isolation "
+            "--force-reinstall --no-cache-dir <source>`")
+
+
 def load() -> None:
     """Import idd_ops._C (registers torch.ops.idd_ops). Raises ImportError when a library-less
     copy of the package hides an installed one; otherwise records any failure in ERROR."""
@@ -90,16 +100,16 @@ def load() -> None:
         importlib.import_module("idd_ops._C")
     except ImportError as error:
         ERROR = ImportError(f"the compiled library of idd_ops in {HERE} did not load ({error}). It must be built "
-                            f"against the installed torch ({torch.__version__}): rebuild it{_source_tree_hint()} "
-                            f"with {BUILD}. Without it only idd_ops.reference (plain PyTorch) works.")
+                            f"against the installed torch ({torch.__version__}): {_rebuild()}. Without it only "
+                            "idd_ops.reference (plain PyTorch) works.")
         ERROR.__cause__ = error
         return
     if not torch._C._dispatch_has_kernel_for_dispatch_key("idd_ops::class_sums", "Autograd"):
         # built before the ops' autograd moved into the library (csrc/autograd/): it loads, but
         # every gradient through its ops would be dropped with a warning
         ERROR = ImportError(f"the compiled library of idd_ops in {HERE} is older than this package's Python code (it "
-                            f"has no autograd kernels): rebuild it{_source_tree_hint()} with {BUILD}. Without it "
-                            "only idd_ops.reference (plain PyTorch) works.")
+                            f"has no autograd kernels): {_rebuild()}. Without it only idd_ops.reference (plain PyTorch) "
+                            "works.")
 
 
 def require() -> None:

@@ -438,3 +438,22 @@ def test_a_cached_teacher_of_another_network_is_trained_again(tmp_path, capsys, 
     teacher, _, _, cached = experiment.load_or_train_teacher(preset, data[0], "cpu", str(tmp_path))
     assert not cached and "trained with other settings" in capsys.readouterr().err
     assert experiment.load_teacher(str(tmp_path / "teacher.pt"))[1]["key"]  # the new one replaced it
+
+
+def test_the_cli_needs_matplotlib_before_any_work(monkeypatch, capsys):
+    """Without matplotlib the run would train for minutes and fail at its plots."""
+    import builtins
+
+    from idd_ops.demo import cli
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(cli, "run_experiment", lambda *a, **k: pytest.fail("ran without matplotlib"))
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--preset", "quick"])
+    assert stop.value.code == 2 and "pip install matplotlib" in capsys.readouterr().err

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import idd_ops
 
 PKG = pathlib.Path(idd_ops.__file__).parent
@@ -83,10 +85,15 @@ for attempt in (lambda: idd_ops.pixel_kd_loss, lambda: __import__('idd_ops.funct
     assert BUILD in lines[1] and BUILD in lines[2]
 
 
-def test_library_older_than_the_python_code_names_the_build_command(tmp_path):
+@pytest.mark.parametrize("source_tree", [True, False])
+def test_library_older_than_the_python_code_names_the_build_command(tmp_path, source_tree):
     """A library built before the ops' autograd moved into it (an editable install pulled without a
-    rebuild) loads but would drop every gradient: it is refused with the build command."""
+    rebuild) loads but would drop every gradient: it is refused with the build command, in place
+    for a source tree, and for an installed copy (no source beside it) a reinstall that bypasses
+    pip's cache of wheels built against the old torch."""
     _copy_package(tmp_path, with_library=True)
+    if source_tree:
+        (tmp_path / "setup.py").write_text("")
     code = _NOTHING_INSTALLED + """
 has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
 torch._C._dispatch_has_kernel_for_dispatch_key = lambda op, key: key != "Autograd" and has_kernel(op, key)
@@ -100,4 +107,7 @@ except ImportError as e:
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ImportError idd_ops.pixel_kd_loss needs the compiled library: the compiled library "
                                  f"of idd_ops in {(tmp_path / 'idd_ops').resolve()} is older than"), out.stdout
-    assert BUILD in out.stdout
+    if source_tree:
+        assert BUILD in out.stdout
+    else:
+        assert BUILD not in out.stdout and "--force-reinstall --no-cache-dir <source>" in out.stdout

@@ -152,6 +152,11 @@ def main(argv=None):
                         "CPU a run's numbers depend on it, so runs with other thread counts are not taken from the cache")
     p.add_argument("--replot", metavar="FOLDER", help="only rewrite FOLDER's results.md and plots from its results.json")
     args = p.parse_args(argv)
+    try:  # checked now: the plots are drawn at the end, after every run
+        import matplotlib  # noqa: F401
+    except ImportError:
+        p.error("idd-distill draws its plots with matplotlib, which is not installed: pip install matplotlib "
+                "(or idd_ops[demo])")
     if args.replot:
         if not os.path.isfile(os.path.join(args.replot, "results.json")):
             p.error(f"--replot: {args.replot!r} holds no results.json")
