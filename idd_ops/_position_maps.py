@@ -96,6 +96,11 @@ def position_maps(kinds: Kinds, height: int, width: int, dtype: torch.dtype = to
         num_stripes: bands of the stripe maps. Default: 4.
         sigma: width of "gaussian" as a fraction of the image size. Default: 0.25.
     """
+    for name, n in (("height", height), ("width", width)):
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"{name}: expected an int >= 0, got {n!r}")
+        if n < 0:
+            raise ValueError(f"{name}: expected an int >= 0, got {n}")
     elements, params, labels = expand_kinds(kinds, num_frequencies, num_stripes, sigma)
     check_size(elements, labels, height, width)
     maps = [_factor(e, p, height, 0, device)[:, None] * _factor(e, p, width, 1, device)[None]

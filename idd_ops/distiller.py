@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from . import _validation as v
 from . import baselines, functional
+from .nn import ChannelWiseDistillationLoss, PositionDistillationLoss
 
 # The functional losses Distiller calls; idd_ops.reference has the same names.
 LIB_FUNCTIONS = ("inter_class_distance_loss", "pixel_kd_loss", "structural_kd_loss", "intra_class_variation_loss")
@@ -78,7 +79,7 @@ class Distiller(nn.Module):
             dict with them under ``"out"`` (torchvision's segmentation models; the student's
             output is returned as the model gave it). Every other argument is keyword-only.
         teacher_layer, student_layer: names (as in ``named_modules()``) of the layers whose
-            ``[B, C, H, W]`` outputs feed IDD, PID, SKD and IFVD.
+            ``[B, C, H, W]`` outputs feed IDD, PID, CWD, SKD and IFVD.
         num_classes: K. ignore_index: Default 255.
         weights: loss name -> weight; names: ``"idd"``, ``"pid"``, ``"kd"`` (pixel KD on
             logits), ``"skd"``, ``"ifvd"``, ``"cwd"``. Default: ``{"idd": 1.0}``. A weight of 0
@@ -136,6 +137,15 @@ class Distiller(nn.Module):
                                                       "ignore_index"})
         if unknown:
             raise ValueError(f"idd_options: unknown options {sorted(unknown)} for inter_class_distance_loss")
+        defaults = {k: p.default for k, p in inspect.signature(functional.inter_class_distance_loss).parameters.items()}
+        chosen = {**defaults, **(idd_options or {})}
+        v.check_idd_options(num_classes, ignore_index, *(chosen[k] for k in ("metric", "normalize", "reduction", "eps",
+                                                                             "centroids")))
+        if not isinstance(kd_ignore, bool):
+            raise TypeError(f"kd_ignore: expected True or False, got {kd_ignore!r}")
+        for name, module, kind in (("pid", pid, PositionDistillationLoss), ("cwd", cwd, ChannelWiseDistillationLoss)):
+            if module is not None and not isinstance(module, kind):
+                raise TypeError(f"{name}: expected an idd_ops.nn.{kind.__name__}, got {type(module).__name__}")
         self.teacher, self.student, self.pid, self.cwd = teacher, student, pid, cwd
         self.teacher.eval().requires_grad_(False)
         self.num_classes, self.ignore_index = num_classes, ignore_index

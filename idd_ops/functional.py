@@ -91,7 +91,8 @@ def inter_class_distance_loss(student_feats: Tensor, teacher_feats: Tensor, labe
         student_feats: ``[B, Cs, Hs, Ws]`` floating (NCHW or channels_last), or ``[B, N, Cs]``
             tokens with ``size=(Hs, Ws)``.
         teacher_feats: ``[B, Ct, Ht, Wt]`` floating, or ``[B, N, Ct]`` tokens with ``size``;
-            channels and size may differ from the student's. Treated as a constant: no gradient
+            channels and size may differ from the student's (as a map; two token inputs share the
+            one ``size``, so they must tile the same grid). Treated as a constant: no gradient
             reaches it.
         labels: ``[B, Hy, Wy]`` integer; resized (nearest) to each network's feature size.
         num_classes: K (int >= 1).
@@ -108,8 +109,8 @@ def inter_class_distance_loss(student_feats: Tensor, teacher_feats: Tensor, labe
             all-reduced, so every rank sees the centroids of the global batch. The all-reduce is
             differentiable; under DistributedDataParallel (which averages gradients over
             ranks) the gradients equal a single process's on the concatenated batch.
-        size: ``(H, W)`` of whichever input is ``[B, N, C]`` tokens (``N == H * W``), viewed as a
-            channels_last map. Default: None (no token input).
+        size: ``(H, W)`` of whichever input is ``[B, N, C]`` tokens (``N == H * W``; both, when
+            both are), viewed as a channels_last map. Default: None (no token input).
 
     Returns:
         The loss in ``student_feats.dtype`` (float32 for half inputs under autocast): a

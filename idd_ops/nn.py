@@ -65,6 +65,8 @@ class PositionEncodingModule(nn.Module):
     def __init__(self, in_channels: int, kinds: Union[str, Sequence[str]], hidden: int = 64, num_frequencies: int = 2,
                  num_stripes: int = 4, sigma: float = 0.25):
         super().__init__()
+        v.check_int("in_channels", in_channels, 1)
+        v.check_int("hidden", hidden, 1)
         self.kinds = tuple([kinds] if isinstance(kinds, str) else kinds)
         self.num_frequencies, self.num_stripes, self.sigma = num_frequencies, num_stripes, sigma
         out = num_maps(self.kinds, num_frequencies)
@@ -111,12 +113,20 @@ class PositionDistillationLoss(nn.Module):
         super().__init__()
         v.check_choice("variant", variant, ("teacher", "target"))
         v.check_choice("reduction", reduction, v.REDUCTIONS)
+        v.check_int("student_channels", student_channels, 1)
+        if readout is not None and not isinstance(readout, PositionEncodingModule):
+            raise TypeError(f"readout: expected a PositionEncodingModule, got {type(readout).__name__}")
         self.variant, self.reduction = variant, reduction
         if variant == "teacher":
             if readout is None:
                 raise ValueError("readout: the 'teacher' variant needs the teacher's trained read-out")
+            read_channels = readout.layers[0].in_channels
             if teacher_channels is None:
-                teacher_channels = readout.layers[0].in_channels
+                teacher_channels = read_channels
+            v.check_int("teacher_channels", teacher_channels, 1)
+            if teacher_channels != read_channels:
+                raise ValueError(f"teacher_channels: {teacher_channels}, but the read-out was trained on "
+                                 f"{read_channels}-channel teacher features")
             self.readout = readout.eval().requires_grad_(False)
             self.adapter = (nn.Identity() if student_channels == teacher_channels
                             else nn.Conv2d(student_channels, teacher_channels, 1, bias=False))
@@ -236,3 +246,7 @@ class IntraClassVariationLoss(nn.Module):
                 size: Optional[Tuple[int, int]] = None) -> Tensor:
         return baselines.intra_class_variation_loss(student_feats, teacher_feats, labels, self.num_classes,
                                                     self.ignore_index, self.eps, self.reduction, size)
+
+
+__all__ = ["ChannelWiseDistillationLoss", "InterClassDistanceLoss", "IntraClassVariationLoss", "PixelKDLoss",
+           "PositionDistillationLoss", "PositionEncodingModule", "StructuralKDLoss"]

@@ -6,6 +6,7 @@ from typing import Callable, Iterable, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import _validation as v
 from .nn import PositionEncodingModule
 from .position import position_encoding_loss
 
@@ -43,6 +44,8 @@ def probe_position_information(feature_fn: Callable[[object], Tensor], batches: 
         >>> readout(conv(batches[0])).shape  # one map per kind
         torch.Size([2, 2, 16, 16])
     """
+    v.check_int("steps", steps, 1)
+    v.check_positive("lr", lr)
     batches = list(batches)
     if not batches:
         raise ValueError("batches: expected at least one batch")

@@ -481,3 +481,39 @@ def test_reference_has_batch_centroids():
         torch.testing.assert_close(
             idd_ops.inter_class_distance_loss(s, t, y, 4, centroids="batch", reduction=reduction),
             reference.inter_class_distance_loss(s, t, y, 4, centroids="batch", reduction=reduction))
+
+
+def test_building_blocks_check_their_arguments():
+    """The Distiller's IDD option values and module types, PID's modules, the probe and
+    position_maps say which argument is wrong when built or called (a wrong value once failed
+    only at the first forward, or deep inside a conv)."""
+    conv = torch.nn.Conv2d(3, 4, 1)
+    readout = idd_ops.nn.PositionEncodingModule(16, ["horizontal"], hidden=8)
+    batches = [torch.randn(1, 3, 8, 8)]
+    cases = [
+        (ValueError, "metric", lambda: idd_ops.Distiller(conv, conv, teacher_layer="", student_layer="", num_classes=3,
+                                                         idd_options={"metric": "l1"})),
+        (TypeError, "kd_ignore", lambda: idd_ops.Distiller(conv, conv, teacher_layer="", student_layer="",
+                                                           num_classes=3, kd_ignore="no")),
+        (TypeError, "pid", lambda: idd_ops.Distiller(conv, conv, teacher_layer="", student_layer="", num_classes=3,
+                                                     weights={"pid": 1.0}, pid=torch.nn.Identity())),
+        (TypeError, "student_channels", lambda: idd_ops.nn.PositionDistillationLoss(readout, True, 16)),
+        (ValueError, "teacher_channels", lambda: idd_ops.nn.PositionDistillationLoss(readout, 8, 12)),
+        (TypeError, "readout", lambda: idd_ops.nn.PositionDistillationLoss(conv, 8)),
+        (ValueError, "hidden", lambda: idd_ops.nn.PositionEncodingModule(16, ["horizontal"], hidden=0)),
+        (ValueError, "steps", lambda: idd_ops.probe_position_information(conv, batches, "horizontal", steps=0)),
+        (TypeError, "steps", lambda: idd_ops.probe_position_information(conv, batches, "horizontal", steps=2.0)),
+        (ValueError, "lr", lambda: idd_ops.probe_position_information(conv, batches, "horizontal", lr=0)),
+        (TypeError, "height", lambda: idd_ops.position_maps("horizontal", 8.0, 8)),
+        (ValueError, "height", lambda: idd_ops.position_maps("horizontal", -1, 8)),
+    ]
+    for error, name, build in cases:
+        with pytest.raises(error, match=f"^{name}"):
+            build()
+
+
+def test_star_import_of_the_modules_brings_only_modules():
+    namespace = {}
+    exec("from idd_ops.nn import *", namespace)
+    assert {k for k in namespace if not k.startswith("__")} == set(idd_ops.nn.__all__)
+    assert "F" not in namespace and "torch" not in namespace
