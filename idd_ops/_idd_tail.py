@@ -34,5 +34,6 @@ def _idd_from_sums(sums_s: Tensor, counts_s: Tensor, sums_t: Tensor, counts_t: T
         The loss in ``loss_dtype``: a scalar, or ``[B]`` for ``reduction="none"``.
     """
     mean = normalize is True or normalize == "mean"
-    loss, _, _ = ops.idd_tail(sums_s, counts_s, sums_t, counts_t, metric, mean, float(eps), reduction, dtype, loss_dtype)
+    loss, _, _ = ops.idd_tail(sums_s, counts_s, sums_t, counts_t, metric, mean, float(eps), reduction, dtype,
+                              loss_dtype)
     return loss

@@ -108,8 +108,8 @@ def load() -> None:
         # built before the ops' autograd moved into the library (csrc/autograd/): it loads, but
         # every gradient through its ops would be dropped with a warning
         ERROR = ImportError(f"the compiled library of idd_ops in {HERE} is older than this package's Python code (it "
-                            f"has no autograd kernels): {_rebuild()}. Without it only idd_ops.reference (plain PyTorch) "
-                            "works.")
+                            f"has no autograd kernels): {_rebuild()}. Without it only idd_ops.reference "
+                            "(plain PyTorch) works.")
 
 
 def require() -> None:

@@ -148,8 +148,9 @@ def main(argv=None):
     p.add_argument("--workers", type=positive_int, help="worker processes for the student runs and scenes (default: "
                    "automatic, from the CPU cores and, on CUDA, the free GPU memory)")
     p.add_argument("--threads", type=positive_int,
-                   help="torch threads each run computes on (default: the cores divided between the workers); on the "
-                        "CPU a run's numbers depend on it, so runs with other thread counts are not taken from the cache")
+                   help="torch threads each run computes on (default: the cores divided between the workers); on "
+                        "the CPU a run's numbers depend on it, so runs with other thread counts are not taken from "
+                        "the cache")
     p.add_argument("--replot", metavar="FOLDER", help="only rewrite FOLDER's results.md and plots from its results.json")
     args = p.parse_args(argv)
     try:  # checked now: the plots are drawn at the end, after every run

@@ -389,7 +389,7 @@ def run_students(jobs, train, val, teacher, readout, out, device, workers):
         run = torch.load(path, map_location=device) if os.path.exists(path) else None
         if run is None and glob.glob(os.path.join(out, "runs", f"{glob.escape(config)}_seed{seed}_*.pt")):
             print(f"cache: the pieces of {config} seed {seed} in {out}/runs/ were computed with other settings "
-                  f"(a version, device, thread count or teacher of their own); training it again", file=sys.stderr)
+                  f"(another weight, schedule, version, device, thread count or teacher); training it", file=sys.stderr)
         if run is not None and run.get("key") == key:
             print(f"cache: using {path} (same settings; delete it to rerun)", file=sys.stderr)
             runs[i] = run

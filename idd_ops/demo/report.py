@@ -191,7 +191,8 @@ def smoke_note(results, out, folders=("results/cpu", "results/full")):
                   " | ".join(f"[{f}]({_link(out, f)}) ({s})" for f, (s, _) in committed.items()) + " |",
                   "|---|---:|" + "---:|" * len(committed)]
         for c in names:
-            cells = [_interval(mine[c]) if c in mine else f"no {BASELINE} run to pair" if c in configs else "not run"] + [
+            own = _interval(mine[c]) if c in mine else f"no {BASELINE} run to pair" if c in configs else "not run"
+            cells = [own] + [
                 _interval(e[c]) if c in e else "not run" for _, e in committed.values()]
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
         lines.append("")
