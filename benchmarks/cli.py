@@ -1,39 +1,10 @@
 """Command-line checks shared by the benchmarks: a bad option fails at once with argparse's error,
 before anything is measured (a late failure would throw away the minutes already spent)."""
-import argparse
 import os
 import shlex
 import sys
 
-import torch
-
-
-def positive_int(text):
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def device(text):
-    """argparse type: 'cpu', or 'cuda[:N]' where this torch sees that GPU; returned as given."""
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise argparse.ArgumentTypeError(f"{text}: this torch ({torch.__version__}) sees no CUDA device")
-        if dev.index is not None and dev.index >= count:
-            raise argparse.ArgumentTypeError(f"{text}: this torch sees {count} CUDA device(s)")
-    return text
+from idd_ops._arguments import device, positive_int  # noqa: F401  (the benchmarks' option types)
 
 
 def check_file_paths(parser, **paths):

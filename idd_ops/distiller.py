@@ -132,13 +132,12 @@ class Distiller(nn.Module):
                 raise ValueError(f"weights: {name!r} needs a finite weight >= 0, got {w!r}")
         v.check_num_classes(num_classes, ignore_index)
         v.check_positive("kd_temperature", kd_temperature)
-        known = set(inspect.signature(functional.inter_class_distance_loss).parameters)
-        unknown = set(idd_options or {}) - (known - {"student_feats", "teacher_feats", "labels", "num_classes",
-                                                      "ignore_index"})
+        params = inspect.signature(functional.inter_class_distance_loss).parameters
+        unknown = set(idd_options or {}) - (set(params) - {"student_feats", "teacher_feats", "labels", "num_classes",
+                                                           "ignore_index"})
         if unknown:
             raise ValueError(f"idd_options: unknown options {sorted(unknown)} for inter_class_distance_loss")
-        defaults = {k: p.default for k, p in inspect.signature(functional.inter_class_distance_loss).parameters.items()}
-        chosen = {**defaults, **(idd_options or {})}
+        chosen = {**{k: p.default for k, p in params.items()}, **(idd_options or {})}
         v.check_idd_options(num_classes, ignore_index, *(chosen[k] for k in ("metric", "normalize", "reduction", "eps",
                                                                              "centroids")))
         if not isinstance(kd_ignore, bool):

@@ -40,6 +40,7 @@ def _restart_with_environment():
 
 import torch  # noqa: E402
 
+from .._arguments import device, positive_int, seed  # noqa: E402
 from .experiment import CONFIGS, PRESETS, load_teacher, run_experiment, tuned_weights  # noqa: E402
 from .report import plot_losses, plot_miou, plot_paired, write_markdown, write_plots  # noqa: E402
 
@@ -80,20 +81,9 @@ def replot(folder):
     print(f"\nrewritten from {folder}/results.json: {', '.join(_written(folder, REPLOTTED))}")
 
 
-def positive_int(text):
-    """argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
-    return value
-
-
 def check_run_options(p, args):
     """The checks idd-distill and the tuning share, made before any work: --teacher a teacher
-    checkpoint, --out a folder, no seed or configuration twice, --device cpu or a visible GPU."""
+    checkpoint, --out a folder, no seed or configuration twice (--device is checked by its type)."""
     if args.teacher and not os.path.isfile(args.teacher):
         p.error(f"--teacher: no file {args.teacher!r} (without --teacher, a teacher is trained and cached)")
     if args.teacher:
@@ -107,27 +97,6 @@ def check_run_options(p, args):
         given = getattr(args, name, None) or []
         if len(set(given)) < len(given):
             p.error(f"--{name}: {' '.join(map(str, given))} names one twice")
-    try:
-        device_type = torch.device(args.device).type
-    except RuntimeError:
-        device_type = None
-    if device_type not in ("cpu", "cuda"):
-        p.error(f"--device: expected cpu, cuda or cuda:N; got {args.device!r}")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device: {args.device!r}, but torch sees no CUDA device (torch {torch.__version__})")
-    if device_type == "cuda" and (torch.device(args.device).index or 0) >= torch.cuda.device_count():
-        p.error(f"--device: {args.device!r}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
-
-
-def seed_arg(text):
-    """argparse type: a seed torch's generators take, 0 <= seed < 2**63."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63), got {value}")
-    return value
 
 
 def main(argv=None):
@@ -137,9 +106,9 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     p.add_argument("--out", default=None, help="results folder (default: results/<preset>)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), help="override the preset's configurations")
-    p.add_argument("--seeds", nargs="+", type=seed_arg, help="override the preset's seeds")
+    p.add_argument("--seeds", nargs="+", type=seed, help="override the preset's seeds")
     p.add_argument("--student-steps", type=positive_int, help="override the preset's student steps")
     p.add_argument("--teacher-steps", type=positive_int, help="override the preset's teacher steps")
     p.add_argument("--weight", action="append", default=[], metavar="LOSS=VALUE",

@@ -21,7 +21,8 @@ import sys
 
 import torch
 
-from .cli import check_run_options, positive_int, seed_arg
+from .._arguments import device, positive_int, seed
+from .cli import check_run_options
 from .experiment import CONFIGS, PRESETS, make_data, run_students, setup_teacher
 from .report import BASELINE, _interval, _miou, paired
 from .workers import Workers
@@ -104,8 +105,8 @@ def main(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--grid", action="append", metavar="LOSS=V1,V2,...",
                    help=f"weights to try for one loss (repeatable); default: {' '.join(DEFAULT_GRID)}")
-    p.add_argument("--seeds", nargs="+", type=seed_arg, default=list(DEFAULT_SEEDS))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seeds", nargs="+", type=seed, default=list(DEFAULT_SEEDS))
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="default: results/<preset>-tune")
     p.add_argument("--teacher", help="reuse this teacher.pt (same image size) instead of training one")
     p.add_argument("--workers", type=positive_int, help="worker processes for the runs (default: automatic)")
