@@ -130,6 +130,9 @@ def structural_kd_loss(student_feats: Tensor, teacher_feats: Tensor, pool: int =
     v.check_int("pool", pool, 1)
     v.check_choice("reduction", reduction, v.REDUCTIONS)
     v.check_same_size(student_feats, teacher_feats, "resize one of them first")
+    for name, x in (("student_feats", student_feats), ("teacher_feats", teacher_feats)):
+        if x.shape[1] == 0:  # as max_pool2d: a pixel without channels has no direction to normalise
+            raise ValueError(f"{name}: expected at least one channel, got shape {list(x.shape)}")
     # pooling and normalisation happen inside the op, one block of pixels at a time
     per_image = ops.affinity_loss(student_feats, teacher_feats.detach(), pool)[0]  # [B], mean over P*P
     if reduction == "sum":

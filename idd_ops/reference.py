@@ -34,8 +34,11 @@ def _kl_rows(s, t, dim):
     pt = F.softmax(torch.where(t_none, torch.zeros_like(t), t), dim)
     log_ps = F.log_softmax(torch.where(s_none, torch.zeros_like(s), s), dim)
     log_ps = torch.where(s_none, torch.full_like(log_ps, float("-inf")), log_ps)
-    keep = (pt != 0) & ~t_none  # != 0, not > 0: a NaN probability is kept, and makes the sum NaN
+    # a teacher -inf adds 0; a finite teacher logit over a student -inf adds +inf, also where its
+    # probability rounds to 0 (it is > 0 all the same). A NaN logit is kept and makes the sum NaN.
+    keep = (t != float("-inf")) & ~t_none
     term = pt * (F.log_softmax(torch.where(t_none, torch.zeros_like(t), t), dim) - log_ps)
+    term = torch.where((pt == 0) & (log_ps == float("-inf")), torch.full_like(term, float("inf")), term)
     kl = torch.where(keep, term, torch.zeros_like(term)).sum(dim)
     has_nan = (s.isnan() | t.isnan()).any(dim)
     return torch.where(has_nan, torch.full_like(kl, float("nan")), kl)

@@ -202,6 +202,29 @@ def test_student_minus_inf_where_the_teacher_has_mass_is_infinite(device, dtype,
 
 
 @pytest.mark.parametrize("kd", [True, False], ids=["pixel_kd", "cwd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gap", [90.0, 800.0])
+def test_student_minus_inf_under_a_tiny_teacher_probability_is_infinite(device, dtype, kd, gap):
+    """A teacher entry gap * T below its vector's maximum has p_t of exp(-gap): a float32
+    subnormal at 90 (the CPU's vectorised exp flushed it to 0, so the KL came out finite), 0 in
+    every float at 800. It is > 0 all the same, and a student -inf there gives +inf (METHOD.md
+    "-inf logits"), fused and reference, with the same finite gradient."""
+    s, _, _, _ = _no_mass_case(device, dtype, kd)
+    t = make_feats(2, 5, 3, 4, device=device, dtype=dtype, seed=2)
+    T = 2.0 if kd else 4.0
+    at = (0, 2, 1, 2) if kd else (1, 3, 0, 0)
+    vector = t[0, :, 1, 2] if kd else t[1, 3]  # the class vector of one pixel / one channel
+    t[at] = vector.max() - gap * T
+    s[at] = float("-inf")
+    grads = []
+    for module in (idd_ops, reference):
+        loss, grad = _kd_or_cwd(module, kd, s, t)
+        assert loss.item() == float("inf") and torch.isfinite(grad).all(), module.__name__
+        grads.append(grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kd", [True, False], ids=["pixel_kd", "cwd"])
 @pytest.mark.parametrize("case", ["teacher all nan", "teacher nan and -inf", "teacher one nan",
                                   "student all nan", "student nan, teacher -inf"])
 def test_a_nan_logit_makes_its_vector_nan_in_value_and_gradient(device, kd, case):

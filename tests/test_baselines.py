@@ -166,6 +166,8 @@ def test_opcheck(device):
     (lambda: idd_ops.pixel_kd_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), temperature=0.0), "temperature"),
     (lambda: idd_ops.structural_kd_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 2, 2)), "spatial size"),
     (lambda: idd_ops.structural_kd_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), pool=0), "pool"),
+    (lambda: idd_ops.structural_kd_loss(torch.randn(1, 0, 4, 4), torch.randn(1, 3, 4, 4), pool=1), "student_feats: .*channel"),
+    (lambda: idd_ops.structural_kd_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 0, 4, 4)), "teacher_feats: .*channel"),
     (lambda: idd_ops.intra_class_variation_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 2, 2),
                                                 torch.zeros(1, 4, 4, dtype=torch.long), 2), "spatial size"),
     (lambda: idd_ops.intra_class_variation_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4),

@@ -307,6 +307,22 @@ def test_softmax_kl_nan_alone_in_its_part(kernels, shape, block, side, dtype):
         close(g, w, RTOL[dtype])
 
 
+@pytest.mark.parametrize("shape", [(3, 40, 1), (2, 2050, 1), (2, 19, 9)], ids=str)
+@pytest.mark.parametrize("gap", [90.0, 800.0])
+def test_softmax_kl_student_minus_inf_under_a_tiny_teacher_probability(kernels, shape, gap):
+    """A teacher entry gap * T below its maximum (probability a float32 subnormal at 90, 0 in
+    every float at 800) over a student -inf: +inf as on the CPU and in the reference (METHOD.md,
+    "-inf logits"), not the finite KL of a term taken as 0 from the rounded probability."""
+    T = 2.0
+    s, t = logits(shape, torch.float32, 0), logits(shape, torch.float32, 1)
+    at = (1, 5, 0) if shape[2] == 1 else (0, 5, 3)  # entry 5 of row 1 / of pixel 3's classes
+    vector = t[at[0], :, at[2]]
+    t[at] = vector.max() - gap * T
+    s[at] = float("-inf")
+    (kl, _, _), _ = check_softmax_kl(kernels, s, t, T)
+    assert kl[at[0], at[2]] == float("inf") and torch.isfinite(kl).sum() == kl.numel() - 1
+
+
 @pytest.mark.parametrize("HW", [(4, 5), (8, 16), (32, 64)])
 def test_cwd_teacher_channel_masked_everywhere(kernels, HW):
     """Issue 22 item 5: CWD with a teacher channel -inf at every pixel agrees with

@@ -140,6 +140,8 @@ CASES = [
     ("affinity_loss", 1, _t((B, C, H, W + 1)), ValueError, "teacher"),
     ("affinity_loss", 1, _t((B, C, H * W)), ValueError, "teacher"),
     ("affinity_loss", 2, 0, ValueError, "pool"),
+    ("affinity_loss", 0, _t((B, 0, H, W)), ValueError, "student: expected at least one channel"),
+    ("affinity_loss", 1, _t((B, 0, H, W)), ValueError, "teacher: expected at least one channel"),
     ("affinity_loss", 0, _dtype(torch.int64), TypeError, "student"),
     ("_affinity_loss_backward", 0, _t(()), ValueError, "grad"),
     ("_affinity_loss_backward", 3, _t((B, C, C + 1)), ValueError, "gram_ss"),

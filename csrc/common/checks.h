@@ -263,6 +263,8 @@ inline void check_affinity_loss_inputs(const at::Tensor& student, const at::Tens
                     student.sizes());
   check_same_device(teacher, "teacher", student, "student");
   TORCH_CHECK_VALUE(pool >= 1, "pool: expected an int >= 1, got ", pool);
+  TORCH_CHECK_VALUE(student.size(1) >= 1, "student: expected at least one channel, got ", student.sizes());
+  TORCH_CHECK_VALUE(teacher.size(1) >= 1, "teacher: expected at least one channel, got ", teacher.sizes());
 }
 
 inline void check_affinity_loss_backward_inputs(const at::Tensor& grad, const at::Tensor& student,

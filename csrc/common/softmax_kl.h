@@ -47,10 +47,14 @@ C10_HOST_DEVICE inline float vec_exp(float x_in) {
 
 C10_HOST_DEVICE inline double vec_exp(double x) { return exp(x); }
 
-// One class's term exp(a) (a - b) of w; 0 where the teacher's probability exp(a) is 0.
+// One class's term exp(a) (a - b) of w: 0 for a teacher logit of -inf (probability 0), and +inf
+// for a finite teacher logit over a student -inf, decided on the logits rather than on exp(a),
+// which rounds to 0 (or, in vec_exp, is flushed to 0) for a teacher far below its maximum: that
+// probability is still > 0, so the KL is +inf (METHOD.md, "-inf logits").
 template <typename T>
 C10_HOST_DEVICE inline T kl_term(T ea, T a, T b) {
-  return ea > T(0) ? ea * (a - b) : T(0);
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  return a == -inf ? T(0) : b == -inf ? inf : ea * (a - b);
 }
 
 // What a vector's sums subtract from its logits: the maximum, or 0 where that is -inf (the
