@@ -65,7 +65,8 @@ TORCH_LIBRARY(idd_ops, m) {
         "-> Tensor");
   // KL(softmax(teacher / T) || softmax(student / T)) along dim 1 of [outer, length, inner]
   // tensors: KL [outer, inner] in the accumulation dtype, and the student's and teacher's
-  // log-sum-exp of x / T per vector, kept for the one-pass backward. Pixel KD and CWD are views.
+  // log-sum-exp of x / T per vector in float64 (their absolute error is the probabilities'
+  // relative one), kept for the one-pass backward. Pixel KD and CWD are views.
   m.def("softmax_kl(Tensor student, Tensor teacher, float temperature) -> (Tensor, Tensor, Tensor)");
   m.def("_softmax_kl_backward(Tensor grad, Tensor student, Tensor teacher, Tensor lse_student, Tensor lse_teacher, "
         "float temperature) -> Tensor");

@@ -120,8 +120,8 @@ def _(grad, pred, kinds, params, reduction):
 
 @register_fake("idd_ops::softmax_kl")
 def _(student, teacher, temperature):
-    shape, dtype = (student.shape[0], student.shape[2]), acc_dtype(student.dtype)
-    return tuple(student.new_empty(shape, dtype=dtype) for _ in range(3))
+    shape = (student.shape[0], student.shape[2])  # kl in the accumulation dtype, both lse in float64
+    return tuple(student.new_empty(shape, dtype=dtype) for dtype in (acc_dtype(student.dtype), torch.float64, torch.float64))
 
 
 @register_fake("idd_ops::_softmax_kl_backward")

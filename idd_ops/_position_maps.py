@@ -19,11 +19,18 @@ ELEMENTS = {"horizontal": (False, True), "vertical": (True, False), "gaussian": 
             "sin_x": (False, True), "cos_x": (False, True), "sin_y": (True, False), "cos_y": (True, False)}
 
 
-def _check_int(name, value, minimum):
+def _check_int(name, value, minimum, maximum):
+    expected = f"an int in [{minimum}, {maximum}]"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+        raise TypeError(f"{name}: expected {expected}, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+# Stripe counts the kernels' int64 band index (count * row) holds for any map size, and
+# frequencies 2^0 .. 2^62 (more bands than a map has pixels make either map noise).
+MAX_STRIPES = 2 ** 31 - 1
+MAX_FREQUENCIES = 63
 
 
 def expand_kinds(kinds: Kinds, num_frequencies: int = 2, num_stripes: int = 4,
@@ -33,12 +40,12 @@ def expand_kinds(kinds: Kinds, num_frequencies: int = 2, num_stripes: int = 4,
         kinds = (kinds,)
     if not kinds:
         raise ValueError("kinds: expected at least one map kind")
-    _check_int("num_frequencies", num_frequencies, 1)
-    _check_int("num_stripes", num_stripes, 1)
+    _check_int("num_frequencies", num_frequencies, 1, MAX_FREQUENCIES)
+    _check_int("num_stripes", num_stripes, 1, MAX_STRIPES)
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
-        raise TypeError(f"sigma: expected a positive number, got {sigma!r}")
-    if not sigma > 0:
-        raise ValueError(f"sigma: expected a positive number, got {sigma!r}")
+        raise TypeError(f"sigma: expected a finite positive number, got {sigma!r}")
+    if not 0 < sigma < float("inf"):
+        raise ValueError(f"sigma: expected a finite positive number, got {sigma!r}")
     elements, params, labels = [], [], []
     for kind in kinds:
         if kind not in KINDS:

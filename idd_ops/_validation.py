@@ -90,6 +90,20 @@ def check_positive(name, value):
         raise ValueError(f"{name}: expected a finite value > 0, got {value!r}")
 
 
+# The smallest temperature whose reciprocal, which the kernels scale logits by in float32 (the
+# accumulation dtype of float32, half and bfloat16 inputs), is finite: 1 / FLT_MAX.
+MIN_TEMPERATURE = 1 / torch.finfo(torch.float32).max
+
+
+def check_temperature(temperature):
+    """A finite temperature >= MIN_TEMPERATURE (about 2.9e-39): a smaller one made 1 / T
+    infinite and the loss NaN for finite logits."""
+    check_positive("temperature", temperature)
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature: expected a finite value >= {MIN_TEMPERATURE:.3g} (1 / T must be a finite "
+                         f"float32), got {temperature!r}")
+
+
 def check_num_classes(num_classes, ignore_index):
     check_int("num_classes", num_classes, 1)
     check_int("ignore_index", ignore_index)

@@ -54,7 +54,7 @@ def pixel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Option
     v.check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits,
                        "pixel KD compares class distributions pixel by pixel: resize the teacher's logits to the "
                        "student's size first (both must have K classes)")
-    v.check_positive("temperature", temperature)
+    v.check_temperature(temperature)
     v.check_int("ignore_index", ignore_index)
     v.check_choice("reduction", reduction, v.REDUCTIONS)
     B, K, H, W = student_logits.shape
@@ -91,7 +91,7 @@ def channel_wise_distillation_loss(student_feats: Tensor, teacher_feats: Tensor,
                        "CWD compares channel by channel: adapt the student's channels with a 1x1 conv "
                        "(idd_ops.nn.ChannelWiseDistillationLoss(student_channels, teacher_channels) has one) "
                        "and match the spatial size")
-    v.check_positive("temperature", temperature)
+    v.check_temperature(temperature)
     v.check_choice("reduction", reduction, v.REDUCTIONS)
     B, C, H, W = student_feats.shape
     kl = ops.softmax_kl(student_feats.reshape(B * C, H * W, 1), teacher_feats.detach().reshape(B * C, H * W, 1),

@@ -165,7 +165,7 @@ class PixelKDLoss(nn.Module):
 
     def __init__(self, temperature: float = 1.0, ignore_index: int = 255, reduction: str = "mean"):
         super().__init__()
-        v.check_positive("temperature", temperature)
+        v.check_temperature(temperature)
         v.check_int("ignore_index", ignore_index)
         v.check_choice("reduction", reduction, v.REDUCTIONS)
         self.temperature, self.ignore_index, self.reduction = temperature, ignore_index, reduction
@@ -198,7 +198,7 @@ class ChannelWiseDistillationLoss(nn.Module):
         super().__init__()
         v.check_int("student_channels", student_channels, 1)
         v.check_int("teacher_channels", teacher_channels, 1)
-        v.check_positive("temperature", temperature)
+        v.check_temperature(temperature)
         v.check_choice("reduction", reduction, v.REDUCTIONS)
         v.check_choice("normalizer", normalizer, self.NORMALIZERS)
         self.temperature, self.reduction, self.normalizer = temperature, reduction, normalizer

@@ -83,6 +83,20 @@ def test_opcheck_and_compile(device):
     (lambda: idd_ops.position_maps([], 4, 4), ValueError, "kinds"),
     (lambda: idd_ops.position_maps(["sinusoidal"], 4, 4, num_frequencies=0), ValueError, "num_frequencies"),
     (lambda: idd_ops.position_maps(["horizontal"], 4, 1), ValueError, "size"),
+    # counts past int64's band index (count * row), frequencies past 2^62, sigma inf
+    (lambda: idd_ops.position_encoding_loss(torch.rand(1, 1, 8, 8), ["vertical_stripes"], num_stripes=10 ** 20),
+     ValueError, r"num_stripes: expected an int in \[1, 2147483647\]"),
+    (lambda: idd_ops.position_maps(["sinusoidal"], 4, 4, num_frequencies=2000), ValueError, "num_frequencies"),
+    (lambda: idd_ops.position_maps(["gaussian"], 4, 4, sigma=float("inf")), ValueError, "sigma: expected a finite"),
+    # the op itself, as torch.ops calls reach it (a NaN count was cast to int64: undefined)
+    (lambda: torch.ops.idd_ops.position_encoding_loss(torch.rand(1, 1, 8, 8), [3], [float("nan")], "mean"),
+     ValueError, r"params: map 0 \(stripes\) needs a whole stripe count"),
+    (lambda: torch.ops.idd_ops.position_encoding_loss(torch.rand(1, 2, 8, 8), [0, 4], [0.0, 2.0 ** 62], "mean"),
+     ValueError, r"params: map 1 \(stripes\)"),
+    (lambda: torch.ops.idd_ops.position_encoding_loss(torch.rand(1, 1, 8, 8), [2], [0.0], "mean"),
+     ValueError, r"params: map 0 \(gaussian\)"),
+    (lambda: torch.ops.idd_ops.position_encoding_loss(torch.rand(1, 1, 8, 8), [5], [float("inf")], "mean"),
+     ValueError, r"params: map 0 \(sinusoid\)"),
 ])
 def test_bad_input(call, exc, text):
     with pytest.raises(exc, match=text):

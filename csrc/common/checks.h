@@ -204,9 +204,28 @@ inline void check_position_encoding_loss_inputs(const at::Tensor& pred, at::IntA
                     params.size());
   TORCH_CHECK_VALUE(pred.size(1) == static_cast<int64_t>(kinds.size()), "pred: ", pred.size(1), " maps but ",
                     kinds.size(), " map kinds");
-  for (const int64_t kind : kinds)
+  for (size_t m = 0; m < kinds.size(); ++m) {
+    const int64_t kind = kinds[m];
+    const double p = params[m];
     TORCH_CHECK_VALUE(kind >= 0 && kind < kNumPositionMaps, "kinds: expected map codes in [0, ", kNumPositionMaps,
                       "), got ", kind);
+    switch (static_cast<PositionMap>(kind)) {
+      case PositionMap::Horizontal:
+      case PositionMap::Vertical:
+        break;  // no parameter
+      case PositionMap::Gaussian:
+        TORCH_CHECK_VALUE(p > 0 && p < INFINITY, "params: map ", m, " (gaussian) needs a finite sigma > 0, got ", p);
+        break;
+      case PositionMap::HorizontalStripes:
+      case PositionMap::VerticalStripes:
+        // the kernels take the band of row i as int64 (count * i / n): a whole count below 2^31
+        TORCH_CHECK_VALUE(p >= 1 && p < 2147483648.0 && p == std::floor(p), "params: map ", m,
+                          " (stripes) needs a whole stripe count in [1, 2^31), got ", p);
+        break;
+      default:  // sinusoids
+        TORCH_CHECK_VALUE(std::isfinite(p), "params: map ", m, " (sinusoid) needs a finite frequency, got ", p);
+    }
+  }
 }
 
 inline void check_position_encoding_loss_backward_inputs(const at::Tensor& grad, const at::Tensor& pred,
@@ -225,7 +244,9 @@ inline void check_softmax_kl_inputs(const at::Tensor& student, const at::Tensor&
   check_floating(teacher, "teacher");
   check_size(teacher, "teacher", student.sizes(), "the student's shape");
   check_same_device(teacher, "teacher", student, "student");
-  TORCH_CHECK_VALUE(temperature > 0 && temperature < INFINITY, "temperature: expected a finite value > 0, got ",
+  // 1 / T scales the logits in float32 for float32, half and bfloat16 inputs: it must be finite
+  TORCH_CHECK_VALUE(temperature > 0 && temperature < INFINITY && static_cast<float>(1.0 / temperature) < INFINITY,
+                    "temperature: expected a finite value >= 2.94e-39 (1 / T must be a finite float32), got ",
                     temperature);
 }
 
@@ -242,12 +263,12 @@ inline void check_softmax_kl_backward_inputs(const at::Tensor& grad, const at::T
     check_size(t, name, per_vector, why);
     check_same_device(t, name, student, "student");
   }
-  // the forward's log-sum-exps, read as they are (the incoming gradient is converted)
-  const auto acc = acc_dtype(student.scalar_type());
+  // the forward's log-sum-exps, read as they are (the incoming gradient is converted): double
+  // for every student dtype (common/softmax_kl.h, SoftmaxKLVector)
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{lse_student, "lse_student"},
                                 {lse_teacher, "lse_teacher"}})
-    TORCH_CHECK_TYPE(t.scalar_type() == acc, name, ": expected dtype ", acc, " (softmax_kl's, for a student of dtype ",
-                     student.scalar_type(), "), got ", t.scalar_type());
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble, name, ": expected dtype torch.float64 (softmax_kl's), got ",
+                     t.scalar_type());
 }
 
 // ---- affinity_loss ---------------------------------------------------------------------

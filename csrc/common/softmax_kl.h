@@ -28,8 +28,11 @@ C10_HOST_DEVICE inline float vec_exp(float x_in) {
   // Below -87 the result is under 1.7e-38 and is returned as 0, so exp(-inf) is exactly 0.
   float x = x_in < -87.0f ? -87.0f : x_in;  // ternaries, not fminf/fmaxf: those are calls unless -ffast-math
   x = x > 88.0f ? 88.0f : x;
-  // round to nearest by the 1.5 * 2^23 trick: plain adds, vectorisable without SSE4.1's roundps
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  // round to nearest by the 1.5 * 2^23 trick: plain adds, vectorisable without SSE4.1's roundps;
+  // the sum's low mantissa bits hold n as an integer, read from its bits (converting the float n
+  // would be undefined for a NaN x)
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -38,7 +41,9 @@ C10_HOST_DEVICE inline float vec_exp(float x_in) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  int32_t shifted_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
+  const int32_t bits = (shifted_bits - 0x4B400000 + 127) << 23;  // 0x4B400000: the bits of 12582912.0f
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return x_in < -87.0f ? 0.0f : p * scale;
@@ -78,11 +83,45 @@ struct SoftmaxKLSums {
   }
 };
 
-// What one vector yields: its KL and the log-sum-exps of s / T and t / T the backward uses.
+// What one vector yields: its KL, and the log-sum-exps of s / T and t / T the backward uses, in
+// double whatever T is: the backward's probability exp(x / T - lse) is only as accurate as lse
+// is absolutely, and a float lse of logits around 100 is off by up to 4e-6, an error every
+// probability of the vector shares (float32 pixel KD's gradient was 15x less accurate than a
+// float32 log_softmax at logits around 30). See split_lse for how the backward reads them.
 template <typename T>
 struct SoftmaxKLVector {
-  T kl, lse_s, lse_t;
+  T kl;
+  double lse_s, lse_t;
 };
+
+// A stored log-sum-exp as the pair hi + lo of the backward's dtype (hi the nearest value, lo the
+// rest), so that x / T - lse is computed as (x / T - hi) - lo: the first difference is exact
+// wherever the probability is not tiny (the two are within a factor of 2), and the second adds
+// what hi rounded off. Costs one subtraction an element and no double arithmetic per element.
+// +inf (a vector settled by the -inf rule) and NaN keep lo = 0: lse - hi would be NaN there.
+template <typename T>
+struct SplitLse {
+  T hi, lo;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline SplitLse<T> split_lse(double lse) {
+  const T hi = static_cast<T>(lse);
+  return {hi, hi - hi == T(0) ? static_cast<T>(lse - static_cast<double>(hi)) : T(0)};
+}
+
+// exp(u - lse) of a scaled logit u = x / T: a probability, as the backward needs it.
+template <typename T>
+C10_HOST_DEVICE inline T probability(T u, SplitLse<T> lse) {
+  return vec_exp((u - lse.hi) - lse.lo);
+}
+
+// log sum exp(x / T) from the vector's scaled maximum (x * inv_T in T, as the backward scales
+// its logits, then widened) and its sum of exp(x / T - that maximum).
+template <typename T>
+C10_HOST_DEVICE inline double lse_of(T scaled_max, T z) {
+  return static_cast<double>(scaled_max) + wide_log(static_cast<double>(z));
+}
 
 // The outputs of one vector from its maxima ms, mt and sums (METHOD.md, "-inf logits"):
 //  - a NaN logit on either side (its sum is NaN, see sum_shift): NaN outputs, so that the loss
@@ -100,7 +139,7 @@ C10_HOST_DEVICE inline SoftmaxKLVector<T> softmax_kl_vector(T ms, T mt, T zs, T 
   if (zs != zs || zt != zt) return {nan, nan, nan};
   if (mt == -inf) return {T(0), inf, inf};
   if (ms == -inf) return {inf, inf, inf};
-  return {T(w / zt - wide_log(zt) + wide_log(zs)), T(ms * inv_T + wide_log(zs)), T(mt * inv_T + wide_log(zt))};
+  return {T(w / zt - wide_log(zt) + wide_log(zs)), lse_of(ms * inv_T, zs), lse_of(mt * inv_T, zt)};
 }
 
 }  // namespace idd_ops

@@ -86,8 +86,9 @@ struct OnlineSoftmaxKL {
     mt = nt;
   }
 
-  C10_HOST_DEVICE T lse_s() const { return T(ms + wide_log(zs)); }
-  C10_HOST_DEVICE T lse_t() const { return T(mt + wide_log(zt)); }
+  // in double (softmax_kl.h, SoftmaxKLVector); the maxima are of the scaled logits already
+  C10_HOST_DEVICE double lse_s() const { return lse_of(ms, zs); }
+  C10_HOST_DEVICE double lse_t() const { return lse_of(mt, zt); }
   // (ms - mt) first: the maxima are close when the student is near the teacher, and their
   // difference is then exact.
   C10_HOST_DEVICE T kl() const { return T(w / zt + (ms - mt) + (wide_log(zs) - wide_log(zt))); }

@@ -57,11 +57,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_kernel(const at::Tenso
   const int64_t outer = s.size(0), length = s.size(1), inner = s.size(2);
   const auto acc = acc_dtype(s.scalar_type());
   at::Tensor kl = at::zeros({outer, inner}, s.options().dtype(acc));
-  at::Tensor lse_s = at::zeros({outer, inner}, s.options().dtype(acc)), lse_t = at::zeros_like(lse_s);
+  at::Tensor lse_s = at::zeros({outer, inner}, s.options().dtype(at::kDouble)), lse_t = at::zeros_like(lse_s);
   if (s.numel() == 0) return {kl, lse_s, lse_t};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "softmax_kl_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    acc_t *out = kl.data_ptr<acc_t>(), *ls = lse_s.data_ptr<acc_t>(), *lt = lse_t.data_ptr<acc_t>();
+    acc_t* out = kl.data_ptr<acc_t>();
+    double *ls = lse_s.data_ptr<double>(), *lt = lse_t.data_ptr<double>();
     const acc_t inv_T = static_cast<acc_t>(1.0 / temperature);
     for_each_group<scalar_t, acc_t>(s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), outer, length, inner,
                                     inv_T, [&](int64_t o, int64_t i0, int64_t n, const Stats<acc_t>* st) {
@@ -76,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_kernel(const at::Tenso
 }
 
 // grad_s[o, c, i] = grad[o, i] * (softmax(s / T) - softmax(t / T))[c] / T, one pass with the
-// forward's log-sum-exps (4 numbers per vector are cheaper to keep than two passes to redo).
+// forward's log-sum-exps (two doubles per vector are cheaper to keep than two passes to redo).
 at::Tensor softmax_kl_backward_kernel(const at::Tensor& grad_in, const at::Tensor& student, const at::Tensor& teacher,
                                      const at::Tensor& lse_student, const at::Tensor& lse_teacher, double temperature) {
   check_softmax_kl_backward_inputs(grad_in, student, teacher, lse_student, lse_teacher, temperature);
@@ -91,21 +92,24 @@ at::Tensor softmax_kl_backward_kernel(const at::Tensor& grad_in, const at::Tenso
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
     const scalar_t* tp = t.const_data_ptr<scalar_t>();
-    const acc_t *g = grad.const_data_ptr<acc_t>(), *lsp = ls.const_data_ptr<acc_t>(), *ltp = lt.const_data_ptr<acc_t>();
+    const acc_t* g = grad.const_data_ptr<acc_t>();
+    const double *lsp = ls.const_data_ptr<double>(), *ltp = lt.const_data_ptr<double>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const acc_t inv_T = static_cast<acc_t>(1.0 / temperature);
     const SoftmaxKLLoops<scalar_t> loops = IDD_CPU_KERNEL(softmax_kl_loops<scalar_t>)();
     const int64_t tile = inner == 1 ? 1 : kTile, tiles = (inner + tile - 1) / tile;
     at::parallel_for(0, outer * tiles, 1, [&](int64_t g0, int64_t g1) {
-      acc_t gv[kTile], a[kTile], b[kTile];
+      acc_t gv[kTile];
+      SplitLseRows<acc_t> lse;
       for (int64_t grp = g0; grp < g1; ++grp) {
         const int64_t o = grp / tiles, i0 = (grp % tiles) * tile, n = std::min(tile, inner - i0);
         for (int64_t v = 0; v < n; ++v) {
           const int64_t k = o * inner + i0 + v;
-          gv[v] = g[k] * inv_T, a[v] = lsp[k], b[v] = ltp[k];
+          gv[v] = g[k] * inv_T;
+          lse.set(v, lsp[k], ltp[k]);
         }
         const int64_t base = o * length * inner + i0;
-        loops.strided_grad(sp + base, tp + base, op + base, length, inner, n, gv, a, b, inv_T);
+        loops.strided_grad(sp + base, tp + base, op + base, length, inner, n, gv, lse, inv_T);
       }
     });
   });

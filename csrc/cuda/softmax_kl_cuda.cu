@@ -15,7 +15,7 @@ namespace {
 
 template <typename acc_t>
 __device__ __forceinline__ void write_stats(acc_t ms, acc_t mt, const SoftmaxKLSums<acc_t>& sums, acc_t inv_T,
-                                            int64_t k, acc_t* kl, acc_t* lse_s, acc_t* lse_t) {
+                                            int64_t k, acc_t* kl, double* lse_s, double* lse_t) {
   const auto r = softmax_kl_vector(ms, mt, sums.zs, sums.zt, sums.w, inv_T);
   kl[k] = r.kl, lse_s[k] = r.lse_s, lse_t[k] = r.lse_t;
 }
@@ -25,8 +25,7 @@ __device__ __forceinline__ void write_stats(acc_t ms, acc_t mt, const SoftmaxKLS
 template <typename scalar_t>
 __global__ void softmax_kl_strided_kernel(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t,
                                           int64_t outer, int64_t length, int64_t inner, at::opmath_type<scalar_t> inv_T,
-                                          at::opmath_type<scalar_t>* kl, at::opmath_type<scalar_t>* lse_s,
-                                          at::opmath_type<scalar_t>* lse_t) {
+                                          at::opmath_type<scalar_t>* kl, double* lse_s, double* lse_t) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < outer * inner;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -50,7 +49,7 @@ __global__ void softmax_kl_strided_kernel(const scalar_t* __restrict__ s, const 
 template <typename scalar_t>
 __global__ void softmax_kl_rows_kernel(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t, int64_t length,
                                        at::opmath_type<scalar_t> inv_T, at::opmath_type<scalar_t>* kl,
-                                       at::opmath_type<scalar_t>* lse_s, at::opmath_type<scalar_t>* lse_t) {
+                                       double* lse_s, double* lse_t) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t scratch[kThreads];
   const int64_t o = blockIdx.x, base = o * length;
@@ -74,8 +73,8 @@ __global__ void softmax_kl_rows_kernel(const scalar_t* __restrict__ s, const sca
 template <typename scalar_t>
 __global__ void softmax_kl_backward_kernel_impl(const at::opmath_type<scalar_t>* __restrict__ grad,
                                                 const scalar_t* __restrict__ s, const scalar_t* __restrict__ t,
-                                                const at::opmath_type<scalar_t>* __restrict__ lse_s,
-                                                const at::opmath_type<scalar_t>* __restrict__ lse_t, int64_t length,
+                                                const double* __restrict__ lse_s,
+                                                const double* __restrict__ lse_t, int64_t length,
                                                 int64_t inner, int64_t total, at::opmath_type<scalar_t> inv_T,
                                                 scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -83,8 +82,8 @@ __global__ void softmax_kl_backward_kernel_impl(const at::opmath_type<scalar_t>*
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     // (o, c, i) is one element; k = (o, i) its vector
     const int64_t k = (e / (length * inner)) * inner + e % inner;
-    const acc_t ps = vec_exp(static_cast<acc_t>(s[e]) * inv_T - lse_s[k]);
-    const acc_t pt = vec_exp(static_cast<acc_t>(t[e]) * inv_T - lse_t[k]);
+    const acc_t ps = probability(static_cast<acc_t>(s[e]) * inv_T, split_lse<acc_t>(lse_s[k]));
+    const acc_t pt = probability(static_cast<acc_t>(t[e]) * inv_T, split_lse<acc_t>(lse_t[k]));
     out[e] = static_cast<scalar_t>(grad[k] * inv_T * (ps - pt));
   }
 }
@@ -98,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_kernel(const at::Tenso
   const int64_t outer = s.size(0), length = s.size(1), inner = s.size(2);
   const auto acc = acc_dtype(s.scalar_type());
   at::Tensor kl = at::zeros({outer, inner}, s.options().dtype(acc));
-  at::Tensor lse_s = at::zeros_like(kl), lse_t = at::zeros_like(kl);
+  at::Tensor lse_s = at::zeros_like(kl, kl.options().dtype(at::kDouble)), lse_t = at::zeros_like(lse_s);
   if (s.numel() == 0) return {kl, lse_s, lse_t};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "softmax_kl_cuda", [&] {
@@ -107,11 +106,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_kernel(const at::Tenso
     if (inner == 1) {
       softmax_kl_rows_kernel<scalar_t><<<outer, kThreads, 0, stream>>>(
           s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), length, inv_T, kl.data_ptr<acc_t>(),
-          lse_s.data_ptr<acc_t>(), lse_t.data_ptr<acc_t>());
+          lse_s.data_ptr<double>(), lse_t.data_ptr<double>());
     } else {
       softmax_kl_strided_kernel<scalar_t><<<blocks_for(outer * inner), kThreads, 0, stream>>>(
           s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), outer, length, inner, inv_T,
-          kl.data_ptr<acc_t>(), lse_s.data_ptr<acc_t>(), lse_t.data_ptr<acc_t>());
+          kl.data_ptr<acc_t>(), lse_s.data_ptr<double>(), lse_t.data_ptr<double>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -134,7 +133,7 @@ at::Tensor softmax_kl_backward_kernel(const at::Tensor& grad_in, const at::Tenso
     using acc_t = at::opmath_type<scalar_t>;
     softmax_kl_backward_kernel_impl<scalar_t><<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         grad.const_data_ptr<acc_t>(), s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
-        ls.const_data_ptr<acc_t>(), lt.const_data_ptr<acc_t>(), s.size(1), s.size(2), total,
+        ls.const_data_ptr<double>(), lt.const_data_ptr<double>(), s.size(1), s.size(2), total,
         static_cast<acc_t>(1.0 / temperature), out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -10,10 +10,10 @@
 //
 // Bytes and predicted H200 time (4.8 TB/s datasheet; memory-bound: about 2.3 exp and 15 other
 // flops per element, far under the FP32/MUFU rates), float32 at benchmarks/cases.py's shapes:
-//   pixel KD B=8 K=19 512x1024: forward reads s, t 2 x 318.8 MB, writes kl, lse_s, lse_t
-//     3 x 16.8 MB = 688 MB: 0.14 ms (the two-pass kernel reads s, t twice: 1.33 GB, plus
-//     three zero fills); backward reads s, t and the three per-pixel values, writes the
-//     gradient: 1006 MB, 0.21 ms.
+//   pixel KD B=8 K=19 512x1024: forward reads s, t 2 x 318.8 MB, writes kl 16.8 MB and the
+//     float64 lse_s, lse_t 2 x 33.6 MB = 722 MB: 0.15 ms (the two-pass kernel reads s, t
+//     twice: 1.33 GB, plus three zero fills); backward reads s, t and the three per-pixel
+//     values, writes the gradient: 1040 MB, 0.22 ms.
 //   CWD B=8 C=512 64x128: forward 268 MB: 0.056 ms; backward 403 MB: 0.084 ms.
 #include <ATen/OpMathType.h>
 
@@ -53,7 +53,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, pixel_forward_blocks_per_sm<at::opmath_type<scalar_t>>())
     kl_pixels_forward(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t, int64_t outer, int64_t length,
                       int64_t inner, at::opmath_type<scalar_t> inv_T, at::opmath_type<scalar_t>* __restrict__ kl,
-                      at::opmath_type<scalar_t>* __restrict__ lse_s, at::opmath_type<scalar_t>* __restrict__ lse_t) {
+                      double* __restrict__ lse_s, double* __restrict__ lse_t) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int CH = sizeof(acc_t) == 8 ? 4 : 8;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -85,8 +85,8 @@ __global__ void __launch_bounds__(kThreads, pixel_forward_blocks_per_sm<at::opma
 // d KL / d s = grad * (softmax(s / T) - softmax(t / T)) / T; 0 for a vector settled by the -inf
 // rule, whose log-sum-exps are +inf (softmax_kl_vector).
 template <typename acc_t>
-__device__ __forceinline__ acc_t kl_grad(acc_t coef, acc_t u, acc_t v, acc_t ls, acc_t lt) {
-  return coef * (vec_exp(u - ls) - vec_exp(v - lt));
+__device__ __forceinline__ acc_t kl_grad(acc_t coef, acc_t u, acc_t v, SplitLse<acc_t> ls, SplitLse<acc_t> lt) {
+  return coef * (probability(u, ls) - probability(v, lt));
 }
 
 // The backward needs no reduction, so it streams [outer, length, inner] in memory order: a
@@ -113,8 +113,8 @@ template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     kl_pixels_backward(const at::opmath_type<scalar_t>* __restrict__ grad, int64_t g_outer, int64_t g_inner,
                        bool packed_grad, const scalar_t* __restrict__ s, const scalar_t* __restrict__ t,
-                       const at::opmath_type<scalar_t>* __restrict__ lse_s,
-                       const at::opmath_type<scalar_t>* __restrict__ lse_t, bool packed_lse, int64_t outer,
+                       const double* __restrict__ lse_s, const double* __restrict__ lse_t, bool packed_lse,
+                       int64_t outer,
                        int64_t length, int64_t inner, at::opmath_type<scalar_t> inv_T, scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
@@ -122,8 +122,11 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t o = blockIdx.y; o < outer; o += gridDim.y) {
     const int64_t k = o * inner + i;  // the pack's first pixel
     const auto g = load_values<VEC>(grad + o * g_outer + i * g_inner, g_inner, packed_grad);
-    const auto ls = load_values<VEC>(lse_s + k, 1, packed_lse);
-    const auto lt = load_values<VEC>(lse_t + k, 1, packed_lse);
+    const auto ls64 = load_values<VEC>(lse_s + k, 1, packed_lse);
+    const auto lt64 = load_values<VEC>(lse_t + k, 1, packed_lse);
+    SplitLse<acc_t> ls[VEC], lt[VEC];
+#pragma unroll
+    for (int p = 0; p < VEC; ++p) ls[p] = split_lse<acc_t>(ls64.v[p]), lt[p] = split_lse<acc_t>(lt64.v[p]);
     for (int64_t c = blockIdx.z; c < length; c += gridDim.z) {
       const int64_t e = (o * length + c) * inner + i;
       const auto ps = load_pack<VEC>(s + e);
@@ -132,7 +135,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int p = 0; p < VEC; ++p)
         r.v[p] = static_cast<scalar_t>(kl_grad(g.v[p] * inv_T, static_cast<acc_t>(ps.v[p]) * inv_T,
-                                               static_cast<acc_t>(pt.v[p]) * inv_T, ls.v[p], lt.v[p]));
+                                               static_cast<acc_t>(pt.v[p]) * inv_T, ls[p], lt[p]));
       store_pack(out + e, r);
     }
   }
@@ -194,7 +197,7 @@ template <typename scalar_t, int VEC, int ROW_THREADS>
 __global__ void __launch_bounds__(kThreads)
     kl_rows_forward(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t, int64_t outer, int64_t length,
                     at::opmath_type<scalar_t> inv_T, at::opmath_type<scalar_t>* __restrict__ kl,
-                    at::opmath_type<scalar_t>* __restrict__ lse_s, at::opmath_type<scalar_t>* __restrict__ lse_t) {
+                    double* __restrict__ lse_s, double* __restrict__ lse_t) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRows = kThreads / ROW_THREADS, kStep = ROW_THREADS * VEC;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.x / ROW_THREADS;
@@ -237,15 +240,16 @@ template <typename scalar_t, int VEC, int ROW_THREADS>
 __global__ void __launch_bounds__(kThreads)
     kl_rows_backward(const at::opmath_type<scalar_t>* __restrict__ grad, int64_t g_outer, int64_t g_inner,
                        const scalar_t* __restrict__ s,
-                     const scalar_t* __restrict__ t, const at::opmath_type<scalar_t>* __restrict__ lse_s,
-                     const at::opmath_type<scalar_t>* __restrict__ lse_t, int64_t outer, int64_t length,
+                     const scalar_t* __restrict__ t, const double* __restrict__ lse_s,
+                     const double* __restrict__ lse_t, int64_t outer, int64_t length,
                      at::opmath_type<scalar_t> inv_T, scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRows = kThreads / ROW_THREADS, kStep = ROW_THREADS * VEC;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.x / ROW_THREADS;
   if (row >= outer) return;  // no block-wide synchronisation below
   const int lane = threadIdx.x % ROW_THREADS;
-  const acc_t coef = grad[row * g_outer] * inv_T, ls = lse_s[row], lt = lse_t[row];
+  const acc_t coef = grad[row * g_outer] * inv_T;
+  const SplitLse<acc_t> ls = split_lse<acc_t>(lse_s[row]), lt = split_lse<acc_t>(lse_t[row]);
   const int64_t offset = row * length;
   for (int64_t j0 = static_cast<int64_t>(lane) * VEC; j0 < length; j0 += kRowUnroll * kStep) {
     Pack<scalar_t, VEC> ps[kRowUnroll], pt[kRowUnroll];
@@ -307,8 +311,8 @@ bool use_packs(int64_t length, int64_t inner, std::initializer_list<const void*>
 
 template <typename scalar_t, int VEC>
 void launch_forward(const scalar_t* s, const scalar_t* t, int64_t outer, int64_t length, int64_t inner,
-                    at::opmath_type<scalar_t> inv_T, at::opmath_type<scalar_t>* kl, at::opmath_type<scalar_t>* lse_s,
-                    at::opmath_type<scalar_t>* lse_t, cudaStream_t stream) {
+                    at::opmath_type<scalar_t> inv_T, at::opmath_type<scalar_t>* kl, double* lse_s, double* lse_t,
+                    cudaStream_t stream) {
   if (inner > 1) {  // a pixel per thread, whatever the packs allow (kl_pixels_forward)
     kl_pixels_forward<scalar_t><<<pixel_grid(outer, inner, 1), kThreads, 0, stream>>>(s, t, outer, length, inner,
                                                                                       inv_T, kl, lse_s, lse_t);
@@ -324,8 +328,8 @@ void launch_forward(const scalar_t* s, const scalar_t* t, int64_t outer, int64_t
 
 template <typename scalar_t, int VEC>
 void launch_backward(const at::opmath_type<scalar_t>* grad, int64_t g_outer, int64_t g_inner, const scalar_t* s,
-                     const scalar_t* t, const at::opmath_type<scalar_t>* lse_s,
-                     const at::opmath_type<scalar_t>* lse_t, int64_t outer, int64_t length, int64_t inner,
+                     const scalar_t* t, const double* lse_s, const double* lse_t, int64_t outer, int64_t length,
+                     int64_t inner,
                      at::opmath_type<scalar_t> inv_T, scalar_t* out, cudaStream_t stream) {
   if (inner > 1) {
     using acc_t = at::opmath_type<scalar_t>;
@@ -334,7 +338,7 @@ void launch_backward(const at::opmath_type<scalar_t>* grad, int64_t g_outer, int
     grid.z = static_cast<unsigned int>(std::min<int64_t>(groups, 65535));
     // packs of the per-pixel values where every pack starts aligned (i and inner are multiples of VEC)
     const bool packed_grad = VEC > 1 && g_inner == 1 && g_outer % VEC == 0 && aligned_for(grad, VEC, sizeof(acc_t));
-    const bool packed_lse = VEC > 1 && aligned_for(lse_s, VEC, sizeof(acc_t)) && aligned_for(lse_t, VEC, sizeof(acc_t));
+    const bool packed_lse = VEC > 1 && aligned_for(lse_s, VEC, sizeof(double)) && aligned_for(lse_t, VEC, sizeof(double));
     kl_pixels_backward<scalar_t, VEC><<<grid, kThreads, 0, stream>>>(grad, g_outer, g_inner, packed_grad, s, t, lse_s,
                                                                      lse_t, packed_lse, outer, length, inner, inv_T,
                                                                      out);
@@ -357,10 +361,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_next(const at::Tensor&
   const int64_t outer = s.size(0), length = s.size(1), inner = s.size(2);
   const auto options = s.options().dtype(acc_dtype(s.scalar_type()));
   if (s.numel() == 0) {  // length 0 leaves [outer, inner] outputs with nothing summed: zeros
-    at::Tensor kl = at::zeros({outer, inner}, options);
-    return {kl, at::zeros_like(kl), at::zeros_like(kl)};
+    at::Tensor kl = at::zeros({outer, inner}, options), lse = at::zeros({outer, inner}, options.dtype(at::kDouble));
+    return {kl, lse, at::zeros_like(lse)};
   }
-  at::Tensor kl = at::empty({outer, inner}, options), lse_s = at::empty_like(kl), lse_t = at::empty_like(kl);
+  at::Tensor kl = at::empty({outer, inner}, options);
+  at::Tensor lse_s = at::empty_like(kl, options.dtype(at::kDouble)), lse_t = at::empty_like(lse_s);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "softmax_kl_next_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -369,10 +374,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_next(const at::Tensor&
     const scalar_t* tp = t.const_data_ptr<scalar_t>();
     if (use_packs<scalar_t>(length, inner, {sp, tp}))
       launch_forward<scalar_t, pack_size<scalar_t>()>(sp, tp, outer, length, inner, inv_T, kl.data_ptr<acc_t>(),
-                                                      lse_s.data_ptr<acc_t>(), lse_t.data_ptr<acc_t>(), stream);
+                                                      lse_s.data_ptr<double>(), lse_t.data_ptr<double>(), stream);
     else
-      launch_forward<scalar_t, 1>(sp, tp, outer, length, inner, inv_T, kl.data_ptr<acc_t>(), lse_s.data_ptr<acc_t>(),
-                                  lse_t.data_ptr<acc_t>(), stream);
+      launch_forward<scalar_t, 1>(sp, tp, outer, length, inner, inv_T, kl.data_ptr<acc_t>(),
+                                  lse_s.data_ptr<double>(), lse_t.data_ptr<double>(), stream);
   });
   return {kl, lse_s, lse_t};
 }
@@ -385,7 +390,7 @@ at::Tensor softmax_kl_backward_next(const at::Tensor& grad_in, const at::Tensor&
   // Read in place with its strides: the gradient of a reduced loss arrives expanded (strides 0),
   // and a contiguous copy would be one more launch and pass.
   const at::Tensor grad = grad_in.to(acc);
-  const at::Tensor ls = lse_student.to(acc).contiguous(), lt = lse_teacher.to(acc).contiguous();
+  const at::Tensor ls = lse_student.contiguous(), lt = lse_teacher.contiguous();  // float64, checked
   at::Tensor out = at::empty_like(s);
   if (s.numel() == 0) return out;
   const int64_t outer = s.size(0), length = s.size(1), inner = s.size(2);
@@ -397,8 +402,8 @@ at::Tensor softmax_kl_backward_next(const at::Tensor& grad_in, const at::Tensor&
     const scalar_t* tp = t.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const acc_t* gp = grad.const_data_ptr<acc_t>();
-    const acc_t* lsp = ls.const_data_ptr<acc_t>();
-    const acc_t* ltp = lt.const_data_ptr<acc_t>();
+    const double* lsp = ls.const_data_ptr<double>();
+    const double* ltp = lt.const_data_ptr<double>();
     const int64_t g_outer = grad.stride(0), g_inner = grad.stride(1);
     if (use_packs<scalar_t>(length, inner, {sp, tp, op}))
       launch_backward<scalar_t, pack_size<scalar_t>()>(gp, g_outer, g_inner, sp, tp, lsp, ltp, outer, length, inner,
