@@ -31,6 +31,9 @@ def _check_int(name, value, minimum, maximum):
 # frequencies 2^0 .. 2^62 (more bands than a map has pixels make either map noise).
 MAX_STRIPES = 2 ** 31 - 1
 MAX_FREQUENCIES = 63
+# The smallest sigma a float32 map holds as a normal number (one that rounds to 0 gave 0 / 0 at
+# the centre of an odd-sized map).
+MIN_SIGMA = torch.finfo(torch.float32).tiny
 
 
 def expand_kinds(kinds: Kinds, num_frequencies: int = 2, num_stripes: int = 4,
@@ -46,6 +49,8 @@ def expand_kinds(kinds: Kinds, num_frequencies: int = 2, num_stripes: int = 4,
         raise TypeError(f"sigma: expected a finite positive number, got {sigma!r}")
     if not 0 < sigma < float("inf"):
         raise ValueError(f"sigma: expected a finite positive number, got {sigma!r}")
+    if not MIN_SIGMA <= sigma <= torch.finfo(torch.float32).max:  # float32 maps take it as a float
+        raise ValueError(f"sigma: expected a normal float32 in [{MIN_SIGMA:.3g}, 3.4e38], got {sigma!r}")
     elements, params, labels = [], [], []
     for kind in kinds:
         if kind not in KINDS:

@@ -323,6 +323,19 @@ def test_softmax_kl_student_minus_inf_under_a_tiny_teacher_probability(kernels, 
     assert kl[at[0], at[2]] == float("inf") and torch.isfinite(kl).sum() == kl.numel() - 1
 
 
+@pytest.mark.parametrize("shape", [(1, 40, 1), (1, 600, 1), (1, 2050, 1), (1, 19, 9)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_kl_infinite_term_survives_a_rising_teacher_maximum(kernels, shape, dtype):
+    """A finite teacher entry over a student -inf makes w (and the KL) +inf; a teacher maximum
+    that rises by more than ~104 afterwards rescales the running sums by exp(-1000) = 0, which
+    made the one-read kernels' w inf * 0 = NaN (softmax_kl_online.h, rescaled_w)."""
+    s, t = logits(shape, dtype, 0), logits(shape, dtype, 1)
+    s[0, 0, :] = float("-inf")  # the first class (pixel KD) / entry (CWD): read first
+    t[0, -1, :] = 1000.0        # the last: read last, it raises the teacher's maximum by ~1000
+    (kl, _, _), _ = check_softmax_kl(kernels, s, t, 1.0)
+    assert torch.isposinf(kl).all()
+
+
 @pytest.mark.parametrize("HW", [(4, 5), (8, 16), (32, 64)])
 def test_cwd_teacher_channel_masked_everywhere(kernels, HW):
     """Issue 22 item 5: CWD with a teacher channel -inf at every pixel agrees with

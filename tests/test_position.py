@@ -88,6 +88,8 @@ def test_opcheck_and_compile(device):
      ValueError, r"num_stripes: expected an int in \[1, 2147483647\]"),
     (lambda: idd_ops.position_maps(["sinusoidal"], 4, 4, num_frequencies=2000), ValueError, "num_frequencies"),
     (lambda: idd_ops.position_maps(["gaussian"], 4, 4, sigma=float("inf")), ValueError, "sigma: expected a finite"),
+    (lambda: idd_ops.position_encoding_loss(torch.rand(1, 1, 9, 9), ["gaussian"], sigma=1e-50), ValueError,
+     "sigma: expected a normal float32"),  # 0 in float32: 0 / 0 at the centre, a NaN loss
     # the op itself, as torch.ops calls reach it (a NaN count was cast to int64: undefined)
     (lambda: torch.ops.idd_ops.position_encoding_loss(torch.rand(1, 1, 8, 8), [3], [float("nan")], "mean"),
      ValueError, r"params: map 0 \(stripes\) needs a whole stripe count"),
@@ -97,6 +99,10 @@ def test_opcheck_and_compile(device):
      ValueError, r"params: map 0 \(gaussian\)"),
     (lambda: torch.ops.idd_ops.position_encoding_loss(torch.rand(1, 1, 8, 8), [5], [float("inf")], "mean"),
      ValueError, r"params: map 0 \(sinusoid\)"),
+    (lambda: torch.ops.idd_ops.position_encoding_loss(torch.rand(1, 1, 8, 8), [5], [1e300], "mean"),
+     ValueError, r"params: map 0 \(sinusoid\)"),  # finite in double, inf as a float: a NaN loss
+    (lambda: torch.ops.idd_ops.position_encoding_loss(torch.rand(1, 1, 9, 9), [2], [1e-50], "mean"),
+     ValueError, r"params: map 0 \(gaussian\)"),
 ])
 def test_bad_input(call, exc, text):
     with pytest.raises(exc, match=text):

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <cfloat>
 #include <optional>
 #include <string>
 
@@ -213,8 +214,10 @@ inline void check_position_encoding_loss_inputs(const at::Tensor& pred, at::IntA
       case PositionMap::Horizontal:
       case PositionMap::Vertical:
         break;  // no parameter
-      case PositionMap::Gaussian:
-        TORCH_CHECK_VALUE(p > 0 && p < INFINITY, "params: map ", m, " (gaussian) needs a finite sigma > 0, got ", p);
+      // float32 maps take their parameters as float (common/position.h): checked as such
+      case PositionMap::Gaussian:  // a sigma that rounds to 0 gave 0 / 0 at the centre
+        TORCH_CHECK_VALUE(p >= FLT_MIN && p <= FLT_MAX, "params: map ", m,
+                          " (gaussian) needs a sigma in [1.18e-38, 3.4e38] (a normal float32), got ", p);
         break;
       case PositionMap::HorizontalStripes:
       case PositionMap::VerticalStripes:
@@ -222,8 +225,9 @@ inline void check_position_encoding_loss_inputs(const at::Tensor& pred, at::IntA
         TORCH_CHECK_VALUE(p >= 1 && p < 2147483648.0 && p == std::floor(p), "params: map ", m,
                           " (stripes) needs a whole stripe count in [1, 2^31), got ", p);
         break;
-      default:  // sinusoids
-        TORCH_CHECK_VALUE(std::isfinite(p), "params: map ", m, " (sinusoid) needs a finite frequency, got ", p);
+      default:  // sinusoids: 2 pi times the frequency must stay a finite float
+        TORCH_CHECK_VALUE(std::fabs(p) <= FLT_MAX / 8, "params: map ", m,
+                          " (sinusoid) needs a frequency of magnitude <= 4.25e37, got ", p);
     }
   }
 }

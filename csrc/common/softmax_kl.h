@@ -41,9 +41,11 @@ C10_HOST_DEVICE inline float vec_exp(float x_in) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t shifted_bits;
+  // unsigned: any bits of a NaN wrap instead of overflowing (and a left shift of a negative
+  // int is undefined before C++20)
+  uint32_t shifted_bits;
   std::memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
-  const int32_t bits = (shifted_bits - 0x4B400000 + 127) << 23;  // 0x4B400000: the bits of 12582912.0f
+  const uint32_t bits = (shifted_bits - 0x4B400000u + 127u) << 23;  // 0x4B400000: the bits of 12582912.0f
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return x_in < -87.0f ? 0.0f : p * scale;
@@ -96,8 +98,9 @@ struct SoftmaxKLVector {
 
 // A stored log-sum-exp as the pair hi + lo of the backward's dtype (hi the nearest value, lo the
 // rest), so that x / T - lse is computed as (x / T - hi) - lo: the first difference is exact
-// wherever the probability is not tiny (the two are within a factor of 2), and the second adds
-// what hi rounded off. Costs one subtraction an element and no double arithmetic per element.
+// where the two are within a factor of 2 (for large logits, every entry that has a probability
+// worth the name; small ones have a small lse and little to lose), and the second adds what hi
+// rounded off. Split once per vector, it costs one subtraction an element.
 // +inf (a vector settled by the -inf rule) and NaN keep lo = 0: lse - hi would be NaN there.
 template <typename T>
 struct SplitLse {

@@ -31,6 +31,9 @@ struct OnlineSoftmaxKL {
   // chunk's padding or masked classes, left a maximum of -inf and skipped the chunk's finite
   // values and NaN alike: a finite KL and lse where the other kernels give NaN.)
   C10_HOST_DEVICE static T larger(T a, T b) { return a < b ? b : a; }
+  // w rescaled to a new teacher maximum: a +inf w (a finite teacher logit over a student -inf,
+  // kl_term) stays +inf, where a factor that underflowed to 0 would make it NaN.
+  C10_HOST_DEVICE static T rescaled_w(T w, T r) { return w == std::numeric_limits<T>::infinity() ? w : w * r; }
 
   // N more classes (held in registers by the caller; -inf pads a short chunk and adds nothing).
   template <int N>
@@ -44,7 +47,7 @@ struct OnlineSoftmaxKL {
     zs *= rescale(ms, cs);
     const T rt = rescale(mt, ct);
     zt *= rt;
-    w *= rt;
+    w = rescaled_w(w, rt);
     ms = cs;
     mt = ct;
     if (!empty(ms)) {
@@ -81,7 +84,7 @@ struct OnlineSoftmaxKL {
     zs = zs * rescale(ms, ns) + o.zs * rescale(o.ms, ns);
     const T a = rescale(mt, nt), b = rescale(o.mt, nt);
     zt = zt * a + o.zt * b;
-    w = w * a + o.w * b;
+    w = rescaled_w(w, a) + rescaled_w(o.w, b);
     ms = ns;
     mt = nt;
   }

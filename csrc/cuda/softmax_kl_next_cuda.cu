@@ -109,8 +109,17 @@ __device__ __forceinline__ Pack<T, N> load_values(const T* p, int64_t stride, bo
   return r;
 }
 
+// Blocks per SM the backward asks registers for: 4 (64 registers) holds the float and double
+// packs; half and bfloat16 packs of 8 pixels hold 8 split log-sum-exp pairs a side (32
+// registers) and spill 64 bytes at 64, so 3 (ptxas, sm_90: 94 uncapped, 2 blocks; capped 80,
+// with no spill for half and 8 bytes for bfloat16).
+template <int VEC>
+constexpr int pixel_backward_blocks_per_sm() {
+  return VEC == 8 ? 3 : 4;
+}
+
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, pixel_backward_blocks_per_sm<VEC>())
     kl_pixels_backward(const at::opmath_type<scalar_t>* __restrict__ grad, int64_t g_outer, int64_t g_inner,
                        bool packed_grad, const scalar_t* __restrict__ s, const scalar_t* __restrict__ t,
                        const double* __restrict__ lse_s, const double* __restrict__ lse_t, bool packed_lse,
