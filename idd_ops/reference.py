@@ -36,7 +36,7 @@ def _kl_rows(s, t, dim):
     log_ps = torch.where(s_none, torch.full_like(log_ps, float("-inf")), log_ps)
     # a teacher -inf adds 0; a finite teacher logit over a student -inf adds +inf, also where its
     # probability rounds to 0 (it is > 0 all the same). A NaN logit is kept and makes the sum NaN.
-    keep = (t != float("-inf")) & ~t_none
+    keep = t != float("-inf")  # (no entry of a t_none vector)
     term = pt * (F.log_softmax(torch.where(t_none, torch.zeros_like(t), t), dim) - log_ps)
     term = torch.where((pt == 0) & (log_ps == float("-inf")), torch.full_like(term, float("inf")), term)
     kl = torch.where(keep, term, torch.zeros_like(term)).sum(dim)
