@@ -150,6 +150,18 @@ def test_class_centroids(kernels):
     close(kernels._class_centroids_backward(*args), CPU._class_centroids_backward(*args))
 
 
+def test_class_centroids_past_one_grid_of_channel_tiles(kernels):
+    """The centroid kernel's channel tiles (8 channels a block) lie along grid y, which holds 65535
+    blocks: past 8 * 65535 channels the host launches again for the rest, and the first launch
+    alone writes the counts. One launch failed there ("invalid configuration argument")."""
+    C = 8 * 65535 + 9
+    x, y = randn(1, C, 1, 3), torch.tensor([[[0, 255, 1]]])
+    kernels._emu_launch_log()
+    got = kernels.class_centroids(x, y, 2, 255)
+    assert kernels._emu_launch_log()[0::3] == [65535, 2]  # blocks of each launch
+    close(got, CPU.class_centroids(x, y, 2, 255))
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -107,10 +107,12 @@ def test_no_valid_pair_gives_zero_and_zero_gradient(device, reduction, normalize
     ss, ns, st, nt = _random_case(2, 6, 3, 4, device=device, absent=0.0)
     nt = torch.zeros_like(nt)
     nt[:, 2] = 5  # one teacher class per image: no pair
-    for K1 in (False, True):  # and K = 1
-        args = (ss[:, :1], ns[:, :1], st[:, :1], nt[:, :1]) if K1 else (ss, ns, st, nt)
-        loss, grad = _loss_and_grad(_tail, *args, ("euclidean", normalize, reduction))
-        assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(grad, torch.zeros_like(grad))
+    for K in (6, 1, 0):  # and no classes at all (the composite's anchor argmax raised there)
+        args = (ss[:, :K], ns[:, :K], st[:, :K], nt[:, :K])
+        for metric in ("euclidean", "sqeuclidean", "cosine"):
+            loss, grad = _loss_and_grad(_tail, *args, (metric, normalize, reduction))
+            assert loss.shape == ((2,) if reduction == "none" else ()) and grad.shape == (2, K, 3)
+            assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(grad, torch.zeros_like(grad))
 
 
 def test_identical_classes_have_zero_gradient(device):

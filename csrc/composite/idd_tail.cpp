@@ -25,7 +25,7 @@ at::Tensor inverse_counts(const at::Tensor& counts, at::ScalarType dtype) {
 at::Tensor centroids_for(const at::Tensor& sums, const at::Tensor& counts, Metric metric, at::ScalarType dtype) {
   const auto wide = at::promote_types(acc_dtype(sums.scalar_type()), dtype);
   at::Tensor c = sums.to(wide) * inverse_counts(counts, wide);
-  if (metric != Metric::Cosine) {
+  if (metric != Metric::Cosine && c.size(1) > 0) {  // no classes: nothing to shift (argmax needs one)
     // argmax returns the first maximal index: the first present class (0 when none is, whose
     // centroid is 0)
     const at::Tensor anchor = counts.gt(0).to(at::kInt).argmax(1).view({-1, 1, 1}).expand({-1, 1, c.size(2)});

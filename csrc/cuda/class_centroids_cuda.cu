@@ -14,18 +14,24 @@ namespace {
 // Channels summed per block: the block's labels are read once and reused for all of them.
 constexpr int kChannelTile = 8;
 
-// One block per (image, channel tile): per-class sums of the tile in shared memory.
+// Channel tiles of one launch: a grid's y dimension holds at most 65535 blocks.
+constexpr int64_t kTilesPerLaunch = 65535;
+
+// One block per (image, channel tile): per-class sums of the tile in shared memory. Tiles start
+// at channel c_first (a launch covers at most kTilesPerLaunch of them), and the launch that starts
+// at channel 0 writes the counts.
 // A warp whose 32 pixels share one class (the common case: labels are piecewise constant)
 // reduces by shuffles and adds once; a mixed warp adds per lane.
 template <typename scalar_t, typename label_t>
 __global__ void class_centroids_kernel_impl(const scalar_t* __restrict__ feats, const label_t* __restrict__ labels,
-                                            LabelView v, int64_t C, at::opmath_type<scalar_t>* __restrict__ centroids,
+                                            LabelView v, int64_t C, int64_t c_first,
+                                            at::opmath_type<scalar_t>* __restrict__ centroids,
                                             int64_t* __restrict__ counts) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ unsigned char smem[];
   acc_t* sums = reinterpret_cast<acc_t*>(smem);                                  // [K][kChannelTile]
   int64_t* cnt = reinterpret_cast<int64_t*>(sums + v.num_classes * kChannelTile);  // [K]
-  const int64_t K = v.num_classes, HW = v.H * v.W, b = blockIdx.x, c0 = blockIdx.y * kChannelTile;
+  const int64_t K = v.num_classes, HW = v.H * v.W, b = blockIdx.x, c0 = c_first + blockIdx.y * kChannelTile;
   for (int64_t e = threadIdx.x; e < K * kChannelTile; e += blockDim.x) sums[e] = acc_t(0);
   for (int64_t e = threadIdx.x; e < K; e += blockDim.x) cnt[e] = 0;
   __syncthreads();
@@ -56,7 +62,7 @@ __global__ void class_centroids_kernel_impl(const scalar_t* __restrict__ feats, 
     const int64_t k = e / kChannelTile, c = c0 + e % kChannelTile;
     if (c < C) centroids[(b * K + k) * C + c] = cnt[k] > 0 ? sums[e] / static_cast<acc_t>(cnt[k]) : acc_t(0);
   }
-  if (blockIdx.y == 0)
+  if (c0 == 0)
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) counts[b * K + k] = cnt[k];
 }
 
@@ -96,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_kernel(const at::Tensor& feat
   at::Tensor counts = at::zeros({B, num_classes}, feats.options().dtype(at::kLong));
   if (B == 0 || H * W == 0) return {centroids, counts};
   const LabelView v = label_view(labels, H, W, num_classes, ignore_index);
-  const dim3 grid(B, std::max<int64_t>(1, (C + kChannelTile - 1) / kChannelTile));
+  const int64_t tiles = std::max<int64_t>(1, (C + kChannelTile - 1) / kChannelTile);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "class_centroids_cuda", [&] {
     using feat_t = scalar_t;
@@ -104,10 +110,13 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_kernel(const at::Tensor& feat
     const size_t shared = num_classes * (kChannelTile * sizeof(acc_t) + sizeof(int64_t));
     IDD_DISPATCH_LABEL_TYPES(labels.scalar_type(), "class_centroids_cuda_labels", [&] {
       allow_shared_memory(class_centroids_kernel_impl<feat_t, scalar_t>, shared, feats.get_device(), num_classes);
-      class_centroids_kernel_impl<feat_t, scalar_t><<<grid, kThreads, shared, stream>>>(
-          feats.const_data_ptr<feat_t>(), labels.const_data_ptr<scalar_t>(), v, C, centroids.data_ptr<acc_t>(),
-          counts.data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      for (int64_t first = 0; first < tiles; first += kTilesPerLaunch) {
+        const dim3 grid(grid_x(B, "feats"), static_cast<unsigned int>(std::min(tiles - first, kTilesPerLaunch)));
+        class_centroids_kernel_impl<feat_t, scalar_t><<<grid, kThreads, shared, stream>>>(
+            feats.const_data_ptr<feat_t>(), labels.const_data_ptr<scalar_t>(), v, C, first * kChannelTile,
+            centroids.data_ptr<acc_t>(), counts.data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     });
   });
   return {centroids, counts};

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <limits>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -19,6 +20,15 @@ constexpr int kThreads = 256;
 inline int64_t blocks_for(int64_t n) {
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   return blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks);
+}
+
+// A grid's x dimension as dim3 takes it: at most 2^31 - 1 blocks. A larger count, narrowed to
+// dim3's unsigned int, would fail to launch or (past 2^32) launch a wrapped grid that leaves
+// blocks out, so it is refused by the name of the argument whose size asked for it.
+inline unsigned int grid_x(int64_t blocks, const char* argument) {
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int>::max(), argument, ": its size needs ", blocks,
+                    " blocks in one CUDA grid, more than the 2^31 - 1 a grid holds");
+  return static_cast<unsigned int>(blocks < 1 ? 1 : blocks);
 }
 
 // N values of T in one aligned register group, for 16-byte (or narrower) loads and stores:

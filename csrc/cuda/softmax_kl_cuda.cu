@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_kernel(const at::Tenso
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t inv_T = static_cast<acc_t>(1.0 / temperature);
     if (inner == 1) {
-      softmax_kl_rows_kernel<scalar_t><<<outer, kThreads, 0, stream>>>(
+      softmax_kl_rows_kernel<scalar_t><<<grid_x(outer, "student"), kThreads, 0, stream>>>(
           s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), length, inv_T, kl.data_ptr<acc_t>(),
           lse_s.data_ptr<double>(), lse_t.data_ptr<double>());
     } else {

@@ -294,17 +294,14 @@ bool block_per_row(int64_t length) {
 }
 
 unsigned int row_grid(int64_t outer, int rows_per_block) {
-  const int64_t blocks = (outer + rows_per_block - 1) / rows_per_block;
-  TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), "softmax_kl: ", outer, " vectors are too many for one grid");
-  return static_cast<unsigned int>(blocks);
+  return grid_x((outer + rows_per_block - 1) / rows_per_block, "student");
 }
 
 // The pixel kernels' grid: x over tiles of kThreads packs of `vec` pixels, y over the images
 // (grid-strided past 65535).
 dim3 pixel_grid(int64_t outer, int64_t inner, int vec) {
-  const int64_t tiles = (inner / vec + kThreads - 1) / kThreads;
-  TORCH_CHECK(tiles <= std::numeric_limits<int>::max(), "softmax_kl: ", inner, " pixels are too many for one grid");
-  return dim3(static_cast<unsigned int>(tiles), static_cast<unsigned int>(std::min<int64_t>(outer, 65535)));
+  return dim3(grid_x((inner / vec + kThreads - 1) / kThreads, "student"),
+              static_cast<unsigned int>(std::min<int64_t>(outer, 65535)));
 }
 
 // Packs of 16 bytes where every pointer allows them and the contiguous dim is a multiple of the
