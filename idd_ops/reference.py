@@ -69,7 +69,10 @@ def _class_sums(features, slots, num_classes):
     slot = torch.where(slot < 0, torch.full_like(slot, num_classes), slot)
     onehot = F.one_hot(slot, num_classes + 1)[..., :num_classes].to(acc_dtype(features.dtype))  # [B, HW, K]
     counts = onehot.sum(1)
+    # ignored pixels zeroed first: in the one-hot product a NaN or inf there would reach every
+    # class (0 * NaN), where S_bk sums the pixels of class k alone (METHOD.md 2)
     f = features.reshape(B, C, H * W).to(onehot.dtype)
+    f = torch.where((slot < num_classes)[:, None, :], f, torch.zeros((), dtype=f.dtype, device=f.device))
     if not _tf32_may_round(f):
         return torch.einsum("bpk,bcp->bkc", onehot, f), counts.long()
     # TF32 would round the features to 10 mantissa bits inside the one-hot product (a GEMM): it
@@ -130,8 +133,8 @@ def class_distance_matrix(centroids, counts, metric="euclidean", normalize=None,
         sq = (c[:, :, None, :] - c[:, None, :, :]).pow(2).sum(-1)
         if metric == "sqeuclidean":
             d = sq
-        else:  # euclidean; the where() keeps the gradient at zero distance at 0
-            d = torch.where(sq > 0, torch.where(sq > 0, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+        else:  # euclidean; the where() keeps the gradient at zero distance at 0, and sq * 0 a NaN
+            d = torch.where(sq > 0, torch.where(sq > 0, sq, torch.ones_like(sq)).sqrt(), sq * 0)
     d = torch.where(valid, d, torch.zeros_like(d))
     if normalize == "mean":
         n = valid.sum((1, 2))

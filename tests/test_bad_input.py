@@ -82,3 +82,25 @@ def test_nan_features_propagate_not_crash(device, metric):
     s[0, 0, 0, 0] = float("nan")
     out = loss(student_feats=s.to(device), teacher_feats=T.to(device), labels=Y.to(device), metric=metric)
     assert torch.isnan(out)
+    # the reference too (its euclidean where() once turned a NaN squared distance into 0)
+    assert torch.isnan(idd_ops.reference.inter_class_distance_loss(s.double(), T.double(), Y, K, metric=metric))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_features_at_ignored_pixels_are_ignored(device, value):
+    """A NaN or inf feature at an ignored pixel changes nothing: S_bk sums the pixels of class k
+    alone (METHOD.md 2). The reference's one-hot product once gave it to every class (0 * NaN)."""
+    y = torch.randint(0, K, (2, 4, 4), generator=torch.Generator().manual_seed(1))
+    y[0, 0, 0] = 255
+    s = S.double().clone()
+    s[0, :, 0, 0] = value
+    t = T.double().clone()
+    t[0, :, 0, 0] = value
+    for fn, args in ((idd_ops.inter_class_distance_loss, (s, t)), (idd_ops.intra_class_variation_loss, (s, t)),
+                     (idd_ops.class_centroids, (s,))):
+        ref = getattr(idd_ops.reference, fn.__name__)
+        clean = ref(*(a.nan_to_num(0.0, 0.0, 0.0) for a in args), y, K)
+        for impl, x in ((ref, args), (fn, [a.to(device) for a in args])):
+            got = impl(*x, y.to(device), K)
+            for g, w in zip(got if isinstance(got, tuple) else (got,), clean if isinstance(clean, tuple) else (clean,)):
+                torch.testing.assert_close(g.cpu(), w, rtol=1e-12, atol=1e-12)

@@ -191,8 +191,8 @@ def test_class_sums_pair(ops, a, b, K, sum_launches, combines):
 
 
 @pytest.mark.parametrize("B,C,H,W,layout", [(2, 3, 0, 5, "nchw"), (2, 0, 4, 5, "nchw"), (0, 3, 4, 5, "nchw"),
-                                            (2, 0, 4, 5, "cl"), (2, 3, 5, 0, "cl")],
-                         ids=["HW0", "C0", "B0", "C0-cl", "HW0-cl"])
+                                            (2, 0, 4, 5, "cl"), (2, 3, 5, 0, "cl"), (0, 0, 4, 5, "nchw")],
+                         ids=["HW0", "C0", "B0", "C0-cl", "HW0-cl", "B0-C0"])
 def test_class_sums_empty(ops, B, C, H, W, layout):
     """Nothing to launch: zero sums, and the counts from the slots alone where only C is 0."""
     x = feats(B, C, H, W, f32, layout)

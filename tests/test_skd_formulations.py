@@ -51,8 +51,9 @@ def test_low_precision_forward(batched, device, name, dtype, layout):
 
 
 @pytest.mark.parametrize("extra_channels,pool", [(0, 1), (3, 1), (0, 4), (3, 4)])
-def test_value_accurate_in_float32_near_zero(batched, device, extra_channels, pool):
-    test_api.test_skd_value_accurate_in_float32_near_zero(device, extra_channels, pool)
+@pytest.mark.parametrize("student_scale", [1.0, 1e-4, 1e4])
+def test_value_accurate_in_float32_near_zero(batched, device, extra_channels, pool, student_scale):
+    test_api.test_skd_value_accurate_in_float32_near_zero(device, extra_channels, pool, student_scale)
 
 
 @pytest.mark.parametrize("pool", [2, 3])

@@ -158,11 +158,13 @@ __global__ void pooled_normalised_kernel(const scalar_t* __restrict__ student, P
   const acc_t ns = ::sqrt(ss), nt = ::sqrt(tt);
   const acc_t ns_c = ns < eps ? eps : ns, nt_c = nt < eps ? eps : nt;  // a NaN norm stays NaN, as clamp_min's
   if (norms != nullptr && threadIdx.y == 0) norms[b * P + p] = ns;
-  // D = e / |S| + T k (or e / |T| + S k where |S| is floored), k = 1 / |S| - 1 / |T|, taken as
-  // -<e, S + T> / ((|S| + |T|) |S| |T|) where neither norm is floored
-  const bool s_floored = ns <= eps;
+  // D = e / |S| + T k, or e / |T| + S k where |S| < |T| (floored norms), k = 1 / |S| - 1 / |T|,
+  // taken as -<e, S + T> / ((|S| + |T|) |S| |T|) where neither norm is floored: divided by the
+  // larger norm no term exceeds 2, where e / |S| and T k of a student far smaller than its
+  // teacher cancel from |T| / |S| and leave D an error of that many roundings
+  const bool by_t = ns_c < nt_c;
   const acc_t k = (ns < nt ? ns : nt) > eps ? -q / (ns + nt) / ns / nt : acc_t(1) / ns_c - acc_t(1) / nt_c;
-  const acc_t divisor = s_floored ? nt_c : ns_c, kt = s_floored ? acc_t(0) : k, ks = s_floored ? k : acc_t(0);
+  const acc_t divisor = by_t ? nt_c : ns_c, kt = by_t ? acc_t(0) : k, ks = by_t ? k : acc_t(0);
   for (int64_t c = threadIdx.y; c < C; c += kGroups) {
     const acc_t s = c < Cs ? static_cast<acc_t>(u[c * P]) : acc_t(0), t = static_cast<acc_t>(w[c * P]);
     w[c * P] = static_cast<op_t>((s - t) / divisor + t * kt + s * ks);

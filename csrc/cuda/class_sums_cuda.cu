@@ -150,7 +150,7 @@ Pass make_pass(const at::Tensor& feats_in, const at::Tensor& slots_in, int64_t K
 // here as the kernels check them (a device-side assert, no sync): without it a slot of K would
 // land in the ignored column and one below -1 would count as ignored, silently.
 at::Tensor counts_of_slots(const at::Tensor& slots, int64_t K) {
-  at::Tensor idx = slots.reshape({slots.size(0), -1}).to(at::kLong);
+  at::Tensor idx = slots.flatten(1).to(at::kLong);  // reshape cannot infer -1 for B = 0
   at::_assert_async(((idx >= -1) & (idx < K)).all(), "slots: a value is outside [-1, num_classes)");
   idx = at::where(idx >= 0, idx, at::full_like(idx, K));
   return at::zeros({slots.size(0), K + 1}, idx.options()).scatter_add_(1, idx, at::ones_like(idx)).narrow(1, 0, K)
