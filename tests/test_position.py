@@ -152,6 +152,15 @@ def test_position_distillation_loss():
     same = idd_ops.nn.PositionDistillationLoss(readout, student_channels=6)
     f = torch.randn(2, 6, 8, 8)
     assert same(f, f).item() == 0
+    # the value, written out: the student's read-out resized bilinearly to the teacher's, MSE
+    with torch.no_grad():
+        pred_s = torch.nn.functional.interpolate(readout(pid.adapter(fs)), size=(16, 16), mode="bilinear",
+                                                 align_corners=False)
+        err = (pred_s - readout(ft)).pow(2)
+    for reduction, want in (("mean", err.mean()), ("sum", err.sum()), ("none", err)):
+        pid.reduction = reduction
+        torch.testing.assert_close(pid(fs, ft).detach(), want)
+    pid.reduction = "mean"
     target = idd_ops.nn.PositionDistillationLoss(readout, student_channels=4, variant="target")
     out = target(fs)
     out.backward()
