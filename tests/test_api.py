@@ -447,6 +447,31 @@ def test_distiller_takes_layers_by_keyword():
     assert d.lib.inter_class_distance_loss is idd_ops.inter_class_distance_loss
 
 
+def test_distiller_passes_its_options_on():
+    """Each weighted loss equals its function called on the hooked features and logits with the
+    Distiller's options (a dropped idd_options, kd_temperature or kd_ignore changes the value)."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), torch.nn.Conv2d(6, 3, 1))
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 3, 1))
+    x = torch.randn(2, 3, 6, 6)
+    y = torch.randint(0, 3, (2, 6, 6))
+    y[:, :2] = 255
+    options = dict(metric="cosine", normalize="mean")
+    d = idd_ops.Distiller(teacher, student, teacher_layer="0", student_layer="0", num_classes=3,
+                          weights={"idd": 0.5, "kd": 2.0}, idd_options=options, kd_temperature=3.0, kd_ignore=True)
+    _, losses = d(x, y)
+    with torch.no_grad():
+        fs, ft = student[0](x), teacher[0](x)
+        ls, lt = student(x), teacher(x)
+    idd = idd_ops.inter_class_distance_loss(fs, ft, y, 3, **options)
+    kd = idd_ops.pixel_kd_loss(ls, lt, y, temperature=3.0)
+    torch.testing.assert_close(losses["idd"].detach(), 0.5 * idd)
+    torch.testing.assert_close(losses["kd"].detach(), 2.0 * kd)
+    assert idd != idd_ops.inter_class_distance_loss(fs, ft, y, 3)
+    assert kd != idd_ops.pixel_kd_loss(ls, lt, temperature=3.0) and kd != idd_ops.pixel_kd_loss(ls, lt, y)
+    torch.testing.assert_close(losses["total"].detach(), 0.5 * idd + 2.0 * kd)
+
+
 S, T, Y = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
 
 
