@@ -300,7 +300,7 @@ PoolView pool_view(const at::Tensor& x, int64_t pool) {
 bool fused_takes(const at::Tensor& student, const at::Tensor& teacher, int64_t pool) {
   const int64_t B = student.size(0);
   return student.scalar_type() == teacher.scalar_type() && B > 0 && student.size(1) > 0 && teacher.size(1) > 0 &&
-         student.size(2) > 0 && student.size(3) > 0 && affinity_chunk_images(pool, B) <= 65535;
+         student.size(2) > 0 && student.size(3) > 0 && affinity_chunk_images(pool, B) <= kMaxGridYZ;
 }
 
 dim3 pixel_grid(int64_t P, int64_t k) {

@@ -14,11 +14,8 @@ namespace {
 // Channels summed per block: the block's labels are read once and reused for all of them.
 constexpr int kChannelTile = 8;
 
-// Channel tiles of one launch: a grid's y dimension holds at most 65535 blocks.
-constexpr int64_t kTilesPerLaunch = 65535;
-
 // One block per (image, channel tile): per-class sums of the tile in shared memory. Tiles start
-// at channel c_first (a launch covers at most kTilesPerLaunch of them), and the launch that starts
+// at channel c_first (a launch covers at most kMaxGridYZ of them, along grid y), and the launch that starts
 // at channel 0 writes the counts.
 // A warp whose 32 pixels share one class (the common case: labels are piecewise constant)
 // reduces by shuffles and adds once; a mixed warp adds per lane.
@@ -103,6 +100,7 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_kernel(const at::Tensor& feat
   if (B == 0 || H * W == 0) return {centroids, counts};
   const LabelView v = label_view(labels, H, W, num_classes, ignore_index);
   const int64_t tiles = std::max<int64_t>(1, (C + kChannelTile - 1) / kChannelTile);
+  const unsigned int images = grid_x(B, "feats");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "class_centroids_cuda", [&] {
     using feat_t = scalar_t;
@@ -110,8 +108,8 @@ std::tuple<at::Tensor, at::Tensor> class_centroids_kernel(const at::Tensor& feat
     const size_t shared = num_classes * (kChannelTile * sizeof(acc_t) + sizeof(int64_t));
     IDD_DISPATCH_LABEL_TYPES(labels.scalar_type(), "class_centroids_cuda_labels", [&] {
       allow_shared_memory(class_centroids_kernel_impl<feat_t, scalar_t>, shared, feats.get_device(), num_classes);
-      for (int64_t first = 0; first < tiles; first += kTilesPerLaunch) {
-        const dim3 grid(grid_x(B, "feats"), static_cast<unsigned int>(std::min(tiles - first, kTilesPerLaunch)));
+      for (int64_t first = 0; first < tiles; first += kMaxGridYZ) {
+        const dim3 grid(images, static_cast<unsigned int>(std::min(tiles - first, kMaxGridYZ)));
         class_centroids_kernel_impl<feat_t, scalar_t><<<grid, kThreads, shared, stream>>>(
             feats.const_data_ptr<feat_t>(), labels.const_data_ptr<scalar_t>(), v, C, first * kChannelTile,
             centroids.data_ptr<acc_t>(), counts.data_ptr<int64_t>());

@@ -22,6 +22,9 @@ inline int64_t blocks_for(int64_t n) {
   return blocks < 1 ? 1 : (blocks > 65535 ? 65535 : blocks);
 }
 
+// Blocks along a grid's y or z dimension, at most.
+constexpr int64_t kMaxGridYZ = 65535;
+
 // A grid's x dimension as dim3 takes it: at most 2^31 - 1 blocks. A larger count, narrowed to
 // dim3's unsigned int, would fail to launch or (past 2^32) launch a wrapped grid that leaves
 // blocks out, so it is refused by the name of the argument whose size asked for it.

@@ -335,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_kernel(const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_slots_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const dim3 grid(static_cast<unsigned>((HW + kCosinePixels - 1) / kCosinePixels),
-                    static_cast<unsigned>(std::min<int64_t>(B, 65535)));
+                    static_cast<unsigned>(std::min(B, kMaxGridYZ)));
     const at::Tensor cent_t = channel_major(cent);
     cosine_slots_forward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         feats.const_data_ptr<scalar_t>(), cent_t.const_data_ptr<acc_t>(), cnorm.const_data_ptr<acc_t>(),
@@ -371,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
     const int64_t step = threads, whole = (segment + step - 1) / step * step;  // whole block steps
     // the factor pass writes every segment's class sums (and zeroes those it adds into in global memory)
     at::Tensor bc_part = at::empty({B, segments, K}, cent.options());
-    const dim3 grid(static_cast<unsigned>(segments), static_cast<unsigned>(std::min<int64_t>(B, 65535)));
+    const dim3 grid(static_cast<unsigned>(segments), static_cast<unsigned>(std::min(B, kMaxGridYZ)));
     cosine_slots_factors_kernel<acc_t><<<grid, threads, shared, stream>>>(
         grad.const_data_ptr<acc_t>(), cosv.const_data_ptr<acc_t>(), fnorm.const_data_ptr<acc_t>(),
         cnorm.const_data_ptr<acc_t>(), slots.const_data_ptr<int16_t>(), B, HW, whole, static_cast<int>(K),

@@ -153,7 +153,7 @@ Launch launch_shape(int64_t M, int64_t H, int64_t W, int64_t packs, size_t acc_b
   const int ty = kThreads / tx;
   const int64_t row_blocks = (H + ty - 1) / ty;
   const int64_t wave = std::max<int64_t>(1, 8 * static_cast<int64_t>(sm_count()) / M);
-  TORCH_CHECK(M <= 65535, "position_encoding_loss: ", M, " maps are too many for one grid");
+  TORCH_CHECK(M <= kMaxGridYZ, "position_encoding_loss: ", M, " maps are too many for one grid");
   return {dim3(static_cast<unsigned int>(std::min(row_blocks, wave)), static_cast<unsigned int>(M)),
           dim3(tx, ty), static_cast<size_t>(W) * acc_bytes};
 }

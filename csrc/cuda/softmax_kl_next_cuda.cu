@@ -301,7 +301,7 @@ unsigned int row_grid(int64_t outer, int rows_per_block) {
 // (grid-strided past 65535).
 dim3 pixel_grid(int64_t outer, int64_t inner, int vec) {
   return dim3(grid_x((inner / vec + kThreads - 1) / kThreads, "student"),
-              static_cast<unsigned int>(std::min<int64_t>(outer, 65535)));
+              static_cast<unsigned int>(std::min(outer, kMaxGridYZ)));
 }
 
 // Packs of 16 bytes where every pointer allows them and the contiguous dim is a multiple of the
@@ -341,7 +341,7 @@ void launch_backward(const at::opmath_type<scalar_t>* grad, int64_t g_outer, int
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t groups = (length + kClassesPerThread - 1) / kClassesPerThread;
     dim3 grid = pixel_grid(outer, inner, VEC);
-    grid.z = static_cast<unsigned int>(std::min<int64_t>(groups, 65535));
+    grid.z = static_cast<unsigned int>(std::min(groups, kMaxGridYZ));
     // packs of the per-pixel values where every pack starts aligned (i and inner are multiples of VEC)
     const bool packed_grad = VEC > 1 && g_inner == 1 && g_outer % VEC == 0 && aligned_for(grad, VEC, sizeof(acc_t));
     const bool packed_lse = VEC > 1 && aligned_for(lse_s, VEC, sizeof(double)) && aligned_for(lse_t, VEC, sizeof(double));
