@@ -1,12 +1,12 @@
 """Measure how much position information features carry: train a position read-out on frozen
 features and report its error (lower error = more position information)."""
-import sys
 from typing import Callable, Iterable, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import _validation as v
+from .demo.progress import Progress
 from .nn import PositionEncodingModule
 from .position import position_encoding_loss
 
@@ -28,8 +28,8 @@ def probe_position_information(feature_fn: Callable[[object], Tensor], batches: 
         hidden: read-out width. Default: 64.
         num_frequencies, num_stripes, sigma: the map options of :func:`idd_ops.position_maps`
             (defaults 2, 4, 0.25); the read-out keeps them.
-        progress: show progress on stderr, one line rewritten in place (``\\r``) and ended with a
-            newline when training ends. Default: False (quiet).
+        progress: show progress on stderr: a bar redrawn in place on a terminal, elsewhere (a
+            log file, a pipe) one plain line every 10 % of the steps. Default: False (quiet).
 
     Returns:
         ``(readout, error)``: the trained read-out (eval mode) and its final mean squared error
@@ -57,16 +57,15 @@ def probe_position_information(feature_fn: Callable[[object], Tensor], batches: 
     readout = readout.to(device=feats[0].device, dtype=feats[0].dtype)
     opt = torch.optim.Adam(readout.parameters(), lr=lr)
     readout.train()
+    bar = Progress(steps, "probe") if progress else None
     for step in range(steps):
         pred = readout(feats[step % len(feats)])
         loss = position_encoding_loss(pred, kinds, **options)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if progress and (step + 1) % max(1, steps // 20) == 0:
-            print(f"\rprobe: step {step + 1}/{steps}, loss {loss.item():.4f}", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+        if bar is not None:
+            bar.update(loss=loss.detach())  # read only when a line is written
     readout.eval()
     with torch.no_grad():
         errors = [position_encoding_loss(readout(f), kinds, **options).item() for f in feats]

@@ -352,6 +352,19 @@ def test_progress_prints_plain_lines_when_not_on_a_terminal():
         bar.update()
     assert screen.getvalue().count("\r") == 5 and screen.getvalue().endswith("\n")
 
+    class Loss:  # a GPU loss: reading it makes the host wait, so only a written line may
+        reads = 0
+
+        def item(self):
+            Loss.reads += 1
+            return 0.25
+
+    log = io.StringIO()
+    bar = Progress(100, "train", stream=log)
+    for _ in range(100):
+        bar.update(loss=Loss())
+    assert Loss.reads == 10 and log.getvalue().splitlines()[-1].endswith("loss 0.25")
+
 
 def test_results_md_has_no_empty_column_and_a_smoke_run_says_so(tmp_path, one_thread):
     from idd_ops.demo.report import write_markdown

@@ -132,8 +132,27 @@ def test_probe_is_quiet_unless_asked(capsys):
     idd_ops.probe_position_information(lambda x: x, batches, kinds, steps=3, hidden=4)
     assert capsys.readouterr().err == ""
     idd_ops.probe_position_information(lambda x: x, batches, kinds, steps=3, hidden=4, progress=True)
-    err = capsys.readouterr().err
-    assert err.startswith("\rprobe: step 1/3") and err.endswith("\n") and "step 3/3" in err
+    lines = capsys.readouterr().err.splitlines(keepends=True)
+    # not a terminal here: plain lines (one per 10 % of 3 steps: each step), no redraws
+    assert [line.split(" (")[0] for line in lines] == ["probe: 1/3", "probe: 2/3", "probe: 3/3"], lines
+    assert all("\r" not in line and ", loss " in line for line in lines)
+
+
+def test_probe_error_is_the_eval_readouts_mean_over_batches():
+    """The error is the mean over every batch of the trained read-out's loss in eval mode (its
+    batch norms on their running statistics), not the last batch's or a training-mode one."""
+    torch.manual_seed(0)
+    kinds = ["horizontal", "gaussian"]
+    # batches at different scales, so that each has its own error and batch statistics
+    batches = [s * torch.randn(2, 3, 8, 8) + s for s in (0.5, 1.0, 3.0)]
+    readout, error = idd_ops.probe_position_information(lambda x: x, batches, kinds, steps=4, hidden=4)
+    assert not readout.training
+    with torch.no_grad():
+        errors = [idd_ops.position_encoding_loss(readout(b), kinds).item() for b in batches]
+        readout.train()
+        trained_mode = idd_ops.position_encoding_loss(readout(batches[0]), kinds).item()
+    assert max(errors) > 1.05 * min(errors) and abs(trained_mode - errors[0]) > 1e-3 * errors[0]
+    assert error == pytest.approx(sum(errors) / 3, rel=1e-6)
 
 
 def test_position_distillation_loss():

@@ -162,6 +162,13 @@ def poly_lr(opt, base, step, total):
         group["lr"] = base * (1 - step / total) ** 0.9
 
 
+def _values(losses):
+    """Python floats of a run's per-step losses, read in one transfer at its end: reading each
+    step's loss (`.item()`) would make the host wait for the GPU every step, where the small
+    networks' steps are launch-bound and the host should run ahead."""
+    return torch.stack(losses).tolist() if losses else []
+
+
 def train_teacher(preset, train, device, seed=0):
     torch.manual_seed(seed)
     model = make_teacher(len(CLASSES)).to(device)
@@ -174,9 +181,9 @@ def train_teacher(preset, train, device, seed=0):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        curve.append(loss.item())
+        curve.append(loss.detach())
         bar.update(loss=curve[-1])
-    return model.eval(), curve
+    return model.eval(), _values(curve)
 
 
 def train_student(preset, config, seed, train, teacher, readout, device, lib=idd_ops, steps=None, label=None):
@@ -210,8 +217,9 @@ def train_student(preset, config, seed, train, teacher, readout, device, lib=idd
         total.backward()
         opt.step()
         for k, v in parts.items():
-            curves.setdefault(k, []).append(v.item())
-        bar.update(loss=total.item())
+            curves.setdefault(k, []).append(v.detach())
+        bar.update(loss=total.detach())
+    curves = {k: _values(v) for k, v in curves.items()}
     seconds = (time.perf_counter() - start) / steps
     distiller.remove_hooks()
     return student.eval(), curves, seconds

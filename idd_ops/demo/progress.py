@@ -26,6 +26,13 @@ def _is_terminal(stream):
         return False
 
 
+def _format(info):
+    """`info`'s values as text; a 0-dim tensor is read (`.item()`) only here, when a line is
+    written, so that a caller passing a GPU loss every step waits for the GPU only then."""
+    values = {k: v.item() if hasattr(v, "item") else v for k, v in info.items()}
+    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+
+
 class Progress:
     """Args: total: units of work. desc: label. stream: default sys.stderr (read when created).
     every: seconds between redraws on a terminal (0.5). plain: force plain lines (True) or
@@ -49,13 +56,13 @@ class Progress:
         finished = self.done >= self.total
         frac = self.done / max(self.total, 1)
         eta = (now - self.start) / max(frac, 1e-9) * (1 - frac)
-        extra = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
         if self.plain:
             if not finished and self.done < self._milestone_units() and now - self.last < self.line_seconds:
                 return
             while self._milestone_units() <= self.done and self.milestone * self.line_fraction < 1:
                 self.milestone += 1
             self.last = now
+            extra = _format(info)
             self.stream.write(f"{self.desc}: {self.done}/{self.total} ({100 * frac:.0f} %) "
                               f"{now - self.start:.0f}s" + ("" if finished else f", eta {eta:.0f}s") +
                               (f", {extra}" if extra else "") + "\n")
@@ -64,6 +71,7 @@ class Progress:
         if now - self.last < self.every and not finished:
             return
         self.last = now
+        extra = _format(info)
         bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
         self.stream.write(f"\r{self.desc} [{bar}] {self.done}/{self.total} eta {eta:4.0f}s {extra}   ")
         if finished:
