@@ -72,13 +72,15 @@ def _class_sums(features, slots, num_classes):
     # ignored pixels zeroed first: in the one-hot product a NaN or inf there would reach every
     # class (0 * NaN), where S_bk sums the pixels of class k alone (METHOD.md 2)
     f = features.reshape(B, C, H * W).to(onehot.dtype)
-    f = torch.where((slot < num_classes)[:, None, :], f, torch.zeros((), dtype=f.dtype, device=f.device))
+    valid = (slot < num_classes)[:, None, :]
+    f = torch.where(valid, f, torch.zeros((), dtype=f.dtype, device=f.device))
     if not _tf32_may_round(f):
         return torch.einsum("bpk,bcp->bkc", onehot, f), counts.long()
     # TF32 would round the features to 10 mantissa bits inside the one-hot product (a GEMM): it
-    # sums them less a per-channel pivot (their image mean, a constant), so that rounding
-    # scales with the features' spread, not with a common offset (METHOD.md 8)
-    pivot = f.detach().mean(2, keepdim=True)  # [B, C, 1]
+    # sums them less a per-channel pivot (their mean over the image's labelled pixels, a
+    # constant; the zeros at ignored pixels would pull it off the features' offset), so that
+    # rounding scales with the features' spread, not with a common offset (METHOD.md 8)
+    pivot = f.detach().sum(2, keepdim=True) / valid.sum(2, keepdim=True).clamp_min(1)  # [B, C, 1]
     sums = torch.einsum("bpk,bcp->bkc", onehot, f - pivot)
     return sums + counts[..., None] * pivot.transpose(1, 2), counts.long()
 

@@ -273,7 +273,8 @@ def test_emulator_allows_static_and_dynamic_shared_memory_once_opted_in(emu):
 # and the position loss, and NaN features through IDD. Any test file can be run so; these are the
 # ones CI runs.
 API_TESTS = ["tests/test_idd_loss.py", "tests/test_baselines.py", "tests/test_position.py",
-             "tests/test_bad_input.py::test_nan_features_propagate_not_crash"]
+             "tests/test_bad_input.py::test_nan_features_propagate_not_crash",
+             "tests/test_api.py::test_pixel_kd_mask_follows_the_kernels_label_resize"]
 
 
 @pytest.mark.parametrize("kernel_set", ["default", "next"])

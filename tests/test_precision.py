@@ -12,6 +12,7 @@ from idd_ops import _switches
 from idd_ops._class_sums import uses_class_sums
 from idd_ops._switches import cuda_next_enabled
 from conftest import DEVICES
+from tf32 import emulated_tf32
 
 # (offset, spread): offset / spread = 10^4 at a ReLU-like scale and at a large one
 OFFSETS = [(100.0, 0.01), (1e4, 1.0)]
@@ -40,13 +41,15 @@ def offset_inputs(offset, spread, device="cpu", B=2, Cs=512, Ct=2048, H=16, W=32
 
 
 @contextlib.contextmanager
-def tf32_matmuls():
-    """TF32 for every float32 GEMM, as training scripts switch it on; restored afterwards."""
+def tf32_matmuls(device):
+    """TF32 for every float32 GEMM, as training scripts switch it on; restored afterwards. On the
+    CPU, which ignores the flags, emulated (tests/tf32.py)."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.set_float32_matmul_precision("high")
     try:
-        yield
+        with emulated_tf32() if torch.device(device).type == "cpu" else contextlib.nullcontext():
+            yield
     finally:
         torch.set_float32_matmul_precision(saved[1])
         torch.backends.cuda.matmul.allow_tf32 = saved[0]
@@ -105,6 +108,21 @@ def test_centroids_around_zero_keep_their_precision(device):
     assert float((c.double() - want).abs().max()) <= 4 * torch.finfo(torch.float32).eps
 
 
+def test_tf32_emulation_rounds_the_ops_own_gemms(monkeypatch):
+    """The CPU's TF32 emulation reaches the GEMMs inside the library's C++ ops: SKD's Grams
+    follow the TF32 flags (METHOD.md 8), so its batched formulation moves by about TF32's
+    rounding, where the distance matrix, whose GEMMs are float64, does not move at all."""
+    monkeypatch.setenv("_IDD_OPS_SKD_BATCHED", "1")
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 64, 16, 16, generator=g), torch.randn(2, 64, 16, 16, generator=g)
+    c, counts = torch.randn(2, 6, 32, generator=g) + 10, torch.ones(2, 6, dtype=torch.long)
+    plain = idd_ops.structural_kd_loss(s, t), idd_ops.class_distance_matrix(c, counts)
+    with tf32_matmuls("cpu"):
+        rounded = idd_ops.structural_kd_loss(s, t), idd_ops.class_distance_matrix(c, counts)
+    assert 1e-6 < _relative(rounded[0], plain[0]) < 1e-2
+    assert torch.equal(rounded[1], plain[1])
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
 @pytest.mark.parametrize("normalize", [None, "mean"])
 def test_distance_matrix_ignores_tf32(device, metric, normalize):
@@ -122,7 +140,7 @@ def test_distance_matrix_ignores_tf32(device, metric, normalize):
     c64, counts = c64.to(device), counts.to(device)
     c = c64.float().requires_grad_()
     weight = torch.rand(B, K, K, generator=g, dtype=torch.float64).to(device)
-    with tf32_matmuls():
+    with tf32_matmuls(device):
         d = idd_ops.class_distance_matrix(c, counts, metric, normalize)
         (d.double() * weight).sum().backward()
     c64 = c.detach().double().requires_grad_()
@@ -136,20 +154,24 @@ def test_idd_loss_ignores_tf32(device):
     """Offset 10, spread 0.05: issue 25 measured 7e-6 without TF32 and 6e-5 with it on CUDA."""
     s, t, y, K = offset_inputs(10.0, 0.05, device)
     want = reference.inter_class_distance_loss(s.double(), t.double(), y, K)
-    with tf32_matmuls():
+    with tf32_matmuls(device):
         got = idd_ops.inter_class_distance_loss(s, t, y, K)
     assert _relative(got, want) < 2e-5
 
 
-def test_reference_under_tf32(device):
+def test_reference_under_tf32(device, monkeypatch):
     """The float32 reference follows the TF32 flags in its one-hot centroid product; where they
-    are on it sums the features less a per-channel pivot, so TF32 costs about 1e-3 of the
-    classes' spread, not of the offset (which put it 7.8x off at offset 100, spread 0.01)."""
+    are on it sums the features less a per-channel pivot (their mean over labelled pixels), so
+    TF32 costs about 1e-3 of the classes' spread, not of the offset (which put it 7.8x off at
+    offset 100, spread 0.01; a pivot pulled off the offset by the ignored pixels' zeros, 4e-2)."""
     s, t, y, K = offset_inputs(100.0, 0.01, device, Cs=64, Ct=64)
     want = reference.inter_class_distance_loss(s.double(), t.double(), y, K)
-    with tf32_matmuls():
+    with tf32_matmuls(device):
         got = reference.inter_class_distance_loss(s, t, y, K)
-    assert _relative(got, want) < 2e-2
+        monkeypatch.setattr(reference, "_tf32_may_round", lambda f: False)
+        unshifted = reference.inter_class_distance_loss(s, t, y, K)
+    assert _relative(got, want) < 5e-3  # 2.7e-4 with the CPU's emulation
+    assert _relative(unshifted, want) > 1.0  # what the pivot saves, so TF32 (or its emulation) is on
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
