@@ -3,7 +3,7 @@ kernels, run on the CPU kernels, on both CUDA kernel sets under the emulator of 
 and on a GPU where there is one, each compared with the float64 reference
 (idd_ops.reference), forward and backward.
 
-    python -m tests.fuzz --targets cpu,default,next --cases 2000 --seed 1
+    python -m tests.fuzz --targets cpu,cpu_alt,default,next --cases 2000 --seed 1
 
 Files: inputs.py (random tensors: dtypes, layouts, scales, label patterns), cases.py (a case,
 the registry, the public functions' generators), raw_ops.py (the raw ops' generators),

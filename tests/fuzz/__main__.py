@@ -1,6 +1,6 @@
 """Command line of the differential fuzzer (see tests/fuzz/__init__.py):
 
-    python -m tests.fuzz --targets cpu,default,next[,cuda] --cases N --seed S [--ops a,b] [--time-budget SEC]
+    python -m tests.fuzz --targets cpu,cpu_alt,default,next[,cuda] --cases N --seed S [--ops a,b] [--time-budget SEC]
     python -m tests.fuzz --targets next --repro idd:1000042      # one case again, its inputs printed
 
 Exit status 1 where a case disagrees with the reference (known differences aside), 2 for a
@@ -21,7 +21,8 @@ from .targets import TARGETS, unavailable  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", default="cpu,default,next", help=f"comma-separated, of {', '.join(TARGETS)}")
+    parser.add_argument("--targets", default="cpu,cpu_alt,default,next",
+                        help=f"comma-separated, of {', '.join(TARGETS)}")
     parser.add_argument("--cases", type=int, default=200, help="cases (each run on every target)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ops", default="", help=f"comma-separated subset of: {', '.join(OPS)}")

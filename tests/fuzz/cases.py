@@ -247,15 +247,37 @@ def _distance(module):
     return call
 
 
+def distance_noise(centroids, counts, metric, eps):
+    """(amplification, conditioning) of distances over their mean: a raw distance rounds at the
+    size of its terms (1 for cosine, the centroids' spread for euclidean, its square for
+    sqeuclidean), and the "mean" normaliser (floored at eps) divides that rounding by the mean;
+    a gradient also rounds at the centroids' size over their closest pair's distance."""
+    c = centroids.detach().double()
+    valid = reference._valid_entries(counts)
+    if not valid.any():
+        return 1.0, 1.0
+    raw = reference.class_distance_matrix(c, counts, metric)
+    present = counts > 0
+    centred = c - (c * present[..., None]).sum(1, keepdim=True) / present.sum(1).clamp_min(1)[:, None, None]
+    spread = float(torch.linalg.vector_norm(centred, dim=2)[present].max())
+    term = {"cosine": 1.0, "euclidean": spread, "sqeuclidean": spread ** 2}[metric]
+    n = valid.sum((1, 2))
+    means = (torch.where(valid, raw, 0.0).sum((1, 2)) / n.clamp_min(1))[n > 0]
+    amplification = max(1.0, term / max(float(means.min()), eps))
+    closest = reference.class_distance_matrix(c, counts, "euclidean")[valid].min()
+    size = float(torch.linalg.vector_norm(c, dim=2)[present].max())
+    return amplification, max(1.0, size / float(closest)) if closest > 0 else 1.0
+
+
 def _distance_floor(p, x):
     if p["normalize"] != "mean" and p["metric"] != "cosine":
         return {}
     floors = floor_of("dist", "none", ("centroids",), x, dim=2)
-    if p["normalize"] == "mean" and "grad:centroids" in floors:  # d / mean(d): gradient terms d' / mean(d)
-        raw = reference.class_distance_matrix(x["centroids"].detach().double(), x["counts"], p["metric"])
-        valid = reference._valid_entries(x["counts"])
-        if valid.any() and raw[valid].abs().min() > 0:
-            floors["grad:centroids"] /= min(1.0, float(raw[valid].abs().min()))
+    if p["normalize"] == "mean":
+        a, g = distance_noise(x["centroids"], x["counts"], p["metric"], p["eps"])
+        floors["dist"] *= a
+        if "grad:centroids" in floors:
+            floors["grad:centroids"] *= a * g
     return floors
 
 
@@ -321,7 +343,10 @@ register(OpSpec("cwd", lambda rng: _draw_logits(rng, False), _build_logits, _cwd
 
 def _draw_skd(rng):
     s, t = _draw_pair(rng, same_size=True, min_channels=1)
-    return {"student": s, "teacher": t, "pool": pick(rng, {1: 2, 2: 3, 3: 1, 4: 1}), "reduction": rng.choice(REDUCTIONS)}
+    if rng.random() < 0.4:  # a student far from its teacher's scale (the batched SKD lost 1e-2 at 1e-3)
+        s["scale"], t["scale"] = rng.choice(((1e-3, 1.0), (1e-4, 1.0), (1.0, 1e-3), (1e3, 1.0), (30.0, 1e-4)))
+    return {"student": s, "teacher": t, "pool": pick(rng, {1: 2, 2: 3, 3: 1, 4: 1}),
+            "reduction": rng.choice(REDUCTIONS)}
 
 
 def _build_skd(p, seed, device):

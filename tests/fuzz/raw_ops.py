@@ -9,7 +9,7 @@ import torch
 
 from idd_ops import reference
 
-from .cases import OpSpec, _draw_pair, _sub, build_feats, floor_of, register
+from .cases import OpSpec, _draw_pair, _sub, build_feats, distance_noise, floor_of, register
 from .inputs import (draw_dtype, draw_feats, draw_labels, draw_labels_for, draw_num_classes, draw_size, make_feats,
                      make_labels, pick)
 
@@ -174,10 +174,19 @@ def _tail_ref(x, p):
 
 def _tail_floor(p, x):
     """Cosine distances and distances over their mean are scale-free: their gradient w.r.t. a sum
-    (centroid x count) has terms of size 1 / |sum|."""
-    if p["metric"] == "cosine" or p["normalize"]:
-        return floor_of("loss", p["reduction"], ("student",), x, dim=2)
-    return {}
+    (centroid x count) has terms of size 1 / |sum|; with the "mean" normaliser, times what it
+    amplifies (cases.distance_noise, of either network)."""
+    if p["metric"] != "cosine" and not p["normalize"]:
+        return {}
+    floors = floor_of("loss", p["reduction"], ("student",), x, dim=2)
+    if p["normalize"]:
+        noise = [distance_noise(x[k] / x[k[0] + "_counts"].clamp_min(1)[..., None], x[k[0] + "_counts"],
+                                p["metric"], p["eps"]) for k in ("student", "teacher")]
+        a = max(n[0] for n in noise)
+        floors["loss"] *= a
+        if "grad:student" in floors:
+            floors["grad:student"] *= a * noise[0][1]
+    return floors
 
 
 register(OpSpec("op.idd_tail", _draw_tail, _build_tail, _tail_op, _tail_ref, grads=("student",), floor=_tail_floor))

@@ -2,6 +2,9 @@
 tests/cuda_emu, or a real GPU.
 
 - "cpu": the CPU ops as they are.
+- "cpu_alt": the CPU's other formulations, which CUDA's next set shares: the class-sum path for
+  NCHW features too (IDD_OPS_CPU_SUMS) and the batched SKD (_IDD_OPS_SKD_BATCHED, the composite
+  code the next set falls back to where its fused kernels do not take a shape).
 - "default", "next": the public API and the raw ops routed through the emulated CUDA kernels
   (cuda_emu.override.emulated_cuda: the emulated kernels stacked over the CPU ones, and the
   Python path switches set as on CUDA for that set), on CPU tensors. The emulator's block and
@@ -12,13 +15,16 @@ tests/cuda_emu, or a real GPU.
 The emulator is imported as `cuda_emu` (tests/ on sys.path), the name tests/conftest.py and the
 emulated tests use, so that one process never loads it twice under two names.
 """
+import os
 from contextlib import contextmanager, nullcontext
+from unittest import mock
 
 import torch
 
 import idd_ops
+from idd_ops import _switches
 
-TARGETS = ("cpu", "default", "next", "cuda")
+TARGETS = ("cpu", "cpu_alt", "default", "next", "cuda")
 EMULATED = ("default", "next")
 _loaded = {}
 
@@ -63,7 +69,15 @@ def running_on(target: str, seed: int):
         return emulated_cuda(target, seed % (2 ** 31))
     if target == "cuda":
         return _synchronized()
+    if target == "cpu_alt":
+        return _cpu_alternatives()
     return nullcontext()
+
+
+@contextmanager
+def _cpu_alternatives():
+    with mock.patch.object(_switches, "cpu_sums", True), mock.patch.dict(os.environ, {"_IDD_OPS_SKD_BATCHED": "1"}):
+        yield
 
 
 @contextmanager
