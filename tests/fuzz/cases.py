@@ -17,6 +17,7 @@ import torch
 import idd_ops
 from idd_ops import reference
 
+from .floors import distance_noise, floor_of
 from .inputs import (draw_dtype, draw_feats, draw_labels, draw_labels_for, draw_num_classes, draw_scale, draw_size,
                      make_feats, make_labels, pick)
 
@@ -92,21 +93,6 @@ def build_feats(p, key, seed, device, grad, labels=None, ignore_index=None):
     mask[b, 0, h, w] = True
     # a where() of the view: the NaN is a value, the gradient still flows to every other pixel
     return torch.where(mask.to(device), torch.full((), float("nan"), dtype=x.dtype, device=device), x)
-
-
-def floor_of(output, reduction, grads, inputs, dim=1, count=1):
-    """Sizes of the terms of a scale-free output (cosines, normalised affinities, distances over
-    their mean: 1, or `count` of them under a "sum") and of its gradients (1 / |x| per vector x
-    along `dim`, over the count a "mean" divides by): compare.py's noise allowance."""
-    out = {output: float(max(count, 1)) if reduction == "sum" else 1.0}
-    for name in grads:
-        x = inputs[name].detach().double()
-        norms = torch.linalg.vector_norm(x, dim=dim) if x.numel() else x.new_zeros(0)
-        norms = norms[torch.isfinite(norms) & (norms > 0)]
-        if norms.numel():
-            n = max(1, norms.numel()) if reduction == "mean" else 1
-            out["grad:" + name] = 1.0 / (float(norms.min()) * n)
-    return out
 
 
 def as_tokens(x):
@@ -245,28 +231,6 @@ def _distance(module):
         return {"dist": module.class_distance_matrix(x["centroids"], x["counts"], p["metric"], p["normalize"],
                                                      p["eps"])}
     return call
-
-
-def distance_noise(centroids, counts, metric, eps):
-    """(amplification, conditioning) of distances over their mean: a raw distance rounds at the
-    size of its terms (1 for cosine, the centroids' spread for euclidean, its square for
-    sqeuclidean), and the "mean" normaliser (floored at eps) divides that rounding by the mean;
-    a gradient also rounds at the centroids' size over their closest pair's distance."""
-    c = centroids.detach().double()
-    valid = reference._valid_entries(counts)
-    if not valid.any():
-        return 1.0, 1.0
-    raw = reference.class_distance_matrix(c, counts, metric)
-    present = counts > 0
-    centred = c - (c * present[..., None]).sum(1, keepdim=True) / present.sum(1).clamp_min(1)[:, None, None]
-    spread = float(torch.linalg.vector_norm(centred, dim=2)[present].max())
-    term = {"cosine": 1.0, "euclidean": spread, "sqeuclidean": spread ** 2}[metric]
-    n = valid.sum((1, 2))
-    means = (torch.where(valid, raw, 0.0).sum((1, 2)) / n.clamp_min(1))[n > 0]
-    amplification = max(1.0, term / max(float(means.min()), eps))
-    closest = reference.class_distance_matrix(c, counts, "euclidean")[valid].min()
-    size = float(torch.linalg.vector_norm(c, dim=2)[present].max())
-    return amplification, max(1.0, size / float(closest)) if closest > 0 else 1.0
 
 
 def _distance_floor(p, x):

@@ -9,7 +9,8 @@ import torch
 
 from idd_ops import reference
 
-from .cases import OpSpec, _draw_pair, _sub, build_feats, distance_noise, floor_of, register
+from .cases import OpSpec, _draw_pair, _sub, build_feats, register
+from .floors import distance_noise, floor_of
 from .inputs import (draw_dtype, draw_feats, draw_labels, draw_labels_for, draw_num_classes, draw_size, make_feats,
                      make_labels, pick)
 
