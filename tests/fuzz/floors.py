@@ -1,0 +1,47 @@
+"""Sizes of the terms that scale-free outputs are made of: compare.py's noise allowance.
+
+A cosine, a normalised affinity or a distance over its mean is of size 1 whatever the inputs'
+scale, and it is 0 with a zero gradient in degenerate cases (a pixel that is its own class, one
+pooled pixel, one class pair, one channel). Both sides are then rounding noise, and their
+relative error means nothing; what they can be held to is a few roundoffs of their terms.
+"""
+import torch
+
+from idd_ops import reference
+
+
+def floor_of(output, reduction, grads, inputs, dim=1, count=1):
+    """Sizes of the terms of a scale-free output (cosines, normalised affinities, distances over
+    their mean: 1, or `count` of them under a "sum") and of its gradients (1 / |x| per vector x
+    along `dim`, over the count a "mean" divides by): compare.py's noise allowance."""
+    out = {output: float(max(count, 1)) if reduction == "sum" else 1.0}
+    for name in grads:
+        x = inputs[name].detach().double()
+        norms = torch.linalg.vector_norm(x, dim=dim) if x.numel() else x.new_zeros(0)
+        norms = norms[torch.isfinite(norms) & (norms > 0)]
+        if norms.numel():
+            n = max(1, norms.numel()) if reduction == "mean" else 1
+            out["grad:" + name] = 1.0 / (float(norms.min()) * n)
+    return out
+
+
+def distance_noise(centroids, counts, metric, eps):
+    """(amplification, conditioning) of distances over their mean: a raw distance rounds at the
+    size of its terms (1 for cosine, the centroids' spread for euclidean, its square for
+    sqeuclidean), and the "mean" normaliser (floored at eps) divides that rounding by the mean;
+    a gradient also rounds at the centroids' size over their closest pair's distance."""
+    c = centroids.detach().double()
+    valid = reference._valid_entries(counts)
+    if not valid.any():
+        return 1.0, 1.0
+    raw = reference.class_distance_matrix(c, counts, metric)
+    present = counts > 0
+    centred = c - (c * present[..., None]).sum(1, keepdim=True) / present.sum(1).clamp_min(1)[:, None, None]
+    spread = float(torch.linalg.vector_norm(centred, dim=2)[present].max())
+    term = {"cosine": 1.0, "euclidean": spread, "sqeuclidean": spread ** 2}[metric]
+    n = valid.sum((1, 2))
+    means = (torch.where(valid, raw, 0.0).sum((1, 2)) / n.clamp_min(1))[n > 0]
+    amplification = max(1.0, term / max(float(means.min()), eps))
+    closest = reference.class_distance_matrix(c, counts, "euclidean")[valid].min()
+    size = float(torch.linalg.vector_norm(c, dim=2)[present].max())
+    return amplification, max(1.0, size / float(closest)) if closest > 0 else 1.0
