@@ -40,6 +40,7 @@ def kept_pixels(labels: torch.Tensor, height: int, width: int, num_classes: int,
     """``[B, height, width]`` bool: True where the (nearest-resized) label is a class, not
     ignore_index; labels must lie in ``[0, num_classes)`` otherwise (checked where the slot map
     builds the mask)."""
-    if _switches.slot_map_path(labels.device) and num_classes <= MAX_SLOT_CLASSES:
+    # no classes: every label must be ignore_index, and the slot op takes at least one class
+    if _switches.slot_map_path(labels.device) and 0 < num_classes <= MAX_SLOT_CLASSES:
         return torch.ops.idd_ops._label_slots(labels, height, width, num_classes, ignore_index) >= 0
     return keep_mask(labels, height, width, ignore_index)

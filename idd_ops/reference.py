@@ -227,7 +227,9 @@ def pixel_centroid_cosine(feats, centroids, slots, eps=1e-8):
     acc = torch.promote_types(acc_dtype(feats.dtype), centroids.dtype)
     valid = slots >= 0
     slot = torch.where(valid, slots, torch.zeros_like(slots)).long()
-    f = feats.to(acc)
+    # ignored pixels zeroed: their cosine is replaced by 1, and a NaN or inf there would otherwise
+    # reach the centroids' gradient through it (0 * NaN)
+    f = torch.where(valid[:, None], feats.to(acc), torch.zeros((), dtype=acc, device=feats.device))
     c = torch.gather(centroids.to(acc), 1, slot.reshape(B, H * W, 1).expand(-1, -1, C))  # [B, HW, C]
     c = c.transpose(1, 2).reshape(B, C, H, W)
     denom = (torch.linalg.vector_norm(f, dim=1) * torch.linalg.vector_norm(c, dim=1)).clamp_min(eps)

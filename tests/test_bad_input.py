@@ -87,6 +87,30 @@ def test_nan_features_propagate_not_crash(device, metric):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_features_at_ignored_pixels_leave_the_gradients(device, value):
+    """The student's gradient with a NaN or inf feature at an ignored pixel: the clean gradient,
+    0 at that pixel (the reference's IFVD once gave NaN everywhere: its cosine backward carried
+    0 * NaN into the centroids). The fused IFVD kernels multiply each pixel's features by its
+    factors, 0 at an ignored pixel, so that pixel alone gets 0 * NaN (METHOD.md 8)."""
+    y = torch.randint(0, K, (2, 4, 4), generator=torch.Generator().manual_seed(1))
+    y[0, 0, 0] = 255
+    s = S.double().clone()
+    s[0, :, 0, 0] = value
+    t = T.double()
+    for name in ("inter_class_distance_loss", "intra_class_variation_loss"):
+        clean = s.nan_to_num(0.0, 0.0, 0.0).requires_grad_()
+        getattr(idd_ops.reference, name)(clean, t, y, K).backward()
+        for lib in (idd_ops.reference, idd_ops):
+            x = s.clone().to(device).requires_grad_()
+            getattr(lib, name)(x, t.to(device), y.to(device), K).backward()
+            grad = x.grad.cpu()
+            if lib is idd_ops and name == "intra_class_variation_loss":
+                assert not torch.isfinite(grad[0, :, 0, 0]).any()
+                grad[0, :, 0, 0] = 0
+            torch.testing.assert_close(grad, clean.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_features_at_ignored_pixels_are_ignored(device, value):
     """A NaN or inf feature at an ignored pixel changes nothing: S_bk sums the pixels of class k
     alone (METHOD.md 2). The reference's one-hot product once gave it to every class (0 * NaN)."""

@@ -228,6 +228,17 @@ def test_pixel_kd_masks_with_an_ignore_index_outside_the_label_dtype(monkeypatch
     _pixel_kd_both_masks(monkeypatch, 256, y, ignore_index=-1)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_pixel_kd_over_no_classes_with_labels(device, reduction):
+    """Logits of 0 classes, every label ignored: 0, as without labels and in the reference (the
+    slot map, which takes at least one class, once raised "num_classes: ... got 0")."""
+    x = torch.zeros(2, 0, 7, 5, device=device)
+    y = torch.full((2, 7, 5), 255, device=device)
+    got = idd_ops.pixel_kd_loss(x, x, y, reduction=reduction)
+    torch.testing.assert_close(got, reference.pixel_kd_loss(x, x, y, reduction=reduction))
+    assert not got.any()
+
+
 def test_pixel_kd_and_cwd_check_devices():
     x = torch.randn(1, 3, 4, 4)
     with pytest.raises(ValueError, match="teacher_logits: on meta"):
