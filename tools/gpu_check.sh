@@ -221,7 +221,7 @@ fi
 # Tests (both kernel sets) and the demo run side by side: none of them is timed.
 # The test files in the order a time limit should cut them: the CUDA-specific checks first, the
 # large parametrisations of code the other files reach too last (xdist hands out tests in order).
-FIRST="cuda_runtime cuda_parity cosine_slots precision many_classes centroids distance idd_loss class_sums sums_path
+FIRST="cuda_runtime cuda_parity fuzz cosine_slots precision many_classes centroids distance idd_loss class_sums sums_path
   label_paths baselines skd_formulations position training api bad_input"
 LAST="kernel_shapes compile cuda_compile op_args idd_tail"
 ordered_tests() {
