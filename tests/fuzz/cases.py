@@ -252,11 +252,9 @@ register(OpSpec("class_distance_matrix", _draw_distance, _build_distance, _dista
 # ---- the baselines and the position loss ---------------------------------------------
 
 
-def _draw_logits(rng, with_labels):
-    """Logits at a scale (confident teachers have logits around 30-100: METHOD.md 8), -inf now
-    and then (a class ruled out), a temperature that is or is not a power of two."""
-    B = draw_size(rng, 0, 3, empty=0.04)
-    shape = (B, draw_size(rng, 0, 12 if with_labels else 8), draw_size(rng, 0, 10), draw_size(rng, 0, 10))
+def draw_logit_pair(rng, shape):
+    """Student and teacher logits of one shape and dtype at a shared scale, each -inf somewhere
+    now and then, and a temperature: the parameters of every softmax-KL case."""
     dtype = draw_dtype(rng)
     scale = pick(rng, {1.0: 4, 5.0: 2, 30.0: 1, 100.0: 1})
     s = draw_feats(rng, shape, dtype, offset=False, scale=scale)
@@ -264,8 +262,15 @@ def _draw_logits(rng, with_labels):
     for x in (s, t):
         if rng.random() < 0.1:
             x["special"] = "neg_inf"
-    p = {"student": s, "teacher": t, "temperature": pick(rng, {1.0: 3, 2.0: 1, 4.0: 2, 0.5: 1, 3.7: 1}),
-         "reduction": rng.choice(REDUCTIONS)}
+    return {"student": s, "teacher": t, "temperature": pick(rng, {1.0: 3, 2.0: 1, 4.0: 2, 0.5: 1, 3.7: 1})}
+
+
+def _draw_logits(rng, with_labels):
+    """Logits at a scale (confident teachers have logits around 30-100: METHOD.md 8), -inf now
+    and then (a class ruled out), a temperature that is or is not a power of two."""
+    B = draw_size(rng, 0, 3, empty=0.04)
+    shape = (B, draw_size(rng, 0, 12 if with_labels else 8), draw_size(rng, 0, 10), draw_size(rng, 0, 10))
+    p = {**draw_logit_pair(rng, shape), "reduction": rng.choice(REDUCTIONS)}
     if with_labels and rng.random() < 0.6:
         K = max(shape[1], 1)
         p["labels"] = draw_labels(rng, B, K, shape[2:])

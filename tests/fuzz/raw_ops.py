@@ -9,7 +9,7 @@ import torch
 
 from idd_ops import reference
 
-from .cases import OpSpec, _draw_pair, _sub, build_feats, register
+from .cases import OpSpec, _draw_pair, _sub, build_feats, draw_logit_pair, register
 from .floors import distance_noise, floor_of
 from .inputs import (draw_dtype, draw_feats, draw_labels, draw_labels_for, draw_num_classes, draw_size, make_feats,
                      make_labels, pick)
@@ -277,15 +277,7 @@ register(OpSpec("op._pixel_centroid_cosine_slots", _draw_cosine_slots, _build_co
 def _draw_softmax_kl(rng):
     """[outer, length, inner] views: pixel KD's (classes along length, pixels inner), CWD's
     (pixels along length, inner 1) and anything between, long vectors included."""
-    shape = (draw_size(rng, 0, 6), draw_size(rng, 0, 70), draw_size(rng, 0, 9))
-    dtype = draw_dtype(rng)
-    scale = pick(rng, {1.0: 4, 5.0: 2, 30.0: 1, 100.0: 1})
-    s = draw_feats(rng, shape, dtype, offset=False, scale=scale)
-    t = draw_feats(rng, shape, dtype, offset=False, scale=scale)
-    for x in (s, t):
-        if rng.random() < 0.1:
-            x["special"] = "neg_inf"
-    return {"student": s, "teacher": t, "temperature": pick(rng, {1.0: 3, 2.0: 1, 4.0: 2, 0.5: 1, 3.7: 1})}
+    return draw_logit_pair(rng, (draw_size(rng, 0, 6), draw_size(rng, 0, 70), draw_size(rng, 0, 9)))
 
 
 def _kl_ref(x, p):
