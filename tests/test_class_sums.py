@@ -252,6 +252,23 @@ def test_class_sums_pair_is_float64_at_a_common_offset(device, dtype):
         _assert_float64_sums(got[2:], want_t)
 
 
+
+# The CPU's channels_last pass splits the channels into blocks whose K rows fit 256 KiB
+# (channel_block, class_sums_cpu.cpp): at K = 600 a block is 64 channels, so C = 150 takes three,
+# the last one partial. Every other test kept C within one block, so writing each block's sums at
+# channel 0 (its offset c0 dropped: mutation-checked) passed them all.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_class_sums_channels_last_past_one_channel_block(device, dtype):
+    B, C, H, W, K = 2, 150, 6, 7, 600
+    y = torch.randint(0, K, (B, H, W), generator=torch.Generator().manual_seed(0))
+    y[:, 0, :2] = 255
+    x = _feats(B, C, H, W, dtype, device, "channels_last")
+    slots = ops._label_slots(y.to(device), H, W, K, 255)
+    sa, na = ops.class_sums(x, slots, K)
+    sb, nb = reference.class_sums(x.double(), slots, K)
+    assert torch.equal(na, nb)
+    torch.testing.assert_close(sa, sb, rtol=1e-5, atol=1e-5)
+
 # K = 5: P (NCHW) and L with 16-byte lanes; 150: W and L with a channel per lane; 400: W, and
 # channels_last copied to NCHW (the CUDA strategies of class_sums_cuda.cu).
 @pytest.mark.parametrize("K", [5, 150, 400])

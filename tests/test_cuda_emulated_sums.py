@@ -109,6 +109,10 @@ CASES = [
     ("W4-vec-half", 1, 2, 4, 8, 40, f16, "nchw", plan_warp(40, f16, 4), False),
     ("W4-scalar-half-odd-HW", 1, 3, 5, 7, 30, f16, "nchw", plan_warp(30, f16, 4), False),
     ("W4-scalar-bf16-offset", 1, 2, 4, 8, 30, bf16, "nchw_off", plan_warp(30, bf16, 4), False),
+    # a segment of 129 = 4 x 32 + 1 pixels (scalar): the warps' shares must round up (4 x 64),
+    # not down (4 x 32 left the last pixel unsummed; 65 = 2 x 32 + 1 on 2 warps: mutation-checked)
+    ("W4-scalar-one-past-the-warp-shares", 1, 3, 3, 43, 30, f32, "nchw", plan_warp(30, f32, 4), False),
+    ("W2-scalar-one-past-the-warp-shares", 1, 2, 5, 13, 8000, f32, "nchw", plan_warp(8000, f32, 2), False),
     ("W4-vec-split", 1, 2, 64, 64, 24, f32, "nchw", plan_warp(24, f32, 4), True),
     ("W4-vec-at-4-warp-limit", 1, 2, 4, 4, 6456, f32, "nchw", plan_warp(6456, f32, 4), False),
     ("W2-vec", 1, 3, 4, 8, 8000, f32, "nchw", plan_warp(8000, f32, 2), False),

@@ -290,3 +290,26 @@ def test_softmax_kl_gradient_with_large_logits(device, kd, scaled_offset):
     err = {name: float((grad(module, torch.float32) - want).norm() / want.norm())
            for name, module in (("fused", idd_ops), ("reference", reference))}
     assert err["fused"] <= 3 * err["reference"], err
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("length", [9, 15])
+def test_softmax_kl_largest_logit_in_the_remainder(device, dtype, length):
+    """Contiguous vectors (CWD's rows) whose largest logit, 1e4 above the rest, is the last one, in
+    the remainder of the CPU's 8-way partial loops (length % 8 != 0). Its exp(x - max) overflows
+    even float64 unless the remainder's values reach the maximum; the other tests spread their
+    large logits evenly, so a maximum loop that skipped the remainder's last logit passed them
+    (mutation-checked)."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, length, 1, generator=g, dtype=torch.float64)
+    t = torch.randn(3, length, 1, generator=g, dtype=torch.float64)
+    s[:, -1] += 1e4
+    t[:, -1] += 1e4 - 1.0
+    T = 2.0
+    kl, lse_s, lse_t = torch.ops.idd_ops.softmax_kl(s.to(device, dtype), t.to(device, dtype), T)
+    ls, lt = torch.log_softmax(s[..., 0] / T, 1), torch.log_softmax(t[..., 0] / T, 1)
+    want_kl = (lt.exp() * (lt - ls)).sum(1, keepdim=True)
+    torch.testing.assert_close(lse_s.cpu(), torch.logsumexp(s / T, 1), rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(lse_t.cpu(), torch.logsumexp(t / T, 1), rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(kl.double().cpu(), want_kl, rtol=1e-4, atol=1e-5)
