@@ -91,7 +91,7 @@ def test_non_finite_features_at_ignored_pixels_leave_the_gradients(device, value
     """The student's gradient with a NaN or inf feature at an ignored pixel: the clean gradient,
     0 at that pixel (the reference's IFVD once gave NaN everywhere: its cosine backward carried
     0 * NaN into the centroids). The fused IFVD kernels multiply each pixel's features by its
-    factors, 0 at an ignored pixel, so that pixel alone gets 0 * NaN (METHOD.md 8)."""
+    factors, 0 at an ignored pixel, so that pixel alone gets 0 * NaN (METHOD.md 2)."""
     y = torch.randint(0, K, (2, 4, 4), generator=torch.Generator().manual_seed(1))
     y[0, 0, 0] = 255
     s = S.double().clone()
