@@ -1,8 +1,8 @@
 """The differential fuzzer of tests/fuzz at a fixed seed: random cases of every public loss and
 every op with CUDA kernels against the float64 reference, forward and backward, on the CPU
 kernels and their alternative formulations, on both CUDA kernel sets under the emulator (6 s
-for the four on 2 cores), and on a GPU with a larger budget (selected by `-m gpu`, as tools/gpu_check.sh does, under both
-IDD_OPS_CUDA_NEXT settings). A failure prints each mismatch's reproducer:
+for the four on 2 cores), and on a GPU with a larger budget (selected by `-m gpu`, as
+tools/gpu_check.sh does, under both IDD_OPS_CUDA_NEXT settings). A failure prints each mismatch's reproducer:
 `python -m tests.fuzz --targets TARGET --repro OP:SEED`.
 
 Longer runs: `python -m tests.fuzz --targets cpu,cpu_alt,default,next --cases 5000 --seed N`.
