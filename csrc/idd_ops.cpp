@@ -73,9 +73,10 @@ TORCH_LIBRARY(idd_ops, m) {
   // Per-image mean over P*P of (A_S - A_T)^2 ([B], accumulation dtype), A = F^T F of the P
   // pooled (pool x pool max, ceil mode), channel-normalised pixels of [B, C, H, W] features,
   // through C x C Gram products (never the P x P affinity; pooled copies of pool * pool images
-  // at most, csrc/composite/affinity_loss.h); also returns G_ss and G_st for the backward.
+  // at most, csrc/composite/affinity_loss.h); also returns G_ss and G_sd (S D^T, its first Ct
+  // columns) for the backward.
   m.def("affinity_loss(Tensor student, Tensor teacher, int pool) -> (Tensor, Tensor, Tensor)");
-  m.def("_affinity_loss_backward(Tensor grad, Tensor student, Tensor teacher, Tensor gram_ss, Tensor gram_st, "
+  m.def("_affinity_loss_backward(Tensor grad, Tensor student, Tensor teacher, Tensor gram_ss, Tensor gram_sd, "
         "int pool) -> Tensor");
   // IFVD's map: cosine similarity of each pixel's feature to its class centroid [B,K,C]
   // (1 where ignored), with the feature norms [B,H,W] kept for the backward.

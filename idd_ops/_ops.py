@@ -141,7 +141,7 @@ def _(student, teacher, pool):
 
 
 @register_fake("idd_ops::_affinity_loss_backward")
-def _(grad, student, teacher, gram_ss, gram_st, pool):
+def _(grad, student, teacher, gram_ss, gram_sd, pool):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 

@@ -308,9 +308,10 @@ def test_skd_value_accurate_in_float32_near_zero(device, extra_channels, pool, s
     """The differenced form, with equal channel counts and with a teacher padded by extra
     all-zero channels (the same affinity: the student side is zero-padded inside the op); and
     with the student's features at another scale than the teacher's, which SKD's normalisation
-    removes. There S - T is not small, D forms from terms of size 1 and keeps an absolute
-    accuracy of float32's epsilon: 1e-5 to 2e-4 relative here, a float32 reference 2e-4 to 7e-4
-    at pool 4. The batched formulation once divided by the student's norm: 0.1 off at 1e-4."""
+    removes. There S - T is not small and D forms from terms of size 1, so every formulation
+    forms the norms and D in float64 (1.4e-5 relative here, a float32 reference 8e-4 at pool 4;
+    the batched one and the CUDA kernels took them in float32: 9e-4 and 1.4e-3). The batched
+    formulation once divided by the student's norm: 0.1 off at 1e-4."""
     g = torch.Generator().manual_seed(0)
     t = torch.randn(2, 32, 16, 16, generator=g, dtype=torch.float64)
     s = student_scale * (t + 1e-3 * torch.randn(t.shape, generator=g, dtype=torch.float64))
@@ -319,7 +320,7 @@ def test_skd_value_accurate_in_float32_near_zero(device, extra_channels, pool, s
     got = idd_ops.structural_kd_loss(s.float().to(device), t.float().to(device), pool=pool)
     # a float32 reference gets 6e-7 at pool 1 and 4e-4 at pool 4 (its normalised features are
     # rounded before they are differenced); the three plain Gram norms in float32 gave 8e-3
-    assert abs(got.double().cpu() / want - 1) < (1e-5 if student_scale == 1 else 1e-3)
+    assert abs(got.double().cpu() / want - 1) < (1e-5 if student_scale == 1 else 1e-4)
 
 
 def test_cwd_adapter_normaliser():

@@ -1,11 +1,11 @@
 """SKD's fused CUDA kernels (csrc/cuda/affinity_loss_cuda.cu, IDD_OPS_CUDA_NEXT) on the CUDA
-emulator: forward (per-image loss, G_ss, G_st) and backward against the CPU op (the blocked
+emulator: forward (per-image loss, G_ss, G_sd kept for the backward) and backward against the CPU op (the blocked
 formulation, which the rest of the suite holds to the float64 reference).
 
 Cases reach every branch of the four kernels: pooled pixels not a multiple of the block's 8
 and ceil-mode windows cut by the border (whole 2 x 2 windows and the general loop); student
 narrower, equal and wider than the teacher, with channel counts past one 32 x 32 tile of the
-Gram tail (its mirror tile of G_sd, tiles outside G_ss, G_st's columns beyond Cs); batches of
+Gram tail (its mirror tile of G_sd, tiles outside G_ss, the kept G_sd's columns beyond Cs); batches of
 several chunks; pool 1; features whose norm is floored (zero, and tiny but nonzero); ties and
 NaN inside a window (the argmax is max_pool2d's); half, bfloat16 and strided inputs; float32
 accuracy as the student nears the teacher; and every output written with no fill.
@@ -102,25 +102,26 @@ def test_value_accurate_in_float32_near_zero(fused, extra_channels, student_scal
     """The differenced form keeps its relative accuracy in float32 as the student nears the
     teacher (test_api's case, here on the kernels): 1e-6 of the float64 value, where the plain
     difference of normalised features gives about 1e-4; also with the student at another scale,
-    where D keeps float32's absolute accuracy (test_api's bound; D divided by the student's norm
-    was 0.1 off at 1e-4)."""
+    where D is formed from float64 norms (test_api's bound; D divided by the student's norm was
+    0.1 off at 1e-4)."""
     g = torch.Generator().manual_seed(0)
     t = torch.randn(2, 32, 16, 16, generator=g, dtype=torch.float64)
     s = student_scale * (t + 1e-3 * torch.randn(t.shape, generator=g, dtype=torch.float64))
     t = torch.cat([t, t.new_zeros(2, extra_channels, 16, 16)], 1)
     want = reference.structural_kd_loss(s, t, pool=2, reduction="none")
     got = fused.affinity_loss(s.float(), t.float(), 2)[0].double()
-    assert (got / want - 1).abs().max() < (1e-5 if student_scale == 1 else 1e-3)
+    assert (got / want - 1).abs().max() < (1e-5 if student_scale == 1 else 1e-4)
 
 
 @pytest.mark.parametrize("dtype, step", [(torch.float32, 1e-3), (torch.float16, 1e-2), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("student_scale", [1.0, 1e-3])
 def test_gradient_accurate_near_zero(fused, dtype, step, student_scale):
     """The gradient shrinks with the loss as the student nears the teacher. Taken as
-    G_sd U_S + G_st D (both terms shrink too) its error stays relative to it: within 1e-4 of the
-    float64 op on the same inputs in float32, where G_ss U_S - G_st U_T loses about 1e-3, and
-    within 2e-2 for half and bfloat16 inputs (bfloat16's GEMM operands keep its dtype; `step`:
-    a difference the dtype resolves)."""
+    G_sd U_S + G_st D (both terms shrink too) from the kept G_sd, its error stays relative to
+    it: within 2e-6 of the float64 op on the same inputs in float32 (2e-7 measured), where
+    G_ss U_S - G_st U_T loses about 1e-3, and so did G_sd formed again from a kept G_st (the
+    bound was 1e-4 and 2e-3 at a student scale of 1e-3); within 2e-2 for half and bfloat16
+    inputs (bfloat16's GEMM operands keep its dtype; `step`: a difference the dtype resolves)."""
     g = torch.Generator().manual_seed(0)
     t = torch.randn(2, 32, 16, 16, generator=g, dtype=torch.float64)
     s = (student_scale * (t + step * torch.randn(t.shape, generator=g, dtype=torch.float64))).to(dtype)
@@ -132,9 +133,9 @@ def test_gradient_accurate_near_zero(fused, dtype, step, student_scale):
     _, gss, gst = fused.affinity_loss(s, t, 2)
     got = fused._affinity_loss_backward(grad.float(), s, t, gss, gst, 2).double()
     error = ((got - want).abs().max() / want.abs().max()).item()
-    # a student at 1e-3 of the teacher's scale: S - T is not small (4e-4; 6e-2 when D was divided
-    # by the student's norm)
-    assert error < ((1e-4 if student_scale == 1 else 2e-3) if dtype == torch.float32 else 2e-2), error
+    # a student at 1e-3 of the teacher's scale: S - T is not small (6e-2 when D was divided by the
+    # student's norm, 4e-4 with float32 norms)
+    assert error < (2e-6 if dtype == torch.float32 else 2e-2), error
 
 
 def test_ties_and_nan_route_as_max_pool2d(fused):

@@ -147,7 +147,7 @@ CASES = [
     ("affinity_loss", 0, _dtype(torch.int64), TypeError, "student"),
     ("_affinity_loss_backward", 0, _t(()), ValueError, "grad"),
     ("_affinity_loss_backward", 3, _t((B, C, C + 1)), ValueError, "gram_ss"),
-    ("_affinity_loss_backward", 4, _t((B, C, C)), ValueError, "gram_st"),
+    ("_affinity_loss_backward", 4, _t((B, C, C)), ValueError, "gram_sd"),
     ("pixel_centroid_cosine", 1, _t((B, K, C + 1)), ValueError, "centroids"),
     ("pixel_centroid_cosine", 1, _t((B + 1, K, C)), ValueError, "centroids"),
     ("pixel_centroid_cosine", 2, _t((B + 1, H, W), torch.int64), ValueError, "labels: batch"),

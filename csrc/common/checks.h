@@ -294,16 +294,16 @@ inline void check_affinity_loss_inputs(const at::Tensor& student, const at::Tens
 
 inline void check_affinity_loss_backward_inputs(const at::Tensor& grad, const at::Tensor& student,
                                                 const at::Tensor& teacher, const at::Tensor& gram_ss,
-                                                const at::Tensor& gram_st, int64_t pool) {
+                                                const at::Tensor& gram_sd, int64_t pool) {
   check_affinity_loss_inputs(student, teacher, pool);
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1);
   check_loss_grad(grad, student, "student", Reduction::None, {B});  // one loss per image
   check_size(gram_ss, "gram_ss", {B, Cs, Cs}, "[B, Cs, Cs]");
-  check_size(gram_st, "gram_st", {B, Cs, Ct}, "[B, Cs, Ct]");
+  check_size(gram_sd, "gram_sd", {B, Cs, Ct}, "[B, Cs, Ct]");
   check_floating(gram_ss, "gram_ss");
-  check_floating(gram_st, "gram_st");
+  check_floating(gram_sd, "gram_sd");
   check_same_device(gram_ss, "gram_ss", student, "student");
-  check_same_device(gram_st, "gram_st", student, "student");
+  check_same_device(gram_sd, "gram_sd", student, "student");
 }
 
 // ---- pixel_centroid_cosine -------------------------------------------------------------

@@ -8,6 +8,8 @@
 // image and A = F^T F:
 //   sum (A_S - A_T)^2 = ||F_S F_S^T||^2 - 2 ||F_S F_T^T||^2 + ||F_T F_T^T||^2   (Frobenius)
 //   d/dF_S = 4 (F_S F_S^T F_S - F_S F_T^T F_T)
+// both computed in differenced forms (affinity_loss.h) that keep their accuracy as the two
+// affinities near each other.
 // The Grams are sums over pixels, so they are accumulated over blocks of pooled pixels
 // (kBlockPixels): the pooled and normalised copies exist one block at a time (O(C kBlockPixels)),
 // never for the whole batch, and the backward recomputes them per block from the inputs and
@@ -89,8 +91,20 @@ PooledBlock pooled_block(const at::Tensor& x, const PoolGeometry& g, int64_t o0,
 
 double mean_divisor(const PoolGeometry& g) { return affinity_mean_divisor(g.pixels()); }
 
-// Returns (per-image loss [B], G_ss, G_st): entry b is the mean over the P*P affinity entries of
-// image b, in the accumulation dtype; the two Gram products are what the backward needs.
+// D = S - T [rows, p] of one block's normalised features us [Cs, p] and ut [Ct, p], each padded
+// with zero rows to `rows`: all C = max(Cs, Ct) rows in the forward, the teacher's Ct in the
+// backward.
+at::Tensor difference_rows(const at::Tensor& us, const at::Tensor& ut, int64_t rows) {
+  at::Tensor d = at::zeros({rows, us.size(1)}, us.options());
+  const int64_t cs = std::min(us.size(0), rows), ct = std::min(ut.size(0), rows);
+  d.narrow(0, 0, cs).copy_(us.narrow(0, 0, cs));
+  d.narrow(0, 0, ct).sub_(ut.narrow(0, 0, ct));
+  return d;
+}
+
+// Returns (per-image loss [B], G_ss, G_sd's first Ct columns): entry b is the mean over the P*P
+// affinity entries of image b, in the accumulation dtype; the two Grams are what the backward
+// needs (affinity_saved_gram).
 // The differenced form (affinity_loss.h), accumulated over blocks: the products computed are
 // G_ss [Cs, Cs], G_sd [Cs, C] and G_dd [C, C], P (Cs^2 + Cs C + C^2) multiply-adds.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_blocked(const at::Tensor& student,
@@ -101,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_blocked(const at::T
   const int64_t C = std::max(Cs, Ct);
   const auto opts = student.options().dtype(acc);
   const PoolGeometry g(student.size(2), student.size(3), pool);
-  at::Tensor gss = at::empty({B, Cs, Cs}, opts), gst = at::empty({B, Cs, Ct}, opts), sums = at::empty({B}, opts.dtype(at::kDouble));
+  at::Tensor gss = at::empty({B, Cs, Cs}, opts), gsd = at::empty({B, Cs, Ct}, opts), sums = at::empty({B}, opts.dtype(at::kDouble));
   for (int64_t b = 0; b < B; ++b) {
     at::Tensor g_ss = gss[b].zero_();
     at::Tensor g_sd = at::zeros({Cs, C}, opts), g_dd = at::zeros({C, C}, opts);
@@ -110,46 +124,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_blocked(const at::T
       // even where it is far smaller than the features (rounding them first cost 4e-4 of the value)
       const at::Tensor us64 = pooled_block(student[b], g, o0, at::kDouble, false).u;
       const at::Tensor ut64 = pooled_block(teacher[b], g, o0, at::kDouble, false).u;
-      // D [C, p]: the wider network's copy, minus the narrower one on its rows
-      at::Tensor d = Cs >= Ct ? us64.clone() : ut64.neg();
-      if (Cs >= Ct) {
-        d.narrow(0, 0, Ct).sub_(ut64);
-      } else {
-        d.narrow(0, 0, Cs).add_(us64);
-      }
-      const at::Tensor us = us64.to(acc);
-      d = d.to(acc);
+      const at::Tensor us = us64.to(acc), d = difference_rows(us64, ut64, C).to(acc);
       g_ss.addmm_(us, us.t());
       g_sd.addmm_(us, d.t());
       g_dd.addmm_(d, d.t());
     }
     sums[b].copy_(differenced_affinity_sum(g_ss, g_sd, g_dd));
-    affinity_gram_st_out(gst[b], g_ss, g_sd);
+    gsd[b].copy_(affinity_saved_gram(g_sd, Ct));
   }
-  return {affinity_means(sums, g.pixels(), acc), gss, gst};
+  return {affinity_means(sums, g.pixels(), acc), gss, gsd};
 }
 
 // grad [B] (one value per image's loss) -> d/d student [B, Cs, H, W]: per block, the gradient
-// w.r.t. the normalised features 4 s_b (G_ss F_S - G_st F_T), through the normalisation
-// ((g - u <u, g>) / |f|, or g / eps where the norm is floored), into each window's argmax.
+// w.r.t. the normalised features 4 s_b (G_sd F_S + G_st D) (affinity_saved_gram; D differenced
+// in float64 as in the forward), through the normalisation ((g - u <u, g>) / |f|, or g / eps
+// where the norm is floored), into each window's argmax.
 at::Tensor affinity_loss_backward_blocked(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
-                                          const at::Tensor& gss, const at::Tensor& gst, int64_t pool) {
-  check_affinity_loss_backward_inputs(grad, student, teacher, gss, gst, pool);
+                                          const at::Tensor& gss, const at::Tensor& gsd, int64_t pool) {
+  check_affinity_loss_backward_inputs(grad, student, teacher, gss, gsd, pool);
   const auto acc = gss.scalar_type();
-  const int64_t B = student.size(0), Cs = student.size(1), H = student.size(2), W = student.size(3);
+  const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1), H = student.size(2), W = student.size(3);
   const PoolGeometry g(H, W, pool);
   const at::Tensor scale = grad.to(acc) * (4.0 / mean_divisor(g));
   at::Tensor out = at::zeros({B, Cs, H, W}, student.options().memory_format(at::MemoryFormat::Contiguous));
   if (g.pixels() == 0) return out;  // an empty map (W = 0 leaves Ho > 0 blocks, which ATen's pooling rejects)
   for (int64_t b = 0; b < B; ++b) {
     at::Tensor out_b = out[b].view({Cs, H * W});
+    const auto [g_sd, g_st] = affinity_gram_operands(gss[b], gsd[b].to(acc));
     for (int64_t o0 = 0; o0 < g.Ho; o0 += g.rows_per_block) {
-      const PooledBlock s = pooled_block(student[b], g, o0, acc, true);
-      const at::Tensor ut = pooled_block(teacher[b], g, o0, acc, false).u;
-      at::Tensor gu = at::mm(gss[b], s.u);
-      gu.addmm_(gst[b], ut, 1, -1).mul_(scale[b]);
-      const at::Tensor gy = at::where(s.norm > kAffinityNormEps,
-                                      (gu - s.u * (s.u * gu).sum(0, /*keepdim=*/true)) / s.norm, gu / kAffinityNormEps)
+      const PooledBlock s = pooled_block(student[b], g, o0, at::kDouble, true);
+      const at::Tensor ut64 = pooled_block(teacher[b], g, o0, at::kDouble, false).u;
+      const at::Tensor us = s.u.to(acc), norm = s.norm.to(acc);
+      at::Tensor gu = at::mm(g_sd, us);
+      gu.addmm_(g_st, difference_rows(s.u, ut64, Ct).to(acc)).mul_(scale[b]);
+      const at::Tensor gy = at::where(norm > kAffinityNormEps,
+                                      (gu - us * (us * gu).sum(0, /*keepdim=*/true)) / norm, gu / kAffinityNormEps)
                                 .to(student.scalar_type());
       const int64_t first = g.in0(o0) * W;
       if (pool == 1) {
@@ -179,10 +188,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_composite(const at:
 }
 
 at::Tensor affinity_loss_backward_composite(const at::Tensor& grad, const at::Tensor& student,
-                                            const at::Tensor& teacher, const at::Tensor& gss, const at::Tensor& gst,
+                                            const at::Tensor& teacher, const at::Tensor& gss, const at::Tensor& gsd,
                                             int64_t pool) {
-  return use_batched(student) ? affinity_loss_backward_batched(grad, student, teacher, gss, gst, pool)
-                              : affinity_loss_backward_blocked(grad, student, teacher, gss, gst, pool);
+  return use_batched(student) ? affinity_loss_backward_batched(grad, student, teacher, gss, gsd, pool)
+                              : affinity_loss_backward_blocked(grad, student, teacher, gss, gsd, pool);
 }
 
 // Every device: both formulations are built from ATen calls and GEMMs (CUDA registers its own

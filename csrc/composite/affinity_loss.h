@@ -4,12 +4,13 @@
 //   batched (affinity_loss_batched.cpp): chunks of whole images, batched GEMMs; CUDA's path
 //     under IDD_OPS_CUDA_NEXT=1, with its pointwise work fused into kernels there
 //     (csrc/cuda/affinity_loss_cuda.cu).
-// Both return and consume the same (loss [B], G_ss [B, Cs, Cs], G_st [B, Cs, Ct]), so either
-// backward serves either forward.
+// Both return and consume the same (loss [B], G_ss [B, Cs, Cs], G_sd [B, Cs, Ct]: the first Ct
+// columns of S D^T, see affinity_saved_gram), so either backward serves either forward.
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <tuple>
+#include <utility>
 
 namespace idd_ops {
 
@@ -54,11 +55,23 @@ inline at::Tensor differenced_affinity_sum(const at::Tensor& g_ss, const at::Ten
          2 * dot(g_sd_s, g_sd_s.transpose(-2, -1));
 }
 
-// G_st = S T^T = G_ss - G_sd (T = S - D), written into g_st [.., Cs, Ct]: no further product.
-inline void affinity_gram_st_out(at::Tensor g_st, const at::Tensor& g_ss, const at::Tensor& g_sd) {
-  const int64_t shared = std::min(g_ss.size(-1), g_st.size(-1));
-  at::neg_out(g_st, g_sd.narrow(-1, 0, g_st.size(-1)));
-  g_st.narrow(-1, 0, shared).add_(g_ss.narrow(-1, 0, shared));
+// The backward keeps G_sd's first Ct columns ([.., Cs, Ct]) beside G_ss, not G_st = S T^T: the
+// student's gradient is 4 (G_sd U_S + G_st D) (T = S - D), each term shrinking as the affinities
+// near each other (and as they near 1) where G_ss U_S - G_st U_T cancels. G_sd formed in the
+// backward as G_ss - G_st from a saved G_st (rounded at G_ss's size) would cancel in turn; G_st
+// = G_ss - G_sd rounds at G_st's own size. Float32 gradient of a student 1e-3 from its teacher:
+// 8e-4 relative error before, 6e-7 after (METHOD.md 8).
+inline at::Tensor affinity_saved_gram(const at::Tensor& g_sd, int64_t Ct) { return g_sd.narrow(-1, 0, Ct); }
+
+// The backward's GEMM operands from the saved G_ss [.., Cs, Cs] and G_sd [.., Cs, Ct]: G_sd over
+// Cs columns (past Ct, D's rows are S's own, the teacher being padded with zeros: G_ss's
+// columns) and G_st = G_ss - G_sd over Ct columns (past Cs, S's rows are 0: -G_sd).
+inline std::pair<at::Tensor, at::Tensor> affinity_gram_operands(const at::Tensor& gss, const at::Tensor& gsd) {
+  const int64_t Cs = gss.size(-1), Ct = gsd.size(-1), shared = std::min(Cs, Ct);
+  at::Tensor g_sd = Ct >= Cs ? gsd.narrow(-1, 0, Cs) : at::cat({gsd, gss.narrow(-1, Ct, Cs - Ct)}, -1);
+  at::Tensor g_st = gsd.neg();
+  g_st.narrow(-1, 0, shared).add_(gss.narrow(-1, 0, shared));
+  return {g_sd, g_st};
 }
 
 // The composite op: the blocked formulation, or the batched one where use_batched picks it
@@ -66,12 +79,12 @@ inline void affinity_gram_st_out(at::Tensor g_st, const at::Tensor& g_ss, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_composite(const at::Tensor& student,
                                                                        const at::Tensor& teacher, int64_t pool);
 at::Tensor affinity_loss_backward_composite(const at::Tensor& grad, const at::Tensor& student,
-                                            const at::Tensor& teacher, const at::Tensor& gss, const at::Tensor& gst,
+                                            const at::Tensor& teacher, const at::Tensor& gss, const at::Tensor& gsd,
                                             int64_t pool);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_batched(const at::Tensor& student,
                                                                      const at::Tensor& teacher, int64_t pool);
 at::Tensor affinity_loss_backward_batched(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
-                                          const at::Tensor& gss, const at::Tensor& gst, int64_t pool);
+                                          const at::Tensor& gss, const at::Tensor& gsd, int64_t pool);
 
 }  // namespace idd_ops

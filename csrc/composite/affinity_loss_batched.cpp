@@ -54,6 +54,24 @@ at::Tensor normalised_difference(const at::Tensor& s, const at::Tensor& t, const
   return e.div_(at::where(by_t, nt_c, ns_c)).addcmul_(t, at::where(by_t, zero, c)).addcmul_(s, at::where(by_t, c, zero));
 }
 
+// A chunk's normalised student us [k, Cs, P], normalised difference d [k, C, P] and student
+// norms ns [k, 1, P], in `acc`, from its pooled student ps [k, Cs, P] and teacher pt [k, Ct, P]:
+// formed in float64 whatever `acc`, as the blocked formulation and the CUDA kernels form them
+// (pooled_normalised_kernel: a student at another scale than its teacher makes D a difference
+// of terms of size 1, into which float32 norms put their rounding whole; 8.9e-4 of float32 SKD
+// at a scale of 1e-4 and pool 4, against 9e-6).
+struct Normalised {
+  at::Tensor us, d, ns;
+};
+
+Normalised normalised(const at::Tensor& ps, const at::Tensor& pt, int64_t C, at::ScalarType acc) {
+  const at::Tensor s = ps.to(at::kDouble), t = pt.to(at::kDouble);
+  const at::Tensor ns = channel_norms(s), nt = channel_norms(t);
+  const at::Tensor ns_c = ns.clamp_min(kAffinityNormEps), nt_c = nt.clamp_min(kAffinityNormEps);
+  at::Tensor d = normalised_difference(pad_rows(s, C), pad_rows(t, C), ns, nt, ns_c, nt_c);
+  return {(s / ns_c).to(acc), d.to(acc), ns.to(acc)};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_batched(const at::Tensor& student,
@@ -66,38 +84,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_batched(const at::T
   const auto opts = student.options().dtype(acc);
   if (P == 0) return {at::zeros({B}, opts), at::zeros({B, Cs, Cs}, opts), at::zeros({B, Cs, Ct}, opts)};
   // every chunk writes its images' rows of all three in full: no fills
-  at::Tensor gss = at::empty({B, Cs, Cs}, opts), gst = at::empty({B, Cs, Ct}, opts);
+  at::Tensor gss = at::empty({B, Cs, Cs}, opts), gsd = at::empty({B, Cs, Ct}, opts);
   at::Tensor sums = at::empty({B}, opts.dtype(at::kDouble));
   const int64_t chunk = affinity_chunk_images(pool, B);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t k = std::min(chunk, B - b0);
-    at::Tensor us, d;
-    {
-      const at::Tensor ps = pooled(student.narrow(0, b0, k), pool, acc);  // [k, Cs, P]
-      const at::Tensor pt = pooled(teacher.narrow(0, b0, k), pool, acc);  // [k, Ct, P]
-      const at::Tensor ns = channel_norms(ps), nt = channel_norms(pt);
-      const at::Tensor ns_c = ns.clamp_min(kAffinityNormEps), nt_c = nt.clamp_min(kAffinityNormEps);
-      d = normalised_difference(pad_rows(ps, C), pad_rows(pt, C), ns, nt, ns_c, nt_c);  // [k, C, P]
-      us = ps / ns_c;
-    }
+    const auto [us, d, ns] = normalised(pooled(student.narrow(0, b0, k), pool, at::kDouble),
+                                        pooled(teacher.narrow(0, b0, k), pool, at::kDouble), C, acc);
     at::Tensor g_ss = gss.narrow(0, b0, k);
     at::bmm_out(g_ss, us, us.transpose(1, 2));
     const at::Tensor g_sd = at::bmm(us, d.transpose(1, 2));  // [k, Cs, C]
     const at::Tensor g_dd = at::bmm(d, d.transpose(1, 2));   // [k, C, C]
     sums.narrow(0, b0, k).copy_(differenced_affinity_sum(g_ss, g_sd, g_dd));
-    affinity_gram_st_out(gst.narrow(0, b0, k), g_ss, g_sd);
+    gsd.narrow(0, b0, k).copy_(affinity_saved_gram(g_sd, Ct));
   }
-  return {affinity_means(sums, P, acc), gss, gst};
+  return {affinity_means(sums, P, acc), gss, gsd};
 }
 
-// Per chunk, the gradient w.r.t. the normalised features 4 s_b (G_ss F_S - G_st F_T), through
-// the normalisation ((g - u <u, g>) / |f|, or g / eps where the norm is floored), into each
-// window's argmax (windows do not overlap: one scatter).
+// Per chunk, the gradient w.r.t. the normalised features 4 s_b (G_sd F_S + G_st D)
+// (affinity_saved_gram), through the normalisation ((g - u <u, g>) / |f|, or g / eps where the
+// norm is floored), into each window's argmax (windows do not overlap: one scatter).
 at::Tensor affinity_loss_backward_batched(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
-                                          const at::Tensor& gss, const at::Tensor& gst, int64_t pool) {
-  check_affinity_loss_backward_inputs(grad, student, teacher, gss, gst, pool);
+                                          const at::Tensor& gss, const at::Tensor& gsd, int64_t pool) {
+  check_affinity_loss_backward_inputs(grad, student, teacher, gss, gsd, pool);
   const auto acc = gss.scalar_type();
-  const int64_t B = student.size(0), Cs = student.size(1), H = student.size(2), W = student.size(3);
+  const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1), C = std::max(Cs, Ct);
+  const int64_t H = student.size(2), W = student.size(3);
   const int64_t P = ((H + pool - 1) / pool) * ((W + pool - 1) / pool);
   // pool 1 copies every element; pooling scatters into each window's argmax, so the rest is 0
   const auto out_opts = student.options().memory_format(at::MemoryFormat::Contiguous);
@@ -110,20 +122,16 @@ at::Tensor affinity_loss_backward_batched(const at::Tensor& grad, const at::Tens
     const at::Tensor xs = student.narrow(0, b0, k);
     at::Tensor ps, indices;
     if (pool == 1) {
-      ps = xs.flatten(2).to(acc);
+      ps = xs.flatten(2);
     } else {
       auto [v, i] = at::max_pool2d_with_indices(xs, {pool, pool}, {pool, pool}, {0, 0}, {1, 1}, true);
-      ps = v.flatten(2).to(acc);
+      ps = v.flatten(2);
       indices = i.flatten(2);  // flat in each H x W plane
     }
-    const at::Tensor ns = channel_norms(ps), ns_c = ns.clamp_min(kAffinityNormEps);
-    const at::Tensor us = ps / ns_c;
-    at::Tensor gu;
-    {
-      const at::Tensor pt = pooled(teacher.narrow(0, b0, k), pool, acc);
-      const at::Tensor ut = pt / channel_norms(pt).clamp_min(kAffinityNormEps);
-      gu = at::bmm(gss.narrow(0, b0, k), us).baddbmm_(gst.narrow(0, b0, k), ut, 1, -1);
-    }
+    const auto [us, d, ns] = normalised(ps, pooled(teacher.narrow(0, b0, k), pool, at::kDouble), C, acc);
+    const at::Tensor ns_c = ns.clamp_min(kAffinityNormEps);
+    const auto [g_sd, g_st] = affinity_gram_operands(gss.narrow(0, b0, k), gsd.narrow(0, b0, k).to(acc));
+    at::Tensor gu = at::bmm(g_sd, us).baddbmm_(g_st, d.narrow(1, 0, Ct));
     gu.mul_(scale.narrow(0, b0, k));
     const at::Tensor along = (us * gu).sum(1, /*keepdim=*/true).mul_(ns > kAffinityNormEps);
     const at::Tensor gy = gu.addcmul_(us, along, -1).div_(ns_c).to(student.scalar_type());

@@ -2,14 +2,16 @@
 // formulation). Under IDD_OPS_CUDA_NEXT=1 the batched formulation (affinity_loss.h) runs with its
 // pointwise work in three kernels around the GEMMs, per chunk of pool * pool images:
 //   forward:  pool + normalise + difference (1) -> G_ss, G_sd, G_dd (3 GEMMs) -> the four inner
-//             products of differenced_affinity_sum and G_st = G_ss - G_sd (1); then one launch
-//             for all images turns the per-tile partial sums into the per-image means.
-//   backward: the GEMM operands G_sd = G_ss - G_st and G_st (1) -> pool + normalise + difference
+//             products of differenced_affinity_sum, and G_sd's first Ct columns kept for the
+//             backward (1); then one launch for all images turns the per-tile partial sums into
+//             the per-image means.
+//   backward: the GEMM operands G_sd and G_st = G_ss - G_sd (1) -> pool + normalise + difference
 //             as forward (1) -> G_sd U_S and G_st D (2 GEMMs) -> through the normalisation into
 //             each window's argmax, zeros elsewhere (1).
 // The student's gradient G_ss U_S - G_st U_T is taken as G_sd U_S + G_st D (T = S - D): both
 // terms shrink as the student nears the teacher, so a rounding error of the operands stays
 // relative to the gradient rather than to G_ss U_S (the forward's D keeps the loss so too).
+// G_sd is kept, not G_st: formed again as G_ss - G_st it would cancel (affinity_saved_gram).
 // That lets bfloat16 inputs keep their dtype for the GEMM operands (gemm_operand_t) and multiply
 // on tensor cores into float32, as fast as autocast's GEMMs (float32 operands ran 3x slower than
 // the eager reference under bf16 autocast on an H200: 17 ms against 5 ms a step). Half keeps
@@ -131,21 +133,28 @@ __global__ void pooled_normalised_kernel(const scalar_t* __restrict__ student, P
                                          at::opmath_type<scalar_t>* __restrict__ norms) {
   using acc_t = at::opmath_type<scalar_t>;
   using op_t = gemm_operand_t<scalar_t>;
-  __shared__ acc_t part[kGroups][kPixels];
+  // The norms, <e, S + T> and D in float64 whatever the input dtype, as the CPU's blocked
+  // formulation takes them: where the student's scale is not the teacher's, D = S/|S| - T/|T| is
+  // a difference of terms of size 1, and float32 norms put their relative error (1e-7 and more)
+  // into it whole (float32 SKD 1.4e-3 off at a student scale of 1e-4 and pool 4, against 9e-6).
+  // A few float64 operations per pooled value, which the input reads outweigh.
+  using wide_t = double;
+  __shared__ wide_t part[kGroups][kPixels];
   const int64_t b = blockIdx.y, p = static_cast<int64_t>(blockIdx.x) * kPixels + threadIdx.x;
   const int64_t C = Cs > Ct ? Cs : Ct;  // rows of d
   const bool live = p < P;
   op_t* u = us + b * Cs * P + p;
   op_t* w = d + b * C * P + p;
-  acc_t ss = 0, tt = 0, q = 0;
+  wide_t ss = 0, tt = 0, q = 0;
   if (live) {
     const Window win = window_of(vs, p);  // the teacher's too (same size, checked)
     for (int64_t c = threadIdx.y; c < C; c += kGroups) {
       const acc_t s = c < Cs ? window_max<scalar_t, acc_t>(student, vs, b, c, win) : acc_t(0);
       const acc_t t = c < Ct ? window_max<scalar_t, acc_t>(teacher, vt, b, c, win) : acc_t(0);
-      ss += s * s;
-      tt += t * t;
-      q += (s + t) * (s - t);
+      const wide_t sw = s, tw = t;
+      ss += sw * sw;
+      tt += tw * tw;
+      q += (sw + tw) * (sw - tw);
       if (c < Cs) u[c * P] = static_cast<op_t>(s);
       w[c * P] = static_cast<op_t>(t);
     }
@@ -154,49 +163,53 @@ __global__ void pooled_normalised_kernel(const scalar_t* __restrict__ student, P
   tt = groups_sum(tt, part);
   q = groups_sum(q, part);
   if (!live) return;
-  const acc_t eps = static_cast<acc_t>(kAffinityNormEps);
-  const acc_t ns = ::sqrt(ss), nt = ::sqrt(tt);
-  const acc_t ns_c = ns < eps ? eps : ns, nt_c = nt < eps ? eps : nt;  // a NaN norm stays NaN, as clamp_min's
-  if (norms != nullptr && threadIdx.y == 0) norms[b * P + p] = ns;
+  const wide_t eps = kAffinityNormEps;
+  const wide_t ns = ::sqrt(ss), nt = ::sqrt(tt);
+  const wide_t ns_c = ns < eps ? eps : ns, nt_c = nt < eps ? eps : nt;  // a NaN norm stays NaN, as clamp_min's
+  if (norms != nullptr && threadIdx.y == 0) norms[b * P + p] = static_cast<acc_t>(ns);
   // D = e / |S| + T k, or e / |T| + S k where |S| < |T| (floored norms), k = 1 / |S| - 1 / |T|,
   // taken as -<e, S + T> / ((|S| + |T|) |S| |T|) where neither norm is floored: divided by the
   // larger norm no term exceeds 2, where e / |S| and T k of a student far smaller than its
   // teacher cancel from |T| / |S| and leave D an error of that many roundings
   const bool by_t = ns_c < nt_c;
-  const acc_t k = (ns < nt ? ns : nt) > eps ? -q / (ns + nt) / ns / nt : acc_t(1) / ns_c - acc_t(1) / nt_c;
-  const acc_t divisor = by_t ? nt_c : ns_c, kt = by_t ? acc_t(0) : k, ks = by_t ? k : acc_t(0);
+  const wide_t k = (ns < nt ? ns : nt) > eps ? -q / (ns + nt) / ns / nt : 1.0 / ns_c - 1.0 / nt_c;
+  const wide_t divisor = by_t ? nt_c : ns_c, kt = by_t ? 0.0 : k, ks = by_t ? k : 0.0;
   for (int64_t c = threadIdx.y; c < C; c += kGroups) {
-    const acc_t s = c < Cs ? static_cast<acc_t>(u[c * P]) : acc_t(0), t = static_cast<acc_t>(w[c * P]);
+    const wide_t s = c < Cs ? static_cast<wide_t>(static_cast<acc_t>(u[c * P])) : 0.0;
+    const wide_t t = static_cast<acc_t>(w[c * P]);
     w[c * P] = static_cast<op_t>((s - t) / divisor + t * kt + s * ks);
     if (c < Cs) u[c * P] = static_cast<op_t>(s / ns_c);
   }
 }
 
-// The backward's GEMM operands of a chunk, in gemm_operand_t: g_sd [k, Cs, Cs] = G_ss - G_st
-// (G_st's columns past Ct are 0) and, where the operand dtype is not G_st's own, g_st_op
-// [k, Cs, Ct] = G_st. gss, gst contiguous. A grid-stride loop over k * Cs * max(Cs, Ct).
+// The backward's GEMM operands of a chunk (affinity_gram_operands), in gemm_operand_t, from the
+// kept G_ss and G_sd [k, Cs, Ct] (contiguous): g_sd [k, Cs, Cs] = G_sd (past Ct: G_ss, D's rows
+// being S's own there) and g_st [k, Cs, Ct] = G_ss - G_sd (past Cs: -G_sd). A grid-stride loop
+// over k * Cs * max(Cs, Ct).
 template <typename acc_t, typename op_t>
-__global__ void gram_operands_kernel(const acc_t* __restrict__ gss, const acc_t* __restrict__ gst, int64_t k,
-                                     int64_t Cs, int64_t Ct, op_t* __restrict__ g_sd, op_t* __restrict__ g_st_op) {
+__global__ void gram_operands_kernel(const acc_t* __restrict__ gss, const acc_t* __restrict__ gsd, int64_t k,
+                                     int64_t Cs, int64_t Ct, op_t* __restrict__ g_sd, op_t* __restrict__ g_st) {
   const int64_t C = Cs > Ct ? Cs : Ct, n = k * Cs * C;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t j = e % C, row = e / C;  // row = image * Cs + i
-    const acc_t st = j < Ct ? gst[row * Ct + j] : acc_t(0);
-    if (j < Cs) g_sd[row * Cs + j] = static_cast<op_t>(gss[row * Cs + j] - st);
-    if (g_st_op != nullptr && j < Ct) g_st_op[row * Ct + j] = static_cast<op_t>(st);
+    const acc_t ss = j < Cs ? gss[row * Cs + j] : acc_t(0);
+    const acc_t sd = j < Ct ? gsd[row * Ct + j] : ss;
+    if (j < Cs) g_sd[row * Cs + j] = static_cast<op_t>(sd);
+    if (j < Ct) g_st[row * Ct + j] = static_cast<op_t>(ss - sd);
   }
 }
 
 // The four inner products of differenced_affinity_sum over one kTile x kTile tile of the C x C
-// grid, in float64, into partials[b, tile]; and G_st = G_ss - G_sd on the tile's part of
-// [Cs, Ct]. g_ss [k, Cs, Cs], g_sd [k, Cs, C], g_dd [k, C, C], g_st [k, Cs, Ct], contiguous.
+// grid, in float64, into partials[b, tile]; and the kept G_sd (its first Ct columns) on the
+// tile's part of [Cs, Ct]. g_ss [k, Cs, Cs], g_sd [k, Cs, C], g_dd [k, C, C], kept [k, Cs, Ct],
+// contiguous.
 // The <G_sd, G_sd^T> term reads the mirror tile through shared memory (coalesced both ways).
 // grid (tiles * tiles, k), kThreads threads: thread t takes column t % kTile of its tile and every
 // (kThreads / kTile)-th row from t / kTile.
 template <typename acc_t>
 __global__ void gram_tail_kernel(const acc_t* __restrict__ g_ss, const acc_t* __restrict__ g_sd,
-                                 const acc_t* __restrict__ g_dd, acc_t* __restrict__ g_st, int64_t Cs, int64_t Ct,
+                                 const acc_t* __restrict__ g_dd, acc_t* __restrict__ kept, int64_t Cs, int64_t Ct,
                                  int64_t C, double* __restrict__ partials) {
   constexpr int kRowStep = kThreads / kTile;
   __shared__ acc_t mirror[kTile][kTile + 1];
@@ -207,7 +220,7 @@ __global__ void gram_tail_kernel(const acc_t* __restrict__ g_ss, const acc_t* __
   const acc_t* ss = g_ss + b * Cs * Cs;
   const acc_t* sd = g_sd + b * Cs * C;
   const acc_t* dd = g_dd + b * C * C;
-  acc_t* st = g_st + b * Cs * Ct;
+  acc_t* kept_b = kept + b * Cs * Ct;
   const bool square = i0 < Cs && j0 < Cs;  // the tile meets G_ss: block-uniform
   if (square) {  // mirror[r][c] = G_sd[j0 + r, i0 + c]
     for (int r = ty; r < kTile; r += kRowStep) {
@@ -227,7 +240,7 @@ __global__ void gram_tail_kernel(const acc_t* __restrict__ g_ss, const acc_t* __
     sum -= 4 * d * static_cast<double>(x);  // <G_dd[:Cs], G_sd>
     const acc_t s = j < Cs ? ss[i * Cs + j] : acc_t(0);
     if (j < Cs) sum += 2 * (static_cast<double>(s) * d + static_cast<double>(x) * mirror[tx][r]);
-    if (j < Ct) st[i * Ct + j] = s - x;
+    if (j < Ct) kept_b[i * Ct + j] = x;
   }
   sum = block_sum(sum, scratch);  // a fixed-order tree (cuda_utils.cuh)
   if (threadIdx.x == 0) partials[b * gridDim.x + blockIdx.x] = sum;
@@ -332,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tens
   const int64_t P = ((vs.H + pool - 1) / pool) * vs.Wo, tiles = (C + kTile - 1) / kTile;
   const auto opts = student.options().dtype(acc);
   // every chunk writes its images' rows of all four in full: no fills
-  at::Tensor gss = at::empty({B, Cs, Cs}, opts), gst = at::empty({B, Cs, Ct}, opts);
+  at::Tensor gss = at::empty({B, Cs, Cs}, opts), gsd = at::empty({B, Cs, Ct}, opts);
   at::Tensor partials = at::empty({B, tiles * tiles}, opts.dtype(at::kDouble)), loss = at::empty({B}, opts);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t chunk = affinity_chunk_images(pool, B);  // memory: affinity_loss_batched.cpp
@@ -354,29 +367,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tens
       const dim3 tail_grid(static_cast<unsigned>(tiles * tiles), static_cast<unsigned>(k));
       gram_tail_kernel<acc_t><<<tail_grid, kThreads, 0, stream>>>(
           g_ss.const_data_ptr<acc_t>(), g_sd.const_data_ptr<acc_t>(), g_dd.const_data_ptr<acc_t>(),
-          gst.narrow(0, b0, k).mutable_data_ptr<acc_t>(), Cs, Ct, C, partials.narrow(0, b0, k).mutable_data_ptr<double>());
+          gsd.narrow(0, b0, k).mutable_data_ptr<acc_t>(), Cs, Ct, C, partials.narrow(0, b0, k).mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     affinity_means_kernel<acc_t><<<B, kThreads, 0, stream>>>(partials.const_data_ptr<double>(), tiles * tiles,
                                                              affinity_mean_divisor(P), loss.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {loss, gss, gst};
+  return {loss, gss, gsd};
 }
 
 at::Tensor affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
-                                       const at::Tensor& gss_in, const at::Tensor& gst_in, int64_t pool) {
-  if (!cuda_next_enabled()) return affinity_loss_backward_composite(grad, student, teacher, gss_in, gst_in, pool);
-  check_affinity_loss_backward_inputs(grad, student, teacher, gss_in, gst_in, pool);
+                                       const at::Tensor& gss_in, const at::Tensor& gsd_in, int64_t pool) {
+  if (!cuda_next_enabled()) return affinity_loss_backward_composite(grad, student, teacher, gss_in, gsd_in, pool);
+  check_affinity_loss_backward_inputs(grad, student, teacher, gss_in, gsd_in, pool);
   const auto acc = acc_dtype(student.scalar_type());
-  if (!fused_takes(student, teacher, pool) || gss_in.scalar_type() != acc || gst_in.scalar_type() != acc)
-    return affinity_loss_backward_batched(grad, student, teacher, gss_in, gst_in, pool);
+  if (!fused_takes(student, teacher, pool) || gss_in.scalar_type() != acc || gsd_in.scalar_type() != acc)
+    return affinity_loss_backward_batched(grad, student, teacher, gss_in, gsd_in, pool);
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1), C = std::max(Cs, Ct);
   const PoolView vs = pool_view(student, pool), vt = pool_view(teacher, pool);
   const int64_t P = ((vs.H + pool - 1) / pool) * vs.Wo;
   const at::Tensor g = grad.scalar_type() == acc ? grad : grad.to(acc);  // [B], any stride (an expanded sum's)
-  const at::Tensor gss = gss_in.contiguous(), gst = gst_in.contiguous();  // the forward's: already so
+  const at::Tensor gss = gss_in.contiguous(), gsd = gsd_in.contiguous();  // the forward's: already so
   const auto opts = student.options().dtype(acc);
   // every element is written (the windows tile each plane)
   at::Tensor out = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
@@ -385,15 +398,13 @@ at::Tensor affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "affinity_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using op_t = gemm_operand_t<scalar_t>;
-    constexpr bool kOwnOperands = !std::is_same_v<op_t, acc_t>;  // G_st is an operand as it is otherwise
     const auto op_opts = student.options().dtype(c10::CppTypeToScalarType<op_t>::value);
     for (int64_t b0 = 0; b0 < B; b0 += chunk) {
       const int64_t k = std::min(chunk, B - b0);
-      at::Tensor g_sd = at::empty({k, Cs, Cs}, op_opts);
-      at::Tensor g_st = kOwnOperands ? at::empty({k, Cs, Ct}, op_opts) : gst.narrow(0, b0, k);
+      at::Tensor g_sd = at::empty({k, Cs, Cs}, op_opts), g_st = at::empty({k, Cs, Ct}, op_opts);
       gram_operands_kernel<acc_t, op_t><<<blocks_for(k * Cs * C), kThreads, 0, stream>>>(
-          gss.const_data_ptr<acc_t>() + b0 * Cs * Cs, gst.const_data_ptr<acc_t>() + b0 * Cs * Ct, k, Cs, Ct,
-          g_sd.mutable_data_ptr<op_t>(), kOwnOperands ? g_st.mutable_data_ptr<op_t>() : nullptr);
+          gss.const_data_ptr<acc_t>() + b0 * Cs * Cs, gsd.const_data_ptr<acc_t>() + b0 * Cs * Ct, k, Cs, Ct,
+          g_sd.mutable_data_ptr<op_t>(), g_st.mutable_data_ptr<op_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::Tensor us = at::empty({k, Cs, P}, op_opts), d = at::empty({k, C, P}, op_opts), ns = at::empty({k, P}, opts);
       const scalar_t* xs = student.const_data_ptr<scalar_t>() + b0 * vs.s0;
