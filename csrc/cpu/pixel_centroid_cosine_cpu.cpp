@@ -235,8 +235,11 @@ std::tuple<at::Tensor, at::Tensor> cosine_backward(const at::Tensor& grad_in, co
         scalar_t* out = gf + row * HW;
         std::fill(sums.begin(), sums.end(), acc_t(0));
         for_each_run(runs[b], 0, HW, [&](int64_t first, int64_t last, int64_t k) {
-          // ignored pixels have a = bf = 0: their gradient is 0 * f, as for every pixel
-          const acc_t centre = k >= 0 ? cp[(b * K + k) * C + c] : acc_t(0);
+          if (k < 0) {  // ignored: 0, not 0 * f, so that a NaN there stays out (METHOD.md 2)
+            std::fill(out + first, out + last, scalar_t(0));
+            return;
+          }
+          const acc_t centre = cp[(b * K + k) * C + c];
           // eight partial sums: one chain of adds would bind the loop to the add latency
           acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
           int64_t p = first;
@@ -253,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_backward(const at::Tensor& grad_in, co
             out[p] = static_cast<scalar_t>(ab[p] * centre + bb[p] * v);
             sum += ab[p] * v;
           }
-          if (k >= 0) sums[k] += sum;
+          sums[k] += sum;
         });
         for (int64_t k = 0; k < K; ++k) gc[(b * K + k) * C + c] = sums[k] + bc_sum[b * K + k] * cp[(b * K + k) * C + c];
         if (n == nullptr) continue;
@@ -298,6 +301,12 @@ std::tuple<at::Tensor, at::Tensor> cosine_backward_chunks(const at::Tensor& grad
   const at::Tensor counts_c = counts ? counts->contiguous() : at::Tensor();
   const int64_t* n = counts ? counts_c.const_data_ptr<int64_t>() : nullptr;
   const class_rows::RowGroups groups(C);
+  // each image's ignored pixels, whose gradient the vector loops form as 0 * f: set to 0 after
+  // them, so that a NaN there stays out (METHOD.md 2)
+  std::vector<std::vector<int32_t>> ignored(B);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t p = 0; p < HW; ++p)
+      if (chunks[b].slot[p] >= K) ignored[b].push_back(static_cast<int32_t>(p));
   const auto grad_rows = IDD_CPU_KERNEL(cosine_grad_8rows);
   at::parallel_for(0, B * groups.per_image, 1, [&](int64_t g0, int64_t g1) {
     // 8 values per class slot, the ignore slot's (K) left 0
@@ -335,6 +344,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_backward_chunks(const at::Tensor& grad
                 gc[(b * K + k) * C + c0 + r] / static_cast<float>(std::max<int64_t>(n[b * K + k], 1));
         pass(out, share.data(), nullptr);
       }
+      for (const int32_t p : ignored[b])
+        for (int64_t r = 0; r < kRows; ++r) out[r * HW + p] = 0.f;
       if (rows < kRows) std::copy(pad_out.begin(), pad_out.begin() + rows * HW, gf + (b * C + c0) * HW);
     }
   });

@@ -77,8 +77,8 @@ __global__ void cosine_backward_rows_kernel(const scalar_t* __restrict__ f, cons
   for (int64_t p = threadIdx.x; p < HW; p += blockDim.x) {
     const int64_t k = pixel_class(labels, v, b, p), bp = b * HW + p;
     const acc_t x = static_cast<acc_t>(f[row * HW + p]);
-    const acc_t cy = k >= 0 ? cent[(b * K + k) * C + c] : acc_t(0);
-    grad_f[row * HW + p] = static_cast<scalar_t>(a[bp] * cy + bf[bp] * x);
+    // an ignored pixel's gradient is 0, not 0 * x, so that a NaN there stays out (METHOD.md 2)
+    grad_f[row * HW + p] = static_cast<scalar_t>(k >= 0 ? a[bp] * cent[(b * K + k) * C + c] + bf[bp] * x : acc_t(0));
     if (k >= 0) atomicAdd(&sums[k], a[bp] * x);
   }
   __syncthreads();

@@ -244,9 +244,9 @@ __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f
     for (int u = 0; u < kRowsAhead; ++u) {
       const int64_t p = base + u * static_cast<int64_t>(blockDim.x) + threadIdx.x;
       const int kc = checked_slot(k[u], K);
-      // ignored pixels have a = bf = 0: their gradient is 0 * x, as for every pixel
+      // an ignored pixel's gradient is 0, not 0 * x, so that a NaN there stays out (METHOD.md 2)
       if (counts == nullptr && p < HW)
-        out[p] = static_cast<scalar_t>(av[u] * (kc >= 0 ? cb[kc] : acc_t(0)) + bb[p] * xv[u]);
+        out[p] = static_cast<scalar_t>(kc >= 0 ? av[u] * cb[kc] + bb[p] * xv[u] : acc_t(0));
       sums.add(kc, av[u] * xv[u]);  // every lane, every step (ClassSums::add needs whole warps)
     }
   }
@@ -272,8 +272,7 @@ __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f
       const int k = p < HW ? sb[p] : -1;  // checked by the first walk
       const int kk = k >= 0 ? k : 0;
       const acc_t xv = p < HW ? static_cast<acc_t>(x[p]) : acc_t(0), bv = p < HW ? bb[p] : acc_t(0);
-      const acc_t own = k >= 0 ? ab[p] * cb[kk] + share[kk] : acc_t(0);
-      g[u] = bv * xv + own;
+      g[u] = k >= 0 ? bv * xv + (ab[p] * cb[kk] + share[kk]) : acc_t(0);  // as above for ignored pixels
     }
 #pragma unroll
     for (int u = 0; u < kRowsAhead; ++u) {

@@ -67,10 +67,6 @@ def _default_set(target: str) -> bool:
     return target == "default" or (target == "cuda" and not _switches.cuda_next_enabled())
 
 
-def _nan_at_ignored(case: Case) -> bool:
-    return any(isinstance(v, dict) and v.get("nan_at_ignored") for v in case.params.values())
-
-
 KNOWN = [
     (lambda case, target: _default_set(target) and case.op in _CENTROID_KERNEL_OPS and _has_offset(case),
      "the default CUDA centroid kernel adds raw values in float atomics and loses a common offset (issue 25; "
@@ -80,9 +76,6 @@ KNOWN = [
      "SKD's Gram forms keep an absolute error of about a float32 roundoff per affinity entry: with features "
      "sharing a common offset (affinities near 1) the float32 loss loses what the float32 reference keeps "
      "(METHOD.md 8; the gradient keeps it since its differenced form)"),
-    (lambda case, target: case.op == "ifvd" and _nan_at_ignored(case),
-     "IFVD's gradient with a NaN feature at an ignored pixel: the fused backward gives NaN at that pixel, "
-     "the reference 0 (METHOD.md 2)"),
 ]
 
 
