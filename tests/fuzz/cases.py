@@ -163,9 +163,15 @@ def _idd(module):
 
 
 def _idd_floor(p, x):
-    if p["normalize"] == "mean" or p["metric"] == "cosine":
-        return floor_of("loss", p["reduction"], ("student",), x)
-    return {}
+    if p["normalize"] != "mean" and p["metric"] != "cosine":
+        return {}
+    floors = floor_of("loss", p["reduction"], ("student",), x)
+    if p["normalize"] == "mean":  # either network's distances over a mean floored at eps
+        ig = p["labels"]["ignore_index"]
+        a, g = max(distance_noise(*reference.class_centroids(x[k].detach().double(), x["labels"], p["K"], ig),
+                                  p["metric"], p["eps"]) for k in ("student", "teacher"))
+        floors = {k: v * (a if k == "loss" else a * g) for k, v in floors.items()}
+    return floors
 
 
 register(OpSpec("idd", _draw_idd, _build_pair, _idd(idd_ops), _idd(reference), grads=("student",),
