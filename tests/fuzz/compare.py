@@ -74,8 +74,8 @@ KNOWN = [
     # found by this fuzzer (2026-12-02), documented, not fixed:
     (lambda case, target: case.op == "skd" and _has_offset(case) and case.params["student"]["dtype"] != "float64",
      "SKD's Gram forms keep an absolute error of about a float32 roundoff per affinity entry: with features "
-     "sharing a common offset (affinities near 1) the float32 loss loses what the float32 reference keeps "
-     "(METHOD.md 8; the gradient keeps it since its differenced form)"),
+     "sharing a common offset (affinities near 1) the float32 loss, and at offsets of ten times the spread "
+     "and more the gradient, lose what the float32 reference keeps (METHOD.md 8)"),
 ]
 
 
