@@ -91,15 +91,17 @@ PooledBlock pooled_block(const at::Tensor& x, const PoolGeometry& g, int64_t o0,
 
 double mean_divisor(const PoolGeometry& g) { return affinity_mean_divisor(g.pixels()); }
 
-// D = S - T [rows, p] of one block's normalised features us [Cs, p] and ut [Ct, p], each padded
-// with zero rows to `rows`: all C = max(Cs, Ct) rows in the forward, the teacher's Ct in the
-// backward.
-at::Tensor difference_rows(const at::Tensor& us, const at::Tensor& ut, int64_t rows) {
-  at::Tensor d = at::zeros({rows, us.size(1)}, us.options());
-  const int64_t cs = std::min(us.size(0), rows), ct = std::min(ut.size(0), rows);
-  d.narrow(0, 0, cs).copy_(us.narrow(0, 0, cs));
-  d.narrow(0, 0, ct).sub_(ut.narrow(0, 0, ct));
-  return d;
+// D = S - T [rows, p], in `dtype`, of one block's float64 normalised features us [Cs, p] and
+// ut [Ct, p], each padded with zero rows: rows = C = max(Cs, Ct) in the forward, the teacher's Ct
+// in the backward, so every row is a difference or one network's alone (no fill).
+at::Tensor difference_rows(const at::Tensor& us, const at::Tensor& ut, int64_t rows, at::ScalarType dtype) {
+  const int64_t cs = std::min(us.size(0), rows), ct = std::min(ut.size(0), rows), shared = std::min(cs, ct);
+  at::Tensor d = at::empty({rows, us.size(1)}, us.options());
+  at::Tensor both = d.narrow(0, 0, shared), one = d.narrow(0, shared, rows - shared);
+  at::sub_out(both, us.narrow(0, 0, shared), ut.narrow(0, 0, shared));
+  if (cs > shared) one.copy_(us.narrow(0, shared, cs - shared));
+  if (ct > shared) at::neg_out(one, ut.narrow(0, shared, ct - shared));
+  return d.to(dtype);
 }
 
 // Returns (per-image loss [B], G_ss, G_sd's first Ct columns): entry b is the mean over the P*P
@@ -124,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_blocked(const at::T
       // even where it is far smaller than the features (rounding them first cost 4e-4 of the value)
       const at::Tensor us64 = pooled_block(student[b], g, o0, at::kDouble, false).u;
       const at::Tensor ut64 = pooled_block(teacher[b], g, o0, at::kDouble, false).u;
-      const at::Tensor us = us64.to(acc), d = difference_rows(us64, ut64, C).to(acc);
+      const at::Tensor us = us64.to(acc), d = difference_rows(us64, ut64, C, acc);
       g_ss.addmm_(us, us.t());
       g_sd.addmm_(us, d.t());
       g_dd.addmm_(d, d.t());
@@ -156,7 +158,7 @@ at::Tensor affinity_loss_backward_blocked(const at::Tensor& grad, const at::Tens
       const at::Tensor ut64 = pooled_block(teacher[b], g, o0, at::kDouble, false).u;
       const at::Tensor us = s.u.to(acc), norm = s.norm.to(acc);
       at::Tensor gu = at::mm(g_sd, us);
-      gu.addmm_(g_st, difference_rows(s.u, ut64, Ct).to(acc)).mul_(scale[b]);
+      gu.addmm_(g_st, difference_rows(s.u, ut64, Ct, acc)).mul_(scale[b]);
       const at::Tensor gy = at::where(norm > kAffinityNormEps,
                                       (gu - us * (us * gu).sum(0, /*keepdim=*/true)) / norm, gu / kAffinityNormEps)
                                 .to(student.scalar_type());
