@@ -118,6 +118,17 @@ def test_label_slots(kernels, size):
     assert torch.equal(kernels._label_slots(y, H, W, K, 255), CPU._label_slots(y, H, W, K, 255))
 
 
+def test_label_slots_past_one_grid(emu, poisoned_empties):
+    """The slots kernel launches at most 65535 blocks of 256 threads (blocks_for): past
+    65535 * 256 pixels its grid-stride loop writes the rest (uninitialised, NaN-filled, else)."""
+    emu._emu_configure(False, 7)
+    y = labels(1, 61, 67)
+    H, W = 4099, 4096  # 16,789,504 pixels: 12,544 past one grid
+    assert H * W > 65535 * 256
+    got = emu._label_slots(y, H, W, K, 255)
+    assert torch.equal(got, CPU._label_slots(y, H, W, K, 255))
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("num_classes", [K, 300])
 def test_class_sums(kernels, layout, num_classes):

@@ -107,6 +107,18 @@ def test_tail_images_with_few_classes(next_kernels):
     check_tail(next_kernels, ss[..., :0], sc, ts, tc, "sqeuclidean", True, "mean")
 
 
+@pytest.mark.parametrize("K", [19, 65])  # 16-tiles: 3 tile pairs; 32-tiles: 6; rows past them no tile owns
+def test_tail_writes_every_stats_element(next_kernels, poisoned_empties, K):
+    """stats comes from at::empty: rows 0..P-1 hold the tiles' partials, row K the image's values,
+    and the finish kernel zeroes rows P..K-1, which no tile owns, so that no element of the op's
+    output is left uninitialised (NaN here)."""
+    ss, sc, ts, tc = _tail_case(2, K, 5, 7, seed=K)
+    for normalize in (False, True):
+        stats = next_kernels.idd_tail(ss, sc, ts, tc, "euclidean", normalize, 1e-8, "mean", torch.float32)[2]
+        assert stats.shape == (2, K + 1, CPU.idd_tail(ss, sc, ts, tc, "euclidean", normalize, 1e-8, "mean")[2].shape[2])
+        assert torch.isfinite(stats).all()
+
+
 def test_tail_strided_inputs(next_kernels):
     """Sums and counts read through their strides (class-major sums, every other count) and a
     strided gradient of reduction="none"."""

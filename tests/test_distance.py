@@ -67,6 +67,21 @@ def test_identical_and_zero_centroids_are_finite(device, metric, normalize):
         assert torch.count_nonzero(d) == 0 and torch.count_nonzero(c.grad) == 0
 
 
+@pytest.mark.parametrize("metric,scale", [("euclidean", 1e-9), ("sqeuclidean", 2e-5)])
+def test_normaliser_floored_at_eps_is_a_constant(device, metric, scale):
+    """Centroids so close that the mean distance is below eps: D = R / eps, whose gradient has no
+    term through the (clamped, constant) normaliser. Guards the backward's where(clamped, ...)."""
+    c, n = make_centroids(device=device)
+    c = (scale * c).requires_grad_()
+    present = n.gt(0).sum(1)
+    mean = reference.class_distance_matrix(c.detach(), n, metric).sum((1, 2)) / (present * (present - 1)).clamp_min(1)
+    assert (mean[present > 1] < 1e-8).all() and (mean[present > 1] > 1e-10).all()  # floored, above rounding
+    w = torch.randn(3, 6, 6, dtype=torch.float64, device=device)
+    (ga,) = torch.autograd.grad((idd_ops.class_distance_matrix(c, n, metric, "mean") * w).sum(), c)
+    (gb,) = torch.autograd.grad((reference.class_distance_matrix(c, n, metric, "mean") * w).sum(), c)
+    torch.testing.assert_close(ga, gb, rtol=1e-7, atol=1e-9 * gb.abs().max().item())
+
+
 def test_normalize_mean_is_scale_free(device):
     c, n = make_centroids(device=device)
     for metric in METRICS:

@@ -127,6 +127,24 @@ def test_identical_classes_have_zero_gradient(device):
     torch.testing.assert_close(grad, gb, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("metric,scale", [("euclidean", 1e-9), ("sqeuclidean", 2e-5)])
+def test_student_normaliser_floored_at_eps(device, metric, scale, reduction):
+    """Student centroids so close that the mean distance is below eps: the normaliser is eps, a
+    constant, so the gradient has no term through it (the composite's kappa is 0 where the
+    normaliser is clamped; a kappa left at q / (m n) adds a term scaled by 1 / eps)."""
+    ss, ns, st, nt = _random_case(2, 6, 3, 4, device=device, absent=0.0, seed=7)
+    ss = ss * scale
+    c = ss / ns[..., None]
+    mean = reference.class_distance_matrix(c, ns, metric).sum((1, 2)) / (6 * 5)
+    assert (mean < 1e-8).all() and (mean > 1e-10).all()  # floored, yet well above rounding
+    opts = (metric, "mean", reduction)
+    la, ga = _loss_and_grad(_tail, ss, ns, st, nt, opts)
+    lb, gb = _loss_and_grad(_reference_from_sums, ss, ns, st, nt, opts)
+    torch.testing.assert_close(la, lb, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ga, gb, rtol=1e-7, atol=1e-9 * gb.abs().max().item())
+
+
 @pytest.mark.parametrize("K", [65, 300, 2048])
 def test_many_classes(K):
     opts = ("euclidean", "mean", "mean")

@@ -99,3 +99,16 @@ def test_ifvd(device, case):
     got = _loss_and_grad(idd_ops.intra_class_variation_loss, case, device)
     want = _loss_and_grad(reference.intra_class_variation_loss, case, device)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_nearest_index_is_clamped_where_float_rounding_reaches_the_size(device):
+    """The nearest index floor(dst * float(in / out)) rounds up to in_size for the last pixels of
+    some very wide maps (5 label columns -> 9,718,272): the kernels clamp it to in_size - 1, as
+    F.interpolate does. Guards that clamp: without it those pixels read label row 1's first value
+    (class 4, which the one feature row, from label row 0, never sees)."""
+    W = 9_718_272
+    y = torch.tensor([[[0, 1, 2, 3, 1], [4, 4, 4, 4, 4]]], device=device)  # row 1 follows row 0 in memory
+    slots = torch.ops.idd_ops._label_slots(y, 1, W, 5, 255)
+    assert slots[0, 0, -1] == 1 and not (slots == 4).any()
+    counts = idd_ops.class_centroids(torch.ones(1, 1, 1, W, device=device), y, 5)[1]
+    assert counts[0, 4] == 0 and counts.sum() == W
