@@ -38,11 +38,12 @@ def test_matches_reference(device, kinds, reduction, size):
 def test_stripes_with_many_bands_in_float32(device):
     """floor(num_stripes * y / H) mod 2 in integer arithmetic: with stripe counts above 2^23 (still
     exact in float32) a float32 product num_stripes * y and its quotient round into another band for
-    some rows and columns. Guards the stripes' integer arithmetic for float32 inputs. (Counts above
-    2^24 are not exact as the float32 parameter: 2^31 - 1 gives other bands than the reference.)"""
+    some rows and columns. Guards the stripes' integer arithmetic for float32 inputs, and the count
+    kept in float64 past 2^24 (as a float32 parameter, 2^31 - 1 rounded to 2^31 and gave other
+    bands than the reference)."""
     kinds = ["horizontal_stripes", "vertical_stripes"]
     p = torch.rand(2, num_maps(kinds), 9, 12, device=device)  # both counts round into other bands at 9 and 12
-    for n in (10_000_003, 3 * 2**22 + 1):
+    for n in (10_000_003, 3 * 2**22 + 1, 2**31 - 1, 2**24 + 1):
         la = idd_ops.position_encoding_loss(p, kinds, reduction="none", num_stripes=n)
         lb = reference.position_encoding_loss(p.double(), kinds, reduction="none", num_stripes=n)
         torch.testing.assert_close(la.double(), lb, rtol=1e-5, atol=1e-6)

@@ -26,9 +26,12 @@ enum class PositionMap : int64_t {
 constexpr int64_t kNumPositionMaps = 9;  // codes are 0 .. kNumPositionMaps - 1
 
 // Factor of map `kind` along one axis: axis 0 is rows (index i of n = H), axis 1 columns.
+// `param` stays a double: a stripe count is an integer up to 2^31 - 1, which float32 would round
+// from 2^24 on; the other kinds take it in T.
 template <typename T>
-C10_HOST_DEVICE inline T position_factor(int64_t kind, T param, int64_t axis, int64_t i, int64_t n) {
+C10_HOST_DEVICE inline T position_factor(int64_t kind, double param_in, int64_t axis, int64_t i, int64_t n) {
   const T t = n > 1 ? static_cast<T>(i) / static_cast<T>(n - 1) : T(0);
+  const T param = static_cast<T>(param_in);
   const T two_pi = T(6.283185307179586476925286766559);
   switch (static_cast<PositionMap>(kind)) {
     case PositionMap::Horizontal:
@@ -40,9 +43,9 @@ C10_HOST_DEVICE inline T position_factor(int64_t kind, T param, int64_t axis, in
       return T(wide_exp(T(-0.5) * d * d));
     }
     case PositionMap::HorizontalStripes:
-      return axis == 0 ? static_cast<T>((static_cast<int64_t>(param) * i / n) % 2) : T(1);
+      return axis == 0 ? static_cast<T>((static_cast<int64_t>(param_in) * i / n) % 2) : T(1);
     case PositionMap::VerticalStripes:
-      return axis == 1 ? static_cast<T>((static_cast<int64_t>(param) * i / n) % 2) : T(1);
+      return axis == 1 ? static_cast<T>((static_cast<int64_t>(param_in) * i / n) % 2) : T(1);
     case PositionMap::SinX:
       return axis == 1 ? T(T(0.5) + T(0.5) * wide_sin(two_pi * param * t)) : T(1);
     case PositionMap::CosX:

@@ -19,8 +19,8 @@ template <typename acc_t>
 void factor_tables(int64_t kind, double param, int64_t H, int64_t W, std::vector<acc_t>& rowf, std::vector<acc_t>& colf) {
   rowf.resize(H);
   colf.resize(W);
-  for (int64_t y = 0; y < H; ++y) rowf[y] = position_factor<acc_t>(kind, static_cast<acc_t>(param), 0, y, H);
-  for (int64_t x = 0; x < W; ++x) colf[x] = position_factor<acc_t>(kind, static_cast<acc_t>(param), 1, x, W);
+  for (int64_t y = 0; y < H; ++y) rowf[y] = position_factor<acc_t>(kind, param, 0, y, H);
+  for (int64_t x = 0; x < W; ++x) colf[x] = position_factor<acc_t>(kind, param, 1, x, W);
 }
 
 // Calls body(b, m, plane_offset, rowf, colf) for every (image, map) plane in parallel.

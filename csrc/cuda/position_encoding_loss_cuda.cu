@@ -15,7 +15,7 @@ namespace {
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t target(const MapSpecs& maps, int64_t m, int64_t y, int64_t x, int64_t H, int64_t W) {
-  const acc_t p = static_cast<acc_t>(maps.param[m]);
+  const double p = maps.param[m];
   return position_factor<acc_t>(maps.kind[m], p, 0, y, H) * position_factor<acc_t>(maps.kind[m], p, 1, x, W);
 }
 

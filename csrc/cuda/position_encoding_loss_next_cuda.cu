@@ -44,7 +44,7 @@ __device__ __forceinline__ void visit_packs(const scalar_t* __restrict__ pred, c
   extern __shared__ __align__(16) unsigned char table_bytes[];
   acc_t* colf = reinterpret_cast<acc_t*>(table_bytes);
   const int64_t m = blockIdx.y, kind = maps.kind[m];
-  const acc_t param = static_cast<acc_t>(maps.param[m]);
+  const double param = maps.param[m];
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   for (int64_t x = tid; x < W; x += kThreads) colf[x] = position_factor<acc_t>(kind, param, 1, x, W);
   __syncthreads();
