@@ -37,7 +37,8 @@ def position_encoding_loss(pred_maps: Tensor, kinds: Kinds, reduction: str = "me
             (the ``[B, M, H, W]`` squared errors).
 
     Returns:
-        The loss in ``pred_maps.dtype`` (accumulated in float32 for half types).
+        The loss in ``pred_maps.dtype`` (float32 for half inputs under autocast), accumulated in
+        float32 for half types.
     """
     v.check_features("pred_maps", pred_maps)
     v.check_choice("reduction", reduction, v.REDUCTIONS)

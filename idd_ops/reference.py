@@ -80,7 +80,7 @@ def _class_sums(features, slots, num_classes):
     # sums them less a per-channel pivot (their mean over the image's labelled pixels, a
     # constant; the zeros at ignored pixels would pull it off the features' offset), so that
     # rounding scales with the features' spread, not with a common offset (METHOD.md 8)
-    pivot = f.detach().sum(2, keepdim=True) / valid.sum(2, keepdim=True).clamp_min(1)  # [B, C, 1]
+    pivot = f.detach().sum(2, keepdim=True) / counts.sum(1).clamp_min(1)[:, None, None]  # [B, C, 1]
     sums = torch.einsum("bpk,bcp->bkc", onehot, f - pivot)
     return sums + counts[..., None] * pivot.transpose(1, 2), counts.long()
 

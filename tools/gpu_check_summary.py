@@ -178,6 +178,9 @@ def summary(logs, elapsed=None):
 
 
 def main(argv):
+    if len(argv) < 2 or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     logs, dest = argv[0], argv[1]
     elapsed = int(argv[2]) if len(argv) > 2 else None
     text = summary(logs, elapsed)
@@ -186,4 +189,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))
