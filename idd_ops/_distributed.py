@@ -6,8 +6,24 @@ import torch.distributed as dist
 
 from ._class_sums import centroids_from_sums
 
-if dist.is_available():  # builds without distributed support lack torch.distributed.nn
-    import torch.distributed.nn.functional as dist_fn
+
+class _AllReduceSum(torch.autograd.Function):
+    """A summing all-reduce with its gradient: the gradient of every rank's input is the sum of
+    every rank's output gradient (torch.distributed.nn.functional.all_reduce, which did this,
+    is deprecated from torch 2.13 on)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def pooled_sums(sums: torch.Tensor, counts: torch.Tensor, process_group: Optional[object]):
@@ -16,7 +32,7 @@ def pooled_sums(sums: torch.Tensor, counts: torch.Tensor, process_group: Optiona
     sums = sums.sum(0, keepdim=True)
     counts = counts.sum(0, keepdim=True)
     if process_group is not None:
-        sums = dist_fn.all_reduce(sums, group=process_group)
+        sums = _AllReduceSum.apply(sums, process_group)
         counts = counts.clone()
         dist.all_reduce(counts, group=process_group)
     return sums, counts

@@ -5,6 +5,7 @@ the elementary names into the C++ kernels' codes; the reference materialises the
 The kinds and their formulas are listed in idd_ops.position.
 """
 import math
+from collections.abc import Sequence as SequenceABC
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -36,11 +37,23 @@ MAX_FREQUENCIES = 63
 MIN_SIGMA = torch.finfo(torch.float32).tiny
 
 
+def kind_tuple(kinds: Kinds) -> Tuple[str, ...]:
+    """One kind or an ordered sequence of kinds as a tuple. A set (or another unordered
+    collection) is a TypeError: the maps' order is the output channels' order, and a set's
+    iteration order changes between processes (string hashing), so a read-out saved in one
+    would be compared with other maps in the next."""
+    if isinstance(kinds, str):
+        return (kinds,)
+    if not isinstance(kinds, SequenceABC):
+        raise TypeError(f"kinds: expected a map kind or a list or tuple of them (ordered: one output map each, in "
+                        f"that order), got {type(kinds).__name__} {kinds!r}")
+    return tuple(kinds)
+
+
 def expand_kinds(kinds: Kinds, num_frequencies: int = 2, num_stripes: int = 4,
                  sigma: float = 0.25) -> Tuple[List[str], List[float], List[str]]:
     """Map kinds -> (elementary map names, their parameters, display labels), one per output channel."""
-    if isinstance(kinds, str):
-        kinds = (kinds,)
+    kinds = kind_tuple(kinds)
     if not kinds:
         raise ValueError("kinds: expected at least one map kind")
     _check_int("num_frequencies", num_frequencies, 1, MAX_FREQUENCIES)

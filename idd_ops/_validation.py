@@ -11,6 +11,8 @@ def _check_tensor(name, x, dim, layout, floating):
     """x is a `dim`-D tensor (`layout` names its axes) of a floating or an integer dtype."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {x.layout}; convert with .to_dense()")
     if x.dim() != dim:
         raise ValueError(f"{name}: expected a {dim}-D {layout} tensor, got shape {tuple(x.shape)}")
     if floating and not x.is_floating_point():
@@ -85,7 +87,7 @@ def check_positive(name, value):
     """A finite positive int or float (not a bool): TypeError for another type, ValueError if
     <= 0, inf or NaN (the ops' own checks say the same)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a finite value > 0, got {value!r}")
+        raise TypeError(f"{name}: expected a Python int or float > 0, got {type(value).__name__} {value!r}")
     if not 0 < value < float("inf"):
         raise ValueError(f"{name}: expected a finite value > 0, got {value!r}")
 
@@ -95,12 +97,12 @@ def check_positive(name, value):
 MIN_TEMPERATURE = 1 / torch.finfo(torch.float32).max
 
 
-def check_temperature(temperature):
+def check_temperature(temperature, name="temperature"):
     """A finite temperature >= MIN_TEMPERATURE (about 2.9e-39): a smaller one made 1 / T
     infinite and the loss NaN for finite logits."""
-    check_positive("temperature", temperature)
+    check_positive(name, temperature)
     if temperature < MIN_TEMPERATURE:
-        raise ValueError(f"temperature: expected a finite value >= {MIN_TEMPERATURE:.3g} (1 / T must be a finite "
+        raise ValueError(f"{name}: expected a finite value >= {MIN_TEMPERATURE:.3g} (1 / T must be a finite "
                          f"float32), got {temperature!r}")
 
 

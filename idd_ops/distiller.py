@@ -1,5 +1,7 @@
 """A drop-in helper that adds IDD (and PID, pixel KD, the baselines) to an existing training loop."""
 import inspect
+import numbers
+import warnings
 from types import ModuleType, SimpleNamespace
 from typing import Dict, Mapping, Optional, Tuple, Union
 
@@ -34,17 +36,27 @@ class FeatureHook:
         except AttributeError as e:
             names = [n for n, _ in model.named_modules() if n]
             raise ValueError(f"layer {name!r} not found; named modules are e.g. {names[:12]}") from e
-        self.name, self.role, self.output, self.removed = name, role, None, False
+        self.name, self.role, self.output, self.version, self.removed = name, role, None, None, False
         self.handle = module.register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output):
+        # the version counter tells pop() whether a later op changed the output in place (eager
+        # only: torch.compile cannot guard on it)
         self.output = output
+        self.version = None if torch.compiler.is_compiling() else getattr(output, "_version", None)
 
     def pop(self):
         out, self.output = self.output, None
         if out is None:
             why = "its hook was removed (remove_hooks)" if self.removed else "it did not run in the last forward"
             raise RuntimeError(f"no features from the {self.role}'s layer {self.name!r}: {why}")
+        if self.version is not None and out._version != self.version:
+            # e.g. BatchNorm followed by ReLU(inplace=True): the kept tensor now holds the ReLU's
+            # output, and a loss on it would silently distil other features than the layer's
+            raise RuntimeError(f"the {self.role}'s layer {self.name!r}: its output was changed in place after the "
+                               "layer returned it (by a later in-place op, e.g. ReLU(inplace=True)), so it no longer "
+                               "holds the layer's features; name the layer whose output you want after the in-place "
+                               "op (e.g. the ReLU), or make that op out of place (inplace=False)")
         return out
 
     def remove(self):
@@ -79,7 +91,10 @@ class Distiller(nn.Module):
             dict with them under ``"out"`` (torchvision's segmentation models; the student's
             output is returned as the model gave it). Every other argument is keyword-only.
         teacher_layer, student_layer: names (as in ``named_modules()``) of the layers whose
-            ``[B, C, H, W]`` outputs feed IDD, PID, CWD, SKD and IFVD.
+            ``[B, C, H, W]`` outputs feed IDD, PID, CWD, SKD and IFVD. A later in-place op must
+            not change that output (e.g. a BatchNorm followed by ``ReLU(inplace=True)``: name
+            the ReLU): the forward raises a RuntimeError where one did. A student whose
+            features carry no gradient in training (reentrant checkpointing) gets a warning.
         num_classes: K. ignore_index: Default 255.
         weights: loss name -> weight; names: ``"idd"``, ``"pid"``, ``"kd"`` (pixel KD on
             logits), ``"skd"``, ``"ifvd"``, ``"cwd"``. Default: ``{"idd": 1.0}``. A weight of 0
@@ -128,10 +143,13 @@ class Distiller(nn.Module):
         if weights.get("cwd") and cwd is None:
             raise ValueError("cwd: a ChannelWiseDistillationLoss is needed when weights['cwd'] is set")
         for name, w in weights.items():
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+            if isinstance(w, bool) or not isinstance(w, numbers.Real):
+                raise TypeError(f"weights: {name!r} needs a real number (a Python or NumPy int or float), got "
+                                f"{type(w).__name__} {w!r}")
+            if not 0 <= w < float("inf"):
                 raise ValueError(f"weights: {name!r} needs a finite weight >= 0, got {w!r}")
         v.check_num_classes(num_classes, ignore_index)
-        v.check_positive("kd_temperature", kd_temperature)
+        v.check_temperature(kd_temperature, "kd_temperature")
         params = inspect.signature(functional.inter_class_distance_loss).parameters
         unknown = set(idd_options or {}) - (set(params) - {"student_feats", "teacher_feats", "labels", "num_classes",
                                                            "ignore_index"})
@@ -166,6 +184,12 @@ class Distiller(nn.Module):
             out_t = self.teacher(images)
         logits_s, logits_t = _logits(out_s, "student"), _logits(out_t, "teacher")
         fs, ft = self._hooks[0].pop(), self._hooks[1].pop()
+        if (self.training and torch.is_grad_enabled() and isinstance(fs, Tensor) and not fs.requires_grad
+                and any(w for name, w in self.weights.items() if name != "kd")):
+            warnings.warn(f"Distiller: the student's features (layer {self._hooks[0].name!r}) do not require grad, so "
+                          "the feature losses give the student no gradient: was the layer run under no_grad, or "
+                          "under torch.utils.checkpoint with use_reentrant=True (use use_reentrant=False)?",
+                          stacklevel=2)
         losses = {}
         for name, w in self.weights.items():
             losses[name] = w * self._loss(name, fs, ft, logits_s, logits_t, labels)

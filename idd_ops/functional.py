@@ -58,7 +58,7 @@ def class_distance_matrix(centroids: Tensor, counts: Tensor, metric: str = "eucl
 
     Args:
         centroids: ``[B, K, C]`` floating, e.g. from :func:`class_centroids`.
-        counts: ``[B, K]`` integer; a class with count 0 is absent.
+        counts: ``[B, K]`` integer; a class with count 0 (or below) is absent.
         metric: ``"euclidean"`` (default, gradient 0 at zero distance), ``"sqeuclidean"`` or
             ``"cosine"`` (``1 - <ci, cj> / max(|ci| |cj|, eps)``).
         normalize: ``None`` (default) or ``"mean"``: divide each image's matrix by

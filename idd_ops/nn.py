@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from . import _validation as v
 from . import baselines
 from . import functional as F
+from ._position_maps import kind_tuple
 from ._reduction import reduce
 from .position import num_maps, position_encoding_loss
 
@@ -44,7 +45,8 @@ class InterClassDistanceLoss(nn.Module):
 
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, ignore_index={self.ignore_index}, metric={self.metric!r}, "
-                f"normalize={self.normalize!r}, reduction={self.reduction!r}, centroids={self.centroids!r}")
+                f"normalize={self.normalize!r}, reduction={self.reduction!r}, eps={self.eps}, centroids={self.centroids!r}"
+                + ("" if self.process_group is None else f", process_group={self.process_group!r}"))
 
 
 class PositionEncodingModule(nn.Module):
@@ -67,7 +69,7 @@ class PositionEncodingModule(nn.Module):
         super().__init__()
         v.check_int("in_channels", in_channels, 1)
         v.check_int("hidden", hidden, 1)
-        self.kinds = tuple([kinds] if isinstance(kinds, str) else kinds)
+        self.kinds = kind_tuple(kinds)
         self.num_frequencies, self.num_stripes, self.sigma = num_frequencies, num_stripes, sigma
         out = num_maps(self.kinds, num_frequencies)
         self.layers = nn.Sequential(
@@ -81,6 +83,9 @@ class PositionEncodingModule(nn.Module):
     def map_options(self) -> dict:
         """Keyword arguments that regenerate this read-out's target maps."""
         return dict(num_frequencies=self.num_frequencies, num_stripes=self.num_stripes, sigma=self.sigma)
+
+    def extra_repr(self):
+        return f"kinds={self.kinds!r}, " + ", ".join(f"{k}={val}" for k, val in self.map_options().items())
 
 
 class PositionDistillationLoss(nn.Module):
@@ -135,9 +140,13 @@ class PositionDistillationLoss(nn.Module):
                 raise ValueError("kinds: the 'target' variant needs the position map kinds, given as kinds= or "
                                  "through a readout")
             kinds = kinds if kinds is not None else readout.kinds
-            self.kinds = tuple([kinds] if isinstance(kinds, str) else kinds)
+            self.kinds = kind_tuple(kinds)
             options = readout.map_options() if readout is not None else {}
             self.readout = PositionEncodingModule(student_channels, self.kinds, hidden=hidden, **options)
+
+    def extra_repr(self):
+        return f"variant={self.variant!r}, reduction={self.reduction!r}" + (
+            f", kinds={self.kinds!r}" if self.variant == "target" else "")
 
     def train(self, mode=True):
         super().train(mode)
@@ -173,6 +182,9 @@ class PixelKDLoss(nn.Module):
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         return baselines.pixel_kd_loss(student_logits, teacher_logits, labels, self.temperature, self.ignore_index,
                                        self.reduction)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
 
 
 class ChannelWiseDistillationLoss(nn.Module):
@@ -230,6 +242,9 @@ class StructuralKDLoss(nn.Module):
     def forward(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
         return baselines.structural_kd_loss(student_feats, teacher_feats, self.pool, self.reduction)
 
+    def extra_repr(self):
+        return f"pool={self.pool}, reduction={self.reduction!r}"
+
 
 class IntraClassVariationLoss(nn.Module):
     """IFVD; see :func:`idd_ops.intra_class_variation_loss` (same options and defaults).
@@ -246,6 +261,10 @@ class IntraClassVariationLoss(nn.Module):
                 size: Optional[Tuple[int, int]] = None) -> Tensor:
         return baselines.intra_class_variation_loss(student_feats, teacher_feats, labels, self.num_classes,
                                                     self.ignore_index, self.eps, self.reduction, size)
+
+    def extra_repr(self):
+        return (f"num_classes={self.num_classes}, ignore_index={self.ignore_index}, eps={self.eps}, "
+                f"reduction={self.reduction!r}")
 
 
 __all__ = ["ChannelWiseDistillationLoss", "InterClassDistanceLoss", "IntraClassVariationLoss", "PixelKDLoss",

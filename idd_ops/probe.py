@@ -20,7 +20,8 @@ def probe_position_information(feature_fn: Callable[[object], Tensor], batches: 
 
     Args:
         feature_fn: callable mapping one batch to features ``[B, C, H, W]``; run under
-            ``torch.no_grad()`` (the network is frozen).
+            ``torch.no_grad()`` (the network is frozen). The read-out trains with gradients
+            enabled even where the caller runs under ``no_grad`` or ``inference_mode``.
         batches: a sequence of inputs for ``feature_fn``, cycled through for training.
         kinds: position map kinds (see :mod:`idd_ops.position`).
         steps: optimisation steps (Adam). Default: 200.
@@ -49,8 +50,18 @@ def probe_position_information(feature_fn: Callable[[object], Tensor], batches: 
     batches = list(batches)
     if not batches:
         raise ValueError("batches: expected at least one batch")
+    # the read-out trains here even when the caller evaluates under no_grad or inference_mode
+    with torch.inference_mode(False), torch.enable_grad():
+        return _probe(feature_fn, batches, kinds, steps, lr, hidden, num_frequencies, num_stripes, sigma, progress)
+
+
+def _probe(feature_fn, batches, kinds, steps, lr, hidden, num_frequencies, num_stripes, sigma, progress):
     with torch.no_grad():
         feats = [feature_fn(b) for b in batches]
+    for i, f in enumerate(feats):
+        if not isinstance(f, torch.Tensor) or f.dim() != 4:
+            got = f"a {f.dim()}-d tensor" if isinstance(f, torch.Tensor) else type(f).__name__
+            raise TypeError(f"feature_fn: expected features [B, C, H, W] (a 4-d tensor) for batch {i}, got {got}")
     readout = PositionEncodingModule(feats[0].shape[1], kinds, hidden=hidden, num_frequencies=num_frequencies,
                                      num_stripes=num_stripes, sigma=sigma)
     options = readout.map_options()

@@ -295,6 +295,28 @@ def test_an_empty_input_gives_the_references_finite_result(device, name, shape):
         assert xs.grad is None or (xs.grad.shape == xs.shape and torch.isfinite(xs.grad).all())
 
 
+@pytest.mark.parametrize("name", ["idd", "ifvd"])
+def test_an_empty_map_with_labels_agrees_with_the_reference(name):
+    """Labels of a real size over an empty feature map: the reference's F.interpolate raised
+    ("sizes should be greater than 0") where the fused op gives 0."""
+    fn = {"idd": "inter_class_distance_loss", "ifvd": "intra_class_variation_loss"}[name]
+    s, t, y = torch.randn(2, 3, 0, 4), torch.randn(2, 5, 0, 4), torch.randint(0, 3, (2, 4, 4))
+    got, want = getattr(idd_ops, fn)(s, t, y, 3), getattr(reference, fn)(s, t, y, 3)
+    assert got.item() == 0 and want.item() == 0
+
+
+def test_modules_show_their_options():
+    for module, text in [(idd_ops.nn.PixelKDLoss(2.0), "temperature=2.0, ignore_index=255, reduction='mean'"),
+                         (idd_ops.nn.StructuralKDLoss(pool=1), "pool=1, reduction='mean'"),
+                         (idd_ops.nn.IntraClassVariationLoss(19), "num_classes=19, ignore_index=255, eps=1e-08"),
+                         (idd_ops.nn.InterClassDistanceLoss(19, eps=1e-6), "eps=1e-06, centroids='image'"),
+                         (idd_ops.nn.PositionEncodingModule(4, "gaussian", sigma=0.5), "kinds=('gaussian',), "
+                          "num_frequencies=2, num_stripes=4, sigma=0.5"),
+                         (idd_ops.nn.PositionDistillationLoss(None, 4, variant="target", kinds="vertical"),
+                          "variant='target', reduction='mean', kinds=('vertical',)")]:
+        assert text in repr(module), repr(module)
+
+
 def test_an_empty_batch_gives_zero_position_distillation(device):
     readout = idd_ops.nn.PositionEncodingModule(6, ["horizontal"], hidden=8)
     pid = idd_ops.nn.PositionDistillationLoss(readout, 4).to(device)
@@ -391,7 +413,7 @@ def test_one_way_layering():
     for name in torch_only:
         top, _ = _imports(PKG / name)
         for module in top:
-            assert module.split(".")[0] in {"torch", "math", "typing"} or module.lstrip(".") + ".py" in torch_only, \
+            assert module.split(".")[0] in {"torch", "math", "typing", "collections"} or module.lstrip(".") + ".py" in torch_only, \
                 f"{name} imports {module}"
     # dtype policy and distributed pooling are private, not in the public functional module
     defined = {n.name for n in ast.parse((PKG / "functional.py").read_text()).body if isinstance(n, ast.FunctionDef)}
@@ -491,6 +513,8 @@ S, T, Y = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randint(0, 3, 
     (lambda: idd_ops.position_maps("horizontal", 4, 4, num_stripes=True), TypeError, "num_stripes"),
     (lambda: idd_ops.position_maps("gaussian", 4, 4, sigma=True), TypeError, "sigma"),
     (lambda: idd_ops.structural_kd_loss(S, T, reduction="avg"), ValueError, "reduction"),
+    (lambda: idd_ops.inter_class_distance_loss(S.to_sparse(), T, Y, 3), TypeError,
+     "student_feats: expected a dense \\(strided\\) tensor, got layout torch.sparse_coo"),
 ])
 def test_strict_checks(call, exc, text):
     with pytest.raises(exc, match=text):

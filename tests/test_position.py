@@ -209,3 +209,29 @@ def test_half_sum_accumulates_in_float32():
     assert loss.dtype == torch.float32
     want = reference.position_encoding_loss(p.double(), ["horizontal"], reduction="sum")
     torch.testing.assert_close(loss.double(), want, rtol=1e-2, atol=0)
+
+
+def test_probe_trains_under_no_grad_and_inference_mode():
+    """Called from evaluation code (no_grad, inference_mode) the probe trained nothing: its
+    loss had no grad_fn. It gives the same read-out as a call with gradients on."""
+    batches, kinds = [torch.randn(2, 3, 6, 6)], ["horizontal", "vertical"]
+    torch.manual_seed(0)
+    _, want = idd_ops.probe_position_information(lambda x: x, batches, kinds, steps=3, hidden=4)
+    for context in (torch.no_grad, torch.inference_mode):
+        torch.manual_seed(0)
+        with context():
+            _, got = idd_ops.probe_position_information(lambda x: x, batches, kinds, steps=3, hidden=4)
+        assert got == want
+    with pytest.raises(TypeError, match=r"feature_fn: expected features \[B, C, H, W\] .* batch 0, got dict"):
+        idd_ops.probe_position_information(lambda x: {"out": x}, batches, kinds, steps=1, hidden=4)
+
+
+def test_kinds_must_be_ordered():
+    """A set's order changes between processes (string hashing): a read-out saved in one would
+    regress other maps in the next. Lists and tuples (and one kind) are taken."""
+    pred = idd_ops.position_maps(["horizontal", "vertical"], 6, 8)[None]
+    assert idd_ops.position_encoding_loss(pred, ("horizontal", "vertical")).item() == 0
+    for call in (lambda k: idd_ops.position_encoding_loss(pred, k), lambda k: idd_ops.position_maps(k, 6, 8),
+                 lambda k: idd_ops.nn.PositionEncodingModule(4, k), lambda k: reference.position_encoding_loss(pred, k)):
+        with pytest.raises(TypeError, match="kinds: expected a map kind or a list or tuple of them"):
+            call({"horizontal", "vertical"})
