@@ -19,7 +19,7 @@ def resize_labels(labels, size):
     """Labels ``[B, Hy, Wy]`` -> ``[B, H, W]`` (int64) by nearest neighbour (F.interpolate's rule)."""
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels.long()
-    if 0 in tuple(size) or labels.numel() == 0:  # F.interpolate rejects empty sizes: nothing to pick
+    if 0 in tuple(size):  # F.interpolate rejects an empty output: nothing to pick
         return labels.new_zeros((labels.shape[0], *size), dtype=torch.long)
     return F.interpolate(labels[:, None].double(), size=tuple(size), mode="nearest")[:, 0].long()
 
