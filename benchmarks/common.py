@@ -7,6 +7,7 @@ memory in the process (retain_freed_memory; --system-malloc leaves it). Fused an
 run under the same settings; reports state them.
 """
 import os
+import platform
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
@@ -243,6 +244,19 @@ def count_launches(events):
 
 # The CUDA kernel sets: IDD_OPS_CUDA_NEXT's value for each (idd_ops/_switches.py).
 KERNEL_SETS = {"default": "0", "next": "1"}
+
+
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo on Linux), else the platform's processor or machine
+    name: ratios against eager PyTorch moved 2-3x between the hosts these VMs land on."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()}, {platform.machine()}"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def revision():
