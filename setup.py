@@ -8,7 +8,7 @@ pip does not fetch a second (multi-GB) torch into an isolated build environment.
                         DEFAULT_CUDA_ARCHS (those the installed nvcc can build)
   IDD_OPS_DEBUG_INFO=1  keep the -g of Python's compiler flags (left out by default)
 The CPU code is portable: built for baseline x86-64, with the vector-width-bound loops also
-compiled for AVX2 + FMA and chosen at load time (csrc/cpu/dispatch.h); no -march/-m flags.
+compiled for AVX2 + FMA and for AVX-512 and chosen at load time (csrc/cpu/dispatch.h); no -march/-m flags.
 """
 import glob
 import os
@@ -112,12 +112,12 @@ def extension():
     # -fno-trapping-math: lets the compiler if-convert the branch-free exp's clamps and
     # vectorise its loops (no result changes; FP exception flags are never read).
     # -ffp-contract=off: no fused multiply-adds the source does not write, so the baseline
-    # code rounds alike on every CPU and compiler; only the AVX2 kernel variant fuses them
+    # code rounds alike on every CPU and compiler; only the AVX2 and AVX-512 kernel variants fuse them
     # (csrc/cpu/kernels/per_capability.h).
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off"]
     link = ["-fopenmp"] + torch_libstdcxx()
     limited = {"py_limited_api": True} if LIMITED_API_CPYTHON else {}
-    print(f"idd_ops: C++ flags {' '.join(cxx)}; CPU kernels dispatched at load time (baseline, AVX2+FMA)")
+    print(f"idd_ops: C++ flags {' '.join(cxx)}; CPU kernels dispatched at load time (baseline, AVX2+FMA, AVX-512)")
     if want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         print(f"idd_ops: building CPU and CUDA kernels ({len(sources)} sources)")

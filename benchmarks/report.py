@@ -270,7 +270,7 @@ def header(device, repeat, compiled, rates, rows, out, allocator=common.SYSTEM_M
         dev = f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
     else:
         dev = f"{common.cpu_model()}, {torch.get_num_threads()} threads, torch CPU capability " \
-              f"{torch.backends.cpu.get_cpu_capability()}"
+              f"{torch.backends.cpu.get_cpu_capability()}, idd_ops CPU kernels {torch.ops.idd_ops._cpu_capability()}"
     train_step = TRAIN_STEP["cuda" if device.startswith("cuda") else "cpu"]
     link = os.path.relpath(train_step, os.path.dirname(os.path.abspath(out)))
     peers = ""

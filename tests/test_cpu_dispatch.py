@@ -1,6 +1,6 @@
-"""The CPU kernel variants (baseline x86-64 and AVX2, csrc/cpu/dispatch.h) agree: the AVX2 one
-fuses multiply-adds, so within rounding (torch.testing.assert_close's defaults per dtype); the
-environment variable IDD_OPS_CPU_CAPABILITY selects them."""
+"""The CPU kernel variants (baseline x86-64, AVX2 and AVX-512, csrc/cpu/dispatch.h) agree: the
+AVX2 and AVX-512 ones fuse multiply-adds, so within rounding (torch.testing.assert_close's
+defaults per dtype); the environment variable IDD_OPS_CPU_CAPABILITY selects them."""
 import os
 import subprocess
 import sys
@@ -21,6 +21,15 @@ def cpu_flags():
             return set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
         return set()
+
+
+AVX2 = {"avx2", "fma"}
+AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+
+
+def best_capability():
+    flags = cpu_flags()
+    return "avx512" if AVX512 <= flags else "avx2" if AVX2 <= flags else "default"
 
 
 def run_probe(path, capability, runner=()):
@@ -57,24 +66,28 @@ def assert_bitwise_equal(a, b, float64_ulps=False):
 
 def test_capability_reported():
     cap = torch.ops.idd_ops._cpu_capability()
-    assert cap in ("default", "avx2")
+    assert cap in ("default", "avx2", "avx512")
     forced = os.environ.get("IDD_OPS_CPU_CAPABILITY", "").lower()
-    if forced == "default":
-        assert cap == "default"
-    elif {"avx2", "fma"} <= cpu_flags():
-        assert cap == "avx2"
+    order = ["default", "avx2", "avx512"]
+    if forced in order:  # a request only lowers the choice
+        assert cap == order[min(order.index(forced), order.index(best_capability()))]
+    else:
+        assert cap == best_capability()
 
 
-def test_variants_agree(tmp_path):
+@pytest.mark.parametrize("capability", ["avx2", "avx512"])
+def test_variants_agree(tmp_path, capability):
     base = run_probe(tmp_path / "default.pt", "default")
-    best = run_probe(tmp_path / "avx2.pt", "avx2")
+    other = run_probe(tmp_path / f"{capability}.pt", capability)
     assert base["capability"] == "default"
-    if best["capability"] != "avx2":
+    if other["capability"] != capability:
         # only where the CPU lacks it: a request for AVX2 that chose the baseline on a CPU with
         # AVX2 + FMA made this test skip and compare nothing (mutation-checked)
-        assert not {"avx2", "fma"} <= cpu_flags(), "IDD_OPS_CPU_CAPABILITY=avx2 chose the baseline on an AVX2 CPU"
-        pytest.skip("this CPU has no AVX2 + FMA: one variant only")
-    assert_close(base, best)
+        order = ["default", "avx2", "avx512"]
+        assert order.index(best_capability()) < order.index(capability) and other["capability"] == best_capability(), \
+            f"IDD_OPS_CPU_CAPABILITY={capability} chose {other['capability']} on a CPU whose best is {best_capability()}"
+        pytest.skip(f"this CPU has no {capability}: the variant cannot run")
+    assert_close(base, other)
 
 
 def test_bad_capability_names_the_variable():

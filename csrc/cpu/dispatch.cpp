@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cstdlib>
 #include <string>
@@ -13,8 +14,12 @@ namespace {
 
 CpuCapability detect() {
 #ifdef IDD_OPS_CPU_DISPATCH_AVX2
-  __builtin_cpu_init();  // checks the OS saves YMM state too, not only the CPUID bits
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuCapability::AVX2;
+  __builtin_cpu_init();  // checks the OS saves YMM (and ZMM) state too, not only the CPUID bits
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return CpuCapability::Default;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return CpuCapability::AVX512;
+  return CpuCapability::AVX2;
 #endif
   return CpuCapability::Default;
 }
@@ -27,8 +32,9 @@ CpuCapability choose() {
   for (char& ch : want) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   // A request can only lower the choice: asking for AVX2 on a CPU without it gets the baseline.
   if (want == "default") return CpuCapability::Default;
-  if (want == "avx2") return best;
-  TORCH_CHECK_VALUE(false, "IDD_OPS_CPU_CAPABILITY: expected \"default\" or \"avx2\", got \"", env, "\"");
+  if (want == "avx2") return std::min(best, CpuCapability::AVX2);
+  if (want == "avx512") return best;
+  TORCH_CHECK_VALUE(false, "IDD_OPS_CPU_CAPABILITY: expected \"default\", \"avx2\" or \"avx512\", got \"", env, "\"");
 }
 
 }  // namespace
@@ -39,11 +45,11 @@ CpuCapability cpu_capability() {
 }
 
 const char* cpu_capability_name(CpuCapability c) {
-  return c == CpuCapability::AVX2 ? "avx2" : "default";
+  return c == CpuCapability::AVX512 ? "avx512" : c == CpuCapability::AVX2 ? "avx2" : "default";
 }
 
 TORCH_LIBRARY_FRAGMENT(idd_ops, m) {
-  // The CPU kernel variant this process runs: "default" (baseline x86-64) or "avx2".
+  // The CPU kernel variant this process runs: "default" (baseline x86-64), "avx2" or "avx512".
   m.def("_cpu_capability() -> str", [] { return std::string(cpu_capability_name(cpu_capability())); });
 }
 
