@@ -417,6 +417,8 @@ def main(argv=None):
     default_cases = cases.QUICK if args.quick else cases.GUARD if args.guard else \
         (cases.CUDA_FULL if on_cuda else cases.FULL)
     names = [c for c in (args.cases or default_cases) if c not in args.skip]
+    if not names:
+        p.error("--skip: leaves no case to run")
     if args.warm_compile:
         return warm_compile([n for n in names if args.compile_cases is None or n in args.compile_cases], args.device)
     if args.rows_json:  # a child of --kernels: rows only

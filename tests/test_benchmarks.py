@@ -2,6 +2,7 @@
 label generators, the report's rows and the training-step script. Small inputs, no timings
 asserted."""
 import argparse
+import os
 import platform
 import subprocess
 import sys
@@ -503,7 +504,8 @@ def test_report_keeps_going_past_a_failing_case(monkeypatch):
 
 @pytest.mark.parametrize("argv", [["--cases", "foo"], ["--cases", "ifvd b2x"], ["--skip", "skd pool 1"],
                                   ["--cases", "idd_loss cityscapes fragmentd"], ["--repeat", "0"], ["--device", "foo"],
-                                  ["--out", "."], ["--update", "--cases", "ifvd"]])
+                                  ["--out", "."], ["--update", "--cases", "ifvd"],
+                                  ["--cases", "position_loss 8x16", "--skip", "position_loss 8x16"]])
 def test_report_options_fail_before_anything_runs(monkeypatch, capsys, argv):
     monkeypatch.setattr(report, "measure", lambda *a, **k: pytest.fail("measured despite a bad option"))
     with pytest.raises(SystemExit) as exit_info:
@@ -556,3 +558,9 @@ def test_sweep_rounds_must_be_positive(capsys):
     with pytest.raises(SystemExit) as exit_info:
         sweep.main(["--repeat", "0"])
     assert exit_info.value.code == 2
+
+
+def test_sweep_out_must_be_a_folder_it_can_make(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(["--out", os.path.join(__file__, "sub")])
+    assert exit_info.value.code == 2 and "--out: cannot create the folder" in capsys.readouterr().err

@@ -395,6 +395,7 @@ def test_results_md_has_no_empty_column_and_a_smoke_run_says_so(tmp_path, one_th
     (["--threads", "0"], "--threads: expected an int >= 1"),
     (["--configs", "ce", "ce+idd", "--weight", "cwd=5"], "--weight: no configuration of this run uses cwd"),
     (["--out", __file__], "is a file; expected a folder"),
+    (["--out", os.path.join(__file__, "sub")], "--out: cannot create the folder"),
     (["--replot", "/nonexistent"], "--replot: '/nonexistent' holds no results.json"),
 ])
 def test_the_cli_rejects_bad_flags_before_any_work(argv, text, capsys):
@@ -432,13 +433,53 @@ def test_the_cli_refuses_a_teacher_file_that_is_not_one(tmp_path, capsys, conten
                                         (["--grid", "idd=-1"], "finite weights >= 0"),
                                         (["--grid", "idd=a"], "finite weights >= 0"),
                                         (["--teacher", "/nonexistent/teacher.pt"], "--teacher: no file"),
-                                        (["--seeds", "1", "1"], "names one twice")])
+                                        (["--seeds", "1", "1"], "names one twice"),
+                                        (["--grid", "idd=1", "--grid", "idd=0.3,3"], "names a loss or a weight twice"),
+                                        (["--grid", "idd=1,1"], "names a loss or a weight twice"),
+                                        (["--out", os.path.join(__file__, "sub")], "--out: cannot create the folder")])
 def test_the_tuning_rejects_bad_flags_before_any_work(argv, text, capsys):
     from idd_ops.demo import tune
 
     with pytest.raises(SystemExit) as stop:
         tune.main(argv)
     assert stop.value.code == 2 and text in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("main", ["cli", "tune"])
+def test_a_teacher_of_another_image_size_is_refused(tmp_path, capsys, main):
+    """A 64x128 teacher given to the full preset (128x256) was taken, and the results described
+    the preset's teacher instead."""
+    from idd_ops.demo import cli, tune
+
+    path = tmp_path / "teacher.pt"
+    torch.save({"model": make_teacher(len(experiment.CLASSES)).state_dict(), "curve": [],
+                "key": {"size": [8, 16]}}, path)
+    with pytest.raises(SystemExit) as stop:
+        {"cli": cli, "tune": tune}[main].main(["--preset", "full", "--teacher", str(path)])
+    assert stop.value.code == 2
+    assert "was trained on 8x16 images; the full preset's are 128x256" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_ends_with_one_line_and_the_signals_status(tmp_path, capsys):
+    """Ctrl-C (130) and a time limit's SIGTERM (143) end a run with one line on how to resume:
+    SIGTERM killed the process before, leaving the shared run file in runs/, and the tuning
+    printed a traceback for Ctrl-C."""
+    import signal
+    import time
+
+    from idd_ops.demo import cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    for stop, code in (("SIGTERM", 143), ("Ctrl-C", 130)):
+        with pytest.raises(SystemExit) as ended:
+            with cli.resumable(str(tmp_path)):
+                if stop == "SIGTERM":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(10)  # the handler raises here, at once
+                raise KeyboardInterrupt
+        assert ended.value.code == code
+        assert "the same command resumes" in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_cached_teacher_of_another_network_is_trained_again(tmp_path, capsys, one_thread):

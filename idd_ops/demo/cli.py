@@ -14,10 +14,12 @@ The full preset takes its loss weights from results/full-tune/tune.json when tha
 committed (python -m idd_ops.demo.tune --preset full); results.md says where they came from.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import shlex
+import signal
 import sys
 
 # Settings read once, when torch and its OpenMP runtime load (see docs/ARCHITECTURE.md, Demo);
@@ -27,15 +29,47 @@ import sys
 ENVIRONMENT = {"THP_MEM_ALLOC_ENABLE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def _restart_with_environment():
+def restart_with_environment(module="idd_ops.demo.cli"):
     """Python imports the idd_ops package (and so torch) before this module runs, too late for
     ENVIRONMENT to take effect: restart the command once with it set."""
     missing = {k: v for k, v in ENVIRONMENT.items() if k not in os.environ}
     if missing:
-        # rerun the way it was started: `python -m idd_ops.demo.cli` (argv[0] is this file) or the
+        # rerun the way it was started: `python -m <module>` (argv[0] is a file) or the
         # `idd-distill` script (not `-m`, which would put the current folder first on sys.path)
-        how = ["-m", "idd_ops.demo.cli"] if sys.argv[0].endswith(".py") else [sys.argv[0]]
+        how = ["-m", module] if sys.argv[0].endswith(".py") else [sys.argv[0]]
         os.execve(sys.executable, [sys.executable, *how, *sys.argv[1:]], {**os.environ, **missing})
+
+
+class _Stopped(KeyboardInterrupt):
+    """A SIGTERM (a time limit's signal) raised where the program runs, so that it unwinds as
+    Ctrl-C does: the shared run file is removed and nothing half-written is left."""
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped()
+
+
+@contextlib.contextmanager
+def resumable(out):
+    """Ends an interrupted run (Ctrl-C, or SIGTERM from a time limit) with one line saying how to
+    resume and the shell's status for the signal (130, 143), instead of a traceback."""
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        print(f"\ninterrupted: the finished pieces are cached in {out}/; the same command resumes from them",
+              file=sys.stderr)
+        sys.exit(143 if isinstance(stop, _Stopped) else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def make_out(p, out):
+    """Creates the output folder now, so that a path that cannot be one is an argument error."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        p.error(f"--out: cannot create the folder {out!r}: {error.strerror or error}")
 
 
 import torch  # noqa: E402
@@ -88,9 +122,13 @@ def check_run_options(p, args):
         p.error(f"--teacher: no file {args.teacher!r} (without --teacher, a teacher is trained and cached)")
     if args.teacher:
         try:
-            load_teacher(args.teacher)
+            _, state = load_teacher(args.teacher)
         except ValueError as error:
             p.error(f"--teacher: {error}")
+        size, wanted = state.get("key", {}).get("size"), list(PRESETS[args.preset].size)
+        if size is not None and list(size) != wanted:
+            p.error(f"--teacher: {args.teacher!r} was trained on {size[0]}x{size[1]} images; the {args.preset} preset's "
+                    f"are {wanted[0]}x{wanted[1]}")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out: {args.out!r} is a file; expected a folder")
     for name in ("configs", "seeds"):
@@ -101,12 +139,14 @@ def check_run_options(p, args):
 
 def main(argv=None):
     if argv is None:
-        _restart_with_environment()
+        restart_with_environment()
     p = argparse.ArgumentParser(prog="idd-distill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                   help="image size, schedule, configurations and seeds (default: quick)")
     p.add_argument("--out", default=None, help="results folder (default: results/<preset>)")
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda where a GPU is visible, else cpu)")
     p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), help="override the preset's configurations")
     p.add_argument("--seeds", nargs="+", type=seed, help="override the preset's seeds")
     p.add_argument("--student-steps", type=positive_int, help="override the preset's student steps")
@@ -156,14 +196,13 @@ def main(argv=None):
         weights_from += f"; overridden on the command line: {weights}"
     preset = dataclasses.replace(preset, weights={**tuned, **weights}, weights_from=weights_from, **overrides)
     out = args.out or os.path.join("results", args.preset)
+    make_out(p, out)
     command = "idd-distill " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(f"idd-distill --preset {args.preset}: {len(preset.configs)} configurations x {len(preset.seeds)} seeds, "
           f"{ESTIMATES[args.preset]} with the preset's settings; writing to {out}/", file=sys.stderr)
-    try:
+    with resumable(out):
         results, teacher, runs, val = run_experiment(preset, out, args.device, args.teacher, command,
                                                      workers=args.workers, threads=args.threads)
-    except KeyboardInterrupt:
-        sys.exit(f"\ninterrupted: the finished pieces are cached in {out}/; the same command resumes from them")
     write_plots(results, teacher, runs, val, out, args.device)
     print(write_markdown(results, out))
     print(f"\nwritten to {out}/ ({', '.join(_written(out, WRITTEN))})")

@@ -22,7 +22,7 @@ import sys
 import torch
 
 from .._arguments import device, positive_int, seed
-from .cli import check_run_options
+from .cli import check_run_options, make_out, restart_with_environment, resumable
 from .experiment import CONFIGS, PRESETS, make_data, run_students, setup_teacher
 from .report import BASELINE, _interval, _miou, paired
 from .workers import Workers
@@ -43,6 +43,9 @@ def parse_grid(items):
         if f"ce+{name}" not in CONFIGS or not weights or not all(0 <= w < float("inf") for w in weights):
             raise ValueError(f"--grid: expected LOSS=V1,V2,... with a configuration ce+LOSS and finite weights "
                              f">= 0; got {item!r}")
+        if name in grid or len(set(weights)) < len(weights):
+            raise ValueError(f"--grid: {item!r} names a loss or a weight twice; give each loss once, with all its "
+                             "weights")
         grid[name] = weights
     return grid
 
@@ -100,13 +103,17 @@ def tune_markdown(summary):
 
 
 def main(argv=None):
+    if argv is None:
+        restart_with_environment("idd_ops.demo.tune")  # as idd-distill: idle OpenMP threads sleep
     p = argparse.ArgumentParser(prog="python -m idd_ops.demo.tune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="image size and schedule of the runs (default: cpu)")
     p.add_argument("--grid", action="append", metavar="LOSS=V1,V2,...",
                    help=f"weights to try for one loss (repeatable); default: {' '.join(DEFAULT_GRID)}")
     p.add_argument("--seeds", nargs="+", type=seed, default=list(DEFAULT_SEEDS))
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda where a GPU is visible, else cpu)")
     p.add_argument("--out", help="default: results/<preset>-tune")
     p.add_argument("--teacher", help="reuse this teacher.pt (same image size) instead of training one")
     p.add_argument("--workers", type=positive_int, help="worker processes for the runs (default: automatic)")
@@ -121,11 +128,13 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
     out = args.out or os.path.join("results", f"{args.preset}-tune")
+    make_out(p, out)
     command = "python -m idd_ops.demo.tune " + shlex.join(argv if argv is not None else sys.argv[1:])
     overrides = {k: v for k, v in dict(student_steps=args.student_steps, teacher_steps=args.teacher_steps).items()
                  if v}
-    summary = run_tuning(dataclasses.replace(PRESETS[args.preset], **overrides), grid, args.seeds, out, args.device,
-                         command, args.teacher, args.workers, args.threads)
+    with resumable(out):
+        summary = run_tuning(dataclasses.replace(PRESETS[args.preset], **overrides), grid, args.seeds, out,
+                             args.device, command, args.teacher, args.workers, args.threads)
     print(tune_markdown(summary))
 
 
