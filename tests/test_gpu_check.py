@@ -410,8 +410,13 @@ def _experiment(tmp_path, **env):
 
 def test_gpu_experiment_tunes_then_runs_with_the_tuned_teacher(tmp_path):
     """tools/gpu_experiment.sh end to end at a few steps on the CPU: the tuning, then the preset
-    with the tuning's teacher; one archive without checkpoints, the teacher beside it."""
+    with the tuning's teacher; one archive without checkpoints, the teacher beside it. A shared
+    run file that a killed call left behind is removed first."""
+    leftover = tmp_path / "results" / "quick" / "runs" / "shared-1-2.pt"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"x" * 1000)
     proc = _experiment(tmp_path)
+    assert not leftover.exists()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
     assert sorted(os.listdir(out)) == ["results.tar.gz", "summary.md", "teacher.pt"]

@@ -37,8 +37,9 @@ TUNED=$RESULTS/$PRESET-tune FINAL=$RESULTS/$PRESET
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$TUNED" "$FINAL"
 rm -f "$OUT/summary.md" "$OUT/results.tar.gz" "$OUT/teacher.pt"
-# pieces a stopped call left half-written (experiment.save_piece; a carried folder brings them)
-find "$TUNED" "$FINAL" -name '*.part-*' -delete
+# pieces a stopped call left half-written (experiment.save_piece; a carried folder brings them),
+# and the shared run files a killed (not terminated) call could not remove (runs/shared-*.pt)
+find "$TUNED" "$FINAL" \( -name '*.part-*' -o -name 'shared-*.pt' \) -delete
 failed=0 rows=""
 
 # pack: summary.md and the archive from what the steps left so far (after each step, so that a
