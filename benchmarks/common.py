@@ -22,6 +22,8 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from idd_ops._arguments import positive_seconds  # noqa: E402
+
 # name -> (B, student C, teacher C, feature H, W, label Hy, Wy, K)
 SHAPES = {
     "cityscapes": (8, 512, 2048, 64, 128, 512, 1024, 19),
@@ -284,7 +286,7 @@ def add_kernel_set_options(parser, share, impls_default=None):
                         help="run each CUDA kernel set in its own child process (IDD_OPS_CUDA_NEXT=0 / 1, read once "
                              "per process): the first measures every implementation, a second adds 'fused next' "
                              "columns")
-    parser.add_argument("--time-limit", type=float, default=None,
+    parser.add_argument("--time-limit", type=positive_seconds, default=None,
                         help=f"with --kernels: seconds for all children ({share} between the first and a second "
                              f"kernel set); a child stopped at its share gives the rows it finished")
     parser.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)  # a --kernels child's output

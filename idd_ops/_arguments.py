@@ -16,6 +16,17 @@ def positive_int(text):
     return value
 
 
+def positive_seconds(text):
+    """A finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text!r}")
+    return value
+
+
 def seed(text):
     """A seed torch's generators take, 0 <= seed < 2**63."""
     try:

@@ -505,7 +505,8 @@ def test_report_keeps_going_past_a_failing_case(monkeypatch):
 @pytest.mark.parametrize("argv", [["--cases", "foo"], ["--cases", "ifvd b2x"], ["--skip", "skd pool 1"],
                                   ["--cases", "idd_loss cityscapes fragmentd"], ["--repeat", "0"], ["--device", "foo"],
                                   ["--out", "."], ["--update", "--cases", "ifvd"],
-                                  ["--cases", "position_loss 8x16", "--skip", "position_loss 8x16"]])
+                                  ["--cases", "position_loss 8x16", "--skip", "position_loss 8x16"],
+                                  ["--time-limit", "-5"]])
 def test_report_options_fail_before_anything_runs(monkeypatch, capsys, argv):
     monkeypatch.setattr(report, "measure", lambda *a, **k: pytest.fail("measured despite a bad option"))
     with pytest.raises(SystemExit) as exit_info:

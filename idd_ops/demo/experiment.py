@@ -273,11 +273,18 @@ def distance_gap(student, teacher, val, device, preset):
     return total / max(n, 1)
 
 
-def step_time(preset, config, train, teacher, readout, device, steps=10):
-    """Seconds per student training step with fused losses and with the reference losses."""
-    return {name: train_student(preset, config, 0, train, teacher, readout, device, lib, steps=steps,
-                                label=f"time per step, {config} with the {name} losses")[2]
-            for name, lib in (("fused", idd_ops), ("reference", reference))}
+def step_time(preset, config, train, teacher, readout, device, steps=10, warmup=2):
+    """Seconds per student training step with fused losses and with the reference losses, each
+    timed after `warmup` untimed steps of both (the first steps of a process pay for its
+    allocator's and the libraries' first calls, which the fused losses, timed first, paid alone)."""
+    libs = (("fused", idd_ops), ("reference", reference))
+    for name, lib in libs:
+        train_student(preset, config, 0, train, teacher, readout, device, lib, steps=warmup,
+                      label=f"warm-up, {config} with the {name} losses")
+    times = {name: train_student(preset, config, 0, train, teacher, readout, device, lib, steps=steps,
+                                 label=f"time per step, {config} with the {name} losses")[2]
+             for name, lib in libs}
+    return {**times, "warmup_steps": warmup}
 
 
 def save_piece(obj, path):

@@ -136,7 +136,9 @@ def write_markdown(results, out, command=None):
                  "lower = more position information.\n")
     if "step_time" in results:
         st = results["step_time"]
-        lines.append(f"Training step of `ce+kd+idd+pid` (10 steps each, on {results['device']}): "
+        lines.append(f"Training step of `ce+kd+idd+pid` (10 steps each"
+                     + (f", after {st['warmup_steps']} untimed steps of both" if "warmup_steps" in st else "")
+                     + f", on {results['device']}): "
                      f"{1e3 * st['fused']:.0f} ms with idd_ops' fused losses, {1e3 * st['reference']:.0f} ms with the "
                      "plain-PyTorch reference losses. This times whole training steps of a small network, of which "
                      "the distillation losses are only a part, once each; on a CPU shared with other work the "
