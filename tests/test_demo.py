@@ -460,6 +460,17 @@ def test_a_teacher_of_another_image_size_is_refused(tmp_path, capsys, main):
     assert "was trained on 8x16 images; the full preset's are 128x256" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content", ["{", '{"preset": {}}'])
+def test_replot_of_a_results_json_it_did_not_write_is_an_argument_error(tmp_path, capsys, content):
+    pytest.importorskip("matplotlib")
+    from idd_ops.demo import cli
+
+    (tmp_path / "results.json").write_text(content)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--replot", str(tmp_path)])
+    assert stop.value.code == 2 and "results.json is not one idd-distill wrote" in capsys.readouterr().err
+
+
 def test_an_interrupted_run_ends_with_one_line_and_the_signals_status(tmp_path, capsys):
     """Ctrl-C (130) and a time limit's SIGTERM (143) end a run with one line on how to resume:
     SIGTERM killed the process before, leaving the shared run file in runs/, and the tuning

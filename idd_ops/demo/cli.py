@@ -170,7 +170,11 @@ def main(argv=None):
     if args.replot:
         if not os.path.isfile(os.path.join(args.replot, "results.json")):
             p.error(f"--replot: {args.replot!r} holds no results.json")
-        return replot(args.replot)
+        try:
+            return replot(args.replot)
+        except (ValueError, KeyError, TypeError) as error:  # json.JSONDecodeError is a ValueError
+            p.error(f"--replot: {args.replot}/results.json is not one idd-distill wrote "
+                    f"({type(error).__name__}: {error})")
     check_run_options(p, args)
     preset = PRESETS[args.preset]
     overrides = {k: v for k, v in dict(configs=tuple(args.configs or ()), seeds=tuple(args.seeds or ()),
