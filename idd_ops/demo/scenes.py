@@ -218,13 +218,15 @@ class StreetScenes(Dataset):
         map: a callable(fn, items) -> iterable of fn(*item) in order, e.g. ``Workers.map``, to
             render chunks of scenes in parallel; default None: one after the other. Every scene
             draws from its own generator seeded by (seed, index), so the set is the same either way.
-        chunk: scenes per piece given to `map`. Default: 50.
+        chunk: scenes per piece given to `map`, at most. Default: 50, fewer where that would
+            leave under ten pieces, so that progress comes at least every 10 %.
 
     Items: ``(image [3, H, W] float32 in [0, 1], label [H, W] int64)``.
     """
 
     def __init__(self, num_images, seed=0, size=(128, 256), progress=None, map=None, chunk=50):
         self.size = tuple(size)
+        chunk = max(1, min(chunk, -(-num_images // 10)))
         pieces = [(seed, self.size, a, min(a + chunk, num_images)) for a in range(0, num_images, chunk)]
         # filled chunk by chunk: a chunk from a worker arrives in shared memory, released once copied
         self.images = torch.empty(num_images, 3, *self.size, dtype=torch.uint8)
