@@ -22,9 +22,22 @@ import hashlib
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def source_revision(*paths):
+    """What a generated report names as its revision: the checkout's short commit hash, marked
+    where `paths` have uncommitted changes; "an unknown revision" outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        return "an unknown revision"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", *paths)
+    return head + (f" with uncommitted changes to {', '.join(paths)}" if dirty else "")
 CSRC = ROOT / "csrc"
 HERE = Path(__file__).resolve().parent
 # IDD_OPS_EMU_COVERAGE=1: a second build, instrumented for gcov as well (tests/cuda_emu/coverage.py)
@@ -284,8 +297,6 @@ def build_runtime(out=BUILD / "runtime"):
     """The emulator itself (the fiber scheduler and the memory model), built uninstrumented as a
     shared library the kernels link to; rebuilt when its sources change. Returns its folder."""
     import fcntl
-    import subprocess
-
     import torch
 
     out.mkdir(parents=True, exist_ok=True)

@@ -99,18 +99,6 @@ def ranges(numbers):
     return [tuple(r) for r in out]
 
 
-def _revision():
-    """The checkout's short commit hash, marked where csrc has uncommitted changes ("unknown"
-    outside a git checkout)."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-    head = git("rev-parse", "--short", "HEAD")
-    if head.returncode != 0:
-        return "unknown"
-    dirty = git("status", "--porcelain", "--", "csrc").stdout.strip()
-    return head.stdout.strip() + (" with uncommitted changes to csrc" if dirty else "")
-
-
 def _pct(a, b):
     return f"{a} / {b} ({100 * a / b:.0f} %)" if b else "-"
 
@@ -154,7 +142,7 @@ def report(seen, command):
         "thread of every block, so a branch listed below is one no test input reaches, not one a",
         "schedule missed. What only a GPU shows (timing, caches, its own rounding) is outside this.",
         "",
-        f"Tests: `{command}`, at revision {_revision()}.",
+        f"Tests: `{command}`, at {build.source_revision('csrc')}.",
         "",
         "| source | device lines run | device branches taken | host lines run | instances never run |",
         "|---|---:|---:|---:|---:|",

@@ -33,6 +33,7 @@ import torch
 
 import idd_ops
 
+from .build import source_revision
 from .override import KERNEL_SETS, emulated_cuda
 from .traffic import measured, total
 
@@ -221,12 +222,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "TRAFFIC-emulated.md"))
     p.add_argument("--cases", nargs="+", default=CASES, metavar="CASE", help=f"default: {' / '.join(CASES)}")
     args = p.parse_args(argv)
-    import subprocess
-
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    commit = git("rev-parse", "--short", "HEAD") or "an unknown revision"
-    if git("status", "--porcelain", "--untracked-files=no", "--", "csrc", "idd_ops", "tests/cuda_emu"):
-        commit += " with uncommitted changes to its sources"
+    commit = source_revision("csrc", "idd_ops", "tests/cuda_emu")
     results = []
     for i, name in enumerate(args.cases):
         for kernel_set in KERNEL_SETS:
