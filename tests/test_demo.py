@@ -138,6 +138,20 @@ def test_cache_key_holds_every_setting():
     assert experiment.teacher_key(_tiny(teacher_steps=2), "cpu") != experiment.teacher_key(preset, "cpu")
 
 
+def test_the_teacher_key_holds_the_cpu_threads_it_trains_on():
+    """A CPU teacher trained on other threads is another teacher (a cached one was reused whatever
+    the thread count); on CUDA the threads change nothing."""
+    preset, threads = _tiny(), torch.get_num_threads()
+    keys = {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            keys[n] = (experiment.teacher_key(preset, "cpu"), experiment.teacher_key(preset, "cuda"))
+    finally:
+        torch.set_num_threads(threads)
+    assert keys[1][0] != keys[2][0] and keys[1][1] == keys[2][1]
+
+
 @pytest.fixture
 def one_thread():
     """These models are tiny: with several threads, OpenMP barriers dominate, and on a busy
@@ -404,6 +418,7 @@ def test_results_md_has_no_empty_column_and_a_smoke_run_says_so(tmp_path, one_th
     (["--out", __file__], "is a file; expected a folder"),
     (["--out", os.path.join(__file__, "sub")], "--out: cannot create the folder"),
     (["--replot", "/nonexistent"], "--replot: '/nonexistent' holds no results.json"),
+    (["--replot", "results/cpu", "--preset", "full", "--seeds", "3"], "it takes no run options (got --preset --seeds)"),
 ])
 def test_the_cli_rejects_bad_flags_before_any_work(argv, text, capsys):
     """Each mistake ends in an argparse error naming the flag (exit status 2), before scenes are

@@ -168,6 +168,11 @@ def main(argv=None):
         p.error("idd-distill draws its plots with matplotlib, which is not installed: pip install matplotlib "
                 "(or idd_ops[demo])")
     if args.replot:
+        given = [a.option_strings[0] for a in p._actions
+                 if a.dest not in ("replot", "help") and getattr(args, a.dest) != a.default]
+        if given:  # replot reads the options the run had from its results.json; these would be ignored
+            p.error(f"--replot: rewrites a finished run's results.md and plots and runs nothing; it takes no "
+                    f"run options (got {' '.join(given)})")
         if not os.path.isfile(os.path.join(args.replot, "results.json")):
             p.error(f"--replot: {args.replot!r} holds no results.json")
         try:

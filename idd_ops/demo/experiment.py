@@ -116,9 +116,11 @@ def _digest(obj):
 
 
 def teacher_key(preset, device):
-    """Every setting that changes the trained teacher."""
+    """Every setting that changes the trained teacher; on the CPU that includes the torch threads
+    it trains on (this process's: the order of parallel reductions follows them, as in run_key)."""
     return dict(version=CACHE_VERSION, size=list(preset.size), train_images=preset.train_images, batch=preset.batch,
-                teacher_steps=preset.teacher_steps, lr=preset.lr, device=str(device), seed=0)
+                teacher_steps=preset.teacher_steps, lr=preset.lr, device=str(device), seed=0,
+                threads=torch.get_num_threads() if torch.device(device).type == "cpu" else None)
 
 
 def model_digest(model):
