@@ -1,7 +1,14 @@
 import os
 
-import pytest
-import torch
+# cuBLAS repeats its results bit for bit only with a fixed workspace, and under
+# torch.use_deterministic_algorithms(True) torch raises at any CUDA GEMM without one (the composite
+# distance matrix's bmm, the batched SKD). torch reads the variable once, at the process's first
+# GEMM, so it is set before anything runs. The library's users set it themselves, as for any GEMM
+# in deterministic mode (docs/API.md).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import idd_ops
 # the hooks of IDD_OPS_TEST_LOG (tools/gpu_check.sh's per-test log), registered from here by name

@@ -38,3 +38,40 @@ def test_fuzz_against_the_reference(target):
 def test_fuzz_on_cuda():
     """The GPU's own kernels (and rounding) on the kernel set IDD_OPS_CUDA_NEXT selects."""
     _run("cuda", GPU_CASES)
+
+
+def test_drawn_half_features_stay_finite():
+    """An offset of 100 times a scale of 1e3 is inf in float16: such a case compared the
+    reference's 0 * inf (NaN at an absent class) with the library's 0, which said nothing of
+    either. Offsets past float16's range are dropped, with the same draws."""
+    import random
+
+    from fuzz.inputs import FINITE_MAX, draw_feats
+
+    rng = random.Random(0)
+    specs = [draw_feats(rng, (1, 1, 1, 1), "float16") for _ in range(3000)]
+    assert all(abs(s["offset"]) + 8 * s["scale"] <= FINITE_MAX["float16"] for s in specs)
+    assert any(s["offset"] for s in specs)  # offsets that fit are still drawn
+
+
+def test_no_allowance_passes_a_non_finite_difference():
+    from fuzz.compare import Check
+
+    assert not Check("grad:x", float("inf"), 1e-4, absolute=float("inf"), allowance=float("inf")).ok
+    assert Check("grad:x", 2.0, 1e-4, absolute=2.0, allowance=float("inf")).ok
+
+
+def test_coincident_classes_leave_the_euclidean_gradient_uncompared():
+    """Identical images whose classes cover the same pixels, pooled by centroids="batch": two
+    classes share one centroid exactly, the euclidean distance has no gradient there, and the
+    default CUDA kernels' centroids (rounded apart by their atomics) gave a unit vector of rounding
+    noise (found at seed 20261204). Its loss is still compared."""
+    from fuzz.cases import make_case
+    from fuzz.floors import coincident_classes
+
+    case = make_case("idd", 20261204018384)
+    x = case.spec.build(case.params, case.seed, "cpu")
+    assert case.spec.floor(case.params, x) == {"grad:student": float("inf")}
+    c = torch.tensor([[[1.0, 2.0], [1.0, 2.0], [0.0, 0.0]]], dtype=torch.float64)
+    assert coincident_classes(c, torch.tensor([[3, 1, 2]]))
+    assert not coincident_classes(c, torch.tensor([[3, 0, 2]]))  # an absent class is no pair

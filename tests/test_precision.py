@@ -281,14 +281,16 @@ def test_softmax_kl_gradient_with_large_logits(device, kd, scaled_offset):
     s = (t + 0.05 * torch.randn(t.shape, generator=g, dtype=torch.float64)).float().double()
     t = t.float().double()  # the float32 inputs, exactly, for every run
 
-    def grad(module, dtype):
-        x = s.to(device, dtype).requires_grad_()
+    def grad(module, dtype, on=device):
+        x = s.to(on, dtype).requires_grad_()
         fn = module.pixel_kd_loss if kd else module.channel_wise_distillation_loss
-        return torch.autograd.grad(fn(x, t.to(device, dtype)), x)[0].double().cpu()
+        return torch.autograd.grad(fn(x, t.to(on, dtype)), x)[0].double().cpu()
 
-    want = grad(reference, torch.float64)
-    err = {name: float((grad(module, torch.float32) - want).norm() / want.norm())
-           for name, module in (("fused", idd_ops), ("reference", reference))}
+    want = grad(reference, torch.float64, "cpu")
+    # the reference's float32 error measured on the CPU on every device: the contract's yardstick is
+    # the formulation's rounding, not one GPU library's (CUDA's own softmax and exp round otherwise)
+    err = {name: float((grad(module, torch.float32, on) - want).norm() / want.norm())
+           for name, module, on in (("fused", idd_ops, device), ("reference", reference, "cpu"))}
     assert err["fused"] <= 3 * err["reference"], err
 
 

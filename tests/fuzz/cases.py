@@ -17,7 +17,7 @@ import torch
 import idd_ops
 from idd_ops import reference
 
-from .floors import distance_noise, floor_of
+from .floors import coincident_classes, distance_noise, floor_of
 from .inputs import (draw_dtype, draw_feats, draw_labels, draw_labels_for, draw_num_classes, draw_scale, draw_size,
                      make_feats, make_labels, pick)
 
@@ -162,14 +162,25 @@ def _idd(module):
     return call
 
 
+def _loss_centroids(p, x, key):
+    """The float64 centroids and counts the loss compares for x[key]: per image, or pooled over
+    the batch for centroids="batch"."""
+    c, n = reference.class_centroids(x[key].detach().double(), x["labels"], p["K"], p["labels"]["ignore_index"])
+    if p["centroids"] == "batch":
+        total = n.sum(0, keepdim=True)
+        c, n = (c * n[..., None]).sum(0, keepdim=True) / total.clamp_min(1)[..., None], total
+    return c, n
+
+
 def _idd_floor(p, x):
+    centroids = {k: _loss_centroids(p, x, k) for k in ("student", "teacher")}
+    if p["metric"] == "euclidean" and coincident_classes(*centroids["student"]):
+        return {"grad:student": float("inf")}  # no gradient to compare (floors.coincident_classes)
     if p["normalize"] != "mean" and p["metric"] != "cosine":
         return {}
     floors = floor_of("loss", p["reduction"], ("student",), x)
     if p["normalize"] == "mean":  # either network's distances over a mean floored at eps
-        ig = p["labels"]["ignore_index"]
-        a, g = max(distance_noise(*reference.class_centroids(x[k].detach().double(), x["labels"], p["K"], ig),
-                                  p["metric"], p["eps"]) for k in ("student", "teacher"))
+        a, g = max(distance_noise(*centroids[k], p["metric"], p["eps"]) for k in ("student", "teacher"))
         floors = {k: v * (a if k == "loss" else a * g) for k, v in floors.items()}
     return floors
 

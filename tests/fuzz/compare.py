@@ -27,6 +27,7 @@ gives the terms' size).
 The gradient is that of ``sum(w * out)`` over the float outputs, w a fixed random weight in
 [0.5, 1.5] per element: every element of every output reaches the gradient.
 """
+import math
 import traceback
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -76,6 +77,12 @@ KNOWN = [
      "SKD's Gram forms keep an absolute error of about a float32 roundoff per affinity entry: with features "
      "sharing a common offset (affinities near 1) the float32 loss, and at offsets of ten times the spread "
      "and more the gradient, lose what the float32 reference keeps (METHOD.md 8)"),
+    # found by this fuzzer (2026-12-02, seed 20261204), documented, not fixed:
+    (lambda case, target: case.op == "class_distance_matrix" and case.params["centroids"]["dtype"] == "float64"
+     and case.params["close"] and case.params["metric"] == "euclidean",
+     "float64 euclidean distances through the Gram form keep about u * (spread / d)^2 of a close pair's gradient "
+     "(4e-3 at a pair 1e-6 of the spread apart); the rounding of float32 inputs alone moves that gradient about "
+     "100x more (METHOD.md 8)"),
 ]
 
 
@@ -90,7 +97,8 @@ class Check:
 
     @property
     def ok(self) -> bool:
-        return self.error <= self.tolerance or self.absolute <= self.allowance
+        # a non-finite disagreement (absolute inf) passes no allowance, an unlimited one included
+        return self.error <= self.tolerance or (math.isfinite(self.absolute) and self.absolute <= self.allowance)
 
     @property
     def ratio(self) -> float:

@@ -29,7 +29,8 @@ def distance_noise(centroids, counts, metric, eps):
     """(amplification, conditioning) of distances over their mean: a raw distance rounds at the
     size of its terms (1 for cosine, the centroids' spread for euclidean, its square for
     sqeuclidean), and the "mean" normaliser (floored at eps) divides that rounding by the mean;
-    a gradient also rounds at the centroids' size over their closest pair's distance."""
+    a gradient also rounds at the centroids' size over their closest pair's distance (inf for a
+    pair at distance 0: see coincident_classes)."""
     c = centroids.detach().double()
     valid = reference._valid_entries(counts)
     if not valid.any():
@@ -44,4 +45,16 @@ def distance_noise(centroids, counts, metric, eps):
     amplification = max(1.0, term / max(float(means.min()), eps))
     closest = reference.class_distance_matrix(c, counts, "euclidean")[valid].min()
     size = float(torch.linalg.vector_norm(c, dim=2)[present].max())
-    return amplification, max(1.0, size / float(closest)) if closest > 0 else 1.0
+    return amplification, max(1.0, size / float(closest)) if closest > 0 else float("inf")
+
+
+def coincident_classes(centroids, counts):
+    """Whether two present classes of an image have the same centroid exactly (in float64). The
+    euclidean distance has no gradient there (METHOD.md 3 takes 0); a path whose centroids round
+    apart by a few ulps gets a unit vector in the direction of its rounding instead, so no
+    gradient through such a pair can be compared. Found with identical images whose classes
+    cover the same pixels, pooled by centroids="batch"."""
+    valid = reference._valid_entries(counts)
+    if not valid.any():
+        return False
+    return bool((reference.class_distance_matrix(centroids.detach().double(), counts, "euclidean")[valid] == 0).any())

@@ -232,6 +232,10 @@ def _cosine_ref(x, p):
 def _cosine_floor(p, x):
     f = floor_of("cos", "none", ("feats",), x)
     f.update(floor_of("cos", "none", ("centroids",), x, dim=2))
+    if p.get("with_counts") and "grad:centroids" in f:
+        # the features' gradient also comes through their class means, in terms of size 1 / |centroid|
+        # (a mean far shorter than its pixels where their values cancel)
+        f["grad:feats"] = max(f.get("grad:feats", 0.0), f["grad:centroids"])
     if "grad:centroids" in f:  # a centroid's gradient sums the terms of every pixel of its class
         f["grad:centroids"] *= max(1, x["feats"][0, 0].numel())
     return f
