@@ -13,7 +13,7 @@ import torch
 
 import idd_ops
 from idd_ops import reference
-from idd_ops._label_mask import nearest_index
+from idd_ops._nearest import nearest_index
 
 from .roofline import Work
 

@@ -4,22 +4,14 @@ Where the class-slot map is on (_switches.slot_map_path: the CPU, and CUDA under
 IDD_OPS_CUDA_NEXT=1) the mask is one _label_slots call, the nearest-resize rule of every kernel
 (csrc/common/label_index.h), which also rejects a label outside [0, K) that is not ignore_index.
 Elsewhere the comparison with ignore_index is made at the labels' own resolution and the bits are
-gathered by the nearest-neighbour index: no resized label tensor is built (the reference builds
-one with F.interpolate; the tests hold the two to each other).
+gathered by the nearest-neighbour index (_nearest.py, which the reference resizes with): no
+resized label tensor is built.
 """
 import torch
 
 from . import _switches
 from ._class_sums import MAX_SLOT_CLASSES
-
-
-def nearest_index(out_size: int, in_size: int, device: torch.device) -> torch.Tensor:
-    """Source index of every output index under F.interpolate(mode="nearest"):
-    ``min(floor(i * float32(in / out)), in - 1)``, with the scale and product in float32 as there."""
-    scale = torch.tensor(float(in_size), dtype=torch.float32) / torch.tensor(float(out_size), dtype=torch.float32)
-    i = torch.arange(out_size, device=device, dtype=torch.float32)
-    # scale stays a CPU scalar (no host-to-device copy, which would also break graph capture)
-    return (i * scale).floor().long().clamp_max(in_size - 1)
+from ._nearest import nearest_index
 
 
 def keep_mask(labels: torch.Tensor, height: int, width: int, ignore_index: int) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Plain-PyTorch versions of every idd_ops loss and building block: readable, unfused, the tests'
 truth. They depend on torch alone and import without the compiled library.
 
-They follow METHOD.md literally: labels are resized with F.interpolate, classes become a
-one-hot mask, and autograd differentiates everything. Arguments, defaults and reductions are
+They follow METHOD.md literally: labels are resized by F.interpolate's nearest rule, classes
+become a one-hot mask, and autograd differentiates everything. Arguments, defaults and reductions are
 those of the fused functions (see their docstrings).
 """
 from typing import Optional
@@ -11,17 +11,20 @@ import torch
 import torch.nn.functional as F
 
 from ._dtypes import acc_dtype, loss_dtype
+from ._nearest import resize_nearest
 from ._position_maps import position_maps
 from ._reduction import reduce
 
 
 def resize_labels(labels, size):
-    """Labels ``[B, Hy, Wy]`` -> ``[B, H, W]`` (int64) by nearest neighbour (F.interpolate's rule)."""
+    """Labels ``[B, Hy, Wy]`` -> ``[B, H, W]`` (int64) by nearest neighbour: the rows and columns
+    ``F.interpolate(labels[:, None].float(), size, mode="nearest")`` picks (METHOD.md 1), the
+    values as they are."""
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels.long()
-    if 0 in tuple(size):  # F.interpolate rejects an empty output: nothing to pick
+    if 0 in tuple(size):  # nothing to pick
         return labels.new_zeros((labels.shape[0], *size), dtype=torch.long)
-    return F.interpolate(labels[:, None].double(), size=tuple(size), mode="nearest")[:, 0].long()
+    return resize_nearest(labels, size).long()
 
 
 def _kl_rows(s, t, dim):

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from idd_ops import reference
+
 WARP = 32
 TILE = 8
 IGNORE = 255
@@ -62,9 +64,7 @@ class LabelCase:
 
 def at_feature_size(labels, H, W):
     """Labels [B, Hy, Wy] -> [B, H, W] int64 by F.interpolate's nearest rule (the kernels' rule)."""
-    if tuple(labels.shape[1:]) == (H, W):
-        return labels.long()
-    return F.interpolate(labels[:, None].double(), size=(H, W), mode="nearest")[:, 0].long()
+    return reference.resize_labels(labels, (H, W))
 
 
 def warp_kinds(labels, H, W, num_classes, ignore_index=IGNORE):

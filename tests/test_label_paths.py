@@ -112,3 +112,19 @@ def test_nearest_index_is_clamped_where_float_rounding_reaches_the_size(device):
     assert slots[0, 0, -1] == 1 and not (slots == 4).any()
     counts = idd_ops.class_centroids(torch.ones(1, 1, 1, W, device=device), y, 5)[1]
     assert counts[0, 4] == 0 and counts.sum() == W
+
+
+def test_the_reference_resizes_by_the_float32_rule(device):
+    """F.interpolate picks other rows for a float64 input than for a float32 one at some ratios (20
+    -> 216 rows: row 14 for output row 162 in float32, 15 in float64); METHOD.md 1 and the kernels
+    take the float32 rule, and the reference resized a float64 copy, so that every op disagreed with
+    it there (found by the fuzzer at --size-scale 6). It now indexes by the float32 rule and keeps
+    the label values as they are (ids past 2^24 too)."""
+    y = torch.arange(20 * 98, device=device).reshape(1, 20, 98) * 9_000  # values past 2^24
+    want = torch.nn.functional.interpolate(torch.arange(20 * 98.0).reshape(1, 1, 20, 98), size=(216, 196),
+                                           mode="nearest")[0].long() * 9_000
+    got = reference.resize_labels(y, (216, 196))
+    assert torch.equal(got.cpu(), want) and got[0, 162, 0] == 14 * 98 * 9_000
+    small = y % 7
+    slots = torch.ops.idd_ops._label_slots(small, 216, 196, 7, 255).long()
+    assert torch.equal(slots, reference.label_slots(small, (216, 196), 7, 255))

@@ -2,6 +2,7 @@
 
     python -m tests.fuzz --targets cpu,cpu_alt,default,next[,cuda] --cases N --seed S [--ops a,b] [--time-budget SEC]
     python -m tests.fuzz --targets next --repro idd:1000042      # one case again, its inputs printed
+    python -m tests.fuzz --size-scale 8 --cases 500 --seed S     # larger maps and more channels
 
 Exit status 1 where a case disagrees with the reference (known differences aside), 2 for a
 target that cannot run here.
@@ -13,6 +14,7 @@ from pathlib import Path
 # the emulator is imported as `cuda_emu`, from tests/, as the test suite does (targets.py)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from . import inputs  # noqa: E402
 from .cases import OPS  # noqa: E402
 from .runner import Report, make_case, run, run_case  # noqa: E402
 from .targets import TARGETS, unavailable  # noqa: E402
@@ -29,7 +31,12 @@ def main(argv=None) -> int:
     parser.add_argument("--time-budget", type=float, default=None, help="stop starting cases after SEC seconds")
     parser.add_argument("--every", type=int, default=None, help="a progress line every N cases (default: 10 %%)")
     parser.add_argument("--repro", default="", help="OP:SEED: run that one case and print it")
+    parser.add_argument("--size-scale", type=int, default=1,
+                        help="draw spatial and channel sizes up to this many times their usual bound (default 1)")
     args = parser.parse_args(argv)
+    if args.size_scale < 1:
+        parser.error(f"--size-scale: expected an int >= 1, got {args.size_scale}")
+    inputs.SIZE_SCALE = args.size_scale
     targets = [t for t in args.targets.split(",") if t]
     for target in targets:
         why = unavailable(target)

@@ -174,14 +174,14 @@ def _loss_centroids(p, x, key):
 
 def _idd_floor(p, x):
     centroids = {k: _loss_centroids(p, x, k) for k in ("student", "teacher")}
-    if p["metric"] == "euclidean" and coincident_classes(*centroids["student"]):
-        return {"grad:student": float("inf")}  # no gradient to compare (floors.coincident_classes)
-    if p["normalize"] != "mean" and p["metric"] != "cosine":
-        return {}
-    floors = floor_of("loss", p["reduction"], ("student",), x)
+    floors = {}
+    if p["normalize"] == "mean" or p["metric"] == "cosine":
+        floors = floor_of("loss", p["reduction"], ("student",), x)
     if p["normalize"] == "mean":  # either network's distances over a mean floored at eps
         a, g = max(distance_noise(*centroids[k], p["metric"], p["eps"]) for k in ("student", "teacher"))
         floors = {k: v * (a if k == "loss" else a * g) for k, v in floors.items()}
+    if p["metric"] == "euclidean" and coincident_classes(*centroids["student"]):
+        floors["grad:student"] = float("inf")  # no gradient to compare (floors.coincident_classes)
     return floors
 
 
@@ -254,6 +254,8 @@ def _distance_floor(p, x):
     if p["normalize"] != "mean" and p["metric"] != "cosine":
         return {}
     floors = floor_of("dist", "none", ("centroids",), x, dim=2)
+    if "grad:centroids" in floors:  # a centroid's gradient sums the terms of its K - 1 pairs
+        floors["grad:centroids"] *= max(1, x["centroids"].shape[1] - 1)
     if p["normalize"] == "mean":
         a, g = distance_noise(x["centroids"], x["counts"], p["metric"], p["eps"])
         floors["dist"] *= a

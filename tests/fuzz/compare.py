@@ -37,6 +37,7 @@ import torch
 import conftest
 from idd_ops import _switches
 
+from . import inputs
 from .cases import Case
 from .targets import device_of, running_on
 
@@ -49,14 +50,16 @@ RELAX = 10.0
 RELAX_CAP = 1.0
 # float64's unit roundoff over float32's: the float32 reference's error, scaled to float64
 ROUNDOFF_RATIO = 2.0 ** -29
-NOISE_ULPS = 64.0
+# (64 was passed by 6 to 16 % in 4 of 30000 cases at seed 20261205, maps of one channel)
+NOISE_ULPS = 128.0
 # the roundoff of the arithmetic: the dtype's own (half types accumulate in float32, but some paths
 # keep them as GEMM operands: the next CUDA set's bfloat16 SKD, ARCHITECTURE.md)
 UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 _ORDER = ("float64", "float32", "float16", "bfloat16")  # least precise last
 
 # Known differences (docs/METHOD.md 8, tests/conftest.py's EMULATED_CUDA_DIFFERENCES): a mismatch
-# of a case they match is counted as known, not as a failure: (predicate(case, target), why).
+# of a case they match is counted as known, not as a failure: (predicate(case, target), why[, bound]),
+# with a bound: only while every failing check's error is within bound x its tolerance.
 _CENTROID_KERNEL_OPS = ("idd", "class_centroids", "ifvd", "op.class_centroids")
 
 
@@ -68,6 +71,10 @@ def _default_set(target: str) -> bool:
     return target == "default" or (target == "cuda" and not _switches.cuda_next_enabled())
 
 
+def _next_set(target: str) -> bool:
+    return target == "next" or (target == "cuda" and _switches.cuda_next_enabled())
+
+
 KNOWN = [
     (lambda case, target: _default_set(target) and case.op in _CENTROID_KERNEL_OPS and _has_offset(case),
      "the default CUDA centroid kernel adds raw values in float atomics and loses a common offset (issue 25; "
@@ -77,6 +84,19 @@ KNOWN = [
      "SKD's Gram forms keep an absolute error of about a float32 roundoff per affinity entry: with features "
      "sharing a common offset (affinities near 1) the float32 loss, and at offsets of ten times the spread "
      "and more the gradient, lose what the float32 reference keeps (METHOD.md 8)"),
+    (lambda case, target: _default_set(target) and case.op == "ifvd" and case.params["student"]["dtype"] == "float16",
+     "the default CUDA IFVD adds the student's two gradient paths (its own pixels, its class centroids) in the "
+     "features' dtype: in float16 one path overflows to inf where their sum is below 65504; the next kernels "
+     "carry both in one float32 pass (found at seed 20261205)"),
+    (lambda case, target: _next_set(target) and case.op == "skd" and case.params["student"]["dtype"] == "bfloat16",
+     "the next CUDA set's SKD keeps bfloat16 GEMM operands (tensor cores, as autocast's own GEMMs): its gradient "
+     "is 1e-2 of float64 at 128/512 channels and up to 7e-2 with a few student channels (ARCHITECTURE.md)", 2.0),
+    (lambda case, target: case.op == "op.idd_tail" and case.params["close"] and case.params["metric"] != "cosine"
+     and (case.params["dtype"] == "float32" or (case.params["dtype"] is None
+                                                 and case.params["student"]["dtype"] == "float32")),
+     "the K x K math in float32 (the raw op's option; the public functions ask float64) rounds |ci|^2 + |cj|^2 "
+     "- 2 <ci, cj> at the centroids' spread, which a close pair's distance does not survive (METHOD.md 8); the "
+     "reference subtracts the centroids pair by pair (found at --size-scale 6)"),
     # found by this fuzzer (2026-12-02, seed 20261204), documented, not fixed:
     (lambda case, target: case.op == "class_distance_matrix" and case.params["centroids"]["dtype"] == "float64"
      and case.params["close"] and case.params["metric"] == "euclidean",
@@ -131,8 +151,9 @@ class Outcome:
             bad.append(f"raised {self.raised}")
         head = f"[{self.target}] {self.case.op} seed={self.case.seed}" + (f" (known: {self.known})" if self.known
                                                                             else "")
+        scale = f" --size-scale {inputs.SIZE_SCALE}" if inputs.SIZE_SCALE != 1 else ""
         return (f"{head}\n    " + "\n    ".join(bad) + f"\n    case: {self.case.params}\n"
-                f"    rerun: python -m tests.fuzz --targets {self.target} --repro {self.case.op}:{self.case.seed}")
+                f"    rerun: python -m tests.fuzz --targets {self.target}{scale} --repro {self.case.op}:{self.case.seed}")
 
 
 @dataclass
@@ -264,8 +285,11 @@ def run_on(case: Case, target: str, want: Expected) -> Outcome:
 
 def _classify(outcome: Outcome) -> Outcome:
     if not outcome.ok:
-        for applies, why in KNOWN:
-            if applies(outcome.case, outcome.target):
+        for applies, why, *within in KNOWN:
+            # an entry with a bound is known only as far as it reaches: a larger error is a failure
+            bounded = not within or (outcome.raised is None and all(c.ok or c.error <= within[0] * c.tolerance
+                                                                     for c in outcome.checks))
+            if applies(outcome.case, outcome.target) and bounded:
                 outcome.known = why
     return outcome
 

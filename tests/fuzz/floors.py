@@ -39,12 +39,15 @@ def distance_noise(centroids, counts, metric, eps):
     present = counts > 0
     centred = c - (c * present[..., None]).sum(1, keepdim=True) / present.sum(1).clamp_min(1)[:, None, None]
     spread = float(torch.linalg.vector_norm(centred, dim=2)[present].max())
+    size = float(torch.linalg.vector_norm(c, dim=2)[present].max())
+    # every present class on one point: the distances are 0 but for the centroids' own rounding, at
+    # their size (a path that sums in another order rounds them apart: the default CUDA kernels)
+    spread = spread if spread > 0 else size
     term = {"cosine": 1.0, "euclidean": spread, "sqeuclidean": spread ** 2}[metric]
     n = valid.sum((1, 2))
     means = (torch.where(valid, raw, 0.0).sum((1, 2)) / n.clamp_min(1))[n > 0]
     amplification = max(1.0, term / max(float(means.min()), eps))
     closest = reference.class_distance_matrix(c, counts, "euclidean")[valid].min()
-    size = float(torch.linalg.vector_norm(c, dim=2)[present].max())
     return amplification, max(1.0, size / float(closest)) if closest > 0 else float("inf")
 
 

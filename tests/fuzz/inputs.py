@@ -30,10 +30,19 @@ def pick(rng: random.Random, weighted):
     return rng.choices(values, weights=[weighted[v] for v in values])[0]
 
 
+# Spatial and channel sizes are drawn up to SIZE_SCALE times their usual bound (batch sizes, drawn
+# up to 3, are not scaled): `python -m tests.fuzz --size-scale 8` reaches the kernels' multi-block
+# and multi-segment plans at a few seconds a case on the emulator. Cases differ by scale: a
+# reproducer names it.
+SIZE_SCALE = 1
+
+
 def draw_size(rng, lo=0, hi=12, empty=0.03):
     """A spatial or channel size: mostly small and odd-friendly, 0 with probability `empty`
     (empty maps and batches must give 0-valued losses, not errors), now and then a size past a
     kernel's tile (33, 65) or one that is 1 (a single row or column)."""
+    if hi > 3:
+        hi *= SIZE_SCALE
     if lo == 0 and rng.random() < empty:
         return 0
     lo = max(lo, 1)

@@ -180,6 +180,8 @@ def _tail_floor(p, x):
     if p["metric"] != "cosine" and not p["normalize"]:
         return {}
     floors = floor_of("loss", p["reduction"], ("student",), x, dim=2)
+    if "grad:student" in floors:  # a class's gradient sums the terms of its K - 1 pairs
+        floors["grad:student"] *= max(1, x["student"].shape[1] - 1)
     if p["normalize"]:
         noise = [distance_noise(x[k] / x[k[0] + "_counts"].clamp_min(1)[..., None], x[k[0] + "_counts"],
                                 p["metric"], p["eps"]) for k in ("student", "teacher")]
