@@ -5,7 +5,8 @@ for the four on 2 cores), and on a GPU with a larger budget (selected by `-m gpu
 tools/gpu_check.sh does, under both IDD_OPS_CUDA_NEXT settings). A failure prints each mismatch's reproducer:
 `python -m tests.fuzz --targets TARGET --repro OP:SEED`.
 
-Longer runs: `python -m tests.fuzz --targets cpu,cpu_alt,default,next --cases 5000 --seed N`.
+Longer runs: `python -m tests.fuzz --targets cpu,cpu_alt,default,next --cases 5000 --seed N`, and
+with `--size-scale 6` at larger maps (a few cases of those run here too).
 """
 import pytest
 import torch
@@ -15,6 +16,7 @@ from fuzz import runner, targets
 SEED = 20261202
 CASES = 176  # per target: 11 of each of the 16 op generators
 GPU_CASES = 640
+LARGE_CASES = 48  # 3 of each op generator, at six times the sizes
 
 
 def _run(target, cases):
@@ -32,6 +34,18 @@ def test_fuzz_against_the_reference(target):
     """Emulated targets build the emulator as tests/test_cuda_emulated.py does (build.load(),
     cached in build/cuda_emu), and are skipped where it cannot be built here."""
     _run(target, CASES)
+
+
+@pytest.mark.parametrize("target", ["cpu", "cpu_alt", "default", "next"])
+def test_fuzz_at_six_times_the_sizes(target, monkeypatch):
+    """Maps and channel counts up to six times their usual bound (fuzz.inputs.SIZE_SCALE): the
+    kernels' plans of several blocks and segments, and resize ratios that small maps never reach
+    (the reference resized labels by another rule than the kernels at 20 -> 216 rows). About 3 s
+    a target here."""
+    from fuzz import inputs
+
+    monkeypatch.setattr(inputs, "SIZE_SCALE", 6)
+    _run(target, LARGE_CASES)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
