@@ -40,8 +40,8 @@ def test_fuzz_against_the_reference(target):
 def test_fuzz_at_six_times_the_sizes(target, monkeypatch):
     """Maps and channel counts up to six times their usual bound (fuzz.inputs.SIZE_SCALE): the
     kernels' plans of several blocks and segments, and resize ratios that small maps never reach
-    (the reference resized labels by another rule than the kernels at 20 -> 216 rows). About 3 s
-    a target here."""
+    (the reference resized labels by another rule than the kernels at 20 -> 216 rows). 3 to 8 s a
+    target on 2 cores."""
     from fuzz import inputs
 
     monkeypatch.setattr(inputs, "SIZE_SCALE", 6)
