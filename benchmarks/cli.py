@@ -4,7 +4,7 @@ import os
 import shlex
 import sys
 
-from idd_ops._arguments import device, positive_int  # noqa: F401  (the benchmarks' option types)
+from idd_ops._arguments import device, make_out, positive_int  # noqa: F401  (the benchmarks' option helpers)
 
 
 def check_file_paths(parser, **paths):

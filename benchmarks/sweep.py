@@ -48,10 +48,7 @@ def main(argv=None):
         import matplotlib
     except ImportError:
         raise SystemExit("benchmarks.sweep draws its plots with matplotlib: pip install matplotlib") from None
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as error:
-        ap.error(f"--out: cannot create the folder {args.out!r}: {error.strerror or error}")
+    cli.make_out(ap, args.out)
     print(f"benchmarks.sweep: {SWEEP_EXPECTED}; writing {args.out}/", file=sys.stderr, flush=True)
 
     matplotlib.use("Agg")

@@ -1,6 +1,7 @@
 """argparse types shared by the package's commands (idd-distill, its tuning) and the repository's
 benchmarks: a bad option fails at once with argparse's error naming it, before any work."""
 import argparse
+import os
 
 import torch
 
@@ -53,3 +54,12 @@ def device(text):
         if (dev.index or 0) >= count:
             raise argparse.ArgumentTypeError(f"{text!r}, but torch sees {count} CUDA device(s)")
     return text
+
+
+def make_out(parser, out):
+    """Creates the output folder `out` now, so that a path that cannot be one is an argument error
+    of --out, before any work."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out: cannot create the folder {out!r}: {error.strerror or error}")

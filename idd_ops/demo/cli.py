@@ -64,17 +64,9 @@ def resumable(out):
         signal.signal(signal.SIGTERM, previous)
 
 
-def make_out(p, out):
-    """Creates the output folder now, so that a path that cannot be one is an argument error."""
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as error:
-        p.error(f"--out: cannot create the folder {out!r}: {error.strerror or error}")
-
-
 import torch  # noqa: E402
 
-from .._arguments import device, positive_int, seed  # noqa: E402
+from .._arguments import device, make_out, positive_int, seed  # noqa: E402
 from .experiment import CONFIGS, PRESETS, load_teacher, run_experiment, tuned_weights  # noqa: E402
 from .report import plot_losses, plot_miou, plot_paired, write_markdown, write_plots  # noqa: E402
 

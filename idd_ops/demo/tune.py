@@ -21,8 +21,8 @@ import sys
 
 import torch
 
-from .._arguments import device, positive_int, seed
-from .cli import check_run_options, make_out, restart_with_environment, resumable
+from .._arguments import device, make_out, positive_int, seed
+from .cli import check_run_options, restart_with_environment, resumable
 from .experiment import CONFIGS, PRESETS, make_data, run_students, setup_teacher
 from .report import BASELINE, _interval, _miou, paired
 from .workers import Workers

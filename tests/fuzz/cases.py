@@ -173,14 +173,14 @@ def _loss_centroids(p, x, key):
 
 
 def _idd_floor(p, x):
-    centroids = {k: _loss_centroids(p, x, k) for k in ("student", "teacher")}
+    student = _loss_centroids(p, x, "student")
     floors = {}
     if p["normalize"] == "mean" or p["metric"] == "cosine":
         floors = floor_of("loss", p["reduction"], ("student",), x)
     if p["normalize"] == "mean":  # either network's distances over a mean floored at eps
-        a, g = max(distance_noise(*centroids[k], p["metric"], p["eps"]) for k in ("student", "teacher"))
+        a, g = max(distance_noise(*c, p["metric"], p["eps"]) for c in (student, _loss_centroids(p, x, "teacher")))
         floors = {k: v * (a if k == "loss" else a * g) for k, v in floors.items()}
-    if p["metric"] == "euclidean" and coincident_classes(*centroids["student"]):
+    if p["metric"] == "euclidean" and coincident_classes(*student):
         floors["grad:student"] = float("inf")  # no gradient to compare (floors.coincident_classes)
     return floors
 
