@@ -179,6 +179,23 @@ def test_softmax_kl_large_logits(kernels, shape, T):
     check_softmax_kl(kernels, s + ramp, t * 0.01 + ramp, T, slack=50.0)
 
 
+@pytest.mark.parametrize("shape", [(4, 20, 1), (4, 100, 1), (4, 600, 1), (4, 19, 64)])
+def test_softmax_kl_tiny_between_distant_maxima(kernels, shape):
+    """Student and teacher confident in the same class, their maxima 25 apart and more: each
+    vector's KL is far below |ms - mt|. The one-read form once added ms - mt at the end, so such a
+    KL came out as roundoff at its size (0 for a true 1.7e-12, fuzzer seed 20261210); held here
+    vector by vector to the CPU's two-pass kernel, in every launch shape (warp rows, block rows,
+    pixels)."""
+    outer, K, inner = shape
+    t = torch.randn(shape, generator=gen(5)) * 3
+    top = torch.randint(0, K, (outer, 1, inner), generator=gen(6))
+    t = t.scatter_add(1, top, torch.full((outer, 1, inner), 40.0))
+    s = t * 1.5 + 25
+    got, want = kernels.softmax_kl(s, t, 1.0)[0], CPU.softmax_kl(s, t, 1.0)[0]
+    assert bool((want > 0).all()) and float(want.max()) < 1e-8
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=0)
+
+
 def test_softmax_kl_pixel_grid_wraps(kernels):
     """More images than a grid's y dimension holds (65535): the next pixel kernels' image loop
     wraps (the backward's class-group loop, over z, runs several steps in every case above). The

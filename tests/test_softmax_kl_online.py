@@ -50,15 +50,46 @@ def cases():
     return out
 
 
-@pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
-def test_online_sums_match_the_reference(driver):
-    data = cases()
+def run_driver(driver, data):
+    """The driver's rows for (u, v, parts) cases: KL, lse_s, lse_t in float, then in double."""
     lines = [str(len(data))]
     for u, v, parts in data:
         lines += [f"{len(u)} {parts}", " ".join(map(repr, u.tolist())), " ".join(map(repr, v.tolist()))]
     result = subprocess.run([driver], input="\n".join(lines), capture_output=True, text=True, check=True)
     rows = [list(map(float, line.split())) for line in result.stdout.strip().splitlines()]
     assert len(rows) == len(data)
+    return rows
+
+
+@pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
+def test_a_tiny_kl_between_distant_maxima(driver):
+    """Both vectors confident in one class, their maxima tens apart: the KL is far below
+    |ms - mt|. A form that adds ms - mt at the end is off by roundoff at that size (a KL of
+    1.7e-12 came out 0 at seed 20261210 of the fuzzer); with w kept relative to the maxima the
+    error is what any w / zt - log zt + log zs form has: the mass outside the top class, which
+    z = 1 + mass rounds away, and roundoffs of the KL itself."""
+    g = torch.Generator().manual_seed(1)
+    data = []
+    for i in range(12):
+        L = int(torch.randint(2, 200, (1,), generator=g))
+        v = torch.randn(L, generator=g, dtype=torch.float64) * 3
+        top = int(torch.randint(0, L, (1,), generator=g))
+        v[top] += 40
+        u = v * 1.5 + 25 if i % 2 else v * 0.8 - 30  # the same class on top, other gaps
+        data.append((u.float().double(), v.float().double(), 1 + i % 5))
+    for (u, v, parts), row in zip(data, run_driver(driver, data)):
+        kl = reference._kl_rows(u[None], v[None], 1)[0].item()
+        rest = torch.arange(len(u)) != int(v.argmax())
+        mass = float(torch.exp(u - u.max())[rest].sum() + torch.exp(v - v.max())[rest].sum())
+        assert 0 < kl < 1e-8 and abs(u.max() - v.max()) > 20
+        for got, roundoff in ((row[0], 2.0 ** -24), (row[3], 2.0 ** -53)):  # float, double
+            assert abs(got - kl) <= 2 * mass + 64 * roundoff * kl, (len(u), parts, got, kl, mass)
+
+
+@pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
+def test_online_sums_match_the_reference(driver):
+    data = cases()
+    rows = run_driver(driver, data)
     for (u, v, parts), row in zip(data, rows):
         kl = reference._kl_rows(u[None], v[None], 1)[0].item()
         lse_s = torch.logsumexp(u, 0).item()

@@ -2,9 +2,16 @@
 // One-read form of softmax_kl.h's sums: running maxima, with the sums rescaled whenever a
 // maximum grows, so a kernel reads each logit once (the two-pass form reads the vector twice).
 // Values are the scaled logits u = s / T (student) and v = t / T (teacher). With
-// zs = sum exp(u - ms), zt = sum exp(v - mt) and w = sum exp(v - mt) (v - u) over the classes
-// the teacher gives probability > 0 (kl_term), the lse are m + log z and
-//   KL = w / zt + lse_s - lse_t        (= softmax_kl.h's w / zt - log zt + log zs).
+// zs = sum exp(u - ms), zt = sum exp(v - mt) and w = sum exp(v - mt) ((v - mt) - (u - ms)) over
+// the classes the teacher gives probability > 0 (kl_term), the lse are m + log z and
+//   KL = w / zt - log zt + log zs      (softmax_kl.h's form).
+// w is kept relative to the running maxima, as the two-pass form's terms are to the final ones:
+// a class that is both vectors' maximum adds exactly 0, so a KL far below |ms - mt| keeps its
+// relative accuracy. (Terms exp(v - mt) (v - u), with ms - mt added at the end, cancel to
+// roundoff at the size of |ms - mt|: a KL of 1.7e-12 with maxima 79 apart came out 0, where the
+// two-pass kernels give it to 1e-2; found by the differential fuzzer at seed 20261210.) When the
+// maxima grow by dt and ds, every earlier term's bracket falls by dt - ds: shift() subtracts
+// zt (dt - ds) before the rescaling.
 // A maximum of -inf (nothing yet, or a vector that is -inf everywhere) has its sum 0; rescale()
 // never forms exp(-inf - -inf). finish() settles a vector with a NaN, or with no finite logit on
 // one side, by the rules every softmax-KL kernel follows (softmax_kl.h, softmax_kl_vector).
@@ -34,6 +41,19 @@ struct OnlineSoftmaxKL {
   // w rescaled to a new teacher maximum: a +inf w (a finite teacher logit over a student -inf,
   // kl_term) stays +inf, where a factor that underflowed to 0 would make it NaN.
   C10_HOST_DEVICE static T rescaled_w(T w, T r) { return w == std::numeric_limits<T>::infinity() ? w : w * r; }
+  // w (with its zt, before either is rescaled) moved from the maxima (ms, mt) to (ns, nt) and
+  // rescaled by r = exp(mt - nt). Sums without both maxima hold no finite bracket to move: w is
+  // 0 (no teacher class yet), +inf (a teacher class over a student -inf) or NaN, and stays so.
+  C10_HOST_DEVICE static T shifted_w(T w, T zt, T ms, T mt, T ns, T nt, T r) {
+    if (empty(ms) || empty(mt) || w == std::numeric_limits<T>::infinity()) return rescaled_w(w, r);
+    return (w - zt * ((nt - mt) - (ns - ms))) * r;
+  }
+  // One class's term: kl_term's rules decided on the logits themselves, its bracket relative to
+  // the maxima (both finite wherever the logits are).
+  C10_HOST_DEVICE T term(T e, T v, T u) const {
+    constexpr T inf = std::numeric_limits<T>::infinity();
+    return v == -inf ? T(0) : u == -inf ? inf : e * ((v - mt) - (u - ms));
+  }
 
   // N more classes (held in registers by the caller; -inf pads a short chunk and adds nothing).
   template <int N>
@@ -46,8 +66,8 @@ struct OnlineSoftmaxKL {
     }
     zs *= rescale(ms, cs);
     const T rt = rescale(mt, ct);
+    w = shifted_w(w, zt, ms, mt, cs, ct, rt);
     zt *= rt;
-    w = rescaled_w(w, rt);
     ms = cs;
     mt = ct;
     if (!empty(ms)) {
@@ -61,7 +81,7 @@ struct OnlineSoftmaxKL {
       for (int j = 0; j < N; ++j) {
         const T e = vec_exp(v[j] - mt);
         zt += e;
-        w += kl_term(e, v[j], u[j]);
+        w += term(e, v[j], u[j]);
       }
     } else {
       keep_nan(zt, v);
@@ -83,8 +103,8 @@ struct OnlineSoftmaxKL {
     const T ns = larger(ms, o.ms), nt = larger(mt, o.mt);
     zs = zs * rescale(ms, ns) + o.zs * rescale(o.ms, ns);
     const T a = rescale(mt, nt), b = rescale(o.mt, nt);
+    w = shifted_w(w, zt, ms, mt, ns, nt, a) + shifted_w(o.w, o.zt, o.ms, o.mt, ns, nt, b);
     zt = zt * a + o.zt * b;
-    w = rescaled_w(w, a) + rescaled_w(o.w, b);
     ms = ns;
     mt = nt;
   }
@@ -92,9 +112,7 @@ struct OnlineSoftmaxKL {
   // in double (softmax_kl.h, SoftmaxKLVector); the maxima are of the scaled logits already
   C10_HOST_DEVICE double lse_s() const { return lse_of(ms, zs); }
   C10_HOST_DEVICE double lse_t() const { return lse_of(mt, zt); }
-  // (ms - mt) first: the maxima are close when the student is near the teacher, and their
-  // difference is then exact.
-  C10_HOST_DEVICE T kl() const { return T(w / zt + (ms - mt) + (wide_log(zs) - wide_log(zt))); }
+  C10_HOST_DEVICE T kl() const { return T(w / zt - wide_log(zt) + wide_log(zs)); }
 
   // The vector's outputs, by softmax_kl_vector's rules: a NaN logit (a NaN sum) gives NaN; a
   // teacher -inf everywhere KL 0, else a student -inf everywhere +inf, both with lse stored as

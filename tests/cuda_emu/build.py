@@ -43,7 +43,14 @@ HERE = Path(__file__).resolve().parent
 # IDD_OPS_EMU_COVERAGE=1: a second build, instrumented for gcov as well (tests/cuda_emu/coverage.py)
 COVERAGE = os.environ.get("IDD_OPS_EMU_COVERAGE", "0") == "1"
 COVERAGE_BUILD = ROOT / "build" / "cuda_emu-coverage"
-BUILD = COVERAGE_BUILD if COVERAGE else ROOT / "build" / "cuda_emu"
+# IDD_OPS_EMU_FMA=1: a build whose kernels contract a * b + c into fused multiply-adds, as nvcc
+# does by default (--fmad=true) and the CPU build does not (-ffp-contract=off): a test that holds a
+# kernel to the CPU op too tightly, or a kernel whose cancellations contraction breaks (x*x - y*y
+# below 0 for x == y), fails there as it would on a GPU. GCC contracts other sites than nvcc, so
+# it is a probe, not a replica (docs/DEVELOPING.md).
+FMA = os.environ.get("IDD_OPS_EMU_FMA", "0") == "1"
+FMA_FLAGS = ["-mfma", "-ffp-contract=fast", "-fexpensive-optimizations"] if FMA else []
+BUILD = COVERAGE_BUILD if COVERAGE else ROOT / "build" / ("cuda_emu-fma" if FMA else "cuda_emu")
 
 SHARED_ARRAY = re.compile(r"(?P<extern>extern\s+)?__shared__\s+(?P<align>__align__\(\s*\d+\s*\)\s+)?(?P<rest>[^;]*);")
 CUDA_NEXT_SHIM = """#pragma once
@@ -354,7 +361,7 @@ def load(verbose=False):
         name="idd_ops_emu",
         sources=[str(u) for u in units],
         extra_include_paths=[str(HERE / "include"), str(HERE), str(BUILD / "src")],
-        extra_cflags=[OPTIMIZE, "-fno-strict-aliasing", *INSTRUMENT, *COVERAGE_FLAGS],
+        extra_cflags=[OPTIMIZE, "-fno-strict-aliasing", *INSTRUMENT, *COVERAGE_FLAGS, *FMA_FLAGS],
         extra_ldflags=[f"-L{runtime}", "-lidd_ops_emu_runtime", f"-Wl,-rpath,{runtime}", *COVERAGE_FLAGS],
         build_directory=str(BUILD),
         is_python_module=False,

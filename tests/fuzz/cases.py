@@ -17,7 +17,7 @@ import torch
 import idd_ops
 from idd_ops import reference
 
-from .floors import coincident_classes, distance_noise, floor_of
+from .floors import PRECISIONS, UNIT_ROUNDOFF, coincident_classes, distance_noise, floor_of
 from .inputs import (draw_dtype, draw_feats, draw_labels, draw_labels_for, draw_num_classes, draw_scale, draw_size,
                      make_feats, make_labels, pick)
 
@@ -323,10 +323,41 @@ def _cwd(module):
     return call
 
 
+def _softmax_kl_floor(dim):
+    """A logit's gradient T (p_s - p_t) (times what the reduction divides by) differences two
+    probabilities exp(x / T - lse), each computed in the accumulation dtype (float32 for half
+    inputs) with an error of about |x| / T roundoffs of itself: where student and teacher agree
+    on a confident class, p_s - p_t is far below both and that rounding is all either side holds
+    (the float32 reference included; found at seed 20261210: float16 logits of 30-80 at T = 3.7).
+    In roundoffs of the case's precision, along `dim` (classes for pixel KD, pixels for CWD)."""
+    def floor(p, x):
+        s, t = (x[k].detach().double() for k in ("student", "teacher"))
+        if s.numel() == 0:
+            return {}
+        T = p["temperature"]
+        finite = torch.cat([v[torch.isfinite(v)] for v in (s, t)])
+        size = float(finite.abs().max()) / T + 1 if finite.numel() else 1.0
+        flat = [v.flatten(dim) if dim == 2 else v for v in (s, t)]
+        peak = max(float(torch.nan_to_num(torch.softmax(v / T, dim)).max()) for v in flat)
+        acc = "float64" if x["student"].dtype == torch.float64 else "float32"
+        precision = max((str(v.dtype).removeprefix("torch.") for v in (x["student"], x["teacher"])),
+                        key=PRECISIONS.index)
+        n = 1
+        if p["reduction"] == "mean":  # pixel KD: the kept pixels; CWD: the B x C vectors
+            if dim == 1 and "labels" in p:
+                kept = reference.resize_labels(x["labels"], s.shape[2:]) != p["labels"]["ignore_index"]
+                n = int(kept.sum())
+            else:
+                n = s.numel() // (s.shape[1] if dim == 1 else s[0, 0].numel())
+        ratio = UNIT_ROUNDOFF[acc] / UNIT_ROUNDOFF[precision]
+        return {"grad:student": T * peak * size * ratio / max(n, 1)}
+    return floor
+
+
 register(OpSpec("pixel_kd", lambda rng: _draw_logits(rng, True), _build_logits, _pixel_kd(idd_ops),
-                _pixel_kd(reference), grads=("student",)))
+                _pixel_kd(reference), grads=("student",), floor=_softmax_kl_floor(1)))
 register(OpSpec("cwd", lambda rng: _draw_logits(rng, False), _build_logits, _cwd(idd_ops), _cwd(reference),
-                grads=("student",)))
+                grads=("student",), floor=_softmax_kl_floor(2)))
 
 
 def _draw_skd(rng):

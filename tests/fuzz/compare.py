@@ -39,6 +39,7 @@ from idd_ops import _switches
 
 from . import inputs
 from .cases import Case
+from .floors import PRECISIONS, UNIT_ROUNDOFF
 from .targets import device_of, running_on
 
 # the suite's tolerances (tests/conftest.py), by precision name: the float64 entry is for
@@ -52,10 +53,6 @@ RELAX_CAP = 1.0
 ROUNDOFF_RATIO = 2.0 ** -29
 # (64 was passed by 6 to 16 % in 4 of 30000 cases at seed 20261205, maps of one channel)
 NOISE_ULPS = 128.0
-# the roundoff of the arithmetic: the dtype's own (half types accumulate in float32, but some paths
-# keep them as GEMM operands: the next CUDA set's bfloat16 SKD, ARCHITECTURE.md)
-UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
-_ORDER = ("float64", "float32", "float16", "bfloat16")  # least precise last
 
 # Known differences (docs/METHOD.md 8, tests/conftest.py's EMULATED_CUDA_DIFFERENCES): a mismatch
 # of a case they match is counted as known, not as a failure: (predicate(case, target), why[, bound]),
@@ -171,7 +168,7 @@ def precision_of(case: Case, inputs) -> str:
     if "precision" in case.params:
         return case.params["precision"]
     names = [str(x.dtype).replace("torch.", "") for x in inputs.values() if x.is_floating_point()]
-    return max(names, key=_ORDER.index, default="float64")
+    return max(names, key=PRECISIONS.index, default="float64")
 
 
 def _weights(out: torch.Tensor, seed: int) -> torch.Tensor:

@@ -9,6 +9,11 @@ import torch
 
 from idd_ops import reference
 
+PRECISIONS = ("float64", "float32", "float16", "bfloat16")  # least precise last
+# the roundoff of the arithmetic: the dtype's own (half types accumulate in float32, but some paths
+# keep them as GEMM operands: the next CUDA set's bfloat16 SKD, ARCHITECTURE.md)
+UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+
 
 def floor_of(output, reduction, grads, inputs, dim=1, count=1):
     """Sizes of the terms of a scale-free output (cosines, normalised affinities, distances over
@@ -61,3 +66,45 @@ def coincident_classes(centroids, counts):
     if not valid.any():
         return False
     return bool((reference.class_distance_matrix(centroids.detach().double(), counts, "euclidean")[valid] == 0).any())
+
+
+def gram_rounding(student, s_counts, teacher, t_counts, metric, reduction):
+    """Sizes of the rounding of distances formed as |ci|^2 + |cj|^2 - 2 <ci, cj> (METHOD.md 8) in
+    an IDD loss without a normaliser, in roundoffs of that arithmetic: {"loss", "grad:student"}
+    (the gradient w.r.t. the student's class sums). A squared distance then rounds at
+    S = |ci|^2 + |cj|^2, so a distance a at a / sqrt(S) of its terms is off by about S / (2 a)
+    roundoffs: every pair of classes that lie close together compared with their size (a few
+    one-channel centroids drawn at random are close: found at seed 20261210) carries that into its
+    term (a - b)^2, and into the gradient through (a - b) and 1 / a."""
+    if metric not in ("euclidean", "sqeuclidean"):
+        return {}
+    valid = reference._valid_entries(s_counts) & reference._valid_entries(t_counts)
+    if not valid.any():
+        return {}
+    cs = student.detach().double() / s_counts.clamp_min(1)[..., None]
+    ct = teacher.detach().double() / t_counts.clamp_min(1)[..., None]
+    big = torch.finfo(torch.float64).max
+
+    def rounding(c):  # (the distances, their absolute rounding) [B, K, K]
+        sq = (c * c).sum(-1)
+        s = sq[:, :, None] + sq[:, None, :]
+        d = reference.class_distance_matrix(c, torch.ones(c.shape[:2], dtype=torch.long), metric)
+        if metric == "sqeuclidean":
+            return d, s
+        return d, torch.where(d > 0, s / (2 * d.clamp_min(1e-300)), big)
+
+    (a, da), (b, db) = rounding(cs), rounding(ct)
+    zero = torch.zeros((), dtype=torch.float64)
+    loss_terms = torch.where(valid, 2 * (a - b).abs() * (da + db), zero)
+    if metric == "euclidean":  # the term's gradient 2 (a - b) (ci - cj) / a, |ci - cj| = a
+        grad_terms = 2 * (da + db) + 2 * (a - b).abs() * da / a.clamp_min(1e-300)
+    else:  # 2 (a - b) 2 (ci - cj), |ci - cj| = sqrt(a)
+        grad_terms = 4 * (da + db) * a.sqrt()
+    grad_terms = torch.where(valid, grad_terms, zero).sum(2) / s_counts.clamp_min(1)  # per class [B, K]
+    pairs = valid.sum((1, 2))
+    if reduction == "mean":
+        n = float(pairs.sum())
+        return {"loss": float(loss_terms.sum()) / n, "grad:student": float(grad_terms.max()) / n}
+    per_image = pairs.clamp_min(1).double() if reduction == "none" else torch.ones_like(pairs, dtype=torch.float64)
+    return {"loss": float((loss_terms.sum((1, 2)) / per_image).max()),
+            "grad:student": float((grad_terms / per_image[:, None]).max())}

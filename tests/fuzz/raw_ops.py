@@ -10,7 +10,7 @@ import torch
 from idd_ops import reference
 
 from .cases import OpSpec, _draw_pair, _sub, build_feats, draw_logit_pair, register
-from .floors import distance_noise, floor_of
+from .floors import distance_noise, floor_of, gram_rounding
 from .inputs import (draw_dtype, draw_feats, draw_labels, draw_labels_for, draw_num_classes, draw_size, make_feats,
                      make_labels, pick)
 
@@ -178,8 +178,10 @@ def _tail_floor(p, x):
     (centroid x count) has terms of size 1 / |sum|; with the "mean" normaliser, times what it
     amplifies (cases.distance_noise, of either network)."""
     if p["metric"] != "cosine" and not p["normalize"]:
-        return {}
-    floors = floor_of("loss", p["reduction"], ("student",), x, dim=2)
+        return _gram_floor(p, x)
+    # under "sum" the loss adds a term of size 1 per valid class pair
+    pairs = int((reference._valid_entries(x["s_counts"]) & reference._valid_entries(x["t_counts"])).sum()) // 2
+    floors = floor_of("loss", p["reduction"], ("student",), x, dim=2, count=pairs)
     if "grad:student" in floors:  # a class's gradient sums the terms of its K - 1 pairs
         floors["grad:student"] *= max(1, x["student"].shape[1] - 1)
     if p["normalize"]:
@@ -190,6 +192,15 @@ def _tail_floor(p, x):
         if "grad:student" in floors:
             floors["grad:student"] *= a * noise[0][1]
     return floors
+
+
+def _gram_floor(p, x):
+    """The Gram form's rounding (floors.gram_rounding) in roundoffs of the case's precision: of the
+    K x K math where it sets the precision, scaled down where only a float32 loss does."""
+    floors = gram_rounding(x["student"], x["s_counts"], x["teacher"], x["t_counts"], p["metric"], p["reduction"])
+    math = p["dtype"] or str(x["student"].dtype).removeprefix("torch.")
+    scale = 2.0 ** -29 if math == "float64" and p["precision"] == "float32" else 1.0
+    return {k: v * scale for k, v in floors.items()}
 
 
 register(OpSpec("op.idd_tail", _draw_tail, _build_tail, _tail_op, _tail_ref, grads=("student",), floor=_tail_floor))
