@@ -124,6 +124,15 @@ EMULATED_CUDA_DIFFERENCES = {
         ("default",), "xfail", "the default CUDA centroid kernel loses a common offset (issue 25; next keeps it)"),
     "tests/test_precision.py::test_class_sum_path_keeps_a_common_offset": (
         ("default",), "skip", "the default CUDA kernels have no class-sum path"),
+    "tests/test_training.py::test_autocast_leaves_the_ops_arithmetic_alone[cpu-idd]": (("default",), "xfail", _ATOMICS),
+    "tests/test_training.py::test_autocast_leaves_the_ops_arithmetic_alone[cpu-ifvd]": (("default",), "xfail",
+                                                                                        _ATOMICS),
+    "tests/test_training.py::test_bitwise_deterministic[ifvd]": (
+        ("default",), "skip", "the default CUDA IFVD backward adds float atomics, so deterministic mode raises there "
+                              "(tests/test_cuda_runtime.py checks that)"),
+    "tests/test_training.py::test_cpu_autocast_bfloat16[skd]": (
+        ("next",), "xfail", "the next CUDA set's SKD keeps bfloat16 GEMM operands (docs/ARCHITECTURE.md): 6.6e-4 of "
+                            "the loss here, where the CPU's float32 operands meet the test's 1e-4"),
 }
 
 
