@@ -59,6 +59,15 @@ def centroids_from_sums(sums: Tensor, counts: Tensor, dtype: Optional[torch.dtyp
     return means if dtype is None else means.to(dtype)
 
 
+def detached_centroids(sums, counts: Tensor, dtypes):
+    """Class means of constant class sums (a tuple, e.g. both networks' over one slot map, whose
+    counts are then the same) with their shared `counts`, each divided in its sums' dtype and
+    written in its dtype of `dtypes`: one clamp for all, one launch each (the division writes the
+    cast; sums / counts and .to() are two)."""
+    divisor = counts.clamp_min(1)[..., None]
+    return tuple(torch.div(s, divisor, out=torch.empty(s.shape, dtype=d, device=s.device)) for s, d in zip(sums, dtypes))
+
+
 def idd_from_sums(sums_s: Tensor, counts_s: Tensor, sums_t: Tensor, counts_t: Tensor, metric: str,
                    normalize: Optional[str], eps: float, reduction: str, out_dtype: torch.dtype) -> Tensor:
     """The K x K tail of IDD from both networks' float64 class sums (the teacher's detached),

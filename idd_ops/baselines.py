@@ -21,7 +21,7 @@ from . import _ops  # noqa: F401  (registers autograd and fake kernels)
 from . import _switches
 from . import _validation as v
 from ._dtypes import acc_dtype, loss_dtype
-from ._class_sums import MAX_SLOT_CLASSES, centroids_from_sums, pair_sums, slots_for, uses_class_sums
+from ._class_sums import MAX_SLOT_CLASSES, detached_centroids, pair_sums, slots_for, uses_class_sums
 from ._label_mask import kept_pixels
 from ._reduction import reduce
 
@@ -183,11 +183,10 @@ def intra_class_variation_loss(student_feats: Tensor, teacher_feats: Tensor, lab
     if sums:  # one class pass for both
         # the sums are constants to autograd: the student's cosine op, given its counts, carries the
         # gradient through its centroids itself (one pass writes the student's gradient)
-        ss, ns, st, nt = pair_sums(*(f.detach() for f in pair), labels, num_classes, ignore_index, slots=slots)
+        ss, ns, st, _ = pair_sums(*(f.detach() for f in pair), labels, num_classes, ignore_index, slots=slots)
         counts = (ns, None)
         # the cosine op computes in the features' accumulation dtype, whatever the sums' dtype
-        centroids = (centroids_from_sums(ss, ns, acc_dtype(pair[0].dtype)),
-                     centroids_from_sums(st, nt, acc_dtype(pair[1].dtype)))
+        centroids = detached_centroids((ss, st), ns, [acc_dtype(f.dtype) for f in pair])
     elif slots is not None:  # the same split: constant centroids, the student's counts to the cosine op
         (cs, ns), (ct, _) = (ops.class_centroids(f.detach(), labels, num_classes, ignore_index) for f in pair)
         centroids, counts = (cs, ct), (ns, None)

@@ -117,7 +117,7 @@ constexpr int kRowsAhead = 4;
 // and a block has 8 loads in flight per unrolled step where one thread per pixel walking all C
 // channels in series kept too few bytes in flight to reach the memory bound (the H200 measured
 // IFVD's forward at 5x its bound so). The 8 partial sums add in warp order: the same bits on
-// every run. The centroids come channel-major (cent_t [B, C, K]: channel_major), so the
+// every run. The centroids come channel-major (cent_t [B, C, K]: centroid_table), so the
 // lanes of a fragmented map read their classes' values of a channel from K neighbouring words
 // rather than from K rows C values apart.
 template <typename scalar_t>
@@ -313,9 +313,6 @@ SumLayout class_sum_layout(int64_t K, size_t bytes) {
   return {warps, static_cast<unsigned>(32 * std::max(warps, 1)), static_cast<size_t>(warps * K * bytes)};
 }
 
-// Centroids [B, K, C] as the slot kernels read them, channel-major [B, C, K]: one small copy.
-at::Tensor channel_major(const at::Tensor& cent) { return cent.transpose(1, 2).contiguous(); }
-
 std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_kernel(const at::Tensor& feats_in,
                                                                       const at::Tensor& centroids_in,
                                                                       const at::Tensor& slots_in, double eps,
@@ -330,12 +327,12 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_kernel(const at::
   at::Tensor cos = at::empty({B, feats.size(2), feats.size(3)}, feats.options().dtype(acc)), fnorm = at::empty_like(cos);
   if (cos.numel() == 0) return {cos, fnorm};
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor cnorm = centroid_norms(cent, stream);
+  const CentroidTable table = centroid_table(cent, stream);
+  const at::Tensor &cent_t = table.channel_major, &cnorm = table.norms;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_slots_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const dim3 grid(static_cast<unsigned>((HW + kCosinePixels - 1) / kCosinePixels),
                     static_cast<unsigned>(std::min(B, kMaxGridYZ)));
-    const at::Tensor cent_t = channel_major(cent);
     cosine_slots_forward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         feats.const_data_ptr<scalar_t>(), cent_t.const_data_ptr<acc_t>(), cnorm.const_data_ptr<acc_t>(),
         slots.const_data_ptr<int16_t>(), B, C, HW, static_cast<int>(K), static_cast<acc_t>(eps), cos.data_ptr<acc_t>(),
@@ -361,7 +358,8 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
   if (feats.numel() == 0) return {grad_f, grad_c.zero_().to(centroids_in.scalar_type())};  // no pixels: no gradient
   at::Tensor a = at::empty({B, HW}, cent.options()), bf = at::empty_like(a);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor cnorm = centroid_norms(cent, stream);
+  const CentroidTable table = centroid_table(cent, stream);
+  const at::Tensor &cent_t = table.channel_major, &cnorm = table.norms;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_slots_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto [warps, threads, shared] = class_sum_layout(K, sizeof(acc_t));
@@ -376,7 +374,6 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
         cnorm.const_data_ptr<acc_t>(), slots.const_data_ptr<int16_t>(), B, HW, whole, static_cast<int>(K),
         static_cast<acc_t>(eps), warps, a.data_ptr<acc_t>(), bf.data_ptr<acc_t>(), bc_part.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const at::Tensor cent_t = channel_major(cent);
     // with counts: each row's shares grad_c / n, channel-major like cent_t, for the second walk
     at::Tensor share_t = counts.defined() ? at::empty({B, C, K}, cent.options()) : at::Tensor();
     cosine_slots_backward_rows_kernel<scalar_t><<<row_blocks(B, C), threads, shared, stream>>>(
