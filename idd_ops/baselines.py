@@ -66,8 +66,7 @@ def pixel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Option
         keep = kept_pixels(labels, H, W, K, ignore_index)
         kl = torch.where(keep, kl, 0.0)
         count = keep.sum()
-    loss = reduce(kl, reduction, count)
-    return (loss if temperature == 1 else loss * temperature ** 2).to(loss_dtype(student_logits))
+    return reduce(kl, reduction, count, temperature ** 2).to(loss_dtype(student_logits))
 
 
 def channel_wise_distillation_loss(student_feats: Tensor, teacher_feats: Tensor, temperature: float = 4.0,
@@ -96,7 +95,7 @@ def channel_wise_distillation_loss(student_feats: Tensor, teacher_feats: Tensor,
     B, C, H, W = student_feats.shape
     kl = ops.softmax_kl(student_feats.reshape(B * C, H * W, 1), teacher_feats.detach().reshape(B * C, H * W, 1),
                         float(temperature))[0].reshape(B, C)
-    return (reduce(kl, reduction) * temperature ** 2).to(loss_dtype(student_feats))
+    return reduce(kl, reduction, scale=temperature ** 2).to(loss_dtype(student_feats))
 
 
 def structural_kd_loss(student_feats: Tensor, teacher_feats: Tensor, pool: int = 2, reduction: str = "mean") -> Tensor:
@@ -197,11 +196,13 @@ def intra_class_variation_loss(student_feats: Tensor, teacher_feats: Tensor, lab
                 for f, c, n in zip(pair, centroids, counts)]
     else:
         maps = [ops.pixel_centroid_cosine(f, c, labels, ignore_index, float(eps))[0] for f, c in zip(pair, centroids)]
-    # reduce, not mse_loss's own mean: an empty map gives 0, as every other loss does, not 0/0.
     # The teacher's map in the student's dtype: torch 2.4's mse_loss backward gave a float64
     # student's map a float32 gradient (an autograd error) when the teacher's map was float32.
-    err = F.mse_loss(maps[0], maps[1].to(maps[0].dtype), reduction="none")
-    return reduce(err, reduction).to(loss_dtype(student_feats))
+    target = maps[1].to(maps[0].dtype)
+    if reduction == "mean" and maps[0].numel():  # mse_loss's own mean: two launches fewer than reduce's
+        return F.mse_loss(maps[0], target).to(loss_dtype(student_feats))
+    # reduce, not mse_loss's own mean, for an empty map: 0, as every other loss gives, not 0/0
+    return reduce(F.mse_loss(maps[0], target, reduction="none"), reduction).to(loss_dtype(student_feats))
 
 
 __all__ = ["pixel_kd_loss", "channel_wise_distillation_loss", "structural_kd_loss", "intra_class_variation_loss"]
