@@ -87,6 +87,18 @@ def test_a_tiny_kl_between_distant_maxima(driver):
 
 
 @pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
+def test_a_teacher_maximum_rising_past_half_the_float_range(driver):
+    """A teacher maximum that rises by ~3e38 at once: the earlier terms vanish (exp underflows
+    to 0), and moving them to the new maxima first computed zt * 3e38 = inf, then 0 * inf = NaN
+    where the two-pass form gives log 3 (found by a review of the relative-w form)."""
+    data = [(torch.zeros(3, dtype=torch.float64), torch.tensor([0.0, 0.0, 3e38], dtype=torch.float64), parts)
+            for parts in (1, 2, 3)]
+    data.append((torch.zeros(2, dtype=torch.float64), torch.tensor([-2e38, 2e38], dtype=torch.float64), 2))
+    for (u, v, parts), row in zip(data, run_driver(driver, data)):
+        assert row[0] == pytest.approx(math.log(len(u)), rel=1e-6), (v.tolist(), parts, row)
+
+
+@pytest.mark.skipif(CXX is None, reason="needs a C++ compiler")
 def test_online_sums_match_the_reference(driver):
     data = cases()
     rows = run_driver(driver, data)

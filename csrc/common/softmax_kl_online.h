@@ -44,16 +44,17 @@ struct OnlineSoftmaxKL {
   // w (with its zt, before either is rescaled) moved from the maxima (ms, mt) to (ns, nt) and
   // rescaled by r = exp(mt - nt). Sums without both maxima hold no finite bracket to move: w is
   // 0 (no teacher class yet), +inf (a teacher class over a student -inf) or NaN, and stays so.
+  // Nor is there one where r is 0 (the teacher's maximum rose past exp's range: its earlier
+  // terms vanish, as the two-pass form's exp(v - mt) does); moving it first could overflow
+  // (nt - mt near the dtype's maximum) and make 0 * inf = NaN of a finite KL.
   C10_HOST_DEVICE static T shifted_w(T w, T zt, T ms, T mt, T ns, T nt, T r) {
-    if (empty(ms) || empty(mt) || w == std::numeric_limits<T>::infinity()) return rescaled_w(w, r);
+    if (r == T(0) || empty(ms) || empty(mt) || w == std::numeric_limits<T>::infinity()) return rescaled_w(w, r);
     return (w - zt * ((nt - mt) - (ns - ms))) * r;
   }
-  // One class's term: kl_term's rules decided on the logits themselves, its bracket relative to
-  // the maxima (both finite wherever the logits are).
-  C10_HOST_DEVICE T term(T e, T v, T u) const {
-    constexpr T inf = std::numeric_limits<T>::infinity();
-    return v == -inf ? T(0) : u == -inf ? inf : e * ((v - mt) - (u - ms));
-  }
+  // One class's term: kl_term on the logits less the running maxima (sum_shift: 0 for an empty
+  // one), as the two-pass form applies it to the logits less the final maxima; a difference that
+  // overflows to -inf takes kl_term's -inf rules there as here.
+  C10_HOST_DEVICE T term(T e, T v, T u) const { return kl_term(e, v - sum_shift(mt), u - sum_shift(ms)); }
 
   // N more classes (held in registers by the caller; -inf pads a short chunk and adds nothing).
   template <int N>
