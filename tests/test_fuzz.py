@@ -142,7 +142,7 @@ def test_gram_rounding_grows_as_a_pair_closes_in():
     from fuzz.floors import gram_rounding
 
     def floor(gap):
-        sums = torch.tensor([[[1.0], [1.0 + gap], [3.0]]], dtype=torch.float64)
+        sums = torch.tensor([[[3.0], [1.0], [1.0 + gap]]], dtype=torch.float64)  # class 0: the shift
         counts = torch.ones(1, 3, dtype=torch.long)
         return gram_rounding(sums, counts, sums * 2, counts, "euclidean", "mean")["grad:student"]
 
