@@ -360,12 +360,24 @@ register(OpSpec("cwd", lambda rng: _draw_logits(rng, False), _build_logits, _cwd
                 grads=("student",), floor=_softmax_kl_floor(2)))
 
 
+# Most bytes of one [B, P, P] affinity matrix of the reference's SKD (float64, P pooled pixels):
+# it holds several, with their gradients. At --size-scale 12 a batch of 33 maps of 59 x 131 drew
+# 16 GB a matrix and the fuzzer was killed for memory.
+SKD_AFFINITY_BYTES = 2 ** 28
+
+
 def _draw_skd(rng):
     s, t = _draw_pair(rng, same_size=True, min_channels=1)
     if rng.random() < 0.4:  # a student far from its teacher's scale (the batched SKD lost 1e-2 at 1e-3)
         s["scale"], t["scale"] = rng.choice(((1e-3, 1.0), (1e-4, 1.0), (1.0, 1e-3), (1e3, 1.0), (30.0, 1e-4)))
-    return {"student": s, "teacher": t, "pool": pick(rng, {1: 2, 2: 3, 3: 1, 4: 1}),
-            "reduction": rng.choice(REDUCTIONS)}
+    p = {"student": s, "teacher": t, "pool": pick(rng, {1: 2, 2: 3, 3: 1, 4: 1}), "reduction": rng.choice(REDUCTIONS)}
+    # fewer images where the reference's affinities would pass the budget (the draws stay the same)
+    B, _, H, W = s["shape"]
+    P = -(-H // p["pool"]) * -(-W // p["pool"])
+    fit = max(1, SKD_AFFINITY_BYTES // max(8 * P * P, 1))
+    if B > fit:
+        s["shape"], t["shape"] = [fit, *s["shape"][1:]], [fit, *t["shape"][1:]]
+    return p
 
 
 def _build_skd(p, seed, device):
