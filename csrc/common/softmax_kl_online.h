@@ -10,7 +10,7 @@
 // relative accuracy. (Terms exp(v - mt) (v - u), with ms - mt added at the end, cancel to
 // roundoff at the size of |ms - mt|: a KL of 1.7e-12 with maxima 79 apart came out 0, where the
 // two-pass kernels give it to 1e-2; found by the differential fuzzer at seed 20261210.) When the
-// maxima grow by dt and ds, every earlier term's bracket falls by dt - ds: shift() subtracts
+// maxima grow by dt and ds, every earlier term's bracket falls by dt - ds: shifted_w subtracts
 // zt (dt - ds) before the rescaling.
 // A maximum of -inf (nothing yet, or a vector that is -inf everywhere) has its sum 0; rescale()
 // never forms exp(-inf - -inf). finish() settles a vector with a NaN, or with no finite logit on
