@@ -107,7 +107,7 @@ def test_size_scale_reaches_larger_maps_and_names_itself_in_reproducers(monkeypa
     sizes = [inputs.draw_size(rng, 0, 12) for _ in range(200)]
     batches = [inputs.draw_size(rng, 0, 3) for _ in range(200)]
     assert max(sizes) > 65 and max(sizes) <= 96  # past the tile sizes (17, 33, 65) drawn at any scale
-    assert max(b for b in batches if b not in (17, 33, 65)) <= 3  # batch sizes keep their bound
+    assert max(batches) <= 3  # batch sizes keep their bound, tile sizes included (memory)
     assert "--size-scale 8 --repro idd:5" in Outcome(make_case("idd", 5), "cpu").reproducer()
 
 

@@ -371,12 +371,18 @@ def _draw_skd(rng):
     if rng.random() < 0.4:  # a student far from its teacher's scale (the batched SKD lost 1e-2 at 1e-3)
         s["scale"], t["scale"] = rng.choice(((1e-3, 1.0), (1e-4, 1.0), (1.0, 1e-3), (1e3, 1.0), (30.0, 1e-4)))
     p = {"student": s, "teacher": t, "pool": pick(rng, {1: 2, 2: 3, 3: 1, 4: 1}), "reduction": rng.choice(REDUCTIONS)}
-    # fewer images where the reference's affinities would pass the budget (the draws stay the same)
+    # smaller maps, then fewer images, where the reference's affinities would pass the budget
+    # (the draws stay the same)
     B, _, H, W = s["shape"]
-    P = -(-H // p["pool"]) * -(-W // p["pool"])
-    fit = max(1, SKD_AFFINITY_BYTES // max(8 * P * P, 1))
-    if B > fit:
-        s["shape"], t["shape"] = [fit, *s["shape"][1:]], [fit, *t["shape"][1:]]
+
+    def pooled(h, w):
+        return -(-h // p["pool"]) * -(-w // p["pool"])
+
+    while 8 * pooled(H, W) ** 2 > SKD_AFFINITY_BYTES:
+        H, W = -(-H * 4 // 5), -(-W * 4 // 5)
+    B = min(B, max(1, SKD_AFFINITY_BYTES // max(8 * pooled(H, W) ** 2, 1)))
+    for x in (s, t):
+        x["shape"] = [B, x["shape"][1], H, W]
     return p
 
 
