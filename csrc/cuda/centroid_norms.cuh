@@ -28,44 +28,29 @@ __global__ void centroid_norms_kernel(const acc_t* __restrict__ cent, int64_t BK
 // threads of one block each walk 2048 channels in series, three times per call, where this
 // spreads a row over a warp and the rows over 19 blocks.
 template <typename acc_t>
-__global__ void centroid_norms_warp_kernel(const acc_t* __restrict__ cent, int64_t BK, int64_t C,
-                                           acc_t* __restrict__ out) {
+__global__ void centroid_norms_warp_kernel(const acc_t* __restrict__ cent, int64_t K, int64_t BK, int64_t C,
+                                           acc_t* __restrict__ out, acc_t* __restrict__ cent_t) {
   const int lane = threadIdx.x % 32;
   const int64_t warps_per_block = blockDim.x / 32, warps = gridDim.x * warps_per_block;
   for (int64_t bk = blockIdx.x * warps_per_block + threadIdx.x / 32; bk < BK; bk += warps) {
     // warp-uniform: every lane of a warp takes the same rows
+    acc_t* column = cent_t ? cent_t + (bk / K) * C * K + bk % K : nullptr;
     acc_t s = 0;
-    for (int64_t c = lane; c < C; c += 32) s += cent[bk * C + c] * cent[bk * C + c];
+    for (int64_t c = lane; c < C; c += 32) {
+      const acc_t v = cent[bk * C + c];
+      if (column) column[c * K] = v;
+      s += v * v;
+    }
     s = warp_sum(s);
     if (lane == 0) out[bk] = sqrt(s);
   }
 }
 
-// The slot kernels' centroid table: the rows of centroid_norms_warp_kernel (a warp per row, the
-// same loads and butterfly, so the same norms to the bit), each value also written to its place
-// in the channel-major copy cent_t [B, C, K] (K neighbouring words per channel: the slot kernels'
-// per-pixel reads). One launch where a transposing copy and the norms were two. The copy's
-// stores lie K words apart within a warp: a [B, K, C] table is small (1.2 MB at IFVD's Cityscapes
-// teacher), and L2 merges the partial sectors of a table written whole.
-template <typename acc_t>
-__global__ void centroid_table_kernel(const acc_t* __restrict__ cent, int64_t K, int64_t BK, int64_t C,
-                                      acc_t* __restrict__ cent_t, acc_t* __restrict__ norms) {
-  const int lane = threadIdx.x % 32;
-  const int64_t warps_per_block = blockDim.x / 32, warps = gridDim.x * warps_per_block;
-  for (int64_t bk = blockIdx.x * warps_per_block + threadIdx.x / 32; bk < BK; bk += warps) {
-    // warp-uniform: every lane of a warp takes the same rows
-    acc_t* column = cent_t + (bk / K) * C * K + bk % K;
-    acc_t s = 0;
-    for (int64_t c = lane; c < C; c += 32) {
-      const acc_t v = cent[bk * C + c];
-      column[c * K] = v;
-      s += v * v;
-    }
-    s = warp_sum(s);
-    if (lane == 0) norms[bk] = sqrt(s);
-  }
-}
-
+// The slot kernels' centroid table: with `cent_t`, the kernel above also writes each value to its
+// place in the channel-major copy cent_t [B, C, K] (K neighbouring words per channel: the slot
+// kernels' per-pixel reads), beside the same norms. One launch where a transposing copy and the
+// norms were two. The copy's stores lie K words apart within a warp: a [B, K, C] table is small
+// (1.2 MB at IFVD's Cityscapes teacher), and L2 merges the partial sectors of a table written whole.
 struct CentroidTable {
   at::Tensor channel_major;  // [B, C, K]
   at::Tensor norms;          // [B, K]
@@ -78,8 +63,8 @@ inline CentroidTable centroid_table(const at::Tensor& cent, cudaStream_t stream)
   CentroidTable t{at::empty({B, C, K}, cent.options()), at::empty({B, K}, cent.options())};
   if (BK == 0) return t;
   AT_DISPATCH_FLOATING_TYPES(cent.scalar_type(), "centroid_table_cuda", [&] {
-    centroid_table_kernel<scalar_t><<<blocks_for(BK * 32), kThreads, 0, stream>>>(
-        cent.const_data_ptr<scalar_t>(), K, BK, C, t.channel_major.data_ptr<scalar_t>(), t.norms.data_ptr<scalar_t>());
+    centroid_norms_warp_kernel<scalar_t><<<blocks_for(BK * 32), kThreads, 0, stream>>>(
+        cent.const_data_ptr<scalar_t>(), K, BK, C, t.norms.data_ptr<scalar_t>(), t.channel_major.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return t;
@@ -93,7 +78,7 @@ inline at::Tensor centroid_norms(const at::Tensor& cent, cudaStream_t stream) {
   AT_DISPATCH_FLOATING_TYPES(cent.scalar_type(), "centroid_norms_cuda", [&] {
     if (cuda_next_enabled()) {
       centroid_norms_warp_kernel<scalar_t><<<blocks_for(BK * 32), kThreads, 0, stream>>>(
-          cent.const_data_ptr<scalar_t>(), BK, cent.size(2), out.data_ptr<scalar_t>());
+          cent.const_data_ptr<scalar_t>(), cent.size(1), BK, cent.size(2), out.data_ptr<scalar_t>(), nullptr);
     } else {
       centroid_norms_kernel<scalar_t><<<blocks_for(BK), kThreads, 0, stream>>>(cent.const_data_ptr<scalar_t>(), BK,
                                                                                cent.size(2), out.data_ptr<scalar_t>());
