@@ -17,7 +17,7 @@ import torch
 import idd_ops
 from idd_ops import reference
 
-from .floors import PRECISIONS, UNIT_ROUNDOFF, coincident_classes, distance_noise, floor_of
+from .floors import UNIT_ROUNDOFF, coincident_classes, distance_noise, floor_of, least_precise
 from .inputs import (draw_dtype, draw_feats, draw_labels, draw_labels_for, draw_num_classes, draw_scale, draw_size,
                      make_feats, make_labels, pick)
 
@@ -340,8 +340,7 @@ def _softmax_kl_floor(dim):
         flat = [v.flatten(dim) if dim == 2 else v for v in (s, t)]
         peak = max(float(torch.nan_to_num(torch.softmax(v / T, dim)).max()) for v in flat)
         acc = "float64" if x["student"].dtype == torch.float64 else "float32"
-        precision = max((str(v.dtype).removeprefix("torch.") for v in (x["student"], x["teacher"])),
-                        key=PRECISIONS.index)
+        precision = least_precise((x["student"], x["teacher"]))
         n = 1
         if p["reduction"] == "mean":  # pixel KD: the kept pixels; CWD: the B x C vectors
             if dim == 1 and "labels" in p:

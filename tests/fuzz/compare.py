@@ -39,7 +39,7 @@ from idd_ops import _switches
 
 from . import inputs
 from .cases import Case
-from .floors import NOISE_ULPS, PRECISIONS, UNIT_ROUNDOFF
+from .floors import NOISE_ULPS, UNIT_ROUNDOFF, least_precise
 from .targets import device_of, running_on
 
 # the suite's tolerances (tests/conftest.py), by precision name: the float64 entry is for
@@ -165,8 +165,7 @@ def precision_of(case: Case, inputs) -> str:
     """The case's stated precision, else its least precise floating input."""
     if "precision" in case.params:
         return case.params["precision"]
-    names = [str(x.dtype).replace("torch.", "") for x in inputs.values() if x.is_floating_point()]
-    return max(names, key=PRECISIONS.index, default="float64")
+    return least_precise(inputs.values())
 
 
 def _weights(out: torch.Tensor, seed: int) -> torch.Tensor:

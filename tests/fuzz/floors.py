@@ -18,6 +18,12 @@ UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 **
 NOISE_ULPS = 128.0
 
 
+def least_precise(tensors) -> str:
+    """The name of the least precise floating dtype among `tensors` ("float64" where none is)."""
+    names = [str(x.dtype).removeprefix("torch.") for x in tensors if x.is_floating_point()]
+    return max(names, key=PRECISIONS.index, default="float64")
+
+
 def floor_of(output, reduction, grads, inputs, dim=1, count=1):
     """Sizes of the terms of a scale-free output (cosines, normalised affinities, distances over
     their mean: 1, or `count` of them under a "sum") and of its gradients (1 / |x| per vector x

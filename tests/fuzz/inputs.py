@@ -31,9 +31,9 @@ def pick(rng: random.Random, weighted):
 
 
 # Spatial and channel sizes are drawn up to SIZE_SCALE times their usual bound (batch sizes, drawn
-# up to 3, are not scaled, and above scale 1 not drawn at a tile size either): `python -m tests.fuzz --size-scale 8` reaches the kernels' multi-block
-# and multi-segment plans at a few seconds a case on the emulator. Cases differ by scale: a
-# reproducer names it.
+# up to 3, are not scaled, and above scale 1 not drawn at a tile size either):
+# `python -m tests.fuzz --size-scale 8` reaches the kernels' multi-block and multi-segment plans at
+# a few seconds a case on the emulator. Cases differ by scale: a reproducer names it.
 SIZE_SCALE = 1
 
 
