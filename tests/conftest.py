@@ -6,6 +6,12 @@ import os
 # GEMM, so it is set before anything runs. The library's users set it themselves, as for any GEMM
 # in deterministic mode (docs/API.md).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+# pytest-xdist workers share the cores (worker_threads below gives each at least 2 threads, so the
+# CPU kernels' parallel paths run): OpenMP's threads then spin at every barrier while another
+# worker holds the core, and the many small ops of a test wait ~10x longer (tests/test_fuzz.py: 89 s
+# against 13 s on 2 cores). Threads that sleep instead cost microseconds a parallel region. OpenMP
+# reads this as torch loads it, so it is set before the import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
