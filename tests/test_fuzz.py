@@ -138,14 +138,51 @@ def test_rounding_the_reference_lacks_is_allowed_for(name):
     assert check.error > check.tolerance and 1e-4 < check.absolute / check.allowance <= 1, check
 
 
-def test_gram_rounding_grows_as_a_pair_closes_in():
-    from fuzz.floors import gram_rounding
+def test_tail_rounding_grows_as_a_pair_closes_in():
+    from fuzz.distance_rounding import tail_rounding
 
-    def floor(gap):
-        sums = torch.tensor([[[3.0], [1.0], [1.0 + gap]]], dtype=torch.float64)  # class 0: the shift
+    def floor(gap, metric="euclidean", normalize=False):
+        sums = torch.tensor([[[3.0, 0.5], [1.0, 1.0], [1.0 + gap, 1.0]]], dtype=torch.float64)  # 0: the shift
         counts = torch.ones(1, 3, dtype=torch.long)
-        return gram_rounding(sums, counts, sums * 2, counts, "euclidean", "mean")["grad:student"]
+        return tail_rounding(sums, counts, sums * 2, counts, metric, normalize, 1e-8, "mean", 2.0 ** -53)
 
-    assert floor(1e-3) > 50 * floor(1e-1)  # a distance rounds at size^2 / (2 gap): as 1 / gap
-    assert gram_rounding(torch.ones(1, 2, 1), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, 1),
-                         torch.ones(1, 2, dtype=torch.long), "cosine", "mean") == {}
+    for normalize in (False, True):  # a distance rounds at size^2 / (2 gap): as 1 / gap
+        assert floor(1e-3, normalize=normalize)["grad:student"] > 50 * floor(1e-1, normalize=normalize)["grad:student"]
+    # 1 - cos rounds at 1 whatever the gap; its gradient's rounding, relative to |c|, neither grows
+    assert floor(1e-3, "cosine")["grad:student"] < 2 * floor(1e-1, "cosine")["grad:student"]
+
+
+def test_tail_rounding_of_a_floored_cosine_denominator():
+    """|ci| |cj| below eps: 1 - <ci, cj> / eps, of size 1 where 1 - cos is 0 (parallel classes:
+    found at seed 20261221), and a gradient of |cj| / eps."""
+    from fuzz.distance_rounding import network_terms
+
+    c = torch.tensor([[[1e-3, 0.0], [2e-3, 0.0]]], dtype=torch.float64)
+    counts = torch.ones(1, 2, dtype=torch.long)
+    floored = network_terms(c, counts, "cosine", False, 1e-3, None, 2.0 ** -53)
+    assert floored["R"][0, 0, 1].item() == pytest.approx(1 - 2e-6 / 1e-3)
+    assert floored["g"][0, 0, 1].item() == pytest.approx(2e-3 / 1e-3)
+    assert network_terms(c, counts, "cosine", False, 1e-8, None, 2.0 ** -53)["g"][0, 0, 1].item() == 0  # parallel
+
+
+def test_networks_that_agree_exactly_keep_a_second_order_floor():
+    """Two networks with the same normalised distances (E = 0 for every pair): the loss is the
+    square of the rounding, not 0 (seed 20261221, a "sum" of three classes, two parallel)."""
+    from fuzz.distance_rounding import tail_rounding
+
+    sums = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    counts = torch.ones(1, 3, dtype=torch.long)
+    floors = tail_rounding(sums, counts, sums * 3, counts, "cosine", True, 1e-8, "sum", 2.0 ** -53)
+    assert 0 < floors["loss"] < 1e-10
+
+
+# A planted gradient error of 1 % (runner.mutation_check): the share of the float32/float64 cases
+# with a gradient to hold that still pass (seed 20261202, 300 cases: 0 of 173, 2 of 183 and 3 of
+# 98; with the scale-free floors before distance_rounding, at seed 20261221: 25 of 110, 11 of 104
+# and 7 of 55 at 1e-3).
+@pytest.mark.parametrize("op,share", [("op.idd_tail", 0.01), ("class_distance_matrix", 0.03), ("idd", 0.05)])
+def test_a_gradient_one_percent_off_fails(op, share):
+    t = runner.mutation_check(op, 300, SEED, 1.01)
+    held = t["caught"] + t["escaped"]
+    assert held > 90 and t["failing"] == 0, t
+    assert t["escaped"] <= share * held, t

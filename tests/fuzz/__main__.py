@@ -3,6 +3,7 @@
     python -m tests.fuzz --targets cpu,cpu_alt,default,next[,cuda] --cases N --seed S [--ops a,b] [--time-budget SEC]
     python -m tests.fuzz --targets next --repro idd:1000042      # one case again, its inputs printed
     python -m tests.fuzz --size-scale 8 --cases 500 --seed S     # larger maps and more channels
+    python -m tests.fuzz --mutate 1.001 --cases 500 --seed S     # gradients 1e-3 off: how many pass
 
 Exit status 1 where a case disagrees with the reference (known differences aside), 2 for a
 target that cannot run here.
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from . import inputs  # noqa: E402
 from .cases import OPS  # noqa: E402
-from .runner import Report, make_case, run, run_case  # noqa: E402
+from .runner import Report, make_case, mutation_check, run, run_case  # noqa: E402
 from .targets import TARGETS, unavailable  # noqa: E402
 
 
@@ -33,6 +34,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repro", default="", help="OP:SEED: run that one case and print it")
     parser.add_argument("--size-scale", type=int, default=1,
                         help="draw spatial and channel sizes up to this many times their usual bound (default 1)")
+    parser.add_argument("--mutate", type=float, default=None,
+                        help="scale the first target's gradients by this factor and count the cases that still pass "
+                             "(runner.mutation_check) instead of fuzzing")
     args = parser.parse_args(argv)
     if args.size_scale < 1:
         parser.error(f"--size-scale: expected an int >= 1, got {args.size_scale}")
@@ -46,6 +50,8 @@ def main(argv=None) -> int:
     if args.repro:
         return repro(args.repro, targets)
     ops = [o for o in args.ops.split(",") if o] or None
+    if args.mutate is not None:
+        return mutate(ops or list(OPS), targets[0], args.cases, args.seed, args.mutate)
     report = run(targets, args.cases, args.seed, ops, args.time_budget, progress=lambda line: print(line, flush=True),
                  every=args.every)
     print()
@@ -63,6 +69,18 @@ def repro(spec: str, targets) -> int:
         for c in outcome.checks:
             print(f"    {c.what}: error {c.error:.3g}, tolerance {c.tolerance:.3g}{c.note}")
     return 0 if report.ok else 1
+
+
+def mutate(ops, target: str, cases: int, seed: int, factor: float) -> int:
+    print(f"gradients on {target} scaled by {factor}, {cases} cases of each op at seed {seed}:")
+    print("op                              held  caught  escaped  noise  failing  other")
+    for op in ops:
+        t = mutation_check(op, cases, seed, factor, target)
+        held = t["caught"] + t["escaped"]
+        print(f"{op:30s}  {held:4d}  {t['caught']:6d}  {t['escaped']:7d}  {t['noise']:5d}  {t['failing']:7d}"
+              f"  {t['other']:5d}"
+              + (f"   ({100 * t['escaped'] / held:.1f} % escaped)" if held else ""), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ import torch
 import idd_ops
 from idd_ops import reference
 
-from .floors import UNIT_ROUNDOFF, coincident_classes, distance_noise, floor_of, least_precise
+from .distance_rounding import idd_rounding, matrix_rounding
+from .floors import UNIT_ROUNDOFF, coincident_classes, floor_of, least_precise, scaled_floors
 from .inputs import (draw_dtype, draw_feats, draw_labels, draw_labels_for, draw_num_classes, draw_scale, draw_size,
                      make_feats, make_labels, pick)
 
@@ -173,14 +174,16 @@ def _loss_centroids(p, x, key):
 
 
 def _idd_floor(p, x):
-    student = _loss_centroids(p, x, "student")
-    floors = {}
-    if p["normalize"] == "mean" or p["metric"] == "cosine":
-        floors = floor_of("loss", p["reduction"], ("student",), x)
-    if p["normalize"] == "mean":  # either network's distances over a mean floored at eps
-        a, g = max(distance_noise(*c, p["metric"], p["eps"]) for c in (student, _loss_centroids(p, x, "teacher")))
-        floors = {k: v * (a if k == "loss" else a * g) for k, v in floors.items()}
-    if p["metric"] == "euclidean" and coincident_classes(*student):
+    """The first-order rounding of the centroid passes and the K x K math
+    (distance_rounding.idd_rounding), in roundoffs of the case's precision; the half types' sums
+    are float32 (METHOD.md 8)."""
+    precision = least_precise([x["student"], x["teacher"]])
+    sums = "float32" if precision in ("float16", "bfloat16") else precision
+    floors = idd_rounding(x["student"], x["teacher"], x["labels"], p["K"], p["labels"]["ignore_index"],
+                          p["centroids"] == "batch", p["metric"], p["normalize"] == "mean", p["eps"], p["reduction"],
+                          UNIT_ROUNDOFF[precision], UNIT_ROUNDOFF[sums])
+    floors = scaled_floors(floors, precision, precision)
+    if p["metric"] == "euclidean" and coincident_classes(*_loss_centroids(p, x, "student")):
         floors["grad:student"] = float("inf")  # no gradient to compare (floors.coincident_classes)
     return floors
 
@@ -251,17 +254,10 @@ def _distance(module):
 
 
 def _distance_floor(p, x):
-    if p["normalize"] != "mean" and p["metric"] != "cosine":
-        return {}
-    floors = floor_of("dist", "none", ("centroids",), x, dim=2)
-    if "grad:centroids" in floors:  # a centroid's gradient sums the terms of its K - 1 pairs
-        floors["grad:centroids"] *= max(1, x["centroids"].shape[1] - 1)
-    if p["normalize"] == "mean":
-        a, g = distance_noise(x["centroids"], x["counts"], p["metric"], p["eps"])
-        floors["dist"] *= a
-        if "grad:centroids" in floors:
-            floors["grad:centroids"] *= a * g
-    return floors
+    """The float64 math's first-order rounding (distance_rounding.matrix_rounding), whatever the
+    centroids' dtype: the op casts its float64 results, which the relative tolerance covers."""
+    floors = matrix_rounding(x["centroids"], x["counts"], p["metric"], p["normalize"] == "mean", p["eps"])
+    return scaled_floors(floors, "float64", least_precise([x["centroids"]]))
 
 
 register(OpSpec("class_distance_matrix", _draw_distance, _build_distance, _distance(idd_ops), _distance(reference),

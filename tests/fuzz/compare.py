@@ -245,14 +245,16 @@ def expected(case: Case) -> Expected:
     return Expected(ref, own, precision, floors)
 
 
-def run_on(case: Case, target: str, want: Expected) -> Outcome:
-    """The case on `target`, compared with the reference's results `want`."""
+def run_on(case: Case, target: str, want: Expected, grad_scale: float = 1.0) -> Outcome:
+    """The case on `target`, compared with the reference's results `want`; the target's input
+    gradients times `grad_scale` (a planted error: runner.mutation_check)."""
     spec = case.spec
     outcome = Outcome(case, target)
     try:
         with running_on(target, case.seed):
             inputs = spec.build(case.params, case.seed, device_of(target))
             got = evaluate(lambda x: spec.fused(x, case.params), inputs, spec.grads, case.seed)
+        got = {k: v * grad_scale if k.startswith("grad:") else v for k, v in got.items()}
     except Exception as e:
         got = None
         outcome.raised = _short(e)

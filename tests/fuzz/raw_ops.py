@@ -10,7 +10,8 @@ import torch
 from idd_ops import reference
 
 from .cases import OpSpec, _draw_pair, _sub, build_feats, draw_logit_pair, register
-from .floors import NOISE_ULPS, distance_noise, floor_of, gram_rounding
+from .distance_rounding import tail_rounding
+from .floors import UNIT_ROUNDOFF, floor_of, scaled_floors
 from .inputs import (draw_dtype, draw_feats, draw_labels, draw_labels_for, draw_num_classes, draw_size, make_feats,
                      make_labels, pick)
 
@@ -174,39 +175,13 @@ def _tail_ref(x, p):
 
 
 def _tail_floor(p, x):
-    """Cosine distances and distances over their mean are scale-free: their gradient w.r.t. a sum
-    (centroid x count) has terms of size 1 / |sum|; with the "mean" normaliser, times what it
-    amplifies (cases.distance_noise, of either network)."""
-    if p["metric"] != "cosine" and not p["normalize"]:
-        return _gram_floor(p, x)
-    # under "sum" the loss adds a term of size 1 per valid class pair
-    pairs = int((reference._valid_entries(x["s_counts"]) & reference._valid_entries(x["t_counts"])).sum()) // 2
-    floors = floor_of("loss", p["reduction"], ("student",), x, dim=2, count=pairs)
-    if "grad:student" in floors:  # a class's gradient sums the terms of its K - 1 pairs
-        floors["grad:student"] *= max(1, x["student"].shape[1] - 1)
-    if p["normalize"]:
-        noise = [distance_noise(x[k] / x[k[0] + "_counts"].clamp_min(1)[..., None], x[k[0] + "_counts"],
-                                p["metric"], p["eps"]) for k in ("student", "teacher")]
-        a = max(n[0] for n in noise)
-        floors["loss"] *= a
-        if "grad:student" in floors:
-            floors["grad:student"] *= a * noise[0][1]
-    return floors
-
-
-# The Gram form's rounding is a few roundoffs of its first-order size (at most 3.3 over the cases
-# of seeds 20261210 and later): GRAM_ULPS of them, where compare.NOISE_ULPS allows 128 for the
-# scale-free outputs. A gradient 1e-3 off then still fails in most cases (mutation check).
-GRAM_ULPS = 16.0
-
-
-def _gram_floor(p, x):
-    """The Gram form's rounding (floors.gram_rounding) in roundoffs of the case's precision: of the
-    K x K math where it sets the precision, scaled down where only a float32 loss does."""
-    floors = gram_rounding(x["student"], x["s_counts"], x["teacher"], x["t_counts"], p["metric"], p["reduction"])
+    """The K x K math's first-order rounding (distance_rounding.tail_rounding) in roundoffs of the
+    case's precision: of that math where it sets the precision, scaled down where only a float32
+    loss does."""
     math = p["dtype"] or str(x["student"].dtype).removeprefix("torch.")
-    scale = 2.0 ** -29 if math == "float64" and p["precision"] == "float32" else 1.0
-    return {k: v * scale * GRAM_ULPS / NOISE_ULPS for k, v in floors.items()}
+    floors = tail_rounding(x["student"], x["s_counts"], x["teacher"], x["t_counts"], p["metric"], p["normalize"],
+                           p["eps"], p["reduction"], UNIT_ROUNDOFF[math])
+    return scaled_floors(floors, math, p["precision"])
 
 
 register(OpSpec("op.idd_tail", _draw_tail, _build_tail, _tail_op, _tail_ref, grads=("student",), floor=_tail_floor))

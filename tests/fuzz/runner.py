@@ -6,6 +6,7 @@ every op gets its share of a short run, and a case is the same whatever else the
 (``--repro op:seed`` replays one).
 """
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -114,3 +115,37 @@ def run_case(report: Report, op: str, case_seed: int, targets: Sequence[str]) ->
         report.add(outcome, time.perf_counter() - t0 + ref_seconds)
         outcomes.append(outcome)
     return outcomes
+
+
+def mutation_check(op: str, cases: int, seed: int, factor: float, target: str = "cpu",
+                   precisions=("float64", "float32")) -> Counter:
+    """How tightly the tolerances and noise allowances hold the gradients of `op`: each case's
+    input gradients on `target` scaled by `factor`, each gradient counted as "caught" (the case
+    then fails), "escaped" (it still passes), "noise" (a gradient that is 0, or whose unscaled
+    error is over a tenth of what the scaling adds: nothing to hold) or "failing" (the unscaled
+    case already fails); cases of another precision count as "other" (the suite's tolerances of
+    the half types, 2e-2 and 5e-2, pass a planted error of 1e-2)."""
+    tally = Counter()
+    for i in range(cases):
+        case = make_case(op, seed * SEED_STRIDE + i)
+        want = expected(case)
+        if want.raised:
+            continue
+        if want.precision not in precisions:
+            tally["other"] += 1
+            continue
+        base = run_on(case, target, want)
+        if not base.ok:
+            tally["failing"] += 1
+            continue
+        planted = run_on(case, target, want, grad_scale=factor)
+        for plain, scaled in zip(base.checks, planted.checks):
+            if not plain.what.startswith("grad:"):
+                continue
+            g = want.outputs[plain.what]
+            size = float(g.abs().max()) if g.numel() else 0.0
+            if size == 0 or plain.absolute > abs(factor - 1) * size / 10:
+                tally["noise"] += 1
+            else:
+                tally["caught" if not scaled.ok else "escaped"] += 1
+    return tally
