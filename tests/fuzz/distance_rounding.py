@@ -1,21 +1,23 @@
-"""First-order rounding of the K x K distance math (METHOD.md 3-4, 8): what a correct
-implementation may be off by, in roundoffs of that math, for the fuzzer's noise allowance of the
-raw IDD tail and the distance matrix.
+"""Rounding of the K x K distance math (METHOD.md 3-4, 8) to the first order: what a correct
+implementation may be off by, in roundoffs, for the fuzzer's noise allowance of the raw IDD tail,
+the IDD loss and the distance matrix (compare.py; floors.scaled_floors).
 
 Each network's distances R_ij come from a Gram matrix, so each rounds at the size of its terms,
 not of itself: |ci|^2 + |cj|^2 of the shifted centroids for the squared distance, that over 2 R
-for the euclidean one, about 1 for 1 - cos. The "mean" normaliser m divides them and adds its
-own rounding; the loss's pair terms (a - b)^2 carry the rounding of a and b times 2 |a - b|, and a
-class's gradient the rounding of each pair weight times |dR/dc| plus each weight times the
-rounding of dR/dc. Roundings add in absolute value (no cancellation assumed), so these are
-bounds of the first order, not estimates of a particular summation order.
+for the euclidean one, about 1 for 1 - cos; the IDD loss's centroids add the rounding of their
+sums. The "mean" normaliser m divides them and adds its own; the loss's pair terms (a - b)^2 carry
+the rounding of a and b times 2 |a - b|, and a class's gradient the rounding of each pair weight
+times |dR/dc| plus each weight times the rounding of dR/dc. Each rounding is counted once, at
+the size of its terms, and absolute values add; second-order terms are kept where the first
+order is 0. A dot product of many terms or an unlucky order exceeds these sizes by a small
+factor, which floors.FIRST_ORDER_ULPS allows.
 """
 import torch
 
 from idd_ops import reference
 
 UNIT_FLOAT64 = 2.0 ** -53  # the distance matrix's math is float64 whatever its inputs (METHOD.md 8)
-BIG = 1e150  # the rounding of a quantity that has none to compare (a euclidean pair at distance 0)
+BIG = 1e150  # the rounding of what cannot be compared (the gradient of a euclidean pair at distance 0)
 
 
 def _upper(x):
@@ -57,7 +59,9 @@ def network_terms(c, counts, metric, normalize, eps, shift, unit, math_unit=None
         if dc is not None:  # a centroid error turns its unit vector by dc / |c|
             turn = dc[:, :, None] * inv
             turn = turn + turn.transpose(1, 2)
-            dR = dR + torch.where(floored, (nj * dc[:, :, None] + ni * dc[:, None, :]) / eps, g * turn)
+            # 1 - cos of an angle 0 turned by t: t^2 / 2, second order where the classes are parallel
+            dR = dR + torch.where(floored, (nj * dc[:, :, None] + ni * dc[:, None, :]) / eps,
+                                  g * turn + unit * turn * turn / 2)
             dg = dg + torch.where(floored, dc[:, None, :] / eps, 2 * inv * turn)
     elif metric == "euclidean":
         R, S = diff, ni * ni + nj * nj
@@ -73,7 +77,10 @@ def network_terms(c, counts, metric, normalize, eps, shift, unit, math_unit=None
     else:
         R = diff * diff
         move = torch.zeros_like(R) if dc is None else dc[:, :, None] + dc[:, None, :]
-        dR, g, dg = (ni * ni + nj * nj) * math_scale + 2 * diff * move, 2 * diff, 2 * (ni + nj) * math_scale + 2 * move
+        # |ci - cj + e|^2 - |ci - cj|^2: 2 |ci - cj| |e| + |e|^2, the square all there is at distance 0 (a
+        # pair the "mean" normaliser then divides by eps: found at seed 20261221, pooled classes)
+        dR = (ni * ni + nj * nj) * math_scale + 2 * diff * move + unit * move * move
+        g, dg = 2 * diff, 2 * (ni + nj) * math_scale + 2 * move
     zero = torch.zeros((), dtype=torch.float64)
     R, dR = torch.where(valid, R, zero), torch.where(valid, dR, zero)
     pairs = _upper(valid).sum((1, 2), keepdim=True).double()
@@ -137,8 +144,8 @@ def tail_rounding(student, s_counts, teacher, t_counts, metric, normalize, eps, 
     """{"loss", "grad:student"}: the rounding of the raw IDD tail (class sums and counts in, the
     centroids shifted by each image's first present one, as idd_tail.h does) in roundoffs of its
     K x K math (unit roundoff `unit`); the gradient is w.r.t. the student's class sums."""
-    terms = [network_terms(sums.detach().double() / n.clamp_min(1)[..., None], n, metric, normalize, eps, "first", unit)
-             for sums, n in ((student, s_counts), (teacher, t_counts))]
+    terms = [network_terms(sums.detach().double() / n.clamp_min(1)[..., None], n, metric, normalize, eps, "first",
+                           unit) for sums, n in ((student, s_counts), (teacher, t_counts))]
     out = loss_rounding(*terms, s_counts, reduction, unit)
     return {"loss": out["loss"], "grad:student": float(out["grad"].max())} if out else {}
 
