@@ -22,7 +22,9 @@ mean: terms of size 1 whatever the inputs' scale) is 0 with a zero gradient in d
 (a pixel that is its own class, one pooled pixel, one class pair, one channel); both sides are
 then rounding noise, and their relative error means nothing. Such outputs pass where their
 absolute error is within NOISE_ULPS roundoffs of the terms they are made of (OpSpec.floor
-gives the terms' size).
+gives the terms' size). The IDD losses and the distance matrix have a first-order model of their
+rounding instead (distance_rounding.py), FIRST_ORDER_ULPS of whose roundoffs they may be off by
+(floors.scaled_floors).
 
 The gradient is that of ``sum(w * out)`` over the float outputs, w a fixed random weight in
 [0.5, 1.5] per element: every element of every output reaches the gradient.

@@ -17,6 +17,7 @@ import torch
 from idd_ops import reference
 
 UNIT_FLOAT64 = 2.0 ** -53  # the distance matrix's math is float64 whatever its inputs (METHOD.md 8)
+LOSS_WEIGHT = 1.5  # compare.py's largest weight of an output element, which scales its gradient
 BIG = 1e150  # the rounding of what cannot be compared (the gradient of a euclidean pair at distance 0)
 
 
@@ -54,14 +55,15 @@ def network_terms(c, counts, metric, normalize, eps, shift, unit, math_unit=None
         inv = torch.where(ni > 0, 1 / ni.clamp_min(1e-300), BIG)
         R, dR = 1 - cos, torch.full_like(cos, 2.0 * math_scale)
         # a floored denominator leaves -<ci, cj> / eps: its gradient cj / eps
-        g = torch.where(floored, nj / eps, (1 - cos * cos).clamp_min(0).sqrt() * inv)
+        sin = (1 - cos * cos).clamp_min(0).sqrt()
+        g = torch.where(floored, nj / eps, sin * inv)
         dg = torch.where(floored, 2 * nj / eps, 3 * inv) * math_scale
         if dc is not None:  # a centroid error turns its unit vector by dc / |c|
             turn = dc[:, :, None] * inv
             turn = turn + turn.transpose(1, 2)
             # 1 - cos of an angle 0 turned by t: t^2 / 2, second order where the classes are parallel
             dR = dR + torch.where(floored, (nj * dc[:, :, None] + ni * dc[:, None, :]) / eps,
-                                  g * turn + unit * turn * turn / 2)
+                                  sin * turn + unit * turn * turn / 2)
             dg = dg + torch.where(floored, dc[:, None, :] / eps, 2 * inv * turn)
     elif metric == "euclidean":
         R, S = diff, ni * ni + nj * nj
@@ -86,10 +88,12 @@ def network_terms(c, counts, metric, normalize, eps, shift, unit, math_unit=None
     pairs = _upper(valid).sum((1, 2), keepdim=True).double()
     if normalize:
         mean = _upper(R).sum((1, 2), keepdim=True) / pairs.clamp_min(1)
-        clamped = (pairs == 0) | (mean <= eps)
+        rounding = _upper(dR).sum((1, 2), keepdim=True) / pairs.clamp_min(1)
+        # floored at eps even when rounded up: a mean within its rounding of eps may or may not be
+        clamped = (pairs == 0) | (mean + rounding * unit <= eps)
         m = torch.where(pairs > 0, mean.clamp_min(eps), 1.0)
-        # the mean's terms' rounding, and its own sum's (one roundoff of each of its terms)
-        dm = torch.where(clamped, zero, _upper(dR).sum((1, 2), keepdim=True) / pairs.clamp_min(1) + m)
+        # the mean's terms' rounding, and its own sum's (one roundoff of the math, of each term)
+        dm = torch.where(clamped, zero, rounding + m * math_scale)
     else:
         clamped = torch.ones_like(pairs, dtype=torch.bool)
         m, dm = torch.ones_like(pairs), torch.zeros_like(pairs)
@@ -136,14 +140,18 @@ def loss_rounding(s, t, s_counts, reduction, unit):
         scale = 1 / per_image.clamp_min(1) if reduction == "none" else torch.ones_like(per_image)
     scale = scale.view(-1, 1, 1)
     loss = (_upper(2 * E.abs() * dE + unit * dE * dE).sum((1, 2), keepdim=True) * scale).flatten()
-    grad = gradient_rounding(s, 2 * scale * E, 2 * scale * dE, unit) / s_counts.clamp_min(1)
+    U, dU = 2 * LOSS_WEIGHT * scale * E, 2 * LOSS_WEIGHT * scale * dE
+    grad = gradient_rounding(s, U, dU, unit) / s_counts.clamp_min(1)
     return {"loss": float(loss.max() if reduction == "none" else loss.sum()), "grad": grad}
 
 
 def tail_rounding(student, s_counts, teacher, t_counts, metric, normalize, eps, reduction, unit):
     """{"loss", "grad:student"}: the rounding of the raw IDD tail (class sums and counts in, the
     centroids shifted by each image's first present one, as idd_tail.h does) in roundoffs of its
-    K x K math (unit roundoff `unit`); the gradient is w.r.t. the student's class sums."""
+    K x K math (unit roundoff `unit`); the gradient is w.r.t. the student's class sums. The
+    rounding of the centroids themselves (sums / counts, and the shift) is left out: it is
+    relative to each centroid, and where it moves a close pair far (a common offset) the
+    reference in the case's dtype rounds alike, which relaxes the relative tolerance."""
     terms = [network_terms(sums.detach().double() / n.clamp_min(1)[..., None], n, metric, normalize, eps, "first",
                            unit) for sums, n in ((student, s_counts), (teacher, t_counts))]
     out = loss_rounding(*terms, s_counts, reduction, unit)
@@ -182,8 +190,9 @@ def idd_rounding(student, teacher, labels, num_classes, ignore_index, pooled, me
     return {"loss": out["loss"], "grad:student": float(out["grad"].max())} if out else {}
 
 
-# compare.py's weights of each output element are at most 1.5: a pair's two entries at most 3
-MATRIX_PAIR_WEIGHT = 3.0
+# compare.py weighs each output element by at most 1.5 before its gradient: a matrix's pair of
+# entries by 3
+MATRIX_PAIR_WEIGHT = 2 * LOSS_WEIGHT
 
 
 def matrix_rounding(centroids, counts, metric, normalize, eps):
