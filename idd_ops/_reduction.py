@@ -11,12 +11,15 @@ def reduce(values: torch.Tensor, reduction: str, count=None, scale: float = 1.0)
     one multiply where a division and a multiply were two launches on a GPU, forward and
     backward."""
     if reduction == "none":
-        return values if scale == 1 else values * scale
+        return _scaled(values, scale)
     total = values.sum()
     if reduction == "sum":
-        return total if scale == 1 else total * scale
+        return _scaled(total, scale)
     n = values.numel() if count is None else count
     if isinstance(n, torch.Tensor):
-        mean = total / n.clamp_min(1)
-        return mean if scale == 1 else mean * scale
+        return _scaled(total / n.clamp_min(1), scale)
     return total * (scale / max(n, 1))
+
+
+def _scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return x if scale == 1 else x * scale  # no launch for a factor of 1

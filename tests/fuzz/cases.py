@@ -17,7 +17,7 @@ import torch
 import idd_ops
 from idd_ops import reference
 
-from .distance_rounding import idd_rounding, matrix_rounding
+from .distance_rounding import centroid_rounding, idd_rounding, matrix_rounding
 from .floors import UNIT_ROUNDOFF, coincident_classes, floor_of, least_precise, scaled_floors
 from .inputs import (draw_dtype, draw_feats, draw_labels, draw_labels_for, draw_num_classes, draw_scale, draw_size,
                      make_feats, make_labels, pick)
@@ -163,27 +163,18 @@ def _idd(module):
     return call
 
 
-def _loss_centroids(p, x, key):
-    """The float64 centroids and counts the loss compares for x[key]: per image, or pooled over
-    the batch for centroids="batch"."""
-    c, n = reference.class_centroids(x[key].detach().double(), x["labels"], p["K"], p["labels"]["ignore_index"])
-    if p["centroids"] == "batch":
-        total = n.sum(0, keepdim=True)
-        c, n = (c * n[..., None]).sum(0, keepdim=True) / total.clamp_min(1)[..., None], total
-    return c, n
-
-
 def _idd_floor(p, x):
     """The first-order rounding of the centroid passes and the K x K math
     (distance_rounding.idd_rounding), in roundoffs of the case's precision; the half types' sums
     are float32 (METHOD.md 8)."""
     precision = least_precise([x["student"], x["teacher"]])
     sums = "float32" if precision in ("float16", "bfloat16") else precision
-    floors = idd_rounding(x["student"], x["teacher"], x["labels"], p["K"], p["labels"]["ignore_index"],
-                          p["centroids"] == "batch", p["metric"], p["normalize"] == "mean", p["eps"], p["reduction"],
+    student, teacher = (centroid_rounding(x[key], x["labels"], p["K"], p["labels"]["ignore_index"],
+                                          p["centroids"] == "batch") for key in ("student", "teacher"))
+    floors = idd_rounding(student, teacher, p["metric"], p["normalize"] == "mean", p["eps"], p["reduction"],
                           UNIT_ROUNDOFF[precision], UNIT_ROUNDOFF[sums])
     floors = scaled_floors(floors, precision, precision)
-    if p["metric"] == "euclidean" and coincident_classes(*_loss_centroids(p, x, "student")):
+    if p["metric"] == "euclidean" and coincident_classes(*student[:2]):
         floors["grad:student"] = float("inf")  # no gradient to compare (floors.coincident_classes)
     return floors
 

@@ -47,7 +47,6 @@ def network_terms(c, counts, metric, normalize, eps, shift, unit, math_unit=None
             c = c - (c * p).sum(1, keepdim=True) / p.sum(1, keepdim=True).clamp_min(1)
     norm = torch.linalg.vector_norm(c, dim=2)
     ni, nj = norm[:, :, None], norm[:, None, :]
-    diff = torch.cdist(c, c, compute_mode="donot_use_mm_for_euclid_dist")  # pair by pair: exact to rounding
     if metric == "cosine":  # 1 - <ci, cj> / max(|ci| |cj|, eps)
         den = ni * nj
         floored = den < eps
@@ -65,24 +64,26 @@ def network_terms(c, counts, metric, normalize, eps, shift, unit, math_unit=None
             dR = dR + torch.where(floored, (nj * dc[:, :, None] + ni * dc[:, None, :]) / eps,
                                   sin * turn + unit * turn * turn / 2)
             dg = dg + torch.where(floored, dc[:, None, :] / eps, 2 * inv * turn)
-    elif metric == "euclidean":
-        R, S = diff, ni * ni + nj * nj
-        inv = 1 / R.clamp_min(1e-300)
-        move = torch.zeros_like(R) if dc is None else dc[:, :, None] + dc[:, None, :]  # of ci - cj
-        # sqrt(R^2 + S u) - R: S u / (2 R), and sqrt(S u) at most (a pair at distance 0)
-        dR = torch.minimum(S * inv / 2, (S / (math_scale * unit)).sqrt()) * math_scale + move
-        g = torch.ones_like(R)
-        # the gradient's direction (0 at distance 0: METHOD.md 3) is lost where R is within its
-        # rounding, unless every term is exact (S = 0 and no centroid error)
-        at_zero = ((S > 0) | (move > 0)).double() * BIG
-        dg = torch.where(R > 0, (ni + nj) * inv * math_scale + dR * inv, at_zero)
     else:
-        R = diff * diff
-        move = torch.zeros_like(R) if dc is None else dc[:, :, None] + dc[:, None, :]
-        # |ci - cj + e|^2 - |ci - cj|^2: 2 |ci - cj| |e| + |e|^2, the square all there is at distance 0 (a
-        # pair the "mean" normaliser then divides by eps: found at seed 20261221, pooled classes)
-        dR = (ni * ni + nj * nj) * math_scale + 2 * diff * move + unit * move * move
-        g, dg = 2 * diff, 2 * (ni + nj) * math_scale + 2 * move
+        diff = torch.cdist(c, c, compute_mode="donot_use_mm_for_euclid_dist")  # pair by pair: exact to rounding
+        move = torch.zeros_like(diff) if dc is None else dc[:, :, None] + dc[:, None, :]  # of ci - cj
+        S = ni * ni + nj * nj
+        if metric == "euclidean":
+            R = diff
+            inv = 1 / R.clamp_min(1e-300)
+            # sqrt(R^2 + S u) - R: S u / (2 R), and sqrt(S u) at most (a pair at distance 0)
+            dR = torch.minimum(S * inv / 2, (S / (math_scale * unit)).sqrt()) * math_scale + move
+            g = torch.ones_like(R)
+            # the gradient's direction (0 at distance 0: METHOD.md 3) is lost where R is within its
+            # rounding, unless every term is exact (S = 0 and no centroid error)
+            at_zero = ((S > 0) | (move > 0)).double() * BIG
+            dg = torch.where(R > 0, (ni + nj) * inv * math_scale + dR * inv, at_zero)
+        else:
+            R = diff * diff
+            # |ci - cj + e|^2 - |ci - cj|^2: 2 |ci - cj| |e| + |e|^2, the square all there is at distance 0
+            # (a pair the "mean" normaliser then divides by eps: found at seed 20261221, pooled classes)
+            dR = S * math_scale + 2 * diff * move + unit * move * move
+            g, dg = 2 * diff, 2 * (ni + nj) * math_scale + 2 * move
     zero = torch.zeros((), dtype=torch.float64)
     R, dR = torch.where(valid, R, zero), torch.where(valid, dR, zero)
     pairs = _upper(valid).sum((1, 2), keepdim=True).double()
@@ -123,8 +124,8 @@ def gradient_rounding(net, U, dU, unit):
 
 
 def loss_rounding(s, t, s_counts, reduction, unit):
-    """{"loss", "grad"}: the rounding of the IDD loss between the networks' terms `s` and `t`
-    (network_terms), its gradient w.r.t. the student's class sums (counts `s_counts`). `unit`
+    """{"loss", "grad:student"}: the rounding of the IDD loss between the networks' terms `s` and
+    `t` (network_terms), its gradient w.r.t. the student's class sums (counts `s_counts`). `unit`
     weighs the second-order term: where the networks agree exactly (E = a - b = 0), a pair's
     term is its rounding squared."""
     pair = s["valid"] & t["valid"]
@@ -142,7 +143,7 @@ def loss_rounding(s, t, s_counts, reduction, unit):
     loss = (_upper(2 * E.abs() * dE + unit * dE * dE).sum((1, 2), keepdim=True) * scale).flatten()
     U, dU = 2 * LOSS_WEIGHT * scale * E, 2 * LOSS_WEIGHT * scale * dE
     grad = gradient_rounding(s, U, dU, unit) / s_counts.clamp_min(1)
-    return {"loss": float(loss.max() if reduction == "none" else loss.sum()), "grad": grad}
+    return {"loss": float(loss.max() if reduction == "none" else loss.sum()), "grad:student": float(grad.max())}
 
 
 def tail_rounding(student, s_counts, teacher, t_counts, metric, normalize, eps, reduction, unit):
@@ -154,8 +155,7 @@ def tail_rounding(student, s_counts, teacher, t_counts, metric, normalize, eps, 
     reference in the case's dtype rounds alike, which relaxes the relative tolerance."""
     terms = [network_terms(sums.detach().double() / n.clamp_min(1)[..., None], n, metric, normalize, eps, "first",
                            unit) for sums, n in ((student, s_counts), (teacher, t_counts))]
-    out = loss_rounding(*terms, s_counts, reduction, unit)
-    return {"loss": out["loss"], "grad:student": float(out["grad"].max())} if out else {}
+    return loss_rounding(*terms, s_counts, reduction, unit)
 
 
 def centroid_rounding(feats, labels, num_classes, ignore_index, pooled):
@@ -176,18 +176,14 @@ def centroid_rounding(feats, labels, num_classes, ignore_index, pooled):
     return c, n, spread.clamp_min(0).sqrt()
 
 
-def idd_rounding(student, teacher, labels, num_classes, ignore_index, pooled, metric, normalize, eps, reduction,
-                 unit, sums_unit):
+def idd_rounding(student, teacher, metric, normalize, eps, reduction, unit, sums_unit):
     """{"loss", "grad:student"}: the rounding of inter_class_distance_loss in roundoffs `unit`
-    (the case's precision): the centroid passes' sums (unit roundoff `sums_unit`) and the float64
-    K x K math; the gradient is w.r.t. the student's features (a class's over its pixel count)."""
-    terms = []
-    for feats in (student, teacher):
-        c, n, dc = centroid_rounding(feats, labels, num_classes, ignore_index, pooled)
-        net = network_terms(c, n, metric, normalize, eps, "first", unit, UNIT_FLOAT64, dc * sums_unit / unit)
-        terms.append((net, n))
-    out = loss_rounding(terms[0][0], terms[1][0], terms[0][1], reduction, unit)
-    return {"loss": out["loss"], "grad:student": float(out["grad"].max())} if out else {}
+    (the case's precision), from each network's (centroids, counts, dc) of centroid_rounding: the
+    centroid passes' sums (unit roundoff `sums_unit`) and the float64 K x K math; the gradient is
+    w.r.t. the student's features (a class's over its pixel count)."""
+    s, t = (network_terms(c, n, metric, normalize, eps, "first", unit, UNIT_FLOAT64, dc * sums_unit / unit)
+            for c, n, dc in (student, teacher))
+    return loss_rounding(s, t, student[1], reduction, unit)
 
 
 # compare.py weighs each output element by at most 1.5 before its gradient: a matrix's pair of

@@ -142,7 +142,7 @@ def mutation_check(op: str, cases: int, seed: int, factor: float, target: str = 
             continue
         planted = run_on(case, target, want, grad_scale=factor)
         assert planted.raised or len(planted.checks) == len(base.checks), (case.seed, planted.checks)
-        for plain, scaled in zip(base.checks, planted.checks if not planted.raised else base.checks):
+        for k, plain in enumerate(base.checks):
             if not plain.what.startswith("grad:"):
                 continue
             g = want.outputs[plain.what]
@@ -151,5 +151,5 @@ def mutation_check(op: str, cases: int, seed: int, factor: float, target: str = 
             if size == 0 or plain.absolute > abs(factor - 1) * size / 10:
                 tally["noise"] += 1
             else:
-                tally["caught" if planted.raised or not scaled.ok else "escaped"] += 1
+                tally["caught" if planted.raised or not planted.checks[k].ok else "escaped"] += 1
     return tally
