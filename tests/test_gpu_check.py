@@ -432,6 +432,27 @@ def test_gpu_experiment_tunes_then_runs_with_the_tuned_teacher(tmp_path):
     assert any(n.endswith("quick-tune/tune.json") for n in names) and any(n.endswith("quick/results.md") for n in names)
 
 
+def test_gpu_experiment_takes_a_finished_tuning_and_trains_its_own_teacher(tmp_path):
+    """A tuning committed from another machine (its tune.json, no teacher: git ignores
+    checkpoints) is not redone; the preset trains its own teacher. RETUNE=1 tunes again."""
+    tuned = tmp_path / "results" / "quick-tune"
+    tuned.mkdir(parents=True)
+    (tuned / "tune.json").write_text('{"chosen": {"idd": 1.0}}')
+    proc = _experiment(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| tune | skipped: " + str(tuned / "tune.json") + " exists (RETUNE=1 tunes again) | 0 | - |" in summary
+    assert re.search(r"\| run \| passed \| \d+ \| 240 \|", summary)
+    run_log = (tmp_path / "results" / "quick" / "run.log").read_text()
+    assert "using the teacher in" not in run_log and "teacher: 2/2" in run_log
+    assert not (tuned / "teacher.pt").exists() and not (tmp_path / "out" / "teacher.pt").exists()
+    proc = _experiment(tmp_path, RETUNE="1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert re.search(r"\| tune \| passed \| \d+ \| 180 \|", summary) and "Chosen weights" in summary
+    assert (tmp_path / "out" / "teacher.pt").exists()
+
+
 def test_gpu_experiment_stops_at_its_limit_and_leaves_the_run_for_a_later_call(tmp_path):
     proc = _experiment(tmp_path, TUNE_S="1")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]

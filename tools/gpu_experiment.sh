@@ -16,9 +16,10 @@
 # The runs' checkpoints (2 MB each) stay on the machine: too many to bring back. A call stopped at
 # a time limit loses the runs of the step it was in; to resume, put teacher.pt in results/full-tune/,
 # give the device tool carry=["results/full-tune"] (git ignores checkpoints) and call again: the
-# teacher is reused. On a machine without the CUDA library of these sources (a fresh one) it puts
-# one in place first (tools/cuda_library.sh: the carried .prebuilt-cuda, or a build within BUILD_S,
-# 100 s). The summary and the archive are rewritten after each step and when a signal stops the
+# teacher is reused. A finished tuning (results/full-tune/tune.json, committed from a CPU run) is
+# not redone unless RETUNE=1; the preset then trains its own teacher. On a machine without the
+# CUDA library of these sources (a fresh one) it puts one in place first (tools/cuda_library.sh:
+# the carried .prebuilt-cuda, or a build within BUILD_S, 100 s). The summary and the archive are rewritten after each step and when a signal stops the
 # call, so a call cut off at the device tool's limit (give it timeout_s 480: 420 s of steps, the
 # library and the packing) still brings back the steps before, the step it stopped, and the
 # teacher once the tuning has trained it. Settings: PRESET (full), DEVICE (cuda), RESULTS
@@ -112,11 +113,25 @@ if [ "$DEVICE" != cpu ] && ! "$PY" tools/prebuilt_cuda.py built > /dev/null; the
   step library "$BUILD_S" "$FINAL/library.log" env PYTHON="$PY" bash tools/cuda_library.sh || { pack; exit 1; }
 fi
 
-# shellcheck disable=SC2086  # TUNE_ARGS, RUN_ARGS: lists of options
-if step tune "$TUNE_S" "$TUNED/tune.log" "$PY" -m idd_ops.demo.tune --preset "$PRESET" --device "$DEVICE" \
-    --out "$TUNED" $TUNE_ARGS; then
+# A finished tuning (its tune.json; committed, or left by an earlier call) is not redone unless
+# RETUNE=1: the preset reads its weights from there, and trains its own teacher where the tuning's
+# is not at hand (a tuning committed from another machine; git ignores checkpoints)
+tuned() {
+  if [ -f "$TUNED/tune.json" ] && [ "${RETUNE:-0}" != 1 ]; then
+    rows="$rows| tune | skipped: $TUNED/tune.json exists (RETUNE=1 tunes again) | 0 | - |"$'\n'
+    return 0
+  fi
+  # shellcheck disable=SC2086  # TUNE_ARGS: a list of options
+  step tune "$TUNE_S" "$TUNED/tune.log" "$PY" -m idd_ops.demo.tune --preset "$PRESET" --device "$DEVICE" \
+    --out "$TUNED" $TUNE_ARGS
+}
+
+if tuned; then
+  teacher=()
+  [ -f "$TUNED/teacher.pt" ] && teacher=(--teacher "$TUNED/teacher.pt")
+  # shellcheck disable=SC2086  # RUN_ARGS: a list of options
   step run "$RUN_S" "$FINAL/run.log" "$PY" -m idd_ops.demo.cli --preset "$PRESET" --device "$DEVICE" \
-    --out "$FINAL" --teacher "$TUNED/teacher.pt" ${RUN_ARGS:-}
+    --out "$FINAL" "${teacher[@]}" ${RUN_ARGS:-}
 else  # weights not tuned yet: the next call resumes the tuning rather than report carried-over weights
   rows="$rows| run | not run: the tuning did not finish | - | $RUN_S |"$'\n'
 fi
