@@ -400,6 +400,32 @@ def test_results_md_has_no_empty_column_and_a_smoke_run_says_so(tmp_path, one_th
     assert "smoke" not in text.lower().replace("'smoke': false", "") and "Loss weights: tuned." in text
 
 
+def test_a_run_at_another_size_shows_the_committed_runs_beside_its_own(tmp_path):
+    """results.md of a full run (128x256) sets its paired differences and probe errors beside the
+    committed 64x128 run's; a run at the committed size, or written into the committed folder
+    itself, does not repeat them."""
+    from idd_ops.demo.report import REPOSITORY, effects, sizes_note, write_markdown
+
+    with open(os.path.join(REPOSITORY, "results", "cpu", "results.json")) as f:
+        committed = json.load(f)
+    full = json.loads(json.dumps(committed))
+    full["preset"]["size"] = [128, 256]
+    full["runs"] = {k: dict(r, miou=r["miou"] + (0.01 if k.startswith("ce+idd|") else 0.0))
+                    for k, r in full["runs"].items()}
+    text = write_markdown(full, str(tmp_path))
+    section = text[text.index("## Beside the other image sizes"):]
+    row = next(line for line in section.splitlines() if line.startswith("| ce+idd |"))
+    mine, theirs = effects(full)["ce+idd"], effects(committed)["ce+idd"]
+    assert row == f"| ce+idd | {mine[0]:+.2f} [{mine[1]:+.2f}, {mine[2]:+.2f}] | " \
+                  f"{theirs[0]:+.2f} [{theirs[1]:+.2f}, {theirs[2]:+.2f}] |"
+    assert abs(mine[0] - theirs[0] - 1.0) < 1e-9
+    assert "| mIoU difference to ce+cwd [95 % CI] | this run (128x256) | [results/cpu](" in section
+    teacher = f"{committed['teacher']['position_error']:.4f}"
+    assert f"| teacher | {teacher} | {teacher} |" in section
+    assert "Beside the other image sizes" not in write_markdown(committed, str(tmp_path))
+    assert sizes_note(full, os.path.join(REPOSITORY, "results", "cpu"), folders=("results/cpu",)) == []
+
+
 @pytest.mark.parametrize("argv,text", [
     (["--teacher", "/nonexistent/teacher.pt"], "--teacher: no file"),
     (["--weight", "idd=abc"], "--weight: expected LOSS=VALUE"),

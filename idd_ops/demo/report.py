@@ -134,6 +134,8 @@ def write_markdown(results, out, command=None):
                  f"MSE of a read-out trained to regress position maps from the frozen `{FEATURE_LAYER}` features "
                  "of each student (the network named in the row; mean +/- std over the seeds probed), "
                  "lower = more position information.\n")
+    if not results["preset"].get("smoke"):
+        lines += sizes_note(results, out)
     if "step_time" in results:
         st = results["step_time"]
         lines.append(f"Training step of `ce+kd+idd+pid` (10 steps each"
@@ -155,17 +157,26 @@ def write_markdown(results, out, command=None):
     return "\n".join(lines)
 
 
-def _committed_effects(folder):
-    """{configuration: (paired difference to ce, seeds)} of a committed results folder, and its
-    image size; None when the folder has no results.json."""
+COMMITTED = ("results/cpu", "results/full")  # the committed runs, one a preset (64x128, 128x256)
+
+
+def _committed(folder):
+    """A committed results folder's results.json, or None where it has none."""
     path = os.path.join(REPOSITORY, folder, "results.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        results = json.load(f)
+        return json.load(f)
+
+
+def _size(results):
+    return "x".join(map(str, results["preset"]["size"]))
+
+
+def effects(results, against=BASELINE):
+    """{configuration: paired mIoU difference to `against`} ({} where `against` did not run)."""
     runs = seed_runs(results)
-    size = "x".join(map(str, results["preset"]["size"]))
-    return size, {c: paired(rs, runs[BASELINE], _miou) for c, rs in runs.items() if c != BASELINE}
+    return {c: paired(rs, runs[against], _miou) for c, rs in runs.items() if c != against} if against in runs else {}
 
 
 def _link(out, folder):
@@ -173,13 +184,25 @@ def _link(out, folder):
     return os.path.relpath(os.path.join(REPOSITORY, folder, "results.md"), os.path.abspath(out))
 
 
-def smoke_note(results, out, folders=("results/cpu", "results/full")):
+def _effects_table(title, columns, names):
+    """A markdown table: a row per configuration in `names`, a column per (header, {configuration:
+    cell text})."""
+    return [f"| {title} | " + " | ".join(h for h, _ in columns) + " |", "|---|" + "---:|" * len(columns)] + [
+        f"| {c} | " + " | ".join(cells.get(c, "not run") for _, cells in columns) + " |" for c in names] + [""]
+
+
+def _others(out, folders):
+    """{folder: results} of the committed runs other than the one written to `out`."""
+    here = os.path.realpath(out)
+    return {f: r for f in folders
+            if os.path.realpath(os.path.join(REPOSITORY, f)) != here and (r := _committed(f)) is not None}
+
+
+def smoke_note(results, out, folders=COMMITTED):
     """The lines that open a smoke run's results.md (in `out`): what it cannot show, and the
     committed runs' effects beside its own."""
     configs = seed_runs(results)
-    mine = {c: paired(rs, configs[BASELINE], _miou) for c, rs in configs.items() if c != BASELINE} \
-        if BASELINE in configs else {}
-    committed = {f: e for f in folders if (e := _committed_effects(f)) is not None}
+    committed = _others(out, folders)
     seeds = len(results["preset"]["seeds"])
     lines = ["**A smoke run.** This preset checks that the experiment runs end to end in a few minutes: its "
              f"teacher and students train for a fraction of the schedule, on {seeds} paired seed"
@@ -187,17 +210,42 @@ def smoke_note(results, out, folders=("results/cpu", "results/full")):
              "That answer comes from the committed runs, with 5 paired seeds and longer schedules" +
              (":" if committed else " (results/cpu and results/full in the repository).") + "\n"]
     if committed:
-        names = list(dict.fromkeys(list(mine) + [c for _, e in committed.values() for c in e]))
-        size = "x".join(map(str, results["preset"]["size"]))
-        lines += [f"| mIoU difference to {BASELINE} [95 % CI] | this run ({size}) | " +
-                  " | ".join(f"[{f}]({_link(out, f)}) ({s})" for f, (s, _) in committed.items()) + " |",
-                  "|---|---:|" + "---:|" * len(committed)]
-        for c in names:
-            own = _interval(mine[c]) if c in mine else f"no {BASELINE} run to pair" if c in configs else "not run"
-            cells = [own] + [
-                _interval(e[c]) if c in e else "not run" for _, e in committed.values()]
-            lines.append(f"| {c} | " + " | ".join(cells) + " |")
-        lines.append("")
+        mine = {c: _interval(d) for c, d in effects(results).items()}
+        mine.update({c: f"no {BASELINE} run to pair" for c in configs if c != BASELINE and c not in mine})
+        columns = [(f"this run ({_size(results)})", mine)] + [
+            (f"[{f}]({_link(out, f)}) ({_size(r)})", {c: _interval(d) for c, d in effects(r).items()})
+            for f, r in committed.items()]
+        names = list(dict.fromkeys(list(mine) + [c for _, cells in columns[1:] for c in cells]))
+        lines += _effects_table(f"mIoU difference to {BASELINE} [95 % CI]", columns, names)
+    return lines
+
+
+def sizes_note(results, out, folders=COMMITTED):
+    """A full run's section beside the committed runs at other image sizes: the paired mIoU
+    differences to ce and to ce+cwd and the position-probe errors, size by size (what the run adds
+    at its resolution). No lines where no other size is committed."""
+    others = {f: r for f, r in _others(out, folders).items() if _size(r) != _size(results)}
+    if not others:
+        return []
+    runs = {f"this run ({_size(results)})": results}
+    runs.update({f"[{f}]({_link(out, f)}) ({_size(r)})": r for f, r in others.items()})
+    names = list(dict.fromkeys(c for r in runs.values() for c in seed_runs(r)))
+
+    def probe(r):
+        cells = {"teacher": f"{r['teacher']['position_error']:.4f}"} if "position_error" in r["teacher"] else {}
+        cells.update({c: f"{statistics.mean(p):.4f}" for c, rs in seed_runs(r).items()
+                      if (p := [x["position_error"] for x in rs.values() if "position_error" in x])})
+        return cells
+
+    lines = ["## Beside the other image sizes\n",
+             "The same configurations in the committed runs at other sizes (their own seeds, teachers and "
+             "tuned weights); an effect is resolved at a size where its interval excludes 0.\n"]
+    for against in (BASELINE, RIVAL):
+        lines += _effects_table(f"mIoU difference to {against} [95 % CI]", [
+            (h, {c: _interval(d) for c, d in effects(r, against).items()}) for h, r in runs.items()],
+            [c for c in names if c != against])
+    lines += _effects_table("position-probe error (mean over seeds)", [(h, probe(r)) for h, r in runs.items()],
+                            ["teacher"] + names)
     return lines
 
 
