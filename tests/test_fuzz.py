@@ -95,6 +95,29 @@ def test_coincident_classes_leave_the_euclidean_gradient_uncompared():
     assert not coincident_classes(c, torch.tensor([[3, 0, 2]]))  # an absent class is no pair
 
 
+def test_a_cosine_denominator_at_eps_leaves_the_gradient_uncompared():
+    """IFVD with a pixel whose |f| |c| is 1.2e-7 above eps = 1e-3 (seed 20261240): float32 rounds
+    it to either side, and the gradient of its class jumps between the floored and the projected
+    branch (the next emulated kernels 0.6 off, within 3e-7 with eps 1e-4 away). Its loss is still
+    compared; the same case with eps = 1e-8 keeps its gradient check."""
+    from fuzz.cases import make_case
+    from fuzz.floors import near_cosine_floor
+
+    case = make_case("ifvd", 20261240000598)
+    x = case.spec.build(case.params, case.seed, "cpu")
+    floors = case.spec.floor(case.params, x)
+    assert floors["grad:student"] == float("inf") and floors["loss"] < float("inf")
+    assert case.spec.floor(dict(case.params, eps=1e-8), x)["grad:student"] < float("inf")
+    f = torch.tensor([[[[3.0, 1.0]], [[4.0, 0.0]]]], dtype=torch.float64)  # |f| = 5 and 1, one row
+    c = torch.tensor([[[2e-4, 0.0]]], dtype=torch.float64)  # |f0| |c| = 1e-3
+    slots = torch.tensor([[[0, -1]]])
+    u = 2.0 ** -24
+    assert near_cosine_floor(f, c, slots, 1e-3, u)
+    assert near_cosine_floor(f, c * (1 + 20 * u), slots, 1e-3, u)  # within 16 x (2 channels) roundoffs
+    assert not near_cosine_floor(f, c * (1 + 40 * u), slots, 1e-3, u)
+    assert not near_cosine_floor(f, c, torch.tensor([[[-1, 0]]]), 1e-3, u)  # that pixel ignored; 2e-4 at the other
+
+
 def test_size_scale_reaches_larger_maps_and_names_itself_in_reproducers(monkeypatch):
     import random
 

@@ -18,7 +18,8 @@ import idd_ops
 from idd_ops import reference
 
 from .distance_rounding import centroid_rounding, idd_rounding, matrix_rounding
-from .floors import UNIT_ROUNDOFF, coincident_classes, floor_of, least_precise, scaled_floors
+from .floors import (UNIT_ROUNDOFF, coincident_classes, floor_of, least_precise, math_unit, near_cosine_floor,
+                     scaled_floors)
 from .inputs import (draw_dtype, draw_feats, draw_labels, draw_labels_for, draw_num_classes, draw_scale, draw_size,
                      make_feats, make_labels, pick)
 
@@ -410,9 +411,18 @@ def _ifvd(module):
     return call
 
 
+def _ifvd_floor(p, x):
+    s, y, K, ignore = x["student"], x["labels"], p["K"], p["labels"]["ignore_index"]
+    floors = floor_of("loss", p["reduction"], ("student",), x, count=s[:, :1].numel())
+    c, n = reference.class_centroids(s.detach().double(), y, K, ignore)
+    slots = reference.label_slots(y, tuple(s.shape[2:]), K, ignore)
+    if near_cosine_floor(s, c, slots, p["eps"], math_unit(least_precise([s, x["teacher"]])), n):
+        floors["grad:student"] = float("inf")  # no gradient to compare (floors.near_cosine_floor)
+    return floors
+
+
 register(OpSpec("ifvd", _draw_ifvd, _build_pair, _ifvd(idd_ops), _ifvd(reference), grads=("student",),
-                floor=lambda p, x: floor_of("loss", p["reduction"], ("student",), x,
-                                            count=x["student"][:, :1].numel())))
+                floor=_ifvd_floor))
 
 # kind -> whether it needs (height >= 2, width >= 2)
 _POSITION_KINDS = {"horizontal": (False, True), "vertical": (True, False), "gaussian": (True, True),

@@ -66,3 +66,29 @@ def scaled_floors(floors, math, precision):
     compare.py's allowance (NOISE_ULPS roundoffs of the case's `precision`)."""
     scale = UNIT_ROUNDOFF[math] / UNIT_ROUNDOFF[precision] * FIRST_ORDER_ULPS / NOISE_ULPS
     return {k: v * scale for k, v in floors.items()}
+
+
+def near_cosine_floor(feats, centroids, slots, eps, unit, counts=None):
+    """Whether a kept pixel's cosine denominator |f| |c| (its feature [B, C, H, W] and its class's
+    centroid [B, K, C], by `slots` [B, H, W], -1 ignored) lies within FIRST_ORDER_ULPS of its
+    rounding of eps. The gradient jumps there (c / eps where floored, a projection where not), so
+    a path whose product rounds to the other side of eps takes the other branch's gradient whole,
+    and no gradient of the case can be compared. |f| and |c| each round at about C / 2 roundoffs
+    `unit`, a centroid formed from n pixels (`counts` [B, K]) at n more. Found at seed 20261240:
+    IFVD's |f| |c| 1.2e-7 above eps = 1e-3 in float32, on the emulated CUDA kernels."""
+    f = feats.detach().double().flatten(2)
+    s = slots.flatten(1).long()
+    if not f.numel() or not s.numel() or not centroids.shape[1]:
+        return False
+    at = s.clamp_min(0)
+    product = torch.linalg.vector_norm(f, dim=1) * torch.gather(
+        torch.linalg.vector_norm(centroids.detach().double(), dim=2), 1, at)
+    n = torch.gather(counts.double(), 1, at) if counts is not None else 0.0
+    margin = FIRST_ORDER_ULPS * unit * (f.shape[1] + n) * eps
+    return bool(((product - eps).abs() <= margin)[s >= 0].any())
+
+
+def math_unit(precision):
+    """The roundoff of an op's arithmetic on inputs of `precision` (the half types accumulate in
+    float32)."""
+    return UNIT_ROUNDOFF["float32" if precision in ("float16", "bfloat16") else precision]

@@ -11,7 +11,7 @@ from idd_ops import reference
 
 from .cases import OpSpec, _draw_pair, _sub, build_feats, draw_logit_pair, register
 from .distance_rounding import tail_rounding
-from .floors import UNIT_ROUNDOFF, floor_of, scaled_floors
+from .floors import UNIT_ROUNDOFF, floor_of, least_precise, math_unit, near_cosine_floor, scaled_floors
 from .inputs import (draw_dtype, draw_feats, draw_labels, draw_labels_for, draw_num_classes, draw_size, make_feats,
                      make_labels, pick)
 
@@ -232,6 +232,8 @@ def _cosine_floor(p, x):
         f["grad:feats"] = max(f.get("grad:feats", 0.0), f["grad:centroids"])
     if "grad:centroids" in f:  # a centroid's gradient sums the terms of every pixel of its class
         f["grad:centroids"] *= max(1, x["feats"][0, 0].numel())
+    if near_cosine_floor(x["feats"], x["centroids"], x["slots"], p["eps"], math_unit(least_precise([x["feats"]]))):
+        f.update({"grad:feats": float("inf"), "grad:centroids": float("inf")})  # floors.near_cosine_floor
     return f
 
 
