@@ -125,6 +125,11 @@ uint64_t block_counter = 0;
 bool next_kernels = false;
 int64_t order_seed = 0;
 int64_t launch_count = 0;
+// The launch count at the last configure: each launch's order comes from the seed and the launches
+// since, so a call run again under the same configure (a fuzzer's --repro) gets the same orders
+// whatever ran before it in the process (with the process-wide count, a case's float atomics
+// rounded otherwise after other cases, and --repro could not show what a long run had seen).
+int64_t configured_at = 0;
 std::map<std::string, std::pair<int64_t, double>> launch_times;  // site -> (launches, seconds)
 std::vector<int64_t> launch_log;
 
@@ -378,7 +383,8 @@ void run_grid(const char* where, const void* kernel, dim3 grid_dim, dim3 block_d
   const uint64_t blocks = uint64_t{grid_dim.x} * grid_dim.y * grid_dim.z;
   std::vector<uint64_t> order(blocks);
   for (uint64_t i = 0; i < blocks; ++i) order[i] = i;
-  std::mt19937_64 rng(static_cast<uint64_t>(order_seed) * 1000003u + static_cast<uint64_t>(launch_count));
+  const auto since_configure = static_cast<uint64_t>(launch_count - configured_at);
+  std::mt19937_64 rng(static_cast<uint64_t>(order_seed) * 1000003u + since_configure);
   std::shuffle(order.begin(), order.end(), rng);
   grid = &g;
   memory::begin_launch(where, grid_dim, static_cast<int>(threads),
@@ -413,6 +419,7 @@ bool cuda_next() { return next_kernels; }
 void configure(bool cuda_next, int64_t seed) {
   next_kernels = cuda_next;
   order_seed = seed;
+  configured_at = launch_count;
 }
 int64_t launches() { return launch_count; }
 std::vector<int64_t> take_launch_log() { return std::exchange(launch_log, {}); }

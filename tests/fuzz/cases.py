@@ -415,6 +415,14 @@ def _ifvd_floor(p, x):
     s, y, K, ignore = x["student"], x["labels"], p["K"], p["labels"]["ignore_index"]
     floors = floor_of("loss", p["reduction"], ("student",), x, count=s[:, :1].numel())
     c, n = reference.class_centroids(s.detach().double(), y, K, ignore)
+    # the student's gradient also comes through its class means, in terms of size 1 / |centroid|: a
+    # mean far shorter than its pixels where their values cancel (seed 20261241: one channel, means
+    # 2e-2 of the pixels' size, the next kernels 1.4x past the pixels' allowance)
+    norms = torch.linalg.vector_norm(c, dim=2)[n > 0]
+    norms = norms[torch.isfinite(norms) & (norms > 0)]
+    if norms.numel() and "grad:student" in floors:
+        pixels = s[:, :1].numel() if p["reduction"] == "mean" else 1
+        floors["grad:student"] = max(floors["grad:student"], 1.0 / (float(norms.min()) * pixels))
     slots = reference.label_slots(y, tuple(s.shape[2:]), K, ignore)
     if near_cosine_floor(s, c, slots, p["eps"], math_unit(least_precise([s, x["teacher"]])), n):
         floors["grad:student"] = float("inf")  # no gradient to compare (floors.near_cosine_floor)
