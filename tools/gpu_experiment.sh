@@ -25,14 +25,15 @@
 # steps before, the step it stopped, and the teacher once the tuning has trained it. Settings:
 # PRESET (full), DEVICE (cuda), RESULTS (results; the full preset reads its tuning from
 # results/full-tune, so keep it there for real runs), TUNE_S and RUN_S (time limits in seconds: 180
-# and 240), TUNE_ARGS (default "--seeds 100 101", the seeds of the committed 64x128 tuning) and
-# RUN_ARGS (more options of each command).
+# and 240), TUNE_ARGS (default: the seeds and grid of the committed results/full-tune) and RUN_ARGS
+# (more options of each command).
 # Exit status: the number of failed steps; 130 when a signal stopped the call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PRESET=${PRESET:-full} DEVICE=${DEVICE:-cuda} RESULTS=${RESULTS:-results}
-TUNE_S=${TUNE_S:-180} RUN_S=${RUN_S:-240} BUILD_S=${BUILD_S:-100} TUNE_ARGS=${TUNE_ARGS-"--seeds 100 101"}
+TUNE_S=${TUNE_S:-180} RUN_S=${RUN_S:-240} BUILD_S=${BUILD_S:-100}
+TUNE_ARGS=${TUNE_ARGS-"--seeds 100 101 --grid idd=0.3,1,3,10 --grid pid=0.3,1,3 --grid cwd=0.3,1,3,10,30,100"}
 OUT=${OUT:-$PWD/gpu-experiment-out}
 PY=${PYTHON:-python3}
 TUNED=$RESULTS/$PRESET-tune FINAL=$RESULTS/$PRESET
