@@ -15,18 +15,18 @@
 # root and commit results/full and results/full-tune) and teacher.pt (the tuning's teacher, 14 MB).
 # The runs' checkpoints (2 MB each) stay on the machine: too many to bring back. A call stopped at a
 # time limit loses the runs of the step it was in; to resume, put teacher.pt in results/full-tune/,
-# give the device tool carry=["results/full-tune"] (git ignores checkpoints) and call again: the
+# give the device tool carry=["results/full-tune/teacher.pt"] (git ignores it) and call again: the
 # teacher is reused. A finished tuning (results/full-tune/tune.json, committed from a CPU run) is
-# not redone unless RETUNE=1; the preset then trains its own teacher. On a machine without the CUDA
-# library of these sources (a fresh one) it puts one in place first (tools/cuda_library.sh: the
-# carried .prebuilt-cuda, or a build within BUILD_S, 100 s). The summary and the archive are
-# rewritten after each step and when a signal stops the call, so a call cut off at the device tool's
-# limit (give it timeout_s 480: 420 s of steps, the library and the packing) still brings back the
-# steps before, the step it stopped, and the teacher once the tuning has trained it. Settings:
-# PRESET (full), DEVICE (cuda), RESULTS (results; the full preset reads its tuning from
-# results/full-tune, so keep it there for real runs), TUNE_S and RUN_S (time limits in seconds: 180
-# and 240), TUNE_ARGS (default: the seeds and grid of the committed results/full-tune) and RUN_ARGS
-# (more options of each command).
+# not redone unless RETUNE=1; the preset then trains its own teacher where no teacher.pt is there.
+# On a machine without the CUDA library of these sources (a fresh one) it puts one in place first
+# (tools/cuda_library.sh: the carried .prebuilt-cuda, or a build within BUILD_S, 100 s). The summary
+# and the archive are rewritten after each step and when a signal stops the call, so a call cut off
+# at the device tool's limit (give it timeout_s 480 where it tunes: 420 s of steps, the library and
+# the packing; 360 for the preset alone) still brings back the steps before, the step it stopped,
+# and the teacher once the tuning has trained it. Settings: PRESET (full), DEVICE (cuda), RESULTS
+# (results; the full preset reads its tuning from results/full-tune, so keep it there for real
+# runs), TUNE_S and RUN_S (time limits in seconds: 180 and 240), TUNE_ARGS (default: the seeds and
+# grid of the committed results/full-tune) and RUN_ARGS (more options of each command).
 # Exit status: the number of failed steps; 130 when a signal stopped the call.
 set -uo pipefail
 cd "$(dirname "$0")/.."

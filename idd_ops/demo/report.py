@@ -221,7 +221,7 @@ def smoke_note(results, out, folders=COMMITTED):
 
 
 def sizes_note(results, out, folders=COMMITTED):
-    """A full run's section beside the committed runs at other image sizes: the paired mIoU
+    """A run's section beside the committed runs at other image sizes: the paired mIoU
     differences to ce and to ce+cwd and the position-probe errors, size by size (what the run adds
     at its resolution). No lines where no other size is committed."""
     others = {f: r for f, r in _others(out, folders).items() if _size(r) != _size(results)}
