@@ -179,6 +179,11 @@ def effects(results, against=BASELINE):
     return {c: paired(rs, runs[against], _miou) for c, rs in runs.items() if c != against} if against in runs else {}
 
 
+def _interval_cells(results, against=BASELINE):
+    """{configuration: its paired difference to `against` as table text}."""
+    return {c: _interval(d) for c, d in effects(results, against).items()}
+
+
 def _link(out, folder):
     """A link from `out`/results.md to the committed `folder`'s results.md."""
     return os.path.relpath(os.path.join(REPOSITORY, folder, "results.md"), os.path.abspath(out))
@@ -210,10 +215,10 @@ def smoke_note(results, out, folders=COMMITTED):
              "That answer comes from the committed runs, with 5 paired seeds and longer schedules" +
              (":" if committed else " (results/cpu and results/full in the repository).") + "\n"]
     if committed:
-        mine = {c: _interval(d) for c, d in effects(results).items()}
+        mine = _interval_cells(results)
         mine.update({c: f"no {BASELINE} run to pair" for c in configs if c != BASELINE and c not in mine})
         columns = [(f"this run ({_size(results)})", mine)] + [
-            (f"[{f}]({_link(out, f)}) ({_size(r)})", {c: _interval(d) for c, d in effects(r).items()})
+            (f"[{f}]({_link(out, f)}) ({_size(r)})", _interval_cells(r))
             for f, r in committed.items()]
         names = list(dict.fromkeys(list(mine) + [c for _, cells in columns[1:] for c in cells]))
         lines += _effects_table(f"mIoU difference to {BASELINE} [95 % CI]", columns, names)
@@ -241,9 +246,9 @@ def sizes_note(results, out, folders=COMMITTED):
              "The same configurations in the committed runs at other sizes (their own seeds, teachers and "
              "tuned weights); an effect is resolved at a size where its interval excludes 0.\n"]
     for against in (BASELINE, RIVAL):
-        lines += _effects_table(f"mIoU difference to {against} [95 % CI]", [
-            (h, {c: _interval(d) for c, d in effects(r, against).items()}) for h, r in runs.items()],
-            [c for c in names if c != against])
+        lines += _effects_table(f"mIoU difference to {against} [95 % CI]",
+                                [(h, _interval_cells(r, against)) for h, r in runs.items()],
+                                [c for c in names if c != against])
     lines += _effects_table("position-probe error (mean over seeds)", [(h, probe(r)) for h, r in runs.items()],
                             ["teacher"] + names)
     return lines

@@ -169,11 +169,10 @@ def _idd_floor(p, x):
     (distance_rounding.idd_rounding), in roundoffs of the case's precision; the half types' sums
     are float32 (METHOD.md 8)."""
     precision = least_precise([x["student"], x["teacher"]])
-    sums = "float32" if precision in ("float16", "bfloat16") else precision
     student, teacher = (centroid_rounding(x[key], x["labels"], p["K"], p["labels"]["ignore_index"],
                                           p["centroids"] == "batch") for key in ("student", "teacher"))
     floors = idd_rounding(student, teacher, p["metric"], p["normalize"] == "mean", p["eps"], p["reduction"],
-                          UNIT_ROUNDOFF[precision], UNIT_ROUNDOFF[sums])
+                          UNIT_ROUNDOFF[precision], math_unit(precision))
     floors = scaled_floors(floors, precision, precision)
     if p["metric"] == "euclidean" and coincident_classes(*student[:2]):
         floors["grad:student"] = float("inf")  # no gradient to compare (floors.coincident_classes)
