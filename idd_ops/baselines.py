@@ -104,16 +104,18 @@ def structural_kd_loss(student_feats: Tensor, teacher_feats: Tensor, pool: int =
     ``(A_S - A_T)^2`` per affinity entry.
 
     The P x P affinities are never formed. On the CPU the op works through C x C Gram products
-    in a differenced form: one block of pooled pixels at a time, both networks' features are
-    pooled and normalised in float64, their difference ``D = F_S - F_T`` is taken there (the
-    narrower network padded with zero channels, which leaves its affinity unchanged), and the
-    Grams ``F_S F_S^T``, ``F_S D^T``, ``D D^T`` are accumulated in the accumulation dtype
-    (float32 for float32/half inputs; with ``IDD_OPS_CUDA_NEXT=1`` on CUDA, bfloat16 inputs
-    keep their dtype as the GEMMs' operands, on tensor cores); the value is a sum of their
-    inner products in which every term carries a Gram of D, so it stays accurate as the student
-    nears the teacher, for equal and different channel counts alike, and so does the gradient. Extra memory: O(B*C*C) for the Grams plus one block's
-    copies, never O(B*C*P) pooled copies nor O(B*P*P). The CUDA path is described in
-    docs/ARCHITECTURE.md.
+    in a differenced form: one block of pooled pixels at a time (a pass for the means, then one
+    for the Grams), both networks' features are pooled and normalised in float64, their difference ``D = F_S - F_T`` is taken there (the
+    narrower network padded with zero channels, which leaves its affinity unchanged), both are
+    centred on the image's mean directions (so that an offset the features share does not round
+    the Grams: docs/METHOD.md 8), and the Grams ``X X^T``, ``X D^T``, ``D D^T`` of the centred
+    ``X``, ``D`` are accumulated in the accumulation dtype (float32 for float32/half inputs;
+    with ``IDD_OPS_CUDA_NEXT=1`` on CUDA, bfloat16 inputs keep their dtype as the GEMMs'
+    operands, on tensor cores); the value is a sum of their inner products in which every term
+    carries a Gram of D, plus the means' own terms, so it stays accurate as the student nears the
+    teacher and with a common offset, for equal and different channel counts alike, and so does
+    the gradient. Extra memory: O(B*C*C) for the Grams plus one block's copies, never O(B*C*P)
+    pooled copies nor O(B*P*P). The CUDA path is described in docs/ARCHITECTURE.md.
 
     Args:
         student_feats: ``[B, Cs, H, W]``; teacher_feats: ``[B, Ct, H, W]`` (channels may differ,

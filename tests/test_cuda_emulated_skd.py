@@ -1,14 +1,15 @@
 """SKD's fused CUDA kernels (csrc/cuda/affinity_loss_cuda.cu, IDD_OPS_CUDA_NEXT) on the CUDA
-emulator: forward (per-image loss, G_ss, G_sd kept for the backward) and backward against the CPU op (the blocked
-formulation, which the rest of the suite holds to the float64 reference).
+emulator: forward (per-image loss, G_xx, G_xd kept for the backward) and backward against the CPU
+op (the blocked formulation, which the rest of the suite holds to the float64 reference).
 
-Cases reach every branch of the four kernels: pooled pixels not a multiple of the block's 8
+Cases reach every branch of the eight kernels: pooled pixels not a multiple of the block's 8
 and ceil-mode windows cut by the border (whole 2 x 2 windows and the general loop); student
 narrower, equal and wider than the teacher, with channel counts past one 32 x 32 tile of the
 Gram tail (its mirror tile of G_sd, tiles outside G_ss, the kept G_sd's columns beyond Cs); batches of
 several chunks; pool 1; features whose norm is floored (zero, and tiny but nonzero); ties and
 NaN inside a window (the argmax is max_pool2d's); half, bfloat16 and strided inputs; float32
-accuracy as the student nears the teacher; and every output written with no fill.
+accuracy as the student nears the teacher and with a common offset; and every output written
+with no fill.
 """
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch
 import idd_ops  # noqa: F401
 from idd_ops import reference
 from test_cuda_emulated import CPU, close, emu, randn  # noqa: F401  (fixtures)
+from test_skd_formulations import offset_features
 
 SHAPES = {  # B, Cs, Ct, H, W, pool
     "narrow_student": (2, 40, 70, 9, 13, 2),
@@ -176,15 +178,16 @@ def test_same_bits_on_every_run(emu):
 
 
 def test_launches(fused):
-    """Forward: a pooling kernel and a Gram tail per chunk, one means launch; backward: the GEMM
-    operands, a pooling kernel and a gradient kernel per chunk (the GEMMs are ATen's)."""
+    """Forward: the pooling, pivot and centring kernels and a Gram tail per chunk, one means
+    launch; backward: the GEMM operands, the pooling, pivot and centring kernels, u and a
+    gradient kernel per chunk (the GEMMs are ATen's)."""
     s, t = inputs(5, 12, 20, 6, 8)
     fused._emu_launch_log()
     _, gss, gst = fused.affinity_loss(s, t, 2)
     forward = len(fused._emu_launch_log()) // 3
     fused._affinity_loss_backward(torch.ones(5, dtype=torch.float64), s, t, gss, gst, 2)
     backward = len(fused._emu_launch_log()) // 3
-    assert (forward, backward) == (2 * 2 + 1, 2 * 3)
+    assert (forward, backward) == (2 * 4 + 1, 2 * 6)
 
 
 def test_default_set_runs_the_composite(emu):
@@ -193,3 +196,32 @@ def test_default_set_runs_the_composite(emu):
     emu._emu_launch_log()
     close(emu.affinity_loss(s, t, 2), CPU.affinity_loss(s, t, 2), rtol=1e-12, atol=1e-12)
     assert emu._emu_launch_log() == []
+
+
+@pytest.mark.parametrize("offset", [10.0, 1000.0])
+def test_float32_accuracy_with_a_common_offset(fused, offset):
+    """The kernels centre S and D on the pixels' means before rounding them (centred_kernel), so
+    a common offset does not round the Grams: METHOD.md 8's contract (test_skd_formulations),
+    value within 1e-6 and gradient within 5e-5 of the float64 op on the same inputs."""
+    s64, t64 = offset_features(offset, 0.3, shape=(2, 40, 9, 13))
+    grad = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    want, gss, gsd = CPU.affinity_loss(s64, t64, 2)
+    want_grad = CPU._affinity_loss_backward(grad, s64, t64, gss, gsd, 2)
+    s, t = s64.float(), t64.float()
+    got, gss, gsd = fused.affinity_loss(s, t, 2)
+    got_grad = fused._affinity_loss_backward(grad.float(), s, t, gss, gsd, 2).double()
+    assert (got.double() / want - 1).abs().max() < 1e-6
+    error = ((got_grad - want_grad).abs().max() / want_grad.abs().max()).item()
+    assert error < 5e-5, error
+
+
+def test_a_one_channel_student(fused):
+    """A student of one channel: its normalised feature is +-1 at every pixel, so its gradient is
+    0. The kernel projects with S read again from the input: x + m_S rounded in float32 is not
+    +-1 to the last bit, and left about 1e-7 of the large w (found by the fuzzer, teacher offset
+    100)."""
+    s, t = inputs(3, 1, 5, 10, 8, dtype=torch.float32)
+    t = t + 100
+    _, gss, gsd = fused.affinity_loss(s, t, 2)
+    grad = fused._affinity_loss_backward(torch.ones(3), s, t, gss, gsd, 2)
+    assert torch.equal(grad, torch.zeros_like(grad))

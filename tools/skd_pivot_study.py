@@ -1,8 +1,10 @@
-"""SKD in float32 around the pixels' mean direction: a study of a formulation the library does not
-use yet (docs/METHOD.md 8). Prints the relative error of the float32 value and gradient against
-float64, for the op's differenced Gram form, the pivoted form and a float32 reference that forms
-the P x P affinities, as features share a growing common offset and as the student nears its
-teacher.
+"""SKD in float32 around the pixels' mean direction: the study behind the formulation every SKD
+path now takes (docs/METHOD.md 8; csrc/composite/affinity_loss.h, affinity_pivot), kept as a
+standalone check of its identity. Prints the relative error of the float32 value and gradient
+against float64, for the uncentred differenced Gram form the op took before, the pivoted form and
+a float32 reference that forms the P x P affinities, as features share a growing common offset
+and as the student nears its teacher. (The library forms the same sums with its own helpers and
+takes a floored pixel's gradient uncentred; the tests hold it to these numbers.)
 
     python tools/skd_pivot_study.py     # about 10 s on 2 cores
 

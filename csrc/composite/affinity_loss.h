@@ -55,6 +55,104 @@ inline at::Tensor differenced_affinity_sum(const at::Tensor& g_ss, const at::Ten
          2 * dot(g_sd_s, g_sd_s.transpose(-2, -1));
 }
 
+// The pixels' mean directions, the pivot of both formulations (METHOD.md 8). Features that share a
+// large offset turn every affinity toward 1; Grams of the normalised features S, D would then
+// round at the offset's size. Around the means m_S, m_D = m_S - m_T (over the image's P pooled
+// pixels; the narrower network padded with zero rows) the Grams carry only the spread: with
+// x_i = S_i - m_S, d_i = D_i - m_D (so y_i = T_i - m_T = x_i - d_i),
+//   A_S - A_T = alpha + beta_i + beta_j + E_ij,  alpha = |m_S|^2 - |m_T|^2 = <m_D, m_S + m_T>,
+//   beta_i = <m_S, x_i> - <m_T, y_i> = <m_D, x_i> + <m_T, d_i>,  E_ij = <x_i, x_j> - <y_i, y_j>,
+// and as the x_i and d_i sum to 0 the cross terms vanish:
+//   sum_ij (A_S - A_T)^2 = P^2 alpha^2 + 2 P sum_i beta_i^2 + sum_ij E_ij^2,
+// the last the differenced form above over x and d. Every term is >= 0: nothing cancels.
+// Tensors are [.., C, p]: channels in dim -2, pixels in dim -1 (an image's block, or a chunk).
+struct AffinityPivot {
+  at::Tensor m_s, m_d, m_t;  // [.., Cs, 1], [.., C, 1], [.., C, 1]; float64
+  at::Tensor alpha;          // [..] float64
+  double pixels;             // P
+};
+
+// From the float64 sums over the P pixels of S [.., Cs] and of D [.., C].
+inline AffinityPivot affinity_pivot(const at::Tensor& sum_s, const at::Tensor& sum_d, int64_t pooled_pixels) {
+  const double P = static_cast<double>(std::max<int64_t>(pooled_pixels, 1));
+  const int64_t Cs = sum_s.size(-1), C = sum_d.size(-1);
+  AffinityPivot v;
+  v.pixels = static_cast<double>(pooled_pixels);
+  v.m_s = (sum_s / P).unsqueeze(-1);
+  v.m_d = (sum_d / P).unsqueeze(-1);
+  v.m_t = (Cs == C ? v.m_s : at::constant_pad_nd(v.m_s, {0, 0, 0, C - Cs}, 0)) - v.m_d;
+  v.alpha = (v.m_d * (2 * v.m_t + v.m_d)).sum({-2, -1});  // m_S + m_T = 2 m_T + m_D, padded
+  return v;
+}
+
+// Centres float64 S [.., Cs, p] and D [.., C, p] in place (x = S - m_S, d = D - m_D), where given
+// only the pixels where `centre` [.., 1, p] is true, and returns beta [.., 1, p] (float64) of
+// the columns as they then are: <m_D, x_i> + <m_T, d_i>, or <m_D, S_i> + <m_T, D_i>.
+inline at::Tensor centre_on_pivot(at::Tensor& s, at::Tensor& d, const AffinityPivot& v,
+                                  const at::Tensor& centre = at::Tensor()) {
+  const int64_t Cs = s.size(-2);
+  s.sub_(centre.defined() ? v.m_s * centre : v.m_s);
+  d.sub_(centre.defined() ? v.m_d * centre : v.m_d);
+  // two products with the means, where a product and a sum over channels would copy [.., C, p]
+  return at::matmul(v.m_d.narrow(-2, 0, Cs).transpose(-2, -1), s).add_(at::matmul(v.m_t.transpose(-2, -1), d));
+}
+
+// P^2 alpha^2 + 2 P sum_i beta_i^2 over each image's pixels: the part of sum (A_S - A_T)^2 that
+// the Grams do not carry. beta_sq_sum: sum_i beta_i^2 [..].
+inline at::Tensor pivot_affinity_sum(const AffinityPivot& v, const at::Tensor& beta_sq_sum) {
+  const double P = v.pixels;
+  return v.alpha * v.alpha * (P * P) + beta_sq_sum * (2 * P);
+}
+
+// The backward's u = sum_j beta_j x_j [.., Cs, 1] (float64) from the kept Grams (centred:
+// G_xx [.., Cs, Cs], G_xd's first Ct columns [.., Cs, Ct]): G_xx m_D + G_xd m_T, m_T being 0
+// past Ct.
+inline at::Tensor pivot_u(const at::Tensor& gss, const at::Tensor& gsd, const AffinityPivot& v) {
+  const int64_t Cs = gss.size(-1), Ct = gsd.size(-1);
+  return at::matmul(gss.to(at::kDouble), v.m_d.narrow(-2, 0, Cs)) +
+         at::matmul(gsd.to(at::kDouble), v.m_t.narrow(-2, 0, Ct));
+}
+
+// The student's gradient per pixel, through the normalisation, from the gradient w.r.t. S_i,
+// g_i = 4 sum_j (A_S - A_T)_ij S_j (times the loss's scale, which `v` and `rho` carry):
+// - a pixel whose norm is not floored takes g_i = 4 (m_S r_i + u + G_xd x_i + G_xy d_i) with
+//   r_i = P (alpha + beta_i) and u = sum_j beta_j x_j. As m_S = S_i - x_i, that is r_i S_i + w_i
+//   with w_i = u + G_xd x_i + G_xy d_i - r_i x_i, and the projection (g - S <S, g>) / |f| removes
+//   r_i S_i of a unit S_i exactly: w alone is projected, whose terms are of the spread's size
+//   (projecting the large r_i S_i would leave its rounding);
+// - a pixel whose norm is floored (S_i is f / eps, not a unit vector: the gradient is g / eps,
+//   which magnifies any rounding 10^12 times) keeps its columns uncentred (centre_on_pivot) and
+//   takes the same sum as g_i = 4 (G_xd S_i + G_xy D_i + P m_S beta_i) (sum_j S_j S_j^T =
+//   G_xx + P m_S m_S^T and so on), every term proportional to S_i or D_i: 0 where both are, as
+//   the reference's.
+// v [.., Cs, p]: the GEMMs' G_xd x + G_xy d, plus u where the norm is not floored (overwritten);
+// s the normalised features S, x the GEMMs' student operand, rho = P (beta_i + alpha) or
+// P beta_i, ns the norms [.., 1, p], m_s [.., Cs, 1]; one dtype.
+inline at::Tensor affinity_input_gradient(at::Tensor& v, const at::Tensor& s, const at::Tensor& x,
+                                          const at::Tensor& m_s, const at::Tensor& rho, const at::Tensor& ns) {
+  const at::Tensor unfloored = ns > kAffinityNormEps;
+  v.sub_(rho * at::where(unfloored, x, m_s.neg()));
+  const at::Tensor along = (s * v).sum(-2, /*keepdim=*/true).mul_(unfloored);
+  return v.addcmul_(s, along, -1).div_(ns.clamp_min(kAffinityNormEps));
+}
+
+// The gradient w.r.t. the pooled student [.., Cs, p] of one block or chunk, in `acc`, before the
+// pooling routes it: s64 [.., Cs, p] and d64 [.., C, p] its float64 normalised features and
+// difference (centred here, in place), ns its float64 norms [.., 1, p], g_sd and g_st the GEMM
+// operands (affinity_gram_operands), u from pivot_u, scale the loss's (broadcast over [.., Cs, p]).
+inline at::Tensor pooled_student_gradient(at::Tensor& s64, at::Tensor& d64, const at::Tensor& ns,
+                                          const AffinityPivot& pivot, const at::Tensor& g_sd, const at::Tensor& g_st,
+                                          const at::Tensor& u, const at::Tensor& scale, at::ScalarType acc) {
+  const at::Tensor unfloored = ns > kAffinityNormEps;
+  const at::Tensor beta = centre_on_pivot(s64, d64, pivot, unfloored);
+  const at::Tensor alpha = pivot.alpha.unsqueeze(-1).unsqueeze(-1);
+  const at::Tensor rho = beta.add_(alpha * unfloored).mul_(pivot.pixels);
+  const at::Tensor x = s64.to(acc), s = (s64 + pivot.m_s * unfloored).to(acc);  // S again, for the projection
+  at::Tensor v = at::matmul(g_sd, x).add_(at::matmul(g_st, d64.narrow(-2, 0, g_st.size(-1)).to(acc)));
+  v.addcmul_(u.to(acc), unfloored).mul_(scale);
+  return affinity_input_gradient(v, s, x, pivot.m_s.to(acc), (rho * scale).to(acc), ns.to(acc));
+}
+
 // The backward keeps G_sd's first Ct columns ([.., Cs, Ct]) beside G_ss, not G_st = S T^T: the
 // student's gradient is 4 (G_sd U_S + G_st D) (T = S - D), each term shrinking as the affinities
 // near each other (and as they near 1) where G_ss U_S - G_st U_T cancels. G_sd formed in the

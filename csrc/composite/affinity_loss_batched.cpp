@@ -4,10 +4,11 @@
 // loops cost hundreds on a GPU.
 //
 // Memory: a chunk holds pool * pool images, so its pooled features [k, C, P] hold about as many
-// values as one input image [C, H, W]. Peak temporaries beyond inputs and outputs, in the
-// accumulation dtype: about 4 such chunk tensors in the forward (both pooled maps, D, and S + T
-// while their per-pixel dot product is summed) and about 6 in the backward (pooled map and its
-// int64 argmax, both normalised maps, the gradient, one product), plus [k, C, C] Grams.
+// values as one input image [C, H, W]. Peak temporaries beyond inputs and outputs: about 4 such
+// chunk tensors in float64 in the forward (both pooled maps, D, and S + T while their per-pixel
+// dot product is summed) and their copies in the accumulation dtype for the GEMMs, about 8 in the
+// backward (pooled map and its int64 argmax, both normalised maps, S again for the projection,
+// the gradient, one product), plus [k, C, C] Grams.
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -55,21 +56,22 @@ at::Tensor normalised_difference(const at::Tensor& s, const at::Tensor& t, const
 }
 
 // A chunk's normalised student us [k, Cs, P], normalised difference d [k, C, P] and student
-// norms ns [k, 1, P], in `acc`, from its pooled student ps [k, Cs, P] and teacher pt [k, Ct, P]:
-// formed in float64 whatever `acc`, as the blocked formulation and the CUDA kernels form them
-// (pooled_normalised_kernel: a student at another scale than its teacher makes D a difference
-// of terms of size 1, into which float32 norms put their rounding whole; 8.9e-4 of float32 SKD
-// at a scale of 1e-4 and pool 4, against 9e-6).
+// norms ns [k, 1, P], float64, from its pooled student ps [k, Cs, P] and teacher pt [k, Ct, P]:
+// formed in float64 whatever the input dtype, as the blocked formulation and the CUDA kernels
+// form them (pooled_normalised_kernel: a student at another scale than its teacher makes D a
+// difference of terms of size 1, into which float32 norms put their rounding whole; 8.9e-4 of
+// float32 SKD at a scale of 1e-4 and pool 4, against 9e-6), and centred on the pixels' means
+// before they are rounded (affinity_pivot).
 struct Normalised {
   at::Tensor us, d, ns;
 };
 
-Normalised normalised(const at::Tensor& ps, const at::Tensor& pt, int64_t C, at::ScalarType acc) {
+Normalised normalised(const at::Tensor& ps, const at::Tensor& pt, int64_t C) {
   const at::Tensor s = ps.to(at::kDouble), t = pt.to(at::kDouble);
   const at::Tensor ns = channel_norms(s), nt = channel_norms(t);
   const at::Tensor ns_c = ns.clamp_min(kAffinityNormEps), nt_c = nt.clamp_min(kAffinityNormEps);
   at::Tensor d = normalised_difference(pad_rows(s, C), pad_rows(t, C), ns, nt, ns_c, nt_c);
-  return {(s / ns_c).to(acc), d.to(acc), ns.to(acc)};
+  return {s / ns_c, d, ns};
 }
 
 }  // namespace
@@ -89,21 +91,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_batched(const at::T
   const int64_t chunk = affinity_chunk_images(pool, B);
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t k = std::min(chunk, B - b0);
-    const auto [us, d, ns] = normalised(pooled(student.narrow(0, b0, k), pool, at::kDouble),
-                                        pooled(teacher.narrow(0, b0, k), pool, at::kDouble), C, acc);
+    Normalised n = normalised(pooled(student.narrow(0, b0, k), pool, at::kDouble),
+                              pooled(teacher.narrow(0, b0, k), pool, at::kDouble), C);
+    const AffinityPivot pivot = affinity_pivot(n.us.sum(-1), n.d.sum(-1), P);
+    const at::Tensor beta = centre_on_pivot(n.us, n.d, pivot);
+    const at::Tensor x = n.us.to(acc), d = n.d.to(acc);
     at::Tensor g_ss = gss.narrow(0, b0, k);
-    at::bmm_out(g_ss, us, us.transpose(1, 2));
-    const at::Tensor g_sd = at::bmm(us, d.transpose(1, 2));  // [k, Cs, C]
-    const at::Tensor g_dd = at::bmm(d, d.transpose(1, 2));   // [k, C, C]
-    sums.narrow(0, b0, k).copy_(differenced_affinity_sum(g_ss, g_sd, g_dd));
+    at::bmm_out(g_ss, x, x.transpose(1, 2));
+    const at::Tensor g_sd = at::bmm(x, d.transpose(1, 2));  // [k, Cs, C]
+    const at::Tensor g_dd = at::bmm(d, d.transpose(1, 2));  // [k, C, C]
+    sums.narrow(0, b0, k).copy_(differenced_affinity_sum(g_ss, g_sd, g_dd) +
+                                pivot_affinity_sum(pivot, beta.square().sum({-2, -1})));
     gsd.narrow(0, b0, k).copy_(affinity_saved_gram(g_sd, Ct));
   }
   return {affinity_means(sums, P, acc), gss, gsd};
 }
 
-// Per chunk, the gradient w.r.t. the normalised features 4 s_b (G_sd F_S + G_st D)
-// (affinity_saved_gram), through the normalisation ((g - u <u, g>) / |f|, or g / eps where the
-// norm is floored), into each window's argmax (windows do not overlap: one scatter).
+// Per chunk, the pivot and the centred x, d formed again as in the forward, the gradient w.r.t.
+// the normalised features 4 s_b (m_S r_i + u + G_xd x_i + G_xy d_i) (affinity_input_gradient,
+// affinity_saved_gram) through the normalisation, into each window's argmax (windows do not
+// overlap: one scatter).
 at::Tensor affinity_loss_backward_batched(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
                                           const at::Tensor& gss, const at::Tensor& gsd, int64_t pool) {
   check_affinity_loss_backward_inputs(grad, student, teacher, gss, gsd, pool);
@@ -128,13 +135,13 @@ at::Tensor affinity_loss_backward_batched(const at::Tensor& grad, const at::Tens
       ps = v.flatten(2);
       indices = i.flatten(2);  // flat in each H x W plane
     }
-    const auto [us, d, ns] = normalised(ps, pooled(teacher.narrow(0, b0, k), pool, at::kDouble), C, acc);
-    const at::Tensor ns_c = ns.clamp_min(kAffinityNormEps);
-    const auto [g_sd, g_st] = affinity_gram_operands(gss.narrow(0, b0, k), gsd.narrow(0, b0, k).to(acc));
-    at::Tensor gu = at::bmm(g_sd, us).baddbmm_(g_st, d.narrow(1, 0, Ct));
-    gu.mul_(scale.narrow(0, b0, k));
-    const at::Tensor along = (us * gu).sum(1, /*keepdim=*/true).mul_(ns > kAffinityNormEps);
-    const at::Tensor gy = gu.addcmul_(us, along, -1).div_(ns_c).to(student.scalar_type());
+    Normalised n = normalised(ps, pooled(teacher.narrow(0, b0, k), pool, at::kDouble), C);
+    const AffinityPivot pivot = affinity_pivot(n.us.sum(-1), n.d.sum(-1), P);
+    const at::Tensor gss_k = gss.narrow(0, b0, k), gsd_k = gsd.narrow(0, b0, k).to(acc);
+    const auto [g_sd, g_st] = affinity_gram_operands(gss_k, gsd_k);
+    const at::Tensor gy = pooled_student_gradient(n.us, n.d, n.ns, pivot, g_sd, g_st, pivot_u(gss_k, gsd_k, pivot),
+                                                  scale.narrow(0, b0, k), acc)
+                              .to(student.scalar_type());
     at::Tensor out_chunk = out.narrow(0, b0, k).view({k, Cs, H * W});
     if (pool == 1) {
       out_chunk.copy_(gy);

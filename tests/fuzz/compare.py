@@ -76,11 +76,6 @@ KNOWN = [
     (lambda case, target: _default_set(target) and case.op in _CENTROID_KERNEL_OPS and _has_offset(case),
      "the default CUDA centroid kernel adds raw values in float atomics and loses a common offset (issue 25; "
      "METHOD.md 8; conftest.py xfails its precision tests on the default set)"),
-    # found by this fuzzer (2026-12-02), documented, not fixed:
-    (lambda case, target: case.op == "skd" and _has_offset(case) and case.params["student"]["dtype"] != "float64",
-     "SKD's Gram forms keep an absolute error of about a float32 roundoff per affinity entry: with features "
-     "sharing a common offset (affinities near 1) the float32 loss, and at offsets of ten times the spread "
-     "and more the gradient, lose what the float32 reference keeps (METHOD.md 8)"),
     (lambda case, target: _default_set(target) and case.op == "ifvd" and case.params["student"]["dtype"] == "float16",
      "the default CUDA IFVD adds the student's two gradient paths (its own pixels, its class centroids) in the "
      "features' dtype: in float16 one path overflows to inf where their sum is below 65504; the next kernels "
