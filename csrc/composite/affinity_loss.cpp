@@ -42,6 +42,16 @@ namespace {
 // at 1024 channels).
 constexpr int64_t kBlockPixels = 512;
 
+// Pooled pixels per block on the features' device: kBlockPixels on the CPU; the whole image
+// elsewhere, where every ATen call is a launch (this formulation is CUDA's default) and a block's
+// cache footprint buys nothing: a pass is then a fixed number of launches per image, however
+// large. ATen calls of a forward+backward at B = 8, pool 2 (tests/cuda_emu/report.py's count):
+// 1308 with one block an image, where 512-pixel blocks take 3588 at 64 x 128 (P = 2048) and the
+// uncentred form with its per-block pooling took 1681 there (577 at one block an image).
+int64_t block_pixels(const at::Tensor& x, int64_t pooled_pixels) {
+  return x.is_cpu() ? kBlockPixels : std::max<int64_t>(pooled_pixels, 1);
+}
+
 // pool x pool max (ceil mode) of one image [C, H, W] -> [C, ceil(H / pool) * ceil(W / pool)]
 // through strided maxima: ATen's CPU max pooling ran about 7x slower on few-row blocks. Values
 // only; the backward's argmax comes from ATen.
@@ -119,11 +129,11 @@ struct ImagePivot {
 };
 
 ImagePivot image_pivot(const at::Tensor& ps, const at::Tensor& pt, int64_t C) {
-  const int64_t P = ps.size(1);
+  const int64_t P = ps.size(1), block = block_pixels(ps, P);
   const auto sums_and_norms = [&](const at::Tensor& pooled) {
     at::Tensor sum = at::zeros({C}, pooled.options().dtype(at::kDouble)), norms = sum.new_empty({1, P});
-    for (int64_t p0 = 0; p0 < P; p0 += kBlockPixels) {
-      const int64_t n = std::min(kBlockPixels, P - p0);
+    for (int64_t p0 = 0; p0 < P; p0 += block) {
+      const int64_t n = std::min(block, P - p0);
       const at::Tensor y = pooled.narrow(1, p0, n).to(at::kDouble);
       at::Tensor norm = norms.narrow(1, p0, n);
       at::sum_out(norm, y * y, {0}, /*keepdim=*/true).sqrt_();
@@ -163,8 +173,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_blocked(const at::T
     const AffinityPivot& pivot = image.pivot;
     at::Tensor g_ss = gss[b];
     at::Tensor g_sd = at::zeros({Cs, C}, opts), g_dd = at::zeros({C, C}, opts), beta_sq = sums.new_zeros({});
-    for (int64_t p0 = 0; p0 < P; p0 += kBlockPixels) {
-      const int64_t n = std::min(kBlockPixels, P - p0);
+    for (int64_t p0 = 0, block = block_pixels(student, P); p0 < P; p0 += block) {
+      const int64_t n = std::min(block, P - p0);
       // normalised, differenced and centred in float64 before rounding: D keeps its relative
       // accuracy even where it is far smaller than the features (rounding them first cost 4e-4
       // of the value), x and d theirs however large the offset they share
@@ -204,8 +214,8 @@ at::Tensor affinity_loss_backward_blocked(const at::Tensor& grad, const at::Tens
     const at::Tensor gsd_b = gsd[b].to(acc);
     const auto [g_sd, g_st] = affinity_gram_operands(gss[b], gsd_b);
     const at::Tensor u = pivot_u(gss[b], gsd_b, pivot);
-    for (int64_t p0 = 0; p0 < P; p0 += kBlockPixels) {
-      const int64_t n = std::min(kBlockPixels, P - p0);
+    for (int64_t p0 = 0, block = block_pixels(student, P); p0 < P; p0 += block) {
+      const int64_t n = std::min(block, P - p0);
       NormalisedBlock s = normalised_block(ps.values, image.norms_s, p0, n);
       at::Tensor d64 = difference_rows(s.u, normalised_block(pt, image.norms_t, p0, n).u, C, at::kDouble);
       const at::Tensor gy =

@@ -1,11 +1,13 @@
 #pragma once
 // SKD's loss through C x C Gram products (affinity_loss.cpp): what its two formulations share.
-//   blocked (affinity_loss.cpp): per image, blocks of pooled rows; the CPU's path.
+//   blocked (affinity_loss.cpp): per image, blocks of pooled pixels; the CPU's path.
 //   batched (affinity_loss_batched.cpp): chunks of whole images, batched GEMMs; CUDA's path
 //     under IDD_OPS_CUDA_NEXT=1, with its pointwise work fused into kernels there
 //     (csrc/cuda/affinity_loss_cuda.cu).
-// Both return and consume the same (loss [B], G_ss [B, Cs, Cs], G_sd [B, Cs, Ct]: the first Ct
-// columns of S D^T, see affinity_saved_gram), so either backward serves either forward.
+// Both return and consume the same (loss [B], G_xx [B, Cs, Cs], G_xd [B, Cs, Ct]: the Grams of
+// S and D centred on the image's means (affinity_pivot), G_xd's first Ct columns, see
+// affinity_saved_gram), so either backward serves either forward. The differenced forms below
+// are written for any S and D (x and d: the centred ones are what the formulations pass).
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -143,11 +145,14 @@ inline at::Tensor affinity_input_gradient(at::Tensor& v, const at::Tensor& s, co
 inline at::Tensor pooled_student_gradient(at::Tensor& s64, at::Tensor& d64, const at::Tensor& ns,
                                           const AffinityPivot& pivot, const at::Tensor& g_sd, const at::Tensor& g_st,
                                           const at::Tensor& u, const at::Tensor& scale, at::ScalarType acc) {
+  // S as normalised, for the projection: a unit vector to its last bit, which x + m_S is not (a
+  // one-channel student, S = +-1 and a gradient of 0, kept 1e-16 of the large w)
+  const at::Tensor s = s64.to(acc, /*non_blocking=*/false, /*copy=*/true);
   const at::Tensor unfloored = ns > kAffinityNormEps;
   const at::Tensor beta = centre_on_pivot(s64, d64, pivot, unfloored);
   const at::Tensor alpha = pivot.alpha.unsqueeze(-1).unsqueeze(-1);
   const at::Tensor rho = beta.add_(alpha * unfloored).mul_(pivot.pixels);
-  const at::Tensor x = s64.to(acc), s = (s64 + pivot.m_s * unfloored).to(acc);  // S again, for the projection
+  const at::Tensor x = s64.to(acc);
   at::Tensor v = at::matmul(g_sd, x).add_(at::matmul(g_st, d64.narrow(-2, 0, g_st.size(-1)).to(acc)));
   v.addcmul_(u.to(acc), unfloored).mul_(scale);
   return affinity_input_gradient(v, s, x, pivot.m_s.to(acc), (rho * scale).to(acc), ns.to(acc));

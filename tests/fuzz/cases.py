@@ -386,7 +386,13 @@ def _skd(module):
 def _skd_floor(p, x):
     B, _, H, W = x["student"].shape
     P = -(-H // p["pool"]) * -(-W // p["pool"])
-    return floor_of("loss", p["reduction"], ("student",), x, count=B * P * P)
+    floors = floor_of("loss", p["reduction"], ("student",), x, count=B * P * P)
+    if p["reduction"] == "sum" and "grad:student" in floors:
+        # under "sum" a pixel's gradient adds the 2 P entries of its affinity row and column,
+        # 4 sum_j (A_S - A_T)_ij S_j: terms 4 P times floor_of's 1 / |x| (a student of one
+        # channel, whose gradient is 0, got the reference's rounding of them; seed 20261252)
+        floors["grad:student"] *= 4 * P
+    return floors
 
 
 register(OpSpec("skd", _draw_skd, _build_skd, _skd(idd_ops), _skd(reference), grads=("student",), floor=_skd_floor))
