@@ -20,9 +20,10 @@
 // gradient straight into the input-sized result. Extra memory beyond that result: the two
 // [B, Cs, C] Grams kept for the backward, one pooled image of each network (with its int64
 // argmax in the backward) and a few [C, C] and block-sized temporaries. Measured on 2 CPU cores
-// (B = 8, 512 channels, 64 x 128, forward+backward): as fast as the uncentred form that pooled
-// each block (pool 2: 384 against 380 ms; pool 1: 1015 against 966), where the same passes with
-// per-block pooling and at::norm took 586 and 1401.
+// (benchmarks.report, B = 8, 512 channels, 64 x 128, forward+backward, the two builds in turn,
+// twice): about as fast as the uncentred form that pooled each block (pool 2: 369-378 against
+// 359-402 ms; pool 1: 892-902 against 872-883), where the same passes with per-block pooling
+// and at::norm took 586 and 1401; peak memory 170 against 159 MiB at pool 2.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

@@ -20,7 +20,8 @@ constexpr int kPixels = 8, kGroups = 32;  // a block: kPixels x kGroups = kThrea
 static_assert(kPixels * kGroups == kThreads, "one block of kThreads");
 
 // The GEMM operands' dtype: bfloat16 keeps its own (a pooled value is an input value, exact in
-// it; a normalised one is rounded once), the others their accumulation dtype (half: see above).
+// it; a normalised one is rounded once), the others their accumulation dtype (half: see
+// affinity_loss_cuda.cu's header).
 template <typename scalar_t>
 using gemm_operand_t = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, scalar_t, at::opmath_type<scalar_t>>;
 
