@@ -2,6 +2,8 @@
 batched one CUDA takes under IDD_OPS_CUDA_NEXT=1. The private variable _IDD_OPS_SKD_BATCHED=1
 forces the batched one on any device, so the CPU runs the SKD tests of test_baselines and
 test_api on the GPU's formulation here."""
+import contextlib
+
 import pytest
 import torch
 
@@ -75,6 +77,21 @@ OFFSETS = [(0.0, 1e-2), (1.0, 0.3), (3.0, 0.3), (10.0, 0.3), (100.0, 0.3), (1000
 OFFSET_IDS = ["near-teacher", "offset-1", "offset-3", "offset-10", "offset-100", "offset-1000"]
 
 
+def float32_errors(device, offset, difference, context=contextlib.nullcontext):
+    """Relative error of the float32 SKD value and max-norm error of its gradient against the
+    float64 reference, on offset_features, with the op run inside `context(device)`."""
+    student, teacher = offset_features(offset, difference)
+    want = student.clone().requires_grad_()
+    want_value = reference.structural_kd_loss(want, teacher)
+    want_value.backward()
+    got = student.float().to(device).requires_grad_()
+    with context(device):
+        value = idd_ops.structural_kd_loss(got, teacher.float().to(device))
+        value.backward()
+    error = float((got.grad.double().cpu() - want.grad).abs().max() / want.grad.abs().max())
+    return abs(float(value) / float(want_value) - 1), error
+
+
 @pytest.mark.parametrize("offset,difference", OFFSETS, ids=OFFSET_IDS)
 def test_float32_accuracy_with_a_common_offset(formulation, device, offset, difference):
     """METHOD.md 8's contract for SKD in float32, against float64: the value within 1e-6
@@ -82,18 +99,11 @@ def test_float32_accuracy_with_a_common_offset(formulation, device, offset, diff
     features sharing a common offset up to 1000 times their spread. Measured on both
     formulations: value 6e-9 to 8e-8, gradient 1e-7 to 9e-7 up to an offset of 100, 9.5e-6 at
     1000. Without the pivot (affinity_pivot: Grams of the uncentred features) the offset of 10
-    cost 2.9e-3 / 1.5e-3 and 30 the whole value; the float32 reference, which forms the P x P
-    affinities, is 3e-4 / 1.4e-3 off at 10."""
-    student, teacher = offset_features(offset, difference)
-    want = student.clone().requires_grad_()
-    want_value = reference.structural_kd_loss(want, teacher)
-    want_value.backward()
-    got = student.float().to(device).requires_grad_()
-    value = idd_ops.structural_kd_loss(got, teacher.float().to(device))
-    value.backward()
-    assert abs(float(value) / float(want_value) - 1) < 1e-6
-    error = float((got.grad.double().cpu() - want.grad).abs().max() / want.grad.abs().max())
-    assert error < 5e-5, error
+    cost 8.8e-3 / 9.6e-4 and 100 the whole value; the float32 reference, which forms the P x P
+    affinities, is 2.9e-5 / 1.1e-3 off at 10."""
+    value_error, grad_error = float32_errors(device, offset, difference)
+    assert value_error < 1e-6
+    assert grad_error < 5e-5, grad_error
 
 
 @pytest.mark.parametrize("offset,difference", [(0.0, 1e-2), (10.0, 0.3)], ids=["near-teacher", "offset-10"])
@@ -103,17 +113,9 @@ def test_float32_accuracy_under_tf32(formulation, device, offset, difference):
     within 1e-5 and gradient within 5e-4 of float64 (measured 2e-6 / 2e-5 near the teacher and
     5e-7 / 6e-5 at an offset of 10 times the spread, both formulations; uncentred, that offset
     cost 5e-3 / 0.36)."""
-    student, teacher = offset_features(offset, difference)
-    want = student.clone().requires_grad_()
-    want_value = reference.structural_kd_loss(want, teacher)
-    want_value.backward()
-    got = student.float().to(device).requires_grad_()
-    with tf32_matmuls(device):
-        value = idd_ops.structural_kd_loss(got, teacher.float().to(device))
-        value.backward()
-    assert abs(float(value) / float(want_value) - 1) < 1e-5
-    error = float((got.grad.double().cpu() - want.grad).abs().max() / want.grad.abs().max())
-    assert error < 5e-4, error
+    value_error, grad_error = float32_errors(device, offset, difference, tf32_matmuls)
+    assert value_error < 1e-5
+    assert grad_error < 5e-4, grad_error
 
 
 @pytest.mark.parametrize("pool", [2, 3])

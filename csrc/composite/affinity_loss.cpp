@@ -95,7 +95,7 @@ PooledImage pooled_image(const at::Tensor& x, int64_t pool, bool with_indices) {
 }
 
 // Pixels [p0, p0 + n) of a pooled image [C, P], normalised over channels in float64 by their
-// norms [1, P] (pixel_norms): u [C, n] and the norms [1, n].
+// norms [1, P] (image_pivot's): u [C, n] and the norms [1, n].
 struct NormalisedBlock {
   at::Tensor u, norm;
 };
@@ -107,17 +107,17 @@ NormalisedBlock normalised_block(const at::Tensor& pooled, const at::Tensor& nor
   return {u.div_(norm.clamp_min(kAffinityNormEps)), norm};
 }
 
-// D = S - T [rows, p], in `dtype`, of one block's float64 normalised features us [Cs, p] and
+// D = S - T [rows, p], float64, of one block's float64 normalised features us [Cs, p] and
 // ut [Ct, p], each padded with zero rows up to rows = C = max(Cs, Ct): every row is a difference
 // or one network's alone (no fill).
-at::Tensor difference_rows(const at::Tensor& us, const at::Tensor& ut, int64_t rows, at::ScalarType dtype) {
+at::Tensor difference_rows(const at::Tensor& us, const at::Tensor& ut, int64_t rows) {
   const int64_t cs = std::min(us.size(0), rows), ct = std::min(ut.size(0), rows), shared = std::min(cs, ct);
   at::Tensor d = at::empty({rows, us.size(1)}, us.options());
   at::Tensor both = d.narrow(0, 0, shared), one = d.narrow(0, shared, rows - shared);
   at::sub_out(both, us.narrow(0, 0, shared), ut.narrow(0, 0, shared));
   if (cs > shared) one.copy_(us.narrow(0, shared, cs - shared));
   if (ct > shared) at::neg_out(one, ut.narrow(0, shared, ct - shared));
-  return d.to(dtype);
+  return d;
 }
 
 // One image's pivot (affinity_pivot) and its pixels' norms [1, P] (float64) for both networks,
@@ -183,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_blocked(const at::T
       // accuracy even where it is far smaller than the features (rounding them first cost 4e-4
       // of the value), x and d theirs however large the offset they share
       at::Tensor us = normalised_block(ps, image.norms_s, p0, n).u;
-      at::Tensor d64 = difference_rows(us, normalised_block(pt, image.norms_t, p0, n).u, C, at::kDouble);
+      at::Tensor d64 = difference_rows(us, normalised_block(pt, image.norms_t, p0, n).u, C);
       beta_sq.add_(centre_on_pivot(us, d64, pivot).square().sum());
       const at::Tensor x = us.to(acc), d = d64.to(acc);
       g_ss.addmm_(x, x.t());
@@ -221,7 +221,7 @@ at::Tensor affinity_loss_backward_blocked(const at::Tensor& grad, const at::Tens
     for (int64_t p0 = 0, block = block_pixels(student, P); p0 < P; p0 += block) {
       const int64_t n = std::min(block, P - p0);
       NormalisedBlock s = normalised_block(ps.values, image.norms_s, p0, n);
-      at::Tensor d64 = difference_rows(s.u, normalised_block(pt, image.norms_t, p0, n).u, C, at::kDouble);
+      at::Tensor d64 = difference_rows(s.u, normalised_block(pt, image.norms_t, p0, n).u, C);
       const at::Tensor gy =
           pooled_student_gradient(s.u, d64, s.norm, pivot, g_sd, g_st, u, scale[b], acc).to(student.scalar_type());
       if (pool == 1) {

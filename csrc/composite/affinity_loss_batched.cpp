@@ -58,10 +58,10 @@ at::Tensor normalised_difference(const at::Tensor& s, const at::Tensor& t, const
 // A chunk's normalised student us [k, Cs, P], normalised difference d [k, C, P] and student
 // norms ns [k, 1, P], float64, from its pooled student ps [k, Cs, P] and teacher pt [k, Ct, P]:
 // formed in float64 whatever the input dtype, as the blocked formulation and the CUDA kernels
-// form them (pooled_normalised_kernel: a student at another scale than its teacher makes D a
-// difference of terms of size 1, into which float32 norms put their rounding whole; 8.9e-4 of
-// float32 SKD at a scale of 1e-4 and pool 4, against 9e-6), and centred on the pixels' means
-// before they are rounded (affinity_pivot).
+// form them (PixelScale, csrc/cuda/affinity_pivot.cuh: a student at another scale than its
+// teacher makes D a difference of terms of size 1, into which float32 norms put their rounding
+// whole; 8.9e-4 of float32 SKD at a scale of 1e-4 and pool 4, against 9e-6), and centred on the
+// pixels' means before they are rounded (affinity_pivot).
 struct Normalised {
   at::Tensor us, d, ns;
 };

@@ -33,15 +33,12 @@
 // 2.6 waves at 3 blocks a multiprocessor: nvcc gives these kernels up to 80 registers a thread on
 // sm_90, so 3 fit), where 32 pixels a block would give 256 blocks and 256 channels a thread.
 // A thread keeps a window of each network in flight (window_max).
-#include <ATen/NumericUtils.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <torch/version.h>
 
 #include <algorithm>
-#include <limits>
-#include <type_traits>
 
 #include "../common/checks.h"
 #include "../common/cuda_next.h"
