@@ -147,6 +147,27 @@ def test_gradcheck_channel_counts(formulation, device, teacher_channels, pool):
     assert gradcheck(lambda x: idd_ops.structural_kd_loss(x, t, pool=pool), (s,), fast_mode=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_backward_with_odd_sizes(formulation, device, dtype):
+    """Half and bfloat16 forward and backward with an odd number of pooled pixels (5 x 7) and
+    unequal channel counts: on CUDA the batched formulation keeps such operands in their dtype
+    for its GEMMs (cuBLAS takes an odd leading dimension on another path than an even one), and
+    the backward reads a strided slice of a Gram. Within the dtype's tolerance of float64 on the
+    same values."""
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(2, 6, 10, 14, generator=g).to(dtype=dtype, device=device).requires_grad_()
+    t = torch.randn(2, 10, 10, 14, generator=g).to(dtype=dtype, device=device)
+    weight = torch.tensor([1.0, 0.5], dtype=torch.float64, device=device)
+    got = idd_ops.structural_kd_loss(s, t, pool=2, reduction="none")
+    (got.double() * weight).sum().backward()
+    s64 = s.detach().double().requires_grad_()
+    want = reference.structural_kd_loss(s64, t.double(), pool=2, reduction="none")
+    (want * weight).sum().backward()
+    assert got.dtype == s.grad.dtype == dtype
+    torch.testing.assert_close(got.double(), want.detach(), rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=0, atol=2e-2 * float(s64.grad.abs().max()))
+
+
 @pytest.mark.parametrize("scale", [0.0, 1e-14])
 @pytest.mark.parametrize("zero", ["student", "teacher", "both"])
 def test_zero_feature_pixels(formulation, device, zero, scale):

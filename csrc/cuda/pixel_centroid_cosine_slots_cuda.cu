@@ -167,7 +167,7 @@ __global__ void cosine_slots_factors_kernel(const acc_t* __restrict__ grad, cons
                                             const int16_t* __restrict__ slots, int64_t B, int64_t HW, int64_t segment,
                                             int K, acc_t eps, int warps, acc_t* __restrict__ a,
                                             acc_t* __restrict__ bf, acc_t* __restrict__ bc_part) {
-  extern __shared__ unsigned char smem_bytes[];
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
   const int64_t segments = gridDim.x, s = blockIdx.x, begin = s * segment;
   const int64_t end = begin + segment < HW ? begin + segment : HW;
@@ -217,7 +217,7 @@ __global__ void cosine_slots_backward_rows_kernel(const scalar_t* __restrict__ f
                                                   at::opmath_type<scalar_t>* grad_c,
                                                   at::opmath_type<scalar_t>* __restrict__ share_t) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ unsigned char smem_bytes[];
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
   const int64_t row = blockIdx.x, b = row / C, c = row % C;
   ClassSums<acc_t> sums(smem, warps, grad_c + b * K * C + c, C, K);

@@ -48,18 +48,19 @@ inline int sm_count() {
   return n;
 }
 
-// Sum over a block of kThreads threads of any shape (warps follow the linear thread index);
-// the result is valid in the block's first thread. Every thread of the block must call it, once
-// per kernel (its shared slots are not guarded for reuse).
+// Sum over a block of at most kThreads threads, whole warps, of any shape (warps follow the
+// linear thread index); the result is valid in the block's first thread. Every thread of the
+// block must call it, once per kernel (its shared slots are not guarded for reuse).
 template <typename T>
 __device__ T block_sum_any_shape(T value) {
   __shared__ T warp_totals[kThreads / 32];
   const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const int warps = blockDim.x * blockDim.y * blockDim.z / 32;  // a smaller block reads no stale slot
   value = warp_sum(value);
   if (tid % 32 == 0) warp_totals[tid / 32] = value;
   __syncthreads();
   T total = 0;
-  if (tid < 32) total = warp_sum(tid < kThreads / 32 ? warp_totals[tid] : T(0));
+  if (tid < 32) total = warp_sum(tid < warps ? warp_totals[tid] : T(0));
   return total;
 }
 
