@@ -45,8 +45,11 @@ def _kl_rows(s, t, dim):
     term = pt * (F.log_softmax(torch.where(t_none, torch.zeros_like(t), t), dim) - log_ps)
     term = torch.where((pt == 0) & (log_ps == float("-inf")), torch.full_like(term, float("inf")), term)
     kl = torch.where(keep, term, torch.zeros_like(term)).sum(dim)
-    has_nan = (s.isnan() | t.isnan()).any(dim)
-    return torch.where(has_nan, torch.full_like(kl, float("nan")), kl)
+    has_nan = (s.isnan() | t.isnan()).any(dim, keepdim=True)
+    # NaN in value and gradient, through the student's own logits: the branches above may pass
+    # it no gradient (an all -inf student's); where() keeps the other vectors' gradient NaN-free
+    nan = (torch.where(has_nan, s, torch.zeros_like(s)) * float("nan")).sum(dim)
+    return torch.where(has_nan.squeeze(dim), nan, kl)
 
 
 def label_slots(labels, size, num_classes, ignore_index=255):

@@ -226,11 +226,13 @@ def test_student_minus_inf_under_a_tiny_teacher_probability_is_infinite(device, 
 
 @pytest.mark.parametrize("kd", [True, False], ids=["pixel_kd", "cwd"])
 @pytest.mark.parametrize("case", ["teacher all nan", "teacher nan and -inf", "teacher one nan",
-                                  "student all nan", "student nan, teacher -inf"])
+                                  "student all nan", "student nan, teacher -inf", "student -inf, teacher one nan"])
 def test_a_nan_logit_makes_its_vector_nan_in_value_and_gradient(device, kd, case):
     """METHOD.md "-inf logits": a NaN is never read as a mask. An all-NaN teacher vector once gave
     loss 0 and a NaN gradient; now loss and gradient are NaN on the vector, as in the reference,
-    and the other vectors keep finite gradients."""
+    and the other vectors keep finite gradients. A student vector of -inf only (whose +inf
+    carries no gradient) beside a teacher NaN: NaN too (the reference once gave a zero gradient
+    there)."""
     s, _, t, where = _no_mass_case(device, torch.float32, kd)
     t = make_feats(2, 5, 3, 4, device=device, dtype=torch.float32, seed=2)
     side = t if case.startswith("teacher") else s
@@ -242,6 +244,9 @@ def test_a_nan_logit_makes_its_vector_nan_in_value_and_gradient(device, kd, case
         vector[..., 0] = float("nan")
     elif case == "teacher one nan":
         vector[..., 1] = float("nan")
+    elif case == "student -inf, teacher one nan":  # the student's all -inf branch passes no gradient
+        vector.fill_(float("-inf"))
+        t[where] = torch.where(torch.arange(t[where].shape[-1], device=device) == 1, float("nan"), t[where])
     else:
         t[where] = float("-inf")
         vector[..., 2] = float("nan")
