@@ -38,7 +38,9 @@ def class_centroids(feats: Tensor, labels: Tensor, num_classes: int, ignore_inde
 
     Returns:
         ``(centroids, counts)``: ``centroids [B, K, C]`` in ``feats.dtype`` (accumulated in
-        float32, or float64 for float64 input), 0 for a class absent from an image;
+        float32, or float64 for float64 input; in float64 for every dtype where the class-sum
+        path reads the features: channels_last and tokens, docs/API.md), 0 for a class absent
+        from an image;
         ``counts [B, K]`` int64, the number of feature pixels of each class.
         Differentiable w.r.t. ``feats``.
     """

@@ -9,9 +9,9 @@ from torch import Tensor, nn
 from . import _validation as v
 from . import baselines
 from . import functional as F
-from ._position_maps import kind_tuple
+from ._position_maps import expand_kinds, kind_tuple
 from ._reduction import reduce
-from .position import num_maps, position_encoding_loss
+from .position import position_encoding_loss
 
 
 class InterClassDistanceLoss(nn.Module):
@@ -71,7 +71,7 @@ class PositionEncodingModule(nn.Module):
         v.check_int("hidden", hidden, 1)
         self.kinds = kind_tuple(kinds)
         self.num_frequencies, self.num_stripes, self.sigma = num_frequencies, num_stripes, sigma
-        out = num_maps(self.kinds, num_frequencies)
+        out = len(expand_kinds(self.kinds, num_frequencies, num_stripes, sigma)[0])  # checks every map option
         self.layers = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),

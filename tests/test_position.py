@@ -117,6 +117,10 @@ def test_opcheck_and_compile(device):
      ValueError, r"params: map 0 \(sinusoid\)"),  # finite in double, inf as a float: a NaN loss
     (lambda: torch.ops.idd_ops.position_encoding_loss(torch.rand(1, 1, 9, 9), [2], [1e-50], "mean"),
      ValueError, r"params: map 0 \(gaussian\)"),
+    # the read-out checks the map options it keeps when it is built, not when its maps are made
+    (lambda: idd_ops.nn.PositionEncodingModule(4, "horizontal_stripes", num_stripes=0), ValueError, "num_stripes"),
+    (lambda: idd_ops.nn.PositionEncodingModule(4, "gaussian", sigma=-1.0), ValueError, "sigma"),
+    (lambda: idd_ops.nn.PositionEncodingModule(4, "gaussian", sigma="wide"), TypeError, "sigma"),
 ])
 def test_bad_input(call, exc, text):
     with pytest.raises(exc, match=text):
