@@ -105,8 +105,9 @@ def structural_kd_loss(student_feats: Tensor, teacher_feats: Tensor, pool: int =
 
     The P x P affinities are never formed. On the CPU the op works through C x C Gram products
     in a differenced form: one block of pooled pixels at a time (a pass for the means, then one
-    for the Grams), both networks' features are pooled and normalised in float64, their difference ``D = F_S - F_T`` is taken there (the
-    narrower network padded with zero channels, which leaves its affinity unchanged), both are
+    for the Grams), both networks' features are pooled and normalised in float64, their
+    difference ``D = F_S - F_T`` is taken there (the narrower network padded with zero
+    channels, which leaves its affinity unchanged), both are
     centred on the image's mean directions (so that an offset the features share does not round
     the Grams: docs/METHOD.md 8), and the Grams ``X X^T``, ``X D^T``, ``D D^T`` of the centred
     ``X``, ``D`` are accumulated in the accumulation dtype (float32 for float32/half inputs;

@@ -150,10 +150,6 @@ ImagePivot image_pivot(const at::Tensor& ps, const at::Tensor& pt, int64_t C) {
   return {affinity_pivot(sum_s.narrow(0, 0, ps.size(0)), sum_s - sum_t, P), norms_s, norms_t};
 }
 
-int64_t pooled_pixels(const at::Tensor& x, int64_t pool) {
-  return ((x.size(2) + pool - 1) / pool) * ((x.size(3) + pool - 1) / pool);
-}
-
 // Returns (per-image loss [B], G_xx, G_xd's first Ct columns): entry b is the mean over the P*P
 // affinity entries of image b, in the accumulation dtype; the two Grams are what the backward
 // needs (affinity_saved_gram).
@@ -165,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_blocked(const at::T
   check_affinity_loss_inputs(student, teacher, pool);
   const auto acc = acc_dtype(student.scalar_type());
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1);
-  const int64_t C = std::max(Cs, Ct), P = pooled_pixels(student, pool);
+  const int64_t C = std::max(Cs, Ct), P = affinity_pooled_pixels(student.size(2), student.size(3), pool);
   const auto opts = student.options().dtype(acc);
   at::Tensor gss = at::zeros({B, Cs, Cs}, opts), gsd = at::zeros({B, Cs, Ct}, opts);
   at::Tensor sums = at::zeros({B}, opts.dtype(at::kDouble));
@@ -205,7 +201,7 @@ at::Tensor affinity_loss_backward_blocked(const at::Tensor& grad, const at::Tens
   check_affinity_loss_backward_inputs(grad, student, teacher, gss, gsd, pool);
   const auto acc = gss.scalar_type();
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1), H = student.size(2), W = student.size(3);
-  const int64_t C = std::max(Cs, Ct), P = pooled_pixels(student, pool);
+  const int64_t C = std::max(Cs, Ct), P = affinity_pooled_pixels(student.size(2), student.size(3), pool);
   const at::Tensor scale = grad.to(acc) * (4.0 / affinity_mean_divisor(P));
   at::Tensor out = at::zeros({B, Cs, H, W}, student.options().memory_format(at::MemoryFormat::Contiguous));
   if (P == 0) return out;

@@ -19,6 +19,11 @@ namespace idd_ops {
 // F.normalize's floor of the norm.
 constexpr double kAffinityNormEps = 1e-12;
 
+// Pooled pixels P of an H x W map under pool x pool windows in ceil mode.
+inline int64_t affinity_pooled_pixels(int64_t H, int64_t W, int64_t pool) {
+  return ((H + pool - 1) / pool) * ((W + pool - 1) / pool);
+}
+
 // The mean's divisor of one image: P * P affinity entries (1 when there are none).
 inline double affinity_mean_divisor(int64_t pooled_pixels) {
   const double P = static_cast<double>(pooled_pixels);

@@ -82,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_batched(const at::T
   const auto acc = acc_dtype(student.scalar_type());
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1), C = std::max(Cs, Ct);
   const int64_t H = student.size(2), W = student.size(3);
-  const int64_t P = ((H + pool - 1) / pool) * ((W + pool - 1) / pool);
+  const int64_t P = affinity_pooled_pixels(H, W, pool);
   const auto opts = student.options().dtype(acc);
   if (P == 0) return {at::zeros({B}, opts), at::zeros({B, Cs, Cs}, opts), at::zeros({B, Cs, Ct}, opts)};
   // every chunk writes its images' rows of all three in full: no fills
@@ -117,7 +117,7 @@ at::Tensor affinity_loss_backward_batched(const at::Tensor& grad, const at::Tens
   const auto acc = gss.scalar_type();
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1), C = std::max(Cs, Ct);
   const int64_t H = student.size(2), W = student.size(3);
-  const int64_t P = ((H + pool - 1) / pool) * ((W + pool - 1) / pool);
+  const int64_t P = affinity_pooled_pixels(H, W, pool);
   // pool 1 copies every element; pooling scatters into each window's argmax, so the rest is 0
   const auto out_opts = student.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor out = pool == 1 ? at::empty({B, Cs, H, W}, out_opts) : at::zeros({B, Cs, H, W}, out_opts);

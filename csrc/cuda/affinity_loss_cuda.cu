@@ -242,7 +242,7 @@ CentredChunk centred_chunk(const at::Tensor& student, const PoolView& vs, const 
                            int64_t b0, int64_t k, bool backward, at::Tensor beta, at::Tensor alpha_parts) {
   using op_t = gemm_operand_t<scalar_t>;
   const int64_t Cs = student.size(1), Ct = teacher.size(1), C = std::max(Cs, Ct);
-  const int64_t P = ((vs.H + vs.pool - 1) / vs.pool) * vs.Wo;
+  const int64_t P = affinity_pooled_pixels(vs.H, vs.W, vs.pool);
   const auto op_opts = student.options().dtype(c10::CppTypeToScalarType<op_t>::value);
   const auto wide = student.options().dtype(at::kDouble);
   const dim3 grid = pixel_grid(P, k), block(kPixels, kGroups);
@@ -281,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tens
   const auto acc = acc_dtype(student.scalar_type());
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1), C = std::max(Cs, Ct);
   const PoolView vs = pool_view(student, pool), vt = pool_view(teacher, pool);
-  const int64_t P = ((vs.H + pool - 1) / pool) * vs.Wo, tiles = (C + kTile - 1) / kTile;
+  const int64_t P = affinity_pooled_pixels(vs.H, vs.W, pool), tiles = (C + kTile - 1) / kTile;
   const auto opts = student.options().dtype(acc);
   // every chunk writes its images' rows of all four in full: no fills
   at::Tensor gss = at::empty({B, Cs, Cs}, opts), gsd = at::empty({B, Cs, Ct}, opts);
@@ -326,7 +326,7 @@ at::Tensor affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor&
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1), C = std::max(Cs, Ct);
   const PoolView vs = pool_view(student, pool), vt = pool_view(teacher, pool);
-  const int64_t P = ((vs.H + pool - 1) / pool) * vs.Wo;
+  const int64_t P = affinity_pooled_pixels(vs.H, vs.W, pool);
   const at::Tensor g = grad.scalar_type() == acc ? grad : grad.to(acc);  // [B], any stride (an expanded sum's)
   const at::Tensor gss = gss_in.contiguous(), gsd = gsd_in.contiguous();  // the forward's: already so
   // every element is written (the windows tile each plane)
