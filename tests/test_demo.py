@@ -115,6 +115,22 @@ def test_one_training_step_per_configuration(config):
     assert all(torch.isfinite(torch.tensor(v)).all() for v in curves.values())
 
 
+def test_step_time_takes_the_median_of_alternating_rounds(tmp_path):
+    from idd_ops.demo.report import write_markdown
+
+    preset = dataclasses.replace(experiment.PRESETS["quick"], size=(32, 64), batch=2)
+    train = StreetScenes(4, seed=1, size=preset.size)
+    teacher = make_teacher(len(CLASSES)).eval().requires_grad_(False)
+    readout = idd_ops.nn.PositionEncodingModule(teacher.feature_channels, experiment.POSITION_KINDS, hidden=8)
+    st = experiment.step_time(preset, "ce+kd+idd+pid", train, teacher, readout, "cpu", steps=1, warmup=1, rounds=3)
+    for name in ("fused", "reference"):
+        assert len(st["rounds"][name]) == 3 and min(st["rounds"][name]) > 0
+        assert st[name] == sorted(st["rounds"][name])[1]
+    results = experiment.run_experiment(_tiny(smoke=True), str(tmp_path), "cpu", workers=1)[0]
+    text = write_markdown(dict(results, step_time=st), str(tmp_path))
+    assert "median of 3 alternating rounds of 1 steps each, after 1 untimed steps of both" in text
+
+
 def _tiny(**changes):
     base = dataclasses.replace(experiment.PRESETS["quick"], size=(32, 64), train_images=4, val_images=4, batch=2,
                                teacher_steps=1, student_steps=1, seeds=(0,), configs=("ce", "ce+pid"), probe_steps=1)

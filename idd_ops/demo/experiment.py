@@ -9,6 +9,7 @@ import glob
 import hashlib
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -275,18 +276,24 @@ def distance_gap(student, teacher, val, device, preset):
     return total / max(n, 1)
 
 
-def step_time(preset, config, train, teacher, readout, device, steps=10, warmup=2):
-    """Seconds per student training step with fused losses and with the reference losses, each
-    timed after `warmup` untimed steps of both (the first steps of a process pay for its
-    allocator's and the libraries' first calls, which the fused losses, timed first, paid alone)."""
+def step_time(preset, config, train, teacher, readout, device, steps=10, warmup=2, rounds=3):
+    """Seconds per student training step with fused losses and with the reference losses: the
+    median over `rounds` rounds, each timing `steps` steps of one then of the other, after `warmup`
+    untimed steps of both (the first steps of a process pay for its allocator's and the libraries'
+    first calls, which the fused losses, timed first, paid alone; alternating rounds spread a
+    drifting load over both)."""
     libs = (("fused", idd_ops), ("reference", reference))
     for name, lib in libs:
         train_student(preset, config, 0, train, teacher, readout, device, lib, steps=warmup,
                       label=f"warm-up, {config} with the {name} losses")
-    times = {name: train_student(preset, config, 0, train, teacher, readout, device, lib, steps=steps,
-                                 label=f"time per step, {config} with the {name} losses")[2]
-             for name, lib in libs}
-    return {**times, "warmup_steps": warmup}
+    times = {name: [] for name, _ in libs}
+    for r in range(rounds):
+        for name, lib in libs:
+            times[name].append(train_student(preset, config, 0, train, teacher, readout, device, lib, steps=steps,
+                                             label=f"time per step, round {r + 1}/{rounds}, {config} with the "
+                                                   f"{name} losses")[2])
+    return {**{name: statistics.median(t) for name, t in times.items()}, "rounds": times,
+            "steps": steps, "warmup_steps": warmup}
 
 
 def save_piece(obj, path):

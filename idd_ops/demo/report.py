@@ -138,12 +138,14 @@ def write_markdown(results, out, command=None):
         lines += sizes_note(results, out)
     if "step_time" in results:
         st = results["step_time"]
-        lines.append(f"Training step of `ce+kd+idd+pid` (10 steps each"
+        timed = (f"median of {len(st['rounds']['fused'])} alternating rounds of {st['steps']} steps each"
+                 if "rounds" in st else "10 steps each")
+        lines.append(f"Training step of `ce+kd+idd+pid` ({timed}"
                      + (f", after {st['warmup_steps']} untimed steps of both" if "warmup_steps" in st else "")
                      + f", on {results['device']}): "
                      f"{1e3 * st['fused']:.0f} ms with idd_ops' fused losses, {1e3 * st['reference']:.0f} ms with the "
                      "plain-PyTorch reference losses. This times whole training steps of a small network, of which "
-                     "the distillation losses are only a part, once each; on a CPU shared with other work the "
+                     "the distillation losses are only a part; on a CPU shared with other work the "
                      "load moves both numbers by more than the losses' share, so it cannot rank the kernels. "
                      "The kernels' own speed, against the reference and torch.compile, is measured by "
                      "benchmarks/ (benchmarks/RESULTS.md, RESULTS-cuda.md).\n")
