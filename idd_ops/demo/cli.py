@@ -72,7 +72,7 @@ from .report import plot_losses, plot_miou, plot_paired, write_markdown, write_p
 
 # measured with the command above on 2 CPU cores (see the README for how)
 ESTIMATES = {"quick": "a smoke run, about 2 min on 2 CPU cores",
-             "cpu": "40 student runs and a teacher, tens of minutes on 2 CPU cores",
+             "cpu": "about 35 min on 2 idle CPU cores",
              "full": "for a GPU: 9-10 min on an H200 one run at a time (extrapolated from two runs); "
                      "concurrent runs aim at under 4 min (not yet measured)"}
 
@@ -199,8 +199,9 @@ def main(argv=None):
     out = args.out or os.path.join("results", args.preset)
     make_out(p, out)
     command = "idd-distill " + shlex.join(argv if argv is not None else sys.argv[1:])
-    print(f"idd-distill --preset {args.preset}: {len(preset.configs)} configurations x {len(preset.seeds)} seeds, "
-          f"{ESTIMATES[args.preset]} with the preset's settings; writing to {out}/", file=sys.stderr)
+    runs = len(preset.configs) * len(preset.seeds)
+    print(f"idd-distill --preset {args.preset}: {len(preset.configs)} configurations x {len(preset.seeds)} seeds "
+          f"({runs} student runs; the whole preset: {ESTIMATES[args.preset]}); writing to {out}/", file=sys.stderr)
     with resumable(out):
         results, teacher, runs, val = run_experiment(preset, out, args.device, args.teacher, command,
                                                      workers=args.workers, threads=args.threads)

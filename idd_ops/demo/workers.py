@@ -25,11 +25,12 @@ from . import progress
 # and their activations
 GPU_BYTES_PER_WORKER = 2 << 30
 # automatic pool size on the CPU: one worker per this many cores, each on that many threads.
-# Measured on 2 cores shared with other work (load about 21), four of the quick preset's student
-# runs: one worker on 2 threads took 167, 186 and 203 s, two single-threaded workers 212 and 160 s
-# (their start, about 15 s at that load, included): no difference the load lets us see, so
-# one worker, no start cost, as before; on more cores the choice is not measured
-CPU_CORES_PER_WORKER = 2
+# Measured on 2 idle cores (AMD EPYC; `idd-distill --preset cpu --configs ce ce+kd+idd+pid --seeds
+# 0 1 --student-steps 150` with a cached teacher, twice each): one worker on 2 threads 151 and
+# 154 s, two single-threaded workers 130 and 119 s; a student step on one thread takes 130-146 ms
+# against 98 ms on two, so two runs side by side do 1.4x the steps. (An earlier measurement at
+# load 21 could not tell the two apart.) On more cores the choice is not measured.
+CPU_CORES_PER_WORKER = 1
 
 
 def cpu_cores():
