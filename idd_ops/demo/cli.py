@@ -72,7 +72,7 @@ from .report import plot_losses, plot_miou, plot_paired, write_markdown, write_p
 
 # measured with the command above on 2 CPU cores (see the README for how)
 ESTIMATES = {"quick": "a smoke run, about 2 min on 2 CPU cores",
-             "cpu": "about 35 min on 2 idle CPU cores",
+             "cpu": "about 38 min on 2 idle CPU cores",
              "full": "for a GPU: 9-10 min on an H200 one run at a time (extrapolated from two runs); "
                      "concurrent runs aim at under 4 min (not yet measured)"}
 
