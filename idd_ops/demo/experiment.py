@@ -31,7 +31,8 @@ POSITION_KINDS = ("horizontal", "vertical", "gaussian", "horizontal_stripes", "v
 # configuration -> loss weights (METHOD.md section 6: CE + 10 * pixel KD + l_idd * IDD + l_pid * PID).
 # IDD, PID and CWD: chosen by the tuning on the tune split at 64x128 (results/cpu-tune/tune.md: idd
 # and pid at 0.3/1/3 gave their best mean paired difference at 1; cwd, its grid widened to 1/3/10/30
-# in cwd-widened.md, at 30); KD, SKD and IFVD: their papers'. A preset at another size takes its own tuning's choice (tuned_weights) where one is committed.
+# in cwd-widened.md, at 30); KD, SKD and IFVD: their papers'. A preset at another size takes its
+# own tuning's choice (tuned_weights) where one is committed.
 CONFIGS = {
     "ce": {},
     "ce+kd": {"kd": 10.0},
