@@ -115,6 +115,20 @@ def test_one_training_step_per_configuration(config):
     assert all(torch.isfinite(torch.tensor(v)).all() for v in curves.values())
 
 
+def test_progress_lines_name_the_weights_a_run_overrides(capsys):
+    # the tuning trains one configuration at several weights: its progress lines must tell them apart
+    assert experiment.run_label("ce+idd", 100, {}) == "ce+idd seed 100"
+    assert experiment.run_label("ce+idd", 100, {"idd": 3.0, "cwd": 30.0}) == "ce+idd seed 100, idd weight 3"
+    assert experiment.run_label("ce+kd+idd+pid", 0, {"pid": 0.3, "idd": 1.0}) == \
+        "ce+kd+idd+pid seed 0, pid weight 0.3, idd weight 1"
+    preset = dataclasses.replace(experiment.PRESETS["quick"], size=(32, 64), batch=2, weights={"idd": 0.3})
+    train = StreetScenes(4, seed=1, size=preset.size)
+    teacher = make_teacher(len(CLASSES)).eval().requires_grad_(False)
+    readout = idd_ops.nn.PositionEncodingModule(teacher.feature_channels, experiment.POSITION_KINDS, hidden=8)
+    experiment.train_student(preset, "ce+idd", 7, train, teacher, readout, "cpu", steps=1)
+    assert "ce+idd seed 7, idd weight 0.3: 1/1" in capsys.readouterr().err
+
+
 def test_step_time_takes_the_median_of_alternating_rounds(tmp_path):
     from idd_ops.demo.report import write_markdown
 

@@ -106,6 +106,13 @@ def config_weights(config, overrides):
     return {k: overrides.get(k, w) for k, w in CONFIGS[config].items()}
 
 
+def run_label(config, seed, overrides):
+    """A run's name in progress lines: "<config> seed <seed>", then the weights `overrides` sets
+    for this configuration's losses (the tuning's runs of one configuration differ only there)."""
+    shown = "".join(f", {k} weight {w:g}" for k, w in overrides.items() if k in CONFIGS[config])
+    return f"{config} seed {seed}{shown}"
+
+
 # Bump when a code change alters results, so that runs cached by older code are not reused.
 # 4: IDD's K x K math in float64 (docs/METHOD.md 8), and each CPU run's thread count in its key.
 CACHE_VERSION = 4
@@ -193,7 +200,7 @@ def train_teacher(preset, train, device, seed=0):
 def train_student(preset, config, seed, train, teacher, readout, device, lib=idd_ops, steps=None, label=None):
     """Returns (student, curves: {loss name: [values]}, seconds per step). `lib` is idd_ops, or
     idd_ops.reference for the timing comparison. `teacher` may be a CachedTeacher of `train`.
-    label: the progress line's (default "<config> seed <seed>")."""
+    label: the progress line's (default: run_label's)."""
     torch.manual_seed(seed)
     student = make_student(len(CLASSES)).to(device)
     weights = config_weights(config, preset.weights)
@@ -207,7 +214,7 @@ def train_student(preset, config, seed, train, teacher, readout, device, lib=idd
                           pid=pid, cwd=cwd, idd_options={"normalize": preset.idd_normalize}, lib=lib)
     opt = torch.optim.Adam([p for p in distiller.parameters() if p.requires_grad], lr=preset.lr)
     steps = steps or preset.student_steps
-    curves, bar = {}, Progress(steps, label or f"{config} seed {seed}")
+    curves, bar = {}, Progress(steps, label or run_label(config, seed, preset.weights))
     distiller.train()
     start = time.perf_counter()
     for step, (idx, x, y) in enumerate(batches(train, preset.batch, steps, 1000 + seed, device)):
