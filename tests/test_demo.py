@@ -288,6 +288,16 @@ def test_full_preset_takes_its_tuned_weights_or_says_they_are_carried_over(tmp_p
     assert experiment.tuned_weights("cpu", root=str(tmp_path))[0] == {}
 
 
+def test_configs_hold_the_committed_64x128_tuning():
+    # the cpu and quick presets (64x128) take CONFIGS' weights: they must be what the committed tuning chose
+    with open(os.path.join(os.path.dirname(__file__), "..", "results", "cpu-tune", "tune.json")) as f:
+        tuning = json.load(f)
+    assert tuple(tuning["preset"]["size"]) == experiment.PRESETS["cpu"].size == experiment.PRESETS["quick"].size
+    for loss, weight in tuning["chosen"].items():
+        used = {config: w[loss] for config, w in experiment.CONFIGS.items() if loss in w}
+        assert used and set(used.values()) == {weight}, (loss, weight, used)
+
+
 def test_cached_teacher_gives_the_teachers_outputs():
     """Looked up by index, the cached logits and (hooked) features equal a forward pass."""
     from idd_ops.demo.teacher_cache import CachedTeacher
@@ -331,6 +341,11 @@ def test_worker_processes_give_the_runs_of_one_by_one(tmp_path):
     assert len(list((tmp_path / "two" / "runs").glob("*.pt"))) == 6
     again = experiment.run_experiment(preset, two, "cpu", workers=2, threads=1)[0]
     assert sorted(again["cached"]) == sorted(["teacher"] + [f"{c}|{s}" for c, s in a[2]])
+    # the wall time counts a cached run's seconds over the runs that trained beside it
+    assert {r["side_by_side"] for r in a[2].values()} == {1} and {r["side_by_side"] for r in b[2].values()} == {2}
+    teacher_seconds = torch.load(tmp_path / "two" / "teacher.pt", weights_only=False)["seconds"]
+    runs_seconds = sum(r["seconds"] for r in b[2].values()) / 2
+    assert again["seconds"] - again["seconds_this_call"] == pytest.approx(teacher_seconds + runs_seconds)
     # on the CPU a run's thread count is part of its key: another count trains again
     other = experiment.run_experiment(_tiny(seeds=(0,), student_steps=3, configs=("ce",)), two, "cpu", workers=1,
                                       threads=2)[0]

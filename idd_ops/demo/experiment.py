@@ -29,16 +29,17 @@ from .workers import Workers
 
 POSITION_KINDS = ("horizontal", "vertical", "gaussian", "horizontal_stripes", "vertical_stripes")
 # configuration -> loss weights (METHOD.md section 6: CE + 10 * pixel KD + l_idd * IDD + l_pid * PID).
-# IDD, PID and CWD: chosen by the tuning on the tune split at 64x128 (results/cpu-tune/tune.md: idd
-# and pid at 0.3/1/3 gave their best mean paired difference at 1; cwd, its grid widened to 1/3/10/30
-# in cwd-widened.md, at 30); KD, SKD and IFVD: their papers'. A preset at another size takes its
-# own tuning's choice (tuned_weights) where one is committed.
+# IDD, PID and CWD: the tuning's choice on the tune split at 64x128 (results/cpu-tune/tune.json, three
+# paired seeds: the best mean paired difference to CE was idd at 1 of 0.3/1/3, pid at 0.1 of
+# 0.1/0.3/1/3, none of them resolved, cwd at 30 of 0.3/1/3/10/30/100; a test holds CONFIGS to that
+# file); KD, SKD and IFVD: their papers'.
+# A preset at another size takes its own tuning's choice (tuned_weights) where one is committed.
 CONFIGS = {
     "ce": {},
     "ce+kd": {"kd": 10.0},
     "ce+idd": {"idd": 1.0},
-    "ce+pid": {"pid": 1.0},
-    "ce+kd+idd+pid": {"kd": 10.0, "idd": 1.0, "pid": 1.0},
+    "ce+pid": {"pid": 0.1},
+    "ce+kd+idd+pid": {"kd": 10.0, "idd": 1.0, "pid": 0.1},
     "ce+skd": {"skd": 1.0},
     "ce+ifvd": {"ifvd": 1.0},
     "ce+cwd": {"cwd": 30.0},
@@ -388,9 +389,11 @@ def make_data(preset, map=None):
 _shared = {}  # per process: the latest shared context of run_students, on its device
 
 
-def _student_piece(context_path, preset, config, seed, key, path):
+def _student_piece(context_path, preset, config, seed, key, path, side_by_side=1):
     """One student run (in a worker or in this process): written to `path` and returned, its
-    weights on the CPU (a CUDA tensor sent between processes lives only as long as its sender)."""
+    weights on the CPU (a CUDA tensor sent between processes lives only as long as its sender).
+    side_by_side: how many runs train at once, itself included; kept for the wall time of a later call
+    that takes this run from the cache."""
     if _shared.get("path") != context_path:
         # memory-mapped: the workers share the file's pages, and no /dev/shm (small in containers)
         context = torch.load(context_path, mmap=True, weights_only=False)
@@ -403,7 +406,7 @@ def _student_piece(context_path, preset, config, seed, key, path):
     run = student_run(preset, config, seed, c["train"], c["val"], c["teacher"], c["readout"], c["device"],
                       c["outputs"])
     run["model"] = {k: v.detach().cpu() for k, v in run["model"].items()}
-    run["key"] = key
+    run["key"], run["side_by_side"] = key, side_by_side
     save_piece(run, path)
     return run
 
@@ -411,7 +414,8 @@ def _student_piece(context_path, preset, config, seed, key, path):
 def run_students(jobs, train, val, teacher, readout, out, device, workers):
     """Every job (preset, configuration, seed) from its cache piece in `out`/runs when one with the
     same settings exists, else trained on `workers` (a Workers pool). Returns (runs in job order,
-    the jobs that came from the cache, the seconds those took when they were computed)."""
+    the jobs that came from the cache, the wall time those took when they were computed: a run
+    counts its seconds divided by the number of runs that trained beside it)."""
     # the read-out (PID's target) is trained in this process, whose thread setting no key holds
     teacher_id = f"{model_digest(teacher)}-{model_digest(readout)}"
     runs, todo, cached, cached_seconds = [None] * len(jobs), [], [], 0.0
@@ -426,7 +430,7 @@ def run_students(jobs, train, val, teacher, readout, out, device, workers):
             print(f"cache: using {path} (same settings; delete it to rerun)", file=sys.stderr)
             runs[i] = run
             cached.append(i)
-            cached_seconds += run["seconds"]
+            cached_seconds += run["seconds"] / run.get("side_by_side", 1)
         else:
             todo.append((i, preset, config, seed, key, path))
     if todo:
@@ -440,7 +444,8 @@ def run_students(jobs, train, val, teacher, readout, out, device, workers):
                    context_path)
         del outputs
         try:
-            done = workers.map(_student_piece, [(context_path, *job[1:]) for job in todo])
+            side_by_side = min(workers.size, len(todo))
+            done = workers.map(_student_piece, [(context_path, *job[1:], side_by_side) for job in todo])
             for (i, *_), run in zip(todo, done):
                 runs[i] = run
         finally:

@@ -2,7 +2,7 @@
 are trained on paired seeds and evaluated on generated images that the reported tables never
 use (the "tune" split); the weight with the best mean paired mIoU difference is chosen.
 
-    python -m idd_ops.demo.tune --preset cpu --out results/cpu-tune     # 64x128 (CPU, about an hour)
+    python -m idd_ops.demo.tune --preset cpu --out results/cpu-tune     # 64x128 (about 35 min on 2 CPU cores)
     python -m idd_ops.demo.tune --preset full --device cuda             # 128x256 (GPU)
 
 Default grid: idd, pid and cwd at 0.3, 1 and 3; seeds 100, 101, 102. Writes tune.md and tune.json
