@@ -392,8 +392,8 @@ _shared = {}  # per process: the latest shared context of run_students, on its d
 def _student_piece(context_path, preset, config, seed, key, path, side_by_side=1):
     """One student run (in a worker or in this process): written to `path` and returned, its
     weights on the CPU (a CUDA tensor sent between processes lives only as long as its sender).
-    side_by_side: how many runs train at once, itself included; kept for the wall time of a later call
-    that takes this run from the cache."""
+    side_by_side: how many runs train at once, itself included; kept for the wall time of a
+    later call that takes this run from the cache."""
     if _shared.get("path") != context_path:
         # memory-mapped: the workers share the file's pages, and no /dev/shm (small in containers)
         context = torch.load(context_path, mmap=True, weights_only=False)
