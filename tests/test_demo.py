@@ -104,12 +104,18 @@ def test_models_expose_features_at_output_stride_8():
         assert logits.shape == (2, 8, 8, 16) and feats["f"].shape[-2:] == (8, 16)
 
 
-@pytest.mark.parametrize("config", list(experiment.CONFIGS))
-def test_one_training_step_per_configuration(config):
-    preset = dataclasses.replace(experiment.PRESETS["quick"], size=(32, 64), batch=2)
+def _small_setup(**changes):
+    """(preset, train set, teacher, read-out) small enough for a few student steps in a test."""
+    preset = dataclasses.replace(experiment.PRESETS["quick"], size=(32, 64), batch=2, **changes)
     train = StreetScenes(4, seed=1, size=preset.size)
     teacher = make_teacher(len(CLASSES)).eval().requires_grad_(False)
     readout = idd_ops.nn.PositionEncodingModule(teacher.feature_channels, experiment.POSITION_KINDS, hidden=8)
+    return preset, train, teacher, readout
+
+
+@pytest.mark.parametrize("config", list(experiment.CONFIGS))
+def test_one_training_step_per_configuration(config):
+    preset, train, teacher, readout = _small_setup()
     student, curves, _ = experiment.train_student(preset, config, 0, train, teacher, readout, "cpu", steps=1)
     assert set(curves) == {"ce", *experiment.CONFIGS[config]}
     assert all(torch.isfinite(torch.tensor(v)).all() for v in curves.values())
@@ -121,10 +127,7 @@ def test_progress_lines_name_the_weights_a_run_overrides(capsys):
     assert experiment.run_label("ce+idd", 100, {"idd": 3.0, "cwd": 30.0}) == "ce+idd seed 100, idd weight 3"
     assert experiment.run_label("ce+kd+idd+pid", 0, {"pid": 0.3, "idd": 1.0}) == \
         "ce+kd+idd+pid seed 0, pid weight 0.3, idd weight 1"
-    preset = dataclasses.replace(experiment.PRESETS["quick"], size=(32, 64), batch=2, weights={"idd": 0.3})
-    train = StreetScenes(4, seed=1, size=preset.size)
-    teacher = make_teacher(len(CLASSES)).eval().requires_grad_(False)
-    readout = idd_ops.nn.PositionEncodingModule(teacher.feature_channels, experiment.POSITION_KINDS, hidden=8)
+    preset, train, teacher, readout = _small_setup(weights={"idd": 0.3})
     experiment.train_student(preset, "ce+idd", 7, train, teacher, readout, "cpu", steps=1)
     assert "ce+idd seed 7, idd weight 0.3: 1/1" in capsys.readouterr().err
 
@@ -132,10 +135,7 @@ def test_progress_lines_name_the_weights_a_run_overrides(capsys):
 def test_step_time_takes_the_median_of_alternating_rounds(tmp_path):
     from idd_ops.demo.report import write_markdown
 
-    preset = dataclasses.replace(experiment.PRESETS["quick"], size=(32, 64), batch=2)
-    train = StreetScenes(4, seed=1, size=preset.size)
-    teacher = make_teacher(len(CLASSES)).eval().requires_grad_(False)
-    readout = idd_ops.nn.PositionEncodingModule(teacher.feature_channels, experiment.POSITION_KINDS, hidden=8)
+    preset, train, teacher, readout = _small_setup()
     st = experiment.step_time(preset, "ce+kd+idd+pid", train, teacher, readout, "cpu", steps=1, warmup=1, rounds=3)
     for name in ("fused", "reference"):
         assert len(st["rounds"][name]) == 3 and min(st["rounds"][name]) > 0

@@ -199,9 +199,9 @@ def main(argv=None):
     out = args.out or os.path.join("results", args.preset)
     make_out(p, out)
     command = "idd-distill " + shlex.join(argv if argv is not None else sys.argv[1:])
-    runs = len(preset.configs) * len(preset.seeds)
+    run_count = len(preset.configs) * len(preset.seeds)
     print(f"idd-distill --preset {args.preset}: {len(preset.configs)} configurations x {len(preset.seeds)} seeds "
-          f"({runs} student runs; the whole preset: {ESTIMATES[args.preset]}); writing to {out}/", file=sys.stderr)
+          f"({run_count} student runs; the whole preset: {ESTIMATES[args.preset]}); writing to {out}/", file=sys.stderr)
     with resumable(out):
         results, teacher, runs, val = run_experiment(preset, out, args.device, args.teacher, command,
                                                      workers=args.workers, threads=args.threads)
