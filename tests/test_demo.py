@@ -263,7 +263,28 @@ def test_tuning_picks_the_best_paired_weight(tmp_path, one_thread):
     assert points[0]["difference"] != points[1]["difference"]  # the weight reached the runs
     best = max(points, key=lambda q: q["difference"][0])
     assert summary["chosen"] == {"pid": best["weight"]}
-    assert "Chosen weights" in (tmp_path / "tune.md").read_text()
+    side = "highest" if best["weight"] == 2.0 else "lowest"  # two weights: either choice is an edge
+    assert "Chosen weights" in (text := (tmp_path / "tune.md").read_text())
+    assert f"On the grid's edge: pid {best['weight']:g} (its {side} weight)" in text
+
+
+def test_tuning_names_a_choice_on_its_grids_edge():
+    from idd_ops.demo import tune
+
+    grid = {"idd": [0.3, 1.0, 3.0], "pid": [0.1, 1.0], "cwd": [0.0, 1.0], "kd": [10.0]}
+    # 0 is CE itself, nothing lies below it; a single weight was compared with nothing
+    assert tune.edge_choices(grid, {"idd": 3.0, "pid": 0.1, "cwd": 0.0, "kd": 10.0}) == {"idd": "highest",
+                                                                                         "pid": "lowest"}
+    assert tune.edge_choices(grid, {"idd": 1.0, "pid": 1.0, "cwd": 1.0}) == {"pid": "highest", "cwd": "highest"}
+
+
+@pytest.mark.parametrize("folder", ["cpu-tune", "full-tune"])
+def test_committed_tuning_text_is_its_json(folder):
+    from idd_ops.demo import tune
+
+    path = os.path.join(os.path.dirname(__file__), "..", "results", folder)
+    with open(os.path.join(path, "tune.json")) as f, open(os.path.join(path, "tune.md")) as g:
+        assert tune.tune_markdown(json.load(f)) == g.read()
 
 
 def test_tune_command_runs_a_named_preset(tmp_path, monkeypatch, capsys, one_thread):

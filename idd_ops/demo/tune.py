@@ -6,7 +6,8 @@ use (the "tune" split); the weight with the best mean paired mIoU difference is 
     python -m idd_ops.demo.tune --preset full --device cuda             # 128x256 (GPU)
 
 Default grid: idd, pid and cwd at 0.3, 1 and 3; seeds 100, 101, 102. Writes tune.md and tune.json
-(every point, the chosen weights) in --out (default results/<preset>-tune); `idd-distill --preset
+(every point, the chosen weights; tune.md names each choice that lies on its grid's edge, past
+which a better weight may lie) in --out (default results/<preset>-tune); `idd-distill --preset
 full` takes its weights from results/full-tune/tune.json when it exists. The teacher and every
 run are cached there as in idd-distill, so an interrupted tuning resumes; all runs of the grid
 go to one pool of worker processes.
@@ -84,10 +85,26 @@ def run_tuning(preset, grid, seeds, out, device="cpu", command="", teacher_check
     return summary
 
 
+def edge_choices(grid, chosen):
+    """{loss: "highest" | "lowest"} for each loss whose chosen weight is the highest of its grid, or
+    the lowest where that is above 0 (a weight of 0 is CE itself: nothing lies below it); a better
+    weight may lie past that edge. A loss tried at one weight has no edge."""
+    edges = {}
+    for loss, weight in chosen.items():
+        weights = grid[loss]
+        if len(weights) > 1 and weight == max(weights):
+            edges[loss] = "highest"
+        elif len(weights) > 1 and weight == min(weights) > 0:
+            edges[loss] = "lowest"
+    return edges
+
+
 def tune_markdown(summary):
-    seeds = summary["preset"]["seeds"]
+    # tuples where the summary was read back from tune.json, so that the text is the same
+    preset = {k: tuple(v) if isinstance(v, list) else v for k, v in summary["preset"].items()}
+    seeds = preset["seeds"]
     lines = ["# Loss-weight tuning (tune split)\n", f"Command: `{summary.get('command', '')}`  ",
-             f"Preset: `{summary['preset']}`  ",
+             f"Preset: `{preset}`  ",
              f"Seeds {seeds}, evaluated on the tune split (generated with its own seed; the reported tables use "
              f"the val split). Chosen: the weight with the best mean paired difference to {BASELINE}."]
     if "ce_miou" in summary:
@@ -99,6 +116,11 @@ def tune_markdown(summary):
         lines.append(f"| {q['loss']} | {q['weight']:g} | {q['miou']:.2f} | {_interval(q['difference'])} | "
                      f"{q['distance_gap']:.4f} | {q['position_error']:.4f} | {mark} |")
     lines.append(f"\nChosen weights: `{summary['chosen']}`\n")
+    edges = edge_choices(summary["grid"], summary["chosen"])
+    if edges:
+        named = ", ".join(f"{loss} {summary['chosen'][loss]:g} (its {side} weight)" for loss, side in edges.items())
+        lines.append(f"On the grid's edge: {named}. A better weight may lie past it; a wider grid (--grid) "
+                     "would show.\n")
     return "\n".join(lines)
 
 
