@@ -287,6 +287,19 @@ def test_committed_tuning_text_is_its_json(folder):
         assert tune.tune_markdown(json.load(f)) == g.read()
 
 
+@pytest.mark.parametrize("folder", ["cpu", "full"])
+def test_committed_results_text_is_its_json(folder):
+    # what --replot rewrites (its note on predictions.png aside) is the committed text, so a
+    # replot changes a committed results.md only where the report itself changed
+    from idd_ops.demo.report import write_markdown
+
+    path = os.path.join(os.path.dirname(__file__), "..", "results", folder)
+    with open(os.path.join(path, "results.json")) as f, open(os.path.join(path, "results.md")) as g:
+        results, text = json.load(f), g.read()
+    results.setdefault("command", text.split("`")[1])
+    assert text.split("\nReplotted from results.json")[0] == write_markdown(results, path)
+
+
 def test_tune_command_runs_a_named_preset(tmp_path, monkeypatch, capsys, one_thread):
     from idd_ops.demo import tune
 

@@ -73,8 +73,9 @@ from .report import plot_losses, plot_miou, plot_paired, write_markdown, write_p
 # measured with the command above on 2 CPU cores (see the README for how)
 ESTIMATES = {"quick": "a smoke run, about 2 min on 2 CPU cores",
              "cpu": "about 38 min on 2 idle CPU cores",
-             "full": "for a GPU: 9-10 min on an H200 one run at a time (extrapolated from two runs); "
-                     "concurrent runs aim at under 4 min (not yet measured)"}
+             "full": "146 min on 2 idle CPU cores (results/full); for a GPU: 9-10 min on an H200 one "
+                     "run at a time (extrapolated from two runs), concurrent runs aim at under 4 min "
+                     "(not yet measured)"}
 
 
 WRITTEN = ("results.md", "results.json", "paired.png", "miou.png", "loss_curves.png", "predictions.png")

@@ -75,6 +75,12 @@ def _class_header():
     return " | ".join(CLASSES[k] + ("*" if k in THIN else "") for k in CLASS_ORDER)
 
 
+def preset_text(preset):
+    """The preset dict as results.md and tune.md print it; lists read back from JSON print as the
+    tuples they were, so a file rewritten from its JSON is the same text."""
+    return str({k: tuple(v) if isinstance(v, list) else v for k, v in preset.items()})
+
+
 def write_markdown(results, out, command=None):
     command = command or results.get("command", "")
     configs = seed_runs(results)
@@ -85,7 +91,7 @@ def write_markdown(results, out, command=None):
     lines = ["# Distillation on generated street scenes\n"]
     if results["preset"].get("smoke"):
         lines += smoke_note(results, out)
-    lines += [f"Command: `{command}`  ", f"Preset: `{results['preset']}`  ",
+    lines += [f"Command: `{command}`  ", f"Preset: `{preset_text(results['preset'])}`  ",
               f"Device: {results['device']}; {wall_time_line(results)}.\n"]
     if results["preset"].get("weights_from"):
         lines.append(f"Loss weights: {results['preset']['weights_from']}.\n")

@@ -25,7 +25,7 @@ import torch
 from .._arguments import device, make_out, positive_int, seed
 from .cli import check_run_options, restart_with_environment, resumable
 from .experiment import CONFIGS, PRESETS, make_data, run_students, setup_teacher
-from .report import BASELINE, _interval, _miou, paired
+from .report import BASELINE, _interval, _miou, paired, preset_text
 from .workers import Workers
 
 DEFAULT_GRID = ("idd=0.3,1,3", "pid=0.3,1,3", "cwd=0.3,1,3")
@@ -100,11 +100,9 @@ def edge_choices(grid, chosen):
 
 
 def tune_markdown(summary):
-    # tuples where the summary was read back from tune.json, so that the text is the same
-    preset = {k: tuple(v) if isinstance(v, list) else v for k, v in summary["preset"].items()}
-    seeds = preset["seeds"]
+    seeds = tuple(summary["preset"]["seeds"])
     lines = ["# Loss-weight tuning (tune split)\n", f"Command: `{summary.get('command', '')}`  ",
-             f"Preset: `{preset}`  ",
+             f"Preset: `{preset_text(summary['preset'])}`  ",
              f"Seeds {seeds}, evaluated on the tune split (generated with its own seed; the reported tables use "
              f"the val split). Chosen: the weight with the best mean paired difference to {BASELINE}."]
     if "ce_miou" in summary:
