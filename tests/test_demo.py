@@ -300,6 +300,13 @@ def test_committed_results_text_is_its_json(folder):
     assert text.split("\nReplotted from results.json")[0] == write_markdown(results, path)
 
 
+def test_readme_shows_the_committed_results():
+    from idd_ops.demo.report import committed_table
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        assert "\n".join(committed_table()) in f.read()
+
+
 def test_tune_command_runs_a_named_preset(tmp_path, monkeypatch, capsys, one_thread):
     from idd_ops.demo import tune
 

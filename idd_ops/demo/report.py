@@ -233,6 +233,15 @@ def smoke_note(results, out, folders=COMMITTED):
     return lines
 
 
+def committed_table(folders=COMMITTED):
+    """The README's table: the committed runs' paired mIoU differences to ce, a column per run
+    (tests/test_demo.py checks that the README shows this text)."""
+    columns = [(f"[{f}]({_link(REPOSITORY, f)}) ({_size(r)})", _interval_cells(r))
+               for f in folders if (r := _committed(f)) is not None]
+    names = list(dict.fromkeys(c for _, cells in columns for c in cells))
+    return _effects_table(f"mIoU difference to {BASELINE} [95 % CI]", columns, names)
+
+
 def sizes_note(results, out, folders=COMMITTED):
     """A run's section beside the committed runs at other image sizes: the paired mIoU
     differences to ce and to ce+cwd and the position-probe errors, size by size (what the run adds
