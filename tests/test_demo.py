@@ -627,6 +627,49 @@ def test_an_interrupted_run_ends_with_one_line_and_the_signals_status(tmp_path, 
         assert signal.getsignal(signal.SIGTERM) is before
 
 
+STOPPED_WITH_WORKERS = """
+import sys, time
+from idd_ops.demo.cli import resumable
+from idd_ops.demo.workers import Workers
+
+if __name__ == "__main__":
+    with resumable(sys.argv[1]), Workers("cpu", workers=2, threads=1) as pool:
+        print(list(pool.map(abs, [(-1,), (-2,)])), flush=True)
+        if sys.argv[2] == "busy":
+            list(pool.map(time.sleep, [(60,), (60,)]))
+        time.sleep(60)  # idle workers, as while the teacher trains
+"""
+
+
+@pytest.mark.parametrize("workers", ["idle", "busy"])
+@pytest.mark.parametrize("stop, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_to_the_whole_group_stops_a_run_with_workers(tmp_path, stop, code, workers):
+    """`timeout` and a terminal's Ctrl-C signal the whole process group. An idle worker killed by
+    SIGTERM died holding the pool's queue lock, and the run hung in Pool.terminate() until
+    SIGKILL; the workers now have a session of their own and the parent stops them."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "run.py"
+    script.write_text(STOPPED_WITH_WORKERS)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), workers], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "[1, 2]\n"
+        time.sleep(1)  # the workers back in the queue's get (idle) or inside time.sleep (busy)
+        os.killpg(proc.pid, getattr(signal, stop))
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == code and "the same command resumes" in err
+
+
 def test_a_cached_teacher_of_another_network_is_trained_again(tmp_path, capsys, one_thread):
     """A teacher.pt in the output folder whose weights no longer fit (an older version's
     network) is a stale cache piece: trained again, not a traceback. Given as --teacher it is

@@ -12,7 +12,6 @@ time, a GPU sits mostly idle waiting for kernel launches.
 """
 import contextlib
 import os
-import signal
 import sys
 
 import torch
@@ -73,9 +72,11 @@ def torch_threads(threads):
 
 
 def _start_worker(threads, device):
-    # Ctrl-C reaches every process of the terminal's group: the parent stops the pool, so a
-    # worker's own traceback would only bury its message
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A session of its own, out of the process group of its parent: Ctrl-C and a time limit's
+    # SIGTERM (`timeout` signals its whole group) reach the parent only, which stops the pool.
+    # Signalled itself, an idle worker would die holding the lock of the pool's task queue, and
+    # Pool.terminate() in the parent would wait for that lock forever.
+    os.setsid()
     torch.set_num_threads(threads)
     progress.plain_lines()
     if str(device).startswith("cuda"):
