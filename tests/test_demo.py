@@ -255,8 +255,9 @@ def test_tuning_picks_the_best_paired_weight(tmp_path, one_thread):
     from idd_ops.demo import tune
 
     assert tune.parse_grid(["idd=0.3,1"]) == {"idd": [0.3, 1.0]}
-    with pytest.raises(ValueError, match="grid"):
-        tune.parse_grid(["nope=1"])
+    for bad in ("nope=1", "kd+idd+pid=1", "ce=1"):  # the combination would train its defaults at every point
+        with pytest.raises(ValueError, match="LOSS one of kd, idd, pid, skd, ifvd, cwd"):
+            tune.parse_grid([bad])
     summary = tune.run_tuning(_tiny(), {"pid": [0.5, 2.0]}, [0, 1], str(tmp_path), workers=1)
     points = summary["points"]
     assert [q["weight"] for q in points] == [0.5, 2.0] and summary["preset"]["eval_split"] == "tune"
@@ -291,13 +292,13 @@ def test_committed_tuning_text_is_its_json(folder):
 def test_committed_results_text_is_its_json(folder):
     # what --replot rewrites (its note on predictions.png aside) is the committed text, so a
     # replot changes a committed results.md only where the report itself changed
-    from idd_ops.demo.report import write_markdown
+    from idd_ops.demo.report import results_markdown
 
     path = os.path.join(os.path.dirname(__file__), "..", "results", folder)
     with open(os.path.join(path, "results.json")) as f, open(os.path.join(path, "results.md")) as g:
         results, text = json.load(f), g.read()
     results.setdefault("command", text.split("`")[1])
-    assert text.split("\nReplotted from results.json")[0] == write_markdown(results, path)
+    assert text.split("\nReplotted from results.json")[0] == results_markdown(results, path)
 
 
 def test_readme_shows_the_committed_results():
@@ -594,15 +595,41 @@ def test_a_teacher_of_another_image_size_is_refused(tmp_path, capsys, main):
     assert "was trained on 8x16 images; the full preset's are 128x256" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("content", ["{", '{"preset": {}}'])
+def _without_curves(results):
+    """results.json of results/cpu with every run's loss curves taken out: its text can be written,
+    its loss plot not."""
+    if isinstance(results, dict):
+        return {k: _without_curves(v) for k, v in results.items() if k != "curves"}
+    return [_without_curves(v) for v in results] if isinstance(results, list) else results
+
+
+@pytest.mark.parametrize("content", ["{", '{"preset": {}}', "[1, 2]", "no curves"])
 def test_replot_of_a_results_json_it_did_not_write_is_an_argument_error(tmp_path, capsys, content):
+    """An error, and the folder left as it was: nothing redrawn, nothing deleted, nothing staged."""
     pytest.importorskip("matplotlib")
     from idd_ops.demo import cli
 
+    if content == "no curves":
+        with open(os.path.join(os.path.dirname(__file__), "..", "results", "cpu", "results.json")) as f:
+            content = json.dumps(_without_curves(json.load(f)))
     (tmp_path / "results.json").write_text(content)
+    before = {name: "an earlier run's" for name in ("results.md", "paired.png", "miou.png", "loss_curves.png")}
+    for name, text in before.items():
+        (tmp_path / name).write_text(text)
     with pytest.raises(SystemExit) as stop:
         cli.main(["--replot", str(tmp_path)])
     assert stop.value.code == 2 and "results.json is not one idd-distill wrote" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in tmp_path.iterdir() if p.name != "results.json"} == before
+
+
+def test_replot_and_weight_options_that_would_do_something_else_are_errors(capsys):
+    from idd_ops.demo import cli
+
+    for argv, message in ((["--replot", ""], "--replot: '' holds no results.json"),
+                          (["--weight", "idd=0.3", "--weight", "idd=3"], "--weight: idd is given twice")):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_an_interrupted_run_ends_with_one_line_and_the_signals_status(tmp_path, capsys):

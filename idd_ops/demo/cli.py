@@ -21,6 +21,7 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 
 # Settings read once, when torch and its OpenMP runtime load (see docs/ARCHITECTURE.md, Demo);
 # set them in the environment to override. THP: large tensors on transparent huge pages.
@@ -67,8 +68,8 @@ def resumable(out):
 import torch  # noqa: E402
 
 from .._arguments import device, make_out, positive_int, seed  # noqa: E402
-from .experiment import CONFIGS, PRESETS, load_teacher, run_experiment, tuned_weights  # noqa: E402
-from .report import plot_losses, plot_miou, plot_paired, write_markdown, write_plots  # noqa: E402
+from .experiment import CONFIGS, LOSSES, PRESETS, load_teacher, run_experiment, tuned_weights  # noqa: E402
+from .report import plot_losses, plot_miou, plot_paired, results_markdown, write_markdown, write_plots  # noqa: E402
 
 # measured with the command above on 2 CPU cores (see the README for how)
 ESTIMATES = {"quick": "a smoke run, about 2 min on 2 CPU cores",
@@ -96,12 +97,19 @@ def replot(folder):
     if not results.get("command") and os.path.exists(md):  # results.json of older versions lacks it
         with open(md) as f:
             results["command"] = next((line.split("`")[1] for line in f if line.startswith("Command: `")), "")
-    plot_paired(results, folder)
-    plot_miou(results, folder)
-    plot_losses(results, folder)
-    text = write_markdown(results, folder) + (
+    # everything drawn before anything is replaced: a results.json that cannot be read leaves the
+    # folder as it was
+    text = results_markdown(results, folder) + (
         "\nReplotted from results.json by `idd-distill --replot`: `predictions.png` is the original run's, and "
         "'not measured' marks configurations that the version which ran the experiment did not probe.\n")
+    with tempfile.TemporaryDirectory(dir=folder) as staged:
+        for plot in (plot_paired, plot_miou, plot_losses):
+            plot(results, staged)
+        for name in REPLOTTED[1:]:
+            if os.path.exists(os.path.join(staged, name)):
+                os.replace(os.path.join(staged, name), os.path.join(folder, name))
+            elif os.path.exists(os.path.join(folder, name)):  # paired.png of a run with nothing to pair
+                os.remove(os.path.join(folder, name))
     with open(os.path.join(folder, "results.md"), "w") as f:
         f.write(text)
     print(text)
@@ -160,7 +168,7 @@ def main(argv=None):
     except ImportError:
         p.error("idd-distill draws its plots with matplotlib, which is not installed: pip install matplotlib "
                 "(or idd_ops[demo])")
-    if args.replot:
+    if args.replot is not None:  # an empty FOLDER (an unset variable) is an error, not a training run
         given = [a.option_strings[0] for a in p._actions
                  if a.dest not in ("replot", "help") and getattr(args, a.dest) != a.default]
         if given:  # replot reads the options the run had from its results.json; these would be ignored
@@ -170,7 +178,7 @@ def main(argv=None):
             p.error(f"--replot: {args.replot!r} holds no results.json")
         try:
             return replot(args.replot)
-        except (ValueError, KeyError, TypeError) as error:  # json.JSONDecodeError is a ValueError
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
             p.error(f"--replot: {args.replot}/results.json is not one idd-distill wrote "
                     f"({type(error).__name__}: {error})")
     check_run_options(p, args)
@@ -184,9 +192,11 @@ def main(argv=None):
             weight = float(value)
         except ValueError:
             weight = float("nan")
-        if name not in {"kd", "idd", "pid", "skd", "ifvd", "cwd"} or not 0 <= weight < float("inf"):
-            p.error(f"--weight: expected LOSS=VALUE with LOSS in kd, idd, pid, skd, ifvd, cwd and a finite VALUE "
-                    f">= 0; got {item!r}")
+        if name not in LOSSES or not 0 <= weight < float("inf"):
+            p.error(f"--weight: expected LOSS=VALUE with LOSS in {', '.join(LOSSES)} and a finite VALUE >= 0; "
+                    f"got {item!r}")
+        if name in weights:
+            p.error(f"--weight: {name} is given twice ({name}={weights[name]:g} and {item}); give each loss once")
         weights[name] = weight
     configs = args.configs or preset.configs
     unused = [name for name in weights if not any(name in CONFIGS[c] for c in configs)]

@@ -45,6 +45,10 @@ CONFIGS = {
     "ce+cwd": {"cwd": 30.0},
 }
 
+# the distillation losses whose weights --weight and the tuner's --grid set: each has a
+# configuration ce+LOSS of its own
+LOSSES = tuple(c[3:] for c, weights in CONFIGS.items() if list(weights) == [c[3:]])
+
 
 @dataclasses.dataclass
 class Preset:

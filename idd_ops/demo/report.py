@@ -82,6 +82,15 @@ def preset_text(preset):
 
 
 def write_markdown(results, out, command=None):
+    """Writes `out`/results.md and returns its text."""
+    text = results_markdown(results, out, command)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def results_markdown(results, out, command=None):
+    """The text of results.md for a run written to `out` (its links are relative to `out`)."""
     command = command or results.get("command", "")
     configs = seed_runs(results)
     t = results["teacher"]
@@ -160,8 +169,6 @@ def write_markdown(results, out, command=None):
     lines.append(f"Plots: {paired_plot}`miou.png` (every seed and the "
                  "mean +/- std), `loss_curves.png` (one panel per loss term, unweighted), `predictions.png` "
                  "(every configuration, first seed).\n")
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("\n".join(lines))
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ import torch
 
 from .._arguments import device, make_out, positive_int, seed
 from .cli import check_run_options, restart_with_environment, resumable
-from .experiment import CONFIGS, PRESETS, make_data, run_students, setup_teacher
+from .experiment import CONFIGS, LOSSES, PRESETS, make_data, run_students, setup_teacher
 from .report import BASELINE, _interval, _miou, paired, preset_text
 from .workers import Workers
 
@@ -41,9 +41,10 @@ def parse_grid(items):
             weights = [float(v) for v in values.split(",")]
         except ValueError:
             weights = []
-        if f"ce+{name}" not in CONFIGS or not weights or not all(0 <= w < float("inf") for w in weights):
-            raise ValueError(f"--grid: expected LOSS=V1,V2,... with a configuration ce+LOSS and finite weights "
-                             f">= 0; got {item!r}")
+        # one loss a name: ce+kd+idd+pid would train its default weights at every point
+        if name not in LOSSES or not weights or not all(0 <= w < float("inf") for w in weights):
+            raise ValueError(f"--grid: expected LOSS=V1,V2,... with LOSS one of {', '.join(LOSSES)} and "
+                             f"finite weights >= 0; got {item!r}")
         if name in grid or len(set(weights)) < len(weights):
             raise ValueError(f"--grid: {item!r} names a loss or a weight twice; give each loss once, with all its "
                              "weights")
