@@ -77,9 +77,9 @@ PRESETS = {
     # every configuration, 5 paired seeds, at 64x128 (see the README for measured times)
     "cpu": Preset(size=(64, 128), train_images=1000, val_images=160, teacher_steps=2000, student_steps=500,
                   seeds=(0, 1, 2, 3, 4), probe_steps=200),
-    # full resolution (128x256), 5 paired seeds: for a GPU. Sized from the quick preset's step on
-    # an H200 (14 ms for ce+kd+idd+pid at 64x128, launch-bound): 40 student runs x 600 steps plus
-    # the teacher, probes and evaluations come to about 9 min (an estimate: not yet run)
+    # full resolution (128x256), 5 paired seeds: for a GPU. On an H200, ce and ce+idd at one seed
+    # took 1.8 min one run at a time (teacher 45 s, 12 s a student run): the whole preset 9-10 min
+    # extrapolated, before runs shared the GPU (not yet run there); 146 min on 2 CPU cores
     "full": Preset(seeds=(0, 1, 2, 3, 4), student_steps=600),
 }
 

@@ -1,7 +1,8 @@
 """Independent pieces of the experiment (chunks of scenes, student runs) on a pool of worker
 processes, sized from the CPU cores and, on CUDA, the free GPU memory; each worker on its own
 CUDA stream, with torch's threads divided between the workers so that the cores are not
-oversubscribed. On 2 CPU cores the automatic choice is one worker (this process) on both.
+oversubscribed. On 2 CPU cores the automatic choice is two single-threaded workers
+(CPU_CORES_PER_WORKER has the measurement).
 
 Every piece seeds its own generators from its arguments, so running the pieces in workers gives
 the results of running them one by one with the same number of threads per piece: on the CPU the
