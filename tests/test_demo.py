@@ -147,7 +147,8 @@ def test_step_time_takes_the_median_of_alternating_rounds(tmp_path):
 
 def _tiny(**changes):
     base = dataclasses.replace(experiment.PRESETS["quick"], size=(32, 64), train_images=4, val_images=4, batch=2,
-                               teacher_steps=1, student_steps=1, seeds=(0,), configs=("ce", "ce+pid"), probe_steps=1)
+                               teacher_steps=1, student_steps=1, seeds=(0,), configs=("ce", "ce+pid"), probe_steps=1,
+                               weights_from="")
     return dataclasses.replace(base, **changes)
 
 
@@ -319,15 +320,35 @@ def test_tune_command_runs_a_named_preset(tmp_path, monkeypatch, capsys, one_thr
     assert (shown["student_steps"], shown["teacher_steps"], shown["size"]) == (2, 3, [32, 64])  # overrides, preset
 
 
-def test_full_preset_takes_its_tuned_weights_or_says_they_are_carried_over(tmp_path):
-    weights, source = experiment.tuned_weights("full", root=str(tmp_path))
-    assert weights == {} and "carried over" in source and "not tuned at 128x256" in source
-    (tmp_path / "results" / "full-tune").mkdir(parents=True)
-    (tmp_path / "results" / "full-tune" / "tune.json").write_text('{"chosen": {"idd": 3.0, "pid": 0.3}}')
-    weights, source = experiment.tuned_weights("full", root=str(tmp_path))
-    assert weights == {"idd": 3.0, "pid": 0.3} and "tuned on the tune split at 128x256" in source
-    assert experiment.config_weights("ce+kd+idd+pid", weights) == {"kd": 10.0, "idd": 3.0, "pid": 0.3}
-    assert experiment.tuned_weights("cpu", root=str(tmp_path))[0] == {}
+def test_full_preset_holds_the_committed_128x256_tuning():
+    # carried in the preset, so that an installed package (no results/ beside it) runs with them too
+    with open(os.path.join(os.path.dirname(__file__), "..", "results", "full-tune", "tune.json")) as f:
+        tuning = json.load(f)
+    full = experiment.PRESETS["full"]
+    assert tuple(tuning["preset"]["size"]) == full.size and tuning["chosen"] == full.weights
+    assert "results/full-tune" in full.weights_from
+    assert experiment.config_weights("ce+kd+idd+pid", full.weights) == {"kd": 10.0, "idd": 3.0, "pid": 1.0}
+
+
+def test_a_tuning_given_to_the_run_must_be_one_at_its_size(tmp_path, capsys):
+    from idd_ops.demo import cli
+
+    path = tmp_path / "tune.json"
+    path.write_text('{"chosen": {"idd": 0.5, "cwd": 3}, "preset": {"size": [64, 128]}}')
+    weights, source = experiment.read_tuning(str(path), (64, 128))
+    assert weights == {"idd": 0.5, "cwd": 3} and f"at 64x128 ({path})" in source
+    cases = [("", "No such file"), ('{"chosen": {"idd": 1}}', "KeyError: 'preset'"),
+             ('{"chosen": {"kd+idd": 1}, "preset": {"size": [64, 128]}}', "chosen weights"),
+             ('{"chosen": {"idd": 1}, "preset": {"size": [128, 256]}}', "was tuned at 128x256; this run's images "
+                                                                        "are 64x128")]
+    for content, message in cases:
+        if content:
+            path.write_text(content)
+        else:
+            path.unlink()
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["--preset", "cpu", "--tuning", str(path), "--out", str(tmp_path / "out")])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_configs_hold_the_committed_64x128_tuning():

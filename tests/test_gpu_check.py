@@ -437,12 +437,13 @@ def test_gpu_experiment_takes_a_finished_tuning_and_trains_its_own_teacher(tmp_p
     checkpoints) is not redone; the preset trains its own teacher. RETUNE=1 tunes again."""
     tuned = tmp_path / "results" / "quick-tune"
     tuned.mkdir(parents=True)
-    (tuned / "tune.json").write_text('{"chosen": {"idd": 1.0}}')
+    (tuned / "tune.json").write_text('{"chosen": {"idd": 0.5}, "preset": {"size": [64, 128]}}')
     proc = _experiment(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| tune | skipped: " + str(tuned / "tune.json") + " exists (RETUNE=1 tunes again) | 0 | - |" in summary
     assert re.search(r"\| run \| passed \| \d+ \| 240 \|", summary)
+    assert f"at 64x128 ({tuned / 'tune.json'}): {{'idd': 0.5}}" in summary  # its weights, not the preset's
     run_log = (tmp_path / "results" / "quick" / "run.log").read_text()
     assert "using the teacher in" not in run_log and "teacher: 2/2" in run_log
     assert not (tuned / "teacher.pt").exists() and not (tmp_path / "out" / "teacher.pt").exists()

@@ -24,8 +24,7 @@
 # at the device tool's limit (give it timeout_s 480 where it tunes: 420 s of steps, the library and
 # the packing; 360 for the preset alone) still brings back the steps before, the step it stopped,
 # and the teacher once the tuning has trained it. Settings: PRESET (full), DEVICE (cuda), RESULTS
-# (results; the full preset reads its tuning from results/full-tune, so keep it there for real
-# runs), TUNE_S and RUN_S (time limits in seconds: 180 and 240), TUNE_ARGS (default: the seeds and
+# (results; the preset runs with the weights of $RESULTS/<preset>-tune/tune.json), TUNE_S and RUN_S (time limits in seconds: 180 and 240), TUNE_ARGS (default: the seeds and
 # grid of the committed results/full-tune) and RUN_ARGS (more options of each command).
 # Exit status: the number of failed steps; 130 when a signal stopped the call.
 set -uo pipefail
@@ -116,7 +115,7 @@ if [ "$DEVICE" != cpu ] && ! "$PY" tools/prebuilt_cuda.py built > /dev/null; the
 fi
 
 # A finished tuning (its tune.json; committed, or left by an earlier call) is not redone unless
-# RETUNE=1: the preset reads its weights from there, and trains its own teacher where the tuning's
+# RETUNE=1: the preset runs with its weights (--tuning), and trains its own teacher where the tuning's
 # is not at hand (a tuning committed from another machine; git ignores checkpoints)
 tuned() {
   if [ -f "$TUNED/tune.json" ] && [ "${RETUNE:-0}" != 1 ]; then
@@ -133,7 +132,7 @@ if tuned; then
   [ -f "$TUNED/teacher.pt" ] && teacher=(--teacher "$TUNED/teacher.pt")
   # shellcheck disable=SC2086  # RUN_ARGS: a list of options
   step run "$RUN_S" "$FINAL/run.log" "$PY" -m idd_ops.demo.cli --preset "$PRESET" --device "$DEVICE" \
-    --out "$FINAL" "${teacher[@]}" ${RUN_ARGS:-}
+    --out "$FINAL" --tuning "$TUNED/tune.json" "${teacher[@]}" ${RUN_ARGS:-}
 else  # weights not tuned yet: the next call resumes the tuning rather than report carried-over weights
   rows="$rows| run | not run: the tuning did not finish | - | $RUN_S |"$'\n'
 fi

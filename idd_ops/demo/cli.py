@@ -10,8 +10,9 @@ processes (--workers, default: automatic from the CPU cores and, on CUDA, the fr
 the results are those of one run after the other. Finished pieces (teacher, each configuration x
 seed) are cached in the output folder under a key of every setting that changes them: rerunning
 resumes, a changed setting reruns, and the command says which pieces it took from the cache.
-The full preset takes its loss weights from results/full-tune/tune.json when that tuning is
-committed (python -m idd_ops.demo.tune --preset full); results.md says where they came from.
+Each preset's loss weights are those a tuning at its image size chose (results/cpu-tune,
+results/full-tune); --tuning takes the weights of another tuning (python -m idd_ops.demo.tune),
+and results.md says where they came from.
 """
 import argparse
 import contextlib
@@ -68,7 +69,7 @@ def resumable(out):
 import torch  # noqa: E402
 
 from .._arguments import device, make_out, positive_int, seed  # noqa: E402
-from .experiment import CONFIGS, LOSSES, PRESETS, load_teacher, run_experiment, tuned_weights  # noqa: E402
+from .experiment import CONFIGS, LOSSES, PRESETS, load_teacher, read_tuning, run_experiment  # noqa: E402
 from .report import plot_losses, plot_miou, plot_paired, results_markdown, write_markdown, write_plots  # noqa: E402
 
 # measured with the command above on 2 CPU cores (see the README for how)
@@ -154,6 +155,10 @@ def main(argv=None):
     p.add_argument("--teacher-steps", type=positive_int, help="override the preset's teacher steps")
     p.add_argument("--weight", action="append", default=[], metavar="LOSS=VALUE",
                    help="override a loss weight in every configuration that uses it, e.g. idd=0.3 (repeatable)")
+    p.add_argument("--tuning", metavar="TUNE_JSON",
+                   help="take the IDD, PID and CWD weights a loss-weight tuning chose (the tune.json of python -m "
+                        "idd_ops.demo.tune, at this preset's image size) instead of the preset's; --weight "
+                        "overrides them")
     p.add_argument("--teacher", default=None, help="reuse this teacher.pt (same image size) instead of training one")
     p.add_argument("--workers", type=positive_int, help="worker processes for the student runs and scenes (default: "
                    "automatic, from the CPU cores and, on CUDA, the free GPU memory)")
@@ -203,7 +208,12 @@ def main(argv=None):
     if unused:
         p.error(f"--weight: no configuration of this run uses {', '.join(unused)} (configurations: "
                 f"{' '.join(configs)})")
-    tuned, weights_from = tuned_weights(args.preset)
+    tuned, weights_from = preset.weights, preset.weights_from
+    if args.tuning:
+        try:
+            tuned, weights_from = read_tuning(args.tuning, preset.size)
+        except ValueError as error:
+            p.error(f"--tuning: {error}")
     if weights:
         weights_from += f"; overridden on the command line: {weights}"
     preset = dataclasses.replace(preset, weights={**tuned, **weights}, weights_from=weights_from, **overrides)

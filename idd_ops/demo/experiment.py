@@ -33,7 +33,7 @@ POSITION_KINDS = ("horizontal", "vertical", "gaussian", "horizontal_stripes", "v
 # paired seeds: the best mean paired difference to CE was idd at 1 of 0.3/1/3, pid at 0.1 of
 # 0.1/0.3/1/3, none of them resolved, cwd at 30 of 0.3/1/3/10/30/100; a test holds CONFIGS to that
 # file); KD, SKD and IFVD: their papers'.
-# A preset at another size takes its own tuning's choice (tuned_weights) where one is committed.
+# A preset at another size carries its own tuning's choice in its `weights`.
 CONFIGS = {
     "ce": {},
     "ce+kd": {"kd": 10.0},
@@ -69,40 +69,45 @@ class Preset:
     smoke: bool = False  # too short to resolve effects: results.md says so (not part of any cache key)
 
 
+TUNED_64x128 = "IDD, PID and CWD weights tuned on the tune split at 64x128 (results/cpu-tune/tune.md)"
 PRESETS = {
     # the README's main job, sized to run in a few minutes on 2 CPU cores (see the README for the
     # measured time): short schedules, batch 4, three configurations, two seeds
     "quick": Preset(size=(64, 128), train_images=200, val_images=64, batch=4, teacher_steps=250, student_steps=100,
-                    seeds=(0, 1), configs=("ce", "ce+idd", "ce+kd+idd+pid"), probe_steps=100, smoke=True),
+                    seeds=(0, 1), configs=("ce", "ce+idd", "ce+kd+idd+pid"), probe_steps=100, smoke=True,
+                    weights_from=TUNED_64x128),
     # every configuration, 5 paired seeds, at 64x128 (see the README for measured times)
     "cpu": Preset(size=(64, 128), train_images=1000, val_images=160, teacher_steps=2000, student_steps=500,
-                  seeds=(0, 1, 2, 3, 4), probe_steps=200),
+                  seeds=(0, 1, 2, 3, 4), probe_steps=200, weights_from=TUNED_64x128),
     # full resolution (128x256), 5 paired seeds: for a GPU. On an H200, ce and ce+idd at one seed
     # took 1.8 min one run at a time (teacher 45 s, 12 s a student run): the whole preset 9-10 min
-    # extrapolated, before runs shared the GPU (not yet run there); 146 min on 2 CPU cores
-    "full": Preset(seeds=(0, 1, 2, 3, 4), student_steps=600),
+    # extrapolated, before runs shared the GPU (not yet run there); 146 min on 2 CPU cores. Its
+    # weights: the tuning at its size (a test holds them to results/full-tune/tune.json)
+    "full": Preset(seeds=(0, 1, 2, 3, 4), student_steps=600, weights={"idd": 3.0, "pid": 1.0, "cwd": 30.0},
+                   weights_from="IDD, PID and CWD weights tuned on the tune split at 128x256 "
+                                "(results/full-tune/tune.md)"),
 }
 
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# a preset's committed loss-weight tuning (python -m idd_ops.demo.tune), relative to the repository;
-# CONFIGS holds the 64x128 choice, so only presets at other sizes need one
-TUNED = {"full": "results/full-tune/tune.json"}
 
 
-def tuned_weights(name, root=REPOSITORY):
-    """(weights {loss: weight}, a sentence saying where they come from) for preset `name`: its
-    committed tuning's choice when TUNED names one that exists under `root`, else CONFIGS'."""
-    size = "x".join(map(str, PRESETS[name].size))
-    path = TUNED.get(name)
-    if path and os.path.exists(os.path.join(root, path)):
-        with open(os.path.join(root, path)) as f:
-            chosen = json.load(f)["chosen"]
-        return chosen, f"IDD, PID and CWD weights tuned on the tune split at {size} ({path}): {chosen}"
-    if path:
-        return {}, (f"IDD, PID and CWD weights carried over from the tuning at 64x128 (results/cpu-tune/tune.md), "
-                    f"not tuned at {size}: {path} does not exist yet (python -m idd_ops.demo.tune --preset {name})")
-    return {}, "IDD, PID and CWD weights tuned on the tune split at 64x128 (results/cpu-tune/tune.md)"
+def read_tuning(path, size):
+    """(weights {loss: weight}, a sentence saying where they come from) from a tune.json that
+    `python -m idd_ops.demo.tune` wrote; ValueError where it is not one, or was tuned at images of
+    another size than `size` (height, width)."""
+    try:
+        with open(path) as f:
+            tuning = json.load(f)
+        chosen, tuned_size = tuning["chosen"], tuple(tuning["preset"]["size"])
+        if not all(k in LOSSES and isinstance(w, (int, float)) for k, w in chosen.items()):
+            raise TypeError(f"chosen weights {chosen!r}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path} is not a tune.json of python -m idd_ops.demo.tune "
+                         f"({type(error).__name__}: {error})") from None
+    if tuned_size != tuple(size):
+        raise ValueError(f"{path} was tuned at {'x'.join(map(str, tuned_size))}; this run's images are "
+                         f"{'x'.join(map(str, size))}")
+    return chosen, f"IDD, PID and CWD weights tuned on the tune split at {'x'.join(map(str, size))} ({path}): {chosen}"
 
 
 def config_weights(config, overrides):

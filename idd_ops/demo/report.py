@@ -7,7 +7,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from .experiment import FEATURE_LAYER, REPOSITORY, config_weights
+from .experiment import FEATURE_LAYER, config_weights
 from .scenes import CLASSES, CONFUSABLE, IGNORE_INDEX, THIN
 from .stats import paired_difference
 
@@ -172,6 +172,8 @@ def results_markdown(results, out, command=None):
     return "\n".join(lines)
 
 
+# the checkout this module lies in (in an installed package: site-packages, with no results/)
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMITTED = ("results/cpu", "results/full")  # the committed runs, one a preset (64x128, 128x256)
 
 

@@ -7,8 +7,8 @@ use (the "tune" split); the weight with the best mean paired mIoU difference is 
 
 Default grid: idd, pid and cwd at 0.3, 1 and 3; seeds 100, 101, 102. Writes tune.md and tune.json
 (every point, the chosen weights; tune.md names each choice that lies on its grid's edge, past
-which a better weight may lie) in --out (default results/<preset>-tune); `idd-distill --preset
-full` takes its weights from results/full-tune/tune.json when it exists. The teacher and every
+which a better weight may lie) in --out (default results/<preset>-tune); `idd-distill --tuning
+<out>/tune.json` runs a preset with the weights it chose. The teacher and every
 run are cached there as in idd-distill, so an interrupted tuning resumes; all runs of the grid
 go to one pool of worker processes.
 """
