@@ -508,6 +508,20 @@ def test_results_md_has_no_empty_column_and_a_smoke_run_says_so(tmp_path, one_th
     assert "smoke" not in text.lower().replace("'smoke': false", "") and "Loss weights: tuned." in text
 
 
+@pytest.mark.parametrize("configs", [("ce",), ("ce+idd",), ("ce+idd", "ce+pid")])
+def test_results_md_of_a_run_with_nothing_to_pair_has_no_paired_parts(tmp_path, configs):
+    """--configs ce alone had an empty per-class table of differences and named a paired.png
+    with nothing in it; without ce or ce+cwd the text still explained a paired column."""
+    from idd_ops.demo.report import results_markdown
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "results", "cpu", "results.json")) as f:
+        results = json.load(f)
+    results["runs"] = {k: r for k, r in results["runs"].items() if k.split("|")[0] in configs}
+    text = results_markdown(results, str(tmp_path))
+    assert "Paired difference:" not in text and "paired.png" not in text and "vs ce" not in text
+    assert "paired difference to ce" not in text and all(f"| {c} | 5 |" in text for c in configs)
+
+
 def test_a_run_at_another_size_shows_the_committed_runs_beside_its_own(tmp_path):
     """results.md of a full run (128x256) sets its paired differences and probe errors beside the
     committed 64x128 run's; a run at the committed size, or written into the committed folder

@@ -75,6 +75,12 @@ def _class_header():
     return " | ".join(CLASSES[k] + ("*" if k in THIN else "") for k in CLASS_ORDER)
 
 
+def comparisons(configs):
+    """The configurations of `configs` that the others are paired with (ce, ce+cwd), where there
+    is another to pair."""
+    return [o for o in (BASELINE, RIVAL) if o in configs and len(configs) > 1]
+
+
 def preset_text(preset):
     """The preset dict as results.md and tune.md print it; lists read back from JSON print as the
     tuples they were, so a file rewritten from its JSON is the same text."""
@@ -96,7 +102,7 @@ def results_markdown(results, out, command=None):
     t = results["teacher"]
     n_seeds = sorted({len(rs) for rs in configs.values()})
     split = results["preset"].get("eval_split", "val")
-    others = [o for o in (BASELINE, RIVAL) if o in configs]  # a column per comparison that ran
+    others = comparisons(configs)  # a column per comparison that ran
     lines = ["# Distillation on generated street scenes\n"]
     if results["preset"].get("smoke"):
         lines += smoke_note(results, out)
@@ -119,11 +125,13 @@ def results_markdown(results, out, command=None):
         pos_text = "not measured" if not pos else (f"{pos[0]:.4f} (1 seed)" if len(pos) == 1 else
                                                    "{:.4f} +/- {:.4f}".format(*_mean_std(pos)))
         lines.append(f"| {c} | {len(rs)} | {m:.2f} +/- {s:.2f} | {vs}{gap:.4f} | {pos_text} |")
-    lines.append("\nPaired difference: for each seed, the configuration's mIoU minus that of the configuration "
-                 "named, both trained from the same student initialisation on the same batches; mean over seeds "
-                 "with a two-sided Student-t 95 % interval (n - 1 degrees of freedom). An interval that excludes "
-                 "0 is a difference this experiment resolves; one that straddles 0 is not.\n")
-    if BASELINE in configs:
+    lines.append("")
+    if others:
+        lines.append("Paired difference: for each seed, the configuration's mIoU minus that of the configuration "
+                     "named, both trained from the same student initialisation on the same batches; mean over "
+                     "seeds with a two-sided Student-t 95 % interval (n - 1 degrees of freedom). An interval that "
+                     "excludes 0 is a difference this experiment resolves; one that straddles 0 is not.\n")
+    if BASELINE in others:
         lines += [f"## Per-class IoU: paired difference to {BASELINE} (mean over seeds; + = better)\n",
                   "Columns grouped by confusable appearance (" + "; ".join(
                       f"{g}: {', '.join(CLASSES[k] for k in ks)}" for g, ks in CONFUSABLE.items()) +
@@ -165,7 +173,7 @@ def results_markdown(results, out, command=None):
                      "The kernels' own speed, against the reference and torch.compile, is measured by "
                      "benchmarks/ (benchmarks/RESULTS.md, RESULTS-cuda.md).\n")
     paired_plot = "`paired.png` (paired differences with their intervals), " \
-        if any(o in seed_runs(results) for o in (BASELINE, RIVAL)) else ""
+        if comparisons(configs) else ""
     lines.append(f"Plots: {paired_plot}`miou.png` (every seed and the "
                  "mean +/- std), `loss_curves.png` (one panel per loss term, unweighted), `predictions.png` "
                  "(every configuration, first seed).\n")
@@ -326,7 +334,7 @@ def plot_paired(results, out):
     """Paired mIoU differences with their 95 % intervals, to the CE student and to CWD."""
     plt = _pyplot()
     configs = seed_runs(results)
-    others = [o for o in (BASELINE, RIVAL) if o in configs]
+    others = comparisons(configs)
     if not others:  # nothing to pair with: no plot, and none of an earlier run left in `out`
         if os.path.exists(os.path.join(out, "paired.png")):
             os.remove(os.path.join(out, "paired.png"))
