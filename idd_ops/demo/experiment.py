@@ -89,8 +89,6 @@ PRESETS = {
 }
 
 
-
-
 def read_tuning(path, size):
     """(weights {loss: weight}, a sentence saying where they come from) from a tune.json that
     `python -m idd_ops.demo.tune` wrote; ValueError where it is not one, or was tuned at images of
@@ -104,10 +102,10 @@ def read_tuning(path, size):
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is not a tune.json of python -m idd_ops.demo.tune "
                          f"({type(error).__name__}: {error})") from None
+    shown = "x".join(map(str, size))
     if tuned_size != tuple(size):
-        raise ValueError(f"{path} was tuned at {'x'.join(map(str, tuned_size))}; this run's images are "
-                         f"{'x'.join(map(str, size))}")
-    return chosen, f"IDD, PID and CWD weights tuned on the tune split at {'x'.join(map(str, size))} ({path}): {chosen}"
+        raise ValueError(f"{path} was tuned at {'x'.join(map(str, tuned_size))}; this run's images are {shown}")
+    return chosen, f"IDD, PID and CWD weights tuned on the tune split at {shown} ({path}): {chosen}"
 
 
 def config_weights(config, overrides):

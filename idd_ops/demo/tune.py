@@ -24,7 +24,7 @@ import torch
 
 from .._arguments import device, make_out, positive_int, seed
 from .cli import check_run_options, restart_with_environment, resumable
-from .experiment import CONFIGS, LOSSES, PRESETS, make_data, run_students, setup_teacher
+from .experiment import LOSSES, PRESETS, make_data, run_students, setup_teacher
 from .report import BASELINE, _interval, _miou, paired, preset_text
 from .workers import Workers
 
