@@ -413,6 +413,10 @@ def test_worker_processes_give_the_runs_of_one_by_one(tmp_path):
     other = experiment.run_experiment(_tiny(seeds=(0,), student_steps=3, configs=("ce",)), two, "cpu", workers=1,
                                       threads=2)[0]
     assert other["cached"] == ["teacher"]
+    # a teacher given from elsewhere says so where the wall time counts it
+    given = experiment.run_experiment(_tiny(seeds=(0,), configs=("ce",)), str(tmp_path / "three"), "cpu", workers=1,
+                                      teacher_checkpoint=str(tmp_path / "two" / "teacher.pt"))[0]
+    assert given["cached"] == [f"teacher (--teacher {tmp_path / 'two' / 'teacher.pt'})"]
 
 
 def test_pieces_and_tables_compute_on_the_pools_threads(monkeypatch):

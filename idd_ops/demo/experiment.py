@@ -469,7 +469,9 @@ def setup_teacher(preset, out, device, train, val, teacher_checkpoint=None):
         preset, train, device, out, teacher_checkpoint)
     teacher.requires_grad_(False)
     results = {"preset": dataclasses.asdict(preset), "device": str(device), "classes": CLASSES,
-               "teacher_id": model_digest(teacher), "cached": ["teacher"] if teacher_cached else []}
+               "teacher_id": model_digest(teacher),
+               "cached": [f"teacher (--teacher {teacher_checkpoint})" if teacher_checkpoint else "teacher"]
+               if teacher_cached else []}
     results["teacher"] = dict(zip(("miou", "iou"), evaluate(teacher, val, device)))
     readout, results["teacher"]["position_error"] = probe(teacher, val, device, preset)
     results["teacher"]["curve"] = teacher_curve
