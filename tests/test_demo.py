@@ -694,11 +694,13 @@ def test_an_interrupted_run_ends_with_one_line_and_the_signals_status(tmp_path, 
 
 
 STOPPED_WITH_WORKERS = """
-import sys, time
+import signal, sys, time
 from idd_ops.demo.cli import resumable
 from idd_ops.demo.workers import Workers
 
 if __name__ == "__main__":
+    # as in a terminal: a shell's background job (CI, nohup) starts with SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with resumable(sys.argv[1]), Workers("cpu", workers=2, threads=1) as pool:
         print(list(pool.map(abs, [(-1,), (-2,)])), flush=True)
         if sys.argv[2] == "busy":
