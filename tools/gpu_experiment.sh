@@ -24,8 +24,9 @@
 # at the device tool's limit (give it timeout_s 480 where it tunes: 420 s of steps, the library and
 # the packing; 360 for the preset alone) still brings back the steps before, the step it stopped,
 # and the teacher once the tuning has trained it. Settings: PRESET (full), DEVICE (cuda), RESULTS
-# (results; the preset runs with the weights of $RESULTS/<preset>-tune/tune.json), TUNE_S and RUN_S (time limits in seconds: 180 and 240), TUNE_ARGS (default: the seeds and
-# grid of the committed results/full-tune) and RUN_ARGS (more options of each command).
+# (results; the preset runs with the weights of $RESULTS/<preset>-tune/tune.json), TUNE_S and
+# RUN_S (time limits in seconds: 180 and 240), TUNE_ARGS (default: the seeds and grid of the
+# committed results/full-tune) and RUN_ARGS (more options of each command).
 # Exit status: the number of failed steps; 130 when a signal stopped the call.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -172,8 +172,7 @@ def results_markdown(results, out, command=None):
                      "load moves both numbers by more than the losses' share, so it cannot rank the kernels. "
                      "The kernels' own speed, against the reference and torch.compile, is measured by "
                      "benchmarks/ (benchmarks/RESULTS.md, RESULTS-cuda.md).\n")
-    paired_plot = "`paired.png` (paired differences with their intervals), " \
-        if comparisons(configs) else ""
+    paired_plot = "`paired.png` (paired differences with their intervals), " if others else ""
     lines.append(f"Plots: {paired_plot}`miou.png` (every seed and the "
                  "mean +/- std), `loss_curves.png` (one panel per loss term, unweighted), `predictions.png` "
                  "(every configuration, first seed).\n")
