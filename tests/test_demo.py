@@ -252,13 +252,22 @@ def test_setup_without_torch_stops_with_instructions():
     assert "pip install --no-build-isolation" in proc.stderr and "download.pytorch.org/whl/cpu" in proc.stderr
 
 
+def test_weights_and_the_tuning_grid_are_read_by_one_rule():
+    """--weight and the tuner's --grid: one loss a name (a combination would train its default
+    weights at every point), each given once, finite weights >= 0."""
+    assert experiment.parse_loss_weights(["idd=0.3,1"], "--grid", several=True) == {"idd": [0.3, 1.0]}
+    assert experiment.parse_loss_weights(["idd=0.3", "cwd=30"], "--weight") == {"idd": 0.3, "cwd": 30.0}
+    for bad in ("nope=1", "kd+idd+pid=1", "ce=1"):  # the combination would train its defaults at every point
+        with pytest.raises(ValueError, match="--grid: expected LOSS=V1,V2,... with LOSS one of kd, idd, pid, skd, "
+                                             "ifvd, cwd"):
+            experiment.parse_loss_weights([bad], "--grid", several=True)
+    with pytest.raises(ValueError, match="--weight: expected LOSS=VALUE"):  # one value only
+        experiment.parse_loss_weights(["idd=0.3,1"], "--weight")
+
+
 def test_tuning_picks_the_best_paired_weight(tmp_path, one_thread):
     from idd_ops.demo import tune
 
-    assert tune.parse_grid(["idd=0.3,1"]) == {"idd": [0.3, 1.0]}
-    for bad in ("nope=1", "kd+idd+pid=1", "ce=1"):  # the combination would train its defaults at every point
-        with pytest.raises(ValueError, match="LOSS one of kd, idd, pid, skd, ifvd, cwd"):
-            tune.parse_grid([bad])
     summary = tune.run_tuning(_tiny(), {"pid": [0.5, 2.0]}, [0, 1], str(tmp_path), workers=1)
     points = summary["points"]
     assert [q["weight"] for q in points] == [0.5, 2.0] and summary["preset"]["eval_split"] == "tune"
@@ -555,8 +564,8 @@ def test_a_run_at_another_size_shows_the_committed_runs_beside_its_own(tmp_path)
 @pytest.mark.parametrize("argv,text", [
     (["--teacher", "/nonexistent/teacher.pt"], "--teacher: no file"),
     (["--weight", "idd=abc"], "--weight: expected LOSS=VALUE"),
-    (["--weight", "idd=-1"], "a finite VALUE >= 0"),
-    (["--weight", "idd=nan"], "a finite VALUE >= 0"),
+    (["--weight", "idd=-1"], "finite weights >= 0"),
+    (["--weight", "idd=nan"], "finite weights >= 0"),
     (["--student-steps", "0"], "--student-steps: expected an int >= 1"),
     (["--teacher-steps", "-5"], "--teacher-steps: expected an int >= 1"),
     (["--workers", "0"], "--workers: expected an int >= 1"),
@@ -608,8 +617,8 @@ def test_the_cli_refuses_a_teacher_file_that_is_not_one(tmp_path, capsys, conten
                                         (["--grid", "idd=a"], "finite weights >= 0"),
                                         (["--teacher", "/nonexistent/teacher.pt"], "--teacher: no file"),
                                         (["--seeds", "1", "1"], "names one twice"),
-                                        (["--grid", "idd=1", "--grid", "idd=0.3,3"], "names a loss or a weight twice"),
-                                        (["--grid", "idd=1,1"], "names a loss or a weight twice"),
+                                        (["--grid", "idd=1", "--grid", "idd=0.3,3"], "--grid: idd is given twice"),
+                                        (["--grid", "idd=1,1"], "'idd=1,1' names a weight twice"),
                                         (["--out", os.path.join(__file__, "sub")], "--out: cannot create the folder")])
 def test_the_tuning_rejects_bad_flags_before_any_work(argv, text, capsys):
     from idd_ops.demo import tune

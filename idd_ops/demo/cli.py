@@ -69,7 +69,7 @@ def resumable(out):
 import torch  # noqa: E402
 
 from .._arguments import device, make_out, positive_int, seed  # noqa: E402
-from .experiment import CONFIGS, LOSSES, PRESETS, load_teacher, read_tuning, run_experiment  # noqa: E402
+from .experiment import CONFIGS, PRESETS, load_teacher, parse_loss_weights, read_tuning, run_experiment  # noqa: E402
 from .report import plot_losses, plot_miou, plot_paired, results_markdown, write_markdown, write_plots  # noqa: E402
 
 # measured with the command above on 2 CPU cores (see the README for how)
@@ -190,19 +190,10 @@ def main(argv=None):
     preset = PRESETS[args.preset]
     overrides = {k: v for k, v in dict(configs=tuple(args.configs or ()), seeds=tuple(args.seeds or ()),
                                        student_steps=args.student_steps, teacher_steps=args.teacher_steps).items() if v}
-    weights = {}
-    for item in args.weight:
-        name, _, value = item.partition("=")
-        try:
-            weight = float(value)
-        except ValueError:
-            weight = float("nan")
-        if name not in LOSSES or not 0 <= weight < float("inf"):
-            p.error(f"--weight: expected LOSS=VALUE with LOSS in {', '.join(LOSSES)} and a finite VALUE >= 0; "
-                    f"got {item!r}")
-        if name in weights:
-            p.error(f"--weight: {name} is given twice ({name}={weights[name]:g} and {item}); give each loss once")
-        weights[name] = weight
+    try:
+        weights = parse_loss_weights(args.weight, "--weight")
+    except ValueError as error:
+        p.error(str(error))
     configs = args.configs or preset.configs
     unused = [name for name in weights if not any(name in CONFIGS[c] for c in configs)]
     if unused:

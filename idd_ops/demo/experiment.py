@@ -50,6 +50,31 @@ CONFIGS = {
 LOSSES = tuple(c[3:] for c, weights in CONFIGS.items() if list(weights) == [c[3:]])
 
 
+def parse_loss_weights(items, option, several=False):
+    """Reads command-line items LOSS=VALUE (several=True: LOSS=V1,V2,...) into {loss: weight}
+    (several: {loss: [weights]}). Each LOSS one of LOSSES, given once; each weight finite, >= 0
+    and, in a list, given once. Raises ValueError naming `option` and the item."""
+    form = "LOSS=V1,V2,..." if several else "LOSS=VALUE"
+    parsed = {}
+    for item in items:
+        name, _, text = item.partition("=")
+        try:
+            weights = [float(v) for v in text.split(",")] if several else [float(text)]
+        except ValueError:
+            weights = []
+        # one loss a name: ce+kd+idd+pid would train its default weights at every tuning point
+        if name not in LOSSES or not weights or not all(0 <= w < float("inf") for w in weights):
+            raise ValueError(f"{option}: expected {form} with LOSS one of {', '.join(LOSSES)} and finite weights "
+                             f">= 0; got {item!r}")
+        if name in parsed:
+            raise ValueError(f"{option}: {name} is given twice; give each loss once"
+                             + (", with all its weights" if several else ""))
+        if len(set(weights)) < len(weights):
+            raise ValueError(f"{option}: {item!r} names a weight twice")
+        parsed[name] = weights if several else weights[0]
+    return parsed
+
+
 @dataclasses.dataclass
 class Preset:
     size: tuple = (128, 256)

@@ -24,32 +24,12 @@ import torch
 
 from .._arguments import device, make_out, positive_int, seed
 from .cli import check_run_options, restart_with_environment, resumable
-from .experiment import LOSSES, PRESETS, make_data, run_students, setup_teacher
+from .experiment import PRESETS, make_data, parse_loss_weights, run_students, setup_teacher
 from .report import BASELINE, _interval, _miou, paired, preset_text
 from .workers import Workers
 
 DEFAULT_GRID = ("idd=0.3,1,3", "pid=0.3,1,3", "cwd=0.3,1,3")
 DEFAULT_SEEDS = (100, 101, 102)
-
-
-def parse_grid(items):
-    """["idd=0.3,1,3", ...] -> {"idd": [0.3, 1.0, 3.0], ...}"""
-    grid = {}
-    for item in items:
-        name, _, values = item.partition("=")
-        try:
-            weights = [float(v) for v in values.split(",")]
-        except ValueError:
-            weights = []
-        # one loss a name: ce+kd+idd+pid would train its default weights at every point
-        if name not in LOSSES or not weights or not all(0 <= w < float("inf") for w in weights):
-            raise ValueError(f"--grid: expected LOSS=V1,V2,... with LOSS one of {', '.join(LOSSES)} and "
-                             f"finite weights >= 0; got {item!r}")
-        if name in grid or len(set(weights)) < len(weights):
-            raise ValueError(f"--grid: {item!r} names a loss or a weight twice; give each loss once, with all its "
-                             "weights")
-        grid[name] = weights
-    return grid
 
 
 def run_tuning(preset, grid, seeds, out, device="cpu", command="", teacher_checkpoint=None, workers=None,
@@ -145,7 +125,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     check_run_options(p, args)
     try:
-        grid = parse_grid(args.grid or DEFAULT_GRID)
+        grid = parse_loss_weights(args.grid or DEFAULT_GRID, "--grid", several=True)
     except ValueError as e:
         p.error(str(e))
     out = args.out or os.path.join("results", f"{args.preset}-tune")
