@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -745,6 +746,67 @@ def test_a_signal_to_the_whole_group_stops_a_run_with_workers(tmp_path, stop, co
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == code and "the same command resumes" in err
+
+
+KILLED_WITH_BUSY_WORKERS = """
+import os, sys, time
+from idd_ops.demo.workers import Workers
+
+
+def mark_and_sleep(folder):
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    time.sleep(60)
+
+
+if __name__ == "__main__":
+    with Workers("cpu", workers=2, threads=1) as pool:
+        list(pool.map(mark_and_sleep, [(sys.argv[1],), (sys.argv[1],)]))
+"""
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_busy_workers_end_when_their_parent_is_killed(tmp_path):
+    """SIGKILL to the parent leaves it no time to stop its pool: a busy worker went on with its
+    run (minutes on a CPU) for nobody. The workers ask the kernel for SIGTERM at their parent's
+    death."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_WITH_BUSY_WORKERS)
+    marks = tmp_path / "pids"
+    marks.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, str(script), str(marks)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(marks.iterdir())) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        pids = [int(p.name) for p in marks.iterdir()]
+        assert len(pids) == 2, "the workers did not start"
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(map(_running, pids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_running, pids))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in [int(p.name) for p in marks.iterdir()]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_cached_teacher_of_another_network_is_trained_again(tmp_path, capsys, one_thread):

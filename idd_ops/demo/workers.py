@@ -12,7 +12,9 @@ included), and the runs' cache key holds that number. The student networks are s
 time, a GPU sits mostly idle waiting for kernel launches.
 """
 import contextlib
+import ctypes
 import os
+import signal
 import sys
 
 import torch
@@ -72,12 +74,29 @@ def torch_threads(threads):
         torch.set_num_threads(saved)
 
 
-def _start_worker(threads, device):
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _stop_with(parent):
+    """SIGTERM to this process when `parent` dies (Linux). A parent killed by SIGKILL cannot stop
+    its pool: an idle worker then ends at the queue's closed pipe, but a busy one would finish its
+    run, minutes on a CPU, for nobody."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # refused (a sandbox's seccomp): the worker runs as it would elsewhere
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
+
+
+def _start_worker(threads, device, parent):
     # A session of its own, out of the process group of its parent: Ctrl-C and a time limit's
     # SIGTERM (`timeout` signals its whole group) reach the parent only, which stops the pool.
     # Signalled itself, an idle worker would die holding the lock of the pool's task queue, and
     # Pool.terminate() in the parent would wait for that lock forever.
     os.setsid()
+    _stop_with(parent)
     torch.set_num_threads(threads)
     progress.plain_lines()
     if str(device).startswith("cuda"):
@@ -121,7 +140,8 @@ class Workers:
             return serial_map(fn, items, self.threads)
         if self.pool is None:
             print(f"workers: {self.size} processes x {self.threads} threads on {self.device}", file=sys.stderr)
-            self.pool = mp.get_context("spawn").Pool(self.size, _start_worker, (self.threads, self.device))
+            self.pool = mp.get_context("spawn").Pool(self.size, _start_worker,
+                                                      (self.threads, self.device, os.getpid()))
         return self.pool.imap(_call, [(fn, item) for item in items])
 
     def piece_threads(self):
