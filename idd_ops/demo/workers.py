@@ -80,7 +80,9 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 def _stop_with(parent):
     """SIGTERM to this process when `parent` dies (Linux). A parent killed by SIGKILL cannot stop
     its pool: an idle worker then ends at the queue's closed pipe, but a busy one would finish its
-    run, minutes on a CPU, for nobody."""
+    run, minutes on a CPU, for nobody. (The kernel signals when the thread that started the
+    worker ends: the pool is started from the caller's thread and refilled from its own handler
+    thread, which lives as long as the pool.)"""
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
