@@ -108,6 +108,9 @@ EMULATED_CUDA_DIFFERENCES = {
     "tests/test_class_sums.py::test_class_sums_reject_bad_input": (("default", "next"), "skip", _DEVICE_ASSERT),
     "tests/test_class_sums.py::test_label_slots_reject_bad_input": (("default", "next"), "skip", _DEVICE_ASSERT),
     "tests/test_cosine_slots.py::test_bad_slots_raise": (("default", "next"), "skip", _DEVICE_ASSERT),
+    "tests/test_baselines.py::test_skd_never_forms_the_pixel_affinity": (
+        ("default", "next"), "skip", "a memory case (256x512 pixels at pool 1): emulated thread by thread it took 1.5 "
+                                     "min, and test_cuda_emulated_skd.py covers the kernels' grids"),
     "tests/test_class_sums.py::test_cpu_default_path_is_switchable": (("default", "next"), "skip",
                                                                       "the CPU's path selection"),
     "tests/test_skd_formulations.py::test_the_variable_selects_the_formulation": (

@@ -409,13 +409,17 @@ def _experiment(tmp_path, **env):
 
 
 def test_gpu_experiment_tunes_then_runs_with_the_tuned_teacher(tmp_path):
-    """tools/gpu_experiment.sh end to end at a few steps on the CPU: the tuning, then the preset
-    with the tuning's teacher; one archive without checkpoints, the teacher beside it. A shared
-    run file that a killed call left behind is removed first."""
+    """tools/gpu_experiment.sh end to end at a few steps on the CPU: the tuning (RETUNE=1: again,
+    over a finished one), then the preset with the tuning's teacher; one archive without
+    checkpoints, the teacher beside it. A shared run file that a killed call left behind is
+    removed first."""
     leftover = tmp_path / "results" / "quick" / "runs" / "shared-1-2.pt"
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"x" * 1000)
-    proc = _experiment(tmp_path)
+    tuned = tmp_path / "results" / "quick-tune"
+    tuned.mkdir(parents=True)
+    (tuned / "tune.json").write_text('{"chosen": {"idd": 0.5}, "preset": {"size": [64, 128]}}')
+    proc = _experiment(tmp_path, RETUNE="1")
     assert not leftover.exists()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
@@ -424,6 +428,7 @@ def test_gpu_experiment_tunes_then_runs_with_the_tuned_teacher(tmp_path):
     assert re.search(r"\| tune \| passed \| \d+ \| 180 \|", summary)
     assert re.search(r"\| run \| passed \| \d+ \| 240 \|", summary)
     assert "Chosen weights" in summary and "## Per-class IoU" in summary  # tune.md and results.md
+    assert json.loads((tuned / "tune.json").read_text())["chosen"] == {"idd": 1.0}  # the new tuning's grid
     run_log = (tmp_path / "results" / "quick" / "run.log").read_text()
     assert "cache: using the teacher in " + str(tmp_path / "results" / "quick-tune" / "teacher.pt") in run_log
     with tarfile.open(out / "results.tar.gz") as tar:
@@ -434,7 +439,8 @@ def test_gpu_experiment_tunes_then_runs_with_the_tuned_teacher(tmp_path):
 
 def test_gpu_experiment_takes_a_finished_tuning_and_trains_its_own_teacher(tmp_path):
     """A tuning committed from another machine (its tune.json, no teacher: git ignores
-    checkpoints) is not redone; the preset trains its own teacher. RETUNE=1 tunes again."""
+    checkpoints) is not redone; the preset trains its own teacher. (RETUNE=1 tunes again:
+    test_gpu_experiment_tunes_then_runs_with_the_tuned_teacher.)"""
     tuned = tmp_path / "results" / "quick-tune"
     tuned.mkdir(parents=True)
     (tuned / "tune.json").write_text('{"chosen": {"idd": 0.5}, "preset": {"size": [64, 128]}}')
@@ -447,11 +453,6 @@ def test_gpu_experiment_takes_a_finished_tuning_and_trains_its_own_teacher(tmp_p
     run_log = (tmp_path / "results" / "quick" / "run.log").read_text()
     assert "using the teacher in" not in run_log and "teacher: 2/2" in run_log
     assert not (tuned / "teacher.pt").exists() and not (tmp_path / "out" / "teacher.pt").exists()
-    proc = _experiment(tmp_path, RETUNE="1")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = (tmp_path / "out" / "summary.md").read_text()
-    assert re.search(r"\| tune \| passed \| \d+ \| 180 \|", summary) and "Chosen weights" in summary
-    assert (tmp_path / "out" / "teacher.pt").exists()
 
 
 def test_gpu_experiment_stops_at_its_limit_and_leaves_the_run_for_a_later_call(tmp_path):
