@@ -719,6 +719,17 @@ if __name__ == "__main__":
 """
 
 
+def _start_script(tmp_path, source, *args, **popen_options):
+    """A child Python running the script `source` with `args`, importing idd_ops from this checkout."""
+    import subprocess
+    from pathlib import Path
+
+    script = tmp_path / "run.py"
+    script.write_text(source)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env, **popen_options)
+
+
 @pytest.mark.parametrize("workers", ["idle", "busy"])
 @pytest.mark.parametrize("stop, code", [("SIGTERM", 143), ("SIGINT", 130)])
 def test_a_signal_to_the_whole_group_stops_a_run_with_workers(tmp_path, stop, code, workers):
@@ -727,15 +738,10 @@ def test_a_signal_to_the_whole_group_stops_a_run_with_workers(tmp_path, stop, co
     SIGKILL; the workers now have a session of their own and the parent stops them."""
     import signal
     import subprocess
-    import sys
     import time
-    from pathlib import Path
 
-    script = tmp_path / "run.py"
-    script.write_text(STOPPED_WITH_WORKERS)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), workers], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = _start_script(tmp_path, STOPPED_WITH_WORKERS, tmp_path, workers, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proc.stdout.readline() == "[1, 2]\n"
         time.sleep(1)  # the workers back in the queue's get (idle) or inside time.sleep (busy)
@@ -764,6 +770,14 @@ if __name__ == "__main__":
 """
 
 
+def _wait_until(condition, seconds):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def _running(pid):
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -778,27 +792,17 @@ def test_busy_workers_end_when_their_parent_is_killed(tmp_path):
     run (minutes on a CPU) for nobody. The workers ask the kernel for SIGTERM at their parent's
     death."""
     import signal
-    import subprocess
-    import time
-    from pathlib import Path
 
-    script = tmp_path / "run.py"
-    script.write_text(KILLED_WITH_BUSY_WORKERS)
     marks = tmp_path / "pids"
     marks.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, str(script), str(marks)], env=env)
+    proc = _start_script(tmp_path, KILLED_WITH_BUSY_WORKERS, marks)
     try:
-        deadline = time.monotonic() + 60
-        while len(list(marks.iterdir())) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.1)
+        _wait_until(lambda: len(list(marks.iterdir())) >= 2 or proc.poll() is not None, 60)
         pids = [int(p.name) for p in marks.iterdir()]
         assert len(pids) == 2, "the workers did not start"
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + 10
-        while any(map(_running, pids)) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _wait_until(lambda: not any(map(_running, pids)), 10)
         assert not any(map(_running, pids))
     finally:
         if proc.poll() is None:
