@@ -173,6 +173,16 @@ def poisoned_empties():
     torch.utils.deterministic.fill_uninitialized_memory = before[1]
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (the demo's tests): their models are tiny, OpenMP barriers
+    dominate with several threads, and on a busy machine they make a test minutes long."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _synchronize_cuda():
     """Wait for the CUDA work of every test before it passes: an asynchronous kernel fault (an

@@ -7,7 +7,8 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from .experiment import FEATURE_LAYER, config_weights
+from .models import FEATURE_LAYER
+from .presets import config_weights
 from .scenes import CLASSES, CONFUSABLE, IGNORE_INDEX, THIN
 from .stats import paired_difference
 
@@ -251,7 +252,7 @@ def smoke_note(results, out, folders=COMMITTED):
 
 def committed_table(folders=COMMITTED):
     """The README's table: the committed runs' paired mIoU differences to ce, a column per run
-    (tests/test_demo.py checks that the README shows this text)."""
+    (tests/test_demo_results.py checks that the README shows this text)."""
     columns = [(f"[{f}]({_link(REPOSITORY, f)}) ({_size(r)})", _interval_cells(r))
                for f in folders if (r := _committed(f)) is not None]
     names = list(dict.fromkeys(c for _, cells in columns for c in cells))

@@ -24,7 +24,8 @@ import torch
 
 from .._arguments import device, make_out, positive_int, seed
 from .cli import check_run_options, restart_with_environment, resumable
-from .experiment import PRESETS, make_data, parse_loss_weights, run_students, setup_teacher
+from .experiment import make_data, run_students, setup_teacher
+from .presets import PRESETS, parse_loss_weights
 from .report import BASELINE, _interval, _miou, paired, preset_text
 from .workers import Workers
 
