@@ -76,7 +76,8 @@ def test_the_teacher_key_holds_the_cpu_threads_it_trains_on():
 
 
 def test_experiment_caches_announces_and_reruns_changed_settings(tmp_path, capsys, one_thread):
-    from idd_ops.demo.report import write_markdown, write_plots
+    from idd_ops.demo.plots import write_plots
+    from idd_ops.demo.report import write_markdown
 
     out = str(tmp_path)
     results, teacher, runs, val = experiment.run_experiment(tiny_preset(), out, "cpu", command="test")
