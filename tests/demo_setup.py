@@ -1,11 +1,16 @@
-"""Small settings of the demo for tests: a preset, scenes and networks that train in seconds."""
+"""Small settings of the demo for tests (a preset, scenes and networks that train in seconds), and
+the committed results they are held to."""
 import dataclasses
+import json
+from pathlib import Path
 
 import idd_ops
 from idd_ops.demo import experiment
 from idd_ops.demo.models import make_teacher
 from idd_ops.demo.presets import PRESETS
 from idd_ops.demo.scenes import CLASSES, StreetScenes
+
+REPOSITORY = Path(__file__).resolve().parents[1]  # this checkout: README.md, the committed results/
 
 
 def small_setup(**changes):
@@ -23,3 +28,9 @@ def tiny_preset(**changes):
                                teacher_steps=1, student_steps=1, seeds=(0,), configs=("ce", "ce+pid"), probe_steps=1,
                                weights_from="")
     return dataclasses.replace(base, **changes)
+
+
+def committed_json(folder, name):
+    """The JSON file `name` of the committed results/`folder` (a fresh copy: tests change it)."""
+    with open(REPOSITORY / "results" / folder / name) as f:
+        return json.load(f)

@@ -9,14 +9,14 @@ import torch
 from idd_ops.demo.models import make_teacher
 from idd_ops.demo.scenes import CLASSES
 
+from demo_setup import REPOSITORY
+
 
 def test_setup_without_torch_stops_with_instructions():
     import subprocess
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
     code = "import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']; exec(open('setup.py').read())"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "pip install --no-build-isolation" in proc.stderr and "download.pytorch.org/whl/cpu" in proc.stderr
 

@@ -7,7 +7,7 @@ import pytest
 
 from idd_ops.demo import experiment
 
-from demo_setup import tiny_preset
+from demo_setup import REPOSITORY, committed_json, tiny_preset
 
 
 @pytest.mark.parametrize("folder", ["cpu", "full"])
@@ -16,7 +16,7 @@ def test_committed_results_text_is_its_json(folder):
     # replot changes a committed results.md only where the report itself changed
     from idd_ops.demo.report import results_markdown
 
-    path = os.path.join(os.path.dirname(__file__), "..", "results", folder)
+    path = str(REPOSITORY / "results" / folder)
     with open(os.path.join(path, "results.json")) as f, open(os.path.join(path, "results.md")) as g:
         results, text = json.load(f), g.read()
     results.setdefault("command", text.split("`")[1])
@@ -26,7 +26,7 @@ def test_committed_results_text_is_its_json(folder):
 def test_readme_shows_the_committed_results():
     from idd_ops.demo.report import committed_table
 
-    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+    with open(REPOSITORY / "README.md") as f:
         assert "\n".join(committed_table()) in f.read()
 
 
@@ -49,8 +49,7 @@ def test_results_md_of_a_run_with_nothing_to_pair_has_no_paired_parts(tmp_path, 
     with nothing in it; without ce or ce+cwd the text still explained a paired column."""
     from idd_ops.demo.report import results_markdown
 
-    with open(os.path.join(os.path.dirname(__file__), "..", "results", "cpu", "results.json")) as f:
-        results = json.load(f)
+    results = committed_json("cpu", "results.json")
     results["runs"] = {k: r for k, r in results["runs"].items() if k.split("|")[0] in configs}
     text = results_markdown(results, str(tmp_path))
     assert "Paired difference:" not in text and "paired.png" not in text and "vs ce" not in text
@@ -61,10 +60,9 @@ def test_a_run_at_another_size_shows_the_committed_runs_beside_its_own(tmp_path)
     """results.md of a full run (128x256) sets its paired differences and probe errors beside the
     committed 64x128 run's; a run at the committed size, or written into the committed folder
     itself, does not repeat them."""
-    from idd_ops.demo.report import REPOSITORY, effects, sizes_note, write_markdown
+    from idd_ops.demo.report import effects, sizes_note, write_markdown
 
-    with open(os.path.join(REPOSITORY, "results", "cpu", "results.json")) as f:
-        committed = json.load(f)
+    committed = committed_json("cpu", "results.json")
     full = json.loads(json.dumps(committed))
     full["preset"]["size"] = [128, 256]
     full["runs"] = {k: dict(r, miou=r["miou"] + (0.01 if k.startswith("ce+idd|") else 0.0))
@@ -80,7 +78,7 @@ def test_a_run_at_another_size_shows_the_committed_runs_beside_its_own(tmp_path)
     teacher = f"{committed['teacher']['position_error']:.4f}"
     assert f"| teacher | {teacher} | {teacher} |" in section
     assert sizes_note(committed, str(tmp_path), folders=("results/cpu",)) == []  # the same size
-    assert sizes_note(full, os.path.join(REPOSITORY, "results", "cpu"), folders=("results/cpu",)) == []
+    assert sizes_note(full, str(REPOSITORY / "results" / "cpu"), folders=("results/cpu",)) == []
 
 
 def _without_curves(results):
@@ -98,8 +96,7 @@ def test_replot_of_a_results_json_it_did_not_write_is_an_argument_error(tmp_path
     from idd_ops.demo import cli
 
     if content == "no curves":
-        with open(os.path.join(os.path.dirname(__file__), "..", "results", "cpu", "results.json")) as f:
-            content = json.dumps(_without_curves(json.load(f)))
+        content = json.dumps(_without_curves(committed_json("cpu", "results.json")))
     (tmp_path / "results.json").write_text(content)
     before = {name: "an earlier run's" for name in ("results.md", "paired.png", "miou.png", "loss_curves.png")}
     for name, text in before.items():

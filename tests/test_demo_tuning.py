@@ -7,7 +7,7 @@ import pytest
 
 from idd_ops.demo import presets
 
-from demo_setup import tiny_preset
+from demo_setup import REPOSITORY, committed_json, tiny_preset
 
 
 def test_weights_and_the_tuning_grid_are_read_by_one_rule():
@@ -51,9 +51,8 @@ def test_tuning_names_a_choice_on_its_grids_edge():
 def test_committed_tuning_text_is_its_json(folder):
     from idd_ops.demo import tune
 
-    path = os.path.join(os.path.dirname(__file__), "..", "results", folder)
-    with open(os.path.join(path, "tune.json")) as f, open(os.path.join(path, "tune.md")) as g:
-        assert tune.tune_markdown(json.load(f)) == g.read()
+    text = (REPOSITORY / "results" / folder / "tune.md").read_text()
+    assert tune.tune_markdown(committed_json(folder, "tune.json")) == text
 
 
 def test_tune_command_runs_a_named_preset(tmp_path, monkeypatch, capsys, one_thread):
@@ -69,8 +68,7 @@ def test_tune_command_runs_a_named_preset(tmp_path, monkeypatch, capsys, one_thr
 
 def test_full_preset_holds_the_committed_128x256_tuning():
     # carried in the preset, so that an installed package (no results/ beside it) runs with them too
-    with open(os.path.join(os.path.dirname(__file__), "..", "results", "full-tune", "tune.json")) as f:
-        tuning = json.load(f)
+    tuning = committed_json("full-tune", "tune.json")
     full = presets.PRESETS["full"]
     assert tuple(tuning["preset"]["size"]) == full.size and tuning["chosen"] == full.weights
     assert "results/full-tune" in full.weights_from
@@ -79,8 +77,7 @@ def test_full_preset_holds_the_committed_128x256_tuning():
 
 def test_configs_hold_the_committed_64x128_tuning():
     # the cpu and quick presets (64x128) take CONFIGS' weights: they must be what the committed tuning chose
-    with open(os.path.join(os.path.dirname(__file__), "..", "results", "cpu-tune", "tune.json")) as f:
-        tuning = json.load(f)
+    tuning = committed_json("cpu-tune", "tune.json")
     assert tuple(tuning["preset"]["size"]) == presets.PRESETS["cpu"].size == presets.PRESETS["quick"].size
     for loss, weight in tuning["chosen"].items():
         used = {config: w[loss] for config, w in presets.CONFIGS.items() if loss in w}

@@ -10,7 +10,7 @@ import torch
 from idd_ops.demo import experiment
 from idd_ops.demo.scenes import StreetScenes
 
-from demo_setup import tiny_preset
+from demo_setup import REPOSITORY, tiny_preset
 
 
 def test_worker_processes_give_the_runs_of_one_by_one(tmp_path):
@@ -129,11 +129,10 @@ if __name__ == "__main__":
 def _start_script(tmp_path, source, *args, **popen_options):
     """A child Python running the script `source` with `args`, importing idd_ops from this checkout."""
     import subprocess
-    from pathlib import Path
 
     script = tmp_path / "run.py"
     script.write_text(source)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
     return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env, **popen_options)
 
 
