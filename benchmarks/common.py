@@ -20,7 +20,6 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from idd_ops._arguments import positive_seconds  # noqa: E402
 
@@ -306,11 +305,12 @@ def run_per_kernel_set(module, argv_for, kernel_sets, time_limit=None, weights=N
     own process with IDD_OPS_CUDA_NEXT set (the switch is read once per process), one after the
     other. A child writes {"rows": [...], ...} to json_path after every row, so a child stopped
     at its time limit still gives the rows it finished. time_limit (s) is shared among the
-    children in proportion to `weights` (default equal) of the time still left.
+    children in proportion to `weights` (default equal; those past the kernel sets given are
+    dropped, so one set alone has all of it) of the time still left.
     Returns ({kernel set: the child's JSON, or None if it wrote none}, error messages); a child's
     output goes to this process's stdout and stderr."""
     results, errors = {}, []
-    weights = list(weights or [1] * len(kernel_sets))
+    weights = list(weights or [1] * len(kernel_sets))[:len(kernel_sets)]
     deadline = time.monotonic() + time_limit if time_limit else None
     for i, kernel_set in enumerate(kernel_sets):
         timeout = max((deadline - time.monotonic()) * weights[i] / sum(weights[i:]), 1) if deadline else None

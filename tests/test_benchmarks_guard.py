@@ -253,3 +253,15 @@ def test_kernel_set_children_keep_the_rows_they_finished(tmp_path, monkeypatch, 
     assert len(errors) == (2 if status else 1)
     if status:
         assert "the default kernels' child process failed (exit status 3) after 3 rows" in errors[0]
+
+
+def test_one_kernel_set_has_the_whole_time_limit(monkeypatch):
+    """--kernels default alone (tools/gpu_check.sh's default): the child gets the stage's whole
+    time limit, not the first set's share of two."""
+    timeouts = []
+    monkeypatch.setattr(common.subprocess, "run",
+                        lambda *args, timeout=None, **kw: timeouts.append(timeout) or types.SimpleNamespace(returncode=0))
+    _, errors = common.run_per_kernel_set("fake_child", lambda ks, path: [path], ["default"], time_limit=30,
+                                          weights=[2, 1])
+    assert len(timeouts) == 1 and 29 < timeouts[0] <= 30
+    assert errors == []
