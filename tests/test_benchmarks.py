@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside tests/, off the path under plain `pytest`
 
-from benchmarks import cases, common, peak, report, roofline, sweep, train_step  # noqa: E402
+from benchmarks import cases, common, peak, report, report_tables, roofline, sweep, train_step  # noqa: E402
 import idd_ops  # noqa: E402
 from idd_ops import reference  # noqa: E402
 
@@ -185,10 +185,10 @@ def test_report_row_and_table():
     assert row["reference_peak"] >= row["reference_returned"] >= grad_bytes
     assert row["bound_by"] == "memory" and peak.below_returned([row], cases.IMPLS) == []
     assert row["copy_gbs"] > 0 and row["bound_ms"] == pytest.approx(case.work(True).bytes / (row["copy_gbs"] * 1e6))
-    text = report.table([row, dict(row, fused_peak=0)])
+    text = report_tables.table([row, dict(row, fused_peak=0)])
     assert "not installed" in text and "| memory |" in text
     assert text.count(" ! |") == 1  # the impossible fused entry of the second row
-    head = report.header("cpu", 1, False, _FixedRates(), [row], "results/x/RESULTS.md")
+    head = report_tables.header("cpu", 1, False, _FixedRates(), [row], "results/x/RESULTS.md")
     assert peak.METHOD in head and "exp 1.0 G/s" in head and "(../../benchmarks/TRAIN_STEP.md)" in head
 
 
@@ -301,7 +301,7 @@ def test_report_writes_the_cases_that_ran_and_a_command_that_reruns(tmp_path, mo
 
 
 def test_small_times_keep_three_significant_figures():
-    assert [report._ms_cell({"t": v}, "t") for v in (0.0312, 1.234, 12.34, 0, float("nan"))] == \
+    assert [report_tables._ms_cell({"t": v}, "t") for v in (0.0312, 1.234, 12.34, 0, float("nan"))] == \
         ["0.0312", "1.23", "12.3", "0.0", "nan"]
 
 

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside tests/, off the path under plain `pytest`
 
-from benchmarks import cases, common, kernel_times, report, train_step  # noqa: E402
+from benchmarks import cases, common, kernel_times, report, report_tables, train_step  # noqa: E402
 from idd_ops import reference  # noqa: E402
 from test_benchmarks import _tiny_idd_case  # noqa: E402
 
@@ -104,16 +104,16 @@ def test_merged_kernel_sets_and_their_tables():
     base = [_row("idd_loss cityscapes", fused_host_ms=0.5, fused_launches=40.0, floor_host_ms=0.03), _row("cwd")]
     nxt = [dict(case="idd_loss cityscapes", mode="forward+backward", fused_ms=0.5, fused_host_ms=0.05,
                 fused_launches=6.0, copy_gbs=2.0)]
-    rows = report.merge_kernel_sets(base, nxt)
+    rows = report_tables.merge_kernel_sets(base, nxt)
     assert rows[0]["fused_next_ms"] == 0.5 and rows[0]["fused_next_launches"] == 6.0 and rows[0]["copy_gbs"] == 1.0
     assert "fused_next_ms" not in rows[1]
-    compact = report.compact_table(rows)
+    compact = report_tables.compact_table(rows)
     assert "| idd_loss cityscapes | forward+backward | 1.000 | 0.500 | 2.000 | 1.500 | 0.900 | 1.11 | 0.56 | 0.500 | " \
            "40.0 | 0.050 | 6.0 | 0.030 |" in compact
-    full = report.table(rows)
+    full = report_tables.table(rows)
     assert "fused next ms" in full and "next vs default" in full and "| 2.00x |" in full and "peak" not in full
     assert "| torch floor host ms/call |" in full and "| 6.0 | 0.030 |" in full
-    section = report.summary_section(rows, ["x [IDD_OPS_CUDA_NEXT=1]: y (issue 22 item 6 (guard): z)"],
+    section = report_tables.summary_section(rows, ["x [IDD_OPS_CUDA_NEXT=1]: y (issue 22 item 6 (guard): z)"],
                                      ["fused", "fused_next"], ["the next kernels' child process failed"])
     assert "- IDD_OPS_CUDA_NEXT=1: 1 guard failures" in section and "- default kernels: 0 guard failures" in section
     assert "ERROR: the next kernels' child process failed" in section and "### Targets missed (1; guard failures: 1)" \
