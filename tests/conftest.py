@@ -115,8 +115,8 @@ EMULATED_CUDA_DIFFERENCES = {
                                                                       "the CPU's path selection"),
     "tests/test_skd_formulations.py::test_the_variable_selects_the_formulation": (
         ("next",), "skip", "the CPU's path selection (CUDA next runs its fused kernels whatever the variable)"),
-    "tests/test_class_sums.py::test_token_features_are_read_in_place": (("default",), "skip",
-                                                                        "the CPU's path selection"),
+    "tests/test_token_features.py::test_token_features_are_read_in_place": (("default",), "skip",
+                                                                           "the CPU's path selection"),
     "tests/test_cosine_slots.py::test_ifvd_reads_the_slot_map_once": (("default",), "skip",
                                                                       "the default CUDA IFVD reads the labels"),
     "tests/test_class_sums.py::test_ifvd_on_the_class_sum_path_computes_no_teacher_gradient": (

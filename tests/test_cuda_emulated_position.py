@@ -1,0 +1,106 @@
+"""position_encoding_loss on the CUDA emulator (tests/cuda_emu), branch by branch: both kernel
+sets (the tested default and IDD_OPS_CUDA_NEXT) against the CPU op of the same name and against
+idd_ops.reference in float64, forward and backward.
+
+The cases reach every map kind, the three reductions, the packed and scalar paths, widths up to
+and past the column table (position_next_max_width: the next set falls back to the per-element
+kernel), and grids with more than 256 partials and a grid-stride wrap.
+"""
+import pytest
+import torch
+
+import idd_ops  # noqa: F401
+from idd_ops import reference
+from idd_ops._position_maps import KINDS, expand_kinds
+from idd_ops.position import CODES
+from test_cuda_emulated import CPU, emu, kernels  # noqa: F401  (fixtures)
+from test_cuda_emulated_kl import ACC, RTOL, close, gen, offset
+
+# Widest map the next set's column table serves (position_next_max_width): (48 KiB - 1 KiB) of
+# accumulation-dtype values; wider maps take the per-element kernel.
+TABLE_WIDTH = {torch.float64: (47 * 1024) // 8, torch.float32: (47 * 1024) // 4,
+               torch.float16: (47 * 1024) // 4, torch.bfloat16: (47 * 1024) // 4}
+
+
+def check_position(ops, pred, kinds, reduction, grad=None, num_frequencies=1):
+    elements, params, _ = expand_kinds(kinds, num_frequencies)
+    codes = [CODES[e] for e in elements]
+    acc = ACC[pred.dtype]
+    got = ops.position_encoding_loss(pred, codes, params, reduction)
+    want = CPU.position_encoding_loss(pred, codes, params, reduction)
+    out_dtype = pred.dtype if reduction == "none" else acc
+    assert got.dtype == want.dtype == out_dtype
+    close(got, want, RTOL[out_dtype])
+    p64 = pred.to(torch.float64, copy=True).requires_grad_()
+    ref = reference.position_encoding_loss(p64, kinds, reduction, num_frequencies=num_frequencies)
+    close(got, ref.detach(), RTOL[out_dtype])
+    if grad is None:
+        grad = torch.tensor(0.75, dtype=acc) if reduction != "none" else \
+            torch.rand(pred.shape, generator=gen(4), dtype=acc)
+    (ref * grad.double()).sum().backward()
+    dgot = ops._position_encoding_loss_backward(grad, pred, codes, params, reduction)
+    dwant = CPU._position_encoding_loss_backward(grad, pred, codes, params, reduction)
+    assert dgot.dtype == dwant.dtype == pred.dtype
+    close(dgot, dwant, RTOL[pred.dtype])
+    close(dgot, p64.grad, RTOL[pred.dtype])
+
+
+def maps(B, M, H, W, dtype, seed=0):
+    return torch.rand(B, M, H, W, generator=gen(seed), dtype=torch.float64).to(dtype)
+
+
+M_ALL = len(expand_kinds(KINDS, 1)[0])  # every elementary map once (sin/cos at one frequency)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype,W", [(torch.float32, 16), (torch.float32, 13), (torch.float64, 10),
+                                     (torch.float64, 7), (torch.float16, 24), (torch.float16, 12),
+                                     (torch.bfloat16, 40), (torch.bfloat16, 20)], ids=str)
+def test_position_branches(kernels, dtype, W, reduction):
+    """Every map kind; W a multiple of the pack (16-byte packs) or not (packs of one)."""
+    check_position(kernels, maps(2, M_ALL, 9, W, dtype), KINDS, reduction)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_position_five_images_two_columns(kernels, reduction):
+    """The next kernels walk the batch 4 images at a time (unrolled): 5 leaves one."""
+    check_position(kernels, maps(5, M_ALL, 3, 2, torch.float32), KINDS, reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_position_misaligned(kernels, reduction):
+    check_position(kernels, offset(maps(2, M_ALL, 5, 16, torch.float32)), KINDS, reduction)
+
+
+def test_position_two_frequencies_and_transposed_grad(kernels):
+    pred = maps(2, len(expand_kinds("sinusoidal", 2)[0]), 6, 8, torch.float32)
+    grad = torch.rand(pred.shape[::-1], generator=gen(6)).permute(3, 2, 1, 0)
+    check_position(kernels, pred, "sinusoidal", "none", grad=grad, num_frequencies=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("past", [0, 1])
+def test_position_table_width(kernels, request, dtype, past):
+    """At the column table's width the next set runs its kernel (a partial pass and a finalise:
+    2 launches); one column more, the per-element kernel (1 launch). The default set: 1. Plus
+    one launch for the backward."""
+    pred = maps(1, 2, 2, TABLE_WIDTH[dtype] + past, dtype)
+    before = kernels._emu_launches()
+    check_position(kernels, pred, ("horizontal", "gaussian"), "mean")
+    next_kernel = request.node.callspec.params["kernels"] == "next" and not past
+    assert kernels._emu_launches() - before == (2 if next_kernel else 1) + 1
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_position_many_partials(kernels, reduction):
+    """Narrow maps (one pack a row: blocks of 32 x 8) over 240 rows of 9 maps: 30 x 9 = 270 block
+    partials in the next set (the finalise's threads each add several); the default set: 61."""
+    check_position(kernels, maps(1, M_ALL, 240, 4, torch.float32), KINDS, reduction)
+
+
+def test_position_grid_wrap(kernels):
+    """More rows than one wave of blocks covers (row blocks capped at 8 * 132 / M per map): the
+    next kernels' row loop wraps. Backward and "none" only (their blocks have one barrier)."""
+    pred = maps(1, 64, 136, 4, torch.float32)
+    kinds = ["horizontal"] * 64
+    check_position(kernels, pred, kinds, "none")
