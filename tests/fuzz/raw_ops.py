@@ -9,7 +9,8 @@ import torch
 
 from idd_ops import reference
 
-from .cases import OpSpec, _draw_pair, _sub, build_feats, draw_logit_pair, register
+from .baseline_cases import draw_logit_pair
+from .cases import OpSpec, _draw_pair, _sub, build_feats, register
 from .distance_rounding import tail_rounding
 from .floors import UNIT_ROUNDOFF, floor_of, least_precise, math_unit, near_cosine_floor, scaled_floors
 from .inputs import (draw_dtype, draw_feats, draw_labels, draw_labels_for, draw_num_classes, draw_size, make_feats,
