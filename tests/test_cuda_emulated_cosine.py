@@ -7,19 +7,7 @@ import torch
 import idd_ops  # noqa: F401
 from labels import CASES
 from test_cuda_emulated import CPU, close, emu, randn, slot_counts  # noqa: F401  (emu: the module fixture)
-from test_cuda_emulated_tail import LABEL_TYPE_CASES
-
-
-@pytest.fixture
-def next_kernels(emu):
-    emu._emu_configure(True, 11)
-    return emu
-
-
-@pytest.fixture
-def default_kernels(emu):
-    emu._emu_configure(False, 11)
-    return emu
+from test_cuda_emulated_tail import LABEL_TYPE_CASES, default_kernels, next_kernels  # noqa: F401  (fixtures)
 
 
 def _cosine_inputs(case, dtype):
