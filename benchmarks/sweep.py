@@ -44,13 +44,11 @@ def main(argv=None):
         ap.error("--update writes benchmarks/sweep/; leave out --out")
     args.out = "benchmarks/sweep" if args.update else args.out or os.path.join(
         "results", time.strftime("bench-%Y%m%d-%H%M%S"), "sweep")
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("benchmarks.sweep draws its plots with matplotlib: pip install matplotlib") from None
     cli.make_out(ap, args.out)
+    cli.require_matplotlib(ap, "benchmarks.sweep")
     print(f"benchmarks.sweep: {SWEEP_EXPECTED}; writing {args.out}/", file=sys.stderr, flush=True)
 
+    import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

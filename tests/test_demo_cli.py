@@ -96,23 +96,43 @@ def test_replot_and_weight_options_that_would_do_something_else_are_errors(capsy
         assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_the_cli_needs_matplotlib_before_any_work(monkeypatch, capsys):
-    """Without matplotlib the run would train for minutes and fail at its plots."""
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """Imports of matplotlib fail, as where it is not installed."""
     import builtins
-
-    from idd_ops.demo import cli
 
     real_import = builtins.__import__
 
-    def no_matplotlib(name, *args, **kwargs):
+    def hidden(name, *args, **kwargs):
         if name.split(".")[0] == "matplotlib":
             raise ImportError("No module named 'matplotlib'")
         return real_import(name, *args, **kwargs)
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(builtins, "__import__", hidden)
+
+
+def test_the_cli_needs_matplotlib_before_any_work(no_matplotlib, monkeypatch, capsys, tmp_path):
+    """Without matplotlib the run would train for minutes and fail at its plots; a bad flag is
+    still named first (the tests of bad flags pass where matplotlib is not installed)."""
+    from idd_ops.demo import cli
+
     monkeypatch.setattr(cli, "run_experiment", lambda *a, **k: pytest.fail("ran without matplotlib"))
-    with pytest.raises(SystemExit) as stop:
-        cli.main(["--preset", "quick"])
-    assert stop.value.code == 2 and "pip install matplotlib" in capsys.readouterr().err
+    for argv, text in (([], "idd-distill draws its plots with matplotlib, which is not installed: pip install "
+                            "matplotlib"),
+                       (["--replot", "results/cpu"], "idd-distill --replot draws its plots with matplotlib"),
+                       (["--weight", "idd=abc"], "--weight: expected LOSS=VALUE")):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["--out", str(tmp_path / "out"), *argv] if "--replot" not in argv else argv)
+        assert stop.value.code == 2 and text in capsys.readouterr().err
+
+
+def test_the_sweep_needs_matplotlib_after_its_flags(no_matplotlib, capsys, tmp_path):
+    from benchmarks import sweep
+
+    for argv, text in ((["--out", str(tmp_path / "out")], "benchmarks.sweep draws its plots with matplotlib"),
+                       (["--out", os.path.join(__file__, "sub")], "--out: cannot create the folder")):
+        with pytest.raises(SystemExit) as stop:
+            sweep.main(argv)
+        assert stop.value.code == 2 and text in capsys.readouterr().err
 
 
 def test_progress_prints_plain_lines_when_not_on_a_terminal():

@@ -32,6 +32,7 @@ def test_gpu_experiment_tunes_then_runs_with_the_tuned_teacher(tmp_path):
     over a finished one), then the preset with the tuning's teacher; one archive without
     checkpoints, the teacher beside it. A shared run file that a killed call left behind is
     removed first."""
+    pytest.importorskip("matplotlib")  # the preset draws its plots
     leftover = tmp_path / "results" / "quick" / "runs" / "shared-1-2.pt"
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"x" * 1000)
@@ -60,6 +61,7 @@ def test_gpu_experiment_takes_a_finished_tuning_and_trains_its_own_teacher(tmp_p
     """A tuning committed from another machine (its tune.json, no teacher: git ignores
     checkpoints) is not redone; the preset trains its own teacher. (RETUNE=1 tunes again:
     test_gpu_experiment_tunes_then_runs_with_the_tuned_teacher.)"""
+    pytest.importorskip("matplotlib")  # the preset draws its plots
     tuned = tmp_path / "results" / "quick-tune"
     tuned.mkdir(parents=True)
     (tuned / "tune.json").write_text('{"chosen": {"idd": 0.5}, "preset": {"size": [64, 128]}}')

@@ -68,7 +68,7 @@ def resumable(out):
 
 import torch  # noqa: E402
 
-from .._arguments import device, make_out, positive_int, seed  # noqa: E402
+from .._arguments import device, make_out, positive_int, require_matplotlib, seed  # noqa: E402
 from .experiment import load_teacher, run_experiment  # noqa: E402
 from .presets import CONFIGS, PRESETS, parse_loss_weights, read_tuning  # noqa: E402
 from .plots import plot_losses, plot_miou, plot_paired, write_plots  # noqa: E402
@@ -170,11 +170,6 @@ def main(argv=None):
                         "the cache")
     p.add_argument("--replot", metavar="FOLDER", help="only rewrite FOLDER's results.md and plots from its results.json")
     args = p.parse_args(argv)
-    try:  # checked now: the plots are drawn at the end, after every run
-        import matplotlib  # noqa: F401
-    except ImportError:
-        p.error("idd-distill draws its plots with matplotlib, which is not installed: pip install matplotlib "
-                "(or idd_ops[demo])")
     if args.replot is not None:  # an empty FOLDER (an unset variable) is an error, not a training run
         given = [a.option_strings[0] for a in p._actions
                  if a.dest not in ("replot", "help") and getattr(args, a.dest) != a.default]
@@ -183,6 +178,7 @@ def main(argv=None):
                     f"run options (got {' '.join(given)})")
         if not os.path.isfile(os.path.join(args.replot, "results.json")):
             p.error(f"--replot: {args.replot!r} holds no results.json")
+        require_matplotlib(p, "idd-distill --replot")
         try:
             return replot(args.replot)
         except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
@@ -212,6 +208,7 @@ def main(argv=None):
     preset = dataclasses.replace(preset, weights={**tuned, **weights}, weights_from=weights_from, **overrides)
     out = args.out or os.path.join("results", args.preset)
     make_out(p, out)
+    require_matplotlib(p, "idd-distill")  # the plots are drawn at the end, after every run
     command = "idd-distill " + shlex.join(argv if argv is not None else sys.argv[1:])
     run_count = len(preset.configs) * len(preset.seeds)
     print(f"idd-distill --preset {args.preset}: {len(preset.configs)} configurations x {len(preset.seeds)} seeds "
