@@ -4,7 +4,7 @@ import os
 import shlex
 import sys
 
-from idd_ops._arguments import device, make_out, positive_int, require_matplotlib  # noqa: F401  (the benchmarks' option helpers)
+from idd_ops._arguments import device, make_out, positive_int  # noqa: F401  (the benchmarks' option helpers)
 
 
 def check_file_paths(parser, **paths):

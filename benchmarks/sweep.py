@@ -15,6 +15,7 @@ import torch
 
 import idd_ops
 from idd_ops import reference
+from idd_ops.demo.plots import require_matplotlib
 
 SWEEP_EXPECTED = "about 8 min on 2 CPU cores (7.6 min measured at load 7-8)"
 BASE = dict(B=4, C=256, H=64, W=128, K=19)  # teacher C = 2 * C, labels at 8x the feature size
@@ -45,7 +46,7 @@ def main(argv=None):
     args.out = "benchmarks/sweep" if args.update else args.out or os.path.join(
         "results", time.strftime("bench-%Y%m%d-%H%M%S"), "sweep")
     cli.make_out(ap, args.out)
-    cli.require_matplotlib(ap, "benchmarks.sweep")
+    require_matplotlib(ap, "benchmarks.sweep")
     print(f"benchmarks.sweep: {SWEEP_EXPECTED}; writing {args.out}/", file=sys.stderr, flush=True)
 
     import matplotlib

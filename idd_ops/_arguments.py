@@ -63,13 +63,3 @@ def make_out(parser, out):
         os.makedirs(out, exist_ok=True)
     except OSError as error:
         parser.error(f"--out: cannot create the folder {out!r}: {error.strerror or error}")
-
-
-def require_matplotlib(parser, program):
-    """An argument error when matplotlib (the plots drawn at the end) is missing: checked after the
-    arguments, so that a bad flag is named first, and before any work."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        parser.error(f"{program} draws its plots with matplotlib, which is not installed: pip install matplotlib "
-                     "(or idd_ops[demo])")

@@ -67,6 +67,14 @@ def check_labels(labels, feats_name, feats):
         raise ValueError(f"labels: spatial size {tuple(labels.shape[1:])} is empty but {feats_name}'s is not")
 
 
+def check_module_features(name, x, channels):
+    """[B, C, H, W] features with the channel count a module was built for (before a layer of
+    the module reads them, whose own error would not name the argument)."""
+    check_features(name, x)
+    if x.shape[1] != channels:
+        raise ValueError(f"{name}: the module was built for {channels} channels, got shape {tuple(x.shape)}")
+
+
 def check_pair(student, teacher, names=("student_feats", "teacher_feats")):
     s, t = names
     if teacher.shape[0] != student.shape[0]:
@@ -81,6 +89,8 @@ def check_int(name, value, minimum=None):
         raise TypeError(f"{name}: expected an int{'' if minimum is None else f' >= {minimum}'}, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    if not -2 ** 63 <= value < 2 ** 63:  # the ops take int64
+        raise ValueError(f"{name}: expected an int in the int64 range [-2**63, 2**63), got {value!r}")
 
 
 def check_positive(name, value):
@@ -92,18 +102,20 @@ def check_positive(name, value):
         raise ValueError(f"{name}: expected a finite value > 0, got {value!r}")
 
 
-# The smallest temperature whose reciprocal, which the kernels scale logits by in float32 (the
-# accumulation dtype of float32, half and bfloat16 inputs), is finite: 1 / FLT_MAX.
+# The temperatures whose reciprocal (the logits' scale) and square (the loss's factor) are finite
+# in float32, the accumulation dtype of float32, half and bfloat16 inputs: 1 / FLT_MAX and
+# sqrt(FLT_MAX).
 MIN_TEMPERATURE = 1 / torch.finfo(torch.float32).max
+MAX_TEMPERATURE = torch.finfo(torch.float32).max ** 0.5
 
 
 def check_temperature(temperature, name="temperature"):
-    """A finite temperature >= MIN_TEMPERATURE (about 2.9e-39): a smaller one made 1 / T
-    infinite and the loss NaN for finite logits."""
+    """A temperature in [MIN_TEMPERATURE, MAX_TEMPERATURE] (about 2.9e-39 to 1.8e19): outside it
+    1 / T or T^2 is infinite in float32 and the loss NaN for finite logits."""
     check_positive(name, temperature)
-    if temperature < MIN_TEMPERATURE:
-        raise ValueError(f"{name}: expected a finite value >= {MIN_TEMPERATURE:.3g} (1 / T must be a finite "
-                         f"float32), got {temperature!r}")
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise ValueError(f"{name}: expected a value in [{MIN_TEMPERATURE:.3g}, {MAX_TEMPERATURE:.3g}] (1 / T and "
+                         f"T^2 must be finite float32 values), got {temperature!r}")
 
 
 def check_num_classes(num_classes, ignore_index):

@@ -121,7 +121,7 @@ class PositionDistillationLoss(nn.Module):
         v.check_int("student_channels", student_channels, 1)
         if readout is not None and not isinstance(readout, PositionEncodingModule):
             raise TypeError(f"readout: expected a PositionEncodingModule, got {type(readout).__name__}")
-        self.variant, self.reduction = variant, reduction
+        self.variant, self.reduction, self.student_channels = variant, reduction, student_channels
         if variant == "teacher":
             if readout is None:
                 raise ValueError("readout: the 'teacher' variant needs the teacher's trained read-out")
@@ -160,6 +160,9 @@ class PositionDistillationLoss(nn.Module):
                                           **self.readout.map_options())
         if teacher_feats is None:
             raise ValueError("teacher_feats: required by the 'teacher' variant")
+        v.check_module_features("student_feats", student_feats, self.student_channels)
+        v.check_module_features("teacher_feats", teacher_feats, self.readout.layers[0].in_channels)
+        v.check_pair(student_feats, teacher_feats)
         pred_s = self.readout(self.adapter(student_feats))
         with torch.no_grad():
             pred_t = self.readout(teacher_feats)
@@ -214,10 +217,12 @@ class ChannelWiseDistillationLoss(nn.Module):
         v.check_choice("reduction", reduction, v.REDUCTIONS)
         v.check_choice("normalizer", normalizer, self.NORMALIZERS)
         self.temperature, self.reduction, self.normalizer = temperature, reduction, normalizer
+        self.student_channels = student_channels
         self.adapter = (nn.Identity() if student_channels == teacher_channels
                         else nn.Conv2d(student_channels, teacher_channels, 1, bias=False))
 
     def forward(self, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
+        v.check_module_features("student_feats", student_feats, self.student_channels)
         B, Cs = student_feats.shape[:2]
         if self.reduction != "mean" or self.normalizer == "teacher_channels":
             return baselines.channel_wise_distillation_loss(self.adapter(student_feats), teacher_feats,

@@ -10,6 +10,10 @@ Y = torch.randint(0, 3, (2, 8, 8))
 K = 3
 
 
+# the teacher variant of PID: a read-out of T's 5 channels, an adapter from S's 3
+PID = idd_ops.nn.PositionDistillationLoss(idd_ops.nn.PositionEncodingModule(5, "horizontal", hidden=4), student_channels=3)
+
+
 def loss(**kw):
     args = dict(student_feats=S, teacher_feats=T, labels=Y, num_classes=K)
     args.update(kw)
@@ -45,6 +49,20 @@ CASES = [  # (id, call, exception type, text the message must contain)
     ("counts_float", lambda: idd_ops.class_distance_matrix(torch.randn(2, 3, 4), torch.ones(2, 3)), TypeError, "counts"),
     ("centroid_labels_range", lambda: idd_ops.class_centroids(S, torch.full((2, 4, 4), 7), 3), ValueError,
      "labels: value 7"),
+    ("ignore_index_past_int64", lambda: loss(ignore_index=2 ** 63), ValueError,
+     "ignore_index: expected an int in the int64"),
+    ("num_classes_past_int64", lambda: loss(num_classes=2 ** 63), ValueError,
+     "num_classes: expected an int in the int64"),
+    ("pool_past_int64", lambda: idd_ops.structural_kd_loss(S, S, pool=2 ** 63), ValueError, "pool: expected an int"),
+    ("temperature_squared_inf", lambda: idd_ops.pixel_kd_loss(S, S, temperature=2e19), ValueError,
+     "temperature: expected a value in"),
+    ("cwd_module_student_channels", lambda: idd_ops.nn.ChannelWiseDistillationLoss(3, 5)(T, T), ValueError,
+     "student_feats: the module was built for 3 channels, got shape \\(2, 5, 4, 4\\)"),
+    ("cwd_module_student_3d", lambda: idd_ops.nn.ChannelWiseDistillationLoss(3, 5)(S[0], T), ValueError,
+     "student_feats: expected a 4-D"),
+    ("pid_module_batch", lambda: PID(S[:1], T), ValueError, "teacher_feats: batch size 2 differs"),
+    ("pid_module_teacher_channels", lambda: PID(S, S), ValueError, "teacher_feats: the module was built for 5"),
+    ("pid_module_student_3d", lambda: PID(S[0], T), ValueError, "student_feats: expected a 4-D"),
     # direct op calls bypass Python validation: the C++ checks still name the argument
     ("op_feats_3d", lambda: torch.ops.idd_ops.class_centroids(S[0], Y, 3, 255), ValueError, "feats"),
     ("op_metric", lambda: torch.ops.idd_ops.class_distance_matrix(torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.long),

@@ -68,10 +68,10 @@ def resumable(out):
 
 import torch  # noqa: E402
 
-from .._arguments import device, make_out, positive_int, require_matplotlib, seed  # noqa: E402
+from .._arguments import device, make_out, positive_int, seed  # noqa: E402
 from .experiment import load_teacher, run_experiment  # noqa: E402
 from .presets import CONFIGS, PRESETS, parse_loss_weights, read_tuning  # noqa: E402
-from .plots import plot_losses, plot_miou, plot_paired, write_plots  # noqa: E402
+from .plots import plot_losses, plot_miou, plot_paired, require_matplotlib, write_plots  # noqa: E402
 from .report import results_markdown, write_markdown  # noqa: E402
 
 # measured with the command above on 2 CPU cores (see the README for how)

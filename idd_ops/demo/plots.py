@@ -26,6 +26,16 @@ def _pyplot():
     return plt
 
 
+def require_matplotlib(parser, program):
+    """An argument error when matplotlib (the plots drawn at the end) is missing: checked after the
+    arguments, so that a bad flag is named first, and before any work."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        parser.error(f"{program} draws its plots with matplotlib, which is not installed: pip install matplotlib "
+                     "(or idd_ops[demo])")
+
+
 def plot_miou(results, out):
     """A dot plot zoomed to the students: every seed, the mean and +/- one standard deviation."""
     plt = _pyplot()
