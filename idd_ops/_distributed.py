@@ -26,6 +26,17 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
+def check_process_group(process_group, centroids):
+    """None, or a torch.distributed process group with centroids="batch"."""
+    if process_group is None:
+        return
+    if centroids != "batch":
+        raise ValueError("process_group: only used with centroids='batch' (per-image centroids need no communication)")
+    if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError(f"process_group: expected a torch.distributed ProcessGroup (e.g. dist.group.WORLD) or None, "
+                        f"got {type(process_group).__name__}")
+
+
 def pooled_sums(sums: torch.Tensor, counts: torch.Tensor, process_group: Optional[object]):
     """Per-image class sums [B,K,C] and counts [B,K] -> the batch's [1,K,C], [1,K], summed over
     every rank of process_group when one is given (a differentiable all-reduce)."""

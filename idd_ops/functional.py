@@ -14,7 +14,7 @@ from torch import Tensor
 from . import _ops  # noqa: F401  (registers autograd and fake kernels)
 from . import _validation as v
 from ._class_sums import centroids_from_sums, idd_from_sums, pair_sums, slots_for, uses_class_sums
-from ._distributed import pooled_centroids, pooled_sums
+from ._distributed import check_process_group, pooled_centroids, pooled_sums
 from ._dtypes import loss_dtype
 
 ops = torch.ops.idd_ops
@@ -122,8 +122,7 @@ def inter_class_distance_loss(student_feats: Tensor, teacher_feats: Tensor, labe
     v.check_pair(fs, ft)
     v.check_labels(labels, "student_feats", fs)
     v.check_idd_options(num_classes, ignore_index, metric, normalize, reduction, eps, centroids)
-    if process_group is not None and centroids != "batch":
-        raise ValueError("process_group: only used with centroids='batch' (per-image centroids need no communication)")
+    check_process_group(process_group, centroids)
     if uses_class_sums(num_classes, fs, ft):
         ss, ns, st, nt = pair_sums(fs, ft.detach(), labels, num_classes, ignore_index)
         if centroids == "batch":

@@ -63,6 +63,8 @@ CASES = [  # (id, call, exception type, text the message must contain)
     ("pid_module_batch", lambda: PID(S[:1], T), ValueError, "teacher_feats: batch size 2 differs"),
     ("pid_module_teacher_channels", lambda: PID(S, S), ValueError, "teacher_feats: the module was built for 5"),
     ("pid_module_student_3d", lambda: PID(S[0], T), ValueError, "student_feats: expected a 4-D"),
+    ("process_group_type", lambda: loss(centroids="batch", process_group=object()), TypeError,
+     "process_group: expected a torch.distributed ProcessGroup"),
     # direct op calls bypass Python validation: the C++ checks still name the argument
     ("op_feats_3d", lambda: torch.ops.idd_ops.class_centroids(S[0], Y, 3, 255), ValueError, "feats"),
     ("op_metric", lambda: torch.ops.idd_ops.class_distance_matrix(torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.long),
