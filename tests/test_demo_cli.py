@@ -116,12 +116,13 @@ def test_the_cli_needs_matplotlib_before_any_work(no_matplotlib, monkeypatch, ca
     from idd_ops.demo import cli
 
     monkeypatch.setattr(cli, "run_experiment", lambda *a, **k: pytest.fail("ran without matplotlib"))
-    for argv, text in (([], "idd-distill draws its plots with matplotlib, which is not installed: pip install "
-                            "matplotlib"),
+    out = ["--out", str(tmp_path / "out")]
+    for argv, text in ((out, "idd-distill draws its plots with matplotlib, which is not installed: pip install "
+                             "matplotlib"),
                        (["--replot", "results/cpu"], "idd-distill --replot draws its plots with matplotlib"),
-                       (["--weight", "idd=abc"], "--weight: expected LOSS=VALUE")):
+                       (out + ["--weight", "idd=abc"], "--weight: expected LOSS=VALUE")):
         with pytest.raises(SystemExit) as stop:
-            cli.main(["--out", str(tmp_path / "out"), *argv] if "--replot" not in argv else argv)
+            cli.main(argv)
         assert stop.value.code == 2 and text in capsys.readouterr().err
 
 
