@@ -41,7 +41,9 @@ def _runner(fn):
 
 def _op(inputs, fn):
     def make(device):
-        moved = [t.to(device) for t in inputs]
+        # copies, so that requires_grad_ never marks the shared CPU inputs (a CUDA copy of one
+        # that requires grad is no leaf, and its .grad stays None)
+        moved = [t.detach().to(device, copy=True) for t in inputs]
         moved[0].requires_grad_()
         return moved, _runner(fn)
     return make

@@ -251,11 +251,11 @@ def test_a_nan_logit_makes_its_vector_nan_in_value_and_gradient(device, kd, case
         assert torch.isfinite(grad[rest]).all(), module.__name__
 
 
-def _empty_case(name, shape):
+def _empty_case(name, shape, device):
     """(call(module, x, reduction), x) of one loss on features with a zero-size dimension."""
     B, C, H, W = shape
-    y = torch.zeros(B, H, W, dtype=torch.long)
-    t = torch.zeros(B, C, H, W)
+    y = torch.zeros(B, H, W, dtype=torch.long, device=device)
+    t = torch.zeros(B, C, H, W, device=device)
     calls = {
         "idd": lambda m, x, r: m.inter_class_distance_loss(x, t, y, 5, reduction=r),
         "ifvd": lambda m, x, r: m.intra_class_variation_loss(x, t, y, 5, reduction=r),
@@ -264,7 +264,7 @@ def _empty_case(name, shape):
         "skd": lambda m, x, r: m.structural_kd_loss(x, t, reduction=r),
         "position": lambda m, x, r: m.position_encoding_loss(x[:, :1], ["horizontal"], reduction=r),
     }
-    return calls[name], torch.zeros(shape)
+    return calls[name], torch.zeros(shape, device=device)
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 8, 8), (2, 3, 0, 8), (2, 3, 8, 0)], ids=["B=0", "H=0", "W=0"])
@@ -274,17 +274,17 @@ def test_an_empty_input_gives_the_references_finite_result(device, name, shape):
     (never 0/0), the empty or zero per-item values for "none"; the reference agrees, and the
     backward runs. (IFVD and the position loss once gave NaN, the fused position loss with
     "none" crashed, and the reference raised on several.)"""
-    call, x = _empty_case(name, shape)
+    call, x = _empty_case(name, shape, device)
     if name == "position" and shape[3] == 0:  # a horizontal map divides by W - 1: a clear error
         with pytest.raises(ValueError, match="needs height and width >= 2 where it varies"):
-            call(idd_ops, x.to(device), "mean")
+            call(idd_ops, x, "mean")
         return
     for reduction in ("mean", "sum", "none"):
-        xs = x.to(device).requires_grad_()
+        xs = x.clone().requires_grad_()
         got = call(idd_ops, xs, reduction)
         want = call(reference, x, reduction)
         assert got.shape == want.shape and torch.isfinite(got).all(), reduction
-        torch.testing.assert_close(got.cpu(), want)
+        torch.testing.assert_close(got, want)
         if reduction != "none":
             assert got.item() == 0
         got.sum().backward()

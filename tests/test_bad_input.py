@@ -144,7 +144,7 @@ def test_non_finite_features_at_ignored_pixels_are_ignored(device, value):
                      (idd_ops.class_centroids, (s,))):
         ref = getattr(idd_ops.reference, fn.__name__)
         clean = ref(*(a.nan_to_num(0.0, 0.0, 0.0) for a in args), y, K)
-        for impl, x in ((ref, args), (fn, [a.to(device) for a in args])):
-            got = impl(*x, y.to(device), K)
+        for impl, x, labels in ((ref, args, y), (fn, [a.to(device) for a in args], y.to(device))):
+            got = impl(*x, labels, K)
             for g, w in zip(got if isinstance(got, tuple) else (got,), clean if isinstance(clean, tuple) else (clean,)):
                 torch.testing.assert_close(g.cpu(), w, rtol=1e-12, atol=1e-12)

@@ -9,7 +9,7 @@ import torch
 import idd_ops
 from idd_ops import _switches, reference
 from conftest import make_feats, make_labels
-from op_calls import OPS
+from op_calls import CALLS, OPS
 
 ops = torch.ops.idd_ops
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -52,6 +52,16 @@ def test_centroid_backward_is_zero_where_count_is_zero(device, dtype):
 
 
 # --- streams, graphs, devices ---------------------------------------------------------------------
+
+def test_op_inputs_are_fresh_leaves():
+    """Each OPS call gets its own leaf inputs and leaves the shared ones alone: once a CPU call
+    marked them as needing grad, a later CUDA copy was no leaf, its .grad None, and the stream
+    test's comparison failed on whichever op a worker had run on the CPU before (H200, cceb8c3)."""
+    for name, make in OPS.items():
+        inputs, _ = make("cpu")
+        assert inputs[0].is_leaf and inputs[0].requires_grad, name
+        assert not any(t.requires_grad for t in CALLS[name][0]), name
+
 
 @needs_gpu
 @pytest.mark.parametrize("name", sorted(OPS))
