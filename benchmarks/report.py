@@ -6,7 +6,7 @@ writes it to a new folder, results/bench-<date-time>/RESULTS.md, unless --out na
     python -m benchmarks.report            # every op at B=8 Cityscapes shapes (tens of minutes)
     python -m benchmarks.report --quick    # IDD at B=2 and the position loss, 3 rounds (1 min)
     python -m benchmarks.report --update   # every op, written to benchmarks/RESULTS.md
-    python -m benchmarks.report --device cuda --guard --kernels default next   # tools/gpu_check.sh's perf stage
+    python -m benchmarks.report --device cuda --guard --kernels default   # tools/gpu_check.sh's perf stage
 
 --kernels runs each CUDA kernel set in its own child process (IDD_OPS_CUDA_NEXT is read once per
 process): the first measures every implementation, the second the fused op alone ('fused next'

@@ -87,8 +87,8 @@ TORCH_LIBRARY(idd_ops, m) {
   // pixel_centroid_cosine with the pixel classes read from a class-slot map [B,H,W] int16 of
   // _label_slots (values in [-1, K)) instead of labels: IFVD builds the map once per call and
   // its forward and backward (which saves the map, not the labels) read it with no resize. A
-  // separate op rather than a changed schema: the labels op stays the tested CUDA default until a
-  // GPU has run the slot kernels (IDD_OPS_CUDA_NEXT), and its callers keep their arguments.
+  // separate op rather than a changed schema: the labels op serves more classes than a slot map
+  // holds (MAX_SLOT_CLASSES), and its callers keep their arguments.
   // counts ([B, K] int64, optional): the centroids are feats' own class means over the slot map,
   // with these pixel counts, and the backward's grad_feats also carries the path through them
   // (each pixel of class k gets grad_centroids[k] / counts[k]), so IFVD's student needs no class-sum

@@ -1,8 +1,8 @@
 """Which pixels of an H x W map carry a label, for the fused losses that mask pixels (pixel KD).
 
-Where the class-slot map is on (_switches.slot_map_path: the CPU, and CUDA under
-IDD_OPS_CUDA_NEXT=1) the mask is one _label_slots call, the nearest-resize rule of every kernel
-(csrc/common/label_index.h), which also rejects a label outside [0, K) that is not ignore_index.
+Where the class-slot map is on (_switches.slot_map_path: the CPU and CUDA) the mask is one
+_label_slots call, the nearest-resize rule of every kernel (csrc/common/label_index.h), which also
+rejects a label outside [0, K) that is not ignore_index.
 Elsewhere the comparison with ignore_index is made at the labels' own resolution and the bits are
 gathered by the nearest-neighbour index (_nearest.py, which the reference resizes with): no
 resized label tensor is built.

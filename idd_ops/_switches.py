@@ -1,7 +1,8 @@
 """Python side of the IDD_OPS_CUDA_NEXT switch (csrc/common/cuda_next.h).
 
 GPU code written since the last GPU run lands switched off: the tested path stays the default and
-IDD_OPS_CUDA_NEXT=1 selects the new one. Read once per process, like the C++ side.
+IDD_OPS_CUDA_NEXT=1 selects the new one. Read once per process, like the C++ side. Nothing is
+behind it at present (csrc/common/cuda_next.h); the path selections below are per device.
 """
 import functools
 import os
@@ -23,16 +24,14 @@ cpu_sums = os.environ.get("IDD_OPS_CPU_SUMS", "0") == "1"
 
 def class_sums_path(device: torch.device, channels_last: bool = False) -> bool:
     """Whether the class passes on `device` (over channels_last features when `channels_last`)
-    go through _label_slots and class_sums."""
-    return cuda_next_enabled() if device.type == "cuda" else cpu_sums or channels_last
+    go through _label_slots and class_sums: always on CUDA, on the CPU as set above."""
+    return device.type == "cuda" or cpu_sums or channels_last
 
 
 def slot_map_path(device: torch.device) -> bool:
     """Whether the ops that read labels once per pixel take a class-slot map built once per call
     (_label_slots) instead of decoding the labels themselves: IFVD's cosine op
     (_pixel_centroid_cosine_slots, in its forward and again in its backward) and pixel KD's mask
-    of kept pixels (one launch where the mask built from labels takes about 13). Always on the
-    CPU (IFVD measured no slower, docs/ARCHITECTURE.md), on CUDA where the slot kernels are
-    switched on (IDD_OPS_CUDA_NEXT=1; until a GPU has run them the labels kernel and the ATen
-    mask stay)."""
-    return device.type == "cpu" or cuda_next_enabled()
+    of kept pixels (one launch where the mask built from labels takes about 13). On the CPU (IFVD
+    measured no slower, docs/ARCHITECTURE.md) and CUDA; other devices decode the labels."""
+    return device.type in ("cpu", "cuda")

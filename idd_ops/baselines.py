@@ -111,8 +111,7 @@ def structural_kd_loss(student_feats: Tensor, teacher_feats: Tensor, pool: int =
     centred on the image's mean directions (so that an offset the features share does not round
     the Grams: docs/METHOD.md 8), and the Grams ``X X^T``, ``X D^T``, ``D D^T`` of the centred
     ``X``, ``D`` are accumulated in the accumulation dtype (float32 for float32/half inputs;
-    with ``IDD_OPS_CUDA_NEXT=1`` on CUDA, bfloat16 inputs keep their dtype as the GEMMs'
-    operands, on tensor cores); the value is a sum of their inner products in which every term
+    on CUDA, bfloat16 inputs keep their dtype as the GEMMs' operands, on tensor cores); the value is a sum of their inner products in which every term
     carries a Gram of D, plus the means' own terms, so it stays accurate as the student nears the
     teacher and with a common offset, for equal and different channel counts alike, and so does
     the gradient. Extra memory: O(B*C*C) for the Grams plus one block's copies, never O(B*C*P)

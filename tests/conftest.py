@@ -88,8 +88,8 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=lambda item: not is_slow(item))  # stable: each group keeps its order
 
 
-# IDD_OPS_EMULATE_CUDA=default|next: the CPU cases run the library's CUDA kernels instead of its
-# CPU kernels, on the emulator of tests/cuda_emu (one of the two CUDA kernel sets), with the
+# IDD_OPS_EMULATE_CUDA=default (a kernel set of tests/cuda_emu/override.py): the CPU cases run the
+# library's CUDA kernels instead of its CPU kernels, on the emulator of tests/cuda_emu, with the
 # Python and composite paths switched as they are on CUDA. For the test files that check values
 # through the public API (test_cuda_emulated.py lists them and runs them so).
 EMULATE_CUDA = os.environ.get("IDD_OPS_EMULATE_CUDA", "")
@@ -97,51 +97,30 @@ EMULATE_CUDA = os.environ.get("IDD_OPS_EMULATE_CUDA", "")
 # Where the CUDA kernels differ from the CPU ones by design (skipped under emulation), or by a
 # known defect (expected to fail): test id prefix -> (kernel sets, "skip" or "xfail", why).
 _DEVICE_ASSERT = "CUDA checks label and slot values by a device assert (a RuntimeError), not the CPU op's ValueError"
-_ATOMICS = "the default CUDA centroid kernel adds float atomics: its sums change bits from run to run"
 EMULATED_CUDA_DIFFERENCES = {
-    "tests/test_baselines.py::test_bad_input[<lambda>-labels: value": (("default", "next"), "skip", _DEVICE_ASSERT),
-    "tests/test_centroids.py::test_counts_without_channels_and_unsigned_labels": (("default", "next"), "skip",
+    "tests/test_baselines.py::test_bad_input[<lambda>-labels: value": (("default",), "skip", _DEVICE_ASSERT),
+    "tests/test_centroids.py::test_counts_without_channels_and_unsigned_labels": (("default",), "skip",
                                                                                   _DEVICE_ASSERT),
-    "tests/test_bad_input.py::test_bad_input[labels_too_big]": (("default", "next"), "skip", _DEVICE_ASSERT),
-    "tests/test_bad_input.py::test_bad_input[labels_negative]": (("default", "next"), "skip", _DEVICE_ASSERT),
-    "tests/test_bad_input.py::test_bad_input[centroid_labels_range]": (("default", "next"), "skip", _DEVICE_ASSERT),
-    "tests/test_class_sums.py::test_class_sums_reject_bad_input": (("default", "next"), "skip", _DEVICE_ASSERT),
-    "tests/test_class_sums.py::test_label_slots_reject_bad_input": (("default", "next"), "skip", _DEVICE_ASSERT),
-    "tests/test_cosine_slots.py::test_bad_slots_raise": (("default", "next"), "skip", _DEVICE_ASSERT),
+    "tests/test_bad_input.py::test_bad_input[labels_too_big]": (("default",), "skip", _DEVICE_ASSERT),
+    "tests/test_bad_input.py::test_bad_input[labels_negative]": (("default",), "skip", _DEVICE_ASSERT),
+    "tests/test_bad_input.py::test_bad_input[centroid_labels_range]": (("default",), "skip", _DEVICE_ASSERT),
+    "tests/test_class_sums.py::test_class_sums_reject_bad_input": (("default",), "skip", _DEVICE_ASSERT),
+    "tests/test_class_sums.py::test_label_slots_reject_bad_input": (("default",), "skip", _DEVICE_ASSERT),
+    "tests/test_cosine_slots.py::test_bad_slots_raise": (("default",), "skip", _DEVICE_ASSERT),
     "tests/test_baselines.py::test_skd_never_forms_the_pixel_affinity": (
-        ("default", "next"), "skip", "a memory case (256x512 pixels at pool 1): emulated thread by thread it took 1.5 "
-                                     "min, and test_cuda_emulated_skd.py covers the kernels' grids"),
-    "tests/test_class_sums.py::test_cpu_default_path_is_switchable": (("default", "next"), "skip",
+        ("default",), "skip", "a memory case (256x512 pixels at pool 1): emulated thread by thread it took 1.5 "
+                              "min, and test_cuda_emulated_skd.py covers the kernels' grids"),
+    "tests/test_class_sums.py::test_cpu_default_path_is_switchable": (("default",), "skip",
                                                                       "the CPU's path selection"),
     "tests/test_skd_formulations.py::test_the_variable_selects_the_formulation": (
-        ("next",), "skip", "the CPU's path selection (CUDA next runs its fused kernels whatever the variable)"),
-    "tests/test_token_features.py::test_token_features_are_read_in_place": (("default",), "skip",
-                                                                           "the CPU's path selection"),
-    "tests/test_cosine_slots.py::test_ifvd_reads_the_slot_map_once": (("default",), "skip",
-                                                                      "the default CUDA IFVD reads the labels"),
-    "tests/test_class_sums.py::test_ifvd_on_the_class_sum_path_computes_no_teacher_gradient": (
-        ("default",), "skip", "the default CUDA IFVD has no class-sum path"),
-    "tests/test_cosine_slots.py::test_equals_the_labels_op": (("default", "next"), "xfail",
+        ("default",), "skip", "the CPU's path selection (CUDA runs its fused kernels whatever the variable)"),
+    "tests/test_cosine_slots.py::test_equals_the_labels_op": (("default",), "xfail",
                                                               "not bit for bit on CUDA: the labels backward adds "
                                                               "centroid gradients with float atomics, the slot forward "
                                                               "in 8 partial sums a pixel"),
-    "tests/test_idd_loss.py::test_deterministic_on_cpu": (("default",), "xfail", _ATOMICS),
-    "tests/test_idd_loss.py::test_loss_is_zero_when_student_equals_teacher": (("default",), "xfail", _ATOMICS),
-    "tests/test_precision.py::test_loss_with_a_common_offset": (
-        ("default",), "xfail", "the default CUDA centroid kernel loses a common offset (issue 25; next keeps it)"),
-    "tests/test_precision.py::test_centroids_with_a_common_offset": (
-        ("default",), "xfail", "the default CUDA centroid kernel loses a common offset (issue 25; next keeps it)"),
-    "tests/test_precision.py::test_class_sum_path_keeps_a_common_offset": (
-        ("default",), "skip", "the default CUDA kernels have no class-sum path"),
-    "tests/test_training.py::test_autocast_leaves_the_ops_arithmetic_alone[cpu-idd]": (("default",), "xfail", _ATOMICS),
-    "tests/test_training.py::test_autocast_leaves_the_ops_arithmetic_alone[cpu-ifvd]": (("default",), "xfail",
-                                                                                        _ATOMICS),
-    "tests/test_training.py::test_bitwise_deterministic[ifvd]": (
-        ("default",), "skip", "the default CUDA IFVD backward adds float atomics, so deterministic mode raises there "
-                              "(tests/test_cuda_runtime.py checks that)"),
     "tests/test_training.py::test_cpu_autocast_bfloat16[skd]": (
-        ("next",), "xfail", "the next CUDA set's SKD keeps bfloat16 GEMM operands (docs/ARCHITECTURE.md): 6.6e-4 of "
-                            "the loss here, where the CPU's float32 operands meet the test's 1e-4"),
+        ("default",), "xfail", "CUDA's SKD keeps bfloat16 GEMM operands (docs/ARCHITECTURE.md): 6.6e-4 of the loss "
+                               "here, where the CPU's float32 operands meet the test's 1e-4"),
 }
 
 
@@ -201,8 +180,8 @@ def gradcheck(fn, inputs, **kwargs):
     math to the full Jacobian; the CUDA ones check the kernels."""
     on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
     kwargs.setdefault("fast_mode", on_cuda)
-    if on_cuda or EMULATE_CUDA:  # default CUDA kernels add with float atomics: two backward passes
-        kwargs.setdefault("nondet_tol", 1e-10)  # differ in the last bits (emulated: blocks run shuffled)
+    if on_cuda or EMULATE_CUDA:  # the centroid op's CUDA kernel adds with float atomics: two backward
+        kwargs.setdefault("nondet_tol", 1e-10)  # passes differ in the last bits (emulated: blocks run shuffled)
     return torch.autograd.gradcheck(fn, inputs, **kwargs)
 
 

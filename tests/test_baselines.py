@@ -201,8 +201,8 @@ def test_bad_input(call_, text):
 
 
 def _pixel_kd_both_masks(monkeypatch, K, y, ignore_index=255):
-    """Pixel KD's kept pixels from the class-slot map (the CPU; CUDA under IDD_OPS_CUDA_NEXT=1)
-    and from the ATen mask (CUDA's default): each gives the reference's loss and gradient."""
+    """Pixel KD's kept pixels from the class-slot map (the CPU and CUDA) and from the ATen mask
+    (other devices, and past MAX_SLOT_CLASSES): each gives the reference's loss and gradient."""
     from idd_ops import _switches
     s = make_feats(2, K, 6, 7, seed=1).requires_grad_()
     t = make_feats(2, K, 6, 7, seed=2)

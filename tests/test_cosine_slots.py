@@ -2,7 +2,7 @@
 label decode per IFVD call; its backward saves the map): values and float64 gradients against
 idd_ops/reference.py, the label maps of tests/labels.py that leave classes absent or every pixel
 ignored, bad slot maps, and its place in intra_class_variation_loss. The CUDA cases run the slot
-kernels, which IFVD itself reaches there only under IDD_OPS_CUDA_NEXT=1."""
+kernels."""
 import pytest
 import torch
 

@@ -1,6 +1,5 @@
 """The library's CUDA kernels, run on the CPU by the emulator of tests/cuda_emu (no GPU needed):
-every CUDA op of both kernel sets (the tested default and the IDD_OPS_CUDA_NEXT set) against the
-CPU op of the same name, which the rest of the suite checks against the float64 reference.
+every CUDA op against the CPU op of the same name, which the rest of the suite checks against the float64 reference.
 
 The emulator runs each block's threads as fibers in a shuffled order, poisons shared memory, and
 raises on a barrier not every thread reaches, an over-sized launch or a device assert, so these
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 import idd_ops  # noqa: F401
+from cuda_emu.override import KERNEL_SETS
 
 CPU = torch.ops.idd_ops
 K = 7
@@ -29,11 +29,11 @@ def emu():
     return build.load()
 
 
-@pytest.fixture(params=["default", "next"])
-def kernels(request, emu):
-    """The emulated ops with one of the two CUDA kernel sets selected, and a seed for the order
-    of blocks and threads."""
-    emu._emu_configure(request.param == "next", 7)
+@pytest.fixture
+def kernels(emu):
+    """The emulated ops with the default CUDA kernel set selected, and a seed for the order of
+    blocks and threads."""
+    emu._emu_configure(False, 7)
     return emu
 
 
@@ -246,7 +246,7 @@ def test_emulator_runs_a_correct_reduction(emu):
 def test_orders_follow_the_seed_not_what_ran_before(emu):
     """Block and thread orders come from the seed and the launches since the last configure, so a
     call configured again gives the same bits whatever ran before (a fuzzer's --repro shows what a
-    long run saw: the default centroid kernel's float atomics round by the order), and another
+    long run saw: the centroid op's float atomics round by the order), and another
     seed gives another order."""
     x, y = randn(2, 24, 16, 20) + 3.0, labels(2, 32, 40)
 
@@ -306,7 +306,7 @@ API_TESTS = ["tests/test_idd_loss.py", "tests/test_baselines.py", "tests/test_po
              "tests/test_api.py::test_pixel_kd_mask_follows_the_kernels_label_resize"]
 
 
-@pytest.mark.parametrize("kernel_set", ["default", "next"])
+@pytest.mark.parametrize("kernel_set", KERNEL_SETS)
 def test_public_api_on_emulated_cuda(emu, kernel_set):
     """The losses through the Python API, autograd and the CUDA path selection, on the emulated
     CUDA kernels of one set, in a child process (a few minutes each on 2 cores)."""

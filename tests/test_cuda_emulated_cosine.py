@@ -7,7 +7,7 @@ import torch
 import idd_ops  # noqa: F401
 from labels import CASES
 from test_cuda_emulated import CPU, close, emu, randn, slot_counts  # noqa: F401  (emu: the module fixture)
-from test_cuda_emulated_tail import LABEL_TYPE_CASES, default_kernels, next_kernels  # noqa: F401  (fixtures)
+from test_cuda_emulated_tail import LABEL_TYPE_CASES, kernels  # noqa: F401  (a fixture)
 
 
 def _cosine_inputs(case, dtype):
@@ -26,10 +26,9 @@ def test_pixel_centroid_cosine_labels(emu, case, dtype):
     want = CPU.pixel_centroid_cosine(x, cent, y, ig, 1e-8)
     grad = randn(*want[0].shape, seed=2, dtype=want[0].dtype)
     want_b = CPU._pixel_centroid_cosine_backward(grad, x, cent, y, *want, ig, 1e-8)
-    for next_set in (False, True):  # the labels ops' kernels are the same in both sets but for the centroid norms
-        emu._emu_configure(next_set, 3)
-        close(emu.pixel_centroid_cosine(x, cent, y, ig, 1e-8), want)
-        close(emu._pixel_centroid_cosine_backward(grad, x, cent, y, *want, ig, 1e-8), want_b, atol=1e-4)
+    emu._emu_configure(False, 3)
+    close(emu.pixel_centroid_cosine(x, cent, y, ig, 1e-8), want)
+    close(emu._pixel_centroid_cosine_backward(grad, x, cent, y, *want, ig, 1e-8), want_b, atol=1e-4)
 
 
 @pytest.mark.parametrize("case", LABEL_TYPE_CASES, ids=lambda c: c.id)
@@ -51,15 +50,15 @@ def test_pixel_centroid_cosine_labels_low_precision(emu, case, dtype):
     "clamped-cosine", "ignored-warps", "mixed-warps", "odd-sizes", "uniform-runs", "all-ignored")],
     ids=lambda c: c.id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_pixel_centroid_cosine_slots(next_kernels, case, dtype):
+def test_pixel_centroid_cosine_slots(kernels, case, dtype):
     x, y, cent = _cosine_inputs(case, dtype)
     slots = CPU._label_slots(y, case.H, case.W, case.K, case.ignore_index)
     want = CPU._pixel_centroid_cosine_slots(x, cent, slots, 1e-8)
-    close(next_kernels._pixel_centroid_cosine_slots(x, cent, slots, 1e-8), want)
+    close(kernels._pixel_centroid_cosine_slots(x, cent, slots, 1e-8), want)
     grad = randn(*want[0].shape, seed=2, dtype=want[0].dtype)
     args = (grad, x, cent, slots, *want, 1e-8)
     for own in ((), (slot_counts(slots, case.K),)):  # independent centroids, then feats' own
-        close(next_kernels._pixel_centroid_cosine_slots_backward(*args, *own),
+        close(kernels._pixel_centroid_cosine_slots_backward(*args, *own),
               CPU._pixel_centroid_cosine_slots_backward(*args, *own), atol=1e-4)
 
 
@@ -76,7 +75,7 @@ def _many_class_inputs(K, dtype, C=3, H=5, W=13):
 
 
 @pytest.mark.parametrize("K, dtype", [(6145, torch.float64), (12289, torch.float32)])
-def test_pixel_centroid_cosine_many_classes(next_kernels, K, dtype):
+def test_pixel_centroid_cosine_many_classes(kernels, K, dtype):
     """K class sums past the default 48 KiB a block: the slots backward runs one warp a block,
     adding into global memory; the labels backward opts in to more shared memory."""
     x, y, cent = _many_class_inputs(K, dtype)
@@ -85,10 +84,10 @@ def test_pixel_centroid_cosine_many_classes(next_kernels, K, dtype):
     grad = randn(*want[0].shape, seed=2, dtype=dtype)
     args = (grad, x, cent, slots, *want, 1e-8)
     for own in ((), (slot_counts(slots, K),)):
-        close(next_kernels._pixel_centroid_cosine_slots_backward(*args, *own),
+        close(kernels._pixel_centroid_cosine_slots_backward(*args, *own),
               CPU._pixel_centroid_cosine_slots_backward(*args, *own), atol=1e-4)
     args = (grad, x, cent, y, *want, 255, 1e-8)
-    close(next_kernels._pixel_centroid_cosine_backward(*args), CPU._pixel_centroid_cosine_backward(*args), atol=1e-4)
+    close(kernels._pixel_centroid_cosine_backward(*args), CPU._pixel_centroid_cosine_backward(*args), atol=1e-4)
 
 
 def _spread_slots_inputs(K, dtype, B=2, C=3, H=53, W=97, seed=0):
@@ -134,7 +133,7 @@ def test_pixel_centroid_cosine_slots_backward_is_deterministic(emu, K, dtype):
         want = CPU._pixel_centroid_cosine_slots_backward(*args)
         runs = []
         for seed in (1, 2, 3):
-            emu._emu_configure(True, seed)
+            emu._emu_configure(False, seed)
             emu._emu_launch_log()
             runs.append(emu._pixel_centroid_cosine_slots_backward(*args))
             log = emu._emu_launch_log()
@@ -148,14 +147,14 @@ def test_pixel_centroid_cosine_slots_backward_is_deterministic(emu, K, dtype):
                 assert torch.equal(got, first)
 
 
-def test_pixel_centroid_cosine_labels_backward_class_limit(default_kernels):
+def test_pixel_centroid_cosine_labels_backward_class_limit(kernels):
     """Past the 227 KiB opt-in of the emulated GPU (29056 float64 class sums) the labels backward
     raises a ValueError naming num_classes, before any launch."""
     K = 29057
     x, y, cent = _many_class_inputs(K, torch.float64, C=1, H=2, W=3)
     cos, norms = CPU.pixel_centroid_cosine(x, cent, y, 255, 1e-8)
     with pytest.raises(ValueError, match="num_classes"):
-        default_kernels._pixel_centroid_cosine_backward(torch.ones_like(cos), x, cent, y, cos, norms, 255, 1e-8)
+        kernels._pixel_centroid_cosine_backward(torch.ones_like(cos), x, cent, y, cos, norms, 255, 1e-8)
 
 
 # Where each class-sum layout of the slots backward writes its centroid gradients, and the
@@ -167,7 +166,7 @@ def test_pixel_centroid_cosine_slots_write_every_output(emu, poisoned_empties, K
     """The slots forward's maps, the backward's per-segment class sums and its centroid
     gradients start uninitialised (no fill launches): every element must be written, absent
     classes' gradients and empty segments' sums included."""
-    emu._emu_configure(True, 5)
+    emu._emu_configure(False, 5)
     grad, x, cent, slots, cos, norms, eps = _spread_slots_inputs(K, torch.float32, H=H, W=W)
     for got, want in zip(emu._pixel_centroid_cosine_slots(x, cent, slots, eps),
                          CPU._pixel_centroid_cosine_slots(x, cent, slots, eps)):
@@ -180,7 +179,7 @@ def test_pixel_centroid_cosine_slots_write_every_output(emu, poisoned_empties, K
 
 def test_pixel_centroid_cosine_slots_without_pixels(emu, poisoned_empties):
     """No pixels (W = 0): empty maps, and zero centroid gradients."""
-    emu._emu_configure(True, 5)
+    emu._emu_configure(False, 5)
     x, cent = randn(2, 3, 4, 0), randn(2, 5, 3, seed=1)
     slots = torch.zeros(2, 4, 0, dtype=torch.int16)
     cos, norms = emu._pixel_centroid_cosine_slots(x, cent, slots, 1e-8)

@@ -1,16 +1,15 @@
-"""softmax_kl on the CUDA emulator (tests/cuda_emu), branch by branch:
-both kernel sets (the tested default and IDD_OPS_CUDA_NEXT) against the CPU op of the same name
-and against idd_ops.reference in float64, forward and backward.
+"""softmax_kl on the CUDA emulator (tests/cuda_emu), branch by branch, against the CPU op of the
+same name and against idd_ops.reference in float64, forward and backward.
 
-softmax_kl cases reach, in the next set, every launch of softmax_kl_next_cuda.cu: CWD rows
-(inner == 1) a warp per row (lengths under 32, 32..256, over 256) and a block per row (from
-2 * 256 packs); pixel KD (inner > 1), the forward a pixel per thread with chunks of classes and
-the backward over tiles of 256 packs and groups of 4 classes, both on a grid whose image loop
-wraps. Each with 16-byte packs (the backward's per-pixel values too, where aligned) and, where
-the contiguous dim is not a multiple of the pack or the storage is offset, packs of one. Values:
-temperatures 1 and 4, logits ~1e3 and ramps (every chunk raises the running maximum), and the
--inf rules of docs/METHOD.md ("-inf logits"): masked entries, a teacher vector -inf everywhere
-(KL 0, zero gradient: issue 22 item 5), a student vector -inf everywhere (+inf, zero gradient).
+The cases reach every launch of softmax_kl_cuda.cu: CWD rows (inner == 1) a warp per row (lengths
+under 32, 32..256, over 256) and a block per row (from 2 * 256 packs); pixel KD (inner > 1), the
+forward a pixel per thread with chunks of classes and the backward over tiles of 256 packs and
+groups of 4 classes, both on a grid whose image loop wraps. Each with 16-byte packs (the backward's
+per-pixel values too, where aligned) and, where the contiguous dim is not a multiple of the pack or
+the storage is offset, packs of one. Values: temperatures 1 and 4, logits ~1e3 and ramps (every
+chunk raises the running maximum), and the -inf rules of docs/METHOD.md ("-inf logits"): masked
+entries, a teacher vector -inf everywhere (KL 0, zero gradient: issue 22 item 5), a student vector
+-inf everywhere (+inf, zero gradient).
 """
 import pytest
 import torch
@@ -90,7 +89,7 @@ def logits(shape, dtype, seed, scale=1.0):
     return (torch.randn(*shape, generator=gen(seed), dtype=torch.float64) * scale).to(dtype)
 
 
-# (outer, length, inner), dtype, temperature: the launch each reaches in the next set is named.
+# (outer, length, inner), dtype, temperature: the launch each reaches is named.
 KL_CASES = [
     # CWD rows, a warp per row
     ((5, 7, 1), torch.float32, 1.0),       # length < 32, not a pack multiple: scalar
@@ -149,7 +148,7 @@ def test_softmax_kl_misaligned(kernels, shape, which):
 
 @pytest.mark.parametrize("which", ["lse", "grad"])
 def test_softmax_kl_pixel_backward_misaligned_values(kernels, which):
-    """The backward's per-pixel values in storage that starts one element later: the next pixel
+    """The backward's per-pixel values in storage that starts one element later: the pixel
     backward reads them one by one instead of as packs."""
     s, t = logits((2, 19, 64), torch.float32, 0), logits((2, 19, 64), torch.float32, 1)
     _, lse_s, lse_t = CPU.softmax_kl(s, t, 2.0)
@@ -191,7 +190,7 @@ def test_softmax_kl_tiny_between_distant_maxima(kernels, shape):
 
 
 def test_softmax_kl_pixel_grid_wraps(kernels):
-    """More images than a grid's y dimension holds (65535): the next pixel kernels' image loop
+    """More images than a grid's y dimension holds (65535): the pixel kernels' image loop
     wraps (the backward's class-group loop, over z, runs several steps in every case above). The
     images past the wrap have the largest KL and gradients (the student's mass on class 0, the
     teacher's on class 1), far above the tolerance: one left unwritten fails."""
@@ -210,7 +209,7 @@ def test_softmax_kl_teacher_half_student_float(kernels):
 @pytest.mark.parametrize("shape", [(2, 19, 64), (2, 19, 30), (8, 100, 1), (2, 2048, 1)])
 def test_softmax_kl_reduced_grad(kernels, shape):
     """The gradient of a reduced loss arrives expanded (strides 0); a "none" gradient may arrive
-    transposed. The next backward reads it in place with its strides."""
+    transposed. The backward reads it in place with its strides."""
     s, t = logits(shape, torch.float32, 0), logits(shape, torch.float32, 1)
     outer, _, inner = shape
     check_softmax_kl(kernels, s, t, 4.0, torch.tensor(0.7).expand(outer, inner))

@@ -102,11 +102,11 @@ def test_a_threads_locals_and_the_launch_arguments_are_not_global_memory(emu):
     assert (launch.ld_bytes, launch.st_bytes) == (1024, 4)
 
 
-# What issue 21 asks of the IDD_OPS_CUDA_NEXT kernels, checked on their traffic: one read of
-# the features, coalesced; no float atomics; few launches. (tests/cuda_emu/report.py prints the
+# What issue 21 asks of the CUDA IDD kernels, checked on their traffic: one read of the
+# features, coalesced; no float atomics; few launches. (tests/cuda_emu/report.py prints the
 # same figures for every loss at a larger shape: benchmarks/TRAFFIC-emulated.md.)
-def idd_call(kernel_set, channels_last=False):
-    """The launches of one IDD forward+backward through an emulated kernel set, and the bytes of
+def idd_call(channels_last=False):
+    """The launches of one IDD forward+backward through the emulated kernels, and the bytes of
     its features."""
     import idd_ops
     from cuda_emu.override import emulated_cuda
@@ -118,15 +118,15 @@ def idd_call(kernel_set, channels_last=False):
     y = torch.randint(0, 7, (2, 64, 128), generator=g)
     s.requires_grad_()
     seed = torch.ones(())
-    with emulated_cuda(kernel_set) as emu, measured(emu) as launches, \
+    with emulated_cuda() as emu, measured(emu) as launches, \
             torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         idd_ops.inter_class_distance_loss(s, t, y, 7).backward(seed)
     return launches, 4 * (s.numel() + t.numel()), prof
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_next_idd_reads_each_feature_once_coalesced(emu, channels_last):
-    launches, feature_bytes, _ = idd_call("next", channels_last)
+def test_idd_reads_each_feature_once_coalesced(emu, channels_last):
+    launches, feature_bytes, _ = idd_call(channels_last)
     sums = max((l for l in launches if "class_sums_cuda.cu" in l.site), key=lambda l: l.dram_read)
     slot_bytes = 2 * 16 * 32 * 2  # the class-slot map: one int16 per feature pixel
     assert feature_bytes + slot_bytes <= sums.dram_read <= feature_bytes + slot_bytes + 64
@@ -134,27 +134,21 @@ def test_next_idd_reads_each_feature_once_coalesced(emu, channels_last):
     assert sums.atomics == 0
 
 
-@pytest.mark.parametrize("kernel_set, most", [("default", 3), ("next", 6)])
-def test_idd_launches_and_float_atomics(emu, kernel_set, most):
-    """The library's own kernel launches per IDD forward+backward, and its global float atomics:
-    none in either set at this shape (the default centroid kernel's atomics are in shared
-    memory). The next set launches nothing else: no conversion of the sums' float64 gradient
-    (the gather reads it as it comes) and no zero fills for unused gradients, so 6 launches in
-    all (issue 21's target); the default's composite tail adds about 110 ATen ops."""
+def test_idd_launches_and_float_atomics(emu):
+    """The library's own kernel launches per IDD forward+backward, no global float atomics, and
+    nothing else launched: no conversion of the sums' float64 gradient (the gather reads it as it
+    comes) and no zero fills for unused gradients, so 6 launches in all (issue 21's target; the
+    kernels they replaced took 3 and a composite tail of about 110 ATen ops)."""
     from cuda_emu.report import aten_ops
 
-    launches, _, prof = idd_call(kernel_set)
-    assert len(launches) <= most, [l.site for l in launches]
+    launches, _, prof = idd_call()
+    assert len(launches) <= 6, [l.site for l in launches]
     assert sum(l.float_atomics for l in launches) == 0
-    aten = aten_ops(prof)
-    if kernel_set == "next":
-        assert aten == {}
-    else:
-        assert sum(aten.values()) > 50
+    assert aten_ops(prof) == {}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_next_position_loss_reads_its_table_without_bank_conflicts(emu, dtype):
+def test_position_loss_reads_its_table_without_bank_conflicts(emu, dtype):
     """The table-driven position kernels read a pack's column factors with 16-byte shared loads
     (one element at a time, lanes 4 words apart met in a quarter of the banks: 3-3.4 passes for
     each pass's worth of bytes, before the traffic model showed it). bfloat16 packs hold 8
@@ -164,9 +158,9 @@ def test_next_position_loss_reads_its_table_without_bank_conflicts(emu, dtype):
 
     pred = torch.rand(2, 5, 16, 64, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
     kinds = ("horizontal", "vertical", "gaussian", "horizontal_stripes", "vertical_stripes")
-    with emulated_cuda("next") as emu, measured(emu) as launches:
+    with emulated_cuda() as emu, measured(emu) as launches:
         idd_ops.position_encoding_loss(pred, kinds).backward()
-    tables = [l for l in launches if "position_encoding_loss_next" in l.site and l.blocks > 1]
+    tables = [l for l in launches if "position_encoding_loss_tables" in l.site and l.blocks > 1]
     assert len(tables) == 2  # forward and backward
     most = 2.0 if dtype == torch.bfloat16 else 1.0
     assert all(l.bank_conflicts <= most for l in tables), [(l.site, l.bank_conflicts) for l in tables]
@@ -176,11 +170,11 @@ def test_the_traffic_report_counts_kernels_and_aten_ops(emu):
     """tests/cuda_emu/report.py (benchmarks/TRAFFIC-emulated.md) on two of its cases."""
     from cuda_emu import report
 
-    cwd, skd = report.measure("cwd", "next"), report.measure("skd pool2", "next")
-    assert [l.site.split(":")[0] for l in cwd["launches"]] == ["csrc/cuda/softmax_kl_next_cuda.cu"] * 2
+    cwd, skd = report.measure("cwd", "default"), report.measure("skd pool2", "default")
+    assert [l.site.split(":")[0] for l in cwd["launches"]] == ["csrc/cuda/softmax_kl_cuda.cu"] * 2
     # SKD: its fused kernels around ATen's GEMMs (csrc/cuda/affinity_loss_cuda.cu)
     assert [l.site.split(":")[0] for l in skd["launches"]] == ["csrc/cuda/affinity_loss_cuda.cu"] * 11
     # its 5 GEMMs (bmm_out writes in place: counted), and the mean's sum and division
     assert skd["aten"]["aten::bmm"] == 5 and sum(skd["aten"].values()) == 8
     text = report.markdown([cwd, skd], "abc1234")
-    assert "| cwd | next | 2 + " in text and "| skd pool2 | next | 11 + 8 |" in text
+    assert "| cwd | default | 2 + " in text and "| skd pool2 | default | 11 + 8 |" in text

@@ -1,10 +1,9 @@
-"""position_encoding_loss on the CUDA emulator (tests/cuda_emu), branch by branch: both kernel
-sets (the tested default and IDD_OPS_CUDA_NEXT) against the CPU op of the same name and against
-idd_ops.reference in float64, forward and backward.
+"""position_encoding_loss on the CUDA emulator (tests/cuda_emu), branch by branch, against the
+CPU op of the same name and against idd_ops.reference in float64, forward and backward.
 
 The cases reach every map kind, the three reductions, the packed and scalar paths, widths up to
-and past the column table (position_next_max_width: the next set falls back to the per-element
-kernel), and grids with more than 256 partials and a grid-stride wrap.
+and past the column table (position_tables_max_width: past it the per-element kernel runs), and
+grids with more than 256 partials and a grid-stride wrap.
 """
 import pytest
 import torch
@@ -16,7 +15,7 @@ from idd_ops.position import CODES
 from test_cuda_emulated import CPU, emu, kernels  # noqa: F401  (fixtures)
 from test_cuda_emulated_kl import ACC, RTOL, close, gen, offset
 
-# Widest map the next set's column table serves (position_next_max_width): (48 KiB - 1 KiB) of
+# Widest map the column table serves (position_tables_max_width): (48 KiB - 1 KiB) of
 # accumulation-dtype values; wider maps take the per-element kernel.
 TABLE_WIDTH = {torch.float64: (47 * 1024) // 8, torch.float32: (47 * 1024) // 4,
                torch.float16: (47 * 1024) // 4, torch.bfloat16: (47 * 1024) // 4}
@@ -63,7 +62,7 @@ def test_position_branches(kernels, dtype, W, reduction):
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_position_five_images_two_columns(kernels, reduction):
-    """The next kernels walk the batch 4 images at a time (unrolled): 5 leaves one."""
+    """The table kernels walk the batch 4 images at a time (unrolled): 5 leaves one."""
     check_position(kernels, maps(5, M_ALL, 3, 2, torch.float32), KINDS, reduction)
 
 
@@ -80,27 +79,36 @@ def test_position_two_frequencies_and_transposed_grad(kernels):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("past", [0, 1])
-def test_position_table_width(kernels, request, dtype, past):
-    """At the column table's width the next set runs its kernel (a partial pass and a finalise:
-    2 launches); one column more, the per-element kernel (1 launch). The default set: 1. Plus
-    one launch for the backward."""
+def test_position_table_width(kernels, dtype, past):
+    """At the column table's width the table kernel runs (a partial pass and a finalise: 2
+    launches); one column more, the per-element kernel (1 launch). Plus one launch for the
+    backward."""
     pred = maps(1, 2, 2, TABLE_WIDTH[dtype] + past, dtype)
     before = kernels._emu_launches()
     check_position(kernels, pred, ("horizontal", "gaussian"), "mean")
-    next_kernel = request.node.callspec.params["kernels"] == "next" and not past
-    assert kernels._emu_launches() - before == (2 if next_kernel else 1) + 1
+    assert kernels._emu_launches() - before == (1 if past else 2) + 1
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_position_past_the_table_in_half(kernels, reduction):
+    """One column past the table the per-element kernels run, here in half and with reduction
+    "none" (the elementwise errors, and an elementwise gradient in the backward)."""
+    pred = maps(1, 2, 2, TABLE_WIDTH[torch.float16] + 1, torch.float16)
+    before = kernels._emu_launches()
+    check_position(kernels, pred, ("horizontal", "gaussian"), reduction)
+    assert kernels._emu_launches() - before == 2
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_position_many_partials(kernels, reduction):
     """Narrow maps (one pack a row: blocks of 32 x 8) over 240 rows of 9 maps: 30 x 9 = 270 block
-    partials in the next set (the finalise's threads each add several); the default set: 61."""
+    partials (the finalise's threads each add several)."""
     check_position(kernels, maps(1, M_ALL, 240, 4, torch.float32), KINDS, reduction)
 
 
 def test_position_grid_wrap(kernels):
     """More rows than one wave of blocks covers (row blocks capped at 8 * 132 / M per map): the
-    next kernels' row loop wraps. Backward and "none" only (their blocks have one barrier)."""
+    table kernels' row loop wraps. Backward and "none" only (their blocks have one barrier)."""
     pred = maps(1, 64, 136, 4, torch.float32)
     kinds = ["horizontal"] * 64
     check_position(kernels, pred, kinds, "none")

@@ -26,8 +26,8 @@ COMBINE = (256, 0)  # combine_segments_kernel: kThreads, no dynamic shared memor
 
 @pytest.fixture
 def ops(emu):
-    """The emulated ops (IDD_OPS_CUDA_NEXT set), with an empty launch log."""
-    emu._emu_configure(True, 11)
+    """The emulated ops, with an empty launch log."""
+    emu._emu_configure(False, 11)
     emu._emu_launch_log()
     return emu
 
@@ -159,7 +159,7 @@ def test_class_sums_seeds_and_random_slots(emu):
     x, s = feats(2, 3, 8, 12), slots(2, 8, 12, 30, blocky=False)
     xp, sp = feats(2, 3, 8, 12, seed=1), slots(2, 8, 12, 7, blocky=False)
     for seed in (1, 2, 3):
-        emu._emu_configure(True, seed)
+        emu._emu_configure(False, seed)
         close(emu.class_sums(x, s, 30), CPU.class_sums(x, s, 30))
         close(emu.class_sums(xp, sp, 7), CPU.class_sums(xp, sp, 7))
 

@@ -1,8 +1,7 @@
-"""The CUDA kernels that no GPU has run, and the branches of the tested ones, on the emulator of
-tests/cuda_emu: the fused IDD tail (IDD_OPS_CUDA_NEXT) and the default class_centroids kernels
-(the IFVD cosine ops are in test_cuda_emulated_cosine.py). Each case names the branch it reaches;
-every op is compared with the CPU op of the same name, and with idd_ops.reference in float64 where
-the precision is the point (a common offset in the sums).
+"""The branches of CUDA kernels on the emulator of tests/cuda_emu: the fused IDD tail and the
+class_centroids kernels (the IFVD cosine ops are in test_cuda_emulated_cosine.py). Each case names
+the branch it reaches; every op is compared with the CPU op of the same name, and with
+idd_ops.reference in float64 where the precision is the point (a common offset in the sums).
 """
 import pytest
 import torch
@@ -14,13 +13,7 @@ from test_idd_tail import _random_case, _reference_from_sums
 
 
 @pytest.fixture
-def next_kernels(emu):
-    emu._emu_configure(True, 11)
-    return emu
-
-
-@pytest.fixture
-def default_kernels(emu):
+def kernels(emu):
     emu._emu_configure(False, 11)
     return emu
 
@@ -57,10 +50,10 @@ def check_tail(ops, ss, sc, ts, tc, metric, normalize, reduction, dtype=None, ep
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_tail_options(next_kernels, metric, normalize, reduction):
+def test_tail_options(kernels, metric, normalize, reduction):
     """Every metric x normalize x reduction; odd B, C of student and teacher apart and off the
     tile widths, absent classes and classes present in one network only."""
-    check_tail(next_kernels, *_tail_case(3, 7, 37, 19), metric, normalize, reduction)
+    check_tail(kernels, *_tail_case(3, 7, 37, 19), metric, normalize, reduction)
 
 
 @pytest.mark.parametrize("K, Cs, Ct", [
@@ -71,11 +64,11 @@ def test_tail_options(next_kernels, metric, normalize, reduction):
     (257, 40, 33),   # T = 64: 5 tiles a side; 5 backward i-tiles; chunks of 32
 ])
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_tail_tile_counts(next_kernels, K, Cs, Ct, metric):
-    check_tail(next_kernels, *_tail_case(2, K, Cs, Ct, seed=K), metric, True, "mean")
+def test_tail_tile_counts(kernels, K, Cs, Ct, metric):
+    check_tail(kernels, *_tail_case(2, K, Cs, Ct, seed=K), metric, True, "mean")
 
 
-def test_tail_2048_classes(next_kernels):
+def test_tail_2048_classes(kernels):
     """K = 2048, the largest supported in tests (T = 64: 32 tiles a side, 528 tile pairs), with
     P = 300 present classes < K spread over the tiles; 32 backward i-tiles (the c-tiles: above)."""
     K = 2048
@@ -85,10 +78,10 @@ def test_tail_2048_classes(next_kernels):
     sc, tc = sc * keep, tc * keep
     tc[0, keep.nonzero()[:3, 0]] = 0  # a few classes present in the student only
     ss, ts = ss * (sc > 0)[..., None], ts * (tc > 0)[..., None]
-    check_tail(next_kernels, ss, sc, ts, tc, "sqeuclidean", True, "none")
+    check_tail(kernels, ss, sc, ts, tc, "sqeuclidean", True, "none")
 
 
-def test_tail_images_with_few_classes(next_kernels):
+def test_tail_images_with_few_classes(kernels):
     """Image 0: no class present; image 1: one class (no pair, no student entry); image 2: two
     student classes of which the teacher has one; image 3 normal. Both reductions that divide."""
     ss, sc, ts, tc = _tail_case(4, 9, 11, 7, absent=0.0, seed=2)
@@ -100,26 +93,26 @@ def test_tail_images_with_few_classes(next_kernels):
     ss, ts = ss * (sc > 0)[..., None], ts * (tc > 0)[..., None]
     for metric in ("euclidean", "cosine"):
         for reduction in ("mean", "none"):
-            check_tail(next_kernels, ss, sc, ts, tc, metric, True, reduction)
+            check_tail(kernels, ss, sc, ts, tc, metric, True, reduction)
     # K = 1: a single 16-tile with no off-diagonal entry
-    check_tail(next_kernels, ss[:, 4:5], sc[:, 4:5], ts[:, 4:5], tc[:, 4:5], "euclidean", True, "mean")
+    check_tail(kernels, ss[:, 4:5], sc[:, 4:5], ts[:, 4:5], tc[:, 4:5], "euclidean", True, "mean")
     # no student channel: every centroid 0
-    check_tail(next_kernels, ss[..., :0], sc, ts, tc, "sqeuclidean", True, "mean")
+    check_tail(kernels, ss[..., :0], sc, ts, tc, "sqeuclidean", True, "mean")
 
 
 @pytest.mark.parametrize("K", [19, 65])  # 16-tiles: 3 tile pairs; 32-tiles: 6; rows past them no tile owns
-def test_tail_writes_every_stats_element(next_kernels, poisoned_empties, K):
+def test_tail_writes_every_stats_element(kernels, poisoned_empties, K):
     """stats comes from at::empty: rows 0..P-1 hold the tiles' partials, row K the image's values,
     and the finish kernel zeroes rows P..K-1, which no tile owns, so that no element of the op's
     output is left uninitialised (NaN here)."""
     ss, sc, ts, tc = _tail_case(2, K, 5, 7, seed=K)
     for normalize in (False, True):
-        stats = next_kernels.idd_tail(ss, sc, ts, tc, "euclidean", normalize, 1e-8, "mean", torch.float32)[2]
+        stats = kernels.idd_tail(ss, sc, ts, tc, "euclidean", normalize, 1e-8, "mean", torch.float32)[2]
         assert stats.shape == (2, K + 1, CPU.idd_tail(ss, sc, ts, tc, "euclidean", normalize, 1e-8, "mean")[2].shape[2])
         assert torch.isfinite(stats).all()
 
 
-def test_tail_strided_inputs(next_kernels):
+def test_tail_strided_inputs(kernels):
     """Sums and counts read through their strides (class-major sums, every other count) and a
     strided gradient of reduction="none"."""
     ss, sc, ts, tc = _tail_case(3, 10, 13, 6, seed=4)
@@ -129,7 +122,7 @@ def test_tail_strided_inputs(next_kernels):
     grad = (torch.rand(6) + 0.5)[::2]
     assert not (ss.is_contiguous() or sc.is_contiguous() or ts.is_contiguous() or grad.is_contiguous())
     for metric in ("euclidean", "cosine"):
-        check_tail(next_kernels, ss, sc, ts, tc, metric, True, "none", grad=grad)
+        check_tail(kernels, ss, sc, ts, tc, metric, True, "none", grad=grad)
 
 
 @pytest.mark.parametrize("sums_dtype, dtype", [
@@ -138,29 +131,29 @@ def test_tail_strided_inputs(next_kernels):
     (torch.float32, torch.float64),   # not fused: the composite
     (torch.float16, None),            # not fused: the composite
 ])
-def test_tail_dtypes(next_kernels, sums_dtype, dtype):
+def test_tail_dtypes(kernels, sums_dtype, dtype):
     case = _tail_case(3, 10, 21, 13, dtype=sums_dtype, seed=7)
     tol = 1e-9 if (dtype or sums_dtype) == torch.float64 else 1e-5
     fused = sums_dtype == torch.float64
     for metric in ("euclidean", "cosine"):
-        check_tail(next_kernels, *case, metric, True, "sum", dtype=dtype, rtol=tol, atol=tol, fused=fused)
+        check_tail(kernels, *case, metric, True, "sum", dtype=dtype, rtol=tol, atol=tol, fused=fused)
 
 
 @pytest.mark.parametrize("K", [65, 257])  # T = 32 and T = 64
 @pytest.mark.parametrize("dtype", [torch.float32, None])
-def test_tail_wide_tiles_from_float64_sums(next_kernels, K, dtype):
+def test_tail_wide_tiles_from_float64_sums(kernels, K, dtype):
     """The T = 32 and T = 64 tiles over float64 sums, as the class-sum path gives them (float32
     math for float32 features, float64 for float64): test_tail_tile_counts reaches these tile
     widths with float32 sums only."""
     case = _tail_case(2, K, 40, 33, dtype=torch.float64, seed=K)
     tol = 1e-9 if dtype is None else 1e-5
     for metric in ("euclidean", "cosine"):
-        check_tail(next_kernels, *case, metric, True, "mean", dtype=dtype, rtol=tol, atol=tol)
+        check_tail(kernels, *case, metric, True, "mean", dtype=dtype, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
 @pytest.mark.parametrize("dtype", [torch.float32, None])
-def test_tail_coincident_centroids(next_kernels, metric, dtype):
+def test_tail_coincident_centroids(kernels, metric, dtype):
     """Classes whose centroids coincide, exactly or to the last bits: the squared distance
     |ci|^2 + |cj|^2 - 2 <ci, cj> then rounds to 0 or below, which the kernel clamps to 0 (and
     euclidean's eps keeps the root's gradient finite). Both networks share the near-duplicates,
@@ -173,7 +166,7 @@ def test_tail_coincident_centroids(next_kernels, metric, dtype):
         sums[:, 6] = sums[:, 4] * (1 + 2.0 ** -40)                # apart in the last bits
         sums[:, 7] = sums[:, 4] * (1 - 3 * 2.0 ** -45)
     grad = torch.tensor([0.7, 1.3], dtype=torch.float64 if dtype is None else dtype)
-    got = check_tail(next_kernels, ss, sc, ts, tc, metric, False, "none", dtype=dtype, grad=grad,
+    got = check_tail(kernels, ss, sc, ts, tc, metric, False, "none", dtype=dtype, grad=grad,
                      rtol=1e-5, atol=1e-5)
     assert torch.isfinite(got[0]).all()
     if metric != "cosine":  # 1 - cos may round below 0 on every device
@@ -181,35 +174,35 @@ def test_tail_coincident_centroids(next_kernels, metric, dtype):
 
 
 @pytest.mark.parametrize("normalize", [None, "mean"])
-def test_tail_student_near_teacher(next_kernels, normalize):
+def test_tail_student_near_teacher(kernels, normalize):
     """float64, teacher = student + 1e-6 noise: the loss, a sum of tiny E^2, matches the float64
     reference to 1e-8 (the normalize loss once came from R_s^2 - 2 R_s R_t + R_t^2 sums, which
     cancel: 4e-3 here)."""
     ss, sc, _, _ = _tail_case(2, 12, 8, 8, dtype=torch.float64, absent=0.2, seed=5)
     ts = ss + 1e-6 * randn(*ss.shape, seed=3, dtype=torch.float64) * sc[..., None]
     for metric in ("euclidean", "cosine"):
-        loss = next_kernels.idd_tail(ss, sc, ts, sc, metric, normalize is not None, 1e-8, "none", None)[0]
+        loss = kernels.idd_tail(ss, sc, ts, sc, metric, normalize is not None, 1e-8, "none", None)[0]
         want = _reference_from_sums(ss, sc, ts, sc, metric, normalize, "none")
         torch.testing.assert_close(loss, want, rtol=1e-8, atol=0)
 
 
-def test_tail_eps(next_kernels):
+def test_tail_eps(kernels):
     """Cosine with a zero centroid (a present class whose sum is 0: the norm product clamps to
     eps), and a student whose centroids all coincide (mean distance <= eps: m_s clamped, kappa 0)."""
     ss, sc, ts, tc = _tail_case(2, 6, 9, 5, absent=0.0, seed=3)
     ss[0, 2] = 0
     ts[1, 4] = 0
     for normalize in (False, True):
-        check_tail(next_kernels, ss, sc, ts, tc, "cosine", normalize, "mean")
+        check_tail(kernels, ss, sc, ts, tc, "cosine", normalize, "mean")
     same = (ss[:, :1] / sc[:, :1, None]) * sc[..., None]
     for metric in ("euclidean", "sqeuclidean"):
-        got = check_tail(next_kernels, same, sc, ts, tc, metric, True, "none", eps=1e-6)
+        got = check_tail(kernels, same, sc, ts, tc, metric, True, "none", eps=1e-6)
         assert (got[2][:, -1, 0] == 1e-6).all() and (got[2][:, -1, 3] == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
-def test_tail_common_offset(next_kernels, dtype, metric):
+def test_tail_common_offset(kernels, dtype, metric):
     """float64 sums of features 1e4 + a small spread: the centroids' shift cancels the offset
     before any rounding, so the loss and gradient match the float64 reference (computed far from
     the offset) to the compute dtype's precision."""
@@ -221,25 +214,25 @@ def test_tail_common_offset(next_kernels, dtype, metric):
 
     ss, ts = offset(ss, sc), offset(ts, tc)
     for normalize, reduction in ((None, "mean"), ("mean", "none")):
-        loss, dist, stats = next_kernels.idd_tail(ss, sc, ts, tc, metric, normalize is not None, 1e-8, reduction, dtype)
+        loss, dist, stats = kernels.idd_tail(ss, sc, ts, tc, metric, normalize is not None, 1e-8, reduction, dtype)
         x = ss.clone().requires_grad_()
         want = _reference_from_sums(x, sc, ts, tc, metric, normalize, reduction)
         (g_want,) = torch.autograd.grad(want.sum(), x)
         tol = 1e-7 if dtype == torch.float64 else 2e-4
         torch.testing.assert_close(loss.double(), want, rtol=tol, atol=0)
         grad = torch.ones_like(loss)
-        g = next_kernels._idd_tail_backward(grad, ss, sc, tc, dist, stats, metric, normalize is not None, 1e-8, reduction)
+        g = kernels._idd_tail_backward(grad, ss, sc, tc, dist, stats, metric, normalize is not None, 1e-8, reduction)
         torch.testing.assert_close(g, g_want, rtol=tol, atol=tol * float(g_want.abs().max()))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_tail_float64_math_with_a_float32_loss(next_kernels, reduction):
+def test_tail_float64_math_with_a_float32_loss(kernels, reduction):
     """What the library asks for (METHOD.md 8): float64 sums and K x K math, the loss written in
     float32 by the finish kernel and its float32 gradient read as it comes, so that no cast is
     launched; the same values as the composite."""
     ss, sc, ts, tc = _tail_case(2, 19, 24, 40, dtype=torch.float64, seed=4)
     grad = torch.rand(2 if reduction == "none" else (), generator=torch.Generator().manual_seed(1)) + 0.5
-    got = check_tail(next_kernels, ss, sc, ts, tc, "euclidean", True, reduction, torch.float64,
+    got = check_tail(kernels, ss, sc, ts, tc, "euclidean", True, reduction, torch.float64,
                      loss_dtype=torch.float32, grad=grad)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float64
 
@@ -248,62 +241,62 @@ def test_tail_float64_math_with_a_float32_loss(next_kernels, reduction):
 LABEL_TYPE_CASES = [c for c in CASES if c.id in ("uniform-runs-uint8", "absent-classes", "mixed-warps")]
 
 
-# ---- class_centroids (default CUDA kernels) -----------------------------------------------------
+# ---- class_centroids ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_class_centroids_labels(default_kernels, case):
+def test_class_centroids_labels(kernels, case):
     y = case.labels()
     for dtype in (torch.float32, torch.float64):
         x = case.feats(dtype=dtype)
-        got, want = default_kernels.class_centroids(x, y, case.K, case.ignore_index), \
+        got, want = kernels.class_centroids(x, y, case.K, case.ignore_index), \
             CPU.class_centroids(x, y, case.K, case.ignore_index)
         close(got, want)
         grad = randn(*want[0].shape, seed=1, dtype=want[0].dtype)
         args = (grad, y, want[1], case.H, case.W, dtype, case.ignore_index)
-        close(default_kernels._class_centroids_backward(*args), CPU._class_centroids_backward(*args))
+        close(kernels._class_centroids_backward(*args), CPU._class_centroids_backward(*args))
 
 
 @pytest.mark.parametrize("case", LABEL_TYPE_CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_class_centroids_low_precision(default_kernels, case, dtype):
+def test_class_centroids_low_precision(kernels, case, dtype):
     """Half and bfloat16 features with uint8, int32 and int64 labels: the kernels accumulate in
     float32 and the backward writes the features' dtype."""
     y, x = case.labels(), case.feats(dtype=dtype)
-    got, want = default_kernels.class_centroids(x, y, case.K, case.ignore_index), \
+    got, want = kernels.class_centroids(x, y, case.K, case.ignore_index), \
         CPU.class_centroids(x, y, case.K, case.ignore_index)
     close(got, want, rtol=1e-4, atol=1e-4)
     args = (randn(*want[0].shape, seed=1, dtype=want[0].dtype), y, want[1], case.H, case.W, dtype, case.ignore_index)
-    close(default_kernels._class_centroids_backward(*args), CPU._class_centroids_backward(*args), rtol=1e-2, atol=1e-2)
+    close(kernels._class_centroids_backward(*args), CPU._class_centroids_backward(*args), rtol=1e-2, atol=1e-2)
 
 
-def test_class_centroids_deterministic(default_kernels):
+def test_class_centroids_deterministic(kernels):
     """torch.use_deterministic_algorithms(True): the CUDA op takes its ordered path."""
     case = CASES[IDS.index("mixed-warps-resized")]
     x, y = case.feats(dtype=torch.float32), case.labels()
-    before = default_kernels._emu_launches()
+    before = kernels._emu_launches()
     try:
         torch.use_deterministic_algorithms(True)
-        got = default_kernels.class_centroids(x, y, case.K, 255)
+        got = kernels.class_centroids(x, y, case.K, 255)
     finally:
         torch.use_deterministic_algorithms(False)
-    assert default_kernels._emu_launches() == before  # no fused kernel ran
+    assert kernels._emu_launches() == before  # no fused kernel ran
     close(got, CPU.class_centroids(x, y, case.K, 255))
 
 
-def test_class_centroids_many_classes(default_kernels):
+def test_class_centroids_many_classes(kernels):
     """K past the default 48 KiB of per-class sums: the launch opts in to more shared memory.
     Labels read through their strides (every other row and column of a larger map)."""
     K = 1600
     y = torch.randint(0, K, (1, 16, 80), generator=torch.Generator().manual_seed(0))[:, ::2, ::2]
     x = randn(1, 9, 8, 40)
     assert not y.is_contiguous()
-    close(default_kernels.class_centroids(x, y, K, 255), CPU.class_centroids(x, y, K, 255))
+    close(kernels.class_centroids(x, y, K, 255), CPU.class_centroids(x, y, K, 255))
     _, counts = CPU.class_centroids(x, y, K, 255)
     args = (randn(1, K, 9, seed=1), y, counts, 8, 40, torch.float32, 255)
-    close(default_kernels._class_centroids_backward(*args), CPU._class_centroids_backward(*args))
+    close(kernels._class_centroids_backward(*args), CPU._class_centroids_backward(*args))
 
 
-def test_class_centroids_backward_zero_counts(default_kernels):
+def test_class_centroids_backward_zero_counts(kernels):
     """Counts passed to the backward op that call a present class empty: the pixels of that class
     get a zero gradient, as on the CPU (no division by 0)."""
     case = CASES[IDS.index("mixed-warps-resized")]
@@ -312,7 +305,7 @@ def test_class_centroids_backward_zero_counts(default_kernels):
     b, k = (counts > 0).nonzero()[0].tolist()
     counts[b, k] = 0
     args = (randn(*counts.shape, x.shape[1], seed=1), y, counts, case.H, case.W, torch.float32, 255)
-    got = default_kernels._class_centroids_backward(*args)
+    got = kernels._class_centroids_backward(*args)
     emptied = CPU._label_slots(y, case.H, case.W, case.K, 255)[b] == k  # [H, W]
     assert emptied.any() and (got[b][:, emptied] == 0).all()
     close(got, CPU._class_centroids_backward(*args))

@@ -61,7 +61,7 @@ def test_benchmark_shape_matches_float64_reference(name):
 
 @pytest.mark.parametrize("own", [False, True], ids=["centroids", "own-centroids"])
 def test_cosine_slots_at_the_ifvd_shape(own):
-    """_pixel_centroid_cosine_slots (the slot kernels, IDD_OPS_CUDA_NEXT's IFVD path) at the ifvd
+    """_pixel_centroid_cosine_slots (the slot kernels, IFVD's CUDA path) at the ifvd
     benchmark case's teacher (B=8, C=2048, 64x128: 134M gradient elements, past the wrap) against
     the float64 reference, forward and backward: both gradients with independent centroids; with
     the features' own centroids and counts (IFVD's student), the features' whole gradient, the

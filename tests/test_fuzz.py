@@ -1,17 +1,18 @@
 """The differential fuzzer of tests/fuzz at a fixed seed: random cases of every public loss and
 every op with CUDA kernels against the float64 reference, forward and backward, on the CPU
-kernels and their alternative formulations, on both CUDA kernel sets under the emulator (6 s
-for the four on 2 cores), and on a GPU with a larger budget (selected by `-m gpu`, as
-tools/gpu_check.sh does, under both IDD_OPS_CUDA_NEXT settings). A failure prints each mismatch's reproducer:
+kernels and their alternative formulations, on the CUDA kernels under the emulator (6 s for the
+three on 2 cores), and on a GPU with a larger budget (selected by `-m gpu`, as tools/gpu_check.sh
+does). A failure prints each mismatch's reproducer:
 `python -m tests.fuzz --targets TARGET --repro OP:SEED`.
 
-Longer runs: `python -m tests.fuzz --targets cpu,cpu_alt,default,next --cases 5000 --seed N`, and
+Longer runs: `python -m tests.fuzz --targets cpu,cpu_alt,default --cases 5000 --seed N`, and
 with `--size-scale 6` at larger maps (a few cases of those run here too).
 """
 import pytest
 import torch
 
 from fuzz import runner, targets
+from fuzz.targets import EMULATED
 
 SEED = 20261202
 CASES = 176  # per target: 11 of each of the 16 op generators
@@ -29,14 +30,14 @@ def _run(target, cases):
         pytest.fail(report.summary(), pytrace=False)
 
 
-@pytest.mark.parametrize("target", ["cpu", "cpu_alt", "default", "next"])
+@pytest.mark.parametrize("target", ["cpu", "cpu_alt", *EMULATED])
 def test_fuzz_against_the_reference(target):
     """Emulated targets build the emulator as tests/test_cuda_emulated.py does (build.load(),
     cached in build/cuda_emu), and are skipped where it cannot be built here."""
     _run(target, CASES)
 
 
-@pytest.mark.parametrize("target", ["cpu", "cpu_alt", "default", "next"])
+@pytest.mark.parametrize("target", ["cpu", "cpu_alt", *EMULATED])
 def test_fuzz_at_six_times_the_sizes(target, monkeypatch):
     """Maps and channel counts up to six times their usual bound (fuzz.inputs.SIZE_SCALE): the
     kernels' plans of several blocks and segments, and resize ratios that small maps never reach
@@ -98,7 +99,7 @@ def test_coincident_classes_leave_the_euclidean_gradient_uncompared():
 def test_a_cosine_denominator_at_eps_leaves_the_gradient_uncompared():
     """IFVD with a pixel whose |f| |c| is 1.2e-7 above eps = 1e-3 (seed 20261240): float32 rounds
     it to either side, and the gradient of its class jumps between the floored and the projected
-    branch (the next emulated kernels 0.6 off, within 3e-7 with eps 1e-4 away). Its loss is still
+    branch (the emulated CUDA kernels 0.6 off, within 3e-7 with eps 1e-4 away). Its loss is still
     compared; the same case with eps = 1e-8 keeps its gradient check."""
     from fuzz.cases import make_case
     from fuzz.floors import near_cosine_floor

@@ -47,58 +47,79 @@ def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "out"
     assert sorted(os.listdir(out)) == ["logs.tar.gz", "summary.md"]  # the device tool brings back 8 files at most
     summary = (out / "summary.md").read_text()
-    for stage in STAGES:
+    stages = [s for s in STAGES if s != "tests-next"]  # KERNELS=default: nothing is behind IDD_OPS_CUDA_NEXT
+    for stage in stages:
         assert f"| {stage} |" in summary and "dry run: not run" in summary, stage
+    assert "| tests-next |" not in summary
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = {os.path.basename(n) for n in tar.getnames()}
-        collected = {s: tar.extractfile(f"./{s}.collect.log").read().decode() for s in ("tests", "tests-next")}
-    assert {f"{s}.log" for s in STAGES} <= names and "targets.md" in names
+        collected = {s: tar.extractfile(f"./{s}.collect.log").read().decode() for s in ("tests",)}
+    assert {f"{s}.log" for s in stages} <= names and "targets.md" in names
     test_files = sorted(f"tests/{n}" for n in os.listdir(os.path.join(ROOT, "tests"))
                         if n.startswith("test_") and n.endswith(".py"))
     for name, text in collected.items():  # each test stage's own arguments: every test file, no glob left
         assert "[cuda" in text and "test_cuda_kernels_are_built_where_a_gpu_is_visible" in text, name
         args = (tmp_path / "logs" / f"{name}.cmd").read_text().split()
         assert sorted(a for a in args if a.startswith("tests/")) == test_files, name
-    assert "--kernels default next" in (tmp_path / "logs" / "perf.cmd").read_text()
+    assert "--kernels default --time-limit" in (tmp_path / "logs" / "perf.cmd").read_text()
     assert "tools/cuda_library.sh" in (tmp_path / "logs" / "build.cmd").read_text()
     assert "prebuilt CUDA library" in proc.stdout  # whether the carried library fits these sources
-    tests_cmd = (tmp_path / "logs" / "tests-next.cmd").read_text()
+    tests_cmd = (tmp_path / "logs" / "tests.cmd").read_text()
     assert "IDD_OPS_SLOW_FIRST=1" in tests_cmd and "--maxschedchunk 1" in tests_cmd  # pytest-xdist 3.3+ here
+    assert "-n 10 " in tests_cmd  # the candidate set's workers
+
+
+def test_a_next_kernel_set_adds_its_stage(tmp_path):
+    """KERNELS="default next" (GPU code behind IDD_OPS_CUDA_NEXT): tests-next runs the GPU tests
+    under IDD_OPS_CUDA_NEXT=1 with most workers beside tests, the demo takes the next set, and
+    perf times both; without it, --only tests-next is refused."""
+    proc = _run(tmp_path, "--dry-run", "--only", "tests-next,demo,perf", env=dict(KERNELS="default next"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logs = tmp_path / "logs"
+    assert sorted(logs.joinpath("stages").read_text().split()) == ["demo", "perf", "tests-next"]
+    assert "IDD_OPS_CUDA_NEXT=1" in logs.joinpath("tests-next.cmd").read_text()
+    assert "-n 10 " in logs.joinpath("tests-next.cmd").read_text()
+    assert "IDD_OPS_CUDA_NEXT=1" in logs.joinpath("demo.cmd").read_text()
+    assert "--kernels default next" in logs.joinpath("perf.cmd").read_text()
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| demo | IDD_OPS_CUDA_NEXT=1 |" in summary and "| perf | both |" in summary
+    proc = _run(tmp_path / "refused", "--dry-run", "--only", "tests-next")
+    assert proc.returncode == 2 and "KERNELS must name it" in proc.stderr
 
 
 def test_only_and_skip_select_stages(tmp_path):
     proc = _run(tmp_path, "--dry-run", "--only", "demo,perf", "--skip", "perf")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "logs" / "stages").read_text().split() == ["demo"]
-    assert "IDD_OPS_CUDA_NEXT=1" in (tmp_path / "logs" / "demo.cmd").read_text()
+    assert "IDD_OPS_CUDA_NEXT=0" in (tmp_path / "logs" / "demo.cmd").read_text()
     assert not (tmp_path / "logs" / "tests.collect.log").exists()  # the dry run checks the selected stages only
 
 
-def test_next_tests_node_ids_are_collected_as_given_and_a_missing_one_fails_the_dry_run(tmp_path, monkeypatch):
-    """NEXT_TESTS (a rerun of what failed) reaches pytest unglobbed, and the dry run collects each
+def test_gpu_tests_node_ids_are_collected_as_given_and_a_missing_one_fails_the_dry_run(tmp_path, monkeypatch):
+    """GPU_TESTS (a rerun of what failed) reaches pytest unglobbed, and the dry run collects each
     test stage's own arguments, so a path pytest cannot find fails here rather than on the GPU."""
     node = "tests/test_centroids.py::test_matches_reference[cuda-dtype0-shape0]"
-    monkeypatch.setenv("NEXT_TESTS", f"{node} tests/test_cuda_runtime.py")
-    proc = _run(tmp_path, "--dry-run", "--only", "tests-next")
+    monkeypatch.setenv("GPU_TESTS", f"{node} tests/test_cuda_runtime.py")
+    proc = _run(tmp_path, "--dry-run", "--only", "tests")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    args = shlex.split((tmp_path / "logs" / "tests-next.cmd").read_text())
+    args = shlex.split((tmp_path / "logs" / "tests.cmd").read_text())
     assert args[-2:] == [node, "tests/test_cuda_runtime.py"]
-    assert node in (tmp_path / "logs" / "tests-next.collect.log").read_text()
-    monkeypatch.setenv("NEXT_TESTS", "tests/test_no_such_file.py")
-    proc = _run(tmp_path / "missing", "--dry-run", "--only", "tests-next")
+    assert node in (tmp_path / "logs" / "tests.collect.log").read_text()
+    monkeypatch.setenv("GPU_TESTS", "tests/test_no_such_file.py")
+    proc = _run(tmp_path / "missing", "--dry-run", "--only", "tests")
     assert proc.returncode != 0
-    assert "broken: tests-next" in (tmp_path / "missing" / "out" / "summary.md").read_text()
+    assert "broken: tests" in (tmp_path / "missing" / "out" / "summary.md").read_text()
 
 
-def test_next_tests_one_a_line_keep_their_spaces(tmp_path, monkeypatch):
+def test_gpu_tests_one_a_line_keep_their_spaces(tmp_path, monkeypatch):
     # GPU tests whose ids name no cuda parametrisation (a dry run once wanted "[cuda" among them)
     ids = ["tests/test_cuda_parity.py::test_benchmark_shape_matches_float64_reference[idd_loss cityscapes]",
            "tests/test_bad_input.py::test_mismatched_devices"]
-    monkeypatch.setenv("NEXT_TESTS", "\n".join(ids) + "\n")
-    proc = _run(tmp_path, "--dry-run", "--only", "tests-next")
+    monkeypatch.setenv("GPU_TESTS", "\n".join(ids) + "\n")
+    proc = _run(tmp_path, "--dry-run", "--only", "tests")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert shlex.split((tmp_path / "logs" / "tests-next.cmd").read_text())[-2:] == ids
-    assert ids[0] in (tmp_path / "logs" / "tests-next.collect.log").read_text()
+    assert shlex.split((tmp_path / "logs" / "tests.cmd").read_text())[-2:] == ids
+    assert ids[0] in (tmp_path / "logs" / "tests.collect.log").read_text()
 
 
 def test_perf_cases_one_a_line_and_an_unknown_one_fails_the_dry_run(tmp_path, monkeypatch):
@@ -114,7 +135,7 @@ def test_perf_cases_one_a_line_and_an_unknown_one_fails_the_dry_run(tmp_path, mo
 
 def test_rerun_lists_what_a_stage_left_and_the_next_call_runs_it(tmp_path):
     """tools/gpu_rerun.py: from a stage's logs (a folder or the tarball a call brings back), the
-    ids that failed or never ran; gpu_check.sh's NEXT_TESTS_FILE runs them."""
+    ids that failed or never ran; gpu_check.sh's GPU_TESTS_FILE runs them."""
     import gpu_rerun
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -131,10 +152,14 @@ def test_rerun_lists_what_a_stage_left_and_the_next_call_runs_it(tmp_path):
         out = tmp_path / "rerun.txt"
         gpu_rerun.main([str(source), "--out", str(out)])
         assert out.read_text().splitlines() == collected[1:]  # failed, erred, never ran
-    # the summary says how, under the next kernels' stage only (NEXT_TESTS_FILE runs that set)
+    # the summary says how under each stage that left tests, naming it
+    (logs / "check.info").write_text("2026-12-04T00:00:00Z dry=0 only=all skip=none kernels=default,next rev=abc\n")
     (logs / "stages").write_text("tests\ntests-next\n")
     (logs / "tests.jsonl").write_text((logs / "tests-next.jsonl").read_text())
-    assert gpu_check_summary.summary(str(logs)).count("python tools/gpu_rerun.py logs.tar.gz") == 1
+    text = gpu_check_summary.summary(str(logs))
+    assert text.count("python tools/gpu_rerun.py logs.tar.gz --stage ") == 2
+    assert "--stage tests`" in text and "--stage tests-next`" in text
+    assert "## tests-next (IDD_OPS_CUDA_NEXT=1 kernels)" in text
     passed = tmp_path / "passed"
     passed.mkdir()
     (passed / "tests-next.cmd").write_text("python3 -m pytest tests/test_centroids.py::" +
@@ -142,14 +167,13 @@ def test_rerun_lists_what_a_stage_left_and_the_next_call_runs_it(tmp_path):
     (passed / "tests-next.jsonl").write_text(json.dumps(dict(test=collected[0], outcome="passed")) + "\n")
     gpu_rerun.main([str(passed), "--out", str(passed / "rerun.txt")])
     assert not (passed / "rerun.txt").exists()  # nothing left: no file to carry
-    env = dict(NEXT_TESTS_FILE=str(out))
-    proc = _run(tmp_path / "check", "--dry-run", "--only", "tests-next", env=env)
+    env = dict(GPU_TESTS_FILE=str(out))
+    proc = _run(tmp_path / "check", "--dry-run", "--only", "tests", env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    args = shlex.split((tmp_path / "check" / "logs" / "tests-next.cmd").read_text())
-    assert args[args.index("--junitxml=" + str(tmp_path / "check" / "logs" / "tests-next.xml")) + 1:] == \
-        collected[1:]
-    proc = _run(tmp_path / "missing", "--dry-run", env=dict(NEXT_TESTS_FILE=str(tmp_path / "none.txt")))
-    assert proc.returncode == 2 and "NEXT_TESTS_FILE: no such file" in proc.stderr
+    args = shlex.split((tmp_path / "check" / "logs" / "tests.cmd").read_text())
+    assert args[args.index("--junitxml=" + str(tmp_path / "check" / "logs" / "tests.xml")) + 1:] == collected[1:]
+    proc = _run(tmp_path / "missing", "--dry-run", env=dict(GPU_TESTS_FILE=str(tmp_path / "none.txt")))
+    assert proc.returncode == 2 and "GPU_TESTS_FILE: no such file" in proc.stderr
 
 
 STAND_IN = """#!{python}
@@ -218,7 +242,7 @@ def test_a_check_cut_short_brings_back_the_summary_so_far(tmp_path, sig):
         proc.send_signal(sig)
         assert proc.wait(timeout=30) == (130 if sig == signal.SIGTERM else -signal.SIGKILL)
         summary = (tmp_path / "out" / "summary.md").read_text()
-        assert "| perf | both | did not finish (running when this summary was written) | - | - |" in summary
+        assert "| perf | default | did not finish (running when this summary was written) | - | - |" in summary
         assert ("**The check was stopped by a signal after" in summary) == (sig == signal.SIGTERM)
         if sig == signal.SIGTERM:
             assert _ends(perf)
@@ -277,7 +301,7 @@ def test_summary_of_stages_tests_and_sections(tmp_path):
     assert "250 s in all" in text
     assert "| env | - | passed | 2 | 10 |" in text and "| tests | default | FAILED, rc 1 | 44 | 70 |" in text
     assert "| tests-next | IDD_OPS_CUDA_NEXT=1 | FAILED, rc 124 (time limit) | 70 | 70 |" in text
-    assert "| train | both | did not finish (running when this summary was written) | - | - |" in text
+    assert "| train | default | did not finish (running when this summary was written) | - | - |" in text
     assert "## tests (default kernels): 6 passed, 1 failed, 1 errors, 2 skipped in 42 s" in text
     assert "- FAILED tests.test_a::test_bad[cuda]" in text and "- FAILED tests.test_b::test_err[cuda]" in text
     assert "## perf: key rows" in text and "- MISSED something" in text

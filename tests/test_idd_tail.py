@@ -1,8 +1,8 @@
 """idd_ops::idd_tail, IDD's K x K tail from class sums and counts, against idd_ops.reference.
 
 Sums are built from the reference's centroids times counts. The CPU runs the composite (the
-math reference of the fused CUDA kernel); the cuda cases compare the CUDA op (fused under
-IDD_OPS_CUDA_NEXT=1, the composite otherwise) with the CPU, and capture it in a CUDA graph and
+math reference of the fused CUDA kernel); the cuda cases compare the CUDA op (fused, the
+composite for inputs the fused kernels do not take) with the CPU, and capture it in a CUDA graph and
 under torch.compile(fullgraph=True).
 """
 import pytest
@@ -416,13 +416,12 @@ def test_cuda_float32_math_keeps_a_common_offset(K, normalize):
 
 @needs_gpu
 def test_cuda_fused_path_is_taken_for_float64_sums():
-    """Under IDD_OPS_CUDA_NEXT=1 float64 sums with dtype=float32 run the fused kernels (their
-    stats carry the tile partials in row 0; the composite leaves rows 0..K-1 zero); float32 sums
-    computing in float64 always run the composite."""
-    from idd_ops._switches import cuda_next_enabled
+    """float64 sums with dtype=float32 run the fused kernels (their stats carry the tile partials
+    in row 0; the composite leaves rows 0..K-1 zero); float32 sums computing in float64 run the
+    composite."""
     case = _to_cuda(*_random_case(2, 19, 37, 70, absent=0.0, seed=8))
     _, _, stats, _ = _tail_outputs(*case, ("euclidean", "mean", "mean"), torch.float32)
-    assert bool((stats[:, 0] != 0).any()) == cuda_next_enabled()
+    assert bool((stats[:, 0] != 0).any())
     low = (case[0].float(), case[1], case[2].float(), case[3])
     _, _, stats, grad = _tail_outputs(*low, ("euclidean", "mean", "mean"), torch.float64)
     assert not (stats[:, :19] != 0).any() and grad.dtype == torch.float32

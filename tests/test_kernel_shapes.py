@@ -1,7 +1,6 @@
 """softmax_kl and position_encoding_loss at shapes that reach every variant of their kernels:
 16-byte packs and their one-element fallback (odd lengths, unaligned pointers), a warp or a
-block per CWD row, class counts that leave a short last chunk, rows wider than a block. The cuda
-cases test whichever kernels IDD_OPS_CUDA_NEXT selects: run them under both settings."""
+block per CWD row, class counts that leave a short last chunk, rows wider than a block."""
 import math
 
 import pytest

@@ -10,18 +10,12 @@ import idd_ops
 from idd_ops import reference
 from idd_ops import _switches
 from idd_ops._class_sums import uses_class_sums
-from idd_ops._switches import cuda_next_enabled
 from conftest import DEVICES
 from tf32 import emulated_tf32
 
 # (offset, spread): offset / spread = 10^4 at a ReLU-like scale and at a large one
 OFFSETS = [(100.0, 0.01), (1e4, 1.0)]
 METRIC_OPTIONS = [{}, {"normalize": "mean"}, {"metric": "sqeuclidean"}]
-# The current CUDA centroid kernel adds float32 values at the offset's scale through shared
-# atomics in arrival order (issue 25 measured 2.4e-3 at offset 100, spread 0.01).
-CUDA_ACCUMULATION = pytest.mark.xfail(not cuda_next_enabled(), strict=False,
-                                      reason="CUDA centroid sums round at the offset's scale")
-OFFSET_DEVICES = ["cpu", pytest.param("cuda", marks=[*DEVICES[1].marks, CUDA_ACCUMULATION])]
 
 
 def offset_inputs(offset, spread, device="cpu", B=2, Cs=512, Ct=2048, H=16, W=32, K=8, seed=0):
@@ -59,7 +53,7 @@ def _relative(got, want):
     return abs(float(got) - float(want)) / abs(float(want))
 
 
-@pytest.mark.parametrize("device", OFFSET_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("options", METRIC_OPTIONS, ids=["euclidean", "mean-normalized", "sqeuclidean"])
 @pytest.mark.parametrize("offset,spread", OFFSETS)
 def test_loss_with_a_common_offset(device, offset, spread, options):
@@ -86,7 +80,7 @@ def test_class_sum_path_keeps_a_common_offset(monkeypatch, layout, offset, sprea
     assert _relative(idd_ops.inter_class_distance_loss(s, t, y, K, **options), want) < 1e-5
 
 
-@pytest.mark.parametrize("device", OFFSET_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("offset,spread", OFFSETS)
 def test_centroids_with_a_common_offset(device, offset, spread):
     """The float32 centroids are within a few units in the last place of the offset."""

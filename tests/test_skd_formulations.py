@@ -1,5 +1,5 @@
 """SKD's two formulations (csrc/composite/affinity_loss.h): the blocked one the CPU takes and the
-batched one CUDA takes under IDD_OPS_CUDA_NEXT=1. The private variable _IDD_OPS_SKD_BATCHED=1
+batched one CUDA takes. The private variable _IDD_OPS_SKD_BATCHED=1
 forces the batched one on any device, so the CPU runs the SKD tests of test_baselines and
 test_api on the GPU's formulation here."""
 import contextlib

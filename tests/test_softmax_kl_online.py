@@ -1,4 +1,4 @@
-"""The one-read softmax-KL sums of the CUDA kernels behind IDD_OPS_CUDA_NEXT
+"""The one-read softmax-KL sums of the CUDA kernels
 (csrc/common/softmax_kl_online.h), run on the host: chunked, split over partial sums and
 merged as the kernels do, against the float64 reference, masked (-inf) classes included."""
 import math

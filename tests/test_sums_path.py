@@ -1,7 +1,7 @@
 """The class-sum path (_label_slots -> class_sums(_pair) -> centroids = sums / counts) under the
 public functions' own tests: the tests below are imported from their modules and run again here
-with the path forced on, on every device (on the CPU it is off by default, on CUDA it waits for
-IDD_OPS_CUDA_NEXT=1), so all of its math is held to the reference here."""
+with the path forced on, on every device (on the CPU it is off by default for NCHW features; CUDA
+takes it always), so all of its math is held to the reference here."""
 import pytest
 
 from idd_ops import _switches

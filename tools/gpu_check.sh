@@ -10,17 +10,20 @@
 #                       this GPU and it runs an IDD step: about 15 s; else the
 #                       extension with CUDA, in place (sm_90, MAX_JOBS=nproc)
 #                       (then, in the background: torch.compile of the perf rows' references)
-#   tests        115 s  the GPU tests (-m gpu), xdist -n 4, first files first } run    default
-#   tests-next   115 s  the same tests, xdist -n 10                          } side   IDD_OPS_CUDA_NEXT=1
-#   demo         115 s  the demo's quick preset on the GPU                    } by side IDD_OPS_CUDA_NEXT=1
-#   perf         100 s  report --guard: key rows, fused (default, next), eager reference,
-#                       torch.compile(reference), bound; fails on a guard or target miss  both
+#   tests        115 s  the GPU tests (-m gpu), xdist -n 10, first files 1st  } run    default
+#   tests-next   115 s  with next: the same tests -n 10, tests then -n 4      } side   IDD_OPS_CUDA_NEXT=1
+#   demo         115 s  the demo's quick preset on the GPU                    } by side the newest set
+#   perf         100 s  report --guard: key rows, fused (each set), eager reference,
+#                       torch.compile(reference), bound; fails on a guard or target miss  each
 #   train         50 s  real training step (torchvision DeepLabV3-R101 / R50, B=8,
-#                       512x1024, bf16): each loss's cost per step, fused vs reference    both
+#                       512x1024, bf16): each loss's cost per step, fused vs reference    each
 #   in all       280 s  and the build (15 + 115 + 100 + 50; the three middle stages share one 115 s
 #                       window): 300 s with the prebuilt library, 380 s building there
 #
-#   The test stages give the candidate kernel set (next) most workers. On 2026-11-30 the 1511 GPU
+#   KERNELS names the kernel sets checked: "default", or "default next" while GPU code is behind
+#   IDD_OPS_CUDA_NEXT (csrc/common/cuda_next.h); then tests-next runs beside tests, the demo takes
+#   the next set, and perf and train time both. The test stages give the candidate set (next, or
+#   default alone) most workers. On 2026-11-30 the 1511 GPU
 #   tests did not finish in 150 s even alone with 15 workers (818 ran). The likeliest costs, both
 #   changed since: the CUDA gradchecks (fast mode now) and 15 workers of 16 torch threads each on
 #   16 cores (one thread each now). The tests that compile (torch.compile, opcheck, CUDA graphs)
@@ -32,7 +35,7 @@
 #   stopped at its share still reports the rows it finished.
 #
 #   bash tools/gpu_check.sh                       # every stage
-#   bash tools/gpu_check.sh --only tests-next,perf  # a subset (build added if the extension is not built)
+#   bash tools/gpu_check.sh --only tests,perf     # a subset (build added if the extension is not built)
 #   bash tools/gpu_check.sh --skip train          # all but these
 #   bash tools/gpu_check.sh --dry-run             # anywhere: every stage's prerequisites, nothing run
 #   bash tools/gpu_check.sh --list                # the stages and their limits
@@ -43,12 +46,13 @@
 # log; the logs are written to $LOGS, default a new /tmp/gpu-check-logs.*). Five files: the device tool
 # brings back at most 8. The summary is printed at the end. Exit status: the number of failed stages.
 # Limits can be overridden: ENV_S BUILD_S TESTS_S PERF_S TRAIN_S (seconds); WORKERS and
-# DEFAULT_WORKERS (xdist workers of tests-next and tests, 10 and 4); NEXT_TESTS (the tests-next
-# selection, default: every GPU test; paths or ids split on spaces, or one a line where an id has
-# a space); NEXT_TESTS_FILE (instead: a file of ids, one a line, as tools/gpu_rerun.py writes
-# the tests a cut-short stage left); PERF_CASES (the perf stage's cases, one a line, default: the
-# guard's rows, e.g. those a call cut short left); KERNELS ("default next"); REV (the revision to
-# name when there is no .git, as on the device: the dry run prints the call with it).
+# DEFAULT_WORKERS (xdist workers of the candidate set's stage and of tests beside tests-next, 10
+# and 4); GPU_TESTS (the test stages' selection, default: every GPU test; paths or ids split on
+# spaces, or one a line where an id has a space); GPU_TESTS_FILE (instead: a file of ids, one a
+# line, as tools/gpu_rerun.py writes the tests a cut-short stage left); PERF_CASES (the perf
+# stage's cases, one a line, default: the guard's rows, e.g. those a call cut short left); KERNELS
+# ("default"); REV (the revision to name when there is no .git, as on the device: the dry run
+# prints the call with it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,7 +61,8 @@ OUT=${OUT:-$PWD/gpu-check-out}
 PY=${PYTHON:-python3}
 ENV_S=${ENV_S:-15} BUILD_S=${BUILD_S:-100} TESTS_S=${TESTS_S:-115} PERF_S=${PERF_S:-100} TRAIN_S=${TRAIN_S:-50}
 WORKERS=${WORKERS:-10} DEFAULT_WORKERS=${DEFAULT_WORKERS:-4}
-KERNELS=${KERNELS:-default next}
+KERNELS=${KERNELS:-default}
+has_next() { [[ " $KERNELS " == *" next "* ]]; }
 nonblank_lines() { printf '%s\n' "$1" | sed '/^ *$/d'; }  # TEXT: its lines, blank ones dropped
 perf_cases=()  # PERF_CASES: case names, one a line (names have spaces); default the guard's rows
 [ -n "${PERF_CASES:-}" ] && mapfile -t perf_cases < <(nonblank_lines "$PERF_CASES")
@@ -81,15 +86,20 @@ ONLY=${ONLY//,/ } SKIP=${SKIP//,/ }
 for s in $ONLY $SKIP; do
   [[ " ${STAGES[*]} " == *" $s "* ]] || { echo "unknown stage: $s (stages: ${STAGES[*]})" >&2; exit 2; }
 done
-[ -z "${NEXT_TESTS_FILE:-}" ] || [ -s "$NEXT_TESTS_FILE" ] ||
-  { echo "NEXT_TESTS_FILE: no such file, or empty: $NEXT_TESTS_FILE (carried with the call?)" >&2; exit 2; }
-selected() { { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; } && [[ " $SKIP " != *" $1 "* ]]; }
+[ -z "${GPU_TESTS_FILE:-}" ] || [ -s "$GPU_TESTS_FILE" ] ||
+  { echo "GPU_TESTS_FILE: no such file, or empty: $GPU_TESTS_FILE (carried with the call?)" >&2; exit 2; }
+[[ " $ONLY " == *" tests-next "* ]] && ! has_next &&
+  { echo "tests-next runs the next kernel set: KERNELS must name it (KERNELS=\"default next\")" >&2; exit 2; }
+selected() {
+  [ "$1" = tests-next ] && ! has_next && return 1  # nothing is behind IDD_OPS_CUDA_NEXT
+  { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; } && [[ " $SKIP " != *" $1 "* ]]
+}
 
 LOGS=${LOGS:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-logs.XXXXXX")}
 mkdir -p "$OUT" "$LOGS"; rm -f "$LOGS"/stages "$LOGS"/*.status "$LOGS"/*.log "$LOGS"/*.section.md "$LOGS"/*.xml "$LOGS"/*.jsonl \
   "$LOGS"/*.cmd "$LOGS"/dry-run.problems "$LOGS"/prebuilt.check "$LOGS"/demo-results.md "$LOGS"/*.pid "$LOGS"/stopped
 rm -f "$OUT"/summary.md "$OUT"/logs.tar.gz "$OUT"/RESULTS-cuda.md "$OUT"/TRAIN_STEP-cuda.md "$OUT"/perf.json
-echo "$(date -u +%FT%TZ) dry=$DRY only=${ONLY:-all} skip=${SKIP:-none} kernels=$KERNELS rev=${REV:-unset}" \
+echo "$(date -u +%FT%TZ) dry=$DRY only=${ONLY:-all} skip=${SKIP:-none} kernels=${KERNELS// /,} rev=${REV:-unset}" \
   > "$LOGS/check.info"
 START=$SECONDS
 
@@ -218,7 +228,7 @@ if selected perf && [ "$DRY" = 0 ]; then
   WARM_PID=$!
 fi
 
-# Tests (both kernel sets) and the demo run side by side: none of them is timed.
+# Tests (each kernel set) and the demo run side by side: none of them is timed.
 # The test files in the order a time limit should cut them: the CUDA-specific checks first, the
 # large parametrisations of code the other files reach too last (xdist hands out tests in order).
 FIRST="cuda_runtime cuda_parity fuzz cosine_slots precision many_classes centroids distance idd_loss class_sums sums_path
@@ -262,24 +272,26 @@ pytest_stage() {  # NAME NEXT(0|1) WORKERS PATHS...
     IDD_OPS_SLOW_FIRST=1 \
     "$PY" -m pytest -q -rfE $xdist $TIMEOUT -m gpu -p no:cacheprovider --junitxml="$LOGS/$name.xml" "$@"
 }
+# GPU_TESTS: one id a line where an id has a space (parametrisations such as [idd_loss cityscapes]),
+# else split on spaces; never globbed (test_x[cuda-a] is no glob)
+if [ -n "${GPU_TESTS_FILE:-}" ]; then mapfile -t gpu_tests < <(nonblank_lines "$(< "$GPU_TESTS_FILE")")
+elif [[ "${GPU_TESTS:-}" == *$'\n'* ]]; then mapfile -t gpu_tests < <(nonblank_lines "$GPU_TESTS")
+else read -r -a gpu_tests <<< "${GPU_TESTS:-}"; fi
+[ ${#gpu_tests[@]} -gt 0 ] || mapfile -t gpu_tests < <(ordered_tests)
+NEWEST=0 TESTS_WORKERS=$WORKERS  # the newest kernel set: next where KERNELS holds it
+has_next && NEWEST=1
+selected tests-next && TESTS_WORKERS=$DEFAULT_WORKERS  # the candidate set's stage has most workers
 pids=()
 if selected tests; then
-  # shellcheck disable=SC2046  # one path a line
-  pytest_stage tests 0 "$DEFAULT_WORKERS" $(ordered_tests) & pids+=($!)
+  pytest_stage tests 0 "$TESTS_WORKERS" "${gpu_tests[@]}" & pids+=($!)
 fi
 if selected tests-next; then
-  # NEXT_TESTS: one id a line where an id has a space (parametrisations such as [idd_loss cityscapes]),
-  # else split on spaces; never globbed (test_x[cuda-a] is no glob)
-  if [ -n "${NEXT_TESTS_FILE:-}" ]; then mapfile -t next_tests < <(nonblank_lines "$(< "$NEXT_TESTS_FILE")")
-  elif [[ "${NEXT_TESTS:-}" == *$'\n'* ]]; then mapfile -t next_tests < <(nonblank_lines "$NEXT_TESTS")
-  else read -r -a next_tests <<< "${NEXT_TESTS:-}"; fi
-  [ ${#next_tests[@]} -gt 0 ] || mapfile -t next_tests < <(ordered_tests)
-  pytest_stage tests-next 1 "$WORKERS" "${next_tests[@]}" & pids+=($!)
+  pytest_stage tests-next 1 "$WORKERS" "${gpu_tests[@]}" & pids+=($!)
 fi
 DEMO_OUT=${TMPDIR:-/tmp}/gpu-check-demo  # checkpoints stay out of the logs; its results.md joins them
 if selected demo; then
   rm -rf "$DEMO_OUT"
-  stage demo "$TESTS_S" env IDD_OPS_CUDA_NEXT=1 "$PY" -m idd_ops.demo.cli --preset quick --device cuda \
+  stage demo "$TESTS_S" env IDD_OPS_CUDA_NEXT=$NEWEST "$PY" -m idd_ops.demo.cli --preset quick --device cuda \
     --out "$DEMO_OUT" & pids+=($!)
 fi
 [ ${#pids[@]} -gt 0 ] && every_20s "${pids[@]}"

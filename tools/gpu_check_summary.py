@@ -21,8 +21,20 @@ BUILT_THERE = "building the CUDA library here"  # tools/cuda_library.sh's line b
 TAIL_LINES = 25
 MAX_FAILURES = 40
 SLOWEST = 10
-KERNELS = {"tests": "default", "tests-next": "IDD_OPS_CUDA_NEXT=1", "demo": "IDD_OPS_CUDA_NEXT=1",
-           "perf": "both", "train": "both"}
+
+
+def checks_next(info):
+    """Whether the check ran the next kernel set too: check.info's kernels=... field (gpu_check.sh's
+    KERNELS, comma-separated: "default", or "default,next" while GPU code is behind
+    IDD_OPS_CUDA_NEXT)."""
+    field = next((w for w in info.split() if w.startswith("kernels=")), "kernels=default")
+    return "next" in field[len("kernels="):].split(",")
+
+
+def stage_kernels(with_next):
+    """Each stage's kernel set."""
+    newest, each = ("IDD_OPS_CUDA_NEXT=1", "both") if with_next else ("default", "default")
+    return {"tests": "default", "tests-next": "IDD_OPS_CUDA_NEXT=1", "demo": newest, "perf": each, "train": each}
 
 
 def read(path, default=""):
@@ -101,10 +113,10 @@ def read_result_log(text):
     return collected, results
 
 
-def result_log_summary(path, rerun_hint=False):
+def result_log_summary(path, stage=None):
     """[markdown lines] from a per-test log (tests/result_log.py), or None if absent: the counts
     (of how many collected), each failure with the end of its report, the slowest tests; with
-    rerun_hint, how to run again what failed or did not run (tools/gpu_rerun.py)."""
+    the log's stage named, how to run again what failed or did not run (tools/gpu_rerun.py)."""
     if not os.path.exists(path):
         return None
     collected, results = read_result_log(read(path))
@@ -118,9 +130,9 @@ def result_log_summary(path, rerun_hint=False):
             f"{secs:.0f} s of test time across the workers")
     out = [head]
     bad = [r for r in results if r["outcome"] in ("failed", "error", "xpassed")]  # xpassed: a known defect gone
-    if rerun_hint and (bad or (collected is not None and ran < collected)):
-        out += ["", "To run again what failed or did not run: `python tools/gpu_rerun.py logs.tar.gz` here "
-                "(writes gpu-rerun.txt for NEXT_TESTS_FILE).", ""]
+    if stage and (bad or (collected is not None and ran < collected)):
+        out += ["", f"To run again what failed or did not run: `python tools/gpu_rerun.py logs.tar.gz --stage {stage}` "
+                "here (writes gpu-rerun.txt for GPU_TESTS_FILE).", ""]
     for r in bad[:MAX_FAILURES]:
         out += [f"- {r['outcome'].upper()} {r['test']} ({r['seconds']:.1f} s)"]
         message = str(r.get("message") or "").strip()
@@ -141,6 +153,7 @@ def tail(path, n=TAIL_LINES):
 
 def summary(logs, elapsed=None):
     info = read(os.path.join(logs, "check.info")).strip()
+    kernels = stage_kernels(checks_next(info))
     out = [f"# GPU check ({info})" + (f", {elapsed} s in all" if elapsed is not None else ""), ""]
     stopped = read(os.path.join(logs, "stopped")).strip()
     if stopped:  # on_signal: the device tool's time limit, most likely
@@ -148,19 +161,19 @@ def summary(logs, elapsed=None):
     out += ["| stage | kernels | status | s | limit s |", "|---|---|---|---:|---:|"]
     rows = stage_rows(logs)
     for name, status, secs, limit, _ in rows:
-        out.append(f"| {name} | {KERNELS.get(name, '-')} | {status} | {secs} | {limit} |")
+        out.append(f"| {name} | {kernels.get(name, '-')} | {status} | {secs} | {limit} |")
     problems = read(os.path.join(logs, "dry-run.problems")).strip()
     if problems:
         out += ["", "Dry-run problems:", "", *[f"- {p}" for p in problems.splitlines()]]
     for name in ("tests", "tests-next"):
-        log = result_log_summary(os.path.join(logs, name + ".jsonl"), rerun_hint=name == "tests-next")
+        log = result_log_summary(os.path.join(logs, name + ".jsonl"), stage=name)
         if log:
-            out += ["", f"## {name} ({KERNELS[name]} kernels): {log[0]}", *log[1:]]
+            out += ["", f"## {name} ({kernels[name]} kernels): {log[0]}", *log[1:]]
             continue
         result = junit_summary(os.path.join(logs, name + ".xml"))
         if result:
             line, failed = result
-            out += ["", f"## {name} ({KERNELS[name]} kernels): {line}"]
+            out += ["", f"## {name} ({kernels[name]} kernels): {line}"]
             out += [f"- FAILED {t}" for t in failed[:MAX_FAILURES]]
             out += [f"- ... {len(failed) - MAX_FAILURES} more"] if len(failed) > MAX_FAILURES else []
     for section in ("perf.section.md", "train.section.md"):

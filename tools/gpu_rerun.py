@@ -1,17 +1,17 @@
 """The GPU tests a check's test stage left to run again: those that failed, erred or never ran
-before its time limit, one id a line, for the next call's tests-next stage.
+before its time limit, one id a line, for the next call's test stage.
 
-    python tools/gpu_rerun.py LOGS [--stage tests-next] [--out gpu-rerun.txt]
+    python tools/gpu_rerun.py LOGS [--stage tests|tests-next] [--out gpu-rerun.txt]
 
-(--stage tests lists the default kernels' stage; NEXT_TESTS_FILE runs a list with the next kernels.)
+(--stage: default tests-next where the check ran it, else tests.)
 
 LOGS: the logs folder of tools/gpu_check.sh, or the logs.tar.gz a device call brought back. The
 stage's own arguments (STAGE.cmd) are collected here (`pytest --collect-only -m gpu`: the ids do
 not depend on a GPU being present), and every id its per-test log (STAGE.jsonl) does not show as
 passed, skipped or xfailed is written out. The file is git-ignored: the device tool takes it with
-`carry: [".prebuilt-cuda", "gpu-rerun.txt"]`, and `NEXT_TESTS_FILE=gpu-rerun.txt bash
-tools/gpu_check.sh --only tests-next` runs it (hundreds of ids do not fit a 2000-character
-command, as NEXT_TESTS would need).
+`carry: [".prebuilt-cuda", "gpu-rerun.txt"]`, and `GPU_TESTS_FILE=gpu-rerun.txt bash
+tools/gpu_check.sh --only STAGE` runs it (hundreds of ids do not fit a 2000-character command,
+as GPU_TESTS would need).
 """
 import argparse
 import os
@@ -65,9 +65,11 @@ def left_to_run(collected, results):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("logs", help="the logs folder, or logs.tar.gz")
-    p.add_argument("--stage", default="tests-next", choices=("tests", "tests-next"))
+    p.add_argument("--stage", choices=("tests", "tests-next"))
     p.add_argument("--out", default=os.path.join(ROOT, "gpu-rerun.txt"))
     args = p.parse_args(argv)
+    if args.stage is None:
+        args.stage = "tests-next" if stage_file(args.logs, "tests-next.cmd") else "tests"
     cmd = stage_file(args.logs, f"{args.stage}.cmd")
     if not cmd:
         sys.exit(f"gpu_rerun: {args.logs} has no {args.stage}.cmd: did the stage run?")
@@ -79,8 +81,9 @@ def main(argv=None):
         return
     with open(args.out, "w") as f:
         f.write("".join(t + "\n" for t in left))
+    kernels = " KERNELS='default next'" if args.stage == "tests-next" else ""
     print(f"{len(left)} tests left to run ({ran} have results in the log) in {args.out}; the call: "
-          f"NEXT_TESTS_FILE={os.path.relpath(args.out, ROOT)} bash tools/gpu_check.sh --only tests-next, "
+          f"GPU_TESTS_FILE={os.path.relpath(args.out, ROOT)}{kernels} bash tools/gpu_check.sh --only {args.stage}, "
           f"carry [\".prebuilt-cuda\", \"{os.path.relpath(args.out, ROOT)}\"]")
 
 

@@ -1,9 +1,11 @@
 #pragma once
-// CUDA kernels and GPU formulations written since the last GPU run are compiled in but switched
-// off until a GPU has validated them: IDD_OPS_CUDA_NEXT=1 selects them (read once per process;
-// idd_ops/_switches.py is the Python side of the same switch). tools/gpu_check.sh runs its
-// stages under both settings; the first GPU session that passes them switches them on and
-// deletes what they replace.
+// CUDA kernels and GPU formulations written since the last GPU run are compiled in but switched off
+// until a GPU has validated them: IDD_OPS_CUDA_NEXT=1 selects them (read once per process;
+// idd_ops/_switches.py is the Python side of the same switch). tools/gpu_check.sh with
+// KERNELS="default next" runs its stages under both settings; the first GPU session that passes
+// them switches them on and deletes what they replace. Nothing is behind the switch at present: the
+// kernels it last held (class sums, the fused IDD tail, the slot-map cosine, one-read softmax-KL,
+// column-table position maps, SKD's batched formulation) are the defaults since a GPU passed them.
 #include <cstdlib>
 #include <cstring>
 

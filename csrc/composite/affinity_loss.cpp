@@ -2,7 +2,7 @@
 // with the pooling and the L2 normalisation fused in, written from ATen calls and GEMMs
 // (CompositeExplicitAutograd), so the P x P affinity is never formed. Two formulations
 // (affinity_loss.h): this file's blocked one, tuned for the CPU, and the batched one
-// (affinity_loss_batched.cpp) that CUDA takes under IDD_OPS_CUDA_NEXT=1.
+// (affinity_loss_batched.cpp), CUDA's.
 //
 // With F_S [Cs, P] and F_T [Ct, P] the pooled, L2-normalised (over channels) features of one
 // image and A = F^T F:
@@ -230,12 +230,12 @@ at::Tensor affinity_loss_backward_blocked(const at::Tensor& grad, const at::Tens
   return out;
 }
 
-// The batched formulation wherever the private variable _IDD_OPS_SKD_BATCHED=1 forces it (read
-// per call: the CPU tests use it to test the GPU's formulation), and on CUDA under
-// IDD_OPS_CUDA_NEXT=1 where the extension has no CUDA kernels (with them, affinity_loss_cuda.cu
-// runs it with fused kernels).
+// The batched formulation on CUDA tensors where the extension has no CUDA kernels (with them,
+// affinity_loss_cuda.cu runs it with fused kernels), and wherever the private variable
+// _IDD_OPS_SKD_BATCHED=1 forces it (read per call: the CPU tests use it to test the GPU's
+// formulation).
 bool use_batched(const at::Tensor& student) {
-  return env_flag("_IDD_OPS_SKD_BATCHED") || (student.is_cuda() && cuda_next_enabled());
+  return student.is_cuda() || env_flag("_IDD_OPS_SKD_BATCHED");
 }
 
 }  // namespace

@@ -1,8 +1,8 @@
 #pragma once
 // SKD's loss through C x C Gram products (affinity_loss.cpp): what its two formulations share.
 //   blocked (affinity_loss.cpp): per image, blocks of pooled pixels; the CPU's path.
-//   batched (affinity_loss_batched.cpp): chunks of whole images, batched GEMMs; CUDA's path
-//     under IDD_OPS_CUDA_NEXT=1, with its pointwise work fused into kernels there
+//   batched (affinity_loss_batched.cpp): chunks of whole images, batched GEMMs; CUDA's path,
+//     with its pointwise work fused into kernels there
 //     (csrc/cuda/affinity_loss_cuda.cu).
 // Both return and consume the same (loss [B], G_xx [B, Cs, Cs], G_xd [B, Cs, Ct]: the Grams of
 // S and D centred on the image's means (affinity_pivot), G_xd's first Ct columns, see

@@ -1,6 +1,6 @@
-// SKD (affinity_loss) on CUDA. By default the composite runs (affinity_loss.cpp: the blocked
-// formulation). Under IDD_OPS_CUDA_NEXT=1 the batched formulation (affinity_loss.h) runs with its
-// pointwise work in kernels around the GEMMs, per chunk of pool * pool images:
+// SKD (affinity_loss) on CUDA: the batched formulation (affinity_loss.h) with its pointwise work
+// in kernels around the GEMMs, per chunk of pool * pool images (the CPU's blocked formulation,
+// hundreds of small launches there, made the GPU 9x slower):
 //   forward:  pool + normalise + difference, with the sums of S and D over each block's pixels
 //             (1) -> the pivot, the means and alpha (1) -> centre on it (1) -> G_xx, G_xd, G_dd
 //             (3 GEMMs) -> the four inner products of differenced_affinity_sum, and G_xd's first
@@ -41,7 +41,6 @@
 #include <algorithm>
 
 #include "../common/checks.h"
-#include "../common/cuda_next.h"
 #include "../composite/affinity_loss.h"
 #include "affinity_pivot.cuh"
 #include "cuda_utils.cuh"
@@ -274,7 +273,6 @@ CentredChunk centred_chunk(const at::Tensor& student, const PoolView& vs, const 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                                   int64_t pool) {
-  if (!cuda_next_enabled()) return affinity_loss_composite(student, teacher, pool);
   check_affinity_loss_inputs(student, teacher, pool);
   if (!fused_takes(student, teacher, pool)) return affinity_loss_batched(student, teacher, pool);
   const c10::cuda::CUDAGuard guard(student.device());
@@ -318,7 +316,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tens
 
 at::Tensor affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
                                        const at::Tensor& gss_in, const at::Tensor& gsd_in, int64_t pool) {
-  if (!cuda_next_enabled()) return affinity_loss_backward_composite(grad, student, teacher, gss_in, gsd_in, pool);
   check_affinity_loss_backward_inputs(grad, student, teacher, gss_in, gsd_in, pool);
   const auto acc = acc_dtype(student.scalar_type());
   if (!fused_takes(student, teacher, pool) || gss_in.scalar_type() != acc || gsd_in.scalar_type() != acc)

@@ -7,26 +7,15 @@
 
 #include <limits>
 
-#include "../common/cuda_next.h"
 #include "cuda_utils.cuh"
 
 namespace idd_ops {
 
-template <typename acc_t>
-__global__ void centroid_norms_kernel(const acc_t* __restrict__ cent, int64_t BK, int64_t C, acc_t* __restrict__ out) {
-  for (int64_t bk = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; bk < BK;
-       bk += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    acc_t s = 0;
-    for (int64_t c = 0; c < C; ++c) s += cent[bk * C + c] * cent[bk * C + c];
-    out[bk] = sqrt(s);
-  }
-}
-
-// The IDD_OPS_CUDA_NEXT norms: one warp per centroid row, its lanes reading the row's channels
-// coalesced (lane, lane + 32, ...) and adding their partial sums by a butterfly, so the same bits
-// on every run. The kernel above gives each row to one thread: at IFVD's Cityscapes shape 152
-// threads of one block each walk 2048 channels in series, three times per call, where this
-// spreads a row over a warp and the rows over 19 blocks.
+// Centroid norms: one warp per centroid row, its lanes reading the row's channels coalesced
+// (lane, lane + 32, ...) and adding their partial sums by a butterfly, so the same bits on every
+// run. A thread per row (the first kernel here) left 152 threads of one block walking 2048
+// channels each in series at IFVD's Cityscapes shape, three times per call; a warp per row
+// spreads the rows over 19 blocks.
 template <typename acc_t>
 __global__ void centroid_norms_warp_kernel(const acc_t* __restrict__ cent, int64_t K, int64_t BK, int64_t C,
                                            acc_t* __restrict__ out, acc_t* __restrict__ cent_t) {
@@ -76,13 +65,8 @@ inline at::Tensor centroid_norms(const at::Tensor& cent, cudaStream_t stream) {
   at::Tensor out = at::empty({cent.size(0), cent.size(1)}, cent.options());
   if (BK == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(cent.scalar_type(), "centroid_norms_cuda", [&] {
-    if (cuda_next_enabled()) {
-      centroid_norms_warp_kernel<scalar_t><<<blocks_for(BK * 32), kThreads, 0, stream>>>(
-          cent.const_data_ptr<scalar_t>(), cent.size(1), BK, cent.size(2), out.data_ptr<scalar_t>(), nullptr);
-    } else {
-      centroid_norms_kernel<scalar_t><<<blocks_for(BK), kThreads, 0, stream>>>(cent.const_data_ptr<scalar_t>(), BK,
-                                                                               cent.size(2), out.data_ptr<scalar_t>());
-    }
+    centroid_norms_warp_kernel<scalar_t><<<blocks_for(BK * 32), kThreads, 0, stream>>>(
+        cent.const_data_ptr<scalar_t>(), cent.size(1), BK, cent.size(2), out.data_ptr<scalar_t>(), nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

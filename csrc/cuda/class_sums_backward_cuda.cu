@@ -5,7 +5,6 @@
 // kernel (half/bfloat16 through float, as before), so no launch converts it first. NCHW takes a
 // block per row with the row's table in shared memory where it fits (the rows kernel), else a
 // per-pixel gather from the table; channels_last reads a pixel's C contiguous entries.
-// Selected from Python only under IDD_OPS_CUDA_NEXT=1 until a GPU has run it.
 #include <cuda_runtime.h>
 #include <torch/library.h>
 

@@ -11,7 +11,6 @@
 // (class_sums_nchw.cuh), L for channels_last (class_sums_last.cuh). Every shared-memory request
 // stays within the GPU's opt-in limit: L falls back to one NCHW copy and W, W to fewer warps,
 // and past one warp's sums (about K = 18000 on a 227 KiB GPU) the call stops with an error.
-// Selected from Python only under IDD_OPS_CUDA_NEXT=1 until a GPU has run it.
 #include <cuda_runtime.h>
 #include <torch/library.h>
 

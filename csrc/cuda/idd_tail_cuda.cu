@@ -1,12 +1,10 @@
-// The IDD tail on CUDA, fused: class sums and counts of both networks -> loss in two launches,
-// four with normalize (idd_tail_forward_cuda.cu), backward in one (idd_tail_backward_cuda.cu). Selected by
-// IDD_OPS_CUDA_NEXT=1 (common/cuda_next.h) until a GPU has run it; otherwise, and for inputs it
-// does not take, the composite (composite/idd_tail.cpp) runs: half or bfloat16 sums, student and
-// teacher sums of different dtypes, float32 sums computing in float64, B = 0, K = 0 or
+// The IDD tail on CUDA, fused: class sums and counts of both networks -> loss in two launches, four
+// with normalize (idd_tail_forward_cuda.cu), backward in one (idd_tail_backward_cuda.cu). For
+// inputs it does not take, the composite (composite/idd_tail.cpp) runs: half or bfloat16 sums,
+// student and teacher sums of different dtypes, float32 sums computing in float64, B = 0, K = 0 or
 // K > kMaxFusedClasses. The math, the centroid shift and the saved tensors: common/idd_tail.h.
 #include <torch/library.h>
 
-#include "../common/cuda_next.h"
 #include "idd_tail.cuh"
 
 namespace idd_ops {
@@ -32,7 +30,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> idd_tail_cuda(const at::Tensor& s
     return idd_tail_composite(student_sums, student_counts, teacher_sums, teacher_counts, metric_name, normalize, eps,
                               reduction_name, dtype, loss_dtype);
   };
-  if (!cuda_next_enabled()) return composite();
   check_idd_tail_inputs(student_sums, student_counts, teacher_sums, teacher_counts, eps);
   const Metric metric = metric_code(metric_name);
   const Reduction reduction = reduction_code(reduction_name);
@@ -58,7 +55,6 @@ at::Tensor idd_tail_backward_cuda(const at::Tensor& grad, const at::Tensor& stud
     return idd_tail_backward_composite(grad, student_sums, student_counts, teacher_counts, dist, stats, metric_name,
                                        normalize, eps, reduction_name);
   };
-  if (!cuda_next_enabled()) return composite();
   const Reduction reduction = reduction_code(reduction_name);
   check_idd_tail_backward_inputs(grad, student_sums, student_counts, teacher_counts, dist, stats, eps, reduction);
   const Metric metric = metric_code(metric_name);

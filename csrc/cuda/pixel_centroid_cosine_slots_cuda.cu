@@ -1,6 +1,6 @@
 // Per-pixel cosine similarity to the pixel's class centroid (the IFVD map) with the pixel
-// classes read from a class-slot map (_pixel_centroid_cosine_slots and its backward) on CUDA:
-// IDD_OPS_CUDA_NEXT, not yet run on a GPU. Ignored pixels (slot -1) score 1 and carry no gradient.
+// classes read from a class-slot map (_pixel_centroid_cosine_slots and its backward) on CUDA.
+// Ignored pixels (slot -1) score 1 and carry no gradient.
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 

@@ -1,13 +1,14 @@
-// MSE between predicted position maps and analytic ones generated on the fly, on CUDA.
+// MSE between predicted position maps and analytic ones generated on the fly, on CUDA: maps up to
+// position_tables_max_width columns wide from column tables (position_encoding_loss_tables_cuda.cu),
+// wider ones by the per-element kernels here.
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include "../common/checks.h"
-#include "../common/cuda_next.h"
 #include "../common/enums.h"
 #include "../common/position.h"
 #include "cuda_utils.cuh"
-#include "next_kernels.cuh"
+#include "position_tables.cuh"
 #include "position_specs.cuh"
 
 namespace idd_ops {
@@ -57,8 +58,8 @@ __global__ void position_loss_backward_kernel_impl(const at::opmath_type<scalar_
 at::Tensor position_encoding_loss_kernel(const at::Tensor& pred_in, at::IntArrayRef kinds, at::ArrayRef<double> params,
                                          c10::string_view reduction) {
   check_position_encoding_loss_inputs(pred_in, kinds, params);
-  if (cuda_next_enabled() && pred_in.size(3) <= position_next_max_width(pred_in.scalar_type()))
-    return position_encoding_loss_next(pred_in, kinds, params, reduction);
+  if (pred_in.size(3) <= position_tables_max_width(pred_in.scalar_type()))
+    return position_encoding_loss_tables(pred_in, kinds, params, reduction);
   const MapSpecs maps = map_specs(kinds, params);
   const Reduction red = parse_reduction(std::string(reduction));
   const c10::cuda::CUDAGuard guard(pred_in.device());
@@ -87,8 +88,8 @@ at::Tensor position_encoding_loss_backward_kernel(const at::Tensor& grad_in, con
                                                   c10::string_view reduction) {
   const Reduction red = parse_reduction(std::string(reduction));
   check_position_encoding_loss_backward_inputs(grad_in, pred_in, kinds, params, red);
-  if (cuda_next_enabled() && pred_in.size(3) <= position_next_max_width(pred_in.scalar_type()))
-    return position_encoding_loss_backward_next(grad_in, pred_in, kinds, params, reduction);
+  if (pred_in.size(3) <= position_tables_max_width(pred_in.scalar_type()))
+    return position_encoding_loss_backward_tables(grad_in, pred_in, kinds, params, reduction);
   const MapSpecs maps = map_specs(kinds, params);
   const c10::cuda::CUDAGuard guard(pred_in.device());
   const at::Tensor pred = pred_in.contiguous();

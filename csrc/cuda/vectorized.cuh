@@ -1,7 +1,7 @@
 #pragma once
-// 16-byte loads and stores, and warp/block sums by shuffles, for the kernels behind
-// IDD_OPS_CUDA_NEXT. A pack is used only where the host checked the pointer's alignment and
-// the length (aligned_for and pack_size below); otherwise the kernels run with packs of 1.
+// 16-byte loads and stores, and warp/block sums by shuffles. A pack is used only where the host
+// checked the pointer's alignment and the length (aligned_for and pack_size below); otherwise the
+// kernels run with packs of 1.
 #include <c10/cuda/CUDAFunctions.h>
 
 #include <atomic>

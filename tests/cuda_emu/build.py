@@ -55,7 +55,7 @@ BUILD = COVERAGE_BUILD if COVERAGE else ROOT / "build" / ("cuda_emu-fma" if FMA 
 SHARED_ARRAY = re.compile(r"(?P<extern>extern\s+)?__shared__\s+(?P<align>__align__\(\s*\d+\s*\)\s+)?(?P<rest>[^;]*);")
 CUDA_NEXT_SHIM = """#pragma once
 // Rewritten for the CUDA emulator (tests/cuda_emu/build.py): the IDD_OPS_CUDA_NEXT kernels follow
-// the emulator's setting (torch.ops.idd_ops_emu._emu_configure), so one process tests both sets.
+// the emulator's setting (torch.ops.idd_ops_emu._emu_configure), so one process can test two sets.
 #include <cstdlib>
 #include <cstring>
 

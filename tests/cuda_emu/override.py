@@ -1,11 +1,11 @@
-"""The public API on CPU tensors through one emulated CUDA kernel set.
+"""The public API on CPU tensors through the emulated CUDA kernels.
 
-    with emulated_cuda("next") as emu:
-        idd_ops.inter_class_distance_loss(...)   # runs the IDD_OPS_CUDA_NEXT kernels, emulated
+    with emulated_cuda("default") as emu:
+        idd_ops.inter_class_distance_loss(...)   # runs the CUDA kernels, emulated
 
 The emulated kernels are stacked over idd_ops' CPU kernels, and the Python and composite path
-switches are set as they are on CUDA for that set (tests/conftest.py's IDD_OPS_EMULATE_CUDA runs
-whole test files so; tests/cuda_emu/report.py measures the traffic of each op so).
+switches are set as they are on CUDA (tests/conftest.py's IDD_OPS_EMULATE_CUDA runs whole test
+files so; tests/cuda_emu/report.py measures the traffic of each op so).
 """
 import os
 from contextlib import contextmanager
@@ -15,23 +15,26 @@ from idd_ops import _switches
 
 from . import build
 
-KERNEL_SETS = ("default", "next")
+# The kernel sets: "default", what CUDA runs. A rewrite that lands behind IDD_OPS_CUDA_NEXT
+# (csrc/common/cuda_next.h) adds "next" here, the path switches it changes set below by set, and
+# the set to the tests that compare the two; nothing is behind the switch at present.
+KERNEL_SETS = ("default",)
 _active = []  # the (kernel set, seed) of each emulated_cuda block entered and not yet left
 
 
 @contextmanager
-def emulated_cuda(kernel_set, seed=0):
-    """kernel_set: "default" (the kernels CUDA runs today) or "next" (IDD_OPS_CUDA_NEXT=1);
-    seed: of the emulator's block and thread orders. Yields the emulated library's ops. Blocks
-    nest: leaving an inner one restores the outer one's set."""
+def emulated_cuda(kernel_set="default", seed=0):
+    """kernel_set: one of KERNEL_SETS; seed: of the emulator's block and thread orders. Yields
+    the emulated library's ops. Blocks nest: leaving an inner one restores the outer one's set."""
     if kernel_set not in KERNEL_SETS:
         raise ValueError(f"kernel_set: expected one of {KERNEL_SETS}, got {kernel_set!r}")
-    emu, cuda_next = build.load(), kernel_set == "next"
-    emu._emu_configure(cuda_next, seed)
-    env = {"_IDD_OPS_SKD_BATCHED": "1"} if cuda_next else {}
-    with mock.patch.object(_switches, "class_sums_path", lambda device, channels_last=False: cuda_next), \
-            mock.patch.object(_switches, "slot_map_path", lambda device: cuda_next), \
-            mock.patch.dict(os.environ, env):
+    emu = build.load()
+    emu._emu_configure(kernel_set == "next", seed)
+    # CUDA's paths for the CPU tensors the emulator runs on: the class-sum path, the slot map,
+    # SKD's batched formulation
+    with mock.patch.object(_switches, "class_sums_path", lambda device, channels_last=False: True), \
+            mock.patch.object(_switches, "slot_map_path", lambda device: True), \
+            mock.patch.dict(os.environ, {"_IDD_OPS_SKD_BATCHED": "1"}):
         if not _active:
             emu._emu_override(True)
         _active.append((kernel_set, seed))

@@ -1,5 +1,6 @@
 """What each loss's CUDA path would ask of a GPU, predicted on the CPU: its launches and, from the
-emulator's traffic model (memory_model.h), the bytes its kernels move, for both CUDA kernel sets.
+emulator's traffic model (memory_model.h), the bytes its kernels move, for each CUDA kernel set
+(override.py's KERNEL_SETS).
 
     python -m tests.cuda_emu.report [--out benchmarks/TRAFFIC-emulated.md] [--cases idd_loss ...]
 
@@ -189,7 +190,7 @@ def markdown(results, commit):
         "- DRAM: MB of the distinct 32-byte sectors the library's kernels read and write; sectors: MB of every"
         " 32-byte sector of every warp request (the traffic through L1, where repeated reads of a small table hit).",
         "- ideal/DRAM above 1: the kernels read less than the ideal counts (it has no ATen traffic);"
-        " dashes: no kernel of the library ran (SKD's default CUDA path is ATen calls alone).",
+        " dashes: no kernel of the library ran.",
         "- bank conflicts: shared-memory passes over the least the requests' bytes need (1: none).",
         "- warp collectives: shuffles, votes and `__syncwarp` per warp (warp-synchronous work, e.g. a"
         " warp's loop over the classes its lanes hold).",

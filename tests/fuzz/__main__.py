@@ -1,7 +1,7 @@
 """Command line of the differential fuzzer (see tests/fuzz/__init__.py):
 
-    python -m tests.fuzz --targets cpu,cpu_alt,default,next[,cuda] --cases N --seed S [--ops a,b] [--time-budget SEC]
-    python -m tests.fuzz --targets next --repro idd:1000042      # one case again, its inputs printed
+    python -m tests.fuzz --targets cpu,cpu_alt,default[,cuda] --cases N --seed S [--ops a,b] [--time-budget SEC]
+    python -m tests.fuzz --targets default --repro idd:1000042      # one case again, its inputs printed
     python -m tests.fuzz --size-scale 8 --cases 500 --seed S     # larger maps and more channels
     python -m tests.fuzz --mutate 1.001 --cases 500 --seed S     # gradients 1e-3 off: how many pass
 
@@ -24,7 +24,7 @@ from .targets import TARGETS, unavailable  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.fuzz", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", default="cpu,cpu_alt,default,next",
+    parser.add_argument("--targets", default="cpu,cpu_alt,default",
                         help=f"comma-separated, of {', '.join(TARGETS)}")
     parser.add_argument("--cases", type=int, default=200, help="cases (each run on every target)")
     parser.add_argument("--seed", type=int, default=0)

@@ -176,7 +176,7 @@ def _ifvd_floor(p, x):
     c, n = reference.class_centroids(s.detach().double(), y, K, ignore)
     # the student's gradient also comes through its class means, in terms of size 1 / |centroid|: a
     # mean far shorter than its pixels where their values cancel (seed 20261241: one channel, means
-    # 2e-2 of the pixels' size, the next kernels 1.4x past the pixels' allowance)
+    # 2e-2 of the pixels' size, the emulated CUDA kernels 1.4x past the pixels' allowance)
     norms = torch.linalg.vector_norm(c, dim=2)[n > 0]
     norms = norms[torch.isfinite(norms) & (norms > 0)]
     if norms.numel() and "grad:student" in floors:

@@ -37,12 +37,11 @@ from typing import Dict, List, Optional
 import torch
 
 import conftest
-from idd_ops import _switches
 
 from . import inputs
 from .cases import Case
 from .floors import NOISE_ULPS, UNIT_ROUNDOFF, least_precise
-from .targets import device_of, running_on
+from .targets import EMULATED, device_of, running_on
 
 # the suite's tolerances (tests/conftest.py), by precision name: the float64 entry is for
 # exact-math paths; float16 and bfloat16 round outputs at 2^-11 and 2^-8
@@ -54,35 +53,26 @@ RELAX_CAP = 1.0
 # float64's unit roundoff over float32's: the float32 reference's error, scaled to float64
 ROUNDOFF_RATIO = 2.0 ** -29
 
-# Known differences (docs/METHOD.md 8, tests/conftest.py's EMULATED_CUDA_DIFFERENCES): a mismatch
-# of a case they match is counted as known, not as a failure: (predicate(case, target), why[, bound]),
-# with a bound: only while every failing check's error is within bound x its tolerance.
-_CENTROID_KERNEL_OPS = ("idd", "class_centroids", "ifvd", "op.class_centroids")
-
 
 def _has_offset(case: Case) -> bool:
     return any(isinstance(v, dict) and v.get("offset") for v in case.params.values())
 
 
-def _default_set(target: str) -> bool:
-    return target == "default" or (target == "cuda" and not _switches.cuda_next_enabled())
+def _cuda_set(target: str) -> bool:
+    """The CUDA kernels: emulated, or on a GPU."""
+    return target in EMULATED or target == "cuda"
 
 
-def _next_set(target: str) -> bool:
-    return target == "next" or (target == "cuda" and _switches.cuda_next_enabled())
-
-
+# Known differences (docs/METHOD.md 8, tests/conftest.py's EMULATED_CUDA_DIFFERENCES): a mismatch
+# of a case they match is counted as known, not as a failure: (predicate(case, target), why[, bound]),
+# with a bound: only while every failing check's error is within bound x its tolerance.
 KNOWN = [
-    (lambda case, target: _default_set(target) and case.op in _CENTROID_KERNEL_OPS and _has_offset(case),
-     "the default CUDA centroid kernel adds raw values in float atomics and loses a common offset (issue 25; "
-     "METHOD.md 8; conftest.py xfails its precision tests on the default set)"),
-    (lambda case, target: _default_set(target) and case.op == "ifvd" and case.params["student"]["dtype"] == "float16",
-     "the default CUDA IFVD adds the student's two gradient paths (its own pixels, its class centroids) in the "
-     "features' dtype: in float16 one path overflows to inf where their sum is below 65504; the next kernels "
-     "carry both in one float32 pass (found at seed 20261205)"),
-    (lambda case, target: _next_set(target) and case.op == "skd" and case.params["student"]["dtype"] == "bfloat16",
-     "the next CUDA set's SKD keeps bfloat16 GEMM operands (tensor cores, as autocast's own GEMMs): its gradient "
-     "is 1e-2 of float64 at 128/512 channels and up to 7e-2 with a few student channels (ARCHITECTURE.md)", 2.0),
+    (lambda case, target: _cuda_set(target) and case.op == "op.class_centroids" and _has_offset(case),
+     "the raw centroid op's CUDA kernel adds raw values in float atomics and loses a common offset (issue 25; "
+     "METHOD.md 8); the public functions take the class-sum path there, which keeps it"),
+    (lambda case, target: _cuda_set(target) and case.op == "skd" and case.params["student"]["dtype"] == "bfloat16",
+     "CUDA's SKD keeps bfloat16 GEMM operands (tensor cores, as autocast's own GEMMs): its gradient is 1e-2 of "
+     "float64 at 128/512 channels and up to 7e-2 with a few student channels (ARCHITECTURE.md)", 2.0),
     (lambda case, target: case.op == "op.idd_tail" and case.params["close"] and case.params["metric"] != "cosine"
      and (case.params["dtype"] == "float32" or (case.params["dtype"] is None
                                                  and case.params["student"]["dtype"] == "float32")),

@@ -13,7 +13,7 @@ from idd_ops import reference
 
 PRECISIONS = ("float64", "float32", "float16", "bfloat16")  # least precise last
 # the roundoff of the arithmetic: the dtype's own (half types accumulate in float32, but some paths
-# keep them as GEMM operands: the next CUDA set's bfloat16 SKD, ARCHITECTURE.md)
+# keep them as GEMM operands: CUDA's bfloat16 SKD, ARCHITECTURE.md)
 UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 # The noise allowance: this many roundoffs of the terms an output is made of (compare.py)
 # (64 was passed by 6 to 16 % in 4 of 30000 cases at seed 20261205, maps of one channel)

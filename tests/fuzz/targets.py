@@ -1,16 +1,17 @@
-"""Where a case runs: the CPU kernels, one of the two CUDA kernel sets on the emulator of
-tests/cuda_emu, or a real GPU.
+"""Where a case runs: the CPU kernels, the CUDA kernels on the emulator of tests/cuda_emu, or a
+real GPU.
 
 - "cpu": the CPU ops as they are.
-- "cpu_alt": the CPU's other formulations, which CUDA's next set shares: the class-sum path for
-  NCHW features too (IDD_OPS_CPU_SUMS) and the batched SKD (_IDD_OPS_SKD_BATCHED, the composite
-  code the next set falls back to where its fused kernels do not take a shape).
-- "default", "next": the public API and the raw ops routed through the emulated CUDA kernels
+- "cpu_alt": the CPU's other formulations, which CUDA shares: the class-sum path for NCHW
+  features too (IDD_OPS_CPU_SUMS) and the batched SKD (_IDD_OPS_SKD_BATCHED, the composite code
+  CUDA falls back to where its fused kernels do not take a shape).
+- "default": the public API and the raw ops routed through the emulated CUDA kernels
   (cuda_emu.override.emulated_cuda: the emulated kernels stacked over the CPU ones, and the
-  Python path switches set as on CUDA for that set), on CPU tensors. The emulator's block and
-  thread order comes from the case's seed, so a reproducer replays the same schedule.
+  Python path switches set as on CUDA), on CPU tensors. The emulator's block and thread order
+  comes from the case's seed, so a reproducer replays the same schedule. A rewrite behind
+  IDD_OPS_CUDA_NEXT adds "next" (cuda_emu/override.py's KERNEL_SETS).
 - "cuda": CUDA tensors, on whichever kernel set the process selected (IDD_OPS_CUDA_NEXT is
-  read once per process: tools/gpu_check.sh runs its stages under both).
+  read once per process).
 
 The emulator is imported as `cuda_emu` (tests/ on sys.path), the name tests/conftest.py and the
 emulated tests use, so that one process never loads it twice under two names.
@@ -24,8 +25,8 @@ import torch
 import idd_ops
 from idd_ops import _switches
 
-TARGETS = ("cpu", "cpu_alt", "default", "next", "cuda")
-EMULATED = ("default", "next")
+EMULATED = ("default",)  # the emulated kernel sets: cuda_emu/override.py's KERNEL_SETS
+TARGETS = ("cpu", "cpu_alt", *EMULATED, "cuda")
 _loaded = {}
 
 

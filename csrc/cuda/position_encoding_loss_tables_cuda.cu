@@ -1,17 +1,18 @@
-// position_encoding_loss on CUDA from per-block column tables (behind IDD_OPS_CUDA_NEXT).
+// position_encoding_loss on CUDA from per-block column tables, for maps up to
+// position_tables_max_width columns wide (wider ones: position_encoding_loss_cuda.cu).
 //
-// Every map of common/position.h is separable, G[y, x] = rowf(y) * colf(x), and the two-pass
-// kernel already forms it as that product: horizontal (colf = x / (W-1), rowf = 1), vertical
-// (rowf = y / (H-1)), gaussian (exp(-du^2 / 2s^2) * exp(-dv^2 / 2s^2)), horizontal and vertical
-// stripes (an integer floor/mod of y or x alone), sin/cos of u or of v. So no map keeps a
-// per-element formula: a block serves one map (blockIdx.y) and a set of rows; it fills colf for
-// its map once into shared memory (W values), each thread forms rowf once per row and then
-// walks the batch at each (row, column pack) with 16-byte loads. Per element: one shared-memory
-// read and a multiply, no division, modulo or transcendental; the factors are those of
-// position_factor, multiplied in the same order, so the targets equal the two-pass kernel's.
-// Launches: forward "mean"/"sum" 2 (the kernel writes one partial per block; a one-block
-// finalise sums them in a fixed order: deterministic, no atomics, no zero fill), "none" 1;
-// backward 1 (the two-pass path: forward 3-4 with a zero fill, a sum and a division; backward 1).
+// Every map of common/position.h is separable, G[y, x] = rowf(y) * colf(x), and the per-element
+// kernel (position_encoding_loss_cuda.cu) forms it as that product: horizontal (colf = x / (W-1),
+// rowf = 1), vertical (rowf = y / (H-1)), gaussian (exp(-du^2 / 2s^2) * exp(-dv^2 / 2s^2)),
+// horizontal and vertical stripes (an integer floor/mod of y or x alone), sin/cos of u or of v. So
+// no map keeps a per-element formula: a block serves one map (blockIdx.y) and a set of rows; it
+// fills colf for its map once into shared memory (W values), each thread forms rowf once per row
+// and then walks the batch at each (row, column pack) with 16-byte loads. Per element: one shared-
+// memory read and a multiply, no division, modulo or transcendental; the factors are those of
+// position_factor, multiplied in the same order, so the targets equal the per-element kernel's.
+// Launches: forward "mean"/"sum" 2 (the kernel writes one partial per block; a one-block finalise
+// sums them in a fixed order: deterministic, no atomics, no zero fill), "none" 1; backward 1 (the
+// per-element path: forward 3-4 with a zero fill, a sum and a division; backward 1).
 //
 // Bytes and predicted H200 time (4.8 TB/s datasheet), float32, B=8, M=5 (benchmarks/cases.py):
 //   512x1024: forward reads pred 83.9 MB: 0.017 ms; backward reads pred, writes the gradient
@@ -23,7 +24,7 @@
 #include "../common/checks.h"
 #include "../common/enums.h"
 #include "../common/position.h"
-#include "next_kernels.cuh"
+#include "position_tables.cuh"
 #include "position_specs.cuh"
 #include "vectorized.cuh"
 
@@ -80,12 +81,12 @@ __device__ __forceinline__ void visit_packs(const scalar_t* __restrict__ pred, c
   }
 }
 
-// Per-block partial sums of squared errors (reduced by position_next_finalize), or for
+// Per-block partial sums of squared errors (reduced by position_tables_finalize), or for
 // reduction "none" the elementwise errors.
 template <typename scalar_t, int VEC, bool ELEMENTWISE>
 __global__ void __launch_bounds__(kThreads)
-    position_next_forward(const scalar_t* __restrict__ pred, MapSpecs maps, int64_t B, int64_t M, int64_t H,
-                          int64_t W, at::opmath_type<scalar_t>* __restrict__ partial, scalar_t* __restrict__ errors) {
+    position_tables_forward(const scalar_t* __restrict__ pred, MapSpecs maps, int64_t B, int64_t M, int64_t H,
+                            int64_t W, at::opmath_type<scalar_t>* __restrict__ partial, scalar_t* __restrict__ errors) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t sum = 0;
   visit_packs<scalar_t, VEC>(pred, maps, B, M, H, W,
@@ -110,7 +111,7 @@ __global__ void __launch_bounds__(kThreads)
 // out = (sum of the n partials) / divisor, summed in a fixed order.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    position_next_finalize(const acc_t* __restrict__ partial, int64_t n, acc_t divisor, acc_t* __restrict__ out) {
+    position_tables_finalize(const acc_t* __restrict__ partial, int64_t n, acc_t divisor, acc_t* __restrict__ out) {
   acc_t sum = 0;
   for (int64_t i = threadIdx.x; i < n; i += kThreads) sum += partial[i];
   sum = block_sum_any_shape(sum);
@@ -120,9 +121,9 @@ __global__ void __launch_bounds__(kThreads)
 // d loss / d pred = grad * scale * (pred - target); grad one value, or per element ("none").
 template <typename scalar_t, int VEC, bool ELEMENTWISE>
 __global__ void __launch_bounds__(kThreads)
-    position_next_backward(const at::opmath_type<scalar_t>* __restrict__ grad, const scalar_t* __restrict__ pred,
-                           MapSpecs maps, int64_t B, int64_t M, int64_t H, int64_t W, at::opmath_type<scalar_t> scale,
-                           scalar_t* __restrict__ out) {
+    position_tables_backward(const at::opmath_type<scalar_t>* __restrict__ grad, const scalar_t* __restrict__ pred,
+                             MapSpecs maps, int64_t B, int64_t M, int64_t H, int64_t W, at::opmath_type<scalar_t> scale,
+                             scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t g_scaled = ELEMENTWISE ? acc_t(0) : grad[0] * scale;
   visit_packs<scalar_t, VEC>(pred, maps, B, M, H, W,
@@ -171,10 +172,10 @@ template <typename scalar_t, int VEC>
 void launch_forward(const scalar_t* pred, const MapSpecs& maps, int64_t B, int64_t M, int64_t H, int64_t W,
                     at::opmath_type<scalar_t>* partial, scalar_t* errors, const Launch& l, cudaStream_t stream) {
   if (errors != nullptr)
-    position_next_forward<scalar_t, VEC, true>
+    position_tables_forward<scalar_t, VEC, true>
         <<<l.grid, l.block, l.table_bytes, stream>>>(pred, maps, B, M, H, W, partial, errors);
   else
-    position_next_forward<scalar_t, VEC, false>
+    position_tables_forward<scalar_t, VEC, false>
         <<<l.grid, l.block, l.table_bytes, stream>>>(pred, maps, B, M, H, W, partial, errors);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -184,17 +185,17 @@ void launch_backward(const at::opmath_type<scalar_t>* grad, bool elementwise, co
                      const MapSpecs& maps, int64_t B, int64_t M, int64_t H, int64_t W,
                      at::opmath_type<scalar_t> scale, scalar_t* out, const Launch& l, cudaStream_t stream) {
   if (elementwise)
-    position_next_backward<scalar_t, VEC, true>
+    position_tables_backward<scalar_t, VEC, true>
         <<<l.grid, l.block, l.table_bytes, stream>>>(grad, pred, maps, B, M, H, W, scale, out);
   else
-    position_next_backward<scalar_t, VEC, false>
+    position_tables_backward<scalar_t, VEC, false>
         <<<l.grid, l.block, l.table_bytes, stream>>>(grad, pred, maps, B, M, H, W, scale, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-int64_t position_next_max_width(at::ScalarType dtype) {
+int64_t position_tables_max_width(at::ScalarType dtype) {
   // the column table in the default 48 KiB of shared memory, less 1 KiB for the kernels' static
   // shared memory (block sums)
   return static_cast<int64_t>((48 * 1024 - 1024) / (acc_dtype(dtype) == at::kDouble ? sizeof(double) : sizeof(float)));
@@ -202,12 +203,12 @@ int64_t position_next_max_width(at::ScalarType dtype) {
 
 // The callers route wider maps to the per-element kernel; a direct call gets this error.
 void check_table_width(const at::Tensor& pred) {
-  TORCH_CHECK(pred.size(3) <= position_next_max_width(pred.scalar_type()), "position_encoding_loss: width ",
+  TORCH_CHECK(pred.size(3) <= position_tables_max_width(pred.scalar_type()), "position_encoding_loss: width ",
               pred.size(3), " exceeds the column table");
 }
 
-at::Tensor position_encoding_loss_next(const at::Tensor& pred_in, at::IntArrayRef kinds, at::ArrayRef<double> params,
-                                       c10::string_view reduction) {
+at::Tensor position_encoding_loss_tables(const at::Tensor& pred_in, at::IntArrayRef kinds, at::ArrayRef<double> params,
+                                         c10::string_view reduction) {
   const MapSpecs maps = map_specs(kinds, params);
   const Reduction red = parse_reduction(std::string(reduction));
   check_table_width(pred_in);
@@ -218,7 +219,7 @@ at::Tensor position_encoding_loss_next(const at::Tensor& pred_in, at::IntArrayRe
   at::Tensor errors = red == Reduction::None ? at::empty_like(pred) : at::Tensor();
   if (total == 0) return red == Reduction::None ? errors : at::zeros({}, pred.options().dtype(acc));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "position_loss_next_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "position_loss_tables_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int V = pack_size<scalar_t>();
     const scalar_t* p = pred.const_data_ptr<scalar_t>();
@@ -236,7 +237,7 @@ at::Tensor position_encoding_loss_next(const at::Tensor& pred_in, at::IntArrayRe
       // mean/sum stay in the accumulation dtype: a half "sum" would overflow (the caller casts)
       at::Tensor out = at::empty({}, pred.options().dtype(acc));
       const acc_t divisor = red == Reduction::Mean ? static_cast<acc_t>(total) : acc_t(1);
-      position_next_finalize<acc_t><<<1, kThreads, 0, stream>>>(part, partial.numel(), divisor, out.data_ptr<acc_t>());
+      position_tables_finalize<acc_t><<<1, kThreads, 0, stream>>>(part, partial.numel(), divisor, out.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       errors = out;
     }
@@ -244,9 +245,9 @@ at::Tensor position_encoding_loss_next(const at::Tensor& pred_in, at::IntArrayRe
   return errors;
 }
 
-at::Tensor position_encoding_loss_backward_next(const at::Tensor& grad_in, const at::Tensor& pred_in,
-                                                at::IntArrayRef kinds, at::ArrayRef<double> params,
-                                                c10::string_view reduction) {
+at::Tensor position_encoding_loss_backward_tables(const at::Tensor& grad_in, const at::Tensor& pred_in,
+                                                  at::IntArrayRef kinds, at::ArrayRef<double> params,
+                                                  c10::string_view reduction) {
   const MapSpecs maps = map_specs(kinds, params);
   const Reduction red = parse_reduction(std::string(reduction));
   check_table_width(pred_in);
@@ -257,7 +258,7 @@ at::Tensor position_encoding_loss_backward_next(const at::Tensor& grad_in, const
   at::Tensor out = at::empty_like(pred);
   if (total == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "position_loss_bwd_next_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "position_loss_bwd_tables_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int V = pack_size<scalar_t>();
     const acc_t scale = acc_t(2) / (red == Reduction::Mean ? static_cast<acc_t>(total) : acc_t(1));
