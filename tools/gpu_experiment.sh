@@ -2,8 +2,8 @@
 # The experiment at GPU scale in one device call (issue 23): the loss weights tuned on the tune
 # split at the preset's size (python -m idd_ops.demo.tune), then the preset with those weights and
 # the tuning's teacher (idd-distill). Run it after tools/gpu_check.sh has passed, with the kernels
-# it passed. Not yet run on a GPU: the limits are estimates from the quick preset's 14 ms step on
-# an H200 (20 tuning runs and 40 preset runs of 600 steps, on parallel workers).
+# it passed. On an H200 (2026-12-04, results/full) the preset's step took 208 s of its 240 s limit,
+# with the teacher trained there; the tuning's 180 s is still an estimate (20 runs of 600 steps).
 #
 #   bash tools/gpu_experiment.sh              # on the GPU machine: the full preset (128x256)
 #   PRESET=quick DEVICE=cpu TUNE_ARGS="--grid idd=1 --seeds 0 --student-steps 2 --teacher-steps 2" \

@@ -74,12 +74,11 @@ from .presets import CONFIGS, PRESETS, parse_loss_weights, read_tuning  # noqa: 
 from .plots import plot_losses, plot_miou, plot_paired, require_matplotlib, write_plots  # noqa: E402
 from .report import results_markdown, write_markdown  # noqa: E402
 
-# measured with the command above on 2 CPU cores (see the README for how)
+# measured with the command above (see the README and docs/EXPERIMENT.md for how)
 ESTIMATES = {"quick": "a smoke run, about 2 min on 2 CPU cores",
              "cpu": "about 38 min on 2 idle CPU cores",
-             "full": "146 min on 2 idle CPU cores (results/full); for a GPU: 9-10 min on an H200 one "
-                     "run at a time (extrapolated from two runs), concurrent runs aim at under 4 min "
-                     "(not yet measured)"}
+             "full": "3.1 min on one H200 with 16 runs side by side (results/full), 146 min on 2 "
+                     "idle CPU cores"}
 
 
 WRITTEN = ("results.md", "results.json", "paired.png", "miou.png", "loss_curves.png", "predictions.png")

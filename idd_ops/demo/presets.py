@@ -79,10 +79,9 @@ PRESETS = {
     # every configuration, 5 paired seeds, at 64x128 (see the README for measured times)
     "cpu": Preset(size=(64, 128), train_images=1000, val_images=160, teacher_steps=2000, student_steps=500,
                   seeds=(0, 1, 2, 3, 4), probe_steps=200, weights_from=TUNED_64x128),
-    # full resolution (128x256), 5 paired seeds: for a GPU. On an H200, ce and ce+idd at one seed
-    # took 1.8 min one run at a time (teacher 45 s, 12 s a student run): the whole preset 9-10 min
-    # extrapolated, before runs shared the GPU (not yet run there); 146 min on 2 CPU cores. Its
-    # weights: the tuning at its size (a test holds them to results/full-tune/tune.json)
+    # full resolution (128x256), 5 paired seeds: for a GPU. On an H200 the whole preset took 3.1
+    # min (16 runs side by side; results/full), on 2 CPU cores 146 min. Its weights: the tuning at
+    # its size (a test holds them to results/full-tune/tune.json)
     "full": Preset(seeds=(0, 1, 2, 3, 4), student_steps=600, weights={"idd": 3.0, "pid": 1.0, "cwd": 30.0},
                    weights_from="IDD, PID and CWD weights tuned on the tune split at 128x256 "
                                 "(results/full-tune/tune.md)"),
