@@ -261,8 +261,12 @@ def cpu_model():
 
 
 def revision():
-    """The measured source's revision: git's short hash (+ " with uncommitted changes"), else
-    $REV (a copy without .git, as on a device machine), else "unknown"."""
+    """The measured source's revision: $REV where set (the call on a device machine names it: the
+    copy there may hold no .git, or a stale one, which on 2026-12-04 named the session's first
+    revision "with uncommitted changes"), else git's short hash (+ " with uncommitted changes"),
+    else "unknown"."""
+    if os.environ.get("REV"):
+        return os.environ["REV"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -273,7 +277,7 @@ def revision():
         rev = None
     if rev is not None and rev.returncode == 0:
         return rev.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
-    return os.environ.get("REV") or "unknown (no .git here and no REV set)"
+    return "unknown (no .git here and no REV set)"
 
 
 def add_kernel_set_options(parser, share, impls_default=None):

@@ -51,8 +51,8 @@
 # spaces, or one a line where an id has a space); GPU_TESTS_FILE (instead: a file of ids, one a
 # line, as tools/gpu_rerun.py writes the tests a cut-short stage left); PERF_CASES (the perf
 # stage's cases, one a line, default: the guard's rows, e.g. those a call cut short left); KERNELS
-# ("default"); REV (the revision to name when there is no .git, as on the device: the dry run
-# prints the call with it).
+# ("default"); REV (the revision to name, ahead of git's: the device's copy may hold no .git, or a
+# stale one that names another revision; the dry run prints the call with it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -197,7 +197,8 @@ for module, dist in (("torchvision", "torchvision"), ("xdist", "pytest-xdist"), 
         print(dist, "missing:", error)'
 if selected env; then
   stage env "$ENV_S" bash -c "nvidia-smi; nproc; free -g | head -2; \
-    (git rev-parse HEAD && git status --short | head -20) 2> /dev/null || echo \"revision: \${REV:-unknown (no .git)}\"; \
+    if [ -n \"\${REV:-}\" ]; then echo \"revision: \$REV\"; \
+    else (git rev-parse HEAD && git status --short | head -20) 2> /dev/null || echo 'revision: unknown (no .git)'; fi; \
     nvcc --version | tail -2; $PY -c '$ENV_PY'"
 fi
 
