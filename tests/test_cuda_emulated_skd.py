@@ -177,6 +177,25 @@ def test_same_bits_on_every_run(emu):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("shape", [(2, 12, 20, 24, 48, 2), (3, 9, 5, 17, 31, 1)], ids=["blocks_36", "blocks_66"])
+def test_next_pivot_gives_the_same_bits(emu, shape):
+    """IDD_OPS_CUDA_NEXT's pivot kernel loads 16 block sums ahead of its adds (affinity_pivot.cuh),
+    adding them in the same order: the same bits as the default's, forward and backward, over
+    whole groups of 16 and the rest (36 and 66 blocks of 8 pooled pixels; the student narrower and
+    wider than the teacher). float64 inputs: float32 ones give block sums that add exactly in
+    any order, which would hide an order changed."""
+    B, Cs, Ct, H, W, pool = shape
+    s, t = inputs(B, Cs, Ct, H, W)
+    runs = []
+    for next_kernels in (False, True):
+        emu._emu_configure(next_kernels, 3)
+        loss, gss, gst = emu.affinity_loss(s, t, pool)
+        runs.append((loss, gss, gst, emu._affinity_loss_backward(torch.ones(B, dtype=torch.float64), s, t, gss, gst, pool)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    emu._emu_configure(False, 3)
+
+
 def test_launches(fused):
     """Forward: the pooling, pivot and centring kernels and a Gram tail per chunk, one means
     launch; backward: the GEMM operands, the pooling, pivot and centring kernels, u and a

@@ -25,8 +25,10 @@ from conftest import SLOW_WORDS  # noqa: E402
 def _env(tmp_path, **extra):
     # PYTHON: the script's interpreter is this one (its default, python3 on PATH, may be another
     # environment's, with another torch)
+    # KERNELS: one set unless a test names two (the script's default names both while code is behind
+    # IDD_OPS_CUDA_NEXT)
     return {**os.environ, "OUT": str(tmp_path / "out"), "LOGS": str(tmp_path / "logs"), "PYTHON": sys.executable,
-            **extra}
+            "KERNELS": "default", **extra}
 
 
 def _run(tmp_path, *args, timeout=300, env=None):
@@ -47,7 +49,7 @@ def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "out"
     assert sorted(os.listdir(out)) == ["logs.tar.gz", "summary.md"]  # the device tool brings back 8 files at most
     summary = (out / "summary.md").read_text()
-    stages = [s for s in STAGES if s != "tests-next"]  # KERNELS=default: nothing is behind IDD_OPS_CUDA_NEXT
+    stages = [s for s in STAGES if s != "tests-next"]  # KERNELS=default (_env): one set
     for stage in stages:
         assert f"| {stage} |" in summary and "dry run: not run" in summary, stage
     assert "| tests-next |" not in summary

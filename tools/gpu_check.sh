@@ -61,7 +61,7 @@ OUT=${OUT:-$PWD/gpu-check-out}
 PY=${PYTHON:-python3}
 ENV_S=${ENV_S:-15} BUILD_S=${BUILD_S:-100} TESTS_S=${TESTS_S:-115} PERF_S=${PERF_S:-100} TRAIN_S=${TRAIN_S:-50}
 WORKERS=${WORKERS:-10} DEFAULT_WORKERS=${DEFAULT_WORKERS:-4}
-KERNELS=${KERNELS:-default}
+KERNELS=${KERNELS:-default next}  # "default" alone where nothing is behind IDD_OPS_CUDA_NEXT
 has_next() { [[ " $KERNELS " == *" next "* ]]; }
 nonblank_lines() { printf '%s\n' "$1" | sed '/^ *$/d'; }  # TEXT: its lines, blank ones dropped
 perf_cases=()  # PERF_CASES: case names, one a line (names have spaces); default the guard's rows

@@ -3,9 +3,10 @@
 // until a GPU has validated them: IDD_OPS_CUDA_NEXT=1 selects them (read once per process;
 // idd_ops/_switches.py is the Python side of the same switch). tools/gpu_check.sh with
 // KERNELS="default next" runs its stages under both settings; the first GPU session that passes
-// them switches them on and deletes what they replace. Nothing is behind the switch at present: the
-// kernels it last held (class sums, the fused IDD tail, the slot-map cosine, one-read softmax-KL,
-// column-table position maps, SKD's batched formulation) are the defaults since a GPU passed them.
+// them switches them on and deletes what they replace. Behind it at present: SKD's pivot kernel
+// with 16 loads ahead (affinity_pivot.cuh, kPivotAhead; the same bits). The kernels it held before
+// (class sums, the fused IDD tail, the slot-map cosine, one-read softmax-KL, column-table position
+// maps, SKD's batched formulation) are the defaults since an H200 passed them on 2026-12-04.
 #include <cstdlib>
 #include <cstring>
 

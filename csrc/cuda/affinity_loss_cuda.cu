@@ -41,6 +41,7 @@
 #include <algorithm>
 
 #include "../common/checks.h"
+#include "../common/cuda_next.h"
 #include "../composite/affinity_loss.h"
 #include "affinity_pivot.cuh"
 #include "cuda_utils.cuh"
@@ -259,7 +260,8 @@ CentredChunk centred_chunk(const at::Tensor& student, const PoolView& vs, const 
       sums.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const dim3 pivot_grid(static_cast<unsigned>(alpha_tiles(C)), static_cast<unsigned>(k));
-  pivot_kernel<<<pivot_grid, kThreads, 0, stream>>>(
+  const auto pivot = cuda_next_enabled() ? pivot_kernel<kPivotAhead> : pivot_kernel<1>;
+  pivot<<<pivot_grid, kThreads, 0, stream>>>(
       sums.const_data_ptr<double>(), grid.x, Cs, C, P, out.m_s.mutable_data_ptr<double>(),
       out.m_d.mutable_data_ptr<double>(), alpha_parts.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

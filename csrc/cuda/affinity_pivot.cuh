@@ -193,17 +193,42 @@ __global__ void pooled_sums_kernel(const scalar_t* __restrict__ student, PoolVie
 // m_s [k, Cs] and m_d [k, C] (float64; each channel's blocks added in order), and alpha =
 // <m_D, 2 m_T + m_D> in parts, one per kThreads channels: alpha_parts [k, tiles] (alpha_of adds
 // them). grid (tiles, k), tiles = ceil(C / kThreads).
+//
+// kAhead: block sums each thread loads before adding any (the adds in block order either way, so
+// the same bits). The grid is small (2 x 4 blocks at the report's SKD shape), so each thread's
+// walk over its column is the kernel's time: with one load in flight (kAhead 1, the default) the
+// H200 took 0.17 ms a launch for 256 blocks of sums, about one memory round trip each.
+// IDD_OPS_CUDA_NEXT=1 takes kPivotAhead (no GPU has run it yet).
+constexpr int kPivotAhead = 16;
+
+template <int kAhead>
 __global__ void pivot_kernel(const double* __restrict__ sums, int64_t blocks, int64_t Cs, int64_t C, int64_t P,
                              double* __restrict__ m_s, double* __restrict__ m_d, double* __restrict__ alpha_parts) {
   __shared__ double scratch[kThreads];
   const int64_t b = blockIdx.y, c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   double part = 0;
   if (c < C) {
-    const double* col = sums + b * blocks * (Cs + C);
+    const int64_t row = Cs + C;
+    const double* col = sums + b * blocks * row;
+    const bool student = c < Cs;
     double ss = 0, sd = 0;
-    for (int64_t k = 0; k < blocks; ++k) {
-      if (c < Cs) ss += col[k * (Cs + C) + c];
-      sd += col[k * (Cs + C) + Cs + c];
+    int64_t k = 0;
+    for (; k + kAhead <= blocks; k += kAhead) {
+      double vs[kAhead], vd[kAhead];
+#pragma unroll
+      for (int j = 0; j < kAhead; ++j) {
+        vs[j] = student ? col[(k + j) * row + c] : 0.0;
+        vd[j] = col[(k + j) * row + Cs + c];
+      }
+#pragma unroll
+      for (int j = 0; j < kAhead; ++j) {
+        if (student) ss += vs[j];
+        sd += vd[j];
+      }
+    }
+    for (; k < blocks; ++k) {
+      if (student) ss += col[k * row + c];
+      sd += col[k * row + Cs + c];
     }
     const double ms = ss / P, md = sd / P;
     if (c < Cs) m_s[b * Cs + c] = ms;

@@ -15,10 +15,10 @@ from idd_ops import _switches
 
 from . import build
 
-# The kernel sets: "default", what CUDA runs. A rewrite that lands behind IDD_OPS_CUDA_NEXT
-# (csrc/common/cuda_next.h) adds "next" here, the path switches it changes set below by set, and
-# the set to the tests that compare the two; nothing is behind the switch at present.
-KERNEL_SETS = ("default",)
+# The kernel sets: "default", what CUDA runs, and "next", what IDD_OPS_CUDA_NEXT=1 selects
+# (csrc/common/cuda_next.h; at present SKD's pivot kernel with its loads ahead). A set that
+# changes a Python path switch sets it below, set by set.
+KERNEL_SETS = ("default", "next")
 _active = []  # the (kernel set, seed) of each emulated_cuda block entered and not yet left
 
 

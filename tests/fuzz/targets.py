@@ -25,7 +25,7 @@ import torch
 import idd_ops
 from idd_ops import _switches
 
-EMULATED = ("default",)  # the emulated kernel sets: cuda_emu/override.py's KERNEL_SETS
+EMULATED = ("default", "next")  # the emulated kernel sets: cuda_emu/override.py's KERNEL_SETS
 TARGETS = ("cpu", "cpu_alt", *EMULATED, "cuda")
 _loaded = {}
 
