@@ -1,6 +1,7 @@
 // The fused IDD tail's forward on CUDA: class sums and counts of both networks -> loss, dist and
-// stats in two launches (tile kernel + one-block finish; four with normalize). Host side and registration:
-// idd_tail_cuda.cu; the two types sum_t / acc_t and the shared helpers: idd_tail.cuh.
+// stats in two launches (tile kernel + one-block finish; four with normalize; one more where
+// IDD_OPS_CUDA_NEXT splits the Grams over channels: idd_tail_gram.cuh). Host side and
+// registration: idd_tail_cuda.cu; the two types sum_t / acc_t and the shared helpers: idd_tail.cuh.
 //
 // Tile kernel, grid = B x (upper-triangle tile pairs of the K x K matrix), T x T tiles
 // (T = 16 for K <= 64, 32 for K <= 256, else 64): each block stages the centred centroids of its
@@ -12,9 +13,11 @@
 // follow the finish kernel's m_s, m_t: the pairs kernel sums E^2 and E R_s per tile from dist,
 // and the finish kernel runs again on those. Every reduction runs in a fixed order: the same
 // bits on every run.
+#include <algorithm>
 #include <limits>
 
-#include "idd_tail.cuh"
+#include "../common/cuda_next.h"
+#include "idd_tail_gram.cuh"
 
 namespace idd_ops {
 namespace {
@@ -29,162 +32,6 @@ __device__ acc_t raw_distance(int metric, acc_t g, acc_t ni, acc_t nj, acc_t eps
   acc_t d = (ni + nj) - acc_t(2) * g;
   d = d < acc_t(0) ? acc_t(0) : d;  // a NaN stays NaN, as clamp_min(0) keeps it
   return metric == static_cast<int>(Metric::Euclidean) ? sqrt(d) : d;
-}
-
-// Tile pair p (0 <= p < nt (nt + 1) / 2) -> (ti, tj), ti <= tj, row-major over the upper triangle.
-__device__ inline void tile_pair(int p, int nt, int& ti, int& tj) {
-  ti = 0;
-  while (p >= nt - ti) {
-    p -= nt - ti;
-    ++ti;
-  }
-  tj = ti + p;
-}
-
-template <typename sum_t, typename acc_t>
-struct TailForwardArgs {
-  SumsView<sum_t> net[2];  // student, teacher
-  int K, nt, P;            // classes, tiles a side, tile pairs an image
-  int metric;
-  bool normalize;
-  acc_t eps;
-  acc_t* dist;    // [B, 2, K, K]
-  double* stats;  // [B, K + 1, kNumStats]
-};
-
-// Shared-memory plan of the forward tile kernel for tile size T and compute type acc_t.
-template <typename acc_t, int T>
-struct TileShape {
-  static constexpr int R = T / 4;             // stride between a thread's 4 rows (and 4 columns)
-  static constexpr int Q = T * T / 16;        // threads of one channel stream
-  static constexpr int S = kThreads / Q;      // channel streams
-  // channels a staged chunk: 4096 values (16 loads a thread in flight), in the pool that the
-  // stream reduction or the output tile needs anyway
-  static constexpr int CK = T == 16 ? 128 : (T == 32 ? 64 : 32);
-  static constexpr int kPerThread = 2 * T * CK / kThreads;  // staged values a thread
-  static constexpr int LD = T + 1;            // padded row of the staged and tile arrays
-  static constexpr int NN = (2 * T + Q - 1) / Q;  // norms a thread accumulates
-  static constexpr int kStage = 2 * CK * LD;
-  static constexpr int kReduce = S > 1 ? S * (T * T + 2 * T) : 0;
-  static constexpr int kTile = T * LD;
-  static constexpr int kPool = kStage > kReduce ? (kStage > kTile ? kStage : kTile) : (kReduce > kTile ? kReduce : kTile);
-  static_assert(kThreads % Q == 0 && S >= 1 && CK % S == 0 && (2 * T * CK) % kThreads == 0, "tile shape");
-};
-
-// One network's Gram tile rows [i0, i0+T) x columns [j0, j0+T) over all channels, with the
-// squared norms of those rows and columns accumulated in the same order as the Gram entries
-// (so identical centroids give R_ij = 0 exactly). The totals are in `acc` of stream 0's threads
-// and in norm[0, 2T) (rows, then columns); present[0, 2T) marks present classes. Calls
-// __syncthreads throughout: every thread must reach it.
-template <typename sum_t, typename acc_t, int T>
-__device__ void tile_gram(const SumsView<sum_t>& v, int64_t b, int K, int i0, int j0, bool shift, acc_t* pool,
-                          sum_t* inv, acc_t* norm, bool* present, int* iscratch, acc_t (&acc)[4][4]) {
-  using Shape = TileShape<acc_t, T>;
-  constexpr int R = Shape::R, Q = Shape::Q, S = Shape::S, CK = Shape::CK, LD = Shape::LD, NN = Shape::NN;
-  const int tid = threadIdx.x, s = tid / Q, q = tid % Q, tx = q % R, ty = q / R;
-  const bool diag_tile = i0 == j0;
-  const int anchor = shift ? first_present(v, b, K, iscratch) : K;
-  const sum_t inv_anchor = anchor < K ? v.inverse_count(b, anchor) : sum_t(0);
-  for (int l = tid; l < 2 * T; l += kThreads) {
-    const int row = l < T ? i0 + l : j0 + l - T;
-    inv[l] = row < K ? v.inverse_count(b, row) : sum_t(0);
-    present[l] = inv[l] != sum_t(0);
-  }
-  __syncthreads();
-
-  acc_t* sI = pool;                                // [CK][LD] rows of the row tile
-  acc_t* sJ = diag_tile ? pool : pool + CK * LD;   // [CK][LD] rows of the column tile
-  const int rows = diag_tile ? T : 2 * T;
-  acc_t nacc[NN];
-#pragma unroll
-  for (int r = 0; r < 4; ++r)
-#pragma unroll
-    for (int r2 = 0; r2 < 4; ++r2) acc[r][r2] = acc_t(0);
-#pragma unroll
-  for (int k = 0; k < NN; ++k) nacc[k] = acc_t(0);
-
-  // Chunk c0's values of this thread, into registers: the next chunk's loads are in flight
-  // while the current one is multiplied. Neighbouring threads read neighbouring channels.
-  acc_t staged[Shape::kPerThread];
-  const auto load_chunk = [&](int64_t c0) {
-#pragma unroll
-    for (int k = 0; k < Shape::kPerThread; ++k) {
-      const int e = tid + k * kThreads, l = e / CK;
-      const int row = l < T ? i0 + l : j0 + l - T;
-      const int64_t c = c0 + e % CK;
-      sum_t x = sum_t(0);
-      if (e < rows * CK && row < K && c < v.C) {
-        x = v.centroid(b, row, c, inv[l]);
-        if (anchor < K) x -= v.centroid(b, anchor, c, inv_anchor);
-      }
-      staged[k] = static_cast<acc_t>(x);  // centred in sum_t, rounded once
-    }
-  };
-  if (v.C > 0) load_chunk(0);
-  for (int64_t c0 = 0; c0 < v.C; c0 += CK) {
-#pragma unroll
-    for (int k = 0; k < Shape::kPerThread; ++k) {
-      const int e = tid + k * kThreads, l = e / CK, cc = e % CK;
-      if (e < rows * CK) (l < T ? sI : sJ)[cc * LD + (l < T ? l : l - T)] = staged[k];
-    }
-    if (c0 + CK < v.C) load_chunk(c0 + CK);
-    __syncthreads();
-    for (int cc = s; cc < CK; cc += S) {
-      acc_t a[4], bv[4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        a[r] = sI[cc * LD + ty + R * r];
-        bv[r] = sJ[cc * LD + tx + R * r];
-      }
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int r2 = 0; r2 < 4; ++r2) acc[r][r2] = fma(a[r], bv[r2], acc[r][r2]);
-#pragma unroll
-      for (int k = 0; k < NN; ++k) {
-        const int n = q + Q * k;
-        if (n < 2 * T) {
-          const acc_t x = n < T ? sI[cc * LD + n] : sJ[cc * LD + n - T];
-          nacc[k] = fma(x, x, nacc[k]);
-        }
-      }
-    }
-    __syncthreads();
-  }
-
-  if constexpr (S > 1) {  // streams' partial tiles and norms, summed in stream order
-    acc_t* red = pool;                 // [S][T * T]
-    acc_t* nred = pool + S * T * T;    // [S][2T]
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int r2 = 0; r2 < 4; ++r2) red[s * T * T + (ty + R * r) * T + tx + R * r2] = acc[r][r2];
-#pragma unroll
-    for (int k = 0; k < NN; ++k)
-      if (q + Q * k < 2 * T) nred[s * 2 * T + q + Q * k] = nacc[k];
-    __syncthreads();
-    if (s == 0) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int r2 = 0; r2 < 4; ++r2) {
-          const int e = (ty + R * r) * T + tx + R * r2;
-          acc_t total = red[e];
-          for (int s2 = 1; s2 < S; ++s2) total += red[s2 * T * T + e];
-          acc[r][r2] = total;
-        }
-    }
-    for (int n = tid; n < 2 * T; n += kThreads) {
-      acc_t total = nred[n];
-      for (int s2 = 1; s2 < S; ++s2) total += nred[s2 * 2 * T + n];
-      norm[n] = total;
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < NN; ++k)
-      if (q + Q * k < 2 * T) norm[q + Q * k] = nacc[k];
-  }
-  __syncthreads();  // norms visible; pool free again
 }
 
 template <typename sum_t, typename acc_t, int T>
@@ -210,8 +57,14 @@ __global__ void __launch_bounds__(kThreads) idd_tail_forward_kernel(const TailFo
   const int i0 = ti * T, j0 = tj * T;
   const bool shift = args.metric != static_cast<int>(Metric::Cosine);
   acc_t gs[4][4], gt[4][4];
-  tile_gram<sum_t, acc_t, T>(args.net[0], b, K, i0, j0, shift, pool, inv, norm[0], present[0], iscratch, gs);
-  tile_gram<sum_t, acc_t, T>(args.net[1], b, K, i0, j0, shift, pool, inv, norm[1], present[1], iscratch, gt);
+  if (args.splits == 0) {
+    tile_gram<sum_t, acc_t, T>(args.net[0], b, K, i0, j0, shift, pool, inv, norm[0], present[0], iscratch, gs, 0,
+                               args.net[0].C);
+    tile_gram<sum_t, acc_t, T>(args.net[1], b, K, i0, j0, shift, pool, inv, norm[1], present[1], iscratch, gt, 0,
+                               args.net[1].C);
+  } else {
+    gram_from_partials<sum_t, acc_t, T>(args, b, i0, j0, norm, present, gs, gt);
+  }
 
   // Raw distances (norms on the diagonal) and the tile's partial sums, on stream 0's threads.
   const int tid = threadIdx.x, q = tid % Q, tx = q % R, ty = q / R;
@@ -375,9 +228,33 @@ __global__ void __launch_bounds__(kThreads) idd_tail_finish_kernel(double* __res
     loss[0] = static_cast<loss_t>(reduction == static_cast<int>(Reduction::Sum) ? totals[0] : totals[0] / total_pairs);
 }
 
+// IDD_OPS_CUDA_NEXT: the blocks that splitting the Grams over channels aims at (about 4 per SM of an
+// H100/H200); fewer tile blocks than this take Z = ceil(kSplitBlocks / tiles) ranges, at most one a
+// staged chunk of the wider network's channels, and no split where that gives fewer than 2.
+constexpr int64_t kSplitBlocks = 512;
+
+int gram_splits(int64_t tiles, int64_t C, int CK) {
+  if (!cuda_next_enabled()) return 0;
+  const int64_t z = std::min<int64_t>({(kSplitBlocks + tiles - 1) / tiles, (C + CK - 1) / CK, 65535});
+  return z >= 2 ? static_cast<int>(z) : 0;
+}
+
+// The tile kernel, after the split kernel where gram_splits splits the Grams (the partials, from
+// the caching allocator, stay valid for the launches queued on this stream).
 template <typename sum_t, typename acc_t, int T>
-void launch_tiles(const TailForwardArgs<sum_t, acc_t>& args, int64_t B, cudaStream_t stream) {
-  idd_tail_forward_kernel<sum_t, acc_t, T><<<static_cast<unsigned>(B * args.P), kThreads, 0, stream>>>(args);
+void launch_tiles(TailForwardArgs<sum_t, acc_t> args, int64_t B, const at::Tensor& dist, cudaStream_t stream) {
+  const int64_t tiles = B * args.P;
+  const int Z = gram_splits(tiles, std::max(args.net[0].C, args.net[1].C), TileShape<acc_t, T>::CK);
+  at::Tensor partials;
+  if (Z > 0) {
+    partials = at::empty({tiles, Z, 2, T * T + 2 * T}, dist.options());
+    args.splits = Z;
+    args.partials = partials.mutable_data_ptr<acc_t>();
+    const dim3 split_grid(static_cast<unsigned>(tiles), static_cast<unsigned>(Z));
+    idd_tail_gram_split_kernel<sum_t, acc_t, T><<<split_grid, kThreads, 0, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  idd_tail_forward_kernel<sum_t, acc_t, T><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -404,11 +281,11 @@ void idd_tail_fused_forward(const at::Tensor& student_sums, const at::Tensor& st
                                              static_cast<acc_t>(eps), dist.mutable_data_ptr<acc_t>(),
                                              stats.mutable_data_ptr<double>()};
     if (T == 16)
-      launch_tiles<sum_t, acc_t, 16>(args, B, stream);
+      launch_tiles<sum_t, acc_t, 16>(args, B, dist, stream);
     else if (T == 32)
-      launch_tiles<sum_t, acc_t, 32>(args, B, stream);
+      launch_tiles<sum_t, acc_t, 32>(args, B, dist, stream);
     else
-      launch_tiles<sum_t, acc_t, 64>(args, B, stream);
+      launch_tiles<sum_t, acc_t, 64>(args, B, dist, stream);
     for (int pass = 0; pass < (normalize ? 2 : 1); ++pass) {
       if (pass == 1) {
         idd_tail_pairs_kernel<sum_t, acc_t><<<static_cast<unsigned>(B * P), kThreads, 0, stream>>>(args, T);
