@@ -230,11 +230,13 @@ __global__ void __launch_bounds__(kThreads) idd_tail_finish_kernel(double* __res
 
 // IDD_OPS_CUDA_NEXT: the blocks that splitting the Grams over channels aims at (about 4 per SM of an
 // H100/H200); fewer tile blocks than this take Z = ceil(kSplitBlocks / tiles) ranges, at most one a
-// staged chunk of the wider network's channels, and no split where that gives fewer than 2.
+// staged chunk of the wider network's channels, and no split where that gives fewer than 2. T = 64
+// (K > 256) is not split: there the tiles are already hundreds of blocks of one block an SM, a
+// split would add little, and its partials (tiles x Z x 2 x 4224 values) reach tens of MB.
 constexpr int64_t kSplitBlocks = 512;
 
-int gram_splits(int64_t tiles, int64_t C, int CK) {
-  if (!cuda_next_enabled()) return 0;
+int gram_splits(int T, int64_t tiles, int64_t C, int CK) {
+  if (!cuda_next_enabled() || T > 32) return 0;
   const int64_t z = std::min<int64_t>({(kSplitBlocks + tiles - 1) / tiles, (C + CK - 1) / CK, 65535});
   return z >= 2 ? static_cast<int>(z) : 0;
 }
@@ -244,7 +246,7 @@ int gram_splits(int64_t tiles, int64_t C, int CK) {
 template <typename sum_t, typename acc_t, int T>
 void launch_tiles(TailForwardArgs<sum_t, acc_t> args, int64_t B, const at::Tensor& dist, cudaStream_t stream) {
   const int64_t tiles = B * args.P;
-  const int Z = gram_splits(tiles, std::max(args.net[0].C, args.net[1].C), TileShape<acc_t, T>::CK);
+  const int Z = gram_splits(T, tiles, std::max(args.net[0].C, args.net[1].C), TileShape<acc_t, T>::CK);
   at::Tensor partials;
   if (Z > 0) {
     partials = at::empty({tiles, Z, 2, T * T + 2 * T}, dist.options());
