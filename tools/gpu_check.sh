@@ -51,8 +51,9 @@
 # spaces, or one a line where an id has a space); GPU_TESTS_FILE (instead: a file of ids, one a
 # line, as tools/gpu_rerun.py writes the tests a cut-short stage left); PERF_CASES (the perf
 # stage's cases, one a line, default: the guard's rows, e.g. those a call cut short left); KERNELS
-# ("default"); REV (the revision to name, ahead of git's: the device's copy may hold no .git, or a
-# stale one that names another revision; the dry run prints the call with it).
+# ("default next", or "default" where nothing is behind IDD_OPS_CUDA_NEXT); REV (the revision to
+# name, ahead of git's: the device's copy may hold no .git, or a stale one that names another
+# revision; the dry run prints the call with it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -6,9 +6,9 @@
 // them switches them on and deletes what they replace. Behind it at present: SKD's pivot kernel
 // with 16 loads ahead (affinity_pivot.cuh, kPivotAhead; the same bits), and the IDD tail's Grams
 // split over channel ranges where its tile blocks are few (idd_tail_gram.cuh, one launch more).
-// The kernels it held before
-// (class sums, the fused IDD tail, the slot-map cosine, one-read softmax-KL, column-table position
-// maps, SKD's batched formulation) are the defaults since an H200 passed them on 2026-12-04.
+// The kernels it held before (class sums, the fused IDD tail, the slot-map cosine, one-read
+// softmax-KL, column-table position maps, SKD's batched formulation) are the defaults since an
+// H200 passed them on 2026-12-04.
 #include <cstdlib>
 #include <cstring>
 

@@ -231,8 +231,8 @@ __global__ void __launch_bounds__(kThreads) idd_tail_finish_kernel(double* __res
 // IDD_OPS_CUDA_NEXT: the blocks that splitting the Grams over channels aims at (about 4 per SM of an
 // H100/H200); fewer tile blocks than this take Z = ceil(kSplitBlocks / tiles) ranges, at most one a
 // staged chunk of the wider network's channels, and no split where that gives fewer than 2. T = 64
-// (K > 256) is not split: there the tiles are already hundreds of blocks of one block an SM, a
-// split would add little, and its partials (tiles x Z x 2 x 4224 values) reach tens of MB.
+// (K > 256) is not split: at large K its tile blocks are many already (272 at K=1000, B=2, two
+// waves of one block an SM), and its partials (tiles x Z x 2 x 4224 values) would reach tens of MB.
 constexpr int64_t kSplitBlocks = 512;
 
 int gram_splits(int T, int64_t tiles, int64_t C, int CK) {
