@@ -15,7 +15,7 @@ import torch
 
 import idd_ops
 from idd_ops import reference
-from idd_ops.demo.plots import require_matplotlib
+from idd_ops.demo.plots import pyplot, require_matplotlib
 
 SWEEP_EXPECTED = "about 8 min on 2 CPU cores (7.6 min measured at load 7-8)"
 BASE = dict(B=4, C=256, H=64, W=128, K=19)  # teacher C = 2 * C, labels at 8x the feature size
@@ -49,9 +49,7 @@ def main(argv=None):
     require_matplotlib(ap, "benchmarks.sweep")
     print(f"benchmarks.sweep: {SWEEP_EXPECTED}; writing {args.out}/", file=sys.stderr, flush=True)
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     lines = [f"IDD loss forward+backward, fused vs reference; base {BASE} (teacher C = 2C, labels 8x the "
              f"features), torch {torch.__version__}, {torch.get_num_threads()} threads; times: the median of "

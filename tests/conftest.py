@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import idd_ops
+from cuda_emu.override import KERNEL_SETS  # the set names only: the emulator builds on first use
 # the hooks of IDD_OPS_TEST_LOG (tools/gpu_check.sh's per-test log), registered from here by name
 from result_log import (pytest_collection_finish, pytest_runtest_logreport,  # noqa: F401
                         pytest_xdist_node_collection_finished)
@@ -96,31 +97,30 @@ EMULATE_CUDA = os.environ.get("IDD_OPS_EMULATE_CUDA", "")
 
 # Where the CUDA kernels differ from the CPU ones by design (skipped under emulation), or by a
 # known defect (expected to fail): test id prefix -> (kernel sets, "skip" or "xfail", why).
-_SETS = ("default", "next")  # every emulated kernel set (cuda_emu/override.py's KERNEL_SETS)
 _DEVICE_ASSERT = "CUDA checks label and slot values by a device assert (a RuntimeError), not the CPU op's ValueError"
 EMULATED_CUDA_DIFFERENCES = {
-    "tests/test_baselines.py::test_bad_input[<lambda>-labels: value": (_SETS, "skip", _DEVICE_ASSERT),
-    "tests/test_centroids.py::test_counts_without_channels_and_unsigned_labels": (_SETS, "skip",
+    "tests/test_baselines.py::test_bad_input[<lambda>-labels: value": (KERNEL_SETS, "skip", _DEVICE_ASSERT),
+    "tests/test_centroids.py::test_counts_without_channels_and_unsigned_labels": (KERNEL_SETS, "skip",
                                                                                   _DEVICE_ASSERT),
-    "tests/test_bad_input.py::test_bad_input[labels_too_big]": (_SETS, "skip", _DEVICE_ASSERT),
-    "tests/test_bad_input.py::test_bad_input[labels_negative]": (_SETS, "skip", _DEVICE_ASSERT),
-    "tests/test_bad_input.py::test_bad_input[centroid_labels_range]": (_SETS, "skip", _DEVICE_ASSERT),
-    "tests/test_class_sums.py::test_class_sums_reject_bad_input": (_SETS, "skip", _DEVICE_ASSERT),
-    "tests/test_class_sums.py::test_label_slots_reject_bad_input": (_SETS, "skip", _DEVICE_ASSERT),
-    "tests/test_cosine_slots.py::test_bad_slots_raise": (_SETS, "skip", _DEVICE_ASSERT),
+    "tests/test_bad_input.py::test_bad_input[labels_too_big]": (KERNEL_SETS, "skip", _DEVICE_ASSERT),
+    "tests/test_bad_input.py::test_bad_input[labels_negative]": (KERNEL_SETS, "skip", _DEVICE_ASSERT),
+    "tests/test_bad_input.py::test_bad_input[centroid_labels_range]": (KERNEL_SETS, "skip", _DEVICE_ASSERT),
+    "tests/test_class_sums.py::test_class_sums_reject_bad_input": (KERNEL_SETS, "skip", _DEVICE_ASSERT),
+    "tests/test_class_sums.py::test_label_slots_reject_bad_input": (KERNEL_SETS, "skip", _DEVICE_ASSERT),
+    "tests/test_cosine_slots.py::test_bad_slots_raise": (KERNEL_SETS, "skip", _DEVICE_ASSERT),
     "tests/test_baselines.py::test_skd_never_forms_the_pixel_affinity": (
-        _SETS, "skip", "a memory case (256x512 pixels at pool 1): emulated thread by thread it took 1.5 "
+        KERNEL_SETS, "skip", "a memory case (256x512 pixels at pool 1): emulated thread by thread it took 1.5 "
                               "min, and test_cuda_emulated_skd.py covers the kernels' grids"),
-    "tests/test_class_sums.py::test_cpu_default_path_is_switchable": (_SETS, "skip",
+    "tests/test_class_sums.py::test_cpu_default_path_is_switchable": (KERNEL_SETS, "skip",
                                                                       "the CPU's path selection"),
     "tests/test_skd_formulations.py::test_the_variable_selects_the_formulation": (
-        _SETS, "skip", "the CPU's path selection (CUDA runs its fused kernels whatever the variable)"),
-    "tests/test_cosine_slots.py::test_equals_the_labels_op": (_SETS, "xfail",
+        KERNEL_SETS, "skip", "the CPU's path selection (CUDA runs its fused kernels whatever the variable)"),
+    "tests/test_cosine_slots.py::test_equals_the_labels_op": (KERNEL_SETS, "xfail",
                                                               "not bit for bit on CUDA: the labels backward adds "
                                                               "centroid gradients with float atomics, the slot forward "
                                                               "in 8 partial sums a pixel"),
     "tests/test_training.py::test_cpu_autocast_bfloat16[skd]": (
-        _SETS, "xfail", "CUDA's SKD keeps bfloat16 GEMM operands (docs/ARCHITECTURE.md): 6.6e-4 of the loss "
+        KERNEL_SETS, "xfail", "CUDA's SKD keeps bfloat16 GEMM operands (docs/ARCHITECTURE.md): 6.6e-4 of the loss "
                                "here, where the CPU's float32 operands meet the test's 1e-4"),
 }
 

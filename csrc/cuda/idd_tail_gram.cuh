@@ -175,6 +175,21 @@ __device__ void tile_gram(const SumsView<sum_t>& v, int64_t b, int K, int i0, in
   __syncthreads();  // norms visible; pool free again
 }
 
+// Partial z of network `net` for this block's tile pair in the split's partials: T^2 Gram entries
+// (the tile's rows in order), then the 2T norms (rows, then columns).
+template <int T, typename acc_t>
+__device__ __forceinline__ acc_t* partial_of(acc_t* partials, int Z, int z, int net) {
+  return partials + ((static_cast<int64_t>(blockIdx.x) * Z + z) * 2 + net) * (T * T + 2 * T);
+}
+
+// Entry e of network `net`'s Z partials, added in split order.
+template <int T, typename acc_t>
+__device__ __forceinline__ acc_t partials_sum(const acc_t* partials, int Z, int net, int e) {
+  acc_t total = partial_of<T>(partials, Z, 0, net)[e];
+  for (int z = 1; z < Z; ++z) total += partial_of<T>(partials, Z, z, net)[e];
+  return total;
+}
+
 // IDD_OPS_CUDA_NEXT: the tile pairs' Grams split over channels. Grid (B x P, Z): block z takes
 // range z of each network's channels (channel_share) and writes both networks' partial tiles and
 // norms to args.partials; the tile kernel then adds the Z partials in z order (the same bits on
@@ -184,7 +199,7 @@ __device__ void tile_gram(const SumsView<sum_t>& v, int64_t b, int K, int i0, in
 template <typename sum_t, typename acc_t, int T>
 __global__ void __launch_bounds__(kThreads) idd_tail_gram_split_kernel(const TailForwardArgs<sum_t, acc_t> args) {
   using Shape = TileShape<acc_t, T>;
-  constexpr int R = Shape::R, Q = Shape::Q, kWidth = T * T + 2 * T;
+  constexpr int R = Shape::R, Q = Shape::Q;
   __shared__ __align__(16) unsigned char pool_bytes[Shape::kPool * sizeof(acc_t)];
   __shared__ sum_t inv[2 * T];
   __shared__ acc_t norm[2 * T];
@@ -203,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) idd_tail_gram_split_kernel(const Tai
     const int64_t c0 = z * share < v.C ? z * share : v.C, c1 = c0 + share < v.C ? c0 + share : v.C;
     acc_t acc[4][4];
     tile_gram<sum_t, acc_t, T>(v, b, args.K, ti * T, tj * T, shift, pool, inv, norm, present, iscratch, acc, c0, c1);
-    acc_t* out = args.partials + ((static_cast<int64_t>(blockIdx.x) * Z + z) * 2 + net) * kWidth;
+    acc_t* out = partial_of<T>(args.partials, Z, z, net);
     if (tid < Q) {
 #pragma unroll
       for (int r = 0; r < 4; ++r)
@@ -222,26 +237,19 @@ __device__ void gram_from_partials(const TailForwardArgs<sum_t, acc_t>& args, in
                                    acc_t (*norm)[2 * T], bool (*present)[2 * T], acc_t (&gs)[4][4],
                                    acc_t (&gt)[4][4]) {
   using Shape = TileShape<acc_t, T>;
-  constexpr int R = Shape::R, Q = Shape::Q, kWidth = T * T + 2 * T;
+  constexpr int R = Shape::R, Q = Shape::Q;
   const int tid = threadIdx.x, q = tid % Q, tx = q % R, ty = q / R, Z = args.splits;
-  const acc_t* base = args.partials + static_cast<int64_t>(blockIdx.x) * Z * 2 * kWidth;
+  const acc_t* partials = args.partials;
   for (int net = 0; net < 2; ++net) {
     acc_t(&g)[4][4] = net == 0 ? gs : gt;
     if (tid < Q) {
 #pragma unroll
       for (int r = 0; r < 4; ++r)
 #pragma unroll
-        for (int r2 = 0; r2 < 4; ++r2) {
-          const int e = (ty + R * r) * T + tx + R * r2;
-          acc_t total = base[net * kWidth + e];
-          for (int z = 1; z < Z; ++z) total += base[(z * 2 + net) * kWidth + e];
-          g[r][r2] = total;
-        }
+        for (int r2 = 0; r2 < 4; ++r2) g[r][r2] = partials_sum<T>(partials, Z, net, (ty + R * r) * T + tx + R * r2);
     }
     for (int n = tid; n < 2 * T; n += kThreads) {
-      acc_t total = base[net * kWidth + T * T + n];
-      for (int z = 1; z < Z; ++z) total += base[(z * 2 + net) * kWidth + T * T + n];
-      norm[net][n] = total;
+      norm[net][n] = partials_sum<T>(partials, Z, net, T * T + n);
       const int row = n < T ? i0 + n : j0 + n - T;
       present[net][n] = row < args.K && args.net[net].count(b, row) > 0;
     }

@@ -18,7 +18,8 @@ IGNORE_COLOUR = "#000000"
 TERMS = ("ce", "kd", "idd", "pid", "skd", "ifvd", "cwd")
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (every plot here and benchmarks.sweep's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,7 +39,7 @@ def require_matplotlib(parser, program):
 
 def plot_miou(results, out):
     """A dot plot zoomed to the students: every seed, the mean and +/- one standard deviation."""
-    plt = _pyplot()
+    plt = pyplot()
     configs = by_config(results)
     names = list(configs)[::-1]  # first configuration on top
     fig, ax = plt.subplots(figsize=(8, 0.55 * len(names) + 1.6))
@@ -72,7 +73,7 @@ def plot_miou(results, out):
 
 def plot_paired(results, out):
     """Paired mIoU differences with their 95 % intervals, to the CE student and to CWD."""
-    plt = _pyplot()
+    plt = pyplot()
     configs = seed_runs(results)
     others = comparisons(configs)
     if not others:  # nothing to pair with: no plot, and none of an earlier run left in `out`
@@ -111,7 +112,7 @@ def _smooth(values, width=25):
 def plot_losses(results, out):
     """One panel per loss term (the teacher's CE first), each term unweighted (before its
     loss weight), first seed of every configuration that uses it, moving average."""
-    plt = _pyplot()
+    plt = pyplot()
     preset_weights = results["preset"].get("weights") or {}
     first = {}
     for key, run in results["runs"].items():
@@ -147,7 +148,7 @@ def plot_losses(results, out):
 def plot_predictions(models, val, out, device, n=3):
     """Image, label and the prediction of every network in `models` ([(name, model)]) for the
     first `n` validation images, with a class-colour legend."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 

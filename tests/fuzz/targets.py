@@ -23,9 +23,10 @@ from unittest import mock
 import torch
 
 import idd_ops
+from cuda_emu.override import KERNEL_SETS
 from idd_ops import _switches
 
-EMULATED = ("default", "next")  # the emulated kernel sets: cuda_emu/override.py's KERNEL_SETS
+EMULATED = KERNEL_SETS  # the emulated kernel sets
 TARGETS = ("cpu", "cpu_alt", *EMULATED, "cuda")
 _loaded = {}
 
