@@ -98,6 +98,14 @@ TORCH_LIBRARY(idd_ops, m) {
         "-> (Tensor, Tensor)");
   m.def("_pixel_centroid_cosine_slots_backward(Tensor grad, Tensor feats, Tensor centroids, Tensor slots, "
         "Tensor cos, Tensor feat_norms, float eps, Tensor? counts=None) -> (Tensor, Tensor)");
+  // IFVD's two maps in one op, from both networks' float64 class sums [B,K,C] over one slot map
+  // and their shared counts [B,K]: the student's and the teacher's cosine maps, the student's
+  // feature norms and its centroids (the sums' means in the accumulation dtype) for the backward,
+  // which is _pixel_centroid_cosine_slots_backward's with counts. The teacher and the sums are
+  // constants; student and teacher share one dtype. On CUDA one launch builds both centroid tables
+  // and one computes both maps, where the two slot ops and the centroid divisions took seven.
+  m.def("_ifvd_maps(Tensor student, Tensor teacher, Tensor student_sums, Tensor teacher_sums, Tensor counts, "
+        "Tensor slots, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -7,4 +7,5 @@
 #include "composite/class_distance_matrix.cpp"
 #include "composite/idd_loss.cpp"
 #include "composite/idd_tail.cpp"
+#include "composite/ifvd_maps.cpp"
 #include "composite/position_map_code.cpp"

@@ -179,6 +179,14 @@ def _(grad, feats, centroids, slots, cos, feat_norms, eps, counts=None):
     return _cosine_grads_fake(feats, centroids)
 
 
+@register_fake("idd_ops::_ifvd_maps")
+def _(student, teacher, student_sums, teacher_sums, counts, slots, eps):
+    cos_s, fnorm_s = _cosine_fake(student)
+    B, K = counts.shape
+    return cos_s, _cosine_fake(teacher)[0], fnorm_s, student.new_empty((B, K, student.shape[1]),
+                                                                         dtype=acc_dtype(student.dtype))
+
+
 # ---- idd_tail --------------------------------------------------------------------------
 
 

@@ -1,8 +1,9 @@
 """Python side of the IDD_OPS_CUDA_NEXT switch (csrc/common/cuda_next.h).
 
 GPU code written since the last GPU run lands switched off: the tested path stays the default and
-IDD_OPS_CUDA_NEXT=1 selects the new one. Read once per process, like the C++ side. Nothing is
-behind it at present (csrc/common/cuda_next.h); the path selections below are per device.
+IDD_OPS_CUDA_NEXT=1 selects the new one. Read once per process, like the C++ side. Behind it on
+the Python side at present: IFVD's two maps in one op (ifvd_maps_path); the C++ side's own list
+is in csrc/common/cuda_next.h. The path selections below are per device.
 """
 import functools
 import os
@@ -35,3 +36,12 @@ def slot_map_path(device: torch.device) -> bool:
     of kept pixels (one launch where the mask built from labels takes about 13). On the CPU (IFVD
     measured no slower, docs/ARCHITECTURE.md) and CUDA; other devices decode the labels."""
     return device.type in ("cpu", "cuda")
+
+
+def ifvd_maps_path(device: torch.device) -> bool:
+    """Whether IFVD's class-sum path computes both networks' maps in one op (_ifvd_maps: both
+    centroid tables from the class sums in one launch, both maps in another, where the divisions
+    and two slot-map cosine calls took seven launches): on CUDA under IDD_OPS_CUDA_NEXT=1, since no
+    GPU has run its kernels yet. Other devices would gain nothing from it: there it is the same
+    ATen divisions and cosine calls (csrc/composite/ifvd_maps.cpp)."""
+    return device.type == "cuda" and cuda_next_enabled()

@@ -173,31 +173,7 @@ def intra_class_variation_loss(student_feats: Tensor, teacher_feats: Tensor, lab
     v.check_eps(eps)
     v.check_choice("reduction", reduction, v.REDUCTIONS)
     v.check_same_size(student_feats, teacher_feats, "IFVD compares the two maps pixel by pixel")
-    pair = (student_feats, teacher_feats.detach())
-    sums = uses_class_sums(num_classes, *pair)
-    # one label decode per call: the slot map serves both class passes (on the class-sum path) and
-    # both networks' cosine maps, forward and backward
-    slots = None
-    if sums or (_switches.slot_map_path(student_feats.device) and num_classes <= MAX_SLOT_CLASSES):
-        slots = slots_for(labels, student_feats, num_classes, ignore_index)
-    counts = (None, None)
-    if sums:  # one class pass for both
-        # the sums are constants to autograd: the student's cosine op, given its counts, carries the
-        # gradient through its centroids itself (one pass writes the student's gradient)
-        ss, ns, st, _ = pair_sums(*(f.detach() for f in pair), labels, num_classes, ignore_index, slots=slots)
-        counts = (ns, None)
-        # the cosine op computes in the features' accumulation dtype, whatever the sums' dtype
-        centroids = detached_centroids((ss, st), ns, [acc_dtype(f.dtype) for f in pair])
-    elif slots is not None:  # the same split: constant centroids, the student's counts to the cosine op
-        (cs, ns), (ct, _) = (ops.class_centroids(f.detach(), labels, num_classes, ignore_index) for f in pair)
-        centroids, counts = (cs, ct), (ns, None)
-    else:
-        centroids = tuple(ops.class_centroids(f, labels, num_classes, ignore_index)[0] for f in pair)
-    if slots is not None:
-        maps = [ops._pixel_centroid_cosine_slots(f, c, slots, float(eps), n)[0]
-                for f, c, n in zip(pair, centroids, counts)]
-    else:
-        maps = [ops.pixel_centroid_cosine(f, c, labels, ignore_index, float(eps))[0] for f, c in zip(pair, centroids)]
+    maps = _cosine_maps((student_feats, teacher_feats.detach()), labels, num_classes, ignore_index, float(eps))
     # The teacher's map in the student's dtype: torch 2.4's mse_loss backward gave a float64
     # student's map a float32 gradient (an autograd error) when the teacher's map was float32.
     target = maps[1].to(maps[0].dtype)
@@ -205,6 +181,32 @@ def intra_class_variation_loss(student_feats: Tensor, teacher_feats: Tensor, lab
         return F.mse_loss(maps[0], target).to(loss_dtype(student_feats))
     # reduce, not mse_loss's own mean, for an empty map: 0, as every other loss gives, not 0/0
     return reduce(F.mse_loss(maps[0], target, reduction="none"), reduction).to(loss_dtype(student_feats))
+
+
+def _cosine_maps(pair, labels, num_classes, ignore_index, eps):
+    """IFVD's maps [B, H, W] of (student, detached teacher): each pixel's cosine to its class
+    centroid, the student's differentiable."""
+    sums = uses_class_sums(num_classes, *pair)
+    # one label decode per call: the slot map serves both class passes (on the class-sum path) and
+    # both networks' cosine maps, forward and backward
+    slots = None
+    if sums or (_switches.slot_map_path(pair[0].device) and num_classes <= MAX_SLOT_CLASSES):
+        slots = slots_for(labels, pair[0], num_classes, ignore_index)
+    if sums:  # one class pass for both
+        # the sums are constants to autograd: the student's cosine op, given its counts, carries the
+        # gradient through its centroids itself (one pass writes the student's gradient)
+        ss, ns, st, _ = pair_sums(*(f.detach() for f in pair), labels, num_classes, ignore_index, slots=slots)
+        if _switches.ifvd_maps_path(pair[0].device) and pair[0].dtype == pair[1].dtype:
+            return ops._ifvd_maps(*pair, ss, st, ns, slots, eps)[:2]  # both maps from the sums, in one op
+        # the cosine op computes in the features' accumulation dtype, whatever the sums' dtype
+        centroids, counts = detached_centroids((ss, st), ns, [acc_dtype(f.dtype) for f in pair]), (ns, None)
+    elif slots is not None:  # the same split: constant centroids, the student's counts to the cosine op
+        (cs, ns), (ct, _) = (ops.class_centroids(f.detach(), labels, num_classes, ignore_index) for f in pair)
+        centroids, counts = (cs, ct), (ns, None)
+    else:
+        return [ops.pixel_centroid_cosine(f, ops.class_centroids(f, labels, num_classes, ignore_index)[0], labels,
+                                          ignore_index, eps)[0] for f in pair]
+    return [ops._pixel_centroid_cosine_slots(f, c, slots, eps, n)[0] for f, c, n in zip(pair, centroids, counts)]
 
 
 __all__ = ["pixel_kd_loss", "channel_wise_distillation_loss", "structural_kd_loss", "intra_class_variation_loss"]

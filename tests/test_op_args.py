@@ -52,6 +52,8 @@ def valid_args(device):
         "_pixel_centroid_cosine_slots": [feats, cent, slots, 1e-8],
         "_pixel_centroid_cosine_slots_backward": [randn(B, H, W), feats, cent, slots, randn(B, H, W),
                                                   randn(B, H, W), 1e-8],
+        "_ifvd_maps": [feats, randn(B, C + 1, H, W), randn(B, K, C, dtype=torch.float64),
+                       randn(B, K, C + 1, dtype=torch.float64), counts, slots, 1e-8],
     }
 
 
@@ -145,6 +147,16 @@ CASES = [
     ("affinity_loss", 0, _t((B, 0, H, W)), ValueError, "student: expected at least one channel"),
     ("affinity_loss", 1, _t((B, 0, H, W)), ValueError, "teacher: expected at least one channel"),
     ("affinity_loss", 0, _dtype(torch.int64), TypeError, "student"),
+    ("_ifvd_maps", 1, _dtype(torch.float64), TypeError, "teacher: expected the student's dtype"),
+    ("_ifvd_maps", 1, _t((B, C + 1, H, W + 1)), ValueError, "teacher: expected the student's batch"),
+    ("_ifvd_maps", 2, _dtype(torch.float32), TypeError, "student_sums: expected float64"),
+    ("_ifvd_maps", 2, _t((B, K), torch.float64), ValueError, "student_sums"),
+    ("_ifvd_maps", 3, _t((B, K, C), torch.float64), ValueError, "teacher_sums"),
+    ("_ifvd_maps", 4, _t((B, K + 1), torch.int64), ValueError, "counts"),
+    ("_ifvd_maps", 4, _dtype(torch.int32), TypeError, "counts"),
+    ("_ifvd_maps", 5, _t((B, H, W + 1), torch.int16), ValueError, "slots"),
+    ("_ifvd_maps", 5, _dtype(torch.int64), TypeError, "slots"),
+    ("_ifvd_maps", 6, 0.0, ValueError, "eps"),
     ("_affinity_loss_backward", 0, _t(()), ValueError, "grad"),
     ("_affinity_loss_backward", 3, _t((B, C, C + 1)), ValueError, "gram_ss"),
     ("_affinity_loss_backward", 4, _t((B, C, C)), ValueError, "gram_sd"),

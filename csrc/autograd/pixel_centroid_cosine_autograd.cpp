@@ -1,5 +1,6 @@
-// Autograd of pixel_centroid_cosine and its slot-map form: the gradients of the features and
-// the centroids in one backward pass, from the cosines and feature norms the forward returned.
+// Autograd of pixel_centroid_cosine, its slot-map form and IFVD's two maps (_ifvd_maps): the
+// gradients of the features and the centroids in one backward pass, from the cosines and feature
+// norms the forward returned.
 #include <torch/library.h>
 
 #include <optional>
@@ -75,6 +76,35 @@ struct PixelCentroidCosineSlots : public TraceableFunction<PixelCentroidCosineSl
   }
 };
 
+// IFVD's two maps: the gradient reaches the student alone (the teacher and the class sums are
+// constants), through its map's backward with counts, from the centroids the forward returned.
+struct IfvdMaps : public TraceableFunction<IfvdMaps> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
+                               const at::Tensor& student_sums, const at::Tensor& teacher_sums, const at::Tensor& counts,
+                               const at::Tensor& slots, double eps) {
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, double)>("idd_ops::_ifvd_maps");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [cos_s, cos_t, fnorm_s, cent_s] = op.call(student, teacher, student_sums, teacher_sums, counts, slots, eps);
+    no_zero_fills(ctx);
+    ctx->save_for_backward({student, cent_s, slots, cos_s, fnorm_s, counts});
+    ctx->saved_data["eps"] = eps;
+    return {cos_s, cos_t, fnorm_s, cent_s};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, double, const std::optional<at::Tensor>&)>("idd_ops::_pixel_centroid_cosine_slots_backward");
+    variable_list out(7);
+    if (!wanted(ctx, grads, 0)) return out;
+    const variable_list s = ctx->get_saved_variables();
+    out[0] = std::get<0>(op.call(grads[0], s[0], s[1], s[2], s[3], s[4], ctx->saved_data["eps"].toDouble(), s[5]));
+    return out;
+  }
+};
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_autograd(const at::Tensor& feats, const at::Tensor& centroids,
@@ -96,11 +126,23 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_autograd(const at
   return {out[0], no_grad_output(out[1])};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ifvd_maps_autograd(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& student_sums,
+    const at::Tensor& teacher_sums, const at::Tensor& counts, const at::Tensor& slots, double eps) {
+  check_constant_teacher(teacher, "_ifvd_maps");
+  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && (student_sums.requires_grad() || teacher_sums.requires_grad())),
+                    "student_sums, teacher_sums: constants of IFVD's maps (the student's gradient through its "
+                    "centroids is taken inside the op); pass them detached");
+  const variable_list out = IfvdMaps::apply(student, teacher, student_sums, teacher_sums, counts, slots, eps);
+  return {out[0], no_grad_output(out[1]), no_grad_output(out[2]), no_grad_output(out[3])};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(idd_ops, Autograd, m) {
   m.impl("pixel_centroid_cosine", &pixel_centroid_cosine_autograd);
   m.impl("_pixel_centroid_cosine_slots", &pixel_centroid_cosine_slots_autograd);
+  m.impl("_ifvd_maps", &ifvd_maps_autograd);
 }
 
 }  // namespace idd_ops

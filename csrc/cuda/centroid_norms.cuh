@@ -1,6 +1,7 @@
 // The centroid norms and the backward rows grid that both IFVD cosine sources share
 // (pixel_centroid_cosine_cuda.cu: the labels ops; pixel_centroid_cosine_slots_cuda.cu: the
-// slot-map ops), and the slot ops' centroid table (norms and a channel-major copy in one launch).
+// slot-map ops), and the slot ops' centroid table (norms and a channel-major copy in one launch;
+// both networks' from their class sums for IFVD's two maps, ifvd_maps_cuda.cu).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -57,6 +58,46 @@ inline CentroidTable centroid_table(const at::Tensor& cent, cudaStream_t stream)
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return t;
+}
+
+// One network's centroid table built from its float64 class sums (centroid_tables_from_sums_kernel).
+template <typename acc_t>
+struct SumsTable {
+  const double* sums;  // [B, K, C]
+  int64_t C;
+  acc_t* cent_t;  // [B, C, K], channel-major
+  acc_t* norms;   // [B, K]
+  acc_t* cent;    // [B, K, C] row-major as well, or nullptr
+};
+
+// IFVD's two maps in one op (ifvd_maps_cuda.cu): both networks' tables in one launch, from their
+// class sums and the counts [B, K] they share (one slot map), warp rows [0, BK) the student's and
+// [BK, 2 BK) the teacher's. Each value is sum / max(count, 1) in float64 rounded once to acc_t, as
+// the division with an acc_t output gives, and its norm adds in centroid_norms_warp_kernel's
+// order: the bits of the centroids divided apart and centroid_table, one launch where those took
+// four (a clamp, two divisions, then a table per network).
+template <typename acc_t>
+__global__ void centroid_tables_from_sums_kernel(const SumsTable<acc_t> student, const SumsTable<acc_t> teacher,
+                                                 const int64_t* __restrict__ counts, int64_t K, int64_t BK) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps_per_block = blockDim.x / 32, warps = gridDim.x * warps_per_block;
+  for (int64_t row = blockIdx.x * warps_per_block + threadIdx.x / 32; row < 2 * BK; row += warps) {
+    // warp-uniform: every lane of a warp takes the same rows
+    const bool is_teacher = row >= BK;
+    const SumsTable<acc_t>& net = is_teacher ? teacher : student;
+    const int64_t bk = is_teacher ? row - BK : row, C = net.C;
+    const double divisor = static_cast<double>(counts[bk] > 1 ? counts[bk] : 1);
+    acc_t* column = net.cent_t + (bk / K) * C * K + bk % K;
+    acc_t s = 0;
+    for (int64_t c = lane; c < C; c += 32) {
+      const acc_t v = static_cast<acc_t>(net.sums[bk * C + c] / divisor);
+      column[c * K] = v;
+      if (net.cent) net.cent[bk * C + c] = v;
+      s += v * v;
+    }
+    s = warp_sum(s);
+    if (lane == 0) net.norms[bk] = sqrt(s);
+  }
 }
 
 // Norms [B, K] of centroids [B, K, C] in the accumulation dtype, on `stream`.

@@ -1,0 +1,44 @@
+#pragma once
+// Argument checks of _ifvd_maps (IFVD's two maps from both networks' class sums), shared by its
+// composite kernel (csrc/composite/ifvd_maps.cpp) and its CUDA kernel (csrc/cuda/ifvd_maps_cuda.cu).
+#include "checks.h"
+
+namespace idd_ops {
+
+// sums [B, K, C] float64, the class sums of feats [B, C, H, W], on feats' device.
+inline void check_sums_of(const at::Tensor& sums, const char* name, int64_t K, const at::Tensor& feats,
+                          const char* feats_name) {
+  check_rank(sums, name, 3, "[B, K, C]");
+  TORCH_CHECK_TYPE(sums.scalar_type() == at::kDouble, name, ": expected float64 class sums (class_sums'), got ",
+                   sums.scalar_type());
+  check_size(sums, name, {feats.size(0), K, feats.size(1)}, "[B, K, C], the class sums of its network's features");
+  check_same_device(sums, name, feats, feats_name);
+}
+
+inline void check_ifvd_maps_inputs(const at::Tensor& student, const at::Tensor& teacher,
+                                   const at::Tensor& student_sums, const at::Tensor& teacher_sums,
+                                   const at::Tensor& counts, const at::Tensor& slots, double eps) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{student, "student"}, {teacher, "teacher"}}) {
+    check_rank(t, name, 4, "[B, C, H, W]");
+    check_floating(t, name);
+  }
+  TORCH_CHECK_TYPE(teacher.scalar_type() == student.scalar_type(), "teacher: expected the student's dtype ",
+                   student.scalar_type(), ", got ", teacher.scalar_type());
+  const int64_t B = student.size(0), H = student.size(2), W = student.size(3);
+  TORCH_CHECK_VALUE(teacher.size(0) == B && teacher.size(2) == H && teacher.size(3) == W,
+                    "teacher: expected the student's batch and map size [", B, ", C, ", H, ", ", W, "], got ",
+                    teacher.sizes());
+  check_same_device(teacher, "teacher", student, "student");
+  check_rank(student_sums, "student_sums", 3, "[B, K, C]");
+  const int64_t K = student_sums.size(1);
+  TORCH_CHECK_VALUE(K >= 1 && K <= kMaxSlotClasses, "student_sums: expected 1 to ", kMaxSlotClasses,
+                    " classes, got shape ", student_sums.sizes());
+  check_sums_of(student_sums, "student_sums", K, student, "student");
+  check_sums_of(teacher_sums, "teacher_sums", K, teacher, "teacher");
+  check_counts(counts, "counts", B, K, student, "student");
+  check_slots(slots, B, student, "student");
+  check_size(slots, "slots", {B, H, W}, "one class slot per feature pixel");
+  check_eps(eps);
+}
+
+}  // namespace idd_ops

@@ -1,0 +1,96 @@
+"""_ifvd_maps, IFVD's two cosine maps in one op from both networks' class sums (the ATen
+formulation here; its CUDA kernels in test_cuda_emulated_ifvd_maps.py): the same values and
+gradient as the two slot-map cosine calls it replaces, its gradient against finite differences,
+its fake kernel, constants that require grad (its argument checks: test_op_args.py), and IFVD
+through it."""
+from unittest import mock
+
+import pytest
+import torch
+
+import idd_ops
+from idd_ops import _switches
+from idd_ops._class_sums import detached_centroids, pair_sums, slots_for
+from labels import CASES
+
+ops = torch.ops.idd_ops
+CASE_IDS = ("mixed-warps-resized", "absent-classes", "all-ignored", "clamped-cosine", "odd-sizes")
+
+
+def inputs(case, dtype=torch.float64, teacher_channels=11):
+    """(student, teacher, student sums, teacher sums, counts, slots) of a label case."""
+    s, t = case.feats(dtype=dtype), case.feats(C=teacher_channels, dtype=dtype, seed=1)
+    slots = slots_for(case.labels(), s, case.K, case.ignore_index)
+    ss, ns, st, _ = pair_sums(s, t, case.labels(), case.K, case.ignore_index, slots=slots)
+    return s, t, ss, st, ns, slots
+
+
+def two_calls(s, t, ss, st, ns, slots, eps=1e-8):
+    """What IFVD computes without the op: centroids divided apart, a cosine call per network."""
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    cs, ct = detached_centroids((ss, st), ns, [acc, acc])
+    return ops._pixel_centroid_cosine_slots(s, cs, slots, eps, ns), ops._pixel_centroid_cosine_slots(t, ct, slots, eps)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in CASE_IDS], ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_two_cosine_calls_it_replaces(case, dtype):
+    s, t, ss, st, ns, slots = inputs(case, dtype)
+    s.requires_grad_()
+    cos_s, cos_t, fnorm_s, cent_s = ops._ifvd_maps(s, t, ss, st, ns, slots, 1e-8)
+    (want_s, want_fnorm), (want_t, _) = two_calls(s, t, ss, st, ns, slots)
+    for got, want in ((cos_s, want_s), (cos_t, want_t), (fnorm_s, want_fnorm)):
+        assert torch.equal(got, want)
+    assert torch.equal(cent_s, detached_centroids((ss,), ns, [cos_s.dtype])[0])
+    assert cos_s.requires_grad and not (cos_t.requires_grad or fnorm_s.requires_grad or cent_s.requires_grad)
+    grad = torch.rand(cos_s.shape, dtype=cos_s.dtype, generator=torch.Generator().manual_seed(3))
+    got_grad, = torch.autograd.grad(cos_s, s, grad)
+    want_grad, = torch.autograd.grad(want_s, s, grad)
+    assert torch.equal(got_grad, want_grad)
+
+
+def test_gradient_through_the_features_and_their_centroids():
+    """The sums follow the student here (formed from it at every evaluation), so finite
+    differences see the path through its centroids, which the op's backward takes inside."""
+    case = next(c for c in CASES if c.id == "mixed-warps-resized")
+    s, t, _, st, ns, slots = inputs(case)
+
+    def student_map(x):
+        xs = pair_sums(x.detach(), t, case.labels(), case.K, case.ignore_index, slots=slots)[0]
+        return ops._ifvd_maps(x, t, xs, st, ns, slots, 1e-8)[0]
+    assert torch.autograd.gradcheck(student_map, (s.requires_grad_(),))
+
+
+def test_fake_kernel_and_registration():
+    case = next(c for c in CASES if c.id == "absent-classes")
+    s, t, ss, st, ns, slots = inputs(case, torch.float32)
+    torch.library.opcheck(ops._ifvd_maps.default, (s.requires_grad_(), t, ss, st, ns, slots, 1e-8))
+
+
+def test_constants_that_require_grad_are_refused():
+    case = next(c for c in CASES if c.id == "mixed-warps")
+    s, t, ss, st, ns, slots = inputs(case)
+    with pytest.raises(RuntimeError, match="teacher input requires grad"):
+        ops._ifvd_maps(s, t.requires_grad_(), ss, st, ns, slots, 1e-8)
+    with pytest.raises(ValueError, match="student_sums, teacher_sums: constants"):
+        ops._ifvd_maps(s, t.detach(), ss.requires_grad_(), st, ns, slots, 1e-8)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_ifvd_through_the_op(reduction):
+    """IFVD with the path switch on (CUDA's under IDD_OPS_CUDA_NEXT=1) and the class-sum path the
+    op needs: the loss and gradient of the default path (the emulated kernels: the next set of
+    test_cuda_emulated's public API tests)."""
+    case = next(c for c in CASES if c.id == "absent-classes")
+    s, t, y = case.feats(), case.feats(C=11, seed=1), case.labels()
+    results = []
+    with mock.patch.object(_switches, "class_sums_path", lambda device, channels_last=False: True):
+        for on in (False, True):
+            x = s.clone().requires_grad_()
+            with mock.patch.object(_switches, "ifvd_maps_path", lambda device: on), \
+                    mock.patch.object(ops, "_ifvd_maps", wraps=ops._ifvd_maps) as spy:
+                loss = idd_ops.intra_class_variation_loss(x, t, y, case.K, reduction=reduction)
+                loss.sum().backward()
+            assert spy.called == on
+            results.append((loss, x.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
