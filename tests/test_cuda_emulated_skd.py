@@ -177,22 +177,39 @@ def test_same_bits_on_every_run(emu):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("shape", [(2, 12, 20, 24, 48, 2), (3, 9, 5, 17, 31, 1)], ids=["blocks_36", "blocks_66"])
-def test_next_pivot_gives_the_same_bits(emu, shape):
-    """IDD_OPS_CUDA_NEXT's pivot kernel loads 16 block sums ahead of its adds (affinity_pivot.cuh),
-    adding them in the same order: the same bits as the default's, forward and backward, over
-    whole groups of 16 and the rest (36 and 66 blocks of 8 pooled pixels; the student narrower and
-    wider than the teacher). float64 inputs: float32 ones give block sums that add exactly in
-    any order, which would hide an order changed."""
+NEXT_SHAPES = {  # B, Cs, Ct, H, W, pool
+    "blocks_36": (2, 12, 20, 24, 48, 2),     # the pivot's 36 blocks: two groups of 16 and a rest
+    "blocks_66": (3, 9, 5, 17, 31, 1),       # 66 blocks; pool 1: no quads
+    "wide_channels": (2, 70, 150, 9, 13, 2),  # channel steps of 64 and 128 cut short; border windows
+    "student_wider": (5, 131, 40, 6, 10, 2),  # the teacher's channels end inside a step
+    "pool3": (2, 33, 33, 10, 17, 3),          # no quads: the general windows
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", NEXT_SHAPES.values(), ids=NEXT_SHAPES.keys())
+def test_next_kernels_give_the_same_bits(emu, shape, dtype):
+    """IDD_OPS_CUDA_NEXT's loads ahead: the pivot kernel's 16 block sums, the pooling kernel's two
+    channels of whole 2 x 2 windows and the centring kernel's four channels, each added in the
+    default's order: the same bits as the default set's, forward and backward, over whole steps
+    and the rest. float64 inputs: float32 ones give block sums that add exactly in any order,
+    which would hide an order changed; bfloat16 for the GEMM operands kept in it. NaN in windows
+    of image 0 (the others stay finite and are compared bit for bit): the pooled values'
+    comparisons keep max_pool2d's."""
     B, Cs, Ct, H, W, pool = shape
-    s, t = inputs(B, Cs, Ct, H, W)
+    s, t = inputs(B, Cs, Ct, H, W, dtype=dtype)
+    s[0, 1, 1, 1] = float("nan")
+    t[0, 2, 2, 3] = float("nan")
+    grad = torch.rand(B, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                      generator=torch.Generator().manual_seed(5)) + 0.5
     runs = []
     for next_kernels in (False, True):
         emu._emu_configure(next_kernels, 3)
         loss, gss, gst = emu.affinity_loss(s, t, pool)
-        runs.append((loss, gss, gst, emu._affinity_loss_backward(torch.ones(B, dtype=torch.float64), s, t, gss, gst, pool)))
+        runs.append((loss, gss, gst, emu._affinity_loss_backward(grad, s, t, gss, gst, pool)))
     for a, b in zip(*runs):
-        assert torch.equal(a, b)
+        assert torch.equal(a.isnan(), b.isnan()) and a[0].isnan().any()
+        assert torch.equal(a[1:], b[1:])
     emu._emu_configure(False, 3)
 
 

@@ -3,8 +3,9 @@
 // until a GPU has validated them: IDD_OPS_CUDA_NEXT=1 selects them (read once per process;
 // idd_ops/_switches.py is the Python side of the same switch). tools/gpu_check.sh with
 // KERNELS="default next" runs its stages under both settings; the first GPU session that passes
-// them switches them on and deletes what they replace. Behind it at present: SKD's pivot kernel
-// with 16 loads ahead (affinity_pivot.cuh, kPivotAhead; the same bits), the IDD tail's Grams
+// them switches them on and deletes what they replace. Behind it at present: SKD's pivot,
+// pooling and centring kernels with loads ahead (affinity_pivot.cuh, kPivotAhead, kPooledAhead,
+// kCentredAhead; the same bits), the IDD tail's Grams
 // split over channel ranges where its tile blocks are few (idd_tail_gram.cuh, one launch more),
 // and IFVD's two maps in one op (ifvd_maps_cuda.cu; chosen on the Python side,
 // idd_ops._switches.ifvd_maps_path, so its kernels never read the switch).

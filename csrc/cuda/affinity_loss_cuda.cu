@@ -254,18 +254,21 @@ CentredChunk centred_chunk(const at::Tensor& student, const PoolView& vs, const 
   out.m_d = at::empty({k, C}, wide);
   if (backward) out.norms = at::empty({k, P}, wide);
   at::Tensor stats = at::empty({k, 3, P}, wide), sums = at::empty({k, static_cast<int64_t>(grid.x), Cs + C}, wide);
-  pooled_sums_kernel<scalar_t><<<grid, block, 0, stream>>>(
+  const bool next = cuda_next_enabled();
+  const auto pooled_sums = next ? pooled_sums_kernel<scalar_t, kPooledAhead> : pooled_sums_kernel<scalar_t, 1>;
+  pooled_sums<<<grid, block, 0, stream>>>(
       student.const_data_ptr<scalar_t>() + b0 * vs.s0, vs, teacher.const_data_ptr<scalar_t>() + b0 * vt.s0, vt, Cs,
       Ct, P, out.us.mutable_data_ptr<op_t>(), out.d.mutable_data_ptr<op_t>(), stats.mutable_data_ptr<double>(),
       sums.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const dim3 pivot_grid(static_cast<unsigned>(alpha_tiles(C)), static_cast<unsigned>(k));
-  const auto pivot = cuda_next_enabled() ? pivot_kernel<kPivotAhead> : pivot_kernel<1>;
+  const auto pivot = next ? pivot_kernel<kPivotAhead> : pivot_kernel<1>;
   pivot<<<pivot_grid, kThreads, 0, stream>>>(
       sums.const_data_ptr<double>(), grid.x, Cs, C, P, out.m_s.mutable_data_ptr<double>(),
       out.m_d.mutable_data_ptr<double>(), alpha_parts.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  centred_kernel<scalar_t><<<grid, block, 0, stream>>>(
+  const auto centred = next ? centred_kernel<scalar_t, kCentredAhead> : centred_kernel<scalar_t, 1>;
+  centred<<<grid, block, 0, stream>>>(
       out.us.mutable_data_ptr<op_t>(), out.d.mutable_data_ptr<op_t>(), stats.const_data_ptr<double>(),
       out.m_s.const_data_ptr<double>(), out.m_d.const_data_ptr<double>(), Cs, Ct, P, backward,
       beta.mutable_data_ptr<double>(), backward ? out.norms.mutable_data_ptr<double>() : nullptr);

@@ -74,6 +74,35 @@ __device__ __forceinline__ acc_t window_max(const scalar_t* __restrict__ x, cons
   return best;
 }
 
+// A whole 2 x 2 window's four values in row-major order (pool 2 away from the border), loaded
+// apart from their comparison so that a thread can issue several windows' loads at once.
+template <typename acc_t>
+struct Quad {
+  acc_t a, r, d, e;
+};
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ Quad<acc_t> load_quad(const scalar_t* __restrict__ x, const PoolView& v, int64_t b,
+                                                 int64_t c, const Window& w) {
+  const scalar_t* q = x + b * v.s0 + c * v.s1 + w.y0 * v.s2 + w.x0 * v.s3;
+  return {static_cast<acc_t>(q[0]), static_cast<acc_t>(q[v.s3]), static_cast<acc_t>(q[v.s2]),
+          static_cast<acc_t>(q[v.s2 + v.s3])};
+}
+
+// window_max's value over a Quad: the same comparisons in the same order (a NaN taking over).
+template <typename acc_t>
+__device__ __forceinline__ acc_t quad_max(const Quad<acc_t>& q) {
+  acc_t best = -std::numeric_limits<acc_t>::infinity();
+  const auto take = [&best](acc_t value) {
+    if (value > best || at::_isnan(value)) best = value;
+  };
+  take(q.a);
+  take(q.r);
+  take(q.d);
+  take(q.e);
+  return best;
+}
+
 // Adds the kGroups partial sums of each pixel in `part` [kGroups][kPixels] in group order;
 // every thread gets its pixel's total. Every thread of the block must call it.
 template <typename acc_t>
@@ -132,7 +161,15 @@ __device__ __forceinline__ double pixels_sum(double v) {
 // channels in stats [k, 3, P] (|s|^2, |t|^2, <e, s + t>), and the float64 sums of S and D over the
 // block's pixels in partials [k, blocks, Cs + C] (S's Cs, then D's C), which the pivot
 // (affinity_pivot) adds up. grid (ceil(P / kPixels), k).
-template <typename scalar_t>
+//
+// kAhead: channels whose whole 2 x 2 windows a thread loads (both networks') before comparing
+// any; the sums add in channel order either way, so the same bits. With one (the default) a
+// thread has two windows' 8 loads in flight: the H200 took 0.12 ms a launch (4 launches, 0.48 ms
+// of SKD's 3.2 ms forward+backward at pool 2), about 1.1 TB/s for its 134 MB of reads a chunk.
+// IDD_OPS_CUDA_NEXT=1 takes kPooledAhead (no GPU has run it yet).
+constexpr int kPooledAhead = 2;
+
+template <typename scalar_t, int kAhead>
 __global__ void pooled_sums_kernel(const scalar_t* __restrict__ student, PoolView vs,
                                    const scalar_t* __restrict__ teacher, PoolView vt, int64_t Cs, int64_t Ct, int64_t P,
                                    gemm_operand_t<scalar_t>* __restrict__ us,
@@ -147,17 +184,35 @@ __global__ void pooled_sums_kernel(const scalar_t* __restrict__ student, PoolVie
   op_t* u = us + b * Cs * P + p;
   op_t* w = d + b * C * P + p;
   double ss = 0, tt = 0, q = 0;
+  const auto add = [&](int64_t c, acc_t s, acc_t t) {
+    const double sw = s, tw = t;
+    ss += sw * sw;
+    tt += tw * tw;
+    q += (sw + tw) * (sw - tw);
+    if (c < Cs) u[c * P] = static_cast<op_t>(s);
+    w[c * P] = static_cast<op_t>(t);
+  };
   if (live) {
     const Window win = window_of(vs, p);  // the teacher's too (same size, checked)
-    for (int64_t c = threadIdx.y; c < C; c += kGroups) {
-      const acc_t s = c < Cs ? window_max<scalar_t, acc_t>(student, vs, b, c, win) : acc_t(0);
-      const acc_t t = c < Ct ? window_max<scalar_t, acc_t>(teacher, vt, b, c, win) : acc_t(0);
-      const double sw = s, tw = t;
-      ss += sw * sw;
-      tt += tw * tw;
-      q += (sw + tw) * (sw - tw);
-      if (c < Cs) u[c * P] = static_cast<op_t>(s);
-      w[c * P] = static_cast<op_t>(t);
+    if (kAhead > 1 && vs.pool == 2 && win.y1 - win.y0 == 2 && win.x1 - win.x0 == 2) {
+      for (int64_t c0 = threadIdx.y; c0 < C; c0 += kAhead * kGroups) {
+        Quad<acc_t> qs[kAhead] = {}, qt[kAhead] = {};
+#pragma unroll
+        for (int j = 0; j < kAhead; ++j) {  // every load of the step, then the comparisons
+          const int64_t c = c0 + j * kGroups;
+          if (c < Cs) qs[j] = load_quad<scalar_t, acc_t>(student, vs, b, c, win);
+          if (c < Ct) qt[j] = load_quad<scalar_t, acc_t>(teacher, vt, b, c, win);
+        }
+#pragma unroll
+        for (int j = 0; j < kAhead; ++j) {
+          const int64_t c = c0 + j * kGroups;
+          if (c < C) add(c, c < Cs ? quad_max(qs[j]) : acc_t(0), c < Ct ? quad_max(qt[j]) : acc_t(0));
+        }
+      }
+    } else {
+      for (int64_t c = threadIdx.y; c < C; c += kGroups)
+        add(c, c < Cs ? window_max<scalar_t, acc_t>(student, vs, b, c, win) : acc_t(0),
+            c < Ct ? window_max<scalar_t, acc_t>(teacher, vt, b, c, win) : acc_t(0));
     }
   }
   ss = groups_sum(ss, part);
@@ -275,7 +330,14 @@ __global__ void pivot_u_kernel(const acc_t* __restrict__ g_ss, const acc_t* __re
 // taken as 0 past Cs). m_s [k, Cs], m_d [k, C] float64. `backward`: a pixel whose norm is floored
 // keeps S and D uncentred (affinity_input_gradient), and the student's norms go to norms [k, P].
 // grid (ceil(P / kPixels), k).
-template <typename scalar_t>
+//
+// kAhead: channels whose two values a thread loads before centring any (the sum adds in channel
+// order either way: the same bits). With one (the default) a thread has 2 loads in flight: the
+// H200 took 0.07 ms a launch (4 launches, 0.29 ms of SKD's 3.2 ms forward+backward), about 0.9
+// TB/s for the 67 MB it reads and writes a chunk. IDD_OPS_CUDA_NEXT=1 takes kCentredAhead.
+constexpr int kCentredAhead = 4;
+
+template <typename scalar_t, int kAhead>
 __global__ void centred_kernel(gemm_operand_t<scalar_t>* __restrict__ us, gemm_operand_t<scalar_t>* __restrict__ d,
                                const double* __restrict__ stats, const double* __restrict__ m_s,
                                const double* __restrict__ m_d, int64_t Cs, int64_t Ct, int64_t P, bool backward,
@@ -296,14 +358,25 @@ __global__ void centred_kernel(gemm_operand_t<scalar_t>* __restrict__ us, gemm_o
     const double* st = stats + b * 3 * P + p;
     scale = PixelScale(st[0], st[P], st[2 * P]);
     const double centre = backward && scale.floored() ? 0.0 : 1.0;
-    for (int64_t c = threadIdx.y; c < C; c += kGroups) {
-      const double s = c < Cs ? static_cast<double>(static_cast<acc_t>(u[c * P])) : 0.0;
-      const double t = static_cast<acc_t>(w[c * P]);
-      const double mean_s = c < Cs ? ms[c] : 0.0;
-      const double x = scale.normalised(s) - centre * mean_s, dd = scale.difference(s, t) - centre * md[c];
-      sum += md[c] * x + (mean_s - md[c]) * dd;
-      if (c < Cs) u[c * P] = static_cast<op_t>(x);
-      w[c * P] = static_cast<op_t>(dd);
+    for (int64_t c0 = threadIdx.y; c0 < C; c0 += kAhead * kGroups) {
+      double sv[kAhead], tv[kAhead];
+#pragma unroll
+      for (int j = 0; j < kAhead; ++j) {  // every load of the step, then the stores
+        const int64_t c = c0 + j * kGroups;
+        sv[j] = c < Cs ? static_cast<double>(static_cast<acc_t>(u[c * P])) : 0.0;
+        tv[j] = c < C ? static_cast<double>(static_cast<acc_t>(w[c * P])) : 0.0;
+      }
+#pragma unroll
+      for (int j = 0; j < kAhead; ++j) {
+        const int64_t c = c0 + j * kGroups;
+        if (c >= C) break;
+        const double s = sv[j], t = tv[j];
+        const double mean_s = c < Cs ? ms[c] : 0.0;
+        const double x = scale.normalised(s) - centre * mean_s, dd = scale.difference(s, t) - centre * md[c];
+        sum += md[c] * x + (mean_s - md[c]) * dd;
+        if (c < Cs) u[c * P] = static_cast<op_t>(x);
+        w[c * P] = static_cast<op_t>(dd);
+      }
     }
   }
   sum = groups_sum(sum, part);
