@@ -196,8 +196,10 @@ def _cosine_maps(pair, labels, num_classes, ignore_index, eps):
         # the sums are constants to autograd: the student's cosine op, given its counts, carries the
         # gradient through its centroids itself (one pass writes the student's gradient)
         ss, ns, st, _ = pair_sums(*(f.detach() for f in pair), labels, num_classes, ignore_index, slots=slots)
+        # both maps from the sums in one op, whose one kernel instance takes both networks: a pair of
+        # two dtypes keeps the two cosine calls
         if _switches.ifvd_maps_path(pair[0].device) and pair[0].dtype == pair[1].dtype:
-            return ops._ifvd_maps(*pair, ss, st, ns, slots, eps)[:2]  # both maps from the sums, in one op
+            return ops._ifvd_maps(*pair, ss, st, ns, slots, eps)[:2]
         # the cosine op computes in the features' accumulation dtype, whatever the sums' dtype
         centroids, counts = detached_centroids((ss, st), ns, [acc_dtype(f.dtype) for f in pair]), (ns, None)
     elif slots is not None:  # the same split: constant centroids, the student's counts to the cosine op

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from labels import CASES
-from test_cuda_emulated import CPU, close, emu  # noqa: F401  (emu: the module fixture)
-from test_cuda_emulated_tail import kernels  # noqa: F401  (a fixture)
+from test_cuda_emulated import CPU, close, emu, kernels  # noqa: F401  (emu, kernels: fixtures)
 from test_ifvd_maps import CASE_IDS, inputs
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}

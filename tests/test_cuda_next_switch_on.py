@@ -1,7 +1,8 @@
-"""The switch-on of the IDD_OPS_CUDA_NEXT kernels (SKD's pivot, pooling and centring loads ahead,
-the IDD tail's split Grams, IFVD's two maps in one op), prepared without a GPU as a commit in tools/cuda_next_switch_on.patch (docs/DEVELOPING.md,
-"A session with a GPU", step 5), still applies to this tree: a change to a file it touches fails
-here, and refreshing the patch is part of that change (`git am -3` it on a branch, resolve,
+"""The switch-on of the IDD_OPS_CUDA_NEXT kernels (SKD's pivot, pooling and centring loads
+ahead, the IDD tail's split Grams, IFVD's two maps in one op), prepared without a GPU as a commit
+in tools/cuda_next_switch_on.patch (docs/DEVELOPING.md, "A session with a GPU", step 5), still
+applies to this tree: a change to a file it touches fails here, and refreshing the patch is part
+of that change (`git am -3` it on a branch, resolve,
 `git format-patch -1 --stdout > tools/cuda_next_switch_on.patch`)."""
 import os
 import shutil

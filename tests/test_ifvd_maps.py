@@ -1,6 +1,8 @@
 """_ifvd_maps, IFVD's two cosine maps in one op from both networks' class sums (the ATen
-formulation here; its CUDA kernels in test_cuda_emulated_ifvd_maps.py): the same values and
-gradient as the two slot-map cosine calls it replaces, its gradient against finite differences,
+formulation here, which makes the calls it replaces, so its equalities below hold its wiring, not
+new arithmetic; its CUDA kernels, bit for bit against that route, in
+test_cuda_emulated_ifvd_maps.py): the same values and gradient as the two slot-map cosine calls
+it replaces, its gradient against finite differences,
 its fake kernel, constants that require grad (its argument checks: test_op_args.py), and IFVD
 through it."""
 from unittest import mock
@@ -72,15 +74,19 @@ def test_constants_that_require_grad_are_refused():
     s, t, ss, st, ns, slots = inputs(case)
     with pytest.raises(RuntimeError, match="teacher input requires grad"):
         ops._ifvd_maps(s, t.requires_grad_(), ss, st, ns, slots, 1e-8)
-    with pytest.raises(ValueError, match="student_sums, teacher_sums: constants"):
-        ops._ifvd_maps(s, t.detach(), ss.requires_grad_(), st, ns, slots, 1e-8)
+    for i in (2, 3):  # either network's sums
+        args = [s, t.detach(), ss, st, ns, slots, 1e-8]
+        args[i] = args[i].clone().requires_grad_()
+        with pytest.raises(ValueError, match="student_sums, teacher_sums: constants"):
+            ops._ifvd_maps(*args)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_ifvd_through_the_op(reduction):
     """IFVD with the path switch on (CUDA's under IDD_OPS_CUDA_NEXT=1) and the class-sum path the
-    op needs: the loss and gradient of the default path (the emulated kernels: the next set of
-    test_cuda_emulated's public API tests)."""
+    op needs takes the op, with the loss and gradient of the default path (here both are the same
+    ATen calls; the emulated kernels run this through the next set of test_cuda_emulated's
+    public API tests)."""
     case = next(c for c in CASES if c.id == "absent-classes")
     s, t, y = case.feats(), case.feats(C=11, seed=1), case.labels()
     results = []

@@ -9,8 +9,8 @@ namespace idd_ops {
 inline void check_sums_of(const at::Tensor& sums, const char* name, int64_t K, const at::Tensor& feats,
                           const char* feats_name) {
   check_rank(sums, name, 3, "[B, K, C]");
-  TORCH_CHECK_TYPE(sums.scalar_type() == at::kDouble, name, ": expected float64 class sums (class_sums'), got ",
-                   sums.scalar_type());
+  TORCH_CHECK_TYPE(sums.scalar_type() == at::kDouble, name,
+                   ": expected float64 class sums (as class_sums returns), got ", sums.scalar_type());
   check_size(sums, name, {feats.size(0), K, feats.size(1)}, "[B, K, C], the class sums of its network's features");
   check_same_device(sums, name, feats, feats_name);
 }

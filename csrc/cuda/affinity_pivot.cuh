@@ -184,48 +184,51 @@ __global__ void pooled_sums_kernel(const scalar_t* __restrict__ student, PoolVie
   op_t* u = us + b * Cs * P + p;
   op_t* w = d + b * C * P + p;
   double ss = 0, tt = 0, q = 0;
-  if (kAhead == 1 && live) {  // the default's walk as the H200 ran it (the switch-on deletes it)
-    const Window win = window_of(vs, p);  // the teacher's too (same size, checked)
-    for (int64_t c = threadIdx.y; c < C; c += kGroups) {
-      const acc_t s = c < Cs ? window_max<scalar_t, acc_t>(student, vs, b, c, win) : acc_t(0);
-      const acc_t t = c < Ct ? window_max<scalar_t, acc_t>(teacher, vt, b, c, win) : acc_t(0);
+  if constexpr (kAhead == 1) {  // the default's walk as the H200 ran it (the switch-on deletes it)
+    if (live) {
+      const Window win = window_of(vs, p);  // the teacher's too (same size, checked)
+      for (int64_t c = threadIdx.y; c < C; c += kGroups) {
+        const acc_t s = c < Cs ? window_max<scalar_t, acc_t>(student, vs, b, c, win) : acc_t(0);
+        const acc_t t = c < Ct ? window_max<scalar_t, acc_t>(teacher, vt, b, c, win) : acc_t(0);
+        const double sw = s, tw = t;
+        ss += sw * sw;
+        tt += tw * tw;
+        q += (sw + tw) * (sw - tw);
+        if (c < Cs) u[c * P] = static_cast<op_t>(s);
+        w[c * P] = static_cast<op_t>(t);
+      }
+    }
+  } else {
+    const auto add = [&](int64_t c, acc_t s, acc_t t) {
       const double sw = s, tw = t;
       ss += sw * sw;
       tt += tw * tw;
       q += (sw + tw) * (sw - tw);
       if (c < Cs) u[c * P] = static_cast<op_t>(s);
       w[c * P] = static_cast<op_t>(t);
-    }
-  }
-  const auto add = [&](int64_t c, acc_t s, acc_t t) {
-    const double sw = s, tw = t;
-    ss += sw * sw;
-    tt += tw * tw;
-    q += (sw + tw) * (sw - tw);
-    if (c < Cs) u[c * P] = static_cast<op_t>(s);
-    w[c * P] = static_cast<op_t>(t);
-  };
-  if (kAhead > 1 && live) {
-    const Window win = window_of(vs, p);
-    if (vs.pool == 2 && win.y1 - win.y0 == 2 && win.x1 - win.x0 == 2) {
-      for (int64_t c0 = threadIdx.y; c0 < C; c0 += kAhead * kGroups) {
-        Quad<acc_t> qs[kAhead] = {}, qt[kAhead] = {};
+    };
+    if (live) {
+      const Window win = window_of(vs, p);
+      if (vs.pool == 2 && win.y1 - win.y0 == 2 && win.x1 - win.x0 == 2) {
+        for (int64_t c0 = threadIdx.y; c0 < C; c0 += kAhead * kGroups) {
+          Quad<acc_t> qs[kAhead] = {}, qt[kAhead] = {};
 #pragma unroll
-        for (int j = 0; j < kAhead; ++j) {  // every load of the step, then the comparisons
-          const int64_t c = c0 + j * kGroups;
-          if (c < Cs) qs[j] = load_quad<scalar_t, acc_t>(student, vs, b, c, win);
-          if (c < Ct) qt[j] = load_quad<scalar_t, acc_t>(teacher, vt, b, c, win);
-        }
+          for (int j = 0; j < kAhead; ++j) {  // every load of the step, then the comparisons
+            const int64_t c = c0 + j * kGroups;
+            if (c < Cs) qs[j] = load_quad<scalar_t, acc_t>(student, vs, b, c, win);
+            if (c < Ct) qt[j] = load_quad<scalar_t, acc_t>(teacher, vt, b, c, win);
+          }
 #pragma unroll
-        for (int j = 0; j < kAhead; ++j) {
-          const int64_t c = c0 + j * kGroups;
-          if (c < C) add(c, c < Cs ? quad_max(qs[j]) : acc_t(0), c < Ct ? quad_max(qt[j]) : acc_t(0));
+          for (int j = 0; j < kAhead; ++j) {
+            const int64_t c = c0 + j * kGroups;
+            if (c < C) add(c, c < Cs ? quad_max(qs[j]) : acc_t(0), c < Ct ? quad_max(qt[j]) : acc_t(0));
+          }
         }
+      } else {
+        for (int64_t c = threadIdx.y; c < C; c += kGroups)
+          add(c, c < Cs ? window_max<scalar_t, acc_t>(student, vs, b, c, win) : acc_t(0),
+              c < Ct ? window_max<scalar_t, acc_t>(teacher, vt, b, c, win) : acc_t(0));
       }
-    } else {
-      for (int64_t c = threadIdx.y; c < C; c += kGroups)
-        add(c, c < Cs ? window_max<scalar_t, acc_t>(student, vs, b, c, win) : acc_t(0),
-            c < Ct ? window_max<scalar_t, acc_t>(teacher, vt, b, c, win) : acc_t(0));
     }
   }
   ss = groups_sum(ss, part);
@@ -371,7 +374,7 @@ __global__ void centred_kernel(gemm_operand_t<scalar_t>* __restrict__ us, gemm_o
     const double* st = stats + b * 3 * P + p;
     scale = PixelScale(st[0], st[P], st[2 * P]);
     const double centre = backward && scale.floored() ? 0.0 : 1.0;
-    if (kAhead == 1) {  // the default's walk as the H200 ran it (the switch-on deletes it)
+    if constexpr (kAhead == 1) {  // the default's walk as the H200 ran it (the switch-on deletes it)
       for (int64_t c = threadIdx.y; c < C; c += kGroups) {
         const double s = c < Cs ? static_cast<double>(static_cast<acc_t>(u[c * P])) : 0.0;
         const double t = static_cast<acc_t>(w[c * P]);
@@ -381,25 +384,26 @@ __global__ void centred_kernel(gemm_operand_t<scalar_t>* __restrict__ us, gemm_o
         if (c < Cs) u[c * P] = static_cast<op_t>(x);
         w[c * P] = static_cast<op_t>(dd);
       }
-    }
-    for (int64_t c0 = threadIdx.y; kAhead > 1 && c0 < C; c0 += kAhead * kGroups) {
-      double sv[kAhead], tv[kAhead];
+    } else {
+      for (int64_t c0 = threadIdx.y; c0 < C; c0 += kAhead * kGroups) {
+        double sv[kAhead], tv[kAhead];
 #pragma unroll
-      for (int j = 0; j < kAhead; ++j) {  // every load of the step, then the stores
-        const int64_t c = c0 + j * kGroups;
-        sv[j] = c < Cs ? static_cast<double>(static_cast<acc_t>(u[c * P])) : 0.0;
-        tv[j] = c < C ? static_cast<double>(static_cast<acc_t>(w[c * P])) : 0.0;
-      }
+        for (int j = 0; j < kAhead; ++j) {  // every load of the step, then the stores
+          const int64_t c = c0 + j * kGroups;
+          sv[j] = c < Cs ? static_cast<double>(static_cast<acc_t>(u[c * P])) : 0.0;
+          tv[j] = c < C ? static_cast<double>(static_cast<acc_t>(w[c * P])) : 0.0;
+        }
 #pragma unroll
-      for (int j = 0; j < kAhead; ++j) {
-        const int64_t c = c0 + j * kGroups;
-        if (c >= C) break;
-        const double s = sv[j], t = tv[j];
-        const double mean_s = c < Cs ? ms[c] : 0.0;
-        const double x = scale.normalised(s) - centre * mean_s, dd = scale.difference(s, t) - centre * md[c];
-        sum += md[c] * x + (mean_s - md[c]) * dd;
-        if (c < Cs) u[c * P] = static_cast<op_t>(x);
-        w[c * P] = static_cast<op_t>(dd);
+        for (int j = 0; j < kAhead; ++j) {
+          const int64_t c = c0 + j * kGroups;
+          if (c >= C) break;
+          const double s = sv[j], t = tv[j];
+          const double mean_s = c < Cs ? ms[c] : 0.0;
+          const double x = scale.normalised(s) - centre * mean_s, dd = scale.difference(s, t) - centre * md[c];
+          sum += md[c] * x + (mean_s - md[c]) * dd;
+          if (c < Cs) u[c * P] = static_cast<op_t>(x);
+          w[c * P] = static_cast<op_t>(dd);
+        }
       }
     }
   }

@@ -75,7 +75,7 @@ struct SumsTable {
 // [BK, 2 BK) the teacher's. Each value is sum / max(count, 1) in float64 rounded once to acc_t, as
 // the division with an acc_t output gives, and its norm adds in centroid_norms_warp_kernel's
 // order: the bits of the centroids divided apart and centroid_table, one launch where those took
-// four (a clamp, two divisions, then a table per network).
+// five (a clamp, two divisions, then a table per network).
 template <typename acc_t>
 __global__ void centroid_tables_from_sums_kernel(const SumsTable<acc_t> student, const SumsTable<acc_t> teacher,
                                                  const int64_t* __restrict__ counts, int64_t K, int64_t BK) {
