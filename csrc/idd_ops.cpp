@@ -98,6 +98,12 @@ TORCH_LIBRARY(idd_ops, m) {
         "-> (Tensor, Tensor)");
   m.def("_pixel_centroid_cosine_slots_backward(Tensor grad, Tensor feats, Tensor centroids, Tensor slots, "
         "Tensor cos, Tensor feat_norms, float eps, Tensor? counts=None) -> (Tensor, Tensor)");
+  // Class means [B,K,C] in `dtype` from float64 class sums [B,K,C] and counts [B,K] int64: sums /
+  // max(count, 1), divided in float64 and rounded once (0 for an absent class), the class-sum
+  // path's centroids; the backward gives grad / max(count, 1) in float64. On CUDA one launch each
+  // where the clamp, the division and the cast took three forward and two backward.
+  m.def("_class_means(Tensor sums, Tensor counts, ScalarType dtype) -> Tensor");
+  m.def("_class_means_backward(Tensor grad, Tensor counts) -> Tensor");
   // IFVD's two maps in one op, from both networks' float64 class sums [B,K,C] over one slot map
   // and their shared counts [B,K]: the student's and the teacher's cosine maps, the student's
   // feature norms and its centroids (the sums' means in the accumulation dtype) for the backward,

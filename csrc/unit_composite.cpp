@@ -4,6 +4,7 @@
 #include "composite/affinity_loss.cpp"
 #include "composite/affinity_loss_batched.cpp"
 #include "composite/class_centroids_ordered.cpp"
+#include "composite/class_means.cpp"
 #include "composite/class_distance_matrix.cpp"
 #include "composite/idd_loss.cpp"
 #include "composite/idd_tail.cpp"

@@ -55,6 +55,8 @@ def pair_sums(student: Tensor, teacher: Tensor, labels: Tensor, num_classes: int
 def centroids_from_sums(sums: Tensor, counts: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     """Class means [B, K, C] from class sums and counts (0 for an absent class, whose sum is 0),
     divided in the sums' dtype and then cast to `dtype` (default: the sums' dtype)."""
+    if sums.dtype == torch.float64 and _switches.class_means_path(sums.device):  # one launch, the same bits
+        return ops._class_means(sums, counts, sums.dtype if dtype is None else dtype)
     means = sums / counts.clamp_min(1)[..., None]  # int64 counts promote to the sums' dtype inside the division
     return means if dtype is None else means.to(dtype)
 

@@ -72,6 +72,16 @@ def channels_last_layout(feats):
     return not feats.is_contiguous() and feats.is_contiguous(memory_format=torch.channels_last)
 
 
+@register_fake("idd_ops::_class_means")
+def _(sums, counts, dtype):
+    return torch.empty(sums.shape, dtype=dtype, device=sums.device)
+
+
+@register_fake("idd_ops::_class_means_backward")
+def _(grad, counts):
+    return torch.empty(grad.shape, dtype=torch.float64, device=grad.device)
+
+
 # ---- class_distance_matrix -------------------------------------------------------------
 
 

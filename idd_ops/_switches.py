@@ -2,8 +2,9 @@
 
 GPU code written since the last GPU run lands switched off: the tested path stays the default and
 IDD_OPS_CUDA_NEXT=1 selects the new one. Read once per process, like the C++ side. Behind it on
-the Python side at present: IFVD's two maps in one op (ifvd_maps_path); the C++ side's own list
-is in csrc/common/cuda_next.h. The path selections below are per device.
+the Python side at present: IFVD's two maps in one op (ifvd_maps_path) and the class means in one
+(class_means_path); the C++ side's own list is in csrc/common/cuda_next.h. The path selections
+below are per device.
 """
 import functools
 import os
@@ -44,4 +45,12 @@ def ifvd_maps_path(device: torch.device) -> bool:
     and two slot-map cosine calls took seven launches): on CUDA under IDD_OPS_CUDA_NEXT=1, since no
     GPU has run its kernels yet. Other devices would gain nothing from it: there it is the same
     ATen divisions and cosine calls (csrc/composite/ifvd_maps.cpp)."""
+    return device.type == "cuda" and cuda_next_enabled()
+
+
+def class_means_path(device: torch.device) -> bool:
+    """Whether the class-sum path's centroids (class_centroids, pooled batch centroids) come from
+    one op (_class_means: one launch forward and one backward, where the clamp, division and cast
+    took three and two): on CUDA under IDD_OPS_CUDA_NEXT=1, since no GPU has run its kernels yet.
+    Other devices would gain nothing: there it is the same ATen calls (csrc/composite/class_means.cpp)."""
     return device.type == "cuda" and cuda_next_enabled()

@@ -1,5 +1,7 @@
 // Autograd of class_sums and class_sums_pair: the gradient of a class sum reaches every pixel
-// of its class (_class_sums_backward), read from the slot map the forward saved.
+// of its class (_class_sums_backward), read from the slot map the forward saved. And of the class
+// means taken from those sums (_class_means): a mean's gradient reaches its class sum divided by
+// the class's count (_class_means_backward).
 #include <torch/library.h>
 
 #include <tuple>
@@ -70,7 +72,30 @@ struct ClassSumsPair : public TraceableFunction<ClassSumsPair> {
   }
 };
 
+struct ClassMeans : public TraceableFunction<ClassMeans> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& sums, const at::Tensor& counts,
+                               at::ScalarType dtype) {
+    static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>(
+        "idd_ops::_class_means");
+    at::AutoDispatchBelowADInplaceOrView below;
+    at::Tensor means = op.call(sums, counts, dtype);
+    ctx->save_for_backward({counts});
+    return {means};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("idd_ops::_class_means_backward");
+    at::Tensor grad_sums;
+    if (wanted(ctx, grads, 0)) grad_sums = op.call(grads[0], ctx->get_saved_variables()[0]);
+    return {grad_sums, at::Tensor(), at::Tensor()};
+  }
+};
+
 namespace {
+
+at::Tensor class_means_autograd(const at::Tensor& sums, const at::Tensor& counts, at::ScalarType dtype) {
+  return ClassMeans::apply(sums, counts, dtype)[0];
+}
 
 std::tuple<at::Tensor, at::Tensor> class_sums_autograd(const at::Tensor& feats, const at::Tensor& slots,
                                                        int64_t num_classes) {
@@ -90,6 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_sums_pair_autog
 TORCH_LIBRARY_IMPL(idd_ops, Autograd, m) {
   m.impl("class_sums", &class_sums_autograd);
   m.impl("class_sums_pair", &class_sums_pair_autograd);
+  m.impl("_class_means", &class_means_autograd);
 }
 
 }  // namespace idd_ops
