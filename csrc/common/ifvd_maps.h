@@ -1,16 +1,14 @@
 #pragma once
 // Argument checks of _ifvd_maps (IFVD's two maps from both networks' class sums), shared by its
 // composite kernel (csrc/composite/ifvd_maps.cpp) and its CUDA kernel (csrc/cuda/ifvd_maps_cuda.cu).
-#include "checks.h"
+#include "class_means.h"  // check_float64_sums
 
 namespace idd_ops {
 
 // sums [B, K, C] float64, the class sums of feats [B, C, H, W], on feats' device.
 inline void check_sums_of(const at::Tensor& sums, const char* name, int64_t K, const at::Tensor& feats,
                           const char* feats_name) {
-  check_rank(sums, name, 3, "[B, K, C]");
-  TORCH_CHECK_TYPE(sums.scalar_type() == at::kDouble, name,
-                   ": expected float64 class sums (as class_sums returns), got ", sums.scalar_type());
+  check_float64_sums(sums, name);
   check_size(sums, name, {feats.size(0), K, feats.size(1)}, "[B, K, C], the class sums of its network's features");
   check_same_device(sums, name, feats, feats_name);
 }
