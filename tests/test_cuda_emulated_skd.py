@@ -190,12 +190,13 @@ NEXT_SHAPES = {  # B, Cs, Ct, H, W, pool
 @pytest.mark.parametrize("shape", NEXT_SHAPES.values(), ids=NEXT_SHAPES.keys())
 def test_next_kernels_give_the_same_bits(emu, shape, dtype):
     """IDD_OPS_CUDA_NEXT's loads ahead: the pivot kernel's 16 block sums, the pooling kernel's two
-    channels of whole 2 x 2 windows and the centring kernel's four channels, each added in the
-    default's order: the same bits as the default set's, forward and backward, over whole steps
-    and the rest. float64 inputs: float32 ones give block sums that add exactly in any order,
-    which would hide an order changed; bfloat16 for the GEMM operands kept in it. NaN in windows
-    of image 0 (the others stay finite and are compared bit for bit): the pooled values'
-    comparisons keep max_pool2d's."""
+    channels of whole 2 x 2 windows, the centring kernel's four channels and the gradient
+    kernel's three channels of whole windows, each added in the default's order: the same bits as
+    the default set's, forward and backward, over whole steps and the rest. float64 inputs:
+    float32 ones give block sums that add exactly in any order, which would hide an order
+    changed; bfloat16 for the GEMM operands kept in it. NaN in windows of image 0 (the others
+    stay finite and are compared bit for bit): the pooled values' comparisons and argmax keep
+    max_pool2d's."""
     B, Cs, Ct, H, W, pool = shape
     s, t = inputs(B, Cs, Ct, H, W, dtype=dtype)
     s[0, 1, 1, 1] = float("nan")

@@ -4,8 +4,9 @@
 // idd_ops/_switches.py is the Python side of the same switch). tools/gpu_check.sh with
 // KERNELS="default next" runs its stages under both settings; the first GPU session that passes
 // them switches them on and deletes what they replace. Behind it at present: SKD's pivot,
-// pooling and centring kernels with loads ahead (affinity_pivot.cuh, kPivotAhead, kPooledAhead,
-// kCentredAhead; the same bits), the IDD tail's Grams split over channel ranges where its tile
+// pooling, centring and gradient kernels with loads ahead (affinity_pivot.cuh and
+// affinity_gradient.cuh: kPivotAhead, kPooledAhead, kCentredAhead, kGradientAhead; the same
+// bits), the IDD tail's Grams split over channel ranges where its tile
 // blocks are few (idd_tail_gram.cuh, one launch more), IFVD's two maps in one op
 // (ifvd_maps_cuda.cu) and the class means in one (class_means_cuda.cu); these two are chosen on
 // the Python side (idd_ops._switches.ifvd_maps_path, class_means_path), so their kernels never

@@ -43,6 +43,7 @@
 #include "../common/checks.h"
 #include "../common/cuda_next.h"
 #include "../composite/affinity_loss.h"
+#include "affinity_gradient.cuh"
 #include "affinity_pivot.cuh"
 #include "cuda_utils.cuh"
 
@@ -135,63 +136,6 @@ __global__ void affinity_means_kernel(const double* __restrict__ partials, int64
     const double alpha = alpha_of(alpha_parts + blockIdx.x * alpha_tiles, alpha_tiles), pixels = P;
     sum += pixels * pixels * alpha * alpha + 2 * pixels * squares;
     loss[blockIdx.x] = static_cast<acc_t>((sum < 0 ? 0 : sum) / divisor);  // NaN stays NaN
-  }
-}
-
-// The student's gradient of a chunk (affinity_input_gradient): per pixel, from the GEMMs'
-// g1 + g2 [k, Cs, P] (G_xd x and G_xy d), u [k, Cs] (pivot_u), m_s [k, Cs], alpha (in parts), beta
-// [k, P] and the student's norms [k, P] (float64), w = g1 + g2 + u - rho x with rho =
-// P (alpha + beta) projected, (w - S <S, w>) / |f|; where the norm is floored (x, d uncentred
-// there), w = g1 + g2 + rho m_S with rho = P beta, divided by eps whole. S is the pooled value
-// over its norm, read again from the input (x + m_S rounded in the accumulation dtype is not
-// a unit vector to the last bit: a student of one channel, whose gradient is 0, got rounding
-// times the large w). Times grad[b] * scale, into each window's argmax of out [k, Cs, H, W]
-// (contiguous), zeros at the window's other elements: every element of out is written.
-// grid (ceil(P / kPixels), k).
-template <typename scalar_t>
-__global__ void affinity_gradient_kernel(const at::opmath_type<scalar_t>* __restrict__ g1,
-                                         const at::opmath_type<scalar_t>* __restrict__ g2,
-                                         const gemm_operand_t<scalar_t>* __restrict__ us,
-                                         const double* __restrict__ norms, const double* __restrict__ u_vec,
-                                         const double* __restrict__ m_s, const double* __restrict__ alpha_parts,
-                                         int64_t alpha_tiles, const double* __restrict__ beta,
-                                         const at::opmath_type<scalar_t>* __restrict__ grad, int64_t grad_stride,
-                                         double scale, const scalar_t* __restrict__ student, PoolView vs, int64_t Cs,
-                                         int64_t P, scalar_t* __restrict__ out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t part[kGroups][kPixels];
-  const int64_t b = blockIdx.y, p = static_cast<int64_t>(blockIdx.x) * kPixels + threadIdx.x;
-  const bool live = p < P;
-  const acc_t* ga = g1 + b * Cs * P + p;
-  const acc_t* gb = g2 + b * Cs * P + p;
-  const gemm_operand_t<scalar_t>* xp = us + b * Cs * P + p;
-  const double* ub = u_vec + b * Cs;
-  const double* ms = m_s + b * Cs;
-  const double eps = kAffinityNormEps, norm = live ? norms[b * P + p] : 1.0;
-  const bool floored = !(norm > eps);
-  const double norm_c = norm < eps ? eps : norm;
-  const double alpha = floored ? 0.0 : alpha_of(alpha_parts + b * alpha_tiles, alpha_tiles);
-  const acc_t rho = live ? static_cast<acc_t>(static_cast<double>(P) * (beta[b * P + p] + alpha)) : acc_t(0);
-  const auto w_of = [&](int64_t c) {
-    return floored ? ga[c * P] + gb[c * P] + rho * static_cast<acc_t>(ms[c])
-                   : ga[c * P] + gb[c * P] + static_cast<acc_t>(ub[c]) - rho * static_cast<acc_t>(xp[c * P]);
-  };
-  const Window win = window_of(vs, live ? p : 0);
-  acc_t along = 0;
-  if (live && !floored)
-    for (int64_t c = threadIdx.y; c < Cs; c += kGroups)
-      along += static_cast<acc_t>(window_max<scalar_t, acc_t>(student, vs, b, c, win) / norm_c) * w_of(c);
-  along = groups_sum(along, part);
-  if (!live) return;
-  const acc_t factor = static_cast<acc_t>(grad[b * grad_stride] * scale / norm_c);
-  const int64_t HW = vs.H * vs.W;
-  for (int64_t c = threadIdx.y; c < Cs; c += kGroups) {
-    int64_t argmax;
-    const acc_t s = static_cast<acc_t>(window_max<scalar_t, acc_t>(student, vs, b, c, win, &argmax) / norm_c);
-    const scalar_t value = static_cast<scalar_t>((w_of(c) - (floored ? acc_t(0) : s * along)) * factor);
-    scalar_t* plane = out + (b * Cs + c) * HW;
-    for (int64_t y = win.y0; y < win.y1; ++y)
-      for (int64_t x = win.x0; x < win.x1; ++x) plane[y * vs.W + x] = y * vs.W + x == argmax ? value : scalar_t(0);
   }
 }
 
@@ -359,7 +303,9 @@ at::Tensor affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor&
                                                      Ct, u.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const at::Tensor g1 = gram(g_sd, x.us, acc), g2 = gram(g_st, x.d.narrow(1, 0, Ct), acc);  // [k, Cs, P] each
-      affinity_gradient_kernel<scalar_t><<<pixel_grid(P, k), dim3(kPixels, kGroups), 0, stream>>>(
+      const auto gradient =
+          cuda_next_enabled() ? affinity_gradient_kernel<scalar_t, kGradientAhead> : affinity_gradient_kernel<scalar_t, 1>;
+      gradient<<<pixel_grid(P, k), dim3(kPixels, kGroups), 0, stream>>>(
           g1.const_data_ptr<acc_t>(), g2.const_data_ptr<acc_t>(), x.us.const_data_ptr<op_t>(),
           x.norms.const_data_ptr<double>(), u.const_data_ptr<double>(), x.m_s.const_data_ptr<double>(),
           alpha_parts.const_data_ptr<double>(), alpha_tiles(C), beta.const_data_ptr<double>(),
