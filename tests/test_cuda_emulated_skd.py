@@ -196,11 +196,13 @@ def test_next_kernels_give_the_same_bits(emu, shape, dtype):
     float32 ones give block sums that add exactly in any order, which would hide an order
     changed; bfloat16 for the GEMM operands kept in it. NaN in windows of image 0 (the others
     stay finite and are compared bit for bit): the pooled values' comparisons and argmax keep
-    max_pool2d's."""
+    max_pool2d's. A zero window of the student in image 1: a pixel whose norm is floored (the
+    backward's other branch)."""
     B, Cs, Ct, H, W, pool = shape
     s, t = inputs(B, Cs, Ct, H, W, dtype=dtype)
     s[0, 1, 1, 1] = float("nan")
     t[0, 2, 2, 3] = float("nan")
+    s[1, :, :pool, :pool] = 0
     grad = torch.rand(B, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
                       generator=torch.Generator().manual_seed(5)) + 0.5
     runs = []

@@ -303,8 +303,8 @@ at::Tensor affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor&
                                                      Ct, u.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const at::Tensor g1 = gram(g_sd, x.us, acc), g2 = gram(g_st, x.d.narrow(1, 0, Ct), acc);  // [k, Cs, P] each
-      const auto gradient =
-          cuda_next_enabled() ? affinity_gradient_kernel<scalar_t, kGradientAhead> : affinity_gradient_kernel<scalar_t, 1>;
+      const auto gradient = cuda_next_enabled() ? affinity_gradient_kernel<scalar_t, kGradientAhead>
+                                                : affinity_gradient_kernel<scalar_t, 1>;
       gradient<<<pixel_grid(P, k), dim3(kPixels, kGroups), 0, stream>>>(
           g1.const_data_ptr<acc_t>(), g2.const_data_ptr<acc_t>(), x.us.const_data_ptr<op_t>(),
           x.norms.const_data_ptr<double>(), u.const_data_ptr<double>(), x.m_s.const_data_ptr<double>(),

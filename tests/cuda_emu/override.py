@@ -16,8 +16,8 @@ from idd_ops import _switches
 from . import build
 
 # The kernel sets: "default", what CUDA runs, and "next", what IDD_OPS_CUDA_NEXT=1 selects
-# (csrc/common/cuda_next.h; at present SKD's pivot, pooling and centring kernels with their
-# loads ahead, the IDD tail's Grams split over channels, IFVD's two maps and the class means in
+# (csrc/common/cuda_next.h; at present SKD's pivot, pooling, centring and gradient kernels with
+# their loads ahead, the IDD tail's Grams split over channels, IFVD's two maps and the class means in
 # one op each). A set that changes a Python path switch sets it below, set by set.
 KERNEL_SETS = ("default", "next")
 _active = []  # the (kernel set, seed) of each emulated_cuda block entered and not yet left
