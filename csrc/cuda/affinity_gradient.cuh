@@ -122,11 +122,16 @@ __global__ void affinity_gradient_kernel(const at::opmath_type<scalar_t>* __rest
         const int at = quad_argmax(q[j], &best);
         const acc_t s = static_cast<acc_t>(best / norm_c);
         const scalar_t value = static_cast<scalar_t>((wv[j] - (floored ? acc_t(0) : s * along)) * factor);
+        // the four values first, then four stores that every lane makes (a store per value
+        // would split a warp's store by where each window's maximum is)
+        const scalar_t zero(0);
+        const scalar_t v0 = at == 0 ? value : zero, v1 = at == 1 ? value : zero;
+        const scalar_t v2 = at == 2 ? value : zero, v3 = at == 3 ? value : zero;
         scalar_t* cell = out + (b * Cs + c) * HW + win.y0 * vs.W + win.x0;
-        cell[0] = at == 0 ? value : scalar_t(0);
-        cell[1] = at == 1 ? value : scalar_t(0);
-        cell[vs.W] = at == 2 ? value : scalar_t(0);
-        cell[vs.W + 1] = at == 3 ? value : scalar_t(0);
+        cell[0] = v0;
+        cell[1] = v1;
+        cell[vs.W] = v2;
+        cell[vs.W + 1] = v3;
       }
     }
     return;
