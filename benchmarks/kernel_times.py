@@ -9,6 +9,7 @@ and driver calls the op makes (a launch, an attribute set, or a call that waits 
 """
 import re
 
+from . import kernel_predictions
 from .common import count_launches, sync
 
 # Kernels listed per row: the rest are summed into one line.
@@ -89,7 +90,8 @@ def label(name, width=90):
 
 def section(rows):
     """Markdown: per profiled row and kernel set, its kernels' device time per call against the
-    row's time (the TOP longest, the rest as one line)."""
+    row's time (the TOP longest and every predicted one, the rest as one line), with each
+    prediction (kernel_predictions.py) beside its kernel and the predictions missed listed last."""
     out = []
     for r in rows:
         for key, kernel_set in (("fused", "default"), ("fused_next", "next")):
@@ -97,22 +99,37 @@ def section(rows):
             if not kernels:
                 continue
             busy = sum(us for _, _, us in kernels) / 1e3
+            guesses = [kernel_predictions.prediction(r, kernel_set, name, rows) for name, _, _ in kernels]
+            predicted = any(guesses)
+            columns = ("| kernel | launches/call | us/call | predicted us/call |\n|---|---:|---:|---:|" if predicted
+                       else "| kernel | launches/call | us/call |\n|---|---:|---:|")
             out.append(f"\n**{r['case']}, {r['mode']}, {kernel_set} kernels**: {r[key + '_ms']:.3f} ms a call, "
                        f"kernels {busy:.3f} ms ({busy / r[key + '_ms']:.0%}), {r.get(key + '_launches', 0):.1f} "
-                       f"launches\n\n| kernel | launches/call | us/call |\n|---|---:|---:|")
-            rest = kernels[TOP:]
-            out += [f"| `{name}` | {n:.1f} | {us:.1f} |" for name, n, us in kernels[:TOP]]
+                       f"launches\n\n{columns}")
+            listed = [i for i, guess in enumerate(guesses) if i < TOP or guess]
+            rest = [kernels[i] for i in range(len(kernels)) if i not in listed]
+            for i in listed:
+                name, n, us = kernels[i]
+                guess = guesses[i]
+                cell = f" {guess[0]:g} ({us / guess[0]:.1f}x) |" if guess else " - |" if predicted else ""
+                out.append(f"| `{name}` | {n:.1f} | {us:.1f} |{cell}")
             if rest:
                 out.append(f"| {len(rest)} others | {sum(n for _, n, _ in rest):.1f} | "
-                           f"{sum(us for _, _, us in rest):.1f} |")
+                           f"{sum(us for _, _, us in rest):.1f} |" + (" |" if predicted else ""))
             host = r.get(key + "_host_calls")
             if host:
                 listed = ", ".join(f"`{name}` {n:.1f} x {us / n:.1f} us" for name, n, us in host[:TOP_HOST])
                 out.append(f"\nHost, runtime calls per call: {sum(us for _, _, us in host):.1f} us in all; {listed}.")
     if not out:
         return ""
+    missed = kernel_predictions.misses(rows)
+    if missed:
+        out.append(f"\nPredictions missed (over {kernel_predictions.MISS:g}x, or the kernel did not run; "
+                   "benchmarks/kernel_predictions.py):\n")
+        out += [f"- {m}" for m in missed]
     return ("\n## Kernels per call\n\nDevice time per call of each kernel (torch.profiler, 3 calls after a warm-up), "
-            "per kernel set; kernels' time well under the row's time means the row waits on the host. Under each "
-            "table, the host's CUDA runtime calls per call (the longest; a call that waits on the GPU shows the "
-            "wait).\n"
+            "per kernel set; kernels' time well under the row's time means the row waits on the host. Where "
+            "a kernel's time was predicted before a GPU ran it (benchmarks/kernel_predictions.py), the prediction "
+            "and measured / predicted. Under each table, the host's CUDA runtime calls per call (the longest; a "
+            "call that waits on the GPU shows the wait).\n"
             + "\n".join(out) + "\n")

@@ -5,7 +5,7 @@ import math
 import os
 
 from . import common, peak  # first: sets the allocator before torch starts  # noqa: I001
-from . import cases, targets
+from . import cases, kernel_predictions, targets
 import torch
 
 from idd_ops._switches import cuda_next_enabled
@@ -222,4 +222,8 @@ def summary_section(rows, misses, columns, errors=()):
     if misses:
         lines.append(f"\n### Targets missed ({len(misses)}; guard failures: {len(guard)})\n")
         lines += [f"- {m}" for m in misses]
+    predictions = kernel_predictions.misses(rows)
+    if predictions:  # not targets: what a prediction got wrong, to look back on
+        lines.append(f"\n### Kernel predictions missed ({len(predictions)}; benchmarks/kernel_predictions.py)\n")
+        lines += [f"- {m}" for m in predictions]
     return "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside tests/, off the path under plain `pytest`
 
-from benchmarks import cases, common, kernel_times, report, report_tables, train_step  # noqa: E402
+from benchmarks import cases, common, kernel_predictions, kernel_times, report, report_tables, train_step  # noqa: E402
 from idd_ops import reference  # noqa: E402
 from test_benchmarks import _tiny_idd_case  # noqa: E402
 
@@ -150,6 +150,41 @@ def test_kernel_times_per_call_and_their_section():
     assert "**ifvd, forward+backward, next kernels**: 0.050 ms a call, kernels 0.025 ms (50%)" in text
     assert "cwd" not in text and kernel_times.section(rows[1:]) == ""
     assert "Host, runtime calls" not in text
+
+
+def test_kernel_predictions_beside_the_measured_times():
+    """The next set's kernels stand beside their predictions (the default set's, unpredicted,
+    keep three columns); a predicted kernel past the TOP longest is still listed; a kernel over
+    MISS times its prediction, and a prediction whose kernel did not run, are named as misses
+    in the section and the GPU check's summary."""
+    gemms = [(f"gemm{i}", 1.0, 500.0 - i) for i in range(6)]
+    rows = [dict(case="skd pool2", mode="forward+backward", fused_ms=3.2, fused_launches=34.0,
+                 fused_kernels=[("affinity_cuda::pivot_kernel<1>", 4.0, 675.1)],
+                 fused_next_ms=2.0, fused_next_launches=34.0,
+                 fused_next_kernels=gemms + [("affinity_cuda::pooled_sums_kernel<float, 2>", 4.0, 480.0),
+                                             ("affinity_cuda::centred_kernel<float, 4>", 4.0, 100.0),
+                                             ("affinity_cuda::pivot_kernel<16>", 4.0, 84.0),
+                                             ("other", 1.0, 1.0)]),
+            dict(case="cwd", mode="forward+backward", fused_ms=0.5, fused_kernels=[("kl_rows_forward", 1.0, 88.0)])]
+    text = kernel_times.section(rows)
+    assert "| `affinity_cuda::pivot_kernel<1>` | 4.0 | 675.1 |\n" in text
+    assert "| `gemm0` | 1.0 | 500.0 | - |" in text and "| 1 others | 1.0 | 1.0 | |" in text
+    assert "| `affinity_cuda::pivot_kernel<16>` | 4.0 | 84.0 | 80 (1.1x) |" in text  # the 9th longest
+    assert "| `affinity_cuda::centred_kernel<float, 4>` | 4.0 | 100.0 | 120 (0.8x) |" in text
+    misses = kernel_predictions.misses(rows)
+    assert len(misses) == 2 and "`affinity_cuda::pooled_sums_kernel<float, 2>` took 480.0 us a call, 2.0x" in misses[0]
+    assert "no kernel matching `affinity_cuda::affinity_gradient_kernel<float(, 3)?>` ran (next kernels)" in misses[1]
+    assert "Predictions missed" in text and all(m in text for m in misses)
+    summary = report_tables.summary_section(rows, [], ())
+    assert "### Kernel predictions missed (2;" in summary and "Targets missed" not in summary
+    # after the switch-on the next set is the default and its kernels lose the template argument
+    switched = [dict(case="skd pool2", mode="forward+backward", fused_ms=2.0, fused_launches=34.0,
+                     fused_kernels=[("affinity_cuda::pivot_kernel", 4.0, 90.0),
+                                    ("affinity_cuda::pooled_sums_kernel<float>", 4.0, 200.0),
+                                    ("affinity_cuda::centred_kernel<float>", 4.0, 110.0),
+                                    ("affinity_cuda::affinity_gradient_kernel<float>", 2.0, 150.0)])]
+    assert kernel_predictions.misses(switched) == []
+    assert "| `affinity_cuda::pivot_kernel` | 4.0 | 90.0 | 80 (1.1x) |" in kernel_times.section(switched)
 
 
 def test_host_calls_per_call_without_the_harness_synchronise():

@@ -1,0 +1,92 @@
+"""Each kernel's device time per call as predicted before a GPU ran it (docs/DEVELOPING.md's
+predictions, kept here as data), so that a GPU run's "Kernels per call" (kernel_times.section)
+sets every predicted kernel beside its prediction and names the ones that missed: predict,
+measure, look back, without copying numbers by hand.
+
+A prediction is for the kernel set that waits to be switched on: "next" while a row has one,
+else "default" (after the switch-on the next set is the default). A session that measures them
+moves what it learnt into docs/DEVELOPING.md and replaces these with the next predictions.
+"""
+import re
+
+# How far over its prediction a kernel may run before the section names it as a miss (a
+# prediction is a bandwidth estimate from bytes, registers and blocks an SM, not a bound).
+MISS = 1.5
+
+# (row case, row mode, kernel label pattern (re.fullmatch on kernel_times.label), predicted us per
+# call, basis). Patterns take both the name behind the switch and the one after the switch-on.
+PREDICTIONS = [
+    # SKD at B=8, C=512, pool 2: 2 chunks of 4 images; forward+backward runs the pooling, pivot and
+    # centring kernels twice a chunk, the gradient kernel once
+    ("skd pool2", "forward+backward", r"affinity_cuda::pivot_kernel(<16>)?", 80.0,
+     "4 launches x 0.02 ms: 256 block sums a thread, 16 loads in flight (0.17 ms a launch with 1)"),
+    ("skd pool2", "forward+backward", r"affinity_cuda::pooled_sums_kernel<float(, 2)?>", 240.0,
+     "4 x 0.06 ms: 134 MB of reads a chunk with 16 loads a thread in flight (1.1 TB/s with 8)"),
+    ("skd pool2", "forward+backward", r"affinity_cuda::centred_kernel<float(, 4)?>", 120.0,
+     "4 x 0.03 ms: 67 MB read and written a chunk, 2.7x the loads in flight"),
+    ("skd pool2", "forward+backward", r"affinity_cuda::affinity_gradient_kernel<float(, 3)?>", 140.0,
+     "2 x 0.07 ms: 184 MB of DRAM traffic a chunk, 21 loads a thread in flight (7 at 1.1 TB/s)"),
+    # IDD at K=19, B=8: the tail's Grams split 16 ways over the channels (forward, and again in
+    # forward+backward)
+    *[("idd_loss cityscapes", mode, pattern, us, basis) for mode in ("forward", "forward+backward")
+      for pattern, us, basis in (
+          (r"idd_tail_gram_split_kernel<double, double, 16>", 10.0,
+           "24 tile blocks x 16 channel ranges, each 1/16 of the 2048 + 512 channels one block walked"),
+          (r"idd_tail_forward_kernel<double, double, 16>", 5.0,
+           "adds 16 partial tiles where it walked every channel (0.123 ms)"))],
+    # class_centroids: the means in one launch each way (ATen's clamp, division and cast: 0.010 ms)
+    ("class_centroids cityscapes", "forward", r"divide_by_counts_kernel<double, float>", 3.0,
+     "one elementwise pass over B x K x C = 311 k float64 sums"),
+    ("class_centroids cityscapes", "forward+backward", r"divide_by_counts_kernel<double, float>", 3.0,
+     "the forward's pass"),
+    ("class_centroids cityscapes", "forward+backward", r"divide_by_counts_kernel<float, double>", 3.0,
+     "the backward's: the same pass from float32 to float64"),
+    # IFVD: both centroid tables in one launch, both maps in another
+    ("ifvd", "forward+backward", r"centroid_tables_from_sums_kernel<float>", 10.0,
+     "a warp a (image, class) row of both networks' sums"),
+    ("ifvd", "forward+backward", r"cosine_pair_forward_kernel<float>", 168.0,
+     "the two slot-map forwards' 0.168 ms in one launch"),
+]
+
+
+def predicted_set(rows):
+    """The kernel set the predictions are for in a run of `rows`: "next" where the run measured
+    one (for every row: a row the next set's process did not reach has no kernels to compare)."""
+    return "next" if any(key.startswith("fused_next_") for r in rows for key in r) else "default"
+
+
+def prediction(row, kernel_set, label, rows):
+    """(us per call, basis) predicted for kernel `label` of `row` (one of the run's `rows`) under
+    `kernel_set`, or None."""
+    if kernel_set != predicted_set(rows):
+        return None
+    for case, mode, pattern, us, basis in PREDICTIONS:
+        if case == row["case"] and mode == row["mode"] and re.fullmatch(pattern, label):
+            return us, basis
+    return None
+
+
+def misses(rows):
+    """["case, mode: kernel took X us a call, N.Nx its prediction of Y us (basis)"] for every
+    predicted kernel of `rows` that ran more than MISS times its prediction, and for every
+    prediction of a profiled row whose kernel did not run at all (a name changed, or a path not
+    taken)."""
+    out = []
+    kernel_set = predicted_set(rows)
+    key = "fused_next" if kernel_set == "next" else "fused"
+    for row in rows:
+        kernels = row.get(key + "_kernels")
+        if not kernels:
+            continue
+        for case, mode, pattern, us, basis in PREDICTIONS:
+            if case != row["case"] or mode != row["mode"]:
+                continue
+            ran = [(name, per_call) for name, _, per_call in kernels if re.fullmatch(pattern, name)]
+            if not ran:
+                out.append(f"{case}, {mode}: no kernel matching `{pattern}` ran ({kernel_set} kernels), "
+                           f"predicted {us:g} us a call ({basis})")
+            for name, per_call in ran:
+                if per_call > MISS * us:
+                    out.append(f"{case}, {mode}: `{name}` took {per_call:.1f} us a call, {per_call / us:.1f}x its "
+                               f"prediction of {us:g} us ({basis})")
+    return out
