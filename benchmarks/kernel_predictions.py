@@ -41,6 +41,13 @@ PREDICTIONS = [
      "the forward's pass"),
     ("class_centroids cityscapes", "forward+backward", r"divide_by_counts_kernel<float, double>", 3.0,
      "the backward's: the same pass from float32 to float64"),
+    # pixel KD (B=8, K=19, 512x1024, labels): reduced in one op, softmax_kl's walks
+    ("pixel_kd", "forward+backward", r"kl_pixels_sum_forward<float>", 345.0,
+     "kl_pixels_forward's 0.351 ms less its 17 MB KL write; the block sums in registers"),
+    ("pixel_kd", "forward+backward", r"kl_sum_finish<float>", 5.0,
+     "one block adds 16384 blocks' two float64 sums (256 KB)"),
+    ("pixel_kd", "forward+backward", r"kl_pixels_sum_backward<float, 4>", 310.0,
+     "kl_pixels_backward's 0.314 ms: the per-pixel gradient formed from two scalars and the slot map"),
     # IFVD: both centroid tables in one launch, both maps in another
     ("ifvd", "forward+backward", r"centroid_tables_from_sums_kernel<float>", 10.0,
      "a warp a (image, class) row of both networks' sums"),

@@ -70,6 +70,15 @@ TORCH_LIBRARY(idd_ops, m) {
   m.def("softmax_kl(Tensor student, Tensor teacher, float temperature) -> (Tensor, Tensor, Tensor)");
   m.def("_softmax_kl_backward(Tensor grad, Tensor student, Tensor teacher, Tensor lse_student, Tensor lse_teacher, "
         "float temperature) -> Tensor");
+  // Pixel KD reduced in the op: T^2 times softmax_kl's KL summed in float64 over the pixels whose
+  // slot (int16 [outer, inner], _label_slots') is >= 0 (every pixel without slots), divided by
+  // their number (at least 1) where `mean`. Returns the loss (0-dim, accumulation dtype), both
+  // log-sum-exps (softmax_kl's, of every pixel) and the factor (0-dim float64: T^2 / count, or
+  // T^2) that the backward multiplies the incoming gradient by at the kept pixels (0 elsewhere).
+  m.def("_pixel_kd_sum(Tensor student, Tensor teacher, Tensor? slots, float temperature, bool mean) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_pixel_kd_sum_backward(Tensor grad, Tensor student, Tensor teacher, Tensor? slots, Tensor lse_student, "
+        "Tensor lse_teacher, Tensor factor, float temperature) -> Tensor");
   // Per-image mean over P*P of (A_S - A_T)^2 ([B], accumulation dtype), A = F^T F of the P
   // pooled (pool x pool max, ceil mode), channel-normalised pixels of [B, C, H, W] features,
   // through C x C Gram products (never the P x P affinity; pooled copies of pool * pool images

@@ -9,5 +9,6 @@
 #include "autograd/idd_loss_autograd.cpp"
 #include "autograd/idd_tail_autograd.cpp"
 #include "autograd/pixel_centroid_cosine_autograd.cpp"
+#include "autograd/pixel_kd_sum_autograd.cpp"
 #include "autograd/position_encoding_loss_autograd.cpp"
 #include "autograd/softmax_kl_autograd.cpp"

@@ -9,4 +9,5 @@
 #include "composite/idd_loss.cpp"
 #include "composite/idd_tail.cpp"
 #include "composite/ifvd_maps.cpp"
+#include "composite/pixel_kd_sum.cpp"
 #include "composite/position_map_code.cpp"

@@ -139,6 +139,18 @@ def _(grad, student, teacher, lse_student, lse_teacher, temperature):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
+@register_fake("idd_ops::_pixel_kd_sum")
+def _(student, teacher, slots, temperature, mean):
+    shape = (student.shape[0], student.shape[2])  # the loss in the accumulation dtype, the rest in float64
+    return (student.new_empty((), dtype=acc_dtype(student.dtype)), student.new_empty(shape, dtype=torch.float64),
+            student.new_empty(shape, dtype=torch.float64), student.new_empty((), dtype=torch.float64))
+
+
+@register_fake("idd_ops::_pixel_kd_sum_backward")
+def _(grad, student, teacher, slots, lse_student, lse_teacher, factor, temperature):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
 # ---- affinity_loss ---------------------------------------------------------------------
 
 

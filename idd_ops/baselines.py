@@ -58,11 +58,18 @@ def pixel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Option
     v.check_int("ignore_index", ignore_index)
     v.check_choice("reduction", reduction, v.REDUCTIONS)
     B, K, H, W = student_logits.shape
+    if labels is not None:
+        v.check_labels(labels, "student_logits", student_logits)
+    if reduction != "none" and _switches.pixel_kd_sum_path(student_logits.device) and 0 < K <= MAX_SLOT_CLASSES:
+        # the KL of the kept pixels summed and scaled inside one op
+        slots = None if labels is None else ops._label_slots(labels, H, W, K, ignore_index).view(B, H * W)
+        loss = ops._pixel_kd_sum(student_logits.reshape(B, K, H * W), teacher_logits.detach().reshape(B, K, H * W),
+                                 slots, float(temperature), reduction == "mean")[0]
+        return loss.to(loss_dtype(student_logits))
     kl = ops.softmax_kl(student_logits.reshape(B, K, H * W), teacher_logits.detach().reshape(B, K, H * W),
                         float(temperature))[0].reshape(B, H, W)
     count = None
     if labels is not None:
-        v.check_labels(labels, "student_logits", student_logits)
         keep = kept_pixels(labels, H, W, K, ignore_index)
         kl = torch.where(keep, kl, 0.0)
         count = keep.sum()

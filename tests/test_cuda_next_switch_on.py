@@ -1,5 +1,6 @@
 """The switch-on of the IDD_OPS_CUDA_NEXT kernels (SKD's pivot, pooling, centring and gradient
-loads ahead, the IDD tail's split Grams, IFVD's two maps and the class means in one op each), prepared without a GPU as a commit
+loads ahead, the IDD tail's split Grams, IFVD's two maps, the class means and pixel KD's sum in one op
+each), prepared without a GPU as a commit
 in tools/cuda_next_switch_on.patch (docs/DEVELOPING.md, "A session with a GPU", step 5), still
 applies to this tree: a change to a file it touches fails here, and refreshing the patch is part
 of that change (`git am -3` it on a branch, resolve,

@@ -56,6 +56,10 @@ def valid_args(device):
         "_class_means_backward": [cent, counts],
         "_ifvd_maps": [feats, randn(B, C + 1, H, W), randn(B, K, C, dtype=torch.float64),
                        randn(B, K, C + 1, dtype=torch.float64), counts, slots, 1e-8],
+        "_pixel_kd_sum": [randn(B, C, P), randn(B, C, P), slots.view(B, H * W)[:, :P].contiguous(), 1.0, True],
+        "_pixel_kd_sum_backward": [one, randn(B, C, P), randn(B, C, P), slots.view(B, H * W)[:, :P].contiguous(),
+                                   randn(B, P, dtype=torch.float64), randn(B, P, dtype=torch.float64),
+                                   randn((), dtype=torch.float64), 1.0],
     }
 
 
@@ -191,6 +195,17 @@ CASES = [
     ("_pixel_centroid_cosine_slots_backward", 0, _t((B, H, W + 1)), ValueError, "grad"),
     ("_pixel_centroid_cosine_slots_backward", 3, _t((B, H, W + 1), torch.int16), ValueError, "slots"),
     ("_pixel_centroid_cosine_slots_backward", 5, _dtype(torch.float64), TypeError, "feat_norms"),
+    ("_pixel_kd_sum", 0, _t((B, C)), ValueError, "student"),
+    ("_pixel_kd_sum", 1, _t((B, C, P + 1)), ValueError, "teacher"),
+    ("_pixel_kd_sum", 2, _t((B, P + 1), torch.int16), ValueError, "slots: expected shape"),
+    ("_pixel_kd_sum", 2, _dtype(torch.int64), TypeError, "slots: expected int16"),
+    ("_pixel_kd_sum", 3, 0.0, ValueError, "temperature"),
+    ("_pixel_kd_sum_backward", 0, _t((B,)), ValueError, "grad"),
+    ("_pixel_kd_sum_backward", 3, _t((B + 1, P), torch.int16), ValueError, "slots"),
+    ("_pixel_kd_sum_backward", 4, _t((B, P + 1), torch.float64), ValueError, "lse_student"),
+    ("_pixel_kd_sum_backward", 5, _dtype(torch.float32), TypeError, "lse_teacher: expected dtype torch.float64"),
+    ("_pixel_kd_sum_backward", 6, _t((1,), torch.float64), ValueError, "factor"),
+    ("_pixel_kd_sum_backward", 6, _dtype(torch.float32), TypeError, "factor: expected dtype torch.float64"),
 ]
 
 

@@ -25,31 +25,13 @@
 #include "../common/checks.h"
 #include "../common/softmax_kl_online.h"
 #include "cuda_utils.cuh"
+#include "softmax_kl_pixels.cuh"
 #include "vectorized.cuh"
 
 namespace idd_ops {
 namespace {
 
-template <typename T>
-__device__ __forceinline__ T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
-}
-
-// ---- vectors along a strided dim (inner > 1): pixel KD -----------------------------------
-
-// A thread per pixel (grid x: pixel tiles, y: images), walking the classes in chunks of CH held
-// in registers: every load of a chunk is in flight at once, and a warp reads 128 contiguous
-// bytes of a class row (float). A first version gave each thread a 16-byte pack of 4
-// pixels: ptxas needed 121-126 registers for it, 2 blocks of 256 per SM, and the H200 measured
-// 0.5 ms at B=8 (1.4 TB/s, no faster than the two-pass kernel): its 16 warps per SM all
-// loaded, then all computed (18 exps per pixel and chunk of 8 classes), and the memory idled
-// while they did. A pixel per thread in 40 registers (ptxas, sm_90, float, no spills) runs 6
-// blocks per SM: 48 warps with 96 KB in flight, so some compute while others wait. Double holds
-// 4 classes per chunk in 79 registers (its exp needs more), 3 blocks per SM.
-template <typename acc_t>
-constexpr int pixel_forward_blocks_per_sm() {
-  return sizeof(acc_t) == 8 ? 3 : 6;
-}
+// ---- vectors along a strided dim (inner > 1): pixel KD (the walks: softmax_kl_pixels.cuh) -----
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, pixel_forward_blocks_per_sm<at::opmath_type<scalar_t>>())
@@ -57,67 +39,15 @@ __global__ void __launch_bounds__(kThreads, pixel_forward_blocks_per_sm<at::opma
                       int64_t inner, at::opmath_type<scalar_t> inv_T, at::opmath_type<scalar_t>* __restrict__ kl,
                       double* __restrict__ lse_s, double* __restrict__ lse_t) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int CH = sizeof(acc_t) == 8 ? 4 : 8;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= inner) return;  // no block-wide synchronisation below
   for (int64_t o = blockIdx.y; o < outer; o += gridDim.y) {
-    const int64_t base = o * length * inner + i;
-    OnlineSoftmaxKL<acc_t> st;
-    for (int64_t c0 = 0; c0 < length; c0 += CH) {
-      acc_t u[CH], v[CH];
-#pragma unroll
-      for (int j = 0; j < CH; ++j) {
-        if (c0 + j < length) {
-          u[j] = static_cast<acc_t>(s[base + (c0 + j) * inner]) * inv_T;
-          v[j] = static_cast<acc_t>(t[base + (c0 + j) * inner]) * inv_T;
-        } else {  // past the last class: -inf adds nothing
-          u[j] = v[j] = neg_inf<acc_t>();
-        }
-      }
-      st.add(u, v);
-    }
-    const SoftmaxKLVector<acc_t> r = st.finish();
+    const SoftmaxKLVector<acc_t> r = pixel_vector(s, t, o * length * inner + i, length, inner, inv_T);
     const int64_t k = o * inner + i;
     kl[k] = r.kl;
     lse_s[k] = r.lse_s;
     lse_t[k] = r.lse_t;
   }
-}
-
-// d KL / d s = grad * (softmax(s / T) - softmax(t / T)) / T; 0 for a vector settled by the -inf
-// rule, whose log-sum-exps are +inf (softmax_kl_vector).
-template <typename acc_t>
-__device__ __forceinline__ acc_t kl_grad(acc_t coef, acc_t u, acc_t v, SplitLse<acc_t> ls, SplitLse<acc_t> lt) {
-  return coef * (probability(u, ls) - probability(v, lt));
-}
-
-// The backward needs no reduction, so it streams [outer, length, inner] in memory order: a
-// thread per 16-byte pack of pixels and a few classes of one image (grid x: pixel tiles, y:
-// images, z: class groups; no per-element index division). The per-pixel values (the gradient
-// and both log-sum-exps) are read once per thread, as packs where aligned, and re-read from L2
-// by each class group (an image's three [inner] rows stay there while its class rows stream
-// past). A first version walked each pixel pack through all the classes, as the forward
-// must, 2 MiB apart per class at 512x1024: 1.0 ms on an H200 at B=8 (1 TB/s), where the two-pass
-// kernel took 0.7 ms.
-constexpr int kClassesPerThread = 4;
-
-// N values at p, p + stride, ...: one aligned pack where `packed` (stride 1, checked by the host).
-template <int N, typename T>
-__device__ __forceinline__ Pack<T, N> load_values(const T* p, int64_t stride, bool packed) {
-  if (packed) return load_pack<N>(p);
-  Pack<T, N> r;
-#pragma unroll
-  for (int j = 0; j < N; ++j) r.v[j] = p[j * stride];
-  return r;
-}
-
-// Blocks per SM the backward asks registers for: 4 (64 registers) holds the float and double
-// packs; half and bfloat16 packs of 8 pixels hold 8 split log-sum-exp pairs a side (32
-// registers) and spill 64 bytes at 64, so 3 (ptxas, sm_90: 94 uncapped, 2 blocks; capped 80,
-// with no spill for half and 8 bytes for bfloat16).
-template <int VEC>
-constexpr int pixel_backward_blocks_per_sm() {
-  return VEC == 8 ? 3 : 4;
 }
 
 template <typename scalar_t, int VEC>
@@ -127,29 +57,8 @@ __global__ void __launch_bounds__(kThreads, pixel_backward_blocks_per_sm<VEC>())
                        const double* __restrict__ lse_s, const double* __restrict__ lse_t, bool packed_lse,
                        int64_t outer,
                        int64_t length, int64_t inner, at::opmath_type<scalar_t> inv_T, scalar_t* __restrict__ out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
-  if (i >= inner) return;  // no block-wide synchronisation below
-  for (int64_t o = blockIdx.y; o < outer; o += gridDim.y) {
-    const int64_t k = o * inner + i;  // the pack's first pixel
-    const auto g = load_values<VEC>(grad + o * g_outer + i * g_inner, g_inner, packed_grad);
-    const auto ls64 = load_values<VEC>(lse_s + k, 1, packed_lse);
-    const auto lt64 = load_values<VEC>(lse_t + k, 1, packed_lse);
-    SplitLse<acc_t> ls[VEC], lt[VEC];
-#pragma unroll
-    for (int p = 0; p < VEC; ++p) ls[p] = split_lse<acc_t>(ls64.v[p]), lt[p] = split_lse<acc_t>(lt64.v[p]);
-    for (int64_t c = blockIdx.z; c < length; c += gridDim.z) {
-      const int64_t e = (o * length + c) * inner + i;
-      const auto ps = load_pack<VEC>(s + e);
-      const auto pt = load_pack<VEC>(t + e);
-      Pack<scalar_t, VEC> r;
-#pragma unroll
-      for (int p = 0; p < VEC; ++p)
-        r.v[p] = static_cast<scalar_t>(kl_grad(g.v[p] * inv_T, static_cast<acc_t>(ps.v[p]) * inv_T,
-                                               static_cast<acc_t>(pt.v[p]) * inv_T, ls[p], lt[p]));
-      store_pack(out + e, r);
-    }
-  }
+  pixels_backward<scalar_t, VEC, false>(grad, g_outer, g_inner, packed_grad, nullptr, nullptr, s, t, lse_s, lse_t,
+                                        packed_lse, outer, length, inner, inv_T, out);
 }
 
 // ---- contiguous vectors (inner == 1): CWD rows -------------------------------------------
@@ -299,30 +208,12 @@ unsigned int row_grid(int64_t outer, int rows_per_block) {
   return grid_x((outer + rows_per_block - 1) / rows_per_block, "student");
 }
 
-// The pixel kernels' grid: x over tiles of kThreads packs of `vec` pixels, y over the images
-// (grid-strided past 65535).
-dim3 pixel_grid(int64_t outer, int64_t inner, int vec) {
-  return dim3(grid_x((inner / vec + kThreads - 1) / kThreads, "student"),
-              static_cast<unsigned int>(std::min(outer, kMaxGridYZ)));
-}
-
-// Packs of 16 bytes where every pointer allows them and the contiguous dim is a multiple of the
-// pack (so every pack starts aligned); else packs of one element.
-template <typename scalar_t>
-bool use_packs(int64_t length, int64_t inner, std::initializer_list<const void*> pointers) {
-  constexpr int V = pack_size<scalar_t>();
-  if ((inner == 1 ? length : inner) % V != 0) return false;
-  for (const void* p : pointers)
-    if (!aligned_for(p, V, sizeof(scalar_t))) return false;
-  return true;
-}
-
 template <typename scalar_t, int VEC>
 void launch_forward(const scalar_t* s, const scalar_t* t, int64_t outer, int64_t length, int64_t inner,
                     at::opmath_type<scalar_t> inv_T, at::opmath_type<scalar_t>* kl, double* lse_s, double* lse_t,
                     cudaStream_t stream) {
   if (inner > 1) {  // a pixel per thread, whatever the packs allow (kl_pixels_forward)
-    kl_pixels_forward<scalar_t><<<pixel_grid(outer, inner, 1), kThreads, 0, stream>>>(s, t, outer, length, inner,
+    kl_pixels_forward<scalar_t><<<kl_pixel_grid(outer, inner, 1), kThreads, 0, stream>>>(s, t, outer, length, inner,
                                                                                       inv_T, kl, lse_s, lse_t);
   } else if (block_per_row<VEC>(length)) {
     kl_rows_forward<scalar_t, VEC, kThreads>
@@ -342,7 +233,7 @@ void launch_backward(const at::opmath_type<scalar_t>* grad, int64_t g_outer, int
   if (inner > 1) {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t groups = (length + kClassesPerThread - 1) / kClassesPerThread;
-    dim3 grid = pixel_grid(outer, inner, VEC);
+    dim3 grid = kl_pixel_grid(outer, inner, VEC);
     grid.z = static_cast<unsigned int>(std::min(groups, kMaxGridYZ));
     // packs of the per-pixel values where every pack starts aligned (i and inner are multiples of VEC)
     const bool packed_grad = VEC > 1 && g_inner == 1 && g_outer % VEC == 0 && aligned_for(grad, VEC, sizeof(acc_t));
@@ -379,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_kernel(const at::Tenso
     const acc_t inv_T = static_cast<acc_t>(1.0 / temperature);
     const scalar_t* sp = s.const_data_ptr<scalar_t>();
     const scalar_t* tp = t.const_data_ptr<scalar_t>();
-    if (use_packs<scalar_t>(length, inner, {sp, tp}))
+    if (kl_use_packs<scalar_t>(length, inner, {sp, tp}))
       launch_forward<scalar_t, pack_size<scalar_t>()>(sp, tp, outer, length, inner, inv_T, kl.data_ptr<acc_t>(),
                                                       lse_s.data_ptr<double>(), lse_t.data_ptr<double>(), stream);
     else
@@ -413,7 +304,7 @@ at::Tensor softmax_kl_backward_kernel(const at::Tensor& grad_in, const at::Tenso
     const double* lsp = ls.const_data_ptr<double>();
     const double* ltp = lt.const_data_ptr<double>();
     const int64_t g_outer = grad.stride(0), g_inner = grad.stride(1);
-    if (use_packs<scalar_t>(length, inner, {sp, tp, op}))
+    if (kl_use_packs<scalar_t>(length, inner, {sp, tp, op}))
       launch_backward<scalar_t, pack_size<scalar_t>()>(gp, g_outer, g_inner, sp, tp, lsp, ltp, outer, length, inner,
                                                        inv_T, op, stream);
     else
