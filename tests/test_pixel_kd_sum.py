@@ -127,3 +127,29 @@ def test_fake_kernel():
     assert (loss.shape, loss.dtype, lse_s.shape, lse_t.dtype, factor.dtype) == \
         ((), torch.float32, (2, 12), torch.float64, torch.float64)
     assert grad.shape == s.shape and grad.dtype == torch.float16
+
+
+def test_opcheck(device):
+    """The schema, fake kernel and autograd registration agree with the op on each device."""
+    s, t, y = logits_and_labels(dtype=torch.float32)
+    slots = ops._label_slots(y.to(device), 3, 4, 5, 255).view(2, 12)
+    args = (s.reshape(2, 5, 12).to(device).requires_grad_(), t.reshape(2, 5, 12).to(device))
+    torch.library.opcheck(ops._pixel_kd_sum.default, args + (slots, 2.0, True))
+    torch.library.opcheck(ops._pixel_kd_sum.default, args + (None, 1.0, False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_the_cpu_op_on_each_device(device, dtype):
+    """On a GPU the CUDA kernels give the CPU op's values and gradient."""
+    s, t, y = logits_and_labels(B=3, K=19, H=16, W=24, dtype=dtype)
+    results = []
+    for where in ("cpu", device):
+        x = s.to(where).requires_grad_()
+        loss = fused(x, t.to(where), y.to(where), 2.0, True)[0]
+        loss.backward()
+        results.append((loss.detach().cpu(), x.grad.cpu()))
+    (want, want_grad), (got, got_grad) = results
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=0)
+    torch.testing.assert_close(got_grad.double(), want_grad.double(), rtol=tol,
+                               atol=tol * float(want_grad.double().abs().max()))
