@@ -113,3 +113,17 @@ def test_pixel_kd_loss_on_the_next_set(reduction):
     assert next_launches == 4 and default_launches == 3  # the slot map, then the op's 3 (2 + 1)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-9)
+
+
+def test_slots_not_aligned_for_packs(kernels):
+    """Slots 2 bytes off an 8-byte boundary, with the logits in 16-byte packs: the backward reads
+    them one at a time (the emulator faults on a misaligned pack), for the same values."""
+    s, t, y = logits_and_labels(2, 5, 8, 16, dtype=torch.float32)
+    aligned = CPU._label_slots(y, 8, 16, 5, 255).view(2, 128)
+    storage = torch.empty(2 * 128 + 1, dtype=torch.int16)
+    shifted = storage[1:].view(2, 128)
+    shifted.copy_(aligned)
+    grad = torch.tensor(1.5)
+    got, want = run(kernels, s, t, shifted, 1.0, True, grad), run(kernels, s, t, aligned, 1.0, True, grad)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -85,12 +85,12 @@ __global__ void kl_sum_finish(const double* __restrict__ part_kl, const double* 
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads, pixel_backward_blocks_per_sm<VEC>())
     kl_pixels_sum_backward(const at::opmath_type<scalar_t>* __restrict__ grad, const double* __restrict__ factor,
-                           const int16_t* __restrict__ slots, const scalar_t* __restrict__ s,
+                           const int16_t* __restrict__ slots, bool packed_slots, const scalar_t* __restrict__ s,
                            const scalar_t* __restrict__ t, const double* __restrict__ lse_s,
                            const double* __restrict__ lse_t, bool packed_lse, int64_t outer, int64_t length,
                            int64_t inner, at::opmath_type<scalar_t> inv_T, scalar_t* __restrict__ out) {
-  pixels_backward<scalar_t, VEC, true>(grad, 0, 0, false, factor, slots, s, t, lse_s, lse_t, packed_lse, outer, length,
-                                       inner, inv_T, out);
+  pixels_backward<scalar_t, VEC, true>(grad, 0, 0, packed_slots, factor, slots, s, t, lse_s, lse_t, packed_lse, outer,
+                                       length, inner, inv_T, out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pixel_kd_sum_cuda(
@@ -158,10 +158,13 @@ at::Tensor pixel_kd_sum_backward_cuda(const at::Tensor& grad_in, const at::Tenso
       grid.z = static_cast<unsigned int>(std::min(groups, kMaxGridYZ));
       const bool packed_lse = VEC > 1 && aligned_for(ls.const_data_ptr<double>(), VEC, sizeof(double)) &&
                               aligned_for(lt.const_data_ptr<double>(), VEC, sizeof(double));
+      const bool packed_slots = VEC > 1 && slots.defined() &&
+                                aligned_for(slots.const_data_ptr<int16_t>(), VEC, sizeof(int16_t));
       kl_pixels_sum_backward<scalar_t, VEC><<<grid, kThreads, 0, stream>>>(
           grad.const_data_ptr<acc_t>(), factor.const_data_ptr<double>(),
-          slots.defined() ? slots.const_data_ptr<int16_t>() : nullptr, sp, tp, ls.const_data_ptr<double>(),
-          lt.const_data_ptr<double>(), packed_lse, outer, length, inner, static_cast<acc_t>(1.0 / temperature), op);
+          slots.defined() ? slots.const_data_ptr<int16_t>() : nullptr, packed_slots, sp, tp,
+          ls.const_data_ptr<double>(), lt.const_data_ptr<double>(), packed_lse, outer, length, inner,
+          static_cast<acc_t>(1.0 / temperature), op);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (kl_use_packs<scalar_t>(length, inner, {sp, tp, op}))

@@ -97,7 +97,8 @@ constexpr int pixel_backward_blocks_per_sm() {
 
 // The backward's walk; kSum: _pixel_kd_sum's, whose gradient is grad[0] * factor[0] at the pixels
 // whose slot is >= 0 (every pixel without slots) and 0 at the others, rounded to the accumulation
-// dtype once (as its composite's torch.where gives them), where softmax_kl's reads it per pixel.
+// dtype once (as its composite's torch.where gives them), where softmax_kl's reads it per pixel;
+// packed_grad then says whether the slots may be read in packs.
 template <typename scalar_t, int VEC, bool kSum>
 __device__ __forceinline__ void pixels_backward(const at::opmath_type<scalar_t>* __restrict__ grad, int64_t g_outer,
                                                 int64_t g_inner, bool packed_grad, const double* __restrict__ factor,
@@ -114,8 +115,12 @@ __device__ __forceinline__ void pixels_backward(const at::opmath_type<scalar_t>*
     Pack<acc_t, VEC> g;
     if constexpr (kSum) {
       const acc_t scaled = static_cast<acc_t>(static_cast<double>(grad[0]) * factor[0]);
+      // the pack's slots in one load where aligned (a 2-byte load a pixel used a quarter of each
+      // sector a warp's load touched)
+      Pack<int16_t, VEC> kept = {};
+      if (slots != nullptr) kept = load_values<VEC>(slots + k, 1, packed_grad);
 #pragma unroll
-      for (int p = 0; p < VEC; ++p) g.v[p] = slots == nullptr || slots[k + p] >= 0 ? scaled : acc_t(0);
+      for (int p = 0; p < VEC; ++p) g.v[p] = slots == nullptr || kept.v[p] >= 0 ? scaled : acc_t(0);
     } else {
       g = load_values<VEC>(grad + o * g_outer + i * g_inner, g_inner, packed_grad);
     }
