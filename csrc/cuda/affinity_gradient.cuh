@@ -47,7 +47,7 @@ __device__ __forceinline__ int quad_argmax(const Quad<acc_t>& q, acc_t* value) {
 // kGradientAhead (no GPU has run it yet); windows cut by the border, and other pools, walk as the
 // default does. Three: 116 registers a thread on sm_90 (float; ptxas), so 2 blocks an SM with 21
 // loads a thread in flight, where the default's 80 registers fit 3 blocks with 7; four takes 134
-// registers (1 block), and capped at 3 blocks two spill.
+// registers (1 block), and capped at 3 blocks an SM even two spill.
 constexpr int kGradientAhead = 3;
 
 template <typename scalar_t, int kAhead>
