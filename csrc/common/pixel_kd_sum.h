@@ -20,6 +20,17 @@ inline void check_pixel_kd_sum_inputs(const at::Tensor& student, const at::Tenso
   check_same_device(*slots, "slots", student, "student");
 }
 
+// The factor of _pixel_kd_sum (0-dim float64): T^2 / max(kept pixels, 1) where `mean`, else T^2;
+// the kept pixels are those whose slot is >= 0, every one of `pixels` without slots.
+inline at::Tensor pixel_kd_sum_factor(const std::optional<at::Tensor>& slots, int64_t pixels, double temperature,
+                                      bool mean, const at::TensorOptions& options) {
+  const double square = temperature * temperature;
+  if (!mean) return at::scalar_tensor(square, options.dtype(at::kDouble));
+  const at::Tensor kept = slots ? slots->ge(0).sum().to(at::kDouble)
+                                : at::scalar_tensor(static_cast<double>(pixels), options.dtype(at::kDouble));
+  return square / kept.clamp_min(1);
+}
+
 inline void check_pixel_kd_sum_backward_inputs(const at::Tensor& grad, const at::Tensor& student,
                                                const at::Tensor& teacher, const std::optional<at::Tensor>& slots,
                                                const at::Tensor& lse_student, const at::Tensor& lse_teacher,

@@ -24,16 +24,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pixel_kd_sum_composit
                              .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                                    double)>();
   auto [kl, lse_s, lse_t] = op.call(student, teacher, temperature);
-  at::Tensor total = kl.to(at::kDouble), count;
-  if (slots) {
-    const at::Tensor keep = slots->ge(0);
-    total = at::where(keep, total, 0.0);
-    count = keep.sum().to(at::kDouble);
-  } else {
-    count = at::scalar_tensor(static_cast<double>(kl.numel()), kl.options().dtype(at::kDouble));
-  }
-  const double square = temperature * temperature;
-  const at::Tensor factor = mean ? square / count.clamp_min(1) : at::scalar_tensor(square, count.options());
+  const at::Tensor total = slots ? at::where(slots->ge(0), kl.to(at::kDouble), 0.0) : kl.to(at::kDouble);
+  const at::Tensor factor = pixel_kd_sum_factor(slots, kl.numel(), temperature, mean, kl.options());
   return {(total.sum() * factor).to(kl.scalar_type()), lse_s, lse_t, factor};
 }
 
@@ -46,8 +38,7 @@ at::Tensor pixel_kd_sum_backward_composite(const at::Tensor& grad, const at::Ten
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                const at::Tensor&, const at::Tensor&, double)>();
   const at::Tensor g = (grad.to(at::kDouble) * factor).to(acc_dtype(student.scalar_type()));
-  const at::Tensor per_pixel = slots ? at::where(slots->ge(0), g, at::zeros_like(g))
-                                     : g.expand({student.size(0), student.size(2)});
+  const at::Tensor per_pixel = slots ? at::where(slots->ge(0), g, 0.0) : g.expand({student.size(0), student.size(2)});
   return op.call(per_pixel, student, teacher, lse_s, lse_t, temperature);
 }
 

@@ -104,13 +104,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pixel_kd_sum_cuda(
   const auto options = s.options().dtype(acc_dtype(s.scalar_type())), wide = s.options().dtype(at::kDouble);
   at::Tensor loss = at::empty({}, options), factor = at::empty({}, wide);
   at::Tensor lse_s = at::empty({outer, inner}, wide), lse_t = at::empty({outer, inner}, wide);
-  const double square = temperature * temperature;
   if (s.numel() == 0) {  // no pixels, or no classes: a loss of 0 and softmax_kl's zeros, as the composite's
-    const at::Tensor count = slots.defined() ? slots.ge(0).sum().to(at::kDouble)
-                                             : at::scalar_tensor(static_cast<double>(outer * inner), wide);
-    factor = mean ? square / count.clamp_min(1) : at::scalar_tensor(square, wide);
     lse_s.zero_(), lse_t.zero_();
-    return {loss.zero_(), lse_s, lse_t, factor};
+    return {loss.zero_(), lse_s, lse_t, pixel_kd_sum_factor(slots_in, outer * inner, temperature, mean, wide)};
   }
   const dim3 grid = kl_pixel_grid(outer, inner, 1);
   const int64_t parts = static_cast<int64_t>(grid.x) * grid.y;
@@ -125,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pixel_kd_sum_cuda(
         part_kl.data_ptr<double>(), part_n.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     kl_sum_finish<acc_t><<<1, kThreads, 0, stream>>>(part_kl.const_data_ptr<double>(), part_n.const_data_ptr<double>(),
-                                                     parts, square, mean, loss.data_ptr<acc_t>(),
+                                                     parts, temperature * temperature, mean, loss.data_ptr<acc_t>(),
                                                      factor.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -153,18 +149,14 @@ at::Tensor pixel_kd_sum_backward_cuda(const at::Tensor& grad_in, const at::Tenso
     scalar_t* op = out.data_ptr<scalar_t>();
     const auto launch = [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
-      const int64_t groups = (length + kClassesPerThread - 1) / kClassesPerThread;
-      dim3 grid = kl_pixel_grid(outer, inner, VEC);
-      grid.z = static_cast<unsigned int>(std::min(groups, kMaxGridYZ));
-      const bool packed_lse = VEC > 1 && aligned_for(ls.const_data_ptr<double>(), VEC, sizeof(double)) &&
-                              aligned_for(lt.const_data_ptr<double>(), VEC, sizeof(double));
+      const double *lsp = ls.const_data_ptr<double>(), *ltp = lt.const_data_ptr<double>();
       const bool packed_slots = VEC > 1 && slots.defined() &&
                                 aligned_for(slots.const_data_ptr<int16_t>(), VEC, sizeof(int16_t));
+      const dim3 grid = kl_pixels_backward_grid(outer, length, inner, VEC);
       kl_pixels_sum_backward<scalar_t, VEC><<<grid, kThreads, 0, stream>>>(
           grad.const_data_ptr<acc_t>(), factor.const_data_ptr<double>(),
-          slots.defined() ? slots.const_data_ptr<int16_t>() : nullptr, packed_slots, sp, tp,
-          ls.const_data_ptr<double>(), lt.const_data_ptr<double>(), packed_lse, outer, length, inner,
-          static_cast<acc_t>(1.0 / temperature), op);
+          slots.defined() ? slots.const_data_ptr<int16_t>() : nullptr, packed_slots, sp, tp, lsp, ltp,
+          kl_packed_lse(lsp, ltp, VEC), outer, length, inner, static_cast<acc_t>(1.0 / temperature), op);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (kl_use_packs<scalar_t>(length, inner, {sp, tp, op}))

@@ -232,15 +232,11 @@ void launch_backward(const at::opmath_type<scalar_t>* grad, int64_t g_outer, int
                      at::opmath_type<scalar_t> inv_T, scalar_t* out, cudaStream_t stream) {
   if (inner > 1) {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t groups = (length + kClassesPerThread - 1) / kClassesPerThread;
-    dim3 grid = kl_pixel_grid(outer, inner, VEC);
-    grid.z = static_cast<unsigned int>(std::min(groups, kMaxGridYZ));
     // packs of the per-pixel values where every pack starts aligned (i and inner are multiples of VEC)
     const bool packed_grad = VEC > 1 && g_inner == 1 && g_outer % VEC == 0 && aligned_for(grad, VEC, sizeof(acc_t));
-    const bool packed_lse = VEC > 1 && aligned_for(lse_s, VEC, sizeof(double)) && aligned_for(lse_t, VEC, sizeof(double));
-    kl_pixels_backward<scalar_t, VEC><<<grid, kThreads, 0, stream>>>(grad, g_outer, g_inner, packed_grad, s, t, lse_s,
-                                                                     lse_t, packed_lse, outer, length, inner, inv_T,
-                                                                     out);
+    kl_pixels_backward<scalar_t, VEC><<<kl_pixels_backward_grid(outer, length, inner, VEC), kThreads, 0, stream>>>(
+        grad, g_outer, g_inner, packed_grad, s, t, lse_s, lse_t, kl_packed_lse(lse_s, lse_t, VEC), outer, length, inner,
+        inv_T, out);
   } else if (block_per_row<VEC>(length)) {
     kl_rows_backward<scalar_t, VEC, kThreads><<<row_grid(outer, 1), kThreads, 0, stream>>>(
         grad, g_outer, g_inner, s, t, lse_s, lse_t, outer, length, inv_T, out);

@@ -97,11 +97,12 @@ constexpr int pixel_backward_blocks_per_sm() {
 
 // The backward's walk; kSum: _pixel_kd_sum's, whose gradient is grad[0] * factor[0] at the pixels
 // whose slot is >= 0 (every pixel without slots) and 0 at the others, rounded to the accumulation
-// dtype once (as its composite's torch.where gives them), where softmax_kl's reads it per pixel;
-// packed_grad then says whether the slots may be read in packs.
+// dtype once (as its composite's torch.where gives them), where softmax_kl's reads it per pixel.
+// packed_pixels: whether that per-pixel input (softmax_kl's gradient, or the slots) is read in
+// packs.
 template <typename scalar_t, int VEC, bool kSum>
 __device__ __forceinline__ void pixels_backward(const at::opmath_type<scalar_t>* __restrict__ grad, int64_t g_outer,
-                                                int64_t g_inner, bool packed_grad, const double* __restrict__ factor,
+                                                int64_t g_inner, bool packed_pixels, const double* __restrict__ factor,
                                                 const int16_t* __restrict__ slots, const scalar_t* __restrict__ s,
                                                 const scalar_t* __restrict__ t, const double* __restrict__ lse_s,
                                                 const double* __restrict__ lse_t, bool packed_lse, int64_t outer,
@@ -118,11 +119,11 @@ __device__ __forceinline__ void pixels_backward(const at::opmath_type<scalar_t>*
       // the pack's slots in one load where aligned (a 2-byte load a pixel used a quarter of each
       // sector a warp's load touched)
       Pack<int16_t, VEC> kept = {};
-      if (slots != nullptr) kept = load_values<VEC>(slots + k, 1, packed_grad);
+      if (slots != nullptr) kept = load_values<VEC>(slots + k, 1, packed_pixels);
 #pragma unroll
       for (int p = 0; p < VEC; ++p) g.v[p] = slots == nullptr || kept.v[p] >= 0 ? scaled : acc_t(0);
     } else {
-      g = load_values<VEC>(grad + o * g_outer + i * g_inner, g_inner, packed_grad);
+      g = load_values<VEC>(grad + o * g_outer + i * g_inner, g_inner, packed_pixels);
     }
     const auto ls64 = load_values<VEC>(lse_s + k, 1, packed_lse);
     const auto lt64 = load_values<VEC>(lse_t + k, 1, packed_lse);
@@ -150,6 +151,18 @@ __device__ __forceinline__ void pixels_backward(const at::opmath_type<scalar_t>*
 inline dim3 kl_pixel_grid(int64_t outer, int64_t inner, int vec) {
   return dim3(grid_x((inner / vec + kThreads - 1) / kThreads, "student"),
               static_cast<unsigned int>(std::min(outer, kMaxGridYZ)));
+}
+
+// The backward's grid: kl_pixel_grid's, with z over groups of kClassesPerThread classes.
+inline dim3 kl_pixels_backward_grid(int64_t outer, int64_t length, int64_t inner, int vec) {
+  dim3 grid = kl_pixel_grid(outer, inner, vec);
+  grid.z = static_cast<unsigned int>(std::min((length + kClassesPerThread - 1) / kClassesPerThread, kMaxGridYZ));
+  return grid;
+}
+
+// Whether both log-sum-exps may be read in packs of `vec` (i and inner are multiples of it).
+inline bool kl_packed_lse(const double* lse_s, const double* lse_t, int vec) {
+  return vec > 1 && aligned_for(lse_s, vec, sizeof(double)) && aligned_for(lse_t, vec, sizeof(double));
 }
 
 // Packs of 16 bytes where every pointer allows them and the contiguous dim is a multiple of the
