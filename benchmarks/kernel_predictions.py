@@ -26,14 +26,12 @@ PREDICTIONS = [
      "4 x 0.03 ms: 67 MB read and written a chunk, 2.7x the loads in flight"),
     ("skd pool2", "forward+backward", r"affinity_cuda::affinity_gradient_kernel<float(, 3)?>", 140.0,
      "2 x 0.07 ms: 184 MB of DRAM traffic a chunk, 21 loads a thread in flight (7 at 1.1 TB/s)"),
-    # IDD at K=19, B=8: the tail's Grams split 16 ways over the channels (forward, and again in
-    # forward+backward)
-    *[("idd_loss cityscapes", mode, pattern, us, basis) for mode in ("forward", "forward+backward")
-      for pattern, us, basis in (
-          (r"idd_tail_gram_split_kernel<double, double, 16>", 10.0,
-           "24 tile blocks x 16 channel ranges, each 1/16 of the 2048 + 512 channels one block walked"),
-          (r"idd_tail_forward_kernel<double, double, 16>", 5.0,
-           "adds 16 partial tiles where it walked every channel (0.123 ms)"))],
+    # IDD at K=19, B=8: the tail's forward in one launch, its Grams split 16 ways over the channels
+    # (forward, and again in forward+backward)
+    *[("idd_loss cityscapes", mode, r"idd_tail_one_pass_kernel<double, double, 16, float>", 18.0,
+       "24 tiles x 16 channel ranges (1/16 of the 2048 + 512 channels the tile kernel's 0.123 ms walked, "
+       "0.01 ms), then each tile's last block adds 16 partials (0.005) and the last tile finishes (0.003)")
+      for mode in ("forward", "forward+backward")],
     # class_centroids: the means in one launch each way (ATen's clamp, division and cast: 0.010 ms)
     ("class_centroids cityscapes", "forward", r"divide_by_counts_kernel<double, float>", 3.0,
      "one elementwise pass over B x K x C = 311 k float64 sums"),
@@ -42,10 +40,9 @@ PREDICTIONS = [
     ("class_centroids cityscapes", "forward+backward", r"divide_by_counts_kernel<float, double>", 3.0,
      "the backward's: the same pass from float32 to float64"),
     # pixel KD (B=8, K=19, 512x1024, labels): reduced in one op, softmax_kl's walks
-    ("pixel_kd", "forward+backward", r"kl_pixels_sum_forward<float>", 345.0,
-     "kl_pixels_forward's 0.351 ms less its 17 MB KL write; the block sums in registers"),
-    ("pixel_kd", "forward+backward", r"kl_sum_finish<float>", 5.0,
-     "one block adds 16384 blocks' two float64 sums (256 KB)"),
+    ("pixel_kd", "forward+backward", r"kl_pixels_sum_forward<float>", 350.0,
+     "kl_pixels_forward's 0.351 ms less its 17 MB KL write; then the last block adds 16384 blocks' "
+     "two float64 sums (256 KB, 0.005 ms)"),
     ("pixel_kd", "forward+backward", r"kl_pixels_sum_backward<float, 4>", 310.0,
      "kl_pixels_backward's 0.314 ms: the per-pixel gradient formed from two scalars and the slot map"),
     # IFVD: both centroid tables in one launch, both maps in another

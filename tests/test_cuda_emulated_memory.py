@@ -83,6 +83,20 @@ def test_a_race_between_blocks_raises(emu, name, message):
         emu._emu_selftest(name, torch.arange(1.0, 257.0))
 
 
+def test_a_last_block_reads_the_fenced_writes_of_the_blocks_before_its_ticket(emu):
+    x = torch.arange(1.0, 257.0)
+    out, launch = selftest(emu, "last_block_sums", x)
+    assert out[0].item() == x[:4].sum().item()
+    assert torch.equal(out[1:5], x[:4])
+    assert launch.atomics == 4
+
+
+@pytest.mark.parametrize("name", ["last_block_sums_unfenced_writers", "last_block_sums_unfenced_reader"])
+def test_a_last_block_without_both_fences_races(emu, name):
+    with pytest.raises(RuntimeError, match=r"reads a global byte .* that block \(\d,0,0\) wrote in the same launch"):
+        emu._emu_selftest(name, torch.arange(1.0, 257.0))
+
+
 def test_the_race_check_can_be_switched_off(emu):
     before = emu._emu_memory(0)
     try:
@@ -105,9 +119,9 @@ def test_a_threads_locals_and_the_launch_arguments_are_not_global_memory(emu):
 # What issue 21 asks of the CUDA IDD kernels, checked on their traffic: one read of the
 # features, coalesced; no float atomics; few launches. (tests/cuda_emu/report.py prints the
 # same figures for every loss at a larger shape: benchmarks/TRAFFIC-emulated.md.)
-def idd_call(channels_last=False):
-    """The launches of one IDD forward+backward through the emulated kernels, and the bytes of
-    its features."""
+def idd_call(channels_last=False, kernel_set="default"):
+    """The launches of one IDD forward+backward through the emulated kernels of `kernel_set`,
+    and the bytes of its features."""
     import idd_ops
     from cuda_emu.override import emulated_cuda
 
@@ -118,7 +132,7 @@ def idd_call(channels_last=False):
     y = torch.randint(0, 7, (2, 64, 128), generator=g)
     s.requires_grad_()
     seed = torch.ones(())
-    with emulated_cuda() as emu, measured(emu) as launches, \
+    with emulated_cuda(kernel_set) as emu, measured(emu) as launches, \
             torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         idd_ops.inter_class_distance_loss(s, t, y, 7).backward(seed)
     return launches, 4 * (s.numel() + t.numel()), prof
@@ -134,15 +148,19 @@ def test_idd_reads_each_feature_once_coalesced(emu, channels_last):
     assert sums.atomics == 0
 
 
-def test_idd_launches_and_float_atomics(emu):
+@pytest.mark.parametrize("kernel_set, most", [("default", 6), ("next", 5)])
+def test_idd_launches_and_float_atomics(emu, kernel_set, most):
     """The library's own kernel launches per IDD forward+backward, no global float atomics, and
     nothing else launched: no conversion of the sums' float64 gradient (the gather reads it as it
     comes) and no zero fills for unused gradients, so 6 launches in all (issue 21's target; the
-    kernels they replaced took 3 and a composite tail of about 110 ATen ops)."""
+    kernels they replaced took 3 and a composite tail of about 110 ATen ops), and 5 on the next
+    set, whose tail forward is one kernel. (Its ticket counters are filled once for the stream by
+    its first call: the second call is the one counted.)"""
     from cuda_emu.report import aten_ops
 
-    launches, _, prof = idd_call()
-    assert len(launches) <= 6, [l.site for l in launches]
+    idd_call(kernel_set=kernel_set)
+    launches, _, prof = idd_call(kernel_set=kernel_set)
+    assert len(launches) <= most, [l.site for l in launches]
     assert sum(l.float_atomics for l in launches) == 0
     assert aten_ops(prof) == {}
 

@@ -18,6 +18,15 @@ def kernels(emu):
     return emu
 
 
+@pytest.fixture(params=[False, True], ids=["default", "next"])
+def tail_kernels(emu, request):
+    """Both kernel sets: the tail's forward is the tile and finish kernels in the default set and
+    one kernel in the next set (IDD_OPS_CUDA_NEXT)."""
+    emu._emu_configure(request.param, 11)
+    yield emu
+    emu._emu_configure(False, 11)
+
+
 # ---- fused IDD tail ---------------------------------------------------------------------------
 
 def _tail_case(B, K, Cs, Ct, dtype=torch.float32, absent=0.25, seed=0):
@@ -54,28 +63,36 @@ def check_tail(ops, ss, sc, ts, tc, metric, normalize, reduction, dtype=None, ep
     (2, 70, 150, 20),   # T 32, chunks of 64: 12 tile blocks, 3 ranges, the last one cut short
     (1, 300, 100, 70),  # T 64: 15 tile blocks, not split (T 64 never is)
 ], ids=["T16", "T32", "T64"])
-def test_tail_with_grams_split_over_channels(kernels, metric, normalize, B, K, Cs, Ct):
-    """IDD_OPS_CUDA_NEXT splits the tile Grams over channel ranges where the tile blocks are few
-    and T <= 32: the split kernel's partials, added by the tile kernel, give the CPU composite's
-    values, for one launch more than the default set's."""
+def test_tail_forward_in_one_launch(kernels, metric, normalize, B, K, Cs, Ct):
+    """IDD_OPS_CUDA_NEXT runs the tail's forward as one kernel (the pairs and finish kernels
+    follow under normalize): where the tile blocks are few and T <= 32 the Grams are split over
+    channel ranges and each tile's last block adds the partials, and the grid's last block runs
+    the finish. The CPU composite's values, a launch fewer than the default set's, the same bits
+    on every run whichever blocks come last (the emulator shuffles the block order by seed), and
+    the ticket counters left at 0 for the next call (a second call would find no last block)."""
     case = _tail_case(B, K, Cs, Ct)
-    launches = []
-    for next_set in (False, True):
-        kernels._emu_configure(next_set, 11)
+    launches, runs = [], []
+    for next_set, seed in ((False, 11), (True, 11), (True, 12), (True, 13)):
+        kernels._emu_configure(next_set, seed)
         before = kernels._emu_launches()
-        check_tail(kernels, *case, metric, normalize, "mean")
+        got = check_tail(kernels, *case, metric, normalize, "mean")
         launches.append(kernels._emu_launches() - before)
+        if next_set:
+            runs.append(got)
     kernels._emu_configure(False, 11)
-    assert launches[1] == launches[0] + (K <= 256)
+    assert launches[1:] == [launches[0] - 1] * 3
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_tail_options(kernels, metric, normalize, reduction):
+def test_tail_options(tail_kernels, metric, normalize, reduction):
     """Every metric x normalize x reduction; odd B, C of student and teacher apart and off the
     tile widths, absent classes and classes present in one network only."""
-    check_tail(kernels, *_tail_case(3, 7, 37, 19), metric, normalize, reduction)
+    check_tail(tail_kernels, *_tail_case(3, 7, 37, 19), metric, normalize, reduction)
 
 
 @pytest.mark.parametrize("K, Cs, Ct", [
@@ -86,11 +103,11 @@ def test_tail_options(kernels, metric, normalize, reduction):
     (257, 40, 33),   # T = 64: 5 tiles a side; 5 backward i-tiles; chunks of 32
 ])
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_tail_tile_counts(kernels, K, Cs, Ct, metric):
-    check_tail(kernels, *_tail_case(2, K, Cs, Ct, seed=K), metric, True, "mean")
+def test_tail_tile_counts(tail_kernels, K, Cs, Ct, metric):
+    check_tail(tail_kernels, *_tail_case(2, K, Cs, Ct, seed=K), metric, True, "mean")
 
 
-def test_tail_2048_classes(kernels):
+def test_tail_2048_classes(tail_kernels):
     """K = 2048, the largest supported in tests (T = 64: 32 tiles a side, 528 tile pairs), with
     P = 300 present classes < K spread over the tiles; 32 backward i-tiles (the c-tiles: above)."""
     K = 2048
@@ -100,10 +117,10 @@ def test_tail_2048_classes(kernels):
     sc, tc = sc * keep, tc * keep
     tc[0, keep.nonzero()[:3, 0]] = 0  # a few classes present in the student only
     ss, ts = ss * (sc > 0)[..., None], ts * (tc > 0)[..., None]
-    check_tail(kernels, ss, sc, ts, tc, "sqeuclidean", True, "none")
+    check_tail(tail_kernels, ss, sc, ts, tc, "sqeuclidean", True, "none")
 
 
-def test_tail_images_with_few_classes(kernels):
+def test_tail_images_with_few_classes(tail_kernels):
     """Image 0: no class present; image 1: one class (no pair, no student entry); image 2: two
     student classes of which the teacher has one; image 3 normal. Both reductions that divide."""
     ss, sc, ts, tc = _tail_case(4, 9, 11, 7, absent=0.0, seed=2)
@@ -115,26 +132,26 @@ def test_tail_images_with_few_classes(kernels):
     ss, ts = ss * (sc > 0)[..., None], ts * (tc > 0)[..., None]
     for metric in ("euclidean", "cosine"):
         for reduction in ("mean", "none"):
-            check_tail(kernels, ss, sc, ts, tc, metric, True, reduction)
+            check_tail(tail_kernels, ss, sc, ts, tc, metric, True, reduction)
     # K = 1: a single 16-tile with no off-diagonal entry
-    check_tail(kernels, ss[:, 4:5], sc[:, 4:5], ts[:, 4:5], tc[:, 4:5], "euclidean", True, "mean")
+    check_tail(tail_kernels, ss[:, 4:5], sc[:, 4:5], ts[:, 4:5], tc[:, 4:5], "euclidean", True, "mean")
     # no student channel: every centroid 0
-    check_tail(kernels, ss[..., :0], sc, ts, tc, "sqeuclidean", True, "mean")
+    check_tail(tail_kernels, ss[..., :0], sc, ts, tc, "sqeuclidean", True, "mean")
 
 
 @pytest.mark.parametrize("K", [19, 65])  # 16-tiles: 3 tile pairs; 32-tiles: 6; rows past them no tile owns
-def test_tail_writes_every_stats_element(kernels, poisoned_empties, K):
+def test_tail_writes_every_stats_element(tail_kernels, poisoned_empties, K):
     """stats comes from at::empty: rows 0..P-1 hold the tiles' partials, row K the image's values,
     and the finish kernel zeroes rows P..K-1, which no tile owns, so that no element of the op's
     output is left uninitialised (NaN here)."""
     ss, sc, ts, tc = _tail_case(2, K, 5, 7, seed=K)
     for normalize in (False, True):
-        stats = kernels.idd_tail(ss, sc, ts, tc, "euclidean", normalize, 1e-8, "mean", torch.float32)[2]
+        stats = tail_kernels.idd_tail(ss, sc, ts, tc, "euclidean", normalize, 1e-8, "mean", torch.float32)[2]
         assert stats.shape == (2, K + 1, CPU.idd_tail(ss, sc, ts, tc, "euclidean", normalize, 1e-8, "mean")[2].shape[2])
         assert torch.isfinite(stats).all()
 
 
-def test_tail_strided_inputs(kernels):
+def test_tail_strided_inputs(tail_kernels):
     """Sums and counts read through their strides (class-major sums, every other count) and a
     strided gradient of reduction="none"."""
     ss, sc, ts, tc = _tail_case(3, 10, 13, 6, seed=4)
@@ -144,7 +161,7 @@ def test_tail_strided_inputs(kernels):
     grad = (torch.rand(6) + 0.5)[::2]
     assert not (ss.is_contiguous() or sc.is_contiguous() or ts.is_contiguous() or grad.is_contiguous())
     for metric in ("euclidean", "cosine"):
-        check_tail(kernels, ss, sc, ts, tc, metric, True, "none", grad=grad)
+        check_tail(tail_kernels, ss, sc, ts, tc, metric, True, "none", grad=grad)
 
 
 @pytest.mark.parametrize("sums_dtype, dtype", [
@@ -153,29 +170,29 @@ def test_tail_strided_inputs(kernels):
     (torch.float32, torch.float64),   # not fused: the composite
     (torch.float16, None),            # not fused: the composite
 ])
-def test_tail_dtypes(kernels, sums_dtype, dtype):
+def test_tail_dtypes(tail_kernels, sums_dtype, dtype):
     case = _tail_case(3, 10, 21, 13, dtype=sums_dtype, seed=7)
     tol = 1e-9 if (dtype or sums_dtype) == torch.float64 else 1e-5
     fused = sums_dtype == torch.float64
     for metric in ("euclidean", "cosine"):
-        check_tail(kernels, *case, metric, True, "sum", dtype=dtype, rtol=tol, atol=tol, fused=fused)
+        check_tail(tail_kernels, *case, metric, True, "sum", dtype=dtype, rtol=tol, atol=tol, fused=fused)
 
 
 @pytest.mark.parametrize("K", [65, 257])  # T = 32 and T = 64
 @pytest.mark.parametrize("dtype", [torch.float32, None])
-def test_tail_wide_tiles_from_float64_sums(kernels, K, dtype):
+def test_tail_wide_tiles_from_float64_sums(tail_kernels, K, dtype):
     """The T = 32 and T = 64 tiles over float64 sums, as the class-sum path gives them (float32
     math for float32 features, float64 for float64): test_tail_tile_counts reaches these tile
     widths with float32 sums only."""
     case = _tail_case(2, K, 40, 33, dtype=torch.float64, seed=K)
     tol = 1e-9 if dtype is None else 1e-5
     for metric in ("euclidean", "cosine"):
-        check_tail(kernels, *case, metric, True, "mean", dtype=dtype, rtol=tol, atol=tol)
+        check_tail(tail_kernels, *case, metric, True, "mean", dtype=dtype, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine"])
 @pytest.mark.parametrize("dtype", [torch.float32, None])
-def test_tail_coincident_centroids(kernels, metric, dtype):
+def test_tail_coincident_centroids(tail_kernels, metric, dtype):
     """Classes whose centroids coincide, exactly or to the last bits: the squared distance
     |ci|^2 + |cj|^2 - 2 <ci, cj> then rounds to 0 or below, which the kernel clamps to 0 (and
     euclidean's eps keeps the root's gradient finite). Both networks share the near-duplicates,
@@ -188,7 +205,7 @@ def test_tail_coincident_centroids(kernels, metric, dtype):
         sums[:, 6] = sums[:, 4] * (1 + 2.0 ** -40)                # apart in the last bits
         sums[:, 7] = sums[:, 4] * (1 - 3 * 2.0 ** -45)
     grad = torch.tensor([0.7, 1.3], dtype=torch.float64 if dtype is None else dtype)
-    got = check_tail(kernels, ss, sc, ts, tc, metric, False, "none", dtype=dtype, grad=grad,
+    got = check_tail(tail_kernels, ss, sc, ts, tc, metric, False, "none", dtype=dtype, grad=grad,
                      rtol=1e-5, atol=1e-5)
     assert torch.isfinite(got[0]).all()
     if metric != "cosine":  # 1 - cos may round below 0 on every device
@@ -196,35 +213,35 @@ def test_tail_coincident_centroids(kernels, metric, dtype):
 
 
 @pytest.mark.parametrize("normalize", [None, "mean"])
-def test_tail_student_near_teacher(kernels, normalize):
+def test_tail_student_near_teacher(tail_kernels, normalize):
     """float64, teacher = student + 1e-6 noise: the loss, a sum of tiny E^2, matches the float64
     reference to 1e-8 (the normalize loss once came from R_s^2 - 2 R_s R_t + R_t^2 sums, which
     cancel: 4e-3 here)."""
     ss, sc, _, _ = _tail_case(2, 12, 8, 8, dtype=torch.float64, absent=0.2, seed=5)
     ts = ss + 1e-6 * randn(*ss.shape, seed=3, dtype=torch.float64) * sc[..., None]
     for metric in ("euclidean", "cosine"):
-        loss = kernels.idd_tail(ss, sc, ts, sc, metric, normalize is not None, 1e-8, "none", None)[0]
+        loss = tail_kernels.idd_tail(ss, sc, ts, sc, metric, normalize is not None, 1e-8, "none", None)[0]
         want = _reference_from_sums(ss, sc, ts, sc, metric, normalize, "none")
         torch.testing.assert_close(loss, want, rtol=1e-8, atol=0)
 
 
-def test_tail_eps(kernels):
+def test_tail_eps(tail_kernels):
     """Cosine with a zero centroid (a present class whose sum is 0: the norm product clamps to
     eps), and a student whose centroids all coincide (mean distance <= eps: m_s clamped, kappa 0)."""
     ss, sc, ts, tc = _tail_case(2, 6, 9, 5, absent=0.0, seed=3)
     ss[0, 2] = 0
     ts[1, 4] = 0
     for normalize in (False, True):
-        check_tail(kernels, ss, sc, ts, tc, "cosine", normalize, "mean")
+        check_tail(tail_kernels, ss, sc, ts, tc, "cosine", normalize, "mean")
     same = (ss[:, :1] / sc[:, :1, None]) * sc[..., None]
     for metric in ("euclidean", "sqeuclidean"):
-        got = check_tail(kernels, same, sc, ts, tc, metric, True, "none", eps=1e-6)
+        got = check_tail(tail_kernels, same, sc, ts, tc, metric, True, "none", eps=1e-6)
         assert (got[2][:, -1, 0] == 1e-6).all() and (got[2][:, -1, 3] == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
-def test_tail_common_offset(kernels, dtype, metric):
+def test_tail_common_offset(tail_kernels, dtype, metric):
     """float64 sums of features 1e4 + a small spread: the centroids' shift cancels the offset
     before any rounding, so the loss and gradient match the float64 reference (computed far from
     the offset) to the compute dtype's precision."""
@@ -236,25 +253,25 @@ def test_tail_common_offset(kernels, dtype, metric):
 
     ss, ts = offset(ss, sc), offset(ts, tc)
     for normalize, reduction in ((None, "mean"), ("mean", "none")):
-        loss, dist, stats = kernels.idd_tail(ss, sc, ts, tc, metric, normalize is not None, 1e-8, reduction, dtype)
+        loss, dist, stats = tail_kernels.idd_tail(ss, sc, ts, tc, metric, normalize is not None, 1e-8, reduction, dtype)
         x = ss.clone().requires_grad_()
         want = _reference_from_sums(x, sc, ts, tc, metric, normalize, reduction)
         (g_want,) = torch.autograd.grad(want.sum(), x)
         tol = 1e-7 if dtype == torch.float64 else 2e-4
         torch.testing.assert_close(loss.double(), want, rtol=tol, atol=0)
         grad = torch.ones_like(loss)
-        g = kernels._idd_tail_backward(grad, ss, sc, tc, dist, stats, metric, normalize is not None, 1e-8, reduction)
+        g = tail_kernels._idd_tail_backward(grad, ss, sc, tc, dist, stats, metric, normalize is not None, 1e-8, reduction)
         torch.testing.assert_close(g, g_want, rtol=tol, atol=tol * float(g_want.abs().max()))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_tail_float64_math_with_a_float32_loss(kernels, reduction):
+def test_tail_float64_math_with_a_float32_loss(tail_kernels, reduction):
     """What the library asks for (METHOD.md 8): float64 sums and K x K math, the loss written in
     float32 by the finish kernel and its float32 gradient read as it comes, so that no cast is
     launched; the same values as the composite."""
     ss, sc, ts, tc = _tail_case(2, 19, 24, 40, dtype=torch.float64, seed=4)
     grad = torch.rand(2 if reduction == "none" else (), generator=torch.Generator().manual_seed(1)) + 0.5
-    got = check_tail(kernels, ss, sc, ts, tc, "euclidean", True, reduction, torch.float64,
+    got = check_tail(tail_kernels, ss, sc, ts, tc, "euclidean", True, reduction, torch.float64,
                      loss_dtype=torch.float32, grad=grad)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float64
 

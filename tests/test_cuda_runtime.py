@@ -109,6 +109,53 @@ def test_cuda_graph_replay_equals_eager(name):
     _same([t.clone() for t in captured], run(*eager_inputs))
 
 
+@needs_gpu
+@pytest.mark.parametrize("name", ["idd_loss", "pixel_kd"])
+def test_last_block_counters_across_streams_and_graphs(name):
+    """The kernels whose grid's last block finishes its work (grid_tickets.cuh: the IDD tail's
+    one-pass kernel and pixel KD's sum, behind IDD_OPS_CUDA_NEXT; the other calls here run the
+    default kernels the same way) keep ticket counters per stream, which each launch leaves at 0:
+    calls on two streams at once (each held back by a sleep, so that their kernels overlap), a
+    captured graph replayed between eager calls on one stream, and a call after all of them give
+    the eager values."""
+    base, run = OPS[name]("cuda")
+    want = [t.clone() for t in run(*base)]
+
+    def fresh():
+        inputs = [t.detach().clone() for t in base]
+        inputs[0].requires_grad_()
+        return inputs
+
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    results = []
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    for stream in streams:
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(5_000_000)
+            results.append([t.clone() for t in run(*fresh())])
+    for stream in streams:
+        torch.cuda.current_stream().wait_stream(stream)
+    for got in results:
+        _same(got, want)
+
+    static = fresh()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    static[0].grad = None
+    with torch.cuda.graph(graph):
+        captured = run(*static)
+    for _ in range(2):
+        graph.replay()
+        _same([t.clone() for t in captured], want)
+        _same(run(*fresh()), want)
+    _same(run(*fresh()), want)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_second_device(name):

@@ -6,10 +6,11 @@
 // them switches them on and deletes what they replace. Behind it at present: SKD's pivot,
 // pooling, centring and gradient kernels with loads ahead (affinity_pivot.cuh and
 // affinity_gradient.cuh: kPivotAhead, kPooledAhead, kCentredAhead, kGradientAhead; the same
-// bits), the IDD tail's Grams split over channel ranges where its tile blocks are few
-// (idd_tail_gram.cuh, one launch more), IFVD's two maps in one op (ifvd_maps_cuda.cu), the class
-// means in one (class_means_cuda.cu) and pixel KD reduced in one (pixel_kd_sum_cuda.cu); these
-// three are chosen on the Python side (idd_ops._switches.ifvd_maps_path, class_means_path,
+// bits), the IDD tail's forward in one launch, its Grams split over channel ranges where its
+// tile blocks are few (idd_tail_forward_cuda.cu's one-pass kernel, idd_tail_gram.cuh, with the
+// last-block tickets of grid_tickets.cuh), IFVD's two maps in one op (ifvd_maps_cuda.cu), the
+// class means in one (class_means_cuda.cu) and pixel KD reduced in one (pixel_kd_sum_cuda.cu, its
+// sums finished by the last block); these three are chosen on the Python side (idd_ops._switches.ifvd_maps_path, class_means_path,
 // pixel_kd_sum_path), so their kernels never read the switch.
 // The kernels it held before (class sums, the fused IDD tail, the slot-map cosine, one-read
 // softmax-KL, column-table position maps, SKD's batched formulation) are the defaults since an

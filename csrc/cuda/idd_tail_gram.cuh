@@ -1,8 +1,9 @@
 #pragma once
 // The IDD tail forward's Gram tiles (idd_tail_forward_cuda.cu): the tile pairs of the K x K
 // matrix, the tile kernels' arguments, one tile pair's Gram over a range of channels staged
-// through shared memory (tile_gram), and, behind IDD_OPS_CUDA_NEXT, the Grams split over channel
-// ranges by a kernel of their own and added back in the tile kernel (gram_from_partials).
+// through shared memory (tile_gram), and, for the one-pass kernel behind IDD_OPS_CUDA_NEXT, the
+// Grams split over channel ranges (split_grams) and added back by the tile's last block
+// (gram_from_partials).
 #include "idd_tail.cuh"
 
 namespace idd_ops {
@@ -26,10 +27,6 @@ struct TailForwardArgs {
   acc_t eps;
   acc_t* dist;    // [B, 2, K, K]
   double* stats;  // [B, K + 1, kNumStats]
-  // IDD_OPS_CUDA_NEXT: the Grams split over `splits` channel ranges by the split kernel, whose
-  // partial tiles and norms [B x P, splits, 2, T^2 + 2T] the tile kernel adds (0: not split)
-  int splits = 0;
-  acc_t* partials = nullptr;
 };
 
 // Channels of each split range of a network with C channels: ceil(C / Z) rounded up to whole
@@ -185,32 +182,26 @@ __device__ __forceinline__ acc_t* partial_of(acc_t* partials, int Z, int z, int 
 // Entry e of network `net`'s Z partials, added in split order.
 template <int T, typename acc_t>
 __device__ __forceinline__ acc_t partials_sum(const acc_t* partials, int Z, int net, int e) {
-  acc_t total = partial_of<T>(partials, Z, 0, net)[e];
-  for (int z = 1; z < Z; ++z) total += partial_of<T>(partials, Z, z, net)[e];
+  // loads cached in L2 only (ld.global.cg): other blocks of this launch wrote them, and the
+  // read-only path the compiler may pick for const data is not kept coherent within a launch
+  acc_t total = __ldcg(partial_of<T>(partials, Z, 0, net) + e);
+  for (int z = 1; z < Z; ++z) total += __ldcg(partial_of<T>(partials, Z, z, net) + e);
   return total;
 }
 
-// IDD_OPS_CUDA_NEXT: the tile pairs' Grams split over channels. Grid (B x P, Z): block z takes
-// range z of each network's channels (channel_share) and writes both networks' partial tiles and
-// norms to args.partials; the tile kernel then adds the Z partials in z order (the same bits on
-// every run) where it would walk all C channels itself. Without it, at K = 19 the tile kernel is
-// B x 3 blocks (24 at B = 8, on 132 SMs) each walking 2048 + 512 channels: 0.123 ms on the H200,
-// 18 % of IDD's forward+backward, against about 0.02 ms of L2 reads.
+// IDD_OPS_CUDA_NEXT: range z of Z of each network's channels (channel_share) of tile pair
+// (ti, tj) of image b, both networks' partial tiles and norms into `partials` (the one-pass
+// kernel's [B x P, Z, 2, T^2 + 2T], partial_of), which the
+// tile's last block adds in z order (gram_from_partials) where it would walk all C channels
+// itself. Unsplit, at K = 19 the tile kernel is B x 3 blocks (24 at B = 8, on 132 SMs) each
+// walking 2048 + 512 channels: 0.123 ms on the H200, 18 % of IDD's forward+backward, against
+// about 0.02 ms of L2 reads. Shared memory as tile_gram's; calls __syncthreads throughout.
 template <typename sum_t, typename acc_t, int T>
-__global__ void __launch_bounds__(kThreads) idd_tail_gram_split_kernel(const TailForwardArgs<sum_t, acc_t> args) {
+__device__ void split_grams(const TailForwardArgs<sum_t, acc_t>& args, acc_t* partials, int64_t b, int ti, int tj,
+                            int z, int Z, bool shift, acc_t* pool, sum_t* inv, acc_t* norm, bool* present,
+                            int* iscratch) {
   using Shape = TileShape<acc_t, T>;
   constexpr int R = Shape::R, Q = Shape::Q;
-  __shared__ __align__(16) unsigned char pool_bytes[Shape::kPool * sizeof(acc_t)];
-  __shared__ sum_t inv[2 * T];
-  __shared__ acc_t norm[2 * T];
-  __shared__ bool present[2 * T];
-  __shared__ int iscratch[kWarps];
-  acc_t* pool = reinterpret_cast<acc_t*>(pool_bytes);
-  const int p = blockIdx.x % args.P, z = blockIdx.y, Z = gridDim.y;
-  const int64_t b = blockIdx.x / args.P;
-  int ti, tj;
-  tile_pair(p, args.nt, ti, tj);
-  const bool shift = args.metric != static_cast<int>(Metric::Cosine);
   const int tid = threadIdx.x, q = tid % Q, tx = q % R, ty = q / R;
   for (int net = 0; net < 2; ++net) {
     const SumsView<sum_t>& v = args.net[net];
@@ -218,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) idd_tail_gram_split_kernel(const Tai
     const int64_t c0 = z * share < v.C ? z * share : v.C, c1 = c0 + share < v.C ? c0 + share : v.C;
     acc_t acc[4][4];
     tile_gram<sum_t, acc_t, T>(v, b, args.K, ti * T, tj * T, shift, pool, inv, norm, present, iscratch, acc, c0, c1);
-    acc_t* out = partial_of<T>(args.partials, Z, z, net);
+    acc_t* out = partial_of<T>(partials, Z, z, net);
     if (tid < Q) {
 #pragma unroll
       for (int r = 0; r < 4; ++r)
@@ -230,16 +221,15 @@ __global__ void __launch_bounds__(kThreads) idd_tail_gram_split_kernel(const Tai
   }
 }
 
-// The tile kernel's Grams (stream 0's threads), norms and presence flags from the split
-// kernel's partials, added in split order; as tile_gram leaves them.
+// The tile's Grams (stream 0's threads), norms and presence flags from the Z partials of
+// split_grams, added in z order; as tile_gram leaves them.
 template <typename sum_t, typename acc_t, int T>
-__device__ void gram_from_partials(const TailForwardArgs<sum_t, acc_t>& args, int64_t b, int i0, int j0,
-                                   acc_t (*norm)[2 * T], bool (*present)[2 * T], acc_t (&gs)[4][4],
-                                   acc_t (&gt)[4][4]) {
+__device__ void gram_from_partials(const TailForwardArgs<sum_t, acc_t>& args, const acc_t* partials, int64_t b,
+                                   int i0, int j0, int Z, acc_t (*norm)[2 * T], bool (*present)[2 * T],
+                                   acc_t (&gs)[4][4], acc_t (&gt)[4][4]) {
   using Shape = TileShape<acc_t, T>;
   constexpr int R = Shape::R, Q = Shape::Q;
-  const int tid = threadIdx.x, q = tid % Q, tx = q % R, ty = q / R, Z = args.splits;
-  const acc_t* partials = args.partials;
+  const int tid = threadIdx.x, q = tid % Q, tx = q % R, ty = q / R;
   for (int net = 0; net < 2; ++net) {
     acc_t(&g)[4][4] = net == 0 ? gs : gt;
     if (tid < Q) {

@@ -1,9 +1,9 @@
 // Pixel KD reduced in one op on CUDA (_pixel_kd_sum, behind IDD_OPS_CUDA_NEXT: chosen in Python by
-// idd_ops._switches.pixel_kd_sum_path), three launches a forward+backward where the unfused route
+// idd_ops._switches.pixel_kd_sum_path), two launches a forward+backward where the unfused route
 // (softmax_kl, then the mask, the sums, the count's clamp and the division, each an ATen launch,
-// and their backwards) took about 13: every pixel's vector and the block's sums of the kept ones
-// (kl_pixels_sum_forward), the sums added and scaled (kl_sum_finish), and the backward's walk with
-// the scaled gradient formed per pixel (kl_pixels_sum_backward). The per-pixel walks are
+// and their backwards) took about 13: every pixel's vector and the block's sums of the kept ones,
+// which the grid's last block adds and scales (kl_pixels_sum_forward), and the backward's walk
+// with the scaled gradient formed per pixel (kl_pixels_sum_backward). The per-pixel walks are
 // softmax_kl's (softmax_kl_pixels.cuh), so a kept pixel's KL and log-sum-exps are its bits.
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -12,17 +12,40 @@
 
 #include "../common/pixel_kd_sum.h"
 #include "cuda_utils.cuh"
+#include "grid_tickets.cuh"
 #include "softmax_kl_pixels.cuh"
 
 namespace idd_ops {
 namespace {
 
+// The parts of kl_pixels_sum_forward added in a fixed order (one block); factor = T^2 / max(kept,
+// 1) where `mean`, else T^2; loss = sum * factor in the accumulation dtype. `scratch`: kThreads
+// doubles of shared memory.
+template <typename acc_t>
+__device__ void finish_kl_sum(const double* __restrict__ part_kl, const double* __restrict__ part_n, int64_t parts,
+                              double square, bool mean, acc_t* __restrict__ loss, double* __restrict__ factor,
+                              double* scratch) {
+  double sum = 0, kept = 0;
+  for (int64_t p = threadIdx.x; p < parts; p += kThreads) {
+    sum += part_kl[p];
+    kept += part_n[p];
+  }
+  sum = block_sum(sum, scratch);
+  kept = block_sum(kept, scratch);
+  if (threadIdx.x == 0) {
+    const double f = mean ? square / (kept > 1 ? kept : 1.0) : square;
+    *factor = f;
+    *loss = static_cast<acc_t>(sum * f);
+  }
+}
+
 // IDD_OPS_CUDA_NEXT (_pixel_kd_sum): every pixel's vector as kl_pixels_forward walks it, with
 // its log-sum-exps (the backward reads them at the pixels left out too, as softmax_kl's does:
 // a NaN logit there gives the unfused route's NaN gradient), and the block's sums of the KL
 // (float64) of the pixels whose slot is >= 0 and of their number into part_kl, part_n
-// [gridDim.y * gridDim.x] (each block's threads added in a fixed order: the same bits on every
-// run). kl_sum_finish adds them.
+// [gridDim.y * gridDim.x] (each block's threads added in a fixed order), which the grid's last
+// block (counter: grid_tickets.cuh) adds in order into loss and factor: the same bits on every
+// run.
 // Blocks per SM: one fewer than kl_pixels_forward's 6 for float32 accumulation, whose 40 registers
 // a thread the two float64 sums pass (ptxas, sm_90: 24 bytes spilled at 6; none at 5).
 template <typename acc_t>
@@ -35,9 +58,12 @@ __global__ void __launch_bounds__(kThreads, pixel_sum_forward_blocks_per_sm<at::
     kl_pixels_sum_forward(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t,
                           const int16_t* __restrict__ slots, int64_t outer, int64_t length, int64_t inner,
                           at::opmath_type<scalar_t> inv_T, double* __restrict__ lse_s, double* __restrict__ lse_t,
-                          double* __restrict__ part_kl, double* __restrict__ part_n) {
+                          double* __restrict__ part_kl, double* __restrict__ part_n, double square, bool mean,
+                          at::opmath_type<scalar_t>* __restrict__ loss, double* __restrict__ factor,
+                          unsigned* __restrict__ counter) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ double scratch[kThreads];
+  __shared__ bool last;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   double sum = 0, kept = 0;
   if (i < inner) {  // no early return: every thread takes part in the block's sums
@@ -59,26 +85,8 @@ __global__ void __launch_bounds__(kThreads, pixel_sum_forward_blocks_per_sm<at::
     part_kl[part] = sum;
     part_n[part] = kept;
   }
-}
-
-// One block: the parts of kl_pixels_sum_forward added in a fixed order; factor = T^2 / max(kept,
-// 1) where `mean`, else T^2; loss = sum * factor in the accumulation dtype.
-template <typename acc_t>
-__global__ void kl_sum_finish(const double* __restrict__ part_kl, const double* __restrict__ part_n, int64_t parts,
-                              double square, bool mean, acc_t* __restrict__ loss, double* __restrict__ factor) {
-  __shared__ double scratch[kThreads];
-  double sum = 0, kept = 0;
-  for (int64_t p = threadIdx.x; p < parts; p += kThreads) {
-    sum += part_kl[p];
-    kept += part_n[p];
-  }
-  sum = block_sum(sum, scratch);
-  kept = block_sum(kept, scratch);
-  if (threadIdx.x == 0) {
-    const double f = mean ? square / (kept > 1 ? kept : 1.0) : square;
-    *factor = f;
-    *loss = static_cast<acc_t>(sum * f);
-  }
+  const unsigned parts = gridDim.x * gridDim.y;
+  if (last_to_arrive(counter, parts, &last)) finish_kl_sum(part_kl, part_n, parts, square, mean, loss, factor, scratch);
 }
 
 // IDD_OPS_CUDA_NEXT (_pixel_kd_sum's backward): grad and factor are 0-dim.
@@ -111,6 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pixel_kd_sum_cuda(
   const dim3 grid = kl_pixel_grid(outer, inner, 1);
   const int64_t parts = static_cast<int64_t>(grid.x) * grid.y;
   at::Tensor part_kl = at::empty({parts}, wide), part_n = at::empty({parts}, wide);
+  const at::Tensor counters = grid_ticket_counters(s.device(), 1);
+  auto* counter = reinterpret_cast<unsigned*>(counters.mutable_data_ptr<int>());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "pixel_kd_sum_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -118,11 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pixel_kd_sum_cuda(
         s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
         slots.defined() ? slots.const_data_ptr<int16_t>() : nullptr, outer, length, inner,
         static_cast<acc_t>(1.0 / temperature), lse_s.data_ptr<double>(), lse_t.data_ptr<double>(),
-        part_kl.data_ptr<double>(), part_n.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    kl_sum_finish<acc_t><<<1, kThreads, 0, stream>>>(part_kl.const_data_ptr<double>(), part_n.const_data_ptr<double>(),
-                                                     parts, temperature * temperature, mean, loss.data_ptr<acc_t>(),
-                                                     factor.data_ptr<double>());
+        part_kl.data_ptr<double>(), part_n.data_ptr<double>(), temperature * temperature, mean,
+        loss.data_ptr<acc_t>(), factor.data_ptr<double>(), counter);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, lse_s, lse_t, factor};

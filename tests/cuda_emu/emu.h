@@ -85,6 +85,9 @@ void poison_shared(void* p, size_t bytes);
 // read-modify-write, from the instruction at pc. Their own bodies are left uninstrumented.
 void vector_access(const void* p, size_t bytes, bool write, const void* pc);
 void atomic_access(const void* p, size_t bytes, bool floating, const void* pc);
+// __threadfence by the running thread: with atomics, how one block's writes become visible to
+// another's reads in one launch (memory_model.h).
+void fence();
 // A vector access of `bytes` at p: a GPU faults ("misaligned address") unless p is a multiple of
 // it, where x86 would read it silently.
 inline void check_aligned(const void* p, size_t bytes) {
@@ -166,6 +169,7 @@ constexpr int warpSize = 32;
 #define __align__(n) alignas(n)
 
 inline void __syncthreads() { ::emu::sync_block(); }
+inline void __threadfence() { ::emu::fence(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   ::emu::start_exchange(mask, nullptr, 0);
   ::emu::finish_exchange(mask);
@@ -197,6 +201,10 @@ inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigne
 
 template <typename T>
 inline T __ldg(const T* p) {
+  return *p;
+}
+template <typename T>
+inline T __ldcg(const T* p) {
   return *p;
 }
 

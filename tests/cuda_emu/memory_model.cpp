@@ -61,9 +61,11 @@ std::mutex& redzones_mutex = *new std::mutex;  // allocations come and go on any
 std::map<uintptr_t, Redzone>& redzones = *new std::map<uintptr_t, Redzone>;
 
 // ---- Races between blocks. Per global byte, the block that last wrote it ((block << 1) | 1 when
-// the write was atomic; -1: none) and the block that read it (-1: none; -2: more than one).
+// the write was atomic; -1: none), the block that read it (-1: none; -2: more than one), and the
+// writer's count of global writes before that write (its ordinal, for the release rule below).
 struct Shadow {
   int32_t writer = -1, reader = -1;
+  uint32_t ordinal = 0;
 };
 constexpr int kPageBits = 12;
 std::unordered_map<uintptr_t, std::unique_ptr<Shadow[]>> shadow_pages;
@@ -79,6 +81,36 @@ Shadow& shadow(uintptr_t a) {
     last_shadow = slot.get();
   }
   return last_shadow[a & ((uintptr_t{1} << kPageBits) - 1)];
+}
+
+// Release and acquire (memory_model.h). Per block: its global writes so far, the count at its
+// last fence (-1: none yet), the writes it has taken from other blocks' releases by an atomic not
+// yet followed by its own fence (pending), and those after one (acquired: block -> its writes
+// with ordinal below this are visible). Per atomic address: the releases made there, in order.
+struct BlockOrder {
+  uint32_t writes = 0;
+  int64_t fenced = -1;
+  std::unordered_map<int32_t, uint32_t> pending, acquired;
+} order;
+std::unordered_map<uintptr_t, std::vector<std::pair<int32_t, uint32_t>>> releases;
+
+void take_up_to(std::unordered_map<int32_t, uint32_t>& into, int32_t block, uint32_t upto) {
+  uint32_t& have = into[block];
+  have = std::max(have, upto);
+}
+
+// The running block's atomic on a: releases its fenced writes there and takes the releases
+// before it (visible once it fences).
+void release_and_take(uintptr_t a, int32_t me) {
+  auto& here = releases[a];
+  for (const auto& [block, upto] : here)
+    if (block != me) take_up_to(order.pending, block, upto);
+  if (order.fenced >= 0) here.emplace_back(me, static_cast<uint32_t>(order.fenced));
+}
+
+bool visible(int32_t writer, uint32_t ordinal) {
+  const auto it = order.acquired.find(writer);
+  return it != order.acquired.end() && ordinal < it->second;
 }
 
 std::string block_name(int64_t linear) {
@@ -119,7 +151,7 @@ void check_race(uintptr_t a, size_t bytes, Kind kind) {
     const bool writer_atomic = s.writer >= 0 && (s.writer & 1);
     int64_t other = -1;
     const char* what = nullptr;
-    if (writer >= 0 && writer != me && !(kind == Kind::Atomic && writer_atomic)) {
+    if (writer >= 0 && writer != me && !(kind == Kind::Atomic && writer_atomic) && !visible(writer, s.ordinal)) {
       other = writer;
       what = writer_atomic ? "updated atomically" : "wrote";
     } else if (kind != Kind::Read && s.reader != -1 && s.reader != me) {
@@ -134,9 +166,15 @@ void check_race(uintptr_t a, size_t bytes, Kind kind) {
       inside = false;
       fault(out.str());  // ends the thread: access() does not return
     }
-    if (kind == Kind::Read) s.reader = s.reader == -1 || s.reader == me ? me : -2;
-    else s.writer = me << 1 | (kind == Kind::Atomic ? 1 : 0);
+    if (kind == Kind::Read) {
+      s.reader = s.reader == -1 || s.reader == me ? me : -2;
+    } else {
+      s.writer = me << 1 | (kind == Kind::Atomic ? 1 : 0);
+      s.ordinal = order.writes;
+    }
   }
+  if (kind == Kind::Atomic) release_and_take(a, me);
+  if (kind != Kind::Read) ++order.writes;
 }
 
 // ---- The traffic model. Each thread's accesses are numbered per instruction (the k-th time a
@@ -292,6 +330,7 @@ void begin_launch(const char* where, dim3 grid, int threads, const void* shared,
   launch.host_stack = host_stack;
   shadow_pages.clear();
   last_page = ~uintptr_t{0};
+  releases.clear();
   counts = Counts{};
   read_sectors.clear();
   written_sectors.clear();
@@ -310,6 +349,7 @@ void end_launch() {
 
 void begin_block(uint64_t block) {
   launch.block = block;
+  order = BlockOrder{};
   records.clear();
   occurrences.clear();
 }
@@ -366,6 +406,13 @@ void access(const void* p, size_t bytes, Kind kind, bool floating, const void* p
   inside = false;
 }
 
+void fence() {
+  if (!tracking) return;
+  order.fenced = order.writes;
+  for (const auto& [block, upto] : order.pending) take_up_to(order.acquired, block, upto);
+  order.pending.clear();
+}
+
 std::string take_log() {
   std::string out = log.str();
   log.str("");
@@ -383,6 +430,8 @@ void vector_access(const void* p, size_t bytes, bool write, const void* pc) {
 void atomic_access(const void* p, size_t bytes, bool floating, const void* pc) {
   memory::access(p, bytes, memory::Kind::Atomic, floating, pc);
 }
+
+void fence() { memory::fence(); }
 
 }  // namespace emu
 

@@ -5,7 +5,13 @@
 // to memcpy/memset are not seen). It gives
 //  - races between blocks: a global byte that one block writes (or updates atomically) and
 //    another block of the same launch reads or writes raises, naming both blocks, since CUDA
-//    runs blocks in no promised order and the emulator's sequential blocks would hide it;
+//    runs blocks in no promised order and the emulator's sequential blocks would hide it. Except
+//    where the release/acquire pattern orders them: block w's writes before a __threadfence, then
+//    an atomic of w's on address A, are released at A; a later block whose atomic on A comes after
+//    (in the emulator's block order, as the atomic's value would show on a GPU) and then a
+//    __threadfence may read and overwrite them (a "last block" finishing a grid's work,
+//    cuda/grid_tickets.cuh). A write after w's last fence, or a read before the reader's fence,
+//    still raises;
 //  - a traffic model per launch: warp-level requests to global memory and the 32-byte sectors
 //    they touch (coalescing), the distinct sectors a launch reads and writes (the DRAM traffic
 //    when every reuse hits in L2), atomics, shared-memory wavefronts (bank conflicts) and warp
@@ -53,6 +59,8 @@ void unguard(const void* data, size_t bytes, size_t redzone);
 
 // One access of `bytes` at p by the running thread, from the instruction at pc.
 void access(const void* p, size_t bytes, Kind kind, bool floating, const void* pc);
+// A __threadfence by the running thread (the release/acquire rule above).
+void fence();
 
 // The launches counted since the last call, one tab-separated line each (traffic.py reads them).
 std::string take_log();

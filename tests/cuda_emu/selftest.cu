@@ -126,6 +126,27 @@ __global__ void blocks_read_partial_sum(const float* x, int, float* out) {
   }
 }
 
+// Every block stores its element, then the last block to take a ticket adds them all: ordered
+// where the writers fence before their ticket and the last block fences after its own (the
+// pattern of cuda/grid_tickets.cuh), a race where either fence is missing.
+template <bool kWriterFence, bool kReaderFence>
+__global__ void last_block_sums(const float* x, int, float* out, unsigned* ticket) {
+  __shared__ bool last;
+  if (threadIdx.x == 0) out[1 + blockIdx.x] = x[blockIdx.x];
+  if (kWriterFence) __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+    if (last && kReaderFence) __threadfence();
+  }
+  __syncthreads();
+  if (last && threadIdx.x == 0) {
+    float total = 0.f;
+    for (unsigned b = 0; b < gridDim.x; ++b) total += out[1 + b];
+    out[0] = total;
+  }
+}
+
 // Thread i reads x[i + shift]: with shift 1 the last thread reads one element past x's end,
 // with shift -1 the first one element before its start.
 template <int kShift>
@@ -153,6 +174,13 @@ at::Tensor selftest(const std::string& name, const at::Tensor& x_in) {
   else if (name == "blocks_write_one_element") blocks_write_one_element<<<4, kBlock>>>(xp, n, op);
   else if (name == "blocks_add_atomically") blocks_add_atomically<<<4, kBlock>>>(xp, n, op);
   else if (name == "blocks_read_partial_sum") blocks_read_partial_sum<<<4, kBlock>>>(xp, n, op);
+  else if (name.rfind("last_block_sums", 0) == 0) {
+    at::Tensor ticket = at::zeros({1}, x.options().dtype(at::kInt));
+    auto* t = reinterpret_cast<unsigned*>(ticket.data_ptr<int>());
+    if (name == "last_block_sums") last_block_sums<true, true><<<4, kBlock>>>(xp, n, op, t);
+    else if (name == "last_block_sums_unfenced_writers") last_block_sums<false, true><<<4, kBlock>>>(xp, n, op, t);
+    else last_block_sums<true, false><<<4, kBlock>>>(xp, n, op, t);
+  }
   else if (name == "read_past_the_end") shifted_read<1><<<1, kBlock>>>(xp, n, op);
   else if (name == "read_before_the_start") shifted_read<-1><<<1, kBlock>>>(xp, n, op);
   else if (name == "too_many_threads") block_sum<<<1, 2048>>>(xp, n, op);
