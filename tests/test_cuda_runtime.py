@@ -82,15 +82,12 @@ def test_side_stream_equals_default_stream(name):
     _same(got, want)
 
 
-@needs_gpu
-@pytest.mark.parametrize("name", sorted(OPS))
-def test_cuda_graph_replay_equals_eager(name):
-    """Forward and backward captured in a CUDA graph, replayed on new input values (labels
-    included), equal the eager call on those values."""
-    static, run = OPS[name]("cuda")
+def capture(run, static):
+    """run(*static) captured in a CUDA graph, after two warm-up calls off the default stream (as
+    torch.cuda.graphs asks): (graph, its outputs)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graphs asks
+    with torch.cuda.stream(side):
         for _ in range(2):
             run(*static)
     torch.cuda.current_stream().wait_stream(side)
@@ -98,6 +95,16 @@ def test_cuda_graph_replay_equals_eager(name):
     static[0].grad = None
     with torch.cuda.graph(graph):
         captured = run(*static)
+    return graph, captured
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_cuda_graph_replay_equals_eager(name):
+    """Forward and backward captured in a CUDA graph, replayed on new input values (labels
+    included), equal the eager call on those values."""
+    static, run = OPS[name]("cuda")
+    graph, captured = capture(run, static)
     fresh, _ = OPS[name]("cpu")
     with torch.no_grad():
         for s, f in zip(static, fresh):
@@ -139,16 +146,7 @@ def test_last_block_counters_across_streams_and_graphs(name):
     for got in results:
         _same(got, want)
 
-    static = fresh()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    static[0].grad = None
-    with torch.cuda.graph(graph):
-        captured = run(*static)
+    graph, captured = capture(run, fresh())
     for _ in range(2):
         graph.replay()
         _same([t.clone() for t in captured], want)

@@ -1,5 +1,5 @@
-// The IDD tail on CUDA, fused: class sums and counts of both networks -> loss in two launches, four
-// with normalize (idd_tail_forward_cuda.cu), backward in one (idd_tail_backward_cuda.cu). For
+// The IDD tail on CUDA, fused: class sums and counts of both networks -> loss in a few launches
+// (idd_tail_forward_cuda.cu says how many), backward in one (idd_tail_backward_cuda.cu). For
 // inputs it does not take, the composite (composite/idd_tail.cpp) runs: half or bfloat16 sums,
 // student and teacher sums of different dtypes, float32 sums computing in float64, B = 0, K = 0 or
 // K > kMaxFusedClasses. The math, the centroid shift and the saved tensors: common/idd_tail.h.
