@@ -45,6 +45,11 @@ PREDICTIONS = [
      "two float64 sums (256 KB, 0.005 ms)"),
     ("pixel_kd", "forward+backward", r"kl_pixels_sum_backward<float, 4>", 310.0,
      "kl_pixels_backward's 0.314 ms: the per-pixel gradient formed from two scalars and the slot map"),
+    # CWD (B=8, C=512, 64x128, T=4): through the same op over its 4096 rows of 8192, a block a row
+    ("cwd", "forward+backward", r"kl_rows_sum_forward<float, 4, 256>", 90.0,
+     "kl_rows_forward's 0.088 ms; then the last block adds 4096 blocks' two float64 sums (64 KB)"),
+    ("cwd", "forward+backward", r"kl_rows_sum_backward<float, 4, 256>", 92.0,
+     "kl_rows_backward's 0.092 ms: the row's gradient formed from two scalars"),
     # IFVD: both centroid tables in one launch, both maps in another
     ("ifvd", "forward+backward", r"centroid_tables_from_sums_kernel<float>", 10.0,
      "a warp a (image, class) row of both networks' sums"),

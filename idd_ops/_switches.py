@@ -3,8 +3,8 @@
 GPU code written since the last GPU run lands switched off: the tested path stays the default and
 IDD_OPS_CUDA_NEXT=1 selects the new one. Read once per process, like the C++ side. Behind it on
 the Python side at present: IFVD's two maps in one op (ifvd_maps_path), the class means in one
-(class_means_path) and pixel KD reduced in one (pixel_kd_sum_path); the C++ side's own list is in
-csrc/common/cuda_next.h. The path selections below are per device.
+(class_means_path) and pixel KD and CWD reduced in one (pixel_kd_sum_path); the C++ side's own
+list is in csrc/common/cuda_next.h. The path selections below are per device.
 """
 import functools
 import os
@@ -57,9 +57,10 @@ def class_means_path(device: torch.device) -> bool:
 
 
 def pixel_kd_sum_path(device: torch.device) -> bool:
-    """Whether pixel KD's "mean" and "sum" come from one op (_pixel_kd_sum: the KL of the kept
-    pixels summed in its kernels and scaled by a second, its backward one walk, where softmax_kl,
-    the mask, the count and the division took about 13 launches forward and backward): on CUDA
-    under IDD_OPS_CUDA_NEXT=1, since no GPU has run its kernels yet. Other devices would gain
-    nothing: there it is the same ATen calls (csrc/composite/pixel_kd_sum.cpp)."""
+    """Whether pixel KD's and CWD's "mean" and "sum" come from one op (_pixel_kd_sum: the KL of the
+    kept pixels, or of CWD's rows, summed and scaled in one kernel, its backward one walk, where
+    softmax_kl, the mask, the count and the division took about 13 launches forward and backward
+    for pixel KD and softmax_kl and ATen's sum and scaling 5 for CWD): on CUDA under
+    IDD_OPS_CUDA_NEXT=1, since no GPU has run its kernels yet. Other devices would gain nothing:
+    there it is the same ATen calls (csrc/composite/pixel_kd_sum.cpp)."""
     return device.type == "cuda" and cuda_next_enabled()

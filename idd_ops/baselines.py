@@ -100,8 +100,12 @@ def channel_wise_distillation_loss(student_feats: Tensor, teacher_feats: Tensor,
     v.check_temperature(temperature)
     v.check_choice("reduction", reduction, v.REDUCTIONS)
     B, C, H, W = student_feats.shape
-    kl = ops.softmax_kl(student_feats.reshape(B * C, H * W, 1), teacher_feats.detach().reshape(B * C, H * W, 1),
-                        float(temperature))[0].reshape(B, C)
+    rows = (student_feats.reshape(B * C, H * W, 1), teacher_feats.detach().reshape(B * C, H * W, 1))
+    if reduction != "none" and _switches.pixel_kd_sum_path(student_feats.device):
+        # the rows' KL summed and scaled inside one op (pixel KD's, over [B*C, H*W, 1] vectors)
+        loss = ops._pixel_kd_sum(*rows, None, float(temperature), reduction == "mean")[0]
+        return loss.to(loss_dtype(student_feats))
+    kl = ops.softmax_kl(*rows, float(temperature))[0].reshape(B, C)
     return reduce(kl, reduction, scale=temperature ** 2).to(loss_dtype(student_feats))
 
 

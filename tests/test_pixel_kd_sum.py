@@ -116,6 +116,27 @@ def test_pixel_kd_loss_through_it(reduction, with_labels):
     torch.testing.assert_close(x.grad, z.grad, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cwd_through_it(reduction, dtype):
+    """channel_wise_distillation_loss takes the op over its [B*C, H*W, 1] rows where
+    _switches.pixel_kd_sum_path says so (forced here), with every row kept: the unfused route's
+    value and gradient, and the reference's; "none" keeps that route."""
+    s, t, _ = logits_and_labels(B=2, K=6, H=5, W=7, dtype=dtype)
+    x, z = s.clone().requires_grad_(), s.clone().requires_grad_()
+    with mock.patch.object(_switches, "pixel_kd_sum_path", lambda device: True), \
+            mock.patch.object(ops, "softmax_kl", side_effect=AssertionError("took the unfused route")):
+        got = idd_ops.channel_wise_distillation_loss(x, t, temperature=3.0, reduction=reduction)
+    want = idd_ops.channel_wise_distillation_loss(z, t, temperature=3.0, reduction=reduction)
+    ref = reference.channel_wise_distillation_loss(s.double(), t.double(), temperature=3.0, reduction=reduction)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=0)
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=0)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(x.grad, z.grad, rtol=tol, atol=tol * float(z.grad.abs().max()))
+
+
 def test_fake_kernel():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -138,14 +159,23 @@ def test_opcheck(device):
     torch.library.opcheck(ops._pixel_kd_sum.default, args + (None, 1.0, False))
 
 
+@pytest.mark.parametrize("rows", [False, True], ids=["pixels", "rows"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_the_cpu_op_on_each_device(device, dtype):
-    """On a GPU the CUDA kernels give the CPU op's values and gradient."""
+def test_the_cpu_op_on_each_device(device, dtype, rows):
+    """On a GPU the CUDA kernels give the CPU op's values and gradient: over pixels (pixel KD, with
+    labels) and over contiguous rows ([B*C, H*W, 1], CWD's: rows of a warp and of a block)."""
     s, t, y = logits_and_labels(B=3, K=19, H=16, W=24, dtype=dtype)
+    if rows:  # 57 rows of 384 (a warp each), then 3 of 7296 (a block each)
+        s, t, y = s.reshape(57, 384, 1, 1), t.reshape(57, 384, 1, 1), None
     results = []
     for where in ("cpu", device):
         x = s.to(where).requires_grad_()
-        loss = fused(x, t.to(where), y.to(where), 2.0, True)[0]
+        if rows:
+            loss = ops._pixel_kd_sum(x.reshape(57, 384, 1), t.to(where).reshape(57, 384, 1), None, 2.0, True)[0]
+            loss = loss + ops._pixel_kd_sum(x.reshape(3, 7296, 1), t.to(where).reshape(3, 7296, 1), None, 3.0,
+                                            False)[0]
+        else:
+            loss = fused(x, t.to(where), y.to(where), 2.0, True)[0]
         loss.backward()
         results.append((loss.detach().cpu(), x.grad.cpu()))
     (want, want_grad), (got, got_grad) = results
