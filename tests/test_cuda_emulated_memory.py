@@ -83,12 +83,15 @@ def test_a_race_between_blocks_raises(emu, name, message):
         emu._emu_selftest(name, torch.arange(1.0, 257.0))
 
 
-def test_a_last_block_reads_the_fenced_writes_of_the_blocks_before_its_ticket(emu):
+@pytest.mark.parametrize("name, atomics", [("last_block_sums", 4), ("last_block_sums_2d", 5)])
+def test_a_last_block_reads_the_fenced_writes_of_the_blocks_before_its_ticket(emu, name, atomics):
+    """The pattern by hand, and the library's last_to_arrive (grid_tickets.cuh) in 2-D blocks: one
+    ticket a block (4 atomics), and the last block's reset of the counter (1 more)."""
     x = torch.arange(1.0, 257.0)
-    out, launch = selftest(emu, "last_block_sums", x)
+    out, launch = selftest(emu, name, x)
     assert out[0].item() == x[:4].sum().item()
     assert torch.equal(out[1:5], x[:4])
-    assert launch.atomics == 4
+    assert launch.atomics == atomics
 
 
 @pytest.mark.parametrize("name", ["last_block_sums_unfenced_writers", "last_block_sums_unfenced_reader"])

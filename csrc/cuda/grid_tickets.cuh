@@ -11,12 +11,13 @@ namespace idd_ops {
 // Whether this block is the last of `arrivals` blocks to call this on `counter`, the same answer
 // for every thread of the block. The last one sets the counter back to 0 and sees every write the
 // other blocks made before their call: each thread fences before its block takes a ticket
-// (release) and, in the last block, after (acquire). Calls __syncthreads: every thread must reach
-// it. `flag`: one bool of shared memory.
+// (release) and, in the last block, after (acquire); the block's first thread (of any block
+// shape) takes the ticket. Calls __syncthreads: every thread must reach it. `flag`: one bool of
+// shared memory.
 __device__ inline bool last_to_arrive(unsigned* counter, unsigned arrivals, bool* flag) {
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) {
     const bool last = atomicAdd(counter, 1u) == arrivals - 1;
     if (last) atomicExch(counter, 0u);  // no other block of this launch takes one after the last
     *flag = last;

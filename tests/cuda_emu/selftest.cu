@@ -10,6 +10,7 @@
 #include <string>
 
 #include "cuda/cuda_utils.cuh"  // the translated copy beside this file's (build/cuda_emu/src)
+#include "cuda/grid_tickets.cuh"
 
 namespace emu_selftest {
 
@@ -147,6 +148,18 @@ __global__ void last_block_sums(const float* x, int, float* out, unsigned* ticke
   }
 }
 
+// The library's last_to_arrive in blocks of 32 x 8 threads: one ticket a block (its first
+// thread's), so the last block's sum holds every block's element.
+__global__ void last_block_sums_2d(const float* x, int, float* out, unsigned* ticket) {
+  __shared__ bool last;
+  if (threadIdx.x == 0 && threadIdx.y == 0) out[1 + blockIdx.x] = x[blockIdx.x];
+  if (idd_ops::last_to_arrive(ticket, gridDim.x, &last) && threadIdx.x == 0 && threadIdx.y == 0) {
+    float total = 0.f;
+    for (unsigned b = 0; b < gridDim.x; ++b) total += out[1 + b];
+    out[0] = total;
+  }
+}
+
 // Thread i reads x[i + shift]: with shift 1 the last thread reads one element past x's end,
 // with shift -1 the first one element before its start.
 template <int kShift>
@@ -178,6 +191,7 @@ at::Tensor selftest(const std::string& name, const at::Tensor& x_in) {
     at::Tensor ticket = at::zeros({1}, x.options().dtype(at::kInt));
     auto* t = reinterpret_cast<unsigned*>(ticket.data_ptr<int>());
     if (name == "last_block_sums") last_block_sums<true, true><<<4, kBlock>>>(xp, n, op, t);
+    else if (name == "last_block_sums_2d") last_block_sums_2d<<<4, dim3(32, kBlock / 32)>>>(xp, n, op, t);
     else if (name == "last_block_sums_unfenced_writers") last_block_sums<false, true><<<4, kBlock>>>(xp, n, op, t);
     else last_block_sums<true, false><<<4, kBlock>>>(xp, n, op, t);
   }
