@@ -70,3 +70,27 @@ def test_compiled_autograd_backward(device, name, class_sums, monkeypatch):
     with enable(torch.compile(backend="eager")):
         losses[name]().backward()
     torch.testing.assert_close(s.grad, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name", ["idd", "pixel_kd"])  # CWD takes pixel KD's kernels' tickets
+def test_reduce_overhead_cuda_graphs(name):
+    """torch.compile(mode="reduce-overhead") captures the loss and its backward in CUDA graphs
+    (cudagraph trees, which check that nothing they did not hand out lives in their memory pool
+    after the warm-up runs): the kernels whose last block finishes a grid keep their ticket
+    counters outside that pool, and every replay gives the eager values."""
+    torch._dynamo.reset()
+    s, losses = _losses("cuda")
+    loss = losses[name]
+
+    def step():
+        value = loss()
+        (grad,) = torch.autograd.grad(value, s)
+        return value.detach().clone(), grad.clone()
+
+    want = step()
+    compiled = torch.compile(step, mode="reduce-overhead")
+    for _ in range(4):  # warm-up, capture, replays
+        got = compiled()
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1])

@@ -1,6 +1,8 @@
 // grid_ticket_counters (grid_tickets.cuh): per (device, stream) counters kept for the process.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <map>
@@ -10,9 +12,17 @@
 #include "grid_tickets.cuh"
 
 namespace idd_ops {
+namespace {
 
-// Counters a stream's cache starts with: every current user needs one a block of a small grid.
+// Counters a stream's buffer starts with: every current user needs one a block of a small grid.
 constexpr int64_t kInitialCounters = 1024;
+
+struct Counters {
+  int* data = nullptr;
+  int64_t size = 0;
+};
+
+}  // namespace
 
 at::Tensor grid_ticket_counters(const at::Device& device, int64_t n) {
   const auto options = at::TensorOptions().device(device).dtype(at::kInt);
@@ -21,15 +31,22 @@ at::Tensor grid_ticket_counters(const at::Device& device, int64_t n) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
   static std::mutex mutex;
   // never destroyed: CUDA may be torn down before static destructors run
-  static auto& cache = *new std::map<std::pair<int, cudaStream_t>, at::Tensor>;
+  static auto& buffers = *new std::map<std::pair<int, cudaStream_t>, Counters>;
   const std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& counters = cache[{device.index(), stream}];
-  if (!counters.defined() || counters.numel() < n) {
-    // the old counters are at 0 and free once the kernels queued before on this stream are done,
-    // which the caching allocator's stream order guarantees
-    counters = at::zeros({std::max({n, kInitialCounters, 2 * (counters.defined() ? counters.numel() : 0)})}, options);
+  Counters& c = buffers[{device.index(), stream}];
+  if (c.size < n) {
+    // From cudaMalloc, not the caching allocator: a buffer kept for the process must not come
+    // from a memory pool that torch.compile's CUDA graphs (mode="reduce-overhead") check and
+    // recycle while warming up, which the allocator serves this thread from then. The buffer it
+    // replaces stays allocated (kernels queued before on this stream may still count in it): at
+    // most the final size again, since the size doubles.
+    const int64_t size = std::max({n, kInitialCounters, 2 * c.size});
+    int* data = nullptr;
+    C10_CUDA_CHECK(cudaMalloc(&data, size * sizeof(int)));
+    C10_CUDA_CHECK(cudaMemsetAsync(data, 0, size * sizeof(int), stream));
+    c = {data, size};
   }
-  return counters;
+  return at::from_blob(c.data, {c.size}, options);
 }
 
 }  // namespace idd_ops

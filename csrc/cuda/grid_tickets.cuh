@@ -10,29 +10,32 @@ namespace idd_ops {
 
 // Whether this block is the last of `arrivals` blocks to call this on `counter`, the same answer
 // for every thread of the block. The last one sets the counter back to 0 and sees every write the
-// other blocks made before their call: each thread fences before its block takes a ticket
-// (release) and, in the last block, after (acquire); the block's first thread (of any block
-// shape) takes the ticket. Calls __syncthreads: every thread must reach it. `flag`: one bool of
+// other blocks' threads made before their call. The block's first thread (of any block shape)
+// fences after the barrier and then takes the ticket (release: the barrier brings the block's
+// writes into its fence's reach); in the last block it fences again before the barrier that lets
+// the others read (acquire). Calls __syncthreads: every thread must reach it. `flag`: one bool of
 // shared memory.
 __device__ inline bool last_to_arrive(unsigned* counter, unsigned arrivals, bool* flag) {
-  __threadfence();
   __syncthreads();
   if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) {
+    __threadfence();
     const bool last = atomicAdd(counter, 1u) == arrivals - 1;
-    if (last) atomicExch(counter, 0u);  // no other block of this launch takes one after the last
+    if (last) {
+      atomicExch(counter, 0u);  // no other block of this launch takes one after the last
+      __threadfence();
+    }
     *flag = last;
   }
   __syncthreads();
-  const bool last = *flag;
-  if (last) __threadfence();
-  return last;
+  return *flag;
 }
 
 // At least n unsigned counters at 0 for last_to_arrive on the current stream of `device` (int32
 // storage; hold the tensor until the kernel is queued). Outside graph capture, the same counters
-// for every call on a stream: each kernel leaves them at 0 and the stream orders the kernels,
-// so no call pays a fill. A graph being captured gets counters of its own, zeroed by a node of
-// the graph, so that each replay finds them at 0 whatever ran on the stream before.
+// for every call on a stream (a buffer from cudaMalloc, kept for the process): each kernel leaves
+// them at 0 and the stream orders the kernels, so no call pays a fill. A graph being captured
+// gets counters of its own, zeroed by a node of the graph, so that each replay finds them at 0
+// whatever ran on the stream before.
 at::Tensor grid_ticket_counters(const at::Device& device, int64_t n);
 
 }  // namespace idd_ops

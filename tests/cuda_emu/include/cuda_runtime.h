@@ -3,6 +3,9 @@
 // emulator (tests/cuda_emu/emu.h) as an H100/H200-class device would.
 #include "../emu.h"
 
+#include <cstdlib>
+#include <cstring>
+
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 
 enum cudaDeviceAttr {
@@ -31,6 +34,20 @@ cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, int val
       static_cast<size_t>(value) > emu::kOptinShared)
     return cudaErrorInvalidValue;
   emu::set_max_dynamic_shared(reinterpret_cast<const void*>(kernel), value);
+  return cudaSuccess;
+}
+
+// Device memory is host memory here; a buffer is zeroed by cudaMemsetAsync before use, as on a GPU.
+inline cudaError_t cudaMalloc(void** ptr, size_t bytes) {
+  *ptr = std::malloc(bytes);
+  return *ptr != nullptr || bytes == 0 ? cudaSuccess : cudaErrorInvalidValue;
+}
+template <typename T>
+cudaError_t cudaMalloc(T** ptr, size_t bytes) {
+  return cudaMalloc(reinterpret_cast<void**>(ptr), bytes);
+}
+inline cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t = nullptr) {
+  std::memset(ptr, value, bytes);
   return cudaSuccess;
 }
 
