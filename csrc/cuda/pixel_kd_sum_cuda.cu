@@ -174,16 +174,12 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Calls f(std::integral_constant<int, VEC>, std::integral_constant<int, ROW_THREADS>) with the
-// row kernels' shape for rows of `length`: 16-byte packs where pointers and length allow them, a
-// block per long row, else a warp.
+// row kernels' shape for rows of `length`: 16-byte packs where pointers and length allow them, and
+// with_row_threads' threads a row.
 template <typename scalar_t, typename F>
 void with_row_shape(int64_t length, std::initializer_list<const void*> pointers, F&& f) {
   const auto by_rows = [&](auto vec) {
-    constexpr int VEC = decltype(vec)::value;
-    if (block_per_row<VEC>(length))
-      f(vec, std::integral_constant<int, kThreads>());
-    else
-      f(vec, std::integral_constant<int, 32>());
+    with_row_threads<decltype(vec)::value>(length, [&](auto row_threads) { f(vec, row_threads); });
   };
   if (kl_use_packs<scalar_t>(length, 1, pointers))
     by_rows(std::integral_constant<int, pack_size<scalar_t>()>());

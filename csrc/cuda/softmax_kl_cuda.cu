@@ -104,12 +104,12 @@ void launch_forward(const scalar_t* s, const scalar_t* t, int64_t outer, int64_t
   if (inner > 1) {  // a pixel per thread, whatever the packs allow (kl_pixels_forward)
     kl_pixels_forward<scalar_t><<<kl_pixel_grid(outer, inner, 1), kThreads, 0, stream>>>(s, t, outer, length, inner,
                                                                                       inv_T, kl, lse_s, lse_t);
-  } else if (block_per_row<VEC>(length)) {
-    kl_rows_forward<scalar_t, VEC, kThreads>
-        <<<row_grid(outer, 1), kThreads, 0, stream>>>(s, t, outer, length, inv_T, kl, lse_s, lse_t);
   } else {
-    kl_rows_forward<scalar_t, VEC, 32>
-        <<<row_grid(outer, kThreads / 32), kThreads, 0, stream>>>(s, t, outer, length, inv_T, kl, lse_s, lse_t);
+    with_row_threads<VEC>(length, [&](auto row_threads) {
+      constexpr int ROW_THREADS = decltype(row_threads)::value;
+      kl_rows_forward<scalar_t, VEC, ROW_THREADS><<<row_grid(outer, kThreads / ROW_THREADS), kThreads, 0, stream>>>(
+          s, t, outer, length, inv_T, kl, lse_s, lse_t);
+    });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -126,12 +126,12 @@ void launch_backward(const at::opmath_type<scalar_t>* grad, int64_t g_outer, int
     kl_pixels_backward<scalar_t, VEC><<<kl_pixels_backward_grid(outer, length, inner, VEC), kThreads, 0, stream>>>(
         grad, g_outer, g_inner, packed_grad, s, t, lse_s, lse_t, kl_packed_lse(lse_s, lse_t, VEC), outer, length, inner,
         inv_T, out);
-  } else if (block_per_row<VEC>(length)) {
-    kl_rows_backward<scalar_t, VEC, kThreads><<<row_grid(outer, 1), kThreads, 0, stream>>>(
-        grad, g_outer, g_inner, s, t, lse_s, lse_t, outer, length, inv_T, out);
   } else {
-    kl_rows_backward<scalar_t, VEC, 32><<<row_grid(outer, kThreads / 32), kThreads, 0, stream>>>(
-        grad, g_outer, g_inner, s, t, lse_s, lse_t, outer, length, inv_T, out);
+    with_row_threads<VEC>(length, [&](auto row_threads) {
+      constexpr int ROW_THREADS = decltype(row_threads)::value;
+      kl_rows_backward<scalar_t, VEC, ROW_THREADS><<<row_grid(outer, kThreads / ROW_THREADS), kThreads, 0, stream>>>(
+          grad, g_outer, g_inner, s, t, lse_s, lse_t, outer, length, inv_T, out);
+    });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

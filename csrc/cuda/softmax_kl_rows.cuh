@@ -138,10 +138,14 @@ __device__ __forceinline__ void row_backward(at::opmath_type<scalar_t> coef, con
   }
 }
 
-// A block per row from this many elements on (two packs per thread and more), else a warp.
-template <int VEC>
-bool block_per_row(int64_t length) {
-  return length >= 2 * kThreads * VEC;
+// Calls f(std::integral_constant<int, ROW_THREADS>) with the threads of a row of `length`
+// elements in packs of VEC: a block from two packs a thread on, else a warp.
+template <int VEC, typename F>
+void with_row_threads(int64_t length, F&& f) {
+  if (length >= 2 * kThreads * VEC)
+    f(std::integral_constant<int, kThreads>());
+  else
+    f(std::integral_constant<int, 32>());
 }
 
 inline unsigned int row_grid(int64_t outer, int rows_per_block) {
