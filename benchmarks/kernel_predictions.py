@@ -50,11 +50,14 @@ PREDICTIONS = [
      "kl_rows_forward's 0.088 ms; then the last block adds 4096 blocks' two float64 sums (64 KB)"),
     ("cwd", "forward+backward", r"kl_rows_sum_backward<float, 4, 256>", 92.0,
      "kl_rows_backward's 0.092 ms: the row's gradient formed from two scalars"),
-    # IFVD: both centroid tables in one launch, both maps in another
+    # IFVD: both centroid tables in one launch, both maps and the loss in another, the gradient map in one
     ("ifvd", "forward+backward", r"centroid_tables_from_sums_kernel<float>", 10.0,
      "a warp a (image, class) row of both networks' sums"),
-    ("ifvd", "forward+backward", r"cosine_pair_forward_kernel<float>", 168.0,
-     "the two slot-map forwards' 0.168 ms in one launch"),
+    ("ifvd", "forward+backward", r"cosine_pair_forward_kernel<float>", 172.0,
+     "the two slot-map forwards' 0.168 ms in one launch; its tiles' last blocks add B x H x W = 65 k "
+     "squared differences read through L2 (0.5 MB: 0.004 ms)"),
+    ("ifvd", "forward+backward", r"ifvd_grad_map_kernel<float>", 3.0,
+     "two maps read and one written, 65 k floats each (0.8 MB): a launch's latency"),
 ]
 
 

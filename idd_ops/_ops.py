@@ -201,12 +201,26 @@ def _(grad, feats, centroids, slots, cos, feat_norms, eps, counts=None):
     return _cosine_grads_fake(feats, centroids)
 
 
-@register_fake("idd_ops::_ifvd_maps")
-def _(student, teacher, student_sums, teacher_sums, counts, slots, eps):
+def _ifvd_maps_fake(student, teacher, counts):
     cos_s, fnorm_s = _cosine_fake(student)
     B, K = counts.shape
     return cos_s, _cosine_fake(teacher)[0], fnorm_s, student.new_empty((B, K, student.shape[1]),
                                                                          dtype=acc_dtype(student.dtype))
+
+
+@register_fake("idd_ops::_ifvd_maps")
+def _(student, teacher, student_sums, teacher_sums, counts, slots, eps):
+    return _ifvd_maps_fake(student, teacher, counts)
+
+
+@register_fake("idd_ops::_ifvd_loss")
+def _(student, teacher, student_sums, teacher_sums, counts, slots, eps, mean):
+    return (student.new_empty((), dtype=acc_dtype(student.dtype)),) + _ifvd_maps_fake(student, teacher, counts)
+
+
+@register_fake("idd_ops::_ifvd_loss_backward")
+def _(grad, student, student_centroids, slots, cos_student, cos_teacher, feat_norms, counts, eps, mean):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
 # ---- idd_tail --------------------------------------------------------------------------

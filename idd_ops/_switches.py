@@ -2,9 +2,9 @@
 
 GPU code written since the last GPU run lands switched off: the tested path stays the default and
 IDD_OPS_CUDA_NEXT=1 selects the new one. Read once per process, like the C++ side. Behind it on
-the Python side at present: IFVD's two maps in one op (ifvd_maps_path), the class means in one
-(class_means_path) and pixel KD and CWD reduced in one (pixel_kd_sum_path); the C++ side's own
-list is in csrc/common/cuda_next.h. The path selections below are per device.
+the Python side at present: IFVD's two maps and its loss in one op each (ifvd_maps_path), the
+class means in one (class_means_path) and pixel KD and CWD reduced in one (pixel_kd_sum_path); the
+C++ side's own list is in csrc/common/cuda_next.h. The path selections below are per device.
 """
 import functools
 import os
@@ -42,9 +42,12 @@ def slot_map_path(device: torch.device) -> bool:
 def ifvd_maps_path(device: torch.device) -> bool:
     """Whether IFVD's class-sum path computes both networks' maps in one op (_ifvd_maps: both
     centroid tables from the class sums in one launch, both maps in another, where the divisions
-    and two slot-map cosine calls took seven launches): on CUDA under IDD_OPS_CUDA_NEXT=1, since no
-    GPU has run its kernels yet. Other devices would gain nothing from it: there it is the same
-    ATen divisions and cosine calls (csrc/composite/ifvd_maps.cpp)."""
+    and two slot-map cosine calls took seven launches), and for "mean" and "sum" its loss too
+    (_ifvd_loss: the maps' launch adds their squared difference, and the backward forms the
+    gradient map in one launch, where mse_loss and its backward took about five): on CUDA under
+    IDD_OPS_CUDA_NEXT=1, since no GPU has run its kernels yet. Other devices would gain nothing
+    from it: there it is the same ATen divisions, cosine calls and mse_loss
+    (csrc/composite/ifvd_maps.cpp)."""
     return device.type == "cuda" and cuda_next_enabled()
 
 

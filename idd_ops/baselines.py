@@ -184,7 +184,15 @@ def intra_class_variation_loss(student_feats: Tensor, teacher_feats: Tensor, lab
     v.check_eps(eps)
     v.check_choice("reduction", reduction, v.REDUCTIONS)
     v.check_same_size(student_feats, teacher_feats, "IFVD compares the two maps pixel by pixel")
-    maps = _cosine_maps((student_feats, teacher_feats.detach()), labels, num_classes, ignore_index, float(eps))
+    pair = (student_feats, teacher_feats.detach())
+    if _ifvd_in_one_op(pair, num_classes):
+        ss, st, ns, slots = _pair_sums(pair, labels, num_classes, ignore_index)
+        if reduction != "none":  # the maps and their squared difference's mean or sum in one op
+            loss = ops._ifvd_loss(*pair, ss, st, ns, slots, float(eps), reduction == "mean")[0]
+            return loss.to(loss_dtype(student_feats))
+        maps = ops._ifvd_maps(*pair, ss, st, ns, slots, float(eps))[:2]
+    else:
+        maps = _cosine_maps(pair, labels, num_classes, ignore_index, float(eps))
     # The teacher's map in the student's dtype: torch 2.4's mse_loss backward gave a float64
     # student's map a float32 gradient (an autograd error) when the teacher's map was float32.
     target = maps[1].to(maps[0].dtype)
@@ -194,9 +202,27 @@ def intra_class_variation_loss(student_feats: Tensor, teacher_feats: Tensor, lab
     return reduce(F.mse_loss(maps[0], target, reduction="none"), reduction).to(loss_dtype(student_feats))
 
 
+def _ifvd_in_one_op(pair, num_classes):
+    """Whether IFVD's maps (and its loss) come from one op over both networks' class sums
+    (_ifvd_maps, _ifvd_loss), whose one kernel instance takes both networks: on the class-sum path
+    where _switches.ifvd_maps_path says so, for two networks of one dtype."""
+    return uses_class_sums(num_classes, *pair) and _switches.ifvd_maps_path(pair[0].device) \
+        and pair[0].dtype == pair[1].dtype
+
+
+def _pair_sums(pair, labels, num_classes, ignore_index, slots=None):
+    """(student sums, teacher sums, counts, slot map) of (student, detached teacher) from one slot
+    map. The sums are constants to autograd: the student's cosine op, given its counts, carries the
+    gradient through its centroids itself (one pass writes the student's gradient)."""
+    if slots is None:
+        slots = slots_for(labels, pair[0], num_classes, ignore_index)
+    ss, ns, st, _ = pair_sums(*(f.detach() for f in pair), labels, num_classes, ignore_index, slots=slots)
+    return ss, st, ns, slots
+
+
 def _cosine_maps(pair, labels, num_classes, ignore_index, eps):
-    """IFVD's maps [B, H, W] of (student, detached teacher): each pixel's cosine to its class
-    centroid, the student's differentiable."""
+    """IFVD's maps [B, H, W] of (student, detached teacher) where no one op takes both
+    (_ifvd_in_one_op): each pixel's cosine to its class centroid, the student's differentiable."""
     sums = uses_class_sums(num_classes, *pair)
     # one label decode per call: the slot map serves both class passes (on the class-sum path) and
     # both networks' cosine maps, forward and backward
@@ -204,13 +230,7 @@ def _cosine_maps(pair, labels, num_classes, ignore_index, eps):
     if sums or (_switches.slot_map_path(pair[0].device) and num_classes <= MAX_SLOT_CLASSES):
         slots = slots_for(labels, pair[0], num_classes, ignore_index)
     if sums:  # one class pass for both
-        # the sums are constants to autograd: the student's cosine op, given its counts, carries the
-        # gradient through its centroids itself (one pass writes the student's gradient)
-        ss, ns, st, _ = pair_sums(*(f.detach() for f in pair), labels, num_classes, ignore_index, slots=slots)
-        # both maps from the sums in one op, whose one kernel instance takes both networks: a pair of
-        # two dtypes keeps the two cosine calls
-        if _switches.ifvd_maps_path(pair[0].device) and pair[0].dtype == pair[1].dtype:
-            return ops._ifvd_maps(*pair, ss, st, ns, slots, eps)[:2]
+        ss, st, ns, _ = _pair_sums(pair, labels, num_classes, ignore_index, slots)
         # the cosine op computes in the features' accumulation dtype, whatever the sums' dtype
         centroids, counts = detached_centroids((ss, st), ns, [acc_dtype(f.dtype) for f in pair]), (ns, None)
     elif slots is not None:  # the same split: constant centroids, the student's counts to the cosine op

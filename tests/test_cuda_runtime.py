@@ -117,11 +117,11 @@ def test_cuda_graph_replay_equals_eager(name):
 
 
 @needs_gpu
-@pytest.mark.parametrize("name", ["idd_loss", "pixel_kd"])
+@pytest.mark.parametrize("name", ["idd_loss", "pixel_kd", "ifvd"])
 def test_last_block_counters_across_streams_and_graphs(name):
     """The kernels whose grid's last block finishes its work (grid_tickets.cuh: the IDD tail's
-    one-pass kernel and pixel KD's sum, behind IDD_OPS_CUDA_NEXT; the other calls here run the
-    default kernels the same way) keep ticket counters per stream, which each launch leaves at 0:
+    one-pass kernel, pixel KD's sum and IFVD's loss, behind IDD_OPS_CUDA_NEXT; the other calls here
+    run the default kernels the same way) keep ticket counters per stream, which each launch leaves at 0:
     calls on two streams at once (each held back by a sleep, so that their kernels overlap), a
     captured graph replayed between eager calls on one stream, and a call after all of them give
     the eager values."""

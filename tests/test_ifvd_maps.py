@@ -1,14 +1,14 @@
-"""_ifvd_maps, IFVD's two cosine maps in one op from both networks' class sums (the ATen
-formulation here, which makes the calls it replaces, so its equalities below hold its wiring, not
-new arithmetic; its CUDA kernels, bit for bit against that route, in
-test_cuda_emulated_ifvd_maps.py): the same values and gradient as the two slot-map cosine calls
-it replaces, its gradient against finite differences,
-its fake kernel, constants that require grad (its argument checks: test_op_args.py), and IFVD
-through it."""
+"""_ifvd_maps, IFVD's two cosine maps in one op from both networks' class sums, and _ifvd_loss,
+the maps and their mse in one op (the ATen formulations here, which make the calls they replace,
+so their equalities below hold their wiring, not new arithmetic; their CUDA kernels in
+test_cuda_emulated_ifvd_maps.py): the same values and gradient as the calls they replace, their
+gradients against finite differences, their fake kernels, constants that require grad (their
+argument checks: test_op_args.py), and IFVD through them."""
 from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import idd_ops
 from idd_ops import _switches
@@ -81,22 +81,80 @@ def test_constants_that_require_grad_are_refused():
             ops._ifvd_maps(*args)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_ifvd_through_the_op(reduction):
-    """IFVD with the path switch on (CUDA's under IDD_OPS_CUDA_NEXT=1) and the class-sum path the
-    op needs takes the op, with the loss and gradient of the default path (here both are the same
-    ATen calls; the emulated kernels run this through the next set of test_cuda_emulated's
-    public API tests)."""
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in CASE_IDS], ids=lambda c: c.id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mean", [True, False], ids=["mean", "sum"])
+def test_loss_is_the_mse_of_the_maps(case, dtype, mean):
+    """_ifvd_loss: the maps' outputs after mse_loss of them, and mse_loss's gradient through
+    the student's map."""
+    s, t, ss, st, ns, slots = inputs(case, dtype)
+    x, y = s.clone().requires_grad_(), s.clone().requires_grad_()
+    loss, *maps = ops._ifvd_loss(x, t, ss, st, ns, slots, 1e-8, mean)
+    want_maps = ops._ifvd_maps(y, t, ss, st, ns, slots, 1e-8)
+    want = F.mse_loss(want_maps[0], want_maps[1], reduction="mean" if mean else "sum")
+    assert torch.equal(loss, want) and loss.dtype == want_maps[0].dtype and loss.shape == ()
+    assert all(torch.equal(a, b) for a, b in zip(maps, want_maps))
+    assert loss.requires_grad and not any(m.requires_grad for m in maps)
+    (loss * 3).backward()
+    (want * 3).backward()
+    assert torch.equal(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("mean", [True, False], ids=["mean", "sum"])
+def test_loss_gradient_through_the_features_and_their_centroids(mean):
+    case = next(c for c in CASES if c.id == "mixed-warps-resized")
+    s, t, _, st, ns, slots = inputs(case)
+
+    def loss(x):
+        xs = pair_sums(x.detach(), t, case.labels(), case.K, case.ignore_index, slots=slots)[0]
+        return ops._ifvd_loss(x, t, xs, st, ns, slots, 1e-8, mean)[0]
+    assert torch.autograd.gradcheck(loss, (s.requires_grad_(),))
+
+
+def test_loss_of_no_pixels_is_zero():
+    """An empty map: 0 for the mean (mse_loss's own would be 0/0) and the sum, a gradient of its
+    shape."""
+    s, t = torch.randn(2, 3, 0, 4, requires_grad=True), torch.randn(2, 5, 0, 4)
+    slots = torch.zeros(2, 0, 4, dtype=torch.int16)
+    ss, ns, st, _ = ops.class_sums_pair(s.detach(), slots, t, slots, 3)
+    for mean in (True, False):
+        loss = ops._ifvd_loss(s, t, ss, st, ns, slots, 1e-8, mean)[0]
+        assert loss.item() == 0 and not loss.isnan()
+        g, = torch.autograd.grad(loss, s)
+        assert g.shape == s.shape
+
+
+def test_loss_fake_kernel_and_registration():
     case = next(c for c in CASES if c.id == "absent-classes")
+    s, t, ss, st, ns, slots = inputs(case, torch.float32)
+    torch.library.opcheck(ops._ifvd_loss.default, (s.requires_grad_(), t, ss, st, ns, slots, 1e-8, True))
+
+
+def test_loss_constants_that_require_grad_are_refused():
+    case = next(c for c in CASES if c.id == "mixed-warps")
+    s, t, ss, st, ns, slots = inputs(case)
+    with pytest.raises(RuntimeError, match="teacher input requires grad"):
+        ops._ifvd_loss(s, t.requires_grad_(), ss, st, ns, slots, 1e-8, True)
+    with pytest.raises(ValueError, match="student_sums, teacher_sums: constants"):
+        ops._ifvd_loss(s, t.detach(), ss.clone().requires_grad_(), st, ns, slots, 1e-8, True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ifvd_takes_the_loss_op_for_mean_and_sum(reduction):
+    """With the path switch on, "mean" and "sum" take _ifvd_loss (and not _ifvd_maps), "none"
+    the maps; the loss and gradient of the default path either way."""
+    case = next(c for c in CASES if c.id == "mixed-warps-resized")
     s, t, y = case.feats(), case.feats(C=11, seed=1), case.labels()
     results = []
     with mock.patch.object(_switches, "class_sums_path", lambda device, channels_last=False: True):
         for on in (False, True):
             x = s.clone().requires_grad_()
             with mock.patch.object(_switches, "ifvd_maps_path", lambda device: on), \
-                    mock.patch.object(ops, "_ifvd_maps", wraps=ops._ifvd_maps) as spy:
+                    mock.patch.object(ops, "_ifvd_loss", wraps=ops._ifvd_loss) as loss_op, \
+                    mock.patch.object(ops, "_ifvd_maps", wraps=ops._ifvd_maps) as maps_op:
                 loss = idd_ops.intra_class_variation_loss(x, t, y, case.K, reduction=reduction)
                 loss.sum().backward()
-            assert spy.called == on
+            assert loss_op.called == (on and reduction != "none")
+            assert maps_op.called == (on and reduction == "none")
             results.append((loss, x.grad))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

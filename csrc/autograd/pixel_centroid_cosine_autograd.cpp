@@ -1,6 +1,6 @@
-// Autograd of pixel_centroid_cosine, its slot-map form and IFVD's two maps (_ifvd_maps): the
-// gradients of the features and the centroids in one backward pass, from the cosines and feature
-// norms the forward returned.
+// Autograd of pixel_centroid_cosine, its slot-map form, IFVD's two maps (_ifvd_maps) and its loss
+// (_ifvd_loss): the gradients of the features and the centroids in one backward pass, from the
+// cosines and feature norms the forward returned.
 #include <torch/library.h>
 
 #include <optional>
@@ -105,7 +105,49 @@ struct IfvdMaps : public TraceableFunction<IfvdMaps> {
   }
 };
 
+// IFVD's loss: as its maps, the gradient reaching the student alone; the backward forms the
+// loss's gradient map from both saved maps and runs the student map's backward on it.
+struct IfvdLoss : public TraceableFunction<IfvdLoss> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
+                               const at::Tensor& student_sums, const at::Tensor& teacher_sums, const at::Tensor& counts,
+                               const at::Tensor& slots, double eps, bool mean) {
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, double, bool)>("idd_ops::_ifvd_loss");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [loss, cos_s, cos_t, fnorm_s, cent_s] =
+        op.call(student, teacher, student_sums, teacher_sums, counts, slots, eps, mean);
+    no_zero_fills(ctx);
+    ctx->save_for_backward({student, cent_s, slots, cos_s, cos_t, fnorm_s, counts});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["mean"] = mean;
+    return {loss, cos_s, cos_t, fnorm_s, cent_s};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&, double, bool)>(
+        "idd_ops::_ifvd_loss_backward");
+    variable_list out(8);
+    if (!wanted(ctx, grads, 0)) return out;
+    const variable_list s = ctx->get_saved_variables();
+    out[0] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], ctx->saved_data["eps"].toDouble(),
+                     ctx->saved_data["mean"].toBool());
+    return out;
+  }
+};
+
 namespace {
+
+// The checks of IFVD's constants (the teacher, both networks' sums) under grad mode.
+void check_ifvd_constants(const at::Tensor& teacher, const at::Tensor& student_sums, const at::Tensor& teacher_sums,
+                          const char* op) {
+  check_constant_teacher(teacher, op);
+  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && (student_sums.requires_grad() || teacher_sums.requires_grad())),
+                    "student_sums, teacher_sums: constants of IFVD's maps (the student's gradient through its "
+                    "centroids is taken inside the op); pass them detached");
+}
 
 std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_autograd(const at::Tensor& feats, const at::Tensor& centroids,
                                                                   const at::Tensor& labels, int64_t ignore_index,
@@ -129,12 +171,17 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_autograd(const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ifvd_maps_autograd(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& student_sums,
     const at::Tensor& teacher_sums, const at::Tensor& counts, const at::Tensor& slots, double eps) {
-  check_constant_teacher(teacher, "_ifvd_maps");
-  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && (student_sums.requires_grad() || teacher_sums.requires_grad())),
-                    "student_sums, teacher_sums: constants of IFVD's maps (the student's gradient through its "
-                    "centroids is taken inside the op); pass them detached");
+  check_ifvd_constants(teacher, student_sums, teacher_sums, "_ifvd_maps");
   const variable_list out = IfvdMaps::apply(student, teacher, student_sums, teacher_sums, counts, slots, eps);
   return {out[0], no_grad_output(out[1]), no_grad_output(out[2]), no_grad_output(out[3])};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ifvd_loss_autograd(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& student_sums,
+    const at::Tensor& teacher_sums, const at::Tensor& counts, const at::Tensor& slots, double eps, bool mean) {
+  check_ifvd_constants(teacher, student_sums, teacher_sums, "_ifvd_loss");
+  const variable_list out = IfvdLoss::apply(student, teacher, student_sums, teacher_sums, counts, slots, eps, mean);
+  return {out[0], no_grad_output(out[1]), no_grad_output(out[2]), no_grad_output(out[3]), no_grad_output(out[4])};
 }
 
 }  // namespace
@@ -143,6 +190,7 @@ TORCH_LIBRARY_IMPL(idd_ops, Autograd, m) {
   m.impl("pixel_centroid_cosine", &pixel_centroid_cosine_autograd);
   m.impl("_pixel_centroid_cosine_slots", &pixel_centroid_cosine_slots_autograd);
   m.impl("_ifvd_maps", &ifvd_maps_autograd);
+  m.impl("_ifvd_loss", &ifvd_loss_autograd);
 }
 
 }  // namespace idd_ops

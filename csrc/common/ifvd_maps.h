@@ -1,6 +1,13 @@
 #pragma once
-// Argument checks of _ifvd_maps (IFVD's two maps from both networks' class sums), shared by its
-// composite kernel (csrc/composite/ifvd_maps.cpp) and its CUDA kernel (csrc/cuda/ifvd_maps_cuda.cu).
+// Argument checks of _ifvd_maps and _ifvd_loss (IFVD's two maps, and its loss, from both networks'
+// class sums), shared by their composite kernels (csrc/composite/ifvd_maps.cpp) and CUDA kernels
+// (csrc/cuda/ifvd_maps_cuda.cu).
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <tuple>
+#include <utility>
+
 #include "class_means.h"  // check_float64_sums
 
 namespace idd_ops {
@@ -37,6 +44,39 @@ inline void check_ifvd_maps_inputs(const at::Tensor& student, const at::Tensor& 
   check_slots(slots, B, student, "student");
   check_size(slots, "slots", {B, H, W}, "one class slot per feature pixel");
   check_eps(eps);
+}
+
+// _pixel_centroid_cosine_slots_backward's signature, which _ifvd_loss_backward calls through the
+// dispatcher (each device's kernel), feeding it the loss's gradient map.
+using CosineSlotsBackward = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    double, const std::optional<at::Tensor>&);
+
+// _ifvd_loss's factor: 1 / (B * H * W) for the mean (1 without pixels, whose sum is 0), else 1.
+inline double ifvd_loss_factor(const at::Tensor& cos_student, bool mean) {
+  return mean ? 1.0 / static_cast<double>(std::max<int64_t>(cos_student.numel(), 1)) : 1.0;
+}
+
+// The backward's own arguments (the cosine backward it calls checks the rest): a reduced loss's
+// one gradient value, and the teacher's map like the student's, whose shape the cosine backward
+// checks against the student.
+inline void check_ifvd_loss_backward_inputs(const at::Tensor& grad, const at::Tensor& student,
+                                            const at::Tensor& cos_student, const at::Tensor& cos_teacher,
+                                            const at::Tensor& feat_norms) {
+  check_loss_grad(grad, student, "student", Reduction::Mean, {});
+  check_rank(student, "student", 4, "[B, C, H, W]");
+  check_floating(student, "student");
+  const std::array<int64_t, 3> map{student.size(0), student.size(2), student.size(3)};
+  const auto acc = acc_dtype(student.scalar_type());
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{cos_student, "cos_student"},
+                                {cos_teacher, "cos_teacher"},
+                                {feat_norms, "feat_norms"}}) {
+    check_size(t, name, map, "[B, H, W], one per pixel of student");
+    // read raw in the accumulation dtype, as the forward wrote them
+    TORCH_CHECK_TYPE(t.scalar_type() == acc, name, ": expected ", acc, " (the forward's output), got ",
+                     t.scalar_type());
+    check_same_device(t, name, student, "student");
+  }
 }
 
 }  // namespace idd_ops

@@ -17,8 +17,8 @@ from . import build
 
 # The kernel sets: "default", what CUDA runs, and "next", what IDD_OPS_CUDA_NEXT=1 selects
 # (csrc/common/cuda_next.h; at present SKD's pivot, pooling, centring and gradient kernels with
-# their loads ahead, the IDD tail's forward in one kernel, IFVD's two maps, the class means and
-# pixel KD's and CWD's sums in one op each). A set that changes a Python path switch sets it
+# their loads ahead, the IDD tail's forward in one kernel, IFVD's two maps and its loss, the class
+# means and pixel KD's and CWD's sums in one op each). A set that changes a Python path switch sets it
 # below, set by set.
 KERNEL_SETS = ("default", "next")
 _active = []  # the (kernel set, seed) of each emulated_cuda block entered and not yet left
