@@ -50,6 +50,11 @@ PREDICTIONS = [
      "kl_rows_forward's 0.088 ms; then the last block adds 4096 blocks' two float64 sums (64 KB)"),
     ("cwd", "forward+backward", r"kl_rows_sum_backward<float, 4, 256>", 92.0,
      "kl_rows_backward's 0.092 ms: the row's gradient formed from two scalars"),
+    # the position loss at 512x1024 (B=8, M=5): the forward's last block adds the partials (8 x 132
+    # blocks' float32 sums) where a one-block finalise took a launch
+    *[("position_loss 512x1024", mode, r"position_tables_forward_sum<float, 4>", 20.0,
+       "the partial pass's 83.9 MB read (0.017 ms at 4.8 TB/s), then one block adds 1056 partials (0.002)")
+      for mode in ("forward", "forward+backward")],
     # IFVD: both centroid tables in one launch, both maps and the loss in another, the gradient map in one
     ("ifvd", "forward+backward", r"centroid_tables_from_sums_kernel<float>", 10.0,
      "a warp a (image, class) row of both networks' sums"),

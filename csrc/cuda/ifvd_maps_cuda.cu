@@ -55,8 +55,9 @@ struct PairLoss {
 // loss, tile (x, b) is its two blocks' pixels: pixels [32 x, 32 x + 32) of images b, b + gridDim.y,
 // ...; the maps' values the other block wrote are loaded through L2 (ld.global.cg), as the
 // tickets' fences order them there.
-// 6 blocks an SM, the maps-only kernel's 40 registers (ptxas, sm_90): left free, the loss's tail
-// took it to 56 and 4 blocks, where the maps' loads need the blocks in flight; no spill at 40.
+// 6 blocks an SM, the maps-only kernel's 40 registers (ptxas, sm_90; 42 for float64): left free,
+// the loss's tail took it to 56 and 4 blocks, where the maps' loads need the blocks in flight. At
+// 40 no instance spills (float, double, half, bfloat16).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 6)
     cosine_pair_forward_kernel(const CosinePair<scalar_t> pair, const int16_t* __restrict__ slots, int64_t B,
@@ -167,8 +168,8 @@ Outputs pair_maps(const at::Tensor& student_in, const at::Tensor& teacher_in, co
       sum = {loss.data_ptr<acc_t>(), parts.data_ptr<double>(),
              reinterpret_cast<unsigned*>(counters.mutable_data_ptr<int>()), ifvd_loss_factor(cos_s, *loss_mean)};
     }
-    cosine_pair_forward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(pair, slots.const_data_ptr<int16_t>(), B, HW,
-                                                                       static_cast<int>(K), static_cast<acc_t>(eps), sum);
+    cosine_pair_forward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        pair, slots.const_data_ptr<int16_t>(), B, HW, static_cast<int>(K), static_cast<acc_t>(eps), sum);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, cos_s, cos_t, fnorm_s, cent_s};

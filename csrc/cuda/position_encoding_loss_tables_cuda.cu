@@ -11,7 +11,8 @@
 // memory read and a multiply, no division, modulo or transcendental; the factors are those of
 // position_factor, multiplied in the same order, so the targets equal the per-element kernel's.
 // Launches: forward "mean"/"sum" 2 (the kernel writes one partial per block; a one-block finalise
-// sums them in a fixed order: deterministic, no atomics, no zero fill), "none" 1; backward 1 (the
+// sums them in a fixed order: deterministic, no atomics, no zero fill; 1 under IDD_OPS_CUDA_NEXT,
+// where the forward's last block does it: position_tables_forward_sum), "none" 1; backward 1 (the
 // per-element path: forward 3-4 with a zero fill, a sum and a division; backward 1).
 //
 // Bytes and predicted H200 time (4.8 TB/s datasheet), float32, B=8, M=5 (benchmarks/cases.py):
@@ -22,9 +23,11 @@
 #include <algorithm>
 
 #include "../common/checks.h"
+#include "../common/cuda_next.h"
 #include "../common/enums.h"
 #include "../common/position.h"
 #include "position_tables.cuh"
+#include "grid_tickets.cuh"
 #include "position_specs.cuh"
 #include "vectorized.cuh"
 
@@ -81,12 +84,13 @@ __device__ __forceinline__ void visit_packs(const scalar_t* __restrict__ pred, c
   }
 }
 
-// Per-block partial sums of squared errors (reduced by position_tables_finalize), or for
-// reduction "none" the elementwise errors.
+// The block's part of the forward: its sum of squared errors (valid in its first thread), or
+// for reduction "none" the elementwise errors (and 0).
 template <typename scalar_t, int VEC, bool ELEMENTWISE>
-__global__ void __launch_bounds__(kThreads)
-    position_tables_forward(const scalar_t* __restrict__ pred, MapSpecs maps, int64_t B, int64_t M, int64_t H,
-                            int64_t W, at::opmath_type<scalar_t>* __restrict__ partial, scalar_t* __restrict__ errors) {
+__device__ __forceinline__ at::opmath_type<scalar_t> forward_part(const scalar_t* __restrict__ pred,
+                                                                  const MapSpecs& maps, int64_t B, int64_t M,
+                                                                  int64_t H, int64_t W,
+                                                                  scalar_t* __restrict__ errors) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t sum = 0;
   visit_packs<scalar_t, VEC>(pred, maps, B, M, H, W,
@@ -102,20 +106,57 @@ __global__ void __launch_bounds__(kThreads)
                                }
                                if constexpr (ELEMENTWISE) store_pack(errors + offset, e);
                              });
+  if constexpr (ELEMENTWISE) return acc_t(0);
+  else return block_sum_any_shape(sum);
+}
+
+// Per-block partial sums of squared errors (reduced by position_tables_finalize), or for
+// reduction "none" the elementwise errors.
+template <typename scalar_t, int VEC, bool ELEMENTWISE>
+__global__ void __launch_bounds__(kThreads)
+    position_tables_forward(const scalar_t* __restrict__ pred, MapSpecs maps, int64_t B, int64_t M, int64_t H,
+                            int64_t W, at::opmath_type<scalar_t>* __restrict__ partial, scalar_t* __restrict__ errors) {
+  const auto block_total = forward_part<scalar_t, VEC, ELEMENTWISE>(pred, maps, B, M, H, W, errors);
   if constexpr (!ELEMENTWISE) {
-    const acc_t block_total = block_sum_any_shape(sum);
     if (threadIdx.x == 0 && threadIdx.y == 0) partial[blockIdx.y * gridDim.x + blockIdx.x] = block_total;
   }
+}
+
+// out = (sum of the n partials) / divisor, summed in a fixed order: thread tid (of `threads`, the
+// block's linear index) adds partials tid, tid + threads, ..., then the block adds the threads'.
+// Every thread must call it, after a barrier past any earlier block_sum_any_shape (whose shared
+// slots it reuses).
+template <typename acc_t>
+__device__ __forceinline__ void finish_partials(const acc_t* __restrict__ partial, int64_t n, acc_t divisor,
+                                                acc_t* __restrict__ out, unsigned tid, unsigned threads) {
+  acc_t sum = 0;
+  for (int64_t i = tid; i < n; i += threads) sum += partial[i];
+  sum = block_sum_any_shape(sum);
+  if (tid == 0) out[0] = sum / divisor;
 }
 
 // out = (sum of the n partials) / divisor, summed in a fixed order.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     position_tables_finalize(const acc_t* __restrict__ partial, int64_t n, acc_t divisor, acc_t* __restrict__ out) {
-  acc_t sum = 0;
-  for (int64_t i = threadIdx.x; i < n; i += kThreads) sum += partial[i];
-  sum = block_sum_any_shape(sum);
-  if (threadIdx.x == 0) out[0] = sum / divisor;
+  finish_partials(partial, n, divisor, out, threadIdx.x, kThreads);
+}
+
+// IDD_OPS_CUDA_NEXT ("mean" and "sum"): position_tables_forward whose last block to finish
+// (counter: grid_tickets.cuh) adds the partials in order into out, where position_tables_finalize
+// took a second launch: the same bits.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    position_tables_forward_sum(const scalar_t* __restrict__ pred, MapSpecs maps, int64_t B, int64_t M, int64_t H,
+                                int64_t W, at::opmath_type<scalar_t>* __restrict__ partial,
+                                at::opmath_type<scalar_t> divisor, at::opmath_type<scalar_t>* __restrict__ out,
+                                unsigned* __restrict__ counter) {
+  __shared__ bool last;
+  const auto block_total = forward_part<scalar_t, VEC, false>(pred, maps, B, M, H, W, nullptr);
+  if (threadIdx.x == 0 && threadIdx.y == 0) partial[blockIdx.y * gridDim.x + blockIdx.x] = block_total;
+  const unsigned blocks = gridDim.x * gridDim.y;
+  if (last_to_arrive(counter, blocks, &last))
+    finish_partials(partial, blocks, divisor, out, threadIdx.x + blockDim.x * threadIdx.y, blockDim.x * blockDim.y);
 }
 
 // d loss / d pred = grad * scale * (pred - target); grad one value, or per element ("none").
@@ -229,15 +270,30 @@ at::Tensor position_encoding_loss_tables(const at::Tensor& pred_in, at::IntArray
     at::Tensor partial;
     if (e == nullptr) partial = at::empty({static_cast<int64_t>(l.grid.x) * l.grid.y}, pred.options().dtype(acc));
     acc_t* part = e == nullptr ? partial.data_ptr<acc_t>() : nullptr;
+    // mean/sum stay in the accumulation dtype: a half "sum" would overflow (the caller casts)
+    const acc_t divisor = red == Reduction::Mean ? static_cast<acc_t>(total) : acc_t(1);
+    if (e == nullptr && cuda_next_enabled()) {  // the forward's last block adds the partials
+      at::Tensor out = at::empty({}, pred.options().dtype(acc));
+      const at::Tensor counters = grid_ticket_counters(pred.device(), 1);
+      auto* counter = reinterpret_cast<unsigned*>(counters.mutable_data_ptr<int>());
+      if (packed)
+        position_tables_forward_sum<scalar_t, V><<<l.grid, l.block, l.table_bytes, stream>>>(
+            p, maps, B, M, H, W, part, divisor, out.data_ptr<acc_t>(), counter);
+      else
+        position_tables_forward_sum<scalar_t, 1><<<l.grid, l.block, l.table_bytes, stream>>>(
+            p, maps, B, M, H, W, part, divisor, out.data_ptr<acc_t>(), counter);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      errors = out;
+      return;
+    }
     if (packed)
       launch_forward<scalar_t, V>(p, maps, B, M, H, W, part, e, l, stream);
     else
       launch_forward<scalar_t, 1>(p, maps, B, M, H, W, part, e, l, stream);
     if (e == nullptr) {
-      // mean/sum stay in the accumulation dtype: a half "sum" would overflow (the caller casts)
       at::Tensor out = at::empty({}, pred.options().dtype(acc));
-      const acc_t divisor = red == Reduction::Mean ? static_cast<acc_t>(total) : acc_t(1);
-      position_tables_finalize<acc_t><<<1, kThreads, 0, stream>>>(part, partial.numel(), divisor, out.data_ptr<acc_t>());
+      position_tables_finalize<acc_t>
+          <<<1, kThreads, 0, stream>>>(part, partial.numel(), divisor, out.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       errors = out;
     }
