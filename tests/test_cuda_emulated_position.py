@@ -115,15 +115,16 @@ def test_position_grid_wrap(kernels):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("shape", [(2, M_ALL, 9, 16), (1, M_ALL, 240, 4), (5, M_ALL, 3, 13)],
-                         ids=["packed", "many-partials", "scalar"])
-def test_position_sum_finished_by_the_last_block(kernels, shape, reduction):
+@pytest.mark.parametrize("shape, dtype", [((2, M_ALL, 9, 16), torch.float32), ((2, M_ALL, 9, 16), torch.float16),
+                                          ((1, M_ALL, 240, 4), torch.float32), ((5, M_ALL, 3, 13), torch.float32)],
+                         ids=["packed", "packed-half", "many-partials", "scalar"])
+def test_position_sum_finished_by_the_last_block(kernels, shape, dtype, reduction):
     """The next set (IDD_OPS_CUDA_NEXT) adds the block partials in the forward's last block
     (position_tables_forward_sum): one launch where the default's partial pass and finalise take
     two, the same bits (the partials in the same order over the block's linear threads, whatever
     the block shape: 32 x 8 in the narrow maps), whichever block comes last and on a second call
     (the ticket counter left at 0)."""
-    pred = maps(*shape, torch.float32)
+    pred = maps(*shape, dtype)
     elements, params, _ = expand_kinds(KINDS, 1)
     codes = [CODES[e] for e in elements]
     want = kernels.position_encoding_loss(pred, codes, params, reduction)

@@ -154,6 +154,42 @@ def test_last_block_counters_across_streams_and_graphs(name):
     _same(run(*fresh()), want)
 
 
+@needs_gpu
+@pytest.mark.parametrize("name", ["idd_loss", "pixel_kd", "ifvd"])
+def test_last_block_counters_on_per_thread_default_streams(name):
+    """Two host threads on the per-thread default stream, whose one handle (cudaStreamPerThread,
+    0x2) is a stream of each thread's own: their forwards overlap (each held back by a sleep), and
+    the last-block ticket counters (grid_tickets.cuh; kept per thread for that handle, where the
+    kernels take them) give each the value on the current stream. Forward only: a backward runs on
+    autograd's own thread."""
+    import threading
+
+    inputs, forward = CALLS[name]
+    inputs = [t.cuda() for t in inputs]
+    with torch.no_grad():
+        want = forward(*inputs)
+    torch.cuda.synchronize()
+    results, errors = [None, None], []
+
+    def work(i):
+        try:
+            with torch.no_grad(), torch.cuda.stream(torch.cuda.ExternalStream(0x2)):
+                torch.cuda._sleep(5_000_000)
+                results[i] = forward(*inputs).clone()
+                torch.cuda.current_stream().synchronize()
+        except Exception as e:  # reported in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for got in results:
+        _same([got], [want])
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_second_device(name):

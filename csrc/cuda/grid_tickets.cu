@@ -1,4 +1,7 @@
 // grid_ticket_counters (grid_tickets.cuh): per (device, stream) counters kept for the process.
+// The per-thread default stream has one handle (cudaStreamPerThread) for what is a stream of each
+// host thread's own, whose kernels may overlap another thread's: its counters are kept per thread
+// too (a thread that ends leaves its buffer allocated, as every buffer is).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAStream.h>
@@ -7,7 +10,8 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
-#include <utility>
+#include <thread>
+#include <tuple>
 
 #include "grid_tickets.cuh"
 
@@ -31,9 +35,10 @@ at::Tensor grid_ticket_counters(const at::Device& device, int64_t n) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
   static std::mutex mutex;
   // never destroyed: CUDA may be torn down before static destructors run
-  static auto& buffers = *new std::map<std::pair<int, cudaStream_t>, Counters>;
+  static auto& buffers = *new std::map<std::tuple<int, cudaStream_t, std::thread::id>, Counters>;
+  const std::thread::id owner = stream == cudaStreamPerThread ? std::this_thread::get_id() : std::thread::id();
   const std::lock_guard<std::mutex> lock(mutex);
-  Counters& c = buffers[{device.index(), stream}];
+  Counters& c = buffers[{device.index(), stream, owner}];
   if (c.size < n) {
     // From cudaMalloc, not the caching allocator: a buffer kept for the process must not come
     // from a memory pool that torch.compile's CUDA graphs (mode="reduce-overhead") check and

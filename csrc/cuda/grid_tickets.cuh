@@ -32,7 +32,8 @@ __device__ inline bool last_to_arrive(unsigned* counter, unsigned arrivals, bool
 
 // At least n unsigned counters at 0 for last_to_arrive on the current stream of `device` (int32
 // storage; hold the tensor until the kernel is queued). Outside graph capture, the same counters
-// for every call on a stream (a buffer from cudaMalloc, kept for the process): each kernel leaves
+// for every call on a stream (per host thread on the per-thread default stream, whose one handle
+// names each thread's own stream; a buffer from cudaMalloc, kept for the process): each kernel leaves
 // them at 0 and the stream orders the kernels, so no call pays a fill. A graph being captured
 // gets counters of its own, zeroed by a node of the graph, so that each replay finds them at 0
 // whatever ran on the stream before.

@@ -8,6 +8,9 @@
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 
+// The per-thread default stream's handle, as the CUDA runtime defines it.
+#define cudaStreamPerThread (reinterpret_cast<cudaStream_t>(0x2))
+
 enum cudaDeviceAttr {
   cudaDevAttrMaxSharedMemoryPerBlock,
   cudaDevAttrMultiProcessorCount,
