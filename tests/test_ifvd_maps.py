@@ -158,3 +158,29 @@ def test_ifvd_takes_the_loss_op_for_mean_and_sum(reduction):
             assert maps_op.called == (on and reduction == "none")
             results.append((loss, x.grad))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mean", [True, False], ids=["mean", "sum"])
+def test_loss_on_cuda_matches_the_cpu_op(dtype, mean):
+    """The CUDA kernels (the maps' launch adding the squares by tickets, the gradient map's
+    launch) against the CPU's route, and the same bits on three calls whichever blocks come last:
+    5 images of 37 x 29 pixels, 34 tiles of 32 pixels an image."""
+    g = torch.Generator().manual_seed(5)
+    B, K = 5, 7
+    s, t = torch.randn(B, 12, 37, 29, generator=g).to(dtype), torch.randn(B, 20, 37, 29, generator=g).to(dtype)
+    slots = torch.randint(-1, K, (B, 37, 29), generator=g, dtype=torch.int16)
+    ss, ns, st, _ = ops.class_sums_pair(s, slots, t, slots, K)
+    want = ops._ifvd_loss(s, t, ss, st, ns, slots, 1e-8, mean)
+    grad = torch.tensor(0.7, dtype=want[0].dtype)
+    want_grad = ops._ifvd_loss_backward(grad, s, want[4], slots, want[1], want[2], want[3], ns, 1e-8, mean)
+    cuda = [x.cuda() for x in (s, t, ss, st, ns, slots)]
+    runs = [ops._ifvd_loss(*cuda, 1e-8, mean) for _ in range(3)]
+    tol = 1e-9 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: its gradient's ulp
+    for got, w in zip(runs[0], want):
+        torch.testing.assert_close(got.cpu(), w, rtol=tol, atol=tol)
+    assert all(torch.equal(r[0], runs[0][0]) for r in runs)
+    got_grad = ops._ifvd_loss_backward(grad.cuda(), cuda[0], runs[0][4], cuda[5], runs[0][1], runs[0][2], runs[0][3],
+                                       cuda[4], 1e-8, mean)
+    torch.testing.assert_close(got_grad.cpu(), want_grad, rtol=tol, atol=tol * float(want_grad.abs().max()))

@@ -104,7 +104,8 @@ __global__ void ifvd_grad_map_kernel(const acc_t* __restrict__ grad, acc_t norm,
     out[i] = norm * (cos_s[i] - cos_t[i]) * g;
 }
 
-// The student map's backward, each device's kernel.
+// The student map's backward, CUDA's kernel (looked up here, not in ifvd_maps.h beside the
+// composite's: the emulator's build renames the ops a CUDA source calls, tests/cuda_emu/build.py).
 c10::TypedOperatorHandle<CosineSlotsBackward> cosine_slots_backward() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("idd_ops::_pixel_centroid_cosine_slots_backward", "")
