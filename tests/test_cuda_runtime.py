@@ -9,7 +9,7 @@ import torch
 import idd_ops
 from idd_ops import _switches, reference
 from conftest import make_feats, make_labels
-from op_calls import CALLS, OPS
+from op_calls import CALLS, KINDS, OPS
 
 ops = torch.ops.idd_ops
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -155,25 +155,34 @@ def test_last_block_counters_across_streams_and_graphs(name):
 
 
 @needs_gpu
-@pytest.mark.parametrize("name", ["idd_loss", "pixel_kd", "ifvd"])
+@pytest.mark.parametrize("name", ["idd_loss", "pixel_kd", "ifvd", "position_loss mean"])
 def test_last_block_counters_on_per_thread_default_streams(name):
     """Two host threads on the per-thread default stream, whose one handle (cudaStreamPerThread,
     0x2) is a stream of each thread's own: their forwards overlap (each held back by a sleep), and
     the last-block ticket counters (grid_tickets.cuh; kept per thread for that handle, where the
     kernels take them) give each the value on the current stream. Forward only: a backward runs on
-    autograd's own thread."""
+    autograd's own thread. Each thread allocates from a memory pool of its own: the caching
+    allocator, which keys freed blocks on the stream handle too, would otherwise hand one thread's
+    freed scratch memory to the other while the first one's kernels still wait behind the sleep."""
     import threading
 
-    inputs, forward = CALLS[name]
+    if not hasattr(torch.cuda, "use_mem_pool"):
+        pytest.skip("needs torch.cuda.use_mem_pool (per-thread memory pools)")
+    if name == "position_loss mean":  # CALLS' position loss is "none", which takes no ticket
+        inputs, forward = CALLS["position_loss"][0], lambda p: idd_ops.position_encoding_loss(p, KINDS)
+    else:
+        inputs, forward = CALLS[name]
     inputs = [t.cuda() for t in inputs]
     with torch.no_grad():
         want = forward(*inputs)
     torch.cuda.synchronize()
     results, errors = [None, None], []
+    pools = [torch.cuda.MemPool() for _ in range(2)]
 
     def work(i):
         try:
-            with torch.no_grad(), torch.cuda.stream(torch.cuda.ExternalStream(0x2)):
+            with torch.no_grad(), torch.cuda.use_mem_pool(pools[i]), \
+                    torch.cuda.stream(torch.cuda.ExternalStream(0x2)):
                 torch.cuda._sleep(5_000_000)
                 results[i] = forward(*inputs).clone()
                 torch.cuda.current_stream().synchronize()
@@ -188,6 +197,8 @@ def test_last_block_counters_on_per_thread_default_streams(name):
     assert not errors, errors
     for got in results:
         _same([got], [want])
+    results.clear()  # the pools' blocks freed before the pools go
+    torch.cuda.synchronize()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -1,7 +1,8 @@
 // grid_ticket_counters (grid_tickets.cuh): per (device, stream) counters kept for the process.
 // The per-thread default stream has one handle (cudaStreamPerThread) for what is a stream of each
 // host thread's own, whose kernels may overlap another thread's: its counters are kept per thread
-// too (a thread that ends leaves its buffer allocated, as every buffer is).
+// too (a thread that ends leaves its buffer allocated, as every buffer is; a later thread given
+// the same id takes it over, safe once the ended thread's kernels have run).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAStream.h>

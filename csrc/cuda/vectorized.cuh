@@ -50,7 +50,8 @@ inline int sm_count() {
 
 // Sum over a block of at most kThreads threads, whole warps, of any shape (warps follow the
 // linear thread index); the result is valid in the block's first thread. Every thread of the
-// block must call it, once per kernel (its shared slots are not guarded for reuse).
+// block must call it, once per kernel, or again only past a barrier after the previous call (its
+// shared slots are not guarded for reuse).
 template <typename T>
 __device__ T block_sum_any_shape(T value) {
   __shared__ T warp_totals[kThreads / 32];
