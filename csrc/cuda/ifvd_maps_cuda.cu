@@ -8,7 +8,6 @@
 // map before the slot-map cosine's backward, where mse_loss and its backward took about five.
 // Python takes these ops only under IDD_OPS_CUDA_NEXT=1 (idd_ops/_switches.py): no GPU has run
 // them yet.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -102,15 +101,6 @@ __global__ void ifvd_grad_map_kernel(const acc_t* __restrict__ grad, acc_t norm,
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     out[i] = norm * (cos_s[i] - cos_t[i]) * g;
-}
-
-// The student map's backward, CUDA's kernel (looked up here, not in ifvd_maps.h beside the
-// composite's: the emulator's build renames the ops a CUDA source calls, tests/cuda_emu/build.py).
-c10::TypedOperatorHandle<CosineSlotsBackward> cosine_slots_backward() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("idd_ops::_pixel_centroid_cosine_slots_backward", "")
-                             .typed<CosineSlotsBackward>();
-  return op;
 }
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
