@@ -2,8 +2,6 @@
 // Argument checks of _ifvd_maps and _ifvd_loss (IFVD's two maps, and its loss, from both networks'
 // class sums), shared by their composite kernels (csrc/composite/ifvd_maps.cpp) and CUDA kernels
 // (csrc/cuda/ifvd_maps_cuda.cu).
-#include <ATen/core/dispatch/Dispatcher.h>
-
 #include <algorithm>
 #include <array>
 #include <optional>
@@ -48,18 +46,11 @@ inline void check_ifvd_maps_inputs(const at::Tensor& student, const at::Tensor& 
   check_eps(eps);
 }
 
-// _pixel_centroid_cosine_slots_backward through the dispatcher (each device's kernel), which
-// _ifvd_loss_backward feeds with the loss's gradient map.
+// _pixel_centroid_cosine_slots_backward's signature, which _ifvd_loss_backward calls through the
+// dispatcher (each device's kernel), feeding it the loss's gradient map.
 using CosineSlotsBackward = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     double, const std::optional<at::Tensor>&);
-
-inline c10::TypedOperatorHandle<CosineSlotsBackward> cosine_slots_backward() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("idd_ops::_pixel_centroid_cosine_slots_backward", "")
-                             .typed<CosineSlotsBackward>();
-  return op;
-}
 
 // _ifvd_loss's factor: 1 / (B * H * W) for the mean (1 without pixels, whose sum is 0), else 1.
 inline double ifvd_loss_factor(const at::Tensor& cos_student, bool mean) {

@@ -32,6 +32,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ifvd_maps_composite(
   return {cos_s, cos_t, fnorm_s, cent_s};
 }
 
+// The student map's backward, each device's kernel.
+c10::TypedOperatorHandle<CosineSlotsBackward> cosine_slots_backward() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("idd_ops::_pixel_centroid_cosine_slots_backward", "")
+                             .typed<CosineSlotsBackward>();
+  return op;
+}
+
 at::Reduction::Reduction mse_reduction(bool mean) { return mean ? at::Reduction::Mean : at::Reduction::Sum; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ifvd_loss_composite(

@@ -8,6 +8,7 @@
 // map before the slot-map cosine's backward, where mse_loss and its backward took about five.
 // Python takes these ops only under IDD_OPS_CUDA_NEXT=1 (idd_ops/_switches.py): no GPU has run
 // them yet.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -101,6 +102,18 @@ __global__ void ifvd_grad_map_kernel(const acc_t* __restrict__ grad, acc_t norm,
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     out[i] = norm * (cos_s[i] - cos_t[i]) * g;
+}
+
+// The student map's backward, CUDA's kernel. Looked up here, in this file's own namespace, and not
+// in ifvd_maps.h: the emulator's build names the emulated op in CUDA sources
+// (tests/cuda_emu/build.py), and one inline function of a shared header, its static handle
+// unified across the two libraries a test process loads, served the CPU composite the emulated
+// kernel (tests/test_ifvd_maps.py failed after the emulated tests in one process).
+c10::TypedOperatorHandle<CosineSlotsBackward> cosine_slots_backward() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("idd_ops::_pixel_centroid_cosine_slots_backward", "")
+                             .typed<CosineSlotsBackward>();
+  return op;
 }
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

@@ -168,12 +168,6 @@ VECTOR_ACCESSES = [
 ]
 
 
-def _emulated_op_calls(text):
-    """An op that the CUDA host code calls through the dispatcher (in csrc/cuda, or in a
-    csrc/common helper it includes) is the emulated library's: its CUDA kernel."""
-    return text.replace('findSchemaOrThrow("idd_ops::', 'findSchemaOrThrow("idd_ops_emu::')
-
-
 def translate_source(text, name):
     """One CUDA source (.cu or .cuh) rewritten for the emulator."""
     if name.endswith("/cuda_utils.cuh"):
@@ -186,7 +180,8 @@ def translate_source(text, name):
     text = SHARED_ARRAY.sub(_shared, text)
     text = _launches(text, name)
     text = text.replace("CUDA_KERNEL_ASSERT(", "EMU_KERNEL_ASSERT(")
-    text = _emulated_op_calls(text)
+    # an op a CUDA kernel calls through the dispatcher is the emulated library's (its CUDA kernel)
+    text = text.replace('findSchemaOrThrow("idd_ops::', 'findSchemaOrThrow("idd_ops_emu::')
     text, n = re.subn(r"TORCH_LIBRARY_IMPL\(\s*idd_ops\s*,\s*CUDA\s*,\s*(\w+)\s*\)", r"EMU_CUDA_IMPL(\1)", text)
     # #line keeps the source's line numbers (the coverage report maps lines back to csrc/cuda)
     return "#include <emu_registry.h>\n#line 1\n" + text if n else text
@@ -256,8 +251,7 @@ def _write(path, text):
 def translate(out=BUILD / "src"):
     """Writes the emulator's sources under `out`; returns the translation units."""
     for src in (CSRC / "common").glob("*.h"):
-        _write(out / "common" / src.name,
-               CUDA_NEXT_SHIM if src.name == "cuda_next.h" else _emulated_op_calls(src.read_text()))
+        _write(out / "common" / src.name, CUDA_NEXT_SHIM if src.name == "cuda_next.h" else src.read_text())
     units = []
     for src in sorted((CSRC / "cuda").iterdir()):
         text = translate_source(src.read_text(), f"csrc/cuda/{src.name}")
