@@ -8,12 +8,14 @@
 // affinity_gradient.cuh: kPivotAhead, kPooledAhead, kCentredAhead, kGradientAhead; the same
 // bits), the IDD tail's forward in one launch, its Grams split over channel ranges where its
 // tile blocks are few (idd_tail_forward_cuda.cu's one-pass kernel, idd_tail_gram.cuh, with the
-// last-block tickets of grid_tickets.cuh), the position loss's "mean"/"sum" finished by its
-// forward's last block (position_tables_forward_sum), IFVD's two maps in one op and its loss in
-// one, the maps' launch adding the squares (ifvd_maps_cuda.cu), the class means in one
-// (class_means_cuda.cu) and pixel KD and CWD reduced in one (pixel_kd_sum_cuda.cu, its sums
-// finished by the last block); these three are chosen on the Python side (_switches.ifvd_maps_path,
-// class_means_path, pixel_kd_sum_path): no kernel of theirs reads it.
+// last-block tickets of grid_tickets.cuh), the class sums' segments added by each tile's last
+// segment block instead of a combine launch (class_sums_fold.cuh), the position loss's
+// "mean"/"sum" finished by its forward's last block (position_tables_forward_sum), IFVD's two
+// maps in one op and its loss in one, the maps' launch adding the squares (ifvd_maps_cuda.cu),
+// the class means in one (class_means_cuda.cu) and pixel KD and CWD reduced in one
+// (pixel_kd_sum_cuda.cu, its sums finished by the last block); these three are chosen on the
+// Python side (_switches.ifvd_maps_path, class_means_path, pixel_kd_sum_path): no kernel of
+// theirs reads it.
 // The kernels it held before (class sums, the fused IDD tail, the slot-map cosine, one-read
 // softmax-KL, column-table position maps, SKD's batched formulation) are the defaults since an
 // H200 passed them on 2026-12-04.

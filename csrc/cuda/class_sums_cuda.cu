@@ -7,7 +7,8 @@
 // A block owns (image, channel tile, pixel segment) and writes its own sums: the image's
 // [K, C-tile] block of the output, or of a per-segment float64 partial when the pixels are split
 // into segments (for enough blocks, or to bound the sequential part of each sum); one more small
-// launch then adds the segments in order. Three strategies, by layout and K: P and W for NCHW
+// launch then adds the segments in order (the next set: the last segment block of each image and
+// tile adds them, class_sums_fold.cuh). Three strategies, by layout and K: P and W for NCHW
 // (class_sums_nchw.cuh), L for channels_last (class_sums_last.cuh). Every shared-memory request
 // stays within the GPU's opt-in limit: L falls back to one NCHW copy and W, W to fewer warps,
 // and past one warp's sums (about K = 18000 on a 227 KiB GPU) the call stops with an error.
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/cuda_next.h"
 #include "class_sums_last.cuh"
 #include "class_sums_nchw.cuh"
 
@@ -156,14 +158,44 @@ at::Tensor counts_of_slots(const at::Tensor& slots, int64_t K) {
       .contiguous();
 }
 
+// `fold`: the next set's kernels, which finish split jobs themselves (class_sums_blocks.cuh).
 template <typename scalar_t, int VEC>
-void launch_sums(const Plan& plan, const SumsJobs& jobs, int blocks, int device, cudaStream_t stream) {
+void launch_sums(const Plan& plan, const SumsJobs& jobs, int blocks, int device, cudaStream_t stream,
+                 const Fold* fold) {
+  if (fold != nullptr) {
+    auto kernel = plan.strategy == Strategy::Private ? sums_private_folded_kernel<scalar_t, VEC>
+                  : plan.strategy == Strategy::Warp  ? sums_warp_folded_kernel<scalar_t, VEC>
+                                                     : sums_last_folded_kernel<scalar_t, VEC>;
+    allow_shared_memory(kernel, plan.shared, device, jobs.K);
+    kernel<<<blocks, plan.threads, plan.shared, stream>>>(jobs, *fold);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   auto kernel = plan.strategy == Strategy::Private ? sums_private_kernel<scalar_t, VEC>
                 : plan.strategy == Strategy::Warp  ? sums_warp_kernel<scalar_t, VEC>
                                                    : sums_last_kernel<scalar_t, VEC>;
   allow_shared_memory(kernel, plan.shared, device, jobs.K);  // within the opt-in limit: planned so
   kernel<<<blocks, plan.threads, plan.shared, stream>>>(jobs);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The next set's finish of a launch's jobs: each job's outputs, and counters (one per image and
+// tile of every job) where a job is split. `counters` holds them until the launch is queued.
+Fold fold_of(const std::vector<Pass*>& group, at::Tensor& counters) {
+  Fold fold{};
+  int64_t groups = 0;
+  bool split = false;
+  for (size_t i = 0; i < group.size(); ++i) {
+    fold.sums[i] = group[i]->sums.data_ptr<double>();
+    fold.counts[i] = group[i]->counts.data_ptr<int64_t>();
+    groups += group[i]->job.blocks / group[i]->job.segs;
+    split = split || group[i]->job.segs > 1;
+  }
+  if (split) {
+    counters = grid_ticket_counters(group[0]->feats.device(), groups);
+    fold.counters = reinterpret_cast<unsigned*>(counters.data_ptr<int>());
+  }
+  return fold;
 }
 
 // Adds the segments' partials of the split passes in segment order, both in one launch.
@@ -207,6 +239,7 @@ void run_passes(const std::vector<Pass*>& passes, int64_t K) {
   std::vector<std::vector<Pass*>> groups;
   if (live.size() == 2 && same(live[0], live[1])) groups.push_back(live);
   else for (Pass* p : live) groups.push_back({p});
+  const bool folded = cuda_next_enabled();
   for (const auto& g : groups) {
     SumsJobs jobs{};
     jobs.K = static_cast<int>(K);
@@ -214,11 +247,15 @@ void run_passes(const std::vector<Pass*>& passes, int64_t K) {
     jobs.job[1] = g.size() > 1 ? g[1]->job : SumsJob{};
     const int blocks = jobs.job[0].blocks + jobs.job[1].blocks;
     const Plan& plan = g[0]->plan;
+    at::Tensor counters;
+    const Fold fold = folded ? fold_of(g, counters) : Fold{};
+    const Fold* f = folded ? &fold : nullptr;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g[0]->feats.scalar_type(), "class_sums_cuda", [&] {
-      if (plan.vec) launch_sums<scalar_t, vec16<scalar_t>()>(plan, jobs, blocks, device, stream);
-      else launch_sums<scalar_t, 1>(plan, jobs, blocks, device, stream);
+      if (plan.vec) launch_sums<scalar_t, vec16<scalar_t>()>(plan, jobs, blocks, device, stream, f);
+      else launch_sums<scalar_t, 1>(plan, jobs, blocks, device, stream, f);
     });
   }
+  if (folded) return;
   std::vector<Pass*> split;  // passes split into segments (all float64 partials: one launch)
   for (Pass* p : live)
     if (p->job.segs > 1) split.push_back(p);

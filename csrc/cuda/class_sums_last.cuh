@@ -7,12 +7,14 @@
 //     larger K pays one NCHW copy and takes W.
 // It sums x - pivot (class_sums_blocks.cuh) and counts its own pixels, for the float64 write.
 #include "class_sums_blocks.cuh"
+#include "class_sums_fold.cuh"
 
 namespace idd_ops {
 namespace class_sums_cuda {
 
+// The block's pass, for sums_last_kernel and its folded twin.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kWarps * 32) sums_last_kernel(const SumsJobs jobs) {
+__device__ __forceinline__ void last_pass(const SumsJobs& jobs) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kLanesC = 32 * VEC;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -89,6 +91,18 @@ __global__ void __launch_bounds__(kWarps * 32) sums_last_kernel(const SumsJobs j
   }
   if (w.tile == 0)
     for (int k = tid; k < K; k += kWarps * 32) block_counts(w, K)[k] = cnt[k];
+}
+
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kWarps * 32) sums_last_kernel(const SumsJobs jobs) {
+  last_pass<scalar_t, VEC>(jobs);
+}
+
+// The next set's (class_sums_blocks.cuh: Fold); a tile is 32 x VEC channels.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kWarps * 32) sums_last_folded_kernel(const SumsJobs jobs, const Fold fold) {
+  last_pass<scalar_t, VEC>(jobs);
+  finish_split(jobs, 32 * VEC, fold);
 }
 
 }  // namespace class_sums_cuda

@@ -8,6 +8,7 @@
 //     no more (K up to about 6000 at 4 warps and 227 KiB, 18000 at 1 warp).
 // Both sum x - pivot (class_sums_blocks.cuh) and count their own pixels, for the float64 write.
 #include "class_sums_blocks.cuh"
+#include "class_sums_fold.cuh"
 
 namespace idd_ops {
 namespace class_sums_cuda {
@@ -33,9 +34,9 @@ __device__ __forceinline__ void write_nchw_sum(const BlockWork& w, int K, int k,
 }
 
 // P: thread-private sums priv[k][t][thread] (conflict-free: a warp's lanes hit 32 consecutive
-// words).
+// words). The block's pass, for sums_private_kernel and its folded twin.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kPrivateThreads) sums_private_kernel(const SumsJobs jobs) {
+__device__ __forceinline__ void private_pass(const SumsJobs& jobs) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int K = jobs.K, tid = threadIdx.x;
@@ -133,9 +134,9 @@ __device__ __forceinline__ void add_warp_classes(int s, const acc_t (&v)[kTile],
 }
 
 // W: warp-private sums priv[k][warp][t]; each warp walks its own contiguous share of the
-// segment in chunks of 32 x VEC pixels.
+// segment in chunks of 32 x VEC pixels. The block's pass, for sums_warp_kernel and its twin.
 template <typename scalar_t, int VEC>
-__global__ void __launch_bounds__(kWarps * 32) sums_warp_kernel(const SumsJobs jobs) {
+__device__ __forceinline__ void warp_pass(const SumsJobs& jobs) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int K = jobs.K, tid = threadIdx.x, lane = tid % 32, warp = tid / 32, warps = blockDim.x / 32;
@@ -210,6 +211,30 @@ __global__ void __launch_bounds__(kWarps * 32) sums_warp_kernel(const SumsJobs j
   }
   if (w.tile == 0)
     for (int k = tid; k < K; k += blockDim.x) block_counts(w, K)[k] = cnt[k];
+}
+
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kPrivateThreads) sums_private_kernel(const SumsJobs jobs) {
+  private_pass<scalar_t, VEC>(jobs);
+}
+
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kWarps * 32) sums_warp_kernel(const SumsJobs jobs) {
+  warp_pass<scalar_t, VEC>(jobs);
+}
+
+// The next set's (class_sums_blocks.cuh: Fold): the pass, then a split job's segments added by
+// each tile's last block.
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kPrivateThreads) sums_private_folded_kernel(const SumsJobs jobs, const Fold fold) {
+  private_pass<scalar_t, VEC>(jobs);
+  finish_split(jobs, kTile, fold);
+}
+
+template <typename scalar_t, int VEC>
+__global__ void __launch_bounds__(kWarps * 32) sums_warp_folded_kernel(const SumsJobs jobs, const Fold fold) {
+  warp_pass<scalar_t, VEC>(jobs);
+  finish_split(jobs, kTile, fold);
 }
 
 }  // namespace class_sums_cuda

@@ -165,6 +165,7 @@ constexpr int warpSize = 32;
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__  // a call or inlined: the same semantics on the CPU
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 
