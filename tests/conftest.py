@@ -119,6 +119,12 @@ EMULATED_CUDA_DIFFERENCES = {
                                                               "not bit for bit on CUDA: the labels backward adds "
                                                               "centroid gradients with float atomics, the slot forward "
                                                               "in 8 partial sums a pixel"),
+    "tests/test_ifvd_maps.py::test_loss_is_the_mse_of_the_maps": (
+        KERNEL_SETS, "skip", "CUDA's _ifvd_loss adds the squares in float64 (docs/ARCHITECTURE.md), not in "
+                             "mse_loss's float32 order: not bit for bit (test_cuda_emulated_ifvd_maps.py holds it "
+                             "to the CPU op within rounding)"),
+    "tests/test_ifvd_maps.py::test_ifvd_takes_the_loss_op_for_mean_and_sum": (
+        KERNEL_SETS, "skip", "CUDA's _ifvd_loss adds the squares in float64, not bit for bit with mse_loss"),
     "tests/test_training.py::test_cpu_autocast_bfloat16[skd]": (
         KERNEL_SETS, "xfail", "CUDA's SKD keeps bfloat16 GEMM operands (docs/ARCHITECTURE.md): 6.6e-4 of the loss "
                                "here, where the CPU's float32 operands meet the test's 1e-4"),
