@@ -60,14 +60,16 @@ PREDICTIONS = [
     *[("idd_loss b2-c256", mode, r"sums_private(_folded)?_kernel<float, 4>", 35.0,
        "the pass's 0.031-0.034 ms, then each tile's last block adds 2 segments of 19 x 2 float64 sums")
       for mode in ("forward", "forward+backward")],
-    # IFVD: both centroid tables in one launch, both maps and the loss in another, the gradient map in one
+    # IFVD: both centroid tables in one launch, both maps and the loss in another, the gradient map
+    # formed in the cosine backward's factor pass
     ("ifvd", "forward+backward", r"centroid_tables_from_sums_kernel<float>", 10.0,
      "a warp a (image, class) row of both networks' sums"),
     ("ifvd", "forward+backward", r"cosine_pair_forward_kernel<float>", 172.0,
      "the two slot-map forwards' 0.168 ms in one launch; its tiles' last blocks add B x H x W = 65 k "
      "squared differences read through L2 (0.5 MB: 0.004 ms)"),
-    ("ifvd", "forward+backward", r"ifvd_grad_map_kernel<float>", 3.0,
-     "two maps read and one written, 65 k floats each (0.8 MB): a launch's latency"),
+    ("ifvd", "forward+backward", r"(ifvd_loss|cosine_slots)_factors_kernel<float>", 12.0,
+     "the slot backward's factor pass (not in the H200's six longest, so about 0.01 ms or less), "
+     "reading the teacher's map too (65 k floats: 0.26 MB)"),
 ]
 
 

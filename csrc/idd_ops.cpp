@@ -123,9 +123,9 @@ TORCH_LIBRARY(idd_ops, m) {
         "Tensor slots, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   // IFVD's loss in one op: _ifvd_maps' outputs after the loss, the maps' squared difference summed
   // over every pixel (mean: divided by their number B*H*W; 0 without pixels), 0-dim in the maps'
-  // dtype. On CUDA the maps' launch also adds the squares (its last blocks), and the backward is one
-  // launch for the gradient map before _pixel_centroid_cosine_slots_backward's, where mse_loss and
-  // its backward took about five.
+  // dtype. On CUDA the maps' launch also adds the squares (its last blocks), and the backward is
+  // _pixel_centroid_cosine_slots_backward's launches, its factor pass forming the gradient map from
+  // both maps, where mse_loss and its backward took about five.
   m.def("_ifvd_loss(Tensor student, Tensor teacher, Tensor student_sums, Tensor teacher_sums, Tensor counts, "
         "Tensor slots, float eps, bool mean) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("_ifvd_loss_backward(Tensor grad, Tensor student, Tensor student_centroids, Tensor slots, Tensor cos_student, "

@@ -43,8 +43,8 @@ def ifvd_maps_path(device: torch.device) -> bool:
     """Whether IFVD's class-sum path computes both networks' maps in one op (_ifvd_maps: both
     centroid tables from the class sums in one launch, both maps in another, where the divisions
     and two slot-map cosine calls took seven launches), and for "mean" and "sum" its loss too
-    (_ifvd_loss: the maps' launch adds their squared difference, and the backward forms the
-    gradient map in one launch, where mse_loss and its backward took about five): on CUDA under
+    (_ifvd_loss: the maps' launch adds their squared difference, and the backward's factor pass
+    forms the gradient map, where mse_loss and its backward took about five launches): on CUDA under
     IDD_OPS_CUDA_NEXT=1, since no GPU has run its kernels yet. Other devices would gain nothing
     from it: there it is the same ATen divisions, cosine calls and mse_loss
     (csrc/composite/ifvd_maps.cpp)."""

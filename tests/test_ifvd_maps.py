@@ -164,8 +164,8 @@ def test_ifvd_takes_the_loss_op_for_mean_and_sum(reduction):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("mean", [True, False], ids=["mean", "sum"])
 def test_loss_on_cuda_matches_the_cpu_op(dtype, mean):
-    """The CUDA kernels (the maps' launch adding the squares by tickets, the gradient map's
-    launch) against the CPU's route, and the same bits on three calls whichever blocks come last:
+    """The CUDA kernels (the maps' launch adding the squares by tickets, the cosine backward's
+    factor pass forming the gradient map) against the CPU's route, and the same bits on three calls whichever blocks come last:
     5 images of 37 x 29 pixels, 34 tiles of 32 pixels an image."""
     g = torch.Generator().manual_seed(5)
     B, K = 5, 7

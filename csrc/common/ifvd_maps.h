@@ -46,8 +46,9 @@ inline void check_ifvd_maps_inputs(const at::Tensor& student, const at::Tensor& 
   check_eps(eps);
 }
 
-// _pixel_centroid_cosine_slots_backward's signature, which _ifvd_loss_backward calls through the
-// dispatcher (each device's kernel), feeding it the loss's gradient map.
+// _pixel_centroid_cosine_slots_backward's signature, which the composite _ifvd_loss_backward
+// calls through the dispatcher, feeding it the loss's gradient map (CUDA's calls its kernels
+// directly: csrc/cuda/cosine_slots_backward.cuh).
 using CosineSlotsBackward = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     double, const std::optional<at::Tensor>&);

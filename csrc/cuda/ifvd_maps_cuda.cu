@@ -4,11 +4,11 @@
 // cosine call per network took seven (a clamp, two divisions, a table and a map per network).
 // The backward is the slot-map cosine's with counts (csrc/autograd). IFVD's loss (_ifvd_loss)
 // is the same two launches, the maps' also adding the squared differences (its tiles' last
-// blocks, then the grid's last: grid_tickets.cuh), and its backward one launch for the gradient
-// map before the slot-map cosine's backward, where mse_loss and its backward took about five.
+// blocks, then the grid's last: grid_tickets.cuh), and its backward the slot-map cosine's, whose
+// factor pass forms the loss's gradient map from the two maps, where mse_loss and its backward
+// took about five launches.
 // Python takes these ops only under IDD_OPS_CUDA_NEXT=1 (idd_ops/_switches.py): no GPU has run
 // them yet.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -17,6 +17,7 @@
 
 #include "../common/ifvd_maps.h"
 #include "centroid_norms.cuh"
+#include "cosine_slots_backward.cuh"
 #include "cosine_slots_forward.cuh"
 #include "cuda_utils.cuh"
 #include "grid_tickets.cuh"
@@ -91,29 +92,6 @@ __global__ void __launch_bounds__(kThreads, 6)
   for (unsigned t = threadIdx.x; t < tiles; t += kThreads) total += __ldcg(loss.parts + t);
   total = block_sum(total, scratch);
   if (threadIdx.x == 0) *loss.value = static_cast<acc_t>(total * loss.factor);
-}
-
-// The loss's gradient map: norm * (cos_s - cos_t) * grad, norm = 2 * factor, in mse_loss's
-// backward's order of operations (the composite's at::mse_loss_backward: the same bits).
-template <typename acc_t>
-__global__ void ifvd_grad_map_kernel(const acc_t* __restrict__ grad, acc_t norm, const acc_t* __restrict__ cos_s,
-                                     const acc_t* __restrict__ cos_t, int64_t n, acc_t* __restrict__ out) {
-  const acc_t g = *grad;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[i] = norm * (cos_s[i] - cos_t[i]) * g;
-}
-
-// The student map's backward, CUDA's kernel. Looked up here, in this file's own namespace, and not
-// in ifvd_maps.h: the emulator's build names the emulated op in CUDA sources
-// (tests/cuda_emu/build.py), and one inline function of a shared header, its static handle
-// unified across the two libraries a test process loads, served the CPU composite the emulated
-// kernel (tests/test_ifvd_maps.py failed after the emulated tests in one process).
-c10::TypedOperatorHandle<CosineSlotsBackward> cosine_slots_backward() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("idd_ops::_pixel_centroid_cosine_slots_backward", "")
-                             .typed<CosineSlotsBackward>();
-  return op;
 }
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -198,22 +176,13 @@ at::Tensor ifvd_loss_backward_kernel(const at::Tensor& grad, const at::Tensor& s
                                      const at::Tensor& cos_student, const at::Tensor& cos_teacher,
                                      const at::Tensor& feat_norms, const at::Tensor& counts, double eps, bool mean) {
   check_ifvd_loss_backward_inputs(grad, student, cos_student, cos_teacher, feat_norms);
-  const c10::cuda::CUDAGuard guard(student.device());
-  const at::Tensor cos_s = cos_student.contiguous(), cos_t = cos_teacher.contiguous();
-  const at::Tensor g = grad.to(cos_s.scalar_type());
-  at::Tensor grad_map = at::empty_like(cos_s, at::MemoryFormat::Contiguous);
-  const int64_t n = cos_s.numel();
-  if (n > 0) {
-    const auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES(cos_s.scalar_type(), "ifvd_grad_map_cuda", [&] {
-      ifvd_grad_map_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-          g.const_data_ptr<scalar_t>(), static_cast<scalar_t>(2 * ifvd_loss_factor(cos_s, mean)),
-          cos_s.const_data_ptr<scalar_t>(), cos_t.const_data_ptr<scalar_t>(), n, grad_map.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  return std::get<0>(cosine_slots_backward().call(grad_map, student, student_centroids, slots, cos_s, feat_norms, eps,
-                                                  counts));
+  // the cosine backward's own checks, the student's map standing for the gradient map (its shape
+  // and dtype), which the factor pass forms from the two maps
+  check_pixel_centroid_cosine_slots_backward_inputs(cos_student, student, student_centroids, slots, cos_student,
+                                                    feat_norms, eps, counts);
+  const IfvdLossGrad ifvd{cos_teacher, 2 * ifvd_loss_factor(cos_student, mean)};
+  return std::get<0>(cosine_slots_backward_cuda(grad.to(cos_student.scalar_type()), student, student_centroids, slots,
+                                                cos_student, feat_norms, eps, counts, &ifvd));
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include "../common/checks.h"
 #include "../common/cosine.h"
 #include "centroid_norms.cuh"
+#include "cosine_slots_backward.cuh"
 #include "cosine_slots_forward.cuh"
 #include "cuda_utils.cuh"
 
@@ -103,13 +104,15 @@ constexpr int kRowsAhead = 4;
 // images grid-strided): per pixel a = g * alpha, bf = g * beta_f (0 where ignored), and the
 // segment's class sums of g * beta_c into bc_part[b, s, :] (ClassSums: `warps` as there; the
 // rows kernel adds the segments in order). Segments give the pass blocks enough to fill a GPU
-// where one block per image (8 at B=8) would walk the image alone.
-template <typename acc_t>
-__global__ void cosine_slots_factors_kernel(const acc_t* __restrict__ grad, const acc_t* __restrict__ cos,
-                                            const acc_t* __restrict__ fnorm, const acc_t* __restrict__ cnorm,
-                                            const int16_t* __restrict__ slots, int64_t B, int64_t HW, int64_t segment,
-                                            int K, acc_t eps, int warps, acc_t* __restrict__ a,
-                                            acc_t* __restrict__ bf, acc_t* __restrict__ bc_part) {
+// where one block per image (8 at B=8) would walk the image alone. `grad_at(e)`: pixel e's g
+// (LoadedGrad for the op's gradient map; IFVD's loss forms it from its maps, IfvdGrad).
+template <typename acc_t, typename Grad>
+__device__ __forceinline__ void cosine_slots_factors(const Grad& grad_at, const acc_t* __restrict__ cos,
+                                                     const acc_t* __restrict__ fnorm, const acc_t* __restrict__ cnorm,
+                                                     const int16_t* __restrict__ slots, int64_t B, int64_t HW,
+                                                     int64_t segment, int K, acc_t eps, int warps,
+                                                     acc_t* __restrict__ a, acc_t* __restrict__ bf,
+                                                     acc_t* __restrict__ bc_part) {
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
   const int64_t segments = gridDim.x, s = blockIdx.x, begin = s * segment;
@@ -124,8 +127,9 @@ __global__ void cosine_slots_factors_kernel(const acc_t* __restrict__ grad, cons
       acc_t vc = 0;
       if (k >= 0) {
         const CosineGrad<acc_t> cg = clamped_cosine_grad(cos[e], fnorm[e], cnorm[b * K + k], eps);
-        a[e] = grad[e] * cg.alpha, bf[e] = grad[e] * cg.beta_f;
-        vc = grad[e] * cg.beta_c;
+        const acc_t g = grad_at(e);
+        a[e] = g * cg.alpha, bf[e] = g * cg.beta_f;
+        vc = g * cg.beta_c;
       } else if (p < end) {
         a[e] = 0, bf[e] = 0;
       }
@@ -137,6 +141,43 @@ __global__ void cosine_slots_factors_kernel(const acc_t* __restrict__ grad, cons
       for (int k = threadIdx.x; k < K; k += blockDim.x) part[k] = sums.total(smem, k);
     __syncthreads();  // the next image zeroes the shared sums
   }
+}
+
+template <typename acc_t>
+struct LoadedGrad {
+  const acc_t* grad;
+  __device__ acc_t operator()(int64_t e) const { return grad[e]; }
+};
+
+// IFVD's loss gradient at pixel e, norm * (cos_s - cos_t) * g (norm = 2 * the loss's factor,
+// g its gradient): mse_loss_backward's order of operations (the same bits as the composite's map).
+template <typename acc_t>
+struct IfvdGrad {
+  const acc_t *cos_s, *cos_t;
+  acc_t norm, g;
+  __device__ acc_t operator()(int64_t e) const { return norm * (cos_s[e] - cos_t[e]) * g; }
+};
+
+template <typename acc_t>
+__global__ void cosine_slots_factors_kernel(const acc_t* __restrict__ grad, const acc_t* __restrict__ cos,
+                                            const acc_t* __restrict__ fnorm, const acc_t* __restrict__ cnorm,
+                                            const int16_t* __restrict__ slots, int64_t B, int64_t HW, int64_t segment,
+                                            int K, acc_t eps, int warps, acc_t* __restrict__ a,
+                                            acc_t* __restrict__ bf, acc_t* __restrict__ bc_part) {
+  cosine_slots_factors(LoadedGrad<acc_t>{grad}, cos, fnorm, cnorm, slots, B, HW, segment, K, eps, warps, a, bf,
+                       bc_part);
+}
+
+// The next set's (cuda_next.h) factor pass of IFVD's loss: its gradient map formed per pixel from
+// the two maps and the loss's gradient (grad, 0-dim), where a launch of its own wrote it.
+template <typename acc_t>
+__global__ void ifvd_loss_factors_kernel(const acc_t* __restrict__ grad, acc_t norm, const acc_t* __restrict__ cos,
+                                         const acc_t* __restrict__ cos_t, const acc_t* __restrict__ fnorm,
+                                         const acc_t* __restrict__ cnorm, const int16_t* __restrict__ slots, int64_t B,
+                                         int64_t HW, int64_t segment, int K, acc_t eps, int warps,
+                                         acc_t* __restrict__ a, acc_t* __restrict__ bf, acc_t* __restrict__ bc_part) {
+  cosine_slots_factors(IfvdGrad<acc_t>{cos, cos_t, norm, *grad}, cos, fnorm, cnorm, slots, B, HW, segment, K, eps,
+                       warps, a, bf, bc_part);
 }
 
 // One block per (image, channel) row: writes that row of grad_feats and the channel's gradient
@@ -290,6 +331,18 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
     const at::Tensor& cos_in, const at::Tensor& fnorm_in, double eps, const std::optional<at::Tensor>& counts_in) {
   check_pixel_centroid_cosine_slots_backward_inputs(grad_in, feats_in, centroids_in, slots_in, cos_in, fnorm_in, eps,
                                                     counts_in);
+  return cosine_slots_backward_cuda(grad_in, feats_in, centroids_in, slots_in, cos_in, fnorm_in, eps, counts_in,
+                                    nullptr);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> cosine_slots_backward_cuda(const at::Tensor& grad_in, const at::Tensor& feats_in,
+                                                              const at::Tensor& centroids_in,
+                                                              const at::Tensor& slots_in, const at::Tensor& cos_in,
+                                                              const at::Tensor& fnorm_in, double eps,
+                                                              const std::optional<at::Tensor>& counts_in,
+                                                              const IfvdLossGrad* ifvd) {
   const c10::cuda::CUDAGuard guard(feats_in.device());
   // the rows kernel writes every centroid gradient (ClassSums zeroes what it adds into)
   const CosineBackwardTensors t = cosine_backward_tensors(grad_in, feats_in, centroids_in, cos_in, fnorm_in,
@@ -312,10 +365,19 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
     // the factor pass writes every segment's class sums (and zeroes those it adds into in global memory)
     at::Tensor bc_part = at::empty({B, segments, K}, cent.options());
     const dim3 grid(static_cast<unsigned>(segments), static_cast<unsigned>(std::min(B, kMaxGridYZ)));
-    cosine_slots_factors_kernel<acc_t><<<grid, threads, shared, stream>>>(
-        grad.const_data_ptr<acc_t>(), cosv.const_data_ptr<acc_t>(), fnorm.const_data_ptr<acc_t>(),
-        cnorm.const_data_ptr<acc_t>(), slots.const_data_ptr<int16_t>(), B, HW, whole, static_cast<int>(K),
-        static_cast<acc_t>(eps), warps, a.data_ptr<acc_t>(), bf.data_ptr<acc_t>(), bc_part.data_ptr<acc_t>());
+    if (ifvd == nullptr) {
+      cosine_slots_factors_kernel<acc_t><<<grid, threads, shared, stream>>>(
+          grad.const_data_ptr<acc_t>(), cosv.const_data_ptr<acc_t>(), fnorm.const_data_ptr<acc_t>(),
+          cnorm.const_data_ptr<acc_t>(), slots.const_data_ptr<int16_t>(), B, HW, whole, static_cast<int>(K),
+          static_cast<acc_t>(eps), warps, a.data_ptr<acc_t>(), bf.data_ptr<acc_t>(), bc_part.data_ptr<acc_t>());
+    } else {
+      const at::Tensor cos_t = ifvd->cos_teacher.contiguous();
+      ifvd_loss_factors_kernel<acc_t><<<grid, threads, shared, stream>>>(
+          grad.const_data_ptr<acc_t>(), static_cast<acc_t>(ifvd->norm), cosv.const_data_ptr<acc_t>(),
+          cos_t.const_data_ptr<acc_t>(), fnorm.const_data_ptr<acc_t>(), cnorm.const_data_ptr<acc_t>(),
+          slots.const_data_ptr<int16_t>(), B, HW, whole, static_cast<int>(K), static_cast<acc_t>(eps), warps,
+          a.data_ptr<acc_t>(), bf.data_ptr<acc_t>(), bc_part.data_ptr<acc_t>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // with counts: each row's shares grad_c / n, channel-major like cent_t, for the second walk
     at::Tensor share_t = counts.defined() ? at::empty({B, C, K}, cent.options()) : at::Tensor();
@@ -329,8 +391,6 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
   });
   return {grad_f, grad_c.to(centroids_in.scalar_type())};
 }
-
-}  // namespace
 
 // CUDA implementations of the schemas declared in idd_ops.cpp.
 TORCH_LIBRARY_IMPL(idd_ops, CUDA, m) {
