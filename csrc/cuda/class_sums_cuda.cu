@@ -158,7 +158,7 @@ at::Tensor counts_of_slots(const at::Tensor& slots, int64_t K) {
       .contiguous();
 }
 
-// `fold`: the next set's kernels, which finish split jobs themselves (class_sums_blocks.cuh).
+// `fold`: the next set's kernels, which finish split jobs themselves (class_sums_fold.cuh).
 template <typename scalar_t, int VEC>
 void launch_sums(const Plan& plan, const SumsJobs& jobs, int blocks, int device, cudaStream_t stream,
                  const Fold* fold) {

@@ -1,6 +1,6 @@
 #pragma once
 // The next kernel set's finish of a split class-sum job inside its pass (cuda_next.h): the
-// kernels of class_sums_nchw.cuh and class_sums_last.cuh call add_segments after their pass, and
+// kernels of class_sums_nchw.cuh and class_sums_last.cuh call finish_split after their pass, and
 // the combine launch of class_sums_blocks.cuh is not needed.
 #include "class_sums_blocks.cuh"
 #include "grid_tickets.cuh"

@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kWarps * 32) sums_last_kernel(const SumsJobs j
   last_pass<scalar_t, VEC>(jobs);
 }
 
-// The next set's (class_sums_blocks.cuh: Fold); a tile is 32 x VEC channels.
+// The next set's (class_sums_fold.cuh); a tile is 32 x VEC channels.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kWarps * 32) sums_last_folded_kernel(const SumsJobs jobs, const Fold fold) {
   last_pass<scalar_t, VEC>(jobs);

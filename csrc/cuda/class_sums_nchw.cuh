@@ -223,8 +223,8 @@ __global__ void __launch_bounds__(kWarps * 32) sums_warp_kernel(const SumsJobs j
   warp_pass<scalar_t, VEC>(jobs);
 }
 
-// The next set's (class_sums_blocks.cuh: Fold): the pass, then a split job's segments added by
-// each tile's last block.
+// The next set's (class_sums_fold.cuh): the pass, then a split job's segments added by each
+// tile's last block.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kPrivateThreads) sums_private_folded_kernel(const SumsJobs jobs, const Fold fold) {
   private_pass<scalar_t, VEC>(jobs);
