@@ -20,7 +20,7 @@ struct Fold {
 // partials [B, segs, K, C] and partial counts [B, segs, K] into sums [B, K, C] (counts [B, K]
 // where `counts` is given). Not inlined: the pass's registers stay as in the default kernels,
 // and the arguments are scalars, so no copy of the launch's parameters goes to the stack.
-__device__ __noinline__ void add_segments(const double* partial, const int64_t* partial_counts, double* sums,
+static __device__ __noinline__ void add_segments(const double* partial, const int64_t* partial_counts, double* sums,
                                           int64_t* counts, int b, int c0, int n, int segs, int K, int C) {
   const double* part = partial + static_cast<int64_t>(b) * segs * K * C;
   for (int e = threadIdx.x; e < K * n; e += blockDim.x) {
