@@ -55,10 +55,10 @@ PREDICTIONS = [
     *[("position_loss 512x1024", mode, r"position_tables_forward_sum<float, 4>", 20.0,
        "the partial pass's 83.9 MB read (0.017 ms at 4.8 TB/s), then one block adds 1056 partials (0.002)")
       for mode in ("forward", "forward+backward")],
-    # IDD at B=2, C=256: the class sums split into 2 segments an (image, tile), added by each tile's
+    # IDD at B=2, C=256: the class sums split into 6 segments an (image, tile), added by each tile's
     # last segment block where combine_segments_kernel took a launch (0.004 ms)
     *[("idd_loss b2-c256", mode, r"sums_private(_folded)?_kernel<float, 4>", 35.0,
-       "the pass's 0.031-0.034 ms, then each tile's last block adds 2 segments of 19 x 2 float64 sums")
+       "the pass's 0.031-0.034 ms, then each tile's last block adds 6 segments of 19 x 2 float64 sums")
       for mode in ("forward", "forward+backward")],
     # IFVD: both centroid tables in one launch, both maps and the loss in another, the gradient map
     # formed in the cosine backward's factor pass

@@ -18,8 +18,9 @@ struct Fold {
 
 // The last block's additions for image b, channels [c0, c0 + n) of a job split into `segs`:
 // partials [B, segs, K, C] and partial counts [B, segs, K] into sums [B, K, C] (counts [B, K]
-// where `counts` is given). Not inlined: the pass's registers stay as in the default kernels,
-// and the arguments are scalars, so no copy of the launch's parameters goes to the stack.
+// where `counts` is given). Not inlined: inlined, the adds made some instances of the pass spill;
+// as a call with scalar arguments no pass loop spills (ptxas sm_90: a 40-byte call frame, and two
+// instances keep 8-12 bytes of the job on the stack, stored before the loop, read after it).
 static __device__ __noinline__ void add_segments(const double* partial, const int64_t* partial_counts, double* sums,
                                           int64_t* counts, int b, int c0, int n, int segs, int K, int C) {
   const double* part = partial + static_cast<int64_t>(b) * segs * K * C;
@@ -41,7 +42,7 @@ static __device__ __noinline__ void add_segments(const double* partial, const in
 // Called by every thread of every block after its pass (the block's writes done; `width`: the
 // channels of a tile). A block of an unsplit job returns at once (its write was the output).
 // The ticket's flag reuses the dynamic shared memory's first byte: the pass is over.
-__device__ __forceinline__ void finish_split(const SumsJobs& jobs, int width, const Fold& fold) {
+static __device__ __forceinline__ void finish_split(const SumsJobs& jobs, int width, const Fold& fold) {
   const BlockWork w = block_work(jobs);
   if (w.j.segs == 1) return;  // the block's whole job: no barrier below is skipped by part of it
   extern __shared__ __align__(16) unsigned char smem[];
