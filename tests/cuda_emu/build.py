@@ -9,9 +9,9 @@ shared bytes) triples, flattened, so a test can check which plan a host function
 The sources are rewritten textually on the way (translate): kernel launches `k<<<cfg>>>(args)`
 become emulator calls, `__shared__` arrays become per-block static storage (poisoned at each
 block's start), device asserts raise, the CUDA registrations go to namespace idd_ops_emu under the
-CPU key (and so do the ops a CUDA host function calls through the dispatcher), cuda_utils.cuh's
-vector loads and stores check their alignment (a GPU faults on a misaligned one), and
-csrc/common/cuda_next.h reads the emulator's setting instead of the environment.
+CPU key, cuda_utils.cuh's vector loads and stores check their alignment (a GPU faults on a
+misaligned one), and csrc/common/cuda_next.h reads the emulator's setting instead of the
+environment.
 Everything else compiles as written, with tests/cuda_emu/include shadowing the CUDA headers.
 Once loaded, torch's CPU allocator keeps redzones around every new allocation
 (redzone_allocator.cpp), which the memory model checks every kernel access against, and fills
@@ -180,8 +180,6 @@ def translate_source(text, name):
     text = SHARED_ARRAY.sub(_shared, text)
     text = _launches(text, name)
     text = text.replace("CUDA_KERNEL_ASSERT(", "EMU_KERNEL_ASSERT(")
-    # an op a CUDA kernel calls through the dispatcher is the emulated library's (its CUDA kernel)
-    text = text.replace('findSchemaOrThrow("idd_ops::', 'findSchemaOrThrow("idd_ops_emu::')
     text, n = re.subn(r"TORCH_LIBRARY_IMPL\(\s*idd_ops\s*,\s*CUDA\s*,\s*(\w+)\s*\)", r"EMU_CUDA_IMPL(\1)", text)
     # #line keeps the source's line numbers (the coverage report maps lines back to csrc/cuda)
     return "#include <emu_registry.h>\n#line 1\n" + text if n else text
