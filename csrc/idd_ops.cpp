@@ -121,15 +121,18 @@ TORCH_LIBRARY(idd_ops, m) {
   // and one computes both maps, where the two slot ops and the centroid divisions took seven.
   m.def("_ifvd_maps(Tensor student, Tensor teacher, Tensor student_sums, Tensor teacher_sums, Tensor counts, "
         "Tensor slots, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  // IFVD's loss in one op: _ifvd_maps' outputs after the loss, the maps' squared difference summed
-  // over every pixel (mean: divided by their number B*H*W; 0 without pixels), 0-dim in the maps'
-  // dtype. On CUDA the maps' launch also adds the squares (its last blocks), and the backward is
-  // _pixel_centroid_cosine_slots_backward's launches, its factor pass forming the gradient map from
-  // both maps, where mse_loss and its backward took about five.
+  // IFVD's loss in one op: (loss, cos_s, cos_t, fnorm_s, student_table, student_norms), the loss
+  // the maps' squared difference summed over every pixel (mean: divided by their number B*H*W; 0
+  // without pixels), 0-dim in the maps' dtype; then _ifvd_maps' three maps; then the student's
+  // centroids as the backward reads them, channel-major [B, Cs, K], and their norms [B, K], both
+  // in the maps' dtype. On CUDA the maps' launch also adds the squares (its last blocks), and the
+  // backward is _pixel_centroid_cosine_slots_backward's launches on the forward's table (no table
+  // launch of its own), its factor pass forming the gradient map from both maps, where mse_loss
+  // and its backward took about five.
   m.def("_ifvd_loss(Tensor student, Tensor teacher, Tensor student_sums, Tensor teacher_sums, Tensor counts, "
-        "Tensor slots, float eps, bool mean) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("_ifvd_loss_backward(Tensor grad, Tensor student, Tensor student_centroids, Tensor slots, Tensor cos_student, "
-        "Tensor cos_teacher, Tensor feat_norms, Tensor counts, float eps, bool mean) -> Tensor");
+        "Tensor slots, float eps, bool mean) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("_ifvd_loss_backward(Tensor grad, Tensor student, Tensor student_table, Tensor student_norms, Tensor slots, "
+        "Tensor cos_student, Tensor cos_teacher, Tensor feat_norms, Tensor counts, float eps, bool mean) -> Tensor");
 }
 
 namespace {

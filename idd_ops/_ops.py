@@ -215,11 +215,14 @@ def _(student, teacher, student_sums, teacher_sums, counts, slots, eps):
 
 @register_fake("idd_ops::_ifvd_loss")
 def _(student, teacher, student_sums, teacher_sums, counts, slots, eps, mean):
-    return (student.new_empty((), dtype=acc_dtype(student.dtype)),) + _ifvd_maps_fake(student, teacher, counts)
+    acc = acc_dtype(student.dtype)
+    B, K = counts.shape
+    return (student.new_empty((), dtype=acc),) + _ifvd_maps_fake(student, teacher, counts)[:3] + (
+        student.new_empty((B, student.shape[1], K), dtype=acc), student.new_empty((B, K), dtype=acc))
 
 
 @register_fake("idd_ops::_ifvd_loss_backward")
-def _(grad, student, student_centroids, slots, cos_student, cos_teacher, feat_norms, counts, eps, mean):
+def _(grad, student, student_table, student_norms, slots, cos_student, cos_teacher, feat_norms, counts, eps, mean):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 

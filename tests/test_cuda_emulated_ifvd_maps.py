@@ -66,8 +66,9 @@ def test_many_small_images(kernels):
 @pytest.mark.parametrize("mean", [True, False], ids=["mean", "sum"])
 def test_loss_matches_the_cpu_op_and_the_maps_kernels(kernels, case, dtype, mean):
     """Forward: the maps' two launches, their bits, and their squared differences added in float64.
-    Backward: the slot-map cosine backward's launches, its factor pass forming the gradient map
-    from the two maps: the bits of that backward on mse_loss_backward's map."""
+    Backward: the slot-map cosine backward's launches but its table's (the forward's student
+    table and norms, which the maps' route builds apart: the same bits), its factor pass forming
+    the gradient map from the two maps: the bits of that backward on mse_loss_backward's map."""
     args = inputs(case, dtype)
     s, t, ss, st, ns, slots = args
     want = CPU._ifvd_loss(*args, 1e-8, mean)
@@ -77,20 +78,22 @@ def test_loss_matches_the_cpu_op_and_the_maps_kernels(kernels, case, dtype, mean
     tol = TOLERANCE[dtype]
     close(got, want, rtol=tol, atol=tol)
     maps = kernels._ifvd_maps(*args, 1e-8)
-    assert all(torch.equal(a, b) for a, b in zip(got[1:], maps))
+    assert all(torch.equal(a, b) for a, b in zip(got[1:4], maps[:3]))
+    assert torch.equal(got[4], maps[3].transpose(1, 2))
+    close(got[5], torch.linalg.vector_norm(maps[3].double(), dim=-1).to(got[5].dtype), rtol=tol, atol=tol)
     d = maps[0].double() - maps[1].double()
     squares = (d * d).sum() / (d.numel() if mean else 1)
     torch.testing.assert_close(got[0], squares.to(got[0].dtype), rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
     grad = torch.tensor(0.7, dtype=got[0].dtype)
     before = kernels._emu_launches()
-    grad_s = kernels._ifvd_loss_backward(grad, s, got[4], slots, got[1], got[2], got[3], ns, 1e-8, mean)
+    grad_s = kernels._ifvd_loss_backward(grad, s, got[4], got[5], slots, got[1], got[2], got[3], ns, 1e-8, mean)
     launches = kernels._emu_launches() - before
     grad_map = torch.ops.aten.mse_loss_backward(grad, got[1], got[2], 1 if mean else 2)
     before = kernels._emu_launches()
-    route = kernels._pixel_centroid_cosine_slots_backward(grad_map, s, got[4], slots, got[1], got[3], 1e-8, ns)[0]
-    assert launches == kernels._emu_launches() - before
+    route = kernels._pixel_centroid_cosine_slots_backward(grad_map, s, maps[3], slots, got[1], got[3], 1e-8, ns)[0]
+    assert launches == kernels._emu_launches() - before - 1  # the route's table
     assert torch.equal(grad_s, route)
-    close(grad_s, CPU._ifvd_loss_backward(grad, s, want[4], slots, want[1], want[2], want[3], ns, 1e-8, mean),
+    close(grad_s, CPU._ifvd_loss_backward(grad, s, want[4], want[5], slots, want[1], want[2], want[3], ns, 1e-8, mean),
           rtol=tol, atol=tol)
 
 
@@ -155,8 +158,8 @@ def test_ifvd_launches_on_each_set(reduction):
     assert next_aten == {}, next_aten
     assert default_aten  # mse_loss and its backward, the centroids' divisions (11 at this revision)
     # the slot map, the class sums, the tables, the maps and loss, and the cosine backward's
-    # table, factors (forming the loss's gradient map) and rows; the default set's 9 launches
-    # beside its ATen ops
-    assert (next_launches, default_launches) == (7, 9)
+    # factors (forming the loss's gradient map) and rows on the forward's student table; the
+    # default set's 9 launches beside its ATen ops
+    assert (next_launches, default_launches) == (6, 9)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-5 * float(want_grad.abs().max()))

@@ -85,15 +85,18 @@ def test_constants_that_require_grad_are_refused():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mean", [True, False], ids=["mean", "sum"])
 def test_loss_is_the_mse_of_the_maps(case, dtype, mean):
-    """_ifvd_loss: the maps' outputs after mse_loss of them, and mse_loss's gradient through
-    the student's map."""
+    """_ifvd_loss: the maps after mse_loss of them, then the student's centroids as a channel-major
+    table and their norms; and mse_loss's gradient through the student's map."""
     s, t, ss, st, ns, slots = inputs(case, dtype)
     x, y = s.clone().requires_grad_(), s.clone().requires_grad_()
     loss, *maps = ops._ifvd_loss(x, t, ss, st, ns, slots, 1e-8, mean)
     want_maps = ops._ifvd_maps(y, t, ss, st, ns, slots, 1e-8)
     want = F.mse_loss(want_maps[0], want_maps[1], reduction="mean" if mean else "sum")
     assert torch.equal(loss, want) and loss.dtype == want_maps[0].dtype and loss.shape == ()
-    assert all(torch.equal(a, b) for a, b in zip(maps, want_maps))
+    assert len(maps) == 5 and all(torch.equal(a, b) for a, b in zip(maps[:3], want_maps[:3]))
+    table, norms = maps[3:]
+    assert table.is_contiguous() and torch.equal(table, want_maps[3].transpose(1, 2))
+    assert norms.dtype == table.dtype and torch.equal(norms, torch.linalg.vector_norm(want_maps[3], dim=-1))
     assert loss.requires_grad and not any(m.requires_grad for m in maps)
     (loss * 3).backward()
     (want * 3).backward()
@@ -174,13 +177,13 @@ def test_loss_on_cuda_matches_the_cpu_op(dtype, mean):
     ss, ns, st, _ = ops.class_sums_pair(s, slots, t, slots, K)
     want = ops._ifvd_loss(s, t, ss, st, ns, slots, 1e-8, mean)
     grad = torch.tensor(0.7, dtype=want[0].dtype)
-    want_grad = ops._ifvd_loss_backward(grad, s, want[4], slots, want[1], want[2], want[3], ns, 1e-8, mean)
+    want_grad = ops._ifvd_loss_backward(grad, s, want[4], want[5], slots, want[1], want[2], want[3], ns, 1e-8, mean)
     cuda = [x.cuda() for x in (s, t, ss, st, ns, slots)]
     runs = [ops._ifvd_loss(*cuda, 1e-8, mean) for _ in range(3)]
     tol = 1e-9 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: its gradient's ulp
     for got, w in zip(runs[0], want):
         torch.testing.assert_close(got.cpu(), w, rtol=tol, atol=tol)
     assert all(torch.equal(r[0], runs[0][0]) for r in runs)
-    got_grad = ops._ifvd_loss_backward(grad.cuda(), cuda[0], runs[0][4], cuda[5], runs[0][1], runs[0][2], runs[0][3],
-                                       cuda[4], 1e-8, mean)
+    got_grad = ops._ifvd_loss_backward(grad.cuda(), cuda[0], runs[0][4], runs[0][5], cuda[5], runs[0][1], runs[0][2],
+                                       runs[0][3], cuda[4], 1e-8, mean)
     torch.testing.assert_close(got_grad.cpu(), want_grad, rtol=tol, atol=tol * float(want_grad.abs().max()))

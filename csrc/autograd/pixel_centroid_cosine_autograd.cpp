@@ -111,28 +111,29 @@ struct IfvdLoss : public TraceableFunction<IfvdLoss> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& teacher,
                                const at::Tensor& student_sums, const at::Tensor& teacher_sums, const at::Tensor& counts,
                                const at::Tensor& slots, double eps, bool mean) {
-    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const at::Tensor&, double, bool)>("idd_ops::_ifvd_loss");
+    static const auto op =
+        op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+            const at::Tensor&, double, bool)>("idd_ops::_ifvd_loss");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [loss, cos_s, cos_t, fnorm_s, cent_s] =
+    auto [loss, cos_s, cos_t, fnorm_s, table_s, norms_s] =
         op.call(student, teacher, student_sums, teacher_sums, counts, slots, eps, mean);
     no_zero_fills(ctx);
-    ctx->save_for_backward({student, cent_s, slots, cos_s, cos_t, fnorm_s, counts});
+    ctx->save_for_backward({student, table_s, norms_s, slots, cos_s, cos_t, fnorm_s, counts});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["mean"] = mean;
-    return {loss, cos_s, cos_t, fnorm_s, cent_s};
+    return {loss, cos_s, cos_t, fnorm_s, table_s, norms_s};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, const at::Tensor&, double, bool)>(
-        "idd_ops::_ifvd_loss_backward");
+                                                const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                                bool)>("idd_ops::_ifvd_loss_backward");
     variable_list out(8);
     if (!wanted(ctx, grads, 0)) return out;
     const variable_list s = ctx->get_saved_variables();
-    out[0] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], ctx->saved_data["eps"].toDouble(),
+    out[0] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], ctx->saved_data["eps"].toDouble(),
                      ctx->saved_data["mean"].toBool());
     return out;
   }
@@ -176,12 +177,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ifvd_maps_autograd(
   return {out[0], no_grad_output(out[1]), no_grad_output(out[2]), no_grad_output(out[3])};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ifvd_loss_autograd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ifvd_loss_autograd(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& student_sums,
     const at::Tensor& teacher_sums, const at::Tensor& counts, const at::Tensor& slots, double eps, bool mean) {
   check_ifvd_constants(teacher, student_sums, teacher_sums, "_ifvd_loss");
   const variable_list out = IfvdLoss::apply(student, teacher, student_sums, teacher_sums, counts, slots, eps, mean);
-  return {out[0], no_grad_output(out[1]), no_grad_output(out[2]), no_grad_output(out[3]), no_grad_output(out[4])};
+  return {out[0], no_grad_output(out[1]), no_grad_output(out[2]), no_grad_output(out[3]), no_grad_output(out[4]),
+          no_grad_output(out[5])};
 }
 
 }  // namespace

@@ -382,20 +382,24 @@ struct CosineBackwardTensors {
   at::Tensor feats, cent, grad, cos, fnorm, grad_f, grad_c;
 };
 
-inline CosineBackwardTensors cosine_backward_tensors(const at::Tensor& grad, const at::Tensor& feats_in,
-                                                     const at::Tensor& centroids, const at::Tensor& cos,
-                                                     const at::Tensor& feat_norms, bool zero_grad_c = true) {
+// All but `cent` (left undefined), for K classes: for a kernel given its centroids' table.
+inline CosineBackwardTensors cosine_backward_maps(const at::Tensor& grad, const at::Tensor& feats_in, int64_t K,
+                                                  const at::Tensor& cos, const at::Tensor& feat_norms,
+                                                  bool zero_grad_c = true) {
   const at::Tensor feats = feats_in.contiguous();
   const auto acc = acc_dtype(feats.scalar_type());
-  at::Tensor grad_c = at::empty({feats.size(0), centroids.size(1), feats.size(1)}, feats.options().dtype(acc));
+  at::Tensor grad_c = at::empty({feats.size(0), K, feats.size(1)}, feats.options().dtype(acc));
   if (zero_grad_c) grad_c.zero_();
-  return {feats,
-          centroids.to(acc).contiguous(),
-          grad.to(acc).contiguous(),
-          cos.contiguous(),
-          feat_norms.contiguous(),
-          at::empty_like(feats),
-          grad_c};
+  return {feats, at::Tensor(), grad.to(acc).contiguous(), cos.contiguous(), feat_norms.contiguous(),
+          at::empty_like(feats), grad_c};
+}
+
+inline CosineBackwardTensors cosine_backward_tensors(const at::Tensor& grad, const at::Tensor& feats,
+                                                     const at::Tensor& centroids, const at::Tensor& cos,
+                                                     const at::Tensor& feat_norms, bool zero_grad_c = true) {
+  CosineBackwardTensors t = cosine_backward_maps(grad, feats, centroids.size(1), cos, feat_norms, zero_grad_c);
+  t.cent = centroids.to(acc_dtype(feats.scalar_type())).contiguous();
+  return t;
 }
 
 }  // namespace idd_ops

@@ -58,26 +58,43 @@ inline double ifvd_loss_factor(const at::Tensor& cos_student, bool mean) {
   return mean ? 1.0 / static_cast<double>(std::max<int64_t>(cos_student.numel(), 1)) : 1.0;
 }
 
-// The backward's own arguments (the cosine backward it calls checks the rest): a reduced loss's
-// one gradient value, and the teacher's map like the student's, whose shape the cosine backward
-// checks against the student.
+// The backward's arguments: a reduced loss's one gradient value; the forward's maps of student,
+// the teacher's cosines among them; the forward's table [B, C, K] and norms [B, K] of the student's
+// centroids, in the accumulation dtype (they are read raw, as it wrote them); then the slot-map
+// cosine backward's checks, the table's transpose standing for its centroids [B, K, C] and the
+// student's map for the gradient map (its shape and dtype), which the backward forms from the maps.
 inline void check_ifvd_loss_backward_inputs(const at::Tensor& grad, const at::Tensor& student,
-                                            const at::Tensor& cos_student, const at::Tensor& cos_teacher,
-                                            const at::Tensor& feat_norms) {
+                                            const at::Tensor& student_table, const at::Tensor& student_norms,
+                                            const at::Tensor& slots, const at::Tensor& cos_student,
+                                            const at::Tensor& cos_teacher, const at::Tensor& feat_norms,
+                                            const at::Tensor& counts, double eps) {
   check_loss_grad(grad, student, "student", Reduction::Mean, {});
   check_rank(student, "student", 4, "[B, C, H, W]");
   check_floating(student, "student");
-  const std::array<int64_t, 3> map{student.size(0), student.size(2), student.size(3)};
+  const int64_t B = student.size(0), C = student.size(1);
+  const std::array<int64_t, 3> map{B, student.size(2), student.size(3)};
   const auto acc = acc_dtype(student.scalar_type());
+  check_rank(student_table, "student_table", 3, "[B, C, K]");
+  TORCH_CHECK_VALUE(student_table.size(0) == B && student_table.size(1) == C && student_table.size(2) >= 1,
+                    "student_table: expected [B, C, K] = [", B, ", ", C, ", K] with K >= 1 (the forward's output), got ",
+                    student_table.sizes());
+  const int64_t K = student_table.size(2);
+  check_size(student_norms, "student_norms", {B, K}, "[B, K], a norm per centroid of student_table");
+  const auto check_output = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_TYPE(t.scalar_type() == acc, name, ": expected ", acc, " (the forward's output), got ",
+                     t.scalar_type());
+    check_same_device(t, name, student, "student");
+  };
+  check_output(student_table, "student_table");
+  check_output(student_norms, "student_norms");
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{cos_student, "cos_student"},
                                 {cos_teacher, "cos_teacher"},
                                 {feat_norms, "feat_norms"}}) {
     check_size(t, name, map, "[B, H, W], one per pixel of student");
-    // read raw in the accumulation dtype, as the forward wrote them
-    TORCH_CHECK_TYPE(t.scalar_type() == acc, name, ": expected ", acc, " (the forward's output), got ",
-                     t.scalar_type());
-    check_same_device(t, name, student, "student");
+    check_output(t, name);
   }
+  check_pixel_centroid_cosine_slots_backward_inputs(cos_student, student, student_table.transpose(1, 2), slots,
+                                                    cos_student, feat_norms, eps, counts);
 }
 
 }  // namespace idd_ops

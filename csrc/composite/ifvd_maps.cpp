@@ -42,7 +42,7 @@ c10::TypedOperatorHandle<CosineSlotsBackward> cosine_slots_backward() {
 
 at::Reduction::Reduction mse_reduction(bool mean) { return mean ? at::Reduction::Mean : at::Reduction::Sum; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ifvd_loss_composite(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ifvd_loss_composite(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& student_sums,
     const at::Tensor& teacher_sums, const at::Tensor& counts, const at::Tensor& slots, double eps, bool mean) {
   auto [cos_s, cos_t, fnorm_s, cent_s] =
@@ -50,18 +50,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ifvd_loss
   // mse_loss's mean of no pixels would be 0/0; the loss is 0 there, as every loss of the library
   const at::Tensor loss =
       cos_s.numel() == 0 ? at::zeros({}, cos_s.options()) : at::mse_loss(cos_s, cos_t, mse_reduction(mean));
-  return {loss, cos_s, cos_t, fnorm_s, cent_s};
+  // the schema's table and norms, which CUDA's backward reads; this backward transposes the table back
+  return {loss, cos_s, cos_t, fnorm_s, cent_s.transpose(1, 2).contiguous(), at::linalg_vector_norm(cent_s, 2, {-1})};
 }
 
 at::Tensor ifvd_loss_backward_composite(const at::Tensor& grad, const at::Tensor& student,
-                                        const at::Tensor& student_centroids, const at::Tensor& slots,
-                                        const at::Tensor& cos_student, const at::Tensor& cos_teacher,
-                                        const at::Tensor& feat_norms, const at::Tensor& counts, double eps, bool mean) {
-  check_ifvd_loss_backward_inputs(grad, student, cos_student, cos_teacher, feat_norms);
+                                        const at::Tensor& student_table, const at::Tensor& student_norms,
+                                        const at::Tensor& slots, const at::Tensor& cos_student,
+                                        const at::Tensor& cos_teacher, const at::Tensor& feat_norms,
+                                        const at::Tensor& counts, double eps, bool mean) {
+  check_ifvd_loss_backward_inputs(grad, student, student_table, student_norms, slots, cos_student, cos_teacher,
+                                  feat_norms, counts, eps);
   const at::Tensor grad_map =
       at::mse_loss_backward(grad.to(cos_student.scalar_type()), cos_student, cos_teacher, mse_reduction(mean));
-  return std::get<0>(cosine_slots_backward().call(grad_map, student, student_centroids, slots, cos_student, feat_norms,
-                                                  eps, counts));
+  return std::get<0>(cosine_slots_backward().call(grad_map, student, student_table.transpose(1, 2), slots, cos_student,
+                                                  feat_norms, eps, counts));
 }
 
 }  // namespace

@@ -1,11 +1,14 @@
 #pragma once
 // The slot-map cosine's backward on CUDA (pixel_centroid_cosine_slots_cuda.cu), for its op and for
 // IFVD's loss backward (ifvd_maps_cuda.cu), which calls it directly rather than through the
-// dispatcher: its gradient map is formed inside the factor pass from the two maps.
+// dispatcher: its gradient map is formed inside the factor pass from the two maps, and its
+// centroid table is the one IFVD's forward built.
 #include <ATen/ATen.h>
 
 #include <optional>
 #include <tuple>
+
+#include "centroid_norms.cuh"  // CentroidTable
 
 namespace idd_ops {
 
@@ -16,10 +19,11 @@ struct IfvdLossGrad {
   double norm;
 };
 
-// _pixel_centroid_cosine_slots_backward on inputs its checks passed: (grad_feats, grad_centroids).
+// _pixel_centroid_cosine_slots_backward on inputs its checks passed, given its centroids' table
+// (centroid_table, or IFVD's forward's): (grad_feats, grad_centroids in the accumulation dtype).
 // With `ifvd`, `grad` is the loss's 0-dim gradient and the map's gradient is IfvdLossGrad's.
 std::tuple<at::Tensor, at::Tensor> cosine_slots_backward_cuda(const at::Tensor& grad, const at::Tensor& feats,
-                                                              const at::Tensor& centroids, const at::Tensor& slots,
+                                                              const CentroidTable& table, const at::Tensor& slots,
                                                               const at::Tensor& cos, const at::Tensor& feat_norms,
                                                               double eps, const std::optional<at::Tensor>& counts,
                                                               const IfvdLossGrad* ifvd);

@@ -4,9 +4,10 @@
 // cosine call per network took seven (a clamp, two divisions, a table and a map per network).
 // The backward is the slot-map cosine's with counts (csrc/autograd). IFVD's loss (_ifvd_loss)
 // is the same two launches, the maps' also adding the squared differences (its tiles' last
-// blocks, then the grid's last: grid_tickets.cuh), and its backward the slot-map cosine's, whose
-// factor pass forms the loss's gradient map from the two maps, where mse_loss and its backward
-// took about five launches.
+// blocks, then the grid's last: grid_tickets.cuh), and its backward the slot-map cosine's on the
+// student's table and norms the forward built (returned for it), whose factor pass forms the
+// loss's gradient map from the two maps, where mse_loss and its backward took about five
+// launches and a table launch of the backward's own one more.
 // Python takes these ops only under IDD_OPS_CUDA_NEXT=1 (idd_ops/_switches.py): no GPU has run
 // them yet.
 #include <torch/library.h>
@@ -94,10 +95,11 @@ __global__ void __launch_bounds__(kThreads, 6)
   if (threadIdx.x == 0) *loss.value = static_cast<acc_t>(total * loss.factor);
 }
 
-using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// The outputs of both ops: (loss, cos_s, cos_t, fnorm_s, cent_s, table_s, norms_s), the loss
+// undefined for the maps, cent_s (the student's centroids, row-major) for the maps alone.
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// Both maps (and with `loss`, the loss: (loss, cos_s, cos_t, fnorm_s, cent_s)); without it the
-// loss slot is undefined.
+// Both maps, and with `loss_mean` the loss.
 Outputs pair_maps(const at::Tensor& student_in, const at::Tensor& teacher_in, const at::Tensor& student_sums,
                   const at::Tensor& teacher_sums, const at::Tensor& counts_in, const at::Tensor& slots_in, double eps,
                   std::optional<bool> loss_mean) {
@@ -111,9 +113,9 @@ Outputs pair_maps(const at::Tensor& student_in, const at::Tensor& teacher_in, co
   const auto acc = student.options().dtype(acc_dtype(student.scalar_type()));
   // every output is written whole by the two launches: no fills (but the loss of no pixels)
   at::Tensor cos_s = at::empty({B, H, W}, acc), cos_t = at::empty_like(cos_s), fnorm_s = at::empty_like(cos_s);
-  at::Tensor fnorm_t = at::empty_like(cos_s), cent_s = at::empty({B, K, Cs}, acc);
+  at::Tensor fnorm_t = at::empty_like(cos_s), cent_s = loss_mean ? at::Tensor() : at::empty({B, K, Cs}, acc);
   at::Tensor table_s = at::empty({B, Cs, K}, acc), table_t = at::empty({B, Ct, K}, acc);
-  at::Tensor norms = at::empty({2, B, K}, acc);
+  at::Tensor norms_s = at::empty({B, K}, acc), norms_t = at::empty_like(norms_s);
   at::Tensor loss;
   if (loss_mean) {
     loss = at::empty({}, acc);
@@ -123,18 +125,17 @@ Outputs pair_maps(const at::Tensor& student_in, const at::Tensor& teacher_in, co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "ifvd_maps_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (BK == 0) return;
-    acc_t* norms_s = norms.data_ptr<acc_t>();
-    const SumsTable<acc_t> table_of_s{sums_s.const_data_ptr<double>(), Cs, table_s.data_ptr<acc_t>(), norms_s,
-                                      cent_s.data_ptr<acc_t>()};
-    const SumsTable<acc_t> table_of_t{sums_t.const_data_ptr<double>(), Ct, table_t.data_ptr<acc_t>(), norms_s + BK,
-                                      nullptr};
+    const SumsTable<acc_t> table_of_s{sums_s.const_data_ptr<double>(), Cs, table_s.data_ptr<acc_t>(),
+                                      norms_s.data_ptr<acc_t>(), loss_mean ? nullptr : cent_s.data_ptr<acc_t>()};
+    const SumsTable<acc_t> table_of_t{sums_t.const_data_ptr<double>(), Ct, table_t.data_ptr<acc_t>(),
+                                      norms_t.data_ptr<acc_t>(), nullptr};
     centroid_tables_from_sums_kernel<acc_t><<<blocks_for(2 * BK * 32), kThreads, 0, stream>>>(
         table_of_s, table_of_t, counts.const_data_ptr<int64_t>(), K, BK);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (HW == 0) return;
     CosinePair<scalar_t> pair{{student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>()},
                               {table_s.const_data_ptr<acc_t>(), table_t.const_data_ptr<acc_t>()},
-                              {norms_s, norms_s + BK},
+                              {norms_s.const_data_ptr<acc_t>(), norms_t.const_data_ptr<acc_t>()},
                               {cos_s.data_ptr<acc_t>(), cos_t.data_ptr<acc_t>()},
                               {fnorm_s.data_ptr<acc_t>(), fnorm_t.data_ptr<acc_t>()},
                               {Cs, Ct}};
@@ -154,34 +155,36 @@ Outputs pair_maps(const at::Tensor& student_in, const at::Tensor& teacher_in, co
         pair, slots.const_data_ptr<int16_t>(), B, HW, static_cast<int>(K), static_cast<acc_t>(eps), sum);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {loss, cos_s, cos_t, fnorm_s, cent_s};
+  return {loss, cos_s, cos_t, fnorm_s, cent_s, table_s, norms_s};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ifvd_maps_kernel(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& student_sums,
     const at::Tensor& teacher_sums, const at::Tensor& counts, const at::Tensor& slots, double eps) {
-  auto [loss, cos_s, cos_t, fnorm_s, cent_s] =
+  auto [loss, cos_s, cos_t, fnorm_s, cent_s, table_s, norms_s] =
       pair_maps(student, teacher, student_sums, teacher_sums, counts, slots, eps, std::nullopt);
   return {cos_s, cos_t, fnorm_s, cent_s};
 }
 
-Outputs ifvd_loss_kernel(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& student_sums,
-                         const at::Tensor& teacher_sums, const at::Tensor& counts, const at::Tensor& slots, double eps,
-                         bool mean) {
-  return pair_maps(student, teacher, student_sums, teacher_sums, counts, slots, eps, mean);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ifvd_loss_kernel(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& student_sums,
+    const at::Tensor& teacher_sums, const at::Tensor& counts, const at::Tensor& slots, double eps, bool mean) {
+  auto [loss, cos_s, cos_t, fnorm_s, cent_s, table_s, norms_s] =
+      pair_maps(student, teacher, student_sums, teacher_sums, counts, slots, eps, mean);
+  return {loss, cos_s, cos_t, fnorm_s, table_s, norms_s};
 }
 
 at::Tensor ifvd_loss_backward_kernel(const at::Tensor& grad, const at::Tensor& student,
-                                     const at::Tensor& student_centroids, const at::Tensor& slots,
-                                     const at::Tensor& cos_student, const at::Tensor& cos_teacher,
-                                     const at::Tensor& feat_norms, const at::Tensor& counts, double eps, bool mean) {
-  check_ifvd_loss_backward_inputs(grad, student, cos_student, cos_teacher, feat_norms);
-  // the cosine backward's own checks, the student's map standing for the gradient map (its shape
-  // and dtype), which the factor pass forms from the two maps
-  check_pixel_centroid_cosine_slots_backward_inputs(cos_student, student, student_centroids, slots, cos_student,
-                                                    feat_norms, eps, counts);
+                                     const at::Tensor& student_table, const at::Tensor& student_norms,
+                                     const at::Tensor& slots, const at::Tensor& cos_student,
+                                     const at::Tensor& cos_teacher, const at::Tensor& feat_norms,
+                                     const at::Tensor& counts, double eps, bool mean) {
+  check_ifvd_loss_backward_inputs(grad, student, student_table, student_norms, slots, cos_student, cos_teacher,
+                                  feat_norms, counts, eps);
   const IfvdLossGrad ifvd{cos_teacher, 2 * ifvd_loss_factor(cos_student, mean)};
-  return std::get<0>(cosine_slots_backward_cuda(grad.to(cos_student.scalar_type()), student, student_centroids, slots,
+  // the forward's table: no table launch here
+  const CentroidTable table{student_table.contiguous(), student_norms.contiguous()};
+  return std::get<0>(cosine_slots_backward_cuda(grad.to(cos_student.scalar_type()), student, table, slots,
                                                 cos_student, feat_norms, eps, counts, &ifvd));
 }
 

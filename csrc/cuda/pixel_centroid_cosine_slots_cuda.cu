@@ -331,30 +331,36 @@ std::tuple<at::Tensor, at::Tensor> pixel_centroid_cosine_slots_backward_kernel(
     const at::Tensor& cos_in, const at::Tensor& fnorm_in, double eps, const std::optional<at::Tensor>& counts_in) {
   check_pixel_centroid_cosine_slots_backward_inputs(grad_in, feats_in, centroids_in, slots_in, cos_in, fnorm_in, eps,
                                                     counts_in);
-  return cosine_slots_backward_cuda(grad_in, feats_in, centroids_in, slots_in, cos_in, fnorm_in, eps, counts_in,
-                                    nullptr);
+  const c10::cuda::CUDAGuard guard(feats_in.device());
+  if (feats_in.numel() == 0)  // no pixels: no gradient, and no table to build
+    return {at::empty_like(feats_in, at::MemoryFormat::Contiguous),
+            at::zeros_like(centroids_in, at::MemoryFormat::Contiguous)};
+  const at::Tensor cent = centroids_in.to(acc_dtype(feats_in.scalar_type())).contiguous();
+  const CentroidTable table = centroid_table(cent, c10::cuda::getCurrentCUDAStream());
+  auto [grad_f, grad_c] =
+      cosine_slots_backward_cuda(grad_in, feats_in, table, slots_in, cos_in, fnorm_in, eps, counts_in, nullptr);
+  return {grad_f, grad_c.to(centroids_in.scalar_type())};
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> cosine_slots_backward_cuda(const at::Tensor& grad_in, const at::Tensor& feats_in,
-                                                              const at::Tensor& centroids_in,
-                                                              const at::Tensor& slots_in, const at::Tensor& cos_in,
-                                                              const at::Tensor& fnorm_in, double eps,
-                                                              const std::optional<at::Tensor>& counts_in,
+                                                              const CentroidTable& table, const at::Tensor& slots_in,
+                                                              const at::Tensor& cos_in, const at::Tensor& fnorm_in,
+                                                              double eps, const std::optional<at::Tensor>& counts_in,
                                                               const IfvdLossGrad* ifvd) {
   const c10::cuda::CUDAGuard guard(feats_in.device());
+  const int64_t K = table.norms.size(1);
   // the rows kernel writes every centroid gradient (ClassSums zeroes what it adds into)
-  const CosineBackwardTensors t = cosine_backward_tensors(grad_in, feats_in, centroids_in, cos_in, fnorm_in,
-                                                          /*zero_grad_c=*/false);
-  const at::Tensor &feats = t.feats, &cent = t.cent, &grad = t.grad, &cosv = t.cos, &fnorm = t.fnorm;
+  const CosineBackwardTensors t = cosine_backward_maps(grad_in, feats_in, K, cos_in, fnorm_in, /*zero_grad_c=*/false);
+  const at::Tensor &feats = t.feats, &grad = t.grad, &cosv = t.cos, &fnorm = t.fnorm;
   const at::Tensor &grad_f = t.grad_f, &grad_c = t.grad_c, slots = slots_in.contiguous();
   const at::Tensor counts = counts_in ? counts_in->contiguous() : at::Tensor();
-  const int64_t B = feats.size(0), C = feats.size(1), HW = feats.size(2) * feats.size(3), K = centroids_in.size(1);
-  if (feats.numel() == 0) return {grad_f, grad_c.zero_().to(centroids_in.scalar_type())};  // no pixels: no gradient
-  at::Tensor a = at::empty({B, HW}, cent.options()), bf = at::empty_like(a);
+  const int64_t B = feats.size(0), C = feats.size(1), HW = feats.size(2) * feats.size(3);
+  if (feats.numel() == 0) return {grad_f, grad_c.zero_()};  // no pixels: no gradient
+  const at::TensorOptions acc = grad_c.options();
+  at::Tensor a = at::empty({B, HW}, acc), bf = at::empty_like(a);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const CentroidTable table = centroid_table(cent, stream);
   const at::Tensor &cent_t = table.channel_major, &cnorm = table.norms;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "pixel_centroid_cosine_slots_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -363,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_slots_backward_cuda(const at::Tensor& 
     const int64_t segment = (HW + segments - 1) / segments;
     const int64_t step = threads, whole = (segment + step - 1) / step * step;  // whole block steps
     // the factor pass writes every segment's class sums (and zeroes those it adds into in global memory)
-    at::Tensor bc_part = at::empty({B, segments, K}, cent.options());
+    at::Tensor bc_part = at::empty({B, segments, K}, acc);
     const dim3 grid(static_cast<unsigned>(segments), static_cast<unsigned>(std::min(B, kMaxGridYZ)));
     if (ifvd == nullptr) {
       cosine_slots_factors_kernel<acc_t><<<grid, threads, shared, stream>>>(
@@ -380,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_slots_backward_cuda(const at::Tensor& 
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // with counts: each row's shares grad_c / n, channel-major like cent_t, for the second walk
-    at::Tensor share_t = counts.defined() ? at::empty({B, C, K}, cent.options()) : at::Tensor();
+    at::Tensor share_t = counts.defined() ? at::empty({B, C, K}, acc) : at::Tensor();
     cosine_slots_backward_rows_kernel<scalar_t><<<row_blocks(B, C), threads, shared, stream>>>(
         feats.const_data_ptr<scalar_t>(), cent_t.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(),
         bf.const_data_ptr<acc_t>(), bc_part.const_data_ptr<acc_t>(), segments, slots.const_data_ptr<int16_t>(),
@@ -389,7 +395,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_slots_backward_cuda(const at::Tensor& 
         share_t.defined() ? share_t.data_ptr<acc_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_f, grad_c.to(centroids_in.scalar_type())};
+  return {grad_f, grad_c};
 }
 
 // CUDA implementations of the schemas declared in idd_ops.cpp.
