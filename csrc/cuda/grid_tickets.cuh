@@ -33,10 +33,10 @@ __device__ inline bool last_to_arrive(unsigned* counter, unsigned arrivals, bool
 // At least n unsigned counters at 0 for last_to_arrive on the current stream of `device` (int32
 // storage; hold the tensor until the kernel is queued). Outside graph capture, the same counters
 // for every call on a stream (per host thread on the per-thread default stream, whose one handle
-// names each thread's own stream; a buffer from cudaMalloc, kept for the process): each kernel leaves
-// them at 0 and the stream orders the kernels, so no call pays a fill. A graph being captured
-// gets counters of its own, zeroed by a node of the graph, so that each replay finds them at 0
-// whatever ran on the stream before.
+// names each thread's own stream; a buffer from cudaMalloc, kept for the process): each kernel
+// leaves them at 0 and the stream orders the kernels, so no call pays a fill. A graph being
+// captured gets counters of its own, zeroed by a node of the graph, so that each replay finds
+// them at 0 whatever ran on the stream before.
 at::Tensor grid_ticket_counters(const at::Device& device, int64_t n);
 
 }  // namespace idd_ops

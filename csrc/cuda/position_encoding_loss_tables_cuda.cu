@@ -26,8 +26,8 @@
 #include "../common/cuda_next.h"
 #include "../common/enums.h"
 #include "../common/position.h"
-#include "position_tables.cuh"
 #include "grid_tickets.cuh"
+#include "position_tables.cuh"
 #include "position_specs.cuh"
 #include "vectorized.cuh"
 
