@@ -70,6 +70,10 @@ PREDICTIONS = [
     ("ifvd", "forward+backward", r"(ifvd_loss|cosine_slots)_factors_kernel<float>", 12.0,
      "the slot backward's factor pass (not in the H200's six longest, so about 0.01 ms or less), "
      "reading the teacher's map too (65 k floats: 0.26 MB)"),
+    # its rows two a block (C = 512 even, K = 19: two rows' per-thread sums in 39 KiB)
+    ("ifvd", "forward+backward", r"cosine_slots_backward_row_pairs_kernel<float>", 155.0,
+     "the one-row kernel's 0.216 ms was L2 traffic, 28 bytes a pixel and row (0.94 GB at 4.4 TB/s); "
+     "two rows a block share the slot, a and bf loads: 20 bytes (0.67 GB)"),
 ]
 
 

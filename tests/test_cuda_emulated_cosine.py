@@ -147,6 +147,36 @@ def test_pixel_centroid_cosine_slots_backward_is_deterministic(emu, K, dtype):
                 assert torch.equal(got, first)
 
 
+# The next set's rows kernel (IDD_OPS_CUDA_NEXT) takes two rows of an image a block where a
+# row's per-thread sums fit twice in 48 KiB (K up to 23 in float32, 11 in float64) and C is even;
+# elsewhere the one-row kernel.
+@pytest.mark.parametrize("K, dtype, C, pairs", [
+    (6, torch.float32, 4, True), (23, torch.float32, 2, True), (24, torch.float32, 4, False),
+    (6, torch.float32, 3, False), (11, torch.float64, 6, True), (12, torch.float64, 2, False),
+    (6, torch.float16, 4, True), (6, torch.bfloat16, 8, True), (1537, torch.float32, 2, False)])
+def test_next_rows_kernel_takes_row_pairs_with_the_default_bits(emu, K, dtype, C, pairs):
+    """The default set's bits (a row's adds are a one-row block's) for both outputs, with and
+    without the centroids' own counts, under two orders of blocks; the same launches but the rows
+    kernel's: half the blocks, each with two rows' shared sums."""
+    plain = _spread_slots_inputs(K, dtype, C=C)
+    for args in (plain, plain + (slot_counts(plain[3], K),)):
+        emu._emu_configure(False, 1)
+        emu._emu_launch_log()
+        want = emu._pixel_centroid_cosine_slots_backward(*args)
+        log = emu._emu_launch_log()
+        rows = log[-3:]  # the rows kernel's (blocks, threads, shared), launched last
+        assert rows[0] == 2 * C
+        if pairs:
+            log = log[:-3] + [C, rows[1], 2 * rows[2]]
+        for seed in (1, 2):
+            emu._emu_configure(True, seed)
+            emu._emu_launch_log()
+            got = emu._pixel_centroid_cosine_slots_backward(*args)
+            assert emu._emu_launch_log() == log
+            for g, w in zip(got, want):
+                assert g.dtype == w.dtype and torch.equal(g, w)
+
+
 def test_pixel_centroid_cosine_labels_backward_class_limit(kernels):
     """Past the 227 KiB opt-in of the emulated GPU (29056 float64 class sums) the labels backward
     raises a ValueError naming num_classes, before any launch."""

@@ -15,7 +15,8 @@
 // the class means in one (class_means_cuda.cu) and pixel KD and CWD reduced in one
 // (pixel_kd_sum_cuda.cu, its sums finished by the last block); these three are chosen on the
 // Python side (_switches.ifvd_maps_path, class_means_path, pixel_kd_sum_path): no kernel of
-// theirs reads it.
+// theirs reads it. And the slot-map cosine backward's rows two a block
+// (cosine_slots_backward_cuda.cu: row_pairs; the same bits).
 // The kernels it held before (class sums, the fused IDD tail, the slot-map cosine, one-read
 // softmax-KL, column-table position maps, SKD's batched formulation) are the defaults since an
 // H200 passed them on 2026-12-04.

@@ -1,5 +1,5 @@
 #pragma once
-// The slot-map cosine's backward on CUDA (pixel_centroid_cosine_slots_cuda.cu), for its op and for
+// The slot-map cosine's backward on CUDA (cosine_slots_backward_cuda.cu), for its op and for
 // IFVD's loss backward (ifvd_maps_cuda.cu), which calls it directly rather than through the
 // dispatcher: its gradient map is formed inside the factor pass from the two maps, and its
 // centroid table is the one IFVD's forward built.
