@@ -154,27 +154,27 @@ def test_pixel_centroid_cosine_slots_backward_is_deterministic(emu, K, dtype):
     (6, torch.float32, 4, True), (23, torch.float32, 2, True), (24, torch.float32, 4, False),
     (6, torch.float32, 3, False), (11, torch.float64, 6, True), (12, torch.float64, 2, False),
     (6, torch.float16, 4, True), (6, torch.bfloat16, 8, True), (1537, torch.float32, 2, False)])
-def test_next_rows_kernel_takes_row_pairs_with_the_default_bits(emu, K, dtype, C, pairs):
-    """The default set's bits (a row's adds are a one-row block's) for both outputs, with and
-    without the centroids' own counts, under two orders of blocks; the same launches but the rows
-    kernel's: half the blocks, each with two rows' shared sums."""
+def test_rows_two_a_block_give_the_one_row_bits(emu, K, dtype, C, pairs):
+    """Both outputs, with and without the centroids' own counts, under two orders of blocks: the
+    bits of the one-row kernel, which takes the same rows with one channel more (C + 1 odd; a
+    zero centroid channel, so the same centroid norms and factor pass), and the launch log's rows
+    kernel: half the blocks, each with two rows' shared sums, where pairs are taken."""
     plain = _spread_slots_inputs(K, dtype, C=C)
-    for args in (plain, plain + (slot_counts(plain[3], K),)):
-        emu._emu_configure(False, 1)
-        emu._emu_launch_log()
-        want = emu._pixel_centroid_cosine_slots_backward(*args)
-        log = emu._emu_launch_log()
-        rows = log[-3:]  # the rows kernel's (blocks, threads, shared), launched last
-        assert rows[0] == 2 * C
-        if pairs:
-            log = log[:-3] + [C, rows[1], 2 * rows[2]]
+    grad, x, cent, slots, cos, norms, eps = plain
+    wider = (grad, torch.cat([x, randn(2, 1, *x.shape[2:], seed=9, dtype=x.dtype)], 1),
+             torch.cat([cent, cent.new_zeros(*cent.shape[:2], 1)], 2), slots, cos, norms, eps)
+    counts = (slot_counts(slots, K),)
+    for args, one_row in ((plain, wider), (plain + counts, wider + counts)):
+        emu._emu_configure(True, 1)
+        want = emu._pixel_centroid_cosine_slots_backward(*one_row)
         for seed in (1, 2):
             emu._emu_configure(True, seed)
             emu._emu_launch_log()
             got = emu._pixel_centroid_cosine_slots_backward(*args)
-            assert emu._emu_launch_log() == log
-            for g, w in zip(got, want):
-                assert g.dtype == w.dtype and torch.equal(g, w)
+            blocks, threads, shared = emu._emu_launch_log()[-3:]  # the rows kernel, launched last
+            layout = _class_sum_layout(K, 8 if dtype == torch.float64 else 4)
+            assert (blocks, threads, shared) == ((C, layout[0], 2 * layout[1]) if pairs else (2 * C, *layout))
+            assert torch.equal(got[0], want[0][:, :C]) and torch.equal(got[1], want[1][..., :C])
 
 
 def test_pixel_centroid_cosine_labels_backward_class_limit(kernels):
