@@ -76,8 +76,8 @@ inline void check_ifvd_loss_backward_inputs(const at::Tensor& grad, const at::Te
   const auto acc = acc_dtype(student.scalar_type());
   check_rank(student_table, "student_table", 3, "[B, C, K]");
   TORCH_CHECK_VALUE(student_table.size(0) == B && student_table.size(1) == C && student_table.size(2) >= 1,
-                    "student_table: expected [B, C, K] = [", B, ", ", C, ", K] with K >= 1 (the forward's output), got ",
-                    student_table.sizes());
+                    "student_table: expected [B, C, K] = [", B, ", ", C,
+                    ", K] with K >= 1 (the forward's output), got ", student_table.sizes());
   const int64_t K = student_table.size(2);
   check_size(student_norms, "student_norms", {B, K}, "[B, K], a norm per centroid of student_table");
   const auto check_output = [&](const at::Tensor& t, const char* name) {

@@ -162,11 +162,14 @@ __device__ __forceinline__ void cosine_rows(const scalar_t* __restrict__ f,
     for (int u = 0; u < kRowsAhead; ++u) {
       const int64_t p = base + u * static_cast<int64_t>(blockDim.x) + threadIdx.x;
       const int kc = checked_slot(k[u], K);
+      // ROWS > 1: one load of bf for the block's rows (one row loads it where it uses it)
+      const acc_t bv = ROWS > 1 && counts == nullptr && p < HW && kc >= 0 ? bb[p] : acc_t(0);
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
         // an ignored pixel's gradient is 0, not 0 * x, so that a NaN there stays out (METHOD.md 2)
         if (counts == nullptr && p < HW)
-          out[r][p] = static_cast<scalar_t>(kc >= 0 ? av[u] * cb[r][kc] + bb[p] * xv[r][u] : acc_t(0));
+          out[r][p] =
+              static_cast<scalar_t>(kc >= 0 ? av[u] * cb[r][kc] + (ROWS > 1 ? bv : bb[p]) * xv[r][u] : acc_t(0));
         sums[r].add(kc, av[u] * xv[r][u]);  // every lane, every step (ClassSums::add needs whole warps)
       }
     }
@@ -201,11 +204,14 @@ __device__ __forceinline__ void cosine_rows(const scalar_t* __restrict__ f,
       const int64_t p = base + u * static_cast<int64_t>(blockDim.x);
       const int k = p < HW ? sb[p] : -1;  // checked by the first walk
       const int kk = k >= 0 ? k : 0;
+      // ROWS > 1: one load of bf and of a for the block's rows (one row loads them where it uses them)
+      const acc_t bv1 = ROWS > 1 && p < HW ? bb[p] : acc_t(0), av1 = ROWS > 1 && k >= 0 ? ab[p] : acc_t(0);
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
-        const acc_t xv = p < HW ? static_cast<acc_t>(x[r][p]) : acc_t(0), bv = p < HW ? bb[p] : acc_t(0);
+        const acc_t xv = p < HW ? static_cast<acc_t>(x[r][p]) : acc_t(0);
+        const acc_t bv = ROWS > 1 ? bv1 : p < HW ? bb[p] : acc_t(0);
         // as above for ignored pixels
-        g[r][u] = k >= 0 ? bv * xv + (ab[p] * cb[r][kk] + share[r][kk]) : acc_t(0);
+        g[r][u] = k >= 0 ? bv * xv + ((ROWS > 1 ? av1 : ab[p]) * cb[r][kk] + share[r][kk]) : acc_t(0);
       }
     }
 #pragma unroll
