@@ -1,7 +1,8 @@
 // The centroid norms and the backward rows grid that both IFVD cosine sources share
 // (pixel_centroid_cosine_cuda.cu: the labels ops; pixel_centroid_cosine_slots_cuda.cu and
-// cosine_slots_backward_cuda.cu: the slot-map ops), and the slot ops' centroid table (norms and a channel-major copy in one launch;
-// both networks' from their class sums for IFVD's two maps, ifvd_maps_cuda.cu).
+// cosine_slots_backward_cuda.cu: the slot-map ops), and the slot ops' centroid table (norms and
+// a channel-major copy in one launch; both networks' from their class sums for IFVD's two maps,
+// ifvd_maps_cuda.cu).
 #pragma once
 
 #include <ATen/ATen.h>
