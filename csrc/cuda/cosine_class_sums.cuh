@@ -7,7 +7,8 @@
 // costs a loop over its classes) and the block adds its warps' sums in warp order.
 #include "cuda_utils.cuh"
 
-namespace idd_ops {
+// A namespace of its own: idd_ops::ClassSums is the class_sums op's autograd function.
+namespace idd_ops::cosine_sums {
 
 // Adds v of the lanes whose class is k into this warp's own sum of class k, sums[k * stride],
 // for each class k >= 0 among the lanes: one butterfly per class, lane 0 writes (the sums belong
@@ -88,4 +89,4 @@ struct ClassSums {
   }
 };
 
-}  // namespace idd_ops
+}  // namespace idd_ops::cosine_sums

@@ -19,6 +19,9 @@
 namespace idd_ops {
 namespace {
 
+using cosine_sums::ClassSums;
+using cosine_sums::kThreadSums;
+
 // Pixels per thread whose loads the backward's rows kernel issues together.
 constexpr int kRowsAhead = 4;
 
