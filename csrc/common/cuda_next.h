@@ -16,7 +16,11 @@
 // (pixel_kd_sum_cuda.cu, its sums finished by the last block); these three are chosen on the
 // Python side (_switches.ifvd_maps_path, class_means_path, pixel_kd_sum_path): no kernel of
 // theirs reads it. And the slot-map cosine backward's rows two a block
-// (cosine_slots_backward_cuda.cu: row_pairs; the same bits).
+// (cosine_slots_backward_cuda.cu: row_pairs; the same bits). And SKD's operands interleaved in
+// one tensor, so that its forward takes 2 GEMMs and its backward 1 where they took 3 and 2, its
+// backward's operands formed with u in one launch and each image's mean added by its Gram tail's
+// last block (affinity_loss_cuda.cu, affinity_grams.cuh: 6 + 6 launches a chunk, from 8 + 8; not
+// the default's bits, as the GEMMs have other shapes).
 // The kernels it held before (class sums, the fused IDD tail, the slot-map cosine, one-read
 // softmax-KL, column-table position maps, SKD's batched formulation) are the defaults since an
 // H200 passed them on 2026-12-04.

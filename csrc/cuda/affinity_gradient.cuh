@@ -27,7 +27,8 @@ __device__ __forceinline__ int quad_argmax(const Quad<acc_t>& q, acc_t* value) {
 }
 
 // The student's gradient of a chunk (affinity_input_gradient): per pixel, from the GEMMs'
-// g1 + g2 [k, Cs, P] (G_xd x and G_xy d), u [k, Cs] (pivot_u), m_s [k, Cs], alpha (in parts), beta
+// g1 + g2 [k, Cs, P] (G_xd x and G_xy d; under IDD_OPS_CUDA_NEXT=1, kAhead > 1, g1 is their sum
+// from one GEMM and g2 is not read), u [k, Cs] (pivot_u), m_s [k, Cs], alpha (in parts), beta
 // [k, P] and the student's norms [k, P] (float64), w = g1 + g2 + u - rho x with rho =
 // P (alpha + beta) projected, (w - S <S, w>) / |f|; where the norm is floored (x, d uncentred
 // there), w = g1 + g2 + rho m_S with rho = P beta, divided by eps whole. S is the pooled value
@@ -53,7 +54,7 @@ constexpr int kGradientAhead = 3;
 template <typename scalar_t, int kAhead>
 __global__ void affinity_gradient_kernel(const at::opmath_type<scalar_t>* __restrict__ g1,
                                          const at::opmath_type<scalar_t>* __restrict__ g2,
-                                         const gemm_operand_t<scalar_t>* __restrict__ us,
+                                         const gemm_operand_t<scalar_t>* __restrict__ us, int64_t us_image,
                                          const double* __restrict__ norms, const double* __restrict__ u_vec,
                                          const double* __restrict__ m_s, const double* __restrict__ alpha_parts,
                                          int64_t alpha_tiles, const double* __restrict__ beta,
@@ -65,8 +66,8 @@ __global__ void affinity_gradient_kernel(const at::opmath_type<scalar_t>* __rest
   const int64_t b = blockIdx.y, p = static_cast<int64_t>(blockIdx.x) * kPixels + threadIdx.x;
   const bool live = p < P;
   const acc_t* ga = g1 + b * Cs * P + p;
-  const acc_t* gb = g2 + b * Cs * P + p;
-  const gemm_operand_t<scalar_t>* xp = us + b * Cs * P + p;
+  const acc_t* gb = kAhead > 1 ? nullptr : g2 + b * Cs * P + p;
+  const gemm_operand_t<scalar_t>* xp = us + b * (kAhead > 1 ? us_image : Cs * P) + p;  // the default's: Cs * P
   const double* ub = u_vec + b * Cs;
   const double* ms = m_s + b * Cs;
   const double eps = kAffinityNormEps, norm = live ? norms[b * P + p] : 1.0;
@@ -75,8 +76,9 @@ __global__ void affinity_gradient_kernel(const at::opmath_type<scalar_t>* __rest
   const double alpha = floored ? 0.0 : alpha_of(alpha_parts + b * alpha_tiles, alpha_tiles);
   const acc_t rho = live ? static_cast<acc_t>(static_cast<double>(P) * (beta[b * P + p] + alpha)) : acc_t(0);
   const auto w_of = [&](int64_t c) {
-    return floored ? ga[c * P] + gb[c * P] + rho * static_cast<acc_t>(ms[c])
-                   : ga[c * P] + gb[c * P] + static_cast<acc_t>(ub[c]) - rho * static_cast<acc_t>(xp[c * P]);
+    const acc_t g = kAhead > 1 ? ga[c * P] : ga[c * P] + gb[c * P];
+    return floored ? g + rho * static_cast<acc_t>(ms[c])
+                   : g + static_cast<acc_t>(ub[c]) - rho * static_cast<acc_t>(xp[c * P]);
   };
   const Window win = window_of(vs, live ? p : 0);
   // a constant false for the default (kAhead 1), whose walks below are the ones the H200 ran

@@ -9,6 +9,13 @@
 //   backward: the GEMM operands G_xd and G_xy = G_xx - G_xd (1) -> pool, pivot and centre as
 //             forward (3) -> u = G_xx m_D + G_xd m_T (1) -> G_xd x and G_xy d (2 GEMMs) ->
 //             through the normalisation into each window's argmax, zeros elsewhere (1).
+// IDD_OPS_CUDA_NEXT=1 keeps x and d interleaved in one tensor z = [x; d] (each image's Cs rows of
+// x, then its C rows of d: OperandRows), so that a GEMM reads both as one operand: forward G_xx
+// and [G_xd; G_dd] = z d^T (2 GEMMs), the tail adding each image's mean in its last tile block to
+// finish (no means launch); backward [G_xd | G_xy] z[:Cs + Ct] = G_xd x + G_xy d (1 GEMM, one
+// [k, Cs, P] result for the gradient kernel to read where two were), its left factor formed with
+// u in one launch. At one chunk, 6 + 6 launches where the default takes 8 + 8: on the H200's
+// machine each launch cost the host 15-40 us, and SKD at B = 2 waited on the host.
 // Centred on the pixels' means, the Grams carry the spread of the features, not an offset they
 // share (affinity_pivot). The student's gradient is taken through G_xd x + G_xy d (y = x - d),
 // where G_xx x - G_xy y would cancel as the student nears the teacher, so a rounding error of the
@@ -20,9 +27,9 @@
 // float32 operands: G_st's entries reach P (past half's 65504 at P > 65504 pooled pixels) and a
 // difference near the teacher (|D| ~ 1e-5) is a half subnormal, which bfloat16's float32 range
 // avoids; and cuBLAS refuses half operands with float32 results under allow_fp16_accumulation.
-// At one chunk that is 8 + 8 launches of the library's kernels and GEMMs, where the ATen
-// formulation takes several times as many. The reductions
-// run in a fixed order (no atomics): the same bits on every run.
+// At one chunk that is 8 + 8 launches of the library's kernels and GEMMs (6 + 6 next), where the
+// ATen formulation takes several times as many. The reductions run in a fixed order (no float
+// atomics; the next set's tickets only count blocks): the same bits on every run.
 // Student and teacher of different dtypes, and empty inputs, take the ATen formulation.
 //
 // Threads: a block is 8 pooled pixels x 32 channel groups (a warp: 8 consecutive windows of 4
@@ -44,100 +51,15 @@
 #include "../common/cuda_next.h"
 #include "../composite/affinity_loss.h"
 #include "affinity_gradient.cuh"
+#include "affinity_grams.cuh"
 #include "affinity_pivot.cuh"
 #include "cuda_utils.cuh"
+#include "grid_tickets.cuh"
 
 namespace idd_ops {
 namespace {
 
 using namespace affinity_cuda;
-
-constexpr int kTile = 32;  // the Gram tail's square tiles: kTile columns x kTile rows
-
-// The backward's GEMM operands of a chunk (affinity_gram_operands), in gemm_operand_t, from the
-// kept G_ss and G_sd [k, Cs, Ct] (contiguous): g_sd [k, Cs, Cs] = G_sd (past Ct: G_ss, D's rows
-// being S's own there) and g_st [k, Cs, Ct] = G_ss - G_sd (past Cs: -G_sd). A grid-stride loop
-// over k * Cs * max(Cs, Ct).
-template <typename acc_t, typename op_t>
-__global__ void gram_operands_kernel(const acc_t* __restrict__ gss, const acc_t* __restrict__ gsd, int64_t k,
-                                     int64_t Cs, int64_t Ct, op_t* __restrict__ g_sd, op_t* __restrict__ g_st) {
-  const int64_t C = Cs > Ct ? Cs : Ct, n = k * Cs * C;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t j = e % C, row = e / C;  // row = image * Cs + i
-    const acc_t ss = j < Cs ? gss[row * Cs + j] : acc_t(0);
-    const acc_t sd = j < Ct ? gsd[row * Ct + j] : ss;
-    if (j < Cs) g_sd[row * Cs + j] = static_cast<op_t>(sd);
-    if (j < Ct) g_st[row * Ct + j] = static_cast<op_t>(ss - sd);
-  }
-}
-
-// The four inner products of differenced_affinity_sum over one kTile x kTile tile of the C x C
-// grid, in float64, into partials[b, tile]; and the kept G_sd (its first Ct columns) on the
-// tile's part of [Cs, Ct]. g_ss [k, Cs, Cs], g_sd [k, Cs, C], g_dd [k, C, C], kept [k, Cs, Ct],
-// contiguous.
-// The <G_sd, G_sd^T> term reads the mirror tile through shared memory (coalesced both ways).
-// grid (tiles * tiles, k), kThreads threads: thread t takes column t % kTile of its tile and every
-// (kThreads / kTile)-th row from t / kTile.
-template <typename acc_t>
-__global__ void gram_tail_kernel(const acc_t* __restrict__ g_ss, const acc_t* __restrict__ g_sd,
-                                 const acc_t* __restrict__ g_dd, acc_t* __restrict__ kept, int64_t Cs, int64_t Ct,
-                                 int64_t C, double* __restrict__ partials) {
-  constexpr int kRowStep = kThreads / kTile;
-  __shared__ acc_t mirror[kTile][kTile + 1];
-  __shared__ double scratch[kThreads];
-  const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;
-  const int64_t b = blockIdx.y, tiles = (C + kTile - 1) / kTile;
-  const int64_t i0 = (blockIdx.x / tiles) * kTile, j0 = (blockIdx.x % tiles) * kTile, j = j0 + tx;
-  const acc_t* ss = g_ss + b * Cs * Cs;
-  const acc_t* sd = g_sd + b * Cs * C;
-  const acc_t* dd = g_dd + b * C * C;
-  acc_t* kept_b = kept + b * Cs * Ct;
-  const bool square = i0 < Cs && j0 < Cs;  // the tile meets G_ss: block-uniform
-  if (square) {  // mirror[r][c] = G_sd[j0 + r, i0 + c]
-    for (int r = ty; r < kTile; r += kRowStep) {
-      const int64_t row = j0 + r, col = i0 + tx;
-      mirror[r][tx] = row < Cs && col < Cs ? sd[row * C + col] : acc_t(0);
-    }
-  }
-  __syncthreads();
-  double sum = 0;
-  for (int r = ty; r < kTile; r += kRowStep) {
-    const int64_t i = i0 + r;
-    if (i >= C || j >= C) continue;
-    const double d = dd[i * C + j];
-    sum += d * d;  // <G_dd, G_dd>
-    if (i >= Cs) continue;
-    const acc_t x = sd[i * C + j];
-    sum -= 4 * d * static_cast<double>(x);  // <G_dd[:Cs], G_sd>
-    const acc_t s = j < Cs ? ss[i * Cs + j] : acc_t(0);
-    if (j < Cs) sum += 2 * (static_cast<double>(s) * d + static_cast<double>(x) * mirror[tx][r]);
-    if (j < Ct) kept_b[i * Ct + j] = x;
-  }
-  sum = block_sum(sum, scratch);  // a fixed-order tree (cuda_utils.cuh)
-  if (threadIdx.x == 0) partials[b * gridDim.x + blockIdx.x] = sum;
-}
-
-// Per-image means: partials [B, tiles] summed in a fixed order, plus the pivot's part
-// P^2 alpha^2 + 2 P sum_i beta_i^2 (pivot_affinity_sum) from beta [B, P] and alpha_parts
-// [B, alpha_tiles], clamped at 0 (rounding), over the P * P entries. grid B.
-template <typename acc_t>
-__global__ void affinity_means_kernel(const double* __restrict__ partials, int64_t tiles,
-                                      const double* __restrict__ beta, const double* __restrict__ alpha_parts,
-                                      int64_t alpha_tiles, int64_t P, double divisor, acc_t* __restrict__ loss) {
-  __shared__ double scratch[kThreads];
-  const double* bb = beta + blockIdx.x * P;
-  double sum = 0, squares = 0;
-  for (int64_t t = threadIdx.x; t < tiles; t += kThreads) sum += partials[blockIdx.x * tiles + t];
-  for (int64_t p = threadIdx.x; p < P; p += kThreads) squares += bb[p] * bb[p];
-  sum = block_sum(sum, scratch);
-  squares = block_sum(squares, scratch);
-  if (threadIdx.x == 0) {
-    const double alpha = alpha_of(alpha_parts + blockIdx.x * alpha_tiles, alpha_tiles), pixels = P;
-    sum += pixels * pixels * alpha * alpha + 2 * pixels * squares;
-    loss[blockIdx.x] = static_cast<acc_t>((sum < 0 ? 0 : sum) / divisor);  // NaN stays NaN
-  }
-}
 
 PoolView pool_view(const at::Tensor& x, int64_t pool) {
   const int64_t W = x.size(3);
@@ -176,9 +98,16 @@ int64_t alpha_tiles(int64_t C) { return (C + kThreads - 1) / kThreads; }
 // us = x [k, Cs, P] and d [k, C, P]; the pivot's means m_s [k, Cs] and m_d [k, C]; in the
 // backward the student's norms [k, P]; all but x and d float64. Into the chunk's rows of the
 // caller's beta [k, P] and alpha_parts [k, alpha_tiles(C)] (contiguous). pooled_sums_kernel,
-// pivot_kernel, centred_kernel: three launches.
+// pivot_kernel, centred_kernel: three launches. Under IDD_OPS_CUDA_NEXT=1 x and d are views of
+// one tensor z [k, Cs + C, P], each image's rows of x followed by its rows of d (OperandRows), so
+// that a GEMM takes both as one operand; else two contiguous tensors.
 struct CentredChunk {
-  at::Tensor us, d, m_s, m_d, norms;
+  at::Tensor us, d, z, m_s, m_d, norms;
+
+  template <typename op_t>
+  OperandRows<op_t> rows() const {
+    return {us.mutable_data_ptr<op_t>(), d.mutable_data_ptr<op_t>(), us.stride(0), d.stride(0)};
+  }
 };
 
 template <typename scalar_t>
@@ -191,19 +120,24 @@ CentredChunk centred_chunk(const at::Tensor& student, const PoolView& vs, const 
   const auto wide = student.options().dtype(at::kDouble);
   const dim3 grid = pixel_grid(P, k), block(kPixels, kGroups);
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const bool next = cuda_next_enabled();
   CentredChunk out;
-  out.us = at::empty({k, Cs, P}, op_opts);
-  out.d = at::empty({k, C, P}, op_opts);
+  if (next) {
+    out.z = at::empty({k, Cs + C, P}, op_opts);
+    out.us = out.z.narrow(1, 0, Cs);
+    out.d = out.z.narrow(1, Cs, C);
+  } else {
+    out.us = at::empty({k, Cs, P}, op_opts);
+    out.d = at::empty({k, C, P}, op_opts);
+  }
   out.m_s = at::empty({k, Cs}, wide);
   out.m_d = at::empty({k, C}, wide);
   if (backward) out.norms = at::empty({k, P}, wide);
   at::Tensor stats = at::empty({k, 3, P}, wide), sums = at::empty({k, static_cast<int64_t>(grid.x), Cs + C}, wide);
-  const bool next = cuda_next_enabled();
   const auto pooled_sums = next ? pooled_sums_kernel<scalar_t, kPooledAhead> : pooled_sums_kernel<scalar_t, 1>;
   pooled_sums<<<grid, block, 0, stream>>>(
       student.const_data_ptr<scalar_t>() + b0 * vs.s0, vs, teacher.const_data_ptr<scalar_t>() + b0 * vt.s0, vt, Cs,
-      Ct, P, out.us.mutable_data_ptr<op_t>(), out.d.mutable_data_ptr<op_t>(), stats.mutable_data_ptr<double>(),
-      sums.mutable_data_ptr<double>());
+      Ct, P, out.rows<op_t>(), stats.mutable_data_ptr<double>(), sums.mutable_data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const dim3 pivot_grid(static_cast<unsigned>(alpha_tiles(C)), static_cast<unsigned>(k));
   const auto pivot = next ? pivot_kernel<kPivotAhead> : pivot_kernel<1>;
@@ -213,9 +147,9 @@ CentredChunk centred_chunk(const at::Tensor& student, const PoolView& vs, const 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto centred = next ? centred_kernel<scalar_t, kCentredAhead> : centred_kernel<scalar_t, 1>;
   centred<<<grid, block, 0, stream>>>(
-      out.us.mutable_data_ptr<op_t>(), out.d.mutable_data_ptr<op_t>(), stats.const_data_ptr<double>(),
-      out.m_s.const_data_ptr<double>(), out.m_d.const_data_ptr<double>(), Cs, Ct, P, backward,
-      beta.mutable_data_ptr<double>(), backward ? out.norms.mutable_data_ptr<double>() : nullptr);
+      out.rows<op_t>(), stats.const_data_ptr<double>(), out.m_s.const_data_ptr<double>(),
+      out.m_d.const_data_ptr<double>(), Cs, Ct, P, backward, beta.mutable_data_ptr<double>(),
+      backward ? out.norms.mutable_data_ptr<double>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -228,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tens
   const auto acc = acc_dtype(student.scalar_type());
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1), C = std::max(Cs, Ct);
   const PoolView vs = pool_view(student, pool), vt = pool_view(teacher, pool);
-  const int64_t P = affinity_pooled_pixels(vs.H, vs.W, pool), tiles = (C + kTile - 1) / kTile;
+  const int64_t P = affinity_pooled_pixels(vs.H, vs.W, pool), tiles = (C + kGramTile - 1) / kGramTile;
   const auto opts = student.options().dtype(acc);
   // every chunk writes its images' rows of all four in full: no fills
   at::Tensor gss = at::empty({B, Cs, Cs}, opts), gsd = at::empty({B, Cs, Ct}, opts);
@@ -237,6 +171,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tens
   at::Tensor partials = at::empty({B, tiles * tiles}, wide), loss = at::empty({B}, opts);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t chunk = affinity_chunk_images(pool, B);  // memory: affinity_loss_batched.cpp
+  const bool next = cuda_next_enabled();
+  // next: each image's mean by its last tile block to finish (gram_tail_means_kernel)
+  const at::Tensor counters = next ? grid_ticket_counters(student.device(), std::min(chunk, B)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "affinity_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     for (int64_t b0 = 0; b0 < B; b0 += chunk) {
@@ -246,19 +183,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tens
       const at::Tensor &us = x.us, &d = x.d;
       at::Tensor g_ss = gss.narrow(0, b0, k);
       gram(us, us.transpose(1, 2), acc, &g_ss);
-      const at::Tensor g_sd = gram(us, d.transpose(1, 2), acc);  // [k, Cs, C]
-      const at::Tensor g_dd = gram(d, d.transpose(1, 2), acc);   // [k, C, C]
       const dim3 tail_grid(static_cast<unsigned>(tiles * tiles), static_cast<unsigned>(k));
-      gram_tail_kernel<acc_t><<<tail_grid, kThreads, 0, stream>>>(
-          g_ss.const_data_ptr<acc_t>(), g_sd.const_data_ptr<acc_t>(), g_dd.const_data_ptr<acc_t>(),
-          gsd.narrow(0, b0, k).mutable_data_ptr<acc_t>(), Cs, Ct, C, partials.narrow(0, b0, k).mutable_data_ptr<double>());
+      acc_t* kept = gsd.narrow(0, b0, k).mutable_data_ptr<acc_t>();
+      double* tile_sums = partials.narrow(0, b0, k).mutable_data_ptr<double>();
+      if (next) {  // G_xd over G_dd from one GEMM, [x; d] d^T: [k, Cs + C, C]
+        const at::Tensor grams = gram(x.z, d.transpose(1, 2), acc);
+        const TailMeans<acc_t> means{grams.const_data_ptr<acc_t>(),
+                                     tile_sums,
+                                     beta.narrow(0, b0, k).const_data_ptr<double>(),
+                                     alpha_parts.narrow(0, b0, k).const_data_ptr<double>(),
+                                     alpha_tiles(C),
+                                     P,
+                                     affinity_mean_divisor(P),
+                                     loss.narrow(0, b0, k).mutable_data_ptr<acc_t>(),
+                                     reinterpret_cast<unsigned*>(counters.mutable_data_ptr<int32_t>())};
+        gram_tail_means_kernel<acc_t>
+            <<<tail_grid, kThreads, 0, stream>>>(g_ss.const_data_ptr<acc_t>(), kept, Cs, Ct, C, means);
+      } else {
+        const at::Tensor g_sd = gram(us, d.transpose(1, 2), acc);  // [k, Cs, C]
+        const at::Tensor g_dd = gram(d, d.transpose(1, 2), acc);   // [k, C, C]
+        gram_tail_kernel<acc_t><<<tail_grid, kThreads, 0, stream>>>(g_ss.const_data_ptr<acc_t>(),
+                                                                     g_sd.const_data_ptr<acc_t>(),
+                                                                     g_dd.const_data_ptr<acc_t>(), kept, Cs, Ct, C,
+                                                                     tile_sums);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    affinity_means_kernel<acc_t><<<B, kThreads, 0, stream>>>(
-        partials.const_data_ptr<double>(), tiles * tiles, beta.const_data_ptr<double>(),
-        alpha_parts.const_data_ptr<double>(), alpha_tiles(C), P, affinity_mean_divisor(P),
-        loss.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!next) {
+      affinity_means_kernel<acc_t><<<B, kThreads, 0, stream>>>(
+          partials.const_data_ptr<double>(), tiles * tiles, beta.const_data_ptr<double>(),
+          alpha_parts.const_data_ptr<double>(), alpha_tiles(C), P, affinity_mean_divisor(P),
+          loss.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return {loss, gss, gsd};
 }
@@ -284,33 +241,48 @@ at::Tensor affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor&
     using acc_t = at::opmath_type<scalar_t>;
     using op_t = gemm_operand_t<scalar_t>;
     const auto op_opts = student.options().dtype(c10::CppTypeToScalarType<op_t>::value);
+    const bool next = cuda_next_enabled();
+    constexpr int kWarps = kThreads / 32;
     for (int64_t b0 = 0; b0 < B; b0 += chunk) {
       const int64_t k = std::min(chunk, B - b0);
-      at::Tensor g_sd = at::empty({k, Cs, Cs}, op_opts), g_st = at::empty({k, Cs, Ct}, op_opts);
-      gram_operands_kernel<acc_t, op_t><<<blocks_for(k * Cs * C), kThreads, 0, stream>>>(
-          gss.const_data_ptr<acc_t>() + b0 * Cs * Cs, gsd.const_data_ptr<acc_t>() + b0 * Cs * Ct, k, Cs, Ct,
-          g_sd.mutable_data_ptr<op_t>(), g_st.mutable_data_ptr<op_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const acc_t* gss_k = gss.const_data_ptr<acc_t>() + b0 * Cs * Cs;
+      const acc_t* gsd_k = gsd.const_data_ptr<acc_t>() + b0 * Cs * Ct;
+      const dim3 row_grid(static_cast<unsigned>((Cs + kWarps - 1) / kWarps), static_cast<unsigned>(k));
+      at::Tensor g_sd, g_st;
+      if (!next) {  // next: with u below
+        g_sd = at::empty({k, Cs, Cs}, op_opts);
+        g_st = at::empty({k, Cs, Ct}, op_opts);
+        gram_operands_kernel<acc_t, op_t><<<blocks_for(k * Cs * C), kThreads, 0, stream>>>(
+            gss_k, gsd_k, k, Cs, Ct, g_sd.mutable_data_ptr<op_t>(), g_st.mutable_data_ptr<op_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       const scalar_t* xs = student.const_data_ptr<scalar_t>() + b0 * vs.s0;
       at::Tensor beta = at::empty({k, P}, wide), alpha_parts = at::empty({k, alpha_tiles(C)}, wide);
       const CentredChunk x = centred_chunk<scalar_t>(student, vs, teacher, vt, b0, k, true, beta, alpha_parts);
-      at::Tensor u = at::empty({k, Cs}, wide);
-      constexpr int kWarps = kThreads / 32;
-      pivot_u_kernel<acc_t><<<dim3(static_cast<unsigned>((Cs + kWarps - 1) / kWarps), static_cast<unsigned>(k)),
-                              kThreads, 0, stream>>>(gss.const_data_ptr<acc_t>() + b0 * Cs * Cs,
-                                                     gsd.const_data_ptr<acc_t>() + b0 * Cs * Ct,
-                                                     x.m_s.const_data_ptr<double>(), x.m_d.const_data_ptr<double>(), Cs,
-                                                     Ct, u.mutable_data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const at::Tensor g1 = gram(g_sd, x.us, acc), g2 = gram(g_st, x.d.narrow(1, 0, Ct), acc);  // [k, Cs, P] each
-      const auto gradient = cuda_next_enabled() ? affinity_gradient_kernel<scalar_t, kGradientAhead>
-                                                : affinity_gradient_kernel<scalar_t, 1>;
+      at::Tensor u = at::empty({k, Cs}, wide), g1, g2;
+      if (next) {  // [g_sd | g_st] [x; d[:Ct]] = G_xd x + G_xy d in one GEMM: [k, Cs, P]
+        const at::Tensor a = at::empty({k, Cs, Cs + Ct}, op_opts);
+        operands_u_kernel<acc_t, op_t><<<row_grid, kThreads, 0, stream>>>(
+            gss_k, gsd_k, x.m_s.const_data_ptr<double>(), x.m_d.const_data_ptr<double>(), Cs, Ct,
+            a.mutable_data_ptr<op_t>(), u.mutable_data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        g1 = gram(a, x.z.narrow(1, 0, Cs + Ct), acc);
+      } else {
+        pivot_u_kernel<acc_t><<<row_grid, kThreads, 0, stream>>>(gss_k, gsd_k, x.m_s.const_data_ptr<double>(),
+                                                                 x.m_d.const_data_ptr<double>(), Cs, Ct,
+                                                                 u.mutable_data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        g1 = gram(g_sd, x.us, acc);
+        g2 = gram(g_st, x.d.narrow(1, 0, Ct), acc);  // [k, Cs, P] each
+      }
+      const auto gradient = next ? affinity_gradient_kernel<scalar_t, kGradientAhead>
+                                 : affinity_gradient_kernel<scalar_t, 1>;
       gradient<<<pixel_grid(P, k), dim3(kPixels, kGroups), 0, stream>>>(
-          g1.const_data_ptr<acc_t>(), g2.const_data_ptr<acc_t>(), x.us.const_data_ptr<op_t>(),
-          x.norms.const_data_ptr<double>(), u.const_data_ptr<double>(), x.m_s.const_data_ptr<double>(),
-          alpha_parts.const_data_ptr<double>(), alpha_tiles(C), beta.const_data_ptr<double>(),
-          g.const_data_ptr<acc_t>() + b0 * g.stride(0), g.stride(0), 4.0 / affinity_mean_divisor(P), xs, vs, Cs, P,
-          out.mutable_data_ptr<scalar_t>() + b0 * Cs * vs.H * vs.W);
+          g1.const_data_ptr<acc_t>(), next ? nullptr : g2.const_data_ptr<acc_t>(), x.us.const_data_ptr<op_t>(),
+          x.us.stride(0), x.norms.const_data_ptr<double>(), u.const_data_ptr<double>(),
+          x.m_s.const_data_ptr<double>(), alpha_parts.const_data_ptr<double>(), alpha_tiles(C),
+          beta.const_data_ptr<double>(), g.const_data_ptr<acc_t>() + b0 * g.stride(0), g.stride(0),
+          4.0 / affinity_mean_divisor(P), xs, vs, Cs, P, out.mutable_data_ptr<scalar_t>() + b0 * Cs * vs.H * vs.W);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -30,6 +30,18 @@ struct PoolView {
   int64_t s0, s1, s2, s3, H, W, Wo, pool;
 };
 
+// A chunk's GEMM operands, x (rows.us, [k, Cs, P]) and d ([k, C, P]): rows of P pooled pixels,
+// one image's rows `us_image` and `d_image` elements after the previous image's. The default
+// set keeps them in two tensors (Cs * P and C * P apart); IDD_OPS_CUDA_NEXT=1 interleaves them,
+// each image's Cs rows of x followed by its C rows of d ((Cs + C) * P apart), so that one GEMM
+// reads x and d as one operand (affinity_loss_cuda.cu).
+template <typename op_t>
+struct OperandRows {
+  op_t* us;
+  op_t* d;
+  int64_t us_image, d_image;
+};
+
 // The input rows [y0, y1) and columns [x0, x1) of pooled pixel p's window (ceil mode: cut by
 // the border).
 struct Window {
@@ -157,7 +169,8 @@ __device__ __forceinline__ double pixels_sum(double v) {
 }
 
 // A chunk's first pass: the pooled values, raw, in us [k, Cs, P] and d [k, C, P] (the teacher's
-// in d; in gemm_operand_t, which holds an input value exactly), each pixel's float64 sums over
+// in d; in gemm_operand_t, which holds an input value exactly; rows of P, images `rows.image`
+// elements apart: OperandRows), each pixel's float64 sums over
 // channels in stats [k, 3, P] (|s|^2, |t|^2, <e, s + t>), and the float64 sums of S and D over the
 // block's pixels in partials [k, blocks, Cs + C] (S's Cs, then D's C), which the pivot
 // (affinity_pivot) adds up. grid (ceil(P / kPixels), k).
@@ -172,8 +185,7 @@ constexpr int kPooledAhead = 2;
 template <typename scalar_t, int kAhead>
 __global__ void pooled_sums_kernel(const scalar_t* __restrict__ student, PoolView vs,
                                    const scalar_t* __restrict__ teacher, PoolView vt, int64_t Cs, int64_t Ct, int64_t P,
-                                   gemm_operand_t<scalar_t>* __restrict__ us,
-                                   gemm_operand_t<scalar_t>* __restrict__ d, double* __restrict__ stats,
+                                   OperandRows<gemm_operand_t<scalar_t>> rows, double* __restrict__ stats,
                                    double* __restrict__ partials) {
   using acc_t = at::opmath_type<scalar_t>;
   using op_t = gemm_operand_t<scalar_t>;
@@ -181,8 +193,8 @@ __global__ void pooled_sums_kernel(const scalar_t* __restrict__ student, PoolVie
   const int64_t b = blockIdx.y, p = static_cast<int64_t>(blockIdx.x) * kPixels + threadIdx.x;
   const int64_t C = Cs > Ct ? Cs : Ct;  // rows of d
   const bool live = p < P;
-  op_t* u = us + b * Cs * P + p;
-  op_t* w = d + b * C * P + p;
+  op_t* u = rows.us + b * rows.us_image + p;
+  op_t* w = rows.d + b * rows.d_image + p;
   double ss = 0, tt = 0, q = 0;
   if constexpr (kAhead == 1) {  // the default's walk as the H200 ran it (the switch-on deletes it)
     if (live) {
@@ -341,8 +353,8 @@ __global__ void pivot_u_kernel(const acc_t* __restrict__ g_ss, const acc_t* __re
 }
 
 // A chunk's second pass: from the raw values and stats of pooled_sums_kernel, the centred
-// x = S - m_S into us and d = D - m_D into d (gemm_operand_t: rounded once, at the size of the
-// spread about the means), and beta [k, P] = <m_D, x> + <m_T, d> (float64; m_T = m_S - m_D, m_S
+// x = S - m_S into rows.us and d = D - m_D into rows.d (gemm_operand_t: rounded once, at the size
+// of the spread about the means), and beta [k, P] = <m_D, x> + <m_T, d> (float64; m_T = m_S - m_D, m_S
 // taken as 0 past Cs). m_s [k, Cs], m_d [k, C] float64. `backward`: a pixel whose norm is floored
 // keeps S and D uncentred (affinity_input_gradient), and the student's norms go to norms [k, P].
 // grid (ceil(P / kPixels), k).
@@ -354,18 +366,17 @@ __global__ void pivot_u_kernel(const acc_t* __restrict__ g_ss, const acc_t* __re
 constexpr int kCentredAhead = 4;
 
 template <typename scalar_t, int kAhead>
-__global__ void centred_kernel(gemm_operand_t<scalar_t>* __restrict__ us, gemm_operand_t<scalar_t>* __restrict__ d,
-                               const double* __restrict__ stats, const double* __restrict__ m_s,
-                               const double* __restrict__ m_d, int64_t Cs, int64_t Ct, int64_t P, bool backward,
-                               double* __restrict__ beta, double* __restrict__ norms) {
+__global__ void centred_kernel(OperandRows<gemm_operand_t<scalar_t>> rows, const double* __restrict__ stats,
+                               const double* __restrict__ m_s, const double* __restrict__ m_d, int64_t Cs, int64_t Ct,
+                               int64_t P, bool backward, double* __restrict__ beta, double* __restrict__ norms) {
   using acc_t = at::opmath_type<scalar_t>;
   using op_t = gemm_operand_t<scalar_t>;
   __shared__ double part[kGroups][kPixels];
   const int64_t b = blockIdx.y, p = static_cast<int64_t>(blockIdx.x) * kPixels + threadIdx.x;
   const int64_t C = Cs > Ct ? Cs : Ct;
   const bool live = p < P;
-  op_t* u = us + b * Cs * P + p;
-  op_t* w = d + b * C * P + p;
+  op_t* u = rows.us + b * rows.us_image + p;
+  op_t* w = rows.d + b * rows.d_image + p;
   const double* ms = m_s + b * Cs;
   const double* md = m_d + b * C;
   double sum = 0;
