@@ -169,8 +169,9 @@ __device__ __forceinline__ double pixels_sum(double v) {
 }
 
 // A chunk's first pass: the pooled values, raw, in us [k, Cs, P] and d [k, C, P] (the teacher's
-// in d; in gemm_operand_t, which holds an input value exactly; rows of P, images `rows.image`
-// elements apart: OperandRows), each pixel's float64 sums over
+// in d; in gemm_operand_t, which holds an input value exactly; rows of P, each image's
+// rows.us_image and rows.d_image elements after the previous one's: OperandRows), each pixel's
+// float64 sums over
 // channels in stats [k, 3, P] (|s|^2, |t|^2, <e, s + t>), and the float64 sums of S and D over the
 // block's pixels in partials [k, blocks, Cs + C] (S's Cs, then D's C), which the pivot
 // (affinity_pivot) adds up. grid (ceil(P / kPixels), k).
