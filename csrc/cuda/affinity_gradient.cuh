@@ -38,17 +38,18 @@ __device__ __forceinline__ int quad_argmax(const Quad<acc_t>& q, acc_t* value) {
 // (contiguous), zeros at the window's other elements: every element of out is written.
 // grid (ceil(P / kPixels), k).
 //
-// kAhead: channels whose whole 2 x 2 windows (and w's reads of g1, g2 and x) a thread loads
-// before using any, in both walks; the adds keep channel order, so the same bits. With one (the
+// kAhead: channels whose whole 2 x 2 windows (and w's reads of g1, g2 and x; of g1 and x where
+// kAhead > 1) a thread loads before using any, in both walks; the adds keep channel order, so
+// the same bits as with one. With one (the
 // default) a thread has one window in flight: the H200 took 0.16 ms a launch (2 launches, 0.33 ms
 // of SKD's 3.2 ms forward+backward at pool 2), about 1.1 TB/s for the 184 MB of DRAM traffic a
 // chunk of 4 images needs (one read of the student, g1, g2 and x, one write of the gradient; the
 // second walk reads a block's 64 KB of windows and its rows of g1, g2 and x again, from L2 while
 // about 400 blocks' 26 MB are resident). IDD_OPS_CUDA_NEXT=1 takes
 // kGradientAhead (no GPU has run it yet); windows cut by the border, and other pools, walk as the
-// default does. Three: 116 registers a thread on sm_90 (float; ptxas), so 2 blocks an SM with 21
-// loads a thread in flight, where the default's 80 registers fit 3 blocks with 7; four takes 134
-// registers (1 block), and capped at 3 blocks an SM even two spill.
+// default does. Three: 114 registers a thread on sm_90 (float; ptxas; 116 when it read g2), so 2
+// blocks an SM with 21 loads a thread in flight, where the default's 80 registers fit 3 blocks
+// with 7; four took 134 registers (1 block), and capped at 3 blocks an SM even two spilled.
 constexpr int kGradientAhead = 3;
 
 template <typename scalar_t, int kAhead>
@@ -67,7 +68,8 @@ __global__ void affinity_gradient_kernel(const at::opmath_type<scalar_t>* __rest
   const bool live = p < P;
   const acc_t* ga = g1 + b * Cs * P + p;
   const acc_t* gb = kAhead > 1 ? nullptr : g2 + b * Cs * P + p;
-  const gemm_operand_t<scalar_t>* xp = us + b * (kAhead > 1 ? us_image : Cs * P) + p;  // the default's: Cs * P
+  // x's rows: OperandRows' offset in the next set, the default's Cs * P as the H200 ran it
+  const gemm_operand_t<scalar_t>* xp = us + b * (kAhead > 1 ? us_image : Cs * P) + p;
   const double* ub = u_vec + b * Cs;
   const double* ms = m_s + b * Cs;
   const double eps = kAffinityNormEps, norm = live ? norms[b * P + p] : 1.0;

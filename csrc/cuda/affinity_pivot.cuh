@@ -171,9 +171,9 @@ __device__ __forceinline__ double pixels_sum(double v) {
 // A chunk's first pass: the pooled values, raw, in us [k, Cs, P] and d [k, C, P] (the teacher's
 // in d; in gemm_operand_t, which holds an input value exactly; rows of P, each image's
 // rows.us_image and rows.d_image elements after the previous one's: OperandRows), each pixel's
-// float64 sums over
-// channels in stats [k, 3, P] (|s|^2, |t|^2, <e, s + t>), and the float64 sums of S and D over the
-// block's pixels in partials [k, blocks, Cs + C] (S's Cs, then D's C), which the pivot
+// float64 sums over channels in stats [k, 3, P] (|s|^2, |t|^2, <e, s + t>), and the float64 sums
+// of S and D over the block's pixels in partials [k, blocks, Cs + C] (S's Cs, then D's C), which
+// the pivot
 // (affinity_pivot) adds up. grid (ceil(P / kPixels), k).
 //
 // kAhead: channels whose whole 2 x 2 windows a thread loads (both networks') before comparing
@@ -355,8 +355,8 @@ __global__ void pivot_u_kernel(const acc_t* __restrict__ g_ss, const acc_t* __re
 
 // A chunk's second pass: from the raw values and stats of pooled_sums_kernel, the centred
 // x = S - m_S into rows.us and d = D - m_D into rows.d (gemm_operand_t: rounded once, at the size
-// of the spread about the means), and beta [k, P] = <m_D, x> + <m_T, d> (float64; m_T = m_S - m_D, m_S
-// taken as 0 past Cs). m_s [k, Cs], m_d [k, C] float64. `backward`: a pixel whose norm is floored
+// of the spread about the means), and beta [k, P] = <m_D, x> + <m_T, d> (float64; m_T = m_S -
+// m_D, m_S taken as 0 past Cs). m_s [k, Cs], m_d [k, C] float64. `backward`: a pixel whose norm is floored
 // keeps S and D uncentred (affinity_input_gradient), and the student's norms go to norms [k, P].
 // grid (ceil(P / kPixels), k).
 //
