@@ -158,13 +158,13 @@ __global__ void affinity_means_kernel(const double* __restrict__ partials, int64
 // and each image's loss terms (beta, alpha_parts) and means, all of the chunk's images.
 template <typename acc_t>
 struct TailMeans {
-  const acc_t* grams;                   // [k, Cs + C, C]: G_xd [Cs, C] over G_dd [C, C] per image
-  double* partials;                     // [k, tiles * tiles]
-  const double *beta, *alpha_parts;     // [k, P], [k, alpha_tiles]
+  const acc_t* grams;                // [k, Cs + C, C]: G_xd [Cs, C] over G_dd [C, C] per image
+  double* partials;                  // [k, tiles * tiles]
+  const double *beta, *alpha_parts;  // [k, P], [k, alpha_tiles]
   int64_t alpha_tiles, P;
   double divisor;
-  acc_t* loss;                          // [k]
-  unsigned* counters;                   // k, at 0 (grid_ticket_counters)
+  acc_t* loss;         // [k]
+  unsigned* counters;  // k, at 0 (grid_ticket_counters)
 };
 
 // gram_tail_kernel, then in each image's last tile block to finish affinity_means_kernel's
