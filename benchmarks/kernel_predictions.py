@@ -27,6 +27,13 @@ PREDICTIONS = [
     ("skd pool2", "forward+backward", r"affinity_cuda::affinity_gradient_kernel<float(, 3)?>", 128.0,
      "2 x 0.064 ms: 167 MB of DRAM traffic a chunk (184 MB less the second GEMM result, 17 MB, now "
      "added in the one GEMM), 21 loads a thread in flight (7 at 1.1 TB/s)"),
+    # its GEMM operands interleaved: the Gram tail adds each image's mean in its last block, the
+    # backward's operand is formed with u
+    ("skd pool2", "forward+backward", r"affinity_cuda::gram_tail_means_kernel<float>", 20.0,
+     "2 x 0.01 ms: 1024 tile blocks a chunk reading 16 MB of Grams and writing 4 MB of the kept G_xd, "
+     "then each image's last block adding 256 tile sums and 2048 beta squares"),
+    ("skd pool2", "forward+backward", r"affinity_cuda::operands_u_kernel<float, float>", 16.0,
+     "2 x 0.008 ms: a warp a row, 8 MB of kept Grams read and 8 MB of [G_xd | G_xy] written a chunk"),
     # IDD at K=19, B=8: the tail's forward in one launch, its Grams split 16 ways over the channels
     # (forward, and again in forward+backward)
     *[("idd_loss cityscapes", mode, r"idd_tail_one_pass_kernel<double, double, 16, float>", 18.0,

@@ -164,6 +164,8 @@ def test_kernel_predictions_beside_the_measured_times():
                  fused_next_kernels=gemms + [("affinity_cuda::pooled_sums_kernel<float, 2>", 4.0, 480.0),
                                              ("affinity_cuda::centred_kernel<float, 4>", 4.0, 100.0),
                                              ("affinity_cuda::pivot_kernel<16>", 4.0, 84.0),
+                                             ("affinity_cuda::gram_tail_means_kernel<float>", 2.0, 18.0),
+                                             ("affinity_cuda::operands_u_kernel<float, float>", 2.0, 15.0),
                                              ("other", 1.0, 1.0)]),
             dict(case="cwd", mode="forward+backward", fused_ms=0.5, fused_kernels=[("kl_rows_forward", 1.0, 88.0)])]
     text = kernel_times.section(rows)
@@ -182,7 +184,9 @@ def test_kernel_predictions_beside_the_measured_times():
                      fused_kernels=[("affinity_cuda::pivot_kernel", 4.0, 90.0),
                                     ("affinity_cuda::pooled_sums_kernel<float>", 4.0, 200.0),
                                     ("affinity_cuda::centred_kernel<float>", 4.0, 110.0),
-                                    ("affinity_cuda::affinity_gradient_kernel<float>", 2.0, 150.0)])]
+                                    ("affinity_cuda::affinity_gradient_kernel<float>", 2.0, 150.0),
+                                    ("affinity_cuda::gram_tail_means_kernel<float>", 2.0, 18.0),
+                                    ("affinity_cuda::operands_u_kernel<float, float>", 2.0, 15.0)])]
     assert kernel_predictions.misses(switched) == []
     assert "| `affinity_cuda::pivot_kernel` | 4.0 | 90.0 | 80 (1.1x) |" in kernel_times.section(switched)
 
