@@ -87,6 +87,12 @@ TORCH_LIBRARY(idd_ops, m) {
   m.def("affinity_loss(Tensor student, Tensor teacher, int pool) -> (Tensor, Tensor, Tensor)");
   m.def("_affinity_loss_backward(Tensor grad, Tensor student, Tensor teacher, Tensor gram_ss, Tensor gram_sd, "
         "int pool) -> Tensor");
+  // SKD reduced in the op: affinity_loss's per-image means added in float64 and scaled once, by
+  // 1 / B where `mean` (the mean over all B * P * P entries), else by P * P (their sum). Returns
+  // the loss (0-dim, accumulation dtype) and affinity_loss's two Grams for the backward.
+  m.def("_affinity_loss_sum(Tensor student, Tensor teacher, int pool, bool mean) -> (Tensor, Tensor, Tensor)");
+  m.def("_affinity_loss_sum_backward(Tensor grad, Tensor student, Tensor teacher, Tensor gram_ss, Tensor gram_sd, "
+        "int pool, bool mean) -> Tensor");
   // IFVD's map: cosine similarity of each pixel's feature to its class centroid [B,K,C]
   // (1 where ignored), with the feature norms [B,H,W] kept for the backward.
   m.def("pixel_centroid_cosine(Tensor feats, Tensor centroids, Tensor labels, int ignore_index, float eps) "

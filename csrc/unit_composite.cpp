@@ -3,6 +3,7 @@
 // docs/ARCHITECTURE.md, "Build".
 #include "composite/affinity_loss.cpp"
 #include "composite/affinity_loss_batched.cpp"
+#include "composite/affinity_loss_sum.cpp"
 #include "composite/class_centroids_ordered.cpp"
 #include "composite/class_means.cpp"
 #include "composite/class_distance_matrix.cpp"

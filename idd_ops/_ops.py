@@ -167,6 +167,19 @@ def _(grad, student, teacher, gram_ss, gram_sd, pool):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
+@register_fake("idd_ops::_affinity_loss_sum")
+def _(student, teacher, pool, mean):
+    B, Cs = student.shape[:2]
+    acc = acc_dtype(student.dtype)
+    return (student.new_empty((), dtype=acc), student.new_empty((B, Cs, Cs), dtype=acc),
+            student.new_empty((B, Cs, teacher.shape[1]), dtype=acc))
+
+
+@register_fake("idd_ops::_affinity_loss_sum_backward")
+def _(grad, student, teacher, gram_ss, gram_sd, pool, mean):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
 # ---- pixel_centroid_cosine -------------------------------------------------------------
 
 

@@ -3,8 +3,9 @@
 GPU code written since the last GPU run lands switched off: the tested path stays the default and
 IDD_OPS_CUDA_NEXT=1 selects the new one. Read once per process, like the C++ side. Behind it on
 the Python side at present: IFVD's two maps and its loss in one op each (ifvd_maps_path), the
-class means in one (class_means_path) and pixel KD and CWD reduced in one (pixel_kd_sum_path); the
-C++ side's own list is in csrc/common/cuda_next.h. The path selections below are per device.
+class means in one (class_means_path), pixel KD and CWD reduced in one (pixel_kd_sum_path) and SKD
+reduced in one (affinity_sum_path); the C++ side's own list is in csrc/common/cuda_next.h. The
+path selections below are per device.
 """
 import functools
 import os
@@ -66,4 +67,13 @@ def pixel_kd_sum_path(device: torch.device) -> bool:
     for pixel KD and softmax_kl and ATen's sum and scaling 5 for CWD): on CUDA under
     IDD_OPS_CUDA_NEXT=1, since no GPU has run its kernels yet. Other devices would gain nothing:
     there it is the same ATen calls (csrc/composite/pixel_kd_sum.cpp)."""
+    return device.type == "cuda" and cuda_next_enabled()
+
+
+def affinity_sum_path(device: torch.device) -> bool:
+    """Whether SKD's "mean" and "sum" come from one op (_affinity_loss_sum: the per-image means
+    added and scaled by the Gram tail's last block, the backward's scale in its gradient kernel,
+    where ATen's sum and scaling took two launches forward and one backward): on CUDA under
+    IDD_OPS_CUDA_NEXT=1, since no GPU has run its kernels yet. Other devices would gain nothing:
+    there it is the same ATen calls (csrc/composite/affinity_loss_sum.cpp)."""
     return device.type == "cuda" and cuda_next_enabled()

@@ -145,6 +145,10 @@ def structural_kd_loss(student_feats: Tensor, teacher_feats: Tensor, pool: int =
     for name, x in (("student_feats", student_feats), ("teacher_feats", teacher_feats)):
         if x.shape[1] == 0:  # as max_pool2d: a pixel without channels has no direction to normalise
             raise ValueError(f"{name}: expected at least one channel, got shape {list(x.shape)}")
+    if reduction != "none" and _switches.affinity_sum_path(student_feats.device):
+        # the per-image means added and scaled inside the op
+        loss = ops._affinity_loss_sum(student_feats, teacher_feats.detach(), pool, reduction == "mean")[0]
+        return loss.to(loss_dtype(student_feats))
     # pooling and normalisation happen inside the op, one block of pixels at a time
     per_image = ops.affinity_loss(student_feats, teacher_feats.detach(), pool)[0]  # [B], mean over P*P
     if reduction == "sum":

@@ -50,11 +50,30 @@ def check(ops, s, t, pool, rtol, grad=None):
     close(ops._affinity_loss_backward(grad, *args), CPU._affinity_loss_backward(grad, *args), rtol=rtol, atol=rtol)
 
 
+def check_sum(ops, s, t, pool, mean, rtol):
+    """_affinity_loss_sum (SKD reduced in the op; next: the total added by the Gram tail's last
+    block) and its backward against the CPU op's."""
+    got, want = ops._affinity_loss_sum(s, t, pool, mean), CPU._affinity_loss_sum(s, t, pool, mean)
+    close(got, want, rtol=rtol, atol=rtol)
+    grad = torch.tensor(0.75, dtype=want[0].dtype)
+    args = (grad, s, t, want[1], want[2], pool, mean)
+    close(ops._affinity_loss_sum_backward(*args), CPU._affinity_loss_sum_backward(*args), rtol=rtol, atol=rtol)
+
+
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_matches_the_cpu_op(fused, shape):
     B, Cs, Ct, H, W, pool = shape
     s, t = inputs(B, Cs, Ct, H, W)
     check(fused, s, t, pool, 1e-9)
+
+
+@pytest.mark.parametrize("mean", [True, False], ids=["mean", "sum"])
+@pytest.mark.parametrize("B", [1, 5, 9])  # chunks of 4 at pool 2: 1; 4 + 1; 4 + 4 + 1
+def test_the_sum_matches_the_cpu_op(fused, B, mean):
+    s, t = inputs(B, 40, 70, 9, 13)
+    check_sum(fused, s, t, 2, mean, 1e-9)
+    s, t = inputs(B, 12, 20, 6, 8, dtype=torch.bfloat16)
+    check_sum(fused, s, t, 2, mean, 1e-2)
 
 
 @pytest.mark.parametrize("case", ["mixed_dtypes", "no_pixels"])
@@ -167,6 +186,7 @@ def test_writes_every_output(fused, poisoned_empties, shape):
     B, Cs, Ct, H, W, pool = shape
     s, t = inputs(B, Cs, Ct, H, W)
     check(fused, s, t, pool, 1e-9)
+    check_sum(fused, s, t, pool, True, 1e-9)
 
 
 @pytest.mark.parametrize("next_kernels", [False, True], ids=["default", "next"])
@@ -179,7 +199,8 @@ def test_same_bits_on_every_run(emu, next_kernels):
         for seed in (1, 2):
             emu._emu_configure(next_kernels, seed)
             loss, gss, gst = emu.affinity_loss(s, t, 2)
-            runs.append((loss, gss, gst, emu._affinity_loss_backward(torch.ones(5), s, t, gss, gst, 2)))
+            total = emu._affinity_loss_sum(s, t, 2, True)[0]  # next: whichever image finishes last adds
+            runs.append((loss, gss, gst, emu._affinity_loss_backward(torch.ones(5), s, t, gss, gst, 2), total))
     finally:
         emu._emu_configure(False, 3)
     for a, b in zip(*runs):
@@ -249,6 +270,18 @@ def test_launches(emu, next_kernels):
     finally:
         emu._emu_configure(False, 3)
     assert (forward, backward) == ((2 * 4, 2 * 5) if next_kernels else (2 * 4 + 1, 2 * 6))
+    # _affinity_loss_sum: the same launches (next: the total in the last chunk's tail; the default
+    # set's ATen sum is no kernel of the library's)
+    try:
+        emu._emu_configure(next_kernels, 3)
+        emu._emu_launch_log()
+        emu._affinity_loss_sum(s, t, 2, True)
+        forward_sum = len(emu._emu_launch_log()) // 3
+        emu._affinity_loss_sum_backward(torch.ones((), dtype=torch.float64), s, t, gss, gst, 2, True)
+        backward_sum = len(emu._emu_launch_log()) // 3
+    finally:
+        emu._emu_configure(False, 3)
+    assert (forward_sum, backward_sum) == (forward, backward)
 
 
 @pytest.mark.parametrize("offset", [10.0, 1000.0])

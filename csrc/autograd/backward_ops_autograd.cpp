@@ -63,7 +63,7 @@ TORCH_LIBRARY_IMPL(idd_ops, Autograd, m) {
                            "_idd_loss_backward", "_idd_tail_backward", "_position_encoding_loss_backward",
                            "_softmax_kl_backward", "_affinity_loss_backward", "_pixel_centroid_cosine_backward",
                            "_pixel_centroid_cosine_slots_backward", "_class_means_backward",
-                           "_pixel_kd_sum_backward", "_ifvd_loss_backward"})
+                           "_pixel_kd_sum_backward", "_ifvd_loss_backward", "_affinity_loss_sum_backward"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&backward_op_autograd>());
 }
 

@@ -10,9 +10,9 @@ struct SoftmaxKL {
   static constexpr const char* kName = "softmax_kl";
   static constexpr const char* kForward = "idd_ops::softmax_kl";
   static constexpr const char* kBackward = "idd_ops::_softmax_kl_backward";
-  using Option = double;  // the temperature
 };
 
-TORCH_LIBRARY_IMPL(idd_ops, Autograd, m) { m.impl("softmax_kl", &TeacherLossFunction<SoftmaxKL>::call); }
+// the option: the temperature
+TORCH_LIBRARY_IMPL(idd_ops, Autograd, m) { m.impl("softmax_kl", &TeacherLossFunction<SoftmaxKL, double>::call); }
 
 }  // namespace idd_ops

@@ -292,12 +292,13 @@ inline void check_affinity_loss_inputs(const at::Tensor& student, const at::Tens
   TORCH_CHECK_VALUE(teacher.size(1) >= 1, "teacher: expected at least one channel, got ", teacher.sizes());
 }
 
+// `reduced`: _affinity_loss_sum's backward (one loss), else affinity_loss's (one loss per image).
 inline void check_affinity_loss_backward_inputs(const at::Tensor& grad, const at::Tensor& student,
                                                 const at::Tensor& teacher, const at::Tensor& gram_ss,
-                                                const at::Tensor& gram_sd, int64_t pool) {
+                                                const at::Tensor& gram_sd, int64_t pool, bool reduced = false) {
   check_affinity_loss_inputs(student, teacher, pool);
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1);
-  check_loss_grad(grad, student, "student", Reduction::None, {B});  // one loss per image
+  check_loss_grad(grad, student, "student", reduced ? Reduction::Sum : Reduction::None, {B});
   check_size(gram_ss, "gram_ss", {B, Cs, Cs}, "[B, Cs, Cs]");
   check_size(gram_sd, "gram_sd", {B, Cs, Ct}, "[B, Cs, Ct]");
   check_floating(gram_ss, "gram_ss");

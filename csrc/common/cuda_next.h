@@ -20,7 +20,8 @@
 // one tensor, so that its forward takes 2 GEMMs and its backward 1 where they took 3 and 2, its
 // backward's operands formed with u in one launch and each image's mean added by its Gram tail's
 // last block (affinity_loss_cuda.cu, affinity_grams.cuh: 6 + 6 launches a chunk, from 8 + 8; not
-// the default's bits, as the GEMMs have other shapes).
+// the default's bits, as the GEMMs have other shapes), and SKD's "mean" and "sum" added by the
+// last chunk's Gram tail (_affinity_loss_sum, chosen by _switches.affinity_sum_path).
 // The kernels it held before (class sums, the fused IDD tail, the slot-map cosine, one-read
 // softmax-KL, column-table position maps, SKD's batched formulation) are the defaults since an
 // H200 passed them on 2026-12-04.

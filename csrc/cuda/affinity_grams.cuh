@@ -3,8 +3,8 @@
 // forward's Gram tail (the four inner products of differenced_affinity_sum, G_xd kept for the
 // backward) and per-image means, and the backward's GEMM operands and u. Small next to the pixel
 // passes (affinity_pivot.cuh, affinity_gradient.cuh): their cost is mostly their launches, which
-// IDD_OPS_CUDA_NEXT=1 halves (the means in the tail's last block per image, the operands and u
-// in one pass).
+// IDD_OPS_CUDA_NEXT=1 halves (the means in the tail's last block per image, and for
+// _affinity_loss_sum their total in the last image's; the operands and u in one pass).
 #include "affinity_pivot.cuh"
 #include "cuda_utils.cuh"
 #include "grid_tickets.cuh"
@@ -153,6 +153,18 @@ __global__ void affinity_means_kernel(const double* __restrict__ partials, int64
              loss + b, scratch);
 }
 
+// _affinity_loss_sum's loss (IDD_OPS_CUDA_NEXT=1): every image's mean added in float64, in a
+// fixed order, times `scale` (affinity_sum_scale), by the last image of the call's last chunk to
+// finish; the earlier chunks' launches wrote their means before it.
+template <typename acc_t>
+struct BatchTotal {
+  const acc_t* means;  // [batch]: not __restrict__, as other blocks of the launch write the chunk's
+  int64_t batch;
+  double scale;
+  acc_t* total;           // 0-dim; null but in the last chunk's launch of a _affinity_loss_sum call
+  unsigned* images_done;  // one counter at 0 (grid_ticket_counters)
+};
+
 // The chunk's Grams and means for IDD_OPS_CUDA_NEXT=1 (gram_tail_means_kernel): G_xd and G_dd as
 // one GEMM's [k, Cs + C, C] (grams: x's rows then d's of the interleaved operand, times d^T),
 // and each image's loss terms (beta, alpha_parts) and means, all of the chunk's images.
@@ -163,12 +175,14 @@ struct TailMeans {
   const double *beta, *alpha_parts;  // [k, P], [k, alpha_tiles]
   int64_t alpha_tiles, P;
   double divisor;
-  acc_t* loss;         // [k]
-  unsigned* counters;  // k, at 0 (grid_ticket_counters)
+  acc_t* loss;             // [k]
+  unsigned* counters;      // k, at 0 (grid_ticket_counters)
+  BatchTotal<acc_t> total;
 };
 
 // gram_tail_kernel, then in each image's last tile block to finish affinity_means_kernel's
-// image_mean for it: the same bits as those two launches, in one. grid (tiles * tiles, k).
+// image_mean for it: the same bits as those two launches, in one; and where m.total.total is
+// given, in the chunk's last image to finish, the batch's total. grid (tiles * tiles, k).
 template <typename acc_t>
 __global__ void gram_tail_means_kernel(const acc_t* __restrict__ g_ss, acc_t* __restrict__ kept, int64_t Cs,
                                        int64_t Ct, int64_t C, TailMeans<acc_t> m) {
@@ -183,6 +197,12 @@ __global__ void gram_tail_means_kernel(const acc_t* __restrict__ g_ss, acc_t* __
   if (!last_to_arrive(m.counters + b, gridDim.x, &last)) return;
   image_mean(partials, gridDim.x, m.beta + b * m.P, m.alpha_parts + b * m.alpha_tiles, m.alpha_tiles, m.P, m.divisor,
              m.loss + b, scratch);
+  const BatchTotal<acc_t>& t = m.total;
+  if (t.total == nullptr || !last_to_arrive(t.images_done, gridDim.y, &last)) return;
+  double total = 0;
+  for (int64_t i = threadIdx.x; i < t.batch; i += kThreads) total += static_cast<double>(t.means[i]);
+  total = block_sum(total, scratch);
+  if (threadIdx.x == 0) *t.total = static_cast<acc_t>(total * t.scale);
 }
 
 }  // namespace affinity_cuda

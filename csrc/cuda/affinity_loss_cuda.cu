@@ -15,7 +15,9 @@
 // finish (no means launch); backward [G_xd | G_xy] z[:Cs + Ct] = G_xd x + G_xy d (1 GEMM, one
 // [k, Cs, P] result for the gradient kernel to read where two were), its left factor formed with
 // u in one launch. At one chunk, 6 + 6 launches where the default takes 8 + 8: on the H200's
-// machine each launch cost the host 15-40 us, and SKD at B = 2 waited on the host.
+// machine each launch cost the host 15-40 us, and SKD at B = 2 waited on the host. There
+// _affinity_loss_sum ("mean" and "sum") has the last chunk's tail add the images' means too, and
+// its backward the scale in the gradient kernel's factor: no ATen sum and scaling around them.
 // Centred on the pixels' means, the Grams carry the spread of the features, not an offset they
 // share (affinity_pivot). The student's gradient is taken through G_xd x + G_xy d (y = x - d),
 // where G_xx x - G_xy y would cancel as the student nears the teacher, so a rounding error of the
@@ -154,10 +156,16 @@ CentredChunk centred_chunk(const at::Tensor& student, const PoolView& vs, const 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                                  int64_t pool) {
-  check_affinity_loss_inputs(student, teacher, pool);
-  if (!fused_takes(student, teacher, pool)) return affinity_loss_batched(student, teacher, pool);
+// _affinity_loss_sum's loss: where IDD_OPS_CUDA_NEXT=1, fused_forward defines `total` (0-dim, the
+// accumulation dtype), its Gram tail adding the means times `scale`; else the caller adds them.
+struct BatchSum {
+  double scale;
+  at::Tensor total;
+};
+
+// affinity_loss on inputs that fused_takes; and _affinity_loss_sum's loss where `sum` is given.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                                             int64_t pool, BatchSum* sum) {
   const c10::cuda::CUDAGuard guard(student.device());
   const auto acc = acc_dtype(student.scalar_type());
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1), C = std::max(Cs, Ct);
@@ -172,8 +180,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tens
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t chunk = affinity_chunk_images(pool, B);  // memory: affinity_loss_batched.cpp
   const bool next = cuda_next_enabled();
-  // next: each image's mean by its last tile block to finish (gram_tail_means_kernel)
-  const at::Tensor counters = next ? grid_ticket_counters(student.device(), std::min(chunk, B)) : at::Tensor();
+  // next: each image's mean by its last tile block to finish (gram_tail_means_kernel), and the
+  // batch's total by the last chunk's last image (one counter more)
+  const int64_t images = std::min(chunk, B);
+  const at::Tensor counters = next ? grid_ticket_counters(student.device(), images + 1) : at::Tensor();
+  if (sum != nullptr && next) sum->total = at::empty({}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "affinity_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     for (int64_t b0 = 0; b0 < B; b0 += chunk) {
@@ -196,7 +207,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tens
                                      P,
                                      affinity_mean_divisor(P),
                                      loss.narrow(0, b0, k).mutable_data_ptr<acc_t>(),
-                                     reinterpret_cast<unsigned*>(counters.mutable_data_ptr<int32_t>())};
+                                     reinterpret_cast<unsigned*>(counters.mutable_data_ptr<int32_t>()),
+                                     {loss.const_data_ptr<acc_t>(), B, sum ? sum->scale : 0.0,
+                                      sum && b0 + k == B ? sum->total.mutable_data_ptr<acc_t>() : nullptr,
+                                      reinterpret_cast<unsigned*>(counters.mutable_data_ptr<int32_t>()) + images}};
         gram_tail_means_kernel<acc_t>
             <<<tail_grid, kThreads, 0, stream>>>(g_ss.const_data_ptr<acc_t>(), kept, Cs, Ct, C, means);
       } else {
@@ -220,17 +234,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tens
   return {loss, gss, gsd};
 }
 
-at::Tensor affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
-                                       const at::Tensor& gss_in, const at::Tensor& gsd_in, int64_t pool) {
-  check_affinity_loss_backward_inputs(grad, student, teacher, gss_in, gsd_in, pool);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                                  int64_t pool) {
+  check_affinity_loss_inputs(student, teacher, pool);
+  if (!fused_takes(student, teacher, pool)) return affinity_loss_batched(student, teacher, pool);
+  return fused_forward(student, teacher, pool, nullptr);
+}
+
+// The forward's launches and the total in the Gram tail's last block under IDD_OPS_CUDA_NEXT=1
+// (no ATen sum and scaling after them); the default set adds the means with ATen.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affinity_loss_sum_cuda(const at::Tensor& student,
+                                                                      const at::Tensor& teacher, int64_t pool,
+                                                                      bool mean) {
+  check_affinity_loss_inputs(student, teacher, pool);
+  const int64_t P = affinity_pooled_pixels(student.size(2), student.size(3), pool);
+  BatchSum sum{affinity_sum_scale(student.size(0), P, mean), at::Tensor()};
+  auto [means, gss, gsd] = fused_takes(student, teacher, pool) ? fused_forward(student, teacher, pool, &sum)
+                                                                : affinity_loss_batched(student, teacher, pool);
+  return {sum.total.defined() ? sum.total : affinity_loss_total(means, sum.scale), gss, gsd};
+}
+
+// Whether the fused backward takes these inputs: fused_takes', and the Grams in the accumulation
+// dtype (the forward's).
+bool fused_backward_takes(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& gss,
+                          const at::Tensor& gsd, int64_t pool) {
   const auto acc = acc_dtype(student.scalar_type());
-  if (!fused_takes(student, teacher, pool) || gss_in.scalar_type() != acc || gsd_in.scalar_type() != acc)
-    return affinity_loss_backward_batched(grad, student, teacher, gss_in, gsd_in, pool);
+  return fused_takes(student, teacher, pool) && gss.scalar_type() == acc && gsd.scalar_type() == acc;
+}
+
+// affinity_loss's backward on inputs that fused_backward_takes, from the per-image gradients
+// grad [B] (any stride: a sum's is expanded) times `scale`.
+at::Tensor fused_backward(const at::Tensor& grad, double scale, const at::Tensor& student, const at::Tensor& teacher,
+                          const at::Tensor& gss_in, const at::Tensor& gsd_in, int64_t pool) {
+  const auto acc = acc_dtype(student.scalar_type());
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t B = student.size(0), Cs = student.size(1), Ct = teacher.size(1), C = std::max(Cs, Ct);
   const PoolView vs = pool_view(student, pool), vt = pool_view(teacher, pool);
   const int64_t P = affinity_pooled_pixels(vs.H, vs.W, pool);
-  const at::Tensor g = grad.scalar_type() == acc ? grad : grad.to(acc);  // [B], any stride (an expanded sum's)
+  const at::Tensor g = grad.scalar_type() == acc ? grad : grad.to(acc);
   const at::Tensor gss = gss_in.contiguous(), gsd = gsd_in.contiguous();  // the forward's: already so
   // every element is written (the windows tile each plane)
   at::Tensor out = at::empty(student.sizes(), student.options().memory_format(at::MemoryFormat::Contiguous));
@@ -282,11 +323,33 @@ at::Tensor affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor&
           x.us.stride(0), x.norms.const_data_ptr<double>(), u.const_data_ptr<double>(),
           x.m_s.const_data_ptr<double>(), alpha_parts.const_data_ptr<double>(), alpha_tiles(C),
           beta.const_data_ptr<double>(), g.const_data_ptr<acc_t>() + b0 * g.stride(0), g.stride(0),
-          4.0 / affinity_mean_divisor(P), xs, vs, Cs, P, out.mutable_data_ptr<scalar_t>() + b0 * Cs * vs.H * vs.W);
+          4.0 * scale / affinity_mean_divisor(P), xs, vs, Cs, P,
+          out.mutable_data_ptr<scalar_t>() + b0 * Cs * vs.H * vs.W);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   return out;
+}
+
+at::Tensor affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+                                       const at::Tensor& gss, const at::Tensor& gsd, int64_t pool) {
+  check_affinity_loss_backward_inputs(grad, student, teacher, gss, gsd, pool);
+  if (!fused_backward_takes(student, teacher, gss, gsd, pool))
+    return affinity_loss_backward_batched(grad, student, teacher, gss, gsd, pool);
+  return fused_backward(grad, 1.0, student, teacher, gss, gsd, pool);
+}
+
+// The loss's one gradient read by every image's gradient pass (a stride-0 view), the scale in
+// the kernel's factor: no launch before them.
+at::Tensor affinity_loss_sum_backward_cuda(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+                                           const at::Tensor& gss, const at::Tensor& gsd, int64_t pool, bool mean) {
+  check_affinity_loss_backward_inputs(grad, student, teacher, gss, gsd, pool, /*reduced=*/true);
+  const int64_t B = student.size(0), P = affinity_pooled_pixels(student.size(2), student.size(3), pool);
+  const double scale = affinity_sum_scale(B, P, mean);
+  if (!fused_backward_takes(student, teacher, gss, gsd, pool))
+    return affinity_loss_backward_batched(affinity_sum_grad(grad, scale, B, acc_dtype(student.scalar_type())),
+                                          student, teacher, gss, gsd, pool);
+  return fused_backward(grad.reshape({}).expand({B}), scale, student, teacher, gss, gsd, pool);
 }
 
 }  // namespace
@@ -294,6 +357,8 @@ at::Tensor affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor&
 TORCH_LIBRARY_IMPL(idd_ops, CUDA, m) {
   m.impl("affinity_loss", &affinity_loss_cuda);
   m.impl("_affinity_loss_backward", &affinity_loss_backward_cuda);
+  m.impl("_affinity_loss_sum", &affinity_loss_sum_cuda);
+  m.impl("_affinity_loss_sum_backward", &affinity_loss_sum_backward_cuda);
 }
 
 }  // namespace idd_ops

@@ -18,8 +18,8 @@ from . import build
 # The kernel sets: "default", what CUDA runs, and "next", what IDD_OPS_CUDA_NEXT=1 selects
 # (csrc/common/cuda_next.h; at present SKD's pivot, pooling, centring and gradient kernels with
 # their loads ahead, the IDD tail's forward in one kernel, IFVD's two maps and its loss, the class
-# means and pixel KD's and CWD's sums in one op each). A set that changes a Python path switch sets it
-# below, set by set.
+# means, pixel KD's and CWD's sums and SKD's sum in one op each). A set that changes a Python path
+# switch sets it below, set by set.
 KERNEL_SETS = ("default", "next")
 _active = []  # the (kernel set, seed) of each emulated_cuda block entered and not yet left
 
@@ -33,13 +33,14 @@ def emulated_cuda(kernel_set="default", seed=0):
     emu = build.load()
     emu._emu_configure(kernel_set == "next", seed)
     # CUDA's paths for the CPU tensors the emulator runs on: the class-sum path, the slot map,
-    # SKD's batched formulation, and on the next set IFVD's two maps, the class means and pixel KD's
-    # sum in one op each
+    # SKD's batched formulation, and on the next set IFVD's two maps, the class means, pixel KD's sum
+    # and SKD's in one op each
     with mock.patch.object(_switches, "class_sums_path", lambda device, channels_last=False: True), \
             mock.patch.object(_switches, "slot_map_path", lambda device: True), \
             mock.patch.object(_switches, "ifvd_maps_path", lambda device: kernel_set == "next"), \
             mock.patch.object(_switches, "class_means_path", lambda device: kernel_set == "next"), \
             mock.patch.object(_switches, "pixel_kd_sum_path", lambda device: kernel_set == "next"), \
+            mock.patch.object(_switches, "affinity_sum_path", lambda device: kernel_set == "next"), \
             mock.patch.dict(os.environ, {"_IDD_OPS_SKD_BATCHED": "1"}):
         if not _active:
             emu._emu_override(True)
