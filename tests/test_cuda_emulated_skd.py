@@ -79,12 +79,14 @@ def test_the_sum_matches_the_cpu_op(fused, B, mean):
 @pytest.mark.parametrize("case", ["mixed_dtypes", "no_pixels"])
 def test_inputs_the_fused_kernels_do_not_take(fused, case):
     """A student and teacher of different dtypes, and maps without pixels, take the batched ATen
-    formulation forward and backward (no launch of the library's own kernels): the CPU op's values."""
+    formulation forward and backward, reduced or not (no launch of the library's own kernels): the
+    CPU op's values."""
     shape = (2, 6, 5, 7) if case == "mixed_dtypes" else (2, 6, 0, 7)
     s = randn(*shape, dtype=torch.float32 if case == "mixed_dtypes" else torch.float64)
     t = randn(shape[0], 9, *shape[2:], seed=1, dtype=torch.float64)
     before = fused._emu_launches()
     check(fused, s, t, 2, 1e-5)
+    check_sum(fused, s, t, 2, True, 1e-5)
     assert fused._emu_launches() == before
 
 
