@@ -214,6 +214,35 @@ def host_ms(fn, device="cpu", calls=20):
     return elapsed * 1e3 / calls
 
 
+def graph_ms(fn, device="cpu", replays=20):
+    """Time per call in ms of fn() captured in a CUDA graph and replayed: the best of `replays`
+    replays, each synchronised as time_interleaved's calls are, so the two compare. What a
+    captured training step pays for the op, its kernels without the host's cost of issuing them
+    (docs/API.md, "CUDA graphs"; the way under the host floor at small shapes). Captured after two
+    warm-up calls on a side stream, as torch.cuda.graphs asks. None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    del graph  # its memory pool goes with it
+    return min(times)
+
+
 def autograd_floor_ms(device="cpu", backward=True):
     """Host ms per call of the least a differentiable loss costs in plain PyTorch: `(x * 2).sum()`
     of a leaf of 8 values, and its backward when `backward` (best of 3 host_ms runs). On CUDA the

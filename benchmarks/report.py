@@ -38,14 +38,19 @@ EXPECTED = {"full": "tens of minutes on 2 CPU cores (not timed end to end; the t
 
 # Ops whose rows also get host time, launches and each kernel's time per call on a GPU (issue 21's
 # targets); and ops whose forward+backward rows get them (kernel_times.py: where their time goes).
+# The forward+backward rows of the small shapes (targets.SMALL) also get their time replayed from
+# a CUDA graph (issue 22 item 4).
 LAUNCH_OPS = ("idd_loss", "class_centroids")
 KERNEL_OPS = ("ifvd", "pixel_kd", "cwd", "skd")
 
 
-def measure_row(case, backward, device, repeat, compiled, rates, probe, impls=None, peaks=True, launch_stats=False):
+def measure_row(case, backward, device, repeat, compiled, rates, probe, impls=None, peaks=True, launch_stats=False,
+                graph_stats=False):
     """One table row: times (alternating, with the copy probe), peaks (profiler) unless not
-    asked, bound (where rates are given), and with launch_stats the fused op's host time and
-    launches per call; for case and pass. impls: default case.impls(compiled)."""
+    asked, bound (where rates are given), with launch_stats the fused op's host time and
+    launches per call, and with graph_stats its time replayed from a CUDA graph
+    (common.graph_ms; None where the capture fails, its error printed); for case and pass.
+    impls: default case.impls(compiled)."""
     impls = impls or case.impls(compiled)
     *times, probe_ms = common.time_interleaved([case.build(impl, backward) for impl in impls] + [probe], device,
                                                repeat=min(repeat, case.rounds or repeat), stat=min)
@@ -69,6 +74,13 @@ def measure_row(case, backward, device, repeat, compiled, rates, probe, impls=No
         row["fused_host_ms"] = common.host_ms(run, device)
         row["floor_host_ms"] = common.autograd_floor_ms(device, backward)
         row["fused_launches"], row["fused_kernels"], row["fused_host_calls"] = kernel_times.profile(run, device)
+    if graph_stats and "fused" in impls:
+        try:
+            row["fused_graph_ms"] = common.graph_ms(case.build("fused", backward), device)
+        except Exception:  # noqa: BLE001 - a column of its own: the row's other numbers stand
+            row["fused_graph_ms"] = None
+            print(f"ERROR capturing {case.name} in a CUDA graph:", file=sys.stderr, flush=True)
+            traceback.print_exc()
     if case.peer:
         row["peer_name"] = case.peer[0]
     return row
@@ -103,8 +115,9 @@ def measure(case_names, device, repeat, compiled, impls=None, peaks=True, compil
                           file=sys.stderr, flush=True)
                     op = name.split()[0]
                     stats = launch_stats and (op in LAUNCH_OPS or (backward and op in KERNEL_OPS))
+                    graph = launch_stats and backward and name in targets.SMALL
                     new.append(measure_row(case, backward, device, repeat, attempt, rates, probe, impls=case_impls,
-                                           peaks=peaks, launch_stats=stats))
+                                           peaks=peaks, launch_stats=stats, graph_stats=graph))
                 rows.extend(new)
                 if progress:
                     progress(rows, rates)

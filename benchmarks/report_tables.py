@@ -16,7 +16,9 @@ LAUNCH_NOTE = ("Host ms/call: 20 calls issued without a synchronise, divided by 
                "keeps up). Torch floor: the same of plain PyTorch's `(x * 2).sum()` on 8 values (and its backward), "
                "the least any loss's host time can be on this machine. Launches/call: kernels, memsets and copies "
                "on the GPU per call (torch.profiler, 3 calls); forward+backward seeds the backward with a gradient "
-               "made once, so the harness adds none. ")
+               "made once, so the harness adds none. Graph ms: the small shapes' forward+backward captured in a "
+               "CUDA graph and replayed, the best of 20 synchronised replays (the issue cost of a captured step: "
+               "docs/API.md, \"CUDA graphs\"; '-' where not captured, or where the capture failed). ")
 
 
 def _ratio(num, den):
@@ -57,9 +59,10 @@ def _ms_cell(row, key, digits=None):
 
 def table(rows):
     """The markdown table; columns that no row has (compiled, next kernels, peer, peaks, host
-    time and launches) are left out."""
+    time and launches, CUDA-graph replays) are left out."""
     has = lambda key: any(r.get(key) is not None for r in rows)  # noqa: E731
     compiled, nxt, peaks, launches = has("compiled_ms"), has("fused_next_ms"), has("fused_peak"), has("fused_host_ms")
+    graphs = has("fused_graph_ms") or has("fused_next_graph_ms")
     peers = sorted({r["peer_name"] for r in rows if "peer_name" in r})
     peer = f"peer ({', '.join(peers)})" if peers else None
     head = ["op", "shape", "pass", "fused ms"] + (["fused next ms"] if nxt else []) + ["reference ms"] + \
@@ -68,6 +71,7 @@ def table(rows):
         (["next vs default", "next vs reference"] if nxt else []) + \
         (["fused host ms/call", "fused launches/call"] + (["next host ms/call", "next launches/call"] if nxt else [])
          + ["torch floor host ms/call"] if launches else [])
+    head += ["fused graph ms"] + (["next graph ms"] if nxt else []) if graphs else []
     if peaks:
         head += ["fused peak MiB", "reference peak MiB"] + (["compiled peak MiB"] if compiled else []) + \
             ([f"{peer} peak MiB"] if peer else []) + ["returned MiB", "memory: reference / fused"]
@@ -89,6 +93,8 @@ def table(rows):
             cells += [_ms_cell(r, "fused_host_ms", 3), _ms_cell(r, "fused_launches", 1)]
             cells += [_ms_cell(r, "fused_next_host_ms", 3), _ms_cell(r, "fused_next_launches", 1)] if nxt else []
             cells += [_ms_cell(r, "floor_host_ms", 3)]
+        if graphs:
+            cells += [_ms_cell(r, "fused_graph_ms", 3)] + ([_ms_cell(r, "fused_next_graph_ms", 3)] if nxt else [])
         if peaks:
             cells += [_mib(r, "fused"), _mib(r, "reference")] + ([_mib(r, "compiled")] if compiled else [])
             cells += [_peer_cell(r, "peer_peak", lambda v: _mib(r, "peer"))] if peer else []
@@ -181,10 +187,12 @@ def compact_table(rows):
     """One short table of the key numbers: fused (default kernels), fused (next), eager
     reference, torch.compile(reference), bound, and host time and launches where measured."""
     nxt = any(r.get("fused_next_ms") is not None for r in rows)
+    graphs = any(r.get(k) is not None for r in rows for k in ("fused_graph_ms", "fused_next_graph_ms"))
     head = ["row", "pass", "fused ms"] + (["fused next ms"] if nxt else []) + \
         ["eager reference ms", "compile(reference) ms", "bound ms", "fused / bound"] + \
         (["next / bound"] if nxt else []) + ["host ms/call", "launches/call"] + \
-        (["next host ms/call", "next launches/call"] if nxt else []) + ["torch floor host ms/call"]
+        (["next host ms/call", "next launches/call"] if nxt else []) + ["torch floor host ms/call"] + \
+        ((["graph ms"] + (["next graph ms"] if nxt else [])) if graphs else [])
     out = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in rows:
         cells = [r["case"], r["mode"], _ms_cell(r, "fused_ms", 3)] + ([_ms_cell(r, "fused_next_ms", 3)] if nxt else [])
@@ -194,6 +202,8 @@ def compact_table(rows):
         cells += [_ms_cell(r, "fused_host_ms", 3), _ms_cell(r, "fused_launches", 1)]
         cells += [_ms_cell(r, "fused_next_host_ms", 3), _ms_cell(r, "fused_next_launches", 1)] if nxt else []
         cells += [_ms_cell(r, "floor_host_ms", 3)]
+        if graphs:
+            cells += [_ms_cell(r, "fused_graph_ms", 3)] + ([_ms_cell(r, "fused_next_graph_ms", 3)] if nxt else [])
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 

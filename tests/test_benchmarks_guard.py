@@ -120,11 +120,34 @@ def test_merged_kernel_sets_and_their_tables():
         in section
 
 
+def test_graph_replay_column_and_target():
+    """The small shapes' forward+backward replayed from a CUDA graph: a column of both tables (of
+    each kernel set) and a target of its own beside the eager one; rows without it keep neither."""
+    from benchmarks import targets
+    rows = [_row("cwd b2", fused=0.4, reference=1.0, compiled=0.5, bound=0.01, fused_host_ms=0.4, fused_launches=2.0,
+                 floor_host_ms=0.2, fused_graph_ms=0.05, fused_next_ms=0.3, fused_next_graph_ms=0.12)]
+    compact = report_tables.compact_table(rows)
+    assert compact.splitlines()[0].endswith("| torch floor host ms/call | graph ms | next graph ms |")
+    assert compact.splitlines()[2].endswith("| 0.200 | 0.050 | 0.120 |")
+    assert "| fused graph ms | next graph ms |" in report_tables.table(rows)
+    misses = targets.check(rows, ("fused", "fused_next"))
+    captured = [m for m in misses if "graph replay" in m]
+    assert captured == ["cwd b2 forward+backward [IDD_OPS_CUDA_NEXT=1]: graph replay / max(2x bound, 0.1 ms) 1.20, "
+                        "target <= 1.00 (issue 22 item 4, captured: the same replayed from a CUDA graph (docs/API.md's "
+                        "way past the host's cost at small shapes))"]
+    assert len([m for m in misses if "time / max(2x bound" in m]) == 2  # eager: 0.4 and 0.3 ms
+    plain = [_row("cwd b2", bound=0.01, fused_host_ms=0.4, fused_launches=2.0, floor_host_ms=0.2)]
+    assert "graph" not in report_tables.compact_table(plain) + report_tables.table(plain)
+    assert not [m for m in targets.check(plain) if "graph replay" in m]
+    assert common.graph_ms(lambda: None, "cpu") is None  # CUDA only
+
+
 def test_report_row_without_peaks_with_host_time():
     case = _tiny_idd_case()
     row = report.measure_row(case, True, "cpu", repeat=1, compiled=False, rates=None, probe=common.CopyProbe("cpu"),
-                             impls=["fused"], peaks=False, launch_stats=True)
+                             impls=["fused"], peaks=False, launch_stats=True, graph_stats=True)
     assert row["fused_ms"] > 0 and row["fused_host_ms"] > 0 and row["fused_launches"] == 0  # no GPU work on a CPU
+    assert row["fused_graph_ms"] is None  # CUDA graphs: CUDA only
     assert 0 < row["floor_host_ms"] < row["fused_host_ms"] and row["fused_host_calls"] == []
     assert "reference_ms" not in row and "bound_ms" not in row and "fused_peak" not in row
 

@@ -117,15 +117,15 @@ def test_cuda_graph_replay_equals_eager(name):
 
 
 @needs_gpu
-@pytest.mark.parametrize("name", ["idd_loss", "pixel_kd", "ifvd", "class_centroids"])
+@pytest.mark.parametrize("name", ["idd_loss", "pixel_kd", "ifvd", "class_centroids", "skd"])
 def test_last_block_counters_across_streams_and_graphs(name):
     """The kernels whose grid's last block finishes its work (grid_tickets.cuh: the IDD tail's
-    one-pass kernel, pixel KD's sum, IFVD's loss and the class sums' segments, which these shapes
-    split on a GPU of 132 SMs, behind IDD_OPS_CUDA_NEXT; the other calls here run the default
-    kernels the same way) keep ticket counters per stream, which each launch leaves at 0:
-    calls on two streams at once (each held back by a sleep, so that their kernels overlap), a
-    captured graph replayed between eager calls on one stream, and a call after all of them give
-    the eager values."""
+    one-pass kernel, pixel KD's sum, IFVD's loss, the class sums' segments, which these shapes
+    split on a GPU of 132 SMs, and SKD's Gram tail, each image's mean and the batch's sum, behind
+    IDD_OPS_CUDA_NEXT; the other calls here run the default kernels the same way) keep ticket
+    counters per stream, which each launch leaves at 0: calls on two streams at once (each held
+    back by a sleep, so that their kernels overlap), a captured graph replayed between eager calls
+    on one stream, and a call after all of them give the eager values."""
     base, run = OPS[name]("cuda")
     want = [t.clone() for t in run(*base)]
 
@@ -156,7 +156,7 @@ def test_last_block_counters_across_streams_and_graphs(name):
 
 
 @needs_gpu
-@pytest.mark.parametrize("name", ["idd_loss", "pixel_kd", "ifvd", "position_loss mean", "class_centroids"])
+@pytest.mark.parametrize("name", ["idd_loss", "pixel_kd", "ifvd", "position_loss mean", "class_centroids", "skd"])
 def test_last_block_counters_on_per_thread_default_streams(name):
     """Two host threads on the per-thread default stream, whose one handle (cudaStreamPerThread,
     0x2) is a stream of each thread's own: their forwards overlap (each held back by a sleep), and

@@ -33,8 +33,8 @@ def emulated_cuda(kernel_set="default", seed=0):
     emu = build.load()
     emu._emu_configure(kernel_set == "next", seed)
     # CUDA's paths for the CPU tensors the emulator runs on: the class-sum path, the slot map,
-    # SKD's batched formulation, and on the next set IFVD's two maps, the class means, pixel KD's sum
-    # and SKD's in one op each
+    # SKD's batched formulation, and on the next set IFVD's two maps, the class means, pixel KD's
+    # sum and SKD's in one op each
     with mock.patch.object(_switches, "class_sums_path", lambda device, channels_last=False: True), \
             mock.patch.object(_switches, "slot_map_path", lambda device: True), \
             mock.patch.object(_switches, "ifvd_maps_path", lambda device: kernel_set == "next"), \
