@@ -192,6 +192,21 @@ def gradcheck(fn, inputs, **kwargs):
     return torch.autograd.gradcheck(fn, inputs, **kwargs)
 
 
+def assert_devices_agree(loss_of, x, device, tol):
+    """loss_of(x on a device) and its gradient w.r.t. x, on the CPU and on `device`, agree: the
+    loss within relative `tol`, the gradient within `tol` of its largest element."""
+    results = []
+    for where in ("cpu", device):
+        leaf = x.to(where).requires_grad_()
+        loss = loss_of(leaf)
+        loss.backward()
+        results.append((loss.detach().cpu(), leaf.grad.cpu()))
+    (want, want_grad), (got, got_grad) = results
+    torch.testing.assert_close(got, want, rtol=tol, atol=0)
+    torch.testing.assert_close(got_grad.double(), want_grad.double(), rtol=tol,
+                               atol=tol * float(want_grad.double().abs().max()))
+
+
 def make_labels(B, H, W, K, device="cpu", ignore_frac=0.1, blocky=True, seed=0, dtype=torch.int64):
     """Piecewise-constant labels (blocks of random classes) with a share of ignored pixels."""
     g = torch.Generator().manual_seed(seed)
