@@ -219,7 +219,8 @@ def graph_ms(fn, device="cpu", replays=20):
     replays, each synchronised as time_interleaved's calls are, so the two compare. What a
     captured training step pays for the op, its kernels without the host's cost of issuing them
     (docs/API.md, "CUDA graphs"; the way under the host floor at small shapes). Captured after two
-    warm-up calls on a side stream, as torch.cuda.graphs asks. None off CUDA."""
+    warm-up calls on a side stream, as torch.cuda.graphs asks. None off CUDA; a failed capture
+    raises."""
     if torch.device(device).type != "cuda":
         return None
     side = torch.cuda.Stream()
@@ -239,7 +240,7 @@ def graph_ms(fn, device="cpu", replays=20):
         graph.replay()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
-    del graph  # its memory pool goes with it
+    del graph  # its pool is freed once the gradient made in it goes too (fn's next `grad = None`)
     return min(times)
 
 

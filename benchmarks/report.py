@@ -49,7 +49,8 @@ def measure_row(case, backward, device, repeat, compiled, rates, probe, impls=No
     """One table row: times (alternating, with the copy probe), peaks (profiler) unless not
     asked, bound (where rates are given), with launch_stats the fused op's host time and
     launches per call, and with graph_stats its time replayed from a CUDA graph
-    (common.graph_ms; None where the capture fails, its error printed); for case and pass.
+    (common.graph_ms; inf where the capture fails, so that the guard's target fails, its error
+    printed); for case and pass.
     impls: default case.impls(compiled)."""
     impls = impls or case.impls(compiled)
     *times, probe_ms = common.time_interleaved([case.build(impl, backward) for impl in impls] + [probe], device,
@@ -78,7 +79,7 @@ def measure_row(case, backward, device, repeat, compiled, rates, probe, impls=No
         try:
             row["fused_graph_ms"] = common.graph_ms(case.build("fused", backward), device)
         except Exception:  # noqa: BLE001 - a column of its own: the row's other numbers stand
-            row["fused_graph_ms"] = None
+            row["fused_graph_ms"] = float("inf")
             print(f"ERROR capturing {case.name} in a CUDA graph:", file=sys.stderr, flush=True)
             traceback.print_exc()
     if case.peer:

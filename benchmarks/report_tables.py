@@ -18,7 +18,7 @@ LAUNCH_NOTE = ("Host ms/call: 20 calls issued without a synchronise, divided by 
                "on the GPU per call (torch.profiler, 3 calls); forward+backward seeds the backward with a gradient "
                "made once, so the harness adds none. Graph ms: the small shapes' forward+backward captured in a "
                "CUDA graph and replayed, the best of 20 synchronised replays (the issue cost of a captured step: "
-               "docs/API.md, \"CUDA graphs\"; '-' where not captured, or where the capture failed). ")
+               "docs/API.md, \"CUDA graphs\"; '-' where not captured, inf where the capture failed). ")
 
 
 def _ratio(num, den):

@@ -69,6 +69,7 @@ CALLS = {
     "cosine_slots": ([_randn(B, Cs, H, W), _randn(B, K, Cs, seed=1),
                       torch.ops.idd_ops._label_slots(_labels(B, 2 * H, 2 * W, K), H, W, K, 255)],
                      lambda x, c, s: torch.ops.idd_ops._pixel_centroid_cosine_slots(x, c, s, 1e-8)[0]),
-    "skd": ([_randn(B, Cs, H, W), _randn(B, Ct, H, W, seed=1)], lambda s, t: idd_ops.structural_kd_loss(s, t)),
+    # 5 images: at pool 2 a chunk of 4 and one of 1 (the last chunk's tail adds the batch's mean)
+    "skd": ([_randn(5, Cs, H, W), _randn(5, Ct, H, W, seed=1)], lambda s, t: idd_ops.structural_kd_loss(s, t)),
 }
 OPS = {name: _op(inputs, fn) for name, (inputs, fn) in CALLS.items()}

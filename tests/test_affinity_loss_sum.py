@@ -36,7 +36,7 @@ def test_the_reference(mean, pool, channels):
     (got_grad,) = torch.autograd.grad(loss, x)
     (want_grad,) = torch.autograd.grad(want, ref_x)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-8, atol=1e-10 * float(want_grad.abs().max()))
-    _, want_gss, want_gsd = ops.affinity_loss(s, t, pool)  # the Grams affinity_loss's backward reads
+    _, want_gss, want_gsd = ops.affinity_loss(s, t, pool)  # the Grams its backward reads
     assert torch.equal(gss, want_gss) and torch.equal(gsd, want_gsd)
 
 

@@ -201,7 +201,7 @@ def test_same_bits_on_every_run(emu, next_kernels):
         for seed in (1, 2):
             emu._emu_configure(next_kernels, seed)
             loss, gss, gst = emu.affinity_loss(s, t, 2)
-            total = emu._affinity_loss_sum(s, t, 2, True)[0]  # next: whichever image finishes last adds
+            total = emu._affinity_loss_sum(s, t, 2, True)[0]  # next: the last image to finish adds
             runs.append((loss, gss, gst, emu._affinity_loss_backward(torch.ones(5), s, t, gss, gst, 2), total))
     finally:
         emu._emu_configure(False, 3)

@@ -5,7 +5,9 @@
 // and _affinity_loss_sum are such ops; each names its ops in a Loss struct and its options'
 // types as the template's arguments:
 //   struct Loss { static constexpr const char* kName, *kForward, *kBackward; };
+#include <string>
 #include <tuple>
+#include <utility>
 
 #include "autograd.h"
 
@@ -21,7 +23,8 @@ struct TeacherLossFunction : public TraceableFunction<TeacherLossFunction<Loss, 
     auto [loss, a, b] = op.call(student, teacher, options...);
     no_zero_fills(ctx);
     ctx->save_for_backward({student, teacher, a, b});
-    ctx->saved_data["options"] = std::make_tuple(options...);
+    int i = 0;  // each option under a key of its own: compiled autograd lifts a number, not a tuple
+    ((ctx->saved_data["option" + std::to_string(i++)] = options), ...);
     return {loss, a, b};
   }
 
@@ -31,13 +34,18 @@ struct TeacherLossFunction : public TraceableFunction<TeacherLossFunction<Loss, 
     at::Tensor grad_student;
     if (grads[0].defined()) {
       const variable_list s = ctx->get_saved_variables();
-      const auto options = ctx->saved_data["options"].template to<std::tuple<Options...>>();
-      const auto call = [&](Options... o) { return op.call(grads[0], s[0], s[1], s[2], s[3], o...); };
-      grad_student = std::apply(call, options);
+      grad_student = call_backward(op, ctx, grads[0], s, std::index_sequence_for<Options...>{});
     }
     variable_list grads_in(2 + sizeof...(Options));  // undefined past the student's
     grads_in[0] = grad_student;
     return grads_in;
+  }
+
+  template <typename Op, size_t... I>
+  static at::Tensor call_backward(const Op& op, AutogradContext* ctx, const at::Tensor& grad, const variable_list& s,
+                                  std::index_sequence<I...>) {
+    return op.call(grad, s[0], s[1], s[2], s[3],
+                   ctx->saved_data["option" + std::to_string(I)].template to<Options>()...);
   }
 
   // The op's Autograd kernel.

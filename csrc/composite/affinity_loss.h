@@ -38,7 +38,8 @@ inline int64_t affinity_chunk_images(int64_t pool, int64_t batch) {
 }
 
 // _affinity_loss_sum's factor on the per-image means: 1 / B for the mean over all B * P * P
-// entries (no images: 0, as idd_ops' "mean" of nothing counted), P * P for their sum.
+// entries (no images: a factor of 1 on no means, so a loss of 0, as idd_ops' "mean" of nothing
+// counted), P * P for their sum.
 inline double affinity_sum_scale(int64_t batch, int64_t pooled_pixels, bool mean) {
   const double P = static_cast<double>(pooled_pixels);
   return mean ? 1.0 / static_cast<double>(std::max<int64_t>(batch, 1)) : P * P;
@@ -51,9 +52,9 @@ inline at::Tensor affinity_loss_total(const at::Tensor& means, double scale) {
 }
 
 // _affinity_loss_sum_backward's incoming gradient (one value) as affinity_loss's backward takes it:
-// times `scale`, in `acc`, one value for every image of `batch` (a stride-0 view).
-inline at::Tensor affinity_sum_grad(const at::Tensor& grad, double scale, int64_t batch, at::ScalarType acc) {
-  return (grad.reshape({}).to(at::kDouble) * scale).to(acc).expand({batch});
+// times `scale`, in `dtype` (the Grams'), one value for every image of `batch` (a stride-0 view).
+inline at::Tensor affinity_sum_grad(const at::Tensor& grad, double scale, int64_t batch, at::ScalarType dtype) {
+  return (grad.reshape({}).to(at::kDouble) * scale).to(dtype).expand({batch});
 }
 
 // Per-image means [B] in `acc` from the float64 sums of squares over P * P entries. A sum of

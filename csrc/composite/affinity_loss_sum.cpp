@@ -26,7 +26,7 @@ at::Tensor affinity_loss_sum_backward_composite(const at::Tensor& grad, const at
                                                 const at::Tensor& gsd, int64_t pool, bool mean) {
   check_affinity_loss_backward_inputs(grad, student, teacher, gss, gsd, pool, /*reduced=*/true);
   const int64_t B = student.size(0), P = affinity_pooled_pixels(student.size(2), student.size(3), pool);
-  const at::Tensor g = affinity_sum_grad(grad, affinity_sum_scale(B, P, mean), B, acc_dtype(student.scalar_type()));
+  const at::Tensor g = affinity_sum_grad(grad, affinity_sum_scale(B, P, mean), B, gss.scalar_type());
   return affinity_loss_backward_composite(g, student, teacher, gss, gsd, pool);
 }
 

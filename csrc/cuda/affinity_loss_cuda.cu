@@ -16,8 +16,9 @@
 // [k, Cs, P] result for the gradient kernel to read where two were), its left factor formed with
 // u in one launch. At one chunk, 6 + 6 launches where the default takes 8 + 8: on the H200's
 // machine each launch cost the host 15-40 us, and SKD at B = 2 waited on the host. There
-// _affinity_loss_sum ("mean" and "sum") has the last chunk's tail add the images' means too, and
-// its backward the scale in the gradient kernel's factor: no ATen sum and scaling around them.
+// _affinity_loss_sum ("mean" and "sum") has the last chunk's tail add the images' means too (the
+// default set adds them with ATen); in both sets its backward takes the scale in the gradient
+// kernel's factor.
 // Centred on the pixels' means, the Grams carry the spread of the features, not an offset they
 // share (affinity_pivot). The student's gradient is taken through G_xd x + G_xy d (y = x - d),
 // where G_xx x - G_xy y would cancel as the student nears the teacher, so a rounding error of the
@@ -340,15 +341,16 @@ at::Tensor affinity_loss_backward_cuda(const at::Tensor& grad, const at::Tensor&
 }
 
 // The loss's one gradient read by every image's gradient pass (a stride-0 view), the scale in
-// the kernel's factor: no launch before them.
+// the kernel's factor: no launch before them where the gradient is in the accumulation dtype (as
+// the op's own loss is).
 at::Tensor affinity_loss_sum_backward_cuda(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
                                            const at::Tensor& gss, const at::Tensor& gsd, int64_t pool, bool mean) {
   check_affinity_loss_backward_inputs(grad, student, teacher, gss, gsd, pool, /*reduced=*/true);
   const int64_t B = student.size(0), P = affinity_pooled_pixels(student.size(2), student.size(3), pool);
   const double scale = affinity_sum_scale(B, P, mean);
   if (!fused_backward_takes(student, teacher, gss, gsd, pool))
-    return affinity_loss_backward_batched(affinity_sum_grad(grad, scale, B, acc_dtype(student.scalar_type())),
-                                          student, teacher, gss, gsd, pool);
+    return affinity_loss_backward_batched(affinity_sum_grad(grad, scale, B, gss.scalar_type()), student, teacher,
+                                          gss, gsd, pool);
   return fused_backward(grad.reshape({}).expand({B}), scale, student, teacher, gss, gsd, pool);
 }
 
