@@ -273,8 +273,9 @@ def count_launches(events):
     return sum(1 for e in events if e.name in RUNTIME_LAUNCHES)
 
 
-# The CUDA kernel sets: IDD_OPS_CUDA_NEXT's value for each (idd_ops/_switches.py).
-KERNEL_SETS = {"default": "0", "next": "1"}
+# The CUDA kernel sets: IDD_OPS_CUDA_NEXT's value for each (idd_ops/_switches.py); the next set's
+# is every group unless IDD_OPS_NEXT_SET names some (tools/gpu_check.sh sets it).
+KERNEL_SETS = {"default": "0", "next": os.environ.get("IDD_OPS_NEXT_SET", "1")}
 
 
 def cpu_model():

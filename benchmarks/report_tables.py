@@ -118,8 +118,9 @@ def _speedup(num, den):
 def kernels_note(kernel_sets):
     """The header's sentence on which CUDA kernels the fused columns ran."""
     if not kernel_sets:
-        return f"Kernels: {'IDD_OPS_CUDA_NEXT=1' if cuda_next_enabled() else 'the default set (IDD_OPS_CUDA_NEXT unset)'}.\n"
-    named = {"default": "the default set", "next": "IDD_OPS_CUDA_NEXT=1"}
+        spec = os.environ.get("IDD_OPS_CUDA_NEXT")
+        return f"Kernels: {f'IDD_OPS_CUDA_NEXT={spec}' if cuda_next_enabled() else 'the default set'}.\n"
+    named = {"default": "the default set", "next": f"IDD_OPS_CUDA_NEXT={common.KERNEL_SETS['next']}"}
     text = f"Kernels: fused = {named[kernel_sets[0]]}"
     if len(kernel_sets) > 1:
         text += (f"; fused next = {named[kernel_sets[1]]}, timed in a second process (the switch is read once per "

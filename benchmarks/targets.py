@@ -10,6 +10,7 @@ IDD_OPS_CUDA_NEXT=1) supplies `{col}_ms`, `{col}_host_ms` and `{col}_launches`.
     python -m benchmarks.targets      # prints the table of targets
 """
 import dataclasses
+import os
 
 CITY, FRAG = "idd_loss cityscapes", "idd_loss cityscapes fragmented"
 FWD, BWD = "forward", "forward+backward"
@@ -165,7 +166,8 @@ def check_train(rows, columns=("fused",)):
 
 
 def _label(col):
-    return {"fused": "default kernels", "fused_next": "IDD_OPS_CUDA_NEXT=1"}.get(col, col)
+    next_set = os.environ.get("IDD_OPS_NEXT_SET", "1")  # benchmarks.common.KERNEL_SETS["next"]
+    return {"fused": "default kernels", "fused_next": f"IDD_OPS_CUDA_NEXT={next_set}"}.get(col, col)
 
 
 def guard_failures(misses):

@@ -251,8 +251,8 @@ def describe(args, dev, allocator):
                 f"(benchmarks/train_step.py describes the head and each loss), float32. ")
     kernels = ""
     if args.kernels and len(args.kernels) > 1:
-        kernels = ("Fused next: IDD_OPS_CUDA_NEXT=1, in a second process (CE-only and fused steps), its step moved by "
-                   "the difference of the two processes' CE-only steps. ")
+        kernels = (f"Fused next: IDD_OPS_CUDA_NEXT={common.KERNEL_SETS['next']}, in a second process (CE-only and "
+                   "fused steps), its step moved by the difference of the two processes' CE-only steps. ")
     return (f"Revision: {common.revision()}. " + what + f"{args.device} ({dev}), torch {torch.__version__}, the best of {args.repeat} rounds, the steps of a "
             f"row alternating. Allocator: {allocator}. {kernels}Loss ms = step - CE-only step (noise can make it "
             f"negative); share = loss ms / step. " + (f"Peak memory: {peak.METHOD}; gradients MiB: the parameter "

@@ -2,6 +2,7 @@
 benchmarks/targets.py, the kernel-set columns and the child processes that time each set, the
 per-kernel times and host calls, and the training step's real-network path. Small inputs, no
 timings asserted."""
+import os
 import subprocess
 import sys
 import types
@@ -315,6 +316,18 @@ def test_kernel_set_children_keep_the_rows_they_finished(tmp_path, monkeypatch, 
     assert len(errors) == (2 if status else 1)
     if status:
         assert "the default kernels' child process failed (exit status 3) after 3 rows" in errors[0]
+
+
+def test_the_next_set_is_the_groups_gpu_check_names():
+    """IDD_OPS_NEXT_SET (tools/gpu_check.sh: some of the next set's groups) is the value the next
+    set's children run with, and what the report's and the training step's headers name."""
+    code = ("from benchmarks import common, report_tables, targets; print(common.KERNEL_SETS['next']); "
+            "print(report_tables.kernels_note(['default', 'next'])); print(targets._label('fused_next'))")
+    env = dict(os.environ, IDD_OPS_NEXT_SET="all,-skd")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, check=True, env=env).stdout.splitlines()
+    assert out[0] == "all,-skd"
+    assert "fused next = IDD_OPS_CUDA_NEXT=all,-skd" in out[1] and out[-1] == "IDD_OPS_CUDA_NEXT=all,-skd"
 
 
 def test_one_kernel_set_has_the_whole_time_limit(monkeypatch):

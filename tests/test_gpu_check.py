@@ -89,6 +89,24 @@ def test_a_next_kernel_set_adds_its_stage(tmp_path):
     assert proc.returncode == 2 and "KERNELS must name it" in proc.stderr
 
 
+def test_the_next_set_can_be_some_of_its_groups(tmp_path):
+    """IDD_OPS_NEXT_SET (csrc/common/next_groups.h's groups): the next set's value in its stages,
+    the benchmarks' child processes and the summary; a group the switch does not know is refused
+    before any stage runs."""
+    # a value the switch reads whatever groups there are (names come and go with the switch-ons)
+    env = dict(KERNELS="default next", IDD_OPS_NEXT_SET="0,all")
+    proc = _run(tmp_path, "--dry-run", "--only", "tests-next,demo", env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logs = tmp_path / "logs"
+    for stage in ("tests-next", "demo"):  # the commands as the shell quotes them (printf %q)
+        assert "IDD_OPS_CUDA_NEXT=0\\,all" in logs.joinpath(f"{stage}.cmd").read_text(), stage
+    assert "next=0,all" in logs.joinpath("check.info").read_text()
+    assert "| tests-next | IDD_OPS_CUDA_NEXT=0,all |" in (tmp_path / "out" / "summary.md").read_text()
+    proc = _run(tmp_path / "refused", "--dry-run", env=dict(KERNELS="default next", IDD_OPS_NEXT_SET="all,-tail"))
+    assert proc.returncode == 2 and "unknown kernel group 'tail'" in proc.stderr
+    assert not (tmp_path / "refused" / "logs" / "stages").exists()
+
+
 def test_only_and_skip_select_stages(tmp_path):
     proc = _run(tmp_path, "--dry-run", "--only", "demo,perf", "--skip", "perf")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

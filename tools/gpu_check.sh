@@ -51,7 +51,9 @@
 # spaces, or one a line where an id has a space); GPU_TESTS_FILE (instead: a file of ids, one a
 # line, as tools/gpu_rerun.py writes the tests a cut-short stage left); PERF_CASES (the perf
 # stage's cases, one a line, default: the guard's rows, e.g. those a call cut short left); KERNELS
-# ("default next", or "default" where nothing is behind IDD_OPS_CUDA_NEXT); REV (the revision to
+# ("default next", or "default" where nothing is behind IDD_OPS_CUDA_NEXT); IDD_OPS_NEXT_SET (the next
+# set's IDD_OPS_CUDA_NEXT, default 1: every group; "all,-skd" or "skd,ifvd" checks some of its groups,
+# csrc/common/next_groups.h, where one failed); REV (the revision to
 # name, ahead of git's: the device's copy may hold no .git, or a stale one that names another
 # revision; the dry run prints the call with it).
 set -uo pipefail
@@ -63,6 +65,8 @@ PY=${PYTHON:-python3}
 ENV_S=${ENV_S:-15} BUILD_S=${BUILD_S:-100} TESTS_S=${TESTS_S:-115} PERF_S=${PERF_S:-100} TRAIN_S=${TRAIN_S:-50}
 WORKERS=${WORKERS:-10} DEFAULT_WORKERS=${DEFAULT_WORKERS:-4}
 KERNELS=${KERNELS:-default next}  # "default" alone where nothing is behind IDD_OPS_CUDA_NEXT
+# the next set's IDD_OPS_CUDA_NEXT (its groups: csrc/common/next_groups.h), for the benchmarks too
+export IDD_OPS_NEXT_SET=${IDD_OPS_NEXT_SET:-1}
 has_next() { [[ " $KERNELS " == *" next "* ]]; }
 nonblank_lines() { printf '%s\n' "$1" | sed '/^ *$/d'; }  # TEXT: its lines, blank ones dropped
 perf_cases=()  # PERF_CASES: case names, one a line (names have spaces); default the guard's rows
@@ -89,6 +93,10 @@ for s in $ONLY $SKIP; do
 done
 [ -z "${GPU_TESTS_FILE:-}" ] || [ -s "$GPU_TESTS_FILE" ] ||
   { echo "GPU_TESTS_FILE: no such file, or empty: $GPU_TESTS_FILE (carried with the call?)" >&2; exit 2; }
+# a group name the switch does not know would fail every next test, minutes in: refused here
+has_next && ! "$PY" -c "import importlib.util as u, sys; s = u.spec_from_file_location('switches', 'idd_ops/_switches.py')
+m = u.module_from_spec(s); s.loader.exec_module(m); m.next_groups(sys.argv[1])" "$IDD_OPS_NEXT_SET" &&
+  { echo "IDD_OPS_NEXT_SET: see the error above" >&2; exit 2; }
 [[ " $ONLY " == *" tests-next "* ]] && ! has_next &&
   { echo "tests-next runs the next kernel set: KERNELS must name it (KERNELS=\"default next\")" >&2; exit 2; }
 selected() {
@@ -100,7 +108,7 @@ LOGS=${LOGS:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-logs.XXXXXX")}
 mkdir -p "$OUT" "$LOGS"; rm -f "$LOGS"/stages "$LOGS"/*.status "$LOGS"/*.log "$LOGS"/*.section.md "$LOGS"/*.xml "$LOGS"/*.jsonl \
   "$LOGS"/*.cmd "$LOGS"/dry-run.problems "$LOGS"/prebuilt.check "$LOGS"/demo-results.md "$LOGS"/*.pid "$LOGS"/stopped
 rm -f "$OUT"/summary.md "$OUT"/logs.tar.gz "$OUT"/RESULTS-cuda.md "$OUT"/TRAIN_STEP-cuda.md "$OUT"/perf.json
-echo "$(date -u +%FT%TZ) dry=$DRY only=${ONLY:-all} skip=${SKIP:-none} kernels=${KERNELS// /,} rev=${REV:-unset}" \
+echo "$(date -u +%FT%TZ) dry=$DRY only=${ONLY:-all} skip=${SKIP:-none} kernels=${KERNELS// /,} next=$IDD_OPS_NEXT_SET rev=${REV:-unset}" \
   > "$LOGS/check.info"
 START=$SECONDS
 
@@ -254,7 +262,7 @@ XDIST=none
 "$PY" -c "import xdist" 2> /dev/null && XDIST=plain
 "$PY" -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 3))" 2> /dev/null \
   && XDIST=chunked
-pytest_stage() {  # NAME NEXT(0|1) WORKERS PATHS...
+pytest_stage() {  # NAME NEXT(IDD_OPS_CUDA_NEXT's value) WORKERS PATHS...
   local name=$1 next=$2 workers=$3; shift 3
   local xdist=""
   [ "$XDIST" != none ] && xdist="-n $workers"
@@ -281,14 +289,14 @@ elif [[ "${GPU_TESTS:-}" == *$'\n'* ]]; then mapfile -t gpu_tests < <(nonblank_l
 else read -r -a gpu_tests <<< "${GPU_TESTS:-}"; fi
 [ ${#gpu_tests[@]} -gt 0 ] || mapfile -t gpu_tests < <(ordered_tests)
 NEWEST=0 TESTS_WORKERS=$WORKERS  # the newest kernel set: next where KERNELS holds it
-has_next && NEWEST=1
+has_next && NEWEST=$IDD_OPS_NEXT_SET
 selected tests-next && TESTS_WORKERS=$DEFAULT_WORKERS  # the candidate set's stage has most workers
 pids=()
 if selected tests; then
   pytest_stage tests 0 "$TESTS_WORKERS" "${gpu_tests[@]}" & pids+=($!)
 fi
 if selected tests-next; then
-  pytest_stage tests-next 1 "$WORKERS" "${gpu_tests[@]}" & pids+=($!)
+  pytest_stage tests-next "$IDD_OPS_NEXT_SET" "$WORKERS" "${gpu_tests[@]}" & pids+=($!)
 fi
 DEMO_OUT=${TMPDIR:-/tmp}/gpu-check-demo  # checkpoints stay out of the logs; its results.md joins them
 if selected demo; then

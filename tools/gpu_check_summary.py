@@ -31,10 +31,17 @@ def checks_next(info):
     return "next" in field[len("kernels="):].split(",")
 
 
-def stage_kernels(with_next):
+def next_set(info):
+    """The next set's IDD_OPS_CUDA_NEXT: check.info's next=... field (gpu_check.sh's
+    IDD_OPS_NEXT_SET), "1" where the field is missing."""
+    return next((w[len("next="):] for w in info.split() if w.startswith("next=")), "1")
+
+
+def stage_kernels(with_next, next_value="1"):
     """Each stage's kernel set."""
-    newest, each = ("IDD_OPS_CUDA_NEXT=1", "both") if with_next else ("default", "default")
-    return {"tests": "default", "tests-next": "IDD_OPS_CUDA_NEXT=1", "demo": newest, "perf": each, "train": each}
+    named = f"IDD_OPS_CUDA_NEXT={next_value}"
+    newest, each = (named, "both") if with_next else ("default", "default")
+    return {"tests": "default", "tests-next": named, "demo": newest, "perf": each, "train": each}
 
 
 def read(path, default=""):
@@ -153,7 +160,7 @@ def tail(path, n=TAIL_LINES):
 
 def summary(logs, elapsed=None):
     info = read(os.path.join(logs, "check.info")).strip()
-    kernels = stage_kernels(checks_next(info))
+    kernels = stage_kernels(checks_next(info), next_set(info))
     out = [f"# GPU check ({info})" + (f", {elapsed} s in all" if elapsed is not None else ""), ""]
     stopped = read(os.path.join(logs, "stopped")).strip()
     if stopped:  # on_signal: the device tool's time limit, most likely

@@ -1,7 +1,8 @@
 #pragma once
 // CUDA kernels and GPU formulations written since the last GPU run are compiled in but switched off
-// until a GPU has validated them: IDD_OPS_CUDA_NEXT=1 selects them (read once per process;
-// idd_ops/_switches.py is the Python side of the same switch). tools/gpu_check.sh with
+// until a GPU has validated them: IDD_OPS_CUDA_NEXT=1 selects them, or a list of their groups
+// (next_groups.h) some of them (read once per process; idd_ops/_switches.py is the Python side of
+// the same switch). tools/gpu_check.sh with
 // KERNELS="default next" runs its stages under both settings; the first GPU session that passes
 // them switches them on and deletes what they replace. Behind it at present: SKD's pivot,
 // pooling, centring and gradient kernels with loads ahead (affinity_pivot.cuh and
@@ -28,6 +29,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "next_groups.h"
+
 namespace idd_ops {
 
 // Whether the environment variable `name` is "1" (read at each call; the private switches the
@@ -37,9 +40,10 @@ inline bool env_flag(const char* name) {
   return value != nullptr && std::strcmp(value, "1") == 0;
 }
 
-inline bool cuda_next_enabled() {
-  static const bool on = env_flag("IDD_OPS_CUDA_NEXT");
-  return on;
+// Whether IDD_OPS_CUDA_NEXT switches `group` on (a value it cannot read raises at each call).
+inline bool cuda_next_enabled(NextGroup group) {
+  static const uint32_t on = parse_next_groups(std::getenv("IDD_OPS_CUDA_NEXT"));
+  return (on & static_cast<uint32_t>(group)) != 0;
 }
 
 }  // namespace idd_ops

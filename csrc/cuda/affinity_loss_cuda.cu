@@ -123,7 +123,7 @@ CentredChunk centred_chunk(const at::Tensor& student, const PoolView& vs, const 
   const auto wide = student.options().dtype(at::kDouble);
   const dim3 grid = pixel_grid(P, k), block(kPixels, kGroups);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const bool next = cuda_next_enabled();
+  const bool next = cuda_next_enabled(NextGroup::skd);
   CentredChunk out;
   if (next) {
     out.z = at::empty({k, Cs + C, P}, op_opts);
@@ -180,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward(const at::Tensor& s
   at::Tensor partials = at::empty({B, tiles * tiles}, wide), loss = at::empty({B}, opts);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t chunk = affinity_chunk_images(pool, B);  // memory: affinity_loss_batched.cpp
-  const bool next = cuda_next_enabled();
+  const bool next = cuda_next_enabled(NextGroup::skd);
   // next: each image's mean by its last tile block to finish (gram_tail_means_kernel), and the
   // batch's total by the last chunk's last image (one counter more)
   const int64_t images = std::min(chunk, B);
@@ -283,7 +283,7 @@ at::Tensor fused_backward(const at::Tensor& grad, double scale, const at::Tensor
     using acc_t = at::opmath_type<scalar_t>;
     using op_t = gemm_operand_t<scalar_t>;
     const auto op_opts = student.options().dtype(c10::CppTypeToScalarType<op_t>::value);
-    const bool next = cuda_next_enabled();
+    const bool next = cuda_next_enabled(NextGroup::skd);
     constexpr int kWarps = kThreads / 32;
     for (int64_t b0 = 0; b0 < B; b0 += chunk) {
       const int64_t k = std::min(chunk, B - b0);

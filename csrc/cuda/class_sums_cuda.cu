@@ -239,7 +239,7 @@ void run_passes(const std::vector<Pass*>& passes, int64_t K) {
   std::vector<std::vector<Pass*>> groups;
   if (live.size() == 2 && same(live[0], live[1])) groups.push_back(live);
   else for (Pass* p : live) groups.push_back({p});
-  const bool folded = cuda_next_enabled();
+  const bool folded = cuda_next_enabled(NextGroup::class_sums);
   for (const auto& g : groups) {
     SumsJobs jobs{};
     jobs.K = static_cast<int>(K);

@@ -282,7 +282,7 @@ int64_t factor_segments(int64_t HW, int64_t K, int warps, unsigned threads) {
 // are per thread (K up to 23 in float32, 11 in float64) and two rows' fit the default 48 KiB,
 // and C is even (a block's two rows are one image's).
 bool row_pairs(int64_t C, int warps, size_t shared) {
-  return cuda_next_enabled() && warps == kThreadSums && C % 2 == 0 && 2 * shared <= 48 * 1024;
+  return cuda_next_enabled(NextGroup::cosine_backward) && warps == kThreadSums && C % 2 == 0 && 2 * shared <= 48 * 1024;
 }
 
 SumLayout class_sum_layout(int64_t K, size_t bytes) {

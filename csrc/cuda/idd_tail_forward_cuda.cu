@@ -349,7 +349,7 @@ void idd_tail_fused_forward(const at::Tensor& student_sums, const at::Tensor& st
   TORCH_CHECK(P <= K && B * P <= std::numeric_limits<int>::max(), "idd_tail: ", B, " x ", P,
               " tile blocks do not fit the grid");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool one_pass = cuda_next_enabled();
+  const bool one_pass = cuda_next_enabled(NextGroup::idd_tail);
   dispatch_tail_types(student_sums.scalar_type(), dist.scalar_type(), "idd_tail", [&](auto sum_tag, auto acc_tag) {
     using sum_t = decltype(sum_tag);
     using acc_t = decltype(acc_tag);

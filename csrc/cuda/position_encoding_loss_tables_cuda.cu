@@ -272,7 +272,7 @@ at::Tensor position_encoding_loss_tables(const at::Tensor& pred_in, at::IntArray
     acc_t* part = e == nullptr ? partial.data_ptr<acc_t>() : nullptr;
     // mean/sum stay in the accumulation dtype: a half "sum" would overflow (the caller casts)
     const acc_t divisor = red == Reduction::Mean ? static_cast<acc_t>(total) : acc_t(1);
-    if (e == nullptr && cuda_next_enabled()) {  // the forward's last block adds the partials
+    if (e == nullptr && cuda_next_enabled(NextGroup::position)) {  // the forward's last block adds the partials
       at::Tensor out = at::empty({}, pred.options().dtype(acc));
       const at::Tensor counters = grid_ticket_counters(pred.device(), 1);
       auto* counter = reinterpret_cast<unsigned*>(counters.mutable_data_ptr<int>());

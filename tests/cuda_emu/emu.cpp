@@ -122,7 +122,7 @@ std::vector<std::unique_ptr<Fiber>> pool;
 std::unordered_map<const void*, int> max_dynamic_shared;
 std::unordered_map<void*, uint64_t> poisoned_at;
 uint64_t block_counter = 0;
-bool next_kernels = false;
+uint32_t next_kernels = 0;  // the IDD_OPS_CUDA_NEXT groups on, a bit each
 int64_t order_seed = 0;
 int64_t launch_count = 0;
 // The launch count at the last configure: each launch's order comes from the seed and the launches
@@ -415,9 +415,10 @@ std::string profile() {
   return out.str();
 }
 
-bool cuda_next() { return next_kernels; }
+uint32_t next_groups() { return next_kernels; }
+void set_next_groups(uint32_t groups) { next_kernels = groups; }
 void configure(bool cuda_next, int64_t seed) {
-  next_kernels = cuda_next;
+  next_kernels = cuda_next ? ~0u : 0u;
   order_seed = seed;
   configured_at = launch_count;
 }

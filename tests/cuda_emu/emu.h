@@ -102,8 +102,10 @@ void set_max_dynamic_shared(const void* kernel, int bytes);
 void run_grid(const char* where, const void* kernel, dim3 grid, dim3 block, size_t shared,
               const std::function<void()>& body);
 
-// Settings the tests choose: the IDD_OPS_CUDA_NEXT kernels, and the seed of the orders.
-bool cuda_next();
+// Settings the tests choose: the IDD_OPS_CUDA_NEXT kernels (every group or none; set_next_groups
+// then some: one bit a group, csrc/common/next_groups.h), and the seed of the orders.
+uint32_t next_groups();
+void set_next_groups(uint32_t groups);
 void configure(bool cuda_next, int64_t seed);
 int64_t launches();
 // Launches and emulated seconds per launch site, one "site\tlaunches\tseconds" line each.
