@@ -1,6 +1,7 @@
 """IDD_OPS_CUDA_NEXT by groups (csrc/common/next_groups.h, idd_ops._switches.next_groups): both
 sides read a value by the same rules, every group is read by code of its own, and on the emulator
-each group switches its own kernels and nothing else, with the same values on either side.
+each group switches its own kernels and not the other groups' its call reaches, with the same
+values on either side.
 
 A GPU run whose next set fails in one group checks the others with IDD_OPS_NEXT_SET="all,-name"
 (tools/gpu_check.sh), and the switch-on can take those (docs/DEVELOPING.md).
@@ -73,7 +74,8 @@ def _python_paths():
 
 def test_python_paths_follow_their_group_on_cuda_alone(monkeypatch):
     paths = list(_python_paths())
-    assert {group for _, group in paths} <= set(GROUPS)
+    read_py = set(re.findall(r'cuda_next_enabled\("(\w+)"\)', open(_switches.__file__).read()))
+    assert {group for _, group in paths} == read_py  # no reader outside the path functions
     try:
         for fn, group in paths:
             for value, on in [(group, True), (f"all,-{group}", False)]:
@@ -101,20 +103,22 @@ def test_both_sides_name_the_same_groups_in_the_same_bits():
 
 
 def test_every_group_is_read_and_every_reader_names_a_group():
-    """The C++ groups by a kernel source, the Python ones by a path switch; no reader is left without
-    a group (the switch-on deletes each reader with its group)."""
-    cuda = os.path.join(ROOT, "csrc", "cuda")
+    """The C++ groups by a kernel source, the Python ones by a path switch; no C++ reader is left
+    without a group (the switch-on deletes each reader with its group)."""
     read = set()
-    for name in os.listdir(cuda):
-        text = open(os.path.join(cuda, name)).read()
-        read |= set(re.findall(r"cuda_next_enabled\(NextGroup::(\w+)\)", text))
-        assert not re.search(r"cuda_next_enabled\(\s*\)", text), name
+    for folder in ("cuda", "composite", "cpu", "autograd"):
+        for name in os.listdir(os.path.join(ROOT, "csrc", folder)):
+            path = os.path.join(ROOT, "csrc", folder, name)
+            if os.path.isfile(path):
+                text = open(path).read()
+                read |= set(re.findall(r"cuda_next_enabled\(NextGroup::(\w+)\)", text))
+                assert not re.search(r"cuda_next_enabled\(\s*\)", text), name
     python = open(_switches.__file__).read()
     read_py = set(re.findall(r'cuda_next_enabled\("(\w+)"\)', python))
     assert read | read_py == set(GROUPS) == set(MARKER)
 
 
-# --- the emulator: its groups through next_groups.h's own parser -------------------------------------
+# --- the emulator: its groups through next_groups.h's own parser ---------------------------------
 
 @pytest.fixture(scope="module")
 def emu():
@@ -137,8 +141,6 @@ def test_cpp_refuses_what_python_refuses(emu, value):
         emu._emu_next_groups(value)
 
 
-# Per group: a call that reaches its code, and the launch that shows it ran (a source file of the
-# group's, and a word on the launch's line or the one before it).
 # Per group: a call that reaches its code (op_calls' name, or position_mean), and the launch that
 # shows it ran (a source file of the group's, and a word on the launch's line or the one before).
 MARKER = {
@@ -190,17 +192,19 @@ def _launched(before, after, source, word):
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_each_group_switches_its_own_code_alone(emu, group):
-    """On the emulator: the group alone runs its code, all but it does not, and both give the
-    CPU's loss and gradient."""
+    """On the emulator: the group alone runs its code and not the other groups' that its call
+    reaches, all but it the reverse, and both give the CPU's loss and gradient."""
     from cuda_emu.override import emulated_cuda
-    call, source, word = MARKER[group]
+    call = MARKER[group][0]
     inputs, run = _call(call)
     expected = run(*inputs)
-    for value, ran in [(group, True), (f"all,-{group}", False)]:
+    reached = [g for g, marker in MARKER.items() if marker[0] == call]
+    for value, on in [(group, {group}), (f"all,-{group}", set(reached) - {group})]:
         with emulated_cuda("next", seed=5, groups=value) as e:
             before = _sites(e._emu_profile())
             got = run(*inputs)
             after = _sites(e._emu_profile())
-        assert _launched(before, after, source, word) == ran, (value, source, word)
+        for g in reached:
+            assert _launched(before, after, *MARKER[g][1:]) == (g in on), (value, g)
         for g, x in zip(got, expected):
             torch.testing.assert_close(g, x, rtol=1e-5, atol=1e-6, msg=f"IDD_OPS_CUDA_NEXT={value}")

@@ -19,6 +19,7 @@ STAGES = ("env", "build", "tests", "tests-next", "demo", "perf", "train")
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import gpu_check_summary  # noqa: E402
+from idd_ops._switches import NEXT_GROUPS  # noqa: E402
 from conftest import SLOW_WORDS  # noqa: E402
 
 
@@ -102,9 +103,12 @@ def test_the_next_set_can_be_some_of_its_groups(tmp_path):
         assert "IDD_OPS_CUDA_NEXT=0\\,all" in logs.joinpath(f"{stage}.cmd").read_text(), stage
     assert "next=0,all" in logs.joinpath("check.info").read_text()
     assert "| tests-next | IDD_OPS_CUDA_NEXT=0,all |" in (tmp_path / "out" / "summary.md").read_text()
-    proc = _run(tmp_path / "refused", "--dry-run", env=dict(KERNELS="default next", IDD_OPS_NEXT_SET="all,-tail"))
-    assert proc.returncode == 2 and "unknown kernel group 'tail'" in proc.stderr
-    assert not (tmp_path / "refused" / "logs" / "stages").exists()
+    refused = ["all,-tail", "0, all"] + (["0", f"{NEXT_GROUPS[0]},-{NEXT_GROUPS[0]}"] if NEXT_GROUPS else [])
+    for i, value in enumerate(refused):  # no such group, a space, no group at all
+        proc = _run(tmp_path / f"refused{i}", "--dry-run", env=dict(KERNELS="default next", IDD_OPS_NEXT_SET=value))
+        assert proc.returncode == 2 and f"IDD_OPS_NEXT_SET: '{value}' is no next set" in proc.stderr, value
+        assert not (tmp_path / f"refused{i}" / "logs" / "stages").exists()
+        assert ("unknown kernel group 'tail'" in proc.stderr) == (i == 0)  # the parser's own words
 
 
 def test_only_and_skip_select_stages(tmp_path):

@@ -11,7 +11,7 @@
 #                       extension with CUDA, in place (sm_90, MAX_JOBS=nproc)
 #                       (then, in the background: torch.compile of the perf rows' references)
 #   tests        115 s  the GPU tests (-m gpu), xdist -n 10, first files 1st  } run    default
-#   tests-next   115 s  with next: the same tests -n 10, tests then -n 4      } side   IDD_OPS_CUDA_NEXT=1
+#   tests-next   115 s  with next: the same tests -n 10, tests then -n 4      } side   IDD_OPS_NEXT_SET
 #   demo         115 s  the demo's quick preset on the GPU                    } by side the newest set
 #   perf         100 s  report --guard: key rows, fused (each set), eager reference,
 #                       torch.compile(reference), bound; fails on a guard or target miss  each
@@ -51,11 +51,11 @@
 # spaces, or one a line where an id has a space); GPU_TESTS_FILE (instead: a file of ids, one a
 # line, as tools/gpu_rerun.py writes the tests a cut-short stage left); PERF_CASES (the perf
 # stage's cases, one a line, default: the guard's rows, e.g. those a call cut short left); KERNELS
-# ("default next", or "default" where nothing is behind IDD_OPS_CUDA_NEXT); IDD_OPS_NEXT_SET (the next
-# set's IDD_OPS_CUDA_NEXT, default 1: every group; "all,-skd" or "skd,ifvd" checks some of its groups,
-# csrc/common/next_groups.h, where one failed); REV (the revision to
-# name, ahead of git's: the device's copy may hold no .git, or a stale one that names another
-# revision; the dry run prints the call with it).
+# ("default next", or "default" where nothing is behind IDD_OPS_CUDA_NEXT); IDD_OPS_NEXT_SET (the
+# next set's IDD_OPS_CUDA_NEXT, default 1: every group; "all,-skd" or "skd,ifvd" checks some of
+# its groups, csrc/common/next_groups.h, where one failed; no spaces); REV (the revision to name,
+# ahead of git's: the device's copy may hold no .git, or a stale one that names another revision;
+# the dry run prints the call with it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -93,10 +93,14 @@ for s in $ONLY $SKIP; do
 done
 [ -z "${GPU_TESTS_FILE:-}" ] || [ -s "$GPU_TESTS_FILE" ] ||
   { echo "GPU_TESTS_FILE: no such file, or empty: $GPU_TESTS_FILE (carried with the call?)" >&2; exit 2; }
-# a group name the switch does not know would fail every next test, minutes in: refused here
-has_next && ! "$PY" -c "import importlib.util as u, sys; s = u.spec_from_file_location('switches', 'idd_ops/_switches.py')
-m = u.module_from_spec(s); s.loader.exec_module(m); m.next_groups(sys.argv[1])" "$IDD_OPS_NEXT_SET" &&
-  { echo "IDD_OPS_NEXT_SET: see the error above" >&2; exit 2; }
+# a next set the switch cannot read would fail every next test minutes in, and one of no group
+# would run the default set twice: both refused here (spaces too, which the commands would split)
+NEXT_CHECK="import importlib.util as u, sys
+s = u.spec_from_file_location('switches', 'idd_ops/_switches.py'); m = u.module_from_spec(s); s.loader.exec_module(m)
+sys.exit(not m.next_groups(sys.argv[1]) and bool(m.NEXT_GROUPS))"
+has_next && { [[ "$IDD_OPS_NEXT_SET" == *[[:space:]]* ]] || ! "$PY" -c "$NEXT_CHECK" "$IDD_OPS_NEXT_SET"; } &&
+  { echo "IDD_OPS_NEXT_SET: '$IDD_OPS_NEXT_SET' is no next set (groups of csrc/common/next_groups.h, comma-separated" \
+      "without spaces, at least one; the error above, if any)" >&2; exit 2; }
 [[ " $ONLY " == *" tests-next "* ]] && ! has_next &&
   { echo "tests-next runs the next kernel set: KERNELS must name it (KERNELS=\"default next\")" >&2; exit 2; }
 selected() {
@@ -108,8 +112,8 @@ LOGS=${LOGS:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-logs.XXXXXX")}
 mkdir -p "$OUT" "$LOGS"; rm -f "$LOGS"/stages "$LOGS"/*.status "$LOGS"/*.log "$LOGS"/*.section.md "$LOGS"/*.xml "$LOGS"/*.jsonl \
   "$LOGS"/*.cmd "$LOGS"/dry-run.problems "$LOGS"/prebuilt.check "$LOGS"/demo-results.md "$LOGS"/*.pid "$LOGS"/stopped
 rm -f "$OUT"/summary.md "$OUT"/logs.tar.gz "$OUT"/RESULTS-cuda.md "$OUT"/TRAIN_STEP-cuda.md "$OUT"/perf.json
-echo "$(date -u +%FT%TZ) dry=$DRY only=${ONLY:-all} skip=${SKIP:-none} kernels=${KERNELS// /,} next=$IDD_OPS_NEXT_SET rev=${REV:-unset}" \
-  > "$LOGS/check.info"
+echo "$(date -u +%FT%TZ) dry=$DRY only=${ONLY:-all} skip=${SKIP:-none} kernels=${KERNELS// /,}" \
+  "next=$IDD_OPS_NEXT_SET rev=${REV:-unset}" > "$LOGS/check.info"
 START=$SECONDS
 
 finish() {  # the summary from what $LOGS holds; the logs packed into $OUT; both safe to run twice,
@@ -301,7 +305,7 @@ fi
 DEMO_OUT=${TMPDIR:-/tmp}/gpu-check-demo  # checkpoints stay out of the logs; its results.md joins them
 if selected demo; then
   rm -rf "$DEMO_OUT"
-  stage demo "$TESTS_S" env IDD_OPS_CUDA_NEXT=$NEWEST "$PY" -m idd_ops.demo.cli --preset quick --device cuda \
+  stage demo "$TESTS_S" env IDD_OPS_CUDA_NEXT="$NEWEST" "$PY" -m idd_ops.demo.cli --preset quick --device cuda \
     --out "$DEMO_OUT" & pids+=($!)
 fi
 [ ${#pids[@]} -gt 0 ] && every_20s "${pids[@]}"

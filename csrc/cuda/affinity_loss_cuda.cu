@@ -157,8 +157,9 @@ CentredChunk centred_chunk(const at::Tensor& student, const PoolView& vs, const 
   return out;
 }
 
-// _affinity_loss_sum's loss: where IDD_OPS_CUDA_NEXT=1, fused_forward defines `total` (0-dim, the
-// accumulation dtype), its Gram tail adding the means times `scale`; else the caller adds them.
+// _affinity_loss_sum's loss: under IDD_OPS_CUDA_NEXT's "skd" group, fused_forward defines `total`
+// (0-dim, the accumulation dtype), its Gram tail adding the means times `scale`; else the caller
+// adds them.
 struct BatchSum {
   double scale;
   at::Tensor total;

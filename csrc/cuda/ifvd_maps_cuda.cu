@@ -8,8 +8,8 @@
 // student's table and norms the forward built (returned for it), whose factor pass forms the
 // loss's gradient map from the two maps, where mse_loss and its backward took about five
 // launches and a table launch of the backward's own one more.
-// Python takes these ops only under IDD_OPS_CUDA_NEXT=1 (idd_ops/_switches.py): no GPU has run
-// them yet.
+// Python takes these ops only under IDD_OPS_CUDA_NEXT's "ifvd" group (idd_ops/_switches.py): no
+// GPU has run them yet.
 #include <torch/library.h>
 
 #include <algorithm>
