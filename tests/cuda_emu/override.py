@@ -21,7 +21,7 @@ from . import build
 # means, pixel KD's and CWD's sums and SKD's sum in one op each). A set that changes a Python path
 # switch sets it below, set by set.
 KERNEL_SETS = ("default", "next")
-_active = []  # the (kernel set, seed) of each emulated_cuda block entered and not yet left
+_active = []  # the (kernel set, seed, groups) of each emulated_cuda block entered and not yet left
 
 
 def _configure(emu, kernel_set, seed, groups):
