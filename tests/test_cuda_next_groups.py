@@ -208,3 +208,43 @@ def test_each_group_switches_its_own_code_alone(emu, group):
             assert _launched(before, after, *MARKER[g][1:]) == (g in on), (value, g)
         for g, x in zip(got, expected):
             torch.testing.assert_close(g, x, rtol=1e-5, atol=1e-6, msg=f"IDD_OPS_CUDA_NEXT={value}")
+
+
+# --- the real library on a GPU: the switch as the process's environment sets it ---------------------
+
+CHILD = """
+import sys, torch, idd_ops
+from torch.profiler import profile, ProfilerActivity
+from op_calls import OPS
+inputs, run = OPS[sys.argv[1]]("cuda")
+try:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run(*inputs)
+        torch.cuda.synchronize()
+except (RuntimeError, ValueError) as e:  # the C++ switch raises the one, Python's the other
+    print("raised:", str(e).splitlines()[0])
+else:
+    print("kernels:", " ".join(e.name for e in prof.events()))
+"""
+
+
+def _child(value, call):
+    import subprocess
+    import sys
+    env = dict(os.environ, IDD_OPS_CUDA_NEXT=value, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    proc = subprocess.run([sys.executable, "-c", CHILD, call], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.skipif("idd_tail" not in MARKER, reason="no idd_tail group behind the switch")
+def test_the_cuda_library_reads_the_groups_from_the_environment():
+    """The compiled library's own reading (cuda_next.h: once per process, from the environment),
+    which the emulator replaces: the IDD tail's one-pass kernel under its group alone and not
+    under all but it, and a group it does not know raises at the op."""
+    call, _, kernel = MARKER["idd_tail"]
+    assert kernel in _child("idd_tail", call)
+    out = _child("all,-idd_tail", call)
+    assert out.startswith("kernels:") and kernel not in out
+    assert "IDD_OPS_CUDA_NEXT: unknown kernel group 'tail'" in _child("all,-tail", call)
