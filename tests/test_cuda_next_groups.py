@@ -1,7 +1,7 @@
 """IDD_OPS_CUDA_NEXT by groups (csrc/common/next_groups.h, idd_ops._switches.next_groups): both
 sides read a value by the same rules, every group is read by code of its own, and on the emulator
 each group switches its own kernels and not the other groups' its call reaches, with the same
-values on either side.
+values on either side; on a GPU, the compiled library reads the groups from the environment.
 
 A GPU run whose next set fails in one group checks the others with IDD_OPS_NEXT_SET="all,-name"
 (tools/gpu_check.sh), and the switch-on can take those (docs/DEVELOPING.md).
