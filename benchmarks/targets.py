@@ -10,7 +10,6 @@ IDD_OPS_CUDA_NEXT=1) supplies `{col}_ms`, `{col}_host_ms` and `{col}_launches`.
     python -m benchmarks.targets      # prints the table of targets
 """
 import dataclasses
-import os
 
 CITY, FRAG = "idd_loss cityscapes", "idd_loss cityscapes fragmented"
 FWD, BWD = "forward", "forward+backward"
@@ -166,8 +165,8 @@ def check_train(rows, columns=("fused",)):
 
 
 def _label(col):
-    next_set = os.environ.get("IDD_OPS_NEXT_SET", "1")  # benchmarks.common.KERNEL_SETS["next"]
-    return {"fused": "default kernels", "fused_next": f"IDD_OPS_CUDA_NEXT={next_set}"}.get(col, col)
+    from .common import KERNEL_SETS  # here, not at the top: this module stays free of torch
+    return {"fused": "default kernels", "fused_next": f"IDD_OPS_CUDA_NEXT={KERNEL_SETS['next']}"}.get(col, col)
 
 
 def guard_failures(misses):

@@ -20,6 +20,7 @@ import idd_ops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = os.path.join(ROOT, "csrc", "common", "next_groups.h")
 GROUPS = _switches.NEXT_GROUPS
+PYTHON_READER = re.compile(r'cuda_next_enabled\("(\w+)"\)')  # a Python path function's read of its group
 
 # (value, the groups it switches on), for whatever groups there are
 FIRST, LAST = (GROUPS[0], GROUPS[-1]) if GROUPS else ("", "")
@@ -67,14 +68,14 @@ def _python_paths():
     import inspect
     for name, fn in vars(_switches).items():
         if name.endswith("_path") and callable(fn):
-            found = re.findall(r'cuda_next_enabled\("(\w+)"\)', inspect.getsource(fn))
+            found = PYTHON_READER.findall(inspect.getsource(fn))
             if found:
                 yield fn, found[0]
 
 
 def test_python_paths_follow_their_group_on_cuda_alone(monkeypatch):
     paths = list(_python_paths())
-    read_py = set(re.findall(r'cuda_next_enabled\("(\w+)"\)', open(_switches.__file__).read()))
+    read_py = set(PYTHON_READER.findall(open(_switches.__file__).read()))
     assert {group for _, group in paths} == read_py  # no reader outside the path functions
     try:
         for fn, group in paths:
@@ -114,7 +115,7 @@ def test_every_group_is_read_and_every_reader_names_a_group():
                 read |= set(re.findall(r"cuda_next_enabled\(NextGroup::(\w+)\)", text))
                 assert not re.search(r"cuda_next_enabled\(\s*\)", text), name
     python = open(_switches.__file__).read()
-    read_py = set(re.findall(r'cuda_next_enabled\("(\w+)"\)', python))
+    read_py = set(PYTHON_READER.findall(python))
     assert read | read_py == set(GROUPS) == set(MARKER)
 
 

@@ -23,18 +23,22 @@ MAX_FAILURES = 40
 SLOWEST = 10
 
 
+def info_field(info, key, default):
+    """The value of check.info's `key`=... field, `default` where the line has none."""
+    return next((w[len(key) + 1:] for w in info.split() if w.startswith(key + "=")), default)
+
+
 def checks_next(info):
     """Whether the check ran the next kernel set too: check.info's kernels=... field (gpu_check.sh's
     KERNELS, comma-separated: "default", or "default,next" while GPU code is behind
     IDD_OPS_CUDA_NEXT)."""
-    field = next((w for w in info.split() if w.startswith("kernels=")), "kernels=default")
-    return "next" in field[len("kernels="):].split(",")
+    return "next" in info_field(info, "kernels", "default").split(",")
 
 
 def next_set(info):
     """The next set's IDD_OPS_CUDA_NEXT: check.info's next=... field (gpu_check.sh's
     IDD_OPS_NEXT_SET), "1" where the field is missing."""
-    return next((w[len("next="):] for w in info.split() if w.startswith("next=")), "1")
+    return info_field(info, "next", "1")
 
 
 def stage_kernels(with_next, next_value="1"):
